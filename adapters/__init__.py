@@ -1,0 +1,8 @@
+"""Built-in lattice file formats (``flowplug.adapters``).
+
+Each module listed in :data:`BUILTIN` is a plugin answering ``flowplug_file_formats``;
+the plugin manager registers them in this order, after ``flowplug.plugins``.
+"""
+
+#: Built-in file-format plugin modules, in registration order.
+BUILTIN: tuple[str, ...] = ()

@@ -1,0 +1,90 @@
+"""The ``flowplug`` command line.
+
+Subcommands are plugins (hook ``flowplug_commands``); the built-in ones live one file
+each in this package (``cmd_<name>.py``, each defining a module-level ``COMMAND``
+record). Exit codes: 0 success; 1 a user or input error (one-paragraph message on
+stderr, no traceback unless ``--debug``); 2 a usage error (argparse).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+import traceback
+from typing import Sequence
+
+from flowplug._version import __version__
+from flowplug.errors import FlowplugError
+
+
+def _debug_parent(suppress: bool) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--debug", action="store_true",
+                   default=argparse.SUPPRESS if suppress else False,
+                   help="show the full traceback on errors")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every registered subcommand.
+
+    Raises:
+        PluginError: if loading plugins fails (strict mode, broken built-in).
+    """
+    from flowplug.manager import get_plugin_manager
+
+    parser = argparse.ArgumentParser(
+        prog="flowplug",
+        description="Normalizing-flow sampling for lattice field theory: plugins, "
+                    "ensembles, exact Markov chains.",
+        parents=[_debug_parent(False)],
+    )
+    parser.add_argument("--version", action="version", version=f"flowplug {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for spec in get_plugin_manager().registry("command"):
+        sp = sub.add_parser(spec.name, help=spec.description, description=spec.description,
+                            parents=[_debug_parent(True)])
+        spec.factory(sp)
+        sp.set_defaults(_run=spec.run)
+    return parser
+
+
+def _message(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return textwrap.fill(text, width=100, subsequent_indent="  ")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``flowplug`` command line; returns the exit code.
+
+    Arguments:
+        argv: Arguments without the program name; default ``sys.argv[1:]``.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        parser = build_parser()
+    except FlowplugError as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"flowplug: error: {_message(exc)}", file=sys.stderr)
+        return 1
+    args = parser.parse_args(argv)
+    if getattr(args, "_run", None) is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except FlowplugError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"flowplug {args.command}: error: {_message(exc)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"flowplug {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,7 @@
+"""``python -m flowplug.cli`` runs the command line."""
+
+import sys
+
+from flowplug.cli import main
+
+sys.exit(main())

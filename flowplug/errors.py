@@ -1,0 +1,59 @@
+"""Exception and warning types raised by flowplug and its plugins.
+
+Every error flowplug raises on bad input derives from :class:`FlowplugError`, so a
+script (and the CLI, which turns them into exit code 1 with a one-paragraph message)
+can catch them all at once. Messages name the file, record or plugin, the expected and
+the found value, and what to do about it (DESIGN.md section 3).
+"""
+
+from __future__ import annotations
+
+
+class FlowplugError(Exception):
+    """Base class of all errors raised by flowplug on bad input or bad configuration."""
+
+
+class PluginError(FlowplugError):
+    """A plugin could not be loaded, is malformed, or clashes with another plugin."""
+
+
+class UnknownComponentError(PluginError, LookupError):
+    """A component name (action, flow layer, kernel, file format, ...) is not registered.
+
+    The message lists the names that are available and the closest match.
+    """
+
+
+class DuplicateComponentError(PluginError):
+    """Two plugins register a component of the same kind under one name or alias.
+
+    The message names both providers (distribution and version).
+    """
+
+
+class ConfigError(FlowplugError):
+    """A configuration file or a ``--set`` override is invalid (unknown key, wrong type)."""
+
+
+class FormatError(FlowplugError):
+    """A lattice file is malformed, truncated, or does not match what the caller asked for."""
+
+
+class ChecksumError(FormatError):
+    """A checksum, plaquette or link trace stored in a file disagrees with the data."""
+
+
+class ShapeError(FlowplugError, ValueError):
+    """A tensor has the wrong shape, dtype or layout for the operation asked of it."""
+
+
+class CheckpointError(FlowplugError):
+    """A checkpoint cannot be read, or belongs to a different run than the one resumed."""
+
+
+class PluginLoadWarning(UserWarning):
+    """A third-party plugin failed to load and was skipped (tolerant mode)."""
+
+
+class NonUnitaryWarning(UserWarning):
+    """Links read from a file deviate from the group by more than the precision allows."""

@@ -1,0 +1,109 @@
+"""Atomic file output: write to a temporary file in the target folder, then rename.
+
+An interrupted run therefore never leaves a partial output file under the final name,
+and an input is never overwritten unless the caller asks for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Any, Iterator, Mapping
+
+from flowplug.errors import FlowplugError
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | Path, mode: str = "wb", *, overwrite: bool = True) -> Iterator[IO[Any]]:
+    """Open a temporary file next to ``path``; on success fsync it and rename it to ``path``.
+
+    Arguments:
+        path: Final file name.
+        mode: ``"wb"`` or ``"w"`` (text, UTF-8).
+        overwrite: If false and ``path`` exists, raise instead of replacing it.
+
+    Raises:
+        FlowplugError: if ``path`` exists and ``overwrite`` is false.
+    """
+    path = Path(path)
+    if not overwrite and path.exists():
+        raise FlowplugError(f"{path} exists; refusing to overwrite it (use --force to replace it)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_path(path: str | Path) -> contextlib.AbstractContextManager[Path]:
+    """Like :func:`atomic_write` for libraries that open files themselves (h5py, torch.save).
+
+    Yields a temporary path in the target folder; on success it is renamed to ``path``.
+    """
+
+    @contextlib.contextmanager
+    def _cm() -> Iterator[Path]:
+        final = Path(path)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".part", dir=final.parent)
+        os.close(fd)
+        try:
+            yield Path(tmp)
+            os.replace(tmp, final)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+    return _cm()
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "tolist"):  # numpy / torch scalars and arrays
+        return _jsonable(value.tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def write_json(path: str | Path, data: Mapping[str, Any]) -> Path:
+    """Write ``data`` as indented JSON atomically (numpy/torch values converted); returns the path."""
+    path = Path(path)
+    with atomic_write(path, "w") as fh:
+        json.dump(_jsonable(data), fh, indent=2, sort_keys=False)
+        fh.write("\n")
+    return path
+
+
+def write_summary(out: str | Path, command: str, summary: Mapping[str, Any]) -> Path:
+    """Write ``<out>/summary.json`` and tell plugins (``flowplug_run_finished``).
+
+    Arguments:
+        out: Output directory (created if missing).
+        command: Subcommand name recorded under ``"command"``.
+        summary: Figures of the run.
+    """
+    from flowplug._version import __version__
+    from flowplug.manager import get_plugin_manager
+
+    data = {"command": command, "flowplug_version": __version__, **summary}
+    path = write_json(Path(out) / "summary.json", data)
+    get_plugin_manager().hook.flowplug_run_finished(command=command, out=str(out), summary=data)
+    return path

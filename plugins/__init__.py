@@ -1,0 +1,9 @@
+"""Built-in theories, observables, flow layers, priors and kernels (``flowplug.plugins``).
+
+Each module listed in :data:`BUILTIN` is a plugin using only the public hook API of
+:mod:`flowplug.hookspecs`; the plugin manager registers them in this order, before
+any third-party plugin.
+"""
+
+#: Built-in plugin modules, in registration order.
+BUILTIN: tuple[str, ...] = ()
