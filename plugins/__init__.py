@@ -6,4 +6,9 @@ any third-party plugin.
 """
 
 #: Built-in plugin modules, in registration order.
-BUILTIN: tuple[str, ...] = ()
+BUILTIN: tuple[str, ...] = (
+    "flowplug.plugins.theories",    # actions: phi4, wilson
+    "flowplug.plugins.observables",  # plaquette, topological_charge, ...
+    "flowplug.plugins.hmc",         # HMC kernel
+    "flowplug.plugins.flows",       # flow layers and priors
+)

@@ -1,0 +1,1 @@
+"""Built-in HMC kernel (hook ``flowplug_kernels``)."""

@@ -1,0 +1,1 @@
+"""Built-in observables (hook ``flowplug_observables``)."""

@@ -1,0 +1,1 @@
+"""Built-in lattice actions (hook ``flowplug_actions``)."""
