@@ -4,7 +4,8 @@ Loading order (DESIGN.md section 1):
 
 1. built-in plugins, in the fixed order of :data:`BUILTIN_MODULES` (CLI commands from
    ``flowplug.cli``, then ``flowplug.plugins.BUILTIN``, then ``flowplug.adapters.BUILTIN``);
-2. third-party plugins from the entry-point group ``flowplug``, sorted by name.
+2. third-party plugins from the entry-point group ``flowplug``, sorted by entry-point
+   name, then distribution name.
 
 Environment variables:
 
@@ -136,25 +137,30 @@ class PluginManager(pluggy.PluginManager):
         for b in blocked:
             self.set_blocked(b)
         loaded = []
-        eps = sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name)
+        eps = sorted(metadata.entry_points(group=ENTRY_POINT_GROUP),
+                     key=lambda e: (e.name, _dist_of(e)[0].lower()))
         for ep in eps:
             dist_name, dist_version = _dist_of(ep)
             if ep.name.lower() in blocked or dist_name.lower() in blocked:
                 continue
-            if self.get_plugin(ep.name) is not None or self.is_blocked(ep.name):
+            if self.is_blocked(ep.name):
                 continue
+            # Two distributions may use one entry-point name: keep both, apart.
+            name = ep.name if self.get_plugin(ep.name) is None else f"{dist_name}:{ep.name}"
+            if self.get_plugin(name) is not None:
+                continue  # the same distribution seen twice on sys.path
             try:
                 plugin = ep.load()
-                self.register(plugin, name=ep.name, provider=(dist_name, dist_version))
+                self.register(plugin, name=name, provider=(dist_name, dist_version))
                 try:
-                    self._check_plugin(ep.name)
+                    self._check_plugin(name)
                 except PluginError:
-                    self.unregister(name=ep.name)
+                    self.unregister(name=name)
                     raise
             except Exception as exc:
-                self._fail(ep.name, f"{dist_name} {dist_version}".strip(), exc)
+                self._fail(name, f"{dist_name} {dist_version}".strip(), exc)
                 continue
-            loaded.append(ep.name)
+            loaded.append(name)
         return loaded
 
     def _fail(self, name: str, dist: str, exc: BaseException) -> None:
@@ -162,7 +168,7 @@ class PluginManager(pluggy.PluginManager):
         self.failures.append((name, dist, str(exc)))
         if self.strict:
             raise PluginError(message + " (FLOWPLUG_STRICT_PLUGINS is set)") from exc
-        warnings.warn(message + " It is skipped; everything else works.", PluginLoadWarning, stacklevel=3)
+        warnings.warn(message + ". It is skipped; everything else works.", PluginLoadWarning, stacklevel=3)
 
     # --------------------------------------------------------------------- validation
 
@@ -218,8 +224,8 @@ class PluginManager(pluggy.PluginManager):
         for hook_name, record_type in hookspecs.COMPONENT_HOOKS.items():
             registry: Registry = Registry(record_type.kind)
             caller = getattr(self.hook, hook_name)
-            # pluggy lists implementations last-registered first; restore load order.
-            for impl in reversed(caller.get_hookimpls()):
+            # get_hookimpls() lists implementations in registration order.
+            for impl in caller.get_hookimpls():
                 dist, version = self.provider_of(impl.plugin_name)
                 builtin = impl.plugin_name in self._builtin
                 try:
