@@ -88,19 +88,21 @@ def merge(defaults: Mapping[str, Any], override: Mapping[str, Any], *, source: s
         defaults: Complete default configuration.
         override: User values (from a file or ``--set``).
         source: Where ``override`` came from, for messages.
-        open_tables: Dotted table names whose sub-keys are free (plugin options).
+        open_tables: Dotted table names whose sub-keys are free (plugin options): new
+            keys are accepted there and existing ones are still type-checked.
 
     Raises:
         ConfigError: on an unknown key (with the closest known key) or a type mismatch.
     """
     open_tables = set(open_tables)
+    is_open = _prefix.rstrip(".") in open_tables
     out = copy.deepcopy(dict(defaults))
     for key, value in override.items():
         dotted = _prefix + key
-        if _prefix.rstrip(".") in open_tables:
-            out[key] = copy.deepcopy(value)
-            continue
         if key not in out:
+            if is_open:
+                out[key] = copy.deepcopy(value)
+                continue
             known = _all_keys(defaults, _prefix)
             close = difflib.get_close_matches(dotted, known, n=1)
             hint = f" Did you mean '{close[0]}'?" if close else ""
@@ -110,7 +112,7 @@ def merge(defaults: Mapping[str, Any], override: Mapping[str, Any], *, source: s
         if not _compatible(default, value):
             raise ConfigError(f"{source}: '{dotted}' must be of type {_type_name(default)}, "
                               f"found {_type_name(value)} {value!r}")
-        if isinstance(default, dict) and dotted not in open_tables:
+        if isinstance(default, dict):
             out[key] = merge(default, value, source=source, open_tables=open_tables,
                              _prefix=dotted + ".")
         elif isinstance(default, float) and not isinstance(value, bool):
