@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import re
 import sys
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -65,7 +66,10 @@ def _compatible(default: Any, value: Any) -> bool:
     if isinstance(default, dict):
         return isinstance(value, dict)
     if isinstance(default, list):
-        return isinstance(value, list)
+        if not isinstance(value, list):
+            return False
+        # a non-empty default list fixes the element type (lattice = [8, 8] takes integers)
+        return not default or all(_compatible(default[0], v) for v in value)
     if isinstance(default, str):
         return isinstance(value, str)
     return True
@@ -203,13 +207,16 @@ def dumps(config: Mapping[str, Any]) -> str:
             return "[" + ", ".join(value(x) for x in v) + "]"
         raise ConfigError(f"cannot write {type(v).__name__} {v!r} as TOML")
 
+    def key(k: str) -> str:
+        return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else value(k)
+
     def emit(prefix: str, tree: Mapping[str, Any]) -> None:
         sub = []
         for k, v in tree.items():
             if isinstance(v, Mapping):
-                sub.append((f"{prefix}{k}", v))
+                sub.append((f"{prefix}{key(k)}", v))
             else:
-                lines.append(f"{k} = {value(v)}")
+                lines.append(f"{key(k)} = {value(v)}")
         for name, t in sub:
             tables.append((name, t))
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -56,10 +59,12 @@ def demo_pm(fresh_pm):
     return fresh_pm
 
 
-def test_version(capsys):
-    with pytest.raises(SystemExit) as info:
-        main(["--version"])
-    assert info.value.code == 0
+def test_version(capsys, monkeypatch):
+    def no_plugins():
+        raise AssertionError("--version must not load plugins")
+
+    monkeypatch.setattr("flowplug.manager.get_plugin_manager", no_plugins)
+    assert main(["--version"]) == 0
     assert capsys.readouterr().out.strip() == f"flowplug {flowplug.__version__}"
 
 
@@ -92,7 +97,7 @@ def test_usage_error_exits_2(fresh_pm, capsys):
 
 def test_no_command_prints_help_and_exits_2(fresh_pm, capsys):
     assert main([]) == 2
-    assert "COMMAND" in capsys.readouterr().out
+    assert "COMMAND" in capsys.readouterr().err
 
 
 def test_print_config_prints_commented_defaults(demo_pm, capsys):
@@ -146,6 +151,49 @@ def test_debug_shows_traceback(demo_pm, capsys):
 
 
 def test_console_script_runs_in_subprocess():
-    proc = subprocess.run([sys.executable, "-m", "flowplug", "--version"], capture_output=True, text=True)
+    script = shutil.which("flowplug", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    assert script, "the flowplug console script is not installed"
+    proc = subprocess.run([script, "--version"], capture_output=True, text=True)
     assert proc.returncode == 0
     assert proc.stdout.strip() == f"flowplug {flowplug.__version__}"
+    proc = subprocess.run([sys.executable, "-m", "flowplug", "plugins"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "plugins" in proc.stdout
+
+
+def test_broken_third_party_command_is_skipped(fresh_pm, capsys):
+    class BadCommand:
+        @flowplug.hookimpl
+        def flowplug_commands(self):
+            def add(parser):
+                parser.add_argument("--debug")  # clashes with the common option
+            return [CommandSpec(name="bad-cmd", description="broken", factory=add, run=lambda a: 0)]
+
+    fresh_pm.register(BadCommand(), name="badcmd", provider=("badcmd-pkg", "0.1"))
+    assert main(["plugins"]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("flowplug: warning: flowplug plugin 'badcmd' (badcmd-pkg 0.1) failed to add command 'bad-cmd'")
+    with pytest.raises(SystemExit) as info:
+        main(["bad-cmd"])
+    assert info.value.code == 2
+
+
+def test_strict_mode_broken_plugin_exits_1(tmp_path, monkeypatch, capsys):
+    from fakedist import activate, forget_modules, make_distribution
+    from flowplug.manager import set_plugin_manager
+
+    make_distribution(tmp_path, "fakebroken", "0.3", {"broken": "fakebroken_cli"},
+                      {"fakebroken_cli": "raise ImportError('missing dependency foo')\n"})
+    forget_modules("fakebroken_cli")
+    activate(tmp_path, monkeypatch)
+    monkeypatch.setenv("FLOWPLUG_DISABLE_PLUGIN_AUTOLOAD", "0")
+    monkeypatch.setenv("FLOWPLUG_STRICT_PLUGINS", "1")
+    monkeypatch.setenv("FLOWPLUG_BLOCK_PLUGINS", "flowplug-xy")
+    old = set_plugin_manager(None)
+    try:
+        assert main(["plugins"]) == 1
+    finally:
+        set_plugin_manager(old)
+    err = capsys.readouterr().err
+    assert err.startswith("flowplug: error: flowplug plugin 'broken' (fakebroken 0.3) could not be loaded: "
+                          "ImportError: missing dependency foo")
+    assert "Traceback" not in err

@@ -39,7 +39,7 @@ class Everything:
 
     @flowplug.hookimpl
     def flowplug_commands(self):
-        return [CommandSpec(name="t-command", description="test command", factory=lambda p: None)]
+        return [CommandSpec(name="t-command", description="test command", factory=lambda p: None, run=lambda a: 0)]
 
 
 @pytest.mark.parametrize("kind, name, record_type", [

@@ -58,3 +58,14 @@ def test_get_and_dumps_round_trip():
     with pytest.raises(ConfigError, match="'action.gamma' is missing"):
         config.get(cfg, "action.gamma")
     assert config.parse_toml(config.dumps(cfg)) == cfg
+
+
+def test_list_elements_are_type_checked():
+    with pytest.raises(ConfigError, match="'lattice' must be of type list"):
+        config.build_config(DEFAULT, overrides=['lattice=["a", true]'])
+    assert config.build_config(DEFAULT, overrides=["lattice=[4, 6, 8]"])["lattice"] == [4, 6, 8]
+
+
+def test_dumps_quotes_unusual_keys():
+    cfg = config.build_config(DEFAULT, overrides=['flow.options."odd key.x"=1'], open_tables=["flow.options"])
+    assert config.parse_toml(config.dumps(cfg)) == cfg

@@ -51,4 +51,16 @@ def test_atomic_path_for_libraries(tmp_path):
 
 def test_write_json_converts_arrays_and_non_finite(tmp_path):
     path = write_json(tmp_path / "s.json", {"a": np.float64(0.5), "b": np.arange(2), "c": math.nan, "d": math.inf})
-    assert json.loads(path.read_text()) == {"a": 0.5, "b": [0, 1], "c": None, "d": "inf"}
+    assert json.loads(path.read_text()) == {"a": 0.5, "b": [0, 1], "c": "nan", "d": "inf"}
+
+
+def test_outputs_get_default_permissions(tmp_path):
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    try:
+        path = write_json(tmp_path / "p.json", {})
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644

@@ -3,4 +3,9 @@
 from flowplug_xy.model import XYAction, bond_energy
 
 __all__ = ["XYAction", "bond_energy"]
-__version__ = "0.1.0"
+try:
+    from importlib.metadata import version as _version
+
+    __version__ = _version("flowplug-xy")
+except Exception:  # pragma: no cover - not installed
+    __version__ = "0+unknown"

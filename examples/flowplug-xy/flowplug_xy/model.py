@@ -56,9 +56,11 @@ class XYAction:
 
         Raises:
             ValueError: if ``theta`` is complex or has no lattice axis.
+
+        Other real dtypes are converted to float64 first.
         """
         _check(theta)
-        return -self.beta * _bond_cos(theta).flatten(1).sum(1).to(torch.float64)
+        return -self.beta * _bond_cos(theta.to(torch.float64)).flatten(1).sum(1)
 
     def force(self, theta: torch.Tensor) -> torch.Tensor:
         r"""Force F_x = -dS/dtheta_x = -beta sum_mu [sin(theta_x - theta_{x+mu}) + sin(theta_x - theta_{x-mu})].
@@ -91,4 +93,4 @@ def bond_energy(theta: torch.Tensor) -> torch.Tensor:
         Shape (B,), float64; 1 for an ordered configuration.
     """
     _check(theta)
-    return _bond_cos(theta).flatten(1).mean(1).to(torch.float64)
+    return _bond_cos(theta.to(torch.float64)).flatten(1).mean(1)
