@@ -92,7 +92,7 @@ def _autocov_sum(d: np.ndarray, w_max: int) -> np.ndarray:
     return ac.sum(axis=0)
 
 
-def gamma_method(data: Any, *, s_tau: float = 2.0) -> GammaResult:
+def gamma_method(data: Any, *, s_tau: float = 2.0, center: str = "global") -> GammaResult:
     r"""Mean, error and integrated autocorrelation time by the Gamma method.
 
     Implements U. Wolff, "Monte Carlo errors with less errors", Comput. Phys. Commun.
@@ -100,7 +100,8 @@ def gamma_method(data: Any, *, s_tau: float = 2.0) -> GammaResult:
     chains (replicas) of equal length N_r:
 
     * Gamma(t) = sum_r sum_{i} (a_{r,i} - abar)(a_{r,i+t} - abar) / (N - R t), abar the
-      mean over all N = R N_r measurements (eq. (31) with replicas, section 3.3);
+      mean over all N = R N_r measurements (Wolff's UWerr; ``center="global"``), or
+      each replica centred on its own mean (``center="replica"``, what pyerrors does);
     * tau_int(W) = 1/2 + sum_{t=1}^{W} Gamma(t)/Gamma(0);
     * automatic windowing (eq. (52)): the smallest W with
       g(W) = exp(-W/tau) - tau/sqrt(W N) < 0, tau = S_tau / ln[(2 tau_int(W)+1)/(2 tau_int(W)-1)];
@@ -110,8 +111,12 @@ def gamma_method(data: Any, *, s_tau: float = 2.0) -> GammaResult:
       error sqrt((W + 1/2)/N).
 
     These are the formulas and the default S_tau = 2 of pyerrors 2.17
-    (``Obs.gamma_method``), so results agree with it to rounding (``tests/test_stats.py``
-    checks this against values pyerrors computed, and against exact AR(1) times).
+    (``Obs.gamma_method``), so results agree with it to rounding: exactly for one chain,
+    and with ``center="replica"`` for several (``tests/test_stats.py`` checks both
+    against values pyerrors computed, and against exact AR(1) times). The default for
+    several chains is the global mean, as in Wolff's UWerr: with many short chains
+    (the batches HMC runs) per-replica centring removes the spread of the chain means
+    from Gamma(0) and biases the error low by O(tau_int / N_r).
 
     Why not depend on pyerrors: it is the same hundred lines of arithmetic, while pyerrors
     pulls pandas, matplotlib, scipy, iminuit, autograd and numdifftools into every
@@ -122,13 +127,17 @@ def gamma_method(data: Any, *, s_tau: float = 2.0) -> GammaResult:
         data: Measurements, shape (N,) for one chain or (R, N_r) for R chains (rows);
             numpy array, torch tensor or nested lists.
         s_tau: Wolff's S_tau (ratio tau_exp / tau_int guessed by the windowing), 1 to 2.
+        center: ``"global"`` (default) or ``"replica"`` (see above).
 
     Returns:
         :class:`GammaResult`.
 
     Raises:
-        ValueError: for empty data, a non-finite value, or data of more than 2 dimensions.
+        ValueError: for empty data, a non-finite value, data of more than 2 dimensions,
+            or an unknown ``center``.
     """
+    if center not in ("global", "replica"):
+        raise ValueError(f"gamma_method: center must be 'global' or 'replica'; found {center!r}")
     if hasattr(data, "detach"):
         data = data.detach().cpu().numpy()
     a = np.asarray(data, dtype=np.float64)
@@ -141,7 +150,7 @@ def gamma_method(data: Any, *, s_tau: float = 2.0) -> GammaResult:
     r, n_r = a.shape
     n = r * n_r
     mean = float(a.mean())
-    d = a - mean
+    d = a - (mean if center == "global" else a.mean(axis=1, keepdims=True))
     w_max = max(n_r // 2, 1)
     gamma = _autocov_sum(d, w_max + 1) / (n - r * np.arange(w_max + 1))
     if gamma[0] <= 10 * np.finfo(float).tiny * max(1.0, mean * mean):
