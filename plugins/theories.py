@@ -46,6 +46,14 @@ class Phi4Action(Action):
         if self.lam < 0:
             raise ConfigError(f"phi4: lam must be >= 0 for a bounded action; found {self.lam}")
 
+    #: Width of the Gaussian "hot" start: wide enough to be disordered, narrow enough that
+    #: the first trajectories at the usual step sizes do not blow up through the phi^4 force.
+    hot_width = 0.2
+
+    def hot_start(self, lattice, batch=1, *, generator=None, device=None) -> torch.Tensor:
+        """``batch`` fields with independent N(0, hot_width^2) entries, shape (batch, L...)."""
+        return self.hot_width * super().hot_start(lattice, batch, generator=generator, device=device)
+
     def action(self, phi: torch.Tensor) -> torch.Tensor:
         """S[phi], shape (B,), float64.
 

@@ -208,3 +208,24 @@ def test_wrap_angle():
     w = groups.wrap_angle(x)
     assert (w > -math.pi).all() and (w <= math.pi).all()
     torch.testing.assert_close(torch.cos(w), torch.cos(x))
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+@pytest.mark.parametrize("scale", [0.0, 1e-9, 1e-3, 0.3, 1.0, 4.0, 20.0])
+def test_expmap_matches_matrix_exp(n, scale):
+    p = scale * groups.random_algebra((500,), n, generator=gen(n))
+    u = groups.expmap(p)
+    ref = torch.linalg.matrix_exp(p)
+    assert (u - ref).abs().max() < 1e-14 * max(1.0, scale)
+    assert (u @ u.mH - torch.eye(n, dtype=u.dtype)).abs().max() < 1e-13 * max(1.0, scale)
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_expmap_differentiable(n):
+    p = (0.5 * groups.random_algebra((3,), n, generator=gen(1))).requires_grad_(True)
+    w = torch.randn(3, n, n, dtype=torch.complex128, generator=gen(2))
+    (g,) = torch.autograd.grad((groups.expmap(p) * w).real.sum(), p)
+    p2 = p.detach().requires_grad_(True)
+    (g2,) = torch.autograd.grad((torch.linalg.matrix_exp(p2) * w).real.sum(), p2)
+    # equal derivatives along su(N) (the closed forms assume X in su(N))
+    torch.testing.assert_close(groups.project_algebra(g), groups.project_algebra(g2), rtol=1e-10, atol=1e-12)
