@@ -94,7 +94,7 @@ def _expmap_su3(x: torch.Tensor) -> torch.Tensor:
     # Frobenius norm bounds the eigenvalues; scale the batch so that it is <= 1
     x2 = x @ x
     s1 = 0.5 * torch.diagonal(x2, dim1=-2, dim2=-1).sum(-1)
-    r = math.sqrt(max(0.0, float((-2.0 * s1.real).amax()))) if x.numel() else 0.0
+    r = math.sqrt(max(0.0, float((-2.0 * s1.real).detach().amax()))) if x.numel() else 0.0
     squarings = math.ceil(math.log2(r)) if r > 1.0 else 0
     if squarings:
         x = x / (2 ** squarings)
