@@ -1,0 +1,327 @@
+r"""Normalizing flows: a prior composed with registered flow layers.
+
+Sign convention
+    A :class:`Flow` maps latent samples z ~ r (the prior) through layers
+    f_1, ..., f_K to x = f_K(... f_1(z)). Every layer returns
+    ``(y, log|det dy/dx|)``; the flow's ``forward`` returns ``(x, logdet)`` with
+    logdet = sum_k log|det J_k| (float64, shape (B,)). The model density is
+
+        log q(x) = log r(z) - logdet(z),        z = f^{-1}(x),
+
+    (Albergo et al., arXiv:2101.08176, eq. 20; Rezende & Mohamed, arXiv:1505.05770).
+    ``inverse(x)`` returns ``(z, logdet_inv)`` with logdet_inv = log|det dz/dx| =
+    -logdet(z), so log q(x) = log r(z) + logdet_inv. Densities of gauge fields are
+    relative to the product of Haar measures (angles d theta for U(1); normalised Haar
+    for SU(N)), the measure in which the actions define p(x) = exp(-S(x)) / Z.
+
+For samplers
+    :meth:`Flow.sample` gives fresh proposals with their log q in one pass;
+    :meth:`Flow.log_prob` gives log q(x) for states that did *not* come from the flow
+    (an HMC configuration, a file), through the exact inverse. An independence
+    Metropolis step with proposal x' ~ q accepts with probability
+    min(1, exp([log p(x') - log q(x')] - [log p(x) - log q(x)])), all in float64
+    (DESIGN.md section 4).
+
+Layers and priors are looked up by name in the plugin registries (hooks
+``flowplug_flow_layers`` and ``flowplug_priors``); :func:`build_flow` builds a flow
+from names and options, and records them in :attr:`Flow.spec` so that a checkpoint can
+rebuild the same architecture with :meth:`Flow.from_spec`.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from flowplug.errors import ConfigError, ShapeError
+
+#: Prior used for each built-in field kind when none is named.
+DEFAULT_PRIORS: dict[str, str] = {"scalar": "normal", "u1": "uniform", "su": "haar"}
+
+
+def default_prior(field: str) -> str:
+    """Registry name of the default prior of a field kind (``normal``, ``uniform``, ``haar``).
+
+    Raises:
+        ConfigError: for a field kind without a default prior.
+    """
+    if field in DEFAULT_PRIORS:
+        return DEFAULT_PRIORS[field]
+    if field.startswith("su") and field[2:].isdigit():
+        return DEFAULT_PRIORS["su"]
+    raise ConfigError(f"no default prior for field kind '{field}'; name one with flow.prior")
+
+
+class Flow(nn.Module):
+    r"""A prior and a sequence of flow layers (module docstring for the sign convention).
+
+    Arguments:
+        prior: Module with ``sample(n, generator) -> z`` and ``log_prob(z) -> (B,)``.
+        layers: Modules with ``forward(x) -> (y, logdet)`` and ``inverse(y) -> (x, logdet_inv)``,
+            applied in order to z.
+        field: Field kind (``"scalar"``, ``"u1"``, ``"su3"``...).
+        lattice: (L_0, ..., L_{d-1}).
+        spec: JSON-ready description (from :func:`build_flow`) for checkpoints.
+
+    Attributes:
+        field, lattice, spec: As given.
+    """
+
+    def __init__(self, prior: nn.Module, layers: Sequence[nn.Module], *, field: str,
+                 lattice: Sequence[int], spec: Mapping[str, Any] | None = None) -> None:
+        super().__init__()
+        self.prior = prior
+        self.layers = nn.ModuleList(layers)
+        self.field = str(field)
+        self.lattice = tuple(int(v) for v in lattice)
+        self.spec = copy.deepcopy(dict(spec)) if spec is not None else None
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the flow's buffers and parameters."""
+        for t in self.buffers():
+            return t.device
+        for t in self.parameters():
+            return t.device
+        return torch.device("cpu")
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Push latent z through the layers.
+
+        Arguments:
+            z: Batch in the canonical layout of :attr:`field` (DESIGN.md section 2).
+
+        Returns:
+            ``(x, logdet)``: x like z; logdet = log|det dx/dz|, shape (B,), float64.
+        """
+        logdet = torch.zeros(z.shape[0], dtype=torch.float64, device=z.device)
+        x = z
+        for layer in self.layers:
+            x, ld = layer(x)
+            logdet = logdet + ld
+        return x, logdet
+
+    def inverse(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pull x back to the latent space through the exact inverses, last layer first.
+
+        Returns:
+            ``(z, logdet_inv)``: logdet_inv = log|det dz/dx|, shape (B,), float64.
+        """
+        logdet = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+        z = x
+        for layer in reversed(self.layers):
+            z, ld = layer.inverse(z)
+            logdet = logdet + ld
+        return z, logdet
+
+    def sample_latent(self, n: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(z, log r(z))`` for ``n`` prior samples drawn with ``generator``."""
+        z = self.prior.sample(n, generator=generator)
+        return z, self.prior.log_prob(z).to(torch.float64)
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw ``n`` configurations from the flow.
+
+        Arguments:
+            n: Batch size.
+            generator: Random number generator on the flow's device (reproducibility).
+
+        Returns:
+            ``(x, log_q)``: x in the canonical layout of :attr:`field`; log q(x) =
+            log r(z) - logdet, shape (n,), float64. Gradients flow to the parameters
+            (wrap in ``torch.no_grad()`` when sampling for a Markov chain).
+        """
+        z, log_r = self.sample_latent(n, generator)
+        x, logdet = self(z)
+        return x, log_r - logdet
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """log q(x) for any configuration x (not necessarily drawn from the flow).
+
+        Arguments:
+            x: Batch in the canonical layout of :attr:`field`.
+
+        Returns:
+            Shape (B,), float64: log r(f^{-1}(x)) + log|det d f^{-1}/dx|.
+
+        Raises:
+            ShapeError: if x does not have the flow's layout.
+        """
+        z, logdet_inv = self.inverse(x)
+        return self.prior.log_prob(z).to(torch.float64) + logdet_inv
+
+    @classmethod
+    def from_spec(cls, spec: Mapping[str, Any]) -> "Flow":
+        """Rebuild an (untrained) flow from :attr:`spec`; load weights with ``load_state_dict``.
+
+        Raises:
+            ConfigError: if the spec names unknown components or bad options.
+        """
+        layers = [(entry["name"], dict(entry.get("options", {}))) for entry in spec["layers"]]
+        return build_flow_from_layers(spec["field"], spec["lattice"], layers, prior=spec.get("prior"),
+                                      prior_options=spec.get("prior_options", {}))
+
+
+def _accepted_options(factory: Any) -> set[str] | None:
+    """Keyword names ``factory`` accepts; ``None`` when it takes ``**kwargs``."""
+    try:
+        sig = inspect.signature(factory)
+    except (TypeError, ValueError):  # pragma: no cover - builtins
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()):
+        return None
+    return {n for n, p in sig.parameters.items()
+            if p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)}
+
+
+def make_layer(name: str, *, lattice: Sequence[int], field: str, index: int = 0, **options: Any) -> nn.Module:
+    """Build one registered flow layer.
+
+    Arguments:
+        name: Registry name (``affine``, ``spline``, ``u1-ncp``, ``u1-spline``, ``sun-spectral``...).
+        lattice: (L_0, ..., L_{d-1}).
+        field: Field kind the flow acts on.
+        index: Position in the flow (masks alternate with it).
+        **options: Layer options (``hidden``, ``kernel_size``, ...).
+
+    Raises:
+        UnknownComponentError: for an unregistered name (listing the registered ones).
+        ConfigError: if the layer does not act on ``field`` or rejects an option.
+    """
+    from flowplug.manager import get_component
+
+    rec = get_component("flow_layer", name)
+    if rec.fields and field not in rec.fields:
+        raise ConfigError(f"flow layer '{rec.name}' acts on {', '.join(rec.fields)} fields, "
+                          f"not on '{field}'")
+    accepted = _accepted_options(rec.factory)
+    if accepted is not None:
+        unknown = sorted(set(options) - accepted)
+        if unknown:
+            allowed = sorted(accepted - {"lattice", "field", "index"})
+            raise ConfigError(f"flow layer '{rec.name}' has no option {', '.join(map(repr, unknown))}; "
+                              f"its options are: {', '.join(allowed)}")
+    try:
+        return rec.factory(lattice=tuple(lattice), field=field, index=index, **options)
+    except TypeError as exc:
+        raise ConfigError(f"flow layer '{rec.name}': bad options {options!r}: {exc}") from None
+
+
+def make_prior(name: str | None, *, lattice: Sequence[int], field: str, **options: Any) -> nn.Module:
+    """Build a registered prior (default: :func:`default_prior` of ``field``).
+
+    Raises:
+        UnknownComponentError: for an unregistered name.
+        ConfigError: if the prior does not produce ``field`` or rejects an option.
+    """
+    from flowplug.manager import get_component
+
+    rec = get_component("prior", name or default_prior(field))
+    if rec.fields and field not in rec.fields:
+        raise ConfigError(f"prior '{rec.name}' produces {', '.join(rec.fields)} fields, not '{field}'")
+    try:
+        return rec.factory(lattice=tuple(lattice), field=field, **options)
+    except TypeError as exc:
+        raise ConfigError(f"prior '{rec.name}': bad options {options!r}: {exc}") from None
+
+
+def build_flow_from_layers(field: str, lattice: Sequence[int], layers: Sequence[tuple[str, Mapping[str, Any]]],
+                           *, prior: str | None = None, prior_options: Mapping[str, Any] | None = None) -> Flow:
+    """Build a :class:`Flow` from an explicit list of ``(layer name, options)``.
+
+    Layer i receives ``index=i``. Raises as :func:`make_layer` and :func:`make_prior`.
+    """
+    lattice = [int(v) for v in lattice]
+    prior_name = prior or default_prior(field)
+    prior_mod = make_prior(prior_name, lattice=lattice, field=field, **dict(prior_options or {}))
+    modules, entries = [], []
+    for i, (name, opts) in enumerate(layers):
+        opts = dict(opts)
+        modules.append(make_layer(name, lattice=lattice, field=field, index=i, **opts))
+        entries.append({"name": str(name), "options": opts})
+    spec = {"field": field, "lattice": lattice, "prior": prior_name,
+            "prior_options": dict(prior_options or {}), "layers": entries}
+    return Flow(prior_mod, modules, field=field, lattice=lattice, spec=spec)
+
+
+def build_flow(field: str, lattice: Sequence[int], layers: Sequence[str] | str, *, n_layers: int | None = None,
+               options: Mapping[str, Any] | None = None, prior: str | None = None,
+               prior_options: Mapping[str, Any] | None = None) -> Flow:
+    """Build a flow from layer names, cycling through them, and shared/per-layer options.
+
+    Arguments:
+        field: Field kind (``"scalar"``, ``"u1"``, ``"su2"``, ``"su3"``...).
+        lattice: (L_0, ..., L_{d-1}).
+        layers: One registry name or a list of them, used in turn.
+        n_layers: Total number of layers (default: ``len(layers)``).
+        options: Options for the layers. Non-table entries are shared and given to every
+            layer that accepts them (``hidden = [8, 8]``); a table named after a layer
+            (``options["u1-ncp"] = {"n_mix": 4}``) is given to that layer only, strictly.
+        prior: Prior registry name; default by field kind.
+        prior_options: Options of the prior.
+
+    Returns:
+        The flow, with :attr:`Flow.spec` set.
+
+    Raises:
+        ConfigError: on an empty layer list, a layer that does not fit the field, or an
+            option no layer accepts.
+        UnknownComponentError: for unregistered names.
+    """
+    from flowplug.manager import get_component
+
+    names = [layers] if isinstance(layers, str) else [str(n) for n in layers]
+    if not names:
+        raise ConfigError("flow.layers is empty; name at least one flow layer (flowplug plugins lists them)")
+    n_layers = len(names) if n_layers is None else int(n_layers)
+    if n_layers < 1:
+        raise ConfigError(f"flow.n_layers must be >= 1; found {n_layers}")
+    options = dict(options or {})
+    shared = {k: v for k, v in options.items() if not isinstance(v, Mapping)}
+    tables = {k.lower(): dict(v) for k, v in options.items() if isinstance(v, Mapping)}
+    used: set[str] = set()
+    plan = []
+    for i in range(n_layers):
+        rec = get_component("flow_layer", names[i % len(names)])
+        accepted = _accepted_options(rec.factory)
+        opts = {k: v for k, v in shared.items() if accepted is None or k in accepted}
+        used.update(opts)
+        for key in (rec.name, *rec.aliases):
+            opts.update(tables.get(key, {}))
+        plan.append((rec.name, opts))
+    unused = sorted(set(shared) - used)
+    if unused:
+        raise ConfigError(f"flow option(s) {', '.join(map(repr, unused))} accepted by none of the layers "
+                          f"{', '.join(sorted(set(n for n, _ in plan)))}")
+    known = {n for n, _ in plan}
+    for table in tables:
+        try:
+            rec = get_component("flow_layer", table)
+        except Exception:
+            raise ConfigError(f"flow.options.{table}: no flow layer of that name in this flow "
+                              f"(layers: {', '.join(sorted(known))})") from None
+        if rec.name not in known:
+            raise ConfigError(f"flow.options.{table}: layer '{rec.name}' is not used in this flow "
+                              f"(layers: {', '.join(sorted(known))})")
+    return build_flow_from_layers(field, lattice, plan, prior=prior, prior_options=prior_options)
+
+
+def check_field(flow: Flow, x: torch.Tensor) -> None:
+    """Raise :class:`ShapeError` unless x has the layout of ``flow`` (field kind and lattice)."""
+    d = len(flow.lattice)
+    if flow.field == "scalar":
+        expected = flow.lattice
+    elif flow.field == "u1":
+        expected = (d, *flow.lattice)
+    elif flow.field.startswith("su") and flow.field[2:].isdigit():
+        n = int(flow.field[2:])
+        expected = (d, *flow.lattice, n, n)
+    else:
+        return
+    if tuple(x.shape[1:]) != tuple(expected):
+        raise ShapeError(f"flow for {flow.field} fields on lattice {list(flow.lattice)} expects shape "
+                         f"(B, {', '.join(map(str, expected))}); found {tuple(x.shape)}")

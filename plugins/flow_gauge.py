@@ -1,0 +1,284 @@
+r"""Gauge-equivariant coupling layers for U(1) and SU(N) link fields, in any dimension d >= 2.
+
+Masking pattern (layer ``index``)
+    Links U_mu(x) in direction mu = index mod d are updated on the sites of a stripe
+    S = {x : x_nu = offset (mod p)} with nu != mu, p = 4 (or 2 when L_nu is not a
+    multiple of 4). Each updated link is the first factor of its *active loop*
+    P(x) = U_mu(x) U_nu(x+mu) U_mu(x+nu)^+ U_nu(x)^+, whose other three links are not
+    updated (x + nu is never in S). Plaquettes (of every plane) that contain no
+    updated link are *frozen*; gauge-invariant features of them (cos/sin of the angle,
+    or Re/Im tr P / N) are the input of a periodic convolutional conditioner. The
+    remaining plaquettes that contain an updated link are *passive*: they change, but
+    nothing is conditioned on them.
+
+Update
+    P(x) -> P'(x) = h(P(x) | frozen features) with h conjugation-equivariant (a circular
+    map of the plaquette angle for U(1); the spectral map of :mod:`flowplug.plugins.flow_sun`
+    for SU(N)), and U_mu'(x) = P'(x) P(x)^+ U_mu(x) (for U(1): theta' = theta + P' - P).
+    Since U_mu(x) -> P(x) is a right multiplication by links that do not change, its
+    Jacobian is one, and log|det| is the sum of log-Jacobians of h over the active loops.
+    Under a gauge transformation Omega, P(x) -> Omega(x) P(x) Omega(x)^+ and the frozen
+    features are invariant, so U' transforms as U does: the layer is gauge equivariant.
+
+The schedule mu = index mod d, offset = (index div d) mod p, nu = mu + 1 + ((index div 4d)
+mod (d-1)) (mod d) reproduces the 2D pattern of Kanwar et al. (updates alternate
+directions; the stripe moves by one site every d layers).
+
+References:
+    Kanwar et al., arXiv:2003.06413, sections III-IV (U(1), masks, NCP mixtures);
+    Boyda et al., arXiv:2008.05456, section IV (SU(N)); Albergo et al.,
+    arXiv:2101.08176, section IV (tutorial conventions).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from flowplug import gauge, groups
+from flowplug.errors import ConfigError, ShapeError
+from flowplug.plugins.flow_nets import ConvNet, net_dtype
+from flowplug.plugins.flow_sun import n_spectral_params, spectral_map
+from flowplug.plugins.flow_transforms import circular_rq_spline, ncp_mixture
+
+TWO_PI = 2.0 * math.pi
+
+
+class GaugeMasks:
+    """Masks of one gauge coupling layer (module docstring).
+
+    Arguments:
+        lattice: (L_0, ..., L_{d-1}), d >= 2.
+        index: Layer index (sets mu, nu, offset unless given).
+        mu, nu, offset: Explicit choices overriding the schedule.
+
+    Attributes:
+        mu, nu, offset, period: The pattern.
+        sites: Bool (L...), True on the stripe S of updated links U_mu(x).
+        frozen: Bool (d(d-1)/2, L...), True for plaquettes with no updated link, planes
+            ordered as :func:`flowplug.gauge.u1_plaquettes`.
+
+    Raises:
+        ConfigError: for d < 2, or a stripe pattern that would update two links of one
+            active loop (odd L_nu).
+    """
+
+    def __init__(self, lattice: Sequence[int], index: int = 0, *, mu: int | None = None,
+                 nu: int | None = None, offset: int | None = None) -> None:
+        lat = tuple(int(v) for v in lattice)
+        d = len(lat)
+        if d < 2:
+            raise ConfigError(f"gauge coupling layers need d >= 2; found lattice {list(lattice)}")
+        self.mu = int(index % d if mu is None else mu) % d
+        if nu is None:
+            nu = (self.mu + 1 + (index // (4 * d)) % (d - 1)) % d
+        self.nu = int(nu) % d
+        if self.nu == self.mu:
+            raise ConfigError(f"gauge masks need nu != mu; found mu = nu = {self.mu}")
+        ln = lat[self.nu]
+        if ln % 4 == 0:
+            self.period = 4
+        elif ln % 2 == 0:
+            self.period = 2
+        else:
+            raise ConfigError(f"gauge masks need an even extent along direction {self.nu}; "
+                              f"found lattice {list(lat)}")
+        self.offset = int((index // d) if offset is None else offset) % self.period
+        coords = torch.meshgrid(*[torch.arange(n) for n in lat], indexing="ij")
+        self.sites = (coords[self.nu] % self.period) == self.offset
+        links = torch.zeros((d, *lat), dtype=torch.bool)
+        links[self.mu] = self.sites
+        frozen = []
+        for a in range(d):
+            for b in range(a + 1, d):
+                touched = (links[a] | torch.roll(links[b], -1, dims=a)
+                           | torch.roll(links[a], -1, dims=b) | links[b])
+                frozen.append(~touched)
+        self.frozen = torch.stack(frozen)
+        self.lattice = lat
+
+
+def _u1_loop(theta: torch.Tensor, mu: int, nu: int) -> torch.Tensor:
+    """Angle of U_mu(x) U_nu(x+mu) U_mu(x+nu)^+ U_nu(x)^+, shape (B, L...), unwrapped."""
+    t_mu, t_nu = theta[:, mu], theta[:, nu]
+    return t_mu + torch.roll(t_nu, -1, dims=1 + mu) - torch.roll(t_mu, -1, dims=1 + nu) - t_nu
+
+
+def _sun_loop(links: torch.Tensor, mu: int, nu: int) -> torch.Tensor:
+    """U_mu(x) U_nu(x+mu) U_mu(x+nu)^+ U_nu(x)^+, shape (B, L..., N, N)."""
+    u_mu, u_nu = links[:, mu], links[:, nu]
+    return u_mu @ torch.roll(u_nu, -1, dims=1 + mu) @ torch.roll(u_mu, -1, dims=1 + nu).mH @ u_nu.mH
+
+
+class _GaugeCoupling(nn.Module):
+    """Masks, conditioner network and shape checks shared by the gauge couplings."""
+
+    def __init__(self, lattice: Sequence[int], index: int, n_params: int, hidden: Sequence[int],
+                 kernel_size: int, dtype: str, mu: int | None, nu: int | None, offset: int | None) -> None:
+        super().__init__()
+        masks = GaugeMasks(lattice, index, mu=mu, nu=nu, offset=offset)
+        self.lattice = masks.lattice
+        self.d = len(self.lattice)
+        if self.d > 4:
+            raise ConfigError(f"gauge coupling layers support d = 2..4; found lattice {list(lattice)}")
+        self.mu, self.nu, self.offset = masks.mu, masks.nu, masks.offset
+        self.register_buffer("sites", masks.sites)
+        self.register_buffer("frozen", masks.frozen.to(torch.float64))
+        n_planes = self.d * (self.d - 1) // 2
+        self.n_params = n_params
+        self.net = ConvNet(2 * n_planes, n_params, hidden, kernel_size, self.d, net_dtype(dtype))
+
+    def _condition(self, re: torch.Tensor, im: torch.Tensor) -> torch.Tensor:
+        """Network output (B, L..., n_params), float64, from per-plane features (B, np, L...)."""
+        feats = torch.cat([re * self.frozen, im * self.frozen], dim=1)
+        return torch.movedim(self.net(feats).to(torch.float64), 1, -1)
+
+
+class U1Coupling(_GaugeCoupling):
+    r"""Gauge-equivariant coupling for U(1) link angles (Kanwar et al. 2003.06413).
+
+    The active plaquette angle, taken in [0, 2 pi), goes through a circular transform
+    conditioned on cos and sin of the frozen plaquettes: a mixture of ``n_mix``
+    non-compact projections (``transform="ncp"``) or a circular rational-quadratic
+    spline with ``n_bins`` bins (``transform="spline"``), each followed by a learned
+    rotation; the link angle is shifted by the change of the plaquette angle.
+
+    Arguments:
+        lattice: (L_0, ..., L_{d-1}), d = 2..4, even extents.
+        field: Must be ``"u1"``.
+        index: Position in the flow (masking schedule, see the module docstring).
+        transform: ``"ncp"`` or ``"spline"``.
+        hidden: Hidden channels of the conditioner, default ``(8, 8)``.
+        kernel_size: Odd kernel extent, default 3.
+        n_mix: NCP mixture components, default 2.
+        n_bins: Spline bins, default 8.
+        dtype: Conditioner dtype (``"float32"`` or ``"float64"``).
+        mu, nu, offset: Override the masking schedule.
+
+    ``forward(theta) -> (theta', logdet)``, ``inverse(theta') -> (theta, logdet_inv)``:
+    angles of shape (B, d, L_0, ..., L_{d-1}) float64 (outputs wrapped into (-pi, pi] on
+    the updated links), logdet shape (B,) float64.
+
+    Raises:
+        ConfigError: on a bad field kind, transform or lattice.
+        ShapeError: on an input of the wrong shape.
+    """
+
+    def __init__(self, *, lattice: Sequence[int], field: str = "u1", index: int = 0, transform: str = "ncp",
+                 hidden: Sequence[int] = (8, 8), kernel_size: int = 3, n_mix: int = 2, n_bins: int = 8,
+                 dtype: str = "float32", mu: int | None = None, nu: int | None = None,
+                 offset: int | None = None) -> None:
+        if field != "u1":
+            raise ConfigError(f"U(1) coupling acts on u1 links; found field kind '{field}'")
+        if transform not in ("ncp", "spline"):
+            raise ConfigError(f"U(1) coupling: transform must be 'ncp' or 'spline'; found {transform!r}")
+        self.transform = transform
+        self.n_mix, self.n_bins = int(n_mix), int(n_bins)
+        n_params = (2 * self.n_mix if transform == "ncp" else 3 * self.n_bins) + 1
+        super().__init__(lattice, index, n_params, hidden, kernel_size, dtype, mu, nu, offset)
+
+    def _check(self, theta: torch.Tensor) -> None:
+        if tuple(theta.shape[1:]) != (self.d, *self.lattice) or theta.is_complex():
+            raise ShapeError(f"U1Coupling: expected real angles of shape (B, {self.d}, "
+                             f"{', '.join(map(str, self.lattice))}); found {theta.dtype} {tuple(theta.shape)}")
+
+    def _map(self, theta: torch.Tensor, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        self._check(theta)
+        theta = theta.to(torch.float64)
+        plaq = gauge.u1_plaquettes(theta)
+        p = self._condition(torch.cos(plaq), torch.sin(plaq))
+        x = torch.remainder(_u1_loop(theta, self.mu, self.nu), TWO_PI)
+        rot = p[..., -1]
+        if self.transform == "ncp":
+            m = self.n_mix
+            y, ld = ncp_mixture(x, p[..., :m], p[..., m:2 * m], rot, inverse=inverse)
+        else:
+            y, ld = circular_rq_spline(x, p[..., :-1], self.n_bins, rotation=rot, inverse=inverse)
+        t_mu = theta[:, self.mu]
+        new_mu = torch.where(self.sites, groups.wrap_angle(t_mu + (y - x)), t_mu)
+        out = torch.stack([new_mu if a == self.mu else theta[:, a] for a in range(self.d)], dim=1)
+        logdet = torch.where(self.sites, ld, torch.zeros_like(ld)).flatten(1).sum(1)
+        return out, logdet
+
+    def forward(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Map theta -> theta'; returns ``(theta', log|det dtheta'/dtheta|)``."""
+        return self._map(theta, inverse=False)
+
+    def inverse(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Map theta' -> theta; returns ``(theta, log|det dtheta/dtheta'|)``."""
+        return self._map(theta, inverse=True)
+
+
+class SUNSpectralCoupling(_GaugeCoupling):
+    r"""Gauge-equivariant coupling for SU(N) links through the spectrum of the active loops.
+
+    The active loops go through the conjugation-equivariant spectral spline map of
+    :func:`flowplug.plugins.flow_sun.spectral_map`, conditioned on Re tr P / N and
+    Im tr P / N of the frozen plaquettes; U_mu'(x) = P'(x) P(x)^+ U_mu(x). The
+    log-determinant is relative to the product Haar measure (Boyda et al.
+    2008.05456, section IV).
+
+    Arguments:
+        lattice: (L_0, ..., L_{d-1}), d = 2..4, even extents.
+        field: ``"su2"``, ``"su3"`` (any ``"su<N>"``).
+        index: Position in the flow (masking schedule).
+        hidden: Hidden channels of the conditioner, default ``(8, 8)``.
+        kernel_size: Odd kernel extent, default 3.
+        n_bins: Spline bins per eigenphase coordinate, default 8.
+        dtype: Conditioner dtype (``"float32"`` or ``"float64"``).
+        mu, nu, offset: Override the masking schedule.
+
+    ``forward(U) -> (U', logdet)``, ``inverse(U') -> (U, logdet_inv)``: links of shape
+    (B, d, L_0, ..., L_{d-1}, N, N) complex128, logdet shape (B,) float64.
+
+    Raises:
+        ConfigError: on a bad field kind or lattice.
+        ShapeError: on an input of the wrong shape.
+    """
+
+    def __init__(self, *, lattice: Sequence[int], field: str = "su3", index: int = 0,
+                 hidden: Sequence[int] = (8, 8), kernel_size: int = 3, n_bins: int = 8,
+                 dtype: str = "float32", mu: int | None = None, nu: int | None = None,
+                 offset: int | None = None) -> None:
+        f = str(field)
+        if not (f.startswith("su") and f[2:].isdigit() and int(f[2:]) >= 2):
+            raise ConfigError(f"SU(N) spectral coupling acts on su<N> links; found field kind '{field}'")
+        self.n = int(f[2:])
+        self.n_bins = int(n_bins)
+        super().__init__(lattice, index, n_spectral_params(self.n, self.n_bins), hidden, kernel_size,
+                         dtype, mu, nu, offset)
+        self.register_buffer("site_index", self.sites.flatten().nonzero().flatten())
+
+    def _check(self, u: torch.Tensor) -> None:
+        if tuple(u.shape[1:]) != (self.d, *self.lattice, self.n, self.n) or not u.is_complex():
+            raise ShapeError(f"SUNSpectralCoupling: expected complex links of shape (B, {self.d}, "
+                             f"{', '.join(map(str, self.lattice))}, {self.n}, {self.n}); "
+                             f"found {u.dtype} {tuple(u.shape)}")
+
+    def _map(self, u: torch.Tensor, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        self._check(u)
+        u = u.to(torch.complex128)
+        plaq = gauge.sun_plaquettes(u)
+        tr = torch.diagonal(plaq, dim1=-2, dim2=-1).sum(-1) / self.n
+        p = self._condition(tr.real, tr.imag)
+        b, d = u.shape[0], self.d
+        idx = self.site_index
+        loop = _sun_loop(u, self.mu, self.nu).flatten(1, d)[:, idx]
+        params = p.flatten(1, d)[:, idx]
+        new_loop, ld = spectral_map(loop, params, self.n_bins, inverse=inverse)
+        u_mu = u[:, self.mu].flatten(1, d)
+        updated = new_loop @ loop.mH @ u_mu[:, idx]
+        new_mu = u_mu.index_copy(1, idx, updated).reshape(u[:, self.mu].shape)
+        out = torch.stack([new_mu if a == self.mu else u[:, a] for a in range(d)], dim=1)
+        return out, ld.sum(1)
+
+    def forward(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Map U -> U'; returns ``(U', log|det dU'/dU|)`` relative to Haar measure."""
+        return self._map(u, inverse=False)
+
+    def inverse(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Map U' -> U; returns ``(U, log|det dU/dU'|)`` relative to Haar measure."""
+        return self._map(u, inverse=True)

@@ -1,0 +1,137 @@
+"""Convolutional conditioner networks on periodic lattices, shared by the coupling layers.
+
+A coupling layer feeds the frozen part of a field (or gauge-invariant features of the
+frozen loops) through a small convolutional network with periodic boundary conditions
+and reads transformation parameters off its output, one set per lattice site. The
+networks are translation equivariant, so a coupling layer is translation equivariant up
+to its mask (Albergo et al., arXiv:1904.12072, section III; Kanwar et al.,
+arXiv:2003.06413, section III).
+
+Networks may run in float32 for speed: their outputs are cast to float64 before any
+transformation of the field, so log-densities and the inverse stay float64-exact.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from flowplug.errors import ConfigError, ShapeError
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def net_dtype(name: str | torch.dtype) -> torch.dtype:
+    """The torch dtype of a network from its configuration name.
+
+    Arguments:
+        name: ``"float32"``, ``"float64"`` or a torch dtype.
+
+    Raises:
+        ConfigError: for any other name.
+    """
+    if isinstance(name, torch.dtype):
+        if name in _DTYPES.values():
+            return name
+        raise ConfigError(f"network dtype must be float32 or float64; found {name}")
+    try:
+        return _DTYPES[str(name).lower()]
+    except KeyError:
+        raise ConfigError(f"network dtype must be 'float32' or 'float64'; found {name!r}") from None
+
+
+class PeriodicConv(nn.Module):
+    """Convolution over a d-dimensional periodic lattice, d = 1, 2, 3 or 4.
+
+    For d <= 3 this is ``torch.nn.Conv{d}d`` with circular padding. Torch has no 4D
+    convolution, so for d = 4 the input is stacked with its ``kernel_size`` shifts along
+    lattice axis 0 and a 3D convolution is applied per slice of axis 0; this is a full 4D
+    convolution with a ``kernel_size**4`` kernel.
+
+    Arguments:
+        in_channels: Input channels C_in.
+        out_channels: Output channels C_out.
+        kernel_size: Odd kernel extent (same along every axis).
+        ndim: Lattice dimension d.
+        dtype: Parameter dtype.
+
+    Shapes:
+        input (B, C_in, L_0, ..., L_{d-1}) -> output (B, C_out, L_0, ..., L_{d-1}).
+
+    Raises:
+        ConfigError: for an even ``kernel_size`` or d outside 1..4.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, ndim: int,
+                 dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        if kernel_size % 2 != 1 or kernel_size < 1:
+            raise ConfigError(f"kernel_size must be odd and positive; found {kernel_size}")
+        if ndim not in (1, 2, 3, 4):
+            raise ConfigError(f"periodic convolutions support 1 to 4 lattice dimensions; found {ndim}")
+        self.ndim = ndim
+        self.kernel_size = kernel_size
+        pad = kernel_size // 2
+        if ndim == 4:
+            self.conv = nn.Conv3d(in_channels * kernel_size, out_channels, kernel_size, padding=pad,
+                                  padding_mode="circular", dtype=dtype)
+        else:
+            cls = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[ndim - 1]
+            self.conv = cls(in_channels, out_channels, kernel_size, padding=pad,
+                            padding_mode="circular", dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the convolution; see the class docstring for shapes."""
+        if x.dim() != self.ndim + 2:
+            raise ShapeError(f"PeriodicConv({self.ndim}D) expects (B, C, L_0, ..., L_{self.ndim - 1}); "
+                             f"found shape {tuple(x.shape)}")
+        if self.ndim < 4:
+            return self.conv(x)
+        b, c, l0 = x.shape[:3]
+        half = self.kernel_size // 2
+        shifted = torch.cat([torch.roll(x, -o, dims=2) for o in range(-half, half + 1)], dim=1)
+        y = shifted.transpose(1, 2).reshape(b * l0, c * self.kernel_size, *x.shape[3:])
+        y = self.conv(y)
+        return y.reshape(b, l0, -1, *y.shape[2:]).transpose(1, 2)
+
+
+class ConvNet(nn.Module):
+    """Stack of periodic convolutions with LeakyReLU activations between them.
+
+    The last convolution is initialised to zero when ``zero_init`` is set, so that every
+    coupling layer starts as the identity map and the untrained flow equals its prior.
+
+    Arguments:
+        in_channels: Input channels.
+        out_channels: Output channels.
+        hidden: Channels of the hidden layers, e.g. ``(8, 8)``.
+        kernel_size: Odd kernel extent.
+        ndim: Lattice dimension d (1 to 4).
+        dtype: Parameter dtype (float32 or float64).
+        zero_init: Initialise the output convolution to zero.
+
+    Shapes:
+        input (B, in_channels, L...) in ``dtype``; output (B, out_channels, L...) in ``dtype``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, hidden: Sequence[int], kernel_size: int,
+                 ndim: int, dtype: torch.dtype = torch.float32, zero_init: bool = True) -> None:
+        super().__init__()
+        sizes = [int(in_channels), *map(int, hidden), int(out_channels)]
+        layers: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+            layers.append(PeriodicConv(a, b, kernel_size, ndim, dtype))
+            if i < len(sizes) - 2:
+                layers.append(nn.LeakyReLU())
+        self.layers = nn.Sequential(*layers)
+        self.dtype = dtype
+        if zero_init:
+            last = layers[-1].conv
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the network; the input is cast to the network dtype first."""
+        return self.layers(x.to(self.dtype))

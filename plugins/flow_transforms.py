@@ -1,0 +1,232 @@
+r"""Elementwise monotone transforms used by the coupling layers.
+
+* :func:`rq_spline` -- monotone rational-quadratic spline on an interval (Durkan et al.,
+  arXiv:1906.04032, section 3.1 and appendix A), with an exact closed-form inverse;
+* :func:`rq_spline_params` -- turns unconstrained network outputs into bin widths,
+  heights and knot derivatives;
+* :func:`circular_rq_spline` -- the circular variant on [0, 2 pi) with equal end
+  derivatives and a rotation (Rezende et al., arXiv:2002.02428, section 3);
+* :func:`ncp_mixture` -- convex mixtures of non-compact projections (NCP),
+  x -> 2 atan(a tan(x/2)), followed by a rotation (Kanwar et al., arXiv:2003.06413,
+  section IV; Rezende et al., arXiv:2002.02428, section 2.1); the inverse is found by
+  bisection and polished by one differentiable Newton step.
+
+Every function returns ``(y, log_abs_dydx)`` elementwise, in float64. Inputs are
+clipped into the domain before any arithmetic, and every formula is written so that
+no division by zero, ``tan(pi/2)`` or ``sqrt`` of a negative number can occur: the
+outputs are finite for all finite inputs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+TWO_PI = 2.0 * math.pi
+
+
+def rq_spline_params(raw: torch.Tensor, n_bins: int, *, width: float = 1.0, height: float = 1.0,
+                     min_bin: float = 1e-3, min_derivative: float = 1e-3,
+                     boundary: str = "free") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""Bin widths, heights and knot derivatives from unconstrained parameters.
+
+    Zero raw parameters give equal bins and unit derivatives, i.e. the identity map.
+
+    Arguments:
+        raw: Shape (..., P), any real dtype; P = 3K+1 for ``boundary="free"``
+            (K widths, K heights, K+1 derivatives), 3K for ``"periodic"`` (the derivative
+            at both ends is shared), 3K-1 for ``"linear"`` (end derivatives fixed to 1, as
+            needed for identity tails).
+        n_bins: K.
+        width: Total width of the domain (sum of the widths).
+        height: Total height of the range (sum of the heights).
+        min_bin: Minimal bin width/height as a fraction of the total.
+        min_derivative: Lower bound of the knot derivatives.
+        boundary: ``"free"``, ``"periodic"`` or ``"linear"``.
+
+    Returns:
+        ``(widths, heights, derivatives)`` of shapes (..., K), (..., K), (..., K+1), float64.
+
+    Raises:
+        ValueError: if the last axis of ``raw`` has the wrong length.
+    """
+    k = int(n_bins)
+    n_d = {"free": k + 1, "periodic": k, "linear": k - 1}[boundary]
+    if raw.shape[-1] != 2 * k + n_d:
+        raise ValueError(f"rq_spline_params: expected {2 * k + n_d} parameters for {k} bins "
+                         f"({boundary} ends); found {raw.shape[-1]}")
+    raw = raw.to(torch.float64)
+    rw, rh, rd = raw[..., :k], raw[..., k:2 * k], raw[..., 2 * k:]
+    scale = 1.0 - k * min_bin
+    w = width * (min_bin + scale * torch.softmax(rw, dim=-1))
+    h = height * (min_bin + scale * torch.softmax(rh, dim=-1))
+    shift = math.log(math.expm1(1.0 - min_derivative))
+    d = min_derivative + F.softplus(rd + shift)
+    if boundary == "periodic":
+        d = torch.cat([d, d[..., :1]], dim=-1)
+    elif boundary == "linear":
+        one = torch.ones_like(d[..., :1])
+        d = torch.cat([one, d, one], dim=-1)
+    return w, h, d
+
+
+def rq_spline(x: torch.Tensor, widths: torch.Tensor, heights: torch.Tensor, derivatives: torch.Tensor,
+              *, left: float = 0.0, bottom: float = 0.0,
+              inverse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Monotone rational-quadratic spline on [left, left + sum(widths)] (Durkan et al. 1906.04032).
+
+    Within bin k, with xi = (x - x_k)/w_k in [0, 1] and s_k = h_k/w_k,
+
+        y = y_k + h_k [s_k xi^2 + d_k xi (1 - xi)] / [s_k + (d_{k+1} + d_k - 2 s_k) xi (1 - xi)],
+
+    (their eq. 4); the inverse solves the quadratic of their appendix A in the
+    cancellation-free form xi = 2c / (-b - sqrt(b^2 - 4ac)).
+
+    Arguments:
+        x: Points, shape (...), float64. Clipped into the domain (range when ``inverse``).
+        widths: Bin widths w_k > 0, shape (..., K).
+        heights: Bin heights h_k > 0, shape (..., K).
+        derivatives: Knot derivatives d_0..d_K > 0, shape (..., K+1).
+        left: Left end of the domain.
+        bottom: Lower end of the range.
+        inverse: Evaluate the inverse map.
+
+    Returns:
+        ``(y, log|dy/dx|)``, both of shape (...), float64. For the inverse, the second
+        entry is log|dx/dy| = -log|dy/dx| at the returned point.
+    """
+    x = x.to(torch.float64)
+    xk = left + torch.cat([torch.zeros_like(widths[..., :1]), torch.cumsum(widths, -1)], -1)
+    yk = bottom + torch.cat([torch.zeros_like(heights[..., :1]), torch.cumsum(heights, -1)], -1)
+    k = widths.shape[-1]
+    knots_in = yk if inverse else xk
+    x = torch.minimum(torch.maximum(x, knots_in[..., 0]), knots_in[..., -1])
+    idx = (x[..., None] >= knots_in[..., 1:k]).sum(-1, keepdim=True)
+
+    def at(t: torch.Tensor) -> torch.Tensor:
+        return torch.gather(t, -1, idx)[..., 0]
+
+    x0, y0, w, h = at(xk), at(yk), at(widths), at(heights)
+    d0 = at(derivatives)
+    d1 = torch.gather(derivatives, -1, idx + 1)[..., 0]
+    s = h / w
+    if not inverse:
+        xi = ((x - x0) / w).clamp(0.0, 1.0)
+        t = xi * (1 - xi)
+        den = s + (d1 + d0 - 2 * s) * t
+        y = y0 + h * (s * xi * xi + d0 * t) / den
+        num = s * s * (d1 * xi * xi + 2 * s * t + d0 * (1 - xi) ** 2)
+        return y, torch.log(num) - 2 * torch.log(den)
+    dy = x - y0
+    a = h * (s - d0) + dy * (d1 + d0 - 2 * s)
+    b = h * d0 - dy * (d1 + d0 - 2 * s)
+    c = -s * dy
+    disc = (b * b - 4 * a * c).clamp_min(0.0)
+    xi = (2 * c / (-b - torch.sqrt(disc))).clamp(0.0, 1.0)
+    xi = torch.nan_to_num(xi, nan=0.0)  # only if the denominator is exactly 0, i.e. c = 0
+    t = xi * (1 - xi)
+    den = s + (d1 + d0 - 2 * s) * t
+    num = s * s * (d1 * xi * xi + 2 * s * t + d0 * (1 - xi) ** 2)
+    return x0 + xi * w, 2 * torch.log(den) - torch.log(num)
+
+
+def circular_rq_spline(x: torch.Tensor, raw: torch.Tensor, n_bins: int, *, rotation: torch.Tensor | None = None,
+                       inverse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Circular rational-quadratic spline on [0, 2 pi) (Rezende et al. 2002.02428, section 3).
+
+    A monotone spline f with f(0) = 0, f(2 pi) = 2 pi and f'(0) = f'(2 pi), so that it is
+    a smooth diffeomorphism of the circle, followed by a rotation:
+    y = (f(x) + rotation) mod 2 pi.
+
+    Arguments:
+        x: Angles, shape (...), float64; reduced mod 2 pi into [0, 2 pi) first.
+        raw: Unconstrained spline parameters, shape (..., 3K) (see :func:`rq_spline_params`
+            with ``boundary="periodic"``).
+        n_bins: K.
+        rotation: Angle added after the spline, shape (...); default none.
+        inverse: Evaluate the inverse map.
+
+    Returns:
+        ``(y, log|dy/dx|)`` with y in [0, 2 pi), shape (...), float64 (for the inverse the
+        log-derivative of the inverse map).
+    """
+    w, h, d = rq_spline_params(raw, n_bins, width=TWO_PI, height=TWO_PI, boundary="periodic")
+    x = torch.remainder(x.to(torch.float64), TWO_PI)
+    if inverse:
+        if rotation is not None:
+            x = torch.remainder(x - rotation.to(torch.float64), TWO_PI)
+        y, ld = rq_spline(x, w, h, d, inverse=True)
+        return torch.remainder(y, TWO_PI), ld
+    y, ld = rq_spline(x, w, h, d)
+    if rotation is not None:
+        y = y + rotation.to(torch.float64)
+    return torch.remainder(y, TWO_PI), ld
+
+
+def _ncp_parts(x: torch.Tensor, log_a: torch.Tensor, weights: torch.Tensor):
+    half = 0.5 * x[..., None]
+    sn, cs = torch.sin(half), torch.cos(half)
+    a = torch.exp(log_a)
+    # 2 atan(a tan(x/2)) written with atan2: finite at x = pi, in [0, 2 pi] for x in [0, 2 pi]
+    f = 2 * torch.atan2(a * sn, cs)
+    f = torch.where(f < 0, f + TWO_PI, f)
+    df = a / (cs * cs + a * a * sn * sn)
+    return (weights * f).sum(-1), (weights * df).sum(-1)
+
+
+def ncp_mixture(x: torch.Tensor, log_scales: torch.Tensor, mix_logits: torch.Tensor,
+                rotation: torch.Tensor | None = None, *, inverse: bool = False,
+                max_log_scale: float = 5.0, bisection_steps: int = 60) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Mixture of non-compact projections on the circle, then a rotation.
+
+    f(x) = sum_k w_k 2 atan(a_k tan(x/2)) on [0, 2 pi), with a_k = exp(log_scales_k)
+    (soft-clamped to |log a| <= ``max_log_scale``) and w = softmax(mix_logits); each
+    component is an increasing bijection of [0, 2 pi] with f(0) = 0, so the convex mixture
+    is one too, with f'(x) = sum_k w_k a_k / (cos^2(x/2) + a_k^2 sin^2(x/2)) > 0
+    (Kanwar et al. 2003.06413, section IV.B; Rezende et al. 2002.02428, eq. 6).
+    y = (f(x) + rotation) mod 2 pi.
+
+    The inverse has no closed form: it is bracketed by ``bisection_steps`` bisection
+    steps (error 2 pi / 2^steps) and finished by one Newton step written so that autograd
+    sees the implicit derivative dx/dy = 1/f'(x) (needed by path gradients).
+
+    Arguments:
+        x: Angles, shape (...), float64; reduced mod 2 pi first.
+        log_scales: log a_k, shape (..., M).
+        mix_logits: Mixture logits, shape (..., M).
+        rotation: Shape (...) or ``None``.
+        inverse: Evaluate the inverse map.
+        max_log_scale: Soft clamp of log a_k.
+        bisection_steps: Bisection iterations of the inverse.
+
+    Returns:
+        ``(y, log|dy/dx|)`` in [0, 2 pi), shape (...), float64 (for the inverse the
+        log-derivative of the inverse map).
+    """
+    log_a = max_log_scale * torch.tanh(log_scales.to(torch.float64) / max_log_scale)
+    w = torch.softmax(mix_logits.to(torch.float64), dim=-1)
+    x = torch.remainder(x.to(torch.float64), TWO_PI)
+    if not inverse:
+        f, df = _ncp_parts(x, log_a, w)
+        if rotation is not None:
+            f = f + rotation.to(torch.float64)
+        return torch.remainder(f, TWO_PI), torch.log(df)
+    target = x
+    if rotation is not None:
+        target = torch.remainder(target - rotation.to(torch.float64), TWO_PI)
+    with torch.no_grad():
+        lo = torch.zeros_like(target)
+        hi = torch.full_like(target, TWO_PI)
+        tgt, la, ww = target.detach(), log_a.detach(), w.detach()
+        for _ in range(bisection_steps):
+            mid = 0.5 * (lo + hi)
+            below = _ncp_parts(mid, la, ww)[0] < tgt
+            lo = torch.where(below, mid, lo)
+            hi = torch.where(below, hi, mid)
+        x0 = 0.5 * (lo + hi)
+    f0, df0 = _ncp_parts(x0, log_a, w)
+    xs = (x0 - (f0 - target) / df0).clamp(0.0, TWO_PI)
+    _, df = _ncp_parts(xs, log_a, w)
+    return torch.remainder(xs, TWO_PI), -torch.log(df)

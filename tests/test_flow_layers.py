@@ -1,0 +1,371 @@
+"""Contract tests of every registered flow layer and prior, and of the elementwise transforms.
+
+Every registered layer, for every field kind it declares, on tiny lattices (2x2 and
+2x2x2x2): exact inverse, log-determinant equal to autograd's Jacobian determinant,
+(B,) float64 log-determinants. A new layer plugin is tested by registering it.
+Gauge layers: equivariance under random gauge transformations; the spectral map:
+conjugation equivariance. Seeds are fixed; the only statistical test (Haar moments)
+states its sample size and tolerance.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from flowplug import groups
+from flowplug.errors import ConfigError, ShapeError, UnknownComponentError
+from flowplug.flow import Flow, build_flow, default_prior, make_layer, make_prior
+from flowplug.manager import new_plugin_manager, set_plugin_manager
+from flowplug.plugins.flow_sun import alcove_phases, spectral_map, weyl_log_density
+from flowplug.plugins.flow_transforms import circular_rq_spline, ncp_mixture, rq_spline, rq_spline_params
+from flowplug.plugins.priors import HaarPrior, NormalPrior, UniformU1Prior
+
+TWO_PI = 2 * math.pi
+
+
+@pytest.fixture(autouse=True, scope="module")
+def fresh_manager():
+    old = set_plugin_manager(new_plugin_manager(autoload=False))
+    yield
+    set_plugin_manager(old)
+
+
+def _layer_cases():
+    pm = new_plugin_manager(autoload=False)
+    cases = []
+    for rec in pm.registry("flow_layer"):
+        for field in rec.fields:
+            for lattice in ((2, 2), (2, 2, 2, 2)):
+                for index in (0, 1):
+                    cases.append(pytest.param(rec.name, field, lattice, index,
+                                              id=f"{rec.name}-{field}-{'x'.join(map(str, lattice))}-{index}"))
+    return cases
+
+
+LAYER_CASES = _layer_cases()
+
+
+def gen(seed=7):
+    return torch.Generator().manual_seed(seed)
+
+
+def randomize(module, seed=3, scale=1.0):
+    """Perturb every parameter: weights by scale/sqrt(fan_in), biases by 0.1 scale."""
+    g = gen(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            std = scale / math.sqrt(math.prod(p.shape[1:])) if p.dim() > 1 else 0.1 * scale
+            p.add_(std * torch.randn(p.shape, generator=g, dtype=p.dtype))
+
+
+def layer(name, field, lattice, index):
+    m = make_layer(name, lattice=lattice, field=field, index=index, dtype="float64")
+    randomize(m)
+    return m
+
+
+def prior_sample(field, lattice, n, seed=11):
+    return make_prior(None, lattice=lattice, field=field).sample(n, generator=gen(seed))
+
+
+# ----------------------------------------------------------------------- local coordinates
+
+
+def su_basis(n):
+    """Orthonormal basis of su(n) under <A, B> = Re tr(A^+ B)."""
+    basis = []
+    for i in range(n):
+        for j in range(i + 1, n):
+            a = torch.zeros(n, n, dtype=torch.complex128)
+            a[i, j], a[j, i] = 1, -1
+            basis.append(a / math.sqrt(2))
+            s = torch.zeros(n, n, dtype=torch.complex128)
+            s[i, j], s[j, i] = 1j, 1j
+            basis.append(s / math.sqrt(2))
+    for k in range(1, n):
+        h = torch.zeros(n, dtype=torch.complex128)
+        h[:k] = 1
+        h[k] = -k
+        basis.append(torch.diag(1j * h / math.sqrt(k * (k + 1))))
+    return torch.stack(basis)
+
+
+def jacobian_logdet(fn, x, field):
+    """log|det| of fn at x (one configuration, batch axis 1) in flat local coordinates."""
+    if field in ("scalar", "u1"):
+        def flat(v):
+            return fn(v.reshape(x.shape)).reshape(-1)
+        jac = torch.autograd.functional.jacobian(flat, x.reshape(-1))
+        return torch.linalg.slogdet(jac)[1]
+    n = x.shape[-1]
+    basis = su_basis(n)
+    y0 = fn(x).detach()
+    links = x.shape[:-2]
+
+    def coords(omega):
+        alg = torch.einsum("...a,aij->...ij", omega.reshape(*links, -1).to(torch.complex128), basis)
+        y = fn(torch.linalg.matrix_exp(alg) @ x)
+        rel = y @ y0.mH
+        return torch.einsum("aij,...ij->...a", basis.conj(), rel).real.reshape(-1)
+
+    omega = torch.zeros(math.prod(links) * basis.shape[0], dtype=torch.float64)
+    jac = torch.autograd.functional.jacobian(coords, omega, vectorize=True)
+    return torch.linalg.slogdet(jac)[1]
+
+
+# ------------------------------------------------------------------------------ contracts
+
+
+@pytest.mark.parametrize("name,field,lattice,index", LAYER_CASES)
+def test_layer_inverse_and_logdet_shapes(name, field, lattice, index):
+    m = layer(name, field, lattice, index)
+    x = prior_sample(field, lattice, 4)
+    y, ld = m(x)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    assert ld.shape == (4,) and ld.dtype == torch.float64
+    assert torch.isfinite(ld).all()
+    x2, ldi = m.inverse(y)
+    if field == "u1":
+        assert groups.wrap_angle(x2 - x).abs().max() < 1e-9
+    else:
+        torch.testing.assert_close(x2, x, rtol=0, atol=1e-9)
+    torch.testing.assert_close(ldi, -ld, rtol=0, atol=1e-8)
+    assert not torch.equal(y, x), "randomised layer should not be the identity"
+
+
+@pytest.mark.parametrize("name,field,lattice,index", LAYER_CASES)
+def test_layer_logdet_matches_autograd(name, field, lattice, index):
+    if field.startswith("su") and len(lattice) == 4 and index == 1:
+        pytest.skip("one 4D SU(N) mask (index 0) keeps the Jacobian test short")
+    m = layer(name, field, lattice, index)
+    x = prior_sample(field, lattice, 1, seed=5)
+    _, ld = m(x)
+    auto = jacobian_logdet(lambda v: m(v)[0], x, field)
+    torch.testing.assert_close(auto, ld[0], rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("name,field,lattice,index", [c for c in LAYER_CASES if c.values[1] != "scalar"])
+def test_gauge_layer_equivariance(name, field, lattice, index):
+    """Gauge-transform the input: the output transforms the same way, the log-det is unchanged."""
+    m = layer(name, field, lattice, index)
+    x = prior_sample(field, lattice, 3)
+    d = len(lattice)
+    if field == "u1":
+        alpha = TWO_PI * torch.rand((3, *lattice), generator=gen(2), dtype=torch.float64)
+
+        def transform(t):
+            return groups.wrap_angle(torch.stack(
+                [t[:, mu] + alpha - torch.roll(alpha, -1, dims=1 + mu) for mu in range(d)], 1))
+        close = lambda a, b: groups.wrap_angle(a - b).abs().max() < 1e-9  # noqa: E731
+    else:
+        omega = groups.haar_random((3, *lattice), int(field[2:]), generator=gen(2))
+
+        def transform(u):
+            return torch.stack([omega @ u[:, mu] @ torch.roll(omega, -1, dims=1 + mu).mH for mu in range(d)], 1)
+        close = lambda a, b: (a - b).abs().max() < 1e-9  # noqa: E731
+    y, ld = m(x)
+    yg, ldg = m(transform(x))
+    assert close(yg, transform(y))
+    torch.testing.assert_close(ldg, ld, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("name,field", [("affine", "scalar"), ("spline", "scalar"), ("u1-ncp", "u1"),
+                                        ("sun-spectral", "su2")])
+def test_translation_equivariance(name, field):
+    """Shifts that preserve the mask (2 sites for checkerboards, any shift across stripes) commute."""
+    lattice = (4, 4)
+    m = layer(name, field, lattice, 0)
+    x = prior_sample(field, lattice, 2)
+    if field == "scalar":
+        axis, shift = 1, 2
+    else:
+        assert m.nu == 1
+        axis, shift = 2, 1  # along direction 0: the stripes x_1 = const are unchanged
+    y, ld = m(x)
+    ys, lds = m(torch.roll(x, shift, dims=axis))
+    torch.testing.assert_close(ys, torch.roll(y, shift, dims=axis), rtol=0, atol=1e-10)
+    torch.testing.assert_close(lds, ld, rtol=0, atol=1e-10)
+
+
+def test_fresh_layers_are_identity():
+    for name, field in [("affine", "scalar"), ("spline", "scalar"), ("u1-ncp", "u1"), ("u1-spline", "u1"),
+                        ("sun-spectral", "su3")]:
+        m = make_layer(name, lattice=(4, 4), field=field, index=0)
+        x = prior_sample(field, (4, 4), 2)
+        y, ld = m(x)
+        assert (y - x).abs().max() < 1e-9, name
+        assert ld.abs().max() < 1e-9, name
+
+
+# --------------------------------------------------------------------------- spectral map
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_spectral_map_conjugation_equivariance_and_group(n):
+    g = gen(4)
+    w = groups.haar_random((64,), n, generator=g)
+    raw = 0.5 * torch.randn(64, (n - 1) * 25, generator=g, dtype=torch.float64)
+    omega = groups.haar_random((64,), n, generator=g)
+    w1, ld1 = spectral_map(w, raw, 8)
+    w2, ld2 = spectral_map(omega @ w @ omega.mH, raw, 8)
+    torch.testing.assert_close(w2, omega @ w1 @ omega.mH, rtol=0, atol=1e-10)
+    torch.testing.assert_close(ld2, ld1, rtol=0, atol=1e-10)
+    eye = torch.eye(n, dtype=torch.complex128)
+    assert (w1 @ w1.mH - eye).abs().max() < 1e-10
+    assert (torch.linalg.det(w1) - 1).abs().max() < 1e-10
+    w0, ld0 = spectral_map(w1, raw, 8, inverse=True)
+    torch.testing.assert_close(w0, w, rtol=0, atol=1e-9)
+    torch.testing.assert_close(ld0, -ld1, rtol=0, atol=1e-8)
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_spectral_map_logdet_matches_autograd(n):
+    g = gen(9)
+    for _ in range(3):
+        w = groups.haar_random((1,), n, generator=g)
+        raw = 0.5 * torch.randn(1, (n - 1) * 25, generator=g, dtype=torch.float64)
+        _, ld = spectral_map(w, raw, 8)
+        auto = jacobian_logdet(lambda v: spectral_map(v, raw, 8)[0], w, f"su{n}")
+        torch.testing.assert_close(auto, ld[0], rtol=0, atol=1e-8)
+
+
+def test_alcove_representative():
+    g = gen(5)
+    w = groups.haar_random((500,), 3, generator=g)
+    phi = torch.angle(torch.linalg.eigvals(w))
+    theta, perm = alcove_phases(phi)
+    assert theta.sum(-1).abs().max() < 1e-10
+    assert (theta[:, :-1] >= theta[:, 1:]).all()
+    assert (theta[:, -1] >= theta[:, 0] - TWO_PI).all()
+    back = torch.gather(phi, -1, perm)
+    assert groups.wrap_angle(back - theta).abs().max() < 1e-12
+    # invariant under permutations of the eigenvalues
+    theta2, _ = alcove_phases(phi.flip(-1))
+    torch.testing.assert_close(theta2, theta)
+
+
+# ---------------------------------------------------------------------------------- priors
+
+
+def test_haar_prior_density_and_moments():
+    """Haar: log-density 0; E tr U = 0, E |tr U|^2 = 1; SU(2) eigenphase a has density (2/pi) sin^2 a.
+
+    20000 SU(2) and SU(3) matrices, seed 21; tolerance 5 sigma of each mean.
+    """
+    n_samp = 20000
+    for n in (2, 3):
+        p = HaarPrior((2, 2), n=n)
+        z = p.sample(n_samp // 8, generator=gen(21))
+        assert z.shape == (n_samp // 8, 2, 2, 2, n, n) and z.dtype == torch.complex128
+        assert p.log_prob(z).abs().max() == 0
+        tr = torch.diagonal(z, dim1=-2, dim2=-1).sum(-1).flatten()
+        assert tr.real.mean().abs() < 5 * tr.real.std() / math.sqrt(tr.numel())
+        mod2 = tr.abs() ** 2
+        assert (mod2.mean() - 1).abs() < 5 * mod2.std() / math.sqrt(mod2.numel())
+        # the Weyl factor integrates the class function |tr U|^2 to the same value
+    z = HaarPrior((2, 2), n=2).sample(n_samp // 8, generator=gen(22))
+    a = torch.angle(torch.linalg.eigvals(z)).abs()[..., 0].flatten()
+    c2 = torch.cos(a) ** 2  # exact mean under (2/pi) sin^2 a on [0, pi]: 1/4
+    assert (c2.mean() - 0.25).abs() < 5 * c2.std() / math.sqrt(c2.numel())
+
+
+def test_weyl_factor_normalisation_su2():
+    """(1/2pi) int_0^{2pi} J((a, -a)) da / 2 = 1 for SU(2) (Weyl integration formula)."""
+    a = torch.linspace(0, TWO_PI, 20001, dtype=torch.float64)[:-1]
+    j = torch.exp(weyl_log_density(torch.stack([a, -a], -1)))
+    assert abs(j.mean().item() / 2 - 1) < 1e-9
+
+
+def test_normal_and_uniform_priors():
+    p = NormalPrior((4, 2))
+    z = p.sample(5, generator=gen())
+    ref = torch.distributions.Normal(0.0, 1.0).log_prob(z).flatten(1).sum(1)
+    torch.testing.assert_close(p.log_prob(z), ref)
+    u = UniformU1Prior((4, 2))
+    t = u.sample(5, generator=gen())
+    assert t.shape == (5, 2, 4, 2) and (t > -math.pi).all() and (t <= math.pi).all()
+    torch.testing.assert_close(u.log_prob(t), torch.full((5,), -16 * math.log(TWO_PI), dtype=torch.float64))
+    with pytest.raises(ShapeError):
+        u.log_prob(t[:, 0])
+
+
+# ------------------------------------------------------------------------------ transforms
+
+
+def test_transforms_invert_and_stay_finite_at_edges():
+    g = gen(6)
+    edges = torch.tensor([0.0, 1e-300, math.pi, -math.pi, TWO_PI, TWO_PI - 1e-16, 7.0, -1e9, 1e9],
+                         dtype=torch.float64)
+    for scale in (0.5, 1e3):
+        raw = scale * torch.randn(edges.numel(), 24, generator=g, dtype=torch.float64)
+        for inverse in (False, True):
+            y, ld = circular_rq_spline(edges, raw, 8, rotation=edges, inverse=inverse)
+            assert torch.isfinite(y).all() and torch.isfinite(ld).all()
+            y, ld = ncp_mixture(edges, raw[:, :2], raw[:, 2:4], edges, inverse=inverse)
+            assert torch.isfinite(y).all() and torch.isfinite(ld).all()
+            w, h, d = rq_spline_params(raw[:, :25] if raw.shape[1] >= 25 else
+                                       torch.cat([raw, raw[:, :1]], 1), 8)
+            y, ld = rq_spline(edges, w, h, d, inverse=inverse)
+            assert torch.isfinite(y).all() and torch.isfinite(ld).all()
+    x = TWO_PI * torch.rand(1000, generator=g, dtype=torch.float64)
+    raw = torch.randn(1000, 24, generator=g, dtype=torch.float64)
+    rot = torch.randn(1000, generator=g, dtype=torch.float64)
+    for fn in (lambda v, inv: circular_rq_spline(v, raw, 8, rotation=rot, inverse=inv),
+               lambda v, inv: ncp_mixture(v, raw[:, :3], raw[:, 3:6], rot, inverse=inv)):
+        y, ld = fn(x, False)
+        x2, ldi = fn(y, True)
+        assert groups.wrap_angle(x2 - x).abs().max() < 1e-10
+        torch.testing.assert_close(ldi, -ld, rtol=0, atol=1e-9)
+
+
+def test_ncp_inverse_has_implicit_gradient():
+    x = torch.tensor([0.3, 2.0, 5.5], dtype=torch.float64, requires_grad=True)
+    s = torch.tensor([[0.4, -0.7]] * 3, dtype=torch.float64)
+    m = torch.tensor([[0.2, 0.1]] * 3, dtype=torch.float64)
+    y, ld = ncp_mixture(x, s, m)
+    (gx,) = torch.autograd.grad(y.sum(), x)
+    yd = y.detach().requires_grad_(True)
+    xi, _ = ncp_mixture(yd, s, m, inverse=True)
+    (gy,) = torch.autograd.grad(xi.sum(), yd)
+    torch.testing.assert_close(gy, 1 / gx)
+
+
+# ------------------------------------------------------------------------------------ flow
+
+
+def test_flow_density_convention():
+    """log q from sample() equals log_prob() through the inverse; log q = log r(z) - logdet."""
+    flow = build_flow("u1", (4, 4), ["u1-ncp", "u1-spline"], n_layers=4, options={"dtype": "float64"})
+    randomize(flow)
+    x, log_q = flow.sample(5, generator=gen(1))
+    torch.testing.assert_close(flow.log_prob(x), log_q, rtol=0, atol=1e-8)
+    z, log_r = flow.sample_latent(5, generator=gen(1))
+    _, logdet = flow(z)
+    torch.testing.assert_close(log_r - logdet, log_q)
+    rebuilt = Flow.from_spec(flow.spec)
+    rebuilt.load_state_dict(flow.state_dict())
+    torch.testing.assert_close(rebuilt.log_prob(x), log_q, rtol=0, atol=1e-8)
+
+
+def test_build_flow_options_and_errors():
+    flow = build_flow("scalar", (4, 4), ["affine", "spline"], n_layers=3,
+                      options={"hidden": [4], "spline": {"n_bins": 5}})
+    assert [e["name"] for e in flow.spec["layers"]] == ["affine", "spline", "affine"]
+    assert flow.spec["layers"][1]["options"] == {"hidden": [4], "n_bins": 5}
+    assert flow.layers[1].n_bins == 5
+    with pytest.raises(UnknownComponentError, match="Available: .*affine"):
+        build_flow("scalar", (4, 4), ["afine"])
+    with pytest.raises(ConfigError, match="acts on"):
+        build_flow("u1", (4, 4), ["affine"])
+    with pytest.raises(ConfigError, match="accepted by none"):
+        build_flow("scalar", (4, 4), ["affine"], options={"n_mixx": 3})
+    with pytest.raises(ConfigError, match="no option"):
+        build_flow("scalar", (4, 4), ["affine"], options={"affine": {"n_bins": 3}})
+    with pytest.raises(ConfigError, match="not used"):
+        build_flow("scalar", (4, 4), ["affine"], options={"spline": {"n_bins": 3}})
+    with pytest.raises(ConfigError, match="even"):
+        build_flow("scalar", (5, 4), ["affine"])
+    assert default_prior("su3") == "haar" and default_prior("u1") == "uniform"
