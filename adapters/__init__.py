@@ -8,4 +8,8 @@ modules (``checksums``, ``common``) are not plugins.
 #: Built-in file-format plugin modules, in registration order.
 BUILTIN: tuple[str, ...] = (
     "flowplug.adapters.lime",
+    "flowplug.adapters.nersc",
+    "flowplug.adapters.milc",
+    "flowplug.adapters.openqcd",
+    "flowplug.adapters.hdf5",
 )
