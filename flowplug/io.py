@@ -530,7 +530,8 @@ def unitarity_tolerance(precision: int, n_colors: int = 3) -> float:
     return 1e-6
 
 
-def check_links(ensemble: Ensemble, *, source: str = "data", unitarity: str = "warn") -> dict[str, float]:
+def check_links(ensemble: Ensemble, *, source: str = "data", unitarity: str = "warn",
+                finite: bool = True) -> dict[str, float]:
     """Check that links are finite and (for SU(N)) on the group.
 
     Arguments:
@@ -538,6 +539,7 @@ def check_links(ensemble: Ensemble, *, source: str = "data", unitarity: str = "w
         source: Name used in messages (the file).
         unitarity: ``"warn"`` (default: :class:`NonUnitaryWarning` with the deviation),
             ``"error"`` (raise :class:`FormatError`) or ``"ignore"``.
+        finite: Check for NaN/Inf (skip when done already).
 
     Returns:
         ``{"unitarity": max |U U^+ - 1|, "determinant": max |det U - 1|}`` over the
@@ -548,9 +550,9 @@ def check_links(ensemble: Ensemble, *, source: str = "data", unitarity: str = "w
             link), or on non-unitary links when ``unitarity="error"``.
     """
     links = ensemble.links
-    finite = torch.isfinite(torch.view_as_real(links) if links.is_complex() else links)
-    if not bool(finite.all()):
-        bad = (~finite).nonzero()[0].tolist()
+    ok = torch.isfinite(torch.view_as_real(links) if links.is_complex() else links) if finite else None
+    if ok is not None and not bool(ok.all()):
+        bad = (~ok).nonzero()[0].tolist()
         raise FormatError(f"{source}: payload holds NaN or Inf values (first at configuration "
                           f"{bad[0]}, direction {bad[1]}, site {tuple(bad[2:2 + ensemble.ndim])}); "
                           "the file is corrupt")
@@ -637,9 +639,10 @@ def read(path: str | os.PathLike, format: str | None = None, *, lattice: str | S
     if dims is not None and ensemble.lattice != dims:
         raise FormatError(f"{path}: lattice is {'x'.join(map(str, ensemble.lattice))}, "
                           f"not {'x'.join(map(str, dims))} as given")
+    check_links(ensemble, source=str(path), unitarity="ignore")  # NaN/Inf first: the clearest message
     if verify:
         raise_failed_checks(ensemble, str(path))
-    dev = check_links(ensemble, source=str(path), unitarity=unitarity)
+    dev = check_links(ensemble, source=str(path), unitarity=unitarity, finite=False)
     for m in ensemble.meta:
         m.header.update(dev)
     return ensemble
