@@ -75,7 +75,8 @@ def ildg_to_canonical(raw: np.ndarray, lattice: tuple[int, ...], n: int, precisi
     lx, ly, lz, lt = lattice
     arr = raw.view(complex_dtype(precision, byteorder)).reshape(lt, lz, ly, lx, 4, n, n)
     out = np.empty((1, 4, lx, ly, lz, lt, n, n), dtype=np.complex128)
-    np.copyto(out[0], arr.transpose(4, 3, 2, 1, 0, 5, 6))
+    with np.errstate(invalid="ignore"):  # NaN payloads are reported by flowplug.io.read
+        np.copyto(out[0], arr.transpose(4, 3, 2, 1, 0, 5, 6))
     return torch.from_numpy(out)
 
 

@@ -620,9 +620,12 @@ def read(path: str | os.PathLike, format: str | None = None, *, lattice: str | S
         UnknownComponentError: if ``format`` is not registered.
     """
     path = Path(path)
-    name = detect(path) if format is None else _specs().get(format).name
+    if format is None:
+        name = detect(path)
+    else:
+        name = _specs().get(format).name
+        _head(path)  # a clear error for a missing file or a directory
     handler = get_format(name)
-    _head(path)  # a clear error for a missing file or a directory
     dims = parse_lattice(lattice)
     grp = _normalise_group(group)
     try:
