@@ -11,4 +11,5 @@ BUILTIN: tuple[str, ...] = (
     "flowplug.plugins.observables",  # plaquette, topological_charge, ...
     "flowplug.plugins.hmc",         # HMC kernel
     "flowplug.plugins.flows",       # flow layers and priors
+    "flowplug.plugins.kernels",     # flow kernels: independence Metropolis, mixtures, flow HMC
 )
