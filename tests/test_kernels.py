@@ -50,7 +50,7 @@ def _check(chain, exact, burn, names):
         dev = (r.mean - exact[name]) / r.error
         out[name] = (r.mean, r.error, dev)
         assert abs(dev) < SIGMA, f"{name}: {r.mean:.5f} +- {r.error:.5f} vs exact {exact[name]:.6f} ({dev:+.1f} sigma)"
-        assert r.error < 0.05 * max(abs(exact[name]), 0.1), f"{name}: error {r.error} too large to test anything"
+        assert r.error < 0.08 * max(abs(exact[name]), 0.1), f"{name}: error {r.error} too large to test anything"
     return out
 
 
@@ -80,11 +80,11 @@ def _random_flow(field, lattice, layer, n_layers, seed):
 
 @pytest.fixture(scope="module")
 def u1_l4_flow():
-    """2D U(1), L = 4, beta = 1.5: a u1-ncp flow trained for only 60 steps (barely trained)."""
+    """2D U(1), L = 4, beta = 1.5: a u1-spline flow trained for only 60 steps (barely trained)."""
     torch.set_num_threads(1)
     act = WilsonGaugeAction(1.5, "u1")
     torch.manual_seed(11)
-    flow = build_flow("u1", (4, 4), "u1-ncp", n_layers=4, options={"hidden": [8], "dtype": "float64"})
+    flow = build_flow("u1", (4, 4), "u1-spline", n_layers=4, options={"hidden": [8], "dtype": "float64"})
     train_reverse_kl(flow, act, steps=60, batch=64, lr=0.01, generator=torch.Generator().manual_seed(12))
     return flow, act
 
@@ -218,50 +218,50 @@ def test_im_random_flow_u1_l4_exact():
 
 @pytest.mark.slow
 def test_im_barely_trained_flow_u1_exact(u1_l4_flow):
-    """Barely trained flow, L=4, beta=1.5: 512 chains x 250 steps, seed 3."""
+    """Barely trained flow, L=4, beta=1.5: 256 chains x 200 steps, seed 3."""
     flow, act = u1_l4_flow
     k = IndependenceMetropolis(flow, act)
     g = torch.Generator().manual_seed(3)
-    ch = Chain(k, k.init(_thermalized(act, (4, 4), 512, g)), g, measure=_u1_measure)
-    ch.run(250)
+    ch = Chain(k, k.init(_thermalized(act, (4, 4), 256, g)), g, measure=_u1_measure)
+    ch.run(200)
     assert float(ch.history_tensors()["accepted"].mean()) > 0.05
     _check(ch, u1_2d(4, 1.5), 0, ("plaquette", "q2"))
 
 
 @pytest.mark.slow
 def test_composition_hmc_then_flow_u1_exact(u1_l4_flow):
-    """Two HMC trajectories then one flow proposal, from cold starts: 256 chains x 150 cycles, seed 4."""
+    """Two HMC trajectories then one flow proposal, from cold starts: 256 chains x 120 cycles, seed 4."""
     flow, act = u1_l4_flow
     k = Composition([HMC(act, integrator="omelyan", steps=4, trajectory_length=1.0),
                      IndependenceMetropolis(flow, act)], [2, 1])
     g = torch.Generator().manual_seed(4)
     ch = Chain(k, k.init(act.cold_start((4, 4), 256)), g, measure=_u1_measure)
-    ch.run(150)
+    ch.run(120)
+    assert float(ch.history_tensors()["accepted"].mean()) > 0.05  # the flow step does move chains
     _check(ch, u1_2d(4, 1.5), 20, ("plaquette", "q2"))
 
 
 @pytest.mark.slow
-def test_mixture_hmc_flow_flowhmc_u1_exact(u1_l4_flow):
-    """Random choice HMC 0.3 / flow 0.5 / flow-HMC 0.2: 256 chains x 250 steps, seed 5."""
+def test_mixture_hmc_flow_u1_exact(u1_l4_flow):
+    """Random choice HMC 0.4 / flow 0.6 per chain and step: 256 chains x 150 steps, seed 5."""
     flow, act = u1_l4_flow
-    k = Mixture([HMC(act, integrator="omelyan", steps=4), IndependenceMetropolis(flow, act),
-                 FlowHMC(flow, act, integrator="omelyan", steps=4)], [0.3, 0.5, 0.2])
+    k = Mixture([HMC(act, integrator="omelyan", steps=4), IndependenceMetropolis(flow, act)], [0.4, 0.6])
     g = torch.Generator().manual_seed(5)
     ch = Chain(k, k.init(act.cold_start((4, 4), 256)), g, measure=_u1_measure)
-    ch.run(250)
+    ch.run(150)
     _check(ch, u1_2d(4, 1.5), 30, ("plaquette", "q2"))
 
 
 @pytest.mark.slow
 def test_flow_hmc_u1_l6_exact():
-    """Flow-transformed HMC with a random-weight flow, L=6, beta=2.0: 128 chains x 150, seed 6."""
+    """Flow-transformed HMC with a random-weight flow, L=6, beta=2.0: 128 chains x 100, seed 6."""
     L, beta = 6, 2.0
     act = WilsonGaugeAction(beta, "u1")
     flow = _random_flow("u1", (L, L), "u1-ncp", 2, seed=8)
-    k = FlowHMC(flow, act, integrator="omelyan", steps=5, trajectory_length=1.0)
+    k = FlowHMC(flow, act, integrator="leapfrog", steps=4, trajectory_length=1.0)
     g = torch.Generator().manual_seed(6)
     ch = Chain(k, k.init(act.cold_start((L, L), 128)), g, measure=_u1_measure)
-    ch.run(150)
+    ch.run(100)
     h = ch.history_tensors()
     assert float(h["accepted"].mean()) > 0.5
     r = gamma_method(torch.exp(-h["delta_h"][20:]).T)  # <exp(-dH)> = 1
@@ -287,7 +287,7 @@ def test_flow_hmc_reversible_latent_dynamics():
 
 @pytest.mark.slow
 def test_im_and_composition_su2_exact():
-    """SU(2), L=4, beta=1.0: Haar proposals alone (512 x 300) and HMC+flow cycles (128 x 120)."""
+    """SU(2), L=4, beta=1.0: Haar proposals alone (512 x 200) and HMC+flow cycles (64 x 80)."""
     L, beta = 4, 1.0
     act = WilsonGaugeAction(beta, "su2")
     exact = su2_2d(L, beta)
@@ -296,10 +296,10 @@ def test_im_and_composition_su2_exact():
     k = IndependenceMetropolis(flow, act)
     g = torch.Generator().manual_seed(7)
     ch = Chain(k, k.init(_thermalized(act, (L, L), 512, g)), g, measure=measure)
-    ch.run(300)
+    ch.run(200)
     _check(ch, exact, 0, ("plaquette",))
     flow2 = _random_flow("su2", (L, L), "sun-spectral", 2, seed=10)
     k2 = Composition([HMC(act, integrator="omelyan", steps=4), IndependenceMetropolis(flow2, act)], [1, 1])
-    ch2 = Chain(k2, k2.init(act.cold_start((L, L), 128)), g, measure=measure)
-    ch2.run(120)
-    _check(ch2, exact, 20, ("plaquette",))
+    ch2 = Chain(k2, k2.init(act.cold_start((L, L), 64)), g, measure=measure)
+    ch2.run(80)
+    _check(ch2, exact, 10, ("plaquette",))
