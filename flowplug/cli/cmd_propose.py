@@ -1,0 +1,98 @@
+"""``flowplug propose --flow CHECKPOINT --current IN --out OUT``: one exact flow step
+for a production code, through files.
+
+The production code (openQCD, MILC, Grid, Chroma...) writes its current configuration
+IN (ILDG, NERSC, openQCD or any readable format), runs this command between two HMC
+trajectories, and continues from OUT, written in the format of IN (``--to`` to change):
+the flow proposal if it was accepted, else the current configuration again. One JSON
+line on stdout tells what happened::
+
+    {"accepted": true, "log_p_current": ..., "log_q_current": ..., "log_p_proposal": ...,
+     "log_q_proposal": ..., "delta_S": ..., "log_accept": ..., "seed": ..., "out": ...}
+
+(delta_S = S(proposal) - S(current); log q of IN comes from the inverse flow.)
+
+Assumptions:
+  * The flow's stored action (pure gauge Wilson action at its beta) IS the production
+    action. Only then is the accept/reject step exact for the production chain.
+  * When it is not (dynamical fermions, improved gauge actions), use ``--no-decide``:
+    OUT then holds the proposal, the JSON line gives ``log_q_current`` and
+    ``log_q_proposal`` with ``accepted: null``; the production code evaluates its own
+    action S_prod on IN and OUT and accepts with probability
+    min(1, exp([-S_prod(OUT) - log_q_proposal] - [-S_prod(IN) - log_q_current])).
+  * Each call needs fresh random numbers: the default seed is drawn from the operating
+    system and printed; when you fix ``--seed`` for reproducibility, give every call of a
+    chain a different one (e.g. base seed + trajectory number).
+
+The configuration must have the flow's lattice and group; anything else is refused with
+a message naming both. OUT is written atomically and never over IN.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from flowplug.records import CommandSpec
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``flowplug propose``."""
+    parser.add_argument("--flow", required=True, metavar="CHECKPOINT", help="trained flow checkpoint")
+    parser.add_argument("--current", required=True, metavar="IN", help="the current configuration")
+    parser.add_argument("--out", required=True, metavar="OUT", help="where to write the next configuration")
+    parser.add_argument("--to", metavar="FORMAT", help="output format (default: the input's)")
+    parser.add_argument("--seed", type=int, help="random seed (default: fresh entropy, printed)")
+    parser.add_argument("--no-decide", action="store_true",
+                        help="write the proposal and its log q values; the production code decides with "
+                             "its own action")
+    parser.add_argument("--precision", type=int, choices=(32, 64), help="output precision (default: input's)")
+    parser.add_argument("--force", action="store_true", help="replace an existing OUT")
+    parser.add_argument("--format", metavar="NAME", help="force the input format")
+    parser.add_argument("--lattice", metavar="LXxLYxLZxLT", help="lattice of a bare LIME input")
+    parser.add_argument("--group", metavar="GROUP", help="group of a bare LIME input")
+    parser.add_argument("--no-verify", action="store_true", help="accept an input whose checksum fails")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Read IN, make one flow-Metropolis step, write OUT, print one JSON line."""
+    import torch
+
+    from flowplug import io
+    from flowplug.flowtools import file_sha256, load_flow
+    from flowplug.proposal import FlowProposal
+    from flowplug.resampling import check_compatible, output_format, write_configuration
+
+    ck = load_flow(args.flow)
+    src = Path(args.current)
+    ens = io.read(src, args.format, lattice=args.lattice, group=args.group, verify=not args.no_verify)
+    if len(ens) != 1:
+        raise io.FormatError(f"{src}: holds {len(ens)} configurations; propose takes one "
+                             "(use flowplug resample for ensembles)")
+    check_compatible(ens, ck.flow, str(src))
+    fmt = output_format(ens.meta[0].format, args.to)
+    action = None if args.no_decide else ck.action()
+    prop = FlowProposal(ck.flow, action, layout="canonical", seed=args.seed)
+    x = ens.links
+    prov = {"command": "propose", "input": str(src), "input_sha256": file_sha256(src),
+            "flow": str(args.flow), "flow_sha256": ck.sha256, "seed": prop.seed}
+    if args.no_decide:
+        x1, lq0, lq1 = prop.propose(x)
+        line = {"accepted": None, "log_q_current": float(lq0[0]), "log_q_proposal": float(lq1[0])}
+        nxt = x1
+        prov["result"] = "proposal (decision left to the production code)"
+    else:
+        nxt, res = prop.step(x)
+        line = res.as_dict()
+        prov["result"] = "accepted proposal" if line["accepted"] else "rejected: current configuration"
+    precision = args.precision or ens.precision
+    write_configuration(Path(args.out), torch.as_tensor(nxt), fmt, source_meta=ens.meta[0], precision=precision,
+                        provenance=prov, overwrite=args.force, inputs=[src])
+    line.update({"seed": prop.seed, "out": str(args.out), "format": fmt})
+    print(json.dumps(line))
+    return 0
+
+
+COMMAND = CommandSpec(name="propose", description="one exact flow-Metropolis step on a configuration file "
+                      "(for production HMC codes)", factory=add_arguments, run=run)

@@ -1,0 +1,288 @@
+r"""A drop-in flow proposal step for production HMC codes.
+
+:class:`FlowProposal` wraps a trained flow and the action it was trained for. Between
+two HMC trajectories, a driver (GPT, Chroma's Python bindings, a user's own loop) calls
+
+.. code-block:: python
+
+    step = FlowProposal.from_checkpoint("flow.pt", layout="ildg", seed=1)
+    U, result = step.step(U)       # U: numpy or torch, ILDG or canonical layout
+
+and gets the next configuration of an exact Markov chain: a fresh x' ~ q is accepted
+with probability min(1, exp([log p(x') - log q(x')] - [log p(U) - log q(U)])) in float64,
+log q(U) coming from the inverse flow (U did not come from the flow). A composition of
+HMC trajectories (exact for p) and these steps (exact for p) is exact for p (Tierney
+1994, section 2.4).
+
+Layouts (``layout=``):
+
+``"ildg"``       one configuration (L_{d-1}, ..., L_0, d, N, N) (4D: (lt, lz, ly, lx, 4, N, N)),
+                 directions mu = x, y, z, t, as production codes store it; or a batch
+                 with a leading axis;
+``"canonical"``  flowplug's (d, L_0, ..., L_{d-1}, N, N) (U(1): (d, L_0, ...) angles), or
+                 a batch (B, ...).
+
+The result has the type (numpy/torch), dtype, device and layout of the input.
+
+The action must be the production action
+    The Metropolis test uses the flow's stored action (pure gauge Wilson action at the
+    flow's beta). This is exact for the production chain only if the production code
+    samples exactly that action. With dynamical fermions (or any other action), do not
+    use the built-in decision: call :meth:`FlowProposal.propose` for x' and the two log
+    q values, evaluate the production action S_prod (fermion determinant/pseudofermions
+    included) on U and x', and accept with log A = [-S_prod(x') - log q(x')] -
+    [-S_prod(U) - log q(U)] (:meth:`FlowProposal.decide` does this arithmetic).
+
+References:
+    Albergo, Kanwar, Shanahan, arXiv:1904.12072, section III (flow independence
+    Metropolis); Tierney, Ann. Statist. 22 (1994) 1701, sections 2.3.3 and 2.4.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+from typing import Any
+
+import numpy as np
+import torch
+
+from flowplug.errors import ConfigError, ShapeError
+
+LAYOUTS = ("ildg", "canonical")
+
+
+@dataclasses.dataclass
+class ProposalResult:
+    """Outcome of one :meth:`FlowProposal.step`.
+
+    Attributes:
+        accepted: Accept decision per configuration, numpy bool array of shape (B,)
+            (B = 1 for a single configuration).
+        log_p_current, log_q_current: -S and log q of the input, (B,) float64 numpy.
+        log_p_proposal, log_q_proposal: -S and log q of the flow proposal, (B,) float64.
+        delta_S: S(proposal) - S(current), (B,) float64.
+        log_accept: The float64 log acceptance ratio, (B,).
+    """
+
+    accepted: np.ndarray
+    log_p_current: np.ndarray
+    log_q_current: np.ndarray
+    log_p_proposal: np.ndarray
+    log_q_proposal: np.ndarray
+    delta_S: np.ndarray
+    log_accept: np.ndarray
+
+    def as_dict(self, index: int = 0) -> dict[str, Any]:
+        """JSON-ready values of configuration ``index`` (plain bool/floats)."""
+        return {"accepted": bool(self.accepted[index]),
+                **{k: float(getattr(self, k)[index]) for k in
+                   ("log_p_current", "log_q_current", "log_p_proposal", "log_q_proposal", "delta_S",
+                    "log_accept")}}
+
+
+def _n_colors(field: str) -> int:
+    return 1 if field in ("u1", "scalar", "o2") else int(field[2:])
+
+
+def to_canonical(u: Any, field: str, lattice: tuple[int, ...], layout: str) -> tuple[torch.Tensor, bool]:
+    """Convert a configuration (or batch) to the canonical batched layout.
+
+    Arguments:
+        u: numpy array or torch tensor.
+        field: Field kind of the flow (``u1``, ``su2``, ``su3``...).
+        lattice: The flow's lattice (L_0, ..., L_{d-1}), x first.
+        layout: ``"ildg"`` or ``"canonical"`` (module docstring).
+
+    Returns:
+        ``(x, batched)``: x (B, d, L..., [N, N]) complex128/float64 on u's device; batched
+        says whether the input had a batch axis.
+
+    Raises:
+        ShapeError: if the shape fits neither a single configuration nor a batch of the
+            given layout, lattice and group (message shows the expected shape).
+        ConfigError: on an unknown layout, or ``ildg`` for non-SU(N) fields.
+    """
+    if layout not in LAYOUTS:
+        raise ConfigError(f"layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
+    t = torch.from_numpy(np.ascontiguousarray(u)) if isinstance(u, np.ndarray) else u
+    if not isinstance(t, torch.Tensor):
+        raise ShapeError(f"configuration must be a numpy array or torch tensor; found {type(u).__name__}")
+    d = len(lattice)
+    n = _n_colors(field)
+    colour = () if n == 1 else (n, n)
+    if layout == "ildg":
+        if n == 1:
+            raise ConfigError("layout 'ildg' holds SU(N) matrices; give U(1) angles in the canonical layout")
+        single = (*reversed(lattice), d, *colour)
+    else:
+        single = (d, *lattice, *colour)
+    shape = tuple(t.shape)
+    if shape == single:
+        t, batched = t.unsqueeze(0), False
+    elif shape[1:] == single:
+        batched = True
+    else:
+        raise ShapeError(f"configuration of shape {shape} does not fit {field} links on lattice "
+                         f"{'x'.join(map(str, lattice))} (x first) in layout '{layout}': expected "
+                         f"{single} or (B, {', '.join(map(str, single))})")
+    if layout == "ildg":
+        # (B, L_{d-1}, ..., L_0, d, N, N) -> (B, d, L_0, ..., L_{d-1}, N, N)
+        perm = (0, d + 1, *range(d, 0, -1), d + 2, d + 3)
+        t = t.permute(perm)
+    t = t.to(torch.complex128 if n > 1 else torch.float64).contiguous()
+    return t, batched
+
+
+def from_canonical(x: torch.Tensor, like: Any, layout: str, batched: bool) -> Any:
+    """Inverse of :func:`to_canonical`: the type, dtype, device and layout of ``like``."""
+    d = x.shape[1]
+    if layout == "ildg":
+        perm = (0, *range(d + 1, 1, -1), 1, d + 2, d + 3)
+        x = x.permute(perm)
+    if not batched:
+        x = x[0]
+    if isinstance(like, np.ndarray):
+        return np.ascontiguousarray(x.detach().cpu().numpy()).astype(like.dtype, copy=False)
+    return x.contiguous().to(dtype=like.dtype, device=like.device)
+
+
+class FlowProposal:
+    r"""Drop-in flow proposal step with an exact float64 Metropolis test (module docstring).
+
+    Arguments:
+        flow: Trained :class:`flowplug.flow.Flow`.
+        action: The action the chain samples (default: none; then :meth:`step` is
+            unavailable and only :meth:`propose`/:meth:`decide` are used).
+        layout: ``"ildg"`` (default) or ``"canonical"``.
+        seed: Seed of the proposal/decision random numbers (default: fresh entropy;
+            :attr:`seed` tells which was used).
+        device: Device for the flow's computations (default: the flow's).
+
+    Raises:
+        ConfigError: on a field mismatch between flow and action, or a bad layout.
+
+    References:
+        Albergo, Kanwar, Shanahan, arXiv:1904.12072, section III.
+    """
+
+    def __init__(self, flow: Any, action: Any = None, *, layout: str = "ildg", seed: int | None = None,
+                 device: Any = None) -> None:
+        if layout not in LAYOUTS:
+            raise ConfigError(f"layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
+        if action is not None and action.field != flow.field:
+            raise ConfigError(f"flow samples '{flow.field}' fields but the action acts on '{action.field}'")
+        self.flow = flow
+        self.action = action
+        self.layout = layout
+        self.device = torch.device(device) if device is not None else flow.device
+        self.seed = int(secrets.randbits(62) if seed is None else seed)
+        self.generator = torch.Generator(device=self.device).manual_seed(self.seed)
+        from flowplug.plugins.kernels import IndependenceMetropolis
+
+        self.kernel = IndependenceMetropolis(flow, action) if action is not None else None
+
+    @classmethod
+    def from_checkpoint(cls, path: str, *, layout: str = "ildg", seed: int | None = None,
+                        device: Any = None, action: Any = None) -> "FlowProposal":
+        """Build from a flow checkpoint (:func:`flowplug.flowtools.load_flow`), with its action.
+
+        Raises:
+            CheckpointError: if the checkpoint cannot be read.
+            ConfigError: if it names no action and none is given.
+        """
+        from flowplug.flowtools import load_flow
+
+        ck = load_flow(path, device=device)
+        return cls(ck.flow, action if action is not None else ck.action(), layout=layout, seed=seed,
+                   device=device)
+
+    # ----------------------------------------------------------------- pieces
+
+    def _canonical(self, u: Any) -> tuple[torch.Tensor, bool]:
+        x, batched = to_canonical(u, self.flow.field, tuple(self.flow.lattice), self.layout)
+        return x.to(self.device), batched
+
+    def log_q(self, u: Any) -> np.ndarray:
+        """log q of configurations through the inverse flow, (B,) float64 numpy."""
+        x, _ = self._canonical(u)
+        with torch.no_grad():
+            return self.flow.log_prob(x).detach().to(torch.float64).cpu().numpy()
+
+    def propose(self, u: Any) -> tuple[Any, np.ndarray, np.ndarray]:
+        """A flow proposal for each input configuration, without deciding.
+
+        Returns:
+            ``(proposal, log_q_current, log_q_proposal)``: the proposal in the input's
+            type and layout; log q values (B,) float64 numpy.
+        """
+        x, batched = self._canonical(u)
+        with torch.no_grad():
+            lq0 = self.flow.log_prob(x).to(torch.float64)
+            z, log_r = self.flow.sample_latent(x.shape[0], self.generator)
+            x1, logdet = self.flow(z)
+            lq1 = log_r.to(torch.float64) - logdet.to(torch.float64)
+        return from_canonical(x1, u, self.layout, batched), lq0.cpu().numpy(), lq1.cpu().numpy()
+
+    def decide(self, log_p_current: Any, log_q_current: Any, log_p_proposal: Any,
+               log_q_proposal: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Float64 Metropolis decision from externally computed log-densities.
+
+        Arguments:
+            log_p_current, log_p_proposal: -S_prod of the current configuration and the
+                proposal (the production code's own action), (B,) or scalars.
+            log_q_current, log_q_proposal: From :meth:`propose`.
+
+        Returns:
+            ``(accepted, log_accept)``: (B,) bool and float64 numpy arrays.
+        """
+        f = lambda v: torch.as_tensor(np.atleast_1d(np.asarray(v, dtype=np.float64)))  # noqa: E731
+        from flowplug.plugins.kernels import metropolis_log_ratio
+
+        la = metropolis_log_ratio(f(log_p_proposal), f(log_q_proposal), f(log_p_current), f(log_q_current))
+        u = self._uniform(la.shape[0])
+        acc = torch.log(u) < la
+        return acc.numpy(), la.numpy()
+
+    def _uniform(self, n: int) -> torch.Tensor:
+        return torch.rand(n, generator=self.generator, dtype=torch.float64, device=self.device).cpu()
+
+    # ------------------------------------------------------------------- step
+
+    def step(self, u: Any) -> tuple[Any, ProposalResult]:
+        """One exact flow-Metropolis step from configuration(s) ``u``.
+
+        Arguments:
+            u: numpy array or torch tensor, one configuration or a batch, in :attr:`layout`.
+
+        Returns:
+            ``(next, result)``: the next configuration(s) (the proposal where accepted,
+            else ``u`` unchanged), same type/dtype/layout as ``u``; and a
+            :class:`ProposalResult`.
+
+        Raises:
+            ShapeError: if ``u`` does not fit the flow's lattice and group.
+            ConfigError: if the object was built without an action.
+        """
+        if self.kernel is None:
+            raise ConfigError("FlowProposal without an action cannot decide; use propose() and decide() "
+                              "with the production code's action")
+        x, batched = self._canonical(u)
+        state = self.kernel.init(x)
+        new, info = self.kernel.step(state, self.generator)
+        acc = info["accepted"]
+        out = from_canonical(new.x, u, self.layout, batched)
+        if not bool(acc.any()):
+            out = u
+        res = ProposalResult(
+            accepted=acc.cpu().numpy(),
+            log_p_current=info["log_p_current"].cpu().numpy(),
+            log_q_current=info["log_q_current"].cpu().numpy(),
+            log_p_proposal=info["log_p_proposal"].cpu().numpy(),
+            log_q_proposal=info["log_q_proposal"].cpu().numpy(),
+            delta_S=(info["log_p_current"] - info["log_p_proposal"]).cpu().numpy(),
+            log_accept=info["log_accept"].cpu().numpy())
+        return out, res
+
+    def __repr__(self) -> str:
+        return f"FlowProposal({self.flow.field} on {list(self.flow.lattice)}, action={self.action!r}, layout={self.layout!r})"
