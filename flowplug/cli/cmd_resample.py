@@ -86,15 +86,20 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("flowplug resample needs ENSEMBLE..., --flow CHECKPOINT and --out DIR")
     if args.to:
         cfg["to"] = args.to
-    return resample(cfg, [Path(p) for p in args.inputs], Path(args.flow), Path(args.out), resume=args.resume,
-                    force=args.force, read_options={"format": args.format, "lattice": args.lattice,
-                                                    "group": args.group, "verify": not args.no_verify},
-                    progress=not args.no_progress)
+    resample(cfg, [Path(p) for p in args.inputs], Path(args.flow), Path(args.out), resume=args.resume,
+             force=args.force, read_options={"format": args.format, "lattice": args.lattice,
+                                             "group": args.group, "verify": not args.no_verify},
+             progress=not args.no_progress)
+    return 0
 
 
 def resample(cfg, inputs, flow_path: Path, out: Path, *, resume: bool = False, force: bool = False,
-             read_options=None, progress: bool = False, quiet: bool = False) -> int:
-    """Library form of ``flowplug resample`` (used by ``flowplug demo``); returns 0.
+             read_options=None, progress: bool = False, quiet: bool = False):
+    """Library form of ``flowplug resample`` (used by ``flowplug demo``).
+
+    Returns:
+        ``(summary, chain)``: the figures written to ``summary.json`` and the
+        :class:`flowplug.chain.Chain` (its history holds every measurement).
 
     Raises:
         FlowplugError: on bad inputs, a mismatched flow, or an output that exists.
@@ -200,7 +205,7 @@ def resample(cfg, inputs, flow_path: Path, out: Path, *, resume: bool = False, f
     if not quiet:
         print(f"resample: {len(sources)} chains x {chain.step_count} steps, acceptance {acc:.3f}, "
               f"ESS of input weights {weights['ess']:.3f}; {len(written)} configurations written to {out}")
-    return 0
+    return summary, chain
 
 
 COMMAND = CommandSpec(name="resample", description="exact flow-Metropolis chains seeded by an existing ensemble",
