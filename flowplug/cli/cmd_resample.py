@@ -140,7 +140,8 @@ def resample(cfg, inputs, flow_path: Path, out: Path, *, resume: bool = False, f
     kernel = build_kernel(ck.flow, action, cfg["kernel"])
     out.mkdir(parents=True, exist_ok=True)
     seed = int(cfg["seed"])
-    run_id = fingerprint(cfg, ck.sha256, *[s["sha256"] for s in sources])
+    run_id = fingerprint({k: v for k, v in cfg.items() if k != "steps"}, ck.sha256,
+                         *[s["sha256"] for s in sources])  # steps may grow on --resume
     save_every = int(cfg.get("save_every", 1))
     steps = int(cfg["steps"])
     written: list[dict] = []

@@ -136,7 +136,7 @@ def sample(cfg, flow_path: Path, out: Path, *, resume: bool = False, force: bool
             n_written[0] += 1
 
     chain = run_chains(kernel, x0.detach(), steps, seed=seed, measure=measure, checkpoint=out / "chain.ckpt",
-                       resume=resume, run_id=fingerprint(cfg, ck.sha256), on_step=_write,
+                       resume=resume, run_id=fingerprint({k: v for k, v in cfg.items() if k != "steps"}, ck.sha256), on_step=_write,
                        checkpoint_every=int(cfg.get("checkpoint_every", 100)), progress=progress,
                        desc="sample")
     hist = chain.history_tensors()

@@ -1,0 +1,293 @@
+"""flowplug sample / resample / propose / demo, the drop-in FlowProposal, and real files.
+
+Flows here are tiny and (barely) untrained: these tests check plumbing, bookkeeping,
+file safety and provenance; the statistical exactness of the kernels is tested in
+tests/test_kernels.py.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from flowplug import io
+from flowplug.cli import main
+from flowplug.errors import ConfigError, FormatError, ShapeError
+from flowplug.flow import build_flow
+from flowplug.flowtools import load_flow, save_flow, train_reverse_kl
+from flowplug.plugins.hmc import HMC
+from flowplug.plugins.theories import WilsonGaugeAction
+from flowplug.proposal import FlowProposal, from_canonical, to_canonical
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A U(1) 4x4 flow (30 training steps) with an HMC ensemble, and an SU(2) 4^4 flow with an ILDG file."""
+    torch.set_num_threads(1)
+    d = tmp_path_factory.mktemp("chains")
+    act = WilsonGaugeAction(1.5, "u1")
+    torch.manual_seed(0)
+    flow = build_flow("u1", (4, 4), "u1-spline", n_layers=2, options={"hidden": [8]})
+    train_reverse_kl(flow, act, steps=30, generator=torch.Generator().manual_seed(0))
+    save_flow(d / "u1.pt", flow, act)
+    hmc, g = HMC(act, steps=4), torch.Generator().manual_seed(1)
+    st = hmc.init(act.cold_start((4, 4), 5))
+    for _ in range(10):
+        st, _ = hmc.step(st, g)
+    io.write(d / "u1.h5", io.Ensemble(st.x))
+    a2 = WilsonGaugeAction(2.0, "su2")
+    f2 = build_flow("su2", (4, 4, 4, 4), "sun-spectral", n_layers=2, options={"hidden": [4]})
+    save_flow(d / "su2.pt", f2, a2)
+    io.write(d / "su2.ildg", io.Ensemble(a2.hot_start((4, 4, 4, 4), 1, generator=g)), "ildg")
+    return d
+
+
+def _cli(*args, capsys=None):
+    rc = main([str(a) for a in args])
+    return rc
+
+
+# ------------------------------------------------------------------ checkpoints
+
+def test_flow_checkpoint_roundtrip_and_refusals(files, tmp_path):
+    ck = load_flow(files / "u1.pt")
+    assert ck.field == "u1" and ck.lattice == (4, 4) and len(ck.sha256) == 64
+    assert ck.action_config == {"name": "wilson", "beta": 1.5, "group": "u1"}
+    z = torch.rand(3, 2, 4, 4, dtype=torch.float64) * 6 - 3
+    flow2 = load_flow(files / "u1.pt").flow
+    torch.testing.assert_close(ck.flow(z)[0], flow2(z)[0])
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a torch file")
+    from flowplug.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="bad.pt"):
+        load_flow(bad)
+    with pytest.raises(CheckpointError, match="no such flow checkpoint"):
+        load_flow(tmp_path / "missing.pt")
+
+
+# ------------------------------------------------------------------ drop-in step
+
+def test_layout_conversion_matches_ildg_writer_on_a_non_cubic_lattice():
+    from flowplug.adapters.common import canonical_to_ildg
+
+    lat = (2, 3, 4, 5)
+    x = WilsonGaugeAction(1.0, "su2").hot_start(lat, 1, generator=torch.Generator().manual_seed(0))
+    ildg = canonical_to_ildg(x[0], 64)
+    assert ildg.shape == (5, 4, 3, 2, 4, 2, 2)
+    back, batched = to_canonical(np.asarray(ildg, dtype=np.complex128), "su2", lat, "ildg")
+    assert not batched
+    torch.testing.assert_close(back, x)
+    again = from_canonical(back, np.zeros(1, np.complex64), "ildg", False)
+    assert again.dtype == np.complex64 and again.shape == ildg.shape
+    np.testing.assert_allclose(again, ildg.astype(np.complex64))
+    with pytest.raises(ShapeError, match=r"expected \(5, 4, 3, 2, 4, 2, 2\)"):
+        to_canonical(np.zeros((2, 3, 4, 5, 4, 2, 2), np.complex128), "su2", lat, "ildg")
+
+
+def test_flow_proposal_step_numpy_ildg_and_torch_canonical(files):
+    ck = load_flow(files / "su2.pt")
+    prop = FlowProposal(ck.flow, ck.action(), layout="ildg", seed=4)
+    x = io.read(files / "su2.ildg").links
+    u = from_canonical(x, np.zeros(1, np.complex128), "ildg", False)   # (lt, lz, ly, lx, 4, 2, 2)
+    nxt, res = prop.step(u)
+    assert isinstance(nxt, np.ndarray) and nxt.shape == u.shape and nxt.dtype == u.dtype
+    assert res.accepted.shape == (1,) and res.log_q_current.dtype == np.float64
+    assert res.delta_S[0] == pytest.approx(res.log_p_current[0] - res.log_p_proposal[0])
+    if not res.accepted[0]:
+        assert nxt is u
+    # log q of the current configuration is the inverse-flow density
+    assert res.log_q_current[0] == pytest.approx(float(ck.flow.log_prob(x)[0].detach()), abs=1e-8)
+    prop2 = FlowProposal(ck.flow, ck.action(), layout="canonical", seed=4)
+    nxt2, res2 = prop2.step(x)
+    assert isinstance(nxt2, torch.Tensor) and nxt2.shape == x.shape
+    assert res2.as_dict()["log_q_proposal"] == pytest.approx(float(res.log_q_proposal[0]))  # same seed
+    with pytest.raises(ShapeError):
+        prop.step(np.zeros((4, 4, 4, 4, 4, 3, 3), np.complex128))
+    with pytest.raises(ConfigError):
+        FlowProposal(ck.flow, WilsonGaugeAction(1.0, "u1"))
+
+
+def test_decide_with_an_external_action_is_the_metropolis_rule(files):
+    ck = load_flow(files / "u1.pt")
+    prop = FlowProposal(ck.flow, None, layout="canonical", seed=1)
+    x = io.read(files / "u1.h5").links[:2]
+    x1, lq0, lq1 = prop.propose(x)
+    s = ck.action()
+    acc, la = prop.decide(-s.action(x).numpy(), lq0, -s.action(x1).numpy(), lq1)
+    expect = (-s.action(x1).numpy() - lq1) - (-s.action(x).numpy() - lq0)
+    np.testing.assert_allclose(la, expect, rtol=0, atol=1e-12)
+    with pytest.raises(ConfigError, match="propose"):
+        prop.step(x)
+
+
+@pytest.mark.slow
+def test_example_hmc_loop_runs():
+    ex = REPO / "examples" / "dropin_hmc_loop.py"
+    r = subprocess.run([sys.executable, str(ex), "--quick"], capture_output=True, text=True, timeout=300,
+                       env={"FLOWPLUG_DISABLE_PLUGIN_AUTOLOAD": "1", "PATH": "", "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    assert "flow acceptance" in r.stdout
+
+
+# ------------------------------------------------------------------ propose
+
+def test_propose_writes_next_configuration_with_provenance(files, tmp_path, capsys):
+    out = tmp_path / "next.ildg"
+    assert _cli("propose", "--flow", files / "su2.pt", "--current", files / "su2.ildg", "--out", out, "--seed", 9) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(line) >= {"accepted", "log_p_current", "log_q_current", "log_p_proposal", "log_q_proposal", "delta_S"}
+    assert line["delta_S"] == pytest.approx(line["log_p_current"] - line["log_p_proposal"])
+    ens = io.read(out)  # checksums verified on read
+    assert ens.checksum_status == "ok" and ens.group == "su2"
+    xml = ens.meta[0].record("scidac-record-xml").text
+    assert "flow_sha256" in xml and "input_sha256" in xml and "<seed>9</seed>" in xml
+    if not line["accepted"]:
+        torch.testing.assert_close(ens.links, io.read(files / "su2.ildg").links)
+    # never over an existing file or the input
+    assert _cli("propose", "--flow", files / "su2.pt", "--current", files / "su2.ildg", "--out", out) == 1
+    assert "exists" in capsys.readouterr().err
+    before = (files / "su2.ildg").read_bytes()
+    assert _cli("propose", "--flow", files / "su2.pt", "--current", files / "su2.ildg", "--out",
+                files / "su2.ildg", "--force") == 1
+    assert "is an input" in capsys.readouterr().err
+    assert (files / "su2.ildg").read_bytes() == before
+
+
+def test_propose_refuses_mismatched_group_and_lattice(files, tmp_path, capsys):
+    assert _cli("propose", "--flow", files / "u1.pt", "--current", files / "su2.ildg", "--out", tmp_path / "o.ildg") == 1
+    err = capsys.readouterr().err
+    assert "su2" in err and "u1" in err
+    a2 = WilsonGaugeAction(2.0, "su2")
+    io.write(tmp_path / "l2.ildg", io.Ensemble(a2.cold_start((4, 4, 4, 2), 1)), "ildg")
+    assert _cli("propose", "--flow", files / "su2.pt", "--current", tmp_path / "l2.ildg", "--out", tmp_path / "o.ildg") == 1
+    err = capsys.readouterr().err
+    assert "4x4x4x2" in err and "4x4x4x4" in err
+    assert not (tmp_path / "o.ildg").exists()
+
+
+def test_propose_no_decide(files, tmp_path, capsys):
+    out = tmp_path / "p.ildg"
+    assert _cli("propose", "--flow", files / "su2.pt", "--current", files / "su2.ildg", "--out", out,
+                "--no-decide", "--seed", 1) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["accepted"] is None and "log_q_proposal" in line
+    assert io.read(out).checksum_status == "ok"
+
+
+# ------------------------------------------------------------------ resample / sample
+
+def test_resample_summary_provenance_and_resume(files, tmp_path, capsys):
+    out = tmp_path / "r"
+    args = ["resample", files / "u1.h5", "--flow", files / "u1.pt", "--out", out, "--no-progress",
+            "--set", "steps=6", "--set", "save_every=3", "--set", "kernel.hmc_every=1"]
+    assert _cli(*args) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert set(s) >= {"acceptance", "ess", "observables", "inputs", "acceptance_by_kernel"}
+    assert set(s["observables"]["plaquette"]) >= {"mean", "error", "tau_int"}
+    assert len(s["inputs"]) == 5 and all(len(i["sha256"]) == 64 for i in s["inputs"])
+    assert set(s["acceptance_by_kernel"]) == {"hmc", "flow"}
+    ens = io.read(out / "ensemble.h5")
+    assert len(ens) == 10                                  # 5 chains x steps 3 and 6
+    prov = ens.meta[-1].provenance
+    assert prov["flow_sha256"] == load_flow(files / "u1.pt").sha256 and prov["step"] == 6
+    assert (out / "report.png").stat().st_size > 1000
+    # the output exists: refused without --resume/--force
+    assert _cli(*args) == 1
+    assert "exists" in capsys.readouterr().err
+
+
+def test_resample_resume_is_bit_for_bit(files, tmp_path):
+    """Four steps, then --resume to eight, equals eight steps in one go (state and history)."""
+    from flowplug.cli.cmd_resample import DEFAULT_CONFIG, resample
+    from flowplug.config import build_config
+
+    cfg = lambda n: build_config(DEFAULT_CONFIG, overrides=[f"steps={n}", "save_every=0"])  # noqa: E731
+    s_full, ch_full = resample(cfg(8), [files / "u1.h5"], files / "u1.pt", tmp_path / "a", quiet=True)
+    resample(cfg(4), [files / "u1.h5"], files / "u1.pt", tmp_path / "b", quiet=True)
+    s_res, ch_res = resample(cfg(8), [files / "u1.h5"], files / "u1.pt", tmp_path / "b", resume=True, quiet=True)
+    torch.testing.assert_close(ch_res.state.x, ch_full.state.x, rtol=0, atol=0)
+    for k, v in ch_full.history_tensors().items():
+        torch.testing.assert_close(ch_res.history_tensors()[k], v, rtol=0, atol=0)
+    assert s_res["acceptance"] == s_full["acceptance"]
+    # a different flow or seed is a different run: its checkpoint is refused
+    from flowplug.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="different run"):
+        resample(build_config(DEFAULT_CONFIG, overrides=["steps=9", "seed=5"]), [files / "u1.h5"],
+                 files / "u1.pt", tmp_path / "b", resume=True, quiet=True)
+
+
+def test_sample_writes_ensemble_summary_and_report(files, tmp_path):
+    out = tmp_path / "s"
+    assert _cli("sample", "--flow", files / "u1.pt", "--out", out, "--no-progress", "--set", "chains=4",
+                "--set", "steps=12", "--set", "thermalize=2", "--set", "save_every=6", "--set", "ess_samples=32") == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert 0 <= s["acceptance"] <= 1 and 0 < s["ess"] <= 1
+    assert set(s["observables"]) == {"plaquette", "topological_charge"}
+    assert len(io.read(out / "ensemble.h5")) == 8
+    assert (out / "measurements.csv").read_text().count("\n") == 1 + 12 * 4
+    assert (out / "report.png").exists()
+
+
+def test_sample_flow_hmc_kernel(files, tmp_path):
+    out = tmp_path / "fh"
+    assert _cli("sample", "--flow", files / "u1.pt", "--out", out, "--no-progress", "--set", "chains=4",
+                "--set", "steps=5", "--set", "thermalize=1", "--set", "kernel.type=flow-hmc",
+                "--set", "kernel.hmc.steps=3", "--set", "ess_samples=8") == 0
+    assert json.loads((out / "summary.json").read_text())["acceptance"] > 0
+
+
+def test_demo_quick(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert _cli("demo", "--quick", "--out", out, "--no-progress") == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["exact"]["plaquette"] == pytest.approx(0.697774658011, abs=1e-9)
+    assert s["exact"]["q2"] == pytest.approx(1.239298910723, abs=1e-8)
+    assert set(s) >= {"acceptance", "ess", "hmc", "flow", "observables", "tau_int_q_ratio_hmc_over_flow"}
+    assert (out / "report.png").exists() and "exact" in (out / "report.txt").read_text()
+    assert (out / "hmc" / "ensemble.h5").exists() and (out / "flow.pt").exists()
+    assert _cli("demo", "--quick", "--out", out, "--no-progress") == 1   # never over an earlier run
+
+
+# ------------------------------------------------------------------ real MILC file
+
+@pytest.mark.slow
+def test_real_milc_ildg_resample_and_propose(shared_dir, tmp_path, capsys):
+    """4D SU(3) 4^4 flow (beta = 6.0, untrained: acceptance is honest, i.e. ~0) on MILC's file."""
+    src = shared_dir / "ensembles" / "milc.lat.sample.l4444.ildg"
+    act = WilsonGaugeAction(6.0, "su3")
+    torch.manual_seed(0)
+    flow = build_flow("su3", (4, 4, 4, 4), "sun-spectral", n_layers=2, options={"hidden": [4]})
+    save_flow(tmp_path / "su3.pt", flow, act)
+    out = tmp_path / "r"
+    assert _cli("resample", src, "--flow", tmp_path / "su3.pt", "--out", out, "--no-progress",
+                "--set", "steps=2", "--set", "save_every=1") == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["format"] == "ildg" and s["precision"] == 32 and s["chains"] == 1
+    outs = sorted(out.glob("*.ildg"))
+    assert len(outs) == 2
+    for p in outs:
+        e = io.read(p)                                        # checksums verified on re-read
+        assert e.checksum_status == "ok" and e.lattice == (4, 4, 4, 4)
+    assert s["inputs"][0]["sha256"] and "<input_sha256>" in io.read(outs[0]).meta[0].record("scidac-record-xml").text
+    assert _cli("propose", "--flow", tmp_path / "su3.pt", "--current", src, "--out", tmp_path / "n.ildg",
+                "--seed", 2) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["format"] == "ildg" and io.read(tmp_path / "n.ildg").checksum_status == "ok"
