@@ -1,0 +1,120 @@
+"""Flow Metropolis versus HMC: wall time per effectively independent sample of Q.
+
+2D U(1) Wilson gauge theory, L = 16, beta = 4 and 6 (by default). For each beta, in the
+same run and on the same machine:
+
+* HMC (Omelyan, ``--hmc-steps`` steps, tau = 1): ``--chains`` chains, thermalised, then
+  ``--hmc-trajectories`` trajectories;
+* a gauge-equivariant flow (u1-spline couplings) trained by reverse KL for
+  ``--train-steps`` steps, then ``--flow-steps`` independence-Metropolis steps of
+  ``--chains`` chains started from HMC configurations.
+
+Cost per effectively independent sample of Q = (wall time of sampling / number of
+samples) x 2 tau_int(Q) (Gamma method, Wolff's convention, tau_int = 1/2 for independent
+samples), without and with the training time spread over the flow samples. A chain that
+never accepted has no measurable tau_int: its cost is printed as inf. The script prints
+ratios HMC cost / flow cost (> 1: the flow wins); never a bare time.
+
+    python benchmarks/chains.py                    # minutes
+    python benchmarks/chains.py --betas 4 --train-steps 2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+import torch
+
+from flowplug.exact import u1_2d
+from flowplug.flow import build_flow
+from flowplug.flowtools import train_reverse_kl
+from flowplug.plugins.hmc import HMC
+from flowplug.plugins.kernels import IndependenceMetropolis
+from flowplug.plugins.observables import topological_charge
+from flowplug.plugins.theories import WilsonGaugeAction
+from flowplug.resampling import run_chains
+from flowplug.stats import gamma_method
+
+
+def cost(q_hist: torch.Tensor, accepted: float, seconds: float) -> tuple[float, float]:
+    """(tau_int(Q), seconds per independent sample); inf when nothing moved."""
+    if accepted <= 0:
+        return math.inf, math.inf
+    r = gamma_method(q_hist.T)
+    return r.tau_int, seconds / q_hist.numel() * 2 * r.tau_int
+
+
+def bench(L: int, beta: float, a: argparse.Namespace) -> dict:
+    lattice = (L, L)
+    act = WilsonGaugeAction(beta, "u1")
+    measure = lambda x: {"q": topological_charge(x)}  # noqa: E731
+    hmc = HMC(act, integrator="omelyan", steps=a.hmc_steps, trajectory_length=1.0)
+    therm = run_chains(hmc, act.cold_start(lattice, a.chains), a.thermalize, seed=1)
+    t0 = time.perf_counter()
+    ch = run_chains(hmc, therm.state.x, a.hmc_trajectories, seed=2, measure=measure)
+    t_hmc = time.perf_counter() - t0
+    h = ch.history_tensors()
+    tau_h, c_h = cost(h["q"], float(h["accepted"].mean()), t_hmc)
+
+    torch.manual_seed(3)
+    flow = build_flow("u1", lattice, "u1-spline", n_layers=a.layers, options={"hidden": [a.hidden]})
+    t0 = time.perf_counter()
+    m = train_reverse_kl(flow, act, steps=a.train_steps, batch=a.batch, lr=a.lr,
+                         generator=torch.Generator().manual_seed(4))
+    t_train = time.perf_counter() - t0
+    im = IndependenceMetropolis(flow, act)
+    t0 = time.perf_counter()
+    cf = run_chains(im, ch.state.x, a.flow_steps, seed=5, measure=measure)
+    t_flow = time.perf_counter() - t0
+    hf = cf.history_tensors()
+    acc = float(hf["accepted"].mean())
+    tau_f, c_f = cost(hf["q"], acc, t_flow)
+    c_f_train = (t_train + t_flow) / hf["q"].numel() * 2 * tau_f if math.isfinite(tau_f) else math.inf
+    q2 = {k: float((v["q"] ** 2).mean()) for k, v in (("hmc", h), ("flow", hf))}
+    return {"L": L, "beta": beta, "exact_q2": u1_2d(L, beta)["q2"], "q2": q2,
+            "hmc": {"acceptance": float(h["accepted"].mean()), "tau_int_q": tau_h, "seconds": t_hmc,
+                    "seconds_per_independent_q": c_h},
+            "flow": {"acceptance": acc, "train_ess": m["ess"], "tau_int_q": tau_f, "seconds": t_flow,
+                     "train_seconds": t_train, "seconds_per_independent_q": c_f,
+                     "seconds_per_independent_q_with_training": c_f_train},
+            "ratio_hmc_over_flow": c_h / c_f if c_f > 0 else math.nan,
+            "ratio_hmc_over_flow_with_training": c_h / c_f_train if c_f_train > 0 else math.nan}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--L", type=int, default=16)
+    ap.add_argument("--betas", type=float, nargs="+", default=[4.0, 6.0])
+    ap.add_argument("--chains", type=int, default=32)
+    ap.add_argument("--thermalize", type=int, default=100)
+    ap.add_argument("--hmc-trajectories", type=int, default=400)
+    ap.add_argument("--hmc-steps", type=int, default=10)
+    ap.add_argument("--flow-steps", type=int, default=400)
+    ap.add_argument("--train-steps", type=int, default=500)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--hidden", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=0.01)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json", action="store_true", help="print the results as JSON too")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    results = []
+    for beta in a.betas:
+        r = bench(a.L, beta, a)
+        results.append(r)
+        h, f = r["hmc"], r["flow"]
+        print(f"L={a.L} beta={beta}: HMC acc {h['acceptance']:.3f} tau_int(Q) {h['tau_int_q']:.2f} | "
+              f"flow acc {f['acceptance']:.4f} (train ESS {f['train_ess']:.3f}) tau_int(Q) {f['tau_int_q']:.2f} | "
+              f"<Q^2> HMC {r['q2']['hmc']:.3f} flow {r['q2']['flow']:.3f} exact {r['exact_q2']:.3f}")
+        print(f"    cost ratio HMC/flow per independent Q: {r['ratio_hmc_over_flow']:.3g} without training, "
+              f"{r['ratio_hmc_over_flow_with_training']:.3g} with training")
+    if a.json:
+        print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
