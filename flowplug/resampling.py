@@ -184,7 +184,9 @@ def observable_summary(history: Mapping[str, torch.Tensor], names: Sequence[str]
         burn: Steps discarded at the start.
 
     Returns:
-        name -> ``{mean, error, tau_int, tau_int_error, n}``.
+        name -> ``{mean, error, tau_int, tau_int_error, n}``. If no chain ever changed
+        its value (a flow whose proposals are all rejected), error and tau_int cannot be
+        estimated: they are NaN and infinity, with ``note`` saying so.
     """
     from flowplug.stats import gamma_method
 
@@ -194,6 +196,12 @@ def observable_summary(history: Mapping[str, torch.Tensor], names: Sequence[str]
             continue
         data = history[name][burn:].T
         if data.numel() == 0:
+            continue
+        spread = float((data.amax(1) - data.amin(1)).max())
+        if spread <= 1e-12 * max(1.0, float(data.abs().max())):
+            out[name] = {"mean": float(data.mean()), "error": math.nan, "tau_int": math.inf,
+                         "tau_int_error": math.nan, "n": int(data.numel()),
+                         "note": "no chain changed this value: error and tau_int not measurable"}
             continue
         r = gamma_method(data)
         out[name] = {"mean": r.mean, "error": r.error, "tau_int": r.tau_int,

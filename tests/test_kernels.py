@@ -303,3 +303,20 @@ def test_im_and_composition_su2_exact():
     ch2 = Chain(k2, k2.init(act.cold_start((L, L), 64)), g, measure=measure)
     ch2.run(80)
     _check(ch2, exact, 10, ("plaquette",))
+
+
+def test_kernels_are_registered(fresh_pm):
+    from flowplug import get_component
+
+    for name, cls in (("independence-metropolis", IndependenceMetropolis), ("flow", IndependenceMetropolis),
+                      ("mixture", Mixture), ("composition", Composition), ("flow-hmc", FlowHMC)):
+        assert get_component("kernel", name).factory is cls
+    assert get_component("kernel", "flow").provider == "flowplug"
+
+
+def test_frozen_chains_report_unmeasurable_tau():
+    from flowplug.resampling import observable_summary
+
+    h = {"plaquette": torch.full((20, 3), 0.5, dtype=torch.float64)}
+    s = observable_summary(h, ["plaquette"])["plaquette"]
+    assert s["tau_int"] == math.inf and math.isnan(s["error"]) and "no chain" in s["note"]
