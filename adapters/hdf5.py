@@ -190,7 +190,7 @@ class Hdf5Handler(FormatHandler):
             meta.format, meta.path = "hdf5", str(path)
             meta.precision = min(meta.precision, precision)
             metas.append(meta)
-        out = data.astype(np.float64 if group == "u1" else np.complex128)
+        out = data.astype(np.float64 if group == "u1" else np.complex128, copy=False)
         try:
             attrs = json.loads(str(f.attrs.get("attrs", "{}")))
         except ValueError:

@@ -1,0 +1,131 @@
+"""I/O benchmark: read+verify and write of a 16^4 double-precision SU(3) configuration.
+
+Every figure is compared with the limit measured in the same run on the same bytes:
+``numpy.fromfile`` of the ILDG payload plus an in-place byte swap (no checksum, no
+layout change). Prints times (best of N, page cache warm) and ratios raw/flowplug
+(1.0 = as fast as the raw read; the target for read+checksum is >= 0.5).
+
+Run:  python benchmarks/io.py [--lattice 16x16x16x16] [--repeat 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def best(fn, repeat: int) -> float:
+    """Best wall time of ``repeat`` calls, seconds."""
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def random_su3(shape, rng):
+    z = rng.normal(size=(*shape, 3, 3)) + 1j * rng.normal(size=(*shape, 3, 3))
+    q, r = np.linalg.qr(z)
+    d = np.diagonal(r, axis1=-2, axis2=-1)
+    q = q * (d / np.abs(d))[..., None, :]
+    q[..., :, 0] /= np.linalg.det(q)[..., None]
+    return q
+
+
+def main() -> None:
+    from flowplug import io
+    from flowplug.adapters.checksums import scidac_checksum
+    from flowplug.adapters.common import read_payload
+    from flowplug.adapters.lime import scan
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lattice", default="16x16x16x16")
+    parser.add_argument("--repeat", type=int, default=5)
+    args = parser.parse_args()
+    lattice = io.parse_lattice(args.lattice)
+    rng = np.random.default_rng(0)
+    links = torch.from_numpy(random_su3((1, 4, *lattice), rng))
+    ens = io.Ensemble(links, precision=64)
+    work = Path(tempfile.mkdtemp(prefix="flowplug-bench-"))
+    path = work / "cfg.ildg"
+    t_write = best(lambda: io.write(path, ens, overwrite=True), args.repeat)
+    rec = next(r for r in scan(path) if r.type == "ildg-binary-data")
+    nbytes = rec.length
+    site_bytes = 4 * 9 * 16
+
+    def raw():
+        a = np.fromfile(path, dtype=">c16", count=nbytes // 16, offset=rec.data_offset)
+        a.byteswap(inplace=True)
+        return a
+
+    def raw_plus_crc():
+        a = np.fromfile(path, dtype=np.uint8, count=nbytes, offset=rec.data_offset)
+        import zlib
+
+        zlib.crc32(a)
+        return a
+
+    def read_checksum():
+        a = read_payload(path, rec.data_offset, nbytes, "payload")
+        scidac_checksum(a, site_bytes)
+        a = a.view(">c16")
+        a.byteswap(inplace=True)
+        return a
+
+    def checksum_only(buf=np.fromfile(path, dtype=np.uint8, count=nbytes, offset=rec.data_offset)):
+        return scidac_checksum(buf, site_bytes)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t_raw = best(raw, args.repeat)
+        t_rawcrc = best(raw_plus_crc, args.repeat)
+        t_ck = best(checksum_only, args.repeat)
+        t_rc = best(read_checksum, args.repeat)
+        t_read_nounit = best(lambda: io.read(path, unitarity="ignore"), args.repeat)
+        t_read = best(lambda: io.read(path), args.repeat)
+        h5 = work / "cfg.h5"
+        io.write(h5, ens)
+        t_h5 = best(lambda: io.read(h5, unitarity="ignore"), args.repeat)
+        import h5py
+
+        def h5_raw():
+            with h5py.File(h5, "r") as f:
+                return f["links"][0]
+
+        t_h5raw = best(h5_raw, args.repeat)
+
+    mb = nbytes / 2**20
+    print(f"lattice {args.lattice}, SU(3) double, payload {nbytes / 1e6:.1f} MB, best of {args.repeat}")
+    rows = [
+        ("raw numpy.fromfile + byteswap (the limit)", t_raw),
+        ("raw numpy.fromfile + one zlib.crc32 of the payload", t_rawcrc),
+        ("SciDAC checksum alone (in memory, vectorised)", t_ck),
+        ("flowplug read + SciDAC checksum + byteswap (file order)", t_rc),
+        ("flowplug io.read, canonical torch tensor, no unitarity check", t_read_nounit),
+        ("flowplug io.read, full (finite + unitarity + det check)", t_read),
+        ("flowplug io.read of the HDF5 store (CRC-32 verified)", t_h5),
+        ("h5py read of the same dataset (no check)", t_h5raw),
+        ("flowplug io.write ILDG (layout, checksum, records)", t_write),
+    ]
+    for label, t in rows:
+        print(f"  {label:<62s} {t * 1e3:8.1f} ms  {mb / t:7.0f} MiB/s  ratio raw/this {t_raw / t:5.2f}")
+    try:
+        import lyncs_io  # noqa: F401
+    except Exception as exc:  # numpy >= 2.3 breaks lyncs-io 0.2.3
+        print(f"  lyncs-io: not importable here ({type(exc).__name__}: {str(exc)[:80]}); "
+              "run this script where it imports to compare")
+    else:
+        t_ly = best(lambda: lyncs_io.load(str(path), format="lime"), args.repeat)
+        print(f"  {'lyncs-io load (big-endian array, no checksum)':<62s} {t_ly * 1e3:8.1f} ms  "
+              f"{mb / t_ly:7.0f} MiB/s  ratio raw/this {t_raw / t_ly:5.2f}")
+
+
+if __name__ == "__main__":
+    main()
