@@ -83,7 +83,8 @@ def test_lyncs_and_flowplug_agree_on_real_ildg_files(tmp_path):
     from _io_helpers import ensembles_dir
 
     folder = ensembles_dir()
-    names = ["milc.lat.sample.l4444.ildg", "tmlqcd.unity.l4444.lime"]
+    # (lyncs-io 0.2.3 fails on MILC/QIO's NUL-terminated XML records: ExpatError; flowplug reads them)
+    names = ["tmlqcd.unity.l4444.lime"]
     arrays = _lyncs_arrays([folder / n for n in names], tmp_path)
     for name, arr in zip(names, arrays):
         ens = io.read(folder / name)
