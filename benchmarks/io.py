@@ -6,11 +6,14 @@ layout change). Prints times (best of N, page cache warm) and ratios raw/flowplu
 (1.0 = as fast as the raw read; the target for read+checksum is >= 0.5).
 
 Run:  python benchmarks/io.py [--lattice 16x16x16x16] [--repeat 5]
+      (FLOWPLUG_LYNCS_PYTHON=/path/to/python with lyncs-io adds lyncs-io's load time)
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import tempfile
 import time
 import warnings
@@ -18,6 +21,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+
+LYNCS_TIMER = """
+import time, numpy as np, lyncs_io
+def best(fn):
+    ts = []
+    for _ in range({repeat}):
+        t0 = time.perf_counter(); fn(); ts.append(time.perf_counter() - t0)
+    return min(ts)
+def raw():
+    a = np.fromfile({path!r}, dtype=">c16", count={count}, offset={offset}); a.byteswap(inplace=True)
+print(best(lambda: np.asarray(lyncs_io.load({path!r}, format="lime"))), best(raw))
+"""
 
 
 def best(fn, repeat: int) -> float:
@@ -116,11 +132,25 @@ def main() -> None:
     ]
     for label, t in rows:
         print(f"  {label:<62s} {t * 1e3:8.1f} ms  {mb / t:7.0f} MiB/s  ratio raw/this {t_raw / t:5.2f}")
+    other = os.environ.get("FLOWPLUG_LYNCS_PYTHON")
     try:
         import lyncs_io  # noqa: F401
     except Exception as exc:  # numpy >= 2.3 breaks lyncs-io 0.2.3
-        print(f"  lyncs-io: not importable here ({type(exc).__name__}: {str(exc)[:80]}); "
-              "run this script where it imports to compare")
+        if other:
+            # time lyncs-io and the raw read again in that interpreter, same file, same cache
+            code = LYNCS_TIMER.format(path=str(path), offset=rec.data_offset, count=nbytes // 16,
+                                      repeat=args.repeat)
+            res = subprocess.run([other, "-c", code], capture_output=True, text=True, timeout=600)
+            if res.returncode == 0:
+                t_ly, t_raw2 = (float(x) for x in res.stdout.split())
+                print(f"  {'lyncs-io load (big-endian array, no checksum; own process)':<62s} "
+                      f"{t_ly * 1e3:8.1f} ms  {mb / t_ly:7.0f} MiB/s  ratio raw/this {t_raw2 / t_ly:5.2f}"
+                      f"  (raw there {t_raw2 * 1e3:.1f} ms)")
+            else:
+                print(f"  lyncs-io via {other} failed: {res.stderr.strip()[-200:]}")
+        else:
+            print(f"  lyncs-io: not importable here ({type(exc).__name__}: {str(exc)[:80]}); "
+                  "set FLOWPLUG_LYNCS_PYTHON to an interpreter where it imports")
     else:
         t_ly = best(lambda: lyncs_io.load(str(path), format="lime"), args.repeat)
         print(f"  {'lyncs-io load (big-endian array, no checksum)':<62s} {t_ly * 1e3:8.1f} ms  "

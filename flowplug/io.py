@@ -312,6 +312,47 @@ class Ensemble:
         return "ok" if "ok" in states else "absent"
 
     @classmethod
+    def from_links(cls, links: torch.Tensor | np.ndarray, *, precision: int = 64,
+                   header: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
+                   provenance: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
+                   attrs: Mapping[str, Any] | None = None) -> "Ensemble":
+        """Wrap links made in memory (HMC, a flow, resampling) with their metadata.
+
+        Arguments:
+            links: Canonical links (see the class docstring).
+            precision: Storage precision writers will use by default (32 or 64).
+            header: Header values (``beta``, ``trajectory``, ``plaquette``...): one mapping
+                for every configuration, or a sequence of one mapping per configuration.
+            provenance: JSON-able history (generating run, kernel, seed, flow model...):
+                one mapping for all, or one per configuration.
+            attrs: Ensemble-wide values.
+
+        Example::
+
+            ens = Ensemble.from_links(links, header=[{"trajectory": t} for t in trajs],
+                                      provenance={"kernel": "hmc", "beta": 5.7, "seed": 1})
+            io.write("run.h5", ens, append=True)
+
+        Raises:
+            ShapeError: on a malformed tensor or a per-configuration list of the wrong length.
+        """
+        n = int(links.shape[0])
+
+        def per(value: Any) -> list[dict[str, Any]]:
+            if value is None:
+                return [{} for _ in range(n)]
+            if isinstance(value, Mapping):
+                return [_deepcopy_json(dict(value)) for _ in range(n)]
+            items = [dict(v) for v in value]
+            if len(items) != n:
+                raise ShapeError(f"{len(items)} metadata mappings for {n} configurations")
+            return items
+
+        metas = [Metadata(precision=precision, header=h, provenance=p)
+                 for h, p in zip(per(header), per(provenance))]
+        return cls(links, precision=precision, meta=metas, attrs=attrs)
+
+    @classmethod
     def concat(cls, ensembles: Iterable["Ensemble"]) -> "Ensemble":
         """Concatenate ensembles along the batch axis.
 
