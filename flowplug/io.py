@@ -620,8 +620,9 @@ def group_deviation(links: torch.Tensor) -> tuple[float, float]:
 
     The same quantities as :func:`flowplug.gauge.unitarity_deviation` and
     :func:`flowplug.gauge.determinant_deviation` (maximum over the batch), evaluated for
-    N = 2, 3 with explicit element-wise formulas on strided numpy views (about 5x
-    faster than batched 3x3 matrix products on large lattices); other N use those.
+    N = 2, 3 with explicit element-wise formulas on strided numpy views, in chunks of
+    4096 matrices (5-10x faster than batched 3x3 matrix products on large lattices);
+    other N use those functions.
 
     Arguments:
         links: SU(N) links (B, d, L..., N, N), complex128.
@@ -634,7 +635,19 @@ def group_deviation(links: torch.Tensor) -> tuple[float, float]:
         from flowplug.gauge import determinant_deviation, unitarity_deviation
 
         return float(unitarity_deviation(links).max()), float(determinant_deviation(links).max())
-    u = links.detach().cpu().resolve_conj().numpy().reshape(-1, n, n)
+    flat = links.detach().cpu().resolve_conj().numpy().reshape(-1, n, n)
+    unit = det = 0.0
+    for start in range(0, flat.shape[0], _GROUP_CHUNK):  # chunks keep the temporaries in cache
+        a, b = _group_deviation_chunk(flat[start:start + _GROUP_CHUNK], n)
+        unit, det = max(unit, a), max(det, b)
+    return unit, det
+
+
+#: Matrices per chunk in :func:`group_deviation` (temporaries of ~64 KiB each).
+_GROUP_CHUNK = 4096
+
+
+def _group_deviation_chunk(u: np.ndarray, n: int) -> tuple[float, float]:
     e = [[u[:, i, k] for k in range(n)] for i in range(n)]
     unit = 0.0
     for i in range(n):
