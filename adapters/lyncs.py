@@ -30,7 +30,7 @@ import torch
 
 from flowplug.errors import FormatError
 from flowplug.hookspecs import hookimpl
-from flowplug.io import Ensemble, FormatHandler, Metadata
+from flowplug.io import Ensemble, FormatHandler
 from flowplug.records import FileFormatSpec
 
 from flowplug.adapters.checksums import scidac_checksum

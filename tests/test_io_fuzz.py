@@ -19,8 +19,6 @@ import struct
 import tempfile
 from pathlib import Path
 
-import numpy as np
-import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
