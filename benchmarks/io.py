@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import tempfile
 import time
@@ -62,6 +63,7 @@ def best_interleaved(fns: dict, repeat: int) -> dict:
 
 
 def random_su3(shape, rng):
+    """Random SU(3) matrices, shape (*shape, 3, 3), complex128 (QR of Gaussian matrices)."""
     z = rng.normal(size=(*shape, 3, 3)) + 1j * rng.normal(size=(*shape, 3, 3))
     q, r = np.linalg.qr(z)
     d = np.diagonal(r, axis1=-2, axis2=-1)
@@ -71,10 +73,8 @@ def random_su3(shape, rng):
 
 
 def main() -> None:
+    """Parse the arguments and run the benchmark in a temporary folder (removed afterwards)."""
     from flowplug import io
-    from flowplug.adapters.checksums import scidac_checksum
-    from flowplug.adapters.common import read_payload
-    from flowplug.adapters.lime import scan
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lattice", default="16x16x16x16")
@@ -85,6 +85,18 @@ def main() -> None:
     links = torch.from_numpy(random_su3((1, 4, *lattice), rng))
     ens = io.Ensemble(links, precision=64)
     work = Path(tempfile.mkdtemp(prefix="flowplug-bench-"))
+    try:
+        run(args, io, ens, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run(args, io, ens, work: Path) -> None:
+    """Write the test file into ``work``, time every candidate, print the table."""
+    from flowplug.adapters.checksums import scidac_checksum
+    from flowplug.adapters.common import read_payload
+    from flowplug.adapters.lime import scan
+
     path = work / "cfg.ildg"
     io.write(path, ens, overwrite=True)
     rec = next(r for r in scan(path) if r.type == "ildg-binary-data")
