@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import struct
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -507,10 +508,8 @@ def detect(path: str | os.PathLike) -> str:
         if not spec.readable:
             continue
         try:
-            score = get_format(spec.name).sniff(path, head, size)
-        except FlowplugError:
-            score = 0
-        except (OSError, ValueError):
+            score = int(get_format(spec.name).sniff(path, head, size))
+        except Exception:  # a sniffer that fails (even a third party's) only says "not mine"
             score = 0
         if score > best_score:
             best, best_score = spec.name, score
@@ -725,8 +724,8 @@ def read(path: str | os.PathLike, format: str | None = None, *, lattice: str | S
         raise
     except MemoryError:
         raise FormatError(f"{path}: not enough memory to read it as {name}") from None
-    except (OSError, ValueError, KeyError, IndexError, TypeError, OverflowError, EOFError,
-            UnicodeError) as exc:
+    except (OSError, ValueError, KeyError, IndexError, TypeError, ArithmeticError, EOFError,
+            UnicodeError, struct.error) as exc:
         raise FormatError(f"{path}: unreadable as {name}: {type(exc).__name__}: {exc}") from None
     if grp is not None and ensemble.group != grp:
         raise FormatError(f"{path}: holds {ensemble.group} links, not {grp} as asked")
