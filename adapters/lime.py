@@ -283,6 +283,9 @@ def read_lime(path: Path, *, lattice: tuple[int, ...] | None = None, group: str 
                               f"{' and '.join(f'SU({n}) {p}-bit' for n, p in fits)}; give the group")
         n_colors, precision = fits[0]
     assert n_colors is not None and precision is not None
+    if len(dims) != 4 or any(n <= 0 for n in dims):
+        raise FormatError(f"{path}: lattice extents {dims} must be 4 positive integers (corrupt ildg-format "
+                          "or scidac-private-file-xml record)")
     vol = math.prod(dims)
     site_bytes = 4 * n_colors * n_colors * 2 * precision // 8
     if vol * site_bytes != binary.length:

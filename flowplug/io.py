@@ -635,7 +635,7 @@ def group_deviation(links: torch.Tensor) -> tuple[float, float]:
 
         return float(unitarity_deviation(links).max()), float(determinant_deviation(links).max())
     flat = links.detach().cpu().resolve_conj().numpy().reshape(-1, n, n)
-    unit = det = 0.0
+    unit = det = 0.0  # (also for an empty tensor)
     for start in range(0, flat.shape[0], _GROUP_CHUNK):  # chunks keep the temporaries in cache
         a, b = _group_deviation_chunk(flat[start:start + _GROUP_CHUNK], n)
         unit, det = max(unit, a), max(det, b)
