@@ -725,7 +725,7 @@ def read(path: str | os.PathLike, format: str | None = None, *, lattice: str | S
     except MemoryError:
         raise FormatError(f"{path}: not enough memory to read it as {name}") from None
     except (OSError, ValueError, KeyError, IndexError, TypeError, ArithmeticError, EOFError,
-            UnicodeError, struct.error) as exc:
+            UnicodeError, RuntimeError, struct.error) as exc:
         raise FormatError(f"{path}: unreadable as {name}: {type(exc).__name__}: {exc}") from None
     if grp is not None and ensemble.group != grp:
         raise FormatError(f"{path}: holds {ensemble.group} links, not {grp} as asked")
@@ -764,6 +764,7 @@ def write(path: str | os.PathLike, ensemble: Ensemble, format: str | None = None
         FormatError: if ``path`` exists and neither ``overwrite`` nor ``append`` is set,
             if the format cannot hold the data (group, dimension, batch size), or on an
             unknown extension without ``format``.
+        FlowplugError: if the operating system refuses the write (disk full, permissions).
     """
     path = Path(path)
     if not isinstance(ensemble, Ensemble):
@@ -781,16 +782,20 @@ def write(path: str | os.PathLike, ensemble: Ensemble, format: str | None = None
     reason = handler.can_write(ensemble)
     if reason:
         raise FormatError(f"{path}: {reason}")
-    if path.exists():
-        if append:
-            handler.append(path, ensemble, precision=prec, **options)
-            return path
-        if not overwrite:
-            raise FormatError(f"{path} exists; refusing to overwrite it (overwrite=True / --force replaces it)")
     from flowplug.fsutil import atomic_path
 
-    with atomic_path(path) as tmp:
-        handler.write(tmp, ensemble, precision=prec, **options)
+    try:
+        if path.exists():
+            if append:
+                handler.append(path, ensemble, precision=prec, **options)
+                return path
+            if not overwrite:
+                raise FormatError(f"{path} exists; refusing to overwrite it (overwrite=True / --force "
+                                  "replaces it)")
+        with atomic_path(path) as tmp:
+            handler.write(tmp, ensemble, precision=prec, **options)
+    except OSError as exc:  # disk full, permissions...: a clear message, no partial file
+        raise FlowplugError(f"{path}: cannot be written ({exc.strerror or exc})") from None
     return path
 
 
