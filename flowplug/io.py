@@ -274,14 +274,21 @@ class Ensemble:
         return int(self.links.shape[0])
 
     def __getitem__(self, index: int | slice) -> "Ensemble":
-        """The configuration(s) at ``index`` as a new Ensemble sharing the link storage."""
+        """The configuration(s) at ``index`` as a new Ensemble sharing the link storage.
+
+        Its precision is the highest ``meta[i].precision`` of the selection (capped at
+        this ensemble's), so 32-bit sources stored in a 64-bit HDF5 store write back as
+        32-bit files.
+        """
         if isinstance(index, int):
             n = len(self)
             if not -n <= index < n:
                 raise IndexError(f"configuration {index} out of range for an ensemble of {n}")
             index = slice(index % n, index % n + 1)
-        return Ensemble(self.links[index], precision=self.precision,
-                        meta=self.meta[index], attrs=self.attrs)
+        meta = self.meta[index]
+        # a mixed ensemble (HDF5 store of 32- and 64-bit sources): each part keeps its own
+        precision = min(self.precision, max((m.precision for m in meta), default=self.precision))
+        return Ensemble(self.links[index], precision=precision, meta=meta, attrs=self.attrs)
 
     def __iter__(self):
         for i in range(len(self)):

@@ -167,3 +167,17 @@ def test_unknown_format_lists_the_registered_ones(tmp_path):
         io.write(tmp_path / "x.dat", make_ensemble())
     assert set(io.formats(writable=True)) >= {"ildg", "nersc", "openqcd", "hdf5"}
     assert os.path.exists(tmp_path)
+
+
+def test_convert_mixed_precisions_into_one_store_and_back(tmp_path):
+    folder = tmp_path / "in"
+    io.write(folder / "a32.ildg", make_ensemble(precision=32, seed=1))
+    io.write(folder / "b64.ildg", make_ensemble(precision=64, seed=2))
+    store = tmp_path / "mixed.h5"
+    assert main(["convert", str(folder), str(store)]) == 0
+    back = tmp_path / "back"
+    assert main(["convert", str(store), str(back), "--to", "ildg"]) == 0
+    outs = sorted(back.iterdir())
+    assert [io.read(p).precision for p in outs] == [32, 64]
+    assert outs[0].read_bytes() == (folder / "a32.ildg").read_bytes()
+    assert outs[1].read_bytes() == (folder / "b64.ildg").read_bytes()
