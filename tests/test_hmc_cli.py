@@ -122,10 +122,16 @@ def test_interrupted_run_resumes_to_the_same_chain(tmp_path, fresh_pm, extra):
     names = sorted(p.name for p in (tmp_path / "full" / "ensemble").iterdir())
     assert names == sorted(p.name for p in (tmp_path / "part" / "ensemble").iterdir())
     assert names  # configurations were written
-    if "format=ildg" in extra:
-        for n in names:
-            assert (tmp_path / "full" / "ensemble" / n).read_bytes() == \
-                (tmp_path / "part" / "ensemble" / n).read_bytes()
+    from flowplug import io
+
+    for n in names:  # same links (files differ only in their time stamps)
+        if "action.name=phi4" in extra:
+            np.testing.assert_array_equal(read_h5(tmp_path / "full" / "ensemble" / n)["phi"],
+                                          read_h5(tmp_path / "part" / "ensemble" / n)["phi"])
+            continue
+        ea, eb = io.read(tmp_path / "full" / "ensemble" / n), io.read(tmp_path / "part" / "ensemble" / n)
+        assert torch.equal(ea.links, eb.links)
+        assert eb.checksum_status in ("ok", "absent")
 
 
 def test_extend_finished_run(tmp_path):
