@@ -97,7 +97,7 @@ class FieldSpace:
 
     def update(self, x: torch.Tensor, p: torch.Tensor, eps: float) -> torch.Tensor:
         """Move the field along the momentum for a time ``eps``."""
-        return x + eps * p
+        return torch.add(x, p, alpha=eps)
 
     def finalize(self, x: torch.Tensor) -> torch.Tensor:
         """Bring a field back to its canonical range after a trajectory (identity here)."""

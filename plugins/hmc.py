@@ -100,19 +100,23 @@ class HMC(Kernel):
         Reversible: integrating (x', -p') gives back (x, -p) up to rounding.
         """
         eps, n, sp = self.step_size, self.steps, self.space
+
+        def kick(p: torch.Tensor, x: torch.Tensor, dt: float) -> torch.Tensor:
+            return torch.add(p, self.force(x), alpha=-dt)
+
         if self.integrator == "leapfrog":
-            p = p - 0.5 * eps * self.force(x)
+            p = kick(p, x, 0.5 * eps)
             for i in range(n):
                 x = sp.update(x, p, eps)
-                p = p - (eps if i < n - 1 else 0.5 * eps) * self.force(x)
+                p = kick(p, x, eps if i < n - 1 else 0.5 * eps)
             return x, p
         lam = self.omelyan_lambda
-        p = p - lam * eps * self.force(x)
+        p = kick(p, x, lam * eps)
         for i in range(n):
             x = sp.update(x, p, 0.5 * eps)
-            p = p - (1.0 - 2.0 * lam) * eps * self.force(x)
+            p = kick(p, x, (1.0 - 2.0 * lam) * eps)
             x = sp.update(x, p, 0.5 * eps)
-            p = p - (2.0 * lam if i < n - 1 else lam) * eps * self.force(x)
+            p = kick(p, x, (2.0 * lam if i < n - 1 else lam) * eps)
         return x, p
 
     def init(self, x: torch.Tensor) -> ChainState:

@@ -141,19 +141,22 @@ class WilsonGaugeAction(Action):
             Same shape as ``u``.
         """
         d = u.shape[1]
-        v = torch.zeros_like(u)
+        us = [u[:, m].contiguous() for m in range(d)]
+        uds = [m.mH.resolve_conj().contiguous() for m in us]  # conj-transposed copies: fast products
+        out = []
         for mu in range(d):
-            u_mu = u[:, mu]
+            v = None
             for nu in range(d):
                 if nu == mu:
                     continue
-                u_nu = u[:, nu]
-                u_nu_xmu = torch.roll(u_nu, -1, dims=1 + mu)
-                a = u_nu_xmu @ torch.roll(u_mu, -1, dims=1 + nu).mH
-                upper = a @ u_nu.mH
-                lower = u_nu_xmu.mH @ u_mu.mH @ u_nu
-                v[:, mu] += upper + torch.roll(lower, 1, dims=1 + nu)
-        return v
+                u_nu_xmu = torch.roll(us[nu], -1, dims=1 + mu)
+                ud_nu_xmu = torch.roll(uds[nu], -1, dims=1 + mu)
+                upper = u_nu_xmu @ torch.roll(uds[mu], -1, dims=1 + nu) @ uds[nu]
+                lower = ud_nu_xmu @ uds[mu] @ us[nu]
+                term = upper + torch.roll(lower, 1, dims=1 + nu)
+                v = term if v is None else v + term
+            out.append(v)
+        return torch.stack(out, dim=1)
 
     # ---------------------------------------------------------------- interface
 
