@@ -8,7 +8,8 @@ An **action** is an object with
 ``action(x) -> (B,) float64``
     S[x] in lattice units, log p(x) = -S[x] - log Z;
 ``force(x)``
-    the derivative of S along the field space (see below), same shape and dtype as x.
+    the force F = -(derivative of S along the field space) (see below), same shape and
+    dtype as x.
 
 :class:`Action` is a convenient base class: it supplies ``force`` by automatic
 differentiation (subclasses override it with an analytic force), ``cold_start``,
@@ -20,17 +21,18 @@ Field spaces and the force convention
 Each field kind lives on a manifold described by a :class:`FieldSpace`:
 
 * ``scalar`` (:class:`EuclideanSpace`): phi in R^n; momenta p in R^n, kinetic energy
-  (1/2) sum p^2; update phi <- phi + eps p; force F = dS/dphi.
+  (1/2) sum p^2; update phi <- phi + eps p; force F = -dS/dphi.
 * ``u1`` and ``o2`` (:class:`AngleSpace`): angles theta, the same as ``scalar`` with the
-  result wrapped into (-pi, pi]; force F = dS/dtheta.
+  result wrapped into (-pi, pi]; force F = -dS/dtheta.
 * ``su<N>`` (:class:`SUNSpace`): links U in SU(N); momenta P in su(N) (traceless
   anti-Hermitian), P = sum_a p_a t_a with t_a = i lambda_a / 2, tr(t_a t_b) = -delta_ab/2,
   p_a ~ N(0, 1); kinetic energy -tr(P^2) = (1/2) sum_a p_a^2; update U <- exp(eps P) U;
-  force F = sum_a (d/ds S[exp(s t_a) U] at s = 0) t_a, an element of su(N). Equivalently,
-  for every X in su(N): d/ds S[exp(s X) U] at s=0 equals -2 Re tr(X F).
+  force F = -sum_a (d/ds S[exp(s t_a) U] at s = 0) t_a, an element of su(N). Equivalently,
+  for every X in su(N): d/ds S[exp(s X) U] at s=0 equals 2 Re tr(X F).
 
 With these conventions the equations of motion are dx/dt = p (resp. dU/dt = P U) and
-dp/dt = -F for every kind, which is what :mod:`flowplug.plugins.hmc` integrates.
+dp/dt = F for every kind, which is what :mod:`flowplug.plugins.hmc` integrates. (The sign
+is the physical one, F = -grad S, as in the example XY plugin.)
 
 References:
     Duane, Kennedy, Pendleton, Roweth, Phys. Lett. B 195 (1987) 216 (HMC);
@@ -109,7 +111,7 @@ class FieldSpace:
         with torch.enable_grad():
             xg = x.detach().requires_grad_(True)
             (g,) = torch.autograd.grad(action(xg).sum(), xg)
-        return g
+        return -g
 
     def distance(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """max |x - y| per configuration (angles compared modulo 2 pi), shape (B,)."""
@@ -210,11 +212,11 @@ class SUNSpace(FieldSpace):
 
     def autograd_force(self, action, x):
         # torch returns G = 2 dS/d(conj U); d/ds S[exp(sX) U] = Re tr(U G^+ X), hence
-        # F = sum_a Re tr(t_a U G^+) t_a = -(1/2) Pi(U G^+) with Pi the algebra projection.
+        # F = -sum_a Re tr(t_a U G^+) t_a = (1/2) Pi(U G^+) with Pi the algebra projection.
         with torch.enable_grad():
             xg = x.detach().requires_grad_(True)
             (g,) = torch.autograd.grad(action(xg).sum(), xg)
-        return -0.5 * groups.project_algebra(x @ g.mH)
+        return 0.5 * groups.project_algebra(x @ g.mH)
 
     def distance(self, x, y):
         return (x - y).abs().flatten(1).amax(1)
@@ -305,6 +307,35 @@ class Action:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.couplings().items())
         return f"{type(self).__name__}({args})"
+
+
+def start_field(action: Any, how: str, lattice: Sequence[int], batch: int, *,
+                generator: torch.Generator | None = None, device: Any = None) -> torch.Tensor:
+    """Cold or hot start for any action object (its own ``cold_start``/``hot_start`` if it
+    has them, else those of its field space).
+
+    Arguments:
+        action: Object with ``field`` (and optionally ``cold_start``/``hot_start``).
+        how: ``"cold"`` or ``"hot"``.
+        lattice: Extents, x first.
+        batch: Number of configurations.
+        generator: Random generator for the hot start.
+        device: Target device.
+
+    Raises:
+        ConfigError: if ``how`` is neither, or the field kind is unknown.
+    """
+    if how not in ("cold", "hot"):
+        raise ConfigError(f"start must be 'cold', 'hot' or a file; found {how!r}")
+    own = getattr(action, f"{how}_start", None)
+    if own is not None:
+        if how == "cold":
+            return own(lattice, batch, device=device)
+        return own(lattice, batch, generator=generator, device=device)
+    space = field_space(action.field)
+    if how == "cold":
+        return space.cold(lattice, batch, device=device)
+    return space.hot(lattice, batch, generator=generator, device=device)
 
 
 def action_force(action: Any, x: torch.Tensor) -> torch.Tensor:

@@ -126,8 +126,8 @@ def test_interrupted_run_resumes_to_the_same_chain(tmp_path, fresh_pm, extra):
 
     for n in names:  # same links (files differ only in their time stamps)
         if "action.name=phi4" in extra:
-            np.testing.assert_array_equal(read_h5(tmp_path / "full" / "ensemble" / n)["phi"],
-                                          read_h5(tmp_path / "part" / "ensemble" / n)["phi"])
+            np.testing.assert_array_equal(read_h5(tmp_path / "full" / "ensemble" / n)["field"],
+                                          read_h5(tmp_path / "part" / "ensemble" / n)["field"])
             continue
         ea, eb = io.read(tmp_path / "full" / "ensemble" / n), io.read(tmp_path / "part" / "ensemble" / n)
         assert torch.equal(ea.links, eb.links)

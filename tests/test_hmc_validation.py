@@ -202,3 +202,35 @@ def test_exp_minus_dh_with_coarse_steps():
     assert 0.3 < h["accepted"].mean() < 0.8
     assert h["delta_h"].mean() > 0.2
     check_exp_dh(h)
+
+
+# ----------------------------------------------------- a third-party action (XY)
+
+
+@pytest.mark.slow
+def test_hmc_cli_on_plugin_action_xy_chain(tmp_path, fresh_pm):
+    """The example plugin's XY action (field kind o2, its own force) through ``flowplug hmc``:
+    1D periodic chain, V = 16, beta = 1; exact <cos> = sum_n I_n^(V-1) I_n' / sum_n I_n^V.
+    128 chains x 300 trajectories (50 thermalisation), Omelyan 4 steps."""
+    pytest.importorskip("flowplug_xy", reason="examples/flowplug-xy is not installed")
+    from scipy.special import iv
+
+    from flowplug import config as _config
+    from flowplug.cli.cmd_hmc import DEFAULT_CONFIG, run_hmc
+
+    fresh_pm.load_entrypoints()
+    beta, v = 1.0, 16
+    n = np.arange(-30, 31)
+    exact = float((iv(n, beta) ** (v - 1) * 0.5 * (iv(n - 1, beta) + iv(n + 1, beta))).sum()
+                  / (iv(n, beta) ** v).sum())
+    cfg = _config.build_config(DEFAULT_CONFIG, overrides=[
+        f"out={tmp_path}", "progress=false", "action.name=xy", f"action.beta={beta}", f"lattice=[{v}]",
+        "chains=128", "hmc.trajectories=350", "hmc.thermalization=50", "hmc.steps=4",
+        "observables=['xy_bond_energy']", "format=none"])
+    summary = run_hmc(cfg)
+    e = summary["observables"]["xy_bond_energy"]
+    pull = (e["mean"] - exact) / e["error"]
+    print(f"XY V=16 beta=1 <cos>: {e['mean']:.5f} +- {e['error']:.5f}, exact {exact:.5f}: {pull:+.2f} sigma")
+    assert abs(pull) < SIGMAS
+    assert summary["acceptance"] > 0.9
+    assert abs(summary["exp_minus_delta_h"]["mean"] - 1) < SIGMAS * summary["exp_minus_delta_h"]["error"]

@@ -5,8 +5,10 @@ independent HMC chains as one batch and writes to ``out``:
 
 ``ensemble/traj_<t>[_chain_<c>].<ext>``
     configurations every ``save_every`` trajectories (after thermalisation) and at the
-    end, in ``format`` (any writable file format: hdf5 holds all chains of a trajectory
-    in one file, ildg/nersc/openqcd one configuration per file; scalar fields: hdf5 only;
+    end, in ``format`` (gauge fields: any writable file format of :mod:`flowplug.io`,
+    hdf5 holding all chains of a trajectory in one file, ildg/nersc/openqcd one
+    configuration per file; other field kinds (phi^4, plugins' kinds): a plain HDF5 file
+    with dataset ``field`` (chains first) and attributes ``kind`` and ``provenance``;
     ``none`` writes no configurations);
 ``measurements.h5`` or ``measurements.csv``
     every observable, acceptance and dH per trajectory and chain;
@@ -109,9 +111,9 @@ def _start_configuration(cfg: Mapping[str, Any], action: Any, chains: int, gener
     if start in ("cold", "hot"):
         if not lattice or any(n < 1 for n in lattice):
             raise ConfigError(f"lattice must be a list of positive extents, x first (e.g. [8, 8]); found {lattice}")
-        if start == "cold":
-            return action.cold_start(lattice, chains, device=device), "cold"
-        return action.hot_start(lattice, chains, generator=generator, device=device), "hot"
+        from flowplug.theory import start_field
+
+        return start_field(action, start, lattice, chains, generator=generator, device=device), start
     from flowplug import io
 
     path = Path(start)
@@ -160,11 +162,13 @@ class _Output:
         self.handler = None
         self.ext = ""
         self.written: list[str] = []
+        # gauge fields go through flowplug.io; other kinds (scalar, o2, ...) to plain HDF5
+        self.gauge = action.field == "u1" or action.field.startswith("su")
         if self.format != "none":
-            if action.field == "scalar":
+            if not self.gauge:
                 if self.format not in ("hdf5", "h5"):
-                    raise ConfigError(f"format = {self.format!r}: scalar fields are written as hdf5 only "
-                                      "(or format = \"none\")")
+                    raise ConfigError(f"format = {self.format!r}: {action.field} fields are written as "
+                                      "hdf5 only (or format = \"none\")")
                 self.ext = "h5"
             else:
                 from flowplug import io
@@ -197,17 +201,20 @@ class _Output:
         prov = {"generator": "flowplug hmc", "trajectory": step, "seed": self.seed,
                 "action": self.action.couplings() if hasattr(self.action, "couplings") else {},
                 "hmc": dict(self.cfg["hmc"])}
-        if self.action.field == "scalar":
+        if not self.gauge:
+            import json
+
             import h5py
 
-            from flowplug.fsutil import atomic_path
+            from flowplug.fsutil import _jsonable, atomic_path
 
             path = folder / f"traj_{step:06d}.h5"
             with atomic_path(path) as tmp:
                 with h5py.File(tmp, "w") as f:
-                    f.create_dataset("phi", data=x.numpy())
-                    f.attrs["layout"] = "phi[chain, x_0, ..., x_(d-1)]"
-                    f.attrs["provenance"] = _config.dumps({"p": {k: str(v) for k, v in prov.items()}})
+                    f.create_dataset("field", data=x.numpy())
+                    f.attrs["kind"] = self.action.field
+                    f.attrs["layout"] = "field[chain, ...] in flowplug's canonical layout of the kind"
+                    f.attrs["provenance"] = json.dumps(_jsonable(prov), sort_keys=True)
             self.written.append(str(path))
             return
         from flowplug import io
