@@ -82,6 +82,11 @@ class Interrupt:
 
     def __init__(self, at: int) -> None:
         self.at = at
+        self.checkpoints: list[tuple[str, int, str]] = []
+
+    @hookimpl
+    def flowplug_checkpoint_written(self, path, step, what):
+        self.checkpoints.append((Path(path).name, step, what))
 
     @hookimpl
     def flowplug_after_chain_step(self, step, kernel, info):
@@ -97,10 +102,12 @@ class Interrupt:
 def test_interrupted_run_resumes_to_the_same_chain(tmp_path, fresh_pm, extra):
     full = run_hmc(cfg(tmp_path, *extra, name="full"))
     interrupted = cfg(tmp_path, *extra, name="part")
-    fresh_pm.register(Interrupt(at=7), name="interrupt")
+    monitor = Interrupt(at=7)
+    fresh_pm.register(monitor, name="interrupt")
     with pytest.raises(KeyboardInterrupt):
         run_hmc(interrupted)
     fresh_pm.unregister(name="interrupt")
+    assert monitor.checkpoints == [("checkpoint.pt", 5, "hmc")]
     ck = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=True)
     assert ck["step"] == 5
     resumed = run_hmc(interrupted, resume=True)
