@@ -124,15 +124,18 @@ class EuclideanSpace(FieldSpace):
     kind = "scalar"
 
     def shape(self, lattice: Sequence[int], batch: int) -> tuple[int, ...]:
+        """(batch, L_0, ..., L_{d-1})."""
         return (batch, *map(int, lattice))
 
     def lattice_of(self, x: torch.Tensor) -> tuple[int, ...]:
+        """(L_0, ..., L_{d-1}) of a real (B, L...) tensor; ShapeError otherwise."""
         if x.dim() < 2 or x.is_complex():
             raise ShapeError(f"{self.kind} field must be real with shape (B, L_0, ..., L_(d-1)); "
                              f"found {x.dtype} {tuple(x.shape)}")
         return tuple(x.shape[1:])
 
     def hot(self, lattice, batch, *, generator=None, device=None):
+        """Independent standard normal entries, float64."""
         return torch.randn(self.shape(lattice, batch), generator=generator, dtype=torch.float64,
                            device=device)
 
@@ -145,10 +148,12 @@ class AngleSpace(EuclideanSpace):
         self.links = kind == "u1"
 
     def shape(self, lattice, batch):
+        """(batch, d, L...) for ``u1`` links, (batch, L...) for ``o2`` spins."""
         lattice = tuple(map(int, lattice))
         return (batch, len(lattice), *lattice) if self.links else (batch, *lattice)
 
     def lattice_of(self, x):
+        """The lattice of an angle tensor; ShapeError if the layout does not fit the kind."""
         if not self.links:
             return super().lattice_of(x)
         if x.dim() < 3 or x.is_complex() or x.dim() != x.shape[1] + 2:
@@ -157,14 +162,17 @@ class AngleSpace(EuclideanSpace):
         return tuple(x.shape[2:])
 
     def hot(self, lattice, batch, *, generator=None, device=None):
+        """Independent uniform angles in (-pi, pi]."""
         u = torch.rand(self.shape(lattice, batch), generator=generator, dtype=torch.float64,
                        device=device)
         return groups.wrap_angle(2 * math.pi * u - math.pi)
 
     def finalize(self, x):
+        """Angles wrapped into (-pi, pi]."""
         return groups.wrap_angle(x)
 
     def distance(self, x, y):
+        """max |wrap(x - y)| per configuration, shape (B,)."""
         return groups.wrap_angle(x - y).abs().flatten(1).amax(1)
 
 
@@ -180,10 +188,12 @@ class SUNSpace(FieldSpace):
         self.kind = f"su{n}"
 
     def shape(self, lattice, batch):
+        """(batch, d, L..., N, N)."""
         lattice = tuple(map(int, lattice))
         return (batch, len(lattice), *lattice, self.n, self.n)
 
     def lattice_of(self, x):
+        """The lattice of an SU(N) link tensor; ShapeError if the layout does not fit."""
         n = self.n
         if (x.dim() < 5 or not x.is_complex() or x.shape[-1] != n or x.shape[-2] != n
                 or x.dim() != x.shape[1] + 4):
@@ -192,25 +202,31 @@ class SUNSpace(FieldSpace):
         return tuple(x.shape[2:-2])
 
     def cold(self, lattice, batch, *, device=None):
+        """Unit links, complex128."""
         eye = torch.eye(self.n, dtype=self.dtype, device=device)
         return eye.expand(self.shape(lattice, batch)).clone()
 
     def hot(self, lattice, batch, *, generator=None, device=None):
+        """Independent Haar-random SU(N) links (:func:`flowplug.groups.haar_random`)."""
         shape = self.shape(lattice, batch)[:-2]
         return groups.haar_random(shape, self.n, generator=generator, device=device)
 
     def momenta(self, x, generator=None):
+        """P = sum_a p_a t_a with p_a ~ N(0, 1): shape of x, traceless anti-Hermitian."""
         return groups.random_algebra(tuple(x.shape[:-2]), self.n, generator=generator,
                                      dtype=x.dtype, device=x.device)
 
     def kinetic(self, p):
+        """-tr(P^2) = sum_ij |P_ij|^2 summed over links, shape (B,), float64."""
         # -tr(P^2) = sum_ij |P_ij|^2 for anti-Hermitian P
         return (p.real ** 2 + p.imag ** 2).flatten(1).sum(1).to(torch.float64)
 
     def update(self, x, p, eps):
+        """U <- exp(eps P) U (:func:`flowplug.groups.expmap`)."""
         return groups.expmap(eps * p) @ x
 
     def autograd_force(self, action, x):
+        """F = -sum_a (d/ds S[exp(s t_a) U]) t_a from autograd, an su(N) element per link."""
         # torch returns G = 2 dS/d(conj U); d/ds S[exp(sX) U] = Re tr(U G^+ X), hence
         # F = -sum_a Re tr(t_a U G^+) t_a = (1/2) Pi(U G^+) with Pi the algebra projection.
         with torch.enable_grad():
@@ -219,6 +235,7 @@ class SUNSpace(FieldSpace):
         return 0.5 * groups.project_algebra(x @ g.mH)
 
     def distance(self, x, y):
+        """max |x - y| over matrix entries per configuration, shape (B,)."""
         return (x - y).abs().flatten(1).amax(1)
 
 
