@@ -18,7 +18,7 @@ from flowplug.errors import ConfigError
 
 
 def cfg(tmp_path: Path, *overrides: str, name: str = "out") -> dict:
-    base = [f"out={tmp_path / name}", "progress=false", "lattice=[6, 6]", "chains=3",
+    base = [f"out={tmp_path / name}", "progress=false", "threads=0", "lattice=[6, 6]", "chains=3",
             "hmc.trajectories=12", "hmc.thermalization=2", "hmc.steps=4", "save_every=5"]
     return _config.build_config(DEFAULT_CONFIG, overrides=base + list(overrides))
 

@@ -58,6 +58,8 @@ measurements = "hdf5"   # per-trajectory measurements: "hdf5" (measurements.h5) 
 observables = []        # observable names; empty: plaquette (+ topological charge where
                         # defined) for gauge fields, magnetization, chi_2, ising_energy for phi^4
 device = "cpu"          # torch device
+threads = 0             # torch intra-op CPU threads; 0 keeps torch's default (on a busy
+                        # machine, or for small lattices, 1 is often much faster)
 progress = true         # progress bar with acceptance and plaquette
 
 [action]
@@ -76,7 +78,7 @@ trajectory_length = 1.0 # molecular-dynamics time per trajectory
 """
 
 #: Keys that do not change the Markov chain: a run may be resumed with other values.
-_NON_CHAIN_KEYS = {("hmc", "trajectories"), ("progress",), ("save_every",), ("format",),
+_NON_CHAIN_KEYS = {("hmc", "trajectories"), ("progress",), ("save_every",), ("format",), ("threads",),
                    ("measurements",), ("out",), ("observables",), ("hmc", "thermalization")}
 
 
@@ -336,6 +338,11 @@ def run_hmc(cfg: Mapping[str, Any], *, resume: bool = False, force: bool = False
         device = torch.device(str(cfg["device"]))
     except RuntimeError as exc:
         raise ConfigError(f"device = {cfg['device']!r}: {exc}") from None
+    threads = int(cfg["threads"])
+    if threads < 0:
+        raise ConfigError(f"threads must be >= 0; found {threads}")
+    if threads:
+        torch.set_num_threads(threads)
     action = action_from_config(cfg)
     kernel = pm.registry("kernel").get("hmc").factory(
         action, integrator=hmc["integrator"], steps=int(hmc["steps"]),
