@@ -175,6 +175,10 @@ class Hdf5Handler(FormatHandler):
                 if not -count <= int(i) < count:
                     raise FormatError(f"{path}: configuration {i} out of range (the store holds {count})")
             sel = [int(i) % count for i in sel]
+        need = len(sel) * int(np.prod(shape)) * links_ds.dtype.itemsize
+        if need > path.stat().st_size:  # flowplug stores uncompressed: data cannot exceed the file
+            raise FormatError(f"{path}: /links claims {need} bytes for {len(sel)} configuration(s) but the "
+                              f"file has {path.stat().st_size} bytes (damaged or not written by flowplug)")
         data = np.empty((len(sel), *shape), dtype=links_ds.dtype)
         metas = []
         for j, i in enumerate(sel):
@@ -190,7 +194,7 @@ class Hdf5Handler(FormatHandler):
             meta.format, meta.path = "hdf5", str(path)
             meta.precision = min(meta.precision, precision)
             metas.append(meta)
-        out = data.astype(np.float64 if group == "u1" else np.complex128)
+        out = data.astype(np.float64 if group == "u1" else np.complex128, copy=False)
         try:
             attrs = json.loads(str(f.attrs.get("attrs", "{}")))
         except ValueError:

