@@ -156,6 +156,9 @@ class Hdf5Handler(FormatHandler):
         lattice = tuple(int(n) for n in f.attrs["lattice"])
         precision = int(f.attrs["precision"])
         count = int(f.attrs["count"])
+        if not lattice or any(n <= 0 for n in lattice) or precision not in (32, 64):
+            raise FormatError(f"{path}: attributes lattice {lattice} / precision {precision} are invalid "
+                              "(damaged file)")
         links_ds, meta_ds = f["links"], f["meta"]
         n_colors = 1 if group == "u1" else int(group[2:])
         shape = (len(lattice), *lattice) + (() if group == "u1" else (n_colors, n_colors))

@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import struct
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -507,10 +508,8 @@ def detect(path: str | os.PathLike) -> str:
         if not spec.readable:
             continue
         try:
-            score = get_format(spec.name).sniff(path, head, size)
-        except FlowplugError:
-            score = 0
-        except (OSError, ValueError):
+            score = int(get_format(spec.name).sniff(path, head, size))
+        except Exception:  # a sniffer that fails (even a third party's) only says "not mine"
             score = 0
         if score > best_score:
             best, best_score = spec.name, score
@@ -636,7 +635,7 @@ def group_deviation(links: torch.Tensor) -> tuple[float, float]:
 
         return float(unitarity_deviation(links).max()), float(determinant_deviation(links).max())
     flat = links.detach().cpu().resolve_conj().numpy().reshape(-1, n, n)
-    unit = det = 0.0
+    unit = det = 0.0  # (also for an empty tensor)
     for start in range(0, flat.shape[0], _GROUP_CHUNK):  # chunks keep the temporaries in cache
         a, b = _group_deviation_chunk(flat[start:start + _GROUP_CHUNK], n)
         unit, det = max(unit, a), max(det, b)
@@ -725,8 +724,8 @@ def read(path: str | os.PathLike, format: str | None = None, *, lattice: str | S
         raise
     except MemoryError:
         raise FormatError(f"{path}: not enough memory to read it as {name}") from None
-    except (OSError, ValueError, KeyError, IndexError, TypeError, OverflowError, EOFError,
-            UnicodeError) as exc:
+    except (OSError, ValueError, KeyError, IndexError, TypeError, ArithmeticError, EOFError,
+            UnicodeError, RuntimeError, struct.error) as exc:
         raise FormatError(f"{path}: unreadable as {name}: {type(exc).__name__}: {exc}") from None
     if grp is not None and ensemble.group != grp:
         raise FormatError(f"{path}: holds {ensemble.group} links, not {grp} as asked")
@@ -765,6 +764,7 @@ def write(path: str | os.PathLike, ensemble: Ensemble, format: str | None = None
         FormatError: if ``path`` exists and neither ``overwrite`` nor ``append`` is set,
             if the format cannot hold the data (group, dimension, batch size), or on an
             unknown extension without ``format``.
+        FlowplugError: if the operating system refuses the write (disk full, permissions).
     """
     path = Path(path)
     if not isinstance(ensemble, Ensemble):
@@ -782,16 +782,20 @@ def write(path: str | os.PathLike, ensemble: Ensemble, format: str | None = None
     reason = handler.can_write(ensemble)
     if reason:
         raise FormatError(f"{path}: {reason}")
-    if path.exists():
-        if append:
-            handler.append(path, ensemble, precision=prec, **options)
-            return path
-        if not overwrite:
-            raise FormatError(f"{path} exists; refusing to overwrite it (overwrite=True / --force replaces it)")
     from flowplug.fsutil import atomic_path
 
-    with atomic_path(path) as tmp:
-        handler.write(tmp, ensemble, precision=prec, **options)
+    try:
+        if path.exists():
+            if append:
+                handler.append(path, ensemble, precision=prec, **options)
+                return path
+            if not overwrite:
+                raise FormatError(f"{path} exists; refusing to overwrite it (overwrite=True / --force "
+                                  "replaces it)")
+        with atomic_path(path) as tmp:
+            handler.write(tmp, ensemble, precision=prec, **options)
+    except OSError as exc:  # disk full, permissions...: a clear message, no partial file
+        raise FlowplugError(f"{path}: cannot be written ({exc.strerror or exc})") from None
     return path
 
 

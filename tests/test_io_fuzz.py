@@ -131,7 +131,9 @@ def test_mutated_files_return_original_or_raise_flowplug_error(mut):
         _, original, _, full_check = BASE[name]
         try:
             ens = _read(data, name)
-        except FlowplugError:
+        except FlowplugError as exc:
+            # a MemoryError turned into an error message would mean a size was trusted
+            assert "not enough memory" not in str(exc), f"{name}: {kind}: {exc}"
             continue
         same = ens.links.shape == original.shape and torch.equal(ens.links, original)
         if not same:
