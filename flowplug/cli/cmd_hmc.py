@@ -78,8 +78,9 @@ trajectory_length = 1.0 # molecular-dynamics time per trajectory
 """
 
 #: Keys that do not change the Markov chain: a run may be resumed with other values.
+#: (``observables`` is not among them: the history of a resumed run must stay rectangular.)
 _NON_CHAIN_KEYS = {("hmc", "trajectories"), ("progress",), ("save_every",), ("format",), ("threads",),
-                   ("measurements",), ("out",), ("observables",), ("hmc", "thermalization")}
+                   ("measurements",), ("out",), ("hmc", "thermalization")}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
