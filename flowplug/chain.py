@@ -1,0 +1,298 @@
+r"""Markov-chain states, the kernel interface, and the chain driver.
+
+Kernel interface
+----------------
+A **kernel** is an object with
+
+``name``
+    its registry name (``"hmc"``, ...);
+``init(x) -> ChainState``
+    wrap configurations x (canonical layout, batch first: B independent chains) into a
+    state, computing log p(x) = -S(x) and whatever the kernel caches per chain;
+``step(state, generator) -> (ChainState, info)``
+    one exact Markov step for every chain of the batch. ``info`` is a dict with at least
+    ``accepted``: (B,) bool; HMC adds ``delta_h``: (B,) float64. The kernel must leave
+    p(x) = exp(-S(x)) / Z invariant (detailed balance or a composition of such steps).
+
+Kernels compose: a mixture or a cycle of kernels is itself a kernel that calls the
+``step`` of its parts on the same state. To make that safe, :class:`ChainState`
+carries, besides x and log p, a dict ``extras`` of per-chain cached quantities valid
+for the current x (a flow kernel keeps log q there). A kernel that moves x returns a
+state whose ``extras`` holds only what it recomputed for the new x (:meth:`ChainState.moved`
+drops stale entries chain by chain); a kernel needing a quantity that is missing
+recomputes it.
+
+Chain driver
+------------
+:class:`Chain` runs a kernel for N steps, measures observables after every step,
+keeps the history (one (B,) row per step), shows a tqdm progress bar with acceptance
+and plaquette, calls the event hook ``flowplug_after_chain_step``, and writes
+checkpoints (``torch.save`` of tensors only, written atomically; read back with
+``weights_only=True``). A checkpoint holds the state, the history and the generator
+state, so a resumed chain is bit-for-bit the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+
+from flowplug.errors import CheckpointError
+from flowplug.fsutil import atomic_path
+
+
+@dataclasses.dataclass
+class ChainState:
+    """The state of B independent Markov chains.
+
+    Attributes:
+        x: Configurations, canonical layout (batch first; DESIGN.md section 2).
+        log_p: Unnormalised log density -S(x), shape (B,), float64.
+        extras: Per-chain cached quantities valid for the current x, each of shape (B, ...)
+            (for example ``log_q`` of a flow kernel).
+    """
+
+    x: torch.Tensor
+    log_p: torch.Tensor
+    extras: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+
+    @property
+    def batch(self) -> int:
+        """Number of chains B."""
+        return int(self.x.shape[0])
+
+    def moved(self, accepted: torch.Tensor, x: torch.Tensor, log_p: torch.Tensor,
+              extras: Mapping[str, torch.Tensor] | None = None) -> "ChainState":
+        """The state after a proposal (x, log_p, extras) accepted where ``accepted`` is true.
+
+        Cached extras of the old state survive only if the new state provides them too
+        (chain by chain from old or new) or if no chain moved.
+
+        Arguments:
+            accepted: (B,) bool.
+            x: Proposed configurations, same shape as ``self.x``.
+            log_p: Their -S, (B,) float64.
+            extras: Quantities the proposing kernel computed for the proposals.
+
+        Returns:
+            A new :class:`ChainState`.
+        """
+        mask_x = accepted.view(-1, *([1] * (x.dim() - 1)))
+        new_x = torch.where(mask_x, x, self.x)
+        new_lp = torch.where(accepted, log_p, self.log_p)
+        new_extras: dict[str, torch.Tensor] = {}
+        any_moved = bool(accepted.any())
+        extras = dict(extras or {})
+        for key in set(self.extras) | set(extras):
+            if key in extras and key in self.extras:
+                old, new = self.extras[key], extras[key]
+                m = accepted.view(-1, *([1] * (new.dim() - 1)))
+                new_extras[key] = torch.where(m, new, old)
+            elif key in extras and bool(accepted.all()):
+                new_extras[key] = extras[key]
+            elif key in self.extras and not any_moved:
+                new_extras[key] = self.extras[key]
+        return ChainState(new_x, new_lp, new_extras)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors only (for ``torch.save`` / ``torch.load(weights_only=True)``)."""
+        return {"x": self.x, "log_p": self.log_p, "extras": dict(self.extras)}
+
+    @classmethod
+    def from_state_dict(cls, d: Mapping[str, Any]) -> "ChainState":
+        """Inverse of :meth:`state_dict`."""
+        return cls(d["x"], d["log_p"], dict(d.get("extras", {})))
+
+
+class Kernel:
+    """Base class of Markov-chain kernels (see the module docstring for the contract)."""
+
+    name: str = "kernel"
+
+    def init(self, x: torch.Tensor) -> ChainState:
+        """Wrap configurations into a :class:`ChainState` (computes log p)."""
+        raise NotImplementedError
+
+    def step(self, state: ChainState, generator: torch.Generator | None = None
+             ) -> tuple[ChainState, dict[str, Any]]:
+        """One Markov step for every chain; returns the new state and an info dict."""
+        raise NotImplementedError
+
+
+Measure = Callable[[torch.Tensor], Mapping[str, torch.Tensor]]
+
+CHECKPOINT_VERSION = 1
+
+
+class Chain:
+    """Drives a kernel: steps, measurements, history, progress bar, events, checkpoints.
+
+    Arguments:
+        kernel: The kernel (module docstring).
+        state: Initial :class:`ChainState` (from ``kernel.init(x)``).
+        generator: The random generator the kernel draws from; its state is checkpointed.
+        measure: Callable x -> {name: (B,) tensor}, evaluated after every step.
+        kernel_name: Name reported to the event hook (default ``kernel.name``).
+        run_id: Opaque string stored in checkpoints; :meth:`load` refuses a checkpoint
+            with a different one (a resume must continue the same run).
+
+    Attributes:
+        step_count: Steps done so far (over the whole run, across resumes).
+        history: name -> list of (B,) float64 tensors, one per step, including
+            ``accepted`` (as 0/1) and, if the kernel reports it, ``delta_h``.
+    """
+
+    def __init__(self, kernel: Any, state: ChainState, generator: torch.Generator, *,
+                 measure: Measure | None = None, kernel_name: str | None = None,
+                 run_id: str = "") -> None:
+        self.kernel = kernel
+        self.state = state
+        self.generator = generator
+        self.measure = measure
+        self.kernel_name = kernel_name or getattr(kernel, "name", "kernel")
+        self.run_id = run_id
+        self.step_count = 0
+        self.history: dict[str, list[torch.Tensor]] = {}
+
+    # ------------------------------------------------------------------ running
+
+    def _record(self, name: str, value: torch.Tensor) -> None:
+        self.history.setdefault(name, []).append(value.detach().to("cpu", torch.float64).reshape(-1))
+
+    def run(self, n_steps: int, *, progress: bool = False, checkpoint_every: int = 0,
+            on_checkpoint: Callable[["Chain"], None] | None = None,
+            on_step: Callable[["Chain", dict[str, Any]], None] | None = None,
+            hooks: Any = None, desc: str = "") -> "Chain":
+        """Advance every chain by ``n_steps`` steps.
+
+        Arguments:
+            n_steps: Number of kernel steps.
+            progress: Show a tqdm bar with running acceptance and plaquette (if measured).
+            checkpoint_every: Call ``on_checkpoint(self)`` every this many steps (of the
+                whole run) and after the last step; 0 only after the last.
+            on_checkpoint: Writes checkpoints / ensemble files (see :meth:`save`).
+            on_step: Called as ``on_step(self, info)`` after each step (info includes the
+                measurements).
+            hooks: The plugin manager (``get_plugin_manager()``, whose ``notify`` isolates
+                failing monitors) or any object with a ``flowplug_after_chain_step``
+                method; if given, that event is sent after each step.
+            desc: Progress-bar label.
+
+        Returns:
+            ``self``.
+        """
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=n_steps, desc=desc or self.kernel_name, leave=True, dynamic_ncols=True)
+        n_acc = 0.0
+        try:
+            for i in range(n_steps):
+                self.state, info = self.kernel.step(self.state, self.generator)
+                info = dict(info)
+                acc = info["accepted"]
+                self._record("accepted", acc.to(torch.float64))
+                if "delta_h" in info:
+                    self._record("delta_h", info["delta_h"])
+                if self.measure is not None:
+                    meas = {k: v.detach() for k, v in self.measure(self.state.x).items()}
+                    for k, v in meas.items():
+                        self._record(k, v)
+                    info["observables"] = meas
+                step = self.step_count
+                self.step_count += 1
+                n_acc += float(acc.to(torch.float64).mean())
+                if hooks is not None:
+                    if hasattr(hooks, "notify"):
+                        hooks.notify("flowplug_after_chain_step", step=step, kernel=self.kernel_name,
+                                     info=info)
+                    else:
+                        hooks.flowplug_after_chain_step(step=step, kernel=self.kernel_name, info=info)
+                if on_step is not None:
+                    on_step(self, info)
+                if bar is not None:
+                    post = {"acc": f"{n_acc / (i + 1):.3f}"}
+                    if "plaquette" in info.get("observables", {}):
+                        post["plaq"] = f"{float(info['observables']['plaquette'].mean()):.5f}"
+                    bar.set_postfix(post, refresh=False)
+                    bar.update(1)
+                last = i == n_steps - 1
+                if on_checkpoint is not None and (
+                        last or (checkpoint_every and self.step_count % checkpoint_every == 0)):
+                    on_checkpoint(self)
+        finally:
+            if bar is not None:
+                bar.close()
+        return self
+
+    def history_tensors(self) -> dict[str, torch.Tensor]:
+        """History as name -> (T, B) float64 tensors (T steps so far)."""
+        return {k: torch.stack(v) for k, v in self.history.items() if v}
+
+    # -------------------------------------------------------------- checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue the chain exactly: tensors, ints and strings only."""
+        return {
+            "version": CHECKPOINT_VERSION,
+            "run_id": self.run_id,
+            "kernel": self.kernel_name,
+            "step": self.step_count,
+            "state": self.state.state_dict(),
+            "rng": self.generator.get_state(),
+            "history": self.history_tensors(),
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """Write a checkpoint atomically (temporary file, then rename)."""
+        path = Path(path)
+        with atomic_path(path) as tmp:
+            torch.save(self.state_dict(), tmp)
+        return path
+
+    def load_state_dict(self, d: Mapping[str, Any]) -> None:
+        """Restore from :meth:`state_dict`.
+
+        Raises:
+            CheckpointError: on a version or run-id mismatch, or a batch/shape mismatch.
+        """
+        if d.get("version") != CHECKPOINT_VERSION:
+            raise CheckpointError(f"checkpoint version {d.get('version')!r} is not supported "
+                                  f"(expected {CHECKPOINT_VERSION})")
+        if self.run_id and d.get("run_id") != self.run_id:
+            raise CheckpointError("checkpoint belongs to a different run: its configuration "
+                                  f"fingerprint is {d.get('run_id')!r}, this run's is {self.run_id!r} "
+                                  "(resume with the same configuration, or start a new --out)")
+        state = ChainState.from_state_dict(d["state"])
+        if state.x.shape != self.state.x.shape:
+            raise CheckpointError(f"checkpoint holds configurations of shape {tuple(state.x.shape)}, "
+                                  f"this run expects {tuple(self.state.x.shape)}")
+        self.state = ChainState(state.x.to(self.state.x.device), state.log_p.to(self.state.log_p.device),
+                                {k: v.to(self.state.x.device) for k, v in state.extras.items()})
+        self.generator.set_state(d["rng"])
+        self.step_count = int(d["step"])
+        self.history = {k: list(v.unbind(0)) for k, v in d["history"].items()}
+
+    def load(self, path: str | Path) -> None:
+        """Restore from a checkpoint file (``torch.load(weights_only=True)``; nothing is unpickled).
+
+        Raises:
+            CheckpointError: if the file is missing, unreadable, or from another run.
+        """
+        path = Path(path)
+        try:
+            d = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}: no checkpoint to resume from (run without --resume)") from None
+        except Exception as exc:
+            raise CheckpointError(f"{path}: not a readable flowplug checkpoint: {exc}") from None
+        if not isinstance(d, Mapping):
+            raise CheckpointError(f"{path}: not a flowplug chain checkpoint")
+        try:
+            self.load_state_dict(d)
+        except KeyError as exc:
+            raise CheckpointError(f"{path}: checkpoint lacks the entry {exc}") from None
