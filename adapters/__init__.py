@@ -12,4 +12,5 @@ BUILTIN: tuple[str, ...] = (
     "flowplug.adapters.milc",
     "flowplug.adapters.openqcd",
     "flowplug.adapters.hdf5",
+    "flowplug.adapters.lyncs",
 )

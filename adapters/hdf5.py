@@ -156,6 +156,9 @@ class Hdf5Handler(FormatHandler):
         lattice = tuple(int(n) for n in f.attrs["lattice"])
         precision = int(f.attrs["precision"])
         count = int(f.attrs["count"])
+        if not lattice or any(n <= 0 for n in lattice) or precision not in (32, 64):
+            raise FormatError(f"{path}: attributes lattice {lattice} / precision {precision} are invalid "
+                              "(damaged file)")
         links_ds, meta_ds = f["links"], f["meta"]
         n_colors = 1 if group == "u1" else int(group[2:])
         shape = (len(lattice), *lattice) + (() if group == "u1" else (n_colors, n_colors))
@@ -175,6 +178,10 @@ class Hdf5Handler(FormatHandler):
                 if not -count <= int(i) < count:
                     raise FormatError(f"{path}: configuration {i} out of range (the store holds {count})")
             sel = [int(i) % count for i in sel]
+        need = len(sel) * int(np.prod(shape)) * links_ds.dtype.itemsize
+        if need > path.stat().st_size:  # flowplug stores uncompressed: data cannot exceed the file
+            raise FormatError(f"{path}: /links claims {need} bytes for {len(sel)} configuration(s) but the "
+                              f"file has {path.stat().st_size} bytes (damaged or not written by flowplug)")
         data = np.empty((len(sel), *shape), dtype=links_ds.dtype)
         metas = []
         for j, i in enumerate(sel):
@@ -190,7 +197,7 @@ class Hdf5Handler(FormatHandler):
             meta.format, meta.path = "hdf5", str(path)
             meta.precision = min(meta.precision, precision)
             metas.append(meta)
-        out = data.astype(np.float64 if group == "u1" else np.complex128)
+        out = data.astype(np.float64 if group == "u1" else np.complex128, copy=False)
         try:
             attrs = json.loads(str(f.attrs.get("attrs", "{}")))
         except ValueError:

@@ -15,7 +15,8 @@ Writing produces the record set QIO (MILC, Chroma) and Grid write and Grid's rea
 requires: message 1 ``scidac-private-file-xml``, ``scidac-file-xml``; message 2
 ``scidac-private-record-xml``, ``scidac-record-xml``, ``ildg-format``,
 ``ildg-data-lfn``, ``ildg-binary-data``, ``scidac-checksum``. ``scidac-file-xml``,
-``scidac-record-xml`` and the LFN of the source are kept verbatim.
+``scidac-record-xml`` and the LFN of the source are kept verbatim, and further records
+of a LIME source (tmLQCD's ``xlf-info``) follow as messages of their own.
 
 Payload: sites in lexicographic order, x fastest; per site the links mu = x, y, z, t;
 each an N x N complex matrix, row-major, big-endian IEEE (``>c8``/``>c16``), i.e. a
@@ -283,6 +284,9 @@ def read_lime(path: Path, *, lattice: tuple[int, ...] | None = None, group: str 
                               f"{' and '.join(f'SU({n}) {p}-bit' for n, p in fits)}; give the group")
         n_colors, precision = fits[0]
     assert n_colors is not None and precision is not None
+    if len(dims) != 4 or any(n <= 0 for n in dims):
+        raise FormatError(f"{path}: lattice extents {dims} must be 4 positive integers (corrupt ildg-format "
+                          "or scidac-private-file-xml record)")
     vol = math.prod(dims)
     site_bytes = 4 * n_colors * n_colors * 2 * precision // 8
     if vol * site_bytes != binary.length:
@@ -374,7 +378,7 @@ def ildg_records(ensemble: Ensemble, precision: int, *, lfn: str | None = None,
         ("scidac-file-xml", file_xml.data if file_xml is not None else _xml(
             "<info>gauge configuration written by flowplug</info>")),
         ("scidac-private-record-xml", _xml(
-            f"<scidacRecord><version>1.0</version><date>{date}</date><recordtype>0</recordtype>"
+            f"<scidacRecord><version>1.1</version><date>{date}</date><recordtype>0</recordtype>"
             f"<datatype>USQCD_{letter}{n}_ColorMatrix</datatype><precision>{letter}</precision>"
             f"<colors>{n}</colors><spins>4</spins><typesize>{n * n * 2 * precision // 8}</typesize>"
             "<datacount>4</datacount></scidacRecord>")),
@@ -390,6 +394,28 @@ def ildg_records(ensemble: Ensemble, precision: int, *, lfn: str | None = None,
             f"<scidacChecksum><version>1.0</version><suma>{suma:08x}</suma><sumb>{sumb:08x}</sumb>"
             "</scidacChecksum>")),
     ]
+
+
+#: Record types :func:`ildg_records` writes itself.
+STANDARD_RECORDS = frozenset({
+    "scidac-private-file-xml", "scidac-file-xml", "scidac-private-record-xml", "scidac-record-xml",
+    "ildg-format", "ildg-data-lfn", "ildg-binary-data", "scidac-binary-data", "scidac-checksum"})
+#: Metadata records made by non-LIME readers (headers of other formats): not copied into LIME files.
+FOREIGN_RECORDS = frozenset({"nersc-header", "milc-header"})
+
+
+def extra_records(ensemble: Ensemble) -> list[tuple[str, bytes]]:
+    """Further metadata records of a LIME source (tmLQCD ``xlf-info``, ...), verbatim.
+
+    :meth:`LimeHandler.write` appends them after the ILDG message, one message each, so
+    that what a production code stored survives ILDG -> HDF5 -> ILDG. Readers that do
+    not know them (QIO, Grid) skip them.
+    """
+    out = []
+    for rec in ensemble.meta[0].records:
+        if rec.type not in STANDARD_RECORDS and rec.type not in FOREIGN_RECORDS and len(rec.type) <= 128:
+            out.append((rec.type, rec.data))
+    return out
 
 
 class LimeHandler(FormatHandler):
@@ -451,6 +477,8 @@ class LimeHandler(FormatHandler):
                     fh.write(b"\0" * ((-data.nbytes) % 8))
                 else:
                     fh.write(_lime_record(rtype, data, flags))
+            for rtype, data in extra_records(ensemble):
+                fh.write(_lime_record(rtype, data, MB_FLAG | ME_FLAG))
 
 
 def _ildg() -> LimeHandler:

@@ -176,8 +176,9 @@ class Chain:
             on_checkpoint: Writes checkpoints / ensemble files (see :meth:`save`).
             on_step: Called as ``on_step(self, info)`` after each step (info includes the
                 measurements).
-            hooks: A pluggy hook relay (``get_plugin_manager().hook``); if given,
-                ``flowplug_after_chain_step`` is called after each step.
+            hooks: The plugin manager (``get_plugin_manager()``, whose ``notify`` isolates
+                failing monitors) or any object with a ``flowplug_after_chain_step``
+                method; if given, that event is sent after each step.
             desc: Progress-bar label.
 
         Returns:
@@ -206,7 +207,11 @@ class Chain:
                 self.step_count += 1
                 n_acc += float(acc.to(torch.float64).mean())
                 if hooks is not None:
-                    hooks.flowplug_after_chain_step(step=step, kernel=self.kernel_name, info=info)
+                    if hasattr(hooks, "notify"):
+                        hooks.notify("flowplug_after_chain_step", step=step, kernel=self.kernel_name,
+                                     info=info)
+                    else:
+                        hooks.flowplug_after_chain_step(step=step, kernel=self.kernel_name, info=info)
                 if on_step is not None:
                     on_step(self, info)
                 if bar is not None:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import struct
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +56,7 @@ __all__ = [
     "group_of",
     "unitarity_tolerance",
     "check_links",
+    "group_deviation",
 ]
 
 #: Bytes read from the start of a file for content detection.
@@ -272,14 +274,21 @@ class Ensemble:
         return int(self.links.shape[0])
 
     def __getitem__(self, index: int | slice) -> "Ensemble":
-        """The configuration(s) at ``index`` as a new Ensemble sharing the link storage."""
+        """The configuration(s) at ``index`` as a new Ensemble sharing the link storage.
+
+        Its precision is the highest ``meta[i].precision`` of the selection (capped at
+        this ensemble's), so 32-bit sources stored in a 64-bit HDF5 store write back as
+        32-bit files.
+        """
         if isinstance(index, int):
             n = len(self)
             if not -n <= index < n:
                 raise IndexError(f"configuration {index} out of range for an ensemble of {n}")
             index = slice(index % n, index % n + 1)
-        return Ensemble(self.links[index], precision=self.precision,
-                        meta=self.meta[index], attrs=self.attrs)
+        meta = self.meta[index]
+        # a mixed ensemble (HDF5 store of 32- and 64-bit sources): each part keeps its own
+        precision = min(self.precision, max((m.precision for m in meta), default=self.precision))
+        return Ensemble(self.links[index], precision=precision, meta=meta, attrs=self.attrs)
 
     def __iter__(self):
         for i in range(len(self)):
@@ -309,6 +318,47 @@ class Ensemble:
         if "mismatch" in states:
             return "mismatch"
         return "ok" if "ok" in states else "absent"
+
+    @classmethod
+    def from_links(cls, links: torch.Tensor | np.ndarray, *, precision: int = 64,
+                   header: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
+                   provenance: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
+                   attrs: Mapping[str, Any] | None = None) -> "Ensemble":
+        """Wrap links made in memory (HMC, a flow, resampling) with their metadata.
+
+        Arguments:
+            links: Canonical links (see the class docstring).
+            precision: Storage precision writers will use by default (32 or 64).
+            header: Header values (``beta``, ``trajectory``, ``plaquette``...): one mapping
+                for every configuration, or a sequence of one mapping per configuration.
+            provenance: JSON-able history (generating run, kernel, seed, flow model...):
+                one mapping for all, or one per configuration.
+            attrs: Ensemble-wide values.
+
+        Example::
+
+            ens = Ensemble.from_links(links, header=[{"trajectory": t} for t in trajs],
+                                      provenance={"kernel": "hmc", "beta": 5.7, "seed": 1})
+            io.write("run.h5", ens, append=True)
+
+        Raises:
+            ShapeError: on a malformed tensor or a per-configuration list of the wrong length.
+        """
+        n = int(links.shape[0])
+
+        def per(value: Any) -> list[dict[str, Any]]:
+            if value is None:
+                return [{} for _ in range(n)]
+            if isinstance(value, Mapping):
+                return [_deepcopy_json(dict(value)) for _ in range(n)]
+            items = [dict(v) for v in value]
+            if len(items) != n:
+                raise ShapeError(f"{len(items)} metadata mappings for {n} configurations")
+            return items
+
+        metas = [Metadata(precision=precision, header=h, provenance=p)
+                 for h, p in zip(per(header), per(provenance))]
+        return cls(links, precision=precision, meta=metas, attrs=attrs)
 
     @classmethod
     def concat(cls, ensembles: Iterable["Ensemble"]) -> "Ensemble":
@@ -465,10 +515,8 @@ def detect(path: str | os.PathLike) -> str:
         if not spec.readable:
             continue
         try:
-            score = get_format(spec.name).sniff(path, head, size)
-        except FlowplugError:
-            score = 0
-        except (OSError, ValueError):
+            score = int(get_format(spec.name).sniff(path, head, size))
+        except Exception:  # a sniffer that fails (even a third party's) only says "not mine"
             score = 0
         if score > best_score:
             best, best_score = spec.name, score
@@ -550,18 +598,17 @@ def check_links(ensemble: Ensemble, *, source: str = "data", unitarity: str = "w
             link), or on non-unitary links when ``unitarity="error"``.
     """
     links = ensemble.links
-    ok = torch.isfinite(torch.view_as_real(links) if links.is_complex() else links) if finite else None
-    if ok is not None and not bool(ok.all()):
-        bad = (~ok).nonzero()[0].tolist()
-        raise FormatError(f"{source}: payload holds NaN or Inf values (first at configuration "
-                          f"{bad[0]}, direction {bad[1]}, site {tuple(bad[2:2 + ensemble.ndim])}); "
-                          "the file is corrupt")
+    if finite:
+        flat = links.detach().cpu().resolve_conj().numpy()
+        if not np.isfinite(flat.view(np.float64) if flat.dtype == np.complex128 else flat).all():
+            ok = torch.isfinite(torch.view_as_real(links) if links.is_complex() else links)
+            bad = (~ok).nonzero()[0].tolist()
+            raise FormatError(f"{source}: payload holds NaN or Inf values (first at configuration "
+                              f"{bad[0]}, direction {bad[1]}, site {tuple(bad[2:2 + ensemble.ndim])}); "
+                              "the file is corrupt")
     if ensemble.group == "u1" or unitarity == "ignore":
         return {}
-    from flowplug.gauge import determinant_deviation, unitarity_deviation
-
-    unit = float(unitarity_deviation(links).max()) if len(ensemble) else 0.0
-    det = float(determinant_deviation(links).max()) if len(ensemble) else 0.0
+    unit, det = group_deviation(links) if len(ensemble) else (0.0, 0.0)
     tol = unitarity_tolerance(ensemble.precision, ensemble.n_colors)
     worst = max(unit, det)
     if worst > tol:
@@ -572,6 +619,56 @@ def check_links(ensemble: Ensemble, *, source: str = "data", unitarity: str = "w
         if unitarity == "warn":
             warnings.warn(text, NonUnitaryWarning, stacklevel=3)
     return {"unitarity": unit, "determinant": det}
+
+
+def group_deviation(links: torch.Tensor) -> tuple[float, float]:
+    r"""``(max |U U^+ - 1|, max |det U - 1|)`` over all SU(N) links of a tensor.
+
+    The same quantities as :func:`flowplug.gauge.unitarity_deviation` and
+    :func:`flowplug.gauge.determinant_deviation` (maximum over the batch), evaluated for
+    N = 2, 3 with explicit element-wise formulas on strided numpy views, in chunks of
+    4096 matrices (5-10x faster than batched 3x3 matrix products on large lattices);
+    other N use those functions.
+
+    Arguments:
+        links: SU(N) links (B, d, L..., N, N), complex128.
+
+    Returns:
+        Two floats.
+    """
+    n = links.shape[-1]
+    if n not in (2, 3) or links.dtype != torch.complex128:
+        from flowplug.gauge import determinant_deviation, unitarity_deviation
+
+        return float(unitarity_deviation(links).max()), float(determinant_deviation(links).max())
+    flat = links.detach().cpu().resolve_conj().numpy().reshape(-1, n, n)
+    unit = det = 0.0  # (also for an empty tensor)
+    for start in range(0, flat.shape[0], _GROUP_CHUNK):  # chunks keep the temporaries in cache
+        a, b = _group_deviation_chunk(flat[start:start + _GROUP_CHUNK], n)
+        unit, det = max(unit, a), max(det, b)
+    return unit, det
+
+
+#: Matrices per chunk in :func:`group_deviation` (temporaries of ~64 KiB each).
+_GROUP_CHUNK = 4096
+
+
+def _group_deviation_chunk(u: np.ndarray, n: int) -> tuple[float, float]:
+    e = [[u[:, i, k] for k in range(n)] for i in range(n)]
+    unit = 0.0
+    for i in range(n):
+        norm = sum(e[i][k].real ** 2 + e[i][k].imag ** 2 for k in range(n))
+        unit = max(unit, float(np.abs(norm - 1).max()))
+        for j in range(i + 1, n):
+            g = sum(e[i][k] * e[j][k].conj() for k in range(n))
+            unit = max(unit, float(np.abs(g).max()))
+    if n == 2:
+        d = e[0][0] * e[1][1] - e[0][1] * e[1][0]
+    else:
+        d = (e[0][0] * (e[1][1] * e[2][2] - e[1][2] * e[2][1])
+             - e[0][1] * (e[1][0] * e[2][2] - e[1][2] * e[2][0])
+             + e[0][2] * (e[1][0] * e[2][1] - e[1][1] * e[2][0]))
+    return unit, float(np.abs(d - 1).max())
 
 
 def raise_failed_checks(ensemble: Ensemble, source: str) -> None:
@@ -634,8 +731,8 @@ def read(path: str | os.PathLike, format: str | None = None, *, lattice: str | S
         raise
     except MemoryError:
         raise FormatError(f"{path}: not enough memory to read it as {name}") from None
-    except (OSError, ValueError, KeyError, IndexError, TypeError, OverflowError, EOFError,
-            UnicodeError) as exc:
+    except (OSError, ValueError, KeyError, IndexError, TypeError, ArithmeticError, EOFError,
+            UnicodeError, RuntimeError, struct.error) as exc:
         raise FormatError(f"{path}: unreadable as {name}: {type(exc).__name__}: {exc}") from None
     if grp is not None and ensemble.group != grp:
         raise FormatError(f"{path}: holds {ensemble.group} links, not {grp} as asked")
@@ -674,6 +771,7 @@ def write(path: str | os.PathLike, ensemble: Ensemble, format: str | None = None
         FormatError: if ``path`` exists and neither ``overwrite`` nor ``append`` is set,
             if the format cannot hold the data (group, dimension, batch size), or on an
             unknown extension without ``format``.
+        FlowplugError: if the operating system refuses the write (disk full, permissions).
     """
     path = Path(path)
     if not isinstance(ensemble, Ensemble):
@@ -691,16 +789,20 @@ def write(path: str | os.PathLike, ensemble: Ensemble, format: str | None = None
     reason = handler.can_write(ensemble)
     if reason:
         raise FormatError(f"{path}: {reason}")
-    if path.exists():
-        if append:
-            handler.append(path, ensemble, precision=prec, **options)
-            return path
-        if not overwrite:
-            raise FormatError(f"{path} exists; refusing to overwrite it (overwrite=True / --force replaces it)")
     from flowplug.fsutil import atomic_path
 
-    with atomic_path(path) as tmp:
-        handler.write(tmp, ensemble, precision=prec, **options)
+    try:
+        if path.exists():
+            if append:
+                handler.append(path, ensemble, precision=prec, **options)
+                return path
+            if not overwrite:
+                raise FormatError(f"{path} exists; refusing to overwrite it (overwrite=True / --force "
+                                  "replaces it)")
+        with atomic_path(path) as tmp:
+            handler.write(tmp, ensemble, precision=prec, **options)
+    except OSError as exc:  # disk full, permissions...: a clear message, no partial file
+        raise FlowplugError(f"{path}: cannot be written ({exc.strerror or exc})") from None
     return path
 
 

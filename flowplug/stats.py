@@ -150,6 +150,10 @@ def gamma_method(data: Any, *, s_tau: float = 2.0, center: str = "global") -> Ga
     r, n_r = a.shape
     n = r * n_r
     mean = float(a.mean())
+    if n_r < 2:
+        # one measurement per chain: no autocorrelation to estimate
+        var = float(a.var(ddof=1)) if n > 1 else 0.0
+        return GammaResult(mean, float(np.sqrt(var / n)), 0.5, 0.0, 0.0, 0, n, np.ones(1))
     d = a - (mean if center == "global" else a.mean(axis=1, keepdims=True))
     w_max = max(n_r // 2, 1)
     gamma = _autocov_sum(d, w_max + 1) / (n - r * np.arange(w_max + 1))

@@ -8,7 +8,8 @@ An **action** is an object with
 ``action(x) -> (B,) float64``
     S[x] in lattice units, log p(x) = -S[x] - log Z;
 ``force(x)``
-    the derivative of S along the field space (see below), same shape and dtype as x.
+    the force F = -(derivative of S along the field space) (see below), same shape and
+    dtype as x.
 
 :class:`Action` is a convenient base class: it supplies ``force`` by automatic
 differentiation (subclasses override it with an analytic force), ``cold_start``,
@@ -20,17 +21,18 @@ Field spaces and the force convention
 Each field kind lives on a manifold described by a :class:`FieldSpace`:
 
 * ``scalar`` (:class:`EuclideanSpace`): phi in R^n; momenta p in R^n, kinetic energy
-  (1/2) sum p^2; update phi <- phi + eps p; force F = dS/dphi.
+  (1/2) sum p^2; update phi <- phi + eps p; force F = -dS/dphi.
 * ``u1`` and ``o2`` (:class:`AngleSpace`): angles theta, the same as ``scalar`` with the
-  result wrapped into (-pi, pi]; force F = dS/dtheta.
+  result wrapped into (-pi, pi]; force F = -dS/dtheta.
 * ``su<N>`` (:class:`SUNSpace`): links U in SU(N); momenta P in su(N) (traceless
   anti-Hermitian), P = sum_a p_a t_a with t_a = i lambda_a / 2, tr(t_a t_b) = -delta_ab/2,
   p_a ~ N(0, 1); kinetic energy -tr(P^2) = (1/2) sum_a p_a^2; update U <- exp(eps P) U;
-  force F = sum_a (d/ds S[exp(s t_a) U] at s = 0) t_a, an element of su(N). Equivalently,
-  for every X in su(N): d/ds S[exp(s X) U] at s=0 equals -2 Re tr(X F).
+  force F = -sum_a (d/ds S[exp(s t_a) U] at s = 0) t_a, an element of su(N). Equivalently,
+  for every X in su(N): d/ds S[exp(s X) U] at s=0 equals 2 Re tr(X F).
 
 With these conventions the equations of motion are dx/dt = p (resp. dU/dt = P U) and
-dp/dt = -F for every kind, which is what :mod:`flowplug.plugins.hmc` integrates.
+dp/dt = F for every kind, which is what :mod:`flowplug.plugins.hmc` integrates. (The sign
+is the physical one, F = -grad S, as in the example XY plugin.)
 
 References:
     Duane, Kennedy, Pendleton, Roweth, Phys. Lett. B 195 (1987) 216 (HMC);
@@ -97,7 +99,7 @@ class FieldSpace:
 
     def update(self, x: torch.Tensor, p: torch.Tensor, eps: float) -> torch.Tensor:
         """Move the field along the momentum for a time ``eps``."""
-        return x + eps * p
+        return torch.add(x, p, alpha=eps)
 
     def finalize(self, x: torch.Tensor) -> torch.Tensor:
         """Bring a field back to its canonical range after a trajectory (identity here)."""
@@ -109,7 +111,7 @@ class FieldSpace:
         with torch.enable_grad():
             xg = x.detach().requires_grad_(True)
             (g,) = torch.autograd.grad(action(xg).sum(), xg)
-        return g
+        return -g
 
     def distance(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """max |x - y| per configuration (angles compared modulo 2 pi), shape (B,)."""
@@ -122,15 +124,18 @@ class EuclideanSpace(FieldSpace):
     kind = "scalar"
 
     def shape(self, lattice: Sequence[int], batch: int) -> tuple[int, ...]:
+        """(batch, L_0, ..., L_{d-1})."""
         return (batch, *map(int, lattice))
 
     def lattice_of(self, x: torch.Tensor) -> tuple[int, ...]:
+        """(L_0, ..., L_{d-1}) of a real (B, L...) tensor; ShapeError otherwise."""
         if x.dim() < 2 or x.is_complex():
             raise ShapeError(f"{self.kind} field must be real with shape (B, L_0, ..., L_(d-1)); "
                              f"found {x.dtype} {tuple(x.shape)}")
         return tuple(x.shape[1:])
 
     def hot(self, lattice, batch, *, generator=None, device=None):
+        """Independent standard normal entries, float64."""
         return torch.randn(self.shape(lattice, batch), generator=generator, dtype=torch.float64,
                            device=device)
 
@@ -143,10 +148,12 @@ class AngleSpace(EuclideanSpace):
         self.links = kind == "u1"
 
     def shape(self, lattice, batch):
+        """(batch, d, L...) for ``u1`` links, (batch, L...) for ``o2`` spins."""
         lattice = tuple(map(int, lattice))
         return (batch, len(lattice), *lattice) if self.links else (batch, *lattice)
 
     def lattice_of(self, x):
+        """The lattice of an angle tensor; ShapeError if the layout does not fit the kind."""
         if not self.links:
             return super().lattice_of(x)
         if x.dim() < 3 or x.is_complex() or x.dim() != x.shape[1] + 2:
@@ -155,14 +162,17 @@ class AngleSpace(EuclideanSpace):
         return tuple(x.shape[2:])
 
     def hot(self, lattice, batch, *, generator=None, device=None):
+        """Independent uniform angles in (-pi, pi]."""
         u = torch.rand(self.shape(lattice, batch), generator=generator, dtype=torch.float64,
                        device=device)
         return groups.wrap_angle(2 * math.pi * u - math.pi)
 
     def finalize(self, x):
+        """Angles wrapped into (-pi, pi]."""
         return groups.wrap_angle(x)
 
     def distance(self, x, y):
+        """max |wrap(x - y)| per configuration, shape (B,)."""
         return groups.wrap_angle(x - y).abs().flatten(1).amax(1)
 
 
@@ -178,10 +188,12 @@ class SUNSpace(FieldSpace):
         self.kind = f"su{n}"
 
     def shape(self, lattice, batch):
+        """(batch, d, L..., N, N)."""
         lattice = tuple(map(int, lattice))
         return (batch, len(lattice), *lattice, self.n, self.n)
 
     def lattice_of(self, x):
+        """The lattice of an SU(N) link tensor; ShapeError if the layout does not fit."""
         n = self.n
         if (x.dim() < 5 or not x.is_complex() or x.shape[-1] != n or x.shape[-2] != n
                 or x.dim() != x.shape[1] + 4):
@@ -190,33 +202,40 @@ class SUNSpace(FieldSpace):
         return tuple(x.shape[2:-2])
 
     def cold(self, lattice, batch, *, device=None):
+        """Unit links, complex128."""
         eye = torch.eye(self.n, dtype=self.dtype, device=device)
         return eye.expand(self.shape(lattice, batch)).clone()
 
     def hot(self, lattice, batch, *, generator=None, device=None):
+        """Independent Haar-random SU(N) links (:func:`flowplug.groups.haar_random`)."""
         shape = self.shape(lattice, batch)[:-2]
         return groups.haar_random(shape, self.n, generator=generator, device=device)
 
     def momenta(self, x, generator=None):
+        """P = sum_a p_a t_a with p_a ~ N(0, 1): shape of x, traceless anti-Hermitian."""
         return groups.random_algebra(tuple(x.shape[:-2]), self.n, generator=generator,
                                      dtype=x.dtype, device=x.device)
 
     def kinetic(self, p):
+        """-tr(P^2) = sum_ij |P_ij|^2 summed over links, shape (B,), float64."""
         # -tr(P^2) = sum_ij |P_ij|^2 for anti-Hermitian P
         return (p.real ** 2 + p.imag ** 2).flatten(1).sum(1).to(torch.float64)
 
     def update(self, x, p, eps):
+        """U <- exp(eps P) U (:func:`flowplug.groups.expmap`)."""
         return groups.expmap(eps * p) @ x
 
     def autograd_force(self, action, x):
+        """F = -sum_a (d/ds S[exp(s t_a) U]) t_a from autograd, an su(N) element per link."""
         # torch returns G = 2 dS/d(conj U); d/ds S[exp(sX) U] = Re tr(U G^+ X), hence
-        # F = sum_a Re tr(t_a U G^+) t_a = -(1/2) Pi(U G^+) with Pi the algebra projection.
+        # F = -sum_a Re tr(t_a U G^+) t_a = (1/2) Pi(U G^+) with Pi the algebra projection.
         with torch.enable_grad():
             xg = x.detach().requires_grad_(True)
             (g,) = torch.autograd.grad(action(xg).sum(), xg)
-        return -0.5 * groups.project_algebra(x @ g.mH)
+        return 0.5 * groups.project_algebra(x @ g.mH)
 
     def distance(self, x, y):
+        """max |x - y| over matrix entries per configuration, shape (B,)."""
         return (x - y).abs().flatten(1).amax(1)
 
 
@@ -305,6 +324,35 @@ class Action:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.couplings().items())
         return f"{type(self).__name__}({args})"
+
+
+def start_field(action: Any, how: str, lattice: Sequence[int], batch: int, *,
+                generator: torch.Generator | None = None, device: Any = None) -> torch.Tensor:
+    """Cold or hot start for any action object (its own ``cold_start``/``hot_start`` if it
+    has them, else those of its field space).
+
+    Arguments:
+        action: Object with ``field`` (and optionally ``cold_start``/``hot_start``).
+        how: ``"cold"`` or ``"hot"``.
+        lattice: Extents, x first.
+        batch: Number of configurations.
+        generator: Random generator for the hot start.
+        device: Target device.
+
+    Raises:
+        ConfigError: if ``how`` is neither, or the field kind is unknown.
+    """
+    if how not in ("cold", "hot"):
+        raise ConfigError(f"start must be 'cold', 'hot' or a file; found {how!r}")
+    own = getattr(action, f"{how}_start", None)
+    if own is not None:
+        if how == "cold":
+            return own(lattice, batch, device=device)
+        return own(lattice, batch, generator=generator, device=device)
+    space = field_space(action.field)
+    if how == "cold":
+        return space.cold(lattice, batch, device=device)
+    return space.hot(lattice, batch, generator=generator, device=device)
 
 
 def action_force(action: Any, x: torch.Tensor) -> torch.Tensor:

@@ -5,15 +5,15 @@ angles, SU(N) links) through the action's :class:`~flowplug.theory.FieldSpace`, 
 independent chains at once, with the Metropolis test in float64. It follows the kernel
 contract of :mod:`flowplug.chain` (``init``, ``step``).
 
-Integrators (trajectory length tau, n steps, eps = tau / n; F the force):
+Integrators (trajectory length tau, n steps, eps = tau / n; F = -dS/dx the force):
 
 ``leapfrog``
-    p <- p - eps/2 F; then n times { x <- x + eps p; p <- p - eps F }, the last kick
+    p <- p + eps/2 F; then n times { x <- x + eps p; p <- p + eps F }, the last kick
     halved. n + 1 force evaluations; dH = O(eps^2).
 ``omelyan``
     second-order minimum-norm (2MN) scheme, per step
-    p <- p - lam eps F; x <- x + eps/2 p; p <- p - (1 - 2 lam) eps F; x <- x + eps/2 p;
-    p <- p - lam eps F, with lam = 0.1931833275037836 (consecutive kicks merged):
+    p <- p + lam eps F; x <- x + eps/2 p; p <- p + (1 - 2 lam) eps F; x <- x + eps/2 p;
+    p <- p + lam eps F, with lam = 0.1931833275037836 (consecutive kicks merged):
     2n + 1 force evaluations; dH = O(eps^2) with a much smaller coefficient.
 
 References:
@@ -100,19 +100,23 @@ class HMC(Kernel):
         Reversible: integrating (x', -p') gives back (x, -p) up to rounding.
         """
         eps, n, sp = self.step_size, self.steps, self.space
+
+        def kick(p: torch.Tensor, x: torch.Tensor, dt: float) -> torch.Tensor:
+            return torch.add(p, self.force(x), alpha=dt)
+
         if self.integrator == "leapfrog":
-            p = p - 0.5 * eps * self.force(x)
+            p = kick(p, x, 0.5 * eps)
             for i in range(n):
                 x = sp.update(x, p, eps)
-                p = p - (eps if i < n - 1 else 0.5 * eps) * self.force(x)
+                p = kick(p, x, eps if i < n - 1 else 0.5 * eps)
             return x, p
         lam = self.omelyan_lambda
-        p = p - lam * eps * self.force(x)
+        p = kick(p, x, lam * eps)
         for i in range(n):
             x = sp.update(x, p, 0.5 * eps)
-            p = p - (1.0 - 2.0 * lam) * eps * self.force(x)
+            p = kick(p, x, (1.0 - 2.0 * lam) * eps)
             x = sp.update(x, p, 0.5 * eps)
-            p = p - (2.0 * lam if i < n - 1 else lam) * eps * self.force(x)
+            p = kick(p, x, (2.0 * lam if i < n - 1 else lam) * eps)
         return x, p
 
     def init(self, x: torch.Tensor) -> ChainState:

@@ -185,7 +185,7 @@ def chi_2(phi: torch.Tensor) -> torch.Tensor:
     References:
         Albergo et al., arXiv:2101.08176, section III.E (chi_2 = sum_x G_c(x)).
     """
-    d = _scalar(phi)
+    _scalar(phi)
     v = math.prod(phi.shape[1:])
     return (phi.flatten(1).sum(1) ** 2 / v).to(torch.float64)
 

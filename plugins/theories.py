@@ -68,7 +68,7 @@ class Phi4Action(Action):
         return dens.flatten(1).sum(1).to(torch.float64)
 
     def force(self, phi: torch.Tensor) -> torch.Tensor:
-        """dS/dphi_x = -2 sum_mu (phi_{x+mu} + phi_{x-mu}) + 2(2d + m2) phi_x + 4 lam phi_x^3.
+        """F_x = -dS/dphi_x = 2 sum_mu (phi_{x+mu} + phi_{x-mu}) - 2(2d + m2) phi_x - 4 lam phi_x^3.
 
         Returns:
             Same shape and dtype as ``phi``.
@@ -76,7 +76,7 @@ class Phi4Action(Action):
         self.check(phi)
         d = phi.dim() - 1
         nb = sum(torch.roll(phi, -1, dims=1 + mu) + torch.roll(phi, 1, dims=1 + mu) for mu in range(d))
-        return -2.0 * nb + 2.0 * (2 * d + self.m2) * phi + 4.0 * self.lam * phi ** 3
+        return 2.0 * nb - 2.0 * (2 * d + self.m2) * phi - 4.0 * self.lam * phi ** 3
 
 
 class WilsonGaugeAction(Action):
@@ -141,19 +141,22 @@ class WilsonGaugeAction(Action):
             Same shape as ``u``.
         """
         d = u.shape[1]
-        v = torch.zeros_like(u)
+        us = [u[:, m].contiguous() for m in range(d)]
+        uds = [m.mH.resolve_conj().contiguous() for m in us]  # conj-transposed copies: fast products
+        out = []
         for mu in range(d):
-            u_mu = u[:, mu]
+            v = None
             for nu in range(d):
                 if nu == mu:
                     continue
-                u_nu = u[:, nu]
-                u_nu_xmu = torch.roll(u_nu, -1, dims=1 + mu)
-                a = u_nu_xmu @ torch.roll(u_mu, -1, dims=1 + nu).mH
-                upper = a @ u_nu.mH
-                lower = u_nu_xmu.mH @ u_mu.mH @ u_nu
-                v[:, mu] += upper + torch.roll(lower, 1, dims=1 + nu)
-        return v
+                u_nu_xmu = torch.roll(us[nu], -1, dims=1 + mu)
+                ud_nu_xmu = torch.roll(uds[nu], -1, dims=1 + mu)
+                upper = u_nu_xmu @ torch.roll(uds[mu], -1, dims=1 + nu) @ uds[nu]
+                lower = ud_nu_xmu @ uds[mu] @ us[nu]
+                term = upper + torch.roll(lower, 1, dims=1 + nu)
+                v = term if v is None else v + term
+            out.append(v)
+        return torch.stack(out, dim=1)
 
     # ---------------------------------------------------------------- interface
 
@@ -183,9 +186,10 @@ class WilsonGaugeAction(Action):
     def force(self, x: torch.Tensor) -> torch.Tensor:
         """Analytic force (conventions of :mod:`flowplug.theory`).
 
-        U(1): dS/dtheta_mu(x) = beta sum_{nu != mu} [sin theta_{mu nu}(x) - sin theta_{mu nu}(x - nu)]
+        U(1): F_mu(x) = -dS/dtheta_mu(x)
+              = -beta sum_{nu != mu} [sin theta_{mu nu}(x) - sin theta_{mu nu}(x - nu)]
         (with theta_{nu mu} = -theta_{mu nu}).
-        SU(N): F_mu(x) = (beta / 2N) Pi(U_mu(x) V_mu(x)), Pi the traceless anti-Hermitian part,
+        SU(N): F_mu(x) = -(beta / 2N) Pi(U_mu(x) V_mu(x)), Pi the traceless anti-Hermitian part,
         V the staple sum (:meth:`staples`).
 
         Returns:
@@ -195,11 +199,11 @@ class WilsonGaugeAction(Action):
         if self.n == 1:
             f = torch.zeros_like(x)
             for mu, nu, p in self._u1_plaquette_angles(x):
-                s = self.beta * torch.sin(p)
+                s = -self.beta * torch.sin(p)
                 f[:, mu] += s - torch.roll(s, 1, dims=1 + nu)
                 f[:, nu] += torch.roll(s, 1, dims=1 + mu) - s
             return f
-        return (self.beta / (2 * self.n)) * groups.project_algebra(x @ self.staples(x))
+        return (-self.beta / (2 * self.n)) * groups.project_algebra(x @ self.staples(x))
 
 
 @hookimpl

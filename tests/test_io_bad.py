@@ -237,3 +237,20 @@ def test_cli_exits_1_without_traceback(ildg, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "flowplug convert: error:" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_zero_extent_and_empty_store(ildg, tmp_path, capsys):
+    data = ildg.read_bytes().replace(b"<lx>2</lx>", b"<lx>0</lx>")
+    bad = tmp_path / "zero.ildg"
+    bad.write_bytes(data)
+    with pytest.raises(FormatError, match="must be 4 positive integers"):
+        io.read(bad)
+    store = tmp_path / "empty.h5"
+    io.write(store, make_ensemble(batch=2))
+    import h5py
+
+    with h5py.File(store, "r+") as f:
+        f.attrs["count"] = 0  # as after an append interrupted before its commit
+    assert len(io.read(store)) == 0
+    assert main(["info", "--json", str(store)]) == 0
+    assert '"configurations": 0' in capsys.readouterr().out

@@ -162,3 +162,16 @@ def test_ildg_rewrite_of_milc_file_keeps_payload_and_records(tmp_path):
     for rtype in ("scidac-file-xml", "scidac-record-xml"):
         assert back.meta[0].record(rtype).data == ens.meta[0].record(rtype).data
     assert {c.expected for c in back.meta[0].checks} == {"37affb9c", "2fc07bbf"}
+
+
+def test_tmlqcd_xlf_info_survives_ildg_and_hdf5(tmp_path):
+    src = io.read(ensembles_dir() / "tmlqcd.unity.l4444.lime")
+    io.write(tmp_path / "a.h5", src)
+    io.write(tmp_path / "b.ildg", io.read(tmp_path / "a.h5"))
+    back = io.read(tmp_path / "b.ildg")
+    assert back.meta[0].record("xlf-info").data == src.meta[0].record("xlf-info").data
+    assert back.header["trajectory"] == 0 and back.header["plaquette"] == 1.0
+    from flowplug.adapters.lime import scan
+
+    recs = scan(tmp_path / "b.ildg")
+    assert recs[-1].type == "xlf-info" and recs[-1].flags == 0xC000

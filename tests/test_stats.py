@@ -101,6 +101,8 @@ def test_gamma_method_inputs():
     g = gamma_method(torch.ones(100, dtype=torch.float64))
     assert g.error == 0 and g.tau_int == 0.5 and g.mean == 1
     assert tau_int(np.random.default_rng(0).standard_normal(5000)) == pytest.approx(0.5, abs=0.05)
+    one = gamma_method(np.array([[1.0], [2.0], [4.0]]))  # three chains of one measurement
+    assert one.mean == pytest.approx(7 / 3) and one.error == pytest.approx(np.std([1, 2, 4], ddof=1) / 3 ** 0.5)
     with pytest.raises(ValueError, match="NaN"):
         gamma_method([1.0, float("nan")])
     with pytest.raises(ValueError, match="shape"):

@@ -56,7 +56,7 @@ def test_force_matches_autograd(actions, name, params, lattice):
 
 @pytest.mark.parametrize("name,params,lattice", CASES)
 def test_force_is_directional_derivative(actions, name, params, lattice):
-    """Central finite difference of S along a random direction against <direction, F>."""
+    """Central finite difference of S along a random direction against -<direction, F>."""
     act = make(actions, name, params)
     g = gen(7)
     x = act.hot_start(lattice, 2, generator=g)
@@ -66,9 +66,9 @@ def test_force_is_directional_derivative(actions, name, params, lattice):
     num = (act.action(space.update(x, p, h)) - act.action(space.update(x, p, -h))) / (2 * h)
     f = act.force(x)
     if x.is_complex():
-        ana = -2.0 * torch.einsum("b...ij,b...ji->b", p, f).real
+        ana = 2.0 * torch.einsum("b...ij,b...ji->b", p, f).real
     else:
-        ana = (p * f).flatten(1).sum(1)
+        ana = -(p * f).flatten(1).sum(1)
     torch.testing.assert_close(num, ana, rtol=1e-6, atol=1e-6)
 
 

@@ -29,15 +29,18 @@ from flowplug.records import CommandSpec
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``flowplug convert``."""
-    parser.add_argument("paths", nargs="+", metavar="INPUT... OUTPUT",
-                        help="input files, directories or globs, then the output directory or .h5 file")
+    parser.usage = "flowplug convert INPUT... OUTPUT [--to FORMAT] [--force] [--keep-going] [options]"
+    parser.add_argument("paths", nargs="+", metavar="PATH",
+                        help="INPUT... OUTPUT: input files, directories or globs, then the output "
+                             "directory or .h5 file")
     parser.add_argument("--to", metavar="FORMAT",
                         help="output format (default: hdf5 for a .h5/.hdf5 output, else ildg)")
     parser.add_argument("--force", action="store_true", help="replace existing outputs")
     parser.add_argument("--keep-going", action="store_true",
                         help="convert the remaining inputs after a failure; list failures at the end")
     parser.add_argument("--precision", type=int, choices=(32, 64),
-                        help="output precision in bits (default: each input's own)")
+                        help="output precision in bits (default: each input's own; a new HDF5 "
+                             "store is 64-bit so that inputs of both precisions fit)")
     parser.add_argument("--format", metavar="NAME", help="force the input format")
     parser.add_argument("--lattice", metavar="LXxLYxLZxLT", help="lattice of bare LIME inputs, x first")
     parser.add_argument("--group", metavar="GROUP", help="gauge group of bare LIME inputs (su3, su2)")
@@ -126,7 +129,10 @@ def run(args: argparse.Namespace) -> int:
                         skipped += 1
                         continue
                     if not store_path.exists():
-                        io.write(store_path, one, target, precision=args.precision)
+                        # a new store holds 64-bit data unless told otherwise, so that inputs of
+                        # both precisions fit; 32-bit inputs keep precision 32 in their metadata
+                        # and read back as 32-bit data (bit-exact)
+                        io.write(store_path, one, target, precision=args.precision or 64)
                     else:
                         io.write(store_path, one, target, precision=args.precision, append=True)
                     done_sources.add(source)

@@ -47,7 +47,7 @@ def describe(path: str, *, format: str | None = None, lattice: str | None = None
     from flowplug.gauge import determinant_deviation, link_trace, plaquette, unitarity_deviation
 
     ens = io.read(path, format, lattice=lattice, group=group, verify=False, unitarity="ignore")
-    many = len(ens) > 1
+    many = len(ens) != 1  # an empty HDF5 store gives empty lists
 
     def per(values: list[Any]) -> Any:
         return values if many else values[0]
@@ -59,7 +59,7 @@ def describe(path: str, *, format: str | None = None, lattice: str | None = None
         det = [float(v) for v in determinant_deviation(ens.links)]
     else:
         unit = det = [None] * len(ens)
-    formats = sorted({m.format or "" for m in ens.meta})
+    formats = sorted({m.format or "" for m in ens.meta}) or [format or io.detect(path)]
     return {
         "path": str(path),
         "format": formats[0] if len(formats) == 1 else formats,
@@ -85,10 +85,11 @@ def _text(info: dict[str, Any]) -> str:
             return ", ".join(fmt(x, spec) for x in v)
         return "n/a" if v is None else format(v, spec)
 
-    checks = info["checks"] if info["configurations"] == 1 else [c for cs in info["checks"] for c in cs]
+    one = info["configurations"] == 1
+    checks = info["checks"] if one else [c for cs in info["checks"] for c in cs]
     detail = "; ".join(f"{c['quantity']} {c['expected']}" + ("" if c["ok"] else f" != found {c['found']}")
                        for c in checks)
-    records = info["records"] if info["configurations"] == 1 else info["records"][0]
+    records = info["records"] if one else (info["records"][0] if info["records"] else [])
     lines = [
         info["path"],
         f"  format        {info['format']}",
