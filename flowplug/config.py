@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import re
 import sys
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -65,7 +66,10 @@ def _compatible(default: Any, value: Any) -> bool:
     if isinstance(default, dict):
         return isinstance(value, dict)
     if isinstance(default, list):
-        return isinstance(value, list)
+        if not isinstance(value, list):
+            return False
+        # a non-empty default list fixes the element type (lattice = [8, 8] takes integers)
+        return not default or all(_compatible(default[0], v) for v in value)
     if isinstance(default, str):
         return isinstance(value, str)
     return True
@@ -88,19 +92,21 @@ def merge(defaults: Mapping[str, Any], override: Mapping[str, Any], *, source: s
         defaults: Complete default configuration.
         override: User values (from a file or ``--set``).
         source: Where ``override`` came from, for messages.
-        open_tables: Dotted table names whose sub-keys are free (plugin options).
+        open_tables: Dotted table names whose sub-keys are free (plugin options): new
+            keys are accepted there and existing ones are still type-checked.
 
     Raises:
         ConfigError: on an unknown key (with the closest known key) or a type mismatch.
     """
     open_tables = set(open_tables)
+    is_open = _prefix.rstrip(".") in open_tables
     out = copy.deepcopy(dict(defaults))
     for key, value in override.items():
         dotted = _prefix + key
-        if _prefix.rstrip(".") in open_tables:
-            out[key] = copy.deepcopy(value)
-            continue
         if key not in out:
+            if is_open:
+                out[key] = copy.deepcopy(value)
+                continue
             known = _all_keys(defaults, _prefix)
             close = difflib.get_close_matches(dotted, known, n=1)
             hint = f" Did you mean '{close[0]}'?" if close else ""
@@ -110,7 +116,7 @@ def merge(defaults: Mapping[str, Any], override: Mapping[str, Any], *, source: s
         if not _compatible(default, value):
             raise ConfigError(f"{source}: '{dotted}' must be of type {_type_name(default)}, "
                               f"found {_type_name(value)} {value!r}")
-        if isinstance(default, dict) and dotted not in open_tables:
+        if isinstance(default, dict):
             out[key] = merge(default, value, source=source, open_tables=open_tables,
                              _prefix=dotted + ".")
         elif isinstance(default, float) and not isinstance(value, bool):
@@ -201,13 +207,16 @@ def dumps(config: Mapping[str, Any]) -> str:
             return "[" + ", ".join(value(x) for x in v) + "]"
         raise ConfigError(f"cannot write {type(v).__name__} {v!r} as TOML")
 
+    def key(k: str) -> str:
+        return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else value(k)
+
     def emit(prefix: str, tree: Mapping[str, Any]) -> None:
         sub = []
         for k, v in tree.items():
             if isinstance(v, Mapping):
-                sub.append((f"{prefix}{k}", v))
+                sub.append((f"{prefix}{key(k)}", v))
             else:
-                lines.append(f"{k} = {value(v)}")
+                lines.append(f"{key(k)} = {value(v)}")
         for name, t in sub:
             tables.append((name, t))
 

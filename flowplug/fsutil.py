@@ -31,7 +31,7 @@ def atomic_write(path: str | Path, mode: str = "wb", *, overwrite: bool = True) 
     """
     path = Path(path)
     if not overwrite and path.exists():
-        raise FlowplugError(f"{path} exists; refusing to overwrite it (use --force to replace it)")
+        raise FlowplugError(f"{path} exists; refusing to overwrite it")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
     try:
@@ -39,6 +39,7 @@ def atomic_write(path: str | Path, mode: str = "wb", *, overwrite: bool = True) 
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
+        _default_permissions(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -49,7 +50,9 @@ def atomic_write(path: str | Path, mode: str = "wb", *, overwrite: bool = True) 
 def atomic_path(path: str | Path) -> contextlib.AbstractContextManager[Path]:
     """Like :func:`atomic_write` for libraries that open files themselves (h5py, torch.save).
 
-    Yields a temporary path in the target folder; on success it is renamed to ``path``.
+    Yields a temporary path in the target folder (ending in ``.part``; pass an open file
+    to libraries that append their own suffix, such as ``numpy.save``); on success it is
+    renamed to ``path``.
     """
 
     @contextlib.contextmanager
@@ -60,6 +63,7 @@ def atomic_path(path: str | Path) -> contextlib.AbstractContextManager[Path]:
         os.close(fd)
         try:
             yield Path(tmp)
+            _default_permissions(tmp)
             os.replace(tmp, final)
         except BaseException:
             with contextlib.suppress(OSError):
@@ -67,6 +71,13 @@ def atomic_path(path: str | Path) -> contextlib.AbstractContextManager[Path]:
             raise
 
     return _cm()
+
+
+def _default_permissions(path: str) -> None:
+    """Give a temporary file the mode a plain ``open`` would (0666 minus the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def _jsonable(value: Any) -> Any:
@@ -77,14 +88,18 @@ def _jsonable(value: Any) -> Any:
     if hasattr(value, "tolist"):  # numpy / torch scalars and arrays
         return _jsonable(value.tolist())
     if isinstance(value, float) and not math.isfinite(value):
-        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
     if isinstance(value, Path):
         return str(value)
     return value
 
 
 def write_json(path: str | Path, data: Mapping[str, Any]) -> Path:
-    """Write ``data`` as indented JSON atomically (numpy/torch values converted); returns the path."""
+    """Write ``data`` as indented JSON atomically; returns the path.
+
+    numpy/torch values become plain numbers or lists; non-finite floats become the
+    strings ``"nan"``, ``"inf"``, ``"-inf"`` (strict JSON has no such numbers).
+    """
     path = Path(path)
     with atomic_write(path, "w") as fh:
         json.dump(_jsonable(data), fh, indent=2, sort_keys=False)
@@ -105,5 +120,5 @@ def write_summary(out: str | Path, command: str, summary: Mapping[str, Any]) -> 
 
     data = {"command": command, "flowplug_version": __version__, **summary}
     path = write_json(Path(out) / "summary.json", data)
-    get_plugin_manager().hook.flowplug_run_finished(command=command, out=str(out), summary=data)
+    get_plugin_manager().notify("flowplug_run_finished", command=command, out=str(out), summary=data)
     return path

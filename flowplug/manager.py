@@ -4,7 +4,8 @@ Loading order (DESIGN.md section 1):
 
 1. built-in plugins, in the fixed order of :data:`BUILTIN_MODULES` (CLI commands from
    ``flowplug.cli``, then ``flowplug.plugins.BUILTIN``, then ``flowplug.adapters.BUILTIN``);
-2. third-party plugins from the entry-point group ``flowplug``, sorted by name.
+2. third-party plugins from the entry-point group ``flowplug``, sorted by entry-point
+   name, then distribution name.
 
 Environment variables:
 
@@ -14,6 +15,9 @@ Environment variables:
     a third-party plugin that fails to load is an error instead of a warning;
 ``FLOWPLUG_BLOCK_PLUGINS=name1,name2``
     entry-point (or distribution) names that are never loaded.
+
+Event hooks are called through :meth:`PluginManager.notify`, which keeps a failing
+monitor from stopping a run.
 """
 
 from __future__ import annotations
@@ -22,16 +26,17 @@ import difflib
 import importlib
 import importlib.metadata as metadata
 import os
+import re
 import warnings
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 import pluggy
 
 from flowplug import hookspecs
 from flowplug._version import __version__
-from flowplug.errors import PluginError, PluginLoadWarning
+from flowplug.errors import DuplicateComponentError, PluginError, PluginLoadWarning
 from flowplug.records import Component
-from flowplug.registry import Registry
+from flowplug.registry import Registry, kind_word
 
 ENTRY_POINT_GROUP = "flowplug"
 
@@ -72,7 +77,7 @@ class PluginManager(pluggy.PluginManager):
         self.failures: list[tuple[str, str, str]] = []
         self._providers: dict[str, tuple[str, str]] = {}
         self._builtin: set[str] = set()
-        self._registries: dict[str, Registry] | None = None
+        self._registries: dict[str, Registry] | None = None  # kind -> registry, lazily
 
     # ------------------------------------------------------------------ registration
 
@@ -118,51 +123,92 @@ class PluginManager(pluggy.PluginManager):
             self._builtin.add(modname)
         self.check_pending()
 
-    def load_entrypoints(self, *, blocked: Iterable[str] = ()) -> list[str]:
+    def load_entrypoints(self, *, blocked: Iterable[str] = (),
+                         path: Sequence[str] | None = None) -> list[str]:
         """Load third-party plugins from the entry-point group ``flowplug``.
 
         Each entry point names a module or object with hook implementations. A plugin
-        that fails to import, has a malformed hook, or implements a hook that does not
-        exist is skipped with one :class:`PluginLoadWarning` naming its distribution
-        and the error (or raises :class:`PluginError` when ``strict``).
+        that fails to import, has a malformed or unmarked hook, or implements a hook
+        that does not exist is skipped with one :class:`PluginLoadWarning` naming its
+        distribution and the error (or raises :class:`PluginError` when ``strict``).
 
         Arguments:
-            blocked: Entry-point or distribution names not to load (case-blind).
+            blocked: Entry-point or distribution names not to load (case-blind;
+                ``-``, ``_`` and ``.`` in distribution names are equivalent). Built-ins
+                cannot be blocked.
+            path: Folders to search for installed distributions; default ``sys.path``.
 
         Returns:
             Names of the plugins registered.
         """
-        blocked = {b.lower() for b in blocked}
-        for b in blocked:
-            self.set_blocked(b)
+        blocked = {_normalise(b) for b in blocked}
         loaded = []
-        eps = sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name)
-        for ep in eps:
-            dist_name, dist_version = _dist_of(ep)
-            if ep.name.lower() in blocked or dist_name.lower() in blocked:
+        eps = []
+        seen: set[tuple[str, str]] = set()
+        for dist in metadata.distributions(**({} if path is None else {"path": list(path)})):
+            for ep in dist.entry_points:
+                if ep.group != ENTRY_POINT_GROUP:
+                    continue
+                dist_name, dist_version = _dist_of(ep, dist)
+                key = (_normalise(dist_name), ep.name)
+                if key in seen:
+                    continue  # the same distribution found twice on the path
+                seen.add(key)
+                eps.append((ep.name, _normalise(dist_name), ep, dist_name, dist_version))
+        for ep_name, norm_dist, ep, dist_name, dist_version in sorted(eps, key=lambda e: e[:2]):
+            if _normalise(ep_name) in blocked or norm_dist in blocked:
                 continue
-            if self.get_plugin(ep.name) is not None or self.is_blocked(ep.name):
-                continue
+            # Two distributions may use one entry-point name: keep both, apart.
+            name = ep_name if self.get_plugin(ep_name) is None else f"{dist_name}:{ep_name}"
             try:
                 plugin = ep.load()
-                self.register(plugin, name=ep.name, provider=(dist_name, dist_version))
+                self.register(plugin, name=name, provider=(dist_name, dist_version))
                 try:
-                    self._check_plugin(ep.name)
+                    self._check_plugin(name, plugin)
                 except PluginError:
-                    self.unregister(name=ep.name)
+                    self.unregister(name=name)
                     raise
             except Exception as exc:
-                self._fail(ep.name, f"{dist_name} {dist_version}".strip(), exc)
+                self._fail(name, f"{dist_name} {dist_version}".strip(),
+                           f"could not be loaded: {_describe(exc)}", exc)
                 continue
-            loaded.append(ep.name)
+            loaded.append(name)
         return loaded
 
-    def _fail(self, name: str, dist: str, exc: BaseException) -> None:
-        message = f"flowplug plugin '{name}' from {dist} could not be loaded: {type(exc).__name__}: {exc}"
-        self.failures.append((name, dist, str(exc)))
+    def _fail(self, name: str, dist: str, what: str, exc: BaseException | None = None) -> None:
+        message = f"flowplug plugin '{name}' ({dist}) {what}"
+        self.failures.append((name, dist, what))
         if self.strict:
-            raise PluginError(message + " (FLOWPLUG_STRICT_PLUGINS is set)") from exc
-        warnings.warn(message + " It is skipped; everything else works.", PluginLoadWarning, stacklevel=3)
+            raise PluginError(f"{message} (FLOWPLUG_STRICT_PLUGINS is set)") from exc
+        warnings.warn(message, PluginLoadWarning, stacklevel=3)
+
+    def notify(self, hook_name: str, **kwargs: Any) -> None:
+        """Call an event hook on every plugin, isolating failures.
+
+        A monitor that raises does not stop the run or the other monitors: a
+        third-party failure is one :class:`PluginLoadWarning` (an error when strict);
+        a failure in a built-in is re-raised.
+
+        Arguments:
+            hook_name: One of :data:`flowplug.hookspecs.EVENT_HOOKS`.
+            **kwargs: The hook's arguments, by name.
+
+        Raises:
+            PluginError: if ``hook_name`` is not an event hook.
+        """
+        if hook_name not in hookspecs.EVENT_HOOKS:
+            raise PluginError(f"{hook_name!r} is not an event hook; event hooks are "
+                              f"{', '.join(hookspecs.EVENT_HOOKS)}")
+        caller = getattr(self.hook, hook_name)
+        for impl in caller.get_hookimpls():
+            try:
+                impl.function(*(kwargs[a] for a in impl.argnames))
+            except Exception as exc:
+                if impl.plugin_name in self._builtin:
+                    raise
+                dist, version = self.provider_of(impl.plugin_name)
+                self._fail(impl.plugin_name, f"{dist} {version}".strip(),
+                           f"raised in {hook_name}: {_describe(exc)}; the run goes on", exc)
 
     # --------------------------------------------------------------------- validation
 
@@ -179,22 +225,30 @@ class PluginManager(pluggy.PluginManager):
                     out.append((impl.plugin_name, hook_name))
         return out
 
-    def _check_plugin(self, name: str) -> None:
+    def _check_plugin(self, name: str, plugin: Any = None) -> None:
         problems = self._unknown_hooks(only=name)
         if problems:
             raise PluginError(self._unknown_message(problems))
+        if plugin is not None:
+            marked = {impl.function.__name__ for hn in vars(self.hook) if not hn.startswith("_")
+                      for impl in getattr(self.hook, hn).get_hookimpls() if impl.plugin_name == name}
+            unmarked = sorted(a for a in dir(plugin) if a.startswith("flowplug_") and a not in marked
+                              and callable(getattr(plugin, a, None)))
+            if unmarked:
+                raise PluginError(f"{', '.join(unmarked)} not marked with @hookimpl "
+                                  "(from flowplug import hookimpl)")
 
     def _unknown_message(self, problems: list[tuple[str, str]]) -> str:
         known = sorted(set(hookspecs.COMPONENT_HOOKS) | set(hookspecs.EVENT_HOOKS))
         parts = []
         for plugin_name, hook_name in problems:
             dist, version = self._providers.get(plugin_name, (plugin_name, ""))
-            text = f"plugin '{plugin_name}' ({dist} {version}".rstrip() + f") implements unknown hook '{hook_name}'"
+            text = f"plugin '{plugin_name}' ({f'{dist} {version}'.strip()}) implements unknown hook '{hook_name}'"
             close = difflib.get_close_matches(hook_name, known, n=1)
             if close:
-                text += f"; did you mean '{close[0]}'?"
+                text += f" (did you mean '{close[0]}'?)"
             parts.append(text)
-        return "; ".join(parts) + f". Known hooks: {', '.join(known)}."
+        return "; ".join(parts) + f". Known hooks: {', '.join(known)}"
 
     def check_pending(self) -> None:
         """Raise :class:`PluginError` for any implementation of a hook that does not exist.
@@ -213,57 +267,64 @@ class PluginManager(pluggy.PluginManager):
         """``(distribution, version)`` of a registered plugin."""
         return self._providers.get(plugin_name, (plugin_name, ""))
 
-    def _build_registries(self) -> dict[str, Registry]:
-        registries: dict[str, Registry] = {}
-        for hook_name, record_type in hookspecs.COMPONENT_HOOKS.items():
-            registry: Registry = Registry(record_type.kind)
-            caller = getattr(self.hook, hook_name)
-            # pluggy lists implementations last-registered first; restore load order.
-            for impl in reversed(caller.get_hookimpls()):
-                dist, version = self.provider_of(impl.plugin_name)
-                builtin = impl.plugin_name in self._builtin
-                try:
-                    records = list(impl.function() or ())
-                    for record in records:
-                        if not isinstance(record, record_type):
-                            raise PluginError(
-                                f"{hook_name} of plugin '{impl.plugin_name}' ({dist} {version}) "
-                                f"returned {type(record).__name__}, expected {record_type.__name__}"
-                            )
-                except Exception as exc:
-                    if builtin or self.strict:
-                        if isinstance(exc, PluginError):
-                            raise
-                        raise PluginError(
-                            f"{hook_name} of plugin '{impl.plugin_name}' ({dist} {version}) "
-                            f"raised {type(exc).__name__}: {exc}"
-                        ) from exc
-                    self._fail(impl.plugin_name, f"{dist} {version}".strip(), exc)
-                    continue
+    def _build_registry(self, hook_name: str) -> Registry:
+        record_type = hookspecs.COMPONENT_HOOKS[hook_name]
+        registry: Registry = Registry(record_type.kind)
+        caller = getattr(self.hook, hook_name)
+        # get_hookimpls() lists implementations in registration order (built-ins first).
+        for impl in caller.get_hookimpls():
+            dist, version = self.provider_of(impl.plugin_name)
+            provider = f"{dist} {version}".strip()
+            builtin = impl.plugin_name in self._builtin
+            try:
+                records = list(impl.function() or ())
                 for record in records:
-                    registry.add(record.with_provider(dist, version))
-            registries[record_type.kind] = registry
-        return registries
+                    if not isinstance(record, record_type):
+                        raise PluginError(
+                            f"{hook_name} of plugin '{impl.plugin_name}' ({provider}) "
+                            f"returned {type(record).__name__}, expected {record_type.__name__}"
+                        )
+            except Exception as exc:
+                if builtin or self.strict:
+                    if isinstance(exc, PluginError):
+                        raise
+                    raise PluginError(f"{hook_name} of plugin '{impl.plugin_name}' ({provider}) "
+                                      f"raised {_describe(exc)}") from exc
+                self._fail(impl.plugin_name, provider,
+                           f"failed in {hook_name}: {_describe(exc)}; its "
+                           f"{kind_word(record_type.kind)}s are skipped", exc)
+                continue
+            for record in records:
+                stamped = record.with_provider(dist, version, impl.plugin_name)
+                try:
+                    registry.add(stamped)
+                except DuplicateComponentError as exc:
+                    if builtin or self.strict:
+                        raise
+                    self._fail(impl.plugin_name, provider, f"skipped: {exc}", exc)
+        return registry
 
     def registry(self, kind: str) -> Registry:
-        """The registry of one component kind.
+        """The registry of one component kind, built on first use.
 
         Arguments:
             kind: ``"action"``, ``"flow_layer"``, ``"prior"``, ``"kernel"``,
                 ``"file_format"``, ``"observable"`` or ``"command"``.
 
         Raises:
-            PluginError: if ``kind`` is not a component kind, or two plugins provide one
-                name (:class:`flowplug.errors.DuplicateComponentError`).
+            PluginError: if ``kind`` is not a component kind, or (strict mode, or between
+                built-ins) two plugins provide one name
+                (:class:`flowplug.errors.DuplicateComponentError`). In tolerant mode a
+                third-party component whose name is taken is skipped with a warning.
         """
         if self._registries is None:
-            self._registries = self._build_registries()
-        try:
-            return self._registries[kind]
-        except KeyError:
-            raise PluginError(
-                f"unknown component kind {kind!r}; kinds are {', '.join(self._registries)}"
-            ) from None
+            self._registries = {}
+        hooks = {t.kind: h for h, t in hookspecs.COMPONENT_HOOKS.items()}
+        if kind not in hooks:
+            raise PluginError(f"unknown component kind {kind!r}; kinds are {', '.join(hooks)}")
+        if kind not in self._registries:
+            self._registries[kind] = self._build_registry(hooks[kind])
+        return self._registries[kind]
 
     def components(self) -> Iterator[Component]:
         """Every registered component of every kind, kind by kind, sorted by name."""
@@ -271,8 +332,17 @@ class PluginManager(pluggy.PluginManager):
             yield from self.registry(record_type.kind)
 
 
-def _dist_of(ep: metadata.EntryPoint) -> tuple[str, str]:
-    dist = getattr(ep, "dist", None)
+def _normalise(name: str) -> str:
+    """Distribution-name normalisation (PEP 503): lower case, runs of -_. become -."""
+    return re.sub(r"[-_.]+", "-", name.strip()).lower()
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _dist_of(ep: metadata.EntryPoint, dist: Any = None) -> tuple[str, str]:
+    dist = dist if dist is not None else getattr(ep, "dist", None)
     if dist is None:
         return ep.name, ""
     try:
@@ -282,13 +352,15 @@ def _dist_of(ep: metadata.EntryPoint) -> tuple[str, str]:
 
 
 def new_plugin_manager(*, autoload: bool | None = None, strict: bool | None = None,
-                       blocked: Iterable[str] | None = None) -> PluginManager:
+                       blocked: Iterable[str] | None = None,
+                       path: Sequence[str] | None = None) -> PluginManager:
     """Build a fresh plugin manager with built-ins and (optionally) third-party plugins.
 
     Arguments:
         autoload: Load entry points; default: unless ``FLOWPLUG_DISABLE_PLUGIN_AUTOLOAD`` is set.
         strict: Failing third-party plugins raise; default: ``FLOWPLUG_STRICT_PLUGINS``.
         blocked: Names never loaded; default: ``FLOWPLUG_BLOCK_PLUGINS`` (comma separated).
+        path: Folders searched for installed plugin distributions; default ``sys.path``.
 
     Raises:
         PluginError: on a broken built-in, or on a broken third-party plugin when strict.
@@ -302,7 +374,7 @@ def new_plugin_manager(*, autoload: bool | None = None, strict: bool | None = No
     pm = PluginManager(strict=strict)
     pm.load_builtins()
     if autoload:
-        pm.load_entrypoints(blocked=blocked)
+        pm.load_entrypoints(blocked=blocked, path=path)
     return pm
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
 _NAME = re.compile(r"^[a-z][a-z0-9_.\-]*$")
@@ -38,6 +38,7 @@ class Component:
         aliases: Further lower-case names under which the component can be looked up.
         provider: Distribution that registered the record; filled in by the manager.
         provider_version: Version of that distribution; filled in by the manager.
+        plugin: Name of the plugin (entry point) that registered it; filled in by the manager.
     """
 
     kind: ClassVar[str] = "component"
@@ -48,6 +49,7 @@ class Component:
     aliases: tuple[str, ...] = ()
     provider: str = ""
     provider_version: str = ""
+    plugin: str = ""
 
     def __post_init__(self) -> None:
         for n in (self.name, *self.aliases):
@@ -68,9 +70,9 @@ class Component:
             text += " (built-in)"
         return text or "unknown provider"
 
-    def with_provider(self, provider: str, version: str) -> "Component":
-        """Return a copy of the record stamped with its provider."""
-        return dataclasses.replace(self, provider=provider, provider_version=version)
+    def with_provider(self, provider: str, version: str, plugin: str = "") -> "Component":
+        """Return a copy of the record stamped with its provider and plugin name."""
+        return dataclasses.replace(self, provider=provider, provider_version=version, plugin=plugin)
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready description: kind, name, aliases, provider, version, description."""
@@ -171,12 +173,18 @@ class CommandSpec(Component):
     """A ``flowplug`` subcommand.
 
     ``factory(parser)`` adds the subcommand's arguments to an ``argparse`` parser;
-    ``run(args)`` executes it and returns the exit code (0 on success). Raising a
-    :class:`flowplug.errors.FlowplugError` gives exit code 1 and a message on stderr.
+    ``run(args)`` (required) executes it and returns the exit code (0 on success).
+    Raising a :class:`flowplug.errors.FlowplugError` gives exit code 1 and a message on
+    stderr.
     """
 
     kind: ClassVar[str] = "command"
-    run: Callable[[Any], int] = field(default=lambda args: 0)
+    run: Callable[[Any], int] | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not callable(self.run):
+            raise TypeError(f"command {self.name!r}: run={self.run!r} is not callable")
 
 
 #: Every record type, in the order ``flowplug plugins`` lists them.

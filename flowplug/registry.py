@@ -53,10 +53,12 @@ class Registry(Generic[C]):
             if other is not None:
                 label = kind_word(self.kind).capitalize()
                 via = "" if key == other.name else f" (alias of '{other.name}')"
+                third = [p.provider for p in (other, record) if p.provider and p.provider != "flowplug"]
+                fix = (f"FLOWPLUG_BLOCK_PLUGINS={third[-1]}" if third
+                       else "FLOWPLUG_BLOCK_PLUGINS=<distribution name>")
                 raise DuplicateComponentError(
                     f"{label} '{key}' is provided twice: by {other.provided_by}{via} "
-                    f"and by {record.provided_by}. Uninstall or block one of them "
-                    "(FLOWPLUG_BLOCK_PLUGINS=<entry-point name>)."
+                    f"and by {record.provided_by}. Uninstall one of them or block it ({fix})."
                 )
         self._records[record.name] = record
         for key in (record.name, *record.aliases):

@@ -9,13 +9,15 @@ stderr, no traceback unless ``--debug``); 2 a usage error (argparse).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import textwrap
 import traceback
+import warnings
 from typing import Sequence
 
 from flowplug._version import __version__
-from flowplug.errors import FlowplugError
+from flowplug.errors import FlowplugError, PluginLoadWarning
 
 
 def _debug_parent(suppress: bool) -> argparse.ArgumentParser:
@@ -42,12 +44,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"flowplug {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for spec in get_plugin_manager().registry("command"):
+    pm = get_plugin_manager()
+    for spec in pm.registry("command"):
         sp = sub.add_parser(spec.name, help=spec.description, description=spec.description,
                             parents=[_debug_parent(True)])
-        spec.factory(sp)
+        try:
+            spec.factory(sp)
+        except Exception as exc:
+            if spec.provider == "flowplug":
+                raise
+            sub._name_parser_map.pop(spec.name, None)
+            sub._choices_actions = [a for a in sub._choices_actions if a.dest != spec.name]
+            pm._fail(spec.plugin, f"{spec.provided_by}",
+                     f"failed to add command '{spec.name}': {type(exc).__name__}: {exc}", exc)
+            continue
         sp.set_defaults(_run=spec.run)
     return parser
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one line on stderr, without the source line that raised them."""
+    print(f"flowplug: warning: {message}", file=sys.stderr if file is None else file)
 
 
 def _message(exc: BaseException) -> str:
@@ -62,28 +79,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: Arguments without the program name; default ``sys.argv[1:]``.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--version"]:  # answered without loading any plugin
+        print(f"flowplug {__version__}")
+        return 0
     debug = "--debug" in argv
-    try:
-        parser = build_parser()
-    except FlowplugError as exc:
-        if debug:
-            traceback.print_exc()
-        print(f"flowplug: error: {_message(exc)}", file=sys.stderr)
-        return 1
-    args = parser.parse_args(argv)
-    if getattr(args, "_run", None) is None:
-        parser.print_help()
-        return 2
-    try:
-        return int(args._run(args) or 0)
-    except FlowplugError as exc:
-        if args.debug:
-            traceback.print_exc()
-        print(f"flowplug {args.command}: error: {_message(exc)}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"flowplug {args.command}: interrupted", file=sys.stderr)
-        return 130
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", PluginLoadWarning)
+        warnings.showwarning = _show_warning
+        try:
+            parser = build_parser()
+        except FlowplugError as exc:
+            if debug:
+                traceback.print_exc()
+            print(f"flowplug: error: {_message(exc)}", file=sys.stderr)
+            return 1
+        args = parser.parse_args(argv)
+        if getattr(args, "_run", None) is None:
+            parser.print_help(sys.stderr)
+            return 2
+        try:
+            return int(args._run(args) or 0)
+        except FlowplugError as exc:
+            if args.debug:
+                traceback.print_exc()
+            print(f"flowplug {args.command}: error: {_message(exc)}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print(f"flowplug {args.command}: interrupted", file=sys.stderr)
+            return 130
+        except BrokenPipeError:  # output piped into `head` and closed early
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

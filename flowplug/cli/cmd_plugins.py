@@ -35,8 +35,6 @@ def run(args: argparse.Namespace) -> int:
     print(fmt.format(*headers))
     for t in table:
         print(fmt.format(*t))
-    for name, dist, error in pm.failures:
-        print(f"skipped plugin '{name}' from {dist}: {error}", file=sys.stderr)
     return 0
 
 

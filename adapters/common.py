@@ -1,0 +1,114 @@
+"""Helpers shared by the built-in format adapters (not a plugin module).
+
+Layout conversions between the ILDG site order and the canonical tensor, bounded
+reads, and the construction of :class:`flowplug.io.Check` records.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from flowplug.errors import FormatError
+from flowplug.io import Check
+
+__all__ = [
+    "read_payload",
+    "ildg_to_canonical",
+    "canonical_to_ildg",
+    "complex_dtype",
+    "hex_check",
+    "float_check",
+    "decimals_tolerance",
+    "fmt_lattice",
+]
+
+
+def fmt_lattice(dims) -> str:
+    """``(4, 4, 4, 8)`` -> ``"4x4x4x8"``."""
+    return "x".join(str(int(n)) for n in dims)
+
+
+def complex_dtype(precision: int, byteorder: str = ">") -> np.dtype:
+    """numpy complex dtype of a storage precision (32 -> c8, 64 -> c16) and byte order."""
+    return np.dtype(("c8" if precision == 32 else "c16")).newbyteorder(byteorder)
+
+
+def read_payload(path: Path, offset: int, nbytes: int, what: str) -> np.ndarray:
+    """Read ``nbytes`` bytes at ``offset`` into a fresh aligned uint8 array.
+
+    The size is checked against the file before anything is allocated.
+
+    Raises:
+        FormatError: if the file ends before ``offset + nbytes`` (naming ``what``).
+    """
+    size = path.stat().st_size
+    if offset < 0 or nbytes < 0 or offset + nbytes > size:
+        raise FormatError(f"{path}: {what} needs bytes {offset}..{offset + nbytes} but the file has "
+                          f"{size} bytes (truncated file or wrong length field)")
+    out = np.empty(nbytes, dtype=np.uint8)
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        got = fh.readinto(memoryview(out))
+    if got != nbytes:
+        raise FormatError(f"{path}: {what}: read {got} of {nbytes} bytes (file changed while reading?)")
+    return out
+
+
+def ildg_to_canonical(raw: np.ndarray, lattice: tuple[int, ...], n: int, precision: int,
+                      byteorder: str = ">") -> torch.Tensor:
+    """Stored ILDG-order links -> canonical tensor (1, 4, lx, ly, lz, lt, N, N) complex128.
+
+    Arguments:
+        raw: Payload bytes (uint8), length V * 4 * N * N * (8 or 16).
+        lattice: (lx, ly, lz, lt).
+        n: Colours N.
+        precision: 32 or 64.
+        byteorder: ``">"`` (ILDG, NERSC big) or ``"<"``.
+
+    The file array has shape (lt, lz, ly, lx, mu, N, N); the conversion is the
+    permutation (mu, x, y, z, t) plus an exact widening to complex128.
+    """
+    lx, ly, lz, lt = lattice
+    arr = raw.view(complex_dtype(precision, byteorder)).reshape(lt, lz, ly, lx, 4, n, n)
+    out = np.empty((1, 4, lx, ly, lz, lt, n, n), dtype=np.complex128)
+    with np.errstate(invalid="ignore"):  # NaN payloads are reported by flowplug.io.read
+        np.copyto(out[0], arr.transpose(4, 3, 2, 1, 0, 5, 6))
+    return torch.from_numpy(out)
+
+
+def canonical_to_ildg(links: torch.Tensor, precision: int, byteorder: str = ">") -> np.ndarray:
+    """Canonical (4, lx, ly, lz, lt, N, N) links of one configuration -> stored ILDG array.
+
+    Returns:
+        Contiguous array of shape (lt, lz, ly, lx, 4, N, N), dtype complex64/128 in
+        ``byteorder``; ``.tobytes()`` is the payload.
+    """
+    src = links.detach().cpu().resolve_conj().numpy()
+    d, lx, ly, lz, lt, n, _ = src.shape
+    out = np.empty((lt, lz, ly, lx, d, n, n), dtype=complex_dtype(precision, byteorder))
+    np.copyto(out, src.transpose(4, 3, 2, 1, 0, 5, 6), casting="unsafe")
+    return out
+
+
+def hex_check(quantity: str, expected: int, found: int) -> Check:
+    """A checksum comparison; values shown as 8-digit lower-case hex."""
+    return Check(quantity, f"{expected:08x}", f"{found:08x}", expected == found)
+
+
+def decimals_tolerance(text: str, floor: float) -> float:
+    """Tolerance for a decimal number printed as ``text``: max(floor, 1 unit of its last digit)."""
+    t = text.strip().lower()
+    mant = t.split("e")[0]
+    exp = int(t.split("e")[1]) if "e" in t and t.split("e")[1].lstrip("+-").isdigit() else 0
+    decimals = len(mant.split(".")[1]) if "." in mant else 0
+    return max(floor, 10.0 ** (exp - decimals))
+
+
+def float_check(quantity: str, expected: float, found: float, tolerance: float) -> Check:
+    """A floating-point comparison within an absolute tolerance (NaN never passes)."""
+    ok = math.isfinite(expected) and math.isfinite(found) and abs(expected - found) <= tolerance
+    return Check(quantity, float(expected), float(found), bool(ok), float(tolerance))

@@ -1,0 +1,304 @@
+"""HDF5 ensemble store (h5py): many configurations in one file, chunked and appendable.
+
+Layout (``format_version`` 1)::
+
+    /                    attributes:
+        flowplug_format  "flowplug-ensemble"
+        format_version   1
+        group            "su3" | "su2" | "su<N>" | "u1"
+        lattice          int64[d], x first
+        precision        32 | 64 (storage dtype of /links)
+        count            configurations committed (0 .. count-1 are complete)
+        layout           text describing the axes of /links
+        attrs            JSON text: ensemble-wide values (beta, ensemble id, run parameters)
+    /links   (n, d, L_0, ..., L_{d-1}, N, N) complex64/complex128 (U(1): (n, d, L...) float32/64),
+             little-endian, one chunk per configuration and direction, unlimited first axis
+    /meta    (n,) UTF-8 JSON text per configuration: source format and path, precision,
+             header values, original records verbatim (base64), record list, check
+             outcomes of the source, provenance, and ``crc32`` of the stored bytes
+
+The canonical layout is stored as is (no permutation, no byte swap). Appending grows
+both datasets, writes the data and metadata, flushes, then raises ``count``; a reader
+uses only the first ``count`` entries, so an interrupted append leaves the earlier
+configurations readable. Reads verify each configuration's CRC-32. A 64-bit store
+accepts 32-bit data (widened exactly; ``meta.precision`` keeps 32, and an ensemble read
+back whose configurations all came from 32-bit data has precision 32 again).
+
+References:
+    h5py documentation (chunked, resizable datasets; variable-length strings).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from flowplug.errors import FormatError
+from flowplug.hookspecs import hookimpl
+from flowplug.io import Check, Ensemble, FormatHandler, Metadata, Record
+from flowplug.records import FileFormatSpec
+
+from flowplug.adapters.common import fmt_lattice, hex_check
+
+HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+FORMAT_TAG = "flowplug-ensemble"
+FORMAT_VERSION = 1
+
+
+def _h5py():
+    import h5py
+
+    return h5py
+
+
+def _jsonable(value: Any) -> Any:
+    from flowplug.fsutil import _jsonable as conv
+
+    return conv(value)
+
+
+def _stored_dtype(group: str, precision: int) -> np.dtype:
+    if group == "u1":
+        return np.dtype("<f4" if precision == 32 else "<f8")
+    return np.dtype("<c8" if precision == 32 else "<c16")
+
+
+def _meta_json(meta: Metadata, stored: np.ndarray) -> str:
+    doc = {
+        "format": meta.format,
+        "path": meta.path,
+        "precision": meta.precision,
+        "header": _jsonable(meta.header),
+        "records": [{"type": r.type, "data": base64.b64encode(r.data).decode("ascii")} for r in meta.records],
+        "record_list": list(meta.record_list),
+        "checks": [_jsonable(c.as_dict()) for c in meta.checks],
+        "provenance": _jsonable(meta.provenance),
+        "crc32": f"{zlib.crc32(memoryview(np.ascontiguousarray(stored)).cast('B')):08x}",
+    }
+    return json.dumps(doc, sort_keys=True)
+
+
+def _meta_from_json(path: Path, i: int, text: str | bytes) -> tuple[Metadata, str | None]:
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", errors="replace")
+    try:
+        doc = json.loads(text)
+        if not isinstance(doc, dict):
+            raise ValueError("not an object")
+        records = [Record(str(r["type"]), base64.b64decode(r["data"], validate=True))
+                   for r in doc.get("records", [])]
+        checks = [Check(c["quantity"], c["expected"], c["found"], bool(c["ok"]), float(c.get("tolerance", 0)))
+                  for c in doc.get("checks", [])]
+        meta = Metadata(format=doc.get("format"), path=doc.get("path"), precision=int(doc.get("precision", 64)),
+                        header=dict(doc.get("header") or {}), records=records,
+                        record_list=list(doc.get("record_list") or []), checks=[],
+                        provenance=dict(doc.get("provenance") or {}))
+        meta.header.setdefault("source_checks", [c.as_dict() for c in checks])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise FormatError(f"{path}: /meta[{i}] is not valid flowplug metadata JSON ({exc})") from None
+    return meta, doc.get("crc32")
+
+
+class Hdf5Handler(FormatHandler):
+    """HDF5 ensemble store: any group, any dimension, many configurations."""
+
+    name = "hdf5"
+    groups = ("*",)
+    multi = True
+    extension = "h5"
+    dims = ()
+
+    def sniff(self, path: Path, head: bytes, size: int) -> int:
+        """100 for the HDF5 signature at offset 0."""
+        return 100 if head.startswith(HDF5_MAGIC) else 0
+
+    # ----------------------------------------------------------------------- reading
+
+    def read(self, path: Path, *, lattice=None, group=None, index: Any = None, **options: Any) -> Ensemble:
+        """Read (a selection of) the configurations of an HDF5 ensemble store.
+
+        Arguments:
+            index: ``None`` (all), an int, a slice, or a list of ints.
+
+        Returns:
+            The ensemble; each configuration's CRC-32 outcome is in ``meta[i].checks``;
+            the source's own check outcomes are under ``meta[i].header["source_checks"]``.
+
+        Raises:
+            FormatError: if the file is not a flowplug ensemble store, is damaged, or
+                the index is out of range.
+        """
+        h5py = _h5py()
+        try:
+            with h5py.File(path, "r") as f:
+                return self._read(path, f, index)
+        except FormatError:
+            raise
+        except Exception as exc:  # h5py raises OSError, KeyError, ValueError, RuntimeError...
+            raise FormatError(f"{path}: damaged or not a flowplug HDF5 ensemble ({type(exc).__name__}: "
+                              f"{exc})") from None
+
+    def _read(self, path: Path, f: Any, index: Any) -> Ensemble:
+        if f.attrs.get("flowplug_format") not in (FORMAT_TAG, FORMAT_TAG.encode()):
+            raise FormatError(f"{path}: HDF5 file without flowplug_format = '{FORMAT_TAG}' attribute: not a "
+                              "flowplug ensemble store")
+        version = int(f.attrs.get("format_version", -1))
+        if version != FORMAT_VERSION:
+            raise FormatError(f"{path}: ensemble store format_version {version}; this flowplug reads "
+                              f"{FORMAT_VERSION}")
+        group = str(f.attrs["group"])
+        lattice = tuple(int(n) for n in f.attrs["lattice"])
+        precision = int(f.attrs["precision"])
+        count = int(f.attrs["count"])
+        if not lattice or any(n <= 0 for n in lattice) or precision not in (32, 64):
+            raise FormatError(f"{path}: attributes lattice {lattice} / precision {precision} are invalid "
+                              "(damaged file)")
+        links_ds, meta_ds = f["links"], f["meta"]
+        n_colors = 1 if group == "u1" else int(group[2:])
+        shape = (len(lattice), *lattice) + (() if group == "u1" else (n_colors, n_colors))
+        if tuple(links_ds.shape[1:]) != shape or links_ds.dtype != _stored_dtype(group, precision):
+            raise FormatError(f"{path}: /links has shape {links_ds.shape[1:]} dtype {links_ds.dtype}; "
+                              f"attributes say {group} on {fmt_lattice(lattice)} at precision {precision}")
+        if not 0 <= count <= min(links_ds.shape[0], meta_ds.shape[0]):
+            raise FormatError(f"{path}: count = {count} but /links holds {links_ds.shape[0]} and /meta "
+                              f"{meta_ds.shape[0]} entries (damaged file)")
+        if index is None:
+            sel = list(range(count))
+        elif isinstance(index, slice):
+            sel = list(range(count))[index]
+        else:
+            sel = [index] if isinstance(index, (int, np.integer)) else list(index)
+            for i in sel:
+                if not -count <= int(i) < count:
+                    raise FormatError(f"{path}: configuration {i} out of range (the store holds {count})")
+            sel = [int(i) % count for i in sel]
+        need = len(sel) * int(np.prod(shape)) * links_ds.dtype.itemsize
+        if need > path.stat().st_size:  # flowplug stores uncompressed: data cannot exceed the file
+            raise FormatError(f"{path}: /links claims {need} bytes for {len(sel)} configuration(s) but the "
+                              f"file has {path.stat().st_size} bytes (damaged or not written by flowplug)")
+        data = np.empty((len(sel), *shape), dtype=links_ds.dtype)
+        metas = []
+        for j, i in enumerate(sel):
+            links_ds.read_direct(data, np.s_[i], np.s_[j])
+            meta, crc = _meta_from_json(path, i, meta_ds[i])
+            found = zlib.crc32(memoryview(data[j]).cast("B"))
+            try:
+                expected = int(str(crc), 16)
+            except ValueError:
+                raise FormatError(f"{path}: /meta[{i}] has no valid crc32") from None
+            meta.checks.append(hex_check(f"hdf5 crc32 of configuration {i}", expected, found))
+            meta.record_list = [f"hdf5 /links[{i}] ({data[j].nbytes} bytes)", f"hdf5 /meta[{i}]"]
+            meta.format, meta.path = "hdf5", str(path)
+            meta.precision = min(meta.precision, precision)
+            metas.append(meta)
+        out = data.astype(np.float64 if group == "u1" else np.complex128, copy=False)
+        try:
+            attrs = json.loads(str(f.attrs.get("attrs", "{}")))
+        except ValueError:
+            raise FormatError(f"{path}: root attribute 'attrs' is not JSON") from None
+        # a 64-bit store may hold data exactly representable at 32 bits (their source precision)
+        ens_precision = max((m.precision for m in metas), default=precision)
+        return Ensemble(torch.from_numpy(out), precision=ens_precision, meta=metas,
+                        attrs=attrs if isinstance(attrs, dict) else {})
+
+    def sources(self, path: Path) -> list[str]:
+        """``provenance["source"]`` of every committed configuration (for resuming conversions)."""
+        h5py = _h5py()
+        out = []
+        try:
+            with h5py.File(path, "r") as f:
+                count = int(f.attrs.get("count", 0))
+                for i in range(count):
+                    meta, _ = _meta_from_json(path, i, f["meta"][i])
+                    out.append(str(meta.provenance.get("source", meta.path)))
+        except FormatError:
+            raise
+        except Exception as exc:
+            raise FormatError(f"{path}: damaged or not a flowplug HDF5 ensemble ({exc})") from None
+        return out
+
+    # ----------------------------------------------------------------------- writing
+
+    def write(self, path: Path, ensemble: Ensemble, *, precision: int, **options: Any) -> None:
+        """Create a store at ``path`` holding ``ensemble`` (any number of configurations)."""
+        h5py = _h5py()
+        dtype = _stored_dtype(ensemble.group, precision)
+        shape = tuple(ensemble.links.shape[1:])
+        chunk = (1, 1, *shape[1:])
+        with h5py.File(path, "w") as f:
+            f.attrs["flowplug_format"] = FORMAT_TAG
+            f.attrs["format_version"] = FORMAT_VERSION
+            f.attrs["group"] = ensemble.group
+            f.attrs["lattice"] = np.asarray(ensemble.lattice, dtype=np.int64)
+            f.attrs["precision"] = precision
+            f.attrs["layout"] = ("links[config, mu, x_0, ..., x_(d-1)" +
+                                 ("]: U(1) angles" if ensemble.group == "u1" else ", row, col]: SU(N) matrices") +
+                                 "; mu = 0..d-1 = x, y, z, t; little-endian")
+            f.attrs["attrs"] = json.dumps(_jsonable(ensemble.attrs), sort_keys=True)
+            f.attrs["count"] = 0
+            f.create_dataset("links", shape=(0, *shape), maxshape=(None, *shape), dtype=dtype, chunks=chunk)
+            f.create_dataset("meta", shape=(0,), maxshape=(None,), dtype=h5py.string_dtype("utf-8"),
+                             chunks=(64,))
+            self._append(f, ensemble, dtype, precision)
+
+    def append(self, path: Path, ensemble: Ensemble, *, precision: int, **options: Any) -> None:
+        """Append ``ensemble`` to an existing store in place; ``count`` is raised last.
+
+        Raises:
+            FormatError: if the store holds another group, lattice or precision.
+        """
+        h5py = _h5py()
+        try:
+            with h5py.File(path, "r+") as f:
+                if str(f.attrs.get("flowplug_format", "")) != FORMAT_TAG:
+                    raise FormatError(f"{path}: not a flowplug ensemble store; cannot append")
+                group, lattice = str(f.attrs["group"]), tuple(int(n) for n in f.attrs["lattice"])
+                prec = int(f.attrs["precision"])
+                if group != ensemble.group or lattice != ensemble.lattice:
+                    raise FormatError(f"{path}: holds {group} on {fmt_lattice(lattice)}; cannot append "
+                                      f"{ensemble.group} on {fmt_lattice(ensemble.lattice)}")
+                if precision > prec:
+                    raise FormatError(f"{path}: stores {prec}-bit data; cannot append {precision}-bit data "
+                                      f"without rounding (pass precision={prec} / --precision {prec}, or "
+                                      "write a new store)")
+                self._append(f, ensemble, _stored_dtype(group, prec), precision)
+        except FormatError:
+            raise
+        except Exception as exc:
+            raise FormatError(f"{path}: cannot append ({type(exc).__name__}: {exc})") from None
+
+    def _append(self, f: Any, ensemble: Ensemble, dtype: np.dtype, precision: int) -> None:
+        count = int(f.attrs["count"])
+        links_ds, meta_ds = f["links"], f["meta"]
+        n = len(ensemble)
+        links_ds.resize(count + n, axis=0)
+        meta_ds.resize(count + n, axis=0)
+        src = ensemble.links.detach().cpu().resolve_conj().numpy()
+        for j in range(n):
+            value = src[j]
+            if precision == 32 and dtype.itemsize in (8, 16) and dtype != _stored_dtype(ensemble.group, 32):
+                value = value.astype(_stored_dtype(ensemble.group, 32))  # round first, then widen exactly
+            stored = np.ascontiguousarray(value, dtype=dtype)
+            links_ds.write_direct(stored, np.s_[...], np.s_[count + j])
+            meta = ensemble.meta[j].copy()
+            meta.precision = min(meta.precision, precision)
+            meta.provenance.setdefault("source", meta.path)
+            meta.provenance.setdefault("format", meta.format)
+            meta_ds[count + j] = _meta_json(meta, stored)
+        f.flush()
+        f.attrs["count"] = count + n
+        f.flush()
+
+
+@hookimpl
+def flowplug_file_formats() -> list[FileFormatSpec]:
+    """The HDF5 ensemble store."""
+    return [FileFormatSpec(name="hdf5", description="HDF5 ensemble store (many configurations, chunked, "
+                           "appendable, metadata and provenance)", factory=Hdf5Handler,
+                           extensions=("h5", "hdf5"), aliases=("h5",), writable=True)]

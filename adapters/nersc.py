@@ -1,0 +1,269 @@
+"""NERSC (Gauge Connection) archive format: read and write.
+
+File: an ASCII header of ``KEY = VALUE`` lines between ``BEGIN_HEADER`` and
+``END_HEADER\\n``, then the links in ILDG site/link order (x fastest; per site mu = x,
+y, z, t). ``DATATYPE`` is ``4D_SU3_GAUGE`` (two rows of each matrix stored, the third
+is conj(row0 x row1)) or ``4D_SU3_GAUGE_3x3``; ``FLOATING_POINT`` is ``IEEE32BIG``,
+``IEEE64BIG`` (big-endian) or ``IEEE32LITTLE``/``IEEE32``/``IEEE64``/``IEEE64LITTLE``
+(little-endian). Check values: ``CHECKSUM`` (sum mod 2^32 of the stored 32-bit words,
+hex), ``PLAQUETTE`` (Re tr U_P / 3, 1 for the unit gauge) and ``LINK_TRACE``
+(Re tr U / 3); all three are verified on read.
+
+References:
+    NERSC Gauge Connection archive format description; Grid ``NerscIO.h``;
+    SIMULATeQCD ``src/gauge/gaugefield.cpp``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from flowplug.errors import FormatError
+from flowplug.gauge import link_trace, plaquette
+from flowplug.hookspecs import hookimpl
+from flowplug.io import Ensemble, FormatHandler, Metadata, Record
+from flowplug.records import FileFormatSpec
+
+from flowplug.adapters.checksums import nersc_checksum
+from flowplug.adapters.common import (
+    canonical_to_ildg,
+    decimals_tolerance,
+    float_check,
+    fmt_lattice,
+    hex_check,
+    read_payload,
+)
+
+#: FLOATING_POINT value -> (bits, byte order).
+FLOATING_POINT = {
+    "IEEE32BIG": (32, ">"),
+    "IEEE64BIG": (64, ">"),
+    "IEEE32LITTLE": (32, "<"),
+    "IEEE32": (32, "<"),
+    "IEEE64LITTLE": (64, "<"),
+    "IEEE64": (64, "<"),
+}
+DATATYPES = {"4D_SU3_GAUGE": 2, "4D_SU3_GAUGE_3X3": 3}
+MAX_HEADER = 64 * 1024
+
+
+def parse_header(path: Path, head: bytes) -> tuple[dict[str, str], int, bytes]:
+    """Parse the ASCII header at the start of ``head``.
+
+    Returns:
+        ``(keys, data_offset, header_bytes)``: upper-case keys to stripped values, the
+        offset of the first data byte, the header verbatim.
+
+    Raises:
+        FormatError: if ``BEGIN_HEADER`` or ``END_HEADER`` is missing.
+    """
+    if not head.lstrip().startswith(b"BEGIN_HEADER"):
+        raise FormatError(f"{path}: NERSC header must start with BEGIN_HEADER; found {head[:20]!r}")
+    end = head.find(b"END_HEADER")
+    if end < 0:
+        raise FormatError(f"{path}: no END_HEADER in the first {min(len(head), MAX_HEADER)} bytes "
+                          "(truncated or not a NERSC file)")
+    nl = head.find(b"\n", end)
+    if nl < 0:
+        raise FormatError(f"{path}: END_HEADER is not followed by a newline (truncated file)")
+    text = head[:end].decode("ascii", errors="replace")
+    keys: dict[str, str] = {}
+    for line in text.splitlines()[1:]:
+        if "=" in line:
+            k, v = line.split("=", 1)
+            keys[k.strip().upper()] = v.strip()
+    return keys, nl + 1, head[:nl + 1]
+
+
+def _int_key(path: Path, keys: dict[str, str], key: str) -> int:
+    if key not in keys:
+        raise FormatError(f"{path}: NERSC header lacks {key}")
+    try:
+        value = int(keys[key])
+    except ValueError:
+        raise FormatError(f"{path}: NERSC header {key} = {keys[key][:30]!r} is not an integer") from None
+    if value <= 0:
+        raise FormatError(f"{path}: NERSC header {key} = {value}; extents must be positive")
+    return value
+
+
+def reconstruct_third_row(m: np.ndarray) -> np.ndarray:
+    """Complete two stored rows (..., 2, 3) of SU(3) matrices with row2 = conj(row0 x row1).
+
+    Returns:
+        Shape (..., 3, 3), complex128.
+    """
+    r0, r1 = m[..., 0, :], m[..., 1, :]
+    r2 = np.conj(np.stack([r0[..., 1] * r1[..., 2] - r0[..., 2] * r1[..., 1],
+                           r0[..., 2] * r1[..., 0] - r0[..., 0] * r1[..., 2],
+                           r0[..., 0] * r1[..., 1] - r0[..., 1] * r1[..., 0]], axis=-1))
+    return np.concatenate([m, r2[..., None, :]], axis=-2)
+
+
+class NerscHandler(FormatHandler):
+    """NERSC reader/writer (SU(3) links, 4D)."""
+
+    name = "nersc"
+    groups = ("su3",)
+    extension = "nersc"
+
+    def sniff(self, path: Path, head: bytes, size: int) -> int:
+        """100 when the file starts with ``BEGIN_HEADER``."""
+        return 100 if head.lstrip()[:12] == b"BEGIN_HEADER" else 0
+
+    def read(self, path: Path, *, lattice=None, group=None, **options: Any) -> Ensemble:
+        """Read a NERSC file; CHECKSUM, PLAQUETTE and LINK_TRACE are evaluated.
+
+        Returns:
+            One configuration; ``meta[0].header`` holds ``plaquette``, ``link_trace``,
+            ``ensemble_id``, ``trajectory`` (SEQUENCE_NUMBER), ``beta`` where present and
+            every key under ``nersc``; ``records`` holds the header verbatim.
+
+        Raises:
+            FormatError: on a malformed header, unknown DATATYPE/FLOATING_POINT, or a
+                data length that does not match the dimensions.
+        """
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(MAX_HEADER)
+        keys, offset, header_bytes = parse_header(path, head)
+        dims = tuple(_int_key(path, keys, f"DIMENSION_{i}") for i in range(1, 5))
+        dt = keys.get("DATATYPE", "").upper()
+        if dt not in DATATYPES:
+            raise FormatError(f"{path}: NERSC DATATYPE {keys.get('DATATYPE')!r} is not supported; "
+                              "expected 4D_SU3_GAUGE or 4D_SU3_GAUGE_3x3")
+        rows = DATATYPES[dt]
+        fp = keys.get("FLOATING_POINT", "").upper()
+        if fp not in FLOATING_POINT:
+            raise FormatError(f"{path}: NERSC FLOATING_POINT {keys.get('FLOATING_POINT')!r} is not one of "
+                              f"{', '.join(FLOATING_POINT)}")
+        precision, order = FLOATING_POINT[fp]
+        vol = math.prod(dims)
+        nbytes = vol * 4 * rows * 3 * 2 * precision // 8
+        if size - offset != nbytes:
+            raise FormatError(f"{path}: NERSC data are {size - offset} bytes after the header; "
+                              f"{fmt_lattice(dims)} {dt} {fp} needs {nbytes} (truncated file or wrong "
+                              "DIMENSION_*)")
+        raw = read_payload(path, offset, nbytes, "NERSC data")
+        checks = []
+        if "CHECKSUM" in keys:
+            try:
+                expected = int(keys["CHECKSUM"].strip(), 16)
+            except ValueError:
+                raise FormatError(f"{path}: NERSC CHECKSUM {keys['CHECKSUM'][:20]!r} is not hex") from None
+            checks.append(hex_check("CHECKSUM", expected, nersc_checksum(raw, order)))
+        lx, ly, lz, lt = dims
+        cdt = np.dtype("c8" if precision == 32 else "c16").newbyteorder(order)
+        arr = raw.view(cdt).reshape(lt, lz, ly, lx, 4, rows, 3).astype(np.complex128)
+        if rows == 2:
+            arr = reconstruct_third_row(arr)
+        links = torch.from_numpy(np.ascontiguousarray(arr.transpose(4, 3, 2, 1, 0, 5, 6))[None])
+        header: dict[str, Any] = {"nersc": dict(keys), "nersc_datatype": dt, "nersc_floating_point": fp}
+        floor = 1e-5 if precision == 32 else 1e-9
+        for key, std, fn in (("PLAQUETTE", "plaquette", plaquette), ("LINK_TRACE", "link_trace", link_trace)):
+            if key in keys:
+                try:
+                    expected = float(keys[key])
+                except ValueError:
+                    raise FormatError(f"{path}: NERSC {key} {keys[key][:30]!r} is not a number") from None
+                header[std] = expected
+                if torch.isfinite(torch.view_as_real(links)).all():
+                    found = float(fn(links)[0])
+                else:
+                    found = float("nan")
+                checks.append(float_check(key, expected, found, decimals_tolerance(keys[key], floor)))
+        if "ENSEMBLE_ID" in keys:
+            header["ensemble_id"] = keys["ENSEMBLE_ID"]
+        if "SEQUENCE_NUMBER" in keys:
+            try:
+                header["trajectory"] = int(keys["SEQUENCE_NUMBER"])
+            except ValueError:
+                header["trajectory"] = keys["SEQUENCE_NUMBER"]
+        if "BETA" in keys:
+            try:
+                header["beta"] = float(keys["BETA"])
+            except ValueError:
+                pass
+        meta = Metadata(format="nersc", path=str(path), precision=precision, header=header,
+                        records=[Record("nersc-header", header_bytes)],
+                        record_list=[f"nersc-header ({offset} bytes)", f"{dt} data ({nbytes} bytes)"],
+                        checks=checks, provenance={"source": str(path), "format": "nersc"})
+        return Ensemble(links, precision=precision, meta=[meta])
+
+    def write(self, path: Path, ensemble: Ensemble, *, precision: int, datatype: str | None = None,
+              endian: str | None = None, **options: Any) -> None:
+        """Write one SU(3) configuration as NERSC.
+
+        Arguments:
+            precision: 32 (IEEE32*) or 64 (IEEE64*).
+            datatype: ``4D_SU3_GAUGE_3x3`` (default, exact) or ``4D_SU3_GAUGE`` (two rows;
+                the default when the source was a two-row NERSC file).
+            endian: ``big`` (default, IEEE32BIG/IEEE64BIG) or ``little``; default the
+                source's byte order when it was NERSC (also after a trip through HDF5).
+
+        The header's PLAQUETTE and LINK_TRACE are computed from the data as stored (after
+        rounding to ``precision`` and, for two rows, reconstruction), CHECKSUM from the bytes.
+        """
+        meta = ensemble.meta[0]
+        src = meta.header if "nersc_datatype" in meta.header else {}
+        dt = (datatype or src.get("nersc_datatype") or "4D_SU3_GAUGE_3x3").upper()
+        if dt not in DATATYPES:
+            raise FormatError(f"NERSC datatype {datatype!r}: expected 4D_SU3_GAUGE or 4D_SU3_GAUGE_3x3")
+        rows = DATATYPES[dt]
+        if endian is None:
+            endian = "little" if FLOATING_POINT.get(src.get("nersc_floating_point", ""), (0, ">"))[1] == "<" \
+                else "big"
+        if endian not in ("big", "little"):
+            raise FormatError(f"NERSC endian {endian!r}: expected big or little")
+        order = ">" if endian == "big" else "<"
+        fp = {(32, ">"): "IEEE32BIG", (64, ">"): "IEEE64BIG", (32, "<"): "IEEE32LITTLE",
+              (64, "<"): "IEEE64"}[(precision, order)]
+        stored = canonical_to_ildg(ensemble.links[0], precision, order)
+        if rows == 2:
+            stored = np.ascontiguousarray(stored[..., :2, :])
+        # check values from exactly what a reader will see
+        seen = stored.astype(np.complex128)
+        if rows == 2:
+            seen = reconstruct_third_row(seen)
+        seen_t = torch.from_numpy(np.ascontiguousarray(seen.transpose(4, 3, 2, 1, 0, 5, 6))[None])
+        plaq, trace = float(plaquette(seen_t)[0]), float(link_trace(seen_t)[0])
+        csum = nersc_checksum(stored.reshape(-1).view(np.uint8), order)
+        old = src.get("nersc", {})
+        lx, ly, lz, lt = ensemble.lattice
+        lines = [
+            "BEGIN_HEADER",
+            "HDR_VERSION = 1.0",
+            f"DATATYPE = {'4D_SU3_GAUGE_3x3' if rows == 3 else '4D_SU3_GAUGE'}",
+            "STORAGE_FORMAT = 1.0",
+            f"DIMENSION_1 = {lx}", f"DIMENSION_2 = {ly}", f"DIMENSION_3 = {lz}", f"DIMENSION_4 = {lt}",
+            f"LINK_TRACE = {trace:.12f}",
+            f"PLAQUETTE = {plaq:.12f}",
+            *[f"BOUNDARY_{i} = PERIODIC" for i in range(1, 5)],
+            f"CHECKSUM = {csum:08x}",
+            f"ENSEMBLE_ID = {old.get('ENSEMBLE_ID', meta.header.get('ensemble_id', 'flowplug'))}",
+            f"ENSEMBLE_LABEL = {old.get('ENSEMBLE_LABEL', 'flowplug')}",
+            f"SEQUENCE_NUMBER = {old.get('SEQUENCE_NUMBER', meta.header.get('trajectory', 0))}",
+            f"CREATOR = {old.get('CREATOR', 'flowplug')}",
+        ]
+        if "beta" in meta.header and "BETA" not in old:
+            lines.append(f"BETA = {meta.header['beta']!r}")
+        elif "BETA" in old:
+            lines.append(f"BETA = {old['BETA']}")
+        lines += [f"FLOATING_POINT = {fp}", "END_HEADER", ""]
+        text = "\n".join(lines).encode("ascii", errors="replace")
+        with open(path, "wb") as fh:
+            fh.write(text)
+            fh.write(memoryview(stored.reshape(-1).view(np.uint8)))
+
+
+@hookimpl
+def flowplug_file_formats() -> list[FileFormatSpec]:
+    """The NERSC format."""
+    return [FileFormatSpec(name="nersc", description="NERSC archive (4D_SU3_GAUGE two-row and 3x3; "
+                           "32/64-bit; big/little endian)", factory=NerscHandler,
+                           extensions=("nersc", "cfg"), writable=True)]

@@ -1,0 +1,188 @@
+"""I/O benchmark: read+verify and write of a 16^4 double-precision SU(3) configuration.
+
+Every figure is compared with the limit measured in the same run on the same bytes:
+``numpy.fromfile`` of the ILDG payload plus an in-place byte swap (no checksum, no
+layout change). Prints times (best of N, page cache warm) and ratios raw/flowplug
+(1.0 = as fast as the raw read; the target for read+checksum is >= 0.5).
+
+Run:  python benchmarks/io.py [--lattice 16x16x16x16] [--repeat 5]
+      (FLOWPLUG_LYNCS_PYTHON=/path/to/python with lyncs-io adds lyncs-io's load time)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+LYNCS_TIMER = """
+import time, numpy as np, lyncs_io
+def best(fn):
+    ts = []
+    for _ in range({repeat}):
+        t0 = time.perf_counter(); fn(); ts.append(time.perf_counter() - t0)
+    return min(ts)
+def raw():
+    a = np.fromfile({path!r}, dtype=">c16", count={count}, offset={offset}); a.byteswap(inplace=True)
+print(best(lambda: np.asarray(lyncs_io.load({path!r}, format="lime"))), best(raw))
+"""
+
+
+def best(fn, repeat: int) -> float:
+    """Best wall time of ``repeat`` calls, seconds."""
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def best_interleaved(fns: dict, repeat: int) -> dict:
+    """Best wall time of each function, calling them round-robin ``repeat`` times.
+
+    Interleaving exposes every candidate to the same machine load, so the ratios are
+    meaningful on a shared machine even when absolute times drift.
+    """
+    times = {k: [] for k in fns}
+    for _ in range(repeat):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: min(v) for k, v in times.items()}
+
+
+def random_su3(shape, rng):
+    """Random SU(3) matrices, shape (*shape, 3, 3), complex128 (QR of Gaussian matrices)."""
+    z = rng.normal(size=(*shape, 3, 3)) + 1j * rng.normal(size=(*shape, 3, 3))
+    q, r = np.linalg.qr(z)
+    d = np.diagonal(r, axis1=-2, axis2=-1)
+    q = q * (d / np.abs(d))[..., None, :]
+    q[..., :, 0] /= np.linalg.det(q)[..., None]
+    return q
+
+
+def main() -> None:
+    """Parse the arguments and run the benchmark in a temporary folder (removed afterwards)."""
+    from flowplug import io
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lattice", default="16x16x16x16")
+    parser.add_argument("--repeat", type=int, default=7)
+    args = parser.parse_args()
+    lattice = io.parse_lattice(args.lattice)
+    rng = np.random.default_rng(0)
+    links = torch.from_numpy(random_su3((1, 4, *lattice), rng))
+    ens = io.Ensemble(links, precision=64)
+    work = Path(tempfile.mkdtemp(prefix="flowplug-bench-"))
+    try:
+        run(args, io, ens, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run(args, io, ens, work: Path) -> None:
+    """Write the test file into ``work``, time every candidate, print the table."""
+    from flowplug.adapters.checksums import scidac_checksum
+    from flowplug.adapters.common import read_payload
+    from flowplug.adapters.lime import scan
+
+    path = work / "cfg.ildg"
+    io.write(path, ens, overwrite=True)
+    rec = next(r for r in scan(path) if r.type == "ildg-binary-data")
+    nbytes = rec.length
+    site_bytes = 4 * 9 * 16
+
+    def raw():
+        a = np.fromfile(path, dtype=">c16", count=nbytes // 16, offset=rec.data_offset)
+        a.byteswap(inplace=True)
+        return a
+
+    def raw_plus_crc():
+        a = np.fromfile(path, dtype=np.uint8, count=nbytes, offset=rec.data_offset)
+        import zlib
+
+        zlib.crc32(a)
+        return a
+
+    def read_checksum():
+        a = read_payload(path, rec.data_offset, nbytes, "payload")
+        scidac_checksum(a, site_bytes)
+        a = a.view(">c16")
+        a.byteswap(inplace=True)
+        return a
+
+    def checksum_only(buf=np.fromfile(path, dtype=np.uint8, count=nbytes, offset=rec.data_offset)):
+        return scidac_checksum(buf, site_bytes)
+
+    h5 = work / "cfg.h5"
+    io.write(h5, ens)
+    import h5py
+
+    def h5_raw():
+        with h5py.File(h5, "r") as f:
+            return f["links"][0]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t = best_interleaved({
+            "raw": raw, "rawcrc": raw_plus_crc, "ck": checksum_only, "rc": read_checksum,
+            "nounit": lambda: io.read(path, unitarity="ignore"), "full": lambda: io.read(path),
+            "h5": lambda: io.read(h5, unitarity="ignore"), "h5raw": h5_raw,
+            "write": lambda: io.write(path, ens, overwrite=True),
+        }, args.repeat)
+    t_raw, t_rawcrc, t_ck, t_rc = t["raw"], t["rawcrc"], t["ck"], t["rc"]
+    t_read_nounit, t_read, t_h5, t_h5raw, t_write = t["nounit"], t["full"], t["h5"], t["h5raw"], t["write"]
+    mb = nbytes / 2**20
+    print(f"lattice {args.lattice}, SU(3) double, payload {nbytes / 1e6:.1f} MB, best of {args.repeat} "
+          "interleaved rounds")
+    rows = [
+        ("raw numpy.fromfile + byteswap (the limit)", t_raw),
+        ("raw numpy.fromfile + one zlib.crc32 of the payload", t_rawcrc),
+        ("SciDAC checksum alone (in memory, vectorised)", t_ck),
+        ("flowplug read + SciDAC checksum + byteswap (file order)", t_rc),
+        ("flowplug io.read, canonical torch tensor, no unitarity check", t_read_nounit),
+        ("flowplug io.read, full (finite + unitarity + det check)", t_read),
+        ("flowplug io.read of the HDF5 store (CRC-32 verified)", t_h5),
+        ("h5py read of the same dataset (no check)", t_h5raw),
+        ("flowplug io.write ILDG (layout, checksum, records)", t_write),
+    ]
+    for label, t in rows:
+        print(f"  {label:<62s} {t * 1e3:8.1f} ms  {mb / t:7.0f} MiB/s  ratio raw/this {t_raw / t:5.2f}")
+    other = os.environ.get("FLOWPLUG_LYNCS_PYTHON")
+    try:
+        import lyncs_io  # noqa: F401
+    except Exception as exc:  # numpy >= 2.3 breaks lyncs-io 0.2.3
+        if other:
+            # time lyncs-io and the raw read again in that interpreter, same file, same cache
+            code = LYNCS_TIMER.format(path=str(path), offset=rec.data_offset, count=nbytes // 16,
+                                      repeat=args.repeat)
+            res = subprocess.run([other, "-c", code], capture_output=True, text=True, timeout=600)
+            if res.returncode == 0:
+                t_ly, t_raw2 = (float(x) for x in res.stdout.split())
+                print(f"  {'lyncs-io load (big-endian array, no checksum; own process)':<62s} "
+                      f"{t_ly * 1e3:8.1f} ms  {mb / t_ly:7.0f} MiB/s  ratio raw/this {t_raw2 / t_ly:5.2f}"
+                      f"  (raw there {t_raw2 * 1e3:.1f} ms)")
+            else:
+                print(f"  lyncs-io via {other} failed: {res.stderr.strip()[-200:]}")
+        else:
+            print(f"  lyncs-io: not importable here ({type(exc).__name__}: {str(exc)[:80]}); "
+                  "set FLOWPLUG_LYNCS_PYTHON to an interpreter where it imports")
+    else:
+        t_ly = best(lambda: lyncs_io.load(str(path), format="lime"), args.repeat)
+        print(f"  {'lyncs-io load (big-endian array, no checksum)':<62s} {t_ly * 1e3:8.1f} ms  "
+              f"{mb / t_ly:7.0f} MiB/s  ratio raw/this {t_raw / t_ly:5.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""``flowplug convert INPUT... OUTPUT [--to FORMAT]``: convert lattice files.
+
+Inputs are files, directories (their regular, non-hidden files, sorted) or glob
+patterns. The output is a directory of files (one per configuration, named
+``<input name>.<extension of the target>``, with ``.<index>`` before the extension
+for inputs holding several configurations) or, when ``OUTPUT`` ends in ``.h5``/
+``.hdf5`` or ``--to hdf5`` is given, one HDF5 ensemble store.
+
+Safety: an existing output is never replaced without ``--force`` (it is kept and
+skipped, so rerunning an interrupted conversion continues where it stopped; an
+existing HDF5 store gets only the inputs it does not hold yet); every output file
+is written to a temporary name and renamed when complete; an input is never
+overwritten. The first bad input stops the run with its error, or with
+``--keep-going`` the rest are converted and every failure is listed at the end
+(exit code 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import sys
+from pathlib import Path
+
+from flowplug.errors import FlowplugError, FormatError
+from flowplug.records import CommandSpec
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``flowplug convert``."""
+    parser.usage = "flowplug convert INPUT... OUTPUT [--to FORMAT] [--force] [--keep-going] [options]"
+    parser.add_argument("paths", nargs="+", metavar="PATH",
+                        help="INPUT... OUTPUT: input files, directories or globs, then the output "
+                             "directory or .h5 file")
+    parser.add_argument("--to", metavar="FORMAT",
+                        help="output format (default: hdf5 for a .h5/.hdf5 output, else ildg)")
+    parser.add_argument("--force", action="store_true", help="replace existing outputs")
+    parser.add_argument("--keep-going", action="store_true",
+                        help="convert the remaining inputs after a failure; list failures at the end")
+    parser.add_argument("--precision", type=int, choices=(32, 64),
+                        help="output precision in bits (default: each input's own; a new HDF5 "
+                             "store is 64-bit so that inputs of both precisions fit)")
+    parser.add_argument("--format", metavar="NAME", help="force the input format")
+    parser.add_argument("--lattice", metavar="LXxLYxLZxLT", help="lattice of bare LIME inputs, x first")
+    parser.add_argument("--group", metavar="GROUP", help="gauge group of bare LIME inputs (su3, su2)")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="convert inputs whose checksums do not match (not recommended)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def expand_inputs(items: list[str]) -> list[Path]:
+    """Files named by ``items`` (files, directories, glob patterns), in order, without repeats.
+
+    Raises:
+        FormatError: for an item that names nothing.
+    """
+    out: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(q for q in p.iterdir() if q.is_file() and not q.name.startswith("."))
+        elif p.exists():
+            found = [p]
+        elif glob.has_magic(item):
+            found = sorted(Path(q) for q in glob.glob(item) if Path(q).is_file())
+            if not found:
+                raise FormatError(f"input pattern {item!r} matches no file")
+        else:
+            raise FormatError(f"input {item}: no such file or directory")
+        for q in found:
+            if q not in out:
+                out.append(q)
+    return out
+
+
+def _is_hdf5_path(path: Path) -> bool:
+    return path.suffix.lower() in (".h5", ".hdf5")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Convert every input; see the module docstring for the rules."""
+    from tqdm import tqdm
+
+    from flowplug import io
+
+    if len(args.paths) < 2:
+        raise FormatError("convert needs at least one INPUT and the OUTPUT (directory or .h5 file)")
+    output = Path(args.paths[-1])
+    inputs = expand_inputs(args.paths[:-1])
+    target = io.get_format(args.to).name if args.to else ("hdf5" if _is_hdf5_path(output) else "ildg")
+    if target not in io.formats(writable=True):
+        raise FormatError(f"format {target} cannot be written; writable: {', '.join(io.formats(writable=True))}")
+    handler = io.get_format(target)
+    single = handler.multi and (_is_hdf5_path(output) or not output.is_dir())
+    resolved_inputs = {p.resolve() for p in inputs}
+    if single and output.resolve() in resolved_inputs:
+        raise FormatError(f"output {output} is also an input; choose another output")
+    if not single and output.exists() and not output.is_dir():
+        raise FormatError(f"output {output} exists and is not a directory")
+
+    done_sources: set[str] = set()
+    fresh_store = single and (args.force or not output.exists())
+    if single and output.exists() and not args.force:
+        done_sources = set(handler.sources(output))  # resume an interrupted conversion
+    store_tmp = None
+    if fresh_store and output.exists():
+        store_tmp = output.with_name(f".{output.name}.convert.part")  # --force: replace at the end
+        if store_tmp.exists():
+            store_tmp.unlink()
+    store_path = store_tmp or output
+    failures: list[tuple[str, str]] = []
+    written = skipped = 0
+    planned: dict[Path, Path] = {}
+
+    bar = tqdm(inputs, desc=f"convert -> {target}", unit="file", file=sys.stderr,
+               disable=True if args.no_progress else None)
+    for src in bar:
+        try:
+            ens = io.read(src, args.format, lattice=args.lattice, group=args.group,
+                          verify=not args.no_verify)
+            for i, one in enumerate(ens):
+                source = str(src.resolve()) + (f"#{i}" if len(ens) > 1 else "")
+                meta = one.meta[0]
+                meta.provenance = {**meta.provenance, "source": source,
+                                   "converted_from": meta.format, "converted_to": target}
+                if single:
+                    if source in done_sources:
+                        skipped += 1
+                        continue
+                    if not store_path.exists():
+                        # a new store holds 64-bit data unless told otherwise, so that inputs of
+                        # both precisions fit; 32-bit inputs keep precision 32 in their metadata
+                        # and read back as 32-bit data (bit-exact)
+                        io.write(store_path, one, target, precision=args.precision or 64)
+                    else:
+                        io.write(store_path, one, target, precision=args.precision, append=True)
+                    done_sources.add(source)
+                    written += 1
+                    continue
+                name = src.name + (f".{i:05d}" if len(ens) > 1 else "") + f".{handler.extension}"
+                dest = output / name
+                if dest.resolve() in resolved_inputs:
+                    raise FormatError(f"{src}: output {dest} would overwrite an input")
+                if dest in planned and planned[dest] != src:
+                    raise FormatError(f"{src}: output {dest} is also the output of {planned[dest]}; "
+                                      "inputs must have distinct names")
+                planned[dest] = src
+                if dest.exists() and not args.force:
+                    skipped += 1  # kept: a rerun continues where it stopped
+                    continue
+                io.write(dest, one, target, precision=args.precision, overwrite=args.force)
+                written += 1
+        except FlowplugError as exc:
+            if not args.keep_going:
+                bar.close()
+                _finish_store(store_tmp, output, keep=False)
+                raise FormatError(f"{src}: {exc}" if str(src) not in str(exc) else str(exc)) from None
+            failures.append((str(src), str(exc)))
+    bar.close()
+    _finish_store(store_tmp, output, keep=True)
+    print(f"converted {written} configuration(s) to {target} in {output}"
+          + (f"; kept {skipped} existing" if skipped else "")
+          + (f"; {len(failures)} input(s) failed" if failures else ""), file=sys.stderr)
+    for src, message in failures:
+        print(f"flowplug convert: failed: {message if src in message else src + ': ' + message}",
+              file=sys.stderr)
+    return 1 if failures else 0
+
+
+def _finish_store(tmp: Path | None, output: Path, *, keep: bool) -> None:
+    if tmp is None:
+        return
+    if keep and tmp.exists():
+        os.replace(tmp, output)
+    elif tmp.exists():
+        tmp.unlink()
+
+
+COMMAND = CommandSpec(name="convert", description="convert lattice files between formats (files, "
+                      "directories or globs -> directory or HDF5 ensemble)", factory=add_arguments, run=run)

@@ -1,0 +1,276 @@
+"""Round trips through every writable format and the axis order of every format.
+
+Non-cubic lattices (2x3x4x5; openQCD needs even extents: 2x4x6x8) pin the axis order:
+a swapped axis would not survive them.
+"""
+
+from __future__ import annotations
+
+import struct
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from flowplug import io
+from flowplug.adapters.checksums import milc_checksum_reference, nersc_checksum, scidac_checksum_reference
+from flowplug.adapters.lime import scan
+from flowplug.errors import FormatError, NonUnitaryWarning
+
+from _io_helpers import coded_ensemble, make_ensemble
+
+WRITABLE = io.formats(writable=True)
+
+
+def _lattice_for(fmt: str) -> tuple[int, ...]:
+    return (2, 4, 6, 8) if fmt == "openqcd" else (2, 3, 4, 5)
+
+
+def _cases():
+    for fmt in WRITABLE:
+        handler = io.get_format(fmt)
+        for group in ("su3", "su2"):
+            if "*" not in handler.groups and group not in handler.groups:
+                continue
+            for precision in (32, 64):
+                yield pytest.param(fmt, group, precision, id=f"{fmt}-{group}-{precision}")
+
+
+@pytest.mark.parametrize("fmt,group,precision", list(_cases()))
+def test_round_trip_bit_exact(tmp_path, fmt, group, precision):
+    ens = make_ensemble(_lattice_for(fmt), n=int(group[2:]), precision=precision, seed=7)
+    path = tmp_path / f"cfg.{io.get_format(fmt).extension}"
+    io.write(path, ens, fmt)
+    assert io.detect(path) == fmt
+    back = io.read(path, unitarity="error")
+    assert back.group == group and back.lattice == ens.lattice
+    assert torch.equal(back.links, ens.links)  # bit-exact, complex128
+    expected_precision = 64 if fmt == "openqcd" else precision
+    assert back.precision == expected_precision
+    assert back.checksum_status == "ok"
+    # writing what was read reproduces the file byte for byte
+    again = tmp_path / f"again.{io.get_format(fmt).extension}"
+    io.write(again, back, fmt)
+    if fmt != "hdf5":  # HDF5 files embed object timestamps
+        assert again.read_bytes() == path.read_bytes()
+
+
+@pytest.mark.parametrize("fmt", [f for f in WRITABLE if f != "openqcd"])
+def test_axis_order_pinned_by_coded_links(tmp_path, fmt):
+    ens = coded_ensemble()
+    path = tmp_path / f"coded.{io.get_format(fmt).extension}"
+    io.write(path, ens, fmt, **({"datatype": "4D_SU3_GAUGE_3x3"} if fmt == "nersc" else {}))
+    back = io.read(path, unitarity="ignore")
+    assert torch.equal(back.links, ens.links)
+    u = back.links[0, ..., 0, 0].real
+    assert float(u[1, 1, 2, 3, 4]) == 10000 + 1000 + 200 + 30 + 4  # mu=y at x=1,y=2,z=3,t=4
+
+
+def _ildg_payload(path):
+    rec = next(r for r in scan(path) if r.type == "ildg-binary-data")
+    return path.read_bytes()[rec.data_offset:rec.data_offset + rec.length]
+
+
+def test_ildg_file_layout_is_t_z_y_x_mu(tmp_path):
+    ens = coded_ensemble()
+    path = tmp_path / "coded.ildg"
+    io.write(path, ens, "ildg", precision=64)
+    lx, ly, lz, lt = ens.lattice
+    arr = np.frombuffer(_ildg_payload(path), ">c16").reshape(lt, lz, ly, lx, 4, 3, 3)
+    # file index (t, z, y, x, mu) holds code of (mu, x, y, z, t)
+    for t, z, y, x, mu in [(4, 3, 2, 1, 1), (0, 0, 0, 1, 3), (2, 1, 0, 0, 2)]:
+        assert arr[t, z, y, x, mu, 0, 0] == 10000 * mu + 1000 * x + 100 * y + 10 * z + t + 0.5j
+    # x fastest: the second site in the file is x = 1
+    assert arr.reshape(-1, 4, 3, 3)[1, 0, 0, 0].real == 1000
+
+
+def test_ildg_record_set_and_checksum(tmp_path):
+    ens = make_ensemble(precision=32, seed=3)
+    path = tmp_path / "cfg.ildg"
+    io.write(path, ens, "ildg")
+    recs = scan(path)
+    assert [r.type for r in recs] == [
+        "scidac-private-file-xml", "scidac-file-xml", "scidac-private-record-xml", "scidac-record-xml",
+        "ildg-format", "ildg-data-lfn", "ildg-binary-data", "scidac-checksum"]
+    mb = [bool(r.flags & 0x8000) for r in recs]
+    me = [bool(r.flags & 0x4000) for r in recs]
+    assert mb[0] and me[-1]
+    assert all(me[i] == mb[i + 1] for i in range(len(recs) - 1))
+    data = path.read_bytes()
+    text = {r.type: data[r.data_offset:r.data_offset + r.length].decode() for r in recs
+            if r.type != "ildg-binary-data"}
+    assert "<precision>32</precision>" in text["ildg-format"] and "<lx>2</lx>" in text["ildg-format"]
+    assert "<lt>5</lt>" in text["ildg-format"] and 'xmlns="http://www.lqcd.org/ildg"' in text["ildg-format"]
+    assert "USQCD_F3_ColorMatrix" in text["scidac-private-record-xml"]
+    assert "<typesize>72</typesize>" in text["scidac-private-record-xml"]
+    suma, sumb = scidac_checksum_reference(_ildg_payload(path), 288)
+    assert f"<suma>{suma:08x}</suma>" in text["scidac-checksum"]
+    assert f"<sumb>{sumb:08x}</sumb>" in text["scidac-checksum"]
+    assert all(r.offset % 8 == 0 for r in recs)
+
+
+def test_nersc_two_row_and_endianness(tmp_path):
+    ens = make_ensemble(precision=64, seed=5)
+    for dt in ("4D_SU3_GAUGE", "4D_SU3_GAUGE_3x3"):
+        for endian in ("big", "little"):
+            for precision in (32, 64):
+                path = tmp_path / f"{dt}.{endian}.{precision}.nersc"
+                io.write(path, ens, "nersc", precision=precision, datatype=dt, endian=endian)
+                head = path.read_bytes()[:2000].decode("ascii", "replace")
+                assert f"DATATYPE = {dt}\n" in head
+                back = io.read(path)
+                assert back.checksum_status == "ok" and back.precision == precision
+                ref = ens.links if precision == 64 else ens.links.to(torch.complex64).to(torch.complex128)
+                assert torch.equal(back.links[..., :2, :], ref[..., :2, :])  # stored rows exact
+                assert torch.allclose(back.links, ens.links, atol=1e-6 if precision == 32 else 1e-13)
+                again = tmp_path / "again.nersc"
+                io.write(again, back, "nersc", overwrite=True)
+                assert again.read_bytes() == path.read_bytes()
+
+
+def test_nersc_checksum_is_word_sum(tmp_path):
+    ens = make_ensemble(precision=32, seed=9)
+    path = tmp_path / "cfg.nersc"
+    io.write(path, ens, "nersc", endian="big")
+    data = path.read_bytes()
+    body = data[data.index(b"END_HEADER\n") + 11:]
+    words = np.frombuffer(body, ">u4").astype(np.uint64)
+    assert f"CHECKSUM = {int(words.sum()) % 2**32:08x}" in data[:2000].decode("ascii", "replace")
+    assert nersc_checksum(body, ">") == int(words.sum()) % 2**32
+
+
+def test_openqcd_layout(tmp_path):
+    lattice = (2, 4, 6, 8)
+    ens = make_ensemble(lattice, seed=11)
+    path = tmp_path / "cfg.openqcd"
+    io.write(path, ens, "openqcd")
+    raw = path.read_bytes()
+    n0, n1, n2, n3, plaq3 = struct.unpack("<4id", raw[:24])
+    assert (n0, n1, n2, n3) == (8, 2, 4, 6)  # (t, x, y, z)
+    assert len(raw) == 24 + 576 * np.prod(lattice)
+    from flowplug.gauge import plaquette
+    assert plaq3 == pytest.approx(3 * float(plaquette(ens.links)[0]), abs=1e-13)
+    data = np.frombuffer(raw[24:], "<c16").reshape(-1, 4, 2, 3, 3)
+    links = ens.links[0].numpy()
+    # odd sites, t slowest and z fastest: the first odd site is (t, x, y, z) = (0, 0, 0, 1)
+    x, y, z, t = 0, 0, 1, 0
+    assert np.array_equal(data[0, 0, 0], links[3, x, y, z, t])            # U(x, +t)
+    assert np.array_equal(data[0, 0, 1], links[3, x, y, z, (t - 1) % 8])  # U(x - t^, t)
+    assert np.array_equal(data[0, 1, 0], links[0, x, y, z, t])            # direction 1 = x
+    assert np.array_equal(data[0, 1, 1], links[0, (x - 1) % 2, y, z, t])
+    assert np.array_equal(data[0, 3, 1], links[2, x, y, z - 1, t])        # direction 3 = z
+    # the second odd site is (0, 0, 0, 3)
+    assert np.array_equal(data[1, 2, 0], links[1, 0, 0, 3, 0])
+
+
+def test_openqcd_rejects_odd_extents(tmp_path):
+    with pytest.raises(FormatError, match="even extents"):
+        io.write(tmp_path / "x.openqcd", make_ensemble((2, 3, 4, 5)), "openqcd")
+
+
+def _milc_file(path, ens, byteorder="<"):
+    lx, ly, lz, lt = ens.lattice
+    data = ens.links[0].numpy().transpose(4, 3, 2, 1, 0, 5, 6).astype(np.dtype("c8").newbyteorder(byteorder))
+    body = data.tobytes()
+    s29, s31 = milc_checksum_reference(body, byteorder)
+    head = struct.pack(byteorder + "5i", 20103, lx, ly, lz, lt) + b"Sun Nov 29 2026".ljust(64, b"\0")
+    head += struct.pack(byteorder + "iII", 0, s29, s31)
+    path.write_bytes(head + body)
+
+
+@pytest.mark.parametrize("byteorder", ["<", ">"])
+def test_milc_read_both_byte_orders(tmp_path, byteorder):
+    ens = make_ensemble(precision=32, seed=13)
+    path = tmp_path / "lat.milc"
+    _milc_file(path, ens, byteorder)
+    assert io.detect(path) == "milc"
+    back = io.read(path)
+    assert back.checksum_status == "ok"
+    assert torch.equal(back.links, ens.links)
+
+
+def test_hdf5_ensemble_append_and_metadata(tmp_path):
+    a, b = make_ensemble(batch=2, seed=1), make_ensemble(batch=3, seed=2)
+    a.attrs["beta"] = 5.7
+    a.meta[0].provenance["run"] = {"kernel": "hmc", "trajectory": 10}
+    path = tmp_path / "ens.h5"
+    io.write(path, a)
+    io.write(path, b, append=True)
+    back = io.read(path)
+    assert len(back) == 5 and back.attrs["beta"] == 5.7
+    assert torch.equal(back.links, torch.cat([a.links, b.links]))
+    assert back.meta[0].provenance["run"]["trajectory"] == 10
+    assert [m.header["trajectory"] for m in back.meta] == [0, 1, 0, 1, 2]
+    assert torch.equal(io.read(path, index=3).links, b.links[1:2])
+    with pytest.raises(FormatError, match="exists"):
+        io.write(path, a)
+    with pytest.raises(FormatError, match="cannot append"):
+        io.write(path, make_ensemble(n=2), append=True)
+
+
+def test_hdf5_holds_u1_and_2d(tmp_path):
+    theta = torch.rand(3, 2, 4, 6, dtype=torch.float64) * 2 * np.pi - np.pi
+    ens = io.Ensemble(theta)
+    path = tmp_path / "u1.h5"
+    io.write(path, ens)
+    back = io.read(path)
+    assert back.group == "u1" and torch.equal(back.links, theta)
+    with pytest.raises(FormatError, match="holds su3"):
+        io.write(tmp_path / "u1.ildg", ens[0])
+
+
+def test_hdf5_keeps_32_bit_data_in_64_bit_store(tmp_path):
+    e64, e32 = make_ensemble(precision=64, seed=1), make_ensemble(precision=32, seed=2)
+    path = tmp_path / "mixed.h5"
+    io.write(path, e64)
+    io.write(path, e32, append=True)
+    back = io.read(path, index=[1])
+    assert back.precision == 32 and torch.equal(back.links, e32.links)
+    with pytest.raises(FormatError, match="without rounding"):
+        io.write(tmp_path / "s32.h5", e32)
+        io.write(tmp_path / "s32.h5", e64, append=True)
+
+
+def test_ildg_hdf5_ildg_keeps_xml_records_and_lfn(tmp_path):
+    ens = make_ensemble(precision=32)
+    from flowplug.io import Record
+    ens.meta[0].records = [Record("scidac-file-xml", b"<?xml version='1.0'?><title>my file</title>\0"),
+                           Record("scidac-record-xml", b"<info>beta = 6.0</info>\0")]
+    ens.meta[0].header["lfn"] = "lfn://test/cfg.100"
+    io.write(tmp_path / "a.ildg", ens)
+    a = io.read(tmp_path / "a.ildg")
+    io.write(tmp_path / "b.h5", a)
+    b = io.read(tmp_path / "b.h5")
+    io.write(tmp_path / "c.ildg", b)
+    c = io.read(tmp_path / "c.ildg")
+    for rtype in ("scidac-file-xml", "scidac-record-xml"):
+        assert c.meta[0].record(rtype).data == ens.meta[0].records[0 if rtype == "scidac-file-xml" else 1].data
+    assert c.header["lfn"] == "lfn://test/cfg.100"
+    assert (tmp_path / "a.ildg").read_bytes() == (tmp_path / "c.ildg").read_bytes()
+
+
+def test_write_refuses_overwrite_and_is_atomic(tmp_path):
+    ens = make_ensemble()
+    path = tmp_path / "cfg.ildg"
+    io.write(path, ens)
+    before = path.read_bytes()
+    with pytest.raises(FormatError, match="refusing to overwrite"):
+        io.write(path, make_ensemble(seed=4))
+    assert path.read_bytes() == before
+    io.write(path, make_ensemble(seed=4), overwrite=True)
+    assert path.read_bytes() != before
+    assert [p.name for p in tmp_path.iterdir()] == ["cfg.ildg"]  # no temporary left
+
+
+def test_non_unitary_warns_or_raises(tmp_path):
+    ens = make_ensemble()
+    ens.links[0, 1, 1, 2, 3, 4] *= 1.01
+    io.write(tmp_path / "bad.ildg", ens)
+    with pytest.warns(NonUnitaryWarning, match=r"max \|U U\^\+ - 1\| = 0.02"):
+        io.read(tmp_path / "bad.ildg")
+    with pytest.raises(FormatError, match="not in SU3"):
+        io.read(tmp_path / "bad.ildg", unitarity="error")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        io.read(tmp_path / "bad.ildg", unitarity="ignore")
