@@ -232,3 +232,17 @@ def test_evaluate_flow_figures(tmp_path):
                         observables={"m": lambda x: x.flatten(1).mean(1)})
     assert fig["n_samples"] == 300 and 0 < fig["ess"] <= 1 and 0 <= fig["acceptance"] <= 1
     assert math.isfinite(fig["free_energy"]) and "m" in fig
+
+
+def test_forward_kl_from_an_ildg_file(tmp_path, shared_dir):
+    """Seeds from a production configuration: forward KL reads the ILDG file through flowplug.io."""
+    path = shared_dir / "ensembles" / "milc.lat.sample.l4444.ildg"
+    if not path.exists():
+        pytest.skip(f"{path} is absent")
+    c = cfg(tmp_path, "lattice=[4,4,4,4]", "action.name=wilson", "action.group=su3", "action.beta=6.0",
+            "flow.layers=['sun-spectral']", "flow.n_layers=1", "flow.options={hidden=[2]}",
+            "train.objective=forward", f"train.ensemble='{path}'", "train.batch_size=2", "train.steps=2")
+    tr = build_trainer(c)
+    assert tr.ensemble.shape == (1, 4, 4, 4, 4, 4, 3, 3)
+    hist = tr.run(progress=False)
+    assert all(math.isfinite(m["loss"]) for m in hist) and tr.skipped == 0
