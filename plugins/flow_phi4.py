@@ -161,7 +161,7 @@ class SplineCoupling(_ScalarCoupling):
         super().__init__(lattice, index, 3 * self.n_bins - 1, hidden, kernel_size, dtype, parity)
         self.bound = float(bound)
 
-    def _apply(self, x: torch.Tensor, cond: torch.Tensor, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def _transform(self, x: torch.Tensor, cond: torch.Tensor, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
         p = self._params(cond)
         b = self.bound
         w, h, d = rq_spline_params(p, self.n_bins, width=2 * b, height=2 * b, boundary="linear")
@@ -174,9 +174,9 @@ class SplineCoupling(_ScalarCoupling):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Map x -> y; returns ``(y, log|det dy/dx|)``."""
         self._check(x)
-        return self._apply(x, x, inverse=False)
+        return self._transform(x, x, inverse=False)
 
     def inverse(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Map y -> x; returns ``(x, log|det dx/dy|)``."""
         self._check(y)
-        return self._apply(y, y, inverse=True)
+        return self._transform(y, y, inverse=True)

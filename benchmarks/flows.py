@@ -1,0 +1,153 @@
+"""Reference points of the flow layers: train from the example configs and print the figures.
+
+Not a timed test: run it by hand on an otherwise idle machine.
+
+    python benchmarks/flows.py                       # phi4 and u1 at the issue's budgets, seed 1
+    python benchmarks/flows.py --points phi4 --seeds 1,2,3 --threads 2
+    python benchmarks/flows.py --points su3,su3-4d --steps 200
+    python benchmarks/flows.py --speed-only          # steps/s only (50 steps per point)
+
+For every point and seed it trains with the example configuration (same number of
+gradient steps and batch size as the tutorial of arXiv:2101.08176 for phi4 and u1),
+then draws ``--samples`` (default 8192) fresh samples and prints: steps/s, ESS,
+the independence-Metropolis acceptance (estimate and an actual chain), the free-energy
+bound, and reweighted observables next to their exact or reference values
+(../shared/reference). The tutorial's own code, on 2 CPU threads in float32, trains at
+about 14 steps/s (phi4) and 11-12 steps/s (u1) on an idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+
+#: point -> (example config, exact/reference values of reweighted observables)
+POINTS = {
+    "phi4": ("train_phi4.toml", {"magnetization_abs": 0.08699}),   # long HMC, +- 0.00006
+    "phi4-spline": ("train_phi4_spline.toml", {"magnetization_abs": 0.08699}),
+    "u1": ("train_u1.toml", {"plaquette": 0.697774658011, "topological_charge_squared": 1.239298910723}),
+    "su2": ("train_su2.toml", {"plaquette": 0.433127426722312}),
+    "su3": ("train_su3.toml", {"plaquette": 0.279619149409304}),
+    "su3-4d": ("train_su3_4d.toml", {}),
+}
+
+
+def _observables(field):
+    from flowplug import gauge
+    from flowplug.groups import wrap_angle
+
+    if field == "scalar":
+        return {"magnetization_abs": lambda x: x.flatten(1).mean(1).abs()}
+    obs = {"plaquette": gauge.plaquette}
+    if field == "u1":
+        obs["topological_charge_squared"] = (
+            lambda x: (wrap_angle(gauge.u1_plaquettes(x)).flatten(1).sum(1) / (2 * math.pi)) ** 2)
+    return obs
+
+
+@torch.no_grad()
+def figures(flow, action, n, seed):
+    """ESS, acceptance, free energy and reweighted observables with delta-method errors."""
+    from flowplug.stats import ess
+    from flowplug.train import imh_acceptance_estimate, imh_chain_acceptance
+
+    gen = torch.Generator(device=flow.device).manual_seed(seed)
+    obs = _observables(flow.field)
+    lws, vals = [], {k: [] for k in obs}
+    left = n
+    while left > 0:
+        b = min(1024, left)
+        x, log_q = flow.sample(b, gen)
+        lws.append(-action.action(x) - log_q)
+        for k, fn in obs.items():
+            vals[k].append(fn(x).double())
+        left -= b
+    lw = torch.cat(lws).double()
+    w = torch.exp(lw - lw.max())
+    out = {"ess": float(ess(lw)), "acceptance": imh_acceptance_estimate(lw),
+           "acceptance_chain": imh_chain_acceptance(lw, seed), "free_energy": float(-lw.mean())}
+    for k in obs:
+        v = torch.cat(vals[k])
+        mean = (w * v).sum() / w.sum()
+        err = torch.sqrt((w * w * (v - mean) ** 2).sum()) / w.sum()
+        out[k] = (float(mean), float(err))
+    return out
+
+
+def run_point(name, seed, args):
+    from flowplug import config as fconfig
+    from flowplug.cli.cmd_train import DEFAULT_TOML_TEXT, OPEN_TABLES
+    from flowplug.train import build_trainer
+
+    example, exact = POINTS[name]
+    overrides = [f"seed={seed}", f"threads={args.threads}", "train.progress=false", "train.checkpoint_every=0"]
+    if args.steps:
+        overrides.append(f"train.steps={args.steps}")
+    if args.speed_only:
+        overrides.append("train.steps=50")
+    overrides += args.set
+    cfg = fconfig.build_config(DEFAULT_TOML_TEXT, config_file=EXAMPLES / example, overrides=overrides,
+                               open_tables=OPEN_TABLES)
+    with tempfile.TemporaryDirectory() as tmp:
+        tr = build_trainer(cfg, out=Path(tmp), device=args.device)
+        tr.out = None
+        warm = 5 if args.speed_only else 0
+        for _ in range(warm):
+            tr.train_step()
+        t0 = time.perf_counter()
+        tr.run(progress=False)
+        wall = time.perf_counter() - t0
+    rate = (tr.step - warm) / wall
+    row = {"point": name, "seed": seed, "steps": tr.step, "batch": tr.batch_size, "steps_per_s": rate,
+           "threads": torch.get_num_threads(), "skipped": tr.skipped, "wall_s": wall}
+    if not args.speed_only:
+        row.update(figures(tr.flow, tr.action, args.samples, 10_000 + seed))
+        row["exact"] = exact
+    return row
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--points", default="phi4,u1", help=f"comma list of {', '.join(POINTS)}")
+    p.add_argument("--seeds", default="1")
+    p.add_argument("--steps", type=int, default=0, help="override train.steps")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--samples", type=int, default=8192)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--speed-only", action="store_true")
+    p.add_argument("--set", action="append", default=[], help="extra config override KEY=VALUE")
+    p.add_argument("--json", help="also write the rows to this file")
+    args = p.parse_args(argv)
+    os.environ.setdefault("FLOWPLUG_DISABLE_PLUGIN_AUTOLOAD", "1")
+    rows = []
+    for name in args.points.split(","):
+        for seed in (int(s) for s in args.seeds.split(",")):
+            row = run_point(name.strip(), seed, args)
+            rows.append(row)
+            line = (f"{row['point']:8s} seed {seed}: {row['steps']} steps x {row['batch']}, "
+                    f"{row['steps_per_s']:.2f} steps/s ({row['threads']} threads), skipped {row['skipped']}")
+            if not args.speed_only:
+                line += (f"; ESS {row['ess']:.3f}, acceptance {row['acceptance']:.3f} "
+                         f"(chain {row['acceptance_chain']:.3f}), F_q {row['free_energy']:.3f}")
+                for k, ref in row["exact"].items():
+                    m, e = row[k]
+                    line += f"; {k} {m:.4f}({e:.4f}) vs {ref:.4f}"
+            print(line, flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
