@@ -12,9 +12,9 @@ code. The layout written by :func:`save_flow`:
 ``state_dict``  the flow's parameters and buffers;
 ``meta``        JSON text of free-form facts (training steps, final loss, ESS, seed).
 
-:func:`load_flow` also accepts the same entries as nested dicts instead of JSON text,
-so checkpoints written by the training command (``flowplug train``) load as long as
-they carry the flow's ``spec`` (or ``flow_spec``) and ``state_dict`` (or ``model``).
+:func:`load_flow` also reads the checkpoints of ``flowplug train``
+(:mod:`flowplug.train`: ``flow_spec``, ``model``, and the action in ``config.action``),
+given as the file or as the run directory holding ``checkpoint.pt``.
 
 :func:`train_reverse_kl` is the minimal reverse-KL trainer used by ``flowplug demo`` and
 the tests (loss = E_q[log q + S], whose minimum -log Z is *not* a KL divergence; see
@@ -172,6 +172,8 @@ def load_flow(path: str | Path, *, device: Any = None) -> FlowCheckpoint:
             the flow's spec or weights, or the weights do not fit the spec.
     """
     path = Path(path)
+    if path.is_dir() and (path / "checkpoint.pt").is_file():  # a `flowplug train` run directory
+        path = path / "checkpoint.pt"
     if not path.is_file():
         raise CheckpointError(f"{path}: no such flow checkpoint (train one with flowplug train)")
     try:
@@ -201,6 +203,8 @@ def load_flow(path: str | Path, *, device: Any = None) -> FlowCheckpoint:
         flow = flow.to(device)
     flow.eval()
     action = _json_field(d, "action") or {}
+    if not action and isinstance(d.get("config"), Mapping):  # `flowplug train` checkpoints
+        action = dict(d["config"].get("action", {}))
     if not isinstance(action, Mapping):
         action = {}
     meta = _json_field(d, "meta") or {}

@@ -291,3 +291,17 @@ def test_real_milc_ildg_resample_and_propose(shared_dir, tmp_path, capsys):
                 "--seed", 2) == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["format"] == "ildg" and io.read(tmp_path / "n.ildg").checksum_status == "ok"
+
+
+def test_resample_reads_a_flowplug_train_run_directory(files, tmp_path):
+    """A `flowplug train` run directory (its checkpoint.pt, action in the stored config) works as --flow."""
+    run = tmp_path / "tr"
+    assert _cli("train", "--set", f"out={run}", "--set", "lattice=[4,4]", "--set", "action.name=wilson",
+                "--set", "action.group=u1", "--set", "action.beta=1.5", "--set", 'flow.layers=["u1-spline"]',
+                "--set", "flow.n_layers=2", "--set", "train.steps=3", "--set", "train.progress=false",
+                "--set", "eval.samples=32", "--set", "threads=1") == 0
+    ck = load_flow(run)
+    assert ck.field == "u1" and ck.action().beta == 1.5
+    out = tmp_path / "r"
+    assert _cli("resample", files / "u1.h5", "--flow", run, "--out", out, "--no-progress", "--set", "steps=2") == 0
+    assert json.loads((out / "summary.json").read_text())["flow"]["sha256"] == ck.sha256
