@@ -48,6 +48,7 @@ def cost(q_hist: torch.Tensor, accepted: float, seconds: float) -> tuple[float, 
 
 
 def bench(L: int, beta: float, a: argparse.Namespace) -> dict:
+    """HMC and flow Metropolis at one (L, beta), timed in this process; returns the figures."""
     lattice = (L, L)
     act = WilsonGaugeAction(beta, "u1")
     measure = lambda x: {"q": topological_charge(x)}  # noqa: E731
@@ -85,6 +86,7 @@ def bench(L: int, beta: float, a: argparse.Namespace) -> dict:
 
 
 def main() -> None:
+    """Command line: run :func:`bench` for every beta and print the ratios."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--L", type=int, default=16)
     ap.add_argument("--betas", type=float, nargs="+", default=[4.0, 6.0])

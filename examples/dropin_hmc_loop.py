@@ -36,15 +36,18 @@ def plaquette_angles(theta):
 
 
 def action(theta, beta):
+    """S = -beta sum_x cos theta_P(x)."""
     return -beta * np.cos(plaquette_angles(theta)).sum()
 
 
 def force(theta, beta):
+    """dS/dtheta, shape (2, L, L)."""
     s = beta * np.sin(plaquette_angles(theta))
     return np.stack([s - np.roll(s, 1, axis=1), np.roll(s, 1, axis=0) - s])
 
 
 def hmc_trajectory(theta, beta, rng, n=10, eps=0.1):
+    """One leapfrog trajectory with a Metropolis test; returns the next configuration."""
     p = rng.standard_normal(theta.shape)
     h0 = 0.5 * (p ** 2).sum() + action(theta, beta)
     x = theta.copy()
@@ -59,6 +62,7 @@ def hmc_trajectory(theta, beta, rng, n=10, eps=0.1):
 
 
 def main() -> None:
+    """Train a flow, run HMC with a flow step after every k trajectories, compare with exact."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--L", type=int, default=8)
     ap.add_argument("--beta", type=float, default=2.0)

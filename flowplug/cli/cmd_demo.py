@@ -188,7 +188,8 @@ def demo(cfg, out: Path, *, force: bool = False, progress: bool = True) -> dict:
     n_prop = chain_f.state.batch * chain_f.step_count
 
     # 4. report
-    def cost(st, seconds, n):  # seconds per effectively independent sample of Q
+    def cost(st, seconds, n):
+        """Seconds per effectively independent sample of Q: (time / samples) x 2 tau_int(Q)."""
         return seconds / n * 2 * st["q"]["tau_int"]
 
     cost_hmc, cost_flow = cost(hmc_stats, t_hmc, n_traj), cost(flow_stats, t_flow, n_prop)

@@ -25,7 +25,10 @@ Assumptions:
     chain a different one (e.g. base seed + trajectory number).
 
 The configuration must have the flow's lattice and group; anything else is refused with
-a message naming both. OUT is written atomically and never over IN.
+a message naming both. OUT is written atomically and never over IN, at the precision of
+IN (``--precision 64`` to keep an accepted proposal unrounded: a 32-bit file rounds it,
+a change of the configuration at the 1e-7 level that the test above did not see, as for
+any production code that stores configurations in single precision).
 """
 
 from __future__ import annotations
