@@ -46,9 +46,9 @@ trajectory_length = 1.0
 
 [flow]
 layer = "u1-spline"         # gauge-equivariant coupling (flowplug plugins lists the layers)
-n_layers = 8
+n_layers = 16
 hidden = [8]
-train_steps = 400
+train_steps = 300
 batch = 64
 lr = 0.01
 
