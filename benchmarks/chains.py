@@ -96,7 +96,7 @@ def main() -> None:
     ap.add_argument("--hmc-steps", type=int, default=10)
     ap.add_argument("--flow-steps", type=int, default=400)
     ap.add_argument("--train-steps", type=int, default=500)
-    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--hidden", type=int, default=8)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=0.01)
@@ -112,8 +112,12 @@ def main() -> None:
         print(f"L={a.L} beta={beta}: HMC acc {h['acceptance']:.3f} tau_int(Q) {h['tau_int_q']:.2f} | "
               f"flow acc {f['acceptance']:.4f} (train ESS {f['train_ess']:.3f}) tau_int(Q) {f['tau_int_q']:.2f} | "
               f"<Q^2> HMC {r['q2']['hmc']:.3f} flow {r['q2']['flow']:.3f} exact {r['exact_q2']:.3f}")
-        print(f"    cost ratio HMC/flow per independent Q: {r['ratio_hmc_over_flow']:.3g} without training, "
-              f"{r['ratio_hmc_over_flow_with_training']:.3g} with training")
+        if not math.isfinite(f["seconds_per_independent_q"]):
+            print("    cost ratio HMC/flow per independent Q: 0 (the flow chains never accepted a proposal: "
+                  "train longer, e.g. --train-steps 5000, or on a GPU)")
+        else:
+            print(f"    cost ratio HMC/flow per independent Q: {r['ratio_hmc_over_flow']:.3g} without training, "
+                  f"{r['ratio_hmc_over_flow_with_training']:.3g} with training (> 1: the flow is cheaper)")
     if a.json:
         print(json.dumps(results, indent=1))
 
