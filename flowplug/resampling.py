@@ -184,7 +184,8 @@ def observable_summary(history: Mapping[str, torch.Tensor], names: Sequence[str]
         burn: Steps discarded at the start.
 
     Returns:
-        name -> ``{mean, error, tau_int, tau_int_error, n}``. If no chain ever changed
+        name -> ``{mean, error, tau_int, tau_int_error, n, window}`` (with a ``note`` when
+        the window reached half the chain length: then tau_int is a lower bound). If no chain ever changed
         its value (a flow whose proposals are all rejected), error and tau_int cannot be
         estimated: they are NaN and infinity, with ``note`` saying so.
     """
@@ -205,7 +206,10 @@ def observable_summary(history: Mapping[str, torch.Tensor], names: Sequence[str]
             continue
         r = gamma_method(data)
         out[name] = {"mean": r.mean, "error": r.error, "tau_int": r.tau_int,
-                     "tau_int_error": r.tau_int_error, "n": r.n}
+                     "tau_int_error": r.tau_int_error, "n": r.n, "window": r.window}
+        if r.window >= max(data.shape[1] // 2, 1):
+            out[name]["note"] = ("the summation window reached half the chain length: tau_int and the "
+                                 "error are lower bounds (run longer chains)")
     return out
 
 
