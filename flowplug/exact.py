@@ -24,11 +24,12 @@ References:
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
 
-_GRID = 4096
+_GRID = 1024
 
 
 def _grid() -> np.ndarray:
@@ -55,6 +56,13 @@ def bessel_i(n: np.ndarray | int, beta: float) -> np.ndarray:
     return _periodic_mean(np.exp(beta * np.cos(phi)) * np.cos(n[..., None] * phi))
 
 
+@functools.lru_cache(maxsize=None)
+def _gauss_legendre(n: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Nodes and weights of n-point Gauss-Legendre quadrature on [-pi, pi] for the mean (1/2pi) int."""
+    t, w = np.polynomial.legendre.leggauss(n)
+    return math.pi * t, w / 2.0
+
+
 def _orders(beta: float) -> np.ndarray:
     return np.arange(-int(30 + 4 * beta), int(30 + 4 * beta) + 1)
 
@@ -79,8 +87,7 @@ def u1_2d(L: int, beta: float) -> dict[str, float]:
     i_n = bessel_i(n, beta)
     i_dn = 0.5 * (bessel_i(n - 1, beta) + bessel_i(n + 1, beta))
     # g_n, h_n: integrands smooth on [-pi, pi] but not periodic -> Gauss-Legendre
-    t, wt = np.polynomial.legendre.leggauss(256)
-    phi, wt = math.pi * t, wt / 2.0
+    phi, wt = _gauss_legendre()
     w = wt * np.exp(beta * np.cos(phi))
     g = np.sum((phi / (2 * math.pi)) ** 2 * np.cos(n[:, None] * phi) * w, axis=-1)
     h = np.sum((phi / (2 * math.pi)) * np.sin(n[:, None] * phi) * w, axis=-1)

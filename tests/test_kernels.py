@@ -320,3 +320,26 @@ def test_frozen_chains_report_unmeasurable_tau():
     h = {"plaquette": torch.full((20, 3), 0.5, dtype=torch.float64)}
     s = observable_summary(h, ["plaquette"])["plaquette"]
     assert s["tau_int"] == math.inf and math.isnan(s["error"]) and "no chain" in s["note"]
+
+
+def test_exact_values_match_the_shared_reference(shared_dir):
+    """flowplug.exact against ../shared/reference (U(1) L = 8, 16; SU(2) L = 8, 16)."""
+    rows = [ln.split() for ln in (shared_dir / "reference" / "u1_2d_exact.txt").read_text().splitlines()
+            if ln.strip() and not ln.lstrip().startswith("#") and ln.split()[0].isdigit()]
+    assert len(rows) >= 10
+    for r in rows:
+        L, beta, p, q2 = int(r[0]), float(r[1]), float(r[2]), float(r[4])
+        ex = u1_2d(L, beta)
+        assert ex["plaquette"] == pytest.approx(p, abs=2e-11) and ex["q2"] == pytest.approx(q2, rel=1e-9)
+    text = (shared_dir / "reference" / "sun_2d_exact.txt").read_text()
+    su2 = text.split("## SU2")[1].split("##")[0]
+    n = 0
+    for ln in su2.splitlines():
+        parts = ln.split()
+        if parts and parts[0][0].isdigit():
+            beta = float(parts[0])
+            assert su2_2d(8, beta)["plaquette"] == pytest.approx(float(parts[2]), abs=1e-11)
+            assert su2_2d(16, beta)["plaquette"] == pytest.approx(float(parts[3]), abs=1e-11)
+            n += 1
+    assert n >= 10
+    assert u1_2d(4, 0.0)["q2"] == pytest.approx(16 / 12, abs=1e-12)  # beta = 0: V/12 exactly
