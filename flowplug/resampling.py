@@ -297,7 +297,11 @@ def run_chains(kernel: Any, x0: torch.Tensor, steps: int, *, seed: int,
         chain.load(checkpoint)
     sub: dict[str, list[torch.Tensor]] = {}
 
+    pm = get_plugin_manager()
+
     def _on_step(ch, info):
+        # event hook through notify(): a failing monitor cannot stop the run
+        pm.notify("flowplug_after_chain_step", step=ch.step_count - 1, kernel=ch.kernel_name, info=info)
         for k, v in info.items():
             if k.startswith("accepted."):
                 sub.setdefault(k[len("accepted."):], []).append(v.detach().to(torch.float64).cpu())
@@ -307,13 +311,12 @@ def run_chains(kernel: Any, x0: torch.Tensor, steps: int, *, seed: int,
     def _save(ch):
         if checkpoint is not None:
             ch.save(checkpoint)
-            get_plugin_manager().notify("flowplug_checkpoint_written", path=str(checkpoint),
-                                        step=ch.step_count, what="chain")
+            pm.notify("flowplug_checkpoint_written", path=str(checkpoint), step=ch.step_count, what="chain")
 
     remaining = max(int(steps) - chain.step_count, 0)
     if remaining:
         chain.run(remaining, progress=progress, checkpoint_every=checkpoint_every, on_checkpoint=_save,
-                  on_step=_on_step, hooks=get_plugin_manager().hook, desc=desc)
+                  on_step=_on_step, desc=desc)
     chain.extra_acceptance = {k: float(np.nanmean(torch.stack(v).numpy())) for k, v in sub.items()}
     return chain
 

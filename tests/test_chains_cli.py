@@ -305,3 +305,24 @@ def test_resample_reads_a_flowplug_train_run_directory(files, tmp_path):
     out = tmp_path / "r"
     assert _cli("resample", files / "u1.h5", "--flow", run, "--out", out, "--no-progress", "--set", "steps=2") == 0
     assert json.loads((out / "summary.json").read_text())["flow"]["sha256"] == ck.sha256
+
+
+def test_chain_events_reach_plugins_and_a_failing_monitor_does_not_stop_the_run(files, tmp_path, fresh_pm):
+    from flowplug import hookimpl
+    from flowplug.cli.cmd_sample import DEFAULT_CONFIG, sample
+    from flowplug.config import build_config
+
+    seen = []
+
+    class Monitor:
+        @hookimpl
+        def flowplug_after_chain_step(self, step, kernel, info):
+            seen.append((step, kernel, bool(info["accepted"].any())))
+            raise RuntimeError("monitor broke")
+
+    fresh_pm.register(Monitor(), name="monitor")
+    cfg = build_config(DEFAULT_CONFIG, overrides=["chains=2", "steps=3", "thermalize=0", "ess_samples=4"])
+    with pytest.warns(Warning):
+        sample(cfg, files / "u1.pt", tmp_path / "s", quiet=True)
+    assert [s[0] for s in seen] == [0, 1, 2] and seen[0][1] == "independence-metropolis"
+    assert (tmp_path / "s" / "summary.json").exists()
