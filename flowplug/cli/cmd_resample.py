@@ -136,8 +136,8 @@ def resample(cfg, inputs, flow_path: Path, out: Path, *, resume: bool = False, f
     field, ndim = ck.flow.field, len(ck.flow.lattice)
     names = list(cfg.get("observables") or default_observables(field, ndim))
     measure = measurement(field, names)
+    kernel = build_kernel(ck.flow, action, cfg["kernel"])  # validate before creating outputs
     weights = importance_weights(ck.flow, action, x0, measure)
-    kernel = build_kernel(ck.flow, action, cfg["kernel"])
     out.mkdir(parents=True, exist_ok=True)
     seed = int(cfg["seed"])
     run_id = fingerprint({k: v for k, v in cfg.items() if k != "steps"}, ck.sha256,

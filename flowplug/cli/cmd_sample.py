@@ -103,6 +103,7 @@ def sample(cfg, flow_path: Path, out: Path, *, resume: bool = False, force: bool
     names = list(cfg.get("observables") or default_observables(field, ndim))
     measure = measurement(field, names)
     seed = int(cfg["seed"])
+    kernel = build_kernel(ck.flow, action, cfg["kernel"])  # validate before creating outputs
     out.mkdir(parents=True, exist_ok=True)
     store = out / "ensemble.h5"
     if fmt == "hdf5" and store.exists() and not resume:
@@ -114,7 +115,6 @@ def sample(cfg, flow_path: Path, out: Path, *, resume: bool = False, force: bool
         x0, _ = ck.flow.sample(chains, g0)
         xs, _ = ck.flow.sample(int(cfg.get("ess_samples", 256)), g0)
     weights = importance_weights(ck.flow, action, xs.detach())
-    kernel = build_kernel(ck.flow, action, cfg["kernel"])
     save_every = int(cfg.get("save_every", 0))
     ext = extension_of(fmt)
     n_written = [0]
