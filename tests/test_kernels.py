@@ -68,13 +68,13 @@ def _bare_prior_flow(field, lattice):
     return Flow(make_prior(None, lattice=lattice, field=field), [], field=field, lattice=lattice)
 
 
-def _random_flow(field, lattice, layer, n_layers, seed):
+def _random_flow(field, lattice, layer, n_layers, seed, noise=0.3):
     """A flow with random (untrained, non-identity) weights: invertible but poor."""
     torch.manual_seed(seed)
     flow = build_flow(field, lattice, layer, n_layers=n_layers, options={"hidden": [4], "dtype": "float64"})
     with torch.no_grad():
         for p in flow.parameters():
-            p.add_(0.3 * torch.randn_like(p))
+            p.add_(noise * torch.randn_like(p))
     return flow.eval()
 
 
@@ -298,10 +298,13 @@ def test_im_and_composition_su2_exact():
     ch = Chain(k, k.init(_thermalized(act, (L, L), 512, g)), g, measure=measure)
     ch.run(200)
     _check(ch, exact, 0, ("plaquette",))
-    flow2 = _random_flow("su2", (L, L), "sun-spectral", 2, seed=10)
-    k2 = Composition([HMC(act, integrator="omelyan", steps=4), IndependenceMetropolis(flow2, act)], [1, 1])
+    flow2 = _random_flow("su2", (L, L), "sun-spectral", 2, seed=10, noise=0.1)
+    k2 = Composition([HMC(act, integrator="omelyan", steps=4), IndependenceMetropolis(flow2, act)], [1, 1],
+                     labels=["hmc", "flow"])
     ch2 = Chain(k2, k2.init(act.cold_start((L, L), 64)), g, measure=measure)
-    ch2.run(80)
+    acc = []
+    ch2.run(80, on_step=lambda c, info: acc.append(float(info["accepted.flow"].mean())))
+    assert sum(acc) / len(acc) > 0.05  # the flow step does move chains
     _check(ch2, exact, 10, ("plaquette",))
 
 
@@ -343,3 +346,24 @@ def test_exact_values_match_the_shared_reference(shared_dir):
             n += 1
     assert n >= 10
     assert u1_2d(4, 0.0)["q2"] == pytest.approx(16 / 12, abs=1e-12)  # beta = 0: V/12 exactly
+
+
+@pytest.mark.slow
+def test_flow_hmc_and_mixture_su2_exact():
+    """SU(2), L=4, beta=1.0: flow HMC (random spectral flow) mixed 50/50 with flow proposals.
+
+    48 chains x 60 steps from HMC starts, seed 8; leapfrog, 4 steps of 0.15. (Not from cold
+    starts: degenerate eigenvalues of unit links make the spectral layer's autograd force
+    undefined.)
+    """
+    L, beta = 4, 1.0
+    act = WilsonGaugeAction(beta, "su2")
+    flow = _random_flow("su2", (L, L), "sun-spectral", 2, seed=12, noise=0.1)
+    k = Mixture([FlowHMC(flow, act, integrator="leapfrog", steps=4, trajectory_length=0.6),
+                 IndependenceMetropolis(flow, act)], [0.5, 0.5], labels=["flow-hmc", "flow"])
+    g = torch.Generator().manual_seed(8)
+    ch = Chain(k, k.init(_thermalized(act, (L, L), 48, g, n=10)), g, measure=lambda x: {"plaquette": plaquette(x)})
+    acc = []
+    ch.run(60, on_step=lambda c, info: acc.append(float(torch.nanmean(info["accepted.flow-hmc"]))))
+    assert sum(acc) / len(acc) > 0.3
+    _check(ch, su2_2d(L, beta), 10, ("plaquette",))
