@@ -223,6 +223,18 @@ class Hdf5Handler(FormatHandler):
             raise FormatError(f"{path}: damaged or not a flowplug HDF5 ensemble ({exc})") from None
         return out
 
+    def stored_precision(self, path: Path) -> int:
+        """Storage precision (32 or 64) of an existing store (for appending without rounding)."""
+        h5py = _h5py()
+        try:
+            with h5py.File(path, "r") as f:
+                value = int(f.attrs["precision"])
+        except Exception as exc:
+            raise FormatError(f"{path}: damaged or not a flowplug HDF5 ensemble ({exc})") from None
+        if value not in (32, 64):
+            raise FormatError(f"{path}: attribute precision = {value} (damaged file)")
+        return value
+
     # ----------------------------------------------------------------------- writing
 
     def write(self, path: Path, ensemble: Ensemble, *, precision: int, **options: Any) -> None:

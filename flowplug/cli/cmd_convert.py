@@ -134,7 +134,10 @@ def run(args: argparse.Namespace) -> int:
                         # and read back as 32-bit data (bit-exact)
                         io.write(store_path, one, target, precision=args.precision or 64)
                     else:
-                        io.write(store_path, one, target, precision=args.precision, append=True)
+                        # the store's own precision: a 64-bit store takes 32-bit inputs exactly
+                        # (and keeps values that need more bits, such as a rebuilt third row)
+                        prec = args.precision or getattr(handler, "stored_precision", lambda p: None)(store_path)
+                        io.write(store_path, one, target, precision=prec, append=True)
                     done_sources.add(source)
                     written += 1
                     continue
