@@ -353,7 +353,10 @@ def ildg_records(ensemble: Ensemble, precision: int, *, lfn: str | None = None,
 
     Metadata records of the source (``scidac-file-xml``, ``scidac-record-xml``) and its
     LFN are reused verbatim; the private records, ``ildg-format`` and the checksum are
-    generated for what is written.
+    generated for what is written. ``scidac-private-record-xml`` has the elements QIO
+    1.1 writes for a colour matrix (``version, date, recordtype, datatype, precision,
+    colors, typesize, datacount``): QIO leaves out ``spins`` when it is 0, as for gauge
+    links, and its version 1.0 files (the MILC sample) say ``globaldata`` for ``recordtype``.
     """
     meta = ensemble.meta[0]
     lx, ly, lz, lt = ensemble.lattice
@@ -380,7 +383,7 @@ def ildg_records(ensemble: Ensemble, precision: int, *, lfn: str | None = None,
         ("scidac-private-record-xml", _xml(
             f"<scidacRecord><version>1.1</version><date>{date}</date><recordtype>0</recordtype>"
             f"<datatype>USQCD_{letter}{n}_ColorMatrix</datatype><precision>{letter}</precision>"
-            f"<colors>{n}</colors><spins>4</spins><typesize>{n * n * 2 * precision // 8}</typesize>"
+            f"<colors>{n}</colors><typesize>{n * n * 2 * precision // 8}</typesize>"
             "<datacount>4</datacount></scidacRecord>")),
         ("scidac-record-xml", record_xml.data if record_xml is not None else _xml(
             "<info>flowplug gauge field</info>")),
