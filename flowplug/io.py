@@ -620,7 +620,7 @@ def open_time_boundary(links: torch.Tensor) -> list[bool]:
     d = int(links.shape[1])
     if d < 2 or int(links.shape[1 + d]) < 2:
         return [False] * n
-    last = links[:, d - 1].select(d - 1, -1)  # (B, L_0..L_{d-2}, N, N): U_t(x, T - 1)
+    last = links[:, d - 1].select(d, -1)  # (B, L_0..L_{d-2}, N, N): U_t(x, T - 1)
     return [bool((last[i] == 0).all()) for i in range(n)]
 
 
