@@ -301,7 +301,8 @@ def header_text(ensemble: Ensemble, datatype: str, fp: str, *, plaq: float, trac
                 checksum: int, open_time: bool) -> bytes:
     """The ASCII header (``BEGIN_HEADER`` ... ``END_HEADER\\n``) of one configuration."""
     meta = ensemble.meta[0]
-    old: dict[str, str] = dict(meta.header.get("nersc", {})) if isinstance(meta.header.get("nersc"), dict) else {}
+    source = meta.header.get("nersc")
+    old: dict[str, str] = dict(source) if isinstance(source, dict) else {}
     lx, ly, lz, lt = ensemble.lattice
     boundary = [old.get(f"BOUNDARY_{i}", "PERIODIC") for i in range(1, 5)]
     if open_time:

@@ -190,7 +190,8 @@ def test_convert_removes_stale_temporaries_of_its_outputs_only(inputs, tmp_path)
     # what a killed conversion leaves: the temporary of an output that was being written
     stale = [out / ".cfg0.ildg.nersc.k3j_9x0a.part", out / ".cfg2.ildg.nersc.convert.part"]
     # anything else stays: other names, other outputs, another pattern, a folder, a link
-    keep = [out / ".cfg0.ildg.nersc.notes", out / ".cfg0.ildg.nersc.abc.part", out / "cfg0.ildg.nersc.k3j_9x0a.part",
+    keep = [out / ".cfg0.ildg.nersc.notes", out / ".cfg0.ildg.nersc.abc.part",
+            out / "cfg0.ildg.nersc.k3j_9x0a.part",
             out / ".other.nersc.k3j_9x0a.part", out / ".cfg0.ildg.nersc.K3J_9X0A.part",
             out / ".cfg0.ildg.nersc.k3j_9x0a.part.bak", out / "mine.txt"]
     for p in stale + keep:

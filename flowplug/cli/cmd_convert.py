@@ -12,9 +12,11 @@ existing HDF5 store gets only the inputs it does not hold yet); every output fil
 is written to a temporary name (``.<name>.<random>.part``) and renamed when
 complete, and such temporary files left by an interrupted earlier run are removed
 when their output is written (only names of that exact pattern; do not run two
-conversions into the same output at once); an input is never overwritten. The first bad input stops the run with its error, or with
-``--keep-going`` the rest are converted and every failure is listed at the end
-(exit code 1).
+conversions into the same output at once); an input is never overwritten. The
+first bad input stops the run with its error, or with ``--keep-going`` the rest are
+converted and every failure is listed at the end (exit code 1). An output name that
+does not exist yet and ends in a lattice-file extension (``out/x.h5 --to nersc``) is
+an error for formats that write one file per configuration.
 """
 
 from __future__ import annotations
@@ -162,7 +164,8 @@ def run(args: argparse.Namespace) -> int:
                     else:
                         # the store's own precision: a 64-bit store takes 32-bit inputs exactly
                         # (and keeps values that need more bits, such as a rebuilt third row)
-                        prec = args.precision or getattr(handler, "stored_precision", lambda p: None)(store_path)
+                        stored = getattr(handler, "stored_precision", None)
+                        prec = args.precision or (stored(store_path) if stored else None)
                         io.write(store_path, one, target, precision=prec, append=True)
                     done_sources.add(source)
                     written += 1
