@@ -8,8 +8,9 @@ then the data and NUL padding to a multiple of 8 bytes.
 Reading accepts what production codes write: XML records ending in a NUL byte (QIO),
 ``ildgFormat`` with or without its namespace (Grid omits it), ``scidac-binary-data``
 with dimensions and precision from the private SciDAC records (QIO/QUDA), tmLQCD's
-``xlf-info`` message (its plaquette is verified), careless MB/ME flags, checksum hex of any case or width, and
-bare LIME files holding only a binary record (the caller supplies lattice and group).
+``xlf-info`` message (its plaquette is verified), careless MB/ME flags, checksum hex
+of any case or width, and bare LIME files holding only a binary record (the caller
+supplies lattice and group).
 
 Writing produces the record set QIO (MILC, Chroma) and Grid write and Grid's reader
 requires: message 1 ``scidac-private-file-xml``, ``scidac-file-xml``; message 2

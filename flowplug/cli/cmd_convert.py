@@ -137,6 +137,8 @@ def run(args: argparse.Namespace) -> int:
     store_path = store_tmp or output
     if single:  # temporary files of an interrupted earlier run into this store
         remove_stale_temp_files(output)
+        if store_tmp is not None:
+            remove_stale_temp_files(store_tmp)
     failures: list[tuple[str, str]] = []
     written = skipped = 0
     planned: dict[Path, Path] = {}
