@@ -12,7 +12,8 @@ Layout (``format_version`` 1)::
         layout           text describing the axes of /links
         attrs            JSON text: ensemble-wide values (beta, ensemble id, run parameters)
     /links   (n, d, L_0, ..., L_{d-1}, N, N) complex64/complex128 (U(1): (n, d, L...) float32/64),
-             little-endian, one chunk per configuration and direction, unlimited first axis
+             little-endian, unlimited first axis, chunks of at most CHUNK_BYTES (4 MiB)
+             within one configuration (see :func:`chunk_shape`)
     /meta    (n,) UTF-8 JSON text per configuration: source format and path, precision,
              header values, original records verbatim (base64), record list, check
              outcomes of the source, provenance, and ``crc32`` of the stored bytes
@@ -61,6 +62,35 @@ def _jsonable(value: Any) -> Any:
     from flowplug.fsutil import _jsonable as conv
 
     return conv(value)
+
+
+#: Target size of one HDF5 chunk of /links. HDF5 1.x refuses chunks of 4 GiB or more
+#: (one direction of a 64^3 x 128 double SU(3) configuration is 4.8 GB); chunks of a few
+#: MiB keep reads and appends efficient and the chunk cache useful.
+CHUNK_BYTES = 4 << 20
+
+
+def chunk_shape(shape: tuple[int, ...], itemsize: int, target: int = CHUNK_BYTES) -> tuple[int, ...]:
+    """Chunk of /links for configurations of ``shape`` (without the batch axis).
+
+    Whole configurations when they fit in ``target`` bytes; otherwise the outer axes
+    (direction, then the lattice axes in storage order) are cut, keeping the inner
+    ones whole, so that a chunk holds at most ``target`` bytes (or one innermost row of
+    the colour matrices, whichever is larger).
+
+    Returns:
+        ``(1, c_0, c_1, ...)``: one configuration per chunk along the batch axis.
+    """
+    chunk = list(shape)
+    for axis in range(len(shape)):
+        inner = itemsize * int(np.prod(shape[axis + 1:], dtype=np.int64))
+        if inner * shape[axis] <= target:
+            break  # this axis and everything inside it fit
+        chunk[axis] = max(1, min(shape[axis], target // max(inner, 1)))
+        if inner <= target:
+            break
+        # even one slice of this axis is too big: cut the next axis as well
+    return (1, *chunk)
 
 
 def _stored_dtype(group: str, precision: int) -> np.dtype:
@@ -223,6 +253,18 @@ class Hdf5Handler(FormatHandler):
             raise FormatError(f"{path}: damaged or not a flowplug HDF5 ensemble ({exc})") from None
         return out
 
+    def stored_precision(self, path: Path) -> int:
+        """Storage precision (32 or 64) of an existing store (for appending without rounding)."""
+        h5py = _h5py()
+        try:
+            with h5py.File(path, "r") as f:
+                value = int(f.attrs["precision"])
+        except Exception as exc:
+            raise FormatError(f"{path}: damaged or not a flowplug HDF5 ensemble ({exc})") from None
+        if value not in (32, 64):
+            raise FormatError(f"{path}: attribute precision = {value} (damaged file)")
+        return value
+
     # ----------------------------------------------------------------------- writing
 
     def write(self, path: Path, ensemble: Ensemble, *, precision: int, **options: Any) -> None:
@@ -230,7 +272,7 @@ class Hdf5Handler(FormatHandler):
         h5py = _h5py()
         dtype = _stored_dtype(ensemble.group, precision)
         shape = tuple(ensemble.links.shape[1:])
-        chunk = (1, 1, *shape[1:])
+        chunk = chunk_shape(shape, dtype.itemsize)
         with h5py.File(path, "w") as f:
             f.attrs["flowplug_format"] = FORMAT_TAG
             f.attrs["format_version"] = FORMAT_VERSION

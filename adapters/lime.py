@@ -8,8 +8,9 @@ then the data and NUL padding to a multiple of 8 bytes.
 Reading accepts what production codes write: XML records ending in a NUL byte (QIO),
 ``ildgFormat`` with or without its namespace (Grid omits it), ``scidac-binary-data``
 with dimensions and precision from the private SciDAC records (QIO/QUDA), tmLQCD's
-``xlf-info`` message, careless MB/ME flags, checksum hex of any case or width, and
-bare LIME files holding only a binary record (the caller supplies lattice and group).
+``xlf-info`` message (its plaquette is verified), careless MB/ME flags, checksum hex
+of any case or width, and bare LIME files holding only a binary record (the caller
+supplies lattice and group).
 
 Writing produces the record set QIO (MILC, Chroma) and Grid write and Grid's reader
 requires: message 1 ``scidac-private-file-xml``, ``scidac-file-xml``; message 2
@@ -39,12 +40,14 @@ from typing import Any
 
 from flowplug.errors import FormatError
 from flowplug.hookspecs import hookimpl
-from flowplug.io import Ensemble, FormatHandler, Metadata, Record
+from flowplug.io import Check, Ensemble, FormatHandler, Metadata, Record
 from flowplug.records import FileFormatSpec
 
 from flowplug.adapters.checksums import scidac_checksum
 from flowplug.adapters.common import (
     canonical_to_ildg,
+    decimals_tolerance,
+    float_check,
     fmt_lattice,
     hex_check,
     ildg_to_canonical,
@@ -320,6 +323,9 @@ def read_lime(path: Path, *, lattice: tuple[int, ...] | None = None, group: str 
         for key, std in (("plaquette", "plaquette"), ("trajectory nr", "trajectory"), ("beta", "beta")):
             if key in kv:
                 header[std] = _number(kv[key])
+        check = _xlf_plaquette_check(kv.get("plaquette"), links, precision)
+        if check is not None:
+            checks.append(check)
     for rtype in ("scidac-file-xml", "scidac-record-xml"):
         rec = by_type.get(rtype)
         if rec is not None:
@@ -338,6 +344,30 @@ def read_lime(path: Path, *, lattice: tuple[int, ...] | None = None, group: str 
     return Ensemble(links, precision=precision, meta=[meta])
 
 
+def _xlf_plaquette_check(text: str | None, links: Any, precision: int) -> Check | None:
+    """tmLQCD's ``xlf-info`` plaquette against the data, or ``None`` if it is absent or not a number.
+
+    tmLQCD writes the mean over sites and planes of Re tr U_P / 3 (1 for the unit gauge,
+    as its test file ``unity.lime`` stores: ``plaquette = 1.000000000000``), the
+    normalisation of :func:`flowplug.gauge.plaquette`. It is computed from tmLQCD's
+    double-precision field, so a 32-bit file agrees only to about 1e-7.
+    """
+    if text is None:
+        return None
+    try:
+        expected = float(text)
+    except ValueError:
+        return None
+    import torch
+
+    from flowplug.gauge import plaquette
+
+    finite = bool(torch.isfinite(torch.view_as_real(links)).all())
+    found = float(plaquette(links)[0]) if finite else float("nan")
+    tolerance = decimals_tolerance(text, 1e-6 if precision == 32 else 1e-10)
+    return float_check("xlf-info plaquette", expected, found, tolerance)
+
+
 def _lime_record(rtype: str, data: bytes, flags: int) -> bytes:
     head = LIME_HEADER.pack(LIME_MAGIC, 1, flags, len(data), rtype.encode("ascii"))
     return head + data + b"\0" * ((-len(data)) % 8)
@@ -353,7 +383,10 @@ def ildg_records(ensemble: Ensemble, precision: int, *, lfn: str | None = None,
 
     Metadata records of the source (``scidac-file-xml``, ``scidac-record-xml``) and its
     LFN are reused verbatim; the private records, ``ildg-format`` and the checksum are
-    generated for what is written.
+    generated for what is written. ``scidac-private-record-xml`` has the elements QIO
+    1.1 writes for a colour matrix (``version, date, recordtype, datatype, precision,
+    colors, typesize, datacount``): QIO leaves out ``spins`` when it is 0, as for gauge
+    links, and its version 1.0 files (the MILC sample) say ``globaldata`` for ``recordtype``.
     """
     meta = ensemble.meta[0]
     lx, ly, lz, lt = ensemble.lattice
@@ -380,7 +413,7 @@ def ildg_records(ensemble: Ensemble, precision: int, *, lfn: str | None = None,
         ("scidac-private-record-xml", _xml(
             f"<scidacRecord><version>1.1</version><date>{date}</date><recordtype>0</recordtype>"
             f"<datatype>USQCD_{letter}{n}_ColorMatrix</datatype><precision>{letter}</precision>"
-            f"<colors>{n}</colors><spins>4</spins><typesize>{n * n * 2 * precision // 8}</typesize>"
+            f"<colors>{n}</colors><typesize>{n * n * 2 * precision // 8}</typesize>"
             "<datacount>4</datacount></scidacRecord>")),
         ("scidac-record-xml", record_xml.data if record_xml is not None else _xml(
             "<info>flowplug gauge field</info>")),

@@ -4,8 +4,9 @@ File: an ASCII header of ``KEY = VALUE`` lines between ``BEGIN_HEADER`` and
 ``END_HEADER\\n``, then the links in ILDG site/link order (x fastest; per site mu = x,
 y, z, t). ``DATATYPE`` is ``4D_SU3_GAUGE`` (two rows of each matrix stored, the third
 is conj(row0 x row1)) or ``4D_SU3_GAUGE_3x3``; ``FLOATING_POINT`` is ``IEEE32BIG``,
-``IEEE64BIG`` (big-endian) or ``IEEE32LITTLE``/``IEEE32``/``IEEE64``/``IEEE64LITTLE``
-(little-endian). Check values: ``CHECKSUM`` (sum mod 2^32 of the stored 32-bit words,
+``IEEE64BIG`` (big-endian) or ``IEEE32``/``IEEE64`` (little-endian; also read as
+``IEEE32LITTLE``/``IEEE64LITTLE``, but never written so: Grid's reader does not accept
+``IEEE32LITTLE``). Check values: ``CHECKSUM`` (sum mod 2^32 of the stored 32-bit words,
 hex), ``PLAQUETTE`` (Re tr U_P / 3, 1 for the unit gauge) and ``LINK_TRACE``
 (Re tr U / 3); all three are verified on read.
 
@@ -26,7 +27,7 @@ import torch
 from flowplug.errors import FormatError
 from flowplug.gauge import link_trace, plaquette
 from flowplug.hookspecs import hookimpl
-from flowplug.io import Ensemble, FormatHandler, Metadata, Record
+from flowplug.io import Ensemble, FormatHandler, Metadata, Record, float32_exact, open_time_boundary
 from flowplug.records import FileFormatSpec
 
 from flowplug.adapters.checksums import nersc_checksum
@@ -48,6 +49,10 @@ FLOATING_POINT = {
     "IEEE64LITTLE": (64, "<"),
     "IEEE64": (64, "<"),
 }
+#: FLOATING_POINT written for (bits, byte order): Grid's NERSC reader accepts IEEE32BIG,
+#: IEEE32, IEEE64BIG, IEEE64 (newer versions also IEEE64LITTLE), not IEEE32LITTLE.
+WRITE_FLOATING_POINT = {(32, ">"): "IEEE32BIG", (64, ">"): "IEEE64BIG", (32, "<"): "IEEE32",
+                        (64, "<"): "IEEE64"}
 DATATYPES = {"4D_SU3_GAUGE": 2, "4D_SU3_GAUGE_3X3": 3}
 MAX_HEADER = 64 * 1024
 
@@ -195,34 +200,52 @@ class NerscHandler(FormatHandler):
                         checks=checks, provenance={"source": str(path), "format": "nersc"})
         return Ensemble(links, precision=precision, meta=[meta])
 
-    def write(self, path: Path, ensemble: Ensemble, *, precision: int, datatype: str | None = None,
-              endian: str | None = None, **options: Any) -> None:
-        """Write one SU(3) configuration as NERSC.
-
-        Arguments:
-            precision: 32 (IEEE32*) or 64 (IEEE64*).
-            datatype: ``4D_SU3_GAUGE_3x3`` (default, exact) or ``4D_SU3_GAUGE`` (two rows;
-                the default when the source was a two-row NERSC file).
-            endian: ``big`` (default, IEEE32BIG/IEEE64BIG) or ``little``; default the
-                source's byte order when it was NERSC (also after a trip through HDF5).
-
-        The header's PLAQUETTE and LINK_TRACE are computed from the data as stored (after
-        rounding to ``precision`` and, for two rows, reconstruction), CHECKSUM from the bytes.
-        """
-        meta = ensemble.meta[0]
-        src = meta.header if "nersc_datatype" in meta.header else {}
+    def _layout(self, ensemble: Ensemble, precision: int, datatype: str | None,
+                endian: str | None) -> tuple[str, int, str, str]:
+        """``(DATATYPE, rows stored, byte order, FLOATING_POINT)`` of a write."""
+        src = ensemble.meta[0].header if "nersc_datatype" in ensemble.meta[0].header else {}
         dt = (datatype or src.get("nersc_datatype") or "4D_SU3_GAUGE_3x3").upper()
         if dt not in DATATYPES:
             raise FormatError(f"NERSC datatype {datatype!r}: expected 4D_SU3_GAUGE or 4D_SU3_GAUGE_3x3")
-        rows = DATATYPES[dt]
         if endian is None:
             endian = "little" if FLOATING_POINT.get(src.get("nersc_floating_point", ""), (0, ">"))[1] == "<" \
                 else "big"
         if endian not in ("big", "little"):
             raise FormatError(f"NERSC endian {endian!r}: expected big or little")
         order = ">" if endian == "big" else "<"
-        fp = {(32, ">"): "IEEE32BIG", (64, ">"): "IEEE64BIG", (32, "<"): "IEEE32LITTLE",
-              (64, "<"): "IEEE64"}[(precision, order)]
+        return dt, DATATYPES[dt], order, WRITE_FLOATING_POINT[(precision, order)]
+
+    def rounds(self, ensemble: Ensemble, precision: int, *, datatype: str | None = None,
+               endian: str | None = None, **options: Any) -> bool:
+        """Whether a 32-bit write rounds a stored value (two-row files store rows 0 and 1 only)."""
+        if precision != 32:
+            return False
+        _, rows, _, _ = self._layout(ensemble, precision, datatype, endian)
+        return not float32_exact(ensemble.links[..., :rows, :])
+
+    def write(self, path: Path, ensemble: Ensemble, *, precision: int, datatype: str | None = None,
+              endian: str | None = None, **options: Any) -> None:
+        """Write one SU(3) configuration as NERSC.
+
+        Arguments:
+            precision: 32 (IEEE32BIG / IEEE32) or 64 (IEEE64BIG / IEEE64).
+            datatype: ``4D_SU3_GAUGE_3x3`` (default, exact) or ``4D_SU3_GAUGE`` (two rows;
+                the default when the source was a two-row NERSC file).
+            endian: ``big`` (default, IEEE32BIG/IEEE64BIG) or ``little`` (written as
+                IEEE32/IEEE64, the names Grid's reader accepts); default the source's
+                byte order when it was NERSC (also after a trip through HDF5).
+
+        The header's PLAQUETTE and LINK_TRACE are computed from the data as stored (after
+        rounding to ``precision`` and, for two rows, reconstruction), CHECKSUM from the
+        bytes. ``BOUNDARY_4`` is ``OPEN`` for a configuration with open boundaries in time
+        (zero time links at t = T-1); otherwise every ``BOUNDARY_i`` is the source's, or
+        ``PERIODIC``. The source's other header lines (``ENSEMBLE_ID``, ``ENSEMBLE_LABEL``,
+        ``SEQUENCE_NUMBER``, ``CREATOR``, ``CREATOR_MACHINE``, ``CREATION_DATE``,
+        ``ARCHIVE_DATE``, ``BETA``, ...) are kept; for other sources ``ensemble_id``,
+        ``trajectory`` and ``beta`` of the header fill them.
+        """
+        meta = ensemble.meta[0]
+        dt, rows, order, fp = self._layout(ensemble, precision, datatype, endian)
         stored = canonical_to_ildg(ensemble.links[0], precision, order)
         if rows == 2:
             stored = np.ascontiguousarray(stored[..., :2, :])
@@ -233,32 +256,86 @@ class NerscHandler(FormatHandler):
         seen_t = torch.from_numpy(np.ascontiguousarray(seen.transpose(4, 3, 2, 1, 0, 5, 6))[None])
         plaq, trace = float(plaquette(seen_t)[0]), float(link_trace(seen_t)[0])
         csum = nersc_checksum(stored.reshape(-1).view(np.uint8), order)
-        old = src.get("nersc", {})
-        lx, ly, lz, lt = ensemble.lattice
-        lines = [
-            "BEGIN_HEADER",
-            "HDR_VERSION = 1.0",
-            f"DATATYPE = {'4D_SU3_GAUGE_3x3' if rows == 3 else '4D_SU3_GAUGE'}",
-            "STORAGE_FORMAT = 1.0",
-            f"DIMENSION_1 = {lx}", f"DIMENSION_2 = {ly}", f"DIMENSION_3 = {lz}", f"DIMENSION_4 = {lt}",
-            f"LINK_TRACE = {trace:.12f}",
-            f"PLAQUETTE = {plaq:.12f}",
-            *[f"BOUNDARY_{i} = PERIODIC" for i in range(1, 5)],
-            f"CHECKSUM = {csum:08x}",
-            f"ENSEMBLE_ID = {old.get('ENSEMBLE_ID', meta.header.get('ensemble_id', 'flowplug'))}",
-            f"ENSEMBLE_LABEL = {old.get('ENSEMBLE_LABEL', 'flowplug')}",
-            f"SEQUENCE_NUMBER = {old.get('SEQUENCE_NUMBER', meta.header.get('trajectory', 0))}",
-            f"CREATOR = {old.get('CREATOR', 'flowplug')}",
-        ]
-        if "beta" in meta.header and "BETA" not in old:
-            lines.append(f"BETA = {meta.header['beta']!r}")
-        elif "BETA" in old:
-            lines.append(f"BETA = {old['BETA']}")
-        lines += [f"FLOATING_POINT = {fp}", "END_HEADER", ""]
-        text = "\n".join(lines).encode("ascii", errors="replace")
+        text = header_text(ensemble, dt, fp, plaq=plaq, trace=trace, checksum=csum,
+                           open_time=open_time_boundary(seen_t)[0])
         with open(path, "wb") as fh:
             fh.write(text)
             fh.write(memoryview(stored.reshape(-1).view(np.uint8)))
+
+
+#: Header keys the writer computes itself; every other key of a NERSC source is kept.
+COMPUTED_KEYS = frozenset({"HDR_VERSION", "DATATYPE", "STORAGE_FORMAT", "DIMENSION_1", "DIMENSION_2",
+                           "DIMENSION_3", "DIMENSION_4", "LINK_TRACE", "PLAQUETTE", "CHECKSUM",
+                           "FLOATING_POINT", "BOUNDARY_1", "BOUNDARY_2", "BOUNDARY_3", "BOUNDARY_4"})
+#: Descriptive keys, written in this order (defaults where the source has none).
+DESCRIPTIVE_KEYS = ("ENSEMBLE_ID", "ENSEMBLE_LABEL", "SEQUENCE_NUMBER", "CREATOR", "CREATOR_MACHINE",
+                    "CREATOR_HARDWARE", "CREATION_DATE", "ARCHIVE_DATE", "BETA")
+
+
+def format_number(value: Any) -> str | None:
+    """A header number as NERSC files write it: ``5.7``, ``6``, ``1e-05``; ``None`` if not a number.
+
+    Floats use the shortest text that reads back to the same double; strings are
+    kept as written when they parse as a number (never quoted).
+    """
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        return repr(float(value)) if math.isfinite(value) else None
+    text = str(value).strip()
+    try:
+        number = float(text)
+    except ValueError:
+        return None
+    return text if math.isfinite(number) else None
+
+
+def _header_value(value: Any) -> str:
+    """A header value on one line (newlines and ``=`` cannot be parsed back)."""
+    return " ".join(str(value).replace("=", " ").split())
+
+
+def header_text(ensemble: Ensemble, datatype: str, fp: str, *, plaq: float, trace: float,
+                checksum: int, open_time: bool) -> bytes:
+    """The ASCII header (``BEGIN_HEADER`` ... ``END_HEADER\\n``) of one configuration."""
+    meta = ensemble.meta[0]
+    source = meta.header.get("nersc")
+    old: dict[str, str] = dict(source) if isinstance(source, dict) else {}
+    lx, ly, lz, lt = ensemble.lattice
+    boundary = [old.get(f"BOUNDARY_{i}", "PERIODIC") for i in range(1, 5)]
+    if open_time:
+        boundary[3] = "OPEN"
+    lines = [
+        "BEGIN_HEADER",
+        "HDR_VERSION = 1.0",
+        f"DATATYPE = {'4D_SU3_GAUGE_3x3' if DATATYPES[datatype] == 3 else '4D_SU3_GAUGE'}",
+        "STORAGE_FORMAT = 1.0",
+        f"DIMENSION_1 = {lx}", f"DIMENSION_2 = {ly}", f"DIMENSION_3 = {lz}", f"DIMENSION_4 = {lt}",
+        f"LINK_TRACE = {trace:.12f}",
+        f"PLAQUETTE = {plaq:.12f}",
+        *[f"BOUNDARY_{i} = {_header_value(b)}" for i, b in enumerate(boundary, 1)],
+        f"CHECKSUM = {checksum:08x}",
+    ]
+    fallback = {
+        "ENSEMBLE_ID": meta.header.get("ensemble_id", "flowplug"),
+        "ENSEMBLE_LABEL": "flowplug",
+        "SEQUENCE_NUMBER": format_number(meta.header.get("trajectory")) or "0",
+        "CREATOR": "flowplug",
+        "BETA": format_number(meta.header.get("beta")),
+    }
+    for key in DESCRIPTIVE_KEYS:
+        value = old.get(key, fallback.get(key))
+        if key == "BETA" and value is not None:
+            value = format_number(value)
+        if value is not None and _header_value(value):
+            lines.append(f"{key} = {_header_value(value)}")
+    for key, value in old.items():  # anything else the source header had, in its order
+        if key not in COMPUTED_KEYS and key not in DESCRIPTIVE_KEYS and key.replace("_", "").isalnum():
+            lines.append(f"{key} = {_header_value(value)}")
+    lines += [f"FLOATING_POINT = {fp}", "END_HEADER", ""]
+    return "\n".join(lines).encode("ascii", errors="replace")
 
 
 @hookimpl

@@ -11,6 +11,14 @@ U(x, 3), U(x - 3^, 3) (row-major, (re, im)). Every link is stored once. Size
 
 The stored plaquette is verified on read (there is no checksum).
 
+Open boundary conditions in time (CLS ensembles): openQCD stores the time links
+U(x, 0) at x0 = N0 - 1 as zero matrices. :func:`flowplug.io.read` marks such a
+configuration ``header["boundary"] = "open"`` and leaves those links out of the
+unitarity check. The stored plaquette needs no special case: ``export_cnfg`` divides
+the plaquette sum by 6 N0 N1 N2 N3 for every boundary condition (openQCD 2.x
+``archive.c``), and the time-like plaquettes at x0 = N0 - 1, which contain a zero link,
+contribute 0 -- exactly what the plaquette of the stored field gives.
+
 References:
     M. Luescher et al., openQCD 1.6, ``doc/gauge_action.pdf`` and ``archive.c``.
 """
@@ -59,6 +67,7 @@ class OpenQcdHandler(FormatHandler):
     name = "openqcd"
     groups = ("su3",)
     extension = "openqcd"
+    precisions = (64,)
 
     def sniff(self, path: Path, head: bytes, size: int) -> int:
         """50 when the header's extents are even and positive and the size is 24 + 576 V."""
@@ -123,12 +132,14 @@ class OpenQcdHandler(FormatHandler):
     def write(self, path: Path, ensemble: Ensemble, *, precision: int, **options: Any) -> None:
         """Write one SU(3) configuration as openQCD (always 64-bit: the format has no other).
 
-        32-bit data are widened exactly, so reading back returns the same numbers.
+        The canonical complex128 links are written as they are, whatever ``precision``
+        says (32-bit data are already exact doubles; values that need more bits, such
+        as a third row rebuilt from a two-row NERSC file, are kept), so reading back
+        returns the same numbers. Open boundaries (zero time links at t = T-1) are
+        written as such.
         """
         links = ensemble.links[0].detach().cpu().resolve_conj().numpy()
         lx, ly, lz, lt = ensemble.lattice
-        if precision == 32:
-            links = links.astype(np.complex64).astype(np.complex128)
         odd = _odd_sites(lx, ly, lz, lt)
         data = np.empty((len(odd[0]), 4, 2, 3, 3), dtype="<c16")
         for d in range(4):

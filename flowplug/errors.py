@@ -57,3 +57,8 @@ class PluginLoadWarning(UserWarning):
 
 class NonUnitaryWarning(UserWarning):
     """Links read from a file deviate from the group by more than the precision allows."""
+
+
+class PrecisionLossWarning(UserWarning):
+    """A write at the source's 32-bit precision rounds values that need more bits
+    (such as the rebuilt third row of a two-row NERSC file); precision 64 keeps them."""

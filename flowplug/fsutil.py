@@ -10,11 +10,61 @@ import contextlib
 import json
 import math
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import IO, Any, Iterator, Mapping
 
 from flowplug.errors import FlowplugError
+
+
+#: Suffix of every temporary file made here; the name is ``.<final name>.<tag>.part``.
+TEMP_SUFFIX = ".part"
+#: The ``<tag>`` of a temporary name: the 8 random characters of :func:`tempfile.mkstemp`,
+#: or ``convert`` (the replacement store of ``flowplug convert --force``).
+_TEMP_TAG = r"(?:[a-z0-9_]{8}|convert)"
+
+
+def _temp_prefix(final: Path) -> str:
+    return f".{final.name}."
+
+
+def temp_name_pattern(path: str | Path) -> re.Pattern[str]:
+    """The names this module gives temporary files for the final file ``path``.
+
+    ``.<name>.<8 random characters>.part`` (and ``.<name>.convert.part``), in the
+    folder of ``path``; nothing else matches.
+    """
+    return re.compile(re.escape(_temp_prefix(Path(path))) + _TEMP_TAG + re.escape(TEMP_SUFFIX))
+
+
+def remove_stale_temp_files(path: str | Path) -> list[Path]:
+    """Delete temporary files left next to ``path`` by an interrupted write of ``path``.
+
+    Only regular files (not links or folders) whose whole name matches
+    :func:`temp_name_pattern` are removed. Call it only when no other process is
+    writing ``path`` at the same time (its temporary file would be removed too).
+
+    Returns:
+        The files removed.
+    """
+    final = Path(path)
+    pattern = temp_name_pattern(final)
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(final.parent))
+    except OSError:  # no folder yet: nothing to clean
+        return removed
+    for entry in entries:
+        if not pattern.fullmatch(entry.name):
+            continue
+        try:
+            if entry.is_file(follow_symlinks=False):
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+        except OSError:
+            continue  # gone already, or not ours to remove: leave it
+    return removed
 
 
 @contextlib.contextmanager
@@ -33,7 +83,7 @@ def atomic_write(path: str | Path, mode: str = "wb", *, overwrite: bool = True) 
     if not overwrite and path.exists():
         raise FlowplugError(f"{path} exists; refusing to overwrite it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=TEMP_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as fh:
             yield fh
@@ -59,7 +109,7 @@ def atomic_path(path: str | Path) -> contextlib.AbstractContextManager[Path]:
     def _cm() -> Iterator[Path]:
         final = Path(path)
         final.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".part", dir=final.parent)
+        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(final), suffix=TEMP_SUFFIX, dir=final.parent)
         os.close(fd)
         try:
             yield Path(tmp)

@@ -39,7 +39,14 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
-from flowplug.errors import ChecksumError, FlowplugError, FormatError, NonUnitaryWarning, ShapeError
+from flowplug.errors import (
+    ChecksumError,
+    FlowplugError,
+    FormatError,
+    NonUnitaryWarning,
+    PrecisionLossWarning,
+    ShapeError,
+)
 
 __all__ = [
     "Record",
@@ -57,6 +64,9 @@ __all__ = [
     "unitarity_tolerance",
     "check_links",
     "group_deviation",
+    "link_deviations",
+    "open_time_boundary",
+    "float32_exact",
 ]
 
 #: Bytes read from the start of a file for content detection.
@@ -120,7 +130,8 @@ class Metadata:
         header: Header values under standard names where the file has them:
             ``plaquette`` (DESIGN.md normalisation: Re tr U_P / N, 1 for unit gauge),
             ``link_trace`` (Re tr U / N), ``beta``, ``trajectory``, ``ensemble_id``,
-            ``lfn`` (ILDG logical file name), plus format-specific keys as found.
+            ``lfn`` (ILDG logical file name), ``boundary`` (``"open"`` for open
+            boundary conditions in time), plus format-specific keys as found.
         records: The file's metadata records verbatim (XML records, NERSC header...),
             in file order; writers reuse those the target can hold.
         record_list: Human-readable list of every record of the file with its length
@@ -398,6 +409,7 @@ class FormatHandler:
         multi: Whether one file holds many configurations (HDF5).
         extension: File-name extension used by ``flowplug convert`` for outputs.
         dims: Space-time dimensions the format holds (``(4,)``; ``()`` = any).
+        precisions: Storage precisions the format writes (openQCD: ``(64,)`` only).
     """
 
     name: str = ""
@@ -405,6 +417,7 @@ class FormatHandler:
     multi: bool = False
     extension: str = ""
     dims: tuple[int, ...] = (4,)
+    precisions: tuple[int, ...] = (32, 64)
 
     def sniff(self, path: Path, head: bytes, size: int) -> int:
         """Score how surely ``path`` is in this format from its content.
@@ -440,6 +453,14 @@ class FormatHandler:
         """Append to an existing multi-configuration file in place (multi formats only)."""
         raise FormatError(f"{self.name} holds one configuration per file; appending is not "
                           "supported (write to an HDF5 ensemble instead)")
+
+    def rounds(self, ensemble: Ensemble, precision: int, **options: Any) -> bool:
+        """Whether writing ``ensemble`` at ``precision`` would round any stored value.
+
+        The base class: a 32-bit write of links that are not all exactly float32
+        numbers (formats that store only part of each matrix override this).
+        """
+        return precision == 32 and 32 in self.precisions and not float32_exact(ensemble.links)
 
     def can_write(self, ensemble: Ensemble) -> str | None:
         """``None`` if ``ensemble`` fits this format, else the reason it does not."""
@@ -578,6 +599,51 @@ def unitarity_tolerance(precision: int, n_colors: int = 3) -> float:
     return 1e-6
 
 
+def open_time_boundary(links: torch.Tensor) -> list[bool]:
+    """Which configurations have open boundary conditions in time (CLS/openQCD style).
+
+    openQCD stores a configuration generated with open boundaries with every
+    time-direction link on the last time slice, U_t(x, t = T - 1), set to zero. Those
+    links are not group elements; they mark the boundary.
+
+    Arguments:
+        links: SU(N) links (B, d, L_0, ..., L_{d-1}, N, N); the time direction is the
+            last one (mu = d - 1, lattice axis L_{d-1}).
+
+    Returns:
+        One bool per configuration: True when all those links are exactly zero (False
+        for U(1) links and for d < 2 or T < 2).
+    """
+    n = int(links.shape[0])
+    if not links.is_complex() or links.dim() < 5 or links.numel() == 0:
+        return [False] * n
+    d = int(links.shape[1])
+    if d < 2 or int(links.shape[1 + d]) < 2:
+        return [False] * n
+    last = links[:, d - 1].select(d, -1)  # (B, L_0..L_{d-2}, N, N): U_t(x, T - 1)
+    return [bool((last[i] == 0).all()) for i in range(n)]
+
+
+def link_deviations(ensemble: Ensemble) -> list[tuple[float, float]]:
+    """``(max |U U^+ - 1|, max |det U - 1|)`` of each configuration (SU(N) only).
+
+    The zero time links of a configuration with open boundaries in time (see
+    :func:`open_time_boundary`) are left out: they mark the boundary and are not
+    group elements.
+    """
+    links = ensemble.links
+    d = ensemble.ndim
+    out = []
+    for i, is_open in enumerate(open_time_boundary(links)):
+        if not is_open:
+            out.append(group_deviation(links[i:i + 1]))
+            continue
+        space = group_deviation(links[i:i + 1, :d - 1])
+        time_ = group_deviation(links[i:i + 1, d - 1:].narrow(1 + d, 0, links.shape[1 + d] - 1))
+        out.append((max(space[0], time_[0]), max(space[1], time_[1])))
+    return out
+
+
 def check_links(ensemble: Ensemble, *, source: str = "data", unitarity: str = "warn",
                 finite: bool = True) -> dict[str, float]:
     """Check that links are finite and (for SU(N)) on the group.
@@ -591,7 +657,8 @@ def check_links(ensemble: Ensemble, *, source: str = "data", unitarity: str = "w
 
     Returns:
         ``{"unitarity": max |U U^+ - 1|, "determinant": max |det U - 1|}`` over the
-        ensemble (empty for U(1)).
+        ensemble (empty for U(1)). The zero time links on the last time slice of a
+        configuration with open boundaries (:func:`open_time_boundary`) are not counted.
 
     Raises:
         FormatError: on NaN or Inf values (naming the first bad configuration and
@@ -608,7 +675,9 @@ def check_links(ensemble: Ensemble, *, source: str = "data", unitarity: str = "w
                               "the file is corrupt")
     if ensemble.group == "u1" or unitarity == "ignore":
         return {}
-    unit, det = group_deviation(links) if len(ensemble) else (0.0, 0.0)
+    devs = link_deviations(ensemble)
+    unit = max((u for u, _ in devs), default=0.0)
+    det = max((v for _, v in devs), default=0.0)
     tol = unitarity_tolerance(ensemble.precision, ensemble.n_colors)
     worst = max(unit, det)
     if worst > tol:
@@ -671,6 +740,24 @@ def _group_deviation_chunk(u: np.ndarray, n: int) -> tuple[float, float]:
     return unit, float(np.abs(d - 1).max())
 
 
+def float32_exact(values: torch.Tensor | np.ndarray) -> bool:
+    """Whether every number in ``values`` is exactly representable in float32.
+
+    Checked in chunks of 2^20 numbers (no full-size temporary copy); NaN counts as exact.
+    """
+    arr = values.detach().cpu().resolve_conj().numpy() if isinstance(values, torch.Tensor) else values
+    flat = np.ascontiguousarray(arr).reshape(-1)
+    if flat.dtype in (np.complex64, np.float32):
+        return True
+    real = flat.view(np.float64) if flat.dtype == np.complex128 else flat.astype(np.float64, copy=False)
+    for start in range(0, real.size, 1 << 20):
+        chunk = real[start:start + (1 << 20)]
+        with np.errstate(over="ignore", invalid="ignore"):
+            if not np.array_equal(chunk.astype(np.float32).astype(np.float64), chunk, equal_nan=True):
+                return False
+    return True
+
+
 def raise_failed_checks(ensemble: Ensemble, source: str) -> None:
     """Raise :class:`ChecksumError` for the first failed check of ``ensemble``.
 
@@ -707,7 +794,9 @@ def read(path: str | os.PathLike, format: str | None = None, *, lattice: str | S
 
     Returns:
         The ensemble; ``meta[i].header["unitarity"]``/``["determinant"]`` hold the
-        deviations found.
+        deviations found; ``meta[i].header["boundary"] = "open"`` marks a configuration
+        whose time links on the last time slice are all zero (openQCD/CLS open
+        boundaries; those links are left out of the unitarity check).
 
     Raises:
         FormatError: on missing, truncated or malformed files, NaN/Inf payloads, a
@@ -740,6 +829,10 @@ def read(path: str | os.PathLike, format: str | None = None, *, lattice: str | S
         raise FormatError(f"{path}: lattice is {'x'.join(map(str, ensemble.lattice))}, "
                           f"not {'x'.join(map(str, dims))} as given")
     check_links(ensemble, source=str(path), unitarity="ignore")  # NaN/Inf first: the clearest message
+    if ensemble.group != "u1":
+        for m, is_open in zip(ensemble.meta, open_time_boundary(ensemble.links)):
+            if is_open:
+                m.header["boundary"] = "open"
     if verify:
         raise_failed_checks(ensemble, str(path))
     dev = check_links(ensemble, source=str(path), unitarity=unitarity, finite=False)
@@ -758,7 +851,10 @@ def write(path: str | os.PathLike, ensemble: Ensemble, format: str | None = None
         ensemble: What to write (:class:`Ensemble`, or a link tensor in canonical layout).
         format: Registry name; default: from the extension of ``path``.
         precision: 32 or 64 bits; default: ``ensemble.precision`` (the source's), so a
-            file read and written back is bit-exact.
+            file read and written back is bit-exact. When that default is 32 and the
+            values need more bits (the third row rebuilt in double precision from a
+            two-row NERSC file), they are rounded and a :class:`PrecisionLossWarning`
+            says so; ``precision=64`` keeps them exactly.
         overwrite: Replace an existing file (never done otherwise).
         append: Multi-configuration formats (HDF5): add to an existing file in place
             (each configuration is committed before the next; see the HDF5 adapter).
@@ -789,6 +885,11 @@ def write(path: str | os.PathLike, ensemble: Ensemble, format: str | None = None
     reason = handler.can_write(ensemble)
     if reason:
         raise FormatError(f"{path}: {reason}")
+    if precision is None and prec == 32 and handler.rounds(ensemble, prec, **options):
+        warnings.warn(f"{path}: written at the source's 32-bit precision, which rounds values that "
+                      "need more bits (such as the third row rebuilt from a two-row NERSC file, computed "
+                      "in double precision); precision=64 / --precision 64 keeps them exactly",
+                      PrecisionLossWarning, stacklevel=2)
     from flowplug.fsutil import atomic_path
 
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -12,13 +13,23 @@ from flowplug.io import Ensemble, Metadata
 
 #: The real configurations of ../shared/ensembles (never copied into the repository).
 ENSEMBLES = Path(__file__).resolve().parents[1] / ".." / "shared" / "ensembles"
+#: Environment variable naming another folder that holds them.
+ENSEMBLES_ENV = "FLOWPLUG_ENSEMBLES"
 
 
 def ensembles_dir() -> Path:
-    """The shared ensembles folder, or skip the test with the reason."""
-    if not ENSEMBLES.is_dir():
-        pytest.skip(f"real configurations not available: {ENSEMBLES} is absent")
-    return ENSEMBLES
+    """The real-configurations folder, or skip the test with the reason.
+
+    ``$FLOWPLUG_ENSEMBLES`` when it names a folder, else ``../shared/ensembles``
+    beside the repository.
+    """
+    env = os.environ.get(ENSEMBLES_ENV)
+    if env and Path(env).is_dir():
+        return Path(env)
+    if ENSEMBLES.is_dir():
+        return ENSEMBLES
+    where = f"${ENSEMBLES_ENV} = {env} is not a folder and " if env else f"${ENSEMBLES_ENV} is unset and "
+    pytest.skip(f"real configurations not available: {where}{ENSEMBLES.resolve()} is absent")
 
 
 def random_su(n: int, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:

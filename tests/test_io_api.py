@@ -77,11 +77,22 @@ def test_reader_accepts_grid_qio_and_careless_variants(tmp_path):
                                              for k, v in recs.items() if k != "ildg-format"])
     back = io.read(sci)
     assert back.meta[0].format == "scidac" and torch.equal(back.links, ens.links)
-    # tmLQCD: xlf-info message first
-    xlf = b"plaquette = 0.5\n trajectory nr = 42\n beta = 5.6, kappa = 0.1\n"
+    # tmLQCD: xlf-info message first; its plaquette (Re tr U_P / 3, 12 decimals) is verified
+    from flowplug.errors import ChecksumError
+    from flowplug.gauge import plaquette
+
+    plaq = float(plaquette(ens.links)[0])
+    xlf = f"plaquette = {plaq:14.12f}\n trajectory nr = 42\n beta = 5.6, kappa = 0.1\n".encode()
     tm = _lime_file(tmp_path / "tm.lime", [("xlf-info", xlf), *recs.items()], flags=[0xC000] + [0] * 8)
     back = io.read(tm)
     assert back.header["trajectory"] == 42 and back.header["beta"] == 5.6
+    assert [c.quantity for c in back.meta[0].checks if c.ok][-1] == "xlf-info plaquette"
+    wrong = xlf.replace(f"{plaq:14.12f}".encode(), f"{plaq + 1e-6:14.12f}".encode())
+    tm_bad = _lime_file(tmp_path / "tm-bad.lime", [("xlf-info", wrong), *recs.items()],
+                        flags=[0xC000] + [0] * 8)
+    with pytest.raises(ChecksumError, match="xlf-info plaquette mismatch"):
+        io.read(tm_bad)
+    assert io.read(tm_bad, verify=False).checksum_status == "mismatch"
 
 
 def test_forced_format_and_unknown_group(tmp_path):

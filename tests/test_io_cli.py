@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -181,3 +182,109 @@ def test_convert_mixed_precisions_into_one_store_and_back(tmp_path):
     assert [io.read(p).precision for p in outs] == [32, 64]
     assert outs[0].read_bytes() == (folder / "a32.ildg").read_bytes()
     assert outs[1].read_bytes() == (folder / "b64.ildg").read_bytes()
+
+
+def test_convert_removes_stale_temporaries_of_its_outputs_only(inputs, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    # what a killed conversion leaves: the temporary of an output that was being written
+    stale = [out / ".cfg0.ildg.nersc.k3j_9x0a.part", out / ".cfg2.ildg.nersc.convert.part"]
+    # anything else stays: other names, other outputs, another pattern, a folder, a link
+    keep = [out / ".cfg0.ildg.nersc.notes", out / ".cfg0.ildg.nersc.abc.part",
+            out / "cfg0.ildg.nersc.k3j_9x0a.part",
+            out / ".other.nersc.k3j_9x0a.part", out / ".cfg0.ildg.nersc.K3J_9X0A.part",
+            out / ".cfg0.ildg.nersc.k3j_9x0a.part.bak", out / "mine.txt"]
+    for p in stale + keep:
+        p.write_bytes(b"x")
+    folder = out / ".cfg1.ildg.nersc.abcdefgh.part"
+    folder.mkdir()
+    link = out / ".cfg1.ildg.nersc.zzzzzzzz.part"
+    link.symlink_to(out / "mine.txt")
+    assert main(["convert", str(inputs), str(out), "--to", "nersc", "--no-progress"]) == 0
+    assert not any(p.exists() for p in stale)
+    assert all(p.exists() for p in keep) and folder.is_dir() and link.is_symlink()
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".") and p.suffix == ".nersc") == [
+        "cfg0.ildg.nersc", "cfg1.ildg.nersc", "cfg2.ildg.nersc"]
+    # an HDF5 store: temporaries of a killed first write and of a killed --force run
+    store = tmp_path / "ens.h5"
+    leftovers = [tmp_path / ".ens.h5.a1b2c3d4.part", tmp_path / ".ens.h5.convert.part"]
+    for p in leftovers:
+        p.write_bytes(b"x")
+    assert main(["convert", str(inputs), str(store), "--no-progress"]) == 0
+    assert not any(p.exists() for p in leftovers) and len(io.read(store)) == 3
+
+
+def test_remove_stale_temp_files_matches_the_names_fsutil_makes(tmp_path):
+    from flowplug.fsutil import atomic_path, atomic_write, remove_stale_temp_files, temp_name_pattern
+
+    for _ in range(20):  # random names: several draws
+        with atomic_write(tmp_path / "x.ildg") as fh:
+            (name,) = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+            assert temp_name_pattern(tmp_path / "x.ildg").fullmatch(name)
+            fh.write(b"data")
+        with atomic_path(tmp_path / "y.h5") as tmp:
+            assert temp_name_pattern(tmp_path / "y.h5").fullmatch(tmp.name)
+            assert not temp_name_pattern(tmp_path / "x.ildg").fullmatch(tmp.name)
+    assert remove_stale_temp_files(tmp_path / "absent-folder" / "z") == []
+
+
+def test_convert_refuses_a_file_name_as_output_directory(inputs, tmp_path, capsys):
+    for name in ("x.h5", "x.nersc", "x.ildg"):
+        out = tmp_path / "out" / name
+        assert main(["convert", str(inputs / "cfg0.ildg"), str(out), "--to", "nersc"]) == 1
+        err = " ".join(capsys.readouterr().err.split())  # messages are wrapped at 100 columns
+        assert f"output {out} names a {out.suffix} file" in err and "directory" in err
+        assert ("drop --to nersc to write one HDF5 ensemble store" in err) == (name == "x.h5")
+        assert not out.exists()
+    existing = tmp_path / "out" / "y.nersc"
+    existing.mkdir(parents=True)
+    assert main(["convert", str(inputs / "cfg0.ildg"), str(existing), "--to", "nersc"]) == 0
+    assert (existing / "cfg0.ildg.nersc").is_file()
+
+
+def test_info_names_an_unreadable_file_once(inputs, tmp_path, capsys):
+    junk = tmp_path / "README.md"
+    junk.write_text("# not a lattice file\n")
+    assert main(["info", str(junk), str(inputs / "cfg0.ildg")]) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"flowplug info: error: {junk}: not a recognised lattice file" in err
+    assert err.count(str(junk)) == 1
+    assert main(["info", str(junk)]) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert err.count(str(junk)) == 1 and "not a recognised lattice file" in err
+
+
+def test_two_row_nersc_inputs_keep_every_bit_in_a_store(tmp_path, capsys):
+    from flowplug.errors import PrecisionLossWarning
+
+    folder = tmp_path / "in"
+    for i in range(2):
+        io.write(folder / f"c{i}.nersc", make_ensemble((2, 2, 2, 4), precision=32, seed=40 + i),
+                 datatype="4D_SU3_GAUGE")
+    store = tmp_path / "two-row.h5"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PrecisionLossWarning)
+        assert main(["convert", str(folder / "c0.nersc"), str(store), "--no-progress"]) == 0
+        assert main(["convert", str(folder), str(store), "--no-progress"]) == 0  # appends c1
+    ens = io.read(store)
+    for i in range(2):
+        src = io.read(folder / f"c{i}.nersc")
+        assert torch.equal(ens.links[i], src.links[0])  # the rebuilt third rows too
+        assert ens.meta[i].precision == 32
+    # writing them back as two-row NERSC files reproduces the stored bytes
+    back = tmp_path / "back"
+    assert main(["convert", str(store), str(back), "--to", "nersc", "--no-progress"]) == 0
+    for i, p in enumerate(sorted(back.iterdir())):
+        body = p.read_bytes()
+        orig = (folder / f"c{i}.nersc").read_bytes()
+        assert body[body.index(b"END_HEADER\n"):] == orig[orig.index(b"END_HEADER\n"):]
+    # a 32-bit ILDG of a two-row source rounds the third row, and says so; --precision 64 does not
+    capsys.readouterr()
+    assert main(["convert", str(folder / "c0.nersc"), str(tmp_path / "ildg"), "--no-progress"]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "flowplug: warning:" in err and "rounds values" in err and "--precision 64" in err
+    assert main(["convert", str(folder / "c0.nersc"), str(tmp_path / "ildg64"), "--precision", "64",
+                 "--no-progress"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    (out64,) = (tmp_path / "ildg64").iterdir()
+    assert torch.equal(io.read(out64).links, io.read(folder / "c0.nersc").links)

@@ -6,6 +6,7 @@ a swapped axis would not survive them.
 
 from __future__ import annotations
 
+import re
 import struct
 import warnings
 
@@ -274,3 +275,157 @@ def test_non_unitary_warns_or_raises(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         io.read(tmp_path / "bad.ildg", unitarity="ignore")
+
+
+def _nersc_header(path) -> dict[str, str]:
+    data = path.read_bytes()
+    text = data[:data.index(b"END_HEADER\n")].decode("ascii")
+    return dict((k.strip(), v.strip()) for k, v in (line.split("=", 1) for line in text.splitlines()[1:]))
+
+
+@pytest.mark.parametrize("precision,endian,name", [(32, "big", "IEEE32BIG"), (64, "big", "IEEE64BIG"),
+                                                   (32, "little", "IEEE32"), (64, "little", "IEEE64")])
+def test_nersc_floating_point_names_are_the_ones_grid_reads(tmp_path, precision, endian, name):
+    ens = make_ensemble(precision=precision, seed=21)
+    path = tmp_path / "cfg.nersc"
+    io.write(path, ens, "nersc", endian=endian)
+    assert f"\nFLOATING_POINT = {name}\n".encode() in path.read_bytes()
+    assert _nersc_header(path)["FLOATING_POINT"] == name
+    assert torch.equal(io.read(path).links, ens.links)
+    # the long little-endian names stay readable, and a rewrite uses the short ones
+    if endian == "little":
+        old = path.read_bytes().replace(f"= {name}\n".encode(), f"= {name}LITTLE\n".encode())
+        legacy = tmp_path / "legacy.nersc"
+        legacy.write_bytes(old)
+        back = io.read(legacy)
+        assert torch.equal(back.links, ens.links)
+        again = tmp_path / "again.nersc"
+        io.write(again, back)
+        assert _nersc_header(again)["FLOATING_POINT"] == name
+
+
+def test_nersc_header_keeps_source_values_and_writes_plain_numbers(tmp_path):
+    ens = make_ensemble(precision=32, seed=22)
+    first = tmp_path / "first.nersc"
+    io.write(first, ens)
+    extra = (b"ENSEMBLE_ID = l2345_b6.0\nENSEMBLE_LABEL = test run\nSEQUENCE_NUMBER = 120\n"
+             b"CREATOR = someone\nCREATOR_MACHINE = node17\nCREATION_DATE = Mon Jan  1 00:00:00 2024\n"
+             b"ARCHIVE_DATE = Tue Jan  2 00:00:00 2024\nBETA = 6.00\nBOUNDARY_1 = ANTIPERIODIC\n"
+             b"MY_OWN_KEY = kept\n")
+    data = first.read_bytes()
+    source = tmp_path / "source.nersc"
+    cut = data.index(b"FLOATING_POINT")
+    text = data[:cut]
+    for key in (b"ENSEMBLE_ID", b"ENSEMBLE_LABEL", b"SEQUENCE_NUMBER", b"CREATOR", b"BOUNDARY_1"):
+        text = re.sub(rb"\n" + key + rb" = [^\n]*", b"", text)
+    source.write_bytes(text + extra + data[cut:])
+    src = io.read(source)
+    assert src.header["beta"] == 6.0 and src.header["trajectory"] == 120
+    out = tmp_path / "out.nersc"
+    io.write(out, src)
+    head = _nersc_header(out)
+    for key, value in (("ENSEMBLE_ID", "l2345_b6.0"), ("ENSEMBLE_LABEL", "test run"), ("SEQUENCE_NUMBER", "120"),
+                       ("CREATOR", "someone"), ("CREATOR_MACHINE", "node17"),
+                       ("CREATION_DATE", "Mon Jan 1 00:00:00 2024"), ("ARCHIVE_DATE", "Tue Jan 2 00:00:00 2024"),
+                       ("BETA", "6.00"), ("BOUNDARY_1", "ANTIPERIODIC"), ("BOUNDARY_4", "PERIODIC"),
+                       ("MY_OWN_KEY", "kept")):
+        assert head[key] == value, key
+    # header values of other sources: numbers written plainly, never quoted; non-numbers left out
+    for beta, written in ((5.7, "5.7"), ("5.70", "5.70"), (6, "6"), (np.float64(5.85), "5.85"), ("weak", None)):
+        one = io.Ensemble.from_links(ens.links, precision=32, header={"beta": beta, "trajectory": 7})
+        path = tmp_path / f"beta-{beta}.nersc"
+        io.write(path, one)
+        head = _nersc_header(path)
+        assert head.get("BETA") == written and head["SEQUENCE_NUMBER"] == "7"
+        if written is not None:
+            assert io.read(path).header["beta"] == float(written)
+
+
+def _open_boundary(ens: io.Ensemble) -> io.Ensemble:
+    """``ens`` with every time link on the last time slice set to zero (openQCD open boundaries)."""
+    links = ens.links.clone()
+    links[:, 3, :, :, :, -1] = 0
+    return io.Ensemble(links, precision=ens.precision, meta=[m.copy() for m in ens.meta])
+
+
+def test_openqcd_open_boundary_file(tmp_path):
+    lattice = (2, 4, 4, 6)
+    ens = _open_boundary(make_ensemble(lattice, seed=23))
+    path = tmp_path / "cls.openqcd"
+    io.write(path, ens, "openqcd")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NonUnitaryWarning)
+        back = io.read(path, unitarity="error")
+    assert back.header["boundary"] == "open" and back.checksum_status == "ok"
+    assert back.header["unitarity"] < 1e-13 and back.header["determinant"] < 1e-13
+    assert torch.equal(back.links, ens.links)
+    # openQCD divides the plaquette sum by 6V with the vanishing time-like plaquettes at
+    # x0 = T-1 included: the unit gauge with open boundaries stores 3 (1 - 1/(2T))
+    unit = torch.eye(3, dtype=torch.complex128).expand(1, 4, *lattice, 3, 3).clone()
+    unit_path = tmp_path / "unit.openqcd"
+    io.write(unit_path, _open_boundary(io.Ensemble(unit)), "openqcd")
+    stored = struct.unpack("<4id", unit_path.read_bytes()[:24])[4]
+    assert stored == pytest.approx(3 * (1 - 1 / (2 * lattice[3])), abs=1e-14)
+    assert io.read(unit_path, unitarity="error").checksum_status == "ok"
+    # carried through other formats: NERSC says BOUNDARY_4 = OPEN; every read finds the boundary
+    for fmt in ("nersc", "ildg", "hdf5"):
+        out = tmp_path / f"cls.{io.get_format(fmt).extension}"
+        io.write(out, back, fmt)
+        again = io.read(out, unitarity="error")
+        assert again.header["boundary"] == "open" and torch.equal(again.links, ens.links), fmt
+    assert _nersc_header(tmp_path / "cls.nersc")["BOUNDARY_4"] == "OPEN"
+    assert _nersc_header(tmp_path / "cls.nersc")["BOUNDARY_1"] == "PERIODIC"
+
+
+def test_open_boundary_does_not_hide_other_damage(tmp_path):
+    lattice = (2, 4, 4, 6)
+    ens = _open_boundary(make_ensemble(lattice, seed=24))
+    damaged = ens.links.clone()
+    damaged[0, 1, 1, 2, 3, 2] *= 1.01  # a spatial link off the group
+    path = tmp_path / "damaged.openqcd"
+    io.write(path, io.Ensemble(damaged), "openqcd")
+    with pytest.raises(FormatError, match="not in SU3"):
+        io.read(path, unitarity="error")
+    # a time slice only partly zero is not a boundary: those links are reported
+    partly = make_ensemble(lattice, seed=25).links.clone()
+    partly[0, 3, 0, :, :, -1] = 0
+    path = tmp_path / "partly.openqcd"
+    io.write(path, io.Ensemble(partly), "openqcd")
+    with pytest.raises(FormatError, match="not in SU3"):
+        io.read(path, unitarity="error")
+    assert "boundary" not in io.read(path, unitarity="ignore").header
+
+
+def test_info_reports_open_boundary_without_false_deviation(tmp_path, capsys):
+    from flowplug.cli import main
+
+    path = tmp_path / "cls.openqcd"
+    io.write(path, _open_boundary(make_ensemble((2, 4, 4, 6), seed=26)), "openqcd")
+    assert main(["info", "--json", str(path)]) == 0
+    import json
+
+    info = json.loads(capsys.readouterr().out)
+    assert info["header"]["boundary"] == "open" and info["unitarity"] < 1e-13
+    assert main(["info", str(path)]) == 0
+    assert "boundary      open in time" in capsys.readouterr().out
+
+
+def test_hdf5_chunks_stay_small_for_large_lattices(tmp_path):
+    from flowplug.adapters.hdf5 import CHUNK_BYTES, chunk_shape
+
+    for shape, itemsize in [((4, 64, 64, 64, 128, 3, 3), 16), ((4, 96, 96, 96, 192, 3, 3), 16),
+                            ((4, 256, 256, 256, 512, 3, 3), 8), ((4, 48, 48, 48, 96, 2, 2), 8),
+                            ((2, 4096, 4096), 8), ((2, 10**9), 4)]:
+        chunk = chunk_shape(shape, itemsize)
+        assert len(chunk) == len(shape) + 1 and chunk[0] == 1
+        assert all(1 <= c <= n for c, n in zip(chunk[1:], shape))
+        nbytes = itemsize * int(np.prod(chunk))
+        assert 1 << 20 <= nbytes <= min(16 << 20, CHUNK_BYTES), (shape, chunk)
+    # a small configuration is one chunk; the store uses the computed chunks
+    assert chunk_shape((4, 4, 4, 4, 4, 3, 3), 16) == (1, 4, 4, 4, 4, 4, 3, 3)
+    import h5py
+
+    path = tmp_path / "small.h5"
+    io.write(path, make_ensemble((4, 4, 4, 4), batch=2, seed=27))
+    with h5py.File(path, "r") as f:
+        assert f["links"].chunks == chunk_shape((4, 4, 4, 4, 4, 3, 3), 16)

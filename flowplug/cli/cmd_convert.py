@@ -9,10 +9,14 @@ for inputs holding several configurations) or, when ``OUTPUT`` ends in ``.h5``/
 Safety: an existing output is never replaced without ``--force`` (it is kept and
 skipped, so rerunning an interrupted conversion continues where it stopped; an
 existing HDF5 store gets only the inputs it does not hold yet); every output file
-is written to a temporary name and renamed when complete; an input is never
-overwritten. The first bad input stops the run with its error, or with
-``--keep-going`` the rest are converted and every failure is listed at the end
-(exit code 1).
+is written to a temporary name (``.<name>.<random>.part``) and renamed when
+complete, and such temporary files left by an interrupted earlier run are removed
+when their output is written (only names of that exact pattern; do not run two
+conversions into the same output at once); an input is never overwritten. The
+first bad input stops the run with its error, or with ``--keep-going`` the rest are
+converted and every failure is listed at the end (exit code 1). An output name that
+does not exist yet and ends in a lattice-file extension (``out/x.h5 --to nersc``) is
+an error for formats that write one file per configuration.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import sys
 from pathlib import Path
 
 from flowplug.errors import FlowplugError, FormatError
+from flowplug.fsutil import remove_stale_temp_files
 from flowplug.records import CommandSpec
 
 
@@ -78,6 +83,19 @@ def _is_hdf5_path(path: Path) -> bool:
     return path.suffix.lower() in (".h5", ".hdf5")
 
 
+def _file_format_of_name(path: Path) -> str | None:
+    """The format whose file extension ``path`` ends in (``x.h5`` -> ``hdf5``), or ``None``."""
+    from flowplug.manager import registry
+
+    suffix = path.suffix.lower().lstrip(".")
+    if not suffix:
+        return None
+    for spec in registry("file_format"):
+        if suffix in (ext.lower() for ext in spec.extensions):
+            return spec.name
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     """Convert every input; see the module docstring for the rules."""
     from tqdm import tqdm
@@ -98,6 +116,14 @@ def run(args: argparse.Namespace) -> int:
         raise FormatError(f"output {output} is also an input; choose another output")
     if not single and output.exists() and not output.is_dir():
         raise FormatError(f"output {output} exists and is not a directory")
+    if not single and not output.exists():
+        looks_like = _file_format_of_name(output)
+        if looks_like is not None:
+            raise FormatError(
+                f"output {output} names a {output.suffix} file, but --to {target} writes one file per "
+                "configuration into a directory: give a directory name (an existing directory is used "
+                "as it is)" + (f", or drop --to {args.to} to write one HDF5 ensemble store"
+                               if looks_like == "hdf5" else ""))
 
     done_sources: set[str] = set()
     fresh_store = single and (args.force or not output.exists())
@@ -109,6 +135,10 @@ def run(args: argparse.Namespace) -> int:
         if store_tmp.exists():
             store_tmp.unlink()
     store_path = store_tmp or output
+    if single:  # temporary files of an interrupted earlier run into this store
+        remove_stale_temp_files(output)
+        if store_tmp is not None:
+            remove_stale_temp_files(store_tmp)
     failures: list[tuple[str, str]] = []
     written = skipped = 0
     planned: dict[Path, Path] = {}
@@ -134,7 +164,11 @@ def run(args: argparse.Namespace) -> int:
                         # and read back as 32-bit data (bit-exact)
                         io.write(store_path, one, target, precision=args.precision or 64)
                     else:
-                        io.write(store_path, one, target, precision=args.precision, append=True)
+                        # the store's own precision: a 64-bit store takes 32-bit inputs exactly
+                        # (and keeps values that need more bits, such as a rebuilt third row)
+                        stored = getattr(handler, "stored_precision", None)
+                        prec = args.precision or (stored(store_path) if stored else None)
+                        io.write(store_path, one, target, precision=prec, append=True)
                     done_sources.add(source)
                     written += 1
                     continue
@@ -149,6 +183,7 @@ def run(args: argparse.Namespace) -> int:
                 if dest.exists() and not args.force:
                     skipped += 1  # kept: a rerun continues where it stopped
                     continue
+                remove_stale_temp_files(dest)  # left by an interrupted earlier run
                 io.write(dest, one, target, precision=args.precision, overwrite=args.force)
                 written += 1
         except FlowplugError as exc:

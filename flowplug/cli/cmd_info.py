@@ -44,7 +44,7 @@ def describe(path: str, *, format: str | None = None, lattice: str | None = None
     """
     from flowplug import io
     from flowplug.fsutil import _jsonable
-    from flowplug.gauge import determinant_deviation, link_trace, plaquette, unitarity_deviation
+    from flowplug.gauge import link_trace, plaquette
 
     ens = io.read(path, format, lattice=lattice, group=group, verify=False, unitarity="ignore")
     many = len(ens) != 1  # an empty HDF5 store gives empty lists
@@ -54,9 +54,10 @@ def describe(path: str, *, format: str | None = None, lattice: str | None = None
 
     plaq = [float(v) for v in plaquette(ens.links)]
     trace = [float(v) for v in link_trace(ens.links)]
-    if ens.group != "u1":
-        unit = [float(v) for v in unitarity_deviation(ens.links)]
-        det = [float(v) for v in determinant_deviation(ens.links)]
+    if ens.group != "u1":  # the zero links of an open time boundary are not counted
+        devs = io.link_deviations(ens)
+        unit = [float(u) for u, _ in devs]
+        det = [float(v) for _, v in devs]
     else:
         unit = det = [None] * len(ens)
     formats = sorted({m.format or "" for m in ens.meta}) or [format or io.detect(path)]
@@ -104,6 +105,9 @@ def _text(info: dict[str, Any]) -> str:
         f"  max|UU^+-1|   {fmt(info['unitarity'], '.3e')}",
         f"  max|detU-1|   {fmt(info['determinant'], '.3e')}",
     ]
+    headers = [info["header"]] if one else info["header"]
+    if any(h.get("boundary") == "open" for h in headers):
+        lines.append("  boundary      open in time (zero links at t = T-1, left out of max|UU^+-1|)")
     return "\n".join(lines)
 
 
@@ -118,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
             if len(args.files) == 1:
                 raise
             status = 1
-            errors.append(f"{path}: {exc}")
+            errors.append(str(exc) if str(exc).startswith(str(path)) else f"{path}: {exc}")
             if args.json:
                 print(json.dumps({"path": path, "error": str(exc)}))
             continue
