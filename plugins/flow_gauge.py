@@ -117,7 +117,8 @@ class _GaugeCoupling(nn.Module):
     """Masks, conditioner network and shape checks shared by the gauge couplings."""
 
     def __init__(self, lattice: Sequence[int], index: int, n_params: int, hidden: Sequence[int],
-                 kernel_size: int, dtype: str, mu: int | None, nu: int | None, offset: int | None) -> None:
+                 kernel_size: int, dtype: str, mu: int | None, nu: int | None, offset: int | None,
+                 init_scale: float = 0.0) -> None:
         super().__init__()
         masks = GaugeMasks(lattice, index, mu=mu, nu=nu, offset=offset)
         self.lattice = masks.lattice
@@ -129,7 +130,8 @@ class _GaugeCoupling(nn.Module):
         self.register_buffer("frozen", masks.frozen.to(torch.float64))
         n_planes = self.d * (self.d - 1) // 2
         self.n_params = n_params
-        self.net = ConvNet(2 * n_planes, n_params, hidden, kernel_size, self.d, net_dtype(dtype))
+        self.net = ConvNet(2 * n_planes, n_params, hidden, kernel_size, self.d, net_dtype(dtype),
+                           final_scale=init_scale)
 
     def _condition(self, re: torch.Tensor, im: torch.Tensor) -> torch.Tensor:
         """Network output (B, L..., n_params), float64, from per-plane features (B, np, L...)."""
@@ -157,6 +159,9 @@ class U1Coupling(_GaugeCoupling):
         n_bins: Spline bins, default 8.
         dtype: Conditioner dtype (``"float32"`` or ``"float64"``).
         mu, nu, offset: Override the masking schedule.
+        init_scale: Scale of the network's initial output layer; 0 starts the layer as
+            the identity. Default 1 for ``ncp`` (identical zero-initialised mixture
+            components would receive identical gradients for ever), 0 for ``spline``.
 
     ``forward(theta) -> (theta', logdet)``, ``inverse(theta') -> (theta, logdet_inv)``:
     angles of shape (B, d, L_0, ..., L_{d-1}) float64 (outputs wrapped into (-pi, pi] on
@@ -170,7 +175,7 @@ class U1Coupling(_GaugeCoupling):
     def __init__(self, *, lattice: Sequence[int], field: str = "u1", index: int = 0, transform: str = "ncp",
                  hidden: Sequence[int] = (8, 8), kernel_size: int = 3, n_mix: int = 2, n_bins: int = 8,
                  dtype: str = "float32", mu: int | None = None, nu: int | None = None,
-                 offset: int | None = None) -> None:
+                 offset: int | None = None, init_scale: float | None = None) -> None:
         if field != "u1":
             raise ConfigError(f"U(1) coupling acts on u1 links; found field kind '{field}'")
         if transform not in ("ncp", "spline"):
@@ -178,7 +183,9 @@ class U1Coupling(_GaugeCoupling):
         self.transform = transform
         self.n_mix, self.n_bins = int(n_mix), int(n_bins)
         n_params = (2 * self.n_mix if transform == "ncp" else 3 * self.n_bins) + 1
-        super().__init__(lattice, index, n_params, hidden, kernel_size, dtype, mu, nu, offset)
+        if init_scale is None:
+            init_scale = 1.0 if transform == "ncp" else 0.0
+        super().__init__(lattice, index, n_params, hidden, kernel_size, dtype, mu, nu, offset, init_scale)
 
     def _check(self, theta: torch.Tensor) -> None:
         if tuple(theta.shape[1:]) != (self.d, *self.lattice) or theta.is_complex():
@@ -230,6 +237,8 @@ class SUNSpectralCoupling(_GaugeCoupling):
         n_bins: Spline bins per eigenphase coordinate, default 8.
         dtype: Conditioner dtype (``"float32"`` or ``"float64"``).
         mu, nu, offset: Override the masking schedule.
+        init_scale: Scale of the network's initial output layer; 0 (default) starts the
+            layer as the identity.
 
     ``forward(U) -> (U', logdet)``, ``inverse(U') -> (U, logdet_inv)``: links of shape
     (B, d, L_0, ..., L_{d-1}, N, N) complex128, logdet shape (B,) float64.
@@ -242,14 +251,14 @@ class SUNSpectralCoupling(_GaugeCoupling):
     def __init__(self, *, lattice: Sequence[int], field: str = "su3", index: int = 0,
                  hidden: Sequence[int] = (8, 8), kernel_size: int = 3, n_bins: int = 8,
                  dtype: str = "float32", mu: int | None = None, nu: int | None = None,
-                 offset: int | None = None) -> None:
+                 offset: int | None = None, init_scale: float = 0.0) -> None:
         f = str(field)
         if not (f.startswith("su") and f[2:].isdigit() and int(f[2:]) >= 2):
             raise ConfigError(f"SU(N) spectral coupling acts on su<N> links; found field kind '{field}'")
         self.n = int(f[2:])
         self.n_bins = int(n_bins)
         super().__init__(lattice, index, n_spectral_params(self.n, self.n_bins), hidden, kernel_size,
-                         dtype, mu, nu, offset)
+                         dtype, mu, nu, offset, init_scale)
         self.register_buffer("site_index", self.sites.flatten().nonzero().flatten())
 
     def _check(self, u: torch.Tensor) -> None:

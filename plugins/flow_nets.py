@@ -100,8 +100,10 @@ class PeriodicConv(nn.Module):
 class ConvNet(nn.Module):
     """Stack of periodic convolutions with LeakyReLU activations between them.
 
-    The last convolution is initialised to zero when ``zero_init`` is set, so that every
-    coupling layer starts as the identity map and the untrained flow equals its prior.
+    The last convolution's initial weights are scaled by ``final_scale``: 0 makes every
+    coupling layer start as the identity map (the untrained flow equals its prior), 1 is
+    torch's default initialisation. Components whose parameters enter symmetrically
+    (mixtures) need a non-zero scale, or their gradients stay identical for ever.
 
     Arguments:
         in_channels: Input channels.
@@ -110,14 +112,14 @@ class ConvNet(nn.Module):
         kernel_size: Odd kernel extent.
         ndim: Lattice dimension d (1 to 4).
         dtype: Parameter dtype (float32 or float64).
-        zero_init: Initialise the output convolution to zero.
+        final_scale: Factor on the default initialisation of the output convolution.
 
     Shapes:
         input (B, in_channels, L...) in ``dtype``; output (B, out_channels, L...) in ``dtype``.
     """
 
     def __init__(self, in_channels: int, out_channels: int, hidden: Sequence[int], kernel_size: int,
-                 ndim: int, dtype: torch.dtype = torch.float32, zero_init: bool = True) -> None:
+                 ndim: int, dtype: torch.dtype = torch.float32, final_scale: float = 0.0) -> None:
         super().__init__()
         sizes = [int(in_channels), *map(int, hidden), int(out_channels)]
         layers: list[nn.Module] = []
@@ -127,10 +129,10 @@ class ConvNet(nn.Module):
                 layers.append(nn.LeakyReLU())
         self.layers = nn.Sequential(*layers)
         self.dtype = dtype
-        if zero_init:
-            last = layers[-1].conv
-            nn.init.zeros_(last.weight)
-            nn.init.zeros_(last.bias)
+        last = layers[-1].conv
+        with torch.no_grad():
+            last.weight.mul_(float(final_scale))
+            last.bias.mul_(float(final_scale))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the network; the input is cast to the network dtype first."""

@@ -48,7 +48,7 @@ class _ScalarCoupling(nn.Module):
     fields = ("scalar",)
 
     def __init__(self, lattice: Sequence[int], index: int, n_params: int, hidden: Sequence[int],
-                 kernel_size: int, dtype: str, parity: int | None) -> None:
+                 kernel_size: int, dtype: str, parity: int | None, init_scale: float = 0.0) -> None:
         super().__init__()
         self.lattice = tuple(int(v) for v in lattice)
         if not 1 <= len(self.lattice) <= 4:
@@ -58,7 +58,8 @@ class _ScalarCoupling(nn.Module):
         self.parity = int(index % 2 if parity is None else parity)
         self.register_buffer("active", checkerboard(self.lattice, self.parity))
         self.n_params = n_params
-        self.net = ConvNet(1, n_params, hidden, kernel_size, len(self.lattice), net_dtype(dtype))
+        self.net = ConvNet(1, n_params, hidden, kernel_size, len(self.lattice), net_dtype(dtype),
+                           final_scale=init_scale)
 
     def _check(self, x: torch.Tensor) -> None:
         if tuple(x.shape[1:]) != self.lattice or x.is_complex():
@@ -89,6 +90,8 @@ class AffineCoupling(_ScalarCoupling):
         dtype: Network dtype, ``"float32"`` (default) or ``"float64"``; the map itself
             and its log-determinant are always evaluated in float64.
         parity: Override the mask parity (0 or 1).
+        init_scale: Scale of the network's initial output layer; 0 (default) starts the
+            layer as the identity map.
 
     ``forward(x) -> (y, logdet)`` and ``inverse(y) -> (x, -logdet)``, x and y of shape
     (B, L_0, ..., L_{d-1}) float64, logdet shape (B,) float64.
@@ -100,10 +103,10 @@ class AffineCoupling(_ScalarCoupling):
 
     def __init__(self, *, lattice: Sequence[int], field: str = "scalar", index: int = 0,
                  hidden: Sequence[int] = (8, 8), kernel_size: int = 3, scale_clamp: float = 3.0,
-                 dtype: str = "float32", parity: int | None = None) -> None:
+                 dtype: str = "float32", parity: int | None = None, init_scale: float = 0.0) -> None:
         if field != "scalar":
             raise ConfigError(f"affine coupling acts on scalar fields; found field kind '{field}'")
-        super().__init__(lattice, index, 2, hidden, kernel_size, dtype, parity)
+        super().__init__(lattice, index, 2, hidden, kernel_size, dtype, parity, init_scale)
         self.scale_clamp = float(scale_clamp)
 
     def _st(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,6 +147,8 @@ class SplineCoupling(_ScalarCoupling):
         bound: Half-width B of the spline interval, default 4.0.
         dtype: Network dtype (``"float32"`` or ``"float64"``).
         parity: Override the mask parity.
+        init_scale: Scale of the network's initial output layer; 0 (default) starts the
+            layer as the identity map.
 
     Shapes as for :class:`AffineCoupling`.
 
@@ -154,11 +159,12 @@ class SplineCoupling(_ScalarCoupling):
 
     def __init__(self, *, lattice: Sequence[int], field: str = "scalar", index: int = 0,
                  hidden: Sequence[int] = (8, 8), kernel_size: int = 3, n_bins: int = 8,
-                 bound: float = 4.0, dtype: str = "float32", parity: int | None = None) -> None:
+                 bound: float = 4.0, dtype: str = "float32", parity: int | None = None,
+                 init_scale: float = 0.0) -> None:
         if field != "scalar":
             raise ConfigError(f"spline coupling acts on scalar fields; found field kind '{field}'")
         self.n_bins = int(n_bins)
-        super().__init__(lattice, index, 3 * self.n_bins - 1, hidden, kernel_size, dtype, parity)
+        super().__init__(lattice, index, 3 * self.n_bins - 1, hidden, kernel_size, dtype, parity, init_scale)
         self.bound = float(bound)
 
     def _transform(self, x: torch.Tensor, cond: torch.Tensor, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:

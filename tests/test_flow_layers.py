@@ -193,7 +193,7 @@ def test_translation_equivariance(name, field):
 def test_fresh_layers_are_identity():
     for name, field in [("affine", "scalar"), ("spline", "scalar"), ("u1-ncp", "u1"), ("u1-spline", "u1"),
                         ("sun-spectral", "su3")]:
-        m = make_layer(name, lattice=(4, 4), field=field, index=0)
+        m = make_layer(name, lattice=(4, 4), field=field, index=0, init_scale=0.0)
         x = prior_sample(field, (4, 4), 2)
         y, ld = m(x)
         assert (y - x).abs().max() < 1e-9, name
