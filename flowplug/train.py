@@ -695,7 +695,8 @@ def evaluate_flow(flow: Flow, action: Any, n_samples: int = 8192, *, batch_size:
         batch_size: Samples per forward pass.
         seed: Seed of the sampling generator (and of the chain's uniforms).
         observables: Name -> function (B,) of configurations; their reweighted means
-            sum(w O)/sum(w) are reported as ``<name>``.
+            sum(w O)/sum(w) are reported as ``<name>``, with the delta-method error
+            sqrt(sum w^2 (O - mean)^2)/sum(w) as ``<name>_err``.
 
     Returns:
         ``ess``, ``acceptance`` (estimate), ``acceptance_chain`` (an independence
@@ -729,5 +730,7 @@ def evaluate_flow(flow: Flow, action: Any, n_samples: int = 8192, *, batch_size:
         w = torch.exp(lw - lw.max())
         for k, vals in obs.items():
             v = torch.cat(vals)[finite]
-            out[k] = float((w * v).sum() / w.sum())
+            mean = (w * v).sum() / w.sum()
+            out[k] = float(mean)
+            out[k + "_err"] = float(torch.sqrt((w * w * (v - mean) ** 2).sum()) / w.sum())
     return out
