@@ -5,8 +5,9 @@ same run and on the same machine:
 
 * HMC (Omelyan, ``--hmc-steps`` steps, tau = 1): ``--chains`` chains, thermalised, then
   ``--hmc-trajectories`` trajectories;
-* a gauge-equivariant flow (u1-spline couplings) trained by reverse KL for
-  ``--train-steps`` steps, then ``--flow-steps`` independence-Metropolis steps of
+* a gauge-equivariant flow (``--layer`` couplings, default u1-ncp with two hidden layers as
+  in examples/train_u1.toml) trained by :class:`flowplug.train.Trainer` (reverse KL, cosine
+  schedule) for ``--train-steps`` steps, then ``--flow-steps`` independence-Metropolis steps of
   ``--chains`` chains started from HMC configurations.
 
 Cost per effectively independent sample of Q = (wall time of sampling / number of
@@ -24,19 +25,19 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import tempfile
 import time
 
 import torch
 
 from flowplug.exact import u1_2d
-from flowplug.flow import build_flow
-from flowplug.flowtools import train_reverse_kl
 from flowplug.plugins.hmc import HMC
 from flowplug.plugins.kernels import IndependenceMetropolis
 from flowplug.plugins.observables import topological_charge
 from flowplug.plugins.theories import WilsonGaugeAction
 from flowplug.resampling import run_chains
 from flowplug.stats import gamma_method
+from flowplug.train import build_trainer
 
 
 def cost(q_hist: torch.Tensor, accepted: float, seconds: float) -> tuple[float, float]:
@@ -60,12 +61,18 @@ def bench(L: int, beta: float, a: argparse.Namespace) -> dict:
     h = ch.history_tensors()
     tau_h, c_h = cost(h["q"], float(h["accepted"].mean()), t_hmc)
 
-    torch.manual_seed(3)
-    flow = build_flow("u1", lattice, "u1-spline", n_layers=a.layers, options={"hidden": [a.hidden]})
-    t0 = time.perf_counter()
-    m = train_reverse_kl(flow, act, steps=a.train_steps, batch=a.batch, lr=a.lr,
-                         generator=torch.Generator().manual_seed(4))
-    t_train = time.perf_counter() - t0
+    cfg = {"lattice": list(lattice), "seed": 3, "device": "cpu",
+           "action": {"name": "wilson", "group": "u1", "beta": beta},
+           "flow": {"layers": [a.layer], "n_layers": a.layers, "options": {"hidden": [a.hidden] * 2}},
+           "train": {"steps": a.train_steps, "batch_size": a.batch, "lr": a.lr, "schedule": "cosine",
+                     "lr_min_factor": 0.1, "progress": False, "checkpoint_every": 0}}
+    with tempfile.TemporaryDirectory() as run_dir:
+        trainer = build_trainer(cfg, out=run_dir)
+        t0 = time.perf_counter()
+        trainer.run()
+        t_train = time.perf_counter() - t0
+    flow = trainer.flow.eval()
+    m = trainer.history[-1] if trainer.history else {"ess": math.nan}
     im = IndependenceMetropolis(flow, act)
     t0 = time.perf_counter()
     cf = run_chains(im, ch.state.x, a.flow_steps, seed=5, measure=measure)
@@ -96,10 +103,11 @@ def main() -> None:
     ap.add_argument("--hmc-steps", type=int, default=10)
     ap.add_argument("--flow-steps", type=int, default=400)
     ap.add_argument("--train-steps", type=int, default=500)
+    ap.add_argument("--layer", default="u1-ncp", help="coupling layer (flowplug plugins lists them)")
     ap.add_argument("--layers", type=int, default=16)
-    ap.add_argument("--hidden", type=int, default=8)
+    ap.add_argument("--hidden", type=int, default=8, help="width of the two hidden layers of each conditioner")
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=0.01)
+    ap.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (cosine schedule)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", action="store_true", help="print the results as JSON too")
     a = ap.parse_args()

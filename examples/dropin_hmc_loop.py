@@ -21,10 +21,10 @@ import torch
 
 from flowplug.exact import u1_2d
 from flowplug.flow import build_flow
-from flowplug.flowtools import train_reverse_kl
 from flowplug.plugins.theories import WilsonGaugeAction
 from flowplug.proposal import FlowProposal
 from flowplug.stats import gamma_method
+from flowplug.train import Trainer
 
 
 # ---------------------------------------------------------------- the user's own HMC
@@ -79,7 +79,8 @@ def main() -> None:
     # a flow for the same action as the HMC (the production action)
     flow = build_flow("u1", (a.L, a.L), "u1-spline", n_layers=8 if not a.quick else 2, options={"hidden": [8]})
     target = WilsonGaugeAction(a.beta, "u1")
-    train_reverse_kl(flow, target, steps=a.train_steps, lr=0.01, generator=torch.Generator().manual_seed(1))
+    Trainer(flow, target, {"steps": a.train_steps, "lr": 0.01, "progress": False}, seed=1).run()
+    flow.eval()
     step = FlowProposal(flow, target, layout="canonical", seed=2)
 
     rng = np.random.default_rng(3)

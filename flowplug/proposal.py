@@ -185,15 +185,15 @@ class FlowProposal:
     @classmethod
     def from_checkpoint(cls, path: str, *, layout: str = "ildg", seed: int | None = None,
                         device: Any = None, action: Any = None) -> "FlowProposal":
-        """Build from a flow checkpoint (:func:`flowplug.flowtools.load_flow`), with its action.
+        """Build from a ``flowplug train`` run directory or checkpoint file, with its action.
 
         Raises:
             CheckpointError: if the checkpoint cannot be read.
             ConfigError: if it names no action and none is given.
         """
-        from flowplug.flowtools import load_flow
+        from flowplug.flowtools import open_flow
 
-        ck = load_flow(path, device=device)
+        ck = open_flow(path, device=device)
         return cls(ck.flow, action if action is not None else ck.action(), layout=layout, seed=seed,
                    device=device)
 

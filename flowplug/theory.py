@@ -28,7 +28,12 @@ Each field kind lives on a manifold described by a :class:`FieldSpace`:
   anti-Hermitian), P = sum_a p_a t_a with t_a = i lambda_a / 2, tr(t_a t_b) = -delta_ab/2,
   p_a ~ N(0, 1); kinetic energy -tr(P^2) = (1/2) sum_a p_a^2; update U <- exp(eps P) U;
   force F = -sum_a (d/ds S[exp(s t_a) U] at s = 0) t_a, an element of su(N). Equivalently,
-  for every X in su(N): d/ds S[exp(s X) U] at s=0 equals 2 Re tr(X F).
+  for every X in su(N): d/ds S[exp(s X) U] at s=0 equals +2 Re tr(X F) (summed over
+  links). The sign is plus although F = -grad S because tr(t_a t_b) = -delta_ab/2 is
+  negative definite: with X = sum_a x_a t_a, 2 Re tr(X F) = sum_a x_a dS/ds_a. In particular
+  d/ds S[exp(s F) U] = 2 tr(F^2) <= 0: a step along F lowers S. Both the analytic Wilson
+  force and :meth:`SUNSpace.autograd_force` are checked against finite differences in
+  tests/test_force_convention.py.
 
 With these conventions the equations of motion are dx/dt = p (resp. dU/dt = P U) and
 dp/dt = F for every kind, which is what :mod:`flowplug.plugins.hmc` integrates. (The sign

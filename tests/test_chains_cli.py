@@ -19,11 +19,11 @@ import torch
 from flowplug import io
 from flowplug.cli import main
 from flowplug.errors import ConfigError, FormatError, ShapeError
-from flowplug.flow import build_flow
-from flowplug.flowtools import load_flow, save_flow, train_reverse_kl
+from flowplug.flowtools import open_flow
 from flowplug.plugins.hmc import HMC
 from flowplug.plugins.theories import WilsonGaugeAction
 from flowplug.proposal import FlowProposal, from_canonical, to_canonical
+from flowplug.train import build_trainer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,24 +36,31 @@ def _one_thread():
     torch.set_num_threads(old)
 
 
+def train_checkpoint(path, group, lattice, beta, layer, *, steps, hidden=(8,), n_layers=2, seed=0):
+    """Train a small flow with flowplug.train and write its checkpoint to ``path`` (returned)."""
+    cfg = {"lattice": list(lattice), "seed": seed, "device": "cpu",
+           "action": {"name": "wilson", "group": group, "beta": beta},
+           "flow": {"layers": [layer], "n_layers": n_layers, "options": {"hidden": list(hidden)}},
+           "train": {"steps": steps, "batch_size": 64, "lr": 3e-3, "progress": False, "checkpoint_every": 0}}
+    trainer = build_trainer(cfg, out=path.parent / f"{path.stem}-run")
+    trainer.run()
+    return trainer.save_checkpoint(path)
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """A U(1) 4x4 flow (30 training steps) with an HMC ensemble, and an SU(2) 4^4 flow with an ILDG file."""
     torch.set_num_threads(1)
     d = tmp_path_factory.mktemp("chains")
     act = WilsonGaugeAction(1.5, "u1")
-    torch.manual_seed(0)
-    flow = build_flow("u1", (4, 4), "u1-spline", n_layers=2, options={"hidden": [8]})
-    train_reverse_kl(flow, act, steps=30, generator=torch.Generator().manual_seed(0))
-    save_flow(d / "u1.pt", flow, act)
+    train_checkpoint(d / "u1.pt", "u1", (4, 4), 1.5, "u1-spline", steps=30)
     hmc, g = HMC(act, steps=4), torch.Generator().manual_seed(1)
     st = hmc.init(act.cold_start((4, 4), 5))
     for _ in range(10):
         st, _ = hmc.step(st, g)
     io.write(d / "u1.h5", io.Ensemble(st.x))
     a2 = WilsonGaugeAction(2.0, "su2")
-    f2 = build_flow("su2", (4, 4, 4, 4), "sun-spectral", n_layers=2, options={"hidden": [4]})
-    save_flow(d / "su2.pt", f2, a2)
+    train_checkpoint(d / "su2.pt", "su2", (4, 4, 4, 4), 2.0, "sun-spectral", steps=0, hidden=(4,))  # untrained
     io.write(d / "su2.ildg", io.Ensemble(a2.hot_start((4, 4, 4, 4), 1, generator=g)), "ildg")
     return d
 
@@ -66,20 +73,20 @@ def _cli(*args, capsys=None):
 # ------------------------------------------------------------------ checkpoints
 
 def test_flow_checkpoint_roundtrip_and_refusals(files, tmp_path):
-    ck = load_flow(files / "u1.pt")
+    ck = open_flow(files / "u1.pt")
     assert ck.field == "u1" and ck.lattice == (4, 4) and len(ck.sha256) == 64
     assert ck.action_config == {"name": "wilson", "beta": 1.5, "group": "u1"}
     z = torch.rand(3, 2, 4, 4, dtype=torch.float64) * 6 - 3
-    flow2 = load_flow(files / "u1.pt").flow
+    flow2 = open_flow(files / "u1.pt").flow
     torch.testing.assert_close(ck.flow(z)[0], flow2(z)[0])
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a torch file")
     from flowplug.errors import CheckpointError
 
     with pytest.raises(CheckpointError, match="bad.pt"):
-        load_flow(bad)
-    with pytest.raises(CheckpointError, match="no such flow checkpoint"):
-        load_flow(tmp_path / "missing.pt")
+        open_flow(bad)
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        open_flow(tmp_path / "missing.pt")
 
 
 # ------------------------------------------------------------------ drop-in step
@@ -102,7 +109,7 @@ def test_layout_conversion_matches_ildg_writer_on_a_non_cubic_lattice():
 
 
 def test_flow_proposal_step_numpy_ildg_and_torch_canonical(files):
-    ck = load_flow(files / "su2.pt")
+    ck = open_flow(files / "su2.pt")
     prop = FlowProposal(ck.flow, ck.action(), layout="ildg", seed=4)
     x = io.read(files / "su2.ildg").links
     u = from_canonical(x, np.zeros(1, np.complex128), "ildg", False)   # (lt, lz, ly, lx, 4, 2, 2)
@@ -125,7 +132,7 @@ def test_flow_proposal_step_numpy_ildg_and_torch_canonical(files):
 
 
 def test_decide_with_an_external_action_is_the_metropolis_rule(files):
-    ck = load_flow(files / "u1.pt")
+    ck = open_flow(files / "u1.pt")
     prop = FlowProposal(ck.flow, None, layout="canonical", seed=1)
     x = io.read(files / "u1.h5").links[:2]
     x1, lq0, lq1 = prop.propose(x)
@@ -206,7 +213,7 @@ def test_resample_summary_provenance_and_resume(files, tmp_path, capsys):
     ens = io.read(out / "ensemble.h5")
     assert len(ens) == 10                                  # 5 chains x steps 3 and 6
     prov = ens.meta[-1].provenance
-    assert prov["flow_sha256"] == load_flow(files / "u1.pt").sha256 and prov["step"] == 6
+    assert prov["flow_sha256"] == open_flow(files / "u1.pt").sha256 and prov["step"] == 6
     assert (out / "report.png").stat().st_size > 1000
     # the output exists: refused without --resume/--force
     assert _cli(*args) == 1
@@ -262,7 +269,7 @@ def test_demo_quick(tmp_path, capsys):
     assert s["exact"]["q2"] == pytest.approx(1.239298910723, abs=1e-8)
     assert set(s) >= {"acceptance", "ess", "hmc", "flow", "observables", "tau_int_q_ratio_hmc_over_flow"}
     assert (out / "report.png").exists() and "exact" in (out / "report.txt").read_text()
-    assert (out / "hmc" / "ensemble.h5").exists() and (out / "flow.pt").exists()
+    assert (out / "hmc" / "ensemble.h5").exists() and (out / "flow" / "checkpoint.pt").exists()
     assert _cli("demo", "--quick", "--out", out, "--no-progress") == 1   # never over an earlier run
 
 
@@ -272,10 +279,7 @@ def test_demo_quick(tmp_path, capsys):
 def test_real_milc_ildg_resample_and_propose(shared_dir, tmp_path, capsys):
     """4D SU(3) 4^4 flow (beta = 6.0, untrained: acceptance is honest, i.e. ~0) on MILC's file."""
     src = shared_dir / "ensembles" / "milc.lat.sample.l4444.ildg"
-    act = WilsonGaugeAction(6.0, "su3")
-    torch.manual_seed(0)
-    flow = build_flow("su3", (4, 4, 4, 4), "sun-spectral", n_layers=2, options={"hidden": [4]})
-    save_flow(tmp_path / "su3.pt", flow, act)
+    train_checkpoint(tmp_path / "su3.pt", "su3", (4, 4, 4, 4), 6.0, "sun-spectral", steps=0, hidden=(4,))
     out = tmp_path / "r"
     assert _cli("resample", src, "--flow", tmp_path / "su3.pt", "--out", out, "--no-progress",
                 "--set", "steps=2", "--set", "save_every=1") == 0
@@ -300,7 +304,7 @@ def test_resample_reads_a_flowplug_train_run_directory(files, tmp_path):
                 "--set", "action.group=u1", "--set", "action.beta=1.5", "--set", 'flow.layers=["u1-spline"]',
                 "--set", "flow.n_layers=2", "--set", "train.steps=3", "--set", "train.progress=false",
                 "--set", "eval.samples=32", "--set", "threads=1") == 0
-    ck = load_flow(run)
+    ck = open_flow(run)
     assert ck.field == "u1" and ck.action().beta == 1.5
     out = tmp_path / "r"
     assert _cli("resample", files / "u1.h5", "--flow", run, "--out", out, "--no-progress", "--set", "steps=2") == 0

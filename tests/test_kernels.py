@@ -18,13 +18,13 @@ import torch
 from flowplug.chain import Chain, ChainState
 from flowplug.exact import su2_2d, u1_2d
 from flowplug.flow import Flow, build_flow, make_prior
-from flowplug.flowtools import train_reverse_kl
 from flowplug.plugins.hmc import HMC
 from flowplug.plugins.kernels import (Composition, FlowHMC, IndependenceMetropolis, Mixture,
                                       metropolis_log_ratio)
 from flowplug.plugins.observables import plaquette, topological_charge
 from flowplug.plugins.theories import WilsonGaugeAction
 from flowplug.stats import gamma_method
+from flowplug.train import Trainer
 
 SIGMA = 3.0
 
@@ -85,8 +85,8 @@ def u1_l4_flow():
     act = WilsonGaugeAction(1.5, "u1")
     torch.manual_seed(11)
     flow = build_flow("u1", (4, 4), "u1-spline", n_layers=4, options={"hidden": [8], "dtype": "float64"})
-    train_reverse_kl(flow, act, steps=60, batch=64, lr=0.01, generator=torch.Generator().manual_seed(12))
-    return flow, act
+    Trainer(flow, act, {"steps": 60, "batch_size": 64, "lr": 0.01, "progress": False}, seed=12).run()
+    return flow.eval(), act
 
 
 # ---------------------------------------------------------------- bookkeeping

@@ -3,8 +3,12 @@
 1. **HMC ensemble**: ``hmc.chains`` HMC chains (Omelyan integrator) are thermalised and
    run; every ``hmc.save_every`` trajectories their configurations are written as files
    (``DIR/hmc/ensemble.h5``, an HDF5 ensemble store; U(1) fits no ILDG-type format).
-2. **Flow**: a gauge-equivariant U(1) flow (``flow.layer`` couplings) is trained by
-   reverse KL with a progress bar and saved to ``DIR/flow.pt``.
+2. **Flow**: a gauge-equivariant U(1) flow (``[flow]``, as in ``flowplug train``) is
+   trained by :class:`flowplug.train.Trainer` (``[train]``: reverse KL, cosine schedule);
+   ``DIR/flow/`` is a ``flowplug train`` run directory (``checkpoint.pt``,
+   ``train_log.csv``), usable as ``--flow`` of ``sample``, ``resample`` and ``propose``.
+   The defaults follow ``examples/train_u1.toml`` with fewer steps to keep the demo at
+   about two minutes on two cores (docs/flows.md: 1000 steps give acceptance ~0.27).
 3. **Resampling**: ``flowplug resample`` seeds one flow independence-Metropolis chain
    with every HMC configuration (``DIR/resample/``: ensemble, provenance, summary, PNG).
 4. **Report**: ``DIR/report.txt``, ``DIR/summary.json`` and ``DIR/report.png`` compare
@@ -44,13 +48,22 @@ integrator = "omelyan"
 steps = 8
 trajectory_length = 1.0
 
-[flow]
-layer = "u1-spline"         # gauge-equivariant coupling (flowplug plugins lists the layers)
+[flow]                      # as in flowplug train (examples/train_u1.toml)
+layers = ["u1-ncp"]         # gauge-equivariant couplings (flowplug plugins lists the layers)
 n_layers = 16
-hidden = [8]
-train_steps = 300
-batch = 64
-lr = 0.01
+
+[flow.options]
+hidden = [8, 8]
+kernel_size = 3
+n_mix = 2
+dtype = "float32"
+
+[train]                     # [train] of flowplug train (flowplug train --print-config)
+steps = 400
+batch_size = 64
+lr = 3e-3
+schedule = "cosine"
+lr_min_factor = 0.1
 
 [resample]
 steps = 400                 # flow-Metropolis steps per chain (one chain per HMC configuration)
@@ -58,7 +71,7 @@ save_every = 100            # write the chains' configurations every this many s
 """
 
 QUICK = ["hmc.chains=4", "hmc.thermalize=5", "hmc.trajectories=20", "hmc.save_every=10", "hmc.steps=4",
-         "flow.n_layers=2", "flow.train_steps=5", "flow.batch=16", "resample.steps=10", "resample.save_every=5"]
+         "flow.n_layers=2", "train.steps=5", "train.batch_size=16", "resample.steps=10", "resample.save_every=5"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -107,15 +120,13 @@ def demo(cfg, out: Path, *, force: bool = False, progress: bool = True) -> dict:
     from flowplug.cli.cmd_resample import resample
     from flowplug.errors import FlowplugError
     from flowplug.exact import u1_2d
-    from flowplug.flow import build_flow
-    from flowplug.flowtools import save_flow, train_reverse_kl
     from flowplug.fsutil import atomic_write, write_summary
     from flowplug.plugins.hmc import HMC
     from flowplug.plugins.observables import measurement
     from flowplug.plugins.theories import WilsonGaugeAction
     from flowplug.report import comparison_report
     from flowplug.resampling import run_chains
-    from flowplug.stats import ess
+    from flowplug.train import build_trainer, evaluate_flow
 
     torch.set_num_threads(max(1, int(cfg["threads"])))
     lattice = tuple(int(v) for v in cfg["lattice"])
@@ -126,7 +137,7 @@ def demo(cfg, out: Path, *, force: bool = False, progress: bool = True) -> dict:
     if out.exists() and any(out.iterdir()):
         if not force:
             raise FlowplugError(f"{out} holds an earlier run; choose another --out or add --force to replace it")
-        for sub in ("hmc", "resample"):
+        for sub in ("hmc", "flow", "resample"):
             shutil.rmtree(out / sub, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     say = print
@@ -164,19 +175,24 @@ def demo(cfg, out: Path, *, force: bool = False, progress: bool = True) -> dict:
     n_traj = int(h["chains"]) * (int(h["thermalize"]) + int(h["trajectories"]))
 
     # 2. train the flow
-    f = cfg["flow"]
-    say(f"[2/4] training a {f['n_layers']}-layer {f['layer']} flow for {f['train_steps']} steps")
-    torch.manual_seed(seed)
-    flow = build_flow("u1", lattice, f["layer"], n_layers=int(f["n_layers"]), options={"hidden": list(f["hidden"])})
+    f, tr = cfg["flow"], cfg["train"]
+    layer_names = "+".join(f["layers"])
+    say(f"[2/4] training a {f['n_layers']}-layer {layer_names} flow for {tr['steps']} steps of batch "
+        f"{tr['batch_size']}")
+    run_dir = out / "flow"
+    tcfg = {"lattice": list(lattice), "seed": seed + 2, "device": "cpu", "threads": 0,
+            "action": {"name": "wilson", "group": "u1", "beta": beta},
+            "flow": {"layers": list(f["layers"]), "n_layers": int(f["n_layers"]), "options": dict(f["options"])},
+            "train": {**dict(tr), "progress": progress, "checkpoint_every": 0}}
+    trainer = build_trainer(tcfg, out=run_dir)
     t0 = time.perf_counter()
-    metrics = train_reverse_kl(flow, action, steps=int(f["train_steps"]), batch=int(f["batch"]), lr=float(f["lr"]),
-                               generator=torch.Generator().manual_seed(seed + 2), progress=progress, desc="train")
+    trainer.run()
     t_train = time.perf_counter() - t0
-    with torch.no_grad():  # ESS of the trained flow from fresh samples (the proposals' weights)
-        xs, lq = flow.sample(512, torch.Generator().manual_seed(seed + 5))
-        flow_ess = float(ess(-action.action(xs) - lq))
-    save_flow(out / "flow.pt", flow, action, meta={"train_steps": int(f["train_steps"]), "ess_512": flow_ess,
-                                                   **metrics})
+    last = trainer.history[-1] if trainer.history else {}
+    metrics = {k: float(last[k]) for k in ("loss", "free_energy", "ess", "acceptance") if k in last}
+    # the trained flow on fresh samples: ESS and the expected independence-Metropolis acceptance
+    fresh = evaluate_flow(trainer.flow, action, 1024, batch_size=512, seed=seed + 5)
+    flow_ess = fresh["ess"]
 
     # 3. resample the HMC ensemble with flow proposals
     r = cfg["resample"]
@@ -186,7 +202,7 @@ def demo(cfg, out: Path, *, force: bool = False, progress: bool = True) -> dict:
             "observables": ["plaquette", "topological_charge"], "to": "", "precision": 0,
             "kernel": {"type": "flow", "hmc_every": 0, "hmc": {}}, "action": {}}
     t0 = time.perf_counter()
-    rsum, chain_f = resample(rcfg, [store], out / "flow.pt", out / "resample", force=True, progress=progress,
+    rsum, chain_f = resample(rcfg, [store], run_dir, out / "resample", force=True, progress=progress,
                              quiet=True)
     t_flow = time.perf_counter() - t0
     flow_hist = chain_f.history_tensors()
@@ -213,7 +229,9 @@ def demo(cfg, out: Path, *, force: bool = False, progress: bool = True) -> dict:
         "hmc": {"acceptance": hmc_acc, "observables": hmc_stats, "seconds": t_hmc, "trajectories": n_traj,
                 "seconds_per_independent_q": cost_hmc},
         "flow": {"acceptance": rsum["acceptance"], "observables": flow_stats, "seconds": t_flow, "proposals": n_prop,
-                 "seconds_per_independent_q": cost_flow, "train_seconds": t_train, "train": metrics},
+                 "seconds_per_independent_q": cost_flow, "train_seconds": t_train, "train": metrics,
+                 "train_steps": trainer.step, "skipped_steps": trainer.skipped,
+                 "fresh_samples": {k: fresh[k] for k in ("n_samples", "ess", "acceptance", "free_energy")}},
         "observables": {k: flow_stats[k] for k in ("plaquette", "q2")},
         "sigma_from_exact": agree,
         "tau_int_q_ratio_hmc_over_flow": hmc_stats["q"]["tau_int"] / flow_stats["q"]["tau_int"],
@@ -233,15 +251,16 @@ def demo(cfg, out: Path, *, force: bool = False, progress: bool = True) -> dict:
                      f"  acceptance {acc:.3f}  tau_int(Q) {'>=' if q['window_at_max'] else '='} "
                      f"{q['tau_int']:.2f}({q['tau_int_error']:.2f}){verdict}")
     lines += ["",
-              f"flow: {f['n_layers']} x {f['layer']}, trained {f['train_steps']} steps in {t_train:.1f} s; "
-              f"ESS per sample {flow_ess:.3f} (512 fresh samples), {rsum.get('ess_p_samples', float('nan')):.3g} "
-              "(estimated from the HMC configurations)",
+              f"flow: {f['n_layers']} x {layer_names}, trained {trainer.step} steps x {tr['batch_size']} in "
+              f"{t_train:.1f} s; on {fresh['n_samples']} fresh samples ESS per sample {flow_ess:.3f} and expected "
+              f"acceptance {fresh['acceptance']:.3f}; ESS {rsum.get('ess_p_samples', float('nan')):.3g} "
+              "estimated from the HMC configurations",
               f"tau_int(Q): HMC {hmc_stats['q']['tau_int']:.2f} per trajectory, flow {flow_stats['q']['tau_int']:.2f} per "
               f"proposal (ratio {summary['tau_int_q_ratio_hmc_over_flow']:.2f})",
               f"seconds per independent Q: HMC {cost_hmc:.2e}, flow {cost_flow:.2e} (ratio HMC/flow "
               f"{cost_hmc / cost_flow:.2f}); with training: flow {(t_train + t_flow) / max(n_prop / (2 * flow_stats['q']['tau_int']), 1e-300):.2e}",
               "",
-              f"files: {store}, {out / 'flow.pt'}, {out / 'resample'}/, {out / 'report.png'}"]
+              f"files: {store}, {run_dir}/, {out / 'resample'}/, {out / 'report.png'}"]
     text = "\n".join(lines) + "\n"
     with atomic_write(out / "report.txt", "w") as fh:
         fh.write(text)

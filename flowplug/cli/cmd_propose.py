@@ -42,7 +42,7 @@ from flowplug.records import CommandSpec
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``flowplug propose``."""
-    parser.add_argument("--flow", required=True, metavar="CHECKPOINT", help="trained flow checkpoint")
+    parser.add_argument("--flow", required=True, metavar="CHECKPOINT", help="trained flow: a `flowplug train` run directory or its checkpoint.pt")
     parser.add_argument("--current", required=True, metavar="IN", help="the current configuration")
     parser.add_argument("--out", required=True, metavar="OUT", help="where to write the next configuration")
     parser.add_argument("--to", metavar="FORMAT", help="output format (default: the input's)")
@@ -63,11 +63,11 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from flowplug import io
-    from flowplug.flowtools import file_sha256, load_flow
+    from flowplug.flowtools import file_sha256, open_flow
     from flowplug.proposal import FlowProposal
     from flowplug.resampling import check_compatible, output_format, write_configuration
 
-    ck = load_flow(args.flow)
+    ck = open_flow(args.flow)
     src = Path(args.current)
     ens = io.read(src, args.format, lattice=args.lattice, group=args.group, verify=not args.no_verify)
     if len(ens) != 1:

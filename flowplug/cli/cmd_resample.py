@@ -57,7 +57,7 @@ group = ""
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``flowplug resample``."""
     parser.add_argument("inputs", nargs="*", metavar="ENSEMBLE", help="configuration files, directories or globs")
-    parser.add_argument("--flow", metavar="CHECKPOINT", help="trained flow checkpoint (required)")
+    parser.add_argument("--flow", metavar="CHECKPOINT", help="trained flow: a `flowplug train` run directory or its checkpoint.pt (required)")
     parser.add_argument("--out", metavar="DIR", help="output directory (required)")
     parser.add_argument("--to", metavar="FORMAT", help="output format (default: the inputs')")
     parser.add_argument("--resume", action="store_true", help="continue from DIR/chain.ckpt")
@@ -108,7 +108,7 @@ def resample(cfg, inputs, flow_path: Path, out: Path, *, resume: bool = False, f
 
     from flowplug import io
     from flowplug.cli.cmd_convert import expand_inputs
-    from flowplug.flowtools import file_sha256, load_flow
+    from flowplug.flowtools import file_sha256, open_flow
     from flowplug.fsutil import write_json, write_summary
     from flowplug.plugins.observables import default_observables, measurement
     from flowplug.report import chain_report
@@ -117,7 +117,7 @@ def resample(cfg, inputs, flow_path: Path, out: Path, *, resume: bool = False, f
                                      run_chains, write_configuration)
 
     read_options = {k: v for k, v in dict(read_options or {}).items() if v is not None}
-    ck = load_flow(flow_path)
+    ck = open_flow(flow_path)
     action = ck.action(_action_override(cfg))
     files = expand_inputs([str(p) for p in inputs])
     parts, sources = [], []

@@ -52,7 +52,7 @@ group = ""
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``flowplug sample``."""
-    parser.add_argument("--flow", metavar="CHECKPOINT", help="trained flow checkpoint (required)")
+    parser.add_argument("--flow", metavar="CHECKPOINT", help="trained flow: a `flowplug train` run directory or its checkpoint.pt (required)")
     parser.add_argument("--out", metavar="DIR", help="output directory (required)")
     parser.add_argument("--resume", action="store_true", help="continue from DIR/chain.ckpt")
     parser.add_argument("--force", action="store_true", help="replace existing outputs")
@@ -85,14 +85,14 @@ def sample(cfg, flow_path: Path, out: Path, *, resume: bool = False, force: bool
     from flowplug import io
     from flowplug.cli.cmd_resample import _action_override
     from flowplug.errors import ConfigError, FormatError
-    from flowplug.flowtools import load_flow
+    from flowplug.flowtools import open_flow
     from flowplug.fsutil import atomic_write, write_summary
     from flowplug.plugins.observables import default_observables, measurement
     from flowplug.report import chain_report
     from flowplug.resampling import (build_kernel, extension_of, fingerprint, importance_weights,
                                      observable_summary, output_format, run_chains, write_configuration)
 
-    ck = load_flow(flow_path)
+    ck = open_flow(flow_path)
     action = ck.action(_action_override(cfg))
     chains, steps, therm = int(cfg["chains"]), int(cfg["steps"]), int(cfg["thermalize"])
     if chains < 1 or steps < 1 or not 0 <= therm < steps:
