@@ -18,7 +18,7 @@ import torch
 
 from flowplug import io
 from flowplug.cli import main
-from flowplug.errors import ConfigError, FormatError, ShapeError
+from flowplug.errors import ConfigError, ShapeError
 from flowplug.flowtools import open_flow
 from flowplug.plugins.hmc import HMC
 from flowplug.plugins.theories import WilsonGaugeAction
@@ -76,6 +76,8 @@ def test_flow_checkpoint_roundtrip_and_refusals(files, tmp_path):
     ck = open_flow(files / "u1.pt")
     assert ck.field == "u1" and ck.lattice == (4, 4) and len(ck.sha256) == 64
     assert ck.action_config == {"name": "wilson", "beta": 1.5, "group": "u1"}
+    assert ck.action() is ck.loaded.action and ck.action({"beta": 2.5, "group": ""}).beta == 2.5
+    assert ck.path == files / "u1.pt" and ck.loaded.step == 30
     z = torch.rand(3, 2, 4, 4, dtype=torch.float64) * 6 - 3
     flow2 = open_flow(files / "u1.pt").flow
     torch.testing.assert_close(ck.flow(z)[0], flow2(z)[0])

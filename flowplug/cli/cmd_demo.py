@@ -24,7 +24,6 @@ Every number comes with a Gamma-method error (:mod:`flowplug.stats`); the demo s
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from pathlib import Path
 
