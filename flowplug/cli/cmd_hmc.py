@@ -410,7 +410,7 @@ def run(args: argparse.Namespace) -> int:
     parts = [f"acceptance {summary.get('acceptance', float('nan')):.3f}"]
     for name, v in obs.items():
         parts.append(f"{name} {v['mean']:.6g} +- {v['error']:.2g} (tau_int {v['tau_int']:.2g})")
-    print(f"flowplug hmc: {summary['trajectories']} trajectories x {summary['chains']} chains; "
+    print(f"flowplug hmc: {summary['trajectories']} trajectories x {summary['chains']} chain{'s' if summary['chains'] != 1 else ''}; "
           + "; ".join(parts) + f"; results in {cfg['out']}")
     return 0
 

@@ -162,8 +162,11 @@ def sample(cfg, flow_path: Path, out: Path, *, resume: bool = False, force: bool
                  acceptance=summary["acceptance_by_kernel"] or {"all": acc})
     write_summary(out, "sample", summary)
     if not quiet:
-        print(f"sample: {chains} chains x {chain.step_count} steps, acceptance {acc:.3f}, ESS {weights['ess']:.3f}; "
-              f"results in {out}")
+        by_kernel = summary["acceptance_by_kernel"]
+        accs = (", ".join(f"{k} {v:.3f}" for k, v in by_kernel.items()) if by_kernel
+                else f"{acc:.3f}")
+        print(f"sample: {chains} chains x {chain.step_count} steps, acceptance {accs}, "
+              f"ESS of the flow weights {weights['ess']:.3f}; results in {out}")
     return 0
 
 
