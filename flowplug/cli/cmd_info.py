@@ -83,13 +83,25 @@ def describe(path: str, *, format: str | None = None, lattice: str | None = None
 def _text(info: dict[str, Any]) -> str:
     def fmt(v: Any, spec: str) -> str:
         if isinstance(v, list):
-            return ", ".join(fmt(x, spec) for x in v)
+            values = [x for x in v if x is not None]
+            if not values:
+                return "n/a"
+            if len(v) <= 4:
+                return ", ".join(fmt(x, spec) for x in v)
+            # many configurations: a summary line (per-configuration values are in --json)
+            return (f"mean {format(sum(values) / len(values), spec)}, min {format(min(values), spec)}, "
+                    f"max {format(max(values), spec)} over {len(values)} configurations")
         return "n/a" if v is None else format(v, spec)
 
     one = info["configurations"] == 1
     checks = info["checks"] if one else [c for cs in info["checks"] for c in cs]
-    detail = "; ".join(f"{c['quantity']} {c['expected']}" + ("" if c["ok"] else f" != found {c['found']}")
-                       for c in checks)
+    if len(checks) > 4:
+        bad = [c for c in checks if not c["ok"]]
+        detail = f"{len(checks) - len(bad)} of {len(checks)} checks agree" + "".join(
+            f"; {c['quantity']} expected {c['expected']}, found {c['found']}" for c in bad)
+    else:
+        detail = "; ".join(f"{c['quantity']} {c['expected']}" + ("" if c["ok"] else f" != found {c['found']}")
+                           for c in checks)
     records = info["records"] if one else (info["records"][0] if info["records"] else [])
     lines = [
         info["path"],
