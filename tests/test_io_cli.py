@@ -288,3 +288,16 @@ def test_two_row_nersc_inputs_keep_every_bit_in_a_store(tmp_path, capsys):
     assert "warning" not in capsys.readouterr().err
     (out64,) = (tmp_path / "ildg64").iterdir()
     assert torch.equal(io.read(out64).links, io.read(folder / "c0.nersc").links)
+
+
+def test_convert_splits_a_store_into_files_with_trailing_slash(inputs, tmp_path):
+    store = tmp_path / "ens.h5"
+    assert main(["convert", str(inputs), str(store), "--no-progress"]) == 0
+    split = tmp_path / "split"
+    assert main(["convert", str(store), str(split) + "/", "--to", "hdf5", "--no-progress"]) == 0
+    files = sorted(split.iterdir())
+    assert [p.name for p in files] == [f"ens.h5.{i:05d}.h5" for i in range(3)]
+    whole = io.read(store)
+    for i, path in enumerate(files):
+        one = io.read(path)
+        assert len(one) == 1 and torch.equal(one.links[0], whole.links[i])

@@ -4,7 +4,9 @@ Inputs are files, directories (their regular, non-hidden files, sorted) or glob
 patterns. The output is a directory of files (one per configuration, named
 ``<input name>.<extension of the target>``, with ``.<index>`` before the extension
 for inputs holding several configurations) or, when ``OUTPUT`` ends in ``.h5``/
-``.hdf5`` or ``--to hdf5`` is given, one HDF5 ensemble store.
+``.hdf5``, or ``--to hdf5`` is given and ``OUTPUT`` is neither an existing directory
+nor written with a trailing ``/``, one HDF5 ensemble store. ``--to hdf5 DIR/``
+splits an ensemble into one HDF5 file per configuration.
 
 Safety: an existing output is never replaced without ``--force`` (it is kept and
 skipped, so rerunning an interrupted conversion continues where it stopped; an
@@ -110,7 +112,9 @@ def run(args: argparse.Namespace) -> int:
     if target not in io.formats(writable=True):
         raise FormatError(f"format {target} cannot be written; writable: {', '.join(io.formats(writable=True))}")
     handler = io.get_format(target)
-    single = handler.multi and (_is_hdf5_path(output) or not output.is_dir())
+    # an output written with a trailing slash, or an existing folder, is a folder of files
+    as_folder = args.paths[-1].endswith(("/", os.sep)) or output.is_dir()
+    single = handler.multi and (_is_hdf5_path(output) or not as_folder)
     resolved_inputs = {p.resolve() for p in inputs}
     if single and output.resolve() in resolved_inputs:
         raise FormatError(f"output {output} is also an input; choose another output")
