@@ -23,19 +23,9 @@ import torch
 
 from flowplug.plugins.hmc import HMC
 from flowplug.plugins.theories import WilsonGaugeAction
+from _timing import best
 
 FLOPS_PER_MATMUL = 216  # 27 complex multiply-adds = 27 * 8 real flops
-
-
-def best(fn, repeat: int) -> float:
-    """Best wall time of ``repeat`` calls after one warm-up call, seconds."""
-    fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def matmuls_per_site(d: int) -> int:

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 
 
+from _timing import best  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+
 LYNCS_TIMER = """
 import time, numpy as np, lyncs_io
 def best(fn):
@@ -35,16 +37,6 @@ def raw():
     a = np.fromfile({path!r}, dtype=">c16", count={count}, offset={offset}); a.byteswap(inplace=True)
 print(best(lambda: np.asarray(lyncs_io.load({path!r}, format="lime"))), best(raw))
 """
-
-
-def best(fn, repeat: int) -> float:
-    """Best wall time of ``repeat`` calls, seconds."""
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def best_interleaved(fns: dict, repeat: int) -> dict:
@@ -179,7 +171,7 @@ def run(args, io, ens, work: Path) -> None:
             print(f"  lyncs-io: not importable here ({type(exc).__name__}: {str(exc)[:80]}); "
                   "set FLOWPLUG_LYNCS_PYTHON to an interpreter where it imports")
     else:
-        t_ly = best(lambda: lyncs_io.load(str(path), format="lime"), args.repeat)
+        t_ly = best(lambda: lyncs_io.load(str(path), format="lime"), args.repeat, warmup=False)
         print(f"  {'lyncs-io load (big-endian array, no checksum)':<62s} {t_ly * 1e3:8.1f} ms  "
               f"{mb / t_ly:7.0f} MiB/s  ratio raw/this {t_raw / t_ly:5.2f}")
 

@@ -169,13 +169,16 @@ class PluginManager(pluggy.PluginManager):
                     self.unregister(name=name)
                     raise
             except Exception as exc:
-                self._fail(name, f"{dist_name} {dist_version}".strip(),
+                self.report_failure(name, f"{dist_name} {dist_version}".strip(),
                            f"could not be loaded: {_describe(exc)}", exc)
                 continue
             loaded.append(name)
         return loaded
 
-    def _fail(self, name: str, dist: str, what: str, exc: BaseException | None = None) -> None:
+    def report_failure(self, name: str, dist: str, what: str, exc: BaseException | None = None) -> None:
+        """Record a third-party plugin failure: one :class:`PluginLoadWarning`, or in strict mode
+        a :class:`PluginError`, naming the plugin, its distribution and what failed.
+        """
         message = f"flowplug plugin '{name}' ({dist}) {what}"
         self.failures.append((name, dist, what))
         if self.strict:
@@ -207,7 +210,7 @@ class PluginManager(pluggy.PluginManager):
                 if impl.plugin_name in self._builtin:
                     raise
                 dist, version = self.provider_of(impl.plugin_name)
-                self._fail(impl.plugin_name, f"{dist} {version}".strip(),
+                self.report_failure(impl.plugin_name, f"{dist} {version}".strip(),
                            f"raised in {hook_name}: {_describe(exc)}; the run goes on", exc)
 
     # --------------------------------------------------------------------- validation
@@ -290,7 +293,7 @@ class PluginManager(pluggy.PluginManager):
                         raise
                     raise PluginError(f"{hook_name} of plugin '{impl.plugin_name}' ({provider}) "
                                       f"raised {_describe(exc)}") from exc
-                self._fail(impl.plugin_name, provider,
+                self.report_failure(impl.plugin_name, provider,
                            f"failed in {hook_name}: {_describe(exc)}; its "
                            f"{kind_word(record_type.kind)}s are skipped", exc)
                 continue
@@ -301,7 +304,7 @@ class PluginManager(pluggy.PluginManager):
                 except DuplicateComponentError as exc:
                     if builtin or self.strict:
                         raise
-                    self._fail(impl.plugin_name, provider, f"skipped: {exc}", exc)
+                    self.report_failure(impl.plugin_name, provider, f"skipped: {exc}", exc)
         return registry
 
     def registry(self, kind: str) -> Registry:

@@ -31,11 +31,19 @@ def _plt():
     return plt
 
 
-def _save(fig: Any, path: Path) -> Path:
+def _finish(fig: Any, path: str | Path, title: str | None) -> Path:
+    """Add the title, lay out, write the PNG atomically and close the figure."""
+    import matplotlib.pyplot as plt
+
     from flowplug.fsutil import atomic_write
 
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
     with atomic_write(path, "wb") as fh:
         fig.savefig(fh, format="png", dpi=110)
+    plt.close(fig)
     return path
 
 
@@ -100,12 +108,7 @@ def chain_report(path: str | Path, history: Mapping[str, torch.Tensor], names: S
         ax.set_title("importance weights p/q of the input configurations", fontsize=9)
     else:
         ax.axis("off")
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    _save(fig, Path(path))
-    plt.close(fig)
-    return Path(path)
+    return _finish(fig, path, title)
 
 
 def comparison_report(path: str | Path, rows: Sequence[Mapping[str, Any]], exact: Mapping[str, float],
@@ -149,9 +152,4 @@ def comparison_report(path: str | Path, rows: Sequence[Mapping[str, Any]], exact
     ax.set_title("Q, one chain")
     ax.set_xlabel("step")
     ax.legend(fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    _save(fig, Path(path))
-    plt.close(fig)
-    return Path(path)
+    return _finish(fig, path, title)

@@ -32,6 +32,17 @@ def fresh_pm():
 
 
 @pytest.fixture
+def one_thread():
+    """Run a test on one torch thread (small tensors: more threads only add contention)."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture
 def shared_dir() -> Path:
     """``../shared`` beside the repository; skips the test when it is absent."""
     if not SHARED.is_dir():

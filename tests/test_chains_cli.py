@@ -28,12 +28,7 @@ from flowplug.train import build_trainer
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def train_checkpoint(path, group, lattice, beta, layer, *, steps, hidden=(8,), n_layers=2, seed=0):

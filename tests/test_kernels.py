@@ -29,13 +29,7 @@ from flowplug.train import Trainer
 SIGMA = 3.0
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # small tensors: extra threads only add contention
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _u1_measure(x):

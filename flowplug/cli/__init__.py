@@ -46,18 +46,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     pm = get_plugin_manager()
     for spec in pm.registry("command"):
+        if spec.provider != "flowplug":
+            # try a third-party command's arguments on a scratch parser first, so that a
+            # broken one is skipped with a warning instead of breaking every command
+            try:
+                spec.factory(argparse.ArgumentParser(add_help=False, parents=[_debug_parent(True)]))
+            except Exception as exc:
+                pm.report_failure(spec.plugin, spec.provided_by,
+                         f"failed to add command '{spec.name}': {type(exc).__name__}: {exc}", exc)
+                continue
         sp = sub.add_parser(spec.name, help=spec.description, description=spec.description,
                             parents=[_debug_parent(True)])
-        try:
-            spec.factory(sp)
-        except Exception as exc:
-            if spec.provider == "flowplug":
-                raise
-            sub._name_parser_map.pop(spec.name, None)
-            sub._choices_actions = [a for a in sub._choices_actions if a.dest != spec.name]
-            pm._fail(spec.plugin, f"{spec.provided_by}",
-                     f"failed to add command '{spec.name}': {type(exc).__name__}: {exc}", exc)
-            continue
+        spec.factory(sp)
         sp.set_defaults(_run=spec.run)
     return parser
 
