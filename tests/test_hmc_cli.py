@@ -166,15 +166,6 @@ def test_config_errors(tmp_path):
 MILC = "ensembles/milc.lat.sample.l4444.ildg"
 
 
-@pytest.fixture
-def one_thread():
-    """Small tensors: one thread is faster, and kinder to a shared machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def test_start_from_production_ensemble(tmp_path, shared_dir, capsys, one_thread):
     """HMC at beta = 6 from MILC's 4^4 configuration (plaquette 0.5949) stays near it
     (every measured plaquette within 0.03; the thermal spread on 4^4 is ~0.007), while
