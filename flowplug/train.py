@@ -51,7 +51,7 @@ import torch
 from torch import nn
 
 from flowplug.errors import CheckpointError, ConfigError, FlowplugError, ShapeError
-from flowplug.flow import Flow, build_flow, check_field
+from flowplug.flow import Flow, build_flow, check_field, path_gradient_loss, supports_fast_path_gradient
 from flowplug.fsutil import atomic_path
 from flowplug.stats import ess as _ess
 
@@ -326,6 +326,9 @@ class Trainer:
 
     def _reverse_loss(self) -> tuple[torch.Tensor, torch.Tensor]:
         z, log_r = self.flow.sample_latent(self.batch_size, self.generator)
+        if self.path_gradient and supports_fast_path_gradient(self.flow):
+            loss, log_q, s = path_gradient_loss(self.flow, z, self.action.action)
+            return loss, -(log_q + s)
         if self.path_gradient:
             x, _ = self.flow(z)
             frozen = {f"flow.{k}": v.detach() for k, v in self.flow.named_parameters()}

@@ -192,7 +192,7 @@ class U1Coupling(_GaugeCoupling):
             raise ShapeError(f"U1Coupling: expected real angles of shape (B, {self.d}, "
                              f"{', '.join(map(str, self.lattice))}); found {theta.dtype} {tuple(theta.shape)}")
 
-    def _map(self, theta: torch.Tensor, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def _map(self, theta: torch.Tensor, inverse: bool, diag: bool = False):
         self._check(theta)
         theta = theta.to(torch.float64)
         plaq = gauge.u1_plaquettes(theta)
@@ -207,12 +207,29 @@ class U1Coupling(_GaugeCoupling):
         t_mu = theta[:, self.mu]
         new_mu = torch.where(self.sites, groups.wrap_angle(t_mu + (y - x)), t_mu)
         out = torch.stack([new_mu if a == self.mu else theta[:, a] for a in range(self.d)], dim=1)
-        logdet = torch.where(self.sites, ld, torch.zeros_like(ld)).flatten(1).sum(1)
-        return out, logdet
+        ld = torch.where(self.sites, ld, torch.zeros_like(ld))
+        logdet = ld.flatten(1).sum(1)
+        if not diag:
+            return out, logdet
+        log_diag = torch.zeros_like(out)
+        log_diag[:, self.mu] = ld
+        updated = torch.zeros(out.shape[1:], dtype=torch.bool, device=out.device)
+        updated[self.mu] = self.sites
+        return out, logdet, log_diag, updated
 
     def forward(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Map theta -> theta'; returns ``(theta', log|det dtheta'/dtheta|)``."""
         return self._map(theta, inverse=False)
+
+    def forward_diag(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(theta', logdet, log_diag, updated)`` for fast path gradients.
+
+        log_diag (like theta, float64) is log dtheta'_i/dtheta_i = log h'(P) on the
+        updated links, 0 elsewhere; updated (bool, shape (d, L...)) marks those links.
+        An updated link depends on theta only through itself and links that are not
+        updated (its active loop's other links and the frozen plaquettes).
+        """
+        return self._map(theta, inverse=False, diag=True)
 
     def inverse(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Map theta' -> theta; returns ``(theta, log|det dtheta/dtheta'|)``."""

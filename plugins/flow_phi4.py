@@ -118,9 +118,19 @@ class AffineCoupling(_ScalarCoupling):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Map x -> y; returns ``(y, log|det dy/dx|)``."""
+        y, logdet, _, _ = self.forward_diag(x)
+        return y, logdet
+
+    def forward_diag(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(y, logdet, log_diag, updated)`` for fast path gradients.
+
+        log_diag (like x, float64) is log dy_i/dx_i = s_i; updated (bool, shape (L...))
+        marks the active sites. y on an active site depends on x only through x_i and
+        the frozen sites (see :func:`flowplug.flow.path_gradient_loss`).
+        """
         self._check(x)
         s, t = self._st(x)
-        return x * torch.exp(s) + t, s.flatten(1).sum(1)
+        return x * torch.exp(s) + t, s.flatten(1).sum(1), s, self.active > 0
 
     def inverse(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Map y -> x; returns ``(x, log|det dx/dy|)``."""
@@ -175,14 +185,25 @@ class SplineCoupling(_ScalarCoupling):
         inside = (x > -b) & (x < b) & (self.active > 0)
         y = torch.where(inside, y, x)
         ld = torch.where(inside, ld, torch.zeros_like(ld))
-        return y, ld.flatten(1).sum(1)
+        return y, ld
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Map x -> y; returns ``(y, log|det dy/dx|)``."""
+        y, logdet, _, _ = self.forward_diag(x)
+        return y, logdet
+
+    def forward_diag(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(y, logdet, log_diag, updated)`` for fast path gradients.
+
+        log_diag (like x, float64) is log dy_i/dx_i on the active sites (0 elsewhere and
+        on the identity tails); updated (bool, shape (L...)) marks the active sites.
+        """
         self._check(x)
-        return self._transform(x, x, inverse=False)
+        y, ld = self._transform(x, x, inverse=False)
+        return y, ld.flatten(1).sum(1), ld, self.active > 0
 
     def inverse(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Map y -> x; returns ``(x, log|det dx/dy|)``."""
         self._check(y)
-        return self._transform(y, y, inverse=True)
+        x, ld = self._transform(y, y, inverse=True)
+        return x, ld.flatten(1).sum(1)
