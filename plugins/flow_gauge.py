@@ -9,7 +9,10 @@ Masking pattern (layer ``index``)
     updated link are *frozen*; gauge-invariant features of them (cos/sin of the angle,
     or Re/Im tr P / N) are the input of a periodic convolutional conditioner. The
     remaining plaquettes that contain an updated link are *passive*: they change, but
-    nothing is conditioned on them.
+    nothing is conditioned on them. Optionally (``rectangles``) the conditioner also
+    sees the 1x2 loops P(x) P(x - nu) of the (mu, nu) plane wherever neither of their
+    long-side links U_mu(x -/+ nu) is updated; on S such a loop encloses the updated
+    link, so it is frozen although both of its plaquettes change.
 
 Update
     P(x) -> P'(x) = h(P(x) | frozen features) with h conjugation-equivariant (a circular
@@ -54,6 +57,9 @@ class GaugeMasks:
         lattice: (L_0, ..., L_{d-1}), d >= 2.
         index: Layer index (sets mu, nu, offset unless given).
         mu, nu, offset: Explicit choices overriding the schedule.
+        period: Stripe period p, 2 or 4 (default 4 when it divides L_nu, else 2). With
+            p = 2 no plaquette of the (mu, nu) plane is frozen; use it with
+            ``rectangles``.
 
     Attributes:
         mu, nu, offset, period: The pattern.
@@ -67,7 +73,7 @@ class GaugeMasks:
     """
 
     def __init__(self, lattice: Sequence[int], index: int = 0, *, mu: int | None = None,
-                 nu: int | None = None, offset: int | None = None) -> None:
+                 nu: int | None = None, offset: int | None = None, period: int | None = None) -> None:
         lat = tuple(int(v) for v in lattice)
         d = len(lat)
         if d < 2:
@@ -79,13 +85,16 @@ class GaugeMasks:
         if self.nu == self.mu:
             raise ConfigError(f"gauge masks need nu != mu; found mu = nu = {self.mu}")
         ln = lat[self.nu]
-        if ln % 4 == 0:
-            self.period = 4
-        elif ln % 2 == 0:
-            self.period = 2
-        else:
+        if ln % 2:
             raise ConfigError(f"gauge masks need an even extent along direction {self.nu}; "
                               f"found lattice {list(lat)}")
+        if period is None:
+            self.period = 4 if ln % 4 == 0 else 2
+        elif int(period) in (2, 4) and ln % int(period) == 0:
+            self.period = int(period)
+        else:
+            raise ConfigError(f"gauge mask period must be 2 or 4 and divide the extent {ln} along "
+                              f"direction {self.nu}; found {period}")
         self.offset = int((index // d) if offset is None else offset) % self.period
         coords = torch.meshgrid(*[torch.arange(n) for n in lat], indexing="ij")
         self.sites = (coords[self.nu] % self.period) == self.offset
@@ -118,9 +127,10 @@ class _GaugeCoupling(nn.Module):
 
     def __init__(self, lattice: Sequence[int], index: int, n_params: int, hidden: Sequence[int],
                  kernel_size: int, dtype: str, mu: int | None, nu: int | None, offset: int | None,
-                 init_scale: float = 0.0) -> None:
+                 init_scale: float = 0.0, rectangles: bool = False, period: int | None = None) -> None:
         super().__init__()
-        masks = GaugeMasks(lattice, index, mu=mu, nu=nu, offset=offset)
+        masks = GaugeMasks(lattice, index, mu=mu, nu=nu, offset=offset, period=period)
+        self.rectangles = bool(rectangles)
         self.lattice = masks.lattice
         self.d = len(self.lattice)
         if self.d > 4:
@@ -128,14 +138,27 @@ class _GaugeCoupling(nn.Module):
         self.mu, self.nu, self.offset = masks.mu, masks.nu, masks.offset
         self.register_buffer("sites", masks.sites)
         self.register_buffer("frozen", masks.frozen.to(torch.float64))
+        # 1x2 loops R(x) = P(x) P(x - nu) in the (mu, nu) plane: frozen when neither
+        # U_mu(x - nu) nor U_mu(x + nu) is updated (U_mu(x) is interior and cancels)
+        if self.rectangles:
+            ax = self.nu
+            rect = ~torch.roll(masks.sites, 1, dims=ax) & ~torch.roll(masks.sites, -1, dims=ax)
+            self.register_buffer("rect_frozen", rect.to(torch.float64))
         n_planes = self.d * (self.d - 1) // 2
         self.n_params = n_params
-        self.net = ConvNet(2 * n_planes, n_params, hidden, kernel_size, self.d, net_dtype(dtype),
+        n_in = 2 * n_planes + (2 if self.rectangles else 0)
+        self.net = ConvNet(n_in, n_params, hidden, kernel_size, self.d, net_dtype(dtype),
                            final_scale=init_scale)
 
-    def _condition(self, re: torch.Tensor, im: torch.Tensor) -> torch.Tensor:
-        """Network output (B, L..., n_params), float64, from per-plane features (B, np, L...)."""
-        feats = torch.cat([re * self.frozen, im * self.frozen], dim=1)
+    def _condition(self, re: torch.Tensor, im: torch.Tensor,
+                   rect: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Network output (B, L..., n_params), float64, from per-plane features (B, np, L...)
+        and, with ``rectangles``, the (re, im) features (B, L...) of the 1x2 loops."""
+        parts = [re * self.frozen, im * self.frozen]
+        if self.rectangles:
+            assert rect is not None
+            parts += [(rect[0] * self.rect_frozen).unsqueeze(1), (rect[1] * self.rect_frozen).unsqueeze(1)]
+        feats = torch.cat(parts, dim=1)
         return torch.movedim(self.net(feats).to(torch.float64), 1, -1)
 
 
@@ -158,10 +181,16 @@ class U1Coupling(_GaugeCoupling):
         n_mix: NCP mixture components, default 2.
         n_bins: Spline bins, default 8.
         dtype: Conditioner dtype (``"float32"`` or ``"float64"``).
-        mu, nu, offset: Override the masking schedule.
+        mu, nu, offset, period: Override the masking schedule (:class:`GaugeMasks`).
         init_scale: Scale of the network's initial output layer; 0 starts the layer as
             the identity. Default 1 for ``ncp`` (identical zero-initialised mixture
             components would receive identical gradients for ever), 0 for ``spline``.
+        rectangles: Also feed cos and sin of the 1x2 loops R(x) = P(x) P(x - nu) of
+            the (mu, nu) plane to the conditioner, where they are frozen (on the
+            updated sites the updated link is interior to R, so R is unchanged by the
+            layer). The active and passive plaquettes of an updated link share R, so the
+            layer can transform the active plaquette conditionally on their product.
+            Default ``False``.
 
     ``forward(theta) -> (theta', logdet)``, ``inverse(theta') -> (theta, logdet_inv)``:
     angles of shape (B, d, L_0, ..., L_{d-1}) float64 (outputs wrapped into (-pi, pi] on
@@ -175,7 +204,8 @@ class U1Coupling(_GaugeCoupling):
     def __init__(self, *, lattice: Sequence[int], field: str = "u1", index: int = 0, transform: str = "ncp",
                  hidden: Sequence[int] = (8, 8), kernel_size: int = 3, n_mix: int = 2, n_bins: int = 8,
                  dtype: str = "float32", mu: int | None = None, nu: int | None = None,
-                 offset: int | None = None, init_scale: float | None = None) -> None:
+                 offset: int | None = None, init_scale: float | None = None, rectangles: bool = False,
+                 period: int | None = None) -> None:
         if field != "u1":
             raise ConfigError(f"U(1) coupling acts on u1 links; found field kind '{field}'")
         if transform not in ("ncp", "spline"):
@@ -185,7 +215,8 @@ class U1Coupling(_GaugeCoupling):
         n_params = (2 * self.n_mix if transform == "ncp" else 3 * self.n_bins) + 1
         if init_scale is None:
             init_scale = 1.0 if transform == "ncp" else 0.0
-        super().__init__(lattice, index, n_params, hidden, kernel_size, dtype, mu, nu, offset, init_scale)
+        super().__init__(lattice, index, n_params, hidden, kernel_size, dtype, mu, nu, offset, init_scale,
+                         rectangles, period)
 
     def _check(self, theta: torch.Tensor) -> None:
         if tuple(theta.shape[1:]) != (self.d, *self.lattice) or theta.is_complex():
@@ -196,8 +227,13 @@ class U1Coupling(_GaugeCoupling):
         self._check(theta)
         theta = theta.to(torch.float64)
         plaq = gauge.u1_plaquettes(theta)
-        p = self._condition(torch.cos(plaq), torch.sin(plaq))
-        x = torch.remainder(_u1_loop(theta, self.mu, self.nu), TWO_PI)
+        loop = _u1_loop(theta, self.mu, self.nu)
+        rect = None
+        if self.rectangles:
+            r = loop + torch.roll(loop, 1, dims=1 + self.nu)
+            rect = (torch.cos(r), torch.sin(r))
+        p = self._condition(torch.cos(plaq), torch.sin(plaq), rect)
+        x = torch.remainder(loop, TWO_PI)
         rot = p[..., -1]
         if self.transform == "ncp":
             m = self.n_mix
@@ -253,9 +289,12 @@ class SUNSpectralCoupling(_GaugeCoupling):
         kernel_size: Odd kernel extent, default 3.
         n_bins: Spline bins per eigenphase coordinate, default 8.
         dtype: Conditioner dtype (``"float32"`` or ``"float64"``).
-        mu, nu, offset: Override the masking schedule.
+        mu, nu, offset, period: Override the masking schedule (:class:`GaugeMasks`).
         init_scale: Scale of the network's initial output layer; 0 (default) starts the
             layer as the identity.
+        rectangles: Also feed Re and Im tr R / N of the frozen 1x2 loops
+            R(x) = P(x - nu) U_nu(x - nu) P(x) U_nu(x - nu)^+ (see :class:`U1Coupling`).
+            Default ``False``.
 
     ``forward(U) -> (U', logdet)``, ``inverse(U') -> (U, logdet_inv)``: links of shape
     (B, d, L_0, ..., L_{d-1}, N, N) complex128, logdet shape (B,) float64.
@@ -268,14 +307,15 @@ class SUNSpectralCoupling(_GaugeCoupling):
     def __init__(self, *, lattice: Sequence[int], field: str = "su3", index: int = 0,
                  hidden: Sequence[int] = (8, 8), kernel_size: int = 3, n_bins: int = 8,
                  dtype: str = "float32", mu: int | None = None, nu: int | None = None,
-                 offset: int | None = None, init_scale: float = 0.0) -> None:
+                 offset: int | None = None, init_scale: float = 0.0, rectangles: bool = False,
+                 period: int | None = None) -> None:
         f = str(field)
         if not (f.startswith("su") and f[2:].isdigit() and int(f[2:]) >= 2):
             raise ConfigError(f"SU(N) spectral coupling acts on su<N> links; found field kind '{field}'")
         self.n = int(f[2:])
         self.n_bins = int(n_bins)
         super().__init__(lattice, index, n_spectral_params(self.n, self.n_bins), hidden, kernel_size,
-                         dtype, mu, nu, offset, init_scale)
+                         dtype, mu, nu, offset, init_scale, rectangles, period)
         self.register_buffer("site_index", self.sites.flatten().nonzero().flatten())
 
     def _check(self, u: torch.Tensor) -> None:
@@ -289,10 +329,18 @@ class SUNSpectralCoupling(_GaugeCoupling):
         u = u.to(torch.complex128)
         plaq = gauge.sun_plaquettes(u)
         tr = torch.diagonal(plaq, dim1=-2, dim2=-1).sum(-1) / self.n
-        p = self._condition(tr.real, tr.imag)
+        full_loop = _sun_loop(u, self.mu, self.nu)
+        rect = None
+        if self.rectangles:
+            # P(x - nu) conjugated to start at x, then P(x): U_mu(x) cancels between them
+            below = torch.roll(full_loop, 1, dims=1 + self.nu)
+            u_nu = torch.roll(u[:, self.nu], 1, dims=1 + self.nu)
+            r = torch.diagonal(below @ u_nu @ full_loop @ u_nu.mH, dim1=-2, dim2=-1).sum(-1) / self.n
+            rect = (r.real, r.imag)
+        p = self._condition(tr.real, tr.imag, rect)
         b, d = u.shape[0], self.d
         idx = self.site_index
-        loop = _sun_loop(u, self.mu, self.nu).flatten(1, d)[:, idx]
+        loop = full_loop.flatten(1, d)[:, idx]
         params = p.flatten(1, d)[:, idx]
         new_loop, ld = spectral_map(loop, params, self.n_bins, inverse=inverse)
         u_mu = u[:, self.mu].flatten(1, d)

@@ -203,6 +203,49 @@ def test_gauge_layer_equivariance(name, field, lattice, index):
     torch.testing.assert_close(ldg, ld, rtol=0, atol=1e-9)
 
 
+@pytest.mark.parametrize("name,field,lattice,period", [
+    ("u1-ncp", "u1", (4, 4), None), ("u1-ncp", "u1", (4, 4), 2), ("u1-spline", "u1", (2, 2, 2), None),
+    ("u1-ncp", "u1", (2, 2, 2, 2), None), ("sun-spectral", "su3", (4, 2), None),
+    ("sun-spectral", "su3", (4, 4), 2), ("sun-spectral", "su2", (2, 2, 2, 2), None)])
+def test_rectangle_conditioning(name, field, lattice, period):
+    """With ``rectangles = true`` the conditioner also sees the 1x2 loops around the updated
+    links: they are unchanged by the layer (the updated link is interior), and the layer
+    keeps its exact inverse, its log-det (against autograd) and gauge equivariance."""
+    m = make_layer(name, lattice=lattice, field=field, index=1, dtype="float64", rectangles=True, period=period)
+    randomize(m)
+    plain = make_layer(name, lattice=lattice, field=field, index=1, dtype="float64", period=period)
+    if period is not None:
+        assert m.sites.float().mean() == 1 / period and m.frozen[0].sum() == 0
+    factor = m.net.layers[0].kernel_size if len(lattice) == 4 else 1
+    assert m.net.layers[0].conv.in_channels == plain.net.layers[0].conv.in_channels + 2 * factor
+    x = prior_sample(field, lattice, 2)
+    seen = []
+    original = m._condition
+    m._condition = lambda re, im, rect=None: (seen.append(rect), original(re, im, rect))[1]
+    y, ld = m(x)
+    m(y)
+    mask = m.rect_frozen > 0
+    assert mask.any()
+    for a, b in zip(*seen):
+        assert (a - b)[:, mask].abs().max() < 1e-12
+    m._condition = original
+    x2, ldi = m.inverse(y)
+    dist = groups.wrap_angle(x2 - x) if field == "u1" else x2 - x
+    assert dist.abs().max() < 1e-9
+    torch.testing.assert_close(ldi, -ld, rtol=0, atol=1e-8)
+    auto = jacobian_logdet(lambda v: m(v)[0], x[:1], field)
+    torch.testing.assert_close(auto, ld[0], rtol=0, atol=1e-7)
+    d = len(lattice)
+    if field == "u1":
+        alpha = TWO_PI * torch.rand((2, *lattice), generator=gen(2), dtype=torch.float64)
+        xg = groups.wrap_angle(torch.stack([x[:, mu] + alpha - torch.roll(alpha, -1, dims=1 + mu) for mu in range(d)], 1))
+    else:
+        omega = groups.haar_random((2, *lattice), int(field[2:]), generator=gen(2))
+        xg = torch.stack([omega @ x[:, mu] @ torch.roll(omega, -1, dims=1 + mu).mH for mu in range(d)], 1)
+    _, ldg = m(xg)
+    torch.testing.assert_close(ldg, ld, rtol=0, atol=1e-9)
+
+
 @pytest.mark.parametrize("name,field", [("affine", "scalar"), ("spline", "scalar"), ("u1-ncp", "u1"),
                                         ("sun-spectral", "su2")])
 def test_translation_equivariance(name, field):
@@ -219,6 +262,17 @@ def test_translation_equivariance(name, field):
     ys, lds = m(torch.roll(x, shift, dims=axis))
     torch.testing.assert_close(ys, torch.roll(y, shift, dims=axis), rtol=0, atol=1e-10)
     torch.testing.assert_close(lds, ld, rtol=0, atol=1e-10)
+
+
+def test_mask_period_option():
+    from flowplug.plugins.flow_gauge import GaugeMasks
+
+    assert GaugeMasks((8, 8), 0).period == 4 and GaugeMasks((8, 8), 0, period=2).period == 2
+    assert GaugeMasks((6, 6), 0).period == 2
+    with pytest.raises(ConfigError, match="period must be 2 or 4 and divide the extent 6"):
+        GaugeMasks((6, 6), 0, period=4)
+    with pytest.raises(ConfigError, match="period must be 2 or 4"):
+        GaugeMasks((8, 8), 0, period=3)
 
 
 def test_fresh_layers_are_identity():
