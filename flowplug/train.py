@@ -32,7 +32,7 @@ Robustness and exactness
 
 Public API: :class:`Trainer`, :func:`build_trainer`, :func:`load_flow`,
 :class:`LoadedFlow`, :func:`evaluate_flow`, :func:`imh_acceptance_estimate`,
-:func:`imh_chain_acceptance`, :func:`resolve_device`, :func:`load_ensemble`.
+:func:`imh_chain_acceptance`, :func:`imh_chain_states`, :func:`resolve_device`, :func:`load_ensemble`.
 """
 
 from __future__ import annotations
@@ -113,14 +113,33 @@ def imh_chain_acceptance(log_w: torch.Tensor, generator: np.random.Generator | i
     Returns:
         Accepted fraction of the n - 1 proposals.
     """
+    states = imh_chain_states(log_w, generator)
+    return float((np.diff(states) != 0).sum()) / max(states.size - 1, 1)
+
+
+def imh_chain_states(log_w: torch.Tensor, generator: np.random.Generator | int = 0) -> np.ndarray:
+    r"""The states of the independence Metropolis chain of :func:`imh_chain_acceptance`.
+
+    Arguments:
+        log_w: log p - log q of the proposals in order, shape (n,), n >= 1.
+        generator: numpy Generator or seed for the uniform numbers.
+
+    Returns:
+        Shape (n,), int64: entry i is the index of the sample the chain holds after
+        proposal i (entry 0 is 0). Measuring an observable on ``x[states]`` gives an exact
+        Markov chain for exp(-S)/Z (Albergo et al., arXiv:1904.12072, section II.C),
+        whose error the Gamma method estimates with the rejections' autocorrelation.
+    """
     lw = torch.as_tensor(log_w, dtype=torch.float64).detach().flatten().cpu().numpy()
     rng = generator if isinstance(generator, np.random.Generator) else np.random.default_rng(generator)
-    u = np.log(rng.random(lw.size - 1))
-    current, accepted = lw[0], 0
+    u = np.log(rng.random(max(lw.size - 1, 0)))
+    states = np.zeros(lw.size, dtype=np.int64)
+    cur = 0
     for i in range(1, lw.size):
-        if u[i - 1] < lw[i] - current:
-            current, accepted = lw[i], accepted + 1
-    return accepted / max(lw.size - 1, 1)
+        if u[i - 1] < lw[i] - lw[cur]:
+            cur = i
+        states[i] = cur
+    return states
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -699,12 +718,15 @@ def evaluate_flow(flow: Flow, action: Any, n_samples: int = 8192, *, batch_size:
         seed: Seed of the sampling generator (and of the chain's uniforms).
         observables: Name -> function (B,) of configurations; their reweighted means
             sum(w O)/sum(w) are reported as ``<name>``, with the delta-method error
-            sqrt(sum w^2 (O - mean)^2)/sum(w) as ``<name>_err``.
+            sqrt(sum w^2 (O - mean)^2)/sum(w) as ``<name>_err`` (optimistic when the
+            weights are heavy-tailed), and their means over the independence Metropolis
+            chain of ``acceptance_chain`` as ``<name>_chain`` with the Gamma-method
+            error ``<name>_chain_err`` and ``<name>_chain_tau_int``.
 
     Returns:
         ``ess``, ``acceptance`` (estimate), ``acceptance_chain`` (an independence
         Metropolis chain over the samples), ``free_energy`` (mean of log q + S, an upper
-        bound of -log Z), ``n_samples``, and reweighted observables.
+        bound of -log Z), ``n_samples``, and the observables.
     """
     flow.eval()
     gen = torch.Generator(device=flow.device)
@@ -730,10 +752,15 @@ def evaluate_flow(flow: Flow, action: Any, n_samples: int = 8192, *, batch_size:
         "free_energy": float(-lw.mean()),
     }
     if obs:
+        from flowplug.stats import gamma_method
+
         w = torch.exp(lw - lw.max())
+        states = imh_chain_states(lw, int(seed))
         for k, vals in obs.items():
             v = torch.cat(vals)[finite]
             mean = (w * v).sum() / w.sum()
             out[k] = float(mean)
             out[k + "_err"] = float(torch.sqrt((w * w * (v - mean) ** 2).sum()) / w.sum())
+            g = gamma_method(v.numpy()[states])
+            out[k + "_chain"], out[k + "_chain_err"], out[k + "_chain_tau_int"] = g.mean, g.error, g.tau_int
     return out
