@@ -5,7 +5,8 @@ Not a timed test: run it by hand on an otherwise idle machine.
     python benchmarks/flows.py                       # phi4 and u1 at the issue's budgets, seed 1
     python benchmarks/flows.py --points phi4 --seeds 1,2,3 --threads 2
     python benchmarks/flows.py --points su3,su3-4d --steps 200
-    python benchmarks/flows.py --speed-only          # steps/s only (50 steps per point)
+    python benchmarks/flows.py --speed-only          # steps/s only (50 steps per point; with
+                                                     # path gradients also the plain-gradient rate)
 
 For every point and seed it trains with the example configuration (same number of
 gradient steps and batch size as the tutorial of arXiv:2101.08176 for phi4 and u1),
@@ -60,30 +61,15 @@ def _observables(field):
 
 @torch.no_grad()
 def figures(flow, action, n, seed):
-    """ESS, acceptance, free energy and reweighted observables with delta-method errors."""
-    from flowplug.stats import ess
-    from flowplug.train import imh_acceptance_estimate, imh_chain_acceptance
+    """ESS, acceptance, free energy and observables: reweighted (delta-method errors) and on
+    the independence Metropolis chain over the same samples (Gamma-method errors)."""
+    from flowplug.train import evaluate_flow
 
-    gen = torch.Generator(device=flow.device).manual_seed(seed)
-    obs = _observables(flow.field)
-    lws, vals = [], {k: [] for k in obs}
-    left = n
-    while left > 0:
-        b = min(1024, left)
-        x, log_q = flow.sample(b, gen)
-        lws.append(-action.action(x) - log_q)
-        for k, fn in obs.items():
-            vals[k].append(fn(x).double())
-        left -= b
-    lw = torch.cat(lws).double()
-    w = torch.exp(lw - lw.max())
-    out = {"ess": float(ess(lw)), "acceptance": imh_acceptance_estimate(lw),
-           "acceptance_chain": imh_chain_acceptance(lw, seed), "free_energy": float(-lw.mean())}
-    for k in obs:
-        v = torch.cat(vals[k])
-        mean = (w * v).sum() / w.sum()
-        err = torch.sqrt((w * w * (v - mean) ** 2).sum()) / w.sum()
-        out[k] = (float(mean), float(err))
+    fig = evaluate_flow(flow, action, n, batch_size=1024, seed=seed, observables=_observables(flow.field))
+    out = {k: fig[k] for k in ("ess", "acceptance", "acceptance_chain", "free_energy")}
+    for k in _observables(flow.field):
+        out[k] = (fig[k], fig[k + "_err"])
+        out[k + "_chain"] = (fig[k + "_chain"], fig[k + "_chain_err"])
     return out
 
 
@@ -113,6 +99,14 @@ def run_point(name, seed, args):
     rate = (tr.step - warm) / wall
     row = {"point": name, "seed": seed, "steps": tr.step, "batch": tr.batch_size, "steps_per_s": rate,
            "threads": torch.get_num_threads(), "skipped": tr.skipped, "wall_s": wall}
+    if args.speed_only and tr.path_gradient:
+        # reference in the same run: the same flow trained with plain reparameterised gradients
+        tr.path_gradient = False
+        n_plain = 50
+        t0 = time.perf_counter()
+        for _ in range(n_plain):
+            tr.train_step()
+        row["plain_steps_per_s"] = n_plain / (time.perf_counter() - t0)
     if not args.speed_only:
         row.update(figures(tr.flow, tr.action, args.samples, 10_000 + seed))
         row["exact"] = exact
@@ -144,7 +138,11 @@ def main(argv=None):
                          f"(chain {row['acceptance_chain']:.3f}), F_q {row['free_energy']:.3f}")
                 for k, ref in row["exact"].items():
                     m, e = row[k]
-                    line += f"; {k} {m:.4f}({e:.4f}) vs {ref:.4f}"
+                    mc, ec = row[k + "_chain"]
+                    line += f"; {k} {m:.4f}({e:.4f}), chain {mc:.4f}({ec:.4f}) vs {ref:.4f}"
+            if "plain_steps_per_s" in row:
+                line += (f"; plain gradients {row['plain_steps_per_s']:.2f} steps/s, path/plain "
+                         f"{row['steps_per_s'] / row['plain_steps_per_s']:.2f}")
             print(line, flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
