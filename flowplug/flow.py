@@ -22,6 +22,11 @@ For samplers
     min(1, exp([log p(x') - log q(x')] - [log p(x) - log q(x)])), all in float64
     (DESIGN.md section 4).
 
+Path gradients
+    A layer may also provide ``forward_diag(x) -> (y, logdet, log_diag, updated)`` (its
+    Jacobian's diagonal and updated coordinates); when every layer does,
+    :func:`path_gradient_loss` computes path gradients without inverting the flow.
+
 Layers and priors are looked up by name in the plugin registries (hooks
 ``flowplug_flow_layers`` and ``flowplug_priors``); :func:`build_flow` builds a flow
 from names and options, and records them in :attr:`Flow.spec` so that a checkpoint can
@@ -310,9 +315,29 @@ def build_flow(field: str, lattice: Sequence[int], layers: Sequence[str] | str, 
     return build_flow_from_layers(field, lattice, plan, prior=prior, prior_options=prior_options)
 
 
+def _defining_class(layer: nn.Module, name: str) -> type | None:
+    for cls in type(layer).__mro__:
+        if name in cls.__dict__:
+            return cls
+    return None
+
+
+def has_forward_diag(layer: nn.Module) -> bool:
+    """True when ``layer`` provides ``forward_diag`` for fast path gradients.
+
+    The method must be defined by the same class as ``forward``: a subclass that
+    overrides ``forward`` without ``forward_diag`` would otherwise inherit a diagonal
+    that no longer describes its map, and its path gradients would be silently wrong.
+    """
+    if not callable(getattr(layer, "forward_diag", None)):
+        return False
+    return _defining_class(layer, "forward_diag") is _defining_class(layer, "forward")
+
+
 def supports_fast_path_gradient(flow: Flow) -> bool:
-    """True when every layer of ``flow`` has ``forward_diag`` (see :func:`path_gradient_loss`)."""
-    return all(callable(getattr(layer, "forward_diag", None)) for layer in flow.layers)
+    """True when every layer of ``flow`` passes :func:`has_forward_diag` (see
+    :func:`path_gradient_loss`; Vaitl et al., arXiv:2403.15881)."""
+    return all(has_forward_diag(layer) for layer in flow.layers)
 
 
 def _grad_or_zeros(out: torch.Tensor, inp: torch.Tensor, grad_outputs: torch.Tensor | None = None) -> torch.Tensor:
@@ -330,16 +355,18 @@ def path_gradient_loss(flow: Flow, z: torch.Tensor,
 
     The path gradient of F_q = E_z[log q(x) + S(x)], x = f_theta(z), keeps only the
     dependence through x: grad_theta = E[(grad_x log q(x) + grad_x S(x)) . dx/dtheta]
-    with log q evaluated at fixed parameters (Vaitl et al., arXiv:2206.09016). The score
+    with log q evaluated at fixed parameters (Vaitl et al., arXiv:2207.08219). The score
     g_k = grad log q_k at x_k is carried forward through the layers (Vaitl et al.,
     arXiv:2403.15881, section 3): from log q_k(f_k(x)) = log q_{k-1}(x) - log|det J_k(x)|,
 
         g_k = J_k^{-T} (g_{k-1} - grad_x log|det J_k(x)|),   g_0 = grad log r(z).
 
-    Each layer's ``forward_diag(x) -> (y, logdet, log_diag, updated)`` gives the
-    diagonal d = exp(log_diag) of its Jacobian and the mask of updated coordinates;
-    an updated y_i must depend on x only through x_i and coordinates that are not
-    updated (true of coupling layers). Then J^T = D + N^T with N non-zero only from
+    Each layer's ``forward_diag(x) -> (y, logdet, log_diag, updated)`` gives y and
+    logdet as ``forward`` does, the log-diagonal log dy_i/dx_i of its Jacobian (like x,
+    float64) and the mask of updated coordinates (bool, shape x.shape[1:]); an updated
+    y_i must depend on x only through x_i and coordinates that are not updated (true of
+    coupling layers; ``tests/test_flow_layers.py`` checks it against autograd for every
+    registered layer). A layer that breaks this gives silently wrong gradients. Then J^T = D + N^T with N non-zero only from
     frozen to updated coordinates, and with v = g_{k-1} - grad log|det J_k|:
     w = v / d on updated coordinates, w = v - (J^T c) on the others, where c is w on
     the updated coordinates and 0 elsewhere (one vector-Jacobian product). The cost is
@@ -349,7 +376,8 @@ def path_gradient_loss(flow: Flow, z: torch.Tensor,
     Arguments:
         flow: A flow whose layers all have ``forward_diag``
             (:func:`supports_fast_path_gradient`).
-        z: Prior samples, shape (B, ...) as the flow's input.
+        z: Prior samples, shape (B, ...) as the flow's input, real (float64 for the
+            built-in priors).
         action: Callable giving S(x) of shape (B,), differentiable in x.
 
     Returns:
@@ -361,8 +389,7 @@ def path_gradient_loss(flow: Flow, z: torch.Tensor,
         ConfigError: if a layer lacks ``forward_diag``.
     """
     if not supports_fast_path_gradient(flow):
-        missing = sorted({type(layer).__name__ for layer in flow.layers
-                          if not callable(getattr(layer, "forward_diag", None))})
+        missing = sorted({type(layer).__name__ for layer in flow.layers if not has_forward_diag(layer)})
         raise ConfigError(f"fast path gradients need forward_diag on every layer; missing on {', '.join(missing)}")
     z = z.detach().requires_grad_(True)
     log_r = flow.prior.log_prob(z).to(torch.float64)

@@ -68,8 +68,8 @@ class GaugeMasks:
             ordered as :func:`flowplug.gauge.u1_plaquettes`.
 
     Raises:
-        ConfigError: for d < 2, or a stripe pattern that would update two links of one
-            active loop (odd L_nu).
+        ConfigError: for d < 2, a stripe pattern that would update two links of one
+            active loop (odd L_nu), or a period other than 2 or 4 or not dividing L_nu.
     """
 
     def __init__(self, lattice: Sequence[int], index: int = 0, *, mu: int | None = None,
@@ -90,8 +90,8 @@ class GaugeMasks:
                               f"found lattice {list(lat)}")
         if period is None:
             self.period = 4 if ln % 4 == 0 else 2
-        elif int(period) in (2, 4) and ln % int(period) == 0:
-            self.period = int(period)
+        elif isinstance(period, int) and not isinstance(period, bool) and period in (2, 4) and ln % period == 0:
+            self.period = period
         else:
             raise ConfigError(f"gauge mask period must be 2 or 4 and divide the extent {ln} along "
                               f"direction {self.nu}; found {period}")
@@ -190,7 +190,8 @@ class U1Coupling(_GaugeCoupling):
             updated sites the updated link is interior to R, so R is unchanged by the
             layer). The active and passive plaquettes of an updated link share R, so the
             layer can transform the active plaquette conditionally on their product.
-            Default ``False``.
+            (Frozen loops larger than plaquettes as conditioner inputs: Abbott et al.,
+            arXiv:2305.02402.) Default ``False``.
 
     ``forward(theta) -> (theta', logdet)``, ``inverse(theta') -> (theta, logdet_inv)``:
     angles of shape (B, d, L_0, ..., L_{d-1}) float64 (outputs wrapped into (-pi, pi] on
@@ -260,10 +261,15 @@ class U1Coupling(_GaugeCoupling):
     def forward_diag(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(theta', logdet, log_diag, updated)`` for fast path gradients.
 
-        log_diag (like theta, float64) is log dtheta'_i/dtheta_i = log h'(P) on the
-        updated links, 0 elsewhere; updated (bool, shape (d, L...)) marks those links.
-        An updated link depends on theta only through itself and links that are not
-        updated (its active loop's other links and the frozen plaquettes).
+        theta' (B, d, L...) and logdet (B,) float64 as :meth:`forward`; log_diag (like
+        theta, float64) is log dtheta'_i/dtheta_i = log h'(P) on the updated links, 0
+        elsewhere; updated (bool, shape (d, L...)) marks those links. An updated link
+        depends on theta only through itself and links that are not updated (its active
+        loop's other links, the frozen plaquettes and, with ``rectangles``, the frozen
+        1x2 loops) (:func:`flowplug.flow.path_gradient_loss`, arXiv:2403.15881).
+
+        Raises:
+            ShapeError: on an input of the wrong shape.
         """
         return self._map(theta, inverse=False, diag=True)
 
@@ -332,7 +338,8 @@ class SUNSpectralCoupling(_GaugeCoupling):
         full_loop = _sun_loop(u, self.mu, self.nu)
         rect = None
         if self.rectangles:
-            # P(x - nu) conjugated to start at x, then P(x): U_mu(x) cancels between them
+            # 1x2 loop based at x - nu: P(x - nu) times P(x) transported by U_nu(x - nu);
+            # U_mu(x) cancels between them
             below = torch.roll(full_loop, 1, dims=1 + self.nu)
             u_nu = torch.roll(u[:, self.nu], 1, dims=1 + self.nu)
             r = torch.diagonal(below @ u_nu @ full_loop @ u_nu.mH, dim1=-2, dim2=-1).sum(-1) / self.n

@@ -124,9 +124,13 @@ class AffineCoupling(_ScalarCoupling):
     def forward_diag(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(y, logdet, log_diag, updated)`` for fast path gradients.
 
-        log_diag (like x, float64) is log dy_i/dx_i = s_i; updated (bool, shape (L...))
+        y (B, L...) and logdet (B,) float64 as :meth:`forward`; log_diag (like x,
+        float64) is log dy_i/dx_i = s_i (0 on frozen sites); updated (bool, shape (L...))
         marks the active sites. y on an active site depends on x only through x_i and
-        the frozen sites (see :func:`flowplug.flow.path_gradient_loss`).
+        the frozen sites (:func:`flowplug.flow.path_gradient_loss`, arXiv:2403.15881).
+
+        Raises:
+            ShapeError: on an input of the wrong shape.
         """
         self._check(x)
         s, t = self._st(x)
@@ -195,8 +199,13 @@ class SplineCoupling(_ScalarCoupling):
     def forward_diag(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(y, logdet, log_diag, updated)`` for fast path gradients.
 
-        log_diag (like x, float64) is log dy_i/dx_i on the active sites (0 elsewhere and
-        on the identity tails); updated (bool, shape (L...)) marks the active sites.
+        y (B, L...) and logdet (B,) float64 as :meth:`forward`; log_diag (like x,
+        float64) is log dy_i/dx_i on the active sites (0 elsewhere and on the identity
+        tails); updated (bool, shape (L...)) marks the active sites
+        (:func:`flowplug.flow.path_gradient_loss`, arXiv:2403.15881).
+
+        Raises:
+            ShapeError: on an input of the wrong shape.
         """
         self._check(x)
         y, ld = self._transform(x, x, inverse=False)

@@ -161,7 +161,22 @@ def test_forward_diag_contract(name, field, lattice, index):
     """forward_diag agrees with forward, and its Jacobian has the structure the fast path
     gradient relies on: diagonal exp(log_diag), no dependence of an updated coordinate on
     another updated one, identity rows for the coordinates that are not updated."""
-    m = layer(name, field, lattice, index)
+    _check_forward_diag(layer(name, field, lattice, index), field, lattice)
+
+
+@pytest.mark.parametrize("name,field,lattice,index,opts", [
+    ("affine", "scalar", (4, 4), 1, {}), ("spline", "scalar", (4, 4), 0, {"bound": 1.0}),
+    ("u1-ncp", "u1", (4, 4), 1, {}), ("u1-ncp", "u1", (4, 4), 2, {"rectangles": True}),
+    ("u1-ncp", "u1", (4, 4), 3, {"rectangles": True, "period": 2}), ("u1-spline", "u1", (4, 4, 2), 5, {}),
+    ("u1-ncp", "u1", (4, 4, 2), 4, {"rectangles": True})])
+def test_forward_diag_contract_larger_lattices(name, field, lattice, index, opts):
+    """As above where stripes have period 4, x + nu != x - nu, with rectangles, and spline tails."""
+    m = make_layer(name, lattice=lattice, field=field, index=index, dtype="float64", **opts)
+    randomize(m)
+    _check_forward_diag(m, field, lattice)
+
+
+def _check_forward_diag(m, field, lattice):
     x = prior_sample(field, lattice, 1, seed=5)
     y, ld, log_diag, updated = m.forward_diag(x)
     y2, ld2 = m(x)
