@@ -31,7 +31,11 @@ Diagnostics (all float64, from log weights log w = -S(x) - log q(x) of flow samp
 
 Robustness and exactness
     A step whose loss or gradient is not finite is skipped (no parameter update) and
-    counted in ``skipped_steps``. Checkpoints hold the model, optimizer, scheduler and
+    counted in ``skipped_steps``. With ``guard`` > 0 (nats), a run whose mean loss over a
+    window of ``guard_window`` steps rises more than ``guard`` above the best window so far
+    is rolled back to the last good snapshot (model, optimizer, scheduler) with half the
+    learning rate, and counted in ``rollbacks``; the step budget and the random numbers
+    go on, so a diverging run costs steps, not the night. Checkpoints hold the model, optimizer, scheduler and
     random-number-generator states and the configuration; they are written atomically
     and read with ``torch.load(weights_only=True)`` (nothing is unpickled). A resumed run
     repeats the uninterrupted run bit for bit on the same device and thread count.
@@ -272,7 +276,7 @@ class _LogProb(nn.Module):
 #: Defaults of the [train] table (the CLI's default configuration documents each key).
 TRAIN_DEFAULTS: dict[str, Any] = {
     "steps": 1000, "batch_size": 64, "objective": "reverse", "path_gradient": False,
-    "path_gradient_method": "auto",
+    "path_gradient_method": "auto", "guard": 0.0, "guard_window": 25,
     "optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0, "betas": [0.9, 0.999],
     "schedule": "constant", "warmup_steps": 0, "lr_min_factor": 0.0, "grad_clip": 0.0,
     "ensemble": "", "ensemble_format": "", "checkpoint_every": 250, "progress": True,
@@ -334,6 +338,15 @@ class Trainer:
             raise ConfigError("train.path_gradient_method = 'fast' needs forward_diag on every flow layer; "
                               "use 'inverse' or 'auto'")
         self.fast_path_gradient = method == "fast" or (method == "auto" and supports_fast_path_gradient(self.flow))
+        self.guard = float(opts["guard"])
+        self.guard_window = int(opts["guard_window"])
+        if self.guard < 0 or not math.isfinite(self.guard) or self.guard_window < 2:
+            raise ConfigError(f"train.guard must be a finite value >= 0 (nats) and train.guard_window >= 2; "
+                              f"found {opts['guard']!r} and {opts['guard_window']!r}")
+        self.rollbacks = 0
+        self._guard_losses: list[float] = []
+        self._guard_best = float("inf")
+        self._guard_snapshot: dict[str, Any] | None = None
         self.ensemble = None
         if self.objective == "forward":
             if ensemble is None or len(ensemble) == 0:
@@ -431,11 +444,43 @@ class Trainer:
         self.wall_time_s += time.perf_counter() - t0
         metrics["wall_time_s"] = self.wall_time_s
         self.step += 1
+        if self.guard > 0 and self.objective == "reverse":
+            self._guard_update(metrics["loss"])
         self.history.append(metrics)
         from flowplug.manager import get_plugin_manager
 
         get_plugin_manager().hook.flowplug_after_train_step(step=self.step - 1, metrics=dict(metrics))
         return metrics
+
+    def _guard_update(self, loss: float) -> None:
+        """Divergence guard (``train.guard`` > 0): every ``guard_window`` steps compare the
+        window's mean loss with the best window mean so far; within ``guard`` nats keep a
+        snapshot of model, optimizer and scheduler, beyond it restore the last snapshot and
+        halve the learning rate (the step counter and random numbers go on)."""
+        self._guard_losses.append(loss if math.isfinite(loss) else float("inf"))
+        if len(self._guard_losses) < self.guard_window:
+            return
+        mean = sum(self._guard_losses) / len(self._guard_losses)
+        self._guard_losses = []
+        if self._guard_snapshot is not None and not mean <= self._guard_best + self.guard:
+            snap = copy.deepcopy(self._guard_snapshot)
+            self.flow.load_state_dict(snap["model"])
+            self.optimizer.load_state_dict(snap["optimizer"])
+            self.scheduler.load_state_dict(snap["scheduler"])
+            self.scheduler.base_lrs = [0.5 * lr for lr in self.scheduler.base_lrs]
+            self._guard_snapshot["scheduler"]["base_lrs"] = list(self.scheduler.base_lrs)
+            # the schedule continues at the current step, with the halved base rate
+            self.scheduler.last_epoch = self.step
+            lrs = [b * f(self.step) for b, f in zip(self.scheduler.base_lrs, self.scheduler.lr_lambdas)]
+            for group, lr in zip(self.optimizer.param_groups, lrs):
+                group["lr"] = lr
+            self.scheduler._last_lr = list(lrs)
+            self.rollbacks += 1
+            return
+        self._guard_best = min(self._guard_best, mean)
+        self._guard_snapshot = {"model": copy.deepcopy(self.flow.state_dict()),
+                                "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+                                "scheduler": copy.deepcopy(self.scheduler.state_dict())}
 
     # ------------------------------------------------------------------------------ run
 
@@ -521,6 +566,8 @@ class Trainer:
             "rng": {"generator": self.generator.get_state(), "torch_cpu": torch.get_rng_state()},
             "train": copy.deepcopy(self.opts),
             "config": copy.deepcopy(self.config),
+            "guard": {"rollbacks": self.rollbacks, "losses": list(self._guard_losses),
+                      "best": self._guard_best, "snapshot": copy.deepcopy(self._guard_snapshot)},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -540,6 +587,11 @@ class Trainer:
         self.step = int(state["step"])
         self.skipped = int(state["skipped"])
         self.wall_time_s = float(state.get("wall_time_s", 0.0))
+        guard = state.get("guard") or {}
+        self.rollbacks = int(guard.get("rollbacks", 0))
+        self._guard_losses = [float(v) for v in guard.get("losses", [])]
+        self._guard_best = float(guard.get("best", float("inf")))
+        self._guard_snapshot = copy.deepcopy(guard.get("snapshot"))
 
     def save_checkpoint(self, path: str | Path | None = None) -> Path:
         """Write a checkpoint atomically (default ``<out>/checkpoint.pt``) and call the

@@ -377,3 +377,50 @@ def test_path_gradient_falls_back_without_forward_diag(tmp_path):
         path_gradient_loss(tr.flow, z, tr.action.action)
     hist = tr.run(progress=False)
     assert len(hist) == 2 and all(math.isfinite(m["grad_norm"]) for m in hist)
+
+
+class _Jump:
+    """phi^4 action that jumps by a constant from a given call on (a divergence)."""
+
+    field = "scalar"
+
+    def __init__(self, inner, after):
+        self.inner, self.after, self.calls = inner, after, 0
+
+    def action(self, x):
+        self.calls += 1
+        return self.inner.action(x) + (1000.0 if self.calls > self.after else 0.0)
+
+
+def test_divergence_guard_rolls_back_and_halves_the_learning_rate(tmp_path):
+    c = cfg(tmp_path, "train.guard=100.0", "train.guard_window=4", "train.steps=16", "train.lr=0.01")
+    tr = build_trainer(c, out=None)
+    tr.action = _Jump(tr.action, after=10)
+    tr.run(steps=8, progress=False)
+    assert tr.rollbacks == 0 and tr._guard_snapshot is not None
+    snap = [v.clone() for v in tr._guard_snapshot["model"].values()]
+    tr.run(steps=12, progress=False)          # steps 11 and 12 jump by 1000: window 9-12 is 500 nats worse
+    assert tr.rollbacks == 1
+    for a, b in zip(snap, tr.flow.state_dict().values()):
+        assert torch.equal(a, b)
+    assert tr.scheduler.base_lrs == [0.005]
+    assert tr.optimizer.param_groups[0]["lr"] == pytest.approx(0.005)
+    assert tr.step == 12
+    tr.action = tr.action.inner
+    tr.run(steps=16, progress=False)
+    assert tr.rollbacks == 1 and tr.optimizer.param_groups[0]["lr"] == pytest.approx(0.005)
+    with pytest.raises(ConfigError, match="train.guard must be"):
+        build_trainer(cfg(tmp_path, "train.guard=-1"), out=None)
+
+
+def test_guard_state_resumes_identically(tmp_path):
+    c = cfg(tmp_path, "train.guard=2.0", "train.guard_window=3")
+    a = build_trainer(c)
+    a.run(steps=5, progress=False, checkpoint_every=0)
+    ck = a.save_checkpoint(tmp_path / "mid.pt")
+    b = resume_trainer(ck)
+    assert b._guard_losses == a._guard_losses and b._guard_best == a._guard_best
+    for x, y in zip(a._guard_snapshot["model"].values(), b._guard_snapshot["model"].values()):
+        assert torch.equal(x, y)
+    ma, mb = a.train_step(), b.train_step()
+    assert ma["loss"] == mb["loss"] and ma["grad_norm"] == mb["grad_norm"]

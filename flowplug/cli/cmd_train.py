@@ -58,6 +58,8 @@ schedule = "constant"        # constant | cosine | linear (decay to lr * lr_min_
 warmup_steps = 0             # linear warm-up steps
 lr_min_factor = 0.0
 grad_clip = 0.0              # max gradient norm; 0 = no clipping
+guard = 0.0                  # reverse only: divergence guard in nats; 0 = off (see docs/flows.md)
+guard_window = 25            # steps per guard window
 ensemble = ""                # forward: configurations (path or glob; any readable lattice format, .pt, .h5)
 ensemble_format = ""         # forward: force a file format (default: detect)
 checkpoint_every = 250       # steps between checkpoints (0: only at the end)
@@ -161,6 +163,7 @@ def run(args: argparse.Namespace) -> int:
         "free_energy": figures["free_energy"],
         "steps": trainer.step,
         "skipped_steps": trainer.skipped,
+        "rollbacks": trainer.rollbacks,
         "wall_time_s": trainer.wall_time_s,
         "steps_per_s": trainer.step / trainer.wall_time_s if trainer.wall_time_s > 0 else None,
         "eval_samples": figures["n_samples"],
