@@ -61,7 +61,8 @@ import torch
 from torch import nn
 
 from flowplug.errors import CheckpointError, ConfigError, FlowplugError, ShapeError
-from flowplug.flow import Flow, build_flow, check_field, path_gradient_loss, supports_fast_path_gradient
+from flowplug.flow import (Flow, build_flow, check_field, has_forward_diag, path_gradient_loss,
+                           supports_fast_path_gradient)
 from flowplug.fsutil import atomic_path
 from flowplug.stats import ess as _ess
 
@@ -334,9 +335,10 @@ class Trainer:
         if method not in ("auto", "fast", "inverse"):
             raise ConfigError(f"train.path_gradient_method must be 'auto', 'fast' or 'inverse'; "
                               f"found {opts['path_gradient_method']!r}")
-        if method == "fast" and not supports_fast_path_gradient(self.flow):
-            raise ConfigError("train.path_gradient_method = 'fast' needs forward_diag on every flow layer; "
-                              "use 'inverse' or 'auto'")
+        if self.path_gradient and method == "fast" and not supports_fast_path_gradient(self.flow):
+            names = sorted({type(m).__name__ for m in self.flow.layers if not has_forward_diag(m)})
+            raise ConfigError(f"train.path_gradient_method = 'fast' needs forward_diag on every flow layer; "
+                              f"{', '.join(names)} lack it: use 'inverse' or 'auto'")
         self.fast_path_gradient = method == "fast" or (method == "auto" and supports_fast_path_gradient(self.flow))
         self.guard = float(opts["guard"])
         self.guard_window = int(opts["guard_window"])
@@ -476,6 +478,11 @@ class Trainer:
                 group["lr"] = lr
             self.scheduler._last_lr = list(lrs)
             self.rollbacks += 1
+            import warnings
+
+            warnings.warn(f"training diverged (mean loss {mean:.4g} over steps {self.step - self.guard_window}-"
+                          f"{self.step - 1}, best {self._guard_best:.4g}): back to the last snapshot with "
+                          f"lr x 0.5 (rollback {self.rollbacks})", RuntimeWarning, stacklevel=2)
             return
         self._guard_best = min(self._guard_best, mean)
         self._guard_snapshot = {"model": copy.deepcopy(self.flow.state_dict()),
@@ -518,7 +525,8 @@ class Trainer:
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{m['loss']:.3f}", ess=f"{m['ess']:.3f}",
-                                    acc=f"{m['acceptance']:.3f}", skipped=self.skipped, refresh=False)
+                                    acc=f"{m['acceptance']:.3f}", skipped=self.skipped, rollbacks=self.rollbacks,
+                                    refresh=False)
                 if self.out is not None and every > 0 and self.step % every == 0 and self.step < total:
                     self.save_checkpoint()
             if self.out is not None:
@@ -800,6 +808,9 @@ def evaluate_flow(flow: Flow, action: Any, n_samples: int = 8192, *, batch_size:
         ``ess``, ``acceptance`` (estimate), ``acceptance_chain`` (an independence
         Metropolis chain over the samples), ``free_energy`` (mean of log q + S, an upper
         bound of -log Z), ``n_samples``, and the observables.
+
+    Raises:
+        FlowplugError: if every sample has a non-finite log weight.
     """
     flow.eval()
     gen = torch.Generator(device=flow.device)
@@ -816,6 +827,9 @@ def evaluate_flow(flow: Flow, action: Any, n_samples: int = 8192, *, batch_size:
     log_w = torch.cat(log_ws)
     finite = torch.isfinite(log_w)
     lw = log_w[finite]
+    if lw.numel() == 0:
+        raise FlowplugError(f"evaluate_flow: all {int(n_samples)} samples have non-finite log weights "
+                            "(the flow or the action gives NaN/Inf)")
     out: dict[str, Any] = {
         "n_samples": int(n_samples),
         "non_finite": int((~finite).sum()),

@@ -213,6 +213,9 @@ class U1Coupling(_GaugeCoupling):
             raise ConfigError(f"U(1) coupling: transform must be 'ncp' or 'spline'; found {transform!r}")
         self.transform = transform
         self.n_mix, self.n_bins = int(n_mix), int(n_bins)
+        if self.n_mix < 1 or self.n_bins < 1:
+            raise ConfigError(f"U(1) coupling needs n_mix >= 1 and n_bins >= 1; found n_mix = {n_mix}, "
+                              f"n_bins = {n_bins}")
         n_params = (2 * self.n_mix if transform == "ncp" else 3 * self.n_bins) + 1
         if init_scale is None:
             init_scale = 1.0 if transform == "ncp" else 0.0

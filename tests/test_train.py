@@ -347,9 +347,12 @@ def test_trainer_takes_the_fast_path_gradient(tmp_path, monkeypatch):
         slow.train_step()
     with pytest.raises(ConfigError, match="path_gradient_method must be"):
         build_trainer(cfg(tmp_path, "train.path_gradient_method='magic'"), out=None)
-    with pytest.raises(ConfigError, match="'fast' needs forward_diag"):
+    with pytest.raises(ConfigError, match="'fast' needs forward_diag.*SUNSpectralCoupling lack it"):
         build_trainer(cfg(tmp_path, "action.name=wilson", "action.group=su2", "flow.layers=['sun-spectral']",
-                          "train.path_gradient_method='fast'"), out=None)
+                          "train.path_gradient_method='fast'", "train.path_gradient=true"), out=None)
+    # without path gradients the method is irrelevant
+    build_trainer(cfg(tmp_path, "action.name=wilson", "action.group=su2", "flow.layers=['sun-spectral']",
+                      "train.path_gradient_method='fast'"), out=None)
 
 
 def test_subclass_overriding_forward_loses_the_fast_path():
@@ -424,3 +427,22 @@ def test_guard_state_resumes_identically(tmp_path):
         assert torch.equal(x, y)
     ma, mb = a.train_step(), b.train_step()
     assert ma["loss"] == mb["loss"] and ma["grad_norm"] == mb["grad_norm"]
+
+
+def test_cli_train_refuses_to_overwrite_a_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--config", str(EXAMPLES / "train_phi4.toml"), "--set", f"out='{out}'", "--set", "lattice=[4,4]",
+            "--set", "flow.n_layers=2", "--set", "train.steps=2", "--set", "train.batch_size=4",
+            "--set", "eval.samples=16", "--no-progress"]
+    assert main(args) == 0
+    before = (out / "checkpoint.pt").read_bytes()
+    assert main(args) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert "checkpoint.pt exists: continue that run with --resume" in err and "--force" in err
+    assert (out / "checkpoint.pt").read_bytes() == before
+    assert main(args + ["--force"]) == 0
+    assert main(["train", "--resume", str(out), "--no-progress"]) == 0
+    assert "nothing to train" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="n_mix >= 1"):
+        from flowplug.flow import make_layer
+        make_layer("u1-ncp", lattice=[4, 4], field="u1", n_mix=0)

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from flowplug.cli.common import add_config_arguments, config_from_args
-from flowplug.errors import ConfigError
+from flowplug.errors import ConfigError, FlowplugError
 from flowplug.records import CommandSpec
 
 DEFAULT_TOML_TEXT = """\
@@ -80,6 +80,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", metavar="DIR",
                         help="continue the run in DIR from its checkpoint (bit-for-bit); only "
                              "train.steps, train.checkpoint_every, train.progress may be changed with --set")
+    parser.add_argument("--force", action="store_true",
+                        help="start afresh even though <out> holds a checkpoint of an earlier run")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -137,12 +139,19 @@ def run(args: argparse.Namespace) -> int:
         config = trainer.config
         config.setdefault("train", {}).update(overrides)
         print(f"resuming {args.resume} at step {trainer.step} of {trainer.steps_total}", file=sys.stderr)
+        if trainer.step >= trainer.steps_total:
+            print(f"nothing to train: the run already has {trainer.step} steps (raise train.steps to "
+                  "continue); evaluating", file=sys.stderr)
     else:
         config = config_from_args(args, DEFAULT_TOML_TEXT, open_tables=OPEN_TABLES)
         if config is None:
             return 0
         if args.no_progress:
             config["train"]["progress"] = False
+        ckpt = Path(str(config["out"])) / _train.CHECKPOINT_NAME
+        if ckpt.exists() and not args.force:
+            raise FlowplugError(f"{ckpt} exists: continue that run with --resume {ckpt.parent}, or start "
+                                "afresh with --force (or another out)")
         trainer = _train.build_trainer(config)
         out = Path(config["out"])
         out.mkdir(parents=True, exist_ok=True)
@@ -181,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
                                      "non_finite")},
     }
     write_summary(trainer.out, "train", summary)
-    print(f"steps {trainer.step} (skipped {trainer.skipped}), ESS {figures['ess']:.4f}, "
+    print(f"steps {trainer.step} (skipped {trainer.skipped}, rollbacks {trainer.rollbacks}), ESS {figures['ess']:.4f}, "
           f"acceptance {figures['acceptance']:.4f}, free energy {figures['free_energy']:.4f}, "
           f"{summary['steps_per_s'] or 0:.2f} steps/s -> {trainer.out}/summary.json")
     return 0
