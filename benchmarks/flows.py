@@ -65,9 +65,10 @@ def figures(flow, action, n, seed):
     the independence Metropolis chain over the same samples (Gamma-method errors)."""
     from flowplug.train import evaluate_flow
 
-    fig = evaluate_flow(flow, action, n, batch_size=1024, seed=seed, observables=_observables(flow.field))
+    obs = _observables(flow.field)
+    fig = evaluate_flow(flow, action, n, batch_size=1024, seed=seed, observables=obs)
     out = {k: fig[k] for k in ("ess", "acceptance", "acceptance_chain", "free_energy")}
-    for k in _observables(flow.field):
+    for k in obs:
         out[k] = (fig[k], fig[k + "_err"])
         out[k + "_chain"] = (fig[k + "_chain"], fig[k + "_chain_err"])
     return out

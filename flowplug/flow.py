@@ -334,10 +334,15 @@ def has_forward_diag(layer: nn.Module) -> bool:
     return _defining_class(layer, "forward_diag") is _defining_class(layer, "forward")
 
 
+def layers_without_forward_diag(flow: Flow) -> list[str]:
+    """Sorted class names of the layers of ``flow`` that fail :func:`has_forward_diag`."""
+    return sorted({type(layer).__name__ for layer in flow.layers if not has_forward_diag(layer)})
+
+
 def supports_fast_path_gradient(flow: Flow) -> bool:
     """True when every layer of ``flow`` passes :func:`has_forward_diag` (see
     :func:`path_gradient_loss`; Vaitl et al., arXiv:2403.15881)."""
-    return all(has_forward_diag(layer) for layer in flow.layers)
+    return not layers_without_forward_diag(flow)
 
 
 def _grad_or_zeros(out: torch.Tensor, inp: torch.Tensor, grad_outputs: torch.Tensor | None = None) -> torch.Tensor:
@@ -366,8 +371,9 @@ def path_gradient_loss(flow: Flow, z: torch.Tensor,
     float64) and the mask of updated coordinates (bool, shape x.shape[1:]); an updated
     y_i must depend on x only through x_i and coordinates that are not updated (true of
     coupling layers; ``tests/test_flow_layers.py`` checks it against autograd for every
-    registered layer). A layer that breaks this gives silently wrong gradients. Then J^T = D + N^T with N non-zero only from
-    frozen to updated coordinates, and with v = g_{k-1} - grad log|det J_k|:
+    registered layer); a layer that breaks this gives silently wrong gradients. Then
+    J^T = D + N^T with N non-zero only from frozen to updated coordinates, and with
+    v = g_{k-1} - grad log|det J_k|:
     w = v / d on updated coordinates, w = v - (J^T c) on the others, where c is w on
     the updated coordinates and 0 elsewhere (one vector-Jacobian product). The cost is
     two vector-Jacobian products per layer on top of the usual forward and backward
@@ -388,8 +394,8 @@ def path_gradient_loss(flow: Flow, z: torch.Tensor,
     Raises:
         ConfigError: if a layer lacks ``forward_diag``.
     """
-    if not supports_fast_path_gradient(flow):
-        missing = sorted({type(layer).__name__ for layer in flow.layers if not has_forward_diag(layer)})
+    missing = layers_without_forward_diag(flow)
+    if missing:
         raise ConfigError(f"fast path gradients need forward_diag on every layer; missing on {', '.join(missing)}")
     z = z.detach().requires_grad_(True)
     log_r = flow.prior.log_prob(z).to(torch.float64)

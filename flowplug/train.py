@@ -35,7 +35,8 @@ Robustness and exactness
     window of ``guard_window`` steps rises more than ``guard`` above the best window so far
     is rolled back to the last good snapshot (model, optimizer, scheduler) with half the
     learning rate, and counted in ``rollbacks``; the step budget and the random numbers
-    go on, so a diverging run costs steps, not the night. Checkpoints hold the model, optimizer, scheduler and
+    go on, so a diverging run costs steps, not the night. Checkpoints hold the model,
+    optimizer, scheduler and
     random-number-generator states and the configuration; they are written atomically
     and read with ``torch.load(weights_only=True)`` (nothing is unpickled). A resumed run
     repeats the uninterrupted run bit for bit on the same device and thread count.
@@ -61,7 +62,7 @@ import torch
 from torch import nn
 
 from flowplug.errors import CheckpointError, ConfigError, FlowplugError, ShapeError
-from flowplug.flow import (Flow, build_flow, check_field, has_forward_diag, path_gradient_loss,
+from flowplug.flow import (Flow, build_flow, check_field, layers_without_forward_diag, path_gradient_loss,
                            supports_fast_path_gradient)
 from flowplug.fsutil import atomic_path
 from flowplug.stats import ess as _ess
@@ -124,7 +125,11 @@ def imh_chain_acceptance(log_w: torch.Tensor, generator: np.random.Generator | i
     Returns:
         Accepted fraction of the n - 1 proposals.
     """
-    states = imh_chain_states(log_w, generator)
+    return _moved_fraction(imh_chain_states(log_w, generator))
+
+
+def _moved_fraction(states: np.ndarray) -> float:
+    """Accepted fraction of the proposals 1..n-1 of a chain given by its states."""
     return float((np.diff(states) != 0).sum()) / max(states.size - 1, 1)
 
 
@@ -335,11 +340,11 @@ class Trainer:
         if method not in ("auto", "fast", "inverse"):
             raise ConfigError(f"train.path_gradient_method must be 'auto', 'fast' or 'inverse'; "
                               f"found {opts['path_gradient_method']!r}")
-        if self.path_gradient and method == "fast" and not supports_fast_path_gradient(self.flow):
-            names = sorted({type(m).__name__ for m in self.flow.layers if not has_forward_diag(m)})
+        missing = layers_without_forward_diag(self.flow)
+        if self.path_gradient and method == "fast" and missing:
             raise ConfigError(f"train.path_gradient_method = 'fast' needs forward_diag on every flow layer; "
-                              f"{', '.join(names)} lack it: use 'inverse' or 'auto'")
-        self.fast_path_gradient = method == "fast" or (method == "auto" and supports_fast_path_gradient(self.flow))
+                              f"{', '.join(missing)} lack it: use 'inverse' or 'auto'")
+        self.fast_path_gradient = method == "fast" or (method == "auto" and not missing)
         self.guard = float(opts["guard"])
         self.guard_window = int(opts["guard_window"])
         if self.guard < 0 or not math.isfinite(self.guard) or self.guard_window < 2:
@@ -472,11 +477,8 @@ class Trainer:
             self.scheduler.base_lrs = [0.5 * lr for lr in self.scheduler.base_lrs]
             self._guard_snapshot["scheduler"]["base_lrs"] = list(self.scheduler.base_lrs)
             # the schedule continues at the current step, with the halved base rate
-            self.scheduler.last_epoch = self.step
-            lrs = [b * f(self.step) for b, f in zip(self.scheduler.base_lrs, self.scheduler.lr_lambdas)]
-            for group, lr in zip(self.optimizer.param_groups, lrs):
-                group["lr"] = lr
-            self.scheduler._last_lr = list(lrs)
+            self.scheduler.last_epoch = self.step - 1
+            self.scheduler.step()
             self.rollbacks += 1
             import warnings
 
@@ -838,7 +840,7 @@ def evaluate_flow(flow: Flow, action: Any, n_samples: int = 8192, *, batch_size:
         "free_energy": float(-lw.mean()),
     }
     states = imh_chain_states(lw, int(seed))
-    out["acceptance_chain"] = float((np.diff(states) != 0).sum()) / max(states.size - 1, 1)
+    out["acceptance_chain"] = _moved_fraction(states)
     if obs:
         from flowplug.stats import gamma_method
 

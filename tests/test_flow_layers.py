@@ -253,11 +253,18 @@ def test_rectangle_conditioning(name, field, lattice, period):
     d = len(lattice)
     if field == "u1":
         alpha = TWO_PI * torch.rand((2, *lattice), generator=gen(2), dtype=torch.float64)
-        xg = groups.wrap_angle(torch.stack([x[:, mu] + alpha - torch.roll(alpha, -1, dims=1 + mu) for mu in range(d)], 1))
+
+        def transform(t):
+            return groups.wrap_angle(torch.stack([t[:, mu] + alpha - torch.roll(alpha, -1, dims=1 + mu)
+                                                  for mu in range(d)], 1))
     else:
         omega = groups.haar_random((2, *lattice), int(field[2:]), generator=gen(2))
-        xg = torch.stack([omega @ x[:, mu] @ torch.roll(omega, -1, dims=1 + mu).mH for mu in range(d)], 1)
-    _, ldg = m(xg)
+
+        def transform(u):
+            return torch.stack([omega @ u[:, mu] @ torch.roll(omega, -1, dims=1 + mu).mH for mu in range(d)], 1)
+    yg, ldg = m(transform(x))
+    diff = yg - transform(y)
+    assert (groups.wrap_angle(diff) if field == "u1" else diff).abs().max() < 1e-9
     torch.testing.assert_close(ldg, ld, rtol=0, atol=1e-9)
 
 

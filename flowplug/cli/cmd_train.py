@@ -180,9 +180,7 @@ def run(args: argparse.Namespace) -> int:
         "final_loss": last.get("loss"),
         "field": trainer.flow.field,
         "lattice": list(trainer.flow.lattice),
-        "action": ({"name": str(config["action"]["name"]), **trainer.action.couplings()}
-                   if hasattr(trainer.action, "couplings") and "name" in config.get("action", {})
-                   else dict(config.get("action", {}))),
+        "action": {"name": str(config["action"]["name"]), **getattr(trainer.action, "couplings", dict)()},
         "device": str(trainer.device),
         "checkpoint": str(trainer.out / _train.CHECKPOINT_NAME),
         "observables": {k: v for k, v in figures.items()
