@@ -195,7 +195,8 @@ def make_layer(name: str, *, lattice: Sequence[int], field: str, index: int = 0,
 
     Raises:
         UnknownComponentError: for an unregistered name (listing the registered ones).
-        ConfigError: if the layer does not act on ``field`` or rejects an option.
+        ConfigError: if the layer does not act on ``field`` or on a lattice of this
+            dimension, or rejects an option.
     """
     from flowplug.manager import get_component
 
@@ -203,6 +204,9 @@ def make_layer(name: str, *, lattice: Sequence[int], field: str, index: int = 0,
     if rec.fields and field not in rec.fields:
         raise ConfigError(f"flow layer '{rec.name}' acts on {', '.join(rec.fields)} fields, "
                           f"not on '{field}'")
+    if rec.dims and len(lattice) not in rec.dims:
+        raise ConfigError(f"flow layer '{rec.name}' acts on {' or '.join(f'{d}D' for d in rec.dims)} lattices; "
+                          f"found lattice {list(lattice)} ({len(lattice)}D)")
     accepted = _accepted_options(rec.factory)
     if accepted is not None:
         unknown = sorted(set(options) - accepted)

@@ -109,10 +109,12 @@ class FlowLayerSpec(Component):
 
     Attributes:
         fields: Field kinds the layer transforms.
+        dims: Lattice dimensions d the layer supports; empty means any.
     """
 
     kind: ClassVar[str] = "flow_layer"
     fields: tuple[str, ...] = ()
+    dims: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -137,3 +137,48 @@ class ConvNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the network; the input is cast to the network dtype first."""
         return self.layers(x.to(self.dtype))
+
+
+class MLP(nn.Module):
+    """Fully connected network with SiLU activations, acting on the last axis.
+
+    Used where a coupling's conditioner reads a few gauge-invariant numbers per block
+    rather than a field on the lattice (:mod:`flowplug.plugins.flow_multiscale`). The last
+    layer's initial weights are scaled by ``final_scale`` as in :class:`ConvNet`.
+
+    Arguments:
+        in_features: Inputs per item.
+        out_features: Outputs per item.
+        hidden: Widths of the hidden layers, e.g. ``(32, 32)``.
+        dtype: Parameter dtype (float32 or float64).
+        final_scale: Factor on the default initialisation of the output layer (0: the
+            network starts at exactly zero output).
+
+    Shapes:
+        input (..., in_features), cast to ``dtype``; output (..., out_features) in ``dtype``.
+
+    Raises:
+        ConfigError: for a non-positive width.
+    """
+
+    def __init__(self, in_features: int, out_features: int, hidden: Sequence[int],
+                 dtype: torch.dtype = torch.float32, final_scale: float = 0.0) -> None:
+        super().__init__()
+        sizes = [int(in_features), *map(int, hidden), int(out_features)]
+        if min(sizes) < 1:
+            raise ConfigError(f"network widths must be >= 1; found {sizes}")
+        layers: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+            layers.append(nn.Linear(a, b, dtype=dtype))
+            if i < len(sizes) - 2:
+                layers.append(nn.SiLU())
+        self.layers = nn.Sequential(*layers)
+        self.dtype = dtype
+        last = layers[-1]
+        with torch.no_grad():
+            last.weight.mul_(float(final_scale))
+            last.bias.mul_(float(final_scale))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the network; the input is cast to the network dtype first."""
+        return self.layers(x.to(self.dtype))

@@ -7,6 +7,7 @@ Layers (every factory takes ``lattice``, ``field``, ``index`` and its own option
                   (arXiv:1906.04032);
 ``u1-ncp``        U(1) gauge-equivariant coupling with NCP mixtures (arXiv:2003.06413);
 ``u1-spline``     U(1) gauge-equivariant coupling with circular splines (arXiv:2002.02428);
+``u1-multiscale`` 2D U(1) coupling on a hierarchy of block Wilson loops (arXiv:2404.10819);
 ``sun-spectral``  SU(N) gauge-equivariant coupling through the eigenvalues of the active
                   loops (arXiv:2008.05456).
 
@@ -19,6 +20,7 @@ from functools import partial
 
 from flowplug.hookspecs import hookimpl
 from flowplug.plugins.flow_gauge import SUNSpectralCoupling, U1Coupling
+from flowplug.plugins.flow_multiscale import U1MultiscaleCoupling
 from flowplug.plugins.flow_phi4 import AffineCoupling, SplineCoupling
 from flowplug.plugins.priors import HaarPrior, NormalPrior, UniformU1Prior
 from flowplug.records import FlowLayerSpec, PriorSpec
@@ -42,6 +44,8 @@ def flowplug_flow_layers() -> list[FlowLayerSpec]:
                       factory=_u1("ncp"), fields=("u1",)),
         FlowLayerSpec(name="u1-spline", description="U(1) gauge-equivariant coupling, circular RQ splines (2002.02428)",
                       factory=_u1("spline"), fields=("u1",)),
+        FlowLayerSpec(name="u1-multiscale", description="2D U(1) coupling of block Wilson loops, coarse to fine (2404.10819)",
+                      factory=U1MultiscaleCoupling, fields=("u1",), dims=(2,)),
         FlowLayerSpec(name="sun-spectral", description="SU(N) gauge-equivariant spectral spline coupling (2008.05456)",
                       factory=SUNSpectralCoupling, fields=("su2", "su3"), aliases=("su-spectral",)),
     ]

@@ -39,6 +39,8 @@ def _layer_cases():
     for rec in pm.registry("flow_layer"):
         for field in rec.fields:
             for lattice in ((2, 2), (2, 2, 2, 2)):
+                if rec.dims and len(lattice) not in rec.dims:
+                    continue
                 for index in (0, 1):
                     cases.append(pytest.param(rec.name, field, lattice, index,
                                               id=f"{rec.name}-{field}-{'x'.join(map(str, lattice))}-{index}"))

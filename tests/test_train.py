@@ -292,6 +292,7 @@ def test_forward_kl_from_an_ildg_file(tmp_path, shared_dir):
     ("u1", [4, 4], ["u1-ncp", "u1-spline"], ("wilson", {"group": "u1", "beta": 2.0}), {}),
     ("u1", [4, 4], ["u1-ncp"], ("wilson", {"group": "u1", "beta": 2.0}), {"rectangles": True, "period": 2}),
     ("u1", [4, 4, 4], ["u1-ncp"], ("wilson", {"group": "u1", "beta": 1.0}), {"rectangles": True}),
+    ("u1", [6, 4], ["u1-multiscale"], ("wilson", {"group": "u1", "beta": 2.0}), {"n_modes": 2}),
 ])
 def test_fast_path_gradient_equals_gradient_through_the_inverse(field, lattice, layers, action, opts):
     """The forward-propagated score (no inversion) gives the same parameter gradient as

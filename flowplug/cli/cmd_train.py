@@ -41,7 +41,7 @@ prior = ""                   # empty: normal (scalar), uniform (u1), haar (su<N>
 
 [flow.options]               # options for every layer that accepts them; a sub-table
 hidden = [8, 8]              # named after a layer (e.g. [flow.options.u1-ncp]) holds
-kernel_size = 3              # options for that layer only
+                             # options for that layer only (kernel_size = 3 by default)
 dtype = "float32"            # network dtype; densities and the map stay float64
 
 [train]
