@@ -40,6 +40,8 @@ POINTS = {
     "u1": ("train_u1.toml", {"plaquette": 0.697774658011, "topological_charge_squared": 1.239298910723}),
     "u1-large": ("train_u1_large.toml", {"plaquette": 0.697774658011, "topological_charge_squared": 1.239298910723}),
     "u1-deep": ("train_u1_deep.toml", {"plaquette": 0.697774658011, "topological_charge_squared": 1.239298910723}),
+    "u1-multiscale": ("train_u1_multiscale.toml",
+                      {"plaquette": 0.697774658011, "topological_charge_squared": 1.239298910723}),
     "su2": ("train_su2.toml", {"plaquette": 0.433127426722312}),
     "su3": ("train_su3.toml", {"plaquette": 0.279619149409304}),
     "su3-4d": ("train_su3_4d.toml", {}),

@@ -463,7 +463,9 @@ class Trainer:
         """Divergence guard (``train.guard`` > 0): every ``guard_window`` steps compare the
         window's mean loss with the best window mean so far; within ``guard`` nats keep a
         snapshot of model, optimizer and scheduler, beyond it restore the last snapshot and
-        halve the learning rate (the step counter and random numbers go on)."""
+        halve the learning rate (the step counter and random numbers go on). The window after
+        a rollback sets a new reference: the restored snapshot may itself sit up to ``guard``
+        above the best mean, and comparing it with the old best would roll back for ever."""
         self._guard_losses.append(loss if math.isfinite(loss) else float("inf"))
         if len(self._guard_losses) < self.guard_window:
             return
@@ -485,6 +487,7 @@ class Trainer:
             warnings.warn(f"training diverged (mean loss {mean:.4g} over steps {self.step - self.guard_window}-"
                           f"{self.step - 1}, best {self._guard_best:.4g}): back to the last snapshot with "
                           f"lr x 0.5 (rollback {self.rollbacks})", RuntimeWarning, stacklevel=2)
+            self._guard_best = float("inf")
             return
         self._guard_best = min(self._guard_best, mean)
         self._guard_snapshot = {"model": copy.deepcopy(self.flow.state_dict()),

@@ -418,6 +418,25 @@ def test_divergence_guard_rolls_back_and_halves_the_learning_rate(tmp_path):
         build_trainer(cfg(tmp_path, "train.guard=-1"), out=None)
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of")
+def test_guard_rebaselines_after_a_rollback(tmp_path):
+    """A snapshot may sit up to ``guard`` above the best window; after rolling back to it the
+    next window sets the reference, so a flow that stays at the snapshot's level is not rolled
+    back again and again (which would halve the learning rate to nothing)."""
+    tr = build_trainer(cfg(tmp_path, "train.guard=1.0", "train.guard_window=2", "train.lr=0.01"), out=None)
+    feed = lambda *losses: [tr._guard_update(v) for v in losses]  # noqa: E731
+    feed(0.0, 0.0)          # best window 0.0, snapshot
+    feed(0.9, 0.9)          # within guard: snapshot at 0.9
+    with pytest.warns(RuntimeWarning, match="rollback 1"):
+        feed(5.0, 5.0)      # blow-up: back to the 0.9 snapshot, lr halved
+    feed(0.9, 1.2)          # the restored level (1.05 > 0 + guard) is the new reference
+    feed(1.0, 1.0)
+    assert tr.rollbacks == 1 and tr.scheduler.base_lrs == [0.005] and tr._guard_best == 1.0
+    with pytest.warns(RuntimeWarning, match="rollback 2"):
+        feed(3.0, 3.0)      # more than guard above the new reference
+    assert tr.rollbacks == 2
+
+
 def test_guard_state_resumes_identically(tmp_path):
     c = cfg(tmp_path, "train.guard=2.0", "train.guard_window=3")
     a = build_trainer(c)
