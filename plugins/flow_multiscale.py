@@ -52,7 +52,7 @@ Limits
 References:
     Kanwar et al., arXiv:2003.06413 (gauge-equivariant couplings, U(1) in 2D);
     Abbott et al., arXiv:2404.10819 (multiscale flows for gauge theories);
-    Durr et al. / Rezende et al., arXiv:2002.02428 (circular splines);
+    Rezende et al., arXiv:2002.02428 (circular splines);
     Gross and Witten / Wadia (exact 2D U(N) lattice gauge theory: independent plaquettes).
 """
 
@@ -64,7 +64,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from flowplug import groups
+from flowplug import gauge, groups
 from flowplug.errors import ConfigError, ShapeError
 from flowplug.plugins.flow_nets import MLP, net_dtype
 from flowplug.plugins.flow_transforms import circular_rq_spline
@@ -205,8 +205,7 @@ class U1MultiscaleCoupling(nn.Module):
 
     def _loops(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Loop angles (unwrapped) of the T children and of the parents, each (B, n_blocks)."""
-        t0, t1 = theta[:, 0], theta[:, 1]
-        plaq = (t0 + torch.roll(t1, -1, dims=1) - torch.roll(t0, -1, dims=2) - t1).flatten(1)
+        plaq = gauge.u1_plaquettes(theta).flatten(1)
         b = plaq.shape[0]
         zero = plaq.new_zeros(b, self.n_blocks + 1)
         t = zero.index_add(1, self.t_of, plaq)[:, :-1]
