@@ -27,7 +27,10 @@ Update (layer ``index`` acts on level ``n_levels - levels + (index mod levels)``
     leaves every other loop of this level and of all coarser levels unchanged. The layer
     maps the loop angle of T through a circular rational-quadratic spline followed by a
     rotation (arXiv:2002.02428), T' = h(T | W), whose parameters a small network reads off
-    cos W, sin W and the two children's areas, and shifts the designated link by T' - T.
+    cos(m W), sin(m W) (m = 1..n_modes) and the two children's areas, and shifts the
+    designated link by T' - T. The rotation is atan2(s, 1 + c) of two network outputs: the
+    mode of f_T(T) f_O(W - T) (below) is at arg(k_T + k_O e^{iW}), linear in (cos W, sin W)
+    in this form, while a rotation read off directly would have to jump at W = pi.
     Links are shifted by gauge-invariant amounts, so the layer is gauge equivariant;
     log|det| is the sum of log h'(T) over the split blocks.
 
@@ -133,6 +136,7 @@ class U1MultiscaleCoupling(nn.Module):
         init_scale: Scale of the conditioner's initial output layer; 0 (default) starts
             the layer as the identity.
         levels: Number of finest levels the flow transforms (default: all).
+        n_modes: Fourier modes of W fed to the conditioner, default 4.
 
     ``forward(theta) -> (theta', logdet)``, ``inverse(theta') -> (theta, logdet_inv)``:
     link angles of shape (B, 2, L_0, L_1) float64 (the designated links wrapped into
@@ -140,29 +144,30 @@ class U1MultiscaleCoupling(nn.Module):
 
     Raises:
         ConfigError: for another field kind, a lattice that is not 2D or has an extent
-            below 2, n_bins < 1, or levels outside 1..n_levels.
+            below 2, n_bins < 1, n_modes < 1, or levels outside 1..n_levels.
         ShapeError: on an input of the wrong shape.
     """
 
     def __init__(self, *, lattice: Sequence[int], field: str = "u1", index: int = 0,
                  hidden: Sequence[int] = (32, 32), n_bins: int = 8, dtype: str = "float32",
-                 init_scale: float = 0.0, levels: int | None = None, n_modes: int = 1) -> None:
+                 init_scale: float = 0.0, levels: int | None = None, n_modes: int = 4) -> None:
         super().__init__()
         if field != "u1":
             raise ConfigError(f"u1-multiscale acts on u1 links; found field kind '{field}'")
         self.n_bins = int(n_bins)
         if self.n_bins < 1:
             raise ConfigError(f"u1-multiscale needs n_bins >= 1; found {n_bins}")
-        levels_used = levels
-        levels = block_hierarchy(lattice)
+        if isinstance(n_modes, bool) or not isinstance(n_modes, int) or n_modes < 1:
+            raise ConfigError(f"u1-multiscale needs an integer n_modes >= 1; found {n_modes!r}")
+        hierarchy = block_hierarchy(lattice)
         self.lattice = (int(lattice[0]), int(lattice[1]))
-        self.n_levels = len(levels)
-        n_used = self.n_levels if levels_used is None else levels_used
+        self.n_levels = len(hierarchy)
+        n_used = self.n_levels if levels is None else levels
         if isinstance(n_used, bool) or not isinstance(n_used, int) or not 1 <= n_used <= self.n_levels:
             raise ConfigError(f"u1-multiscale: levels must be an integer in 1..{self.n_levels} for lattice "
-                              f"{list(lattice)}; found {levels_used!r}")
+                              f"{list(lattice)}; found {levels!r}")
         self.level = self.n_levels - n_used + int(index) % n_used
-        blocks = levels[self.level]
+        blocks = hierarchy[self.level]
         l0, l1 = self.lattice
         vol = l0 * l1
         n = len(blocks)
@@ -193,8 +198,6 @@ class U1MultiscaleCoupling(nn.Module):
         self.register_buffer("o_of", o_of)
         self.register_buffer("link", link)
         self.register_buffer("areas", areas)
-        if isinstance(n_modes, bool) or not isinstance(n_modes, int) or n_modes < 1:
-            raise ConfigError(f"u1-multiscale needs an integer n_modes >= 1; found {n_modes!r}")
         self.register_buffer("modes", torch.arange(1, n_modes + 1, dtype=torch.float64), persistent=False)
         self.net = MLP(2 * n_modes + 2, 3 * self.n_bins + 2, hidden, net_dtype(dtype), final_scale=init_scale)
 

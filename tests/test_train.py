@@ -329,10 +329,9 @@ def test_trainer_takes_the_fast_path_gradient(tmp_path, monkeypatch):
 
     c = cfg(tmp_path, "action.name=wilson", "action.group=u1", "flow.layers=['u1-ncp']", "train.path_gradient=true",
             "flow.options={dtype='float64'}")
-    slow = build_trainer(fconfig.build_config(DEFAULT_TOML_TEXT, overrides=[
-        "lattice=[4,4]", "flow.n_layers=4", "train.batch_size=16", "train.progress=false", "action.name=wilson",
-        "action.group=u1", "flow.layers=['u1-ncp']", "train.path_gradient=true", "flow.options={dtype='float64'}",
-        "train.path_gradient_method='inverse'"], open_tables=OPEN_TABLES), out=None)
+    slow = build_trainer(cfg(tmp_path / "slow", "action.name=wilson", "action.group=u1", "flow.layers=['u1-ncp']",
+                             "train.path_gradient=true", "flow.options={dtype='float64'}",
+                             "train.path_gradient_method='inverse'"), out=None)
     ms = slow.train_step()
 
     def no_inverse(self, x):
