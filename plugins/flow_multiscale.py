@@ -46,6 +46,12 @@ Why it is expressive enough
     single-plaquette densities). Training only has to learn one circular map per level
     as a function of one angle.
 
+    Further passes (layers beyond ``levels``) start from this nearly exact distribution;
+    their coarse shifts move plaquettes that the finer levels had already set, and their
+    finer layers set them again. With splines learned from a finite budget, passes help:
+    on 8 x 8 at beta = 2 the ESS after 1000 steps of batch 64 rose from 0.42-0.58 (one
+    pass, six seeds) to 0.56-0.68 (two passes, six seeds) and 0.60-0.74 (three, four seeds).
+
 Limits
     Two dimensions only (in d > 2 the Bianchi identity couples the plaquettes of a
     cube). For actions with terms beyond single plaquettes (rectangles, a theta term
@@ -120,7 +126,8 @@ class U1MultiscaleCoupling(nn.Module):
     Layer ``index`` acts on level ``n_levels - levels + (index mod levels)`` of
     :func:`block_hierarchy`, so a flow of ``levels`` of these layers visits the ``levels``
     finest levels once each, coarsest first in the sampling direction (all levels by
-    default: 6 on 8 x 8, 8 on 16 x 16). Coarser levels are left to the prior: the loop of
+    default: 6 on 8 x 8, 8 on 16 x 16); further layers start another pass. Coarser levels
+    are left to the prior: the loop of
     a block of a plaquettes has Fourier coefficients (I_n(beta)/I_0(beta))^a, so for large
     blocks the exact conditional is uniform to that accuracy (at beta = 2, 3e-3 for 16
     plaquettes), and learning it from a batch adds only noise.
