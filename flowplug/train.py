@@ -52,6 +52,8 @@ import copy
 import csv
 import glob
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -502,7 +504,9 @@ class Trainer:
 
         Writes ``<out>/train_log.csv`` (one row per step) and a checkpoint every
         ``checkpoint_every`` steps and at the end, when ``out`` is set. A tqdm progress
-        bar shows loss, ESS and acceptance.
+        bar shows loss, ESS and acceptance. Ctrl-C (SIGINT, in the main thread) finishes
+        the current step, writes a checkpoint of it and then raises ``KeyboardInterrupt``,
+        so ``--resume`` loses nothing; a second Ctrl-C stops at once.
 
         Returns:
             Metrics of the steps run by this call.
@@ -520,6 +524,14 @@ class Trainer:
 
             bar = tqdm(total=total, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
         done = []
+        stop: list[int] = []
+        old_handler = None
+        if threading.current_thread() is threading.main_thread():
+            def _on_sigint(signum, frame):
+                if stop:
+                    raise KeyboardInterrupt
+                stop.append(signum)
+            old_handler = signal.signal(signal.SIGINT, _on_sigint)
         try:
             while self.step < total:
                 m = self.train_step()
@@ -532,11 +544,17 @@ class Trainer:
                     bar.set_postfix(loss=f"{m['loss']:.3f}", ess=f"{m['ess']:.3f}",
                                     acc=f"{m['acceptance']:.3f}", skipped=self.skipped, rollbacks=self.rollbacks,
                                     refresh=False)
+                if stop:
+                    if self.out is not None:
+                        self.save_checkpoint()
+                    raise KeyboardInterrupt
                 if self.out is not None and every > 0 and self.step % every == 0 and self.step < total:
                     self.save_checkpoint()
             if self.out is not None:
                 self.save_checkpoint()
         finally:
+            if old_handler is not None:
+                signal.signal(signal.SIGINT, old_handler)
             if bar is not None:
                 bar.close()
             if log_fh is not None:

@@ -436,6 +436,33 @@ def test_guard_rebaselines_after_a_rollback(tmp_path):
     assert tr.rollbacks == 2
 
 
+def test_ctrl_c_checkpoints_the_current_step_and_resumes_identically(tmp_path, monkeypatch):
+    """SIGINT during a step: the step completes, a checkpoint of it is written, then
+    KeyboardInterrupt; resuming gives the parameters of the uninterrupted run."""
+    import os
+    import signal as _signal
+
+    ref = build_trainer(cfg(tmp_path / "ref", "train.checkpoint_every=0"))
+    ref.run(progress=False)
+    tr = build_trainer(cfg(tmp_path / "int", "train.checkpoint_every=0"))
+    step = tr.train_step
+
+    def step_with_sigint():
+        if tr.step == 2:
+            os.kill(os.getpid(), _signal.SIGINT)   # arrives inside the step
+        return step()
+    monkeypatch.setattr(tr, "train_step", step_with_sigint)
+    with pytest.raises(KeyboardInterrupt):
+        tr.run(progress=False)
+    assert tr.step == 3
+    assert read_checkpoint(tmp_path / "int" / "run")["step"] == 3
+    assert _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler
+    res = resume_trainer(tmp_path / "int" / "run")
+    res.run(progress=False)
+    for a, b in zip(params(ref), params(res)):
+        assert torch.equal(a, b)
+
+
 def test_guard_state_resumes_identically(tmp_path):
     c = cfg(tmp_path, "train.guard=2.0", "train.guard_window=3")
     a = build_trainer(c)

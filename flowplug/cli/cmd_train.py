@@ -3,8 +3,8 @@
     flowplug train --config examples/train_phi4.toml [--set train.steps=500 ...]
     flowplug train --resume OUT_DIR [--set train.steps=5000]
 
-Writes ``<out>/checkpoint.pt`` (atomically, every ``train.checkpoint_every`` steps and
-at the end), ``<out>/train_log.csv`` (one row per step), ``<out>/config.toml`` and
+Writes ``<out>/checkpoint.pt`` (atomically, every ``train.checkpoint_every`` steps, at
+the end, and after the step in progress when Ctrl-C stops the run), ``<out>/train_log.csv`` (one row per step), ``<out>/config.toml`` and
 ``<out>/summary.json`` with ``ess``, ``acceptance``, ``free_energy``, ``steps``,
 ``skipped_steps``, ``wall_time_s`` (figures from ``eval.samples`` fresh samples).
 """
