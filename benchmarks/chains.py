@@ -44,7 +44,7 @@ def cost(q_hist: torch.Tensor, accepted: float, seconds: float) -> tuple[float, 
     """(tau_int(Q), seconds per independent sample); inf when nothing moved."""
     if accepted <= 0:
         return math.inf, math.inf
-    r = gamma_method(q_hist.T)
+    r = gamma_method(q_hist, step_axis=0)
     return r.tau_int, seconds / q_hist.numel() * 2 * r.tau_int
 
 

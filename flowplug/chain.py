@@ -230,7 +230,12 @@ class Chain:
         return self
 
     def history_tensors(self) -> dict[str, torch.Tensor]:
-        """History as name -> (T, B) float64 tensors (T steps so far)."""
+        """History as name -> (T, B) float64 tensors: layout (steps, chains).
+
+        Row t holds the B chains' values after the (t+1)-th recorded step (T rows); the datasets of
+        ``measurements.h5`` have the same layout (attribute ``axes`` = ``"steps,chains"``).
+        :mod:`flowplug.stats` needs the step axis said: ``gamma_method(h, step_axis=0)``.
+        """
         return {k: torch.stack(v) for k, v in self.history.items() if v}
 
     # -------------------------------------------------------------- checkpoints

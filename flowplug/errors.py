@@ -51,6 +51,27 @@ class CheckpointError(FlowplugError):
     """A checkpoint cannot be read, or belongs to a different run than the one resumed."""
 
 
+class NonFiniteParametersError(CheckpointError):
+    """A flow's parameters hold NaN or Inf (a diverged training run).
+
+    Raised when a trainer would write such a checkpoint (it writes none) and when a
+    checkpoint holding them is loaded. The message names the file, the step and the
+    offending parameters.
+    """
+
+
+class InverseCheckError(CheckpointError):
+    """A flow's inverse does not undo its forward map (:func:`flowplug.flowtools.check_inverse`).
+
+    log q computed through such an inverse is wrong, so samplers refuse the flow; the
+    message names the checkpoint, the measured errors, the tolerances and the override.
+    """
+
+
+class RunLockedError(FlowplugError):
+    """Another process is writing the run directory (``flowplug.fsutil.run_lock``)."""
+
+
 class PluginLoadWarning(UserWarning):
     """A third-party plugin failed to load and was skipped (tolerant mode)."""
 
@@ -62,3 +83,8 @@ class NonUnitaryWarning(UserWarning):
 class PrecisionLossWarning(UserWarning):
     """A write at the source's 32-bit precision rounds values that need more bits
     (such as the rebuilt third row of a two-row NERSC file); precision 64 keeps them."""
+
+
+class InverseCheckWarning(UserWarning):
+    """A flow failed the inverse check and is used anyway, because the caller opted out
+    (``--no-check-inverse``, ``check_inverse=False``)."""

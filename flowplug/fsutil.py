@@ -1,7 +1,10 @@
-"""Atomic file output: write to a temporary file in the target folder, then rename.
+"""Atomic file output, and one writer per run directory.
 
-An interrupted run therefore never leaves a partial output file under the final name,
-and an input is never overwritten unless the caller asks for it.
+Every output is written to a temporary file in the target folder, then renamed: an
+interrupted run therefore never leaves a partial output file under the final name, and
+an input is never overwritten unless the caller asks for it. A run (``hmc``, ``train``,
+``sample``, ``resample``, ``demo``) holds :func:`run_lock` on its directory for as long
+as it writes there.
 """
 
 from __future__ import annotations
@@ -13,9 +16,9 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import IO, Any, Iterator, Mapping
+from typing import IO, Any, Callable, Iterator, Mapping, TypeVar
 
-from flowplug.errors import FlowplugError
+from flowplug.errors import FlowplugError, RunLockedError
 
 
 #: Suffix of every temporary file made here; the name is ``.<final name>.<tag>.part``.
@@ -172,3 +175,128 @@ def write_summary(out: str | Path, command: str, summary: Mapping[str, Any]) -> 
     path = write_json(Path(out) / "summary.json", data)
     get_plugin_manager().notify("flowplug_run_finished", command=command, out=str(out), summary=data)
     return path
+
+
+#: Run directories this process holds (real path of the lock file -> nesting depth).
+_HELD: dict[str, int] = {}
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: The lock file of a run directory (kept after the run: removing it would let two
+#: later runs lock two different files of the same name).
+LOCK_NAME = ".flowplug.lock"
+
+
+@contextlib.contextmanager
+def run_lock(out: str | Path, command: str) -> Iterator[Path]:
+    """Hold an exclusive lock on the run directory ``out`` for the duration of a run.
+
+    The lock is an advisory ``flock`` on ``<out>/.flowplug.lock`` (created with ``out``
+    if missing); the file records the holder (command, process id, host, start time).
+    The operating system releases the lock when the holder exits, however it exits, so
+    a lock file left by a dead process never blocks a new run. POSIX only: without
+    ``fcntl`` (Windows) the run goes on unlocked, with a ``RuntimeWarning``.
+
+    Arguments:
+        out: The run directory.
+        command: Name of the run, recorded for the message a second process gets.
+
+    Yields:
+        The lock file's path.
+
+    Raises:
+        RunLockedError: if another process holds the lock; the message names it.
+    """
+    import datetime
+    import socket
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / LOCK_NAME
+    key = os.path.realpath(path)
+    if key in _HELD:  # this process holds it already (a job calling another job's code)
+        _HELD[key] += 1
+        try:
+            yield path
+        finally:
+            _HELD[key] -= 1
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if not _try_lock(fd):
+            holder = _read_holder(path)
+            raise RunLockedError(f"{out}: another flowplug process is writing this run directory "
+                                 f"({holder}); wait for it to finish, or give this run another output "
+                                 "directory")
+        stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        info = f"{command} pid={os.getpid()} host={socket.gethostname()} started={stamp}\n"
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, info.encode(), 0)
+        _HELD[key] = 1
+        try:
+            yield path
+        finally:
+            del _HELD[key]
+            _unlock(fd)
+    finally:
+        os.close(fd)
+
+
+def locked_run(command: str, out_of: Callable[[Mapping[str, Any]], Any]) -> Callable[[F], F]:
+    """Decorator: run the function under :func:`run_lock` of its run directory.
+
+    Arguments:
+        command: Name recorded in the lock file.
+        out_of: Maps the function's bound arguments (name -> value, defaults applied) to
+            the run directory, e.g. ``lambda a: a["out"]``; ``None`` runs unlocked.
+    """
+    import functools
+    import inspect
+
+    def deco(fn: F) -> F:
+        sig = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            bound = sig.bind(*args, **kwargs)
+            bound.apply_defaults()
+            out = out_of(bound.arguments)
+            if out is None:  # nothing written: nothing to lock
+                return fn(*args, **kwargs)
+            with run_lock(out, command):
+                return fn(*args, **kwargs)
+
+        return wrapper  # type: ignore[return-value]
+
+    return deco
+
+
+def _read_holder(path: Path) -> str:
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace").strip()
+    except OSError:
+        text = ""
+    return f"held by {text}" if text else "holder unknown"
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        import fcntl
+    except ImportError:  # not POSIX (Windows): runs are not locked there
+        import warnings
+
+        warnings.warn("no fcntl on this system: run directories are not locked against a second "
+                      "process", RuntimeWarning, stacklevel=3)
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _unlock(fd: int) -> None:
+    try:
+        import fcntl
+    except ImportError:
+        return
+    fcntl.flock(fd, fcntl.LOCK_UN)

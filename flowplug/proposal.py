@@ -48,6 +48,7 @@ import numpy as np
 import torch
 
 from flowplug.errors import ConfigError, ShapeError
+from flowplug.metropolis import independence_log_accept, metropolis_test
 
 LAYOUTS = ("ildg", "canonical")
 
@@ -166,6 +167,10 @@ class FlowProposal:
         Albergo, Kanwar, Shanahan, arXiv:1904.12072, section III.
     """
 
+    #: The :class:`flowplug.flowtools.InverseCheck` of :meth:`from_checkpoint`; ``None``
+    #: for an object built directly from a flow.
+    inverse_check: Any = None
+
     def __init__(self, flow: Any, action: Any = None, *, layout: str = "ildg", seed: int | None = None,
                  device: Any = None) -> None:
         if layout not in LAYOUTS:
@@ -184,18 +189,31 @@ class FlowProposal:
 
     @classmethod
     def from_checkpoint(cls, path: str, *, layout: str = "ildg", seed: int | None = None,
-                        device: Any = None, action: Any = None) -> "FlowProposal":
+                        device: Any = None, action: Any = None, check_inverse: bool = True) -> "FlowProposal":
         """Build from a ``flowplug train`` run directory or checkpoint file, with its action.
 
+        log q of the configurations handed to :meth:`step` comes from the inverse flow, so
+        the flow must first pass :func:`flowplug.flowtools.check_inverse`; its result is
+        the returned object's ``inverse_check`` attribute.
+
+        Arguments:
+            check_inverse: Refuse a flow that fails the check (default); ``False`` warns
+                (:class:`flowplug.errors.InverseCheckWarning`) and uses it anyway.
+
         Raises:
-            CheckpointError: if the checkpoint cannot be read.
+            CheckpointError: if the checkpoint cannot be read (NonFiniteParametersError
+                for NaN/Inf parameters).
+            InverseCheckError: if the flow fails the inverse check and ``check_inverse``
+                is true.
             ConfigError: if it names no action and none is given.
         """
         from flowplug.flowtools import open_flow
 
-        ck = open_flow(path, device=device)
-        return cls(ck.flow, action if action is not None else ck.action(), layout=layout, seed=seed,
+        ck = open_flow(path, device=device, check_inverse=check_inverse)
+        prop = cls(ck.flow, action if action is not None else ck.action(), layout=layout, seed=seed,
                    device=device)
+        prop.inverse_check = ck.inverse_check
+        return prop
 
     # ----------------------------------------------------------------- pieces
 
@@ -214,7 +232,9 @@ class FlowProposal:
 
         Returns:
             ``(proposal, log_q_current, log_q_proposal)``: the proposal in the input's
-            type and layout; log q values (B,) float64 numpy.
+            type and layout; log q values (B,) float64 numpy. A non-finite
+            ``log_q_proposal`` (a flow that broke down on that draw) marks a proposal
+            that must be rejected; :meth:`decide` does so.
         """
         x, batched = self._canonical(u)
         with torch.no_grad():
@@ -234,18 +254,15 @@ class FlowProposal:
             log_q_current, log_q_proposal: From :meth:`propose`.
 
         Returns:
-            ``(accepted, log_accept)``: (B,) bool and float64 numpy arrays.
+            ``(accepted, log_accept)``: (B,) bool and float64 numpy arrays; a proposal
+            with a non-finite log p or log q has log_accept = -inf and is rejected
+            (:mod:`flowplug.metropolis`).
         """
         f = lambda v: torch.as_tensor(np.atleast_1d(np.asarray(v, dtype=np.float64)))  # noqa: E731
-        from flowplug.plugins.kernels import metropolis_log_ratio
-
-        la = metropolis_log_ratio(f(log_p_proposal), f(log_q_proposal), f(log_p_current), f(log_q_current))
-        u = self._uniform(la.shape[0])
-        acc = torch.log(u) < la
-        return acc.numpy(), la.numpy()
-
-    def _uniform(self, n: int) -> torch.Tensor:
-        return torch.rand(n, generator=self.generator, dtype=torch.float64, device=self.device).cpu()
+        la = independence_log_accept(f(log_p_proposal), f(log_q_proposal), f(log_p_current),
+                                     f(log_q_current)).to(self.device)
+        acc = metropolis_test(la, self.generator)
+        return acc.cpu().numpy(), la.cpu().numpy()
 
     # ------------------------------------------------------------------- step
 

@@ -80,7 +80,7 @@ def chain_report(path: str | Path, history: Mapping[str, torch.Tensor], names: S
         ax.set_ylabel(name)
         ax.set_xlabel("step")
         ax.legend(fontsize=7, loc="best")
-        r = gamma_method(h.T)
+        r = gamma_method(h, step_axis=0)
         ax = axes[i][1]
         t = np.arange(len(r.rho))
         ax.plot(t[: max(4 * r.window, 10)], r.rho[: max(4 * r.window, 10)], marker=".", lw=0.8)

@@ -195,19 +195,19 @@ def observable_summary(history: Mapping[str, torch.Tensor], names: Sequence[str]
     for name in names:
         if name not in history:
             continue
-        data = history[name][burn:].T
+        data = history[name][burn:]  # (steps, chains)
         if data.numel() == 0:
             continue
-        spread = float((data.amax(1) - data.amin(1)).max())
+        spread = float((data.amax(0) - data.amin(0)).max())
         if spread <= 1e-12 * max(1.0, float(data.abs().max())):
             out[name] = {"mean": float(data.mean()), "error": math.nan, "tau_int": math.inf,
                          "tau_int_error": math.nan, "n": int(data.numel()),
                          "note": "no chain changed this value: error and tau_int not measurable"}
             continue
-        r = gamma_method(data)
+        r = gamma_method(data, step_axis=0)
         out[name] = {"mean": r.mean, "error": r.error, "tau_int": r.tau_int,
                      "tau_int_error": r.tau_int_error, "n": r.n, "window": r.window}
-        if r.window >= max(data.shape[1] // 2, 1):
+        if r.window >= max(data.shape[0] // 2, 1):
             out[name]["note"] = ("the summation window reached half the chain length: tau_int and the "
                                  "error are lower bounds (run longer chains)")
     return out

@@ -4,11 +4,17 @@
 Gamma method with automatic windowing (:func:`gamma_method`, :func:`tau_int`; Wolff,
 hep-lat/0306017) for errors of Markov-chain averages.
 
+Layout: one chain is a 1-D array; several chains are a 2-D array together with
+``step_axis`` naming its step axis (``step_axis=0`` for (steps, chains), the layout of
+:meth:`flowplug.chain.Chain.history_tensors` and of ``measurements.h5``; ``step_axis=1`` for
+(chains, steps)). 2-D data without it are refused, since reading one layout as the other
+gives a wrong error and tau_int without any sign of it.
+
 Why a small implementation rather than a dependency on pyerrors 2.17 (which implements
 the same method): pyerrors pulls pandas, matplotlib, scipy, iminuit, autograd and
 numdifftools into every installation, for about a hundred lines of arithmetic that we
-need. :func:`gamma_method` follows pyerrors' formulas and defaults (S_tau = 2, replicas
-as rows, Wolff's bias correction), and ``tests/test_stats.py`` checks it against values
+need. :func:`gamma_method` follows pyerrors' formulas and defaults (S_tau = 2, Wolff's
+bias correction), and ``tests/test_stats.py`` checks it against values
 computed with pyerrors and against exact AR(1) autocorrelation times
 (``reference/estimators_check.txt``); where pyerrors is importable the test also
 compares with it directly.
@@ -92,7 +98,38 @@ def _autocov_sum(d: np.ndarray, w_max: int) -> np.ndarray:
     return ac.sum(axis=0)
 
 
-def gamma_method(data: Any, *, s_tau: float = 2.0, center: str = "global") -> GammaResult:
+_LAYOUT_HELP = ("pass step_axis=0 for (steps, chains), the layout in which chain histories are stored "
+                "(Chain.history_tensors(), measurements.h5), or step_axis=1 for (chains, steps)")
+
+
+def _chains_by_steps(data: Any, step_axis: int | None, who: str) -> np.ndarray:
+    """``data`` as a float64 (R, N_r) array (replicas as rows), its step axis given by ``step_axis``.
+
+    1-D data are one chain (``step_axis`` None or 0); 2-D data need ``step_axis`` (0 or 1,
+    or -2, -1): which axis counts Markov-chain steps cannot be told from the shape.
+    """
+    if hasattr(data, "detach"):
+        data = data.detach().cpu().numpy()
+    a = np.asarray(data, dtype=np.float64)
+    if step_axis is not None and (isinstance(step_axis, bool) or not isinstance(step_axis, (int, np.integer))):
+        raise ValueError(f"{who}: step_axis must be an axis number (0 or 1); found {step_axis!r}")
+    if a.ndim == 1:
+        if step_axis not in (None, 0, -1):
+            raise ValueError(f"{who}: data of shape {a.shape} are one chain with step_axis 0; found step_axis={step_axis}")
+        return a[None, :]
+    if a.ndim == 2:
+        if step_axis is None:
+            raise ValueError(f"{who}: data of shape {a.shape} have two axes and no step_axis, so which one counts "
+                             f"steps is unknown: {_LAYOUT_HELP}")
+        if step_axis not in (0, 1, -1, -2):
+            raise ValueError(f"{who}: step_axis must be 0 or 1 for data of shape {a.shape}; found {step_axis}: "
+                             f"{_LAYOUT_HELP}")
+        return a.T if step_axis in (0, -2) else a
+    raise ValueError(f"{who}: expected shape (N,) or two axes with step_axis; found shape {a.shape}")
+
+
+def gamma_method(data: Any, *, step_axis: int | None = None, s_tau: float = 2.0,
+                 center: str = "global") -> GammaResult:
     r"""Mean, error and integrated autocorrelation time by the Gamma method.
 
     Implements U. Wolff, "Monte Carlo errors with less errors", Comput. Phys. Commun.
@@ -124,8 +161,12 @@ def gamma_method(data: Any, *, s_tau: float = 2.0, center: str = "global") -> Ga
     torch, pluggy, numpy, h5py and tqdm.
 
     Arguments:
-        data: Measurements, shape (N,) for one chain or (R, N_r) for R chains (rows);
-            numpy array, torch tensor or nested lists.
+        data: Measurements, shape (N,) for one chain, or R chains of N_r steps each as a
+            2-D array whose step axis ``step_axis`` names; numpy array, torch tensor or
+            nested lists.
+        step_axis: Required for 2-D data, refused otherwise except 0: ``0`` for
+            (steps, chains), the layout of :meth:`flowplug.chain.Chain.history_tensors`
+            and of the datasets in ``measurements.h5``; ``1`` for (chains, steps).
         s_tau: Wolff's S_tau (ratio tau_exp / tau_int guessed by the windowing), 1 to 2.
         center: ``"global"`` (default) or ``"replica"`` (see above).
 
@@ -134,16 +175,13 @@ def gamma_method(data: Any, *, s_tau: float = 2.0, center: str = "global") -> Ga
 
     Raises:
         ValueError: for empty data, a non-finite value, data of more than 2 dimensions,
-            or an unknown ``center``.
+            2-D data without ``step_axis`` (their layout is not known), or an unknown
+            ``center``.
     """
     if center not in ("global", "replica"):
         raise ValueError(f"gamma_method: center must be 'global' or 'replica'; found {center!r}")
-    if hasattr(data, "detach"):
-        data = data.detach().cpu().numpy()
-    a = np.asarray(data, dtype=np.float64)
-    if a.ndim == 1:
-        a = a[None, :]
-    if a.ndim != 2 or a.size == 0:
+    a = _chains_by_steps(data, step_axis, "gamma_method")
+    if a.size == 0:
         raise ValueError(f"gamma_method: expected shape (N,) or (R, N) with N > 0; found {a.shape}")
     if not np.all(np.isfinite(a)):
         raise ValueError("gamma_method: data contain NaN or Inf")
@@ -176,13 +214,19 @@ def gamma_method(data: Any, *, s_tau: float = 2.0, center: str = "global") -> Ga
                        int(window), n, rho)
 
 
-def tau_int(data: Any, *, s_tau: float = 2.0) -> float:
-    """Integrated autocorrelation time (Wolff's convention) by :func:`gamma_method`."""
-    return gamma_method(data, s_tau=s_tau).tau_int
+def tau_int(data: Any, *, step_axis: int | None = None, s_tau: float = 2.0) -> float:
+    """Integrated autocorrelation time (Wolff's convention) by :func:`gamma_method`.
+
+    ``data`` and ``step_axis`` as there: 2-D data need ``step_axis`` (0 for (steps, chains),
+    as histories are stored; 1 for (chains, steps)).
+    """
+    return gamma_method(_chains_by_steps(data, step_axis, "tau_int"), step_axis=1, s_tau=s_tau).tau_int
 
 
-def exp_mean(log_values: Any) -> GammaResult:
-    """Gamma-method mean and error of exp(v) for values v, e.g. <exp(-dH)> of HMC."""
-    if hasattr(log_values, "detach"):
-        log_values = log_values.detach().cpu().numpy()
-    return gamma_method(np.exp(np.asarray(log_values, dtype=np.float64)))
+def exp_mean(log_values: Any, *, step_axis: int | None = None) -> GammaResult:
+    """Gamma-method mean and error of exp(v) for values v, e.g. <exp(-dH)> of HMC.
+
+    ``log_values`` and ``step_axis`` as ``data`` and ``step_axis`` of :func:`gamma_method`:
+    2-D values need ``step_axis`` (0 for (steps, chains), as histories are stored).
+    """
+    return gamma_method(np.exp(_chains_by_steps(log_values, step_axis, "exp_mean")), step_axis=1)

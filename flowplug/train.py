@@ -35,7 +35,11 @@ Robustness and exactness
     window of ``guard_window`` steps rises more than ``guard`` above the best window so far
     is rolled back to the last good snapshot (model, optimizer, scheduler) with half the
     learning rate, and counted in ``rollbacks``; the step budget and the random numbers
-    go on, so a diverging run costs steps, not the night. Checkpoints hold the model,
+    go on, so a diverging run costs steps, not the night. Parameters that are no longer
+    finite after a step (NaN or Inf) are rolled back the same way when the guard holds a
+    snapshot; otherwise the run stops with :class:`flowplug.errors.NonFiniteParametersError`
+    and leaves the last finite checkpoint in place: a checkpoint with non-finite
+    parameters is never written, and :func:`load_flow` refuses one. Checkpoints hold the model,
     optimizer, scheduler and
     random-number-generator states and the configuration; they are written atomically
     and read with ``torch.load(weights_only=True)`` (nothing is unpickled). A resumed run
@@ -63,10 +67,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from flowplug.errors import CheckpointError, ConfigError, FlowplugError, ShapeError
+from flowplug.errors import CheckpointError, ConfigError, FlowplugError, NonFiniteParametersError, ShapeError
 from flowplug.flow import (Flow, build_flow, check_field, layers_without_forward_diag, path_gradient_loss,
                            supports_fast_path_gradient)
-from flowplug.fsutil import atomic_path
+from flowplug.fsutil import atomic_path, locked_run
 from flowplug.stats import ess as _ess
 
 CHECKPOINT_FORMAT = "flowplug.train-checkpoint"
@@ -249,6 +253,21 @@ def load_ensemble(source: str | Sequence[str], *, field: str, lattice: Sequence[
     return data
 
 
+# ------------------------------------------------------------------- finite parameters
+
+
+def non_finite_entries(tensors: Mapping[str, Any]) -> list[str]:
+    """Names of the floating-point tensors in ``tensors`` (a state dict) holding NaN or Inf."""
+    return [k for k, v in tensors.items()
+            if isinstance(v, torch.Tensor) and (v.is_floating_point() or v.is_complex())
+            and not bool(torch.isfinite(v).all())]
+
+
+def _names(names: Sequence[str], limit: int = 4) -> str:
+    more = len(names) - limit
+    return ", ".join(names[:limit]) + (f" and {more} more" if more > 0 else "")
+
+
 # ------------------------------------------------------------------------------ trainer
 
 
@@ -382,6 +401,7 @@ class Trainer:
         self.skipped = 0
         self.wall_time_s = 0.0
         self.history: list[dict[str, float]] = []
+        self._saved_step: int | None = None  # step of the checkpoint last written or read
 
     # ------------------------------------------------------------------------- one step
 
@@ -418,6 +438,11 @@ class Trainer:
             estimate of F_q; for ``forward`` from a fresh flow batch), ``ess``,
             ``acceptance``, ``lr`` (used for this step), ``grad_norm`` and ``skipped``
             (1.0 if the loss or gradient was not finite and nothing was applied).
+
+        Raises:
+            NonFiniteParametersError: if the update left NaN/Inf in the parameters and the
+                divergence guard has no snapshot to return to
+                (:meth:`_check_finite_parameters`).
         """
         self.flow.train()
         t0 = time.perf_counter()
@@ -453,6 +478,7 @@ class Trainer:
         self.wall_time_s += time.perf_counter() - t0
         metrics["wall_time_s"] = self.wall_time_s
         self.step += 1
+        self._check_finite_parameters()
         if self.guard > 0 and self.objective == "reverse":
             self._guard_update(metrics["loss"])
         self.history.append(metrics)
@@ -460,6 +486,61 @@ class Trainer:
 
         get_plugin_manager().hook.flowplug_after_train_step(step=self.step - 1, metrics=dict(metrics))
         return metrics
+
+    def non_finite_parameters(self) -> list[str]:
+        """Names of the flow's parameters and buffers that hold NaN or Inf (empty when all are finite)."""
+        tensors = [t for t in self.flow.state_dict().values() if t.is_floating_point() or t.is_complex()]
+        if not tensors or bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+            return []
+        return non_finite_entries(self.flow.state_dict())
+
+    def _check_finite_parameters(self) -> None:
+        """After a step: parameters that are no longer finite are rolled back to the divergence
+        guard's snapshot (``train.guard`` > 0 and a snapshot taken), else the run stops.
+
+        Raises:
+            NonFiniteParametersError: when there is no snapshot to return to; no checkpoint
+                of the non-finite state is written, the last one written stays.
+        """
+        bad = self.non_finite_parameters()
+        if not bad:
+            return
+        if self.guard > 0 and self._guard_snapshot is not None:
+            self._guard_losses = []
+            self._rollback(f"non-finite parameters ({_names(bad)}) after step {self.step - 1}")
+            return
+        raise NonFiniteParametersError(
+            f"training diverged: the flow's parameters are not finite after step {self.step - 1} "
+            f"(NaN/Inf in {_names(bad)}); {self._kept_checkpoint()}. Lower train.lr, or set "
+            "train.grad_clip, or train.guard to roll back to the last good state automatically")
+
+    def _kept_checkpoint(self) -> str:
+        """What the output directory holds, for messages about a run that cannot be saved."""
+        if self.out is None:
+            return "no checkpoint was written"
+        path = self.out / CHECKPOINT_NAME
+        if self._saved_step is not None and path.exists():
+            return f"{path} still holds step {self._saved_step}, the last finite state"
+        return f"no checkpoint was written to {self.out}"
+
+    def _rollback(self, reason: str) -> None:
+        """Restore the guard's snapshot (model, optimizer, scheduler) with half the learning
+        rate; the step counter and random numbers go on."""
+        snap = copy.deepcopy(self._guard_snapshot)
+        self.flow.load_state_dict(snap["model"])
+        self.optimizer.load_state_dict(snap["optimizer"])
+        self.scheduler.load_state_dict(snap["scheduler"])
+        self.scheduler.base_lrs = [0.5 * lr for lr in self.scheduler.base_lrs]
+        self._guard_snapshot["scheduler"]["base_lrs"] = list(self.scheduler.base_lrs)
+        # the schedule continues at the current step, with the halved base rate
+        self.scheduler.last_epoch = self.step - 1
+        self.scheduler.step()
+        self.rollbacks += 1
+        import warnings
+
+        warnings.warn(f"training diverged ({reason}): back to the last snapshot with lr x 0.5 "
+                      f"(rollback {self.rollbacks})", RuntimeWarning, stacklevel=3)
+        self._guard_best = float("inf")
 
     def _guard_update(self, loss: float) -> None:
         """Divergence guard (``train.guard`` > 0): every ``guard_window`` steps compare the
@@ -474,22 +555,8 @@ class Trainer:
         mean = sum(self._guard_losses) / len(self._guard_losses)
         self._guard_losses = []
         if self._guard_snapshot is not None and not mean <= self._guard_best + self.guard:
-            snap = copy.deepcopy(self._guard_snapshot)
-            self.flow.load_state_dict(snap["model"])
-            self.optimizer.load_state_dict(snap["optimizer"])
-            self.scheduler.load_state_dict(snap["scheduler"])
-            self.scheduler.base_lrs = [0.5 * lr for lr in self.scheduler.base_lrs]
-            self._guard_snapshot["scheduler"]["base_lrs"] = list(self.scheduler.base_lrs)
-            # the schedule continues at the current step, with the halved base rate
-            self.scheduler.last_epoch = self.step - 1
-            self.scheduler.step()
-            self.rollbacks += 1
-            import warnings
-
-            warnings.warn(f"training diverged (mean loss {mean:.4g} over steps {self.step - self.guard_window}-"
-                          f"{self.step - 1}, best {self._guard_best:.4g}): back to the last snapshot with "
-                          f"lr x 0.5 (rollback {self.rollbacks})", RuntimeWarning, stacklevel=2)
-            self._guard_best = float("inf")
+            self._rollback(f"mean loss {mean:.4g} over steps {self.step - self.guard_window}-"
+                           f"{self.step - 1}, best {self._guard_best:.4g}")
             return
         self._guard_best = min(self._guard_best, mean)
         self._guard_snapshot = {"model": copy.deepcopy(self.flow.state_dict()),
@@ -498,6 +565,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------ run
 
+    @locked_run("train", lambda a: a["self"].out)
     def run(self, steps: int | None = None, *, progress: bool | None = None,
             checkpoint_every: int | None = None) -> list[dict[str, float]]:
         """Train until ``steps`` steps in total (default ``train.steps``) are done.
@@ -506,7 +574,8 @@ class Trainer:
         ``checkpoint_every`` steps and at the end, when ``out`` is set. A tqdm progress
         bar shows loss, ESS and acceptance. Ctrl-C (SIGINT, in the main thread) finishes
         the current step, writes a checkpoint of it and then raises ``KeyboardInterrupt``,
-        so ``--resume`` loses nothing; a second Ctrl-C stops at once.
+        so ``--resume`` loses nothing; a second Ctrl-C stops at once. ``out`` is locked
+        for the call (:func:`flowplug.fsutil.run_lock`).
 
         Returns:
             Metrics of the steps run by this call.
@@ -623,6 +692,7 @@ class Trainer:
         self._guard_losses = [float(v) for v in guard.get("losses", [])]
         self._guard_best = float(guard.get("best", float("inf")))
         self._guard_snapshot = copy.deepcopy(guard.get("snapshot"))
+        self._saved_step = self.step
 
     def save_checkpoint(self, path: str | Path | None = None) -> Path:
         """Write a checkpoint atomically (default ``<out>/checkpoint.pt``) and call the
@@ -630,14 +700,25 @@ class Trainer:
 
         Raises:
             ConfigError: if neither ``path`` nor ``out`` is set.
+            NonFiniteParametersError: if the flow's parameters hold NaN or Inf; nothing is
+                written (a file already at ``path`` stays as it was).
         """
         if path is None:
             if self.out is None:
                 raise ConfigError("save_checkpoint needs a path when the trainer has no output directory")
             path = self.out / CHECKPOINT_NAME
         path = Path(path)
+        bad = self.non_finite_parameters()
+        if bad:
+            own = self.out is not None and path == self.out / CHECKPOINT_NAME
+            kept = self._kept_checkpoint() if own else "nothing was written"
+            raise NonFiniteParametersError(
+                f"{path}: not written: the flow's parameters are not finite at step {self.step} "
+                f"(NaN/Inf in {_names(bad)}); {kept}. Lower train.lr, or set train.grad_clip or train.guard")
         with atomic_path(path) as tmp:
             torch.save(self.state_dict(), tmp)
+        if self.out is not None and path == self.out / CHECKPOINT_NAME:
+            self._saved_step = self.step
         from flowplug.manager import get_plugin_manager
 
         get_plugin_manager().hook.flowplug_checkpoint_written(path=str(path), step=self.step, what="train")
@@ -789,10 +870,17 @@ def load_flow(path: str | Path, *, device: str | torch.device = "cpu") -> Loaded
 
     Raises:
         CheckpointError: if the checkpoint cannot be read or does not match its architecture.
+        NonFiniteParametersError: if its parameters hold NaN or Inf (a diverged run).
     """
     from flowplug.theory import action_from_config
 
     state = read_checkpoint(path)
+    bad = non_finite_entries(state.get("model") or {})
+    if bad:
+        raise NonFiniteParametersError(
+            f"{checkpoint_path(path)}: the flow's parameters are not finite (NaN/Inf in {_names(bad)}; "
+            f"step {state.get('step')}): the training run diverged and this flow cannot be used. "
+            "Retrain with a lower train.lr, or with train.grad_clip or train.guard")
     try:
         flow = Flow.from_spec(state["flow_spec"])
         flow.load_state_dict(state["model"])

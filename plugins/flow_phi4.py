@@ -13,6 +13,16 @@ References:
     checkerboard masks for phi^4); Dinh, Sohl-Dickstein, Bengio, arXiv:1605.08803
     (real NVP); Durkan et al., arXiv:1906.04032 (rational-quadratic spline couplings);
     Albergo et al., arXiv:2101.08176, section III (tutorial conventions).
+
+Huge conditioning values
+    The network sees the frozen sites clipped to [-COND_LIMIT, COND_LIMIT], and its
+    outputs are clipped to [-PARAM_LIMIT, PARAM_LIMIT] (NaN, which only a network with
+    non-finite weights gives, becomes 0). A frozen site of 1e39 (beyond float32, the
+    default network dtype) or 1e300 therefore leaves the layer finite and invertible:
+    forward and inverse read the same frozen sites, hence the same parameters. Neither
+    limit is reached by fields a flow meets in practice (|phi| of order 1-10, raw
+    parameters of order 1); at raw parameters of +-PARAM_LIMIT the spline still
+    round-trips to about 1e-8.
 """
 
 from __future__ import annotations
@@ -25,6 +35,11 @@ from torch import nn
 from flowplug.errors import ConfigError, ShapeError
 from flowplug.plugins.flow_nets import ConvNet, net_dtype
 from flowplug.plugins.flow_transforms import rq_spline, rq_spline_params
+
+#: Frozen-site values are clipped to +-COND_LIMIT before the conditioner network.
+COND_LIMIT = 1e6
+#: Raw network outputs (transformation parameters) are clipped to +-PARAM_LIMIT.
+PARAM_LIMIT = 100.0
 
 
 def checkerboard(lattice: Sequence[int], parity: int) -> torch.Tensor:
@@ -67,9 +82,14 @@ class _ScalarCoupling(nn.Module):
                              f"{', '.join(map(str, self.lattice))}); found {x.dtype} {tuple(x.shape)}")
 
     def _params(self, x: torch.Tensor) -> torch.Tensor:
-        """Network output (B, L..., n_params) in float64 from the frozen sites of x."""
-        frozen = x * (1.0 - self.active)
+        """Network output (B, L..., n_params) in float64 from the frozen sites of x.
+
+        Frozen values are clipped to +-:data:`COND_LIMIT`, outputs to +-:data:`PARAM_LIMIT`
+        with NaN -> 0 (module docstring), so the parameters are finite for any input.
+        """
+        frozen = torch.where(self.active > 0, torch.zeros_like(x), x).clamp(-COND_LIMIT, COND_LIMIT)
         out = self.net(frozen.unsqueeze(1)).to(torch.float64)
+        out = torch.nan_to_num(out, nan=0.0).clamp(-PARAM_LIMIT, PARAM_LIMIT)
         return torch.movedim(out, 1, -1)
 
 

@@ -31,6 +31,7 @@ import torch
 from flowplug.chain import ChainState, Kernel
 from flowplug.errors import ConfigError
 from flowplug.hookspecs import hookimpl
+from flowplug.metropolis import hmc_log_accept, metropolis_test
 from flowplug.records import KernelSpec
 from flowplug.theory import action_force, field_space
 
@@ -146,10 +147,10 @@ class HMC(Kernel):
 
                 x1 = reunitarize(x1)
             s1 = self.action.action(x1).to(torch.float64)
-            dh = (self.space.kinetic(p1) + s1) - h0
-            u = torch.rand(state.batch, generator=generator, dtype=torch.float64, device=x0.device)
-            # accept with probability min(1, exp(-dH)); NaN dH is rejected
-            accepted = torch.log(u) < -dh
+            h1 = self.space.kinetic(p1) + s1
+            dh = h1 - h0
+            # accept with probability min(1, exp(-dH)); a non-finite H1 or dH is rejected
+            accepted = metropolis_test(hmc_log_accept(h0, h1), generator)
             new = state.moved(accepted, x1, -s1)
         return new, {"accepted": accepted, "delta_h": dh}
 

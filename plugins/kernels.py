@@ -43,28 +43,15 @@ from flowplug.chain import ChainState, Kernel
 from flowplug.errors import ConfigError
 from flowplug.groups import wrap_angle
 from flowplug.hookspecs import hookimpl
+from flowplug.metropolis import guarded_log_accept, hmc_log_accept, independence_log_accept, metropolis_test
 from flowplug.records import KernelSpec
 
 __all__ = ["IndependenceMetropolis", "Mixture", "Composition", "FlowHMC", "LatentAction",
            "metropolis_log_ratio", "subset_state", "merge_states"]
 
 
-def metropolis_log_ratio(log_p_new: torch.Tensor, log_q_new: torch.Tensor,
-                         log_p_old: torch.Tensor, log_q_old: torch.Tensor) -> torch.Tensor:
-    """log A = [log p(x') - log q(x')] - [log p(x) - log q(x)] in float64.
-
-    Arguments:
-        log_p_new, log_q_new: Proposal log-densities, (B,).
-        log_p_old, log_q_old: Current log-densities, (B,).
-
-    Returns:
-        (B,) float64; NaN (a broken proposal) compares false with log u and is rejected.
-
-    References:
-        Albergo et al., arXiv:1904.12072, eq. (11); Tierney (1994), section 2.3.3.
-    """
-    f64 = torch.float64
-    return ((log_p_new.to(f64) - log_q_new.to(f64)) - (log_p_old.to(f64) - log_q_old.to(f64)))
+#: The guarded independence log acceptance ratio (:func:`flowplug.metropolis.independence_log_accept`).
+metropolis_log_ratio = independence_log_accept
 
 
 def subset_state(state: ChainState, index: torch.Tensor) -> ChainState:
@@ -152,7 +139,8 @@ class IndependenceMetropolis(_FlowKernel):
 
     Every step draws a fresh x' ~ q for each of the B chains and accepts it with
     probability min(1, exp(log A)), log A = [log p(x') - log q(x')] - [log p(x) - log q(x)],
-    computed in float64 (:func:`metropolis_log_ratio`). log q of the current state is
+    computed in float64 and tested by the rule of :mod:`flowplug.metropolis` (a proposal
+    with a non-finite log p or log q is rejected). log q of the current state is
     cached per chain in ``state.extras["log_q"]`` and recomputed by the inverse flow only
     for states the flow did not produce. Exact for any proposal density q > 0 wherever
     p > 0: a poor flow only lowers the acceptance.
@@ -192,9 +180,8 @@ class IndependenceMetropolis(_FlowKernel):
         state = self.complete(state)
         x1, lp1, lq1, z1 = self.propose(state.batch, generator)
         lp0, lq0 = state.log_p, state.extras["log_q"]
-        log_a = metropolis_log_ratio(lp1, lq1, lp0, lq0)
-        u = torch.rand(state.batch, generator=generator, dtype=torch.float64, device=log_a.device)
-        accepted = torch.log(u) < log_a
+        log_a = independence_log_accept(lp1, lq1, lp0, lq0)
+        accepted = metropolis_test(log_a, generator)
         new = state.moved(accepted, x1, lp1, {"log_q": lq1, "latent": z1})
         return new, {"accepted": accepted, "log_accept": log_a, "log_p_proposal": lp1,
                      "log_q_proposal": lq1, "log_p_current": lp0, "log_q_current": lq0}
@@ -304,10 +291,11 @@ class FlowHMC(_FlowKernel):
             x1, logdet1 = self.flow(z1)
             s_phys1 = self.action.action(x1).to(torch.float64)
             s1 = s_phys1 - logdet1.to(torch.float64)
-            dh = space.kinetic(p1) + s1 - h0
-            u = torch.rand(state.batch, generator=generator, dtype=torch.float64, device=dh.device)
-            accepted = torch.log(u) < -dh
+            h1 = space.kinetic(p1) + s1
+            dh = h1 - h0
             log_q1 = self.flow.prior.log_prob(z1).to(torch.float64) - logdet1.to(torch.float64)
+            # a proposal whose physical density or log q is non-finite is rejected too
+            accepted = metropolis_test(guarded_log_accept(hmc_log_accept(h0, h1), s_phys1, log_q1), generator)
             new = state.moved(accepted, x1, -s_phys1, {"log_q": log_q1, "latent": z1})
         return new, {"accepted": accepted, "delta_h": dh}
 

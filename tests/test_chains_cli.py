@@ -195,6 +195,35 @@ def test_propose_no_decide(files, tmp_path, capsys):
     assert io.read(out).checksum_status == "ok"
 
 
+@pytest.mark.parametrize("bad", [float("-inf"), float("inf"), float("nan")])
+def test_propose_no_decide_rejects_a_non_finite_log_q(files, tmp_path, capsys, monkeypatch, bad):
+    """A proposal with a non-finite log q is rejected here (no production action can make
+    it acceptable): accepted false, OUT = the current configuration."""
+    propose = FlowProposal.propose
+
+    def broken(self, u):
+        x1, lq0, lq1 = propose(self, u)
+        return x1, lq0, np.full_like(lq1, bad)
+
+    monkeypatch.setattr(FlowProposal, "propose", broken)
+    out = tmp_path / "p.ildg"
+    assert _cli("propose", "--flow", files / "su2.pt", "--current", files / "su2.ildg", "--out", out,
+                "--no-decide", "--seed", 1) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["accepted"] is False and "non-finite" in line["reason"]
+    torch.testing.assert_close(io.read(out).links, io.read(files / "su2.ildg").links, rtol=0, atol=0)
+
+
+def test_propose_removes_its_stale_temporary_files(files, tmp_path, capsys):
+    out = tmp_path / "next.ildg"
+    stale = tmp_path / ".next.ildg.k3j9x_2a.part"       # left by a call killed while writing
+    other = tmp_path / ".other.ildg.k3j9x_2a.part"      # another file's: not ours to remove
+    stale.write_bytes(b"partial")
+    other.write_bytes(b"partial")
+    assert _cli("propose", "--flow", files / "su2.pt", "--current", files / "su2.ildg", "--out", out, "--seed", 2) == 0
+    assert out.exists() and not stale.exists() and other.exists()
+
+
 # ------------------------------------------------------------------ resample / sample
 
 def test_resample_summary_provenance_and_resume(files, tmp_path, capsys):

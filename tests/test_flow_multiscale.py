@@ -120,8 +120,10 @@ def test_inverse_logdet_and_equivariance_on_larger_lattices(lattice, index, opts
     x = _angles(lattice, 3, seed=2)
     y, ld = m(x)
     xb, ldi = m.inverse(y)
-    assert groups.wrap_angle(xb - x).abs().max() < 1e-12
-    torch.testing.assert_close(ld + ldi, torch.zeros_like(ld), rtol=0, atol=1e-12)
+    # round-off of rational-quadratic splines inverted in closed form, level after level: 1e-14 to
+    # 1.4e-12 depending on the thread count (reduction order); 1e-10 rad is still ~1e6 eps
+    assert groups.wrap_angle(xb - x).abs().max() < 1e-10
+    torch.testing.assert_close(ld + ldi, torch.zeros_like(ld), rtol=0, atol=1e-10)
     jac = torch.autograd.functional.jacobian(lambda v: m(v)[0], x[:1]).reshape(x[0].numel(), -1)
     torch.testing.assert_close(torch.linalg.slogdet(jac)[1], ld[0], rtol=0, atol=1e-9)
     g = torch.Generator().manual_seed(4)
@@ -160,7 +162,13 @@ def test_short_training_reproduces_exact_2d_u1():
     """8 x 8, beta = 2 (exact values from the character expansion, :func:`flowplug.exact.u1_2d`,
     checked against ../shared/reference/u1_2d_exact.txt elsewhere): 300 path-gradient steps
     of batch 32 on the four finest levels. The independence Metropolis chain on 4096 samples reproduces both values within
-    4 Gamma-method sigma, and the ESS is many times that of the untrained flow (0.001)."""
+    4 Gamma-method sigma, and the ESS is many times that of the untrained flow (0.001).
+
+    The ESS threshold follows from the spread over training seeds, not from one lucky
+    run: seeds 1-6 of this recipe give ESS 0.046, 0.091, 0.088, 0.059, 0.087, 0.039 (the
+    last bits of a 300-step run also differ between CPUs). The test asks for 64 effective
+    samples of the 4096 (ESS > 1/64), enough for the chain's Gamma-method errors to mean
+    something, 2.5 times below the worst seed and 14 times above the untrained flow."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)   # one reduction order: the run does not depend on the machine
     try:
@@ -188,7 +196,7 @@ def _train_and_check():
         return (groups.wrap_angle(gauge.u1_plaquettes(x)).flatten(1).sum(1) / TWO_PI) ** 2
     with torch.no_grad():
         r = evaluate_flow(flow, act, 4096, batch_size=1024, observables={"plaquette": gauge.plaquette, "q2": q2})
-    assert untrained < 0.01 and r["ess"] > 0.05
+    assert untrained < 0.01 and r["ess"] * 4096 > 64, (untrained, r["ess"])
     exact_values = u1_2d(8, 2.0)
     for name, exact in (("plaquette", exact_values["plaquette"]), ("q2", exact_values["q2"])):
         err = r[f"{name}_chain_err"]

@@ -53,6 +53,11 @@ def test_cli_run_writes_everything(tmp_path, capsys):
         assert set(summary["observables"][name]) >= {"mean", "error", "tau_int"}
     m = read_h5(out / "measurements.h5")
     assert m["plaquette"].shape == (12, 2) and m["trajectory"].tolist() == list(range(1, 13))
+    with h5py.File(out / "measurements.h5", "r") as f:  # each dataset carries its layout
+        assert f["trajectory"].attrs["axes"] == "steps"
+        assert {k: f[k].attrs["axes"] for k in f if k != "trajectory"} == {
+            k: "steps,chains" for k in m if k != "trajectory"}
+        assert {"plaquette", "accepted", "delta_h"} <= set(f)
     from flowplug import io
 
     files = sorted((out / "ensemble").iterdir())

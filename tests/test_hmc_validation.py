@@ -63,7 +63,7 @@ def run(action, lattice, batch, n_therm, n_meas, names, *, integrator="omelyan",
 
 def check(name, series, exact, ref_error=0.0):
     """Gamma-method mean of a (T, B) series against ``exact`` within 3 sigma."""
-    g = gamma_method(series.T)
+    g = gamma_method(series, step_axis=0)
     sigma = math.hypot(g.error, ref_error)
     pull = (g.mean - exact) / sigma
     print(f"{name}: {g.mean:.6f} +- {g.error:.6f} (tau_int {g.tau_int:.2f}) exact {exact:.6f}: "

@@ -132,7 +132,7 @@ def test_wrong_scidac_checksum(ildg, tmp_path):
 def test_checksum_hex_any_case_width_and_spaces(ildg, tmp_path):
     text = ildg.read_bytes()
     suma = re.search(rb"<suma>([0-9a-f]+)</suma>", text).group(1)
-    loose = b" 0x" if False else b"  "
+    loose = b"  "          # leading spaces, upper case, no leading zeros, trailing space and newline
     value = loose + suma.upper().lstrip(b"0") + b" \n"
     ok = tmp_path / "loose.ildg"
     # keep the record length: rewrite the record with the new text via the LIME layer

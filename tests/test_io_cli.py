@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import warnings
 
 import numpy as np
@@ -96,15 +95,62 @@ def test_convert_to_hdf5_resumes_and_never_overwrites(inputs, tmp_path, capsys):
     assert only.read_bytes() == (inputs / "cfg2.ildg").read_bytes()
 
 
-def test_convert_keeps_existing_outputs_without_force(inputs, tmp_path, capsys):
+def test_convert_keeps_an_existing_output_only_when_it_is_the_same_configuration(inputs, tmp_path, capsys):
+    """A rerun keeps what verifies as the configuration it would write (read back, compared
+    bit for bit with a fresh conversion); junk or another configuration under the output
+    name stops the run (exit 1, file untouched, message naming file, expected, found and
+    --force); --force replaces it (issue 11, item 6)."""
     out = tmp_path / "out"
-    assert main(["convert", str(inputs), str(out), "--to", "nersc"]) == 0
+    convert = ["convert", str(inputs), str(out), "--to", "nersc", "--no-progress"]
+    assert main(convert) == 0
     target = out / "cfg1.ildg.nersc"
+    good = target.read_bytes()
+    # an identical configuration: kept (not rewritten), exit 0
+    inode = target.stat().st_ino
+    capsys.readouterr()
+    assert main(convert) == 0
+    assert "kept 3 existing" in capsys.readouterr().err
+    assert target.read_bytes() == good and target.stat().st_ino == inode
+    # the same configuration converted from a copy of the input elsewhere is still the same
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "cfg1.ildg").write_bytes((inputs / "cfg1.ildg").read_bytes())
+    assert main(["convert", str(copy / "cfg1.ildg"), str(out), "--to", "nersc", "--no-progress"]) == 0
+    assert target.stat().st_ino == inode
+
+    def refused(content: bytes, *words: str) -> str:
+        target.write_bytes(content)
+        capsys.readouterr()
+        assert main(convert) == 1
+        err = " ".join(capsys.readouterr().err.split())
+        assert target.read_bytes() == content  # never replaced without --force
+        for word in (str(target), "expected", "found", "--force", *words):
+            assert word in err, (word, err)
+        assert "Traceback" not in err
+        return err
+
+    # junk under the output name
+    refused(b"sentinel", "unreadable")
+    # a truncated copy of the right file
+    refused(good[: len(good) // 2])
+    # another configuration, itself a valid file of the target format
+    other = tmp_path / "other.nersc"
+    io.write(other, make_ensemble(precision=32, seed=7), "nersc")
+    err = refused(other.read_bytes(), "another configuration", "CHECKSUM")
+    assert "cfg1.ildg" in err
+    # the same links stored at another precision are not what this conversion writes
+    io.write(other, io.read(inputs / "cfg1.ildg"), "nersc", precision=64, overwrite=True)
+    refused(other.read_bytes(), "precision")
+    # --keep-going converts the rest and lists the refusal as a failure
     target.write_bytes(b"sentinel")
-    assert main(["convert", str(inputs), str(out), "--to", "nersc"]) == 0
-    assert target.read_bytes() == b"sentinel"  # never overwritten without --force
-    assert main(["convert", str(inputs), str(out), "--to", "nersc", "--force"]) == 0
-    assert target.read_bytes() != b"sentinel"
+    (out / "cfg0.ildg.nersc").unlink()
+    assert main([*convert, "--keep-going"]) == 1
+    assert target.read_bytes() == b"sentinel" and (out / "cfg0.ildg.nersc").is_file()
+    assert "1 input(s) failed" in capsys.readouterr().err
+    # --force replaces it with the conversion
+    assert main([*convert, "--force"]) == 0
+    assert target.read_bytes() == good
+    assert torch.equal(io.read(target).links, io.read(inputs / "cfg1.ildg").links)
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporaries left
 
 
@@ -167,7 +213,7 @@ def test_unknown_format_lists_the_registered_ones(tmp_path):
     with pytest.raises(FormatError, match="cannot tell the format from the extension"):
         io.write(tmp_path / "x.dat", make_ensemble())
     assert set(io.formats(writable=True)) >= {"ildg", "nersc", "openqcd", "hdf5"}
-    assert os.path.exists(tmp_path)
+    assert not any(tmp_path.iterdir())      # a refused write leaves nothing behind
 
 
 def test_convert_mixed_precisions_into_one_store_and_back(tmp_path):

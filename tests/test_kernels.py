@@ -40,7 +40,7 @@ def _check(chain, exact, burn, names):
     h = chain.history_tensors()
     out = {}
     for name in names:
-        r = gamma_method(h[name][burn:].T)
+        r = gamma_method(h[name][burn:], step_axis=0)
         dev = (r.mean - exact[name]) / r.error
         out[name] = (r.mean, r.error, dev)
         assert abs(dev) < SIGMA, f"{name}: {r.mean:.5f} +- {r.error:.5f} vs exact {exact[name]:.6f} ({dev:+.1f} sigma)"
@@ -258,7 +258,7 @@ def test_flow_hmc_u1_l6_exact():
     ch.run(100)
     h = ch.history_tensors()
     assert float(h["accepted"].mean()) > 0.5
-    r = gamma_method(torch.exp(-h["delta_h"][20:]).T)  # <exp(-dH)> = 1
+    r = gamma_method(torch.exp(-h["delta_h"][20:]), step_axis=0)  # <exp(-dH)> = 1
     assert abs(r.mean - 1) < SIGMA * r.error + 1e-3
     _check(ch, u1_2d(L, beta), 20, ("plaquette",))
 

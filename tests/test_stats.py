@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from flowplug.stats import ess, gamma_method, tau_int
+from flowplug.stats import ess, exp_mean, gamma_method, tau_int
 
 REFERENCE = Path(__file__).resolve().parents[1] / ".." / "shared" / "reference" / "estimators_check.txt"
 
@@ -49,7 +49,7 @@ PYERRORS = {
 def test_gamma_method_agrees_with_pyerrors(key):
     a, n, r = key
     data = ar1(a, n, 12345, r)
-    g = gamma_method(data if r > 1 else data[0], center="replica")
+    g = gamma_method(data if r > 1 else data[0], step_axis=1 if r > 1 else None, center="replica")
     mean, err, tau, dtau, w, dd = PYERRORS[key]
     assert g.window == w
     for mine, theirs in [(g.mean, mean), (g.error, err), (g.tau_int, tau), (g.tau_int_error, dtau),
@@ -60,7 +60,7 @@ def test_gamma_method_agrees_with_pyerrors(key):
 def test_global_centering_keeps_chain_mean_spread():
     """Many short chains: the default (global mean) error is at least the per-replica one."""
     data = ar1(0.7, 2000, 12345, 8)
-    assert gamma_method(data).error >= gamma_method(data, center="replica").error
+    assert gamma_method(data, step_axis=1).error >= gamma_method(data, step_axis=1, center="replica").error
     # one chain: both centrings are the same
     assert gamma_method(data[0]).error == gamma_method(data[0], center="replica").error
 
@@ -101,12 +101,12 @@ def test_gamma_method_inputs():
     g = gamma_method(torch.ones(100, dtype=torch.float64))
     assert g.error == 0 and g.tau_int == 0.5 and g.mean == 1
     assert tau_int(np.random.default_rng(0).standard_normal(5000)) == pytest.approx(0.5, abs=0.05)
-    one = gamma_method(np.array([[1.0], [2.0], [4.0]]))  # three chains of one measurement
+    one = gamma_method(np.array([[1.0], [2.0], [4.0]]), step_axis=1)  # three chains of one measurement
     assert one.mean == pytest.approx(7 / 3) and one.error == pytest.approx(np.std([1, 2, 4], ddof=1) / 3 ** 0.5)
     with pytest.raises(ValueError, match="NaN"):
         gamma_method([1.0, float("nan")])
     with pytest.raises(ValueError, match="shape"):
-        gamma_method(np.zeros((2, 2, 2)))
+        gamma_method(np.zeros((2, 2, 2)), step_axis=1)
     with pytest.raises(ValueError, match="center"):
         gamma_method([1.0, 2.0], center="middle")
 
@@ -116,7 +116,7 @@ def test_against_pyerrors_directly():
     data = ar1(0.8, 3000, 7, 3)
     o = pe.Obs(list(data), [f"e|r{k}" for k in range(3)])
     o.gamma_method()
-    g = gamma_method(data, center="replica")
+    g = gamma_method(data, step_axis=1, center="replica")
     assert g.error == pytest.approx(o.dvalue, rel=1e-10)
 
 
@@ -131,3 +131,116 @@ def test_ess_gaussian_proposal(s, exact):
     x = s * torch.randn(400_000, generator=g, dtype=torch.float64)
     logw = -0.5 * x**2 + 0.5 * (x / s) ** 2 + math.log(s)
     assert ess(logw).item() == pytest.approx(exact, abs=0.006)
+
+
+# ------------------------------------------------ layout of chain histories (issue 11, item 5)
+
+
+def test_step_axis_required_for_two_dimensional_data():
+    """A history as stored, (steps, chains) = (4000, 6) AR(1) with a = 0.8 (exact tau_int
+    4.5, seed 31): ``step_axis=0`` on it equals ``step_axis=1`` on its transpose and finds
+    the exact tau_int within 3 sigma; without ``step_axis`` 2-D data are refused (read
+    as (chains, steps), this history gives error 0.011 and tau_int 0.50 instead of 0.032
+    and 4.4, silently)."""
+    a = 0.8
+    stored = ar1(a, 4000, 31, 6).T  # (steps, chains), as Chain.history_tensors() and measurements.h5
+    g0 = gamma_method(stored, step_axis=0)
+    g1 = gamma_method(stored.T, step_axis=1)
+    assert g0.as_dict() == g1.as_dict() and np.array_equal(g0.rho, g1.rho)
+    assert g0.n == stored.size
+    exact = (1 + a) / (2 * (1 - a))
+    assert abs(g0.tau_int - exact) < 3 * g0.tau_int_error, g0
+    # torch tensors and negative axes say the same
+    assert gamma_method(torch.as_tensor(stored), step_axis=-2).as_dict() == g0.as_dict()
+    assert gamma_method(stored.T, step_axis=-1).as_dict() == g0.as_dict()
+    # reading the stored layout as (chains, steps) is the silent mistake the keyword prevents
+    wrong = gamma_method(stored, step_axis=1)
+    assert wrong.tau_int < 0.25 * g0.tau_int
+    for f in (gamma_method, tau_int):
+        for data in (stored, stored.T, torch.as_tensor(stored)):
+            with pytest.raises(ValueError, match=r"step_axis=0.*\(steps, chains\).*step_axis=1.*\(chains, steps\)"):
+                f(data)
+    with pytest.raises(ValueError, match="measurements.h5"):
+        gamma_method(stored)
+    with pytest.raises(ValueError, match="step_axis"):
+        exp_mean(-np.abs(stored))
+    assert tau_int(stored, step_axis=0) == g0.tau_int
+    e0 = exp_mean(-np.abs(stored), step_axis=0)
+    assert e0.as_dict() == gamma_method(np.exp(-np.abs(stored)).T, step_axis=1).as_dict()
+    # one chain needs no keyword; a step_axis that names no axis is refused
+    assert gamma_method(stored[:, 0]).as_dict() == gamma_method(stored[:, 0], step_axis=0).as_dict()
+    for bad in (2, -3, 0.0, "steps", True):
+        with pytest.raises(ValueError, match="step_axis"):
+            gamma_method(stored, step_axis=bad)
+    with pytest.raises(ValueError, match="step_axis"):
+        gamma_method(stored[:, 0], step_axis=1)
+
+
+# ------------------------------------------------ default centring pinned (issue 11, item 7)
+
+
+def _uwerr_by_hand(a: np.ndarray, s_tau: float = 2.0) -> tuple[float, float, float, int]:
+    """Wolff's Gamma method (hep-lat/0306017) written out with plain loops, global mean.
+
+    ``a``: (R, N_r), replicas as rows. Gamma(t) = sum_r sum_i (a_ri - abar)(a_r,i+t - abar)
+    / (N - R t); W the first W >= 1 with exp(-W/tau) - tau/sqrt(W N) < 0,
+    tau = S_tau / ln((2 tau_int(W) + 1)/(2 tau_int(W) - 1)) (W_max = N_r // 2 otherwise);
+    error from UWerr's bias-corrected C_F = (Gamma(0) + 2 sum_{t<=W} Gamma(t)) (1 + (2W+1)/N);
+    tau_int with the correction (1 + (2W+1)/N)/(1 + 1/N) (eq. (49) as pyerrors applies it).
+    Returns (mean, error, tau_int, window).
+    """
+    r, n_r = a.shape
+    n = r * n_r
+    abar = sum(float(v) for v in a.ravel()) / n
+    w_max = n_r // 2
+    gamma = []
+    for t in range(w_max + 1):
+        s = 0.0
+        for k in range(r):
+            for i in range(n_r - t):
+                s += (a[k, i] - abar) * (a[k, i + t] - abar)
+        gamma.append(s / (n - r * t))
+    window, tau_w = w_max, None
+    for w in range(1, w_max + 1):
+        tau_w = 0.5 + sum(gamma[1:w + 1]) / gamma[0]
+        if tau_w <= 0.5:
+            window = w
+            break
+        tau = s_tau / math.log((2 * tau_w + 1) / (2 * tau_w - 1))
+        if math.exp(-w / tau) - tau / math.sqrt(w * n) < 0:
+            window = w
+            break
+    tau_w = 0.5 + sum(gamma[1:window + 1]) / gamma[0]
+    c_f = (gamma[0] + 2 * sum(gamma[1:window + 1])) * (1 + (2 * window + 1) / n)
+    return abar, math.sqrt(c_f / n), tau_w * (1 + (2 * window + 1) / n) / (1 + 1 / n), window
+
+
+def _offset_chains() -> np.ndarray:
+    """Fixed data: 5 AR(1) chains (a = 0.6, seed 4242) of 300 steps, (chains, steps), with
+    chain means shifted by different amounts so that the centring matters."""
+    return ar1(0.6, 300, 4242, 5) + np.array([0.0, 0.4, -0.3, 0.7, -0.5])[:, None]
+
+
+# gamma_method(_offset_chains(), step_axis=1) with the global-mean default, pinned once
+# (and equal to _uwerr_by_hand); center="replica" gives a clearly smaller error.
+PINNED_GLOBAL = {"mean": 0.11132471154439806, "error": 0.09717693038075792, "tau_int": 4.573168651242369,
+                 "window": 28}
+
+
+def test_default_centering_is_global_and_pinned():
+    data = _offset_chains()
+    mean, error, tau, window = _uwerr_by_hand(data)
+    g = gamma_method(data, step_axis=1)  # the default centring
+    assert g.window == window
+    assert g.mean == pytest.approx(mean, rel=1e-12)
+    assert g.error == pytest.approx(error, rel=1e-10)
+    assert g.tau_int == pytest.approx(tau, rel=1e-10)
+    assert (g.mean, g.error, g.tau_int, g.window) == pytest.approx(
+        (PINNED_GLOBAL["mean"], PINNED_GLOBAL["error"], PINNED_GLOBAL["tau_int"], PINNED_GLOBAL["window"]),
+        rel=1e-10)
+    assert g.as_dict() == gamma_method(data, step_axis=1, center="global").as_dict()
+    rep = gamma_method(data, step_axis=1, center="replica")
+    assert rep.error < 0.8 * g.error
+    assert rep.error != pytest.approx(g.error, rel=0.05)
+    import inspect
+    assert inspect.signature(gamma_method).parameters["center"].default == "global"

@@ -69,7 +69,9 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 def _message(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
-    return textwrap.fill(text, width=100, subsequent_indent="  ")
+    # never split a word: paths, record names (scidac-checksum) and option names stay whole
+    return textwrap.fill(text, width=100, subsequent_indent="  ", break_on_hyphens=False,
+                         break_long_words=False)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

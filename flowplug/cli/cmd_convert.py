@@ -8,9 +8,14 @@ for inputs holding several configurations) or, when ``OUTPUT`` ends in ``.h5``/
 nor written with a trailing ``/``, one HDF5 ensemble store. ``--to hdf5 DIR/``
 splits an ensemble into one HDF5 file per configuration.
 
-Safety: an existing output is never replaced without ``--force`` (it is kept and
-skipped, so rerunning an interrupted conversion continues where it stopped; an
-existing HDF5 store gets only the inputs it does not hold yet); every output file
+Safety: an existing output is never replaced without ``--force``. An existing output
+file is kept and skipped only when it reads back, checks verified, as the very
+configuration this conversion would write (links bit for bit, lattice, group, storage
+precision), so rerunning an interrupted conversion continues where it stopped; anything
+else under an output name (junk, a truncated file, another configuration, another
+precision) is an error naming the file, the expected and the found configuration, and
+``--force`` replaces it. An existing HDF5 store gets only the inputs it does not hold yet
+(by source path); every output file
 is written to a temporary name (``.<name>.<random>.part``) and renamed when
 complete, and such temporary files left by an interrupted earlier run are removed
 when their output is written (only names of that exact pattern; do not run two
@@ -185,7 +190,10 @@ def run(args: argparse.Namespace) -> int:
                                       "inputs must have distinct names")
                 planned[dest] = src
                 if dest.exists() and not args.force:
-                    skipped += 1  # kept: a rerun continues where it stopped
+                    # kept only when it is the very configuration this run would write (a rerun
+                    # continues where it stopped); anything else stops with an error
+                    _check_existing(dest, one, target, args.precision, src)
+                    skipped += 1
                     continue
                 remove_stale_temp_files(dest)  # left by an interrupted earlier run
                 io.write(dest, one, target, precision=args.precision, overwrite=args.force)
@@ -205,6 +213,62 @@ def run(args: argparse.Namespace) -> int:
         print(f"flowplug convert: failed: {message if src in message else src + ': ' + message}",
               file=sys.stderr)
     return 1 if failures else 0
+
+
+def _describe(ens) -> str:
+    """``su3 2x3x4x5, 32-bit, links sha256 0123456789abcdef`` (the configuration's content)."""
+    import hashlib
+
+    digest = hashlib.sha256(ens.links.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+    return (f"{ens.group} {'x'.join(map(str, ens.lattice))}, {ens.meta[0].precision}-bit, "
+            f"links sha256 {digest}")
+
+
+def _check_existing(dest: Path, one, target: str, precision: int | None, src: Path) -> None:
+    """Return if ``dest`` holds exactly the configuration converting ``one`` would write.
+
+    What would be written is written to a temporary folder and read back; ``dest`` is read
+    as ``target`` with its checks verified, and the two must agree bit for bit in their
+    links, lattice, group and storage precision (provenance such as the source path may
+    differ). Raises :class:`FormatError` naming the file, the expected and the found
+    configuration and the fix (``--force``) otherwise.
+    """
+    import tempfile
+    import warnings
+
+    import torch
+
+    from flowplug import io
+
+    with tempfile.TemporaryDirectory(prefix="flowplug-convert-") as tmp:
+        fresh = Path(tmp) / dest.name
+        with warnings.catch_warnings():  # the real write warns, if it ever happens
+            warnings.simplefilter("ignore")
+            io.write(fresh, one, target, precision=precision)
+        expected = io.read(fresh, target, unitarity="ignore")
+    want = _describe(expected)
+    fix = f"remove it or rerun with --force to replace it with the conversion of {src}"
+    try:
+        found = io.read(dest, target, unitarity="ignore")
+    except FlowplugError as exc:
+        raise FormatError(f"output {dest} exists but is unreadable as {target} ({exc}); expected the "
+                          f"conversion of {src}: {want}; found no such configuration; {fix}") from None
+    same = (len(found) == 1 and found.group == expected.group and found.lattice == expected.lattice
+            and found.meta[0].precision == expected.meta[0].precision
+            and torch.equal(found.links, expected.links))
+    if same:
+        return
+    have = _describe(found) if len(found) == 1 else f"{len(found)} configurations"
+    ours = {c.quantity: c.expected for c in expected.meta[0].checks if not c.tolerance}
+    theirs = {c.quantity: c.expected for c in found.meta[0].checks if not c.tolerance} if len(found) else {}
+    differ = [f"{q} expected {ours[q]}, found {theirs[q]}" for q in ours if q in theirs and theirs[q] != ours[q]]
+    if found.meta and found.meta[0].precision != expected.meta[0].precision:
+        differ.append(f"precision expected {expected.meta[0].precision}, found {found.meta[0].precision}")
+    what = ("the same links at another storage precision" if len(found) == 1 and found.lattice == expected.lattice
+            and torch.equal(found.links, expected.links) else "another configuration")
+    raise FormatError(f"output {dest} exists and is not the conversion of {src}, it holds {what}: "
+                      f"expected {want}; found {have}" + (f" ({'; '.join(differ)})" if differ else "")
+                      + f"; {fix}")
 
 
 def _finish_store(tmp: Path | None, output: Path, *, keep: bool) -> None:

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from flowplug.cli.common import add_config_arguments, config_from_args
+from flowplug.fsutil import LOCK_NAME, locked_run
 from flowplug.records import CommandSpec
 
 DEFAULT_CONFIG = """\
@@ -99,12 +100,13 @@ def _stats(h, burn=0):
     q = h["topological_charge"][burn:]
     out = {}
     for name, data in (("plaquette", h["plaquette"][burn:]), ("q2", q ** 2), ("q", q)):
-        r = gamma_method(data.T)
+        r = gamma_method(data, step_axis=0)
         out[name] = {"mean": r.mean, "error": r.error, "tau_int": r.tau_int, "tau_int_error": r.tau_int_error,
                      "window": r.window, "window_at_max": r.window >= data.shape[0] // 2}
     return out
 
 
+@locked_run("demo", lambda a: a["out"])
 def demo(cfg, out: Path, *, force: bool = False, progress: bool = True) -> dict:
     """Library form of ``flowplug demo``; returns the summary.
 
@@ -133,7 +135,7 @@ def demo(cfg, out: Path, *, force: bool = False, progress: bool = True) -> dict:
         raise FlowplugError(f"demo: lattice must be 2D (L0, L1); found {list(lattice)}")
     beta, seed = float(cfg["beta"]), int(cfg["seed"])
     exact = u1_2d(lattice[0], beta) if lattice[0] == lattice[1] else None
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and any(p.name != LOCK_NAME for p in out.iterdir()):
         if not force:
             raise FlowplugError(f"{out} holds an earlier run; choose another --out or add --force to replace it")
         for sub in ("hmc", "flow", "resample"):

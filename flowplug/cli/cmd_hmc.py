@@ -11,7 +11,9 @@ independent HMC chains as one batch and writes to ``out``:
     with dataset ``field`` (chains first) and attributes ``kind`` and ``provenance``;
     ``none`` writes no configurations);
 ``measurements.h5`` or ``measurements.csv``
-    every observable, acceptance and dH per trajectory and chain;
+    every observable, acceptance and dH per trajectory and chain (HDF5: one dataset per
+    name, layout (steps, chains) as in ``Chain.history_tensors()``, stated by its
+    attribute ``axes`` = ``"steps,chains"``; give ``step_axis=0`` to :mod:`flowplug.stats`);
 ``checkpoint.pt``
     state, generator state and history (``torch.save`` of tensors, written atomically);
     ``--resume`` continues from it and gives the same chain as an uninterrupted run
@@ -39,6 +41,7 @@ import torch
 
 from flowplug import config as _config
 from flowplug.cli.common import add_config_arguments, config_from_args
+from flowplug.fsutil import locked_run
 from flowplug.errors import ConfigError, FlowplugError
 from flowplug.records import CommandSpec
 
@@ -256,9 +259,12 @@ class _Output:
 
             with atomic_path(path) as tmp:
                 with h5py.File(tmp, "w") as f:
-                    f.create_dataset("trajectory", data=np.arange(1, t + 1, dtype=np.int64))
+                    ds = f.create_dataset("trajectory", data=np.arange(1, t + 1, dtype=np.int64))
+                    ds.attrs["axes"] = "steps"
                     for name in names:
-                        f.create_dataset(name, data=history[name].numpy())
+                        # the layout travels with the data: (steps, chains), step_axis=0 in flowplug.stats
+                        ds = f.create_dataset(name, data=history[name].numpy())
+                        ds.attrs["axes"] = "steps,chains"
                     f.attrs["layout"] = "<name>[trajectory - 1, chain]"
                     f.attrs["config"] = _config.dumps(self.cfg)
             return path
@@ -277,7 +283,7 @@ class _Output:
 
 def summarize(history: Mapping[str, torch.Tensor], thermalization: int) -> dict[str, Any]:
     """summary.json figures from (T, B) histories, dropping the first ``thermalization`` rows."""
-    from flowplug.stats import gamma_method
+    from flowplug.stats import exp_mean, gamma_method
 
     def cut(name: str) -> np.ndarray:
         return history[name][thermalization:].numpy()
@@ -291,26 +297,27 @@ def summarize(history: Mapping[str, torch.Tensor], thermalization: int) -> dict[
     for name in history:
         if name in ("accepted", "delta_h"):
             continue
-        g = gamma_method(cut(name).T)
+        g = gamma_method(cut(name), step_axis=0)
         obs[name] = {"mean": g.mean, "error": g.error, "tau_int": g.tau_int,
                      "tau_int_error": g.tau_int_error}
     out["observables"] = obs
     if "delta_h" in history:
         dh = cut("delta_h")
         if np.all(np.isfinite(dh)):
-            g = gamma_method(np.exp(-dh).T)
+            g = exp_mean(-dh, step_axis=0)
             out["exp_minus_delta_h"] = {"mean": g.mean, "error": g.error}
         out["delta_h_mean"] = float(np.nanmean(dh))
     return out
 
 
+@locked_run("hmc", lambda a: a["cfg"]["out"])
 def run_hmc(cfg: Mapping[str, Any], *, resume: bool = False, force: bool = False,
             progress: bool | None = None) -> dict[str, Any]:
     """Run (or resume) ``flowplug hmc`` for an effective configuration; returns the summary.
 
     Raises:
         ConfigError: on inconsistent settings (unknown integrator, format that cannot hold
-            the field, start file of another group...).
+            the field, start file of another group, ``trajectories <= thermalization``...).
         CheckpointError: on ``resume`` without a checkpoint or with one of another run.
         FlowplugError: when ``out`` holds a checkpoint and neither ``resume`` nor ``force``.
     """
@@ -334,6 +341,10 @@ def run_hmc(cfg: Mapping[str, Any], *, resume: bool = False, force: bool = False
     therm = int(hmc["thermalization"])
     if total < 0 or therm < 0:
         raise ConfigError("hmc.trajectories and hmc.thermalization must be >= 0")
+    if total <= therm:
+        raise ConfigError(f"hmc.trajectories = {total} leaves nothing after hmc.thermalization = {therm}: "
+                          "no trajectory would be measured; raise hmc.trajectories or lower "
+                          "hmc.thermalization")
     seed = int(cfg["seed"])
     try:
         device = torch.device(str(cfg["device"]))

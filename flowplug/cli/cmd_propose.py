@@ -10,14 +10,18 @@ line on stdout tells what happened::
     {"accepted": true, "log_p_current": ..., "log_q_current": ..., "log_p_proposal": ...,
      "log_q_proposal": ..., "delta_S": ..., "log_accept": ..., "seed": ..., "out": ...}
 
-(delta_S = S(proposal) - S(current); log q of IN comes from the inverse flow.)
+(delta_S = S(proposal) - S(current); log q of IN comes from the inverse flow, so the
+flow must pass the inverse check, :func:`flowplug.flowtools.check_inverse`, whose result
+is the line's ``inverse_check`` entry; ``--no-check-inverse`` uses a failing flow anyway.)
 
 Assumptions:
   * The flow's stored action (pure gauge Wilson action at its beta) IS the production
     action. Only then is the accept/reject step exact for the production chain.
   * When it is not (dynamical fermions, improved gauge actions), use ``--no-decide``:
     OUT then holds the proposal, the JSON line gives ``log_q_current`` and
-    ``log_q_proposal`` with ``accepted: null``; the production code evaluates its own
+    ``log_q_proposal`` with ``accepted: null`` (or ``accepted: false`` with a ``reason``,
+    and OUT = IN, when a log q is non-finite: such a proposal is always rejected, in
+    every kernel); the production code evaluates its own
     action S_prod on IN and OUT and accepts with probability
     min(1, exp([-S_prod(OUT) - log_q_proposal] - [-S_prod(IN) - log_q_current])).
   * Each call needs fresh random numbers: the default seed is drawn from the operating
@@ -35,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from flowplug.records import CommandSpec
@@ -56,6 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lattice", metavar="LXxLYxLZxLT", help="lattice of a bare LIME input")
     parser.add_argument("--group", metavar="GROUP", help="group of a bare LIME input")
     parser.add_argument("--no-verify", action="store_true", help="accept an input whose checksum fails")
+    parser.add_argument("--no-check-inverse", action="store_true",
+                        help="use a flow whose inverse fails the round-trip check (log q through it is wrong)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -64,10 +71,11 @@ def run(args: argparse.Namespace) -> int:
 
     from flowplug import io
     from flowplug.flowtools import file_sha256, open_flow
+    from flowplug.fsutil import remove_stale_temp_files
     from flowplug.proposal import FlowProposal
     from flowplug.resampling import check_compatible, output_format, write_configuration
 
-    ck = open_flow(args.flow)
+    ck = open_flow(args.flow, check_inverse=not args.no_check_inverse)
     src = Path(args.current)
     ens = io.read(src, args.format, lattice=args.lattice, group=args.group, verify=not args.no_verify)
     if len(ens) != 1:
@@ -85,14 +93,25 @@ def run(args: argparse.Namespace) -> int:
         line = {"accepted": None, "log_q_current": float(lq0[0]), "log_q_proposal": float(lq1[0])}
         nxt = x1
         prov["result"] = "proposal (decision left to the production code)"
+        if not (math.isfinite(line["log_q_current"]) and math.isfinite(line["log_q_proposal"])):
+            # no production action can make this proposal acceptable (flowplug.metropolis):
+            # decided here, and OUT is the current configuration
+            line["accepted"] = False
+            line["reason"] = "non-finite log q: rejected without the production action"
+            nxt = x
+            prov["result"] = "rejected: non-finite log q; current configuration"
     else:
         nxt, res = prop.step(x)
         line = res.as_dict()
         prov["result"] = "accepted proposal" if line["accepted"] else "rejected: current configuration"
     precision = args.precision or ens.precision
+    remove_stale_temp_files(Path(args.out))  # left by an interrupted earlier call
     write_configuration(Path(args.out), torch.as_tensor(nxt), fmt, source_meta=ens.meta[0], precision=precision,
                         provenance=prov, overwrite=args.force, inputs=[src])
     line.update({"seed": prop.seed, "out": str(args.out), "format": fmt})
+    line["inverse_check"] = {k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v)
+                             for k, v in {**ck.inverse_check.as_dict(),
+                                          "enforced": not args.no_check_inverse}.items()}
     print(json.dumps(line))
     return 0
 

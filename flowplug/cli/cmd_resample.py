@@ -16,7 +16,9 @@ estimated from inputs distributed by p: n^2 / (sum w sum 1/w)), per-kernel accep
 of the chains (Gamma method), and ``inputs``: per input configuration its file,
 checksum, log p, log q and log w. ``DIR/report.png`` draws histories, autocorrelations,
 acceptance and the weights. Long runs checkpoint to ``DIR/chain.ckpt``; ``--resume``
-continues bit for bit.
+continues bit for bit. The flow must pass the inverse check
+(:func:`flowplug.flowtools.check_inverse`, recorded as ``inverse_check`` in the summary)
+unless ``--no-check-inverse`` is given: log q of every input comes from the inverse.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import argparse
 from pathlib import Path
 
 from flowplug.cli.common import add_config_arguments, config_from_args
+from flowplug.fsutil import locked_run
 from flowplug.records import CommandSpec
 
 DEFAULT_CONFIG = """\
@@ -67,6 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--group", metavar="GROUP", help="group of bare LIME inputs")
     parser.add_argument("--no-verify", action="store_true", help="accept inputs whose checksums fail")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-check-inverse", action="store_true",
+                        help="use a flow whose inverse fails the round-trip check (log q through it is wrong)")
     add_config_arguments(parser)
 
 
@@ -89,12 +94,13 @@ def run(args: argparse.Namespace) -> int:
     resample(cfg, [Path(p) for p in args.inputs], Path(args.flow), Path(args.out), resume=args.resume,
              force=args.force, read_options={"format": args.format, "lattice": args.lattice,
                                              "group": args.group, "verify": not args.no_verify},
-             progress=not args.no_progress)
+             progress=not args.no_progress, check_inverse=not args.no_check_inverse)
     return 0
 
 
+@locked_run("resample", lambda a: a["out"])
 def resample(cfg, inputs, flow_path: Path, out: Path, *, resume: bool = False, force: bool = False,
-             read_options=None, progress: bool = False, quiet: bool = False):
+             read_options=None, progress: bool = False, quiet: bool = False, check_inverse: bool = True):
     """Library form of ``flowplug resample`` (used by ``flowplug demo``).
 
     Returns:
@@ -102,7 +108,9 @@ def resample(cfg, inputs, flow_path: Path, out: Path, *, resume: bool = False, f
         :class:`flowplug.chain.Chain` (its history holds every measurement).
 
     Raises:
-        FlowplugError: on bad inputs, a mismatched flow, or an output that exists.
+        FlowplugError: on bad inputs, a mismatched flow, or an output that exists;
+            :class:`flowplug.errors.InverseCheckError` if the flow fails the inverse check
+            and ``check_inverse`` is true.
     """
     import torch
 
@@ -117,7 +125,7 @@ def resample(cfg, inputs, flow_path: Path, out: Path, *, resume: bool = False, f
                                      run_chains, write_configuration)
 
     read_options = {k: v for k, v in dict(read_options or {}).items() if v is not None}
-    ck = open_flow(flow_path)
+    ck = open_flow(flow_path, check_inverse=check_inverse)
     action = ck.action(_action_override(cfg))
     files = expand_inputs([str(p) for p in inputs])
     parts, sources = [], []
@@ -197,6 +205,7 @@ def resample(cfg, inputs, flow_path: Path, out: Path, *, resume: bool = False, f
         "inputs": [{**s, "log_p": lp, "log_q": lq, "log_w": lw}
                    for s, lp, lq, lw in zip(sources, weights["log_p"], weights["log_q"], weights["log_w"])],
         "written": len(written),
+        "inverse_check": {**ck.inverse_check.as_dict(), "enforced": check_inverse},
     }
     write_json(out / "provenance.json", {"outputs": written})
     chain_report(out / "report.png", hist, names, title=f"flowplug resample: {len(sources)} chains, "

@@ -10,7 +10,9 @@ format (``format = "ildg"`` for 4D SU(3)/SU(2)). ``DIR/measurements.csv`` has ev
 measurement, ``DIR/summary.json`` ``acceptance``, ``ess`` (of the flow proposals' weights
 p/q), ``observables.<name>.{mean,error,tau_int}`` (Gamma method); ``DIR/report.png``
 histories, autocorrelation functions and acceptance. ``--resume`` continues from
-``DIR/chain.ckpt``.
+``DIR/chain.ckpt``. The flow must pass the inverse check
+(:func:`flowplug.flowtools.check_inverse`, recorded as ``inverse_check`` in the summary)
+unless ``--no-check-inverse`` is given.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import argparse
 from pathlib import Path
 
 from flowplug.cli.common import add_config_arguments, config_from_args
+from flowplug.fsutil import locked_run
 from flowplug.records import CommandSpec
 
 DEFAULT_CONFIG = """\
@@ -57,6 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue from DIR/chain.ckpt")
     parser.add_argument("--force", action="store_true", help="replace existing outputs")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-check-inverse", action="store_true",
+                        help="use a flow whose inverse fails the round-trip check (log q through it is wrong)")
     add_config_arguments(parser)
 
 
@@ -70,15 +75,18 @@ def run(args: argparse.Namespace) -> int:
     if not args.flow or not args.out:
         raise ConfigError("flowplug sample needs --flow CHECKPOINT and --out DIR")
     return sample(cfg, Path(args.flow), Path(args.out), resume=args.resume, force=args.force,
-                  progress=not args.no_progress)
+                  progress=not args.no_progress, check_inverse=not args.no_check_inverse)
 
 
+@locked_run("sample", lambda a: a["out"])
 def sample(cfg, flow_path: Path, out: Path, *, resume: bool = False, force: bool = False,
-           progress: bool = False, quiet: bool = False) -> int:
+           progress: bool = False, quiet: bool = False, check_inverse: bool = True) -> int:
     """Library form of ``flowplug sample``; returns 0.
 
     Raises:
-        FlowplugError: on a bad checkpoint or configuration, or existing outputs.
+        FlowplugError: on a bad checkpoint or configuration, or existing outputs;
+            :class:`flowplug.errors.InverseCheckError` if the flow fails the inverse check
+            and ``check_inverse`` is true.
     """
     import torch
 
@@ -92,7 +100,7 @@ def sample(cfg, flow_path: Path, out: Path, *, resume: bool = False, force: bool
     from flowplug.resampling import (build_kernel, extension_of, fingerprint, importance_weights,
                                      observable_summary, output_format, run_chains, write_configuration)
 
-    ck = open_flow(flow_path)
+    ck = open_flow(flow_path, check_inverse=check_inverse)
     action = ck.action(_action_override(cfg))
     chains, steps, therm = int(cfg["chains"]), int(cfg["steps"]), int(cfg["thermalize"])
     if chains < 1 or steps < 1 or not 0 <= therm < steps:
@@ -156,6 +164,7 @@ def sample(cfg, flow_path: Path, out: Path, *, resume: bool = False, force: bool
         "action": ck.action_config | _action_override(cfg),
         "observables": observable_summary(hist, names, burn=therm),
         "written": n_written[0],
+        "inverse_check": {**ck.inverse_check.as_dict(), "enforced": check_inverse},
     }
     chain_report(out / "report.png", {k: v[therm:] for k, v in hist.items()}, names,
                  title=f"flowplug sample: {chains} chains x {chain.step_count} steps, acceptance {acc:.3f}",

@@ -114,7 +114,16 @@ def torch_nan(x):
 
 
 def run(args: argparse.Namespace) -> int:
-    """Train (or resume) and write the outputs; returns 0."""
+    """Train (or resume) and write the outputs, holding the run directory's lock; returns 0."""
+    import contextlib
+
+    from flowplug.fsutil import run_lock
+
+    with contextlib.ExitStack() as stack:
+        return _run(args, lambda out: stack.enter_context(run_lock(out, "train")))
+
+
+def _run(args: argparse.Namespace, lock) -> int:
     from flowplug import config as _config
     from flowplug import train as _train
     from flowplug.fsutil import write_summary
@@ -136,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
             sys.stdout.write(_config.dumps(state["config"]))
             return 0
         trainer = _train.resume_trainer(args.resume, overrides=overrides)
+        lock(trainer.out)
         config = trainer.config
         config.setdefault("train", {}).update(overrides)
         print(f"resuming {args.resume} at step {trainer.step} of {trainer.steps_total}", file=sys.stderr)
@@ -148,6 +158,7 @@ def run(args: argparse.Namespace) -> int:
             return 0
         if args.no_progress:
             config["train"]["progress"] = False
+        lock(Path(str(config["out"])))
         ckpt = Path(str(config["out"])) / _train.CHECKPOINT_NAME
         if ckpt.exists() and not args.force:
             raise FlowplugError(f"{ckpt} exists: continue that run with --resume {ckpt.parent}, or start "
