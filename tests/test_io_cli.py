@@ -84,6 +84,13 @@ def test_convert_to_hdf5_resumes_and_never_overwrites(inputs, tmp_path, capsys):
     assert main(["convert", str(inputs), str(store)]) == 0
     assert len(io.read(store)) == 3
     assert "kept 3 existing" in capsys.readouterr().err
+    # an input that changed since it was stored is not skipped silently
+    before = store.read_bytes()
+    io.write(inputs / "cfg1.ildg", make_ensemble(precision=32, seed=7), overwrite=True)
+    assert main(["convert", str(inputs), str(store)]) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert "entry 1 was converted from" in err and "cfg1.ildg now holds another configuration" in err
+    assert "--force" in err and store.read_bytes() == before
     # --force rebuilds it from scratch (atomically)
     assert main(["convert", str(inputs / "cfg2.ildg"), str(store), "--force"]) == 0
     assert len(io.read(store)) == 1

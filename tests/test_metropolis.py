@@ -286,6 +286,20 @@ def test_flow_hmc_rejects_non_finite_log_det(fixed_u):
     _check_rejected(new, info, st)
 
 
+def test_flow_hmc_rejects_a_non_finite_latent_density(fixed_u):
+    """S~ = S - log det can be finite while log q = log r(z') - log det is not (a prior
+    density of -inf/NaN at z'): such a proposal is rejected, its log q never stored."""
+    act = WilsonGaugeAction(1.0, "u1")
+    flow = _flow()
+    k = FlowHMC(flow, act, steps=2, trajectory_length=0.5)
+    st = _start(act, flow, k)
+    log_prob = flow.prior.log_prob
+    flow.prior.log_prob = lambda z: log_prob(z) + BAD.to(torch.float64)
+    fixed_u(torch.full((len(BAD),), 1e-300, dtype=torch.float64))
+    new, info = k.step(st, torch.Generator().manual_seed(3))
+    _check_rejected(new, info, st)
+
+
 class _ArmedAction(WilsonGaugeAction):
     """Wilson action plus per-chain offsets (NaN / +-inf), once ``armed``."""
 

@@ -134,10 +134,11 @@ def run(args: argparse.Namespace) -> int:
                 "as it is)" + (f", or drop --to {args.to} to write one HDF5 ensemble store"
                                if looks_like == "hdf5" else ""))
 
-    done_sources: set[str] = set()
+    done_sources: dict[str, int] = {}   # source -> its index in the store
     fresh_store = single and (args.force or not output.exists())
     if single and output.exists() and not args.force:
-        done_sources = set(handler.sources(output))  # resume an interrupted conversion
+        # resume an interrupted conversion (each kept entry is checked against its input)
+        done_sources = {src: i for i, src in enumerate(handler.sources(output))}
     store_tmp = None
     if fresh_store and output.exists():
         store_tmp = output.with_name(f".{output.name}.convert.part")  # --force: replace at the end
@@ -165,6 +166,8 @@ def run(args: argparse.Namespace) -> int:
                                    "converted_from": meta.format, "converted_to": target}
                 if single:
                     if source in done_sources:
+                        if done_sources[source] >= 0:   # an entry of an earlier run
+                            _check_in_store(handler, output, done_sources[source], one, src)
                         skipped += 1
                         continue
                     if not store_path.exists():
@@ -178,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
                         stored = getattr(handler, "stored_precision", None)
                         prec = args.precision or (stored(store_path) if stored else None)
                         io.write(store_path, one, target, precision=prec, append=True)
-                    done_sources.add(source)
+                    done_sources[source] = -1   # written by this run
                     written += 1
                     continue
                 name = src.name + (f".{i:05d}" if len(ens) > 1 else "") + f".{handler.extension}"
@@ -269,6 +272,23 @@ def _check_existing(dest: Path, one, target: str, precision: int | None, src: Pa
     raise FormatError(f"output {dest} exists and is not the conversion of {src}, it holds {what}: "
                       f"expected {want}; found {have}" + (f" ({'; '.join(differ)})" if differ else "")
                       + f"; {fix}")
+
+
+def _check_in_store(handler, store: Path, index: int, one, src: Path) -> None:
+    """Return if entry ``index`` of the ensemble store is ``one`` (rounded to the store's
+    precision), bit for bit; raise :class:`FormatError` naming both otherwise."""
+    import torch
+
+    entry = handler.read(store, index=index)
+    links = one.links
+    if int(handler.stored_precision(store)) == 32:
+        links = links.to(torch.complex64 if links.is_complex() else torch.float32)
+    links = links.to(entry.links.dtype)
+    if entry.links.shape == links.shape and torch.equal(entry.links, links):
+        return
+    raise FormatError(f"{store}: entry {index} was converted from {src}, but {src} now holds another "
+                      f"configuration ({_describe(one)}; the store holds {_describe(entry)}): the input "
+                      "changed since; rebuild the store with --force, or convert into a new one")
 
 
 def _finish_store(tmp: Path | None, output: Path, *, keep: bool) -> None:
