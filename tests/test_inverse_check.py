@@ -230,9 +230,12 @@ def test_a_flow_trained_at_a_huge_learning_rate_is_refused(tmp_path, capsys):
             "flow.layers=[\"u1-spline\"]", "flow.n_layers=4", "flow.options.hidden=[8]", "train.steps=40",
             "train.batch_size=32", "train.lr=10.0", "eval.samples=64", "eval.batch_size=64", f"out=\"{run}\""]
     assert _cli("train", "--no-progress", *[a for s in sets for a in ("--set", s)]) == 0
-    capsys.readouterr()
+    assert "will refuse it" in " ".join(capsys.readouterr().err.split())     # train warns at once
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["inverse_check"]["passed"] is False
     res = check_inverse(load_flow(run).flow)
     assert not res.passed and res.log_q_error > 1.0
+    assert summary["inverse_check"]["log_q_error"] == res.log_q_error
     assert _cli("sample", "--flow", run, "--out", tmp_path / "s", "--no-progress", "--set", "chains=2",
                 "--set", "steps=2", "--set", "thermalize=0", "--set", "ess_samples=8") == 1
     _assert_refusal(capsys.readouterr().err, run / "checkpoint.pt")

@@ -124,7 +124,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, lock) -> int:
+    import warnings
+
     from flowplug import config as _config
+    from flowplug.errors import InverseCheckWarning
+    from flowplug.flowtools import check_inverse
     from flowplug import train as _train
     from flowplug.fsutil import write_summary
 
@@ -175,6 +179,12 @@ def _run(args: argparse.Namespace, lock) -> int:
     figures = _train.evaluate_flow(trainer.flow, trainer.action, int(ev.get("samples", 8192)),
                                    batch_size=int(ev.get("batch_size", 1024)), seed=int(ev.get("seed", 12345)),
                                    observables=_observables(trainer.flow.field))
+    # the samplers refuse a flow whose inverse is broken: say so now, not at the first `sample`
+    inverse = check_inverse(trainer.flow)
+    if not inverse.passed:
+        warnings.warn(f"{trainer.out}: the trained flow's inverse does not undo its forward map "
+                      f"({inverse.describe()}); sample, resample and propose will refuse it "
+                      "(retrain with a lower train.lr or with train.guard)", InverseCheckWarning, stacklevel=1)
     last = trainer.history[-1] if trainer.history else {}
     summary = {
         "ess": figures["ess"],
@@ -197,6 +207,7 @@ def _run(args: argparse.Namespace, lock) -> int:
         "observables": {k: v for k, v in figures.items()
                         if k not in ("ess", "acceptance", "acceptance_chain", "free_energy", "n_samples",
                                      "non_finite")},
+        "inverse_check": inverse.as_dict(),
     }
     write_summary(trainer.out, "train", summary)
     print(f"steps {trainer.step} (skipped {trainer.skipped}, rollbacks {trainer.rollbacks}), ESS {figures['ess']:.4f}, "
