@@ -484,7 +484,7 @@ class Trainer:
         self.history.append(metrics)
         from flowplug.manager import get_plugin_manager
 
-        get_plugin_manager().hook.flowplug_after_train_step(step=self.step - 1, metrics=dict(metrics))
+        get_plugin_manager().notify("flowplug_after_train_step", step=self.step - 1, metrics=dict(metrics))
         return metrics
 
     def non_finite_parameters(self) -> list[str]:
@@ -721,7 +721,7 @@ class Trainer:
             self._saved_step = self.step
         from flowplug.manager import get_plugin_manager
 
-        get_plugin_manager().hook.flowplug_checkpoint_written(path=str(path), step=self.step, what="train")
+        get_plugin_manager().notify("flowplug_checkpoint_written", path=str(path), step=self.step, what="train")
         return path
 
 
