@@ -77,14 +77,19 @@ def _bessel_i(n: int, beta: float, points: int = 4096) -> float:
     return float((torch.exp(beta * torch.cos(t)) * torch.cos(n * t)).mean())
 
 
-@pytest.mark.parametrize("beta", [0.5, 1.7])
-def test_exact_1d_periodic_chain(beta):
-    volume = 3
+def exact_bond_energy(volume: int, beta: float) -> float:
+    """<cos(theta_x - theta_x+1)> on the periodic chain of ``volume`` sites (module docstring)."""
     terms = range(-30, 31)
     i = {n: _bessel_i(n, beta) for n in range(-31, 32)}
     num = sum(i[n] ** (volume - 1) * 0.5 * (i[n - 1] + i[n + 1]) for n in terms)
     den = sum(i[n] ** volume for n in terms)
-    exact = num / den
+    return num / den
+
+
+@pytest.mark.parametrize("beta", [0.5, 1.7])
+def test_exact_1d_periodic_chain(beta):
+    volume = 3
+    exact = exact_bond_energy(volume, beta)
     # quadrature with the plugin's action: fix theta_0 = 0 (global symmetry), grid the rest
     m = 256
     grid = torch.arange(m, dtype=torch.float64) * (2 * math.pi / m)
@@ -95,3 +100,36 @@ def test_exact_1d_periodic_chain(beta):
     energy = xy.bond_energy(theta)
     measured = float((weights * energy).sum() / weights.sum())
     assert measured == pytest.approx(exact, abs=1e-10)
+
+
+# ----------------------------------------------------------------- the plugin's kernel
+
+def test_kernel_registered_by_the_plugin():
+    pm = new_plugin_manager(autoload=True)
+    spec = pm.registry("kernel").get("xy-metropolis")
+    assert spec.provider == "flowplug-xy" and spec.fields == ("o2",)
+    with pytest.raises(Exception, match="odd extents"):
+        spec.factory(xy.XYAction(1.0)).init(torch.zeros(1, 5, dtype=torch.float64))
+
+
+def test_kernel_is_exact_on_the_periodic_chain(one_thread):
+    """64 chains x 300 sweeps of L = 16 at beta = 1 (seed 3) reproduce the exact bond energy
+    within 3 Gamma-method sigma (chains as replicas, first 30 sweeps dropped)."""
+    from flowplug.stats import gamma_method
+
+    action = xy.XYAction(beta=1.0)
+    kernel = xy.XYMetropolis(action, step_size=2.0)
+    g = torch.Generator().manual_seed(3)
+    state = kernel.init(torch.zeros(64, 16, dtype=torch.float64))
+    energies, acc = [], []
+    for _ in range(300):
+        state, info = kernel.step(state, g)
+        energies.append(xy.bond_energy(state.x))
+        acc.append(info["accepted"])
+    torch.testing.assert_close(state.log_p, -action.action(state.x), rtol=0, atol=1e-10)
+    r = gamma_method(torch.stack(energies[30:]), step_axis=0)
+    exact = exact_bond_energy(16, 1.0)
+    assert r.error < 0.01
+    assert abs(r.mean - exact) < 3 * r.error, (r.mean, r.error, exact)
+    rate = float(torch.stack(acc).mean())
+    assert 0.2 < rate < 0.9

@@ -1,7 +1,8 @@
 """Hook implementations of flowplug-xy (registered through the ``flowplug`` entry point)."""
 
-from flowplug import ActionSpec, ObservableSpec, hookimpl
+from flowplug import ActionSpec, KernelSpec, ObservableSpec, hookimpl
 
+from flowplug_xy.kernel import XYMetropolis
 from flowplug_xy.model import XYAction, bond_energy
 
 
@@ -28,6 +29,19 @@ def flowplug_observables():
             name="xy_bond_energy",
             description="mean cos(theta_x - theta_x+mu) of the XY model",
             factory=bond_energy,
+            fields=("o2",),
+        )
+    ]
+
+
+@hookimpl
+def flowplug_kernels():
+    """Local (checkerboard) Metropolis sweeps of the XY model."""
+    return [
+        KernelSpec(
+            name="xy-metropolis",
+            description="checkerboard local Metropolis sweeps of the XY model",
+            factory=XYMetropolis,
             fields=("o2",),
         )
     ]
