@@ -66,6 +66,7 @@ Degenerate spectra
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -131,6 +132,11 @@ def _knots(raw: torch.Tensor, n: int, n_bins: int) -> tuple[torch.Tensor, torch.
     return knots(w), knots(h), d
 
 
+def _unit(phase: torch.Tensor) -> torch.Tensor:
+    """e^{i phase} (complex128 for float64 phases)."""
+    return torch.complex(torch.cos(phase), torch.sin(phase))
+
+
 def _at(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return torch.gather(t, -1, idx)[..., 0]
 
@@ -143,8 +149,9 @@ def _spline_forward(u: torch.Tensor, c: torch.Tensor, xk: torch.Tensor, yk: torc
     first and last bin the secants are the closed forms
     (y - y_k)/(x - x_k) = s (s xi + d_k (1 - xi)) / den and
     (y_{k+1} - y)/(x_{k+1} - x) = s (s (1 - xi) + d_{k+1} xi) / den, so they tend to
-    f'(0) and f'(1) without cancellation; u' and c' are formed from the smaller of u, c,
-    so the ends are kept exactly.
+    f'(0) and f'(1) without cancellation. In the last bin (the upper half of a single
+    bin) 1 - f(u) is c sigma_r and f(u) its complement, elsewhere f(u) comes first: both
+    are accurate, and f(0) = 0, f(1) = 1 exactly.
     """
     k = d.shape[-1] - 1
     idx = (u[..., None] >= xk[..., 1:k]).sum(-1, keepdim=True)
@@ -207,8 +214,8 @@ def _stick(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, t
     """Gaps t (..., N) -> stick-breaking (u, c = 1 - u), each (..., N-1), from sums of gaps.
 
     Also returns the mask of coordinates whose remaining stick r_k = t_k + ... + t_N is
-    empty (u_k is then undefined and set to 1/(N-k+1), its value when the vanishing gaps
-    are equal) and the total r_1 (...).
+    empty (u_k, k = 1..N-1, is then undefined and set to 1/(N-k+1), its value when the
+    vanishing gaps are equal) and the total r_1 (...).
     """
     n = t.shape[-1]
     r = torch.flip(torch.cumsum(torch.flip(t, [-1]), -1), [-1])
@@ -232,12 +239,14 @@ def _unstick(u: torch.Tensor, c: torch.Tensor, total: torch.Tensor) -> torch.Ten
     return torch.stack(gaps, -1)
 
 
+@functools.lru_cache(maxsize=None)
 def _pairs(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Indices i < j of the N(N-1)/2 eigenvalue pairs and the (P, N) float64 mask of the gaps
-    i..j-1 between them (the complementary arc is 1 - mask)."""
+    """Indices i < j of the N(N-1)/2 eigenvalue pairs and the (2, P, N) float64 masks of the
+    gaps on the two arcs between them: i..j-1, and the others."""
     i, j = torch.triu_indices(n, n, 1, device=device)
     g = torch.arange(n, device=device)
-    return i, j, ((g >= i[:, None]) & (g < j[:, None])).to(torch.float64)
+    arc = ((g >= i[:, None]) & (g < j[:, None])).to(torch.float64)
+    return i, j, torch.stack([arc, 1.0 - arc])
 
 
 def _log_density(t: torch.Tensor, log_df: torch.Tensor, log_sl: torch.Tensor, log_sr: torch.Tensor
@@ -249,8 +258,7 @@ def _log_density(t: torch.Tensor, log_df: torch.Tensor, log_sl: torch.Tensor, lo
     log_rho = torch.cat([log_sl + log_r[..., :-1], log_r[..., -1:]], -1)  # log t'_k/t_k
     ld = log_df.sum(-1) + log_r[..., 1:-1].sum(-1)
     rho = torch.exp(log_rho)
-    _, _, arc = _pairs(n, t.device)
-    arcs = torch.stack([arc, 1.0 - arc])  # (2, P, N): the two arcs between i and j
+    _, _, arcs = _pairs(n, t.device)
     a = torch.einsum("...n,spn->...sp", t, arcs)  # (..., 2, P): sums of gaps on both arcs
     a_new = torch.einsum("...n,spn->...sp", rho * t, arcs)
     mean_rho = torch.einsum("...n,spn->...sp", rho, arcs) / arcs.sum(-1)
@@ -285,12 +293,23 @@ def _eigen(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     n = w.shape[-1]
     eye = torch.eye(n, dtype=w.dtype, device=w.device)
     k = torch.arange(n + 1, dtype=torch.float64, device=w.device)
-    rot = torch.polar(torch.ones(n + 1, dtype=torch.float64, device=w.device), TWO_PI / (n + 1) * k)
+    rot = _unit(TWO_PI / (n + 1) * k)
     # |det(1 + cW)| = prod |1 + c lambda|: the best of N + 1 equally spaced c keeps every
     # c lambda away from -1 (by more than about 2^{1-N} (2 sin(pi / (2N + 2)))^N)
-    best = torch.linalg.det(eye + rot.to(w.dtype)[:, None, None] * w[..., None, :, :]).abs().argmax(-1)
-    phase = (TWO_PI / (n + 1)) * best.to(torch.float64)
-    cw = torch.polar(torch.ones_like(phase), phase).to(w.dtype)[..., None, None] * w
+    if n <= 3:
+        # det(1 + cW) = sum_k c^k e_k(lambda), e_k from the power sums tr W^k (Newton)
+        p1 = torch.diagonal(w, dim1=-2, dim2=-1).sum(-1)
+        p2 = (w * w.mT).sum((-1, -2))
+        e = [torch.ones_like(p1), p1, 0.5 * (p1 * p1 - p2)]
+        if n == 3:
+            p3 = ((w @ w) * w.mT).sum((-1, -2))
+            e.append((p1 ** 3 - 3 * p1 * p2 + 2 * p3) / 6)
+        powers = rot.to(w.dtype)[:, None] ** k.to(w.dtype)  # (N + 1 candidates, N + 1 powers)
+        dets = torch.stack(e, -1) @ powers.mT
+    else:
+        dets = torch.linalg.det(eye + rot.to(w.dtype)[:, None, None] * w[..., None, :, :])
+    phase = (TWO_PI / (n + 1)) * dets.abs().argmax(-1).to(torch.float64)
+    cw = _unit(phase).to(w.dtype)[..., None, None] * w
     h = 1j * torch.linalg.solve(eye + cw, eye - cw)  # eigenvalues tan((theta + phase)/2)
     mu, v = torch.linalg.eigh(0.5 * (h + h.mH))
     alpha = 2 * torch.atan(mu.flip(-1))  # theta + phase, descending, in (-pi, pi)
@@ -345,12 +364,12 @@ def spectral_map(w: torch.Tensor, raw: torch.Tensor, n_bins: int, *,
     with torch.no_grad():
         # Rayleigh-quotient phases (accurate to rounding of W, not of the Cayley transform);
         # gaps that are exactly 0 (equal eigenvalues of an exactly structured input) stay 0
-        corr = torch.angle(torch.diagonal(a, dim1=-2, dim2=-1) * torch.polar(torch.ones_like(theta), -theta))
+        corr = torch.angle(torch.diagonal(a, dim1=-2, dim2=-1) * _unit(-theta))
         theta = theta + corr
         t = torch.where(t == 0, t, (t + (corr - torch.roll(corr, -1, -1)) / TWO_PI).clamp_min(0.0))
     if track:
         # first-order perturbation theory: d theta_j = Im((V^+ dW V)_jj / lambda_j); value 0
-        z = torch.diagonal(a, dim1=-2, dim2=-1) * torch.polar(torch.ones_like(theta), -theta)
+        z = torch.diagonal(a, dim1=-2, dim2=-1) * _unit(-theta)
         dphi = torch.angle(z)
         dphi = dphi - dphi.detach()
         t = t + (dphi - torch.roll(dphi, -1, -1)) / TWO_PI
@@ -377,7 +396,7 @@ def spectral_map(w: torch.Tensor, raw: torch.Tensor, n_bins: int, *,
         # contributes offdiag(V^+ dW V)_ij e^{i shift_j}; add the rest, with value 0
         with torch.no_grad():
             i, j, _ = _pairs(n, w.device)
-            dij = torch.polar(torch.exp(log_s), 0.5 * (shift[..., i] + shift[..., j]))
+            dij = torch.exp(log_s) * _unit(0.5 * (shift[..., i] + shift[..., j]))
             dmat = torch.zeros_like(a)
             dmat[..., i, j] = dij
             dmat[..., j, i] = dij
