@@ -65,7 +65,7 @@ def _observables(field):
 def figures(flow, action, n, seed):
     """ESS, acceptance, free energy and observables: reweighted (delta-method errors) and on
     the independence Metropolis chain over the same samples (Gamma-method errors)."""
-    from flowplug.train import evaluate_flow
+    from flowplug.diagnostics import evaluate_flow
 
     obs = _observables(flow.field)
     fig = evaluate_flow(flow, action, n, batch_size=1024, seed=seed, observables=obs)

@@ -1,9 +1,10 @@
-r"""Trained flows as the samplers use them: provenance and the action, on top of :mod:`flowplug.train`.
+r"""Trained flows as the samplers use them: provenance and the action, on top of :mod:`flowplug.checkpoints`.
 
 There is one flow checkpoint format, the one ``flowplug train`` writes
-(:class:`flowplug.train.Trainer`, ``<run>/checkpoint.pt``), and one loader,
-:func:`flowplug.train.load_flow` (``torch.load(weights_only=True)``: nothing is
-unpickled). The commands ``sample``, ``resample``, ``propose`` and ``demo`` need a little
+(:class:`flowplug.train.Trainer`, ``<run>/checkpoint.pt``; described in
+:mod:`flowplug.checkpoints`), and one loader, :func:`flowplug.checkpoints.load_flow`
+(``torch.load(weights_only=True)``: nothing is unpickled), which rebuilds the flow and its
+action without constructing a trainer or an optimizer. The commands ``sample``, ``resample``, ``propose`` and ``demo`` need a little
 more than the loader returns; :func:`open_flow` adds it:
 
 - the SHA-256 of the checkpoint file, recorded as ``flow_sha256`` in provenance;
@@ -26,10 +27,17 @@ import hashlib
 import math
 import warnings
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from flowplug.errors import (CheckpointError, ConfigError, FlowplugError, InverseCheckError,
                              InverseCheckWarning)
+
+if TYPE_CHECKING:  # torch and the flow modules are imported when a flow is opened
+    import torch
+
+    from flowplug.checkpoints import LoadedFlow
+    from flowplug.flow import Flow
+    from flowplug.theory import Action
 
 
 def file_sha256(path: str | Path) -> str:
@@ -115,7 +123,7 @@ class InverseCheck:
         return f"{text}; {self.problem}" if self.problem else text
 
 
-def _finite_max(t: Any) -> float:
+def _finite_max(t: torch.Tensor) -> float:
     """max of a tensor as a float; inf when any entry is not finite (NaN included)."""
     import torch
 
@@ -223,10 +231,10 @@ def check_inverse(flow: Any, *, n_samples: int = 8, seed: int = 0,
 
 
 class FlowCheckpoint:
-    """A trained flow, loaded by :func:`flowplug.train.load_flow`, with its provenance.
+    """A trained flow, loaded by :func:`flowplug.checkpoints.load_flow`, with its provenance.
 
     Attributes:
-        loaded: The :class:`flowplug.train.LoadedFlow`.
+        loaded: The :class:`flowplug.checkpoints.LoadedFlow`.
         path: The checkpoint file.
         sha256: Hex SHA-256 of the checkpoint file.
         flow: The :class:`flowplug.flow.Flow`, in eval mode.
@@ -235,11 +243,11 @@ class FlowCheckpoint:
             until it ran).
     """
 
-    def __init__(self, loaded: Any, sha256: str) -> None:
+    def __init__(self, loaded: LoadedFlow, sha256: str) -> None:
         self.loaded = loaded
         self.path = Path(loaded.path)
         self.sha256 = sha256
-        self.flow = loaded.flow
+        self.flow: Flow = loaded.flow
         self.action_config: dict[str, Any] = dict(loaded.config.get("action", {}))
         self.inverse_check: InverseCheck | None = None
 
@@ -280,7 +288,7 @@ class FlowCheckpoint:
         """Lattice of the flow, x first."""
         return tuple(self.loaded.lattice)
 
-    def action(self, override: Mapping[str, Any] | None = None) -> Any:
+    def action(self, override: Mapping[str, Any] | None = None) -> Action:
         """The action the flow was trained for, with non-empty ``override`` entries replacing
         keys of its ``[action]`` table.
 
@@ -298,8 +306,12 @@ class FlowCheckpoint:
         return action_from_config({"action": table})
 
 
-def open_flow(path: str | Path, *, device: Any = None, check_inverse: bool = True) -> FlowCheckpoint:
+def open_flow(path: str | Path, *, device: str | torch.device | None = None,
+              check_inverse: bool = True) -> FlowCheckpoint:
     """Load a trained flow for sampling and check its inverse (module docstring).
+
+    The flow is read by :func:`flowplug.checkpoints.load_flow` alone: no trainer, optimizer
+    or scheduler is built, and :mod:`flowplug.train` is not imported.
 
     The inverse check always runs (its result is ``inverse_check`` of the returned
     object, for ``summary.json``); ``check_inverse`` decides whether a failure refuses
@@ -312,12 +324,12 @@ def open_flow(path: str | Path, *, device: Any = None, check_inverse: bool = Tru
             warns (:class:`flowplug.errors.InverseCheckWarning`) and returns it.
 
     Raises:
-        CheckpointError: from :func:`flowplug.train.load_flow` (missing, unreadable or
+        CheckpointError: from :func:`flowplug.checkpoints.load_flow` (missing, unreadable or
             mismatched checkpoints); its subclass
             :class:`flowplug.errors.NonFiniteParametersError` for NaN/Inf parameters.
         InverseCheckError: if the flow fails the inverse check and ``check_inverse`` is true.
     """
-    from flowplug.train import load_flow
+    from flowplug.checkpoints import load_flow
 
     loaded = load_flow(path, device="cpu" if device is None else device)
     ck = FlowCheckpoint(loaded, file_sha256(loaded.path))

@@ -1,4 +1,4 @@
-r"""Training normalizing flows for lattice actions, with exact checkpoints and resume.
+r"""Training normalizing flows for lattice actions: the :class:`Trainer`, built from a configuration and resumed exactly.
 
 Objectives
     ``reverse`` (default): minimise the variational free energy
@@ -20,14 +20,16 @@ Objectives
     for closed-form inverses (affine couplings) the two cost about the same.
 
     ``forward``: maximum likelihood on an existing ensemble (for instance HMC
-    configurations, read through any file-format adapter): minimise -E_{x~data}[log q(x)]
+    configurations, read through any file-format adapter by
+    :func:`flowplug.training_data.load_ensemble`): minimise -E_{x~data}[log q(x)]
     (the forward KL up to a constant).
 
-Diagnostics (all float64, from log weights log w = -S(x) - log q(x) of flow samples)
+Per-step figures (float64, from log weights log w = -S(x) - log q(x) of the batch)
     ``ess`` = (sum w)^2 / (n sum w^2) (:func:`flowplug.stats.ess`);
     ``acceptance`` = the expected acceptance rate of an independence Metropolis chain
-    with the flow as proposal, estimated without random numbers by
-    E_{q x q}[min(w, w')] / E_q[w] (:func:`imh_acceptance_estimate`).
+    with the flow as proposal (:func:`flowplug.diagnostics.imh_acceptance_estimate`).
+    The figures of a trained flow on fresh samples are :func:`flowplug.diagnostics.evaluate_flow`
+    (:meth:`Trainer.evaluate`).
 
 Robustness and exactness
     A step whose loss or gradient is not finite is skipped (no parameter update) and
@@ -39,233 +41,64 @@ Robustness and exactness
     finite after a step (NaN or Inf) are rolled back the same way when the guard holds a
     snapshot; otherwise the run stops with :class:`flowplug.errors.NonFiniteParametersError`
     and leaves the last finite checkpoint in place: a checkpoint with non-finite
-    parameters is never written, and :func:`load_flow` refuses one. Checkpoints hold the model,
-    optimizer, scheduler and
+    parameters is never written, and :func:`flowplug.checkpoints.load_flow` refuses one.
+    Checkpoints (:mod:`flowplug.checkpoints`: format, writing, reading, loading a flow for
+    sampling without a trainer) hold the model, optimizer, scheduler and
     random-number-generator states and the configuration; they are written atomically
     and read with ``torch.load(weights_only=True)`` (nothing is unpickled). A resumed run
     repeats the uninterrupted run bit for bit on the same device and thread count.
 
-Public API: :class:`Trainer`, :func:`build_trainer`, :func:`load_flow`,
-:class:`LoadedFlow`, :func:`evaluate_flow`, :func:`imh_acceptance_estimate`,
-:func:`imh_chain_acceptance`, :func:`imh_chain_states`, :func:`resolve_device`, :func:`load_ensemble`.
+Public API: :class:`Trainer`, :func:`build_trainer`, :func:`resume_trainer`,
+:data:`TRAIN_DEFAULTS`. For compatibility this module also re-exports the names that
+moved out of it; new code imports them from their homes:
+:mod:`flowplug.checkpoints` (:func:`load_flow`, :class:`LoadedFlow`, :func:`read_checkpoint`,
+:func:`checkpoint_path`, :func:`non_finite_entries`, :func:`resolve_device`,
+:data:`CHECKPOINT_NAME`, :data:`CHECKPOINT_FORMAT`, :data:`CHECKPOINT_VERSION`),
+:mod:`flowplug.diagnostics` (:func:`evaluate_flow`, :func:`imh_acceptance_estimate`,
+:func:`imh_chain_acceptance`, :func:`imh_chain_states`) and :mod:`flowplug.training_data`
+(:func:`load_ensemble`).
 """
 
 from __future__ import annotations
 
 import copy
 import csv
-import glob
 import math
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
-import numpy as np
 import torch
 from torch import nn
 
-from flowplug.errors import CheckpointError, ConfigError, FlowplugError, NonFiniteParametersError, ShapeError
-from flowplug.flow import (Flow, build_flow, check_field, layers_without_forward_diag, path_gradient_loss,
-                           supports_fast_path_gradient)
-from flowplug.fsutil import atomic_path, locked_run
+from flowplug.checkpoints import (CHECKPOINT_FORMAT, CHECKPOINT_NAME, CHECKPOINT_VERSION, LoadedFlow,
+                                  checkpoint_path, load_flow, non_finite_entries, read_checkpoint,
+                                  resolve_device, short_list, write_checkpoint)
+from flowplug.diagnostics import evaluate_flow, imh_acceptance_estimate, imh_chain_acceptance, imh_chain_states
+from flowplug.errors import CheckpointError, ConfigError, NonFiniteParametersError
+from flowplug.flow import Flow, build_flow, check_field, layers_without_forward_diag, path_gradient_loss
+from flowplug.fsutil import locked_run
 from flowplug.stats import ess as _ess
+from flowplug.theory import Action, action_from_config
+from flowplug.training_data import load_ensemble
 
-CHECKPOINT_FORMAT = "flowplug.train-checkpoint"
-CHECKPOINT_VERSION = 1
-CHECKPOINT_NAME = "checkpoint.pt"
+__all__ = [
+    "Trainer", "build_trainer", "resume_trainer", "TRAIN_DEFAULTS", "LOG_NAME", "LOG_COLUMNS",
+    # re-exported from flowplug.checkpoints
+    "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "CHECKPOINT_NAME", "LoadedFlow", "load_flow", "read_checkpoint",
+    "checkpoint_path", "non_finite_entries", "resolve_device",
+    # re-exported from flowplug.diagnostics
+    "evaluate_flow", "imh_acceptance_estimate", "imh_chain_acceptance", "imh_chain_states",
+    # re-exported from flowplug.training_data
+    "load_ensemble",
+]
+
+#: File name of the per-step log in the output directory.
 LOG_NAME = "train_log.csv"
+#: Columns of :data:`LOG_NAME`, one row per step.
 LOG_COLUMNS = ("step", "loss", "free_energy", "ess", "acceptance", "lr", "grad_norm", "skipped", "wall_time_s")
-
-
-# ------------------------------------------------------------------------ diagnostics
-
-
-def imh_acceptance_estimate(log_w: torch.Tensor) -> float:
-    r"""Expected acceptance of independence Metropolis with proposal q, from one sample of q.
-
-    With w = p/q (up to a constant) the stationary acceptance rate is
-    A = E_{x~p, x'~q}[min(1, w(x')/w(x))] = E_{x, x' ~ q}[min(w, w')] / E_q[w];
-    it is estimated by sum_{i != j} min(w_i, w_j) / ((n-1) sum_i w_i), computed in
-    O(n log n) after sorting. Deterministic (no random numbers are drawn).
-
-    Arguments:
-        log_w: log p(x_i) - log q(x_i) for x_i ~ q, shape (n,), n >= 2.
-
-    Returns:
-        The estimate in [0, 1] (1 when q = p).
-
-    Raises:
-        ValueError: if fewer than two samples are given.
-
-    References:
-        Albergo et al., arXiv:1904.12072, section IV (independence Metropolis with flows).
-    """
-    lw = torch.as_tensor(log_w, dtype=torch.float64).detach().flatten().cpu()
-    n = lw.numel()
-    if n < 2:
-        raise ValueError("imh_acceptance_estimate needs at least two samples")
-    lw = lw[torch.isfinite(lw)] if not torch.isfinite(lw).all() else lw
-    if lw.numel() < 2:
-        return 0.0
-    n = lw.numel()
-    w = torch.exp(lw - lw.max())
-    ws, _ = torch.sort(w)
-    k = torch.arange(n, dtype=torch.float64)
-    pair_min = 2.0 * (ws * (n - 1 - k)).sum()
-    return float(pair_min / ((n - 1) * w.sum()))
-
-
-def imh_chain_acceptance(log_w: torch.Tensor, generator: np.random.Generator | int = 0) -> float:
-    r"""Acceptance rate of an independence Metropolis chain run over a sequence of flow samples.
-
-    The chain starts at the first sample and proposes the others in order, accepting
-    with probability min(1, w'/w) (log u < log w' - log w, float64).
-
-    Arguments:
-        log_w: log p - log q of the proposals in order, shape (n,), n >= 2.
-        generator: numpy Generator or seed for the uniform numbers.
-
-    Returns:
-        Accepted fraction of the n - 1 proposals.
-    """
-    return _moved_fraction(imh_chain_states(log_w, generator))
-
-
-def _moved_fraction(states: np.ndarray) -> float:
-    """Accepted fraction of the proposals 1..n-1 of a chain given by its states."""
-    return float((np.diff(states) != 0).sum()) / max(states.size - 1, 1)
-
-
-def imh_chain_states(log_w: torch.Tensor, generator: np.random.Generator | int = 0) -> np.ndarray:
-    r"""The states of the independence Metropolis chain of :func:`imh_chain_acceptance`.
-
-    Arguments:
-        log_w: log p - log q of the proposals in order, shape (n,), n >= 1.
-        generator: numpy Generator or seed for the uniform numbers.
-
-    Returns:
-        Shape (n,), int64: entry i is the index of the sample the chain holds after
-        proposal i (entry 0 is 0). Measuring an observable on ``x[states]`` gives an exact
-        Markov chain for exp(-S)/Z (Albergo et al., arXiv:1904.12072, section IV),
-        whose error the Gamma method estimates with the rejections' autocorrelation.
-
-    Raises:
-        ValueError: if ``log_w`` is empty.
-    """
-    lw = torch.as_tensor(log_w, dtype=torch.float64).detach().flatten().cpu().numpy()
-    if lw.size == 0:
-        raise ValueError("imh_chain_states needs at least one log weight")
-    rng = generator if isinstance(generator, np.random.Generator) else np.random.default_rng(generator)
-    u = np.log(rng.random(max(lw.size - 1, 0)))
-    states = np.zeros(lw.size, dtype=np.int64)
-    cur = 0
-    for i in range(1, lw.size):
-        if u[i - 1] < lw[i] - lw[cur]:
-            cur = i
-        states[i] = cur
-    return states
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """``"auto"`` gives cuda when available, else cpu; otherwise ``torch.device(name)``.
-
-    Raises:
-        ConfigError: for an unknown device name, or cuda requested but unavailable.
-    """
-    name = str(name or "auto").lower()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N; found {name!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} requested but CUDA is not available (use device = \"auto\" or \"cpu\")")
-    return dev
-
-
-# ----------------------------------------------------------------------------- ensembles
-
-
-def load_ensemble(source: str | Sequence[str], *, field: str, lattice: Sequence[int],
-                  format: str | None = None) -> torch.Tensor:
-    r"""Read configurations for forward-KL training, in the canonical layout.
-
-    Arguments:
-        source: A path, a glob pattern, or a list of them. ``.pt`` files hold a tensor
-            (or a dict with key ``"configs"``) read with ``torch.load(weights_only=True)``;
-            ``.h5``/``.hdf5`` files of scalar fields hold a dataset ``configs`` (or a
-            single dataset) of shape (B, L...); every other file goes through
-            :func:`flowplug.io.read` (ILDG, SciDAC, NERSC, openQCD, HDF5 ensembles...).
-        field: Field kind the flow produces.
-        lattice: Lattice the flow is built for.
-        format: Force a file-format name for :func:`flowplug.io.read`.
-
-    Returns:
-        Configurations, shape (B, ...) float64 / complex128.
-
-    Raises:
-        ConfigError: if nothing matches ``source``.
-        ShapeError: if the configurations do not fit ``field`` and ``lattice``.
-        FormatError: from the format adapters.
-    """
-    patterns = [source] if isinstance(source, str) else list(source)
-    paths: list[str] = []
-    for pat in patterns:
-        hits = sorted(glob.glob(str(pat)))
-        paths.extend(hits if hits else ([str(pat)] if Path(pat).exists() else []))
-    if not paths:
-        raise ConfigError(f"train.ensemble: no file matches {source!r}")
-    chunks = []
-    for p in paths:
-        suffix = Path(p).suffix.lower()
-        if suffix == ".pt":
-            obj = torch.load(p, map_location="cpu", weights_only=True)
-            t = obj["configs"] if isinstance(obj, Mapping) else obj
-        elif suffix in (".h5", ".hdf5") and field == "scalar":
-            import h5py
-
-            with h5py.File(p, "r") as fh:
-                names = [k for k in fh if isinstance(fh[k], h5py.Dataset)]
-                key = "configs" if "configs" in names else (names[0] if len(names) == 1 else None)
-                if key is None:
-                    raise ConfigError(f"{p}: expected a dataset 'configs'; found {names}")
-                t = torch.from_numpy(np.asarray(fh[key]))
-        else:
-            try:
-                from flowplug import io as _io
-            except ImportError:  # pragma: no cover - io module not present
-                raise ConfigError(f"{p}: reading lattice files needs flowplug.io; give a .pt or .h5 file") from None
-            group = field if field != "scalar" else None
-            t = _io.read(p, format or None, lattice=list(lattice), group=group).links
-        if not isinstance(t, torch.Tensor):
-            raise ConfigError(f"{p}: expected a tensor of configurations; found {type(t).__name__}")
-        t = t.to(torch.complex128 if t.is_complex() else torch.float64)
-        if t.dim() == (len(lattice) + (0 if field == "scalar" else 1) + (2 if t.is_complex() else 0)):
-            t = t.unsqueeze(0)
-        chunks.append(t)
-    data = torch.cat(chunks)
-    holder = type("L", (), {"field": field, "lattice": tuple(lattice)})
-    check_field(holder, data)  # type: ignore[arg-type]
-    return data
-
-
-# ------------------------------------------------------------------- finite parameters
-
-
-def non_finite_entries(tensors: Mapping[str, Any]) -> list[str]:
-    """Names of the floating-point tensors in ``tensors`` (a state dict) holding NaN or Inf."""
-    return [k for k, v in tensors.items()
-            if isinstance(v, torch.Tensor) and (v.is_floating_point() or v.is_complex())
-            and not bool(torch.isfinite(v).all())]
-
-
-def _names(names: Sequence[str], limit: int = 4) -> str:
-    more = len(names) - limit
-    return ", ".join(names[:limit]) + (f" and {more} more" if more > 0 else "")
 
 
 # ------------------------------------------------------------------------------ trainer
@@ -315,7 +148,8 @@ class Trainer:
 
     Arguments:
         flow: The flow (moved to ``device``).
-        action: Object with ``field`` and ``action(x) -> (B,) float64``.
+        action: The target action: ``field`` and ``action(x) -> (B,) float64`` (an
+            :class:`~flowplug.theory.Action`, or any object with those two).
         train: The ``[train]`` options (keys of :data:`TRAIN_DEFAULTS`; missing keys take
             the defaults).
         seed: Seed of the trainer's random number generator (prior samples, minibatches).
@@ -333,7 +167,7 @@ class Trainer:
         ConfigError: on invalid options or a flow/action field mismatch.
     """
 
-    def __init__(self, flow: Flow, action: Any, train: Mapping[str, Any] | None = None, *, seed: int = 1,
+    def __init__(self, flow: Flow, action: Action, train: Mapping[str, Any] | None = None, *, seed: int = 1,
                  device: torch.device | str = "cpu", ensemble: torch.Tensor | None = None,
                  config: Mapping[str, Any] | None = None, out: str | Path | None = None) -> None:
         opts = dict(TRAIN_DEFAULTS)
@@ -489,9 +323,6 @@ class Trainer:
 
     def non_finite_parameters(self) -> list[str]:
         """Names of the flow's parameters and buffers that hold NaN or Inf (empty when all are finite)."""
-        tensors = [t for t in self.flow.state_dict().values() if t.is_floating_point() or t.is_complex()]
-        if not tensors or bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
-            return []
         return non_finite_entries(self.flow.state_dict())
 
     def _check_finite_parameters(self) -> None:
@@ -507,11 +338,11 @@ class Trainer:
             return
         if self.guard > 0 and self._guard_snapshot is not None:
             self._guard_losses = []
-            self._rollback(f"non-finite parameters ({_names(bad)}) after step {self.step - 1}")
+            self._rollback(f"non-finite parameters ({short_list(bad)}) after step {self.step - 1}")
             return
         raise NonFiniteParametersError(
             f"training diverged: the flow's parameters are not finite after step {self.step - 1} "
-            f"(NaN/Inf in {_names(bad)}); {self._kept_checkpoint()}. Lower train.lr, or set "
+            f"(NaN/Inf in {short_list(bad)}); {self._kept_checkpoint()}. Lower train.lr, or set "
             "train.grad_clip, or train.guard to roll back to the last good state automatically")
 
     def _kept_checkpoint(self) -> str:
@@ -646,10 +477,38 @@ class Trainer:
         fh.flush()
         return fh, writer
 
+    # ------------------------------------------------------------------------- evaluation
+
+    def evaluate(self, n_samples: int = 8192, *, batch_size: int = 1024, seed: int = 12345,
+                 observables: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
+                 progress: bool | None = None) -> dict[str, Any]:
+        """Figures of the flow on fresh samples: :func:`flowplug.diagnostics.evaluate_flow`
+        of :attr:`flow` and :attr:`action` (ESS, acceptance, free energy, observables; float64).
+
+        Arguments:
+            n_samples, batch_size, seed, observables: As :func:`~flowplug.diagnostics.evaluate_flow`.
+            progress: Progress bar of the samples drawn; default ``train.progress`` (shown
+                when :meth:`run` shows one).
+
+        Returns:
+            The figures of :func:`~flowplug.diagnostics.evaluate_flow`.
+
+        Raises:
+            FlowplugError: if every sample has a non-finite log weight.
+        """
+        show = bool(self.opts["progress"]) if progress is None else bool(progress)
+        return evaluate_flow(self.flow, self.action, n_samples, batch_size=batch_size, seed=seed,
+                             observables=observables, progress=show)
+
     # ------------------------------------------------------------------------ checkpoints
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume: model, optimizer, scheduler, RNG states, config, counters."""
+        """Everything needed to resume: model, optimizer, scheduler, RNG states, config, counters.
+
+        Returns:
+            A checkpoint dict in the format of :mod:`flowplug.checkpoints` (references to
+            the live model, optimizer and scheduler tensors; copy before changing them).
+        """
         return {
             "format": CHECKPOINT_FORMAT,
             "version": CHECKPOINT_VERSION,
@@ -671,7 +530,7 @@ class Trainer:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore a :meth:`state_dict` (from :func:`read_checkpoint`).
+        """Restore a :meth:`state_dict` (from :func:`flowplug.checkpoints.read_checkpoint`).
 
         Raises:
             CheckpointError: if the checkpoint belongs to a different flow architecture.
@@ -695,29 +554,26 @@ class Trainer:
         self._saved_step = self.step
 
     def save_checkpoint(self, path: str | Path | None = None) -> Path:
-        """Write a checkpoint atomically (default ``<out>/checkpoint.pt``) and call the
-        ``flowplug_checkpoint_written`` hook.
+        """Write :meth:`state_dict` atomically with :func:`flowplug.checkpoints.write_checkpoint`
+        (default ``<out>/checkpoint.pt``) and call the ``flowplug_checkpoint_written`` hook.
+
+        Returns:
+            The file written.
 
         Raises:
             ConfigError: if neither ``path`` nor ``out`` is set.
             NonFiniteParametersError: if the flow's parameters hold NaN or Inf; nothing is
-                written (a file already at ``path`` stays as it was).
+                written (a file already at ``path`` stays as it was, and the message says
+                which step it holds).
         """
         if path is None:
             if self.out is None:
                 raise ConfigError("save_checkpoint needs a path when the trainer has no output directory")
             path = self.out / CHECKPOINT_NAME
         path = Path(path)
-        bad = self.non_finite_parameters()
-        if bad:
-            own = self.out is not None and path == self.out / CHECKPOINT_NAME
-            kept = self._kept_checkpoint() if own else "nothing was written"
-            raise NonFiniteParametersError(
-                f"{path}: not written: the flow's parameters are not finite at step {self.step} "
-                f"(NaN/Inf in {_names(bad)}); {kept}. Lower train.lr, or set train.grad_clip or train.guard")
-        with atomic_path(path) as tmp:
-            torch.save(self.state_dict(), tmp)
-        if self.out is not None and path == self.out / CHECKPOINT_NAME:
+        own = self.out is not None and path == self.out / CHECKPOINT_NAME
+        write_checkpoint(path, self.state_dict(), kept=self._kept_checkpoint() if own else "nothing was written")
+        if own:
             self._saved_step = self.step
         from flowplug.manager import get_plugin_manager
 
@@ -725,7 +581,7 @@ class Trainer:
         return path
 
 
-# ------------------------------------------------------------------------ build / load
+# ---------------------------------------------------------------------- build / resume
 
 
 def build_trainer(config: Mapping[str, Any], *, out: str | Path | None = None,
@@ -735,13 +591,22 @@ def build_trainer(config: Mapping[str, Any], *, out: str | Path | None = None,
     Keys used: ``lattice``, ``seed``, ``device``, ``threads`` (CPU threads, 0 = torch's
     default), ``[action]`` (see
     :func:`flowplug.theory.action_from_config`), ``[flow]`` (``layers``, ``n_layers``,
-    ``prior``, ``options``), ``[train]`` (:data:`TRAIN_DEFAULTS`).
+    ``prior``, ``options``; :func:`flowplug.flow.build_flow`), ``[train]``
+    (:data:`TRAIN_DEFAULTS`; for ``objective = "forward"`` the ensemble is read by
+    :func:`flowplug.training_data.load_ensemble`).
+
+    Arguments:
+        config: The run configuration.
+        out: Output directory (default the configuration's ``out``, else ``flowplug-train``).
+        device: Device override (default the configuration's ``device``, ``"auto"``).
+
+    Returns:
+        A :class:`Trainer` at step 0.
 
     Raises:
         ConfigError, UnknownComponentError: on invalid configurations.
+        ShapeError, FormatError: from reading a forward-KL ensemble.
     """
-    from flowplug.theory import action_from_config
-
     action = action_from_config(config)
     lattice = [int(v) for v in config.get("lattice", [])]
     if not lattice:
@@ -766,40 +631,6 @@ def build_trainer(config: Mapping[str, Any], *, out: str | Path | None = None,
                    out=Path(out if out is not None else config.get("out", "flowplug-train")))
 
 
-def checkpoint_path(path: str | Path) -> Path:
-    """The checkpoint file for a run directory or a file path."""
-    p = Path(path)
-    return p / CHECKPOINT_NAME if p.is_dir() else p
-
-
-def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a training checkpoint with ``torch.load(weights_only=True)``.
-
-    Arguments:
-        path: ``checkpoint.pt`` or the run directory holding it.
-        map_location: Where to put the tensors.
-
-    Raises:
-        CheckpointError: if the file is missing, unreadable, or not a flowplug training
-            checkpoint (of a supported version).
-    """
-    p = checkpoint_path(path)
-    if not p.exists():
-        raise CheckpointError(f"{p}: no checkpoint (expected a run directory with {CHECKPOINT_NAME} "
-                              "or a checkpoint file)")
-    try:
-        state = torch.load(p, map_location=map_location, weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"{p}: cannot read checkpoint ({type(exc).__name__}: {exc}); "
-                              "the file is damaged or not a flowplug checkpoint") from None
-    if not isinstance(state, Mapping) or state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{p}: not a flowplug training checkpoint")
-    if int(state.get("version", 0)) > CHECKPOINT_VERSION:
-        raise CheckpointError(f"{p}: checkpoint version {state.get('version')} is newer than this "
-                              f"flowplug supports ({CHECKPOINT_VERSION}); upgrade flowplug")
-    return dict(state)
-
-
 def resume_trainer(path: str | Path, *, overrides: Mapping[str, Any] | None = None,
                    device: str | torch.device | None = None) -> Trainer:
     """Rebuild a trainer from a checkpoint and restore its state exactly.
@@ -810,8 +641,12 @@ def resume_trainer(path: str | Path, *, overrides: Mapping[str, Any] | None = No
             ``checkpoint_every`` and ``progress`` may change).
         device: Device override (default: the configuration's).
 
+    Returns:
+        The :class:`Trainer` at the checkpoint's step, writing to the checkpoint's directory.
+
     Raises:
-        CheckpointError: on unreadable checkpoints or a forbidden override.
+        CheckpointError: on unreadable checkpoints, a forbidden override, or a checkpoint
+            of a different flow architecture.
     """
     state = read_checkpoint(path)
     config = copy.deepcopy(state["config"])
@@ -825,144 +660,3 @@ def resume_trainer(path: str | Path, *, overrides: Mapping[str, Any] | None = No
     trainer = build_trainer(config, out=out, device=device)
     trainer.load_state_dict(state)
     return trainer
-
-
-@dataclass
-class LoadedFlow:
-    """A trained flow with what a sampler needs (returned by :func:`load_flow`).
-
-    Attributes:
-        flow: The :class:`Flow` in eval mode.
-        action: The action it was trained for (``action(x) -> (B,)``, ``field``).
-        lattice: (L_0, ..., L_{d-1}).
-        field: Field kind (``"scalar"``, ``"u1"``, ``"su3"``...).
-        config: The full training configuration.
-        step: Training steps done.
-        path: The checkpoint file.
-    """
-
-    flow: Flow
-    action: Any
-    lattice: tuple[int, ...]
-    field: str
-    config: dict[str, Any] = field(default_factory=dict)
-    step: int = 0
-    path: Path | None = None
-
-
-def load_flow(path: str | Path, *, device: str | torch.device = "cpu") -> LoadedFlow:
-    r"""Load a trained flow from a ``flowplug train`` run directory or checkpoint file.
-
-    Example (independence Metropolis with the flow as proposal)::
-
-        lf = load_flow("runs/phi4")
-        with torch.no_grad():
-            x, log_q = lf.flow.sample(1024)          # fresh proposals and log q(x)
-            log_q_hmc = lf.flow.log_prob(x_hmc)      # log q of states not from the flow
-            log_p = -lf.action.action(x)             # up to log Z
-
-    Arguments:
-        path: Run directory (holding ``checkpoint.pt``) or checkpoint file.
-        device: Device for the flow.
-
-    Returns:
-        :class:`LoadedFlow`.
-
-    Raises:
-        CheckpointError: if the checkpoint cannot be read or does not match its architecture.
-        NonFiniteParametersError: if its parameters hold NaN or Inf (a diverged run).
-    """
-    from flowplug.theory import action_from_config
-
-    state = read_checkpoint(path)
-    bad = non_finite_entries(state.get("model") or {})
-    if bad:
-        raise NonFiniteParametersError(
-            f"{checkpoint_path(path)}: the flow's parameters are not finite (NaN/Inf in {_names(bad)}; "
-            f"step {state.get('step')}): the training run diverged and this flow cannot be used. "
-            "Retrain with a lower train.lr, or with train.grad_clip or train.guard")
-    try:
-        flow = Flow.from_spec(state["flow_spec"])
-        flow.load_state_dict(state["model"])
-    except (KeyError, RuntimeError, FlowplugError) as exc:
-        raise CheckpointError(f"{checkpoint_path(path)}: cannot rebuild the flow: {exc}") from None
-    flow = flow.to(resolve_device(str(device))).eval()
-    return LoadedFlow(flow=flow, action=action_from_config(state["config"]),
-                      lattice=tuple(state["lattice"]), field=str(state["field"]),
-                      config=dict(state["config"]), step=int(state["step"]), path=checkpoint_path(path))
-
-
-# --------------------------------------------------------------------------- evaluation
-
-
-@torch.no_grad()
-def evaluate_flow(flow: Flow, action: Any, n_samples: int = 8192, *, batch_size: int = 1024,
-                  seed: int = 12345, observables: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] | None = None
-                  ) -> dict[str, Any]:
-    r"""Figures of a flow from ``n_samples`` fresh samples (float64).
-
-    Arguments:
-        flow: The flow.
-        action: The target action.
-        n_samples: Number of fresh samples.
-        batch_size: Samples per forward pass.
-        seed: Seed of the sampling generator (and of the chain's uniforms).
-        observables: Name -> function (B,) of configurations; their reweighted means
-            sum(w O)/sum(w) are reported as ``<name>``, with the delta-method error
-            sqrt(sum w^2 (O - mean)^2)/sum(w) as ``<name>_err`` (optimistic when the
-            weights are heavy-tailed), and their means over the independence Metropolis
-            chain of ``acceptance_chain`` as ``<name>_chain`` with the Gamma-method
-            error ``<name>_chain_err`` and ``<name>_chain_tau_int`` (Wolff,
-            hep-lat/0306017; NaN when the observable is not finite on a chain state).
-
-    Returns:
-        ``ess``, ``acceptance`` (estimate), ``acceptance_chain`` (an independence
-        Metropolis chain over the samples), ``free_energy`` (mean of log q + S, an upper
-        bound of -log Z), ``n_samples``, and the observables.
-
-    Raises:
-        FlowplugError: if every sample has a non-finite log weight.
-    """
-    flow.eval()
-    gen = torch.Generator(device=flow.device)
-    gen.manual_seed(int(seed))
-    log_ws, obs = [], {k: [] for k in (observables or {})}
-    left = int(n_samples)
-    while left > 0:
-        b = min(batch_size, left)
-        x, log_q = flow.sample(b, gen)
-        log_ws.append((-action.action(x).to(torch.float64) - log_q).cpu())
-        for k, fn in (observables or {}).items():
-            obs[k].append(fn(x).to(torch.float64).cpu())
-        left -= b
-    log_w = torch.cat(log_ws)
-    finite = torch.isfinite(log_w)
-    lw = log_w[finite]
-    if lw.numel() == 0:
-        raise FlowplugError(f"evaluate_flow: all {int(n_samples)} samples have non-finite log weights "
-                            "(the flow or the action gives NaN/Inf)")
-    out: dict[str, Any] = {
-        "n_samples": int(n_samples),
-        "non_finite": int((~finite).sum()),
-        "ess": float(_ess(lw)),
-        "acceptance": imh_acceptance_estimate(lw),
-        "free_energy": float(-lw.mean()),
-    }
-    states = imh_chain_states(lw, int(seed))
-    out["acceptance_chain"] = _moved_fraction(states)
-    if obs:
-        from flowplug.stats import gamma_method
-
-        w = torch.exp(lw - lw.max())
-        for k, vals in obs.items():
-            v = torch.cat(vals)[finite]
-            mean = (w * v).sum() / w.sum()
-            out[k] = float(mean)
-            out[k + "_err"] = float(torch.sqrt((w * w * (v - mean) ** 2).sum()) / w.sum())
-            series = v.numpy()[states]
-            if np.isfinite(series).all():
-                g = gamma_method(series)
-                out[k + "_chain"], out[k + "_chain_err"], out[k + "_chain_tau_int"] = g.mean, g.error, g.tau_int
-            else:
-                out[k + "_chain"] = out[k + "_chain_err"] = out[k + "_chain_tau_int"] = float("nan")
-    return out
