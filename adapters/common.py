@@ -1,7 +1,8 @@
 """Helpers shared by the built-in format adapters (not a plugin module).
 
-Layout conversions between the ILDG site order and the canonical tensor, bounded
-reads, and the construction of :class:`flowplug.io.Check` records.
+Conversions between ILDG-order payload bytes and the canonical tensor (the axis
+permutation itself is :mod:`flowplug.layout`'s), bounded reads, and the construction
+of :class:`flowplug.io.Check` records.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import numpy as np
 import torch
 
 from flowplug.errors import FormatError
-from flowplug.io import Check
+from flowplug.io import Check, from_ildg, to_ildg
 
 __all__ = [
     "read_payload",
@@ -60,37 +61,42 @@ def read_payload(path: Path, offset: int, nbytes: int, what: str) -> np.ndarray:
 
 def ildg_to_canonical(raw: np.ndarray, lattice: tuple[int, ...], n: int, precision: int,
                       byteorder: str = ">") -> torch.Tensor:
-    """Stored ILDG-order links -> canonical tensor (1, 4, lx, ly, lz, lt, N, N) complex128.
+    """Stored ILDG-order links -> canonical tensor (1, d, L_0, ..., L_{d-1}, N, N) complex128.
 
     Arguments:
-        raw: Payload bytes (uint8), length V * 4 * N * N * (8 or 16).
-        lattice: (lx, ly, lz, lt).
+        raw: Payload bytes (uint8), length V * d * N * N * (8 or 16).
+        lattice: (L_0, ..., L_{d-1}), x first (4D: (lx, ly, lz, lt)).
         n: Colours N.
         precision: 32 or 64.
         byteorder: ``">"`` (ILDG, NERSC big) or ``"<"``.
 
-    The file array has shape (lt, lz, ly, lx, mu, N, N); the conversion is the
-    permutation (mu, x, y, z, t) plus an exact widening to complex128.
+    The file array has shape (L_{d-1}, ..., L_0, mu, N, N); the conversion is
+    :func:`flowplug.layout.from_ildg` plus an exact widening to complex128.
     """
-    lx, ly, lz, lt = lattice
-    arr = raw.view(complex_dtype(precision, byteorder)).reshape(lt, lz, ly, lx, 4, n, n)
-    out = np.empty((1, 4, lx, ly, lz, lt, n, n), dtype=np.complex128)
+    lattice = tuple(int(v) for v in lattice)
+    d = len(lattice)
+    arr = raw.view(complex_dtype(precision, byteorder)).reshape(*reversed(lattice), d, n, n)
+    out = np.empty((1, d, *lattice, n, n), dtype=np.complex128)
     with np.errstate(invalid="ignore"):  # NaN payloads are reported by flowplug.io.read
-        np.copyto(out[0], arr.transpose(4, 3, 2, 1, 0, 5, 6))
+        np.copyto(out[0], from_ildg(arr))
     return torch.from_numpy(out)
 
 
 def canonical_to_ildg(links: torch.Tensor, precision: int, byteorder: str = ">") -> np.ndarray:
-    """Canonical (4, lx, ly, lz, lt, N, N) links of one configuration -> stored ILDG array.
+    """Canonical (d, L_0, ..., L_{d-1}, N, N) links of one configuration -> stored ILDG array.
+
+    Arguments:
+        links: One configuration (no batch axis), complex.
+        precision: 32 or 64 (values are rounded to it).
+        byteorder: ``">"`` or ``"<"``.
 
     Returns:
-        Contiguous array of shape (lt, lz, ly, lx, 4, N, N), dtype complex64/128 in
-        ``byteorder``; ``.tobytes()`` is the payload.
+        Contiguous array of shape (L_{d-1}, ..., L_0, d, N, N) (4D: (lt, lz, ly, lx, 4,
+        N, N)), dtype complex64/128 in ``byteorder``; ``.tobytes()`` is the payload.
     """
-    src = links.detach().cpu().resolve_conj().numpy()
-    d, lx, ly, lz, lt, n, _ = src.shape
-    out = np.empty((lt, lz, ly, lx, d, n, n), dtype=complex_dtype(precision, byteorder))
-    np.copyto(out, src.transpose(4, 3, 2, 1, 0, 5, 6), casting="unsafe")
+    src = to_ildg(links.detach().cpu().resolve_conj().numpy())
+    out = np.empty(src.shape, dtype=complex_dtype(precision, byteorder))
+    np.copyto(out, src, casting="unsafe")
     return out
 
 

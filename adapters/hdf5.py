@@ -1,22 +1,28 @@
-"""HDF5 ensemble store (h5py): many configurations in one file, chunked and appendable.
+"""HDF5 ensemble store (h5py): many configurations of any field kind in one file, appendable.
 
-Layout (``format_version`` 1)::
+Layout (``format_version`` 2)::
 
     /                    attributes:
         flowplug_format  "flowplug-ensemble"
-        format_version   1
-        group            "su3" | "su2" | "su<N>" | "u1"
+        format_version   2
+        field            field kind: "scalar" | "o2" | "u1" | "su2" | "su3" | "su<N>"
+                         (any kind :func:`flowplug.theory.field_space` knows)
         lattice          int64[d], x first
         precision        32 | 64 (storage dtype of /links)
         count            configurations committed (0 .. count-1 are complete)
         layout           text describing the axes of /links
         attrs            JSON text: ensemble-wide values (beta, ensemble id, run parameters)
-    /links   (n, d, L_0, ..., L_{d-1}, N, N) complex64/complex128 (U(1): (n, d, L...) float32/64),
-             little-endian, unlimited first axis, chunks of at most CHUNK_BYTES (4 MiB)
-             within one configuration (see :func:`chunk_shape`)
+    /links   the field values, named links for every kind (the name of version 1):
+             SU(N) (n, d, L_0, ..., L_{d-1}, N, N) complex64/complex128; U(1) angles
+             (n, d, L...) float32/64; site fields (scalar, o2) (n, L_0, ..., L_{d-1})
+             float32/64; little-endian, unlimited first axis, chunks of at most
+             CHUNK_BYTES (4 MiB) within one configuration (see :func:`chunk_shape`)
     /meta    (n,) UTF-8 JSON text per configuration: source format and path, precision,
              header values, original records verbatim (base64), record list, check
              outcomes of the source, provenance, and ``crc32`` of the stored bytes
+
+Version 1 stores (gauge fields only) name the kind in a ``group`` attribute instead of
+``field``; they are read, and appended to, as they are.
 
 The canonical layout is stored as is (no permutation, no byte swap). Appending grows
 both datasets, writes the data and metadata, flushes, then raises ``count``; a reader
@@ -35,33 +41,35 @@ import base64
 import json
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
 
-from flowplug.errors import FormatError
+from flowplug.errors import FlowplugError, FormatError
+from flowplug.fsutil import jsonable as _jsonable
 from flowplug.hookspecs import hookimpl
 from flowplug.io import Check, Ensemble, FormatHandler, Metadata, Record
 from flowplug.records import FileFormatSpec
+from flowplug.theory import FieldSpace, field_space
 
 from flowplug.adapters.common import fmt_lattice, hex_check
 
+if TYPE_CHECKING:
+    import h5py
+
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 FORMAT_TAG = "flowplug-ensemble"
-FORMAT_VERSION = 1
+#: Version written by this flowplug.
+FORMAT_VERSION = 2
+#: Versions read (1: gauge fields only, kind in the ``group`` attribute).
+READ_VERSIONS = (1, 2)
 
 
 def _h5py():
     import h5py
 
     return h5py
-
-
-def _jsonable(value: Any) -> Any:
-    from flowplug.fsutil import _jsonable as conv
-
-    return conv(value)
 
 
 #: Target size of one HDF5 chunk of /links. HDF5 1.x refuses chunks of 4 GiB or more
@@ -93,10 +101,49 @@ def chunk_shape(shape: tuple[int, ...], itemsize: int, target: int = CHUNK_BYTES
     return (1, *chunk)
 
 
-def _stored_dtype(group: str, precision: int) -> np.dtype:
-    if group == "u1":
-        return np.dtype("<f4" if precision == 32 else "<f8")
-    return np.dtype("<c8" if precision == 32 else "<c16")
+def _stored_dtype(field: str, precision: int) -> np.dtype:
+    """Little-endian storage dtype of a field kind at a precision (c8/c16 or f4/f8)."""
+    if field_space(field).dtype.is_complex:
+        return np.dtype("<c8" if precision == 32 else "<c16")
+    return np.dtype("<f4" if precision == 32 else "<f8")
+
+
+def _layout_text(ensemble: Ensemble) -> str:
+    """The ``layout`` attribute: what the axes of /links are."""
+    lattice_axes = "x_0, ..., x_(d-1)"
+    if not ensemble.is_gauge:
+        return f"links[config, {lattice_axes}]: {ensemble.field} field on the sites; little-endian"
+    if ensemble.n_colors == 1:
+        what = f"mu, {lattice_axes}]: {ensemble.field} link angles"
+    else:
+        what = f"mu, {lattice_axes}, row, col]: {ensemble.field.upper()} link matrices"
+    return f"links[config, {what}; mu = 0..d-1 = x, y, z, t; little-endian"
+
+
+def _store_field(path: Path, f: "h5py.File") -> tuple[str, FieldSpace]:
+    """The field kind of an open store and its space (version 1: the ``group`` attribute).
+
+    Raises:
+        FormatError: if the store is not a flowplug ensemble store of a version this
+            flowplug reads, or names a field kind it does not know.
+    """
+    if f.attrs.get("flowplug_format") not in (FORMAT_TAG, FORMAT_TAG.encode()):
+        raise FormatError(f"{path}: HDF5 file without flowplug_format = '{FORMAT_TAG}' attribute: not a "
+                          "flowplug ensemble store")
+    version = int(f.attrs.get("format_version", -1))
+    if version not in READ_VERSIONS:
+        raise FormatError(f"{path}: ensemble store format_version {version}; this flowplug reads "
+                          f"{', '.join(map(str, READ_VERSIONS))} (a newer flowplug wrote it: upgrade)")
+    key = "group" if version == 1 else "field"
+    if key not in f.attrs:
+        raise FormatError(f"{path}: ensemble store (format_version {version}) lacks its '{key}' attribute "
+                          "(damaged file)")
+    kind = str(f.attrs[key]).strip().lower()
+    try:
+        return kind, field_space(kind)
+    except FlowplugError as exc:
+        raise FormatError(f"{path}: the store holds fields of kind {kind!r}, which this flowplug cannot "
+                          f"represent ({exc})") from None
 
 
 def _meta_json(meta: Metadata, stored: np.ndarray) -> str:
@@ -136,10 +183,10 @@ def _meta_from_json(path: Path, i: int, text: str | bytes) -> tuple[Metadata, st
 
 
 class Hdf5Handler(FormatHandler):
-    """HDF5 ensemble store: any group, any dimension, many configurations."""
+    """HDF5 ensemble store: any field kind, any dimension, many configurations."""
 
     name = "hdf5"
-    groups = ("*",)
+    fields = ("*",)
     multi = True
     extension = "h5"
     dims = ()
@@ -150,19 +197,22 @@ class Hdf5Handler(FormatHandler):
 
     # ----------------------------------------------------------------------- reading
 
-    def read(self, path: Path, *, lattice=None, group=None, index: Any = None, **options: Any) -> Ensemble:
+    def read(self, path: Path, *, lattice: tuple[int, ...] | None = None, group: str | None = None,
+             index: int | slice | Sequence[int] | None = None, **options: Any) -> Ensemble:
         """Read (a selection of) the configurations of an HDF5 ensemble store.
 
         Arguments:
             index: ``None`` (all), an int, a slice, or a list of ints.
 
         Returns:
-            The ensemble; each configuration's CRC-32 outcome is in ``meta[i].checks``;
-            the source's own check outcomes are under ``meta[i].header["source_checks"]``.
+            The ensemble, of the store's field kind (format versions 1 and 2); each
+            configuration's CRC-32 outcome is in ``meta[i].checks``; the source's own
+            check outcomes are under ``meta[i].header["source_checks"]``.
 
         Raises:
-            FormatError: if the file is not a flowplug ensemble store, is damaged, or
-                the index is out of range.
+            FormatError: if the file is not a flowplug ensemble store (of a version this
+                flowplug reads), is damaged, names an unknown field kind, or the index is
+                out of range.
         """
         h5py = _h5py()
         try:
@@ -174,15 +224,8 @@ class Hdf5Handler(FormatHandler):
             raise FormatError(f"{path}: damaged or not a flowplug HDF5 ensemble ({type(exc).__name__}: "
                               f"{exc})") from None
 
-    def _read(self, path: Path, f: Any, index: Any) -> Ensemble:
-        if f.attrs.get("flowplug_format") not in (FORMAT_TAG, FORMAT_TAG.encode()):
-            raise FormatError(f"{path}: HDF5 file without flowplug_format = '{FORMAT_TAG}' attribute: not a "
-                              "flowplug ensemble store")
-        version = int(f.attrs.get("format_version", -1))
-        if version != FORMAT_VERSION:
-            raise FormatError(f"{path}: ensemble store format_version {version}; this flowplug reads "
-                              f"{FORMAT_VERSION}")
-        group = str(f.attrs["group"])
+    def _read(self, path: Path, f: "h5py.File", index: int | slice | Sequence[int] | None) -> Ensemble:
+        field, space = _store_field(path, f)
         lattice = tuple(int(n) for n in f.attrs["lattice"])
         precision = int(f.attrs["precision"])
         count = int(f.attrs["count"])
@@ -190,11 +233,10 @@ class Hdf5Handler(FormatHandler):
             raise FormatError(f"{path}: attributes lattice {lattice} / precision {precision} are invalid "
                               "(damaged file)")
         links_ds, meta_ds = f["links"], f["meta"]
-        n_colors = 1 if group == "u1" else int(group[2:])
-        shape = (len(lattice), *lattice) + (() if group == "u1" else (n_colors, n_colors))
-        if tuple(links_ds.shape[1:]) != shape or links_ds.dtype != _stored_dtype(group, precision):
+        shape = space.shape(lattice, 1)[1:]
+        if tuple(links_ds.shape[1:]) != shape or links_ds.dtype != _stored_dtype(field, precision):
             raise FormatError(f"{path}: /links has shape {links_ds.shape[1:]} dtype {links_ds.dtype}; "
-                              f"attributes say {group} on {fmt_lattice(lattice)} at precision {precision}")
+                              f"attributes say {field} on {fmt_lattice(lattice)} at precision {precision}")
         if not 0 <= count <= min(links_ds.shape[0], meta_ds.shape[0]):
             raise FormatError(f"{path}: count = {count} but /links holds {links_ds.shape[0]} and /meta "
                               f"{meta_ds.shape[0]} entries (damaged file)")
@@ -227,14 +269,14 @@ class Hdf5Handler(FormatHandler):
             meta.format, meta.path = "hdf5", str(path)
             meta.precision = min(meta.precision, precision)
             metas.append(meta)
-        out = data.astype(np.float64 if group == "u1" else np.complex128, copy=False)
+        out = data.astype(np.complex128 if space.dtype.is_complex else np.float64, copy=False)
         try:
             attrs = json.loads(str(f.attrs.get("attrs", "{}")))
         except ValueError:
             raise FormatError(f"{path}: root attribute 'attrs' is not JSON") from None
         # a 64-bit store may hold data exactly representable at 32 bits (their source precision)
         ens_precision = max((m.precision for m in metas), default=precision)
-        return Ensemble(torch.from_numpy(out), precision=ens_precision, meta=metas,
+        return Ensemble(torch.from_numpy(out), field=field, precision=ens_precision, meta=metas,
                         attrs=attrs if isinstance(attrs, dict) else {})
 
     def sources(self, path: Path) -> list[str]:
@@ -268,20 +310,19 @@ class Hdf5Handler(FormatHandler):
     # ----------------------------------------------------------------------- writing
 
     def write(self, path: Path, ensemble: Ensemble, *, precision: int, **options: Any) -> None:
-        """Create a store at ``path`` holding ``ensemble`` (any number of configurations)."""
+        """Create a store at ``path`` holding ``ensemble`` (any field kind, any number of
+        configurations), format version 2."""
         h5py = _h5py()
-        dtype = _stored_dtype(ensemble.group, precision)
-        shape = tuple(ensemble.links.shape[1:])
+        dtype = _stored_dtype(ensemble.field, precision)
+        shape = tuple(ensemble.data.shape[1:])
         chunk = chunk_shape(shape, dtype.itemsize)
         with h5py.File(path, "w") as f:
             f.attrs["flowplug_format"] = FORMAT_TAG
             f.attrs["format_version"] = FORMAT_VERSION
-            f.attrs["group"] = ensemble.group
+            f.attrs["field"] = ensemble.field
             f.attrs["lattice"] = np.asarray(ensemble.lattice, dtype=np.int64)
             f.attrs["precision"] = precision
-            f.attrs["layout"] = ("links[config, mu, x_0, ..., x_(d-1)" +
-                                 ("]: U(1) angles" if ensemble.group == "u1" else ", row, col]: SU(N) matrices") +
-                                 "; mu = 0..d-1 = x, y, z, t; little-endian")
+            f.attrs["layout"] = _layout_text(ensemble)
             f.attrs["attrs"] = json.dumps(_jsonable(ensemble.attrs), sort_keys=True)
             f.attrs["count"] = 0
             f.create_dataset("links", shape=(0, *shape), maxshape=(None, *shape), dtype=dtype, chunks=chunk)
@@ -293,39 +334,41 @@ class Hdf5Handler(FormatHandler):
         """Append ``ensemble`` to an existing store in place; ``count`` is raised last.
 
         Raises:
-            FormatError: if the store holds another group, lattice or precision.
+            FormatError: if the store holds another field kind, lattice or precision.
         """
         h5py = _h5py()
         try:
             with h5py.File(path, "r+") as f:
                 if str(f.attrs.get("flowplug_format", "")) != FORMAT_TAG:
                     raise FormatError(f"{path}: not a flowplug ensemble store; cannot append")
-                group, lattice = str(f.attrs["group"]), tuple(int(n) for n in f.attrs["lattice"])
+                field, _ = _store_field(path, f)
+                lattice = tuple(int(n) for n in f.attrs["lattice"])
                 prec = int(f.attrs["precision"])
-                if group != ensemble.group or lattice != ensemble.lattice:
-                    raise FormatError(f"{path}: holds {group} on {fmt_lattice(lattice)}; cannot append "
-                                      f"{ensemble.group} on {fmt_lattice(ensemble.lattice)}")
+                if field != ensemble.field or lattice != ensemble.lattice:
+                    raise FormatError(f"{path}: holds {field} on {fmt_lattice(lattice)}; cannot append "
+                                      f"{ensemble.field} on {fmt_lattice(ensemble.lattice)}")
                 if precision > prec:
                     raise FormatError(f"{path}: stores {prec}-bit data; cannot append {precision}-bit data "
                                       f"without rounding (pass precision={prec} / --precision {prec}, or "
                                       "write a new store)")
-                self._append(f, ensemble, _stored_dtype(group, prec), precision)
+                self._append(f, ensemble, _stored_dtype(field, prec), precision)
         except FormatError:
             raise
         except Exception as exc:
             raise FormatError(f"{path}: cannot append ({type(exc).__name__}: {exc})") from None
 
-    def _append(self, f: Any, ensemble: Ensemble, dtype: np.dtype, precision: int) -> None:
+    def _append(self, f: "h5py.File", ensemble: Ensemble, dtype: np.dtype, precision: int) -> None:
         count = int(f.attrs["count"])
         links_ds, meta_ds = f["links"], f["meta"]
         n = len(ensemble)
         links_ds.resize(count + n, axis=0)
         meta_ds.resize(count + n, axis=0)
-        src = ensemble.links.detach().cpu().resolve_conj().numpy()
+        src = ensemble.data.detach().cpu().resolve_conj().numpy()
+        narrow = _stored_dtype(ensemble.field, 32)
         for j in range(n):
             value = src[j]
-            if precision == 32 and dtype.itemsize in (8, 16) and dtype != _stored_dtype(ensemble.group, 32):
-                value = value.astype(_stored_dtype(ensemble.group, 32))  # round first, then widen exactly
+            if precision == 32 and dtype != narrow:
+                value = value.astype(narrow)  # round first, then widen exactly
             stored = np.ascontiguousarray(value, dtype=dtype)
             links_ds.write_direct(stored, np.s_[...], np.s_[count + j])
             meta = ensemble.meta[j].copy()

@@ -454,7 +454,7 @@ def extra_records(ensemble: Ensemble) -> list[tuple[str, bytes]]:
 class LimeHandler(FormatHandler):
     """Reader shared by the ``ildg``, ``scidac`` and ``lime`` formats; ILDG writer."""
 
-    groups = ("su3", "su2")
+    fields = ("su3", "su2")
     extension = "ildg"
 
     def __init__(self, name: str) -> None:

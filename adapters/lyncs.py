@@ -30,7 +30,7 @@ import torch
 
 from flowplug.errors import FormatError
 from flowplug.hookspecs import hookimpl
-from flowplug.io import Ensemble, FormatHandler
+from flowplug.io import Ensemble, FormatHandler, from_ildg
 from flowplug.records import FileFormatSpec
 
 from flowplug.adapters.checksums import scidac_checksum
@@ -61,7 +61,7 @@ class LyncsHandler(FormatHandler):
     """Read LIME/ILDG and openQCD files through lyncs-io (SU(3), 4D)."""
 
     name = "lyncs"
-    groups = ("su3",)
+    fields = ("su3",)
     extension = "lime"
 
     def read(self, path: Path, *, lattice=None, group=None, **options: Any) -> Ensemble:
@@ -96,7 +96,7 @@ class LyncsHandler(FormatHandler):
         for c in own.meta[0].checks:
             value = found[0] if c.quantity.endswith("suma") else found[1]
             checks.append(hex_check(c.quantity, int(c.expected, 16), value))
-        links = np.ascontiguousarray(arr.transpose(4, 3, 2, 1, 0, 5, 6)).astype(np.complex128)[None]
+        links = np.ascontiguousarray(from_ildg(arr)).astype(np.complex128)[None]
         meta = own.meta[0]
         meta.format, meta.checks = "lyncs", checks
         return Ensemble(torch.from_numpy(links), precision=precision, meta=[meta])

@@ -45,7 +45,7 @@ class MilcHandler(FormatHandler):
     """MILC v5 reader (SU(3), float32)."""
 
     name = "milc"
-    groups = ("su3",)
+    fields = ("su3",)
     extension = "milc"
 
     def sniff(self, path: Path, head: bytes, size: int) -> int:

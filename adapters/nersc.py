@@ -27,7 +27,15 @@ import torch
 from flowplug.errors import FormatError
 from flowplug.gauge import link_trace, plaquette
 from flowplug.hookspecs import hookimpl
-from flowplug.io import Ensemble, FormatHandler, Metadata, Record, float32_exact, open_time_boundary
+from flowplug.io import (
+    Ensemble,
+    FormatHandler,
+    Metadata,
+    Record,
+    float32_exact,
+    from_ildg,
+    open_time_boundary,
+)
 from flowplug.records import FileFormatSpec
 
 from flowplug.adapters.checksums import nersc_checksum
@@ -114,7 +122,7 @@ class NerscHandler(FormatHandler):
     """NERSC reader/writer (SU(3) links, 4D)."""
 
     name = "nersc"
-    groups = ("su3",)
+    fields = ("su3",)
     extension = "nersc"
 
     def sniff(self, path: Path, head: bytes, size: int) -> int:
@@ -167,7 +175,7 @@ class NerscHandler(FormatHandler):
         arr = raw.view(cdt).reshape(lt, lz, ly, lx, 4, rows, 3).astype(np.complex128)
         if rows == 2:
             arr = reconstruct_third_row(arr)
-        links = torch.from_numpy(np.ascontiguousarray(arr.transpose(4, 3, 2, 1, 0, 5, 6))[None])
+        links = torch.from_numpy(np.ascontiguousarray(from_ildg(arr))[None])
         header: dict[str, Any] = {"nersc": dict(keys), "nersc_datatype": dt, "nersc_floating_point": fp}
         floor = 1e-5 if precision == 32 else 1e-9
         for key, std, fn in (("PLAQUETTE", "plaquette", plaquette), ("LINK_TRACE", "link_trace", link_trace)):
@@ -244,7 +252,6 @@ class NerscHandler(FormatHandler):
         ``ARCHIVE_DATE``, ``BETA``, ...) are kept; for other sources ``ensemble_id``,
         ``trajectory`` and ``beta`` of the header fill them.
         """
-        meta = ensemble.meta[0]
         dt, rows, order, fp = self._layout(ensemble, precision, datatype, endian)
         stored = canonical_to_ildg(ensemble.links[0], precision, order)
         if rows == 2:
@@ -253,7 +260,7 @@ class NerscHandler(FormatHandler):
         seen = stored.astype(np.complex128)
         if rows == 2:
             seen = reconstruct_third_row(seen)
-        seen_t = torch.from_numpy(np.ascontiguousarray(seen.transpose(4, 3, 2, 1, 0, 5, 6))[None])
+        seen_t = torch.from_numpy(np.ascontiguousarray(from_ildg(seen))[None])
         plaq, trace = float(plaquette(seen_t)[0]), float(link_trace(seen_t)[0])
         csum = nersc_checksum(stored.reshape(-1).view(np.uint8), order)
         text = header_text(ensemble, dt, fp, plaq=plaq, trace=trace, checksum=csum,

@@ -65,7 +65,7 @@ class OpenQcdHandler(FormatHandler):
     """openQCD reader/writer (SU(3), float64, even extents)."""
 
     name = "openqcd"
-    groups = ("su3",)
+    fields = ("su3",)
     extension = "openqcd"
     precisions = (64,)
 

@@ -133,18 +133,25 @@ def _default_permissions(path: str) -> None:
     os.chmod(path, 0o666 & ~umask)
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
+    """``value`` made JSON-ready: mappings with string keys, lists for tuples, arrays and
+    tensors as (nested) lists, non-finite floats as the strings ``nan``/``inf``/``-inf``,
+    paths as strings; anything else as it is."""
     if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if hasattr(value, "tolist"):  # numpy / torch scalars and arrays
-        return _jsonable(value.tolist())
+        return jsonable(value.tolist())
     if isinstance(value, float) and not math.isfinite(value):
         return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
     if isinstance(value, Path):
         return str(value)
     return value
+
+
+#: The former (private) name of :func:`jsonable`.
+_jsonable = jsonable
 
 
 def write_json(path: str | Path, data: Mapping[str, Any]) -> Path:

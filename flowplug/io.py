@@ -1,8 +1,12 @@
-"""Reading and writing lattice files: the in-memory :class:`Ensemble` and format dispatch.
+"""Reading and writing lattice files: format dispatch over the file-format plugins.
 
 Everything format-specific lives in the file-format plugins (``flowplug.adapters`` and
 third-party packages, hook ``flowplug_file_formats``); this module finds the right one,
-calls it, and applies the checks every read shares.
+calls it, and applies the checks every read shares. The data model lives in
+:mod:`flowplug.ensemble`, the value checks in :mod:`flowplug.linkcheck`, the ILDG axis
+order in :mod:`flowplug.layout`; their public names are importable from here as well
+(``io.Ensemble``, ``io.Metadata``, ``io.check_links``, ``io.from_ildg``...), so
+``from flowplug import io`` is all a script or a format plugin needs.
 
 Quick use::
 
@@ -14,11 +18,14 @@ Quick use::
     ens.meta[0].header["plaquette"]                   # header values, when present
     io.write("out.ildg", ens)                           # 32-bit again, bit-exact
     io.write("ensemble.h5", ens, append=True)          # HDF5 ensemble store
+    io.write("phi4.h5", io.Ensemble(phi, field="scalar"))   # any field kind in HDF5
 
 Canonical layout (DESIGN.md section 2): SU(N) links ``(B, d, L_0, ..., L_{d-1}, N, N)``
 complex128, direction mu = x, y, z, t = array axis 1 index 0..3, lattice axes x first;
-U(1) links ``(B, d, L_0, ..., L_{d-1})`` float64 angles. Files store other layouts
-(ILDG: ``(lt, lz, ly, lx, mu, N, N)`` big-endian); adapters permute at the boundary.
+U(1) links ``(B, d, L_0, ..., L_{d-1})`` float64 angles; site fields (``scalar``,
+``o2``) ``(B, L_0, ..., L_{d-1})`` float64. Files store other layouts (ILDG:
+``(lt, lz, ly, lx, mu, N, N)`` big-endian); adapters permute at the boundary
+(:mod:`flowplug.layout`).
 
 Reads are exact: 32-bit data widened to complex128 keeps every bit, and
 ``Ensemble.precision`` remembers the file's precision, so writing back (default
@@ -27,18 +34,15 @@ precision = the source's) reproduces the stored numbers bit for bit.
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import os
 import struct
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Sequence
 
-import numpy as np
 import torch
 
+from flowplug.ensemble import Check, Ensemble, Metadata, Record, field_of, group_of
 from flowplug.errors import (
     ChecksumError,
     FlowplugError,
@@ -47,12 +51,28 @@ from flowplug.errors import (
     PrecisionLossWarning,
     ShapeError,
 )
+from flowplug.layout import from_ildg, ildg_axes, ildg_shape, to_ildg
+from flowplug.linkcheck import (
+    check_links,
+    float32_exact,
+    group_deviation,
+    is_sun,
+    link_deviations,
+    open_time_boundary,
+    raise_failed_checks,
+    unitarity_tolerance,
+)
+from flowplug.registry import Registry
 
 __all__ = [
+    # data model (flowplug.ensemble)
     "Record",
     "Check",
     "Metadata",
     "Ensemble",
+    "field_of",
+    "group_of",
+    # format dispatch (this module)
     "FormatHandler",
     "formats",
     "get_format",
@@ -60,336 +80,33 @@ __all__ = [
     "read",
     "write",
     "parse_lattice",
-    "group_of",
+    "format_of_name",
+    "strip_format_extension",
+    # value checks (flowplug.linkcheck)
     "unitarity_tolerance",
     "check_links",
     "group_deviation",
     "link_deviations",
     "open_time_boundary",
     "float32_exact",
+    "raise_failed_checks",
+    "is_sun",
+    # the ILDG axis order (flowplug.layout)
+    "to_ildg",
+    "from_ildg",
+    "ildg_axes",
+    "ildg_shape",
+    # errors, for ``io.FormatError`` in scripts
+    "FlowplugError",
+    "FormatError",
+    "ChecksumError",
+    "ShapeError",
+    "NonUnitaryWarning",
+    "PrecisionLossWarning",
 ]
 
 #: Bytes read from the start of a file for content detection.
 SNIFF_BYTES = 4096
-
-
-# ----------------------------------------------------------------------------- records
-
-
-@dataclass(frozen=True)
-class Record:
-    """One metadata record of a file, verbatim (an XML record of a LIME file, a header).
-
-    Attributes:
-        type: Record type as the file names it (``scidac-file-xml``, ``ildg-data-lfn``,
-            ``xlf-info``, ``nersc-header``, ...).
-        data: The record's bytes exactly as stored (including a trailing NUL if any).
-    """
-
-    type: str
-    data: bytes
-
-    @property
-    def text(self) -> str:
-        """The data decoded as UTF-8 (invalid bytes replaced), trailing NULs removed."""
-        return self.data.rstrip(b"\0").decode("utf-8", errors="replace")
-
-
-@dataclass(frozen=True)
-class Check:
-    """The outcome of verifying one stored check value against the data.
-
-    Attributes:
-        quantity: What was checked (``scidac-checksum suma``, ``CHECKSUM``, ``PLAQUETTE``...).
-        expected: The value the file stores (hex string for checksums, float otherwise).
-        found: The value computed from the data, same type as ``expected``.
-        ok: Whether they agree (exactly for checksums, within ``tolerance`` otherwise).
-        tolerance: Absolute tolerance used for floating-point values (0 for checksums).
-    """
-
-    quantity: str
-    expected: Any
-    found: Any
-    ok: bool
-    tolerance: float = 0.0
-
-    def as_dict(self) -> dict[str, Any]:
-        """JSON-ready form."""
-        return dataclasses.asdict(self)
-
-
-@dataclass
-class Metadata:
-    """Everything known about one configuration besides its links.
-
-    Attributes:
-        format: Registry name of the format it was read from (``ildg``, ``nersc``...),
-            or ``None`` for data made in memory.
-        path: File it was read from, or ``None``.
-        precision: Storage precision in bits of the source (32 or 64).
-        header: Header values under standard names where the file has them:
-            ``plaquette`` (DESIGN.md normalisation: Re tr U_P / N, 1 for unit gauge),
-            ``link_trace`` (Re tr U / N), ``beta``, ``trajectory``, ``ensemble_id``,
-            ``lfn`` (ILDG logical file name), ``boundary`` (``"open"`` for open
-            boundary conditions in time), plus format-specific keys as found.
-        records: The file's metadata records verbatim (XML records, NERSC header...),
-            in file order; writers reuse those the target can hold.
-        record_list: Human-readable list of every record of the file with its length
-            (for ``flowplug info``), including binary payloads.
-        checks: Outcome of every check value the file carries (see :class:`Check`).
-        provenance: Free-form JSON-able history: source path and format, conversion
-            steps, generating run (HMC parameters, flow model...). Carried by HDF5.
-    """
-
-    format: str | None = None
-    path: str | None = None
-    precision: int = 64
-    header: dict[str, Any] = field(default_factory=dict)
-    records: list[Record] = field(default_factory=list)
-    record_list: list[str] = field(default_factory=list)
-    checks: list[Check] = field(default_factory=list)
-    provenance: dict[str, Any] = field(default_factory=dict)
-
-    def record(self, type_: str) -> Record | None:
-        """The first record of the given type, or ``None``."""
-        for rec in self.records:
-            if rec.type == type_:
-                return rec
-        return None
-
-    @property
-    def checksum_status(self) -> str:
-        """``"ok"`` (every check passed), ``"mismatch"`` (one failed) or ``"absent"`` (none)."""
-        if not self.checks:
-            return "absent"
-        return "ok" if all(c.ok for c in self.checks) else "mismatch"
-
-    def copy(self) -> "Metadata":
-        """A deep-enough copy (dicts and lists copied; records are immutable)."""
-        return Metadata(self.format, self.path, self.precision, dict(self.header),
-                        list(self.records), list(self.record_list), list(self.checks),
-                        _deepcopy_json(self.provenance))
-
-
-def _deepcopy_json(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _deepcopy_json(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_deepcopy_json(v) for v in value]
-    return value
-
-
-# ---------------------------------------------------------------------------- ensemble
-
-
-def group_of(links: torch.Tensor) -> str:
-    """Gauge group name of a canonical link tensor: ``su<N>`` for complex, ``u1`` for real.
-
-    Raises:
-        ShapeError: if the tensor has fewer than 3 axes or a non-square colour block.
-    """
-    if links.dim() < 3:
-        raise ShapeError(f"links need at least (B, d, L_0) axes; found shape {tuple(links.shape)}")
-    if links.is_complex():
-        if links.dim() < 5 or links.shape[-1] != links.shape[-2]:
-            raise ShapeError(f"SU(N) links need shape (B, d, L..., N, N); found {tuple(links.shape)}")
-        return f"su{links.shape[-1]}"
-    return "u1"
-
-
-class Ensemble:
-    """A batch of gauge configurations in the canonical layout, with per-configuration metadata.
-
-    One file of a single-configuration format (ILDG, NERSC, MILC, openQCD) reads as an
-    ensemble of one (B = 1); an HDF5 ensemble store holds any number.
-
-    Arguments:
-        links: SU(N) links, shape (B, d, L_0, ..., L_{d-1}, N, N), complex128, or U(1)
-            link angles, shape (B, d, L_0, ..., L_{d-1}), float64; x-first lattice axes,
-            direction mu = x, y, z, t. Other float/complex dtypes are widened.
-        precision: Storage precision in bits (32 or 64) that writers use by default.
-        meta: One :class:`Metadata` per configuration (default: empty ones).
-        attrs: Ensemble-wide JSON-able values (``beta``, ``ensemble_id``, action
-            parameters...); HDF5 stores them as file attributes.
-
-    Attributes:
-        links: As above (a ``torch.Tensor`` on the CPU).
-        group: ``su3``, ``su2`` (``su<N>``) or ``u1``.
-        precision, meta, attrs: As above.
-
-    Raises:
-        ShapeError: on a malformed tensor or a ``meta`` list of the wrong length.
-
-    Example::
-
-        ens = Ensemble(torch.eye(3, dtype=torch.complex128).expand(2, 4, 4, 4, 4, 8, 3, 3))
-        ens.lattice   # (4, 4, 4, 8)
-        ens[1]        # the second configuration, an Ensemble of one
-    """
-
-    def __init__(self, links: torch.Tensor | np.ndarray, *, precision: int = 64,
-                 meta: Sequence[Metadata] | None = None, attrs: Mapping[str, Any] | None = None) -> None:
-        if isinstance(links, np.ndarray):
-            links = torch.from_numpy(np.ascontiguousarray(links))
-        if not isinstance(links, torch.Tensor):
-            raise ShapeError(f"links must be a torch tensor or numpy array; found {type(links).__name__}")
-        if links.is_complex():
-            links = links.to(torch.complex128)
-        elif links.is_floating_point():
-            links = links.to(torch.float64)
-        else:
-            raise ShapeError(f"links must be complex (SU(N)) or real angles (U(1)); found {links.dtype}")
-        self.group = group_of(links)
-        d = links.shape[1]
-        expected_dim = d + (4 if self.group != "u1" else 2)
-        if links.dim() != expected_dim:
-            raise ShapeError(f"{self.group} links with d = {d} directions need {expected_dim} axes "
-                             f"(B, d, L_0..L_{d - 1}{', N, N' if self.group != 'u1' else ''}); "
-                             f"found shape {tuple(links.shape)}")
-        if precision not in (32, 64):
-            raise ShapeError(f"precision must be 32 or 64 bits; found {precision!r}")
-        self.links = links
-        self.precision = int(precision)
-        if meta is None:
-            meta = [Metadata(precision=self.precision) for _ in range(links.shape[0])]
-        meta = list(meta)
-        if len(meta) != links.shape[0]:
-            raise ShapeError(f"{len(meta)} metadata entries for {links.shape[0]} configurations")
-        self.meta: list[Metadata] = meta
-        self.attrs: dict[str, Any] = dict(attrs or {})
-
-    # ---------------------------------------------------------------- shape helpers
-
-    @property
-    def lattice(self) -> tuple[int, ...]:
-        """Lattice extents ``(L_0, ..., L_{d-1})``, x first."""
-        d = self.links.shape[1]
-        return tuple(int(n) for n in self.links.shape[2:2 + d])
-
-    @property
-    def ndim(self) -> int:
-        """Number of space-time dimensions d."""
-        return int(self.links.shape[1])
-
-    @property
-    def n_colors(self) -> int:
-        """N of SU(N) (1 for U(1))."""
-        return 1 if self.group == "u1" else int(self.links.shape[-1])
-
-    @property
-    def volume(self) -> int:
-        """Number of lattice sites."""
-        return math.prod(self.lattice)
-
-    def __len__(self) -> int:
-        return int(self.links.shape[0])
-
-    def __getitem__(self, index: int | slice) -> "Ensemble":
-        """The configuration(s) at ``index`` as a new Ensemble sharing the link storage.
-
-        Its precision is the highest ``meta[i].precision`` of the selection (capped at
-        this ensemble's), so 32-bit sources stored in a 64-bit HDF5 store write back as
-        32-bit files.
-        """
-        if isinstance(index, int):
-            n = len(self)
-            if not -n <= index < n:
-                raise IndexError(f"configuration {index} out of range for an ensemble of {n}")
-            index = slice(index % n, index % n + 1)
-        meta = self.meta[index]
-        # a mixed ensemble (HDF5 store of 32- and 64-bit sources): each part keeps its own
-        precision = min(self.precision, max((m.precision for m in meta), default=self.precision))
-        return Ensemble(self.links[index], precision=precision, meta=meta, attrs=self.attrs)
-
-    def __iter__(self):
-        for i in range(len(self)):
-            yield self[i]
-
-    def __repr__(self) -> str:
-        fmt = {m.format for m in self.meta} - {None}
-        return (f"Ensemble({len(self)} x {self.group} on {'x'.join(map(str, self.lattice))}, "
-                f"precision {self.precision}{', from ' + '/'.join(sorted(fmt)) if fmt else ''})")
-
-    # ---------------------------------------------------------------- conversions
-
-    def numpy(self) -> np.ndarray:
-        """The links as a numpy array (a view of the tensor), canonical layout."""
-        return self.links.numpy()
-
-    @property
-    def header(self) -> dict[str, Any]:
-        """Header values of the first configuration (convenience for single files)."""
-        return self.meta[0].header if self.meta else {}
-
-    @property
-    def checksum_status(self) -> str:
-        """``mismatch`` if any configuration failed a check, ``ok`` if all checked ones
-        passed, ``absent`` if no configuration carries a check value."""
-        states = {m.checksum_status for m in self.meta}
-        if "mismatch" in states:
-            return "mismatch"
-        return "ok" if "ok" in states else "absent"
-
-    @classmethod
-    def from_links(cls, links: torch.Tensor | np.ndarray, *, precision: int = 64,
-                   header: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
-                   provenance: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
-                   attrs: Mapping[str, Any] | None = None) -> "Ensemble":
-        """Wrap links made in memory (HMC, a flow, resampling) with their metadata.
-
-        Arguments:
-            links: Canonical links (see the class docstring).
-            precision: Storage precision writers will use by default (32 or 64).
-            header: Header values (``beta``, ``trajectory``, ``plaquette``...): one mapping
-                for every configuration, or a sequence of one mapping per configuration.
-            provenance: JSON-able history (generating run, kernel, seed, flow model...):
-                one mapping for all, or one per configuration.
-            attrs: Ensemble-wide values.
-
-        Example::
-
-            ens = Ensemble.from_links(links, header=[{"trajectory": t} for t in trajs],
-                                      provenance={"kernel": "hmc", "beta": 5.7, "seed": 1})
-            io.write("run.h5", ens, append=True)
-
-        Raises:
-            ShapeError: on a malformed tensor or a per-configuration list of the wrong length.
-        """
-        n = int(links.shape[0])
-
-        def per(value: Any) -> list[dict[str, Any]]:
-            if value is None:
-                return [{} for _ in range(n)]
-            if isinstance(value, Mapping):
-                return [_deepcopy_json(dict(value)) for _ in range(n)]
-            items = [dict(v) for v in value]
-            if len(items) != n:
-                raise ShapeError(f"{len(items)} metadata mappings for {n} configurations")
-            return items
-
-        metas = [Metadata(precision=precision, header=h, provenance=p)
-                 for h, p in zip(per(header), per(provenance))]
-        return cls(links, precision=precision, meta=metas, attrs=attrs)
-
-    @classmethod
-    def concat(cls, ensembles: Iterable["Ensemble"]) -> "Ensemble":
-        """Concatenate ensembles along the batch axis.
-
-        The precision is the highest of the parts; attributes of the first are kept.
-
-        Raises:
-            ShapeError: if the parts differ in group or lattice, or the list is empty.
-        """
-        parts = list(ensembles)
-        if not parts:
-            raise ShapeError("cannot concatenate an empty list of ensembles")
-        first = parts[0]
-        for p in parts[1:]:
-            if p.group != first.group or p.lattice != first.lattice:
-                raise ShapeError(f"cannot concatenate {p.group} on {p.lattice} with "
-                                 f"{first.group} on {first.lattice}")
-        return cls(torch.cat([p.links for p in parts]), precision=max(p.precision for p in parts),
-                   meta=[m for p in parts for m in p.meta], attrs=first.attrs)
 
 
 # ------------------------------------------------------------------------ format base
@@ -405,7 +122,10 @@ class FormatHandler:
 
     Attributes:
         name: Registry name.
-        groups: Gauge groups the handler can write (``("su3",)``; ``("*",)`` = any).
+        fields: Field kinds the handler can write (``("su3",)``; ``("*",)`` = any kind,
+            site fields included; see :mod:`flowplug.ensemble`). ``groups`` is the same
+            tuple under its former name (a subclass that still sets ``groups`` gets it
+            as ``fields``).
         multi: Whether one file holds many configurations (HDF5).
         extension: File-name extension used by ``flowplug convert`` for outputs.
         dims: Space-time dimensions the format holds (``(4,)``; ``()`` = any).
@@ -413,11 +133,26 @@ class FormatHandler:
     """
 
     name: str = ""
-    groups: tuple[str, ...] = ("su3",)
+    fields: tuple[str, ...] = ("su3",)
     multi: bool = False
     extension: str = ""
     dims: tuple[int, ...] = (4,)
     precisions: tuple[int, ...] = (32, 64)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        own = vars(cls)
+        if "groups" in own and "fields" not in own:  # a handler written before ``fields``
+            cls.fields = tuple(own["groups"])
+
+    @property
+    def groups(self) -> tuple[str, ...]:
+        """The former name of :attr:`fields`."""
+        return self.fields
+
+    def holds(self, field: str) -> bool:
+        """Whether the format can write fields of kind ``field``."""
+        return "*" in self.fields or field in self.fields
 
     def sniff(self, path: Path, head: bytes, size: int) -> int:
         """Score how surely ``path`` is in this format from its content.
@@ -457,16 +192,23 @@ class FormatHandler:
     def rounds(self, ensemble: Ensemble, precision: int, **options: Any) -> bool:
         """Whether writing ``ensemble`` at ``precision`` would round any stored value.
 
-        The base class: a 32-bit write of links that are not all exactly float32
+        The base class: a 32-bit write of values that are not all exactly float32
         numbers (formats that store only part of each matrix override this).
         """
         return precision == 32 and 32 in self.precisions and not float32_exact(ensemble.links)
 
     def can_write(self, ensemble: Ensemble) -> str | None:
-        """``None`` if ``ensemble`` fits this format, else the reason it does not."""
-        if "*" not in self.groups and ensemble.group not in self.groups:
-            return (f"format {self.name} holds {', '.join(self.groups)} links only; "
-                    f"the data are {ensemble.group}")
+        """``None`` if ``ensemble`` fits this format, else the reason it does not.
+
+        The reason names the format, the field kinds it holds, the ensemble's field
+        kind and the writable formats that do hold it.
+        """
+        if not self.holds(ensemble.field):
+            others = [name for name in formats(writable=True) if get_format(name).holds(ensemble.field)]
+            what = "gauge links" if all(_is_gauge_kind(k) for k in self.fields) else "fields"
+            return (f"format {self.name} holds {', '.join(self.fields)} {what} only; the data are "
+                    f"{ensemble.describe_field()}"
+                    + (f" (write them as {' or '.join(others)})" if others else ""))
         if self.dims and ensemble.ndim not in self.dims:
             return f"format {self.name} holds {self.dims} dimensional lattices; the data are {ensemble.ndim}D"
         if not self.multi and len(ensemble) != 1:
@@ -475,7 +217,16 @@ class FormatHandler:
         return None
 
 
-def _specs():
+def _is_gauge_kind(kind: str) -> bool:
+    from flowplug.theory import field_space
+
+    try:
+        return bool(field_space(kind).gauge)
+    except FlowplugError:
+        return False
+
+
+def _specs() -> Registry:
     from flowplug.manager import registry
 
     return registry("file_format")
@@ -579,203 +330,22 @@ def parse_lattice(text: str | Sequence[int] | None) -> tuple[int, ...] | None:
 
 
 def _normalise_group(group: str | None) -> str | None:
+    """``"SU(3)"`` -> ``"su3"``; a gauge field kind of :func:`flowplug.theory.field_space`.
+
+    Raises:
+        FormatError: for anything but a gauge group (site fields are asked for by ``field``).
+    """
     if group is None:
         return None
     g = str(group).strip().lower().replace("(", "").replace(")", "")
-    if g not in {"u1"} and not (g.startswith("su") and g[2:].isdigit() and int(g[2:]) >= 2):
-        raise FormatError(f"group {group!r}: expected su3, su2 (su<N>) or u1")
+    if not _is_gauge_kind(g):
+        raise FormatError(f"group {group!r}: expected su3, su2 (su<N>) or u1 (site fields such as scalar "
+                          "are asked for with field=...)")
     return g
 
 
-def unitarity_tolerance(precision: int, n_colors: int = 3) -> float:
-    """Largest max |U U^+ - 1| (and |det U - 1|) accepted silently for a storage precision.
-
-    About 30 N units of roundoff of 32-bit storage: 1.1e-5 for SU(3) at 32 bits; at 64
-    bits 1e-6, loose enough for double-precision files holding data that were once
-    rounded to 32 bits (deviations ~5e-7), tight enough to flag real damage.
-    """
-    if precision == 32:
-        return 30.0 * n_colors * 1.2e-7
-    return 1e-6
-
-
-def open_time_boundary(links: torch.Tensor) -> list[bool]:
-    """Which configurations have open boundary conditions in time (CLS/openQCD style).
-
-    openQCD stores a configuration generated with open boundaries with every
-    time-direction link on the last time slice, U_t(x, t = T - 1), set to zero. Those
-    links are not group elements; they mark the boundary.
-
-    Arguments:
-        links: SU(N) links (B, d, L_0, ..., L_{d-1}, N, N); the time direction is the
-            last one (mu = d - 1, lattice axis L_{d-1}).
-
-    Returns:
-        One bool per configuration: True when all those links are exactly zero (False
-        for U(1) links and for d < 2 or T < 2).
-    """
-    n = int(links.shape[0])
-    if not links.is_complex() or links.dim() < 5 or links.numel() == 0:
-        return [False] * n
-    d = int(links.shape[1])
-    if d < 2 or int(links.shape[1 + d]) < 2:
-        return [False] * n
-    last = links[:, d - 1].select(d, -1)  # (B, L_0..L_{d-2}, N, N): U_t(x, T - 1)
-    return [bool((last[i] == 0).all()) for i in range(n)]
-
-
-def link_deviations(ensemble: Ensemble) -> list[tuple[float, float]]:
-    """``(max |U U^+ - 1|, max |det U - 1|)`` of each configuration (SU(N) only).
-
-    The zero time links of a configuration with open boundaries in time (see
-    :func:`open_time_boundary`) are left out: they mark the boundary and are not
-    group elements.
-    """
-    links = ensemble.links
-    d = ensemble.ndim
-    out = []
-    for i, is_open in enumerate(open_time_boundary(links)):
-        if not is_open:
-            out.append(group_deviation(links[i:i + 1]))
-            continue
-        space = group_deviation(links[i:i + 1, :d - 1])
-        time_ = group_deviation(links[i:i + 1, d - 1:].narrow(1 + d, 0, links.shape[1 + d] - 1))
-        out.append((max(space[0], time_[0]), max(space[1], time_[1])))
-    return out
-
-
-def check_links(ensemble: Ensemble, *, source: str = "data", unitarity: str = "warn",
-                finite: bool = True) -> dict[str, float]:
-    """Check that links are finite and (for SU(N)) on the group.
-
-    Arguments:
-        ensemble: The links to check.
-        source: Name used in messages (the file).
-        unitarity: ``"warn"`` (default: :class:`NonUnitaryWarning` with the deviation),
-            ``"error"`` (raise :class:`FormatError`) or ``"ignore"``.
-        finite: Check for NaN/Inf (skip when done already).
-
-    Returns:
-        ``{"unitarity": max |U U^+ - 1|, "determinant": max |det U - 1|}`` over the
-        ensemble (empty for U(1)). The zero time links on the last time slice of a
-        configuration with open boundaries (:func:`open_time_boundary`) are not counted.
-
-    Raises:
-        FormatError: on NaN or Inf values (naming the first bad configuration and
-            link), or on non-unitary links when ``unitarity="error"``.
-    """
-    links = ensemble.links
-    if finite:
-        flat = links.detach().cpu().resolve_conj().numpy()
-        if not np.isfinite(flat.view(np.float64) if flat.dtype == np.complex128 else flat).all():
-            ok = torch.isfinite(torch.view_as_real(links) if links.is_complex() else links)
-            bad = (~ok).nonzero()[0].tolist()
-            raise FormatError(f"{source}: payload holds NaN or Inf values (first at configuration "
-                              f"{bad[0]}, direction {bad[1]}, site {tuple(bad[2:2 + ensemble.ndim])}); "
-                              "the file is corrupt")
-    if ensemble.group == "u1" or unitarity == "ignore":
-        return {}
-    devs = link_deviations(ensemble)
-    unit = max((u for u, _ in devs), default=0.0)
-    det = max((v for _, v in devs), default=0.0)
-    tol = unitarity_tolerance(ensemble.precision, ensemble.n_colors)
-    worst = max(unit, det)
-    if worst > tol:
-        text = (f"{source}: links are not in {ensemble.group.upper()}: max |U U^+ - 1| = {unit:.3g}, "
-                f"max |det U - 1| = {det:.3g} (tolerance {tol:.1g} at {ensemble.precision}-bit precision)")
-        if unitarity == "error":
-            raise FormatError(text + "; read with unitarity='warn' to accept them")
-        if unitarity == "warn":
-            warnings.warn(text, NonUnitaryWarning, stacklevel=3)
-    return {"unitarity": unit, "determinant": det}
-
-
-def group_deviation(links: torch.Tensor) -> tuple[float, float]:
-    r"""``(max |U U^+ - 1|, max |det U - 1|)`` over all SU(N) links of a tensor.
-
-    The same quantities as :func:`flowplug.gauge.unitarity_deviation` and
-    :func:`flowplug.gauge.determinant_deviation` (maximum over the batch), evaluated for
-    N = 2, 3 with explicit element-wise formulas on strided numpy views, in chunks of
-    4096 matrices (5-10x faster than batched 3x3 matrix products on large lattices);
-    other N use those functions.
-
-    Arguments:
-        links: SU(N) links (B, d, L..., N, N), complex128.
-
-    Returns:
-        Two floats.
-    """
-    n = links.shape[-1]
-    if n not in (2, 3) or links.dtype != torch.complex128:
-        from flowplug.gauge import determinant_deviation, unitarity_deviation
-
-        return float(unitarity_deviation(links).max()), float(determinant_deviation(links).max())
-    flat = links.detach().cpu().resolve_conj().numpy().reshape(-1, n, n)
-    unit = det = 0.0  # (also for an empty tensor)
-    for start in range(0, flat.shape[0], _GROUP_CHUNK):  # chunks keep the temporaries in cache
-        a, b = _group_deviation_chunk(flat[start:start + _GROUP_CHUNK], n)
-        unit, det = max(unit, a), max(det, b)
-    return unit, det
-
-
-#: Matrices per chunk in :func:`group_deviation` (temporaries of ~64 KiB each).
-_GROUP_CHUNK = 4096
-
-
-def _group_deviation_chunk(u: np.ndarray, n: int) -> tuple[float, float]:
-    e = [[u[:, i, k] for k in range(n)] for i in range(n)]
-    unit = 0.0
-    for i in range(n):
-        norm = sum(e[i][k].real ** 2 + e[i][k].imag ** 2 for k in range(n))
-        unit = max(unit, float(np.abs(norm - 1).max()))
-        for j in range(i + 1, n):
-            g = sum(e[i][k] * e[j][k].conj() for k in range(n))
-            unit = max(unit, float(np.abs(g).max()))
-    if n == 2:
-        d = e[0][0] * e[1][1] - e[0][1] * e[1][0]
-    else:
-        d = (e[0][0] * (e[1][1] * e[2][2] - e[1][2] * e[2][1])
-             - e[0][1] * (e[1][0] * e[2][2] - e[1][2] * e[2][0])
-             + e[0][2] * (e[1][0] * e[2][1] - e[1][1] * e[2][0]))
-    return unit, float(np.abs(d - 1).max())
-
-
-def float32_exact(values: torch.Tensor | np.ndarray) -> bool:
-    """Whether every number in ``values`` is exactly representable in float32.
-
-    Checked in chunks of 2^20 numbers (no full-size temporary copy); NaN counts as exact.
-    """
-    arr = values.detach().cpu().resolve_conj().numpy() if isinstance(values, torch.Tensor) else values
-    flat = np.ascontiguousarray(arr).reshape(-1)
-    if flat.dtype in (np.complex64, np.float32):
-        return True
-    real = flat.view(np.float64) if flat.dtype == np.complex128 else flat.astype(np.float64, copy=False)
-    for start in range(0, real.size, 1 << 20):
-        chunk = real[start:start + (1 << 20)]
-        with np.errstate(over="ignore", invalid="ignore"):
-            if not np.array_equal(chunk.astype(np.float32).astype(np.float64), chunk, equal_nan=True):
-                return False
-    return True
-
-
-def raise_failed_checks(ensemble: Ensemble, source: str) -> None:
-    """Raise :class:`ChecksumError` for the first failed check of ``ensemble``.
-
-    The message names the file, the quantity, the expected and the found value.
-    """
-    for i, m in enumerate(ensemble.meta):
-        for c in m.checks:
-            if not c.ok:
-                where = f" (configuration {i})" if len(ensemble) > 1 else ""
-                tol = f" within {c.tolerance:g}" if c.tolerance else ""
-                raise ChecksumError(
-                    f"{source}{where}: {c.quantity} mismatch: expected {c.expected}{tol}, "
-                    f"found {c.found} (file corrupt or truncated; verify=False / --no-verify "
-                    "reads it anyway)")
-
-
 def read(path: str | os.PathLike, format: str | None = None, *, lattice: str | Sequence[int] | None = None,
-         group: str | None = None, verify: bool = True, unitarity: str = "warn",
+         group: str | None = None, field: str | None = None, verify: bool = True, unitarity: str = "warn",
          **options: Any) -> Ensemble:
     """Read a lattice file into an :class:`Ensemble` (canonical layout, complex128/float64).
 
@@ -786,6 +356,8 @@ def read(path: str | os.PathLike, format: str | None = None, *, lattice: str | S
             files, otherwise checked against the file's own.
         group: ``su3``, ``su2``, ``u1``; required where the file does not say (bare
             LIME), otherwise checked against the file's own.
+        field: The field kind expected (``scalar``, ``o2``, ``u1``, ``su3``...), checked
+            against the file's own (an HDF5 store says which kind it holds).
         verify: Raise :class:`ChecksumError` on a failed stored check (checksums,
             header plaquette/link trace). With ``False`` the outcomes are still recorded
             in ``Metadata.checks``, nothing is raised.
@@ -800,7 +372,7 @@ def read(path: str | os.PathLike, format: str | None = None, *, lattice: str | S
 
     Raises:
         FormatError: on missing, truncated or malformed files, NaN/Inf payloads, a
-            lattice/group that disagrees with the file, or (``unitarity="error"``)
+            lattice/group/field that disagrees with the file, or (``unitarity="error"``)
             non-unitary links.
         ChecksumError: on a failed check when ``verify`` is true.
         UnknownComponentError: if ``format`` is not registered.
@@ -823,13 +395,14 @@ def read(path: str | os.PathLike, format: str | None = None, *, lattice: str | S
     except (OSError, ValueError, KeyError, IndexError, TypeError, ArithmeticError, EOFError,
             UnicodeError, RuntimeError, struct.error) as exc:
         raise FormatError(f"{path}: unreadable as {name}: {type(exc).__name__}: {exc}") from None
-    if grp is not None and ensemble.group != grp:
-        raise FormatError(f"{path}: holds {ensemble.group} links, not {grp} as asked")
+    for asked in (grp, None if field is None else str(field).strip().lower()):
+        if asked is not None and ensemble.field != asked:
+            raise FormatError(f"{path}: holds {ensemble.describe_field()}, not {asked} as asked")
     if dims is not None and ensemble.lattice != dims:
         raise FormatError(f"{path}: lattice is {'x'.join(map(str, ensemble.lattice))}, "
                           f"not {'x'.join(map(str, dims))} as given")
     check_links(ensemble, source=str(path), unitarity="ignore")  # NaN/Inf first: the clearest message
-    if ensemble.group != "u1":
+    if is_sun(ensemble):
         for m, is_open in zip(ensemble.meta, open_time_boundary(ensemble.links)):
             if is_open:
                 m.header["boundary"] = "open"
@@ -841,14 +414,15 @@ def read(path: str | os.PathLike, format: str | None = None, *, lattice: str | S
     return ensemble
 
 
-def write(path: str | os.PathLike, ensemble: Ensemble, format: str | None = None, *,
+def write(path: str | os.PathLike, ensemble: Ensemble | torch.Tensor, format: str | None = None, *,
           precision: int | None = None, overwrite: bool = False, append: bool = False,
           **options: Any) -> Path:
     """Write ``ensemble`` to ``path`` atomically (temporary file + rename).
 
     Arguments:
         path: Output file.
-        ensemble: What to write (:class:`Ensemble`, or a link tensor in canonical layout).
+        ensemble: What to write: an :class:`Ensemble` (any field kind), or a gauge-link
+            tensor in canonical layout (site fields need an Ensemble naming their kind).
         format: Registry name; default: from the extension of ``path``.
         precision: 32 or 64 bits; default: ``ensemble.precision`` (the source's), so a
             file read and written back is bit-exact. When that default is 32 and the
@@ -865,7 +439,7 @@ def write(path: str | os.PathLike, ensemble: Ensemble, format: str | None = None
 
     Raises:
         FormatError: if ``path`` exists and neither ``overwrite`` nor ``append`` is set,
-            if the format cannot hold the data (group, dimension, batch size), or on an
+            if the format cannot hold the data (field kind, dimension, batch size), or on an
             unknown extension without ``format``.
         FlowplugError: if the operating system refuses the write (disk full, permissions).
     """
@@ -907,10 +481,44 @@ def write(path: str | os.PathLike, ensemble: Ensemble, format: str | None = None
     return path
 
 
-def _format_from_extension(path: Path) -> str:
-    name = path.name.lower()
+def format_of_name(path: str | os.PathLike, *, writable: bool | None = None) -> str | None:
+    """The registered format whose file extension ``path`` ends in, or ``None``.
+
+    Arguments:
+        path: A file name (only its name is looked at; the file need not exist).
+        writable: Only writable (``True``) or read-only (``False``) formats; default any.
+
+    Returns:
+        The format name (``"x.h5"`` -> ``"hdf5"``, ``"cfg.ILDG"`` -> ``"ildg"``), the first
+        registered one when several claim the extension.
+    """
+    name = Path(path).name.lower()
     for spec in _specs():
-        if spec.writable and any(name.endswith("." + ext.lower()) for ext in spec.extensions):
+        if writable is not None and spec.writable != writable:
+            continue
+        if any(name.endswith("." + ext.lower()) for ext in spec.extensions):
             return spec.name
+    return None
+
+
+def strip_format_extension(name: str) -> str:
+    """``name`` without a trailing extension of a registered format (``x.ildg`` -> ``x``).
+
+    Names without such an extension are returned as they are (``ckpoint_lat.1000``),
+    as are names that would become empty.
+    """
+    lower = name.lower()
+    for spec in _specs():
+        for ext in sorted(spec.extensions, key=len, reverse=True):
+            suffix = "." + ext.lower()
+            if lower.endswith(suffix) and len(name) > len(suffix):
+                return name[:-len(suffix)]
+    return name
+
+
+def _format_from_extension(path: Path) -> str:
+    name = format_of_name(path, writable=True)
+    if name is not None:
+        return name
     raise FormatError(f"{path}: cannot tell the format from the extension; give format=... "
                       f"(one of {', '.join(formats(writable=True))})")

@@ -48,7 +48,9 @@ import numpy as np
 import torch
 
 from flowplug.errors import ConfigError, ShapeError
+from flowplug.layout import from_ildg, ildg_shape, to_ildg
 from flowplug.metropolis import independence_log_accept, metropolis_test
+from flowplug.theory import SUNSpace, field_space
 
 LAYOUTS = ("ildg", "canonical")
 
@@ -82,65 +84,68 @@ class ProposalResult:
                     "log_accept")}}
 
 
-def _n_colors(field: str) -> int:
-    return 1 if field in ("u1", "scalar", "o2") else int(field[2:])
-
-
-def to_canonical(u: Any, field: str, lattice: tuple[int, ...], layout: str) -> tuple[torch.Tensor, bool]:
+def to_canonical(u: np.ndarray | torch.Tensor, field: str, lattice: tuple[int, ...],
+                 layout: str) -> tuple[torch.Tensor, bool]:
     """Convert a configuration (or batch) to the canonical batched layout.
 
     Arguments:
         u: numpy array or torch tensor.
-        field: Field kind of the flow (``u1``, ``su2``, ``su3``...).
+        field: Field kind of the flow (``u1``, ``su2``, ``su3``, ``scalar``...).
         lattice: The flow's lattice (L_0, ..., L_{d-1}), x first.
         layout: ``"ildg"`` or ``"canonical"`` (module docstring).
 
     Returns:
-        ``(x, batched)``: x (B, d, L..., [N, N]) complex128/float64 on u's device; batched
-        says whether the input had a batch axis.
+        ``(x, batched)``: x in the canonical layout of the kind (SU(N): (B, d, L..., N, N)
+        complex128; U(1): (B, d, L...) float64; site fields: (B, L...) float64) on u's
+        device; batched says whether the input had a batch axis.
 
     Raises:
         ShapeError: if the shape fits neither a single configuration nor a batch of the
-            given layout, lattice and group (message shows the expected shape).
-        ConfigError: on an unknown layout, or ``ildg`` for non-SU(N) fields.
+            given layout, lattice and field kind (message shows the expected shape).
+        ConfigError: on an unknown layout or field kind, or ``ildg`` for non-SU(N) fields.
     """
     if layout not in LAYOUTS:
         raise ConfigError(f"layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
     t = torch.from_numpy(np.ascontiguousarray(u)) if isinstance(u, np.ndarray) else u
     if not isinstance(t, torch.Tensor):
         raise ShapeError(f"configuration must be a numpy array or torch tensor; found {type(u).__name__}")
-    d = len(lattice)
-    n = _n_colors(field)
-    colour = () if n == 1 else (n, n)
+    space = field_space(field)
     if layout == "ildg":
-        if n == 1:
-            raise ConfigError("layout 'ildg' holds SU(N) matrices; give U(1) angles in the canonical layout")
-        single = (*reversed(lattice), d, *colour)
+        if not isinstance(space, SUNSpace):
+            raise ConfigError(f"layout 'ildg' holds SU(N) matrices; give {field} fields in the canonical layout")
+        single = ildg_shape(lattice, space.n)
     else:
-        single = (d, *lattice, *colour)
+        single = space.shape(lattice, 1)[1:]
     shape = tuple(t.shape)
     if shape == single:
         t, batched = t.unsqueeze(0), False
     elif shape[1:] == single:
         batched = True
     else:
-        raise ShapeError(f"configuration of shape {shape} does not fit {field} links on lattice "
+        raise ShapeError(f"configuration of shape {shape} does not fit a {field} field on lattice "
                          f"{'x'.join(map(str, lattice))} (x first) in layout '{layout}': expected "
                          f"{single} or (B, {', '.join(map(str, single))})")
     if layout == "ildg":
-        # (B, L_{d-1}, ..., L_0, d, N, N) -> (B, d, L_0, ..., L_{d-1}, N, N)
-        perm = (0, d + 1, *range(d, 0, -1), d + 2, d + 3)
-        t = t.permute(perm)
-    t = t.to(torch.complex128 if n > 1 else torch.float64).contiguous()
+        t = from_ildg(t, batched=True)
+    t = t.to(space.dtype).contiguous()
     return t, batched
 
 
-def from_canonical(x: torch.Tensor, like: Any, layout: str, batched: bool) -> Any:
-    """Inverse of :func:`to_canonical`: the type, dtype, device and layout of ``like``."""
-    d = x.shape[1]
+def from_canonical(x: torch.Tensor, like: np.ndarray | torch.Tensor, layout: str,
+                   batched: bool) -> np.ndarray | torch.Tensor:
+    """Inverse of :func:`to_canonical`: the type, dtype, device and layout of ``like``.
+
+    Arguments:
+        x: Canonical batched field, as :func:`to_canonical` returns it.
+        like: The array the caller gave (its type, dtype and device are copied).
+        layout: ``"ildg"`` or ``"canonical"``.
+        batched: Whether to keep the batch axis.
+
+    Returns:
+        A numpy array or torch tensor like ``like``.
+    """
     if layout == "ildg":
-        perm = (0, *range(d + 1, 1, -1), 1, d + 2, d + 3)
-        x = x.permute(perm)
+        x = to_ildg(x, batched=True)
     if not batched:
         x = x[0]
     if isinstance(like, np.ndarray):
@@ -217,17 +222,17 @@ class FlowProposal:
 
     # ----------------------------------------------------------------- pieces
 
-    def _canonical(self, u: Any) -> tuple[torch.Tensor, bool]:
+    def _canonical(self, u: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, bool]:
         x, batched = to_canonical(u, self.flow.field, tuple(self.flow.lattice), self.layout)
         return x.to(self.device), batched
 
-    def log_q(self, u: Any) -> np.ndarray:
+    def log_q(self, u: np.ndarray | torch.Tensor) -> np.ndarray:
         """log q of configurations through the inverse flow, (B,) float64 numpy."""
         x, _ = self._canonical(u)
         with torch.no_grad():
             return self.flow.log_prob(x).detach().to(torch.float64).cpu().numpy()
 
-    def propose(self, u: Any) -> tuple[Any, np.ndarray, np.ndarray]:
+    def propose(self, u: np.ndarray | torch.Tensor) -> tuple[np.ndarray | torch.Tensor, np.ndarray, np.ndarray]:
         """A flow proposal for each input configuration, without deciding.
 
         Returns:
@@ -266,7 +271,7 @@ class FlowProposal:
 
     # ------------------------------------------------------------------- step
 
-    def step(self, u: Any) -> tuple[Any, ProposalResult]:
+    def step(self, u: np.ndarray | torch.Tensor) -> tuple[np.ndarray | torch.Tensor, ProposalResult]:
         """One exact flow-Metropolis step from configuration(s) ``u``.
 
         Arguments:

@@ -68,10 +68,14 @@ class FieldSpace:
     Attributes:
         kind: The field kind (``"scalar"``, ``"u1"``, ``"su3"``...).
         dtype: Canonical dtype of the field tensor.
+        gauge: Whether the field lives on the links, with a direction axis after the
+            batch axis (``u1``, ``su<N>``: shape (B, d, L_0, ..., L_{d-1}, ...)), rather
+            than on the sites (``scalar``, ``o2``: shape (B, L_0, ..., L_{d-1})).
     """
 
     kind: str = ""
     dtype: torch.dtype = torch.float64
+    gauge: bool = False
 
     def shape(self, lattice: Sequence[int], batch: int) -> tuple[int, ...]:
         """Canonical tensor shape for ``batch`` configurations on ``lattice`` (x first)."""
@@ -151,6 +155,7 @@ class AngleSpace(EuclideanSpace):
     def __init__(self, kind: str = "u1") -> None:
         self.kind = kind
         self.links = kind == "u1"
+        self.gauge = self.links
 
     def shape(self, lattice, batch):
         """(batch, d, L...) for ``u1`` links, (batch, L...) for ``o2`` spins."""
@@ -185,6 +190,7 @@ class SUNSpace(FieldSpace):
     """SU(N) links, shape (B, d, L_0, ..., L_{d-1}, N, N), complex128 (module docstring)."""
 
     dtype = torch.complex128
+    gauge = True
 
     def __init__(self, n: int) -> None:
         if n < 2:

@@ -65,7 +65,8 @@ def test_convert_directory_to_formats_and_back(inputs, tmp_path):
             continue
         assert code == 0
         names = sorted(p.name for p in out.iterdir())
-        assert names == [f"cfg{i}.ildg.{io.get_format(fmt).extension}" for i in range(3)]
+        # the input's extension is replaced, never doubled (cfg0.ildg -> cfg0.nersc, cfg0.ildg)
+        assert names == [f"cfg{i}.{io.get_format(fmt).extension}" for i in range(3)]
         for i in range(3):
             assert torch.equal(io.read(out / names[i]).links, io.read(inputs / f"cfg{i}.ildg").links)
 
@@ -110,7 +111,7 @@ def test_convert_keeps_an_existing_output_only_when_it_is_the_same_configuration
     out = tmp_path / "out"
     convert = ["convert", str(inputs), str(out), "--to", "nersc", "--no-progress"]
     assert main(convert) == 0
-    target = out / "cfg1.ildg.nersc"
+    target = out / "cfg1.nersc"
     good = target.read_bytes()
     # an identical configuration: kept (not rewritten), exit 0
     inode = target.stat().st_ino
@@ -150,9 +151,9 @@ def test_convert_keeps_an_existing_output_only_when_it_is_the_same_configuration
     refused(other.read_bytes(), "precision")
     # --keep-going converts the rest and lists the refusal as a failure
     target.write_bytes(b"sentinel")
-    (out / "cfg0.ildg.nersc").unlink()
+    (out / "cfg0.nersc").unlink()
     assert main([*convert, "--keep-going"]) == 1
-    assert target.read_bytes() == b"sentinel" and (out / "cfg0.ildg.nersc").is_file()
+    assert target.read_bytes() == b"sentinel" and (out / "cfg0.nersc").is_file()
     assert "1 input(s) failed" in capsys.readouterr().err
     # --force replaces it with the conversion
     assert main([*convert, "--force"]) == 0
@@ -170,17 +171,17 @@ def test_convert_stops_or_keeps_going(inputs, tmp_path, capsys):
     assert main(["convert", str(inputs), str(out), "--to", "nersc"]) == 1
     err = capsys.readouterr().err
     assert "cfg1.ildg" in err and "scidac-checksum" in err and "Traceback" not in err
-    assert sorted(p.name for p in out.iterdir()) == ["cfg0.ildg.nersc"]  # stopped at the bad one
+    assert sorted(p.name for p in out.iterdir()) == ["cfg0.nersc"]  # stopped at the bad one
     assert main(["convert", str(inputs), str(out), "--to", "nersc", "--keep-going"]) == 1
     err = capsys.readouterr().err
-    assert sorted(p.name for p in out.iterdir()) == ["cfg0.ildg.nersc", "cfg2.ildg.nersc"]
+    assert sorted(p.name for p in out.iterdir()) == ["cfg0.nersc", "cfg2.nersc"]
     assert "1 input(s) failed" in err and "failed: " in err and "cfg1.ildg" in err
 
 
 def test_convert_globs_and_refuses_input_as_output(inputs, tmp_path):
     out = tmp_path / "globbed"
     assert main(["convert", str(inputs / "cfg[02].ildg"), str(out), "--to", "ildg"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["cfg0.ildg.ildg", "cfg2.ildg.ildg"]
+    assert sorted(p.name for p in out.iterdir()) == ["cfg0.ildg", "cfg2.ildg"]
     assert main(["convert", str(inputs / "nothing*.ildg"), str(out)]) == 1
     store = tmp_path / "s.h5"
     io.write(store, make_ensemble())
@@ -241,23 +242,23 @@ def test_convert_removes_stale_temporaries_of_its_outputs_only(inputs, tmp_path)
     out = tmp_path / "out"
     out.mkdir()
     # what a killed conversion leaves: the temporary of an output that was being written
-    stale = [out / ".cfg0.ildg.nersc.k3j_9x0a.part", out / ".cfg2.ildg.nersc.convert.part"]
+    stale = [out / ".cfg0.nersc.k3j_9x0a.part", out / ".cfg2.nersc.convert.part"]
     # anything else stays: other names, other outputs, another pattern, a folder, a link
-    keep = [out / ".cfg0.ildg.nersc.notes", out / ".cfg0.ildg.nersc.abc.part",
-            out / "cfg0.ildg.nersc.k3j_9x0a.part",
-            out / ".other.nersc.k3j_9x0a.part", out / ".cfg0.ildg.nersc.K3J_9X0A.part",
-            out / ".cfg0.ildg.nersc.k3j_9x0a.part.bak", out / "mine.txt"]
+    keep = [out / ".cfg0.nersc.notes", out / ".cfg0.nersc.abc.part",
+            out / "cfg0.nersc.k3j_9x0a.part",
+            out / ".other.nersc.k3j_9x0a.part", out / ".cfg0.nersc.K3J_9X0A.part",
+            out / ".cfg0.nersc.k3j_9x0a.part.bak", out / "mine.txt"]
     for p in stale + keep:
         p.write_bytes(b"x")
-    folder = out / ".cfg1.ildg.nersc.abcdefgh.part"
+    folder = out / ".cfg1.nersc.abcdefgh.part"
     folder.mkdir()
-    link = out / ".cfg1.ildg.nersc.zzzzzzzz.part"
+    link = out / ".cfg1.nersc.zzzzzzzz.part"
     link.symlink_to(out / "mine.txt")
     assert main(["convert", str(inputs), str(out), "--to", "nersc", "--no-progress"]) == 0
     assert not any(p.exists() for p in stale)
     assert all(p.exists() for p in keep) and folder.is_dir() and link.is_symlink()
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".") and p.suffix == ".nersc") == [
-        "cfg0.ildg.nersc", "cfg1.ildg.nersc", "cfg2.ildg.nersc"]
+        "cfg0.nersc", "cfg1.nersc", "cfg2.nersc"]
     # an HDF5 store: temporaries of a killed first write and of a killed --force run
     store = tmp_path / "ens.h5"
     leftovers = [tmp_path / ".ens.h5.a1b2c3d4.part", tmp_path / ".ens.h5.convert.part"]
@@ -281,18 +282,83 @@ def test_remove_stale_temp_files_matches_the_names_fsutil_makes(tmp_path):
     assert remove_stale_temp_files(tmp_path / "absent-folder" / "z") == []
 
 
-def test_convert_refuses_a_file_name_as_output_directory(inputs, tmp_path, capsys):
-    for name in ("x.h5", "x.nersc", "x.ildg"):
+def test_convert_refuses_a_file_name_of_another_format(inputs, tmp_path, capsys):
+    """An output named like a file of another format than the target is refused, with the
+    name that would work; an existing directory is used whatever its name."""
+    for name in ("x.h5", "x.ildg"):
         out = tmp_path / "out" / name
         assert main(["convert", str(inputs / "cfg0.ildg"), str(out), "--to", "nersc"]) == 1
         err = " ".join(capsys.readouterr().err.split())  # messages are wrapped at 100 columns
         assert f"output {out} names a {out.suffix} file" in err and "directory" in err
+        assert "--to nersc writes .nersc files: name the output file x.nersc" in err
         assert ("drop --to nersc to write one HDF5 ensemble store" in err) == (name == "x.h5")
         assert not out.exists()
     existing = tmp_path / "out" / "y.nersc"
     existing.mkdir(parents=True)
     assert main(["convert", str(inputs / "cfg0.ildg"), str(existing), "--to", "nersc"]) == 0
-    assert (existing / "cfg0.ildg.nersc").is_file()
+    assert (existing / "cfg0.nersc").is_file()
+
+
+def test_convert_one_file_into_a_named_file_for_every_writable_format(tmp_path, capsys):
+    """`flowplug convert in.ildg out.ildg` writes exactly out.ildg (issue 12, item 6): for
+    every writable format, with or without --to (the target then comes from the
+    extension); a rerun keeps it, another configuration under that name is refused, and
+    --force replaces it."""
+    src = tmp_path / "in.ildg"
+    io.write(src, make_ensemble((2, 2, 2, 4), precision=64, seed=3))  # even extents: openQCD too
+    expected = io.read(src).links
+    formats = io.formats(writable=True)
+    assert {"ildg", "nersc", "openqcd", "hdf5"} <= set(formats)
+    for fmt in formats:
+        ext = io.get_format(fmt).extension
+        for to in ([], ["--to", fmt]):
+            out = tmp_path / f"{fmt}{len(to)}" / f"copy.{ext}"
+            assert main(["convert", str(src), str(out), "--no-progress", *to]) == 0, (fmt, to)
+            assert out.is_file() and sorted(p.name for p in out.parent.iterdir()) == [out.name]
+            back = io.read(out)
+            assert back.meta[0].format == fmt and len(back) == 1 and torch.equal(back.links, expected)
+    # the same ILDG file again is kept; another configuration under that name is refused
+    out = tmp_path / "ildg0" / "copy.ildg"
+    before = out.read_bytes()
+    capsys.readouterr()
+    assert main(["convert", str(src), str(out), "--no-progress"]) == 0
+    assert "kept 1 existing" in capsys.readouterr().err and out.read_bytes() == before
+    other = tmp_path / "other.ildg"
+    io.write(other, make_ensemble((2, 2, 2, 4), precision=64, seed=4))
+    assert main(["convert", str(other), str(out), "--no-progress"]) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"output {out} exists and is not the conversion of {other}" in err and "--force" in err
+    assert out.read_bytes() == before
+    assert main(["convert", str(other), str(out), "--no-progress", "--force"]) == 0
+    assert torch.equal(io.read(out).links, io.read(other).links)
+    # one file holds one configuration: several inputs, or a store of several, are refused
+    assert main(["convert", str(src), str(other), str(tmp_path / "two.ildg")]) == 1
+    assert "2 inputs were given: give a directory" in " ".join(capsys.readouterr().err.split())
+    store = tmp_path / "three.h5"
+    io.write(store, make_ensemble((2, 2, 2, 4), batch=3))
+    assert main(["convert", str(store), str(tmp_path / "three.ildg")]) == 1
+    assert "holds 3 configurations" in " ".join(capsys.readouterr().err.split())
+    assert not (tmp_path / "two.ildg").exists() and not (tmp_path / "three.ildg").exists()
+
+
+def test_convert_output_names_never_double_the_extension(tmp_path):
+    """In an output directory the input's format extension is replaced by the target's:
+    x.ildg -> x.ildg (--to ildg) and x.nersc; a name without a format extension keeps it
+    (ckpoint_lat.1000 -> ckpoint_lat.1000.ildg); several configurations are numbered
+    before the extension (ens.h5 -> ens.00000.ildg)."""
+    folder = tmp_path / "in"
+    io.write(folder / "x.ildg", make_ensemble(seed=1))
+    io.write(folder / "ckpoint_lat.1000", make_ensemble(seed=2), "nersc")
+    io.write(folder / "ens.h5", make_ensemble(batch=2, seed=3))
+    for fmt, ext in (("ildg", "ildg"), ("nersc", "nersc")):
+        out = tmp_path / f"out-{fmt}"
+        assert main(["convert", str(folder), str(out), "--to", fmt, "--no-progress"]) == 0
+        assert sorted(p.name for p in out.iterdir()) == sorted(
+            [f"x.{ext}", f"ckpoint_lat.1000.{ext}", f"ens.00000.{ext}", f"ens.00001.{ext}"])
+    # two inputs that would get the same name are refused, not overwritten
+    io.write(folder / "x.nersc", make_ensemble(seed=4))
+    assert main(["convert", str(folder / "x.ildg"), str(folder / "x.nersc"), str(tmp_path / "clash"),
+                 "--to", "ildg", "--no-progress"]) == 1
 
 
 def test_info_names_an_unreadable_file_once(inputs, tmp_path, capsys):
@@ -349,7 +415,7 @@ def test_convert_splits_a_store_into_files_with_trailing_slash(inputs, tmp_path)
     split = tmp_path / "split"
     assert main(["convert", str(store), str(split) + "/", "--to", "hdf5", "--no-progress"]) == 0
     files = sorted(split.iterdir())
-    assert [p.name for p in files] == [f"ens.h5.{i:05d}.h5" for i in range(3)]
+    assert [p.name for p in files] == [f"ens.{i:05d}.h5" for i in range(3)]
     whole = io.read(store)
     for i, path in enumerate(files):
         one = io.read(path)

@@ -32,7 +32,7 @@ def _cases():
     for fmt in WRITABLE:
         handler = io.get_format(fmt)
         for group in ("su3", "su2"):
-            if "*" not in handler.groups and group not in handler.groups:
+            if not handler.holds(group):
                 continue
             for precision in (32, 64):
                 yield pytest.param(fmt, group, precision, id=f"{fmt}-{group}-{precision}")

@@ -1,29 +1,43 @@
 """``flowplug convert INPUT... OUTPUT [--to FORMAT]``: convert lattice files.
 
 Inputs are files, directories (their regular, non-hidden files, sorted) or glob
-patterns. The output is a directory of files (one per configuration, named
-``<input name>.<extension of the target>``, with ``.<index>`` before the extension
-for inputs holding several configurations) or, when ``OUTPUT`` ends in ``.h5``/
-``.hdf5``, or ``--to hdf5`` is given and ``OUTPUT`` is neither an existing directory
-nor written with a trailing ``/``, one HDF5 ensemble store. ``--to hdf5 DIR/``
-splits an ensemble into one HDF5 file per configuration.
+patterns. The output is
+
+* one file, when ``OUTPUT`` is not an existing directory, is not written with a
+  trailing ``/`` and ends in an extension of the target format (``flowplug convert
+  in.ildg out.ildg``, ``in.ildg out.nersc``): one input holding one configuration,
+  converted into exactly that file. Without ``--to`` the target is the format of that
+  extension;
+* one HDF5 ensemble store, when ``OUTPUT`` ends in ``.h5``/``.hdf5``, or ``--to hdf5``
+  is given and ``OUTPUT`` is neither an existing directory nor written with a trailing
+  ``/``;
+* otherwise a directory of files, one per configuration, named after the input with
+  its format extension replaced by the target's (``x.ildg`` -> ``x.nersc``;
+  ``x.ildg --to ildg`` -> ``x.ildg``; a name without a known format extension keeps
+  it: ``ckpoint_lat.1000`` -> ``ckpoint_lat.1000.nersc``), with ``.<index>`` (five
+  digits) before the extension for inputs holding several configurations
+  (``ens.h5`` -> ``ens.00000.ildg``, ...). ``--to hdf5 DIR/`` splits an ensemble into
+  one HDF5 file per configuration.
+
+An ``OUTPUT`` that is not an existing directory and ends in an extension of another
+format than the target (``out/x.h5 --to nersc``) is an error naming the name that
+would work.
 
 Safety: an existing output is never replaced without ``--force``. An existing output
 file is kept and skipped only when it reads back, checks verified, as the very
-configuration this conversion would write (links bit for bit, lattice, group, storage
-precision), so rerunning an interrupted conversion continues where it stopped; anything
-else under an output name (junk, a truncated file, another configuration, another
-precision) is an error naming the file, the expected and the found configuration, and
-``--force`` replaces it. An existing HDF5 store gets only the inputs it does not hold yet
-(by source path); every output file
-is written to a temporary name (``.<name>.<random>.part``) and renamed when
-complete, and such temporary files left by an interrupted earlier run are removed
+configuration this conversion would write (values bit for bit, lattice, field kind,
+storage precision), so rerunning an interrupted conversion continues where it stopped;
+anything else under an output name (junk, a truncated file, another configuration,
+another precision) is an error naming the file, the expected and the found
+configuration, and ``--force`` replaces it (the same rules hold for a single named
+output file). An existing HDF5 store gets only the inputs it does not hold yet (by
+source path); every output file is written to a temporary name
+(``.<name>.<random>.part``) and renamed when complete, and such temporary files left
+by an interrupted earlier run are removed
 when their output is written (only names of that exact pattern; do not run two
 conversions into the same output at once); an input is never overwritten. The
 first bad input stops the run with its error, or with ``--keep-going`` the rest are
-converted and every failure is listed at the end (exit code 1). An output name that
-does not exist yet and ends in a lattice-file extension (``out/x.h5 --to nersc``) is
-an error for formats that write one file per configuration.
+converted and every failure is listed at the end (exit code 1).
 """
 
 from __future__ import annotations
@@ -33,10 +47,15 @@ import glob
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from flowplug.errors import FlowplugError, FormatError
 from flowplug.fsutil import remove_stale_temp_files
 from flowplug.records import CommandSpec
+
+if TYPE_CHECKING:
+    from flowplug.ensemble import Ensemble
+    from flowplug.io import FormatHandler
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,9 +63,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.usage = "flowplug convert INPUT... OUTPUT [--to FORMAT] [--force] [--keep-going] [options]"
     parser.add_argument("paths", nargs="+", metavar="PATH",
                         help="INPUT... OUTPUT: input files, directories or globs, then the output "
-                             "directory or .h5 file")
+                             "directory, .h5 file, or (one input) output file")
     parser.add_argument("--to", metavar="FORMAT",
-                        help="output format (default: hdf5 for a .h5/.hdf5 output, else ildg)")
+                        help="output format (default: the format of OUTPUT's extension, such as hdf5 "
+                             "for .h5 or nersc for .nersc; else ildg)")
     parser.add_argument("--force", action="store_true", help="replace existing outputs")
     parser.add_argument("--keep-going", action="store_true",
                         help="convert the remaining inputs after a failure; list failures at the end")
@@ -90,17 +110,27 @@ def _is_hdf5_path(path: Path) -> bool:
     return path.suffix.lower() in (".h5", ".hdf5")
 
 
-def _file_format_of_name(path: Path) -> str | None:
-    """The format whose file extension ``path`` ends in (``x.h5`` -> ``hdf5``), or ``None``."""
+def _named_as(path: Path, target: str) -> bool:
+    """Whether ``path``'s name ends in an extension of the format ``target``."""
     from flowplug.manager import registry
 
-    suffix = path.suffix.lower().lstrip(".")
-    if not suffix:
-        return None
-    for spec in registry("file_format"):
-        if suffix in (ext.lower() for ext in spec.extensions):
-            return spec.name
-    return None
+    name = path.name.lower()
+    return any(name.endswith("." + ext.lower()) for ext in registry("file_format").get(target).extensions)
+
+
+def output_name(src: Path, handler: FormatHandler, index: int | None = None) -> str:
+    """Name of the file converted from ``src`` in an output directory.
+
+    The input's format extension (any registered format's) is replaced by the target's,
+    never doubled: ``x.ildg`` -> ``x.nersc`` (``x.ildg`` for an ILDG target); a name
+    without a known format extension keeps it (``ckpoint_lat.1000`` ->
+    ``ckpoint_lat.1000.nersc``). ``index`` (configuration ``index`` of an input holding
+    several) goes before the extension as five digits: ``ens.h5`` -> ``ens.00002.ildg``.
+    """
+    from flowplug import io
+
+    stem = io.strip_format_extension(src.name)
+    return stem + (f".{index:05d}" if index is not None else "") + f".{handler.extension}"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -110,29 +140,42 @@ def run(args: argparse.Namespace) -> int:
     from flowplug import io
 
     if len(args.paths) < 2:
-        raise FormatError("convert needs at least one INPUT and the OUTPUT (directory or .h5 file)")
+        raise FormatError("convert needs at least one INPUT and the OUTPUT (directory, .h5 file, or "
+                          "output file)")
     output = Path(args.paths[-1])
     inputs = expand_inputs(args.paths[:-1])
-    target = io.get_format(args.to).name if args.to else ("hdf5" if _is_hdf5_path(output) else "ildg")
+    # an output written with a trailing slash, or an existing folder, is a folder of files
+    as_folder = args.paths[-1].endswith(("/", os.sep)) or output.is_dir()
+    looks_like = None if as_folder else io.format_of_name(output)
+    if args.to:
+        target = io.get_format(args.to).name
+    elif looks_like is not None and looks_like in io.formats(writable=True):
+        target = looks_like   # out.nersc -> nersc, out.h5 -> hdf5
+    else:
+        target = "ildg"
     if target not in io.formats(writable=True):
         raise FormatError(f"format {target} cannot be written; writable: {', '.join(io.formats(writable=True))}")
     handler = io.get_format(target)
-    # an output written with a trailing slash, or an existing folder, is a folder of files
-    as_folder = args.paths[-1].endswith(("/", os.sep)) or output.is_dir()
     single = handler.multi and (_is_hdf5_path(output) or not as_folder)
+    # one named file of a one-configuration format: `convert in.ildg out.ildg`
+    one_file = not handler.multi and not as_folder and _named_as(output, target)
     resolved_inputs = {p.resolve() for p in inputs}
-    if single and output.resolve() in resolved_inputs:
+    if (single or one_file) and output.resolve() in resolved_inputs:
         raise FormatError(f"output {output} is also an input; choose another output")
-    if not single and output.exists() and not output.is_dir():
+    if one_file and len(inputs) != 1:
+        raise FormatError(f"output {output} is one {target} file, which holds one configuration, but "
+                          f"{len(inputs)} inputs were given: give a directory as OUTPUT (one file per "
+                          "configuration), or an .h5 file (one HDF5 ensemble store)")
+    if not single and not one_file and output.exists() and not output.is_dir():
         raise FormatError(f"output {output} exists and is not a directory")
-    if not single and not output.exists():
-        looks_like = _file_format_of_name(output)
-        if looks_like is not None:
-            raise FormatError(
-                f"output {output} names a {output.suffix} file, but --to {target} writes one file per "
-                "configuration into a directory: give a directory name (an existing directory is used "
-                "as it is)" + (f", or drop --to {args.to} to write one HDF5 ensemble store"
-                               if looks_like == "hdf5" else ""))
+    if not single and not one_file and looks_like is not None:
+        raise FormatError(
+            f"output {output} names a {output.suffix} file, but "
+            f"{'--to ' + target if args.to else 'the default format ' + target} writes "
+            f"{'.' + handler.extension} files: name the output file "
+            f"{output.with_name(io.strip_format_extension(output.name) + '.' + handler.extension).name}, "
+            "or give a directory name (an existing directory is used as it is)"
+            + (f", or drop --to {args.to} to write one HDF5 ensemble store" if looks_like == "hdf5" else ""))
 
     done_sources: dict[str, int] = {}   # source -> its index in the store
     fresh_store = single and (args.force or not output.exists())
@@ -184,8 +227,13 @@ def run(args: argparse.Namespace) -> int:
                     done_sources[source] = -1   # written by this run
                     written += 1
                     continue
-                name = src.name + (f".{i:05d}" if len(ens) > 1 else "") + f".{handler.extension}"
-                dest = output / name
+                if one_file:
+                    if len(ens) != 1:
+                        raise FormatError(f"{src} holds {len(ens)} configurations, but output {output} is "
+                                          f"one {target} file, which holds one: give a directory as OUTPUT")
+                    dest = output
+                else:
+                    dest = output / output_name(src, handler, i if len(ens) > 1 else None)
                 if dest.resolve() in resolved_inputs:
                     raise FormatError(f"{src}: output {dest} would overwrite an input")
                 if dest in planned and planned[dest] != src:
@@ -218,21 +266,21 @@ def run(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
-def _describe(ens) -> str:
+def _describe(ens: Ensemble) -> str:
     """``su3 2x3x4x5, 32-bit, links sha256 0123456789abcdef`` (the configuration's content)."""
     import hashlib
 
-    digest = hashlib.sha256(ens.links.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
-    return (f"{ens.group} {'x'.join(map(str, ens.lattice))}, {ens.meta[0].precision}-bit, "
-            f"links sha256 {digest}")
+    digest = hashlib.sha256(ens.data.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+    return (f"{ens.field} {'x'.join(map(str, ens.lattice))}, {ens.meta[0].precision}-bit, "
+            f"{'links' if ens.is_gauge else 'values'} sha256 {digest}")
 
 
-def _check_existing(dest: Path, one, target: str, precision: int | None, src: Path) -> None:
+def _check_existing(dest: Path, one: Ensemble, target: str, precision: int | None, src: Path) -> None:
     """Return if ``dest`` holds exactly the configuration converting ``one`` would write.
 
     What would be written is written to a temporary folder and read back; ``dest`` is read
     as ``target`` with its checks verified, and the two must agree bit for bit in their
-    links, lattice, group and storage precision (provenance such as the source path may
+    values, lattice, field kind and storage precision (provenance such as the source path may
     differ). Raises :class:`FormatError` naming the file, the expected and the found
     configuration and the fix (``--force``) otherwise.
     """
@@ -256,7 +304,7 @@ def _check_existing(dest: Path, one, target: str, precision: int | None, src: Pa
     except FlowplugError as exc:
         raise FormatError(f"output {dest} exists but is unreadable as {target} ({exc}); expected the "
                           f"conversion of {src}: {want}; found no such configuration; {fix}") from None
-    same = (len(found) == 1 and found.group == expected.group and found.lattice == expected.lattice
+    same = (len(found) == 1 and found.field == expected.field and found.lattice == expected.lattice
             and found.meta[0].precision == expected.meta[0].precision
             and torch.equal(found.links, expected.links))
     if same:
@@ -274,17 +322,17 @@ def _check_existing(dest: Path, one, target: str, precision: int | None, src: Pa
                       + f"; {fix}")
 
 
-def _check_in_store(handler, store: Path, index: int, one, src: Path) -> None:
+def _check_in_store(handler: FormatHandler, store: Path, index: int, one: Ensemble, src: Path) -> None:
     """Return if entry ``index`` of the ensemble store is ``one`` (rounded to the store's
     precision), bit for bit; raise :class:`FormatError` naming both otherwise."""
     import torch
 
     entry = handler.read(store, index=index)
-    links = one.links
+    values = one.data
     if int(handler.stored_precision(store)) == 32:
-        links = links.to(torch.complex64 if links.is_complex() else torch.float32)
-    links = links.to(entry.links.dtype)
-    if entry.links.shape == links.shape and torch.equal(entry.links, links):
+        values = values.to(torch.complex64 if values.is_complex() else torch.float32)
+    values = values.to(entry.data.dtype)
+    if entry.field == one.field and entry.data.shape == values.shape and torch.equal(entry.data, values):
         return
     raise FormatError(f"{store}: entry {index} was converted from {src}, but {src} now holds another "
                       f"configuration ({_describe(one)}; the store holds {_describe(entry)}): the input "

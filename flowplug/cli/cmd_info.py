@@ -1,11 +1,15 @@
 """``flowplug info FILE... [--json]``: what a lattice file holds and whether it checks out.
 
-For every file: format, lattice (x first), group, precision, record list, checksum
-status (``ok``/``mismatch``/``absent``: every check value the file carries, see
-:func:`flowplug.io.read`), plaquette and link trace (Re tr / N, 1 for the unit gauge),
-max |U U^+ - 1| and max |det U - 1|. ``--json`` prints one JSON object per file and
-line with at least the keys ``path, format, lattice, group, precision, checksum,
-plaquette, link_trace``. Exit code 1 if a file cannot be read or fails a check.
+For every file: format, field kind, lattice (x first), gauge group, precision, record
+list, checksum status (``ok``/``mismatch``/``absent``: every check value the file
+carries, see :func:`flowplug.io.read`); for gauge fields the plaquette and link trace
+(Re tr / N, 1 for the unit gauge) and, for SU(N), max |U U^+ - 1| and max |det U - 1|;
+for site fields (an HDF5 store of phi^4 or O(2) configurations) the registered
+observables of that field kind that need no options (``magnetization``...).
+``--json`` prints one JSON object per file and line with at least the keys ``path,
+format, field, lattice, group, precision, checksum, plaquette, link_trace`` (``group``,
+``plaquette`` and ``link_trace`` are null for site fields). Exit code 1 if a file
+cannot be read or fails a check.
 """
 
 from __future__ import annotations
@@ -13,10 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flowplug.errors import FlowplugError
 from flowplug.records import CommandSpec
+
+if TYPE_CHECKING:
+    from flowplug.ensemble import Ensemble
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,17 +40,21 @@ def describe(path: str, *, format: str | None = None, lattice: str | None = None
     """The ``flowplug info`` record of one file.
 
     Returns:
-        JSON-ready dict: ``path, format, lattice, group, precision, configurations,
-        checksum, checks, plaquette, link_trace, unitarity, determinant, records,
-        header``. For a file of several configurations the per-configuration values
-        are lists.
+        JSON-ready dict: ``path, format, field, lattice, group, precision,
+        configurations, checksum, checks, plaquette, link_trace, unitarity,
+        determinant, observables, records, header``. For a file of several
+        configurations the per-configuration values are lists. Values that do not
+        apply to the field kind are ``None`` (``group``, ``plaquette``, ``link_trace``
+        of a site field; ``unitarity``, ``determinant`` of U(1) angles and site fields);
+        ``observables`` maps the name of each option-free observable registered for a
+        site field's kind to its value(s) (empty for gauge fields).
 
     Raises:
         FlowplugError: if the file cannot be read (checksum mismatches are reported in
             the result, not raised).
     """
     from flowplug import io
-    from flowplug.fsutil import _jsonable
+    from flowplug.fsutil import jsonable
     from flowplug.gauge import link_trace, plaquette
 
     ens = io.read(path, format, lattice=lattice, group=group, verify=False, unitarity="ignore")
@@ -52,18 +63,23 @@ def describe(path: str, *, format: str | None = None, lattice: str | None = None
     def per(values: list[Any]) -> Any:
         return values if many else values[0]
 
-    plaq = [float(v) for v in plaquette(ens.links)]
-    trace = [float(v) for v in link_trace(ens.links)]
-    if ens.group != "u1":  # the zero links of an open time boundary are not counted
+    none: list[Any] = [None] * len(ens)
+    if ens.is_gauge:
+        plaq = [float(v) for v in plaquette(ens.links)]
+        trace = [float(v) for v in link_trace(ens.links)]
+    else:
+        plaq = trace = none
+    if io.is_sun(ens):  # the zero links of an open time boundary are not counted
         devs = io.link_deviations(ens)
         unit = [float(u) for u, _ in devs]
         det = [float(v) for _, v in devs]
     else:
-        unit = det = [None] * len(ens)
+        unit = det = none
     formats = sorted({m.format or "" for m in ens.meta}) or [format or io.detect(path)]
     return {
         "path": str(path),
         "format": formats[0] if len(formats) == 1 else formats,
+        "field": ens.field,
         "lattice": list(ens.lattice),
         "group": ens.group,
         "precision": ens.precision,
@@ -74,10 +90,37 @@ def describe(path: str, *, format: str | None = None, lattice: str | None = None
         "link_trace": per(trace),
         "unitarity": per(unit),
         "determinant": per(det),
+        "observables": {} if ens.is_gauge else {k: per(v) for k, v in site_observables(ens).items()},
         "records": per([m.record_list for m in ens.meta]),
-        "header": per([_jsonable({k: v for k, v in m.header.items() if k not in ("unitarity", "determinant")})
+        "header": per([jsonable({k: v for k, v in m.header.items() if k not in ("unitarity", "determinant")})
                        for m in ens.meta]),
     }
+
+
+def site_observables(ens: Ensemble) -> dict[str, list[float]]:
+    """Values of every registered observable of ``ens.field`` that needs no options.
+
+    Arguments:
+        ens: An ensemble (meant for site fields: ``scalar``, ``o2``...).
+
+    Returns:
+        ``{name: one float per configuration}`` in registry order; an observable that
+        needs options, or fails on these data, is left out.
+    """
+    from flowplug.manager import registry
+
+    out: dict[str, list[float]] = {}
+    if len(ens) == 0:
+        return out
+    for spec in registry("observable"):
+        if ens.field not in spec.fields:
+            continue
+        try:
+            values = spec.factory(ens.data)
+            out[spec.name] = [float(v) for v in values.reshape(len(ens))]
+        except Exception:  # an observable that needs options (two_point's shift...) or fails
+            continue
+    return out
 
 
 def _text(info: dict[str, Any]) -> str:
@@ -106,17 +149,26 @@ def _text(info: dict[str, Any]) -> str:
     lines = [
         info["path"],
         f"  format        {info['format']}",
+        f"  field         {info['field']}",
         f"  lattice       {'x'.join(map(str, info['lattice']))} (x first)",
-        f"  group         {info['group']}",
+    ]
+    if info["group"] is not None:
+        lines.append(f"  group         {info['group']}")
+    lines += [
         f"  precision     {info['precision']}",
         f"  configs       {info['configurations']}",
         f"  records       {'; '.join(records)}",
         f"  checksum      {info['checksum']}" + (f" ({detail})" if detail else ""),
-        f"  plaquette     {fmt(info['plaquette'], '.12f')}",
-        f"  link trace    {fmt(info['link_trace'], '.12f')}",
-        f"  max|UU^+-1|   {fmt(info['unitarity'], '.3e')}",
-        f"  max|detU-1|   {fmt(info['determinant'], '.3e')}",
     ]
+    if info["group"] is not None:
+        lines += [
+            f"  plaquette     {fmt(info['plaquette'], '.12f')}",
+            f"  link trace    {fmt(info['link_trace'], '.12f')}",
+            f"  max|UU^+-1|   {fmt(info['unitarity'], '.3e')}",
+            f"  max|detU-1|   {fmt(info['determinant'], '.3e')}",
+        ]
+    for name, value in info.get("observables", {}).items():
+        lines.append(f"  {name:<13} {fmt(value, '.12g')}")
     headers = [info["header"]] if one else info["header"]
     if any(h.get("boundary") == "open" for h in headers):
         lines.append("  boundary      open in time (zero links at t = T-1, left out of max|UU^+-1|)")

@@ -1,0 +1,125 @@
+"""The ILDG axis order (flowplug.layout, written down once) and the split of flowplug.io
+into data model, value checks and format dispatch (issue 12, item 5)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from flowplug import io
+from flowplug.errors import ShapeError
+from flowplug.layout import from_ildg, ildg_axes, ildg_shape, to_ildg
+from flowplug.proposal import from_canonical, to_canonical
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _coded(lattice: tuple[int, ...], n: int = 2) -> np.ndarray:
+    """Canonical (d, L_0, ..., L_{d-1}, n, n) links whose entries encode (mu, x_0, ..., row, col)."""
+    d = len(lattice)
+    idx = np.indices((d, *lattice, n, n))
+    return sum(idx[k] * 10.0 ** (d + 2 - k) for k in range(d + 3)).astype(np.complex128)
+
+
+@pytest.mark.parametrize("lattice", [(3, 5), (2, 3, 4), (2, 3, 4, 5)])  # non-cubic: a swap shows
+def test_ildg_order_is_lattice_reversed_then_direction(lattice):
+    d = len(lattice)
+    can = _coded(lattice)
+    ildg = to_ildg(can)
+    assert ildg.shape == ildg_shape(lattice, 2) == (*reversed(lattice), d, 2, 2)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        mu = int(rng.integers(d))
+        x = tuple(int(rng.integers(n)) for n in lattice)
+        a, b = (int(v) for v in rng.integers(2, size=2))
+        assert ildg[(*reversed(x), mu, a, b)] == can[(mu, *x, a, b)]
+    np.testing.assert_array_equal(from_ildg(ildg), can)
+    # torch tensors, with a batch axis, the same way
+    t = torch.from_numpy(np.stack([can, 2 * can]))
+    ti = to_ildg(t, batched=True)
+    assert isinstance(ti, torch.Tensor) and torch.equal(ti[1], torch.from_numpy(2 * ildg))
+    assert torch.equal(from_ildg(ti, batched=True), t)
+
+
+def test_ildg_axes_values_and_errors():
+    assert ildg_axes(4) == (4, 3, 2, 1, 0, 5, 6)
+    assert ildg_axes(4, batched=True) == (0, 5, 4, 3, 2, 1, 6, 7)
+    assert ildg_axes(2) == (2, 1, 0, 3, 4)
+    with pytest.raises(ShapeError):
+        ildg_axes(0)
+    with pytest.raises(ShapeError, match="square colour block"):
+        to_ildg(np.zeros((4, 2, 2, 2, 2, 3, 2)))
+
+
+def test_the_ildg_permutation_is_written_once():
+    """No module but flowplug/layout.py spells the ILDG permutation out."""
+    pattern = re.compile(r"(transpose|permute)\(\s*4,\s*3,\s*2,\s*1,\s*0|range\(d(\s*\+\s*1)?,\s*[01],\s*-1\)")
+    offenders = []
+    for folder in ("flowplug", "adapters", "plugins"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            if path.name == "layout.py" and folder == "flowplug":
+                continue
+            if pattern.search(path.read_text()):
+                offenders.append(str(path.relative_to(ROOT)))
+    assert offenders == []
+
+
+def test_adapters_and_the_proposal_step_agree_with_layout():
+    from flowplug.adapters.common import canonical_to_ildg, ildg_to_canonical
+
+    lattice = (2, 3, 4, 5)
+    can = torch.from_numpy(_coded(lattice, 3))
+    stored = canonical_to_ildg(can, 64)
+    np.testing.assert_array_equal(stored, to_ildg(can.numpy()))
+    back = ildg_to_canonical(stored.reshape(-1).view(np.uint8), lattice, 3, 64)
+    assert torch.equal(back[0], can)
+    x, batched = to_canonical(stored.astype(np.complex128), "su3", lattice, "ildg")
+    assert not batched and torch.equal(x[0], can)
+    assert np.array_equal(from_canonical(x, stored.astype(np.complex128), "ildg", False), stored)
+
+
+def test_proposal_layouts_of_site_fields():
+    """The canonical layout of a site field has no direction axis (old code expected one)."""
+    phi = torch.randn(3, 5, dtype=torch.float64)
+    x, batched = to_canonical(phi, "scalar", (3, 5), "canonical")
+    assert not batched and x.shape == (1, 3, 5) and torch.equal(x[0], phi)
+    xb, batched = to_canonical(phi.expand(2, 3, 5), "o2", (3, 5), "canonical")
+    assert batched and xb.shape == (2, 3, 5)
+    from flowplug.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="layout 'ildg' holds SU\\(N\\) matrices"):
+        to_canonical(phi, "scalar", (3, 5), "ildg")
+
+
+def test_io_keeps_its_public_names():
+    """``from flowplug import io`` still gives the data model, the checks and the dispatch."""
+    from flowplug import ensemble, layout, linkcheck
+
+    for name in ("Record", "Check", "Metadata", "Ensemble", "group_of", "field_of"):
+        assert getattr(io, name) is getattr(ensemble, name)
+    for name in ("unitarity_tolerance", "check_links", "group_deviation", "link_deviations",
+                 "open_time_boundary", "float32_exact", "raise_failed_checks"):
+        assert getattr(io, name) is getattr(linkcheck, name)
+    for name in ("to_ildg", "from_ildg", "ildg_axes", "ildg_shape"):
+        assert getattr(io, name) is getattr(layout, name)
+    for name in io.__all__:
+        assert hasattr(io, name), name
+    for name in ("FormatHandler", "formats", "get_format", "detect", "read", "write", "parse_lattice",
+                 "FormatError", "ChecksumError"):
+        assert name in io.__all__
+
+
+def test_a_format_handler_written_with_groups_still_works():
+    class Legacy(io.FormatHandler):
+        name = "legacy"
+        groups = ("su2",)
+
+    assert Legacy.fields == ("su2",) and Legacy().groups == ("su2",)
+    su2 = io.Ensemble(torch.eye(2, dtype=torch.complex128).expand(1, 4, 2, 2, 2, 2, 2, 2))
+    assert Legacy().can_write(su2) is None
+    assert "holds su2 gauge links only" in Legacy().can_write(su2.__class__(su2.links.new_zeros(
+        1, 4, 2, 2, 2, 2, 3, 3)))
