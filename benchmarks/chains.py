@@ -35,7 +35,7 @@ from flowplug.plugins.hmc import HMC
 from flowplug.plugins.kernels import IndependenceMetropolis
 from flowplug.plugins.observables import topological_charge
 from flowplug.plugins.theories import WilsonGaugeAction
-from flowplug.resampling import run_chains
+from flowplug.jobs.chains import run_chains
 from flowplug.stats import gamma_method
 from flowplug.train import build_trainer
 

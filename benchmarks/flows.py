@@ -78,7 +78,7 @@ def figures(flow, action, n, seed):
 
 def run_point(name, seed, args):
     from flowplug import config as fconfig
-    from flowplug.cli.cmd_train import DEFAULT_TOML_TEXT, OPEN_TABLES
+    from flowplug.jobs.train import DEFAULT_CONFIG as DEFAULT_TOML_TEXT, OPEN_TABLES
     from flowplug.train import build_trainer
 
     example, exact = POINTS[name]

@@ -29,7 +29,9 @@ keeps the history (one (B,) row per step), shows a tqdm progress bar with accept
 and plaquette, calls the event hook ``flowplug_after_chain_step``, and writes
 checkpoints (``torch.save`` of tensors only, written atomically; read back with
 ``weights_only=True``). A checkpoint holds the state, the history and the generator
-state, so a resumed chain is bit-for-bit the uninterrupted one.
+state, so a resumed chain is bit-for-bit the uninterrupted one. The jobs run their
+chains through :func:`flowplug.jobs.chains.run_chains`, which builds a :class:`Chain`,
+resumes it and connects it to the run directory's outputs.
 """
 
 from __future__ import annotations
@@ -142,7 +144,9 @@ class Chain:
     Attributes:
         step_count: Steps done so far (over the whole run, across resumes).
         history: name -> list of (B,) float64 tensors, one per step, including
-            ``accepted`` (as 0/1) and, if the kernel reports it, ``delta_h``.
+            ``accepted`` (as 0/1) and, if the kernel reports them, ``delta_h`` and
+            ``accepted.<label>`` (acceptance of the part ``label`` of a composed kernel;
+            NaN for chains a mixture did not give to that part in that step).
     """
 
     def __init__(self, kernel: Any, state: ChainState, generator: torch.Generator, *,
@@ -198,6 +202,9 @@ class Chain:
                 self._record("accepted", acc.to(torch.float64))
                 if "delta_h" in info:
                     self._record("delta_h", info["delta_h"])
+                for key, value in info.items():  # parts of composed kernels: accepted.<label>
+                    if key.startswith("accepted.") and isinstance(value, torch.Tensor):
+                        self._record(key, value.to(torch.float64))
                 if self.measure is not None:
                     meas = {k: v.detach() for k, v in self.measure(self.state.x).items()}
                     for k, v in meas.items():

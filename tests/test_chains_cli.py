@@ -246,25 +246,86 @@ def test_resample_summary_provenance_and_resume(files, tmp_path, capsys):
     assert "exists" in capsys.readouterr().err
 
 
+def _chain_checkpoint(out):
+    return torch.load(out / "chain.ckpt", weights_only=True)
+
+
 def test_resample_resume_is_bit_for_bit(files, tmp_path):
     """Four steps, then --resume to eight, equals eight steps in one go (state and history)."""
-    from flowplug.cli.cmd_resample import DEFAULT_CONFIG, resample
     from flowplug.config import build_config
+    from flowplug.jobs.output import read_measurements
+    from flowplug.jobs.resample import DEFAULT_CONFIG, run_resample
 
     cfg = lambda n: build_config(DEFAULT_CONFIG, overrides=[f"steps={n}", "save_every=0"])  # noqa: E731
-    s_full, ch_full = resample(cfg(8), [files / "u1.h5"], files / "u1.pt", tmp_path / "a", quiet=True)
-    resample(cfg(4), [files / "u1.h5"], files / "u1.pt", tmp_path / "b", quiet=True)
-    s_res, ch_res = resample(cfg(8), [files / "u1.h5"], files / "u1.pt", tmp_path / "b", resume=True, quiet=True)
-    torch.testing.assert_close(ch_res.state.x, ch_full.state.x, rtol=0, atol=0)
-    for k, v in ch_full.history_tensors().items():
-        torch.testing.assert_close(ch_res.history_tensors()[k], v, rtol=0, atol=0)
-    assert s_res["acceptance"] == s_full["acceptance"]
+    s_full = run_resample(cfg(8), [files / "u1.h5"], files / "u1.pt", tmp_path / "a")
+    run_resample(cfg(4), [files / "u1.h5"], files / "u1.pt", tmp_path / "b")
+    s_res = run_resample(cfg(8), [files / "u1.h5"], files / "u1.pt", tmp_path / "b", resume=True)
+    full, res = _chain_checkpoint(tmp_path / "a"), _chain_checkpoint(tmp_path / "b")
+    torch.testing.assert_close(res["state"]["x"], full["state"]["x"], rtol=0, atol=0)
+    assert res["step"] == full["step"] == 8 and full["history"].keys() == res["history"].keys()
+    for k, v in full["history"].items():
+        torch.testing.assert_close(res["history"][k], v, rtol=0, atol=0)
+    ma, mb = read_measurements(tmp_path / "a" / "measurements.csv"), read_measurements(tmp_path / "b" / "measurements.csv")
+    assert ma.keys() == mb.keys() and ma["plaquette"].shape == (8, 5)
+    for k in ma:
+        np.testing.assert_array_equal(ma[k], mb[k])
+    assert s_res["acceptance"] == s_full["acceptance"] and s_res["observables"] == s_full["observables"]
+    # the store holds steps 4 (the first run's last) and 8, as the provenance says
+    ens = io.read(tmp_path / "b" / "ensemble.h5")
+    assert [m.provenance["step"] for m in ens.meta] == [4] * 5 + [8] * 5 and s_res["written"] == 10
+    torch.testing.assert_close(ens.links[5:], io.read(tmp_path / "a" / "ensemble.h5").links, rtol=0, atol=0)
     # a different flow or seed is a different run: its checkpoint is refused
     from flowplug.errors import CheckpointError
 
     with pytest.raises(CheckpointError, match="different run"):
-        resample(build_config(DEFAULT_CONFIG, overrides=["steps=9", "seed=5"]), [files / "u1.h5"],
-                 files / "u1.pt", tmp_path / "b", resume=True, quiet=True)
+        run_resample(build_config(DEFAULT_CONFIG, overrides=["steps=9", "seed=5"]), [files / "u1.h5"],
+                     files / "u1.pt", tmp_path / "b", resume=True)
+
+
+class _Crash(Exception):
+    """A process dying between writing configurations and writing the checkpoint."""
+
+
+def test_resample_resumed_after_a_crash_between_checkpoints_writes_each_step_once(files, tmp_path, monkeypatch):
+    """The run dies after the configurations of steps 5 and 6 went into the HDF5 store but before
+    the next checkpoint (checkpoints every 4 steps): the resume continues from step 4, rolls the
+    store back to step 4 first, and ends with exactly the store of an uninterrupted run."""
+    from flowplug.config import build_config
+    from flowplug.jobs import output as output_module
+    from flowplug.jobs.output import ChainOutput
+    from flowplug.jobs.resample import DEFAULT_CONFIG, run_resample
+
+    cfg = build_config(DEFAULT_CONFIG, overrides=["steps=8", "save_every=1", "checkpoint_every=4"])
+    inputs, flow = [files / "u1.h5"], files / "u1.pt"
+    run_resample(cfg, inputs, flow, tmp_path / "full")
+
+    real_after_step = ChainOutput.after_step
+
+    def dies_after_step_6(self, chain, info=None):
+        real_after_step(self, chain, info)            # step 6 appended to the store ...
+        if chain.step_count == 6:
+            raise _Crash                              # ... and the process dies before step 8's checkpoint
+
+    monkeypatch.setattr(ChainOutput, "after_step", dies_after_step_6)
+    with pytest.raises(_Crash):
+        run_resample(cfg, inputs, flow, tmp_path / "part")
+    monkeypatch.setattr(ChainOutput, "after_step", real_after_step)
+    assert torch.load(tmp_path / "part" / "chain.ckpt", weights_only=True)["step"] == 4
+    assert len(io.read(tmp_path / "part" / "ensemble.h5")) == 6 * 5          # steps 1..6, 5 chains
+    removed = []
+    real_truncate = output_module._truncate_store
+    monkeypatch.setattr(output_module, "_truncate_store",
+                        lambda path, step: removed.append((step, real_truncate(path, step))) or removed[-1][1])
+    s = run_resample(cfg, inputs, flow, tmp_path / "part", resume=True)
+    assert removed == [(4, 2 * 5)] and s["steps"] == 8                       # steps 5, 6 rolled back
+    full, part = io.read(tmp_path / "full" / "ensemble.h5"), io.read(tmp_path / "part" / "ensemble.h5")
+    assert len(part) == len(full) == 8 * 5                                   # each step once
+    assert [m.provenance["step"] for m in part.meta] == [m.provenance["step"] for m in full.meta]
+    assert [m.provenance["chain"] for m in part.meta] == [m.provenance["chain"] for m in full.meta]
+    torch.testing.assert_close(part.links, full.links, rtol=0, atol=0)
+    assert s["written"] == 40
+    prov = json.loads((tmp_path / "part" / "provenance.json").read_text())["outputs"]
+    assert [(o["step"], o["chain"]) for o in prov] == [(t, c) for t in range(1, 9) for c in range(5)]
 
 
 def test_sample_writes_ensemble_summary_and_report(files, tmp_path):
@@ -295,7 +356,12 @@ def test_demo_quick(tmp_path, capsys):
     assert s["exact"]["q2"] == pytest.approx(1.239298910723, abs=1e-8)
     assert set(s) >= {"acceptance", "ess", "hmc", "flow", "observables", "tau_int_q_ratio_hmc_over_flow"}
     assert (out / "report.png").exists() and "exact" in (out / "report.txt").read_text()
-    assert (out / "hmc" / "ensemble.h5").exists() and (out / "flow" / "checkpoint.pt").exists()
+    # the stages are run directories of hmc, train and resample
+    assert [p.name for p in sorted((out / "hmc" / "ensemble").iterdir())] == ["traj_000020.h5", "traj_000030.h5"]
+    for sub, command in (("hmc", "hmc"), ("flow", "train"), ("resample", "resample")):
+        assert json.loads((out / sub / "summary.json").read_text())["command"] == command
+    assert (out / "flow" / "checkpoint.pt").exists() and len(io.read(out / "resample" / "ensemble.h5")) == 8 * 2
+    assert s["hmc"]["trajectories"] == 4 * 30 and s["flow"]["proposals"] == 8 * 10
     assert _cli("demo", "--quick", "--out", out, "--no-progress") == 1   # never over an earlier run
 
 
@@ -339,8 +405,8 @@ def test_resample_reads_a_flowplug_train_run_directory(files, tmp_path):
 
 def test_chain_events_reach_plugins_and_a_failing_monitor_does_not_stop_the_run(files, tmp_path, fresh_pm):
     from flowplug import hookimpl
-    from flowplug.cli.cmd_sample import DEFAULT_CONFIG, sample
     from flowplug.config import build_config
+    from flowplug.jobs.sample import DEFAULT_CONFIG, run_sample
 
     seen = []
 
@@ -353,7 +419,7 @@ def test_chain_events_reach_plugins_and_a_failing_monitor_does_not_stop_the_run(
     fresh_pm.register(Monitor(), name="monitor")
     cfg = build_config(DEFAULT_CONFIG, overrides=["chains=2", "steps=3", "thermalize=0", "ess_samples=4"])
     with pytest.warns(Warning):
-        sample(cfg, files / "u1.pt", tmp_path / "s", quiet=True)
+        run_sample(cfg, files / "u1.pt", tmp_path / "s")
     assert [s[0] for s in seen] == [0, 1, 2] and seen[0][1] == "independence-metropolis"
     assert (tmp_path / "s" / "summary.json").exists()
 

@@ -13,8 +13,8 @@ import torch
 from flowplug import config as _config
 from flowplug import hookimpl
 from flowplug.cli import main
-from flowplug.cli.cmd_hmc import DEFAULT_CONFIG, run_fingerprint, run_hmc
 from flowplug.errors import ConfigError
+from flowplug.jobs.hmc import DEFAULT_CONFIG, run_fingerprint, run_hmc
 
 
 def cfg(tmp_path: Path, *overrides: str, name: str = "out") -> dict:
@@ -80,6 +80,12 @@ def test_refuses_to_clobber_and_resumes_only_same_run(tmp_path, capsys):
                  "--set", "lattice=[6,6]", "--no-progress"]) == 1
     assert "different run" in capsys.readouterr().err
     assert run_fingerprint(cfg(tmp_path, "hmc.trajectories=99", "save_every=1")) == run_fingerprint(c)
+
+
+def test_fingerprint_of_the_default_is_pinned():
+    """Checkpoints of earlier runs must stay resumable: the fingerprint of a configuration does
+    not change between flowplug versions (value of flowplug 0.1 for the default configuration)."""
+    assert run_fingerprint(_config.build_config(DEFAULT_CONFIG)) == "19c0800e24c26676"
 
 
 class Interrupt:

@@ -216,7 +216,7 @@ def test_hmc_cli_on_plugin_action_xy_chain(tmp_path, fresh_pm):
     from scipy.special import iv
 
     from flowplug import config as _config
-    from flowplug.cli.cmd_hmc import DEFAULT_CONFIG, run_hmc
+    from flowplug.jobs.hmc import DEFAULT_CONFIG, run_hmc
 
     fresh_pm.load_entrypoints()
     beta, v = 1.0, 16

@@ -312,7 +312,7 @@ def test_kernels_are_registered(fresh_pm):
 
 
 def test_frozen_chains_report_unmeasurable_tau():
-    from flowplug.resampling import observable_summary
+    from flowplug.jobs.summary import observable_summary
 
     h = {"plaquette": torch.full((20, 3), 0.5, dtype=torch.float64)}
     s = observable_summary(h, ["plaquette"])["plaquette"]

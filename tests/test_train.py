@@ -17,7 +17,7 @@ import torch
 
 from flowplug import config as fconfig
 from flowplug.cli import main
-from flowplug.cli.cmd_train import DEFAULT_TOML_TEXT, OPEN_TABLES
+from flowplug.jobs.train import DEFAULT_CONFIG as DEFAULT_TOML_TEXT, OPEN_TABLES
 from flowplug.errors import CheckpointError, ConfigError
 from flowplug.hookspecs import hookimpl
 from flowplug.manager import new_plugin_manager, set_plugin_manager

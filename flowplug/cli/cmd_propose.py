@@ -72,8 +72,9 @@ def run(args: argparse.Namespace) -> int:
     from flowplug import io
     from flowplug.flowtools import file_sha256, open_flow
     from flowplug.fsutil import remove_stale_temp_files
+    from flowplug.jobs.chains import check_compatible
+    from flowplug.jobs.output import output_format, write_configuration
     from flowplug.proposal import FlowProposal
-    from flowplug.resampling import check_compatible, output_format, write_configuration
 
     ck = open_flow(args.flow, check_inverse=not args.no_check_inverse)
     src = Path(args.current)

@@ -1,8 +1,9 @@
 """PNG reports of Markov-chain runs (matplotlib, Agg backend, written atomically).
 
-:func:`chain_report` draws, for each observable, its history (chain mean and a few
-single chains) and its normalised autocorrelation function rho(t) with the Gamma-method
-window; and the running acceptance. :func:`comparison_report` (``flowplug demo``) puts
+The ``report.png`` of the chain jobs (:class:`flowplug.jobs.output.ChainOutput`) and of
+``flowplug demo``. :func:`chain_report` draws, for each observable, its history (chain
+mean and a few single chains) and its normalised autocorrelation function rho(t) with the
+Gamma-method window; and the running acceptance. :func:`comparison_report` (``flowplug demo``) puts
 several runs side by side against exact values, and their tau_int.
 
 If matplotlib is missing, the functions warn and return ``None``; the numbers are in
@@ -141,7 +142,13 @@ def comparison_report(path: str | Path, rows: Sequence[Mapping[str, Any]], exact
     ax = axes[len(names)]
     taus = [(r["label"], r.get("q", {}).get("tau_int"), r.get("q", {}).get("tau_int_error", 0))
             for r in rows if r.get("q")]
-    ax.bar(range(len(taus)), [t[1] for t in taus], yerr=[t[2] for t in taus], capsize=4)
+    for j, (_, tau, err) in enumerate(taus):
+        if tau is not None and np.isfinite(tau):
+            ax.bar([j], [tau], yerr=[err if np.isfinite(err) else 0], capsize=4, color=f"C{j}")
+        else:  # no chain moved: tau_int is not measurable
+            ax.text(j, 0.5, "not\nmeasurable", ha="center", va="center", fontsize=8,
+                    transform=ax.get_xaxis_transform())
+    ax.set_xlim(-0.6, len(taus) - 0.4)
     ax.set_xticks(range(len(taus)))
     ax.set_xticklabels([t[0] for t in taus], fontsize=8, rotation=15)
     ax.set_yscale("log")

@@ -1,0 +1,247 @@
+"""The ``hmc`` job: exact HMC ensembles for any registered action, resumable.
+
+:func:`run_hmc` (``flowplug hmc --config FILE.toml [--set key=value ...] [--resume]``)
+runs ``chains`` independent HMC chains as one batch and writes to ``out``:
+
+``ensemble/traj_<t>[_chain_<c>].<ext>``
+    configurations every ``save_every`` trajectories (after thermalisation) and at the
+    end, in ``format`` (gauge fields: any writable file format of :mod:`flowplug.io`,
+    hdf5 holding all chains of a trajectory in one file, ildg/nersc/openqcd one
+    configuration per file; other field kinds (phi^4, plugins' kinds): a plain HDF5 file
+    with dataset ``field`` (chains first) and attributes ``kind`` and ``provenance``;
+    ``none`` writes no configurations); ``provenance.json`` lists them;
+``measurements.h5`` or ``measurements.csv``
+    every observable, acceptance and dH per trajectory and chain (HDF5: one dataset per
+    name, layout (steps, chains) as in ``Chain.history_tensors()``, stated by its
+    attribute ``axes`` = ``"steps,chains"``; give ``step_axis=0`` to :mod:`flowplug.stats`);
+``checkpoint.pt``
+    state, generator state and history (``torch.save`` of tensors, written atomically);
+    ``resume=True`` (``--resume``) continues from it and gives the same chain as an
+    uninterrupted run (also to extend a finished run: raise ``hmc.trajectories`` and resume);
+``summary.json``
+    ``acceptance``, ``observables.<name>.{mean,error,tau_int,tau_int_error}`` (Gamma
+    method, chains as replicas, after ``hmc.thermalization``), ``exp_minus_delta_h``.
+
+The configuration schema is :data:`DEFAULT_CONFIG` (``flowplug hmc --print-config``).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+
+from flowplug.errors import ConfigError, FlowplugError
+from flowplug.fsutil import locked_run
+
+__all__ = ["DEFAULT_CONFIG", "NON_CHAIN_KEYS", "run_hmc", "run_fingerprint", "start_configuration"]
+
+DEFAULT_CONFIG = """\
+# flowplug hmc: exact hybrid Monte Carlo (Duane et al. 1987) for any registered action.
+# Every key can be overridden with --set key=value (values are TOML).
+
+seed = 1                # random seed (generator of momenta, accept tests and hot starts)
+out = "hmc-out"         # output directory
+lattice = [8, 8]        # lattice extents, x first; a start file's own lattice takes precedence
+start = "hot"           # "cold" (ordered), "hot" (disordered), or a path to a configuration
+                        # or ensemble file in any readable format (ILDG, NERSC, HDF5, ...)
+chains = 4              # independent chains, run as one batch
+format = "hdf5"         # ensemble format: hdf5, ildg, nersc, openqcd (a writable format), or "none"
+save_every = 10         # write configurations and a checkpoint every this many trajectories
+measurements = "hdf5"   # per-trajectory measurements: "hdf5" (measurements.h5) or "csv"
+observables = []        # observable names; empty: plaquette (+ topological charge where
+                        # defined) for gauge fields, magnetization, chi_2, ising_energy for phi^4
+device = "cpu"          # torch device
+threads = 0             # torch intra-op CPU threads; 0 keeps torch's default (on a busy
+                        # machine, or for small lattices, 1 is often much faster)
+progress = true         # progress bar with acceptance and plaquette
+
+[action]
+name = "wilson"         # a registered action: wilson, phi4, or a plugin's
+group = "u1"            # wilson: u1, su2, su3
+beta = 2.0              # wilson: inverse coupling
+m2 = -4.0               # phi4: bare mass squared (tutorial convention)
+lam = 8.0               # phi4: quartic coupling
+
+[hmc]
+trajectories = 100      # total trajectories per chain (raise it and --resume to extend a run)
+thermalization = 10     # first trajectories left out of summary.json and of the saved ensemble
+integrator = "omelyan"  # "leapfrog" or "omelyan" (2MN)
+steps = 10              # integration steps per trajectory
+trajectory_length = 1.0 # molecular-dynamics time per trajectory
+"""
+
+#: Keys that do not change the Markov chain: a run may be resumed with other values.
+#: (``observables`` is not among them: the history of a resumed run must stay rectangular.)
+NON_CHAIN_KEYS = ("hmc.trajectories", "progress", "save_every", "format", "threads", "measurements", "out",
+                  "hmc.thermalization")
+
+
+def run_fingerprint(cfg: Mapping[str, Any]) -> str:
+    """Hash of the configuration keys that determine the chain (for ``--resume`` checks)."""
+    from flowplug.jobs.provenance import fingerprint
+
+    return fingerprint(cfg, ignore=NON_CHAIN_KEYS)
+
+
+def start_configuration(cfg: Mapping[str, Any], action: Any, chains: int, generator: torch.Generator,
+                        device: torch.device, log: Callable[[str], None] | None = None
+                        ) -> tuple[torch.Tensor, str]:
+    """The start of the chains: ``cold``, ``hot`` or the configurations of a file.
+
+    Returns:
+        ``(x0, description)``: x0 (chains, ...) on ``device``; a file's single
+        configuration is copied to every chain, of several the first ``chains`` are
+        taken; 32-bit links are projected back onto the group.
+
+    Raises:
+        ConfigError: on a bad lattice, a missing file, a file of another group, or too
+            few configurations in it.
+    """
+    start = str(cfg["start"])
+    lattice = [int(n) for n in cfg["lattice"]]
+    if start in ("cold", "hot"):
+        if not lattice or any(n < 1 for n in lattice):
+            raise ConfigError(f"lattice must be a list of positive extents, x first (e.g. [8, 8]); found {lattice}")
+        from flowplug.theory import start_field
+
+        return start_field(action, start, lattice, chains, generator=generator, device=device), start
+    from flowplug import io
+
+    path = Path(start)
+    if not path.exists():
+        raise ConfigError(f"start = {start!r}: no such file (use 'cold', 'hot' or a configuration file)")
+    ens = io.read(path)
+    if ens.group != action.field:
+        raise ConfigError(f"start file {path} holds {ens.group} links, but the action acts on "
+                          f"{action.field} (set action.group = \"{ens.group}\")")
+    if list(ens.lattice) != lattice and log is not None:
+        log(f"lattice {'x'.join(map(str, ens.lattice))} taken from {path} "
+            f"(the configuration said {'x'.join(map(str, lattice))})")
+    links = ens.links
+    n = links.shape[0]
+    if n == 1:
+        links = links.expand(chains, *links.shape[1:]).clone()
+    elif n >= chains:
+        links = links[:chains].clone()
+    else:
+        raise ConfigError(f"start file {path} holds {n} configurations; chains = {chains} needs 1 or "
+                          f"at least {chains}")
+    if links.is_complex():
+        from flowplug.groups import reunitarize
+
+        # files store 32-bit data: project back to the group to double precision
+        links = reunitarize(links)
+    return links.to(device), str(path)
+
+
+@locked_run("hmc", lambda a: a["cfg"]["out"])
+def run_hmc(cfg: Mapping[str, Any], *, resume: bool = False, force: bool = False,
+            progress: bool | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run (or resume) an HMC job for an effective configuration (:data:`DEFAULT_CONFIG`).
+
+    ``out`` is locked for the run (:func:`flowplug.fsutil.run_lock`).
+
+    Arguments:
+        cfg: The effective configuration (:func:`flowplug.config.build_config` of
+            :data:`DEFAULT_CONFIG`).
+        resume: Continue from ``out/checkpoint.pt`` (the same chain as an uninterrupted run).
+        force: Start afresh although ``out`` holds a checkpoint.
+        progress: Progress bar (default: ``cfg["progress"]``).
+        log: Receives one-line notes (a start file's lattice replacing ``lattice``).
+
+    Returns:
+        The figures written to ``out/summary.json``.
+
+    Raises:
+        ConfigError: on inconsistent settings (unknown integrator, format that cannot hold
+            the field, start file of another group, ``trajectories <= thermalization``...).
+        CheckpointError: on ``resume`` without a checkpoint or with one of another run.
+        FlowplugError: when ``out`` holds a checkpoint and neither ``resume`` nor ``force``.
+    """
+    from flowplug.jobs.chains import run_chains
+    from flowplug.jobs.output import ChainOutput, Configurations
+    from flowplug.jobs.provenance import provenance
+    from flowplug.jobs.summary import chain_summary
+    from flowplug.manager import get_plugin_manager
+    from flowplug.plugins.observables import default_observables, measurement
+    from flowplug.theory import action_from_config
+
+    pm = get_plugin_manager()
+    out = Path(str(cfg["out"]))
+    ckpt = out / "checkpoint.pt"
+    if ckpt.exists() and not resume and not force:
+        raise FlowplugError(f"{ckpt} exists: continue that run with --resume, or start afresh with "
+                            "--force (or another out)")
+    hmc = cfg["hmc"]
+    chains = int(cfg["chains"])
+    if chains < 1:
+        raise ConfigError(f"chains must be >= 1; found {chains}")
+    total = int(hmc["trajectories"])
+    therm = int(hmc["thermalization"])
+    if total < 0 or therm < 0:
+        raise ConfigError("hmc.trajectories and hmc.thermalization must be >= 0")
+    if total <= therm:
+        raise ConfigError(f"hmc.trajectories = {total} leaves nothing after hmc.thermalization = {therm}: "
+                          "no trajectory would be measured; raise hmc.trajectories or lower "
+                          "hmc.thermalization")
+    seed = int(cfg["seed"])
+    try:
+        device = torch.device(str(cfg["device"]))
+    except RuntimeError as exc:
+        raise ConfigError(f"device = {cfg['device']!r}: {exc}") from None
+    threads = int(cfg["threads"])
+    if threads < 0:
+        raise ConfigError(f"threads must be >= 0; found {threads}")
+    if threads:
+        torch.set_num_threads(threads)
+    action = action_from_config(cfg)
+    kernel = pm.registry("kernel").get("hmc").factory(
+        action, integrator=hmc["integrator"], steps=int(hmc["steps"]),
+        trajectory_length=float(hmc["trajectory_length"]))
+    generator = torch.Generator(device=device).manual_seed(seed)
+    x0, start_desc = start_configuration(cfg, action, chains, generator, device, log)
+    ndim = len(kernel.space.lattice_of(x0))
+    names = list(cfg["observables"]) or list(default_observables(action.field, ndim))
+    couplings = getattr(action, "couplings", dict)()
+    save_every = int(cfg["save_every"])
+    configurations = Configurations(
+        out / "ensemble", str(cfg["format"]), action.field, save_every=save_every, total=total, thermalize=therm,
+        name=lambda t, c: f"traj_{t:06d}" + ("" if c is None or chains == 1 else f"_chain_{c:03d}"),
+        provenance=lambda t, c: provenance("hmc", seed=seed, step=t, chain=c, action=couplings,
+                                           hmc=dict(hmc)),
+        header=lambda t: {"trajectory": t}, attrs={"action": couplings}, overwrite=True)
+    configurations.check(x0)
+    output = ChainOutput(out, "hmc", checkpoint="checkpoint.pt", configurations=configurations,
+                         measurements=cfg["measurements"], step_label="trajectory", config=cfg, what="hmc")
+    output.start(resume=resume, force=force)
+    show = bool(cfg["progress"]) if progress is None else progress
+    t0 = time.perf_counter()
+    chain = run_chains(kernel, x0, total, generator=generator, measure=measurement(action.field, names),
+                       output=output, resume=resume, run_id=run_fingerprint(cfg), checkpoint_every=save_every,
+                       progress=show, desc=f"hmc {action.field}", kernel_name="hmc",
+                       steps_key="hmc.trajectories")
+    seconds = time.perf_counter() - t0
+    stats = chain_summary(chain.history_tensors(), burn=therm)
+    stats["measured_trajectories"] = stats.pop("measured_steps")
+    stats.pop("acceptance_by_kernel", None)
+    summary = {
+        "trajectories": chain.step_count,
+        "chains": chains,
+        "thermalization": therm,
+        "lattice": list(kernel.space.lattice_of(chain.state.x)),
+        "start": start_desc,
+        "action": {"name": str(cfg["action"]["name"]), **couplings},
+        "hmc": {"integrator": kernel.integrator, "steps": kernel.steps,
+                "trajectory_length": kernel.trajectory_length},
+        "seed": seed,
+        **stats,
+        "seconds_this_run": seconds,
+        "measurements": str(output.measurements_path),
+        "checkpoint": str(output.checkpoint_path),
+        "ensemble_format": configurations.format,
+        "written": len(output.written),
+    }
+    return output.finish(chain, summary)

@@ -1,0 +1,586 @@
+r"""The files of a chain run: configurations, measurements, checkpoint, ``summary.json``, report.
+
+Every chain job (``hmc``, ``sample``, ``resample``; ``demo`` through them) writes its run
+directory through one :class:`ChainOutput`:
+
+``ensemble.h5``, ``ensemble/traj_<t>.<ext>`` or one file per configuration
+    the chains' configurations at the save points (:class:`Configurations`): after
+    the thermalisation, every ``save_every`` steps and after the last step. Gauge fields
+    go through :mod:`flowplug.io` in any writable format, with the provenance record of
+    :func:`flowplug.jobs.provenance.provenance` in the file's metadata (ILDG: the
+    ``scidac-record-xml`` record; HDF5: per configuration); other field kinds (phi^4,
+    plugins' kinds) go to a plain HDF5 file per save point (dataset ``field``, chains
+    first; attributes ``kind`` and ``provenance``).
+``provenance.json``
+    ``{"outputs": [{"path", **provenance}, ...]}``, one entry per configuration written.
+``measurements.h5`` or ``measurements.csv``
+    every history entry per step and chain (:func:`write_measurements`).
+``checkpoint.pt`` / ``chain.ckpt``
+    the chain checkpoint (:meth:`flowplug.chain.Chain.save`), written after the
+    configurations and measurements it covers.
+``summary.json``, ``report.png``
+    at the end (:func:`flowplug.fsutil.write_summary`, :func:`flowplug.jobs.report.chain_report`).
+
+Resuming: a run can die after writing configurations of steps its last checkpoint does
+not hold. :meth:`ChainOutput.resumed` therefore rolls the outputs back to the
+checkpoint's step before the chain goes on: entries of later steps are removed from the
+HDF5 store (they would otherwise be appended a second time), ``provenance.json`` keeps
+the entries up to that step, and files of later steps are replaced when the resumed
+chain reaches them. The outputs of a resumed run equal those of an uninterrupted one.
+
+Also here: :func:`output_format` (which format a run writes), :func:`write_configuration`
+(one configuration, atomically, never over an input), :func:`read_measurements`.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import io as _stdio
+import json
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from flowplug.errors import ConfigError, FormatError
+
+__all__ = ["ChainOutput", "Configurations", "write_measurements", "read_measurements", "write_job_summary",
+           "write_configuration", "output_format", "extension_of", "is_gauge", "READ_ONLY_FALLBACK"]
+
+#: Formats that only read: where their configurations are written instead.
+READ_ONLY_FALLBACK = {"scidac": "ildg", "lime": "ildg"}
+
+
+def is_gauge(field: str) -> bool:
+    """Whether a field kind is a gauge field that :mod:`flowplug.io` formats hold (u1, su<N>)."""
+    return field == "u1" or field.startswith("su")
+
+
+# ------------------------------------------------------------------------ formats
+
+
+def output_format(input_format: str | None, to: str | None) -> str:
+    """The format outputs are written in: ``to`` if given, else the input's (read-only
+    SciDAC/bare LIME inputs are written as ILDG; ``hdf5`` without inputs).
+
+    Raises:
+        FormatError: if ``to`` or the input's format is read-only and has no fallback
+            (MILC native).
+        UnknownComponentError: if ``to`` is not registered.
+    """
+    from flowplug import io
+    from flowplug.manager import registry
+
+    if to:
+        name = registry("file_format").get(to).name
+        if name not in io.formats(writable=True):
+            raise FormatError(f"format {name} is read-only; writable formats: {', '.join(io.formats(writable=True))}")
+        return name
+    if input_format is None:
+        return "hdf5"
+    if input_format in io.formats(writable=True):
+        return input_format
+    if input_format in READ_ONLY_FALLBACK:
+        return READ_ONLY_FALLBACK[input_format]
+    raise FormatError(f"inputs in format {input_format} cannot be written back in that format (read-only); "
+                      f"choose one with --to ({', '.join(io.formats(writable=True))})")
+
+
+def extension_of(fmt: str) -> str:
+    """File-name extension used for outputs of a format."""
+    from flowplug import io
+
+    return io.get_format(fmt).extension or fmt
+
+
+def _provenance_xml(prov: Mapping[str, Any]) -> bytes:
+    body = "".join(f"<{k}>{html.escape(str(v))}</{k}>" for k, v in prov.items()
+                    if isinstance(v, (str, int, float, bool)))
+    return ('<?xml version="1.0" encoding="UTF-8"?><info><flowplug>' + body + "</flowplug></info>").encode()
+
+
+def _metadata(source_meta: Any, precision: int, provenance: Mapping[str, Any],
+              header: Mapping[str, Any] | None = None) -> Any:
+    """Metadata of one written configuration: the source's records carried over (without
+    its record XML and check outcomes), the precision, header values and provenance."""
+    from flowplug import io
+
+    if source_meta is not None:
+        meta = source_meta.copy()
+        meta.records = [r for r in meta.records if r.type != "scidac-record-xml"]
+        meta.checks = []
+    else:
+        meta = io.Metadata(precision=precision)
+    meta.precision = precision
+    meta.header.update(header or {})
+    meta.provenance = {**meta.provenance, **provenance}
+    return meta
+
+
+def write_configuration(path: Path, x: torch.Tensor, fmt: str, *, source_meta: Any = None,
+                        precision: int = 64, provenance: Mapping[str, Any] | None = None,
+                        header: Mapping[str, Any] | None = None, overwrite: bool = False,
+                        inputs: Sequence[Path] = ()) -> Path:
+    """Write one configuration (canonical layout, batch of 1) atomically.
+
+    The source's metadata records are carried over (ILDG file XML); the record XML is
+    replaced by the provenance (ILDG ``scidac-record-xml``); HDF5 stores the provenance
+    per configuration.
+
+    Arguments:
+        path: Output file.
+        x: Configuration, shape (1, ...) in the canonical layout (DESIGN.md section 2).
+        fmt: A writable format.
+        source_meta: :class:`flowplug.io.Metadata` of the input it descends from, or ``None``.
+        precision: 32 or 64 bits.
+        provenance: Record of :func:`flowplug.jobs.provenance.provenance`.
+        header: Header values (``{"trajectory": 10}``).
+        overwrite: Replace an existing file.
+        inputs: Files that must never be overwritten.
+
+    Raises:
+        FormatError: if ``path`` is one of ``inputs``, exists and ``overwrite`` is false,
+            or the format cannot hold the data.
+    """
+    from flowplug import io
+
+    path = Path(path)
+    for p in inputs:
+        if path.resolve() == Path(p).resolve():
+            raise FormatError(f"{path}: is an input; refusing to overwrite it (choose another output)")
+    prov = dict(provenance or {})
+    meta = _metadata(source_meta, precision, prov, header)
+    meta.records.append(io.Record("scidac-record-xml", _provenance_xml(prov)))
+    ens = io.Ensemble(x.detach().cpu(), precision=precision, meta=[meta])
+    opts: dict[str, Any] = {}
+    if fmt == "ildg":
+        opts["lfn"] = f"lfn://flowplug/{path.name}"
+    return io.write(path, ens, fmt, precision=precision, overwrite=overwrite, **opts)
+
+
+def _write_field_file(path: Path, x: torch.Tensor, kind: str, provenance: Mapping[str, Any]) -> Path:
+    """A plain HDF5 file of a field kind :mod:`flowplug.io` does not know (phi^4, plugins')."""
+    import h5py
+
+    from flowplug.fsutil import atomic_path, jsonable
+
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("field", data=x.detach().cpu().numpy())
+            f.attrs["kind"] = kind
+            f.attrs["layout"] = "field[chain, ...] in flowplug's canonical layout of the kind"
+            f.attrs["provenance"] = json.dumps(jsonable(provenance), sort_keys=True)
+    return path
+
+
+def _truncate_store(path: Path, step: int) -> int:
+    """Drop the configurations of steps after ``step`` from the end of an HDF5 ensemble store.
+
+    The store is appended in step order and its ``count`` attribute says how many entries
+    are committed (the commit protocol of :mod:`flowplug.adapters.hdf5`): ``count`` is
+    lowered first, then the datasets are shrunk, so the store stays readable whenever this
+    stops. Returns the number of entries removed.
+    """
+    import h5py
+
+    try:
+        with h5py.File(path, "r+") as f:
+            count = int(f.attrs["count"])
+            keep = count
+            while keep > 0:
+                doc = f["meta"][keep - 1]
+                doc = json.loads(doc.decode() if isinstance(doc, bytes) else doc)
+                if int(doc.get("provenance", {}).get("step", -1)) <= step:
+                    break
+                keep -= 1
+            if keep < count:
+                f.attrs["count"] = keep
+                f.flush()
+                f["links"].resize(keep, axis=0)
+                f["meta"].resize(keep, axis=0)
+    except (OSError, KeyError, ValueError) as exc:
+        raise FormatError(f"{path}: cannot roll the ensemble store back to step {step} "
+                          f"({type(exc).__name__}: {exc}); remove it and start afresh with --force") from None
+    return count - keep
+
+
+# ------------------------------------------------------------------ configurations
+
+
+class Configurations:
+    """Writes the chains' configurations at the save points of a run.
+
+    Save points are the steps t > ``thermalize`` with t a multiple of ``save_every``
+    (if > 0) or t = ``total``. At a save point, gauge fields in an HDF5 format go into
+    ``store`` when one is given (all chains of the step in one append); otherwise
+    multi-configuration formats and non-gauge kinds write ``name(t, None) + "." + ext``
+    holding all chains, single-configuration formats ``name(t, c) + "." + ext`` per chain
+    (``ext`` = the format's extension, ``h5`` for HDF5).
+
+    Arguments:
+        folder: Where the files go.
+        fmt: A writable format name, or ``"none"`` (nothing is written).
+        field: The field kind of the chains.
+        name: ``name(step, chain or None) -> file name without extension`` (in ``folder``).
+        provenance: ``provenance(step, chain) -> record`` (see
+            :func:`flowplug.jobs.provenance.provenance`).
+        store: HDF5 store for all steps (``ensemble.h5``), or ``None``.
+        save_every, total, thermalize: The save points.
+        source_meta: Per chain, the :class:`flowplug.io.Metadata` of its input (resample).
+        precision: 32 or 64 bits.
+        header: ``header(step) -> dict`` of header values of each configuration.
+        attrs: Ensemble-wide attributes of multi-configuration files.
+        overwrite: Replace existing files (``--force``; always on a resume for the
+            steps the resumed chain does again).
+        inputs: Files never to write over.
+
+    Raises:
+        ConfigError: if the format is read-only or cannot hold the field kind.
+    """
+
+    def __init__(self, folder: Path, fmt: str, field: str, *, name: Callable[[int, int | None], str],
+                 provenance: Callable[[int, int], dict[str, Any]], store: Path | None = None,
+                 save_every: int = 0, total: int = 0, thermalize: int = 0,
+                 source_meta: Sequence[Any] | None = None, precision: int = 64,
+                 header: Callable[[int], Mapping[str, Any]] | None = None,
+                 attrs: Mapping[str, Any] | None = None, overwrite: bool = False,
+                 inputs: Sequence[Path] = ()) -> None:
+        from flowplug import io
+        from flowplug.manager import registry
+
+        if save_every < 0:
+            raise ConfigError(f"save_every must be >= 0; found {save_every}")
+        self.folder = Path(folder)
+        self.field = field
+        self.gauge = is_gauge(field)
+        self.format = str(fmt).strip().lower()
+        self.handler = None
+        if self.format != "none":
+            if not self.gauge:
+                if self.format not in ("hdf5", "h5"):
+                    raise ConfigError(f"format = {self.format!r}: {field} fields are written as "
+                                      "hdf5 only (or format = \"none\")")
+                self.format = "hdf5"
+                self.ext = "h5"
+            else:
+                spec = registry("file_format").get(self.format)
+                if not spec.writable:
+                    raise ConfigError(f"format {spec.name} is read-only; writable formats: "
+                                      f"{', '.join(io.formats(writable=True))}")
+                self.format = spec.name
+                self.handler = io.get_format(spec.name)
+                self.ext = extension_of(spec.name)
+        self.name, self.provenance = name, provenance
+        self.store = Path(store) if store is not None and self.gauge and self.format == "hdf5" else None
+        self.save_every, self.total, self.thermalize = int(save_every), int(total), int(thermalize)
+        self.source_meta = list(source_meta) if source_meta is not None else None
+        self.precision = int(precision)
+        self.header = header
+        self.attrs = dict(attrs or {})
+        self.overwrite = overwrite
+        self.inputs = list(inputs)
+        #: One entry per configuration written: ``{"path", **provenance}``.
+        self.records: list[dict[str, Any]] = []
+        #: Steps up to this one are on disk already (a resumed run does not write them again).
+        self.done = 0
+
+    @property
+    def enabled(self) -> bool:
+        """Whether configurations are written at all (``format != "none"``)."""
+        return self.format != "none"
+
+    def check(self, x: torch.Tensor) -> None:
+        """Refuse, before anything runs, a format that cannot hold these configurations.
+
+        Raises:
+            ConfigError: naming the format and the reason.
+        """
+        if self.handler is None:
+            return
+        from flowplug import io
+
+        reason = self.handler.can_write(io.Ensemble(x[:1].detach().cpu()))
+        if reason:
+            raise ConfigError(f"format = {self.format!r}: {reason}")
+
+    def is_save_point(self, step: int) -> bool:
+        """Whether configurations are written after ``step``."""
+        return (self.enabled and step > max(self.thermalize, self.done)
+                and ((self.save_every > 0 and step % self.save_every == 0) or step == self.total))
+
+    def start(self, *, resume: bool, force: bool) -> None:
+        """Before the first step of a fresh run: refuse or remove an existing store.
+
+        Raises:
+            FormatError: if the store exists and neither ``resume`` nor ``force`` is set.
+        """
+        if self.store is None or resume or not self.store.exists():
+            return
+        if not force:
+            raise FormatError(f"{self.store} exists; use --resume to continue or --force to start over")
+        self.store.unlink()
+
+    def resumed(self, step: int, records: Sequence[Mapping[str, Any]] = ()) -> None:
+        """Roll back to a checkpoint at ``step``: later store entries go, earlier records stay."""
+        self.done = int(step)
+        self.records = [dict(r) for r in records if int(r.get("step", 0)) <= self.done]
+        self.overwrite = True  # files of later steps are the dead run's: the resumed chain replaces them
+        if self.store is not None and self.store.exists():
+            _truncate_store(self.store, self.done)
+
+    def save(self, step: int, x: torch.Tensor) -> None:
+        """Write the configurations ``x`` (B, ...) after ``step`` if it is a save point."""
+        if not self.is_save_point(step):
+            return
+        from flowplug import io
+
+        x = x.detach().cpu()
+        n = x.shape[0]
+        provs = [self.provenance(step, c) for c in range(n)]
+        header = dict(self.header(step)) if self.header is not None else {}
+        src = self.source_meta or [None] * n
+        if not self.gauge:
+            path = self.folder / f"{self.name(step, None)}.{self.ext}"
+            _write_field_file(path, x, self.field, {**provs[0], "chain": list(range(n))})
+            self.records += [{"path": str(path), **p} for p in provs]
+            return
+        if self.store is not None or self.handler.multi:
+            metas = [_metadata(src[c], self.precision, provs[c], header) for c in range(n)]
+            ens = io.Ensemble(x, precision=self.precision, meta=metas, attrs={**self.attrs, "step": step})
+            if self.store is not None:
+                path = self.store
+                io.write(path, ens, "hdf5", precision=self.precision, append=path.exists())
+            else:
+                path = self.folder / f"{self.name(step, None)}.{self.ext}"
+                io.write(path, ens, self.format, precision=self.precision, overwrite=self.overwrite)
+            self.records += [{"path": str(path), **p} for p in provs]
+            return
+        for c in range(n):
+            path = self.folder / f"{self.name(step, c)}.{self.ext}"
+            write_configuration(path, x[c:c + 1], self.format, source_meta=src[c], precision=self.precision,
+                                provenance=provs[c], header=header, overwrite=self.overwrite,
+                                inputs=self.inputs)
+            self.records.append({"path": str(path), **provs[c]})
+
+
+# ------------------------------------------------------------------- measurements
+
+
+def write_measurements(path: Path, history: Mapping[str, torch.Tensor], *, step_label: str = "step",
+                       config: Mapping[str, Any] | None = None) -> Path:
+    """Write chain histories atomically, as HDF5 (``.h5``) or CSV (``.csv``).
+
+    HDF5: one dataset per name, layout (steps, chains) as in
+    :meth:`flowplug.chain.Chain.history_tensors`, stated by its attribute ``axes`` =
+    ``"steps,chains"`` (give ``step_axis=0`` to :mod:`flowplug.stats`); a dataset
+    ``step_label`` (``"trajectory"``, ``"step"``) = 1..T with ``axes = "steps"``; the
+    run configuration as TOML in the root attribute ``config``. CSV: columns
+    ``step_label, chain, <names>``, one row per step (from 1) and chain.
+
+    Arguments:
+        path: ``measurements.h5`` or ``measurements.csv``.
+        history: name -> (T, B) float64 tensors.
+        step_label: Name of the step counter.
+        config: The run configuration (HDF5 only).
+    """
+    from flowplug.fsutil import atomic_path, atomic_write
+
+    path = Path(path)
+    names = list(history)
+    t = next(iter(history.values())).shape[0] if history else 0
+    if path.suffix == ".h5":
+        import h5py
+
+        from flowplug import config as _config
+
+        with atomic_path(path) as tmp:
+            with h5py.File(tmp, "w") as f:
+                ds = f.create_dataset(step_label, data=np.arange(1, t + 1, dtype=np.int64))
+                ds.attrs["axes"] = "steps"
+                for name in names:
+                    # the layout travels with the data: (steps, chains), step_axis=0 in flowplug.stats
+                    ds = f.create_dataset(name, data=history[name].numpy())
+                    ds.attrs["axes"] = "steps,chains"
+                f.attrs["layout"] = f"<name>[{step_label} - 1, chain]"
+                if config is not None:
+                    f.attrs["config"] = _config.dumps(config)
+        return path
+    buf = _stdio.StringIO()
+    w = csv.writer(buf)
+    w.writerow([step_label, "chain", *names])
+    b = history[names[0]].shape[1] if names else 0
+    cols = [history[n].numpy() for n in names]
+    for i in range(t):
+        for c in range(b):
+            w.writerow([i + 1, c, *(repr(float(col[i, c])) for col in cols)])
+    with atomic_write(path, "w") as fh:
+        fh.write(buf.getvalue())
+    return path
+
+
+def read_measurements(path: Path) -> dict[str, np.ndarray]:
+    """Read what :func:`write_measurements` wrote: name -> (steps, chains) float64 arrays.
+
+    The step counter (``trajectory``/``step``) is left out.
+
+    Raises:
+        FormatError: if the file is missing or not a measurements file.
+    """
+    path = Path(path)
+    try:
+        if path.suffix == ".h5":
+            import h5py
+
+            with h5py.File(path, "r") as f:
+                return {k: np.asarray(f[k][()], dtype=np.float64) for k in f
+                        if f[k].attrs.get("axes") == "steps,chains"}
+        with open(path, newline="", encoding="utf-8") as fh:
+            rows = list(csv.reader(fh))
+    except (OSError, KeyError, ValueError) as exc:
+        raise FormatError(f"{path}: cannot read measurements ({type(exc).__name__}: {exc})") from None
+    if not rows or len(rows[0]) < 2 or rows[0][1] != "chain":
+        raise FormatError(f"{path}: not a flowplug measurements file (header {rows[:1]})")
+    names = rows[0][2:]
+    data = np.asarray([[float(v) for v in r] for r in rows[1:]], dtype=np.float64).reshape(-1, len(rows[0]))
+    steps = int(data[:, 0].max()) if len(data) else 0
+    chains = int(data[:, 1].max()) + 1 if len(data) else 0
+    return {n: data[:, 2 + j].reshape(steps, chains) for j, n in enumerate(names)}
+
+
+# ------------------------------------------------------------------- the run directory
+
+
+class ChainOutput:
+    """The run directory of a chain job; :func:`flowplug.jobs.chains.run_chains` calls it.
+
+    Arguments:
+        out: The run directory.
+        command: The job's name (``summary.json`` ``command``).
+        checkpoint: File name of the chain checkpoint in ``out``.
+        configurations: Writer of the configurations, or ``None``.
+        measurements: ``"hdf5"`` (``measurements.h5``), ``"csv"`` (``measurements.csv``)
+            or ``None``.
+        step_label: Name of the step counter in the measurements (``trajectory`` for HMC).
+        config: The run configuration (stored with HDF5 measurements).
+        what: ``what`` of the ``flowplug_checkpoint_written`` event.
+
+    Raises:
+        ConfigError: on an unknown measurements format.
+    """
+
+    def __init__(self, out: Path, command: str, *, checkpoint: str = "chain.ckpt",
+                 configurations: Configurations | None = None, measurements: str | None = None,
+                 step_label: str = "step", config: Mapping[str, Any] | None = None,
+                 what: str = "chain") -> None:
+        self.out = Path(out)
+        self.command = command
+        self.checkpoint_path = self.out / checkpoint
+        self.configurations = configurations
+        if measurements is not None and str(measurements).strip().lower() not in ("hdf5", "csv"):
+            raise ConfigError(f"measurements = {measurements!r}: choose 'hdf5' or 'csv'")
+        self.measurements = None if measurements is None else str(measurements).strip().lower()
+        self.step_label = step_label
+        self.config = config
+        self.what = what
+        self._measured = -1
+
+    @property
+    def measurements_path(self) -> Path | None:
+        """``out/measurements.h5`` or ``.csv`` (``None`` without measurements)."""
+        if self.measurements is None:
+            return None
+        return self.out / ("measurements.h5" if self.measurements == "hdf5" else "measurements.csv")
+
+    @property
+    def provenance_path(self) -> Path:
+        """``out/provenance.json``."""
+        return self.out / "provenance.json"
+
+    @property
+    def written(self) -> list[dict[str, Any]]:
+        """Every configuration written by the run (across resumes): ``{"path", **provenance}``."""
+        return list(self.configurations.records) if self.configurations is not None else []
+
+    def start(self, *, resume: bool = False, force: bool = False) -> None:
+        """Create ``out``; on a fresh run refuse (or, with ``force``, remove) an ensemble store.
+
+        Raises:
+            FormatError: if the store exists and neither ``resume`` nor ``force`` is set.
+        """
+        if self.configurations is not None:
+            self.configurations.start(resume=resume, force=force)
+        self.out.mkdir(parents=True, exist_ok=True)
+
+    # ------------------------------------------------------- called by the driver
+
+    def resumed(self, chain: Any) -> None:
+        """After the chain was restored from its checkpoint: roll the outputs back to its step."""
+        if self.configurations is None:
+            return
+        records: list[Mapping[str, Any]] = []
+        if self.provenance_path.exists():
+            try:
+                records = json.loads(self.provenance_path.read_text(encoding="utf-8")).get("outputs", [])
+            except (OSError, ValueError, AttributeError):
+                records = []
+        self.configurations.resumed(chain.step_count, records)
+
+    def after_step(self, chain: Any, info: Mapping[str, Any] | None = None) -> None:
+        """After every step: configurations at save points."""
+        if self.configurations is not None:
+            self.configurations.save(chain.step_count, chain.state.x)
+
+    def checkpoint(self, chain: Any) -> None:
+        """Measurements and ``provenance.json`` up to the chain's step, then its checkpoint."""
+        from flowplug.manager import get_plugin_manager
+
+        self._write_tables(chain)
+        chain.save(self.checkpoint_path)
+        get_plugin_manager().notify("flowplug_checkpoint_written", path=str(self.checkpoint_path),
+                                    step=chain.step_count, what=self.what)
+
+    # --------------------------------------------------------------- at the end
+
+    def _write_tables(self, chain: Any) -> None:
+        if self.measurements_path is not None and self._measured != chain.step_count:
+            write_measurements(self.measurements_path, chain.history_tensors(), step_label=self.step_label,
+                               config=self.config)
+            self._measured = chain.step_count
+        if self.configurations is not None and self.configurations.enabled:
+            from flowplug.fsutil import write_json
+
+            write_json(self.provenance_path, {"outputs": self.configurations.records})
+
+    def finish(self, chain: Any, summary: Mapping[str, Any], *, report: Mapping[str, Any] | None = None
+               ) -> dict[str, Any]:
+        """Write the last measurements, ``provenance.json``, ``report.png`` and ``summary.json``.
+
+        Arguments:
+            chain: The chain at the end of the run.
+            summary: The job's figures.
+            report: Keyword arguments of :func:`flowplug.jobs.report.chain_report`
+                (``history``, ``names``, ``title``, ``acceptance``, ``weights``), or ``None``
+                for no report.
+
+        Returns:
+            ``summary`` as written (with ``command`` and ``flowplug_version``).
+        """
+        self._write_tables(chain)
+        if report is not None:
+            from flowplug.jobs.report import chain_report
+
+            chain_report(self.out / "report.png", **report)
+        return write_job_summary(self.out, self.command, summary)
+
+
+def write_job_summary(out: Path, command: str, summary: Mapping[str, Any]) -> dict[str, Any]:
+    """Write ``out/summary.json`` (:func:`flowplug.fsutil.write_summary`: tells plugins through
+    ``flowplug_run_finished``) and return what it holds: ``command``, ``flowplug_version``
+    and the figures."""
+    from flowplug._version import __version__
+    from flowplug.fsutil import write_summary
+
+    write_summary(out, command, summary)
+    return {"command": command, "flowplug_version": __version__, **summary}

@@ -1,0 +1,182 @@
+"""The ``resample`` job: exact flow chains seeded by an existing ensemble.
+
+:func:`run_resample` (``flowplug resample ENSEMBLE... --flow CHECKPOINT --out DIR``):
+every configuration of the inputs (files of any readable format, directories, globs, or
+HDF5 ensembles) starts one chain of flow independence-Metropolis steps (optionally
+``kernel.hmc_every`` HMC trajectories before each flow step, or flow-transformed HMC).
+log q of the inputs comes from the inverse flow. Every ``save_every`` steps (and after
+the last) each chain's configuration is written to DIR in the inputs' format (``to`` to
+change; SciDAC and bare LIME inputs are written as ILDG; HDF5 into one store
+``DIR/ensemble.h5``), with provenance (input file and its SHA-256, flow checkpoint
+SHA-256, seed, chain, step) in the file's metadata where the format has room and in
+``DIR/provenance.json``.
+
+``DIR/summary.json`` holds ``acceptance``, ``ess`` (of the importance weights p/q of the
+input configurations, (sum w)^2 / (n sum w^2)), ``ess_p_samples`` (the flow's ESS
+estimated from inputs distributed by p: n^2 / (sum w sum 1/w)), per-kernel acceptances,
+``observables.<name>.{mean,error,tau_int}`` of the chains (Gamma method), and ``inputs``:
+per input configuration its file, checksum, log p, log q and log w.
+``DIR/measurements.csv`` (or ``.h5``) has every measurement per step and chain;
+``DIR/report.png`` draws histories, autocorrelations, acceptance and the weights. Long
+runs checkpoint to ``DIR/chain.ckpt``; ``resume=True`` continues bit for bit (and an
+HDF5 store written past the checkpoint by a run that died is rolled back to it first).
+The flow must pass the inverse check (:func:`flowplug.flowtools.check_inverse`, recorded
+as ``inverse_check`` in the summary) unless ``check_inverse=False``: log q of every input
+comes from the inverse.
+
+The configuration schema is :data:`DEFAULT_CONFIG` (``flowplug resample --print-config``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from flowplug.fsutil import locked_run
+
+__all__ = ["DEFAULT_CONFIG", "NON_CHAIN_KEYS", "run_resample"]
+
+DEFAULT_CONFIG = """\
+# flowplug resample: exact flow chains seeded by an existing ensemble
+
+seed = 1            # random seed of the chains
+steps = 20          # kernel steps per chain (one chain per input configuration)
+save_every = 1      # write each chain's configuration every this many steps (0: only the last)
+checkpoint_every = 50
+measurements = "csv"  # per-step measurements: "csv" (measurements.csv) or "hdf5" (measurements.h5)
+observables = []    # measured after every step ([] = defaults of the field kind)
+to = ""             # output format ("" = the inputs' format)
+precision = 0       # output precision in bits (0 = the inputs')
+
+[kernel]
+type = "flow"       # "flow" (independence Metropolis), "flow-hmc" (HMC in latent space), "hmc"
+hmc_every = 0       # > 0: this many HMC trajectories before every flow step
+
+[kernel.hmc]
+integrator = "omelyan"
+steps = 10
+trajectory_length = 1.0
+
+[action]            # "" = the action stored with the flow (the production action must be it)
+name = ""
+beta = 0.0
+group = ""
+"""
+
+#: Keys that do not change the Markov chains: a run may be resumed with other values.
+NON_CHAIN_KEYS = ("steps", "save_every", "checkpoint_every", "measurements")
+
+
+@locked_run("resample", lambda a: a["out"])
+def run_resample(cfg: Mapping[str, Any], inputs: Sequence[Path | str], flow: Path, out: Path, *,
+                 resume: bool = False, force: bool = False, read_options: Mapping[str, Any] | None = None,
+                 progress: bool = False, check_inverse: bool = True) -> dict[str, Any]:
+    """Run (or resume) a resample job; ``out`` is locked for the run.
+
+    Arguments:
+        cfg: The effective configuration (of :data:`DEFAULT_CONFIG`).
+        inputs: Configuration files, directories or glob patterns.
+        flow: What ``flowplug train`` wrote: the run directory or its ``checkpoint.pt``.
+        out: The run directory.
+        resume: Continue from ``out/chain.ckpt`` (bit for bit the uninterrupted run).
+        force: Replace the outputs of an earlier run.
+        read_options: Options of :func:`flowplug.io.read` (``format``, ``lattice``,
+            ``group``, ``verify``).
+        progress: Progress bar.
+        check_inverse: Refuse a flow that fails the inverse check.
+
+    Returns:
+        The figures written to ``out/summary.json``; the chains' histories are in
+        ``out/measurements.csv`` (:func:`flowplug.jobs.output.read_measurements`), their
+        state in ``out/chain.ckpt``.
+
+    Raises:
+        FlowplugError: on bad inputs, a mismatched flow, or an output that exists;
+            :class:`flowplug.errors.InverseCheckError` if the flow fails the inverse check
+            and ``check_inverse`` is true.
+    """
+    import torch
+
+    from flowplug import io
+    from flowplug.cli.cmd_convert import expand_inputs
+    from flowplug.flowtools import open_flow
+    from flowplug.jobs.chains import (
+        action_override,
+        build_kernel,
+        check_compatible,
+        importance_weights,
+        run_chains,
+    )
+    from flowplug.jobs.output import ChainOutput, Configurations, output_format
+    from flowplug.jobs.provenance import file_sha256, fingerprint, provenance
+    from flowplug.jobs.summary import chain_summary
+    from flowplug.plugins.observables import default_observables, measurement
+
+    out = Path(out)
+    read_options = {k: v for k, v in dict(read_options or {}).items() if v is not None}
+    ck = open_flow(flow, check_inverse=check_inverse)
+    action = ck.action(action_override(cfg))
+    files = expand_inputs([str(p) for p in inputs])
+    parts, sources = [], []
+    for f in files:
+        ens = io.read(f, **read_options)
+        check_compatible(ens, ck.flow, str(f))
+        digest = file_sha256(f)
+        for i in range(len(ens)):
+            sources.append({"file": str(f), "index": i, "sha256": digest, "format": ens.meta[i].format,
+                            "precision": ens.meta[i].precision})
+        parts.append(ens)
+    ensemble = io.Ensemble.concat(parts)
+    fmt = output_format(ensemble.meta[0].format if ensemble.meta[0].format != "hdf5" else "hdf5", cfg.get("to"))
+    precision = int(cfg.get("precision") or ensemble.precision)
+    x0 = ensemble.links.to(torch.complex128 if ensemble.group != "u1" else torch.float64)
+    field, ndim = ck.flow.field, len(ck.flow.lattice)
+    names = list(cfg.get("observables") or default_observables(field, ndim))
+    measure = measurement(field, names)
+    kernel = build_kernel(ck.flow, action, cfg["kernel"])  # validate before creating outputs
+    weights = importance_weights(ck.flow, action, x0, measure)
+    seed = int(cfg["seed"])
+    steps = int(cfg["steps"])
+    # steps and output settings may change on --resume; the flow and the inputs may not
+    run_id = fingerprint(cfg, ck.sha256, *[s["sha256"] for s in sources], ignore=NON_CHAIN_KEYS)
+
+    def _provenance(t: int, c: int) -> dict[str, Any]:
+        src = sources[c]
+        return provenance("resample", seed=seed, step=t, chain=c, flow=ck, input=src["file"],
+                          input_index=src["index"], input_sha256=src["sha256"])
+
+    configurations = Configurations(
+        out, fmt, field, store=out / "ensemble.h5", save_every=int(cfg.get("save_every", 1)), total=steps,
+        precision=precision, source_meta=ensemble.meta, inputs=[Path(s["file"]) for s in sources],
+        overwrite=force,
+        name=lambda t, c: (f"resample.s{t:05d}" if c is None
+                           else f"{Path(sources[c]['file']).name}.c{c:03d}.s{t:05d}"),
+        provenance=_provenance)
+    output = ChainOutput(out, "resample", configurations=configurations,
+                         measurements=cfg.get("measurements", "csv"), config=cfg)
+    output.start(resume=resume, force=force)
+    chain = run_chains(kernel, x0, steps, seed=seed, measure=measure, output=output, resume=resume, run_id=run_id,
+                       checkpoint_every=int(cfg.get("checkpoint_every", 50)), progress=progress, desc="resample")
+    hist = chain.history_tensors()
+    stats = chain_summary(hist, names)
+    acc = stats.get("acceptance", float("nan"))
+    summary = {
+        "acceptance": acc,
+        "acceptance_by_kernel": stats.get("acceptance_by_kernel", {}),
+        "ess": weights["ess"],
+        "ess_p_samples": weights.get("ess_p_samples"),
+        "steps": chain.step_count, "chains": chain.state.batch, "seed": seed,
+        "format": fmt, "precision": precision,
+        "flow": {"path": str(flow), "sha256": ck.sha256, "field": field, "lattice": list(ck.flow.lattice)},
+        "action": ck.action_config | action_override(cfg),
+        "observables": stats.get("observables", {}),
+        "reweighted_inputs": weights["reweighted"],  # sum w O / sum w over the inputs
+        "inputs": [{**s, "log_p": lp, "log_q": lq, "log_w": lw}
+                   for s, lp, lq, lw in zip(sources, weights["log_p"], weights["log_q"], weights["log_w"])],
+        "written": len(output.written),
+        "inverse_check": {**ck.inverse_check.as_dict(), "enforced": check_inverse},
+    }
+    report = {"history": hist, "names": names, "weights": weights["log_w"],
+              "title": f"flowplug resample: {len(sources)} chains, acceptance {acc:.3f}",
+              "acceptance": summary["acceptance_by_kernel"] or {"all": acc}}
+    return output.finish(chain, summary, report=report)

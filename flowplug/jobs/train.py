@@ -1,0 +1,237 @@
+"""The ``train`` job: train a normalizing flow for a lattice action, with checkpoints and resume.
+
+The trainer itself is :class:`flowplug.train.Trainer`; this job is what ``flowplug train``
+does around it: :func:`run_train` builds the trainer from a configuration
+(:data:`DEFAULT_CONFIG`), writes ``<out>/config.toml``, trains, evaluates the flow and
+writes ``<out>/summary.json``; :func:`resume_train` continues a run from its checkpoint
+(bit for bit) and does the same. Outputs in ``out``: ``checkpoint.pt`` (atomically, every
+``train.checkpoint_every`` steps, at the end, and after the step in progress when Ctrl-C
+stops the run), ``train_log.csv`` (one row per step), ``config.toml`` and
+``summary.json`` with ``ess``, ``acceptance``, ``free_energy``, ``steps``,
+``skipped_steps``, ``wall_time_s`` (figures from ``eval.samples`` fresh samples) and
+``inverse_check`` (:func:`flowplug.flowtools.check_inverse`; a flow that fails it is
+trained to the end, with an :class:`flowplug.errors.InverseCheckWarning`, because
+``sample``, ``resample`` and ``propose`` would refuse it).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from flowplug.errors import FlowplugError
+from flowplug.fsutil import locked_run
+
+__all__ = ["DEFAULT_CONFIG", "OPEN_TABLES", "RESUME_KEYS", "run_train", "resume_train", "stored_config"]
+
+DEFAULT_CONFIG = """\
+# flowplug train: complete default configuration (every key, with its default).
+out = "flowplug-train"       # output directory (checkpoint.pt, train_log.csv, summary.json)
+lattice = [8, 8]             # lattice extents L_0, ..., L_{d-1} (x first)
+seed = 1                     # seeds network initialisation and all sampling
+device = "auto"              # auto (cuda when available) | cpu | cuda | cuda:N
+threads = 0                  # CPU threads for torch; 0: torch's default (1 is often fastest on a busy machine)
+
+[action]                     # the target theory: p(x) = exp(-S(x)) / Z
+name = "phi4"                # registered action (flowplug plugins): phi4, wilson, ...
+group = "u1"                 # wilson: u1 | su2 | su3
+beta = 2.0                   # wilson coupling
+m2 = -4.0                    # phi4: mass term (Albergo et al. convention)
+lam = 8.0                    # phi4: quartic coupling
+
+[flow]
+layers = ["affine"]          # registered flow layers, used in turn (flowplug plugins)
+n_layers = 16                # total number of coupling layers
+prior = ""                   # empty: normal (scalar), uniform (u1), haar (su<N>)
+
+[flow.options]               # options for every layer that accepts them; a sub-table
+hidden = [8, 8]              # named after a layer (e.g. [flow.options.u1-ncp]) holds
+                             # options for that layer only (kernel_size = 3 by default)
+dtype = "float32"            # network dtype; densities and the map stay float64
+
+[train]
+steps = 1000                 # total optimisation steps
+batch_size = 64              # samples per step
+objective = "reverse"        # reverse (free energy, self-training) | forward (max. likelihood on an ensemble)
+path_gradient = false        # reverse only: path-gradient estimator (arXiv:2207.08219)
+path_gradient_method = "auto"  # auto | fast (score carried forward, arXiv:2403.15881) | inverse
+optimizer = "adam"           # adam | adamw
+lr = 1e-3                    # learning rate
+weight_decay = 0.0
+betas = [0.9, 0.999]
+schedule = "constant"        # constant | cosine | linear (decay to lr * lr_min_factor)
+warmup_steps = 0             # linear warm-up steps
+lr_min_factor = 0.0
+grad_clip = 0.0              # max gradient norm; 0 = no clipping
+guard = 0.0                  # reverse only: divergence guard in nats; 0 = off (see docs/flows.md)
+guard_window = 25            # steps per guard window
+ensemble = ""                # forward: configurations (path or glob; any readable lattice format, .pt, .h5)
+ensemble_format = ""         # forward: force a file format (default: detect)
+checkpoint_every = 250       # steps between checkpoints (0: only at the end)
+progress = true              # progress bar with loss, ESS and acceptance
+
+[eval]
+samples = 8192               # fresh samples for the final ESS / acceptance / free energy
+batch_size = 1024            # samples per forward pass
+seed = 12345                 # seed of the evaluation samples
+"""
+
+#: Tables whose keys are free (layer options), not checked against the default.
+OPEN_TABLES = ("flow.options",)
+
+#: The ``[train]`` keys a resumed run may change.
+RESUME_KEYS = ("steps", "checkpoint_every", "progress")
+
+
+def _observables(field: str) -> dict[str, Callable[[Any], Any]]:
+    """Observables of the final evaluation, by field kind."""
+    from flowplug import gauge
+
+    if field == "scalar":
+        return {"magnetization_abs": lambda x: x.flatten(1).mean(1).abs()}
+    if field == "u1" or field.startswith("su"):
+        obs = {"plaquette": gauge.plaquette}
+        if field == "u1":
+            import math
+
+            import torch
+
+            from flowplug.groups import wrap_angle
+
+            def q2(x: torch.Tensor) -> torch.Tensor:
+                if x.shape[1] != 2:
+                    return torch.full((x.shape[0],), float("nan"), dtype=torch.float64, device=x.device)
+                q = wrap_angle(gauge.u1_plaquettes(x)).flatten(1).sum(1) / (2 * math.pi)
+                return q * q
+            obs["topological_charge_squared"] = q2
+        return obs
+    return {}
+
+
+def stored_config(run: str | Path) -> dict[str, Any]:
+    """The configuration a run was started with, from its checkpoint (run directory or file).
+
+    Raises:
+        CheckpointError: if there is no readable training checkpoint.
+    """
+    from flowplug.train import read_checkpoint
+
+    return dict(read_checkpoint(run)["config"])
+
+
+@locked_run("train", lambda a: a["cfg"]["out"])
+def run_train(cfg: Mapping[str, Any], *, force: bool = False) -> dict[str, Any]:
+    """Train a flow from a configuration (:data:`DEFAULT_CONFIG`); ``out`` is locked for the run.
+
+    Arguments:
+        cfg: The effective configuration (:func:`flowplug.config.build_config` of
+            :data:`DEFAULT_CONFIG` with ``open_tables=OPEN_TABLES``).
+        force: Start afresh although ``out`` holds a checkpoint.
+
+    Returns:
+        The figures written to ``out/summary.json``.
+
+    Raises:
+        FlowplugError: if ``out`` holds a checkpoint and ``force`` is false.
+        ConfigError, UnknownComponentError: on invalid configurations.
+    """
+    from flowplug import config as _config
+    from flowplug.fsutil import atomic_write
+    from flowplug.train import CHECKPOINT_NAME, build_trainer
+
+    out = Path(str(cfg["out"]))
+    ckpt = out / CHECKPOINT_NAME
+    if ckpt.exists() and not force:
+        raise FlowplugError(f"{ckpt} exists: continue that run with --resume {ckpt.parent}, or start "
+                            "afresh with --force (or another out)")
+    trainer = build_trainer(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_write(out / "config.toml", "w") as fh:
+        fh.write(_config.dumps(cfg))
+    trainer.run()
+    return _finish(trainer, cfg)
+
+
+def _resume_dir(run: str | Path) -> Path | None:
+    """The run directory to lock on resume (``None``, unlocked, if there is no checkpoint:
+    the resume then fails without creating anything)."""
+    from flowplug.train import checkpoint_path
+
+    path = checkpoint_path(run)
+    return path.parent if path.exists() else None
+
+
+@locked_run("train", lambda a: _resume_dir(a["run"]))
+def resume_train(run: str | Path, *, overrides: Mapping[str, Any] | None = None,
+                 log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Continue a training run from its checkpoint (bit for bit), then evaluate and summarise.
+
+    Arguments:
+        run: The run directory (or its ``checkpoint.pt``); it is locked for the run.
+        overrides: ``[train]`` keys to change (only :data:`RESUME_KEYS`).
+        log: Receives one-line notes (where the run resumes; nothing left to train).
+
+    Returns:
+        The figures written to ``summary.json`` in the run directory.
+
+    Raises:
+        CheckpointError: on a missing or unreadable checkpoint, or a forbidden override.
+    """
+    from flowplug.train import resume_trainer
+
+    overrides = dict(overrides or {})
+    trainer = resume_trainer(run, overrides=overrides)
+    config = trainer.config
+    config.setdefault("train", {}).update(overrides)
+    if log is not None:
+        log(f"resuming {run} at step {trainer.step} of {trainer.steps_total}")
+        if trainer.step >= trainer.steps_total:
+            log(f"nothing to train: the run already has {trainer.step} steps (raise train.steps to "
+                "continue); evaluating")
+    trainer.run()
+    return _finish(trainer, config)
+
+
+def _finish(trainer: Any, config: Mapping[str, Any]) -> dict[str, Any]:
+    """Evaluate the trained flow, check its inverse, write ``summary.json``."""
+    import warnings
+
+    from flowplug.errors import InverseCheckWarning
+    from flowplug.flowtools import check_inverse
+    from flowplug.jobs.output import write_job_summary
+    from flowplug.train import CHECKPOINT_NAME
+
+    ev = dict(config.get("eval", {}))
+    figures = trainer.evaluate(int(ev.get("samples", 8192)), batch_size=int(ev.get("batch_size", 1024)),
+                               seed=int(ev.get("seed", 12345)), observables=_observables(trainer.flow.field))
+    # the samplers refuse a flow whose inverse is broken: say so now, not at the first `sample`
+    inverse = check_inverse(trainer.flow)
+    if not inverse.passed:
+        warnings.warn(f"{trainer.out}: the trained flow's inverse does not undo its forward map "
+                      f"({inverse.describe()}); sample, resample and propose will refuse it "
+                      "(retrain with a lower train.lr or with train.guard)", InverseCheckWarning, stacklevel=1)
+    last = trainer.history[-1] if trainer.history else {}
+    summary = {
+        "ess": figures["ess"],
+        "acceptance": figures["acceptance"],
+        "acceptance_chain": figures["acceptance_chain"],
+        "free_energy": figures["free_energy"],
+        "steps": trainer.step,
+        "skipped_steps": trainer.skipped,
+        "rollbacks": trainer.rollbacks,
+        "wall_time_s": trainer.wall_time_s,
+        "steps_per_s": trainer.step / trainer.wall_time_s if trainer.wall_time_s > 0 else None,
+        "eval_samples": figures["n_samples"],
+        "eval_non_finite": figures["non_finite"],
+        "final_loss": last.get("loss"),
+        "field": trainer.flow.field,
+        "lattice": list(trainer.flow.lattice),
+        "action": {"name": str(config["action"]["name"]), **getattr(trainer.action, "couplings", dict)()},
+        "device": str(trainer.device),
+        "checkpoint": str(trainer.out / CHECKPOINT_NAME),
+        "observables": {k: v for k, v in figures.items()
+                        if k not in ("ess", "acceptance", "acceptance_chain", "free_energy", "n_samples",
+                                     "non_finite")},
+        "inverse_check": inverse.as_dict(),
+    }
+    return write_job_summary(trainer.out, "train", summary)
