@@ -73,6 +73,12 @@ def _permute(x: ArrayT, batched: bool, what: str) -> ArrayT:
         batch = "B, " if batched else ""
         raise ShapeError(f"{what}: SU(N) links need shape ({batch}..., N, N) with d >= 1 lattice axes and "
                          f"a square colour block; found {tuple(x.shape)}")
+    # the direction axis has d entries: this catches a batch axis passed without batched=True
+    mu_axis = (1 if batched else 0) if what == "to_ildg" else x.ndim - 3
+    if x.shape[mu_axis] != d:
+        hint = "" if batched else "; a batch of configurations needs batched=True"
+        raise ShapeError(f"{what}: shape {tuple(x.shape)} read as {d}D links{' with a batch axis' if batched else ''} "
+                         f"needs {d} directions on axis {mu_axis}; found {x.shape[mu_axis]}{hint}")
     axes = ildg_axes(d, batched=batched)
     if isinstance(x, torch.Tensor):
         return x.permute(axes)
@@ -91,7 +97,9 @@ def to_ildg(links: ArrayT, *, batched: bool = False) -> ArrayT:
         Shape (L_{d-1}, ..., L_0, d, N, N) (or (B, L_{d-1}, ...)), same type and dtype.
 
     Raises:
-        ShapeError: if the array has too few axes or a non-square colour block.
+        ShapeError: if the array has too few axes, a non-square colour block, or a
+            direction axis whose length is not the number of lattice axes (a batch
+            without ``batched=True``).
     """
     return _permute(links, batched, "to_ildg")
 
@@ -108,6 +116,8 @@ def from_ildg(links: ArrayT, *, batched: bool = False) -> ArrayT:
         Shape (d, L_0, ..., L_{d-1}, N, N) (or (B, d, ...)), same type and dtype.
 
     Raises:
-        ShapeError: if the array has too few axes or a non-square colour block.
+        ShapeError: if the array has too few axes, a non-square colour block, or a
+            direction axis whose length is not the number of lattice axes (a batch
+            without ``batched=True``).
     """
     return _permute(links, batched, "from_ildg")

@@ -123,3 +123,18 @@ def test_a_format_handler_written_with_groups_still_works():
     assert Legacy().can_write(su2) is None
     assert "holds su2 gauge links only" in Legacy().can_write(su2.__class__(su2.links.new_zeros(
         1, 4, 2, 2, 2, 2, 3, 3)))
+
+
+def test_a_batch_without_batched_is_refused():
+    """(1, 4, 4, 4, 4, 4, 3, 3) is one 4D configuration in a batch, not a 5D lattice."""
+    from flowplug.errors import ShapeError
+    from flowplug.layout import from_ildg, to_ildg
+
+    x = torch.zeros(1, 4, 4, 4, 4, 4, 3, 3, dtype=torch.complex128)
+    with pytest.raises(ShapeError, match="batched=True"):
+        to_ildg(x)
+    assert to_ildg(x, batched=True).shape == (1, 4, 4, 4, 4, 4, 3, 3)
+    y = torch.zeros(1, 6, 5, 4, 3, 4, 3, 3, dtype=torch.complex128)     # (B, lt, lz, ly, lx, 4, N, N)
+    with pytest.raises(ShapeError, match="batched=True"):
+        from_ildg(y)
+    assert from_ildg(y, batched=True).shape == (1, 4, 3, 4, 5, 6, 3, 3)
