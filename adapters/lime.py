@@ -42,6 +42,7 @@ from flowplug.errors import FormatError
 from flowplug.hookspecs import hookimpl
 from flowplug.io import Check, Ensemble, FormatHandler, Metadata, Record
 from flowplug.records import FileFormatSpec
+from flowplug.theory import su_n
 
 from flowplug.adapters.checksums import scidac_checksum
 from flowplug.adapters.common import (
@@ -275,7 +276,8 @@ def read_lime(path: Path, *, lattice: tuple[int, ...] | None = None, group: str 
             raise FormatError(f"{path}: LIME gauge files are 4-dimensional; given lattice {fmt_lattice(lattice)}")
         dims = tuple(lattice)
         vol = math.prod(dims)
-        colors = [int(group[2:])] if group and group.startswith("su") else [3, 2]
+        given_n = su_n(group)
+        colors = [given_n] if given_n else [3, 2]
         fits = [(n, p) for n in colors for p in (64, 32) if vol * 4 * n * n * 2 * p // 8 == binary.length]
         if not fits:
             need = ", ".join(f"SU({n}) {p}-bit {vol * 4 * n * n * p // 4}" for n in colors for p in (64, 32))

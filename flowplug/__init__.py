@@ -10,6 +10,7 @@ Quick use::
 
     import flowplug
     flowplug.registry("action").names()          # registered actions
+    flowplug.registry("field_kind").names()      # field kinds: o2, scalar, su (su<N>), u1
     spec = flowplug.get_component("action", "xy")
     action = spec.factory(beta=1.0)
 """
@@ -25,12 +26,14 @@ from flowplug.errors import (
     PluginLoadWarning,
     ShapeError,
     UnknownComponentError,
+    UnknownFieldKindError,
 )
 from flowplug.hookspecs import hookimpl
 from flowplug.manager import get_component, get_plugin_manager, new_plugin_manager, registry
 from flowplug.records import (
     ActionSpec,
     CommandSpec,
+    FieldKindSpec,
     FileFormatSpec,
     FlowLayerSpec,
     KernelSpec,
@@ -45,6 +48,7 @@ __all__ = [
     "new_plugin_manager",
     "registry",
     "get_component",
+    "FieldKindSpec",
     "ActionSpec",
     "FlowLayerSpec",
     "PriorSpec",
@@ -55,6 +59,7 @@ __all__ = [
     "FlowplugError",
     "PluginError",
     "UnknownComponentError",
+    "UnknownFieldKindError",
     "DuplicateComponentError",
     "ConfigError",
     "FormatError",

@@ -35,6 +35,14 @@ class ConfigError(FlowplugError):
     """A configuration file or a ``--set`` override is invalid (unknown key, wrong type)."""
 
 
+class UnknownFieldKindError(UnknownComponentError, ConfigError):
+    """A field kind (``scalar``, ``u1``, ``su3``...) that no plugin registers
+    (hook ``flowplug_field_kinds``); both a configuration and a lookup error.
+
+    The message lists the kinds that are available and the closest match.
+    """
+
+
 class FormatError(FlowplugError):
     """A lattice file is malformed, truncated, or does not match what the caller asked for."""
 

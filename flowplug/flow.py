@@ -44,21 +44,24 @@ from torch import nn
 
 from flowplug.errors import ConfigError, ShapeError
 
-#: Prior used for each built-in field kind when none is named.
-DEFAULT_PRIORS: dict[str, str] = {"scalar": "normal", "u1": "uniform", "su": "haar"}
-
 
 def default_prior(field: str) -> str:
     """Registry name of the default prior of a field kind (``normal``, ``uniform``, ``haar``).
 
+    It is the ``prior`` of the kind's record (:class:`flowplug.records.FieldKindSpec`).
+
     Raises:
-        ConfigError: for a field kind without a default prior.
+        ConfigError: for a field kind without a default prior (or one no plugin provides).
     """
-    if field in DEFAULT_PRIORS:
-        return DEFAULT_PRIORS[field]
-    if field.startswith("su") and field[2:].isdigit():
-        return DEFAULT_PRIORS["su"]
-    raise ConfigError(f"no default prior for field kind '{field}'; name one with flow.prior")
+    from flowplug.theory import field_kind
+
+    try:
+        prior = field_kind(field).prior
+    except ConfigError:
+        prior = ""
+    if not prior:
+        raise ConfigError(f"no default prior for field kind '{field}'; name one with flow.prior")
+    return prior
 
 
 class Flow(nn.Module):
@@ -422,16 +425,13 @@ def path_gradient_loss(flow: Flow, z: torch.Tensor,
 
 def check_field(flow: Flow, x: torch.Tensor) -> None:
     """Raise :class:`ShapeError` unless x has the layout of ``flow`` (field kind and lattice)."""
-    d = len(flow.lattice)
-    if flow.field == "scalar":
-        expected = flow.lattice
-    elif flow.field == "u1":
-        expected = (d, *flow.lattice)
-    elif flow.field.startswith("su") and flow.field[2:].isdigit():
-        n = int(flow.field[2:])
-        expected = (d, *flow.lattice, n, n)
-    else:
-        return
+    from flowplug.theory import field_space
+
+    try:
+        space = field_space(flow.field)
+    except ConfigError:
+        return  # a kind no plugin registers: nothing to check against
+    expected = space.shape(tuple(flow.lattice), 1)[1:]
     if tuple(x.shape[1:]) != tuple(expected):
         raise ShapeError(f"flow for {flow.field} fields on lattice {list(flow.lattice)} expects shape "
                          f"(B, {', '.join(map(str, expected))}); found {tuple(x.shape)}")

@@ -12,9 +12,9 @@ group ``flowplug``::
 
 There are two families of hooks:
 
-* **Component hooks** (``flowplug_actions``, ``flowplug_flow_layers``, ``flowplug_priors``,
-  ``flowplug_kernels``, ``flowplug_file_formats``, ``flowplug_observables``,
-  ``flowplug_commands``) take no arguments and return an iterable of frozen records
+* **Component hooks** (``flowplug_field_kinds``, ``flowplug_actions``,
+  ``flowplug_flow_layers``, ``flowplug_priors``, ``flowplug_kernels``,
+  ``flowplug_file_formats``, ``flowplug_observables``, ``flowplug_commands``) take no arguments and return an iterable of frozen records
   from :mod:`flowplug.records`. The manager files them into typed registries; a name
   given twice is an error naming both providers.
 * **Event hooks** (``flowplug_after_chain_step``, ``flowplug_after_train_step``,
@@ -37,6 +37,7 @@ from flowplug.records import (
     ActionSpec,
     CommandSpec,
     Component,
+    FieldKindSpec,
     FileFormatSpec,
     FlowLayerSpec,
     KernelSpec,
@@ -53,6 +54,41 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 # --------------------------------------------------------------------------- components
+
+
+@hookspec
+def flowplug_field_kinds() -> Iterable[FieldKindSpec]:
+    """Return the field kinds (the manifolds lattice fields live on) this plugin provides.
+
+    A field kind is what an action's ``field`` and a record's ``fields`` name. Its
+    factory builds a :class:`flowplug.theory.FieldSpace` (canonical shape, cold/hot
+    starts, momenta, kinetic energy, update; what HMC moves on), which
+    :func:`flowplug.theory.field_space` finds by kind; the record also says whether the
+    field lives on the links (``gauge``), what is measured on it by default
+    (``observables``, ``observable_dims``) and the default flow prior (``prior``).
+    A record with a ``pattern`` stands for a family of kinds (``su`` for su2, su3...).
+    The built-ins ``scalar``, ``o2``, ``u1`` and ``su<N>`` come from
+    ``flowplug.plugins.fields``.
+
+    Example::
+
+        from flowplug import hookimpl, FieldKindSpec
+        from flowplug.theory import EuclideanSpace
+
+        class VectorSpace(EuclideanSpace):            # N real components per site
+            def __init__(self, n):
+                self.n, self.kind = n, f"vec{n}"
+            def shape(self, lattice, batch):
+                return (batch, *lattice, self.n)
+            def lattice_of(self, x):
+                return tuple(x.shape[1:-1])
+
+        @hookimpl
+        def flowplug_field_kinds():
+            return [FieldKindSpec(name="vec", description="N-component real field",
+                                  factory=VectorSpace, pattern=r"vec(?P<n>\\d+)",
+                                  examples=("vec2", "vec3"), observables=("vec_norm",))]
+    """
 
 
 @hookspec
@@ -234,6 +270,7 @@ def flowplug_run_finished(command: str, out: str, summary: Mapping[str, Any]) ->
 
 #: Component hook name -> record type it must return.
 COMPONENT_HOOKS: dict[str, type[Component]] = {
+    "flowplug_field_kinds": FieldKindSpec,
     "flowplug_actions": ActionSpec,
     "flowplug_flow_layers": FlowLayerSpec,
     "flowplug_priors": PriorSpec,

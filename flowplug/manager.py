@@ -36,7 +36,7 @@ from flowplug import hookspecs
 from flowplug._version import __version__
 from flowplug.errors import DuplicateComponentError, PluginError, PluginLoadWarning
 from flowplug.records import Component
-from flowplug.registry import Registry, kind_word
+from flowplug.registry import Registry, kind_word, new_registry
 
 ENTRY_POINT_GROUP = "flowplug"
 
@@ -272,7 +272,7 @@ class PluginManager(pluggy.PluginManager):
 
     def _build_registry(self, hook_name: str) -> Registry:
         record_type = hookspecs.COMPONENT_HOOKS[hook_name]
-        registry: Registry = Registry(record_type.kind)
+        registry: Registry = new_registry(record_type.kind)
         caller = getattr(self.hook, hook_name)
         # get_hookimpls() lists implementations in registration order (built-ins first).
         for impl in caller.get_hookimpls():
@@ -311,8 +311,10 @@ class PluginManager(pluggy.PluginManager):
         """The registry of one component kind, built on first use.
 
         Arguments:
-            kind: ``"action"``, ``"flow_layer"``, ``"prior"``, ``"kernel"``,
-                ``"file_format"``, ``"observable"`` or ``"command"``.
+            kind: ``"field_kind"``, ``"action"``, ``"flow_layer"``, ``"prior"``, ``"kernel"``,
+                ``"file_format"``, ``"observable"`` or ``"command"``. The field-kind
+                registry is a :class:`flowplug.registry.FieldKindRegistry` (it also
+                finds the members of families: ``get("su3")``).
 
         Raises:
             PluginError: if ``kind`` is not a component kind, or (strict mode, or between

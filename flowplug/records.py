@@ -6,15 +6,18 @@ and files it into the typed registry of its kind (:mod:`flowplug.registry`).
 
 Field kinds
     Records that act on lattice fields say which field kinds they accept, as lower-case
-    strings. The built-in kinds and their canonical tensors (DESIGN.md section 2) are:
+    strings. Field kinds themselves are components too (:class:`FieldKindSpec`, hook
+    ``flowplug_field_kinds``): each names the manifold its fields live on. The built-in
+    kinds (``flowplug.plugins.fields``) and their canonical tensors (DESIGN.md section 2):
 
     ``scalar``  real scalar field, shape (B, L_0, ..., L_{d-1}), float64;
+    ``o2``      O(2) spin angles, one per site, shape (B, L_0, ..., L_{d-1}), float64 in
+                (-pi, pi] (the example package's XY model acts on it);
     ``u1``      U(1) link angles, shape (B, d, L_0, ..., L_{d-1}), float64 in (-pi, pi];
-    ``su2``, ``su3`` (and ``su<N>``) SU(N) links, shape (B, d, L_0, ..., L_{d-1}, N, N),
-                complex128.
+    ``su2``, ``su3`` (the family ``su``: any ``su<N>``, N >= 2) SU(N) links,
+                shape (B, d, L_0, ..., L_{d-1}, N, N), complex128.
 
-    Plugins may introduce further kinds (the example package's XY model uses ``o2``:
-    one angle per site, shape (B, L_0, ..., L_{d-1}), float64).
+    Plugins may introduce further kinds with their own :class:`FieldKindSpec`.
 """
 
 from __future__ import annotations
@@ -84,6 +87,133 @@ class Component:
             "version": self.provider_version,
             "description": self.description,
         }
+
+
+def _param(value: str) -> Any:
+    return int(value) if value.isdigit() else value
+
+
+@dataclass(frozen=True, kw_only=True)
+class FieldKindSpec(Component):
+    r"""A field kind: the manifold its fields live on, and what is measured on it by default.
+
+    A record is either **one kind**, called ``name`` (``scalar``, ``u1``), or a **family**
+    of kinds: every lower-case name that matches ``pattern`` in full (the built-in family
+    ``su``, pattern ``su(?P<n>\d+)``, is su2, su3, su4...). The family's own ``name``
+    is only its registry name (for listings and clashes), not a kind.
+
+    ``factory(**parameters)`` returns the kind's :class:`flowplug.theory.FieldSpace`
+    (shapes, cold/hot starts, momenta, kinetic energy, updates; what HMC moves on): with
+    no arguments for one kind; for a family, with the named groups of ``pattern`` as
+    keyword arguments (converted to ``int`` when they are all digits): ``su3`` gives
+    ``factory(n=3)``. Build it with :meth:`build`, or with
+    :func:`flowplug.theory.field_space`, which finds the record by kind.
+
+    A kind matched by two records (a name and another record's pattern, two patterns)
+    is an error naming both providers, like a name given twice.
+
+    Attributes:
+        pattern: For a family, a regular expression the kind names match in full (lower
+            case); its named groups are the factory's keyword arguments. Empty for one kind.
+        examples: Members of a family, shown by ``flowplug plugins`` and in error
+            messages, and used to find clashes between families; each must match ``pattern``.
+        gauge: Whether the fields live on the links, with a direction axis after the batch
+            axis, shape (B, d, L_0, ..., L_{d-1}, ...) (``u1``, ``su<N>``), rather than on
+            the sites (``scalar``, ``o2``). Must agree with the ``gauge`` attribute of the
+            space the factory builds.
+        observables: Registry names of the observables measured by default on this kind
+            (a run's ``observables = []``), in order.
+        observable_dims: ``{observable: lattice dimensions}``: a default observable that
+            is defined only in these dimensions is left out elsewhere (the topological
+            charge: ``{"topological_charge": (2,)}`` for ``u1``, ``(4,)`` for ``su``).
+            Given as a mapping; stored as sorted ``(name, dims)`` pairs.
+        prior: Registry name of the flow prior used when a flow names none (``normal``,
+            ``uniform``, ``haar``); empty if the kind has no default prior.
+
+    Example::
+
+        FieldKindSpec(name="su", description="SU(N) links", factory=SUNSpace,
+                      pattern=r"su(?P<n>\d+)", examples=("su2", "su3"), gauge=True,
+                      observables=("plaquette", "topological_charge"),
+                      observable_dims={"topological_charge": (4,)}, prior="haar")
+    """
+
+    kind: ClassVar[str] = "field_kind"
+    pattern: str = ""
+    examples: tuple[str, ...] = ()
+    gauge: bool = False
+    observables: tuple[str, ...] = ()
+    observable_dims: Any = ()
+    prior: str = ""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.pattern:
+            try:
+                re.compile(self.pattern)
+            except re.error as exc:
+                raise ValueError(f"field kind {self.name!r}: pattern {self.pattern!r} is not a "
+                                 f"regular expression ({exc})") from None
+        elif self.examples:
+            raise ValueError(f"field kind {self.name!r}: examples are for a family (give a pattern)")
+        object.__setattr__(self, "examples", tuple(self.examples))
+        for e in self.examples:
+            if not isinstance(e, str) or re.fullmatch(self.pattern, e) is None:
+                raise ValueError(f"field kind {self.name!r}: example {e!r} does not match "
+                                 f"pattern {self.pattern!r}")
+        object.__setattr__(self, "observables", tuple(self.observables))
+        dims = self.observable_dims
+        pairs = dims.items() if hasattr(dims, "items") else dims
+        object.__setattr__(self, "observable_dims",
+                           tuple(sorted((str(n), tuple(int(d) for d in ds)) for n, ds in pairs)))
+        object.__setattr__(self, "gauge", bool(self.gauge))
+
+    @property
+    def label(self) -> str:
+        """The name, and for a family its members: ``"su (su2, su3, ...)"``."""
+        if not self.pattern:
+            return self.name
+        members = ", ".join((*self.examples, "...")) if self.examples else f"/{self.pattern}/"
+        return f"{self.name} ({members})"
+
+    def match(self, kind: str) -> dict[str, Any] | None:
+        """The factory's keyword arguments for ``kind`` if this record covers it, else None.
+
+        One kind covers its name and aliases (``{}``); a family covers the names matching
+        its pattern in full (the named groups, digits as ``int``).
+        """
+        k = str(kind).strip().lower()
+        if not self.pattern:
+            return {} if k in (self.name, *self.aliases) else None
+        m = re.fullmatch(self.pattern, k)
+        if m is None:
+            return None
+        return {key: _param(v) for key, v in m.groupdict().items() if v is not None}
+
+    def build(self, kind: str | None = None) -> Any:
+        """The field space of ``kind`` (default: ``name``, for one kind).
+
+        Raises:
+            LookupError: if this record does not cover ``kind``.
+        """
+        params = self.match(self.name if kind is None else kind)
+        if params is None:
+            raise LookupError(f"field kind record {self.label!r} does not cover {kind!r}")
+        return self.factory(**params)
+
+    def default_observables(self, ndim: int) -> tuple[str, ...]:
+        """:attr:`observables` without those that :attr:`observable_dims` excludes in ``ndim`` D."""
+        dims = dict(self.observable_dims)
+        return tuple(n for n in self.observables if n not in dims or int(ndim) in dims[n])
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready description; adds ``pattern``, ``examples``, ``gauge``, ``observables``
+        and ``prior`` to :meth:`Component.summary`."""
+        out = super().summary()
+        out.update(pattern=self.pattern, examples=list(self.examples), gauge=self.gauge,
+                   observables=list(self.observables),
+                   observable_dims={n: list(d) for n, d in self.observable_dims}, prior=self.prior)
+        return out
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -191,6 +321,7 @@ class CommandSpec(Component):
 
 #: Every record type, in the order ``flowplug plugins`` lists them.
 RECORD_TYPES: tuple[type[Component], ...] = (
+    FieldKindSpec,
     ActionSpec,
     FlowLayerSpec,
     PriorSpec,

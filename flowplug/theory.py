@@ -18,7 +18,11 @@ from it; the HMC kernel only uses ``field``, ``action`` and (if present) ``force
 
 Field spaces and the force convention
 -------------------------------------
-Each field kind lives on a manifold described by a :class:`FieldSpace`:
+Each field kind lives on a manifold described by a :class:`FieldSpace`. Field kinds come
+from plugins (hook ``flowplug_field_kinds``, records
+:class:`flowplug.records.FieldKindSpec`); :func:`field_space` finds the record of a kind
+and builds its space. The built-in kinds (:mod:`flowplug.plugins.fields`) use the classes
+of this module, which a plugin may reuse or subclass:
 
 * ``scalar`` (:class:`EuclideanSpace`): phi in R^n; momenta p in R^n, kinetic energy
   (1/2) sum p^2; update phi <- phi + eps p; force F = -dS/dphi.
@@ -48,13 +52,15 @@ References:
 from __future__ import annotations
 
 import math
-import re
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import torch
 
 from flowplug import groups
-from flowplug.errors import ConfigError, ShapeError
+from flowplug.errors import ConfigError, FlowplugError, PluginError, ShapeError, UnknownFieldKindError
+
+if TYPE_CHECKING:
+    from flowplug.records import FieldKindSpec
 
 # ---------------------------------------------------------------------- field spaces
 
@@ -150,11 +156,17 @@ class EuclideanSpace(FieldSpace):
 
 
 class AngleSpace(EuclideanSpace):
-    """Angles in (-pi, pi]: U(1) links (B, d, L...) (``u1``) or O(2) spins (B, L...) (``o2``)."""
+    """Angles in (-pi, pi]: U(1) links (B, d, L...) (``u1``) or O(2) spins (B, L...) (``o2``).
 
-    def __init__(self, kind: str = "u1") -> None:
+    Arguments:
+        kind: The field kind.
+        links: Angles on the links, shape (B, d, L...) (a gauge field), rather than on the
+            sites, shape (B, L...); default: ``kind == "u1"``.
+    """
+
+    def __init__(self, kind: str = "u1", *, links: bool | None = None) -> None:
         self.kind = kind
-        self.links = kind == "u1"
+        self.links = (kind == "u1") if links is None else bool(links)
         self.gauge = self.links
 
     def shape(self, lattice, batch):
@@ -250,28 +262,103 @@ class SUNSpace(FieldSpace):
         return (x - y).abs().flatten(1).amax(1)
 
 
-_SUN = re.compile(r"^su(\d+)$")
+def _resolve(kind: str) -> tuple[FieldKindSpec, dict]:
+    from flowplug import manager
+
+    reg = manager.registry("field_kind")
+    try:
+        return reg.resolve(kind)
+    except UnknownFieldKindError:
+        if str(kind).strip().lower() in reg:  # a family's name: the registry's message says so
+            raise
+        raise UnknownFieldKindError(
+            f"unknown field kind {kind!r}. {reg.available(str(kind))} A plugin adds field kinds "
+            "with the hook flowplug_field_kinds.") from None
+
+
+def field_kind(kind: str) -> FieldKindSpec:
+    """The :class:`flowplug.records.FieldKindSpec` that covers a field kind.
+
+    Field kinds come from plugins (hook ``flowplug_field_kinds``; the built-ins from
+    :mod:`flowplug.plugins.fields`); the record of a family covers all its members
+    (``field_kind("su4")`` is the ``su`` record).
+
+    Arguments:
+        kind: ``"scalar"``, ``"u1"``, ``"o2"``, ``"su<N>"`` or a plugin's kind (case-blind).
+
+    Raises:
+        UnknownFieldKindError: (a :class:`ConfigError`) if no plugin provides the kind,
+            listing the kinds that exist, or ``kind`` names a family (``su``), not a kind.
+    """
+    return _resolve(kind)[0]
 
 
 def field_space(kind: str) -> FieldSpace:
-    """The :class:`FieldSpace` of a field kind.
+    """The :class:`FieldSpace` of a field kind, built by the plugin that registers the kind.
 
     Arguments:
-        kind: ``"scalar"``, ``"u1"``, ``"o2"`` or ``"su<N>"`` (``"su2"``, ``"su3"``...).
+        kind: ``"scalar"``, ``"u1"``, ``"o2"``, ``"su<N>"`` (``"su2"``, ``"su3"``...) or a
+            kind a plugin registers (hook ``flowplug_field_kinds``); case-blind.
 
     Raises:
-        ConfigError: for a kind HMC does not know how to move on, listing the known ones.
+        ConfigError: for a kind no plugin provides (:class:`flowplug.errors.UnknownFieldKindError`,
+            listing the known ones), or parameters the kind's space rejects (``su1``).
+        PluginError: if the plugin's factory fails otherwise, or builds no
+            :class:`FieldSpace` or one whose ``gauge`` contradicts its record.
+    """
+    spec, params = _resolve(kind)
+    try:
+        space = spec.factory(**params)
+    except FlowplugError:
+        raise
+    except Exception as exc:
+        raise PluginError(f"{_where(kind, spec)}: its factory raised {type(exc).__name__}: {exc}") from exc
+    if not isinstance(space, FieldSpace):
+        raise PluginError(f"{_where(kind, spec)}: its factory returned {type(space).__name__}, expected a "
+                          "flowplug.theory.FieldSpace")
+    if bool(space.gauge) != spec.gauge:
+        raise PluginError(f"{_where(kind, spec)}: the record says gauge={spec.gauge}, its space "
+                          f"{type(space).__name__} says gauge={bool(space.gauge)}")
+    return space
+
+
+def _where(kind: str, spec: FieldKindSpec) -> str:
+    return f"field kind '{str(kind).strip().lower()}' of {spec.provided_by}"
+
+
+def su_n(kind: str | None) -> int | None:
+    """N if ``kind`` is an SU(N) field kind (its space is a :class:`SUNSpace`), else None.
+
+    ``su_n("su3") == 3``; ``None`` for ``u1``, ``scalar``, ``su1`` or a kind no plugin
+    provides. Components that act on SU(N) links for any N use it to find N.
+    """
+    if kind is None:
+        return None
+    try:
+        space = field_space(kind)
+    except FlowplugError:
+        return None
+    return space.n if isinstance(space, SUNSpace) else None
+
+
+def kind_accepted(kind: str, fields: Sequence[str]) -> bool:
+    """Whether a component declared for ``fields`` (a record's ``fields``) accepts ``kind``.
+
+    True if ``kind`` is listed, or it belongs to a family (:class:`flowplug.records.FieldKindSpec`
+    with a pattern) that is listed by name or by any member: an observable declared for
+    ``("u1", "su2", "su3")`` is measured on su4 links too. An empty ``fields`` accepts nothing
+    here (callers treat "no fields" as "any kind" themselves).
     """
     k = str(kind).strip().lower()
-    if k == "scalar":
-        return EuclideanSpace()
-    if k in ("u1", "o2"):
-        return AngleSpace(k)
-    m = _SUN.match(k)
-    if m:
-        return SUNSpace(int(m.group(1)))
-    raise ConfigError(f"unknown field kind {kind!r}: expected 'scalar', 'u1', 'o2' or 'su<N>' "
-                      "(su2, su3, ...)")
+    if k in fields:
+        return True
+    try:
+        spec = field_kind(k)
+    except ConfigError:
+        return False
+    if not spec.pattern or spec.match(k) is None:
+        return False
+    return any(f == spec.name or spec.match(f) is not None for f in fields)
 
 
 # --------------------------------------------------------------------------- actions
@@ -293,8 +380,11 @@ class Action:
 
     @property
     def space(self) -> FieldSpace:
-        """The :class:`FieldSpace` of :attr:`field`."""
-        return field_space(self.field)
+        """The :class:`FieldSpace` of :attr:`field` (built once per field kind and kept)."""
+        cached = self.__dict__.get("_field_space")
+        if cached is None or cached[0] != self.field:
+            cached = self.__dict__["_field_space"] = (self.field, field_space(self.field))
+        return cached[1]
 
     def couplings(self) -> dict[str, Any]:
         """The action's couplings as a dict (for metadata and summaries)."""

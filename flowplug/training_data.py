@@ -19,6 +19,7 @@ import torch
 
 from flowplug.errors import ConfigError
 from flowplug.flow import check_field
+from flowplug.theory import field_space
 
 
 def load_ensemble(source: str | Sequence[str], *, field: str, lattice: Sequence[int],
@@ -28,7 +29,8 @@ def load_ensemble(source: str | Sequence[str], *, field: str, lattice: Sequence[
     Arguments:
         source: A path, a glob pattern, or a list of them. ``.pt`` files hold a tensor
             (or a dict with key ``"configs"``) read with ``torch.load(weights_only=True)``;
-            ``.h5``/``.hdf5`` files of scalar fields hold a dataset ``configs`` (or a
+            ``.h5``/``.hdf5`` files of site fields (``scalar``, ``o2``: kinds whose
+            record is not ``gauge``) hold a dataset ``configs`` (or a
             single dataset) of shape (B, L...); every other file goes through
             :func:`flowplug.io.read` (ILDG, SciDAC, NERSC, openQCD, HDF5 ensembles...).
             A single configuration (no batch axis) counts as a batch of one.
@@ -45,6 +47,11 @@ def load_ensemble(source: str | Sequence[str], *, field: str, lattice: Sequence[
         ShapeError: if the configurations do not fit ``field`` and ``lattice``.
         FormatError: from the format adapters.
     """
+    try:
+        space = field_space(field)
+    except ConfigError:
+        space = None  # a kind no plugin registers: read as given, checked by check_field
+    gauge = space is None or bool(space.gauge)
     patterns = [source] if isinstance(source, str) else list(source)
     paths: list[str] = []
     for pat in patterns:
@@ -58,7 +65,7 @@ def load_ensemble(source: str | Sequence[str], *, field: str, lattice: Sequence[
         if suffix == ".pt":
             obj = torch.load(p, map_location="cpu", weights_only=True)
             t = obj["configs"] if isinstance(obj, Mapping) else obj
-        elif suffix in (".h5", ".hdf5") and field == "scalar":
+        elif suffix in (".h5", ".hdf5") and not gauge:
             import h5py
 
             with h5py.File(p, "r") as fh:
@@ -72,12 +79,14 @@ def load_ensemble(source: str | Sequence[str], *, field: str, lattice: Sequence[
                 from flowplug import io as _io
             except ImportError:  # pragma: no cover - io module not present
                 raise ConfigError(f"{p}: reading lattice files needs flowplug.io; give a .pt or .h5 file") from None
-            group = field if field != "scalar" else None
+            group = field if gauge else None
             t = _io.read(p, format or None, lattice=list(lattice), group=group).links
         if not isinstance(t, torch.Tensor):
             raise ConfigError(f"{p}: expected a tensor of configurations; found {type(t).__name__}")
         t = t.to(torch.complex128 if t.is_complex() else torch.float64)
-        if t.dim() == (len(lattice) + (0 if field == "scalar" else 1) + (2 if t.is_complex() else 0)):
+        one = (len(space.shape(tuple(lattice), 1)) - 1 if space is not None
+               else len(lattice) + 1 + (2 if t.is_complex() else 0))
+        if t.dim() == one:
             t = t.unsqueeze(0)
         chunks.append(t)
     data = torch.cat(chunks)

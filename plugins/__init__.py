@@ -1,4 +1,4 @@
-"""Built-in theories, observables, flow layers, priors and kernels (``flowplug.plugins``).
+"""Built-in field kinds, theories, observables, flow layers, priors and kernels (``flowplug.plugins``).
 
 Each module listed in :data:`BUILTIN` is a plugin using only the public hook API of
 :mod:`flowplug.hookspecs`; the plugin manager registers them in this order, before
@@ -7,6 +7,7 @@ any third-party plugin.
 
 #: Built-in plugin modules, in registration order.
 BUILTIN: tuple[str, ...] = (
+    "flowplug.plugins.fields",      # field kinds: scalar, o2, u1, su<N>
     "flowplug.plugins.theories",    # actions: phi4, wilson
     "flowplug.plugins.observables",  # plaquette, topological_charge, ...
     "flowplug.plugins.hmc",         # HMC kernel

@@ -46,6 +46,7 @@ from flowplug.errors import ConfigError, ShapeError
 from flowplug.plugins.flow_nets import ConvNet, net_dtype
 from flowplug.plugins.flow_sun import n_spectral_params, spectral_map
 from flowplug.plugins.flow_transforms import circular_rq_spline, ncp_mixture
+from flowplug.theory import su_n
 
 TWO_PI = 2.0 * math.pi
 
@@ -318,10 +319,10 @@ class SUNSpectralCoupling(_GaugeCoupling):
                  dtype: str = "float32", mu: int | None = None, nu: int | None = None,
                  offset: int | None = None, init_scale: float = 0.0, rectangles: bool = False,
                  period: int | None = None) -> None:
-        f = str(field)
-        if not (f.startswith("su") and f[2:].isdigit() and int(f[2:]) >= 2):
+        n = su_n(field)
+        if n is None:
             raise ConfigError(f"SU(N) spectral coupling acts on su<N> links; found field kind '{field}'")
-        self.n = int(f[2:])
+        self.n = n
         self.n_bins = int(n_bins)
         super().__init__(lattice, index, n_spectral_params(self.n, self.n_bins), hidden, kernel_size,
                          dtype, mu, nu, offset, init_scale, rectangles, period)

@@ -41,7 +41,6 @@ import torch
 
 from flowplug.chain import ChainState, Kernel
 from flowplug.errors import ConfigError
-from flowplug.groups import wrap_angle
 from flowplug.hookspecs import hookimpl
 from flowplug.metropolis import guarded_log_accept, hmc_log_accept, independence_log_accept, metropolis_test
 from flowplug.records import KernelSpec
@@ -204,8 +203,9 @@ class LatentAction:
     Attributes:
         field: The field kind of z (the same as x).
 
-    ``action(z)`` returns (B,) float64; U(1) angles are wrapped into (-pi, pi] first
-    (the identity almost everywhere, so the force is unchanged).
+    ``action(z)`` returns (B,) float64; z is first brought to its canonical range by its
+    field space (U(1) and O(2) angles wrapped into (-pi, pi]: the identity almost
+    everywhere, so the force is unchanged).
 
     References:
         Luscher, arXiv:0907.5491, section 2 (trivializing maps).
@@ -215,12 +215,19 @@ class LatentAction:
         self.flow = flow
         self.physical = action
         self.field = action.field
+        self._field_space = None
 
     def transform(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(x, logdet)`` = f(z) (U(1) angles wrapped first)."""
-        if self.field in ("u1", "o2"):
-            z = wrap_angle(z)
-        return self.flow(z)
+        """``(x, logdet)`` = f(z), z first brought to its canonical range by its field space
+        (angles wrapped into (-pi, pi]; :meth:`flowplug.theory.FieldSpace.finalize`)."""
+        return self.flow(self._space().finalize(z))
+
+    def _space(self) -> Any:
+        if self._field_space is None:
+            from flowplug.theory import field_space
+
+            self._field_space = field_space(self.field)
+        return self._field_space
 
     def action(self, z: torch.Tensor) -> torch.Tensor:
         """S~(z), shape (B,), float64."""
@@ -229,9 +236,7 @@ class LatentAction:
 
     def force(self, z: torch.Tensor) -> torch.Tensor:
         """dS~ along the field space of z, by automatic differentiation through the flow."""
-        from flowplug.theory import field_space
-
-        return field_space(self.field).autograd_force(self.action, z)
+        return self._space().autograd_force(self.action, z)
 
     def __repr__(self) -> str:
         return f"LatentAction({self.physical!r})"

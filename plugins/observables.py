@@ -26,6 +26,9 @@ from flowplug.errors import ConfigError, ShapeError
 from flowplug.hookspecs import hookimpl
 from flowplug.records import ObservableSpec
 
+#: Field kinds of the gauge observables: ``u1`` and the ``su`` family (named by its members
+#: su2, su3, so that a check ``field in spec.fields`` keeps working; :func:`measurement`
+#: accepts every su<N>).
 GAUGE_FIELDS = ("u1", "su2", "su3")
 
 
@@ -200,25 +203,21 @@ def ising_energy(phi: torch.Tensor) -> torch.Tensor:
     return sum(two_point(phi, tuple(int(m == mu) for m in range(d))) for mu in range(d)) / d
 
 
-#: Observables measured by default for each field kind (``observables = []`` in a config).
-DEFAULTS: dict[str, tuple[str, ...]] = {
-    "scalar": ("magnetization", "abs_magnetization", "chi_2", "ising_energy"),
-    "u1": ("plaquette", "topological_charge"),
-    "su2": ("plaquette",),
-    "su3": ("plaquette", "topological_charge"),
-}
-
-
 def default_observables(field: str, ndim: int) -> tuple[str, ...]:
     """Names measured by default for a field kind on a d = ``ndim`` lattice.
 
-    The topological charge is included where it is defined (2D U(1), 4D SU(N)).
+    They come from the field kind's record (:class:`flowplug.records.FieldKindSpec`:
+    ``observables``, less those its ``observable_dims`` leave out in ``ndim`` D: the
+    topological charge is measured on 2D U(1) and 4D SU(N) fields only; see
+    :mod:`flowplug.plugins.fields`). A kind no plugin registers has none.
     """
-    names = DEFAULTS.get(field, ("plaquette",) if field.startswith("su") else ())
-    if "topological_charge" in names and not ((field == "u1" and ndim == 2)
-                                               or (field.startswith("su") and ndim == 4)):
-        names = tuple(n for n in names if n != "topological_charge")
-    return names
+    from flowplug.theory import field_kind
+
+    try:
+        spec = field_kind(field)
+    except ConfigError:
+        return ()
+    return spec.default_observables(ndim)
 
 
 def measurement(field: str, names: Sequence[str], *, registry=None,
@@ -232,10 +231,16 @@ def measurement(field: str, names: Sequence[str], *, registry=None,
         registry: The observable registry; default the process-wide one.
         options: Optional per-observable keyword options.
 
+    An observable declared for one member of a family of field kinds is measured on every
+    member (declared for ``su2``/``su3``, it is measured on ``su4`` links too;
+    :func:`flowplug.theory.kind_accepted`).
+
     Raises:
         UnknownComponentError: for an unregistered name.
         ConfigError: if an observable is not defined for ``field``.
     """
+    from flowplug.theory import kind_accepted
+
     if registry is None:
         from flowplug.manager import registry as _registry
 
@@ -244,8 +249,7 @@ def measurement(field: str, names: Sequence[str], *, registry=None,
     specs = []
     for name in names:
         spec = registry.get(name)
-        if spec.fields and field not in spec.fields and not (
-                field.startswith("su") and any(f.startswith("su") for f in spec.fields)):
+        if spec.fields and not kind_accepted(field, spec.fields):
             raise ConfigError(f"observable '{spec.name}' is defined for {', '.join(spec.fields)}, "
                               f"not for field kind '{field}'")
         specs.append((spec.name, spec.factory, dict(options.get(spec.name, {}))))

@@ -22,6 +22,7 @@ from torch import nn
 
 from flowplug import groups
 from flowplug.errors import ConfigError, ShapeError
+from flowplug.theory import su_n
 
 
 def _lattice(lattice: Sequence[int]) -> tuple[int, ...]:
@@ -142,9 +143,9 @@ class HaarPrior(_Prior):
     def __init__(self, lattice: Sequence[int], n: int | None = None, field: str | None = None) -> None:
         super().__init__(lattice)
         if n is None:
-            if field is None or not str(field).startswith("su") or not str(field)[2:].isdigit():
-                raise ConfigError(f"HaarPrior needs n or field='su<N>'; found n={n!r}, field={field!r}")
-            n = int(str(field)[2:])
+            n = su_n(field) if field is not None else None
+            if n is None:
+                raise ConfigError(f"HaarPrior needs n or field='su<N>'; found n=None, field={field!r}")
         if int(n) < 2:
             raise ConfigError(f"HaarPrior needs N >= 2; found {n}")
         self.n = int(n)

@@ -10,10 +10,10 @@ from __future__ import annotations
 import torch
 
 from flowplug import groups
-from flowplug.errors import ConfigError, ShapeError
+from flowplug.errors import ConfigError, ShapeError, UnknownComponentError
 from flowplug.hookspecs import hookimpl
 from flowplug.records import ActionSpec
-from flowplug.theory import Action, field_space
+from flowplug.theory import Action, AngleSpace, SUNSpace, field_space
 
 
 class Phi4Action(Action):
@@ -106,12 +106,19 @@ class WilsonGaugeAction(Action):
     def __init__(self, beta: float = 1.0, group: str = "su3") -> None:
         self.beta = float(beta)
         g = str(group).strip().lower()
-        if g not in ("u1",) and not (g.startswith("su") and g[2:].isdigit()):
-            raise ConfigError(f"wilson: unknown group {group!r}; expected u1, su2, su3 (or su<N>)")
+        unknown = ConfigError(f"wilson: unknown group {group!r}; expected u1, su2, su3 (or su<N>)")
+        try:
+            space = field_space(g)  # also validates N >= 2
+        except UnknownComponentError:
+            raise unknown from None
+        if isinstance(space, SUNSpace):
+            self.n = space.n
+        elif isinstance(space, AngleSpace) and space.gauge:
+            self.n = 1  # U(1) link angles
+        else:
+            raise unknown
         self.group = g
         self.field = g
-        self.n = 1 if g == "u1" else int(g[2:])
-        field_space(g)  # validates N >= 2
 
     # ---------------------------------------------------------------- U(1)
 

@@ -5,12 +5,17 @@ from __future__ import annotations
 import pytest
 
 import flowplug
-from flowplug.records import (ActionSpec, CommandSpec, FileFormatSpec, FlowLayerSpec, KernelSpec,
-                              ObservableSpec, PriorSpec)
+from flowplug.records import (ActionSpec, CommandSpec, FieldKindSpec, FileFormatSpec, FlowLayerSpec,
+                              KernelSpec, ObservableSpec, PriorSpec)
+from flowplug.theory import EuclideanSpace
 
 
 class Everything:
     """A third-party-style plugin implementing each component hook once."""
+
+    @flowplug.hookimpl
+    def flowplug_field_kinds(self):
+        return [FieldKindSpec(name="t-kind", description="test field kind", factory=EuclideanSpace)]
 
     @flowplug.hookimpl
     def flowplug_actions(self):
@@ -43,6 +48,7 @@ class Everything:
 
 
 @pytest.mark.parametrize("kind, name, record_type", [
+    ("field_kind", "t-kind", FieldKindSpec),
     ("action", "t-action", ActionSpec),
     ("flow_layer", "t-layer", FlowLayerSpec),
     ("prior", "t-prior", PriorSpec),
