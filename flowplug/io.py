@@ -34,6 +34,7 @@ precision = the source's) reproduces the stored numbers bit for bit.
 
 from __future__ import annotations
 
+import glob
 import os
 import struct
 import warnings
@@ -82,6 +83,8 @@ __all__ = [
     "parse_lattice",
     "format_of_name",
     "strip_format_extension",
+    "expand_inputs",
+    "lattice_inputs",
     # value checks (flowplug.linkcheck)
     "unitarity_tolerance",
     "check_links",
@@ -522,3 +525,75 @@ def _format_from_extension(path: Path) -> str:
         return name
     raise FormatError(f"{path}: cannot tell the format from the extension; give format=... "
                       f"(one of {', '.join(formats(writable=True))})")
+
+
+# ------------------------------------------------------------------------ input lists
+
+
+def _expand_item(item: str | os.PathLike) -> tuple[list[Path], bool]:
+    """Files named by one input item, and whether the item named a file itself."""
+    text = str(item)
+    p = Path(text)
+    if p.is_dir():
+        return sorted(q for q in p.iterdir() if q.is_file() and not q.name.startswith(".")), False
+    if p.exists():
+        return [p], True
+    if glob.has_magic(text):
+        found = sorted(Path(q) for q in glob.glob(text) if Path(q).is_file())
+        if not found:
+            raise FormatError(f"input pattern {text!r} matches no file")
+        return found, False
+    raise FormatError(f"input {text}: no such file or directory")
+
+
+def expand_inputs(items: Sequence[str | os.PathLike]) -> list[Path]:
+    """Files named by ``items`` (files, directories, glob patterns), in order, without repeats.
+
+    A directory gives its regular, non-hidden files, sorted; a glob pattern the files it
+    matches, sorted.
+
+    Raises:
+        FormatError: for an item that names nothing.
+    """
+    out: list[Path] = []
+    for item in items:
+        for q in _expand_item(item)[0]:
+            if q not in out:
+                out.append(q)
+    return out
+
+
+def lattice_inputs(items: Sequence[str | os.PathLike], *, format: str | None = None
+                   ) -> tuple[list[Path], list[Path]]:
+    """Like :func:`expand_inputs`, leaving out the files of directories and globs that are
+    not lattice files.
+
+    A file found in a directory or by a glob pattern is left out when no registered
+    format recognises it, by content or by extension (:func:`detect`): a ``README``, a
+    log, a script. A file that looks like a lattice file (a LIME magic number, an
+    ``.ildg`` name...) stays in, so that a corrupt one still fails when it is read, and
+    so does every file named explicitly. With ``format`` forced, nothing is left out (the
+    caller said what the files are).
+
+    Returns:
+        ``(files, skipped)``: the inputs, in order, without repeats; the files left out.
+
+    Raises:
+        FormatError: for an item that names nothing, or a file that cannot be read.
+    """
+    files: list[Path] = []
+    skipped: list[Path] = []
+    for item in items:
+        found, explicit = _expand_item(item)
+        for q in found:
+            if q in files or q in skipped:
+                continue
+            if not explicit and format is None:
+                _head(q)  # an unreadable file is an error, not a file to skip
+                try:
+                    detect(q)
+                except FormatError:
+                    skipped.append(q)
+                    continue
+            files.append(q)
+    return files, skipped

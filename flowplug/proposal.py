@@ -188,9 +188,10 @@ class FlowProposal:
         self.device = torch.device(device) if device is not None else flow.device
         self.seed = int(secrets.randbits(62) if seed is None else seed)
         self.generator = torch.Generator(device=self.device).manual_seed(self.seed)
-        from flowplug.plugins.kernels import IndependenceMetropolis
+        from flowplug.manager import registry
 
-        self.kernel = IndependenceMetropolis(flow, action) if action is not None else None
+        self.kernel = (registry("kernel").get("independence-metropolis").factory(flow=flow, action=action)
+                       if action is not None else None)
 
     @classmethod
     def from_checkpoint(cls, path: str, *, layout: str = "ildg", seed: int | None = None,

@@ -81,6 +81,7 @@ from flowplug.errors import CheckpointError, ConfigError, NonFiniteParametersErr
 from flowplug.flow import Flow, build_flow, check_field, layers_without_forward_diag, path_gradient_loss
 from flowplug.fsutil import locked_run
 from flowplug.stats import ess as _ess
+from flowplug.threads import set_threads
 from flowplug.theory import Action, action_from_config
 from flowplug.training_data import load_ensemble
 
@@ -588,8 +589,8 @@ def build_trainer(config: Mapping[str, Any], *, out: str | Path | None = None,
                   device: str | torch.device | None = None) -> Trainer:
     r"""Build action, flow and trainer from a run configuration (the ``flowplug train`` TOML).
 
-    Keys used: ``lattice``, ``seed``, ``device``, ``threads`` (CPU threads, 0 = torch's
-    default), ``[action]`` (see
+    Keys used: ``lattice``, ``seed``, ``device``, ``threads`` (CPU threads set with
+    :func:`flowplug.threads.set_threads`; 0 = leave torch's setting), ``[action]`` (see
     :func:`flowplug.theory.action_from_config`), ``[flow]`` (``layers``, ``n_layers``,
     ``prior``, ``options``; :func:`flowplug.flow.build_flow`), ``[train]``
     (:data:`TRAIN_DEFAULTS`; for ``objective = "forward"`` the ensemble is read by
@@ -612,9 +613,7 @@ def build_trainer(config: Mapping[str, Any], *, out: str | Path | None = None,
     if not lattice:
         raise ConfigError("configuration key 'lattice' is empty (e.g. lattice = [8, 8])")
     fcfg = dict(config.get("flow", {}))
-    threads = int(config.get("threads", 0))
-    if threads > 0:
-        torch.set_num_threads(threads)
+    set_threads(config.get("threads", 0))  # flowplug.threads: 0 leaves torch's setting
     seed = int(config.get("seed", 1))
     torch.manual_seed(seed)  # network initialisation
     flow = build_flow(action.field, lattice, fcfg.get("layers", []), n_layers=fcfg.get("n_layers"),

@@ -203,62 +203,9 @@ def ising_energy(phi: torch.Tensor) -> torch.Tensor:
     return sum(two_point(phi, tuple(int(m == mu) for m in range(d))) for mu in range(d)) / d
 
 
-def default_observables(field: str, ndim: int) -> tuple[str, ...]:
-    """Names measured by default for a field kind on a d = ``ndim`` lattice.
-
-    They come from the field kind's record (:class:`flowplug.records.FieldKindSpec`:
-    ``observables``, less those its ``observable_dims`` leave out in ``ndim`` D: the
-    topological charge is measured on 2D U(1) and 4D SU(N) fields only; see
-    :mod:`flowplug.plugins.fields`). A kind no plugin registers has none.
-    """
-    from flowplug.theory import field_kind
-
-    try:
-        spec = field_kind(field)
-    except ConfigError:
-        return ()
-    return spec.default_observables(ndim)
-
-
-def measurement(field: str, names: Sequence[str], *, registry=None,
-                options: Mapping[str, Mapping] | None = None
-                ) -> Callable[[torch.Tensor], dict[str, torch.Tensor]]:
-    """A callable x -> {name: (B,) float64} evaluating registered observables.
-
-    Arguments:
-        field: Field kind of the configurations.
-        names: Observable names (registry lookup, so plugins' observables work too).
-        registry: The observable registry; default the process-wide one.
-        options: Optional per-observable keyword options.
-
-    An observable declared for one member of a family of field kinds is measured on every
-    member (declared for ``su2``/``su3``, it is measured on ``su4`` links too;
-    :func:`flowplug.theory.kind_accepted`).
-
-    Raises:
-        UnknownComponentError: for an unregistered name.
-        ConfigError: if an observable is not defined for ``field``.
-    """
-    from flowplug.theory import kind_accepted
-
-    if registry is None:
-        from flowplug.manager import registry as _registry
-
-        registry = _registry("observable")
-    options = dict(options or {})
-    specs = []
-    for name in names:
-        spec = registry.get(name)
-        if spec.fields and not kind_accepted(field, spec.fields):
-            raise ConfigError(f"observable '{spec.name}' is defined for {', '.join(spec.fields)}, "
-                              f"not for field kind '{field}'")
-        specs.append((spec.name, spec.factory, dict(options.get(spec.name, {}))))
-
-    def measure(x: torch.Tensor) -> dict[str, torch.Tensor]:
-        with torch.no_grad():
-            return {n: f(x, **o).to(torch.float64) for n, f, o in specs}
-
-    return measure
+# measurement() and default_observables() are the core's (flowplug.measure); kept here
+# for code that imported them from this module.
+from flowplug.measure import default_observables, measurement  # noqa: E402,F401
 
 
 @hookimpl

@@ -3,7 +3,8 @@
 Subcommands are plugins (hook ``flowplug_commands``); the built-in ones live one file
 each in this package (``cmd_<name>.py``, each defining a module-level ``COMMAND``
 record). Exit codes: 0 success; 1 a user or input error (one-paragraph message on
-stderr, no traceback unless ``--debug``); 2 a usage error (argparse).
+stderr, no traceback unless ``--debug``); 2 a usage error (argparse); 130 Ctrl-C (the
+message names the run's checkpoint and the command that continues it).
 """
 
 from __future__ import annotations
@@ -99,6 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, "_run", None) is None:
             parser.print_help(sys.stderr)
             return 2
+        args._argv = list(argv)  # for messages that repeat the command (flowplug.cli.common.resume_hint)
         try:
             return int(args._run(args) or 0)
         except FlowplugError as exc:
@@ -106,8 +108,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 traceback.print_exc()
             print(f"flowplug {args.command}: error: {_message(exc)}", file=sys.stderr)
             return 1
-        except KeyboardInterrupt:
-            print(f"flowplug {args.command}: interrupted", file=sys.stderr)
+        except KeyboardInterrupt as exc:
+            hint = getattr(exc, "flowplug_hint", "")
+            print(f"flowplug {args.command}: interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)
             return 130
         except BrokenPipeError:  # output piped into `head` and closed early
             devnull = os.open(os.devnull, os.O_WRONLY)

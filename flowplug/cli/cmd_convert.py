@@ -43,7 +43,6 @@ converted and every failure is listed at the end (exit code 1).
 from __future__ import annotations
 
 import argparse
-import glob
 import os
 import sys
 from pathlib import Path
@@ -79,31 +78,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-verify", action="store_true",
                         help="convert inputs whose checksums do not match (not recommended)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def expand_inputs(items: list[str]) -> list[Path]:
-    """Files named by ``items`` (files, directories, glob patterns), in order, without repeats.
-
-    Raises:
-        FormatError: for an item that names nothing.
-    """
-    out: list[Path] = []
-    for item in items:
-        p = Path(item)
-        if p.is_dir():
-            found = sorted(q for q in p.iterdir() if q.is_file() and not q.name.startswith("."))
-        elif p.exists():
-            found = [p]
-        elif glob.has_magic(item):
-            found = sorted(Path(q) for q in glob.glob(item) if Path(q).is_file())
-            if not found:
-                raise FormatError(f"input pattern {item!r} matches no file")
-        else:
-            raise FormatError(f"input {item}: no such file or directory")
-        for q in found:
-            if q not in out:
-                out.append(q)
-    return out
 
 
 def _is_hdf5_path(path: Path) -> bool:
@@ -143,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
         raise FormatError("convert needs at least one INPUT and the OUTPUT (directory, .h5 file, or "
                           "output file)")
     output = Path(args.paths[-1])
-    inputs = expand_inputs(args.paths[:-1])
+    inputs = io.expand_inputs(args.paths[:-1])
     # an output written with a trailing slash, or an existing folder, is a folder of files
     as_folder = args.paths[-1].endswith(("/", os.sep)) or output.is_dir()
     looks_like = None if as_folder else io.format_of_name(output)

@@ -11,9 +11,19 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from flowplug.cli.common import add_config_arguments, config_from_args
+from flowplug.cli.common import add_config_arguments, add_examples, config_from_args
 from flowplug.jobs.demo import DEFAULT_CONFIG, QUICK, run_demo
 from flowplug.records import CommandSpec
+
+#: The examples at the end of ``flowplug demo --help``.
+EXAMPLES = (
+    "# about two minutes on two CPU cores",
+    "flowplug demo --out demo",
+    "# seconds; the numbers are not meaningful",
+    "flowplug demo --quick --out demo-quick",
+    "flowplug demo --out demo --set train.steps=1000 --set resample.steps=800",
+    "flowplug demo --out demo-b4 --set beta=4.0 --set hmc.trajectories=1000 --force",
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run (numbers not meaningful)")
     parser.add_argument("--force", action="store_true", help="replace the outputs of an earlier demo in DIR")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    add_config_arguments(parser)
+    add_config_arguments(parser, example="train.steps=1000")
+    add_examples(parser, EXAMPLES)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -2,27 +2,58 @@
 
 ``flowplug hmc --config FILE.toml [--set key=value ...] [--resume]``; the job, its
 outputs and its configuration are :mod:`flowplug.jobs.hmc`. ``--print-config`` prints
-the commented default configuration.
+the commented default configuration. Ctrl-C names the checkpoint and the command that
+continues the run.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+from pathlib import Path
 
-from flowplug.cli.common import add_config_arguments, config_from_args
+from flowplug.cli.common import add_config_arguments, add_examples, chain_resume_hint, config_from_args
 from flowplug.jobs.hmc import DEFAULT_CONFIG, run_hmc
 from flowplug.records import CommandSpec
+
+#: The examples at the end of ``flowplug hmc --help``.
+EXAMPLES = (
+    "# a U(1) ensemble on 8x8 at beta = 2",
+    "flowplug hmc --set action.group=u1 --set action.beta=2.0 --set lattice=[8,8] --set out=u1-run",
+    "# seeded from a production file (its lattice is used)",
+    "flowplug hmc --set action.group=su3 --set action.beta=6.0 --set format=ildg --set start=cfg.ildg "
+    "--set out=su3-run",
+    "# a bare LIME file stores no lattice or group: give them as lattice and action.group",
+    "flowplug hmc --set action.group=su3 --set lattice=[4,4,4,4] --set start=cfg.lime --set out=su3-run",
+    "# phi^4 at the tutorial point",
+    "flowplug hmc --set action.name=phi4 --set action.m2=-4.0 --set action.lam=8.0 --set out=phi4-run",
+    "# continue a run, or extend a finished one",
+    "flowplug hmc --set out=u1-run --set hmc.trajectories=500 --resume",
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``flowplug hmc``."""
-    add_config_arguments(parser)
+    add_config_arguments(parser, example="hmc.trajectories=200")
     parser.add_argument("--resume", action="store_true",
                         help="continue from <out>/checkpoint.pt (same chain as an uninterrupted run)")
     parser.add_argument("--force", action="store_true",
                         help="start afresh even though <out> holds a checkpoint of an earlier run")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_examples(parser, EXAMPLES)
+
+
+def result_line(summary: dict, out: str) -> str:
+    """The one-line result of an HMC run: acceptance, every observable (with chi_t), the output."""
+    parts = [f"acceptance {summary.get('acceptance', float('nan')):.3f}"]
+    for name, v in summary.get("observables", {}).items():
+        tau = v["tau_int"]
+        parts.append(f"{name} {v['mean']:.6g} +- {v['error']:.2g} "
+                     f"(tau_int {tau:.2g})" if math.isfinite(tau) else f"{name} {v['mean']:.6g} (frozen)")
+    chains = summary["chains"]
+    return (f"flowplug hmc: {summary['trajectories']} trajectories x {chains} chain{'s' if chains != 1 else ''}; "
+            + "; ".join(parts) + f"; results in {out}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -30,14 +61,11 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, DEFAULT_CONFIG)
     if cfg is None:
         return 0
-    summary = run_hmc(cfg, resume=args.resume, force=args.force, progress=False if args.no_progress else None,
-                      log=lambda text: print(f"flowplug hmc: {text}", file=sys.stderr))
-    parts = [f"acceptance {summary.get('acceptance', float('nan')):.3f}"]
-    for name, v in summary.get("observables", {}).items():
-        parts.append(f"{name} {v['mean']:.6g} +- {v['error']:.2g} (tau_int {v['tau_int']:.2g})")
-    chains = summary["chains"]
-    print(f"flowplug hmc: {summary['trajectories']} trajectories x {chains} chain{'s' if chains != 1 else ''}; "
-          + "; ".join(parts) + f"; results in {cfg['out']}")
+    with chain_resume_hint(args, Path(str(cfg["out"])) / "checkpoint.pt", unit="trajectory"):
+        summary = run_hmc(cfg, resume=args.resume, force=args.force,
+                          progress=False if args.no_progress else None,
+                          log=lambda text: print(f"flowplug hmc: {text}", file=sys.stderr))
+    print(result_line(summary, str(cfg["out"])))
     return 0
 
 

@@ -2,18 +2,34 @@
 by an existing ensemble.
 
 The job, its outputs and its configuration are :mod:`flowplug.jobs.resample`;
-``--print-config`` prints the commented default configuration.
+``--print-config`` prints the commented default configuration. Files of a directory that
+are not lattice files (a ``README``) are skipped with one note on stderr. Ctrl-C names
+the checkpoint and the command that continues the run.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
-from flowplug.cli.common import add_config_arguments, config_from_args
+from flowplug.cli.cmd_sample import susceptibility_text
+from flowplug.cli.common import add_config_arguments, add_examples, chain_resume_hint, config_from_args
 from flowplug.errors import ConfigError
 from flowplug.jobs.resample import DEFAULT_CONFIG, run_resample
 from flowplug.records import CommandSpec
+
+#: The examples at the end of ``flowplug resample --help``.
+EXAMPLES = (
+    "# one chain per configuration of every lattice file in cfg/ (other files are skipped)",
+    "flowplug resample cfg/ --flow runs/u1 --out run2",
+    "flowplug resample cfg/*.ildg --flow runs/u1 --out run2 --set steps=100 --set save_every=50",
+    "flowplug resample ens.h5 --flow runs/u1 --out run2 --to ildg --set kernel.hmc_every=4",
+    "# a bare LIME file stores no lattice or group",
+    "flowplug resample cfg.lime --lattice 4x4x4x4 --group su3 --flow runs/su3 --out run3",
+    "# continue a run, or extend a finished one",
+    "flowplug resample cfg/ --flow runs/u1 --out run2 --set steps=200 --resume",
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,7 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--no-check-inverse", action="store_true",
                         help="use a flow whose inverse fails the round-trip check (log q through it is wrong)")
-    add_config_arguments(parser)
+    add_config_arguments(parser, example="steps=100")
+    add_examples(parser, EXAMPLES)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,12 +60,16 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("flowplug resample needs ENSEMBLE..., --flow CHECKPOINT and --out DIR")
     if args.to:
         cfg["to"] = args.to
-    s = run_resample(cfg, [Path(p) for p in args.inputs], Path(args.flow), Path(args.out), resume=args.resume,
-                     force=args.force, read_options={"format": args.format, "lattice": args.lattice,
-                                                     "group": args.group, "verify": not args.no_verify},
-                     progress=not args.no_progress, check_inverse=not args.no_check_inverse)
+    with chain_resume_hint(args, Path(args.out) / "chain.ckpt"):
+        s = run_resample(cfg, [Path(p) for p in args.inputs], Path(args.flow), Path(args.out),
+                         resume=args.resume, force=args.force,
+                         read_options={"format": args.format, "lattice": args.lattice, "group": args.group,
+                                       "verify": not args.no_verify},
+                         progress=not args.no_progress, check_inverse=not args.no_check_inverse,
+                         log=lambda text: print(f"flowplug resample: {text}", file=sys.stderr))
     print(f"resample: {s['chains']} chains x {s['steps']} steps, acceptance {s['acceptance']:.3f}, "
-          f"ESS of input weights {s['ess']:.3f}; {s['written']} configurations written to {args.out}")
+          f"ESS of input weights {s['ess']:.3f}{susceptibility_text(s)}; {s['written']} configurations "
+          f"written to {args.out}")
     return 0
 
 

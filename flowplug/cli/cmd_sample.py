@@ -1,7 +1,9 @@
-"""``flowplug sample --flow CHECKPOINT --out DIR``: exact Markov chains from a trained flow.
+"""``flowplug sample [--flow CHECKPOINT] --out DIR``: exact Markov chains of any registered
+kernel, from a trained flow or without one.
 
 The job, its outputs and its configuration are :mod:`flowplug.jobs.sample`;
-``--print-config`` prints the commented default configuration.
+``--print-config`` prints the commented default configuration. Ctrl-C names the
+checkpoint and the command that continues the run.
 """
 
 from __future__ import annotations
@@ -9,39 +11,69 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from flowplug.cli.common import add_config_arguments, config_from_args
+from flowplug.cli.common import add_config_arguments, add_examples, chain_resume_hint, config_from_args
 from flowplug.errors import ConfigError
-from flowplug.jobs.sample import DEFAULT_CONFIG, run_sample
+from flowplug.jobs.sample import DEFAULT_CONFIG, OPEN_TABLES, run_sample
 from flowplug.records import CommandSpec
+
+#: The examples at the end of ``flowplug sample --help``.
+EXAMPLES = (
+    "flowplug sample --flow runs/u1 --out run1",
+    "flowplug sample --flow runs/u1 --out run1 --set chains=32 --set steps=1000 --set thermalize=50",
+    "# four HMC trajectories before every flow proposal",
+    "flowplug sample --flow runs/u1 --out run1 --set kernel.hmc_every=4",
+    "# HMC in the flow's latent space",
+    "flowplug sample --flow runs/u1 --out run1 --set kernel.type=flow-hmc",
+    "# continue a run, or extend a finished one",
+    "flowplug sample --flow runs/u1 --out run1 --set steps=2000 --resume",
+    "# no flow: plain HMC, or any registered kernel (a plugin's too), on [action] and lattice",
+    "flowplug sample --out run2 --set action.name=wilson --set action.beta=2.0 --set 'lattice=[8,8]'",
+    "flowplug sample --out run3 --set action.name=xy --set action.beta=1.0 --set 'lattice=[16]' "
+    "--set kernel.type=xy-metropolis",
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``flowplug sample``."""
-    parser.add_argument("--flow", metavar="CHECKPOINT", help="trained flow: a `flowplug train` run directory or its checkpoint.pt (required)")
+    parser.add_argument("--flow", metavar="CHECKPOINT", help="trained flow: a `flowplug train` run directory or its checkpoint.pt (optional for "
+                        "kernels that need no flow)")
     parser.add_argument("--out", metavar="DIR", help="output directory (required)")
     parser.add_argument("--resume", action="store_true", help="continue from DIR/chain.ckpt")
     parser.add_argument("--force", action="store_true", help="replace existing outputs")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--no-check-inverse", action="store_true",
                         help="use a flow whose inverse fails the round-trip check (log q through it is wrong)")
-    add_config_arguments(parser)
+    add_config_arguments(parser, example="steps=1000")
+    add_examples(parser, EXAMPLES)
 
 
 def run(args: argparse.Namespace) -> int:
     """Sample (:mod:`flowplug.jobs.sample`) and print one line."""
-    cfg = config_from_args(args, DEFAULT_CONFIG)
+    cfg = config_from_args(args, DEFAULT_CONFIG, open_tables=OPEN_TABLES)
     if cfg is None:
         return 0
-    if not args.flow or not args.out:
-        raise ConfigError("flowplug sample needs --flow CHECKPOINT and --out DIR")
-    s = run_sample(cfg, Path(args.flow), Path(args.out), resume=args.resume, force=args.force,
-                   progress=not args.no_progress, check_inverse=not args.no_check_inverse)
+    if not args.out:
+        raise ConfigError("flowplug sample needs --out DIR")
+    with chain_resume_hint(args, Path(args.out) / "chain.ckpt"):
+        s = run_sample(cfg, Path(args.flow) if args.flow else None, Path(args.out), resume=args.resume,
+                       force=args.force, progress=not args.no_progress, check_inverse=not args.no_check_inverse)
     by_kernel = s["acceptance_by_kernel"]
     accs = ", ".join(f"{k} {v:.3f}" for k, v in by_kernel.items()) if by_kernel else f"{s['acceptance']:.3f}"
-    print(f"sample: {s['chains']} chains x {s['steps']} steps, acceptance {accs}, "
-          f"ESS of the flow weights {s['ess']:.3f}; results in {args.out}")
+    ess = f", ESS of the flow weights {s['ess']:.3f}" if s.get("ess") is not None else ""
+    print(f"sample: {s['chains']} chains x {s['steps']} steps of {s['kernel']}, acceptance {accs}{ess}"
+          f"{susceptibility_text(s)}; results in {args.out}")
     return 0
 
 
-COMMAND = CommandSpec(name="sample", description="exact Markov chains from a trained flow (independence "
-                      "Metropolis, flow HMC, mixtures with HMC)", factory=add_arguments, run=run)
+def susceptibility_text(summary: dict) -> str:
+    """``", chi_t = <Q^2>/V 0.0193 +- 0.0011"`` when the summary has the topological
+    susceptibility, else ``""``."""
+    chi = summary.get("observables", {}).get("topological_susceptibility")
+    if not chi:
+        return ""
+    return f", chi_t = <Q^2>/V {chi['mean']:.4g} +- {chi['error']:.2g}"
+
+
+COMMAND = CommandSpec(name="sample", description="exact Markov chains of any registered kernel: from a trained "
+                      "flow (independence Metropolis, flow HMC, mixtures with HMC) or without one",
+                      factory=add_arguments, run=run)

@@ -5,7 +5,8 @@
 
 The job, its outputs and its configuration are :mod:`flowplug.jobs.train`;
 ``--print-config`` prints the commented default configuration (with ``--resume``: the
-run's stored configuration).
+run's stored configuration). Ctrl-C finishes the step in progress, writes a checkpoint
+and names it with the command that continues the run.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from flowplug.cli.common import add_config_arguments, config_from_args
+from flowplug.cli.common import add_config_arguments, add_examples, command_line, config_from_args, resume_hint
 from flowplug.errors import ConfigError
 from flowplug.jobs.train import (
     DEFAULT_CONFIG,
@@ -26,16 +27,28 @@ from flowplug.jobs.train import (
 )
 from flowplug.records import CommandSpec
 
+#: The examples at the end of ``flowplug train --help``.
+EXAMPLES = (
+    "# train from an example configuration (writes runs/u1/checkpoint.pt)",
+    "flowplug train --config examples/train_u1.toml",
+    "flowplug train --config examples/train_phi4.toml --set train.steps=500 --set out=runs/phi4",
+    "flowplug train --set action.name=wilson --set action.group=u1 --set action.beta=2.0 "
+    "--set 'flow.layers=[\"u1-ncp\"]' --set out=runs/u1",
+    "# continue a run, or extend a finished one",
+    "flowplug train --resume runs/u1 --set train.steps=5000",
+)
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``flowplug train``."""
-    add_config_arguments(parser)
+    add_config_arguments(parser, example="train.steps=500")
     parser.add_argument("--resume", metavar="DIR",
                         help="continue the run in DIR from its checkpoint (bit-for-bit); only "
                              "train.steps, train.checkpoint_every, train.progress may be changed with --set")
     parser.add_argument("--force", action="store_true",
                         help="start afresh even though <out> holds a checkpoint of an earlier run")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_examples(parser, EXAMPLES)
 
 
 def _resume_overrides(args: argparse.Namespace) -> dict:
@@ -54,6 +67,19 @@ def _resume_overrides(args: argparse.Namespace) -> dict:
     return overrides
 
 
+def _hint(args: argparse.Namespace, out: Path):
+    """:func:`flowplug.cli.common.resume_hint` of a training run writing to ``out``."""
+    from flowplug.train import CHECKPOINT_NAME
+
+    argv = list(getattr(args, "_argv", None) or sys.argv[1:])
+    if args.resume:
+        again = command_line(argv)  # the resumed run's command continues it again
+    else:
+        again = command_line(["train", "--resume", str(out)] + (["--no-progress"] if args.no_progress else []))
+    return resume_hint(out / CHECKPOINT_NAME, resume=again, restart=command_line(argv, add=["--force"]),
+                       resumed=bool(args.resume))
+
+
 def run(args: argparse.Namespace) -> int:
     """Train (or resume) with :mod:`flowplug.jobs.train` and print one line; returns 0."""
     if args.resume:
@@ -65,14 +91,18 @@ def run(args: argparse.Namespace) -> int:
 
             sys.stdout.write(_config.dumps(stored_config(args.resume)))
             return 0
-        s = resume_train(args.resume, overrides=overrides, log=lambda text: print(text, file=sys.stderr))
+        from flowplug.train import checkpoint_path
+
+        with _hint(args, checkpoint_path(args.resume).parent):
+            s = resume_train(args.resume, overrides=overrides, log=lambda text: print(text, file=sys.stderr))
     else:
         cfg = config_from_args(args, DEFAULT_CONFIG, open_tables=OPEN_TABLES)
         if cfg is None:
             return 0
         if args.no_progress:
             cfg["train"]["progress"] = False
-        s = run_train(cfg, force=args.force)
+        with _hint(args, Path(str(cfg["out"]))):
+            s = run_train(cfg, force=args.force)
     out = Path(s["checkpoint"]).parent
     print(f"steps {s['steps']} (skipped {s['skipped_steps']}, rollbacks {s['rollbacks']}), ESS {s['ess']:.4f}, "
           f"acceptance {s['acceptance']:.4f}, free energy {s['free_energy']:.4f}, "

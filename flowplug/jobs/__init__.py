@@ -32,7 +32,11 @@ The parts they share:
   :class:`~flowplug.jobs.output.ChainOutput` (configurations, measurements, checkpoint,
   ``provenance.json``, ``summary.json``, report), which rolls its files back to the
   checkpoint when a run resumes;
-- :mod:`flowplug.jobs.summary`: the Gamma-method summary of chain histories;
+- :mod:`flowplug.jobs.summary`: the Gamma-method summary of chain histories (with the
+  topological susceptibility <Q^2>/V wherever Q is measured, and the warning for chains
+  too short for their tau_int);
+- :mod:`flowplug.threads`: the ``threads`` key of every job (default 1; 0 = torch's default),
+  applied by :func:`~flowplug.threads.job_threads` for the duration of the job;
 - :mod:`flowplug.jobs.provenance`: the configuration fingerprint that ties a checkpoint
   to its run, file SHA-256 and the provenance record of each configuration;
 - :mod:`flowplug.jobs.report`: PNG reports.

@@ -105,37 +105,86 @@ def run_chains(kernel: Any, x0: torch.Tensor, steps: int, *, seed: int | None = 
 # --------------------------------------------------------------------------- kernels
 
 
-def build_kernel(flow: Any, action: Any, table: Mapping[str, Any]) -> Any:
-    """The kernel described by a ``[kernel]`` table.
+#: Keys of the ``[kernel]`` table that are not options of the kernel's factory.
+KERNEL_TABLE_KEYS = ("type", "hmc_every", "hmc", "options")
+#: Flow kernels' names: ``type = "flow"`` is independence Metropolis.
+DEFAULT_FLOW_KERNEL = "independence-metropolis"
 
-    Keys: ``type`` = ``"flow"`` (independence Metropolis; default), ``"flow-hmc"``
-    (HMC in the latent space), ``"hmc"`` (plain HMC, the reference); ``hmc_every`` =
-    k > 0 puts k HMC trajectories before each flow step (a :class:`Composition`);
-    ``hmc`` = sub-table of HMC options (``integrator``, ``steps``, ``trajectory_length``),
-    used by plain and latent HMC.
+
+def build_kernel(flow: Any, action: Any, table: Mapping[str, Any], *, registry: Any = None) -> Any:
+    """The kernel described by a ``[kernel]`` table, built through the kernel registry.
+
+    Keys:
+        ``type``: a registered kernel name or alias (``flowplug plugins`` lists them):
+            ``"flow"`` / ``"independence-metropolis"`` (default with a flow), ``"flow-hmc"``,
+            ``"hmc"`` (default without a flow), or a plugin's kernel.
+        ``options``: table of keyword options for the kernel's factory (a plugin
+            kernel's own options, e.g. ``kernel.options.step_size = 2.0``).
+        ``hmc``: table of HMC options (``integrator``, ``steps``, ``trajectory_length``),
+            passed to any factory that takes them (plain and latent HMC) unless
+            ``options`` names them.
+        ``hmc_every``: k > 0 puts k HMC trajectories before each step of the kernel
+            (a ``composition`` kernel; ignored for ``hmc`` itself).
+
+    The factory receives ``action=`` and, if it has such a parameter, ``flow=``.
+
+    Arguments:
+        flow: The flow (:class:`flowplug.flow.Flow`) or ``None`` (no ``--flow``).
+        action: The action the chains sample.
+        table: The ``[kernel]`` table.
+        registry: The kernel registry (default: the process-wide one).
+
+    Returns:
+        The kernel (``init``/``step``, :mod:`flowplug.chain`).
 
     Raises:
-        ConfigError: on an unknown type or bad options.
+        UnknownComponentError: for an unregistered ``type`` (the message lists what exists).
+        ConfigError: if the kernel needs a flow and none is given, acts on other field
+            kinds than the action's, or rejects its options (message names the kernel
+            and the options).
     """
-    from flowplug.plugins.hmc import HMC
-    from flowplug.plugins.kernels import Composition, FlowHMC, IndependenceMetropolis
+    import inspect
 
-    kind = str(table.get("type", "flow")).lower()
-    hmc_opts = dict(table.get("hmc", {}))
-    hmc_opts = {k: hmc_opts[k] for k in ("integrator", "steps", "trajectory_length") if k in hmc_opts}
-    if kind in ("flow", "independence-metropolis", "im"):
-        kernel = IndependenceMetropolis(flow, action)
-    elif kind in ("flow-hmc", "latent-hmc"):
-        kernel = FlowHMC(flow, action, **hmc_opts)
-    elif kind == "hmc":
-        kernel = HMC(action, **hmc_opts)
-    else:
-        raise ConfigError(f"kernel.type {kind!r}: expected 'flow', 'flow-hmc' or 'hmc'")
+    if registry is None:
+        from flowplug.manager import registry as _registry
+
+        registry = _registry("kernel")
+    from flowplug.theory import kind_accepted
+
+    name = str(table.get("type") or ("flow" if flow is not None else "hmc")).strip().lower()
+    spec = registry.get(DEFAULT_FLOW_KERNEL if name == "flow" else name)
+    if spec.fields and not kind_accepted(action.field, spec.fields):
+        raise ConfigError(f"kernel '{spec.name}' updates {', '.join(spec.fields)} fields; the action acts on "
+                          f"{action.field}")
+    hmc_opts = {k: v for k, v in dict(table.get("hmc", {})).items()
+                if k in ("integrator", "steps", "trajectory_length")}
+
+    def build(kernel_spec: Any, options: Mapping[str, Any]) -> Any:
+        params = inspect.signature(kernel_spec.factory).parameters
+        kwargs = {k: v for k, v in hmc_opts.items() if k in params}
+        kwargs.update(options)
+        if "flow" in params:
+            if flow is None:
+                raise ConfigError(f"kernel '{kernel_spec.name}' proposes from a flow: give --flow CHECKPOINT, "
+                                  "or choose a kernel without one (e.g. kernel.type = \"hmc\")")
+            kwargs["flow"] = flow
+        try:
+            return kernel_spec.factory(action=action, **kwargs)
+        except TypeError as exc:
+            raise ConfigError(f"kernel '{kernel_spec.name}' rejects the options {sorted(options) or '{}'} "
+                              f"(kernel.options): {exc}") from None
+
+    unknown = set(table) - set(KERNEL_TABLE_KEYS)
+    if unknown:
+        raise ConfigError(f"[kernel] has unknown keys {sorted(unknown)}; a kernel's own options go into "
+                          "[kernel.options]")
+    kernel = build(spec, dict(table.get("options", {})))
     k = int(table.get("hmc_every", 0))
     if k < 0:
         raise ConfigError(f"kernel.hmc_every must be >= 0; found {k}")
-    if k and kind != "hmc":
-        kernel = Composition([HMC(action, **hmc_opts), kernel], [k, 1], labels=["hmc", kind])
+    if k and spec.name != "hmc":
+        hmc = build(registry.get("hmc"), {})
+        kernel = registry.get("composition").factory([hmc, kernel], [k, 1], labels=["hmc", name])
     return kernel
 
 
@@ -155,9 +204,9 @@ def check_compatible(ensemble: Any, flow: Any, source: str) -> None:
         FormatError: naming the file, the flow's and the file's group/lattice and the fix.
     """
     fmt = lambda lat: "x".join(map(str, lat))  # noqa: E731
-    if ensemble.group != flow.field:
-        raise FormatError(f"{source}: holds {ensemble.group} links but the flow was trained for "
-                          f"{flow.field} (use a flow trained for {ensemble.group} on "
+    if ensemble.field != flow.field:
+        raise FormatError(f"{source}: holds {ensemble.describe_field()} but the flow was trained for "
+                          f"{flow.field} (use a flow trained for {ensemble.field} on "
                           f"{fmt(ensemble.lattice)})")
     if tuple(ensemble.lattice) != tuple(flow.lattice):
         raise FormatError(f"{source}: lattice is {fmt(ensemble.lattice)} (x first) but the flow was trained "

@@ -44,7 +44,7 @@ DEFAULT_CONFIG = """\
 seed = 2026
 lattice = [8, 8]
 beta = 2.0
-threads = 1                 # torch CPU threads (small tensors: 1 is fastest)
+threads = 1                 # torch CPU threads of every stage (small tensors: 1 is fastest; 0: torch's default)
 
 [hmc]                       # a flowplug hmc run in DIR/hmc
 chains = 16
@@ -135,9 +135,16 @@ def run_demo(cfg: Mapping[str, Any], out: Path, *, force: bool = False, progress
         FlowplugError: if ``out`` holds an earlier demo and ``force`` is false, or the
             lattice is not 2D.
     """
-    import shutil
+    from flowplug.threads import job_threads
 
-    import torch
+    with job_threads(cfg["threads"]):
+        return _run_demo(cfg, Path(out), force=force, progress=progress, log=log)
+
+
+def _run_demo(cfg: Mapping[str, Any], out: Path, *, force: bool, progress: bool,
+              log: Callable[[str], None] | None) -> dict[str, Any]:
+    """The body of :func:`run_demo` (inside its lock and thread setting)."""
+    import shutil
 
     from flowplug.errors import FlowplugError
     from flowplug.exact import u1_2d
@@ -149,9 +156,7 @@ def run_demo(cfg: Mapping[str, Any], out: Path, *, force: bool = False, progress
     from flowplug.jobs.report import comparison_report
 
     say = log or (lambda text: None)
-    out = Path(out)
-    threads = max(1, int(cfg["threads"]))
-    torch.set_num_threads(threads)
+    threads = int(cfg["threads"])
     lattice = tuple(int(v) for v in cfg["lattice"])
     if len(lattice) != 2:
         raise FlowplugError(f"demo: lattice must be 2D (L0, L1); found {list(lattice)}")
@@ -191,7 +196,7 @@ def run_demo(cfg: Mapping[str, Any], out: Path, *, force: bool = False, progress
         f"{tr['batch_size']}")
     run_dir = out / "flow"
     tcfg = _sub_config(train_job.DEFAULT_CONFIG, {
-        "out": str(run_dir), "lattice": list(lattice), "seed": seed + 2, "device": "cpu", "threads": 0,
+        "out": str(run_dir), "lattice": list(lattice), "seed": seed + 2, "device": "cpu", "threads": threads,
         "action": action,
         "flow": {"layers": list(f["layers"]), "n_layers": int(f["n_layers"]), "options": dict(f["options"])},
         "train": {**dict(tr), "progress": progress, "checkpoint_every": 0},
@@ -206,7 +211,7 @@ def run_demo(cfg: Mapping[str, Any], out: Path, *, force: bool = False, progress
     say(f"[3/4] resampling the {n_configs} HMC configurations with flow proposals ({r['steps']} steps each)")
     rcfg = _sub_config(resample_job.DEFAULT_CONFIG, {
         "seed": seed + 3, "steps": int(r["steps"]), "save_every": int(r["save_every"]), "checkpoint_every": 0,
-        "observables": ["plaquette", "topological_charge"]})
+        "observables": ["plaquette", "topological_charge"], "threads": threads})
     t0 = time.perf_counter()
     rsum = resample_job.run_resample(rcfg, [ensemble], run_dir, out / "resample", force=True, progress=progress)
     t_flow = time.perf_counter() - t0
@@ -222,8 +227,10 @@ def run_demo(cfg: Mapping[str, Any], out: Path, *, force: bool = False, progress
     cost_hmc, cost_flow = cost(hmc_stats, t_hmc, n_traj), cost(flow_stats, t_flow, n_prop)
     agree = {}
     rows = []
-    for label, st in (("HMC", hmc_stats), ("flow Metropolis", flow_stats)):
-        rows.append({"label": label, "plaquette": st["plaquette"], "q2": st["q2"], "q": st["q"]})
+    for label, st, step, c in (("HMC", hmc_stats, "trajectory", cost_hmc),
+                               ("flow Metropolis", flow_stats, "proposal", cost_flow)):
+        rows.append({"label": label, "step": step, "plaquette": st["plaquette"], "q2": st["q2"], "q": st["q"],
+                     "seconds_per_independent_q": c})
         if exact:
             agree[label] = {k: abs(st[k]["mean"] - exact[k]) / max(st[k]["error"], 1e-300) for k in ("plaquette", "q2")}
     summary = {
@@ -271,7 +278,8 @@ def run_demo(cfg: Mapping[str, Any], out: Path, *, force: bool = False, progress
     with atomic_write(out / "report.txt", "w") as fh:
         fh.write(text)
     say("[4/4] report")
-    q_hist = {"HMC": hmc_hist["topological_charge"][therm:, 0], "flow": flow_hist["topological_charge"][:, 0]}
+    q_hist = {"HMC": hmc_hist["topological_charge"][therm:, 0],
+              "flow Metropolis": flow_hist["topological_charge"][:, 0]}
     comparison_report(out / "report.png", rows, {"plaquette": exact["plaquette"], "q2": exact["q2"]} if exact else {},
                       q_hist, title=f"2D U(1) {lattice[0]}x{lattice[1]}, beta = {beta}: flow Metropolis vs HMC vs exact")
     return write_job_summary(out, "demo", summary)

@@ -20,7 +20,15 @@ runs ``chains`` independent HMC chains as one batch and writes to ``out``:
     uninterrupted run (also to extend a finished run: raise ``hmc.trajectories`` and resume);
 ``summary.json``
     ``acceptance``, ``observables.<name>.{mean,error,tau_int,tau_int_error}`` (Gamma
-    method, chains as replicas, after ``hmc.thermalization``), ``exp_minus_delta_h``.
+    method, chains as replicas, after ``hmc.thermalization``), with
+    ``observables.topological_susceptibility`` = chi_t = <Q^2>/V (V = number of sites)
+    wherever the topological charge is measured, and ``exp_minus_delta_h``.
+
+A :class:`flowplug.jobs.summary.ShortChainWarning` says when the chains are too short
+for the tau_int of an observable. ``start`` may be a bare LIME file (only a binary
+record; it stores neither lattice nor group): it is read with ``lattice`` and
+``action.group``. ``threads`` (default 1) sets torch's CPU threads for the run
+(:mod:`flowplug.threads`).
 
 The configuration schema is :data:`DEFAULT_CONFIG` (``flowplug hmc --print-config``).
 """
@@ -36,7 +44,8 @@ import torch
 from flowplug.errors import ConfigError, FlowplugError
 from flowplug.fsutil import locked_run
 
-__all__ = ["DEFAULT_CONFIG", "NON_CHAIN_KEYS", "run_hmc", "run_fingerprint", "start_configuration"]
+__all__ = ["DEFAULT_CONFIG", "NON_CHAIN_KEYS", "run_hmc", "run_fingerprint", "start_configuration",
+           "read_start_file"]
 
 DEFAULT_CONFIG = """\
 # flowplug hmc: exact hybrid Monte Carlo (Duane et al. 1987) for any registered action.
@@ -45,8 +54,10 @@ DEFAULT_CONFIG = """\
 seed = 1                # random seed (generator of momenta, accept tests and hot starts)
 out = "hmc-out"         # output directory
 lattice = [8, 8]        # lattice extents, x first; a start file's own lattice takes precedence
+                        # (a bare LIME start file stores none: it is read with this lattice)
 start = "hot"           # "cold" (ordered), "hot" (disordered), or a path to a configuration
-                        # or ensemble file in any readable format (ILDG, NERSC, HDF5, ...)
+                        # or ensemble file in any readable format (ILDG, NERSC, HDF5, ...;
+                        # a bare LIME file is read with lattice and action.group)
 chains = 4              # independent chains, run as one batch
 format = "hdf5"         # ensemble format: hdf5, ildg, nersc, openqcd (a writable format), or "none"
 save_every = 10         # write configurations and a checkpoint every this many trajectories
@@ -54,13 +65,13 @@ measurements = "hdf5"   # per-trajectory measurements: "hdf5" (measurements.h5) 
 observables = []        # observable names; empty: plaquette (+ topological charge where
                         # defined) for gauge fields, magnetization, chi_2, ising_energy for phi^4
 device = "cpu"          # torch device
-threads = 0             # torch intra-op CPU threads; 0 keeps torch's default (on a busy
-                        # machine, or for small lattices, 1 is often much faster)
+threads = 1             # torch CPU threads; 1 is fastest on small lattices and busy machines,
+                        # 0 keeps torch's default (one per core), more for large lattices
 progress = true         # progress bar with acceptance and plaquette
 
 [action]
 name = "wilson"         # a registered action: wilson, phi4, or a plugin's
-group = "u1"            # wilson: u1, su2, su3
+group = "u1"            # wilson: u1, su2, su3 (also the group of a bare LIME start file)
 beta = 2.0              # wilson: inverse coupling
 m2 = -4.0               # phi4: bare mass squared (tutorial convention)
 lam = 8.0               # phi4: quartic coupling
@@ -91,14 +102,19 @@ def start_configuration(cfg: Mapping[str, Any], action: Any, chains: int, genera
                         ) -> tuple[torch.Tensor, str]:
     """The start of the chains: ``cold``, ``hot`` or the configurations of a file.
 
+    A bare LIME file (format ``lime``: one binary record, no lattice or group stored)
+    is read with the configuration's ``lattice`` and ``action.group``
+    (:func:`read_start_file`).
+
     Returns:
         ``(x0, description)``: x0 (chains, ...) on ``device``; a file's single
         configuration is copied to every chain, of several the first ``chains`` are
         taken; 32-bit links are projected back onto the group.
 
     Raises:
-        ConfigError: on a bad lattice, a missing file, a file of another group, or too
-            few configurations in it.
+        ConfigError: on a bad lattice, a missing file, a file of another group, too
+            few configurations in it, or a bare LIME file that ``lattice`` and
+            ``action.group`` do not describe.
     """
     start = str(cfg["start"])
     lattice = [int(n) for n in cfg["lattice"]]
@@ -108,15 +124,13 @@ def start_configuration(cfg: Mapping[str, Any], action: Any, chains: int, genera
         from flowplug.theory import start_field
 
         return start_field(action, start, lattice, chains, generator=generator, device=device), start
-    from flowplug import io
-
     path = Path(start)
     if not path.exists():
         raise ConfigError(f"start = {start!r}: no such file (use 'cold', 'hot' or a configuration file)")
-    ens = io.read(path)
-    if ens.group != action.field:
-        raise ConfigError(f"start file {path} holds {ens.group} links, but the action acts on "
-                          f"{action.field} (set action.group = \"{ens.group}\")")
+    ens = read_start_file(path, lattice, dict(cfg.get("action", {})).get("group"))
+    if ens.field != action.field:
+        raise ConfigError(f"start file {path} holds {ens.describe_field()}, but the action acts on "
+                          f"{action.field}" + (f" (set action.group = \"{ens.field}\")" if ens.is_gauge else ""))
     if list(ens.lattice) != lattice and log is not None:
         log(f"lattice {'x'.join(map(str, ens.lattice))} taken from {path} "
             f"(the configuration said {'x'.join(map(str, lattice))})")
@@ -137,12 +151,58 @@ def start_configuration(cfg: Mapping[str, Any], action: Any, chains: int, genera
     return links.to(device), str(path)
 
 
+def _without_option_hints(message: str) -> str:
+    """A reader's message without its command-line hints (``--lattice``, ``--group``),
+    which ``hmc`` does not take: it has configuration keys instead."""
+    import re
+
+    message = re.sub(r"\s*\((?:CLI: )?[^()]*--(?:lattice|group)[^()]*\)", "", message)
+    message = re.sub(r";?\s*check --lattice and --group", "", message)
+    return message.rstrip(" .;:")
+
+
+def read_start_file(path: Path, lattice: list[int], group: str | None) -> Any:
+    """Read a start file; a bare LIME file (which stores neither) with ``lattice`` and ``group``.
+
+    Arguments:
+        path: The file (any readable format).
+        lattice: The configuration's ``lattice`` (x first).
+        group: The configuration's ``action.group`` (``None`` for actions without one).
+
+    Returns:
+        The :class:`flowplug.io.Ensemble`.
+
+    Raises:
+        ConfigError: for a bare LIME file that ``lattice`` and ``action.group`` do not
+            describe (the message names these keys, the values used and an example).
+        FormatError, ChecksumError: from reading any other file.
+    """
+    from flowplug import io
+    from flowplug.errors import FormatError
+
+    if io.detect(path) != "lime":
+        return io.read(path)
+    keys = ("set the configuration keys lattice (the file's 4 extents, x first) and action.group (su3 or "
+            "su2), e.g. --set lattice=[4,4,4,4] --set action.group=su3")
+    used = f"lattice = {list(lattice)} and action.group = {group!r}"
+    if len(lattice) != 4 or not group:
+        raise ConfigError(f"start = {str(path)!r} is a bare LIME file, which stores neither its lattice nor its "
+                          f"gauge group; hmc reads it with lattice and action.group (found {used}): {keys}")
+    try:
+        return io.read(path, lattice=lattice, group=group)
+    except FormatError as exc:
+        raise ConfigError(f"start = {str(path)!r} is a bare LIME file, read with {used}: "
+                          f"{_without_option_hints(str(exc))}; {keys}") from None
+
+
 @locked_run("hmc", lambda a: a["cfg"]["out"])
 def run_hmc(cfg: Mapping[str, Any], *, resume: bool = False, force: bool = False,
             progress: bool | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run (or resume) an HMC job for an effective configuration (:data:`DEFAULT_CONFIG`).
 
-    ``out`` is locked for the run (:func:`flowplug.fsutil.run_lock`).
+    ``out`` is locked for the run (:func:`flowplug.fsutil.run_lock`); torch runs on
+    ``threads`` CPU threads (:func:`flowplug.threads.job_threads`: the caller's setting
+    is restored afterwards).
 
     Arguments:
         cfg: The effective configuration (:func:`flowplug.config.build_config` of
@@ -155,18 +215,32 @@ def run_hmc(cfg: Mapping[str, Any], *, resume: bool = False, force: bool = False
     Returns:
         The figures written to ``out/summary.json``.
 
+    Warns:
+        ShortChainWarning: when the chains are too short for the tau_int of an
+            observable (:func:`flowplug.jobs.summary.warn_short_chains`).
+
     Raises:
         ConfigError: on inconsistent settings (unknown integrator, format that cannot hold
-            the field, start file of another group, ``trajectories <= thermalization``...).
+            the field, start file of another group, ``trajectories <= thermalization``,
+            ``threads < 0``...).
         CheckpointError: on ``resume`` without a checkpoint or with one of another run.
         FlowplugError: when ``out`` holds a checkpoint and neither ``resume`` nor ``force``.
     """
+    from flowplug.threads import job_threads
+
+    with job_threads(cfg["threads"]):
+        return _run_hmc(cfg, resume=resume, force=force, progress=progress, log=log)
+
+
+def _run_hmc(cfg: Mapping[str, Any], *, resume: bool, force: bool, progress: bool | None,
+             log: Callable[[str], None] | None) -> dict[str, Any]:
+    """The body of :func:`run_hmc` (inside its lock and thread setting)."""
     from flowplug.jobs.chains import run_chains
     from flowplug.jobs.output import ChainOutput, Configurations
     from flowplug.jobs.provenance import provenance
-    from flowplug.jobs.summary import chain_summary
+    from flowplug.jobs.summary import chain_summary, warn_short_chains
     from flowplug.manager import get_plugin_manager
-    from flowplug.plugins.observables import default_observables, measurement
+    from flowplug.measure import default_observables, measurement
     from flowplug.theory import action_from_config
 
     pm = get_plugin_manager()
@@ -192,11 +266,6 @@ def run_hmc(cfg: Mapping[str, Any], *, resume: bool = False, force: bool = False
         device = torch.device(str(cfg["device"]))
     except RuntimeError as exc:
         raise ConfigError(f"device = {cfg['device']!r}: {exc}") from None
-    threads = int(cfg["threads"])
-    if threads < 0:
-        raise ConfigError(f"threads must be >= 0; found {threads}")
-    if threads:
-        torch.set_num_threads(threads)
     action = action_from_config(cfg)
     kernel = pm.registry("kernel").get("hmc").factory(
         action, integrator=hmc["integrator"], steps=int(hmc["steps"]),
@@ -224,14 +293,17 @@ def run_hmc(cfg: Mapping[str, Any], *, resume: bool = False, force: bool = False
                        progress=show, desc=f"hmc {action.field}", kernel_name="hmc",
                        steps_key="hmc.trajectories")
     seconds = time.perf_counter() - t0
-    stats = chain_summary(chain.history_tensors(), burn=therm)
+    lattice = list(kernel.space.lattice_of(chain.state.x))
+    stats = chain_summary(chain.history_tensors(), burn=therm, lattice=lattice)
     stats["measured_trajectories"] = stats.pop("measured_steps")
     stats.pop("acceptance_by_kernel", None)
+    warn_short_chains(stats.get("observables", {}), stats["measured_trajectories"], job="hmc",
+                      steps_key="hmc.trajectories", unit="trajectories")
     summary = {
         "trajectories": chain.step_count,
         "chains": chains,
         "thermalization": therm,
-        "lattice": list(kernel.space.lattice_of(chain.state.x)),
+        "lattice": lattice,
         "start": start_desc,
         "action": {"name": str(cfg["action"]["name"]), **couplings},
         "hmc": {"integrator": kernel.integrator, "steps": kernel.steps,
@@ -239,6 +311,7 @@ def run_hmc(cfg: Mapping[str, Any], *, resume: bool = False, force: bool = False
         "seed": seed,
         **stats,
         "seconds_this_run": seconds,
+        "threads": torch.get_num_threads(),
         "measurements": str(output.measurements_path),
         "checkpoint": str(output.checkpoint_path),
         "ensemble_format": configurations.format,

@@ -47,15 +47,11 @@ import torch
 from flowplug.errors import ConfigError, FormatError
 
 __all__ = ["ChainOutput", "Configurations", "write_measurements", "read_measurements", "write_job_summary",
-           "write_configuration", "output_format", "extension_of", "is_gauge", "READ_ONLY_FALLBACK"]
+           "write_configuration", "output_format", "extension_of", "checkpoint_step",
+           "READ_ONLY_FALLBACK"]
 
 #: Formats that only read: where their configurations are written instead.
 READ_ONLY_FALLBACK = {"scidac": "ildg", "lime": "ildg"}
-
-
-def is_gauge(field: str) -> bool:
-    """Whether a field kind is a gauge field that :mod:`flowplug.io` formats hold (u1, su<N>)."""
-    return field == "u1" or field.startswith("su")
 
 
 # ------------------------------------------------------------------------ formats
@@ -122,7 +118,7 @@ def _metadata(source_meta: Any, precision: int, provenance: Mapping[str, Any],
 def write_configuration(path: Path, x: torch.Tensor, fmt: str, *, source_meta: Any = None,
                         precision: int = 64, provenance: Mapping[str, Any] | None = None,
                         header: Mapping[str, Any] | None = None, overwrite: bool = False,
-                        inputs: Sequence[Path] = ()) -> Path:
+                        inputs: Sequence[Path] = (), field: str | None = None) -> Path:
     """Write one configuration (canonical layout, batch of 1) atomically.
 
     The source's metadata records are carried over (ILDG file XML); the record XML is
@@ -153,26 +149,11 @@ def write_configuration(path: Path, x: torch.Tensor, fmt: str, *, source_meta: A
     prov = dict(provenance or {})
     meta = _metadata(source_meta, precision, prov, header)
     meta.records.append(io.Record("scidac-record-xml", _provenance_xml(prov)))
-    ens = io.Ensemble(x.detach().cpu(), precision=precision, meta=[meta])
+    ens = io.Ensemble(x.detach().cpu(), field=field, precision=precision, meta=[meta])
     opts: dict[str, Any] = {}
     if fmt == "ildg":
         opts["lfn"] = f"lfn://flowplug/{path.name}"
     return io.write(path, ens, fmt, precision=precision, overwrite=overwrite, **opts)
-
-
-def _write_field_file(path: Path, x: torch.Tensor, kind: str, provenance: Mapping[str, Any]) -> Path:
-    """A plain HDF5 file of a field kind :mod:`flowplug.io` does not know (phi^4, plugins')."""
-    import h5py
-
-    from flowplug.fsutil import atomic_path, jsonable
-
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("field", data=x.detach().cpu().numpy())
-            f.attrs["kind"] = kind
-            f.attrs["layout"] = "field[chain, ...] in flowplug's canonical layout of the kind"
-            f.attrs["provenance"] = json.dumps(jsonable(provenance), sort_keys=True)
-    return path
 
 
 def _truncate_store(path: Path, step: int) -> int:
@@ -254,26 +235,21 @@ class Configurations:
             raise ConfigError(f"save_every must be >= 0; found {save_every}")
         self.folder = Path(folder)
         self.field = field
-        self.gauge = is_gauge(field)
         self.format = str(fmt).strip().lower()
         self.handler = None
         if self.format != "none":
-            if not self.gauge:
-                if self.format not in ("hdf5", "h5"):
-                    raise ConfigError(f"format = {self.format!r}: {field} fields are written as "
-                                      "hdf5 only (or format = \"none\")")
-                self.format = "hdf5"
-                self.ext = "h5"
-            else:
-                spec = registry("file_format").get(self.format)
-                if not spec.writable:
-                    raise ConfigError(f"format {spec.name} is read-only; writable formats: "
-                                      f"{', '.join(io.formats(writable=True))}")
-                self.format = spec.name
-                self.handler = io.get_format(spec.name)
-                self.ext = extension_of(spec.name)
+            spec = registry("file_format").get(self.format)
+            if not spec.writable:
+                raise ConfigError(f"format {spec.name} is read-only; writable formats: "
+                                  f"{', '.join(io.formats(writable=True))}")
+            self.format = spec.name
+            self.handler = io.get_format(spec.name)
+            if not self.handler.holds(field):
+                raise ConfigError(f"format = {self.format!r} holds {', '.join(self.handler.fields)} fields, not "
+                                  f"{field}: write them as hdf5 (or format = \"none\")")
+            self.ext = extension_of(spec.name)
         self.name, self.provenance = name, provenance
-        self.store = Path(store) if store is not None and self.gauge and self.format == "hdf5" else None
+        self.store = Path(store) if store is not None and self.format == "hdf5" else None
         self.save_every, self.total, self.thermalize = int(save_every), int(total), int(thermalize)
         self.source_meta = list(source_meta) if source_meta is not None else None
         self.precision = int(precision)
@@ -301,7 +277,7 @@ class Configurations:
             return
         from flowplug import io
 
-        reason = self.handler.can_write(io.Ensemble(x[:1].detach().cpu()))
+        reason = self.handler.can_write(io.Ensemble(x[:1].detach().cpu(), field=self.field))
         if reason:
             raise ConfigError(f"format = {self.format!r}: {reason}")
 
@@ -341,14 +317,10 @@ class Configurations:
         provs = [self.provenance(step, c) for c in range(n)]
         header = dict(self.header(step)) if self.header is not None else {}
         src = self.source_meta or [None] * n
-        if not self.gauge:
-            path = self.folder / f"{self.name(step, None)}.{self.ext}"
-            _write_field_file(path, x, self.field, {**provs[0], "chain": list(range(n))})
-            self.records += [{"path": str(path), **p} for p in provs]
-            return
         if self.store is not None or self.handler.multi:
             metas = [_metadata(src[c], self.precision, provs[c], header) for c in range(n)]
-            ens = io.Ensemble(x, precision=self.precision, meta=metas, attrs={**self.attrs, "step": step})
+            ens = io.Ensemble(x, field=self.field, precision=self.precision, meta=metas,
+                              attrs={**self.attrs, "step": step})
             if self.store is not None:
                 path = self.store
                 io.write(path, ens, "hdf5", precision=self.precision, append=path.exists())
@@ -361,7 +333,7 @@ class Configurations:
             path = self.folder / f"{self.name(step, c)}.{self.ext}"
             write_configuration(path, x[c:c + 1], self.format, source_meta=src[c], precision=self.precision,
                                 provenance=provs[c], header=header, overwrite=self.overwrite,
-                                inputs=self.inputs)
+                                inputs=self.inputs, field=self.field)
             self.records.append({"path": str(path), **provs[c]})
 
 
@@ -584,3 +556,13 @@ def write_job_summary(out: Path, command: str, summary: Mapping[str, Any]) -> di
 
     write_summary(out, command, summary)
     return {"command": command, "flowplug_version": __version__, **summary}
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The step a checkpoint holds (a chain checkpoint or a training checkpoint), or ``None``
+    if it cannot be read (``torch.load(weights_only=True)``: nothing is unpickled)."""
+    try:
+        state = torch.load(Path(path), map_location="cpu", weights_only=True)
+        return int(state["step"])
+    except Exception:  # noqa: BLE001 - a message helper: an unreadable file has no step
+        return None

@@ -4,18 +4,25 @@
 every configuration of the inputs (files of any readable format, directories, globs, or
 HDF5 ensembles) starts one chain of flow independence-Metropolis steps (optionally
 ``kernel.hmc_every`` HMC trajectories before each flow step, or flow-transformed HMC).
-log q of the inputs comes from the inverse flow. Every ``save_every`` steps (and after
-the last) each chain's configuration is written to DIR in the inputs' format (``to`` to
-change; SciDAC and bare LIME inputs are written as ILDG; HDF5 into one store
-``DIR/ensemble.h5``), with provenance (input file and its SHA-256, flow checkpoint
-SHA-256, seed, chain, step) in the file's metadata where the format has room and in
-``DIR/provenance.json``.
+Files of a directory or glob that are not lattice files (a ``README``, logs: no format
+recognises them, :func:`flowplug.io.lattice_inputs`) are skipped with one note; a file
+that looks like a lattice file but does not read is an error.
+log q of the inputs comes from the inverse flow. After the last step (and, with
+``save_every`` > 0, every ``save_every`` steps) each chain's configuration is written to
+DIR in the inputs' format (``to`` to change; SciDAC and bare LIME inputs are written as
+ILDG; HDF5 into one store ``DIR/ensemble.h5``), with provenance (input file and its
+SHA-256, flow checkpoint SHA-256, seed, chain, step) in the file's metadata where the
+format has room and in ``DIR/provenance.json``. The default ``save_every = 0`` writes one
+resampled configuration per input, the ensemble the run exists for; intermediate steps
+of a chain are strongly correlated with each other.
 
 ``DIR/summary.json`` holds ``acceptance``, ``ess`` (of the importance weights p/q of the
 input configurations, (sum w)^2 / (n sum w^2)), ``ess_p_samples`` (the flow's ESS
 estimated from inputs distributed by p: n^2 / (sum w sum 1/w)), per-kernel acceptances,
-``observables.<name>.{mean,error,tau_int}`` of the chains (Gamma method), and ``inputs``:
-per input configuration its file, checksum, log p, log q and log w.
+``observables.<name>.{mean,error,tau_int}`` of the chains (Gamma method; with
+``topological_susceptibility`` = <Q^2>/V where the topological charge is measured),
+``inputs``: per input configuration its file, checksum, log p, log q and log w, and
+``skipped_inputs`` (the files left out as not lattice files).
 ``DIR/measurements.csv`` (or ``.h5``) has every measurement per step and chain;
 ``DIR/report.png`` draws histories, autocorrelations, acceptance and the weights. Long
 runs checkpoint to ``DIR/chain.ckpt``; ``resume=True`` continues bit for bit (and an
@@ -30,8 +37,9 @@ The configuration schema is :data:`DEFAULT_CONFIG` (``flowplug resample --print-
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
+from flowplug.errors import FormatError
 from flowplug.fsutil import locked_run
 
 __all__ = ["DEFAULT_CONFIG", "NON_CHAIN_KEYS", "run_resample"]
@@ -41,7 +49,9 @@ DEFAULT_CONFIG = """\
 
 seed = 1            # random seed of the chains
 steps = 20          # kernel steps per chain (one chain per input configuration)
-save_every = 1      # write each chain's configuration every this many steps (0: only the last)
+save_every = 0      # 0: write each chain's configuration after the last step only (one output
+                    # per input); N > 0: also every N steps
+threads = 1         # torch CPU threads (1: fastest on small lattices and busy machines; 0: torch's default)
 checkpoint_every = 50
 measurements = "csv"  # per-step measurements: "csv" (measurements.csv) or "hdf5" (measurements.h5)
 observables = []    # measured after every step ([] = defaults of the field kind)
@@ -64,14 +74,18 @@ group = ""
 """
 
 #: Keys that do not change the Markov chains: a run may be resumed with other values.
-NON_CHAIN_KEYS = ("steps", "save_every", "checkpoint_every", "measurements")
+NON_CHAIN_KEYS = ("steps", "save_every", "checkpoint_every", "measurements", "threads")
 
 
 @locked_run("resample", lambda a: a["out"])
 def run_resample(cfg: Mapping[str, Any], inputs: Sequence[Path | str], flow: Path, out: Path, *,
                  resume: bool = False, force: bool = False, read_options: Mapping[str, Any] | None = None,
-                 progress: bool = False, check_inverse: bool = True) -> dict[str, Any]:
+                 progress: bool = False, check_inverse: bool = True,
+                 log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run (or resume) a resample job; ``out`` is locked for the run.
+
+    torch runs on ``threads`` CPU threads (:func:`flowplug.threads.job_threads`; the
+    caller's setting is restored afterwards).
 
     Arguments:
         cfg: The effective configuration (of :data:`DEFAULT_CONFIG`).
@@ -84,21 +98,38 @@ def run_resample(cfg: Mapping[str, Any], inputs: Sequence[Path | str], flow: Pat
             ``group``, ``verify``).
         progress: Progress bar.
         check_inverse: Refuse a flow that fails the inverse check.
+        log: Receives one-line notes (the files of a directory or glob skipped as not
+            lattice files).
 
     Returns:
         The figures written to ``out/summary.json``; the chains' histories are in
         ``out/measurements.csv`` (:func:`flowplug.jobs.output.read_measurements`), their
         state in ``out/chain.ckpt``.
 
+    Warns:
+        ShortChainWarning: when the chains are too short for the tau_int of an
+            observable (:func:`flowplug.jobs.summary.warn_short_chains`).
+
     Raises:
-        FlowplugError: on bad inputs, a mismatched flow, or an output that exists;
+        FlowplugError: on bad inputs (no lattice file among them, a lattice file that
+            does not read), a mismatched flow, or an output that exists;
             :class:`flowplug.errors.InverseCheckError` if the flow fails the inverse check
             and ``check_inverse`` is true.
     """
+    from flowplug.threads import job_threads
+
+    with job_threads(cfg.get("threads", 1)):
+        return _run_resample(cfg, inputs, flow, out, resume=resume, force=force, read_options=read_options,
+                             progress=progress, check_inverse=check_inverse, log=log)
+
+
+def _run_resample(cfg: Mapping[str, Any], inputs: Sequence[Path | str], flow: Path, out: Path, *,
+                  resume: bool, force: bool, read_options: Mapping[str, Any] | None, progress: bool,
+                  check_inverse: bool, log: Callable[[str], None] | None) -> dict[str, Any]:
+    """The body of :func:`run_resample` (inside its lock and thread setting)."""
     import torch
 
     from flowplug import io
-    from flowplug.cli.cmd_convert import expand_inputs
     from flowplug.flowtools import open_flow
     from flowplug.jobs.chains import (
         action_override,
@@ -109,14 +140,20 @@ def run_resample(cfg: Mapping[str, Any], inputs: Sequence[Path | str], flow: Pat
     )
     from flowplug.jobs.output import ChainOutput, Configurations, output_format
     from flowplug.jobs.provenance import file_sha256, fingerprint, provenance
-    from flowplug.jobs.summary import chain_summary
-    from flowplug.plugins.observables import default_observables, measurement
+    from flowplug.jobs.summary import chain_summary, warn_short_chains
+    from flowplug.measure import default_observables, measurement
 
     out = Path(out)
     read_options = {k: v for k, v in dict(read_options or {}).items() if v is not None}
     ck = open_flow(flow, check_inverse=check_inverse)
     action = ck.action(action_override(cfg))
-    files = expand_inputs([str(p) for p in inputs])
+    files, skipped = io.lattice_inputs([str(p) for p in inputs], format=read_options.get("format"))
+    if skipped and log is not None:
+        log(f"skipped {len(skipped)} file{'s' if len(skipped) != 1 else ''} that no lattice format "
+            f"recognises: {', '.join(map(str, skipped))}")
+    if not files:
+        raise FormatError(f"no lattice file among the inputs {', '.join(map(str, inputs))}"
+                          + (f" (skipped: {', '.join(map(str, skipped))})" if skipped else ""))
     parts, sources = [], []
     for f in files:
         ens = io.read(f, **read_options)
@@ -129,7 +166,7 @@ def run_resample(cfg: Mapping[str, Any], inputs: Sequence[Path | str], flow: Pat
     ensemble = io.Ensemble.concat(parts)
     fmt = output_format(ensemble.meta[0].format if ensemble.meta[0].format != "hdf5" else "hdf5", cfg.get("to"))
     precision = int(cfg.get("precision") or ensemble.precision)
-    x0 = ensemble.links.to(torch.complex128 if ensemble.group != "u1" else torch.float64)
+    x0 = ensemble.links.to(ensemble.space.dtype)
     field, ndim = ck.flow.field, len(ck.flow.lattice)
     names = list(cfg.get("observables") or default_observables(field, ndim))
     measure = measurement(field, names)
@@ -146,7 +183,7 @@ def run_resample(cfg: Mapping[str, Any], inputs: Sequence[Path | str], flow: Pat
                           input_index=src["index"], input_sha256=src["sha256"])
 
     configurations = Configurations(
-        out, fmt, field, store=out / "ensemble.h5", save_every=int(cfg.get("save_every", 1)), total=steps,
+        out, fmt, field, store=out / "ensemble.h5", save_every=int(cfg.get("save_every", 0)), total=steps,
         precision=precision, source_meta=ensemble.meta, inputs=[Path(s["file"]) for s in sources],
         overwrite=force,
         name=lambda t, c: (f"resample.s{t:05d}" if c is None
@@ -158,7 +195,8 @@ def run_resample(cfg: Mapping[str, Any], inputs: Sequence[Path | str], flow: Pat
     chain = run_chains(kernel, x0, steps, seed=seed, measure=measure, output=output, resume=resume, run_id=run_id,
                        checkpoint_every=int(cfg.get("checkpoint_every", 50)), progress=progress, desc="resample")
     hist = chain.history_tensors()
-    stats = chain_summary(hist, names)
+    stats = chain_summary(hist, names, lattice=ck.flow.lattice)
+    warn_short_chains(stats.get("observables", {}), chain.step_count, job="resample", steps_key="steps")
     acc = stats.get("acceptance", float("nan"))
     summary = {
         "acceptance": acc,
@@ -173,7 +211,9 @@ def run_resample(cfg: Mapping[str, Any], inputs: Sequence[Path | str], flow: Pat
         "reweighted_inputs": weights["reweighted"],  # sum w O / sum w over the inputs
         "inputs": [{**s, "log_p": lp, "log_q": lq, "log_w": lw}
                    for s, lp, lq, lw in zip(sources, weights["log_p"], weights["log_q"], weights["log_w"])],
+        "skipped_inputs": [str(f) for f in skipped],
         "written": len(output.written),
+        "threads": torch.get_num_threads(),
         "inverse_check": {**ck.inverse_check.as_dict(), "enforced": check_inverse},
     }
     report = {"history": hist, "names": names, "weights": weights["log_w"],

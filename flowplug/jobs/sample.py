@@ -1,9 +1,14 @@
-"""The ``sample`` job: exact Markov chains from a trained flow.
+"""The ``sample`` job: exact Markov chains of any registered kernel, with or without a flow.
 
-:func:`run_sample` (``flowplug sample --flow CHECKPOINT --out DIR``): ``chains`` chains
-start from flow samples and run ``steps`` steps of flow independence Metropolis (or
-``kernel.type = "flow-hmc"``, or with ``kernel.hmc_every`` HMC trajectories before each
-flow step). The first ``thermalize`` steps are left out of the statistics and of the
+:func:`run_sample` (``flowplug sample [--flow CHECKPOINT] --out DIR``): ``chains`` chains
+run ``steps`` steps of the kernel ``kernel.type``, built through the kernel registry
+(:func:`flowplug.jobs.chains.build_kernel`), so a plugin's kernel runs as a built-in
+does. With a flow, the chains start from flow samples and the default kernel is flow
+independence Metropolis (or ``kernel.type = "flow-hmc"``, or with ``kernel.hmc_every``
+HMC trajectories before each flow step); the action is the flow's unless ``[action]``
+overrides it. Without a flow, the action is ``[action]`` (``action.name`` and its
+couplings), the lattice ``lattice``, the chains start hot (disordered) and the default
+kernel is ``hmc``. The first ``thermalize`` steps are left out of the statistics and of the
 written configurations (a flow sample is not yet a sample of p; the chain forgets it).
 Every ``save_every`` steps and after the last the configurations are written: into one
 HDF5 ensemble ``DIR/ensemble.h5`` (default), or one file per configuration in another
@@ -26,12 +31,14 @@ from typing import Any, Mapping
 
 from flowplug.fsutil import locked_run
 
-__all__ = ["DEFAULT_CONFIG", "NON_CHAIN_KEYS", "run_sample"]
+__all__ = ["DEFAULT_CONFIG", "NON_CHAIN_KEYS", "OPEN_TABLES", "run_sample"]
 
 DEFAULT_CONFIG = """\
 # flowplug sample: exact Markov chains with flow proposals
 
 seed = 1
+threads = 1         # torch CPU threads (1: fastest on small lattices and busy machines; 0: torch's default)
+lattice = []        # without --flow: lattice extents, x first (with a flow: the flow's)
 chains = 16         # independent chains, run as one batch
 steps = 200         # kernel steps per chain
 thermalize = 20     # steps left out of the statistics and of the written configurations
@@ -43,32 +50,39 @@ observables = []    # [] = defaults of the field kind
 ess_samples = 256   # flow samples used for the ESS of the proposal weights
 
 [kernel]
-type = "flow"       # "flow" (independence Metropolis), "flow-hmc" (HMC in latent space), "hmc"
-hmc_every = 0       # > 0: this many HMC trajectories before every flow step
+type = ""           # "" = "flow" (independence Metropolis) with --flow, "hmc" without; "flow-hmc"
+                    # (HMC in the flow's latent space) or any registered kernel (flowplug plugins)
+hmc_every = 0       # > 0: this many HMC trajectories before every step of the kernel
+
+[kernel.options]    # the kernel's own options (e.g. step_size = 2.0 for xy-metropolis)
 
 [kernel.hmc]
 integrator = "omelyan"
 steps = 10
 trajectory_length = 1.0
 
-[action]            # "" / 0 = the action stored with the flow
-name = ""
+[action]            # with --flow, "" / 0 = the action stored with the flow; without, the action
+name = ""           # (and any of its couplings: m2, lam, ... or a plugin action's)
 beta = 0.0
 group = ""
 """
 
+#: Tables whose keys are free: a kernel's options and an action's couplings.
+OPEN_TABLES = ("kernel.options", "action")
+
 #: Keys that do not change the Markov chain: a run may be resumed with other values.
-NON_CHAIN_KEYS = ("steps", "save_every", "checkpoint_every", "measurements")
+NON_CHAIN_KEYS = ("steps", "save_every", "checkpoint_every", "measurements", "threads")
 
 
 @locked_run("sample", lambda a: a["out"])
-def run_sample(cfg: Mapping[str, Any], flow: Path, out: Path, *, resume: bool = False, force: bool = False,
-               progress: bool = False, check_inverse: bool = True) -> dict[str, Any]:
+def run_sample(cfg: Mapping[str, Any], flow: Path | None, out: Path, *, resume: bool = False,
+               force: bool = False, progress: bool = False, check_inverse: bool = True) -> dict[str, Any]:
     """Run (or resume) a sample job; ``out`` is locked for the run.
 
     Arguments:
         cfg: The effective configuration (of :data:`DEFAULT_CONFIG`).
-        flow: What ``flowplug train`` wrote: the run directory or its ``checkpoint.pt``.
+        flow: What ``flowplug train`` wrote: the run directory or its ``checkpoint.pt``;
+            ``None`` for a kernel that needs no flow.
         out: The run directory.
         resume: Continue from ``out/chain.ckpt`` (bit for bit the uninterrupted run).
         force: Replace the outputs of an earlier run.
@@ -83,6 +97,16 @@ def run_sample(cfg: Mapping[str, Any], flow: Path, out: Path, *, resume: bool = 
             :class:`flowplug.errors.InverseCheckError` if the flow fails the inverse check
             and ``check_inverse`` is true.
     """
+    from flowplug.threads import job_threads
+
+    with job_threads(cfg.get("threads", 1)):
+        return _run_sample(cfg, flow, out, resume=resume, force=force, progress=progress,
+                           check_inverse=check_inverse)
+
+
+def _run_sample(cfg: Mapping[str, Any], flow: Path | None, out: Path, *, resume: bool, force: bool,
+                progress: bool, check_inverse: bool) -> dict[str, Any]:
+    """The body of :func:`run_sample` (inside its lock and thread setting)."""
     import torch
 
     from flowplug.errors import ConfigError
@@ -95,21 +119,30 @@ def run_sample(cfg: Mapping[str, Any], flow: Path, out: Path, *, resume: bool = 
     )
     from flowplug.jobs.output import ChainOutput, Configurations, output_format
     from flowplug.jobs.provenance import fingerprint, provenance
-    from flowplug.jobs.summary import chain_summary
-    from flowplug.plugins.observables import default_observables, measurement
+    from flowplug.jobs.summary import chain_summary, warn_short_chains
+    from flowplug.measure import default_observables, measurement
 
     out = Path(out)
-    ck = open_flow(flow, check_inverse=check_inverse)
-    action = ck.action(action_override(cfg))
     chains, steps, therm = int(cfg["chains"]), int(cfg["steps"]), int(cfg["thermalize"])
     if chains < 1 or steps < 1 or not 0 <= therm < steps:
         raise ConfigError(f"need chains >= 1, steps >= 1 and 0 <= thermalize < steps; found chains={chains}, "
                           f"steps={steps}, thermalize={therm}")
-    fmt = output_format(None, cfg["format"])
-    field, ndim = ck.flow.field, len(ck.flow.lattice)
-    names = list(cfg.get("observables") or default_observables(field, ndim))
     seed = int(cfg["seed"])
-    kernel = build_kernel(ck.flow, action, cfg["kernel"])  # validate before creating outputs
+    g0 = torch.Generator().manual_seed(seed + 7919)
+    ck = None
+    if flow is not None:
+        ck = open_flow(flow, check_inverse=check_inverse)
+        action = ck.action(action_override(cfg))
+        lattice = tuple(ck.flow.lattice)
+        if cfg.get("lattice") and tuple(int(n) for n in cfg["lattice"]) != lattice:
+            raise ConfigError(f"lattice = {list(cfg['lattice'])} but the flow was trained on {list(lattice)}; "
+                              "drop lattice (a flow job runs on the flow's lattice)")
+    else:
+        action, lattice = _action_and_lattice(cfg)
+    field, ndim = action.field, len(lattice)
+    fmt = output_format(None, cfg["format"])
+    names = list(cfg.get("observables") or default_observables(field, ndim))
+    kernel = build_kernel(ck.flow if ck else None, action, cfg["kernel"])  # validate before creating outputs
     configurations = Configurations(
         out, fmt, field, store=out / "ensemble.h5", save_every=int(cfg.get("save_every", 0)), total=steps,
         thermalize=therm, overwrite=force or resume,
@@ -118,30 +151,64 @@ def run_sample(cfg: Mapping[str, Any], flow: Path, out: Path, *, resume: bool = 
     output = ChainOutput(out, "sample", configurations=configurations,
                          measurements=cfg.get("measurements", "csv"), config=cfg)
     output.start(resume=resume, force=force)
-    g0 = torch.Generator().manual_seed(seed + 7919)
-    with torch.no_grad():
-        x0, _ = ck.flow.sample(chains, g0)
-        xs, _ = ck.flow.sample(int(cfg.get("ess_samples", 256)), g0)
-    weights = importance_weights(ck.flow, action, xs.detach())
-    run_id = fingerprint(cfg, ck.sha256, ignore=NON_CHAIN_KEYS)
+    weights: dict[str, Any] = {"ess": None}
+    if ck is not None:
+        with torch.no_grad():
+            x0, _ = ck.flow.sample(chains, g0)
+            xs, _ = ck.flow.sample(int(cfg.get("ess_samples", 256)), g0)
+        weights = importance_weights(ck.flow, action, xs.detach())
+    else:
+        from flowplug.theory import field_space
+
+        x0 = field_space(field).hot(lattice, chains, generator=g0)
+    run_id = fingerprint(cfg, ck.sha256 if ck else "", ignore=NON_CHAIN_KEYS)
     chain = run_chains(kernel, x0.detach(), steps, seed=seed, measure=measurement(field, names), output=output,
                        resume=resume, run_id=run_id, checkpoint_every=int(cfg.get("checkpoint_every", 100)),
                        progress=progress, desc="sample")
     hist = chain.history_tensors()
-    stats = chain_summary(hist, names, burn=therm)
+    stats = chain_summary(hist, names, burn=therm, lattice=lattice)
+    warn_short_chains(stats.get("observables", {}), chain.step_count - therm, job="sample", steps_key="steps")
     acc = stats["acceptance"]
     summary = {
         "acceptance": acc,
         "acceptance_by_kernel": stats["acceptance_by_kernel"],
         "ess": weights["ess"],
+        "threads": torch.get_num_threads(),
         "chains": chains, "steps": chain.step_count, "thermalize": therm, "seed": seed, "format": fmt,
-        "flow": {"path": str(flow), "sha256": ck.sha256, "field": field, "lattice": list(ck.flow.lattice)},
-        "action": ck.action_config | action_override(cfg),
+        "kernel": _kernel_name(cfg, ck is not None),
+        "field": field, "lattice": list(lattice),
+        "flow": ({"path": str(flow), "sha256": ck.sha256, "field": field, "lattice": list(lattice)}
+                 if ck else None),
+        "action": (ck.action_config | action_override(cfg)) if ck else dict(cfg["action"]),
         "observables": stats["observables"],
         "written": len(output.written),
-        "inverse_check": {**ck.inverse_check.as_dict(), "enforced": check_inverse},
+        "inverse_check": {**ck.inverse_check.as_dict(), "enforced": check_inverse} if ck else None,
     }
     report = {"history": {k: v[therm:] for k, v in hist.items()}, "names": names,
               "title": f"flowplug sample: {chains} chains x {chain.step_count} steps, acceptance {acc:.3f}",
               "acceptance": summary["acceptance_by_kernel"] or {"all": acc}}
     return output.finish(chain, summary, report=report)
+
+
+def _kernel_name(cfg: Mapping[str, Any], with_flow: bool) -> str:
+    return str(cfg["kernel"].get("type") or ("independence-metropolis" if with_flow else "hmc"))
+
+
+def _action_and_lattice(cfg: Mapping[str, Any]) -> tuple[Any, tuple[int, ...]]:
+    """The ``[action]`` and ``lattice`` of a sample job without a flow.
+
+    Raises:
+        ConfigError: without ``action.name`` or ``lattice``.
+    """
+    from flowplug.errors import ConfigError
+    from flowplug.theory import action_from_config
+
+    table = {k: v for k, v in dict(cfg.get("action", {})).items() if v not in ("", None)}
+    if not table.get("name"):
+        raise ConfigError("flowplug sample without --flow samples the action [action]: give action.name "
+                          "(and its couplings, e.g. --set action.name=wilson --set action.beta=2.0)")
+    lattice = tuple(int(n) for n in cfg.get("lattice") or ())
+    if not lattice or any(n < 1 for n in lattice):
+        raise ConfigError(f"flowplug sample without --flow needs lattice = [L0, L1, ...]; found "
+                          f"{list(cfg.get('lattice') or [])}")
+    return action_from_config({"action": table}), lattice

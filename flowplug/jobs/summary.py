@@ -4,17 +4,41 @@ Chain histories have the layout (steps, chains) (:meth:`flowplug.chain.Chain.his
 the datasets of ``measurements.h5``); the chains are replicas of one Markov chain and
 errors and tau_int come from :func:`flowplug.stats.gamma_method` with ``step_axis=0``
 (Wolff, hep-lat/0306017).
+
+Shared by every chain job (``hmc``, ``sample``, ``resample``; ``demo`` through them):
+
+* :func:`chain_summary` / :func:`observable_summary`: mean, error, tau_int of each
+  observable; given the lattice, also the **topological susceptibility**
+  chi_t = <Q^2>/V (V = number of sites, lattice units) wherever the topological charge
+  Q is measured (:func:`topological_susceptibility`, DESIGN.md section 3);
+* :func:`warn_short_chains`: one :class:`ShortChainWarning` naming the observables whose
+  chains are too short for their tau_int (:data:`MIN_LENGTH_IN_TAU`).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Mapping
+import warnings
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 
-__all__ = ["observable_summary", "chain_summary", "NON_OBSERVABLES"]
+__all__ = ["observable_summary", "chain_summary", "topological_susceptibility", "warn_short_chains",
+           "short_chain_observables", "ShortChainWarning", "MIN_LENGTH_IN_TAU", "NON_OBSERVABLES"]
+
+#: A chain shorter than this many tau_int gives an unreliable error: the relative error
+#: of tau_int is then about 4 sqrt(tau_int / N) ~ 0.9 for one chain of N = 20 tau_int
+#: (Wolff, hep-lat/0306017, eq. (42) with W ~ 4 tau_int), and the error of the mean is
+#: uncertain by half of that.
+MIN_LENGTH_IN_TAU = 20
+
+#: Name of the derived entry chi_t = <Q^2>/V in ``summary.json`` ``observables``.
+SUSCEPTIBILITY = "topological_susceptibility"
+
+
+class ShortChainWarning(UserWarning):
+    """The chains of a run are too short for the tau_int of some observable."""
 
 
 def _is_bookkeeping(name: str) -> bool:
@@ -51,9 +75,10 @@ def observable_summary(history: Mapping[str, Any], names: Iterable[str] | None =
     Returns:
         name -> ``{mean, error, tau_int, tau_int_error, n, window}``, with a ``note``
         when the summation window reached half the chain length (then tau_int and the
-        error are lower bounds). If no chain ever changed its value (a flow whose
-        proposals are all rejected), error and tau_int cannot be estimated: they are
-        NaN and infinity, with ``note`` saying so.
+        error are lower bounds) or when the chains are shorter than
+        :data:`MIN_LENGTH_IN_TAU` tau_int (then both are unreliable). If no chain ever
+        changed its value (a flow whose proposals are all rejected), error and tau_int
+        cannot be estimated: they are NaN and infinity, with ``note`` saying so.
     """
     from flowplug.stats import gamma_method
 
@@ -75,14 +100,52 @@ def observable_summary(history: Mapping[str, Any], names: Iterable[str] | None =
         r = gamma_method(data, step_axis=0)
         out[name] = {"mean": r.mean, "error": r.error, "tau_int": r.tau_int,
                      "tau_int_error": r.tau_int_error, "n": r.n, "window": r.window}
-        if r.window >= max(data.shape[0] // 2, 1):
+        steps = data.shape[0]
+        if r.window >= max(steps // 2, 1):
             out[name]["note"] = ("the summation window reached half the chain length: tau_int and the "
                                  "error are lower bounds (run longer chains)")
+        elif steps < MIN_LENGTH_IN_TAU * r.tau_int:
+            out[name]["note"] = (f"the chains ({steps} steps) are shorter than {MIN_LENGTH_IN_TAU} tau_int: "
+                                 "tau_int and the error are unreliable (run longer chains)")
     return out
 
 
+def topological_susceptibility(charge: Any, lattice: Sequence[int], *, burn: int = 0) -> dict[str, Any]:
+    r"""Topological susceptibility chi_t = <Q^2>/V of chain histories of Q, Gamma method.
+
+    Q^2/V per step and chain is the primary observable, so mean, error and tau_int are
+    those of :func:`flowplug.stats.gamma_method` (``step_axis=0``) on it.
+
+    Arguments:
+        charge: Topological charge Q, (T, B) array or tensor (steps x chains).
+        lattice: Lattice extents; V = their product (number of sites, lattice units).
+        burn: Steps discarded at the start (thermalisation).
+
+    Returns:
+        ``{mean, error, tau_int, tau_int_error, n, window, volume, definition}`` as in
+        :func:`observable_summary` (with its ``note`` where it applies), ``volume`` = V
+        and ``definition`` = ``"<Q^2>/V"``; mean * V estimates <Q^2>.
+
+    Raises:
+        ValueError: if the lattice is empty or has a non-positive extent.
+
+    References:
+        DESIGN.md section 3; for 2D U(1), exact <Q^2> on the torus:
+        :func:`flowplug.exact.u1_2d` (Bonati & Rossi, Phys. Rev. D 99 (2019) 054503).
+    """
+    dims = [int(n) for n in lattice]
+    if not dims or any(n < 1 for n in dims):
+        raise ValueError(f"lattice {dims}: expected positive extents")
+    volume = math.prod(dims)
+    q = _array(charge)
+    entry = observable_summary({SUSCEPTIBILITY: q * q / volume}, burn=burn)
+    if SUSCEPTIBILITY not in entry:
+        return {}
+    return {**entry[SUSCEPTIBILITY], "volume": volume, "definition": "<Q^2>/V"}
+
+
 def chain_summary(history: Mapping[str, Any], names: Iterable[str] | None = None, *,
-                  burn: int = 0) -> dict[str, Any]:
+                  burn: int = 0, lattice: Sequence[int] | None = None) -> dict[str, Any]:
     """The ``summary.json`` figures of a chain run, after dropping ``burn`` steps.
 
     Arguments:
@@ -90,13 +153,16 @@ def chain_summary(history: Mapping[str, Any], names: Iterable[str] | None = None
             ``accepted.<label>`` for compositions and mixtures of kernels).
         names: Observables (default: every non-bookkeeping entry).
         burn: Thermalisation steps left out.
+        lattice: The lattice extents. Given, and with ``topological_charge`` among the
+            observables, ``observables`` gains ``topological_susceptibility``
+            (:func:`topological_susceptibility`).
 
     Returns:
         ``measured_steps``; and when that is positive: ``acceptance``,
         ``acceptance_by_kernel`` (label -> acceptance of that part of a composed
-        kernel; empty for a single kernel), ``observables`` (:func:`observable_summary`),
-        and with ``delta_h``: ``exp_minus_delta_h`` {mean, error} (must be 1 within
-        errors for exact HMC; absent if some dH is not finite) and ``delta_h_mean``.
+        kernel; empty for a single kernel), ``observables`` (:func:`observable_summary`,
+        and chi_t), and with ``delta_h``: ``exp_minus_delta_h`` {mean, error} (must be
+        1 within errors for exact HMC; absent if some dH is not finite) and ``delta_h_mean``.
     """
     from flowplug.stats import exp_mean
 
@@ -107,7 +173,12 @@ def chain_summary(history: Mapping[str, Any], names: Iterable[str] | None = None
     out["acceptance"] = float(_array(history["accepted"])[burn:].mean())
     out["acceptance_by_kernel"] = {k[len("accepted."):]: _nan_mean(_array(v)[burn:])
                                    for k, v in history.items() if k.startswith("accepted.")}
+    names = None if names is None else list(names)
     out["observables"] = observable_summary(history, names, burn=burn)
+    if lattice is not None and "topological_charge" in out["observables"]:
+        chi = topological_susceptibility(history["topological_charge"], lattice, burn=burn)
+        if chi:
+            out["observables"][SUSCEPTIBILITY] = chi
     if "delta_h" in history:
         dh = _array(history["delta_h"])[burn:]
         if np.all(np.isfinite(dh)):
@@ -115,3 +186,50 @@ def chain_summary(history: Mapping[str, Any], names: Iterable[str] | None = None
             out["exp_minus_delta_h"] = {"mean": g.mean, "error": g.error}
         out["delta_h_mean"] = _nan_mean(dh)
     return out
+
+
+def short_chain_observables(observables: Mapping[str, Mapping[str, Any]], steps: int) -> dict[str, float]:
+    """The observables whose chains of ``steps`` steps are too short for their tau_int.
+
+    Too short: the summation window reached half the chain, the chains are shorter than
+    :data:`MIN_LENGTH_IN_TAU` tau_int, or no chain moved (tau_int infinite).
+
+    Returns:
+        name -> tau_int (in steps), in the order of ``observables``.
+    """
+    out: dict[str, float] = {}
+    for name, entry in observables.items():
+        tau = float(entry.get("tau_int", math.nan))
+        if math.isnan(tau):
+            continue
+        if steps < MIN_LENGTH_IN_TAU * tau or "summation window" in str(entry.get("note", "")):
+            out[name] = tau
+    return out
+
+
+def warn_short_chains(observables: Mapping[str, Mapping[str, Any]], steps: int, *, job: str,
+                      steps_key: str = "steps", unit: str = "steps") -> str | None:
+    """Warn (one :class:`ShortChainWarning`) when the chains are too short for some tau_int.
+
+    Arguments:
+        observables: ``summary.json`` ``observables`` (:func:`observable_summary`).
+        steps: Measured steps per chain (after thermalisation).
+        job: The job's name, to start the message (``hmc``, ``resample``, ...).
+        steps_key: The configuration key that sets the chain length, named in the fix.
+        unit: What a step is (``trajectories`` for HMC, ``steps`` for flow chains).
+
+    Returns:
+        The message, or ``None`` if no observable needed it.
+    """
+    short = short_chain_observables(observables, steps)
+    if not short:
+        return None
+    taus = ", ".join(f"{name} (tau_int {tau:.3g})" if math.isfinite(tau) else f"{name} (no chain moved)"
+                     for name, tau in short.items())
+    need = max((t for t in short.values() if math.isfinite(t)), default=math.nan)
+    fix = (f"raise {steps_key}: at least {math.ceil(MIN_LENGTH_IN_TAU * need)} {unit} per chain after "
+           "thermalisation" if math.isfinite(need) else f"raise {steps_key}")
+    message = (f"{job}: chains of {steps} {unit} are too short for {taus}: errors and tau_int need chains of "
+               f"at least {MIN_LENGTH_IN_TAU} tau_int ({fix})")
+    warnings.warn(message, ShortChainWarning, stacklevel=2)
+    return message

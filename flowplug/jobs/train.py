@@ -6,12 +6,14 @@ does around it: :func:`run_train` builds the trainer from a configuration
 writes ``<out>/summary.json``; :func:`resume_train` continues a run from its checkpoint
 (bit for bit) and does the same. Outputs in ``out``: ``checkpoint.pt`` (atomically, every
 ``train.checkpoint_every`` steps, at the end, and after the step in progress when Ctrl-C
-stops the run), ``train_log.csv`` (one row per step), ``config.toml`` and
+stops the run), ``train_log.csv`` (one row per step), ``config.toml`` (the run's
+configuration, with only the ``[action]`` keys its action takes: :func:`action_keys_only`) and
 ``summary.json`` with ``ess``, ``acceptance``, ``free_energy``, ``steps``,
 ``skipped_steps``, ``wall_time_s`` (figures from ``eval.samples`` fresh samples) and
 ``inverse_check`` (:func:`flowplug.flowtools.check_inverse`; a flow that fails it is
 trained to the end, with an :class:`flowplug.errors.InverseCheckWarning`, because
-``sample``, ``resample`` and ``propose`` would refuse it).
+``sample``, ``resample`` and ``propose`` would refuse it). torch runs on ``threads`` CPU
+threads (default 1; :func:`flowplug.threads.job_threads`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from typing import Any, Callable, Mapping
 from flowplug.errors import FlowplugError
 from flowplug.fsutil import locked_run
 
-__all__ = ["DEFAULT_CONFIG", "OPEN_TABLES", "RESUME_KEYS", "run_train", "resume_train", "stored_config"]
+__all__ = ["DEFAULT_CONFIG", "OPEN_TABLES", "RESUME_KEYS", "run_train", "resume_train", "stored_config",
+           "action_keys_only"]
 
 DEFAULT_CONFIG = """\
 # flowplug train: complete default configuration (every key, with its default).
@@ -30,10 +33,12 @@ out = "flowplug-train"       # output directory (checkpoint.pt, train_log.csv, s
 lattice = [8, 8]             # lattice extents L_0, ..., L_{d-1} (x first)
 seed = 1                     # seeds network initialisation and all sampling
 device = "auto"              # auto (cuda when available) | cpu | cuda | cuda:N
-threads = 0                  # CPU threads for torch; 0: torch's default (1 is often fastest on a busy machine)
+threads = 1                  # CPU threads for torch; 1 is fastest on small lattices and busy machines,
+                             # 0: torch's default (one per core)
 
-[action]                     # the target theory: p(x) = exp(-S(x)) / Z
-name = "phi4"                # registered action (flowplug plugins): phi4, wilson, ...
+[action]                     # the target theory: p(x) = exp(-S(x)) / Z; config.toml of a run
+name = "phi4"                # keeps only the keys its action takes
+                             # registered action (flowplug plugins): phi4, wilson, ...
 group = "u1"                 # wilson: u1 | su2 | su3
 beta = 2.0                   # wilson coupling
 m2 = -4.0                    # phi4: mass term (Albergo et al. convention)
@@ -83,29 +88,47 @@ OPEN_TABLES = ("flow.options",)
 RESUME_KEYS = ("steps", "checkpoint_every", "progress")
 
 
-def _observables(field: str) -> dict[str, Callable[[Any], Any]]:
-    """Observables of the final evaluation, by field kind."""
-    from flowplug import gauge
+def _observables(field: str, ndim: int) -> dict[str, Callable[[Any], Any]]:
+    """Observables of the final evaluation: the field kind's defaults, through the observable
+    registry (:func:`flowplug.measure.default_observables`), and Q^2 next to a topological
+    charge Q."""
+    import torch
 
-    if field == "scalar":
-        return {"magnetization_abs": lambda x: x.flatten(1).mean(1).abs()}
-    if field == "u1" or field.startswith("su"):
-        obs = {"plaquette": gauge.plaquette}
-        if field == "u1":
-            import math
+    from flowplug.manager import registry
+    from flowplug.measure import default_observables
 
-            import torch
+    reg = registry("observable")
+    obs: dict[str, Callable[[Any], Any]] = {}
+    for name in default_observables(field, ndim):
+        f = reg.get(name).factory
+        obs[name] = f
+        if name == "topological_charge":
+            obs["topological_charge_squared"] = lambda x, f=f: f(x).to(torch.float64) ** 2
+    return obs
 
-            from flowplug.groups import wrap_angle
 
-            def q2(x: torch.Tensor) -> torch.Tensor:
-                if x.shape[1] != 2:
-                    return torch.full((x.shape[0],), float("nan"), dtype=torch.float64, device=x.device)
-                q = wrap_angle(gauge.u1_plaquettes(x)).flatten(1).sum(1) / (2 * math.pi)
-                return q * q
-            obs["topological_charge_squared"] = q2
-        return obs
-    return {}
+def action_keys_only(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The configuration with only the ``[action]`` keys its action takes.
+
+    ``[action]`` of :data:`DEFAULT_CONFIG` lists the parameters of every built-in action
+    (``beta``, ``group``, ``m2``, ``lam``); an action takes only those named in its
+    record's ``parameters`` (:func:`flowplug.theory.action_from_config`), so a run of
+    ``wilson`` keeps ``name``, ``beta`` and ``group``, and a plugin's action its own.
+
+    Raises:
+        UnknownComponentError: if ``action.name`` is not registered.
+    """
+    import copy
+
+    from flowplug.manager import registry
+
+    out = copy.deepcopy(dict(cfg))
+    table = dict(out.get("action", {}))
+    if "name" not in table:
+        return out
+    spec = registry("action").get(table["name"])
+    out["action"] = {k: v for k, v in table.items() if k == "name" or k in spec.parameters}
+    return out
 
 
 def stored_config(run: str | Path) -> dict[str, Any]:
@@ -137,6 +160,7 @@ def run_train(cfg: Mapping[str, Any], *, force: bool = False) -> dict[str, Any]:
     """
     from flowplug import config as _config
     from flowplug.fsutil import atomic_write
+    from flowplug.threads import job_threads
     from flowplug.train import CHECKPOINT_NAME, build_trainer
 
     out = Path(str(cfg["out"]))
@@ -144,12 +168,14 @@ def run_train(cfg: Mapping[str, Any], *, force: bool = False) -> dict[str, Any]:
     if ckpt.exists() and not force:
         raise FlowplugError(f"{ckpt} exists: continue that run with --resume {ckpt.parent}, or start "
                             "afresh with --force (or another out)")
-    trainer = build_trainer(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_write(out / "config.toml", "w") as fh:
-        fh.write(_config.dumps(cfg))
-    trainer.run()
-    return _finish(trainer, cfg)
+    cfg = action_keys_only(cfg)  # stored in config.toml and the checkpoint
+    with job_threads(cfg.get("threads", 0)):
+        trainer = build_trainer(cfg)
+        out.mkdir(parents=True, exist_ok=True)
+        with atomic_write(out / "config.toml", "w") as fh:
+            fh.write(_config.dumps(cfg))
+        trainer.run()
+        return _finish(trainer, cfg)
 
 
 def _resume_dir(run: str | Path) -> Path | None:
@@ -177,19 +203,22 @@ def resume_train(run: str | Path, *, overrides: Mapping[str, Any] | None = None,
     Raises:
         CheckpointError: on a missing or unreadable checkpoint, or a forbidden override.
     """
+    from flowplug.threads import job_threads
     from flowplug.train import resume_trainer
 
     overrides = dict(overrides or {})
-    trainer = resume_trainer(run, overrides=overrides)
-    config = trainer.config
-    config.setdefault("train", {}).update(overrides)
-    if log is not None:
-        log(f"resuming {run} at step {trainer.step} of {trainer.steps_total}")
-        if trainer.step >= trainer.steps_total:
-            log(f"nothing to train: the run already has {trainer.step} steps (raise train.steps to "
-                "continue); evaluating")
-    trainer.run()
-    return _finish(trainer, config)
+    # a run stored before `threads` existed, or with 0, keeps torch's default
+    with job_threads(stored_config(run).get("threads", 0)):
+        trainer = resume_trainer(run, overrides=overrides)
+        config = trainer.config
+        config.setdefault("train", {}).update(overrides)
+        if log is not None:
+            log(f"resuming {run} at step {trainer.step} of {trainer.steps_total}")
+            if trainer.step >= trainer.steps_total:
+                log(f"nothing to train: the run already has {trainer.step} steps (raise train.steps to "
+                    "continue); evaluating")
+        trainer.run()
+        return _finish(trainer, config)
 
 
 def _finish(trainer: Any, config: Mapping[str, Any]) -> dict[str, Any]:
@@ -203,7 +232,7 @@ def _finish(trainer: Any, config: Mapping[str, Any]) -> dict[str, Any]:
 
     ev = dict(config.get("eval", {}))
     figures = trainer.evaluate(int(ev.get("samples", 8192)), batch_size=int(ev.get("batch_size", 1024)),
-                               seed=int(ev.get("seed", 12345)), observables=_observables(trainer.flow.field))
+                               seed=int(ev.get("seed", 12345)), observables=_observables(trainer.flow.field, len(trainer.flow.lattice)))
     # the samplers refuse a flow whose inverse is broken: say so now, not at the first `sample`
     inverse = check_inverse(trainer.flow)
     if not inverse.passed:

@@ -1,0 +1,98 @@
+"""Measurements of registered observables: what a job measures, and how.
+
+The core knows no observable: :func:`measurement` builds a callable from observable
+names through the observable registry (built-ins of :mod:`flowplug.plugins.observables`
+and any plugin's), and :func:`default_observables` reads the defaults of a field kind
+from its record (:class:`flowplug.records.FieldKindSpec`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping, Sequence
+
+import torch
+
+from flowplug.errors import ConfigError
+
+__all__ = ["default_observables", "measurement"]
+
+
+def default_observables(field: str, ndim: int) -> tuple[str, ...]:
+    """Names measured by default for a field kind on a d = ``ndim`` lattice.
+
+    They come from the field kind's record (:class:`flowplug.records.FieldKindSpec`:
+    ``observables``, less those its ``observable_dims`` leave out in ``ndim`` D: the
+    topological charge is measured on 2D U(1) and 4D SU(N) fields only; see
+    :mod:`flowplug.plugins.fields`). A kind whose record names none (``o2``, or a
+    plugin's kind) gets every registered observable defined for it that needs no options
+    (the XY plugin's ``xy_bond_energy`` for ``o2``); a kind no plugin registers has none.
+    """
+    from flowplug.theory import field_kind
+
+    try:
+        spec = field_kind(field)
+    except ConfigError:
+        return ()
+    names = spec.default_observables(ndim)
+    if names:
+        return names
+    return _registered_for(field)
+
+
+def _registered_for(field: str) -> tuple[str, ...]:
+    """Every registered observable defined for ``field`` that needs no options."""
+    import inspect
+
+    from flowplug.manager import registry
+    from flowplug.theory import kind_accepted
+
+    out = []
+    for spec in registry("observable"):
+        if not spec.fields or not kind_accepted(field, spec.fields):
+            continue
+        params = list(inspect.signature(spec.factory).parameters.values())[1:]
+        if all(p.default is not inspect.Parameter.empty or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+               for p in params):
+            out.append(spec.name)
+    return tuple(out)
+
+
+def measurement(field: str, names: Sequence[str], *, registry=None,
+                options: Mapping[str, Mapping] | None = None
+                ) -> Callable[[torch.Tensor], dict[str, torch.Tensor]]:
+    """A callable x -> {name: (B,) float64} evaluating registered observables.
+
+    Arguments:
+        field: Field kind of the configurations.
+        names: Observable names (registry lookup, so plugins' observables work too).
+        registry: The observable registry; default the process-wide one.
+        options: Optional per-observable keyword options.
+
+    An observable declared for one member of a family of field kinds is measured on every
+    member (declared for ``su2``/``su3``, it is measured on ``su4`` links too;
+    :func:`flowplug.theory.kind_accepted`).
+
+    Raises:
+        UnknownComponentError: for an unregistered name.
+        ConfigError: if an observable is not defined for ``field``.
+    """
+    from flowplug.theory import kind_accepted
+
+    if registry is None:
+        from flowplug.manager import registry as _registry
+
+        registry = _registry("observable")
+    options = dict(options or {})
+    specs = []
+    for name in names:
+        spec = registry.get(name)
+        if spec.fields and not kind_accepted(field, spec.fields):
+            raise ConfigError(f"observable '{spec.name}' is defined for {', '.join(spec.fields)}, "
+                              f"not for field kind '{field}'")
+        specs.append((spec.name, spec.factory, dict(options.get(spec.name, {}))))
+
+    def measure(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            return {n: f(x, **o).to(torch.float64) for n, f, o in specs}
+
+    return measure
