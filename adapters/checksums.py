@@ -31,8 +31,19 @@ NERSC checksum
 from __future__ import annotations
 
 import zlib
+from typing import Literal, cast
 
 import numpy as np
+
+#: The byte-order codes numpy's stubs accept in ``dtype.newbyteorder``; the functions
+#: here take the order as a plain ``str`` ("<" or ">") and pass it on through :func:`_in_order`.
+_NumpyByteOrder = Literal["S", "<", "L", "little", ">", "B", "big", "=", "N", "native", "|", "I"]
+
+
+def _in_order(dtype: type[np.generic] | str, byteorder: str) -> np.dtype:
+    """``np.dtype(dtype).newbyteorder(byteorder)`` for a byte order held in a ``str``."""
+    return np.dtype(dtype).newbyteorder(cast(_NumpyByteOrder, byteorder))
+
 
 __all__ = [
     "scidac_checksum",
@@ -125,7 +136,7 @@ def scidac_checksum_reference(data: bytes, site_bytes: int) -> tuple[int, int]:
     raw = bytes(_as_uint8(data))
     suma = sumb = 0
     for r in range(len(raw) // site_bytes):
-        c = zlib.crc32(raw[r * site_bytes:(r + 1) * site_bytes])
+        c = zlib.crc32(raw[r * site_bytes : (r + 1) * site_bytes])
         suma ^= rotl32(c, r % 29)
         sumb ^= rotl32(c, r % 31)
     return suma, sumb
@@ -152,7 +163,7 @@ def milc_checksum(data: bytes | np.ndarray, byteorder: str) -> tuple[int, int]:
         raise ValueError(f"payload of {raw.size} bytes is not a whole number of 32-bit words")
     if raw.size == 0:
         return 0, 0
-    words = np.frombuffer(raw.data, dtype=np.dtype(np.uint32).newbyteorder(byteorder)).astype(np.uint32)
+    words = np.frombuffer(raw.data, dtype=_in_order(np.uint32, byteorder)).astype(np.uint32)
     out = []
     for modulus in (29, 31):
         classes = _xor_classes(words.reshape(-1, 1), modulus)[:, 0]
@@ -165,7 +176,7 @@ def milc_checksum(data: bytes | np.ndarray, byteorder: str) -> tuple[int, int]:
 
 def milc_checksum_reference(data: bytes, byteorder: str) -> tuple[int, int]:
     """Word-by-word MILC checksum (slow; for tests). Arguments as :func:`milc_checksum`."""
-    words = np.frombuffer(bytes(_as_uint8(data)), dtype=np.dtype(np.uint32).newbyteorder(byteorder))
+    words = np.frombuffer(bytes(_as_uint8(data)), dtype=_in_order(np.uint32, byteorder))
     s29 = s31 = 0
     for i, w in enumerate(words.tolist()):
         s29 ^= rotl32(w, i % 29)
@@ -189,5 +200,5 @@ def nersc_checksum(data: bytes | np.ndarray, byteorder: str) -> int:
     raw = _as_uint8(data)
     if raw.size % 4:
         raise ValueError(f"payload of {raw.size} bytes is not a whole number of 32-bit words")
-    words = np.frombuffer(raw.data, dtype=np.dtype(np.uint32).newbyteorder(byteorder))
+    words = np.frombuffer(raw.data, dtype=_in_order(np.uint32, byteorder))
     return int(words.sum(dtype=np.uint64)) & 0xFFFFFFFF

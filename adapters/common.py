@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from flowplug.adapters.checksums import _in_order
 from flowplug.errors import FormatError
 from flowplug.io import Check, from_ildg, to_ildg
 
@@ -35,7 +36,7 @@ def fmt_lattice(dims) -> str:
 
 def complex_dtype(precision: int, byteorder: str = ">") -> np.dtype:
     """numpy complex dtype of a storage precision (32 -> c8, 64 -> c16) and byte order."""
-    return np.dtype(("c8" if precision == 32 else "c16")).newbyteorder(byteorder)
+    return _in_order("c8" if precision == 32 else "c16", byteorder)
 
 
 def read_payload(path: Path, offset: int, nbytes: int, what: str) -> np.ndarray:
@@ -48,19 +49,22 @@ def read_payload(path: Path, offset: int, nbytes: int, what: str) -> np.ndarray:
     """
     size = path.stat().st_size
     if offset < 0 or nbytes < 0 or offset + nbytes > size:
-        raise FormatError(f"{path}: {what} needs bytes {offset}..{offset + nbytes} but the file has "
-                          f"{size} bytes (truncated file or wrong length field)")
+        raise FormatError(
+            f"{path}: {what} needs bytes {offset}..{offset + nbytes} but the file has "
+            f"{size} bytes (truncated file or wrong length field)"
+        )
     out = np.empty(nbytes, dtype=np.uint8)
     with open(path, "rb") as fh:
         fh.seek(offset)
-        got = fh.readinto(memoryview(out))
+        got = fh.readinto(memoryview(out))  # type: ignore[arg-type]  # numpy's stubs give ndarray __buffer__ only for Python >= 3.12
     if got != nbytes:
         raise FormatError(f"{path}: {what}: read {got} of {nbytes} bytes (file changed while reading?)")
     return out
 
 
-def ildg_to_canonical(raw: np.ndarray, lattice: tuple[int, ...], n: int, precision: int,
-                      byteorder: str = ">") -> torch.Tensor:
+def ildg_to_canonical(
+    raw: np.ndarray, lattice: tuple[int, ...], n: int, precision: int, byteorder: str = ">"
+) -> torch.Tensor:
     """Stored ILDG-order links -> canonical tensor (1, d, L_0, ..., L_{d-1}, N, N) complex128.
 
     Arguments:

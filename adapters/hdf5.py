@@ -40,20 +40,20 @@ from __future__ import annotations
 import base64
 import json
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from flowplug.adapters.common import fmt_lattice, hex_check
 from flowplug.errors import FlowplugError, FormatError
 from flowplug.fsutil import jsonable as _jsonable
 from flowplug.hookspecs import hookimpl
 from flowplug.io import Check, Ensemble, FormatHandler, Metadata, Record
 from flowplug.records import FileFormatSpec
 from flowplug.theory import FieldSpace, field_space
-
-from flowplug.adapters.common import fmt_lattice, hex_check
 
 if TYPE_CHECKING:
     import h5py
@@ -91,7 +91,7 @@ def chunk_shape(shape: tuple[int, ...], itemsize: int, target: int = CHUNK_BYTES
     """
     chunk = list(shape)
     for axis in range(len(shape)):
-        inner = itemsize * int(np.prod(shape[axis + 1:], dtype=np.int64))
+        inner = itemsize * int(np.prod(shape[axis + 1 :], dtype=np.int64))
         if inner * shape[axis] <= target:
             break  # this axis and everything inside it fit
         chunk[axis] = max(1, min(shape[axis], target // max(inner, 1)))
@@ -120,7 +120,7 @@ def _layout_text(ensemble: Ensemble) -> str:
     return f"links[config, {what}; mu = 0..d-1 = x, y, z, t; little-endian"
 
 
-def _store_field(path: Path, f: "h5py.File") -> tuple[str, FieldSpace]:
+def _store_field(path: Path, f: h5py.File) -> tuple[str, FieldSpace]:
     """The field kind of an open store and its space (version 1: the ``group`` attribute).
 
     Raises:
@@ -128,22 +128,27 @@ def _store_field(path: Path, f: "h5py.File") -> tuple[str, FieldSpace]:
             flowplug reads, or names a field kind it does not know.
     """
     if f.attrs.get("flowplug_format") not in (FORMAT_TAG, FORMAT_TAG.encode()):
-        raise FormatError(f"{path}: HDF5 file without flowplug_format = '{FORMAT_TAG}' attribute: not a "
-                          "flowplug ensemble store")
+        raise FormatError(
+            f"{path}: HDF5 file without flowplug_format = '{FORMAT_TAG}' attribute: not a flowplug ensemble store"
+        )
     version = int(f.attrs.get("format_version", -1))
     if version not in READ_VERSIONS:
-        raise FormatError(f"{path}: ensemble store format_version {version}; this flowplug reads "
-                          f"{', '.join(map(str, READ_VERSIONS))} (a newer flowplug wrote it: upgrade)")
+        raise FormatError(
+            f"{path}: ensemble store format_version {version}; this flowplug reads "
+            f"{', '.join(map(str, READ_VERSIONS))} (a newer flowplug wrote it: upgrade)"
+        )
     key = "group" if version == 1 else "field"
     if key not in f.attrs:
-        raise FormatError(f"{path}: ensemble store (format_version {version}) lacks its '{key}' attribute "
-                          "(damaged file)")
+        raise FormatError(
+            f"{path}: ensemble store (format_version {version}) lacks its '{key}' attribute (damaged file)"
+        )
     kind = str(f.attrs[key]).strip().lower()
     try:
         return kind, field_space(kind)
     except FlowplugError as exc:
-        raise FormatError(f"{path}: the store holds fields of kind {kind!r}, which this flowplug cannot "
-                          f"represent ({exc})") from None
+        raise FormatError(
+            f"{path}: the store holds fields of kind {kind!r}, which this flowplug cannot represent ({exc})"
+        ) from None
 
 
 def _meta_json(meta: Metadata, stored: np.ndarray) -> str:
@@ -156,7 +161,7 @@ def _meta_json(meta: Metadata, stored: np.ndarray) -> str:
         "record_list": list(meta.record_list),
         "checks": [_jsonable(c.as_dict()) for c in meta.checks],
         "provenance": _jsonable(meta.provenance),
-        "crc32": f"{zlib.crc32(memoryview(np.ascontiguousarray(stored)).cast('B')):08x}",
+        "crc32": f"{zlib.crc32(memoryview(np.ascontiguousarray(stored)).cast('B')):08x}",  # type: ignore[arg-type]  # numpy's stubs give ndarray __buffer__ only for Python >= 3.12
     }
     return json.dumps(doc, sort_keys=True)
 
@@ -168,14 +173,21 @@ def _meta_from_json(path: Path, i: int, text: str | bytes) -> tuple[Metadata, st
         doc = json.loads(text)
         if not isinstance(doc, dict):
             raise ValueError("not an object")
-        records = [Record(str(r["type"]), base64.b64decode(r["data"], validate=True))
-                   for r in doc.get("records", [])]
-        checks = [Check(c["quantity"], c["expected"], c["found"], bool(c["ok"]), float(c.get("tolerance", 0)))
-                  for c in doc.get("checks", [])]
-        meta = Metadata(format=doc.get("format"), path=doc.get("path"), precision=int(doc.get("precision", 64)),
-                        header=dict(doc.get("header") or {}), records=records,
-                        record_list=list(doc.get("record_list") or []), checks=[],
-                        provenance=dict(doc.get("provenance") or {}))
+        records = [Record(str(r["type"]), base64.b64decode(r["data"], validate=True)) for r in doc.get("records", [])]
+        checks = [
+            Check(c["quantity"], c["expected"], c["found"], bool(c["ok"]), float(c.get("tolerance", 0)))
+            for c in doc.get("checks", [])
+        ]
+        meta = Metadata(
+            format=doc.get("format"),
+            path=doc.get("path"),
+            precision=int(doc.get("precision", 64)),
+            header=dict(doc.get("header") or {}),
+            records=records,
+            record_list=list(doc.get("record_list") or []),
+            checks=[],
+            provenance=dict(doc.get("provenance") or {}),
+        )
         meta.header.setdefault("source_checks", [c.as_dict() for c in checks])
     except (ValueError, KeyError, TypeError) as exc:
         raise FormatError(f"{path}: /meta[{i}] is not valid flowplug metadata JSON ({exc})") from None
@@ -197,8 +209,15 @@ class Hdf5Handler(FormatHandler):
 
     # ----------------------------------------------------------------------- reading
 
-    def read(self, path: Path, *, lattice: tuple[int, ...] | None = None, group: str | None = None,
-             index: int | slice | Sequence[int] | None = None, **options: Any) -> Ensemble:
+    def read(
+        self,
+        path: Path,
+        *,
+        lattice: tuple[int, ...] | None = None,
+        group: str | None = None,
+        index: int | slice | Sequence[int] | None = None,
+        **options: Any,
+    ) -> Ensemble:
         """Read (a selection of) the configurations of an HDF5 ensemble store.
 
         Arguments:
@@ -221,25 +240,31 @@ class Hdf5Handler(FormatHandler):
         except FormatError:
             raise
         except Exception as exc:  # h5py raises OSError, KeyError, ValueError, RuntimeError...
-            raise FormatError(f"{path}: damaged or not a flowplug HDF5 ensemble ({type(exc).__name__}: "
-                              f"{exc})") from None
+            raise FormatError(
+                f"{path}: damaged or not a flowplug HDF5 ensemble ({type(exc).__name__}: {exc})"
+            ) from None
 
-    def _read(self, path: Path, f: "h5py.File", index: int | slice | Sequence[int] | None) -> Ensemble:
+    def _read(self, path: Path, f: h5py.File, index: int | slice | Sequence[int] | None) -> Ensemble:
         field, space = _store_field(path, f)
         lattice = tuple(int(n) for n in f.attrs["lattice"])
         precision = int(f.attrs["precision"])
         count = int(f.attrs["count"])
         if not lattice or any(n <= 0 for n in lattice) or precision not in (32, 64):
-            raise FormatError(f"{path}: attributes lattice {lattice} / precision {precision} are invalid "
-                              "(damaged file)")
+            raise FormatError(
+                f"{path}: attributes lattice {lattice} / precision {precision} are invalid (damaged file)"
+            )
         links_ds, meta_ds = f["links"], f["meta"]
         shape = space.shape(lattice, 1)[1:]
         if tuple(links_ds.shape[1:]) != shape or links_ds.dtype != _stored_dtype(field, precision):
-            raise FormatError(f"{path}: /links has shape {links_ds.shape[1:]} dtype {links_ds.dtype}; "
-                              f"attributes say {field} on {fmt_lattice(lattice)} at precision {precision}")
+            raise FormatError(
+                f"{path}: /links has shape {links_ds.shape[1:]} dtype {links_ds.dtype}; "
+                f"attributes say {field} on {fmt_lattice(lattice)} at precision {precision}"
+            )
         if not 0 <= count <= min(links_ds.shape[0], meta_ds.shape[0]):
-            raise FormatError(f"{path}: count = {count} but /links holds {links_ds.shape[0]} and /meta "
-                              f"{meta_ds.shape[0]} entries (damaged file)")
+            raise FormatError(
+                f"{path}: count = {count} but /links holds {links_ds.shape[0]} and /meta "
+                f"{meta_ds.shape[0]} entries (damaged file)"
+            )
         if index is None:
             sel = list(range(count))
         elif isinstance(index, slice):
@@ -252,8 +277,10 @@ class Hdf5Handler(FormatHandler):
             sel = [int(i) % count for i in sel]
         need = len(sel) * int(np.prod(shape)) * links_ds.dtype.itemsize
         if need > path.stat().st_size:  # flowplug stores uncompressed: data cannot exceed the file
-            raise FormatError(f"{path}: /links claims {need} bytes for {len(sel)} configuration(s) but the "
-                              f"file has {path.stat().st_size} bytes (damaged or not written by flowplug)")
+            raise FormatError(
+                f"{path}: /links claims {need} bytes for {len(sel)} configuration(s) but the "
+                f"file has {path.stat().st_size} bytes (damaged or not written by flowplug)"
+            )
         data = np.empty((len(sel), *shape), dtype=links_ds.dtype)
         metas = []
         for j, i in enumerate(sel):
@@ -276,8 +303,13 @@ class Hdf5Handler(FormatHandler):
             raise FormatError(f"{path}: root attribute 'attrs' is not JSON") from None
         # a 64-bit store may hold data exactly representable at 32 bits (their source precision)
         ens_precision = max((m.precision for m in metas), default=precision)
-        return Ensemble(torch.from_numpy(out), field=field, precision=ens_precision, meta=metas,
-                        attrs=attrs if isinstance(attrs, dict) else {})
+        return Ensemble(
+            torch.from_numpy(out),
+            field=field,
+            precision=ens_precision,
+            meta=metas,
+            attrs=attrs if isinstance(attrs, dict) else {},
+        )
 
     def sources(self, path: Path) -> list[str]:
         """``provenance["source"]`` of every committed configuration (for resuming conversions)."""
@@ -326,8 +358,7 @@ class Hdf5Handler(FormatHandler):
             f.attrs["attrs"] = json.dumps(_jsonable(ensemble.attrs), sort_keys=True)
             f.attrs["count"] = 0
             f.create_dataset("links", shape=(0, *shape), maxshape=(None, *shape), dtype=dtype, chunks=chunk)
-            f.create_dataset("meta", shape=(0,), maxshape=(None,), dtype=h5py.string_dtype("utf-8"),
-                             chunks=(64,))
+            f.create_dataset("meta", shape=(0,), maxshape=(None,), dtype=h5py.string_dtype("utf-8"), chunks=(64,))
             self._append(f, ensemble, dtype, precision)
 
     def append(self, path: Path, ensemble: Ensemble, *, precision: int, **options: Any) -> None:
@@ -345,19 +376,23 @@ class Hdf5Handler(FormatHandler):
                 lattice = tuple(int(n) for n in f.attrs["lattice"])
                 prec = int(f.attrs["precision"])
                 if field != ensemble.field or lattice != ensemble.lattice:
-                    raise FormatError(f"{path}: holds {field} on {fmt_lattice(lattice)}; cannot append "
-                                      f"{ensemble.field} on {fmt_lattice(ensemble.lattice)}")
+                    raise FormatError(
+                        f"{path}: holds {field} on {fmt_lattice(lattice)}; cannot append "
+                        f"{ensemble.field} on {fmt_lattice(ensemble.lattice)}"
+                    )
                 if precision > prec:
-                    raise FormatError(f"{path}: stores {prec}-bit data; cannot append {precision}-bit data "
-                                      f"without rounding (pass precision={prec} / --precision {prec}, or "
-                                      "write a new store)")
+                    raise FormatError(
+                        f"{path}: stores {prec}-bit data; cannot append {precision}-bit data "
+                        f"without rounding (pass precision={prec} / --precision {prec}, or "
+                        "write a new store)"
+                    )
                 self._append(f, ensemble, _stored_dtype(field, prec), precision)
         except FormatError:
             raise
         except Exception as exc:
             raise FormatError(f"{path}: cannot append ({type(exc).__name__}: {exc})") from None
 
-    def _append(self, f: "h5py.File", ensemble: Ensemble, dtype: np.dtype, precision: int) -> None:
+    def _append(self, f: h5py.File, ensemble: Ensemble, dtype: np.dtype, precision: int) -> None:
         count = int(f.attrs["count"])
         links_ds, meta_ds = f["links"], f["meta"]
         n = len(ensemble)
@@ -384,6 +419,13 @@ class Hdf5Handler(FormatHandler):
 @hookimpl
 def flowplug_file_formats() -> list[FileFormatSpec]:
     """The HDF5 ensemble store."""
-    return [FileFormatSpec(name="hdf5", description="HDF5 ensemble store (many configurations, chunked, "
-                           "appendable, metadata and provenance)", factory=Hdf5Handler,
-                           extensions=("h5", "hdf5"), aliases=("h5",), writable=True)]
+    return [
+        FileFormatSpec(
+            name="hdf5",
+            description="HDF5 ensemble store (many configurations, chunked, appendable, metadata and provenance)",
+            factory=Hdf5Handler,
+            extensions=("h5", "hdf5"),
+            aliases=("h5",),
+            writable=True,
+        )
+    ]

@@ -38,11 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flowplug.errors import FormatError
-from flowplug.hookspecs import hookimpl
-from flowplug.io import Check, Ensemble, FormatHandler, Metadata, Record
-from flowplug.records import FileFormatSpec
-from flowplug.theory import su_n
+import numpy as np
 
 from flowplug.adapters.checksums import scidac_checksum
 from flowplug.adapters.common import (
@@ -54,6 +50,11 @@ from flowplug.adapters.common import (
     ildg_to_canonical,
     read_payload,
 )
+from flowplug.errors import FormatError
+from flowplug.hookspecs import hookimpl
+from flowplug.io import Check, Ensemble, FormatHandler, Metadata, Record
+from flowplug.records import FileFormatSpec
+from flowplug.theory import su_n
 
 LIME_MAGIC = 0x456789AB
 LIME_HEADER = struct.Struct(">IHHQ128s")
@@ -95,27 +96,35 @@ def scan(path: Path) -> list[LimeRecord]:
             if len(head) < LIME_HEADER.size:
                 if records and not head.strip(b"\0"):
                     break  # trailing padding
-                raise FormatError(f"{path}: record {len(records)} header at byte {offset} is cut off "
-                                  f"({len(head)} of 144 bytes; truncated file)")
+                raise FormatError(
+                    f"{path}: record {len(records)} header at byte {offset} is cut off "
+                    f"({len(head)} of 144 bytes; truncated file)"
+                )
             magic, version, flags, length, rtype = LIME_HEADER.unpack(head)
             if magic != LIME_MAGIC:
                 if records and not head.strip(b"\0"):
                     break
-                raise FormatError(f"{path}: record {len(records)} at byte {offset}: LIME magic expected "
-                                  f"456789ab, found {magic:08x} (not a LIME file, or corrupt)")
+                raise FormatError(
+                    f"{path}: record {len(records)} at byte {offset}: LIME magic expected "
+                    f"456789ab, found {magic:08x} (not a LIME file, or corrupt)"
+                )
             name_bytes = rtype.split(b"\0", 1)[0]
             try:
                 name = name_bytes.decode("ascii")
             except UnicodeDecodeError:
                 name = ""
             if not name or not name.isprintable():
-                raise FormatError(f"{path}: record {len(records)} at byte {offset}: record type "
-                                  f"{name_bytes[:40]!r} is not printable ASCII (corrupt header)")
+                raise FormatError(
+                    f"{path}: record {len(records)} at byte {offset}: record type "
+                    f"{name_bytes[:40]!r} is not printable ASCII (corrupt header)"
+                )
             data_offset = offset + LIME_HEADER.size
             if length > size - data_offset:
-                raise FormatError(f"{path}: record {len(records)} '{name}' claims {length} bytes at byte "
-                                  f"{data_offset} but only {size - data_offset} remain (truncated file or "
-                                  "corrupt length field)")
+                raise FormatError(
+                    f"{path}: record {len(records)} '{name}' claims {length} bytes at byte "
+                    f"{data_offset} but only {size - data_offset} remain (truncated file or "
+                    "corrupt length field)"
+                )
             records.append(LimeRecord(len(records), offset, data_offset, length, name, flags, version))
             offset = data_offset + length + (-length) % 8
     if not records:
@@ -164,13 +173,13 @@ def _number(value: str) -> Any:
 def _field_colors(path: Path, field: str) -> int:
     m = re.fullmatch(r"su(\d+)gauge", field.strip().lower())
     if not m:
-        raise FormatError(f"{path}: ildg-format: <field> {field!r} is not supported; expected su3gauge "
-                          "(or su2gauge)")
+        raise FormatError(f"{path}: ildg-format: <field> {field!r} is not supported; expected su3gauge (or su2gauge)")
     return int(m.group(1))
 
 
-def read_lime(path: Path, *, lattice: tuple[int, ...] | None = None, group: str | None = None,
-              **options: Any) -> Ensemble:
+def read_lime(
+    path: Path, *, lattice: tuple[int, ...] | None = None, group: str | None = None, **options: Any
+) -> Ensemble:
     """Read an ILDG, SciDAC or bare LIME gauge file (see the module docstring).
 
     Arguments:
@@ -200,14 +209,18 @@ def read_lime(path: Path, *, lattice: tuple[int, ...] | None = None, group: str 
                     binary = r
                 continue
             if r.length > MAX_META_RECORD:
-                raise FormatError(f"{path}: metadata record '{r.type}' claims {r.length} bytes "
-                                  f"(over {MAX_META_RECORD}); corrupt length field")
+                raise FormatError(
+                    f"{path}: metadata record '{r.type}' claims {r.length} bytes "
+                    f"(over {MAX_META_RECORD}); corrupt length field"
+                )
             fh.seek(r.data_offset)
             records.append(Record(r.type, fh.read(r.length)))
     record_list = [f"{r.type} ({r.length} bytes)" for r in recs]
     if binary is None:
-        raise FormatError(f"{path}: no ildg-binary-data or scidac-binary-data record; the file holds "
-                          f"{', '.join(r.type for r in recs)}")
+        raise FormatError(
+            f"{path}: no ildg-binary-data or scidac-binary-data record; the file holds "
+            f"{', '.join(r.type for r in recs)}"
+        )
     by_type: dict[str, Record] = {}
     for rec in records:
         by_type.setdefault(rec.type, rec)
@@ -222,8 +235,7 @@ def read_lime(path: Path, *, lattice: tuple[int, ...] | None = None, group: str 
         prec = _int_tag(path, "ildg-format", xml, "precision")
         ext = [_int_tag(path, "ildg-format", xml, t) for t in ("lx", "ly", "lz", "lt")]
         if field is None or prec is None or None in ext:
-            raise FormatError(f"{path}: ildg-format record lacks <field>, <precision> or <lx>..<lt>: "
-                              f"{xml[:300]!r}")
+            raise FormatError(f"{path}: ildg-format record lacks <field>, <precision> or <lx>..<lt>: {xml[:300]!r}")
         n_colors = _field_colors(path, field)
         if prec not in (32, 64):
             raise FormatError(f"{path}: ildg-format: <precision> must be 32 or 64, found {prec}")
@@ -235,31 +247,34 @@ def read_lime(path: Path, *, lattice: tuple[int, ...] | None = None, group: str 
             rxml, fxml = prf.text, pff.text
             p = (_tag(rxml, "precision") or "").upper()
             if p not in ("F", "D"):
-                raise FormatError(f"{path}: scidac-private-record-xml: <precision> must be F or D, "
-                                  f"found {p[:20]!r}")
+                raise FormatError(f"{path}: scidac-private-record-xml: <precision> must be F or D, found {p[:20]!r}")
             precision = 32 if p == "F" else 64
             n_colors = _int_tag(path, "scidac-private-record-xml", rxml, "colors")
             count = _int_tag(path, "scidac-private-record-xml", rxml, "datacount")
             tsize = _int_tag(path, "scidac-private-record-xml", rxml, "typesize")
             if n_colors is None or n_colors < 1 or n_colors > 16:
-                raise FormatError(f"{path}: scidac-private-record-xml: <colors> missing or invalid "
-                                  f"({n_colors}); cannot tell the gauge group")
+                raise FormatError(
+                    f"{path}: scidac-private-record-xml: <colors> missing or invalid "
+                    f"({n_colors}); cannot tell the gauge group"
+                )
             if count is not None and count != 4:
-                raise FormatError(f"{path}: scidac-private-record-xml: datacount {count}, expected 4 "
-                                  "(one matrix per direction); not a gauge configuration")
+                raise FormatError(
+                    f"{path}: scidac-private-record-xml: datacount {count}, expected 4 "
+                    "(one matrix per direction); not a gauge configuration"
+                )
             if tsize is not None and tsize != n_colors * n_colors * 2 * precision // 8:
-                raise FormatError(f"{path}: scidac-private-record-xml: typesize {tsize}, expected "
-                                  f"{n_colors * n_colors * 2 * precision // 8} for SU({n_colors}) at "
-                                  f"precision {p}")
+                raise FormatError(
+                    f"{path}: scidac-private-record-xml: typesize {tsize}, expected "
+                    f"{n_colors * n_colors * 2 * precision // 8} for SU({n_colors}) at "
+                    f"precision {p}"
+                )
             text = _tag(fxml, "dims") or ""
             try:
                 dims = tuple(int(t) for t in text.split())
             except ValueError:
-                raise FormatError(f"{path}: scidac-private-file-xml: <dims> {text[:40]!r} are not "
-                                  "integers") from None
+                raise FormatError(f"{path}: scidac-private-file-xml: <dims> {text[:40]!r} are not integers") from None
             if len(dims) != 4 or any(n <= 0 for n in dims):
-                raise FormatError(f"{path}: scidac-private-file-xml: <dims> {text[:40]!r}: expected "
-                                  "4 positive extents")
+                raise FormatError(f"{path}: scidac-private-file-xml: <dims> {text[:40]!r}: expected 4 positive extents")
             header["scidac_datatype"] = _tag(rxml, "datatype")
     if dims is not None and lattice is not None and tuple(lattice) != dims:
         raise FormatError(f"{path}: file says lattice {fmt_lattice(dims)}, given {fmt_lattice(lattice)}")
@@ -271,7 +286,8 @@ def read_lime(path: Path, *, lattice: tuple[int, ...] | None = None, group: str 
             raise FormatError(
                 f"{path}: bare LIME file (record '{binary.type}', {binary.length} bytes, no ildg-format "
                 "or SciDAC private records): the lattice is not stored. Give it: lattice=(lx, ly, lz, "
-                "lt) and group='su3'/'su2' (CLI: --lattice 4x4x4x4 --group su2)")
+                "lt) and group='su3'/'su2' (CLI: --lattice 4x4x4x4 --group su2)"
+            )
         if len(lattice) != 4:
             raise FormatError(f"{path}: LIME gauge files are 4-dimensional; given lattice {fmt_lattice(lattice)}")
         dims = tuple(lattice)
@@ -281,23 +297,31 @@ def read_lime(path: Path, *, lattice: tuple[int, ...] | None = None, group: str 
         fits = [(n, p) for n in colors for p in (64, 32) if vol * 4 * n * n * 2 * p // 8 == binary.length]
         if not fits:
             need = ", ".join(f"SU({n}) {p}-bit {vol * 4 * n * n * p // 4}" for n in colors for p in (64, 32))
-            raise FormatError(f"{path}: record '{binary.type}' holds {binary.length} bytes, which fits no "
-                              f"gauge field on {fmt_lattice(dims)} (expected {need} bytes); check --lattice "
-                              "and --group")
+            raise FormatError(
+                f"{path}: record '{binary.type}' holds {binary.length} bytes, which fits no "
+                f"gauge field on {fmt_lattice(dims)} (expected {need} bytes); check --lattice "
+                "and --group"
+            )
         if len(fits) > 1:
-            raise FormatError(f"{path}: {binary.length} bytes on {fmt_lattice(dims)} fit both "
-                              f"{' and '.join(f'SU({n}) {p}-bit' for n, p in fits)}; give the group")
+            raise FormatError(
+                f"{path}: {binary.length} bytes on {fmt_lattice(dims)} fit both "
+                f"{' and '.join(f'SU({n}) {p}-bit' for n, p in fits)}; give the group"
+            )
         n_colors, precision = fits[0]
     assert n_colors is not None and precision is not None
     if len(dims) != 4 or any(n <= 0 for n in dims):
-        raise FormatError(f"{path}: lattice extents {dims} must be 4 positive integers (corrupt ildg-format "
-                          "or scidac-private-file-xml record)")
+        raise FormatError(
+            f"{path}: lattice extents {dims} must be 4 positive integers (corrupt ildg-format "
+            "or scidac-private-file-xml record)"
+        )
     vol = math.prod(dims)
     site_bytes = 4 * n_colors * n_colors * 2 * precision // 8
     if vol * site_bytes != binary.length:
-        raise FormatError(f"{path}: record '{binary.type}' holds {binary.length} bytes; lattice "
-                          f"{fmt_lattice(dims)} with SU({n_colors}) links at precision {precision} needs "
-                          f"{vol * site_bytes} bytes (dims do not match the data length)")
+        raise FormatError(
+            f"{path}: record '{binary.type}' holds {binary.length} bytes; lattice "
+            f"{fmt_lattice(dims)} with SU({n_colors}) links at precision {precision} needs "
+            f"{vol * site_bytes} bytes (dims do not match the data length)"
+        )
 
     raw = read_payload(path, binary.data_offset, binary.length, f"record '{binary.type}'")
     checks = []
@@ -305,12 +329,12 @@ def read_lime(path: Path, *, lattice: tuple[int, ...] | None = None, group: str 
     if ck is not None:
         xml = ck.text
         found = scidac_checksum(raw, site_bytes)
-        for tag, value in zip(("suma", "sumb"), found):
-            text = _tag(xml, tag)
+        for tag, value in zip(("suma", "sumb"), found, strict=True):
+            tag_text = _tag(xml, tag)
             try:
-                expected = int((text or "").strip(), 16)
+                expected = int((tag_text or "").strip(), 16)
             except ValueError:
-                raise FormatError(f"{path}: scidac-checksum: <{tag}> {text!r} is not a hex number") from None
+                raise FormatError(f"{path}: scidac-checksum: <{tag}> {tag_text!r} is not a hex number") from None
             checks.append(hex_check(f"scidac-checksum {tag}", expected, value))
         header["scidac_checksum"] = {"suma": f"{found[0]:08x}", "sumb": f"{found[1]:08x}"}
     links = ildg_to_canonical(raw, dims, n_colors, precision)
@@ -329,9 +353,9 @@ def read_lime(path: Path, *, lattice: tuple[int, ...] | None = None, group: str 
         if check is not None:
             checks.append(check)
     for rtype in ("scidac-file-xml", "scidac-record-xml"):
-        rec = by_type.get(rtype)
-        if rec is not None:
-            info = _tag(rec.text, "info")
+        xml_rec = by_type.get(rtype)
+        if xml_rec is not None:
+            info = _tag(xml_rec.text, "info")
             if info:
                 header.setdefault("xml_info", {}).update({k: _number(v) for k, v in _key_values(info).items()})
     if binary.type == "scidac-binary-data":
@@ -340,9 +364,16 @@ def read_lime(path: Path, *, lattice: tuple[int, ...] | None = None, group: str 
         source = "ildg"
     else:
         source = "lime"
-    meta = Metadata(format=source, path=str(path), precision=precision, header=header, records=records,
-                    record_list=record_list, checks=checks,
-                    provenance={"source": str(path), "format": source})
+    meta = Metadata(
+        format=source,
+        path=str(path),
+        precision=precision,
+        header=header,
+        records=records,
+        record_list=record_list,
+        checks=checks,
+        provenance={"source": str(path), "format": source},
+    )
     return Ensemble(links, precision=precision, meta=[meta])
 
 
@@ -379,9 +410,13 @@ def _xml(body: str) -> bytes:
     return ('<?xml version="1.0" encoding="UTF-8"?>' + body).encode("utf-8")
 
 
-def ildg_records(ensemble: Ensemble, precision: int, *, lfn: str | None = None,
-                 date: str | None = None) -> list[tuple[str, bytes]]:
+def ildg_records(
+    ensemble: Ensemble, precision: int, *, lfn: str | None = None, date: str | None = None
+) -> list[tuple[str, bytes | np.ndarray]]:
     """The (type, data) records of an ILDG file for a one-configuration ensemble, in order.
+
+    The data of ``ildg-binary-data`` is the payload as a uint8 array (not copied into
+    ``bytes``); every other record's data is ``bytes``.
 
     Metadata records of the source (``scidac-file-xml``, ``scidac-record-xml``) and its
     LFN are reused verbatim; the private records, ``ildg-format`` and the checksum are
@@ -407,34 +442,60 @@ def ildg_records(ensemble: Ensemble, precision: int, *, lfn: str | None = None,
     if lfn is None:
         lfn = meta.header.get("lfn")
     return [
-        ("scidac-private-file-xml", _xml(
-            f"<scidacFile><version>1.1</version><spacetime>4</spacetime><dims>{lx} {ly} {lz} {lt} </dims>"
-            "<volfmt>0</volfmt></scidacFile>")),
-        ("scidac-file-xml", file_xml.data if file_xml is not None else _xml(
-            "<info>gauge configuration written by flowplug</info>")),
-        ("scidac-private-record-xml", _xml(
-            f"<scidacRecord><version>1.1</version><date>{date}</date><recordtype>0</recordtype>"
-            f"<datatype>USQCD_{letter}{n}_ColorMatrix</datatype><precision>{letter}</precision>"
-            f"<colors>{n}</colors><typesize>{n * n * 2 * precision // 8}</typesize>"
-            "<datacount>4</datacount></scidacRecord>")),
-        ("scidac-record-xml", record_xml.data if record_xml is not None else _xml(
-            "<info>flowplug gauge field</info>")),
-        ("ildg-format", _xml(
-            f'<ildgFormat xmlns="{ILDG_NS}"><version>1.0</version><field>su{n}gauge</field>'
-            f"<precision>{precision}</precision><lx>{lx}</lx><ly>{ly}</ly><lz>{lz}</lz><lt>{lt}</lt>"
-            "</ildgFormat>")),
+        (
+            "scidac-private-file-xml",
+            _xml(
+                f"<scidacFile><version>1.1</version><spacetime>4</spacetime><dims>{lx} {ly} {lz} {lt} </dims>"
+                "<volfmt>0</volfmt></scidacFile>"
+            ),
+        ),
+        (
+            "scidac-file-xml",
+            file_xml.data if file_xml is not None else _xml("<info>gauge configuration written by flowplug</info>"),
+        ),
+        (
+            "scidac-private-record-xml",
+            _xml(
+                f"<scidacRecord><version>1.1</version><date>{date}</date><recordtype>0</recordtype>"
+                f"<datatype>USQCD_{letter}{n}_ColorMatrix</datatype><precision>{letter}</precision>"
+                f"<colors>{n}</colors><typesize>{n * n * 2 * precision // 8}</typesize>"
+                "<datacount>4</datacount></scidacRecord>"
+            ),
+        ),
+        ("scidac-record-xml", record_xml.data if record_xml is not None else _xml("<info>flowplug gauge field</info>")),
+        (
+            "ildg-format",
+            _xml(
+                f'<ildgFormat xmlns="{ILDG_NS}"><version>1.0</version><field>su{n}gauge</field>'
+                f"<precision>{precision}</precision><lx>{lx}</lx><ly>{ly}</ly><lz>{lz}</lz><lt>{lt}</lt>"
+                "</ildgFormat>"
+            ),
+        ),
         ("ildg-data-lfn", (lfn or "lfn://flowplug/unnamed").encode("utf-8")),
         ("ildg-binary-data", payload),
-        ("scidac-checksum", _xml(
-            f"<scidacChecksum><version>1.0</version><suma>{suma:08x}</suma><sumb>{sumb:08x}</sumb>"
-            "</scidacChecksum>")),
+        (
+            "scidac-checksum",
+            _xml(
+                f"<scidacChecksum><version>1.0</version><suma>{suma:08x}</suma><sumb>{sumb:08x}</sumb></scidacChecksum>"
+            ),
+        ),
     ]
 
 
 #: Record types :func:`ildg_records` writes itself.
-STANDARD_RECORDS = frozenset({
-    "scidac-private-file-xml", "scidac-file-xml", "scidac-private-record-xml", "scidac-record-xml",
-    "ildg-format", "ildg-data-lfn", "ildg-binary-data", "scidac-binary-data", "scidac-checksum"})
+STANDARD_RECORDS = frozenset(
+    {
+        "scidac-private-file-xml",
+        "scidac-file-xml",
+        "scidac-private-record-xml",
+        "scidac-record-xml",
+        "ildg-format",
+        "ildg-data-lfn",
+        "ildg-binary-data",
+        "scidac-binary-data",
+        "scidac-checksum",
+    }
+)
 #: Metadata records made by non-LIME readers (headers of other formats): not copied into LIME files.
 FOREIGN_RECORDS = frozenset({"nersc-header", "milc-header"})
 
@@ -484,8 +545,16 @@ class LimeHandler(FormatHandler):
         """See :func:`read_lime`."""
         return read_lime(path, lattice=lattice, group=group, **options)
 
-    def write(self, path: Path, ensemble: Ensemble, *, precision: int, lfn: str | None = None,
-              date: str | None = None, **options: Any) -> None:
+    def write(
+        self,
+        path: Path,
+        ensemble: Ensemble,
+        *,
+        precision: int,
+        lfn: str | None = None,
+        date: str | None = None,
+        **options: Any,
+    ) -> None:
         """Write one configuration as an ILDG file (QIO/Grid record set, SciDAC checksum).
 
         Arguments:
@@ -506,9 +575,9 @@ class LimeHandler(FormatHandler):
                     flags |= MB_FLAG
                 if i in (1, last):
                     flags |= ME_FLAG
-                if rtype == "ildg-binary-data":
+                if isinstance(data, np.ndarray):  # the ildg-binary-data payload
                     fh.write(LIME_HEADER.pack(LIME_MAGIC, 1, flags, data.nbytes, rtype.encode("ascii")))
-                    fh.write(memoryview(data))
+                    fh.write(memoryview(data))  # type: ignore[arg-type]  # numpy's stubs give ndarray __buffer__ only for Python >= 3.12
                     fh.write(b"\0" * ((-data.nbytes) % 8))
                 else:
                     fh.write(_lime_record(rtype, data, flags))
@@ -532,11 +601,25 @@ def _lime() -> LimeHandler:
 def flowplug_file_formats() -> list[FileFormatSpec]:
     """ILDG (read/write), SciDAC (read) and bare LIME (read)."""
     return [
-        FileFormatSpec(name="ildg", description="ILDG/LIME gauge configuration (QIO/Grid record set, "
-                       "SciDAC checksum)", factory=_ildg, extensions=("ildg",), aliases=("ildg-lime",),
-                       writable=True),
-        FileFormatSpec(name="scidac", description="SciDAC (QIO/QUDA) LIME file with scidac-binary-data",
-                       factory=_scidac, extensions=("scidac",)),
-        FileFormatSpec(name="lime", description="bare LIME file with only a binary record (give lattice "
-                       "and group)", factory=_lime, extensions=("lime",), aliases=("bare-lime",)),
+        FileFormatSpec(
+            name="ildg",
+            description="ILDG/LIME gauge configuration (QIO/Grid record set, SciDAC checksum)",
+            factory=_ildg,
+            extensions=("ildg",),
+            aliases=("ildg-lime",),
+            writable=True,
+        ),
+        FileFormatSpec(
+            name="scidac",
+            description="SciDAC (QIO/QUDA) LIME file with scidac-binary-data",
+            factory=_scidac,
+            extensions=("scidac",),
+        ),
+        FileFormatSpec(
+            name="lime",
+            description="bare LIME file with only a binary record (give lattice and group)",
+            factory=_lime,
+            extensions=("lime",),
+            aliases=("bare-lime",),
+        ),
     ]

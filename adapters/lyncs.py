@@ -28,13 +28,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from flowplug.adapters.checksums import scidac_checksum
+from flowplug.adapters.common import float_check, hex_check
 from flowplug.errors import FormatError
+from flowplug.gauge import plaquette
 from flowplug.hookspecs import hookimpl
 from flowplug.io import Ensemble, FormatHandler, from_ildg
 from flowplug.records import FileFormatSpec
-
-from flowplug.adapters.checksums import scidac_checksum
-from flowplug.adapters.common import hex_check
 
 #: LIME record type that lyncs-io unpickles.
 PICKLED_RECORD = "lyncs-io-info"
@@ -76,11 +76,15 @@ class LyncsHandler(FormatHandler):
         with path.open("rb") as fh:
             head = fh.read(4)
         if len(head) < 4 or struct.unpack(">I", head)[0] != LIME_MAGIC:
-            raise FormatError(f"{path}: the lyncs adapter reads LIME/ILDG files; this is not one (read "
-                              "openQCD and other files with their built-in formats)")
+            raise FormatError(
+                f"{path}: the lyncs adapter reads LIME/ILDG files; this is not one (read "
+                "openQCD and other files with their built-in formats)"
+            )
         if any(r.type == PICKLED_RECORD for r in scan(path)):
-            raise FormatError(f"{path}: holds a '{PICKLED_RECORD}' record, which lyncs-io would unpickle; "
-                              "refused (read it with format='ildg', which never unpickles)")
+            raise FormatError(
+                f"{path}: holds a '{PICKLED_RECORD}' record, which lyncs-io would unpickle; "
+                "refused (read it with format='ildg', which never unpickles)"
+            )
         lyncs_io = import_lyncs_io()
         try:
             arr = np.asarray(lyncs_io.load(str(path), format="lime"))
@@ -91,12 +95,17 @@ class LyncsHandler(FormatHandler):
         precision = 32 if arr.dtype.itemsize == 8 else 64
         raw = np.ascontiguousarray(arr.astype(arr.dtype.newbyteorder(">"))).reshape(-1).view(np.uint8)
         own = read_lime(path, lattice=lattice, group=group)  # records, header values, stored checksum
+        links = np.ascontiguousarray(from_ildg(arr)).astype(np.complex128)[None]
+        # every stored check is verified again on the data lyncs-io returned
         checks = []
         found = scidac_checksum(raw, 4 * 9 * precision // 4)
         for c in own.meta[0].checks:
-            value = found[0] if c.quantity.endswith("suma") else found[1]
-            checks.append(hex_check(c.quantity, int(c.expected, 16), value))
-        links = np.ascontiguousarray(from_ildg(arr)).astype(np.complex128)[None]
+            if isinstance(c.expected, str):  # the scidac-checksum suma and sumb (hex)
+                value = found[0] if c.quantity.endswith("suma") else found[1]
+                checks.append(hex_check(c.quantity, int(c.expected, 16), value))
+            else:  # tmLQCD's xlf-info plaquette, the one float check of a LIME file
+                plaq = float(plaquette(torch.from_numpy(links))[0])
+                checks.append(float_check(c.quantity, c.expected, plaq, c.tolerance))
         meta = own.meta[0]
         meta.format, meta.checks = "lyncs", checks
         return Ensemble(torch.from_numpy(links), precision=precision, meta=[meta])
@@ -105,5 +114,10 @@ class LyncsHandler(FormatHandler):
 @hookimpl
 def flowplug_file_formats() -> list[FileFormatSpec]:
     """The optional lyncs-io reader."""
-    return [FileFormatSpec(name="lyncs", description="read LIME/ILDG through lyncs-io (optional; needs "
-                           "numpy < 2.3; never auto-detected)", factory=LyncsHandler)]
+    return [
+        FileFormatSpec(
+            name="lyncs",
+            description="read LIME/ILDG through lyncs-io (optional; needs numpy < 2.3; never auto-detected)",
+            factory=LyncsHandler,
+        )
+    ]

@@ -18,13 +18,12 @@ import struct
 from pathlib import Path
 from typing import Any
 
+from flowplug.adapters.checksums import milc_checksum
+from flowplug.adapters.common import fmt_lattice, hex_check, ildg_to_canonical, read_payload
 from flowplug.errors import FormatError
 from flowplug.hookspecs import hookimpl
 from flowplug.io import Ensemble, FormatHandler, Metadata, Record
 from flowplug.records import FileFormatSpec
-
-from flowplug.adapters.checksums import milc_checksum
-from flowplug.adapters.common import fmt_lattice, hex_check, ildg_to_canonical, read_payload
 
 MILC_MAGIC = 20103
 HEADER_BYTES = 96
@@ -68,8 +67,9 @@ class MilcHandler(FormatHandler):
             head = fh.read(HEADER_BYTES)
         order = byte_order(head)
         if order is None:
-            raise FormatError(f"{path}: MILC magic 20103 expected in the first 4 bytes, found "
-                              f"{head[:4].hex() or 'nothing'}")
+            raise FormatError(
+                f"{path}: MILC magic 20103 expected in the first 4 bytes, found {head[:4].hex() or 'nothing'}"
+            )
         if len(head) < HEADER_BYTES:
             raise FormatError(f"{path}: MILC header is {len(head)} of {HEADER_BYTES} bytes (truncated)")
         magic, nx, ny, nz, nt = struct.unpack(order + "5i", head[:20])
@@ -79,27 +79,45 @@ class MilcHandler(FormatHandler):
         if any(n <= 0 for n in dims):
             raise FormatError(f"{path}: MILC dims {dims} must be positive (corrupt header)")
         if site_order != 0:
-            raise FormatError(f"{path}: MILC order = {site_order}: files with a site list are not supported "
-                              "(only order 0, lexicographic)")
+            raise FormatError(
+                f"{path}: MILC order = {site_order}: files with a site list are not supported "
+                "(only order 0, lexicographic)"
+            )
         nbytes = math.prod(dims) * 4 * 18 * 4
         if size - HEADER_BYTES != nbytes:
-            raise FormatError(f"{path}: MILC data are {size - HEADER_BYTES} bytes; lattice "
-                              f"{fmt_lattice(dims)} needs {nbytes} (truncated file or wrong dims)")
+            raise FormatError(
+                f"{path}: MILC data are {size - HEADER_BYTES} bytes; lattice "
+                f"{fmt_lattice(dims)} needs {nbytes} (truncated file or wrong dims)"
+            )
         raw = read_payload(path, HEADER_BYTES, nbytes, "MILC data")
         f29, f31 = milc_checksum(raw, order)
         checks = [hex_check("MILC sum29", sum29, f29), hex_check("MILC sum31", sum31, f31)]
         links = ildg_to_canonical(raw, dims, 3, 32, order)
-        header = {"time_stamp": stamp, "order": site_order, "sum29": f"{sum29:08x}", "sum31": f"{sum31:08x}",
-                  "byte_order": "little" if order == "<" else "big"}
-        meta = Metadata(format="milc", path=str(path), precision=32, header=header,
-                        records=[Record("milc-header", head)],
-                        record_list=[f"milc-header ({HEADER_BYTES} bytes)", f"float32 data ({nbytes} bytes)"],
-                        checks=checks, provenance={"source": str(path), "format": "milc"})
+        header = {
+            "time_stamp": stamp,
+            "order": site_order,
+            "sum29": f"{sum29:08x}",
+            "sum31": f"{sum31:08x}",
+            "byte_order": "little" if order == "<" else "big",
+        }
+        meta = Metadata(
+            format="milc",
+            path=str(path),
+            precision=32,
+            header=header,
+            records=[Record("milc-header", head)],
+            record_list=[f"milc-header ({HEADER_BYTES} bytes)", f"float32 data ({nbytes} bytes)"],
+            checks=checks,
+            provenance={"source": str(path), "format": "milc"},
+        )
         return Ensemble(links, precision=32, meta=[meta])
 
 
 @hookimpl
 def flowplug_file_formats() -> list[FileFormatSpec]:
     """The MILC v5 format (read)."""
-    return [FileFormatSpec(name="milc", description="MILC native v5 gauge file (read)",
-                           factory=MilcHandler, extensions=("milc",))]
+    return [
+        FileFormatSpec(
+            name="milc", description="MILC native v5 gauge file (read)", factory=MilcHandler, extensions=("milc",)
+        )
+    ]

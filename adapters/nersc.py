@@ -24,6 +24,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from flowplug.adapters.checksums import nersc_checksum
+from flowplug.adapters.common import (
+    canonical_to_ildg,
+    complex_dtype,
+    decimals_tolerance,
+    float_check,
+    fmt_lattice,
+    hex_check,
+    read_payload,
+)
 from flowplug.errors import FormatError
 from flowplug.gauge import link_trace, plaquette
 from flowplug.hookspecs import hookimpl
@@ -38,16 +48,6 @@ from flowplug.io import (
 )
 from flowplug.records import FileFormatSpec
 
-from flowplug.adapters.checksums import nersc_checksum
-from flowplug.adapters.common import (
-    canonical_to_ildg,
-    decimals_tolerance,
-    float_check,
-    fmt_lattice,
-    hex_check,
-    read_payload,
-)
-
 #: FLOATING_POINT value -> (bits, byte order).
 FLOATING_POINT = {
     "IEEE32BIG": (32, ">"),
@@ -59,8 +59,7 @@ FLOATING_POINT = {
 }
 #: FLOATING_POINT written for (bits, byte order): Grid's NERSC reader accepts IEEE32BIG,
 #: IEEE32, IEEE64BIG, IEEE64 (newer versions also IEEE64LITTLE), not IEEE32LITTLE.
-WRITE_FLOATING_POINT = {(32, ">"): "IEEE32BIG", (64, ">"): "IEEE64BIG", (32, "<"): "IEEE32",
-                        (64, "<"): "IEEE64"}
+WRITE_FLOATING_POINT = {(32, ">"): "IEEE32BIG", (64, ">"): "IEEE64BIG", (32, "<"): "IEEE32", (64, "<"): "IEEE64"}
 DATATYPES = {"4D_SU3_GAUGE": 2, "4D_SU3_GAUGE_3X3": 3}
 MAX_HEADER = 64 * 1024
 
@@ -79,8 +78,9 @@ def parse_header(path: Path, head: bytes) -> tuple[dict[str, str], int, bytes]:
         raise FormatError(f"{path}: NERSC header must start with BEGIN_HEADER; found {head[:20]!r}")
     end = head.find(b"END_HEADER")
     if end < 0:
-        raise FormatError(f"{path}: no END_HEADER in the first {min(len(head), MAX_HEADER)} bytes "
-                          "(truncated or not a NERSC file)")
+        raise FormatError(
+            f"{path}: no END_HEADER in the first {min(len(head), MAX_HEADER)} bytes (truncated or not a NERSC file)"
+        )
     nl = head.find(b"\n", end)
     if nl < 0:
         raise FormatError(f"{path}: END_HEADER is not followed by a newline (truncated file)")
@@ -90,7 +90,7 @@ def parse_header(path: Path, head: bytes) -> tuple[dict[str, str], int, bytes]:
         if "=" in line:
             k, v = line.split("=", 1)
             keys[k.strip().upper()] = v.strip()
-    return keys, nl + 1, head[:nl + 1]
+    return keys, nl + 1, head[: nl + 1]
 
 
 def _int_key(path: Path, keys: dict[str, str], key: str) -> int:
@@ -112,9 +112,16 @@ def reconstruct_third_row(m: np.ndarray) -> np.ndarray:
         Shape (..., 3, 3), complex128.
     """
     r0, r1 = m[..., 0, :], m[..., 1, :]
-    r2 = np.conj(np.stack([r0[..., 1] * r1[..., 2] - r0[..., 2] * r1[..., 1],
-                           r0[..., 2] * r1[..., 0] - r0[..., 0] * r1[..., 2],
-                           r0[..., 0] * r1[..., 1] - r0[..., 1] * r1[..., 0]], axis=-1))
+    r2 = np.conj(
+        np.stack(
+            [
+                r0[..., 1] * r1[..., 2] - r0[..., 2] * r1[..., 1],
+                r0[..., 2] * r1[..., 0] - r0[..., 0] * r1[..., 2],
+                r0[..., 0] * r1[..., 1] - r0[..., 1] * r1[..., 0],
+            ],
+            axis=-1,
+        )
+    )
     return np.concatenate([m, r2[..., None, :]], axis=-2)
 
 
@@ -148,20 +155,25 @@ class NerscHandler(FormatHandler):
         dims = tuple(_int_key(path, keys, f"DIMENSION_{i}") for i in range(1, 5))
         dt = keys.get("DATATYPE", "").upper()
         if dt not in DATATYPES:
-            raise FormatError(f"{path}: NERSC DATATYPE {keys.get('DATATYPE')!r} is not supported; "
-                              "expected 4D_SU3_GAUGE or 4D_SU3_GAUGE_3x3")
+            raise FormatError(
+                f"{path}: NERSC DATATYPE {keys.get('DATATYPE')!r} is not supported; "
+                "expected 4D_SU3_GAUGE or 4D_SU3_GAUGE_3x3"
+            )
         rows = DATATYPES[dt]
         fp = keys.get("FLOATING_POINT", "").upper()
         if fp not in FLOATING_POINT:
-            raise FormatError(f"{path}: NERSC FLOATING_POINT {keys.get('FLOATING_POINT')!r} is not one of "
-                              f"{', '.join(FLOATING_POINT)}")
+            raise FormatError(
+                f"{path}: NERSC FLOATING_POINT {keys.get('FLOATING_POINT')!r} is not one of {', '.join(FLOATING_POINT)}"
+            )
         precision, order = FLOATING_POINT[fp]
         vol = math.prod(dims)
         nbytes = vol * 4 * rows * 3 * 2 * precision // 8
         if size - offset != nbytes:
-            raise FormatError(f"{path}: NERSC data are {size - offset} bytes after the header; "
-                              f"{fmt_lattice(dims)} {dt} {fp} needs {nbytes} (truncated file or wrong "
-                              "DIMENSION_*)")
+            raise FormatError(
+                f"{path}: NERSC data are {size - offset} bytes after the header; "
+                f"{fmt_lattice(dims)} {dt} {fp} needs {nbytes} (truncated file or wrong "
+                "DIMENSION_*)"
+            )
         raw = read_payload(path, offset, nbytes, "NERSC data")
         checks = []
         if "CHECKSUM" in keys:
@@ -171,7 +183,7 @@ class NerscHandler(FormatHandler):
                 raise FormatError(f"{path}: NERSC CHECKSUM {keys['CHECKSUM'][:20]!r} is not hex") from None
             checks.append(hex_check("CHECKSUM", expected, nersc_checksum(raw, order)))
         lx, ly, lz, lt = dims
-        cdt = np.dtype("c8" if precision == 32 else "c16").newbyteorder(order)
+        cdt = complex_dtype(precision, order)
         arr = raw.view(cdt).reshape(lt, lz, ly, lx, 4, rows, 3).astype(np.complex128)
         if rows == 2:
             arr = reconstruct_third_row(arr)
@@ -181,15 +193,15 @@ class NerscHandler(FormatHandler):
         for key, std, fn in (("PLAQUETTE", "plaquette", plaquette), ("LINK_TRACE", "link_trace", link_trace)):
             if key in keys:
                 try:
-                    expected = float(keys[key])
+                    stored = float(keys[key])
                 except ValueError:
                     raise FormatError(f"{path}: NERSC {key} {keys[key][:30]!r} is not a number") from None
-                header[std] = expected
+                header[std] = stored
                 if torch.isfinite(torch.view_as_real(links)).all():
                     found = float(fn(links)[0])
                 else:
                     found = float("nan")
-                checks.append(float_check(key, expected, found, decimals_tolerance(keys[key], floor)))
+                checks.append(float_check(key, stored, found, decimals_tolerance(keys[key], floor)))
         if "ENSEMBLE_ID" in keys:
             header["ensemble_id"] = keys["ENSEMBLE_ID"]
         if "SEQUENCE_NUMBER" in keys:
@@ -202,37 +214,58 @@ class NerscHandler(FormatHandler):
                 header["beta"] = float(keys["BETA"])
             except ValueError:
                 pass
-        meta = Metadata(format="nersc", path=str(path), precision=precision, header=header,
-                        records=[Record("nersc-header", header_bytes)],
-                        record_list=[f"nersc-header ({offset} bytes)", f"{dt} data ({nbytes} bytes)"],
-                        checks=checks, provenance={"source": str(path), "format": "nersc"})
+        meta = Metadata(
+            format="nersc",
+            path=str(path),
+            precision=precision,
+            header=header,
+            records=[Record("nersc-header", header_bytes)],
+            record_list=[f"nersc-header ({offset} bytes)", f"{dt} data ({nbytes} bytes)"],
+            checks=checks,
+            provenance={"source": str(path), "format": "nersc"},
+        )
         return Ensemble(links, precision=precision, meta=[meta])
 
-    def _layout(self, ensemble: Ensemble, precision: int, datatype: str | None,
-                endian: str | None) -> tuple[str, int, str, str]:
+    def _layout(
+        self, ensemble: Ensemble, precision: int, datatype: str | None, endian: str | None
+    ) -> tuple[str, int, str, str]:
         """``(DATATYPE, rows stored, byte order, FLOATING_POINT)`` of a write."""
         src = ensemble.meta[0].header if "nersc_datatype" in ensemble.meta[0].header else {}
         dt = (datatype or src.get("nersc_datatype") or "4D_SU3_GAUGE_3x3").upper()
         if dt not in DATATYPES:
             raise FormatError(f"NERSC datatype {datatype!r}: expected 4D_SU3_GAUGE or 4D_SU3_GAUGE_3x3")
         if endian is None:
-            endian = "little" if FLOATING_POINT.get(src.get("nersc_floating_point", ""), (0, ">"))[1] == "<" \
-                else "big"
+            endian = "little" if FLOATING_POINT.get(src.get("nersc_floating_point", ""), (0, ">"))[1] == "<" else "big"
         if endian not in ("big", "little"):
             raise FormatError(f"NERSC endian {endian!r}: expected big or little")
         order = ">" if endian == "big" else "<"
         return dt, DATATYPES[dt], order, WRITE_FLOATING_POINT[(precision, order)]
 
-    def rounds(self, ensemble: Ensemble, precision: int, *, datatype: str | None = None,
-               endian: str | None = None, **options: Any) -> bool:
+    def rounds(
+        self,
+        ensemble: Ensemble,
+        precision: int,
+        *,
+        datatype: str | None = None,
+        endian: str | None = None,
+        **options: Any,
+    ) -> bool:
         """Whether a 32-bit write rounds a stored value (two-row files store rows 0 and 1 only)."""
         if precision != 32:
             return False
         _, rows, _, _ = self._layout(ensemble, precision, datatype, endian)
         return not float32_exact(ensemble.links[..., :rows, :])
 
-    def write(self, path: Path, ensemble: Ensemble, *, precision: int, datatype: str | None = None,
-              endian: str | None = None, **options: Any) -> None:
+    def write(
+        self,
+        path: Path,
+        ensemble: Ensemble,
+        *,
+        precision: int,
+        datatype: str | None = None,
+        endian: str | None = None,
+        **options: Any,
+    ) -> None:
         """Write one SU(3) configuration as NERSC.
 
         Arguments:
@@ -263,20 +296,46 @@ class NerscHandler(FormatHandler):
         seen_t = torch.from_numpy(np.ascontiguousarray(from_ildg(seen))[None])
         plaq, trace = float(plaquette(seen_t)[0]), float(link_trace(seen_t)[0])
         csum = nersc_checksum(stored.reshape(-1).view(np.uint8), order)
-        text = header_text(ensemble, dt, fp, plaq=plaq, trace=trace, checksum=csum,
-                           open_time=open_time_boundary(seen_t)[0])
+        text = header_text(
+            ensemble, dt, fp, plaq=plaq, trace=trace, checksum=csum, open_time=open_time_boundary(seen_t)[0]
+        )
         with open(path, "wb") as fh:
             fh.write(text)
-            fh.write(memoryview(stored.reshape(-1).view(np.uint8)))
+            fh.write(memoryview(stored.reshape(-1).view(np.uint8)))  # type: ignore[arg-type]  # numpy's stubs give ndarray __buffer__ only for Python >= 3.12
 
 
 #: Header keys the writer computes itself; every other key of a NERSC source is kept.
-COMPUTED_KEYS = frozenset({"HDR_VERSION", "DATATYPE", "STORAGE_FORMAT", "DIMENSION_1", "DIMENSION_2",
-                           "DIMENSION_3", "DIMENSION_4", "LINK_TRACE", "PLAQUETTE", "CHECKSUM",
-                           "FLOATING_POINT", "BOUNDARY_1", "BOUNDARY_2", "BOUNDARY_3", "BOUNDARY_4"})
+COMPUTED_KEYS = frozenset(
+    {
+        "HDR_VERSION",
+        "DATATYPE",
+        "STORAGE_FORMAT",
+        "DIMENSION_1",
+        "DIMENSION_2",
+        "DIMENSION_3",
+        "DIMENSION_4",
+        "LINK_TRACE",
+        "PLAQUETTE",
+        "CHECKSUM",
+        "FLOATING_POINT",
+        "BOUNDARY_1",
+        "BOUNDARY_2",
+        "BOUNDARY_3",
+        "BOUNDARY_4",
+    }
+)
 #: Descriptive keys, written in this order (defaults where the source has none).
-DESCRIPTIVE_KEYS = ("ENSEMBLE_ID", "ENSEMBLE_LABEL", "SEQUENCE_NUMBER", "CREATOR", "CREATOR_MACHINE",
-                    "CREATOR_HARDWARE", "CREATION_DATE", "ARCHIVE_DATE", "BETA")
+DESCRIPTIVE_KEYS = (
+    "ENSEMBLE_ID",
+    "ENSEMBLE_LABEL",
+    "SEQUENCE_NUMBER",
+    "CREATOR",
+    "CREATOR_MACHINE",
+    "CREATOR_HARDWARE",
+    "CREATION_DATE",
+    "ARCHIVE_DATE",
+    "BETA",
+)
 
 
 def format_number(value: Any) -> str | None:
@@ -304,8 +363,9 @@ def _header_value(value: Any) -> str:
     return " ".join(str(value).replace("=", " ").split())
 
 
-def header_text(ensemble: Ensemble, datatype: str, fp: str, *, plaq: float, trace: float,
-                checksum: int, open_time: bool) -> bytes:
+def header_text(
+    ensemble: Ensemble, datatype: str, fp: str, *, plaq: float, trace: float, checksum: int, open_time: bool
+) -> bytes:
     """The ASCII header (``BEGIN_HEADER`` ... ``END_HEADER\\n``) of one configuration."""
     meta = ensemble.meta[0]
     source = meta.header.get("nersc")
@@ -319,7 +379,10 @@ def header_text(ensemble: Ensemble, datatype: str, fp: str, *, plaq: float, trac
         "HDR_VERSION = 1.0",
         f"DATATYPE = {'4D_SU3_GAUGE_3x3' if DATATYPES[datatype] == 3 else '4D_SU3_GAUGE'}",
         "STORAGE_FORMAT = 1.0",
-        f"DIMENSION_1 = {lx}", f"DIMENSION_2 = {ly}", f"DIMENSION_3 = {lz}", f"DIMENSION_4 = {lt}",
+        f"DIMENSION_1 = {lx}",
+        f"DIMENSION_2 = {ly}",
+        f"DIMENSION_3 = {lz}",
+        f"DIMENSION_4 = {lt}",
         f"LINK_TRACE = {trace:.12f}",
         f"PLAQUETTE = {plaq:.12f}",
         *[f"BOUNDARY_{i} = {_header_value(b)}" for i, b in enumerate(boundary, 1)],
@@ -348,6 +411,12 @@ def header_text(ensemble: Ensemble, datatype: str, fp: str, *, plaq: float, trac
 @hookimpl
 def flowplug_file_formats() -> list[FileFormatSpec]:
     """The NERSC format."""
-    return [FileFormatSpec(name="nersc", description="NERSC archive (4D_SU3_GAUGE two-row and 3x3; "
-                           "32/64-bit; big/little endian)", factory=NerscHandler,
-                           extensions=("nersc", "cfg"), writable=True)]
+    return [
+        FileFormatSpec(
+            name="nersc",
+            description="NERSC archive (4D_SU3_GAUGE two-row and 3x3; 32/64-bit; big/little endian)",
+            factory=NerscHandler,
+            extensions=("nersc", "cfg"),
+            writable=True,
+        )
+    ]

@@ -33,13 +33,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from flowplug.adapters.common import float_check, fmt_lattice, read_payload
 from flowplug.errors import FormatError
 from flowplug.gauge import plaquette
 from flowplug.hookspecs import hookimpl
 from flowplug.io import Ensemble, FormatHandler, Metadata
 from flowplug.records import FileFormatSpec
-
-from flowplug.adapters.common import float_check, fmt_lattice, read_payload
 
 HEADER = struct.Struct("<4id")
 #: openQCD direction 0..3 (t, x, y, z) -> canonical direction (x, y, z, t = 0..3).
@@ -73,7 +72,7 @@ class OpenQcdHandler(FormatHandler):
         """50 when the header's extents are even and positive and the size is 24 + 576 V."""
         if len(head) < HEADER.size:
             return 0
-        *dims, _ = HEADER.unpack(head[:HEADER.size])
+        *dims, _ = HEADER.unpack(head[: HEADER.size])
         if any(n <= 0 or n % 2 or n > 1 << 16 for n in dims):
             return 0
         return 50 if size == HEADER.size + 576 * math.prod(dims) else 0
@@ -96,13 +95,17 @@ class OpenQcdHandler(FormatHandler):
         n0, n1, n2, n3, plaq3 = HEADER.unpack(head)
         dims = (n1, n2, n3, n0)  # x, y, z, t
         if any(n <= 0 or n % 2 for n in dims):
-            raise FormatError(f"{path}: openQCD extents (t, x, y, z) = {(n0, n1, n2, n3)} must be positive "
-                              "and even (corrupt header, or not an openQCD file)")
+            raise FormatError(
+                f"{path}: openQCD extents (t, x, y, z) = {(n0, n1, n2, n3)} must be positive "
+                "and even (corrupt header, or not an openQCD file)"
+            )
         vol = math.prod(dims)
         nbytes = 576 * vol
         if size - HEADER.size != nbytes:
-            raise FormatError(f"{path}: openQCD data are {size - HEADER.size} bytes; lattice "
-                              f"{fmt_lattice(dims)} needs 576 V = {nbytes} (truncated file or wrong header)")
+            raise FormatError(
+                f"{path}: openQCD data are {size - HEADER.size} bytes; lattice "
+                f"{fmt_lattice(dims)} needs 576 V = {nbytes} (truncated file or wrong header)"
+            )
         raw = read_payload(path, HEADER.size, nbytes, "openQCD data")
         data = raw.view("<c16").reshape(vol // 2, 4, 2, 3, 3)
         lx, ly, lz, lt = dims
@@ -113,13 +116,17 @@ class OpenQcdHandler(FormatHandler):
             out[0, mu][odd] = data[:, d, 0]
             out[0, mu][_shift(odd, mu, dims)] = data[:, d, 1]
         links = torch.from_numpy(out)
-        found = float(plaquette(links)[0]) * 3 if torch.isfinite(torch.view_as_real(links)).all() \
-            else float("nan")
+        found = float(plaquette(links)[0]) * 3 if torch.isfinite(torch.view_as_real(links)).all() else float("nan")
         check = float_check("openQCD plaquette", plaq3, found, PLAQ_TOL)
-        meta = Metadata(format="openqcd", path=str(path), precision=64,
-                        header={"plaquette": plaq3 / 3, "openqcd_plaquette": plaq3},
-                        record_list=["openqcd-header (24 bytes)", f"odd-site links ({nbytes} bytes)"],
-                        checks=[check], provenance={"source": str(path), "format": "openqcd"})
+        meta = Metadata(
+            format="openqcd",
+            path=str(path),
+            precision=64,
+            header={"plaquette": plaq3 / 3, "openqcd_plaquette": plaq3},
+            record_list=["openqcd-header (24 bytes)", f"odd-site links ({nbytes} bytes)"],
+            checks=[check],
+            provenance={"source": str(path), "format": "openqcd"},
+        )
         return Ensemble(links, precision=64, meta=[meta])
 
     def can_write(self, ensemble: Ensemble) -> str | None:
@@ -149,11 +156,18 @@ class OpenQcdHandler(FormatHandler):
         plaq3 = 3 * float(plaquette(torch.from_numpy(links[None]))[0])
         with open(path, "wb") as fh:
             fh.write(HEADER.pack(lt, lx, ly, lz, plaq3))
-            fh.write(memoryview(data.reshape(-1).view(np.uint8)))
+            fh.write(memoryview(data.reshape(-1).view(np.uint8)))  # type: ignore[arg-type]  # numpy's stubs give ndarray __buffer__ only for Python >= 3.12
 
 
 @hookimpl
 def flowplug_file_formats() -> list[FileFormatSpec]:
     """The openQCD format."""
-    return [FileFormatSpec(name="openqcd", description="openQCD gauge configuration (64-bit, odd-site "
-                           "storage)", factory=OpenQcdHandler, extensions=("openqcd",), writable=True)]
+    return [
+        FileFormatSpec(
+            name="openqcd",
+            description="openQCD gauge configuration (64-bit, odd-site storage)",
+            factory=OpenQcdHandler,
+            extensions=("openqcd",),
+            writable=True,
+        )
+    ]

@@ -31,11 +31,11 @@ import time
 import torch
 
 from flowplug.exact import u1_2d
+from flowplug.jobs.chains import run_chains
 from flowplug.plugins.hmc import HMC
 from flowplug.plugins.kernels import IndependenceMetropolis
 from flowplug.plugins.observables import topological_charge
 from flowplug.plugins.theories import WilsonGaugeAction
-from flowplug.jobs.chains import run_chains
 from flowplug.stats import gamma_method
 from flowplug.train import build_trainer
 
@@ -61,11 +61,22 @@ def bench(L: int, beta: float, a: argparse.Namespace) -> dict:
     h = ch.history_tensors()
     tau_h, c_h = cost(h["q"], float(h["accepted"].mean()), t_hmc)
 
-    cfg = {"lattice": list(lattice), "seed": 3, "device": "cpu",
-           "action": {"name": "wilson", "group": "u1", "beta": beta},
-           "flow": {"layers": [a.layer], "n_layers": a.layers, "options": {"hidden": [a.hidden] * 2}},
-           "train": {"steps": a.train_steps, "batch_size": a.batch, "lr": a.lr, "schedule": "cosine",
-                     "lr_min_factor": 0.1, "progress": False, "checkpoint_every": 0}}
+    cfg = {
+        "lattice": list(lattice),
+        "seed": 3,
+        "device": "cpu",
+        "action": {"name": "wilson", "group": "u1", "beta": beta},
+        "flow": {"layers": [a.layer], "n_layers": a.layers, "options": {"hidden": [a.hidden] * 2}},
+        "train": {
+            "steps": a.train_steps,
+            "batch_size": a.batch,
+            "lr": a.lr,
+            "schedule": "cosine",
+            "lr_min_factor": 0.1,
+            "progress": False,
+            "checkpoint_every": 0,
+        },
+    }
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = build_trainer(cfg, out=run_dir)
         t0 = time.perf_counter()
@@ -82,14 +93,29 @@ def bench(L: int, beta: float, a: argparse.Namespace) -> dict:
     tau_f, c_f = cost(hf["q"], acc, t_flow)
     c_f_train = (t_train + t_flow) / hf["q"].numel() * 2 * tau_f if math.isfinite(tau_f) else math.inf
     q2 = {k: float((v["q"] ** 2).mean()) for k, v in (("hmc", h), ("flow", hf))}
-    return {"L": L, "beta": beta, "exact_q2": u1_2d(L, beta)["q2"], "q2": q2,
-            "hmc": {"acceptance": float(h["accepted"].mean()), "tau_int_q": tau_h, "seconds": t_hmc,
-                    "seconds_per_independent_q": c_h},
-            "flow": {"acceptance": acc, "train_ess": m["ess"], "tau_int_q": tau_f, "seconds": t_flow,
-                     "train_seconds": t_train, "seconds_per_independent_q": c_f,
-                     "seconds_per_independent_q_with_training": c_f_train},
-            "ratio_hmc_over_flow": c_h / c_f if c_f > 0 else math.nan,
-            "ratio_hmc_over_flow_with_training": c_h / c_f_train if c_f_train > 0 else math.nan}
+    return {
+        "L": L,
+        "beta": beta,
+        "exact_q2": u1_2d(L, beta)["q2"],
+        "q2": q2,
+        "hmc": {
+            "acceptance": float(h["accepted"].mean()),
+            "tau_int_q": tau_h,
+            "seconds": t_hmc,
+            "seconds_per_independent_q": c_h,
+        },
+        "flow": {
+            "acceptance": acc,
+            "train_ess": m["ess"],
+            "tau_int_q": tau_f,
+            "seconds": t_flow,
+            "train_seconds": t_train,
+            "seconds_per_independent_q": c_f,
+            "seconds_per_independent_q_with_training": c_f_train,
+        },
+        "ratio_hmc_over_flow": c_h / c_f if c_f > 0 else math.nan,
+        "ratio_hmc_over_flow_with_training": c_h / c_f_train if c_f_train > 0 else math.nan,
+    }
 
 
 def main() -> None:
@@ -117,15 +143,21 @@ def main() -> None:
         r = bench(a.L, beta, a)
         results.append(r)
         h, f = r["hmc"], r["flow"]
-        print(f"L={a.L} beta={beta}: HMC acc {h['acceptance']:.3f} tau_int(Q) {h['tau_int_q']:.2f} | "
-              f"flow acc {f['acceptance']:.4f} (train ESS {f['train_ess']:.3f}) tau_int(Q) {f['tau_int_q']:.2f} | "
-              f"<Q^2> HMC {r['q2']['hmc']:.3f} flow {r['q2']['flow']:.3f} exact {r['exact_q2']:.3f}")
+        print(
+            f"L={a.L} beta={beta}: HMC acc {h['acceptance']:.3f} tau_int(Q) {h['tau_int_q']:.2f} | "
+            f"flow acc {f['acceptance']:.4f} (train ESS {f['train_ess']:.3f}) tau_int(Q) {f['tau_int_q']:.2f} | "
+            f"<Q^2> HMC {r['q2']['hmc']:.3f} flow {r['q2']['flow']:.3f} exact {r['exact_q2']:.3f}"
+        )
         if not math.isfinite(f["seconds_per_independent_q"]):
-            print("    cost ratio HMC/flow per independent Q: 0 (the flow chains never accepted a proposal: "
-                  "train longer, e.g. --train-steps 5000, or on a GPU)")
+            print(
+                "    cost ratio HMC/flow per independent Q: 0 (the flow chains never accepted a proposal: "
+                "train longer, e.g. --train-steps 5000, or on a GPU)"
+            )
         else:
-            print(f"    cost ratio HMC/flow per independent Q: {r['ratio_hmc_over_flow']:.3g} without training, "
-                  f"{r['ratio_hmc_over_flow_with_training']:.3g} with training (> 1: the flow is cheaper)")
+            print(
+                f"    cost ratio HMC/flow per independent Q: {r['ratio_hmc_over_flow']:.3g} without training, "
+                f"{r['ratio_hmc_over_flow_with_training']:.3g} with training (> 1: the flow is cheaper)"
+            )
     if a.json:
         print(json.dumps(results, indent=1))
 

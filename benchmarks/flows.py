@@ -35,13 +35,15 @@ EXAMPLES = ROOT / "examples"
 
 #: point -> (example config, exact/reference values of reweighted observables)
 POINTS = {
-    "phi4": ("train_phi4.toml", {"magnetization_abs": 0.08699}),   # long HMC, +- 0.00006
+    "phi4": ("train_phi4.toml", {"magnetization_abs": 0.08699}),  # long HMC, +- 0.00006
     "phi4-spline": ("train_phi4_spline.toml", {"magnetization_abs": 0.08699}),
     "u1": ("train_u1.toml", {"plaquette": 0.697774658011, "topological_charge_squared": 1.239298910723}),
     "u1-large": ("train_u1_large.toml", {"plaquette": 0.697774658011, "topological_charge_squared": 1.239298910723}),
     "u1-deep": ("train_u1_deep.toml", {"plaquette": 0.697774658011, "topological_charge_squared": 1.239298910723}),
-    "u1-multiscale": ("train_u1_multiscale.toml",
-                      {"plaquette": 0.697774658011, "topological_charge_squared": 1.239298910723}),
+    "u1-multiscale": (
+        "train_u1_multiscale.toml",
+        {"plaquette": 0.697774658011, "topological_charge_squared": 1.239298910723},
+    ),
     "su2": ("train_su2.toml", {"plaquette": 0.433127426722312}),
     "su3": ("train_su3.toml", {"plaquette": 0.279619149409304}),
     "su3-4d": ("train_su3_4d.toml", {}),
@@ -56,8 +58,9 @@ def _observables(field):
         return {"magnetization_abs": lambda x: x.flatten(1).mean(1).abs()}
     obs = {"plaquette": gauge.plaquette}
     if field == "u1":
-        obs["topological_charge_squared"] = (
-            lambda x: (wrap_angle(gauge.u1_plaquettes(x)).flatten(1).sum(1) / (2 * math.pi)) ** 2)
+        obs["topological_charge_squared"] = lambda x: (
+            (wrap_angle(gauge.u1_plaquettes(x)).flatten(1).sum(1) / (2 * math.pi)) ** 2
+        )
     return obs
 
 
@@ -78,7 +81,8 @@ def figures(flow, action, n, seed):
 
 def run_point(name, seed, args):
     from flowplug import config as fconfig
-    from flowplug.jobs.train import DEFAULT_CONFIG as DEFAULT_TOML_TEXT, OPEN_TABLES
+    from flowplug.jobs.train import DEFAULT_CONFIG as DEFAULT_TOML_TEXT
+    from flowplug.jobs.train import OPEN_TABLES
     from flowplug.train import build_trainer
 
     example, exact = POINTS[name]
@@ -88,8 +92,9 @@ def run_point(name, seed, args):
     if args.speed_only:
         overrides.append("train.steps=50")
     overrides += args.set
-    cfg = fconfig.build_config(DEFAULT_TOML_TEXT, config_file=EXAMPLES / example, overrides=overrides,
-                               open_tables=OPEN_TABLES)
+    cfg = fconfig.build_config(
+        DEFAULT_TOML_TEXT, config_file=EXAMPLES / example, overrides=overrides, open_tables=OPEN_TABLES
+    )
     with tempfile.TemporaryDirectory() as tmp:
         tr = build_trainer(cfg, out=Path(tmp), device=args.device)
         tr.out = None
@@ -100,8 +105,16 @@ def run_point(name, seed, args):
         tr.run(progress=False)
         wall = time.perf_counter() - t0
     rate = (tr.step - warm) / wall
-    row = {"point": name, "seed": seed, "steps": tr.step, "batch": tr.batch_size, "steps_per_s": rate,
-           "threads": torch.get_num_threads(), "skipped": tr.skipped, "wall_s": wall}
+    row = {
+        "point": name,
+        "seed": seed,
+        "steps": tr.step,
+        "batch": tr.batch_size,
+        "steps_per_s": rate,
+        "threads": torch.get_num_threads(),
+        "skipped": tr.skipped,
+        "wall_s": wall,
+    }
     if args.speed_only and tr.path_gradient:
         # reference in the same run: the same flow trained with plain reparameterised gradients
         tr.path_gradient = False
@@ -134,18 +147,24 @@ def main(argv=None):
         for seed in (int(s) for s in args.seeds.split(",")):
             row = run_point(name.strip(), seed, args)
             rows.append(row)
-            line = (f"{row['point']:8s} seed {seed}: {row['steps']} steps x {row['batch']}, "
-                    f"{row['steps_per_s']:.2f} steps/s ({row['threads']} threads), skipped {row['skipped']}")
+            line = (
+                f"{row['point']:8s} seed {seed}: {row['steps']} steps x {row['batch']}, "
+                f"{row['steps_per_s']:.2f} steps/s ({row['threads']} threads), skipped {row['skipped']}"
+            )
             if not args.speed_only:
-                line += (f"; ESS {row['ess']:.3f}, acceptance {row['acceptance']:.3f} "
-                         f"(chain {row['acceptance_chain']:.3f}), F_q {row['free_energy']:.3f}")
+                line += (
+                    f"; ESS {row['ess']:.3f}, acceptance {row['acceptance']:.3f} "
+                    f"(chain {row['acceptance_chain']:.3f}), F_q {row['free_energy']:.3f}"
+                )
                 for k, ref in row["exact"].items():
                     m, e = row[k]
                     mc, ec = row[k + "_chain"]
                     line += f"; {k} {m:.4f}({e:.4f}), chain {mc:.4f}({ec:.4f}) vs {ref:.4f}"
             if "plain_steps_per_s" in row:
-                line += (f"; plain gradients {row['plain_steps_per_s']:.2f} steps/s, path/plain "
-                         f"{row['steps_per_s'] / row['plain_steps_per_s']:.2f}")
+                line += (
+                    f"; plain gradients {row['plain_steps_per_s']:.2f} steps/s, path/plain "
+                    f"{row['steps_per_s'] / row['plain_steps_per_s']:.2f}"
+                )
             print(line, flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))

@@ -17,12 +17,13 @@ Run:  python benchmarks/hmc.py [--repeat 5] [--threads N]
 from __future__ import annotations
 
 import argparse
-import time
+import functools
 
 import torch
 
 from flowplug.plugins.hmc import HMC
 from flowplug.plugins.theories import WilsonGaugeAction
+
 from _timing import best
 
 FLOPS_PER_MATMUL = 216  # 27 complex multiply-adds = 27 * 8 real flops
@@ -31,8 +32,8 @@ FLOPS_PER_MATMUL = 216  # 27 complex multiply-adds = 27 * 8 real flops
 def matmuls_per_site(d: int) -> int:
     """3x3 products per site of one action + force evaluation in WilsonGaugeAction."""
     pairs = d * (d - 1)
-    force = pairs * 4 + d          # 4 per ordered staple pair, then U V per link
-    action = (pairs // 2) * 2      # two products per plane, trace of a product is elementwise
+    force = pairs * 4 + d  # 4 per ordered staple pair, then U V per link
+    action = (pairs // 2) * 2  # two products per plane, trace of a product is elementwise
     return force + action
 
 
@@ -40,7 +41,7 @@ def su3(repeat: int) -> None:
     lattice = (8, 8, 8, 8)
     act = WilsonGaugeAction(6.0, "su3")
     u = act.hot_start(lattice, 1, generator=torch.Generator().manual_seed(1))
-    sites = 8 ** 4
+    sites = 8**4
 
     def both():
         act.action(u)
@@ -54,14 +55,29 @@ def su3(repeat: int) -> None:
     t_small = best(lambda: [a @ b for _ in range(reps)], repeat) * (n_mm / (reps * sites * 4))
     big = torch.randn(1024, 1024, dtype=torch.complex128)
     t_big = best(lambda: big @ big, repeat)
-    flops_big = 8 * 1024 ** 3
+    flops_big = 8 * 1024**3
     rate = n_mm * FLOPS_PER_MATMUL / t_eval
     print(f"4D SU(3) Wilson action + force, 8^4, one configuration ({n_mm} 3x3 products):")
     print(f"  {1 / t_eval:8.2f} evaluations/s   ({t_eval * 1e3:.1f} ms each, {rate / 1e9:.2f} GFLOP/s)")
-    print(f"  same number of batched 3x3 products alone: {t_small * 1e3:.1f} ms "
-          f"-> ratio limit/ours = {t_small / t_eval:.2f}")
-    print(f"  dense 1024^2 complex matmul: {flops_big / t_big / 1e9:.2f} GFLOP/s "
-          f"-> ours is {rate / (flops_big / t_big):.3f} of it")
+    print(
+        f"  same number of batched 3x3 products alone: {t_small * 1e3:.1f} ms "
+        f"-> ratio limit/ours = {t_small / t_eval:.2f}"
+    )
+    print(
+        f"  dense 1024^2 complex matmul: {flops_big / t_big / 1e9:.2f} GFLOP/s "
+        f"-> ours is {rate / (flops_big / t_big):.3f} of it"
+    )
+
+
+def _trajectories(k: HMC, state: list, g: torch.Generator, n_traj: int) -> None:
+    """``n_traj`` trajectories of ``k`` from ``state[0]``, leaving the last state there."""
+    for _ in range(n_traj):
+        state[0], _ = k.step(state[0], g)
+
+
+def _forces(act: WilsonGaugeAction, x: torch.Tensor, n: int) -> None:
+    for _ in range(n):
+        act.force(x)
 
 
 def u1(repeat: int) -> None:
@@ -72,16 +88,12 @@ def u1(repeat: int) -> None:
         g = torch.Generator().manual_seed(2)
         state = [k.init(act.hot_start((16, 16), batch, generator=g))]
         n_traj = 20
-
-        def traj():
-            for _ in range(n_traj):
-                state[0], _ = k.step(state[0], g)
-
-        t = best(traj, repeat) / n_traj
-        x = state[0].x
-        t_force = best(lambda: [act.force(x) for _ in range(21)], repeat)
-        print(f"  {batch:3d} chain(s): {1 / t:9.1f} trajectories/s, {batch / t:9.1f} chain-trajectories/s; "
-              f"21 bare force calls take {t_force / t:.2f} of a trajectory")
+        t = best(functools.partial(_trajectories, k, state, g, n_traj), repeat) / n_traj
+        t_force = best(functools.partial(_forces, act, state[0].x, 21), repeat)
+        print(
+            f"  {batch:3d} chain(s): {1 / t:9.1f} trajectories/s, {batch / t:9.1f} chain-trajectories/s; "
+            f"21 bare force calls take {t_force / t:.2f} of a trajectory"
+        )
 
 
 def main() -> None:

@@ -23,8 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-
-from _timing import best  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from _timing import best  # (benchmarks/ is on sys.path when run as a script)
 
 LYNCS_TIMER = """
 import time, numpy as np, lyncs_io
@@ -114,8 +113,10 @@ def run(args, io, ens, work: Path) -> None:
         a.byteswap(inplace=True)
         return a
 
-    def checksum_only(buf=np.fromfile(path, dtype=np.uint8, count=nbytes, offset=rec.data_offset)):
-        return scidac_checksum(buf, site_bytes)
+    payload = np.fromfile(path, dtype=np.uint8, count=nbytes, offset=rec.data_offset)  # read once, outside the timing
+
+    def checksum_only():
+        return scidac_checksum(payload, site_bytes)
 
     h5 = work / "cfg.h5"
     io.write(h5, ens)
@@ -127,17 +128,26 @@ def run(args, io, ens, work: Path) -> None:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        t = best_interleaved({
-            "raw": raw, "rawcrc": raw_plus_crc, "ck": checksum_only, "rc": read_checksum,
-            "nounit": lambda: io.read(path, unitarity="ignore"), "full": lambda: io.read(path),
-            "h5": lambda: io.read(h5, unitarity="ignore"), "h5raw": h5_raw,
-            "write": lambda: io.write(path, ens, overwrite=True),
-        }, args.repeat)
+        t = best_interleaved(
+            {
+                "raw": raw,
+                "rawcrc": raw_plus_crc,
+                "ck": checksum_only,
+                "rc": read_checksum,
+                "nounit": lambda: io.read(path, unitarity="ignore"),
+                "full": lambda: io.read(path),
+                "h5": lambda: io.read(h5, unitarity="ignore"),
+                "h5raw": h5_raw,
+                "write": lambda: io.write(path, ens, overwrite=True),
+            },
+            args.repeat,
+        )
     t_raw, t_rawcrc, t_ck, t_rc = t["raw"], t["rawcrc"], t["ck"], t["rc"]
     t_read_nounit, t_read, t_h5, t_h5raw, t_write = t["nounit"], t["full"], t["h5"], t["h5raw"], t["write"]
     mb = nbytes / 2**20
-    print(f"lattice {args.lattice}, SU(3) double, payload {nbytes / 1e6:.1f} MB, best of {args.repeat} "
-          "interleaved rounds")
+    print(
+        f"lattice {args.lattice}, SU(3) double, payload {nbytes / 1e6:.1f} MB, best of {args.repeat} interleaved rounds"
+    )
     rows = [
         ("raw numpy.fromfile + byteswap (the limit)", t_raw),
         ("raw numpy.fromfile + one zlib.crc32 of the payload", t_rawcrc),
@@ -153,27 +163,32 @@ def run(args, io, ens, work: Path) -> None:
         print(f"  {label:<62s} {t * 1e3:8.1f} ms  {mb / t:7.0f} MiB/s  ratio raw/this {t_raw / t:5.2f}")
     other = os.environ.get("FLOWPLUG_LYNCS_PYTHON")
     try:
-        import lyncs_io  # noqa: F401
+        import lyncs_io
     except Exception as exc:  # numpy >= 2.3 breaks lyncs-io 0.2.3
         if other:
             # time lyncs-io and the raw read again in that interpreter, same file, same cache
-            code = LYNCS_TIMER.format(path=str(path), offset=rec.data_offset, count=nbytes // 16,
-                                      repeat=args.repeat)
+            code = LYNCS_TIMER.format(path=str(path), offset=rec.data_offset, count=nbytes // 16, repeat=args.repeat)
             res = subprocess.run([other, "-c", code], capture_output=True, text=True, timeout=600)
             if res.returncode == 0:
                 t_ly, t_raw2 = (float(x) for x in res.stdout.split())
-                print(f"  {'lyncs-io load (big-endian array, no checksum; own process)':<62s} "
-                      f"{t_ly * 1e3:8.1f} ms  {mb / t_ly:7.0f} MiB/s  ratio raw/this {t_raw2 / t_ly:5.2f}"
-                      f"  (raw there {t_raw2 * 1e3:.1f} ms)")
+                print(
+                    f"  {'lyncs-io load (big-endian array, no checksum; own process)':<62s} "
+                    f"{t_ly * 1e3:8.1f} ms  {mb / t_ly:7.0f} MiB/s  ratio raw/this {t_raw2 / t_ly:5.2f}"
+                    f"  (raw there {t_raw2 * 1e3:.1f} ms)"
+                )
             else:
                 print(f"  lyncs-io via {other} failed: {res.stderr.strip()[-200:]}")
         else:
-            print(f"  lyncs-io: not importable here ({type(exc).__name__}: {str(exc)[:80]}); "
-                  "set FLOWPLUG_LYNCS_PYTHON to an interpreter where it imports")
+            print(
+                f"  lyncs-io: not importable here ({type(exc).__name__}: {str(exc)[:80]}); "
+                "set FLOWPLUG_LYNCS_PYTHON to an interpreter where it imports"
+            )
     else:
         t_ly = best(lambda: lyncs_io.load(str(path), format="lime"), args.repeat, warmup=False)
-        print(f"  {'lyncs-io load (big-endian array, no checksum)':<62s} {t_ly * 1e3:8.1f} ms  "
-              f"{mb / t_ly:7.0f} MiB/s  ratio raw/this {t_raw / t_ly:5.2f}")
+        print(
+            f"  {'lyncs-io load (big-endian array, no checksum)':<62s} {t_ly * 1e3:8.1f} ms  "
+            f"{mb / t_ly:7.0f} MiB/s  ratio raw/this {t_raw / t_ly:5.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -26,3 +26,7 @@ def on_startup(**kwargs) -> None:
             os.symlink(entry, tree / entry.name)
     for name in ("plugins", "adapters"):
         os.symlink(ROOT / name, tree / name)
+
+
+if __name__ == "__main__":  # CI: `python docs/apitree.py`, then mypy checks build/apisrc/flowplug
+    on_startup()

@@ -26,8 +26,8 @@ from flowplug.proposal import FlowProposal
 from flowplug.stats import gamma_method
 from flowplug.train import Trainer
 
-
 # ---------------------------------------------------------------- the user's own HMC
+
 
 def plaquette_angles(theta):
     """theta: (2, L, L) link angles -> (L, L) plaquette angles."""
@@ -49,13 +49,13 @@ def force(theta, beta):
 def hmc_trajectory(theta, beta, rng, n=10, eps=0.1):
     """One leapfrog trajectory with a Metropolis test; returns the next configuration."""
     p = rng.standard_normal(theta.shape)
-    h0 = 0.5 * (p ** 2).sum() + action(theta, beta)
+    h0 = 0.5 * (p**2).sum() + action(theta, beta)
     x = theta.copy()
     p = p - 0.5 * eps * force(x, beta)
     for i in range(n):
         x = x + eps * p
         p = p - (eps if i < n - 1 else 0.5 * eps) * force(x, beta)
-    h1 = 0.5 * (p ** 2).sum() + action(x, beta)
+    h1 = 0.5 * (p**2).sum() + action(x, beta)
     if rng.random() < math.exp(min(0.0, h0 - h1)):
         return (x + math.pi) % (2 * math.pi) - math.pi
     return theta
@@ -89,7 +89,7 @@ def main() -> None:
     for t in range(a.trajectories):
         theta = hmc_trajectory(theta, a.beta, rng)
         if (t + 1) % a.hmc_per_flow == 0:
-            theta, res = step.step(theta)          # numpy in, numpy out
+            theta, res = step.step(theta)  # numpy in, numpy out
             acc.append(bool(res.accepted[0]))
         pa = (plaquette_angles(theta) + math.pi) % (2 * math.pi) - math.pi
         plaq.append(np.cos(pa).mean())

@@ -37,8 +37,9 @@ resumes it and connects it to the run directory's outputs.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 
@@ -66,8 +67,13 @@ class ChainState:
         """Number of chains B."""
         return int(self.x.shape[0])
 
-    def moved(self, accepted: torch.Tensor, x: torch.Tensor, log_p: torch.Tensor,
-              extras: Mapping[str, torch.Tensor] | None = None) -> "ChainState":
+    def moved(
+        self,
+        accepted: torch.Tensor,
+        x: torch.Tensor,
+        log_p: torch.Tensor,
+        extras: Mapping[str, torch.Tensor] | None = None,
+    ) -> ChainState:
         """The state after a proposal (x, log_p, extras) accepted where ``accepted`` is true.
 
         Cached extras of the old state survive only if the new state provides them too
@@ -104,7 +110,7 @@ class ChainState:
         return {"x": self.x, "log_p": self.log_p, "extras": dict(self.extras)}
 
     @classmethod
-    def from_state_dict(cls, d: Mapping[str, Any]) -> "ChainState":
+    def from_state_dict(cls, d: Mapping[str, Any]) -> ChainState:
         """Inverse of :meth:`state_dict`."""
         return cls(d["x"], d["log_p"], dict(d.get("extras", {})))
 
@@ -118,8 +124,7 @@ class Kernel:
         """Wrap configurations into a :class:`ChainState` (computes log p)."""
         raise NotImplementedError
 
-    def step(self, state: ChainState, generator: torch.Generator | None = None
-             ) -> tuple[ChainState, dict[str, Any]]:
+    def step(self, state: ChainState, generator: torch.Generator | None = None) -> tuple[ChainState, dict[str, Any]]:
         """One Markov step for every chain; returns the new state and an info dict."""
         raise NotImplementedError
 
@@ -149,9 +154,16 @@ class Chain:
             NaN for chains a mixture did not give to that part in that step).
     """
 
-    def __init__(self, kernel: Any, state: ChainState, generator: torch.Generator, *,
-                 measure: Measure | None = None, kernel_name: str | None = None,
-                 run_id: str = "") -> None:
+    def __init__(
+        self,
+        kernel: Any,
+        state: ChainState,
+        generator: torch.Generator,
+        *,
+        measure: Measure | None = None,
+        kernel_name: str | None = None,
+        run_id: str = "",
+    ) -> None:
         self.kernel = kernel
         self.state = state
         self.generator = generator
@@ -166,10 +178,17 @@ class Chain:
     def _record(self, name: str, value: torch.Tensor) -> None:
         self.history.setdefault(name, []).append(value.detach().to("cpu", torch.float64).reshape(-1))
 
-    def run(self, n_steps: int, *, progress: bool = False, checkpoint_every: int = 0,
-            on_checkpoint: Callable[["Chain"], None] | None = None,
-            on_step: Callable[["Chain", dict[str, Any]], None] | None = None,
-            hooks: Any = None, desc: str = "") -> "Chain":
+    def run(
+        self,
+        n_steps: int,
+        *,
+        progress: bool = False,
+        checkpoint_every: int = 0,
+        on_checkpoint: Callable[[Chain], None] | None = None,
+        on_step: Callable[[Chain, dict[str, Any]], None] | None = None,
+        hooks: Any = None,
+        desc: str = "",
+    ) -> Chain:
         """Advance every chain by ``n_steps`` steps.
 
         Arguments:
@@ -215,8 +234,7 @@ class Chain:
                 n_acc += float(acc.to(torch.float64).mean())
                 if hooks is not None:
                     if hasattr(hooks, "notify"):
-                        hooks.notify("flowplug_after_chain_step", step=step, kernel=self.kernel_name,
-                                     info=info)
+                        hooks.notify("flowplug_after_chain_step", step=step, kernel=self.kernel_name, info=info)
                     else:
                         hooks.flowplug_after_chain_step(step=step, kernel=self.kernel_name, info=info)
                 if on_step is not None:
@@ -229,7 +247,8 @@ class Chain:
                     bar.update(1)
                 last = i == n_steps - 1
                 if on_checkpoint is not None and (
-                        last or (checkpoint_every and self.step_count % checkpoint_every == 0)):
+                    last or (checkpoint_every and self.step_count % checkpoint_every == 0)
+                ):
                     on_checkpoint(self)
         finally:
             if bar is not None:
@@ -273,18 +292,26 @@ class Chain:
             CheckpointError: on a version or run-id mismatch, or a batch/shape mismatch.
         """
         if d.get("version") != CHECKPOINT_VERSION:
-            raise CheckpointError(f"checkpoint version {d.get('version')!r} is not supported "
-                                  f"(expected {CHECKPOINT_VERSION})")
+            raise CheckpointError(
+                f"checkpoint version {d.get('version')!r} is not supported (expected {CHECKPOINT_VERSION})"
+            )
         if self.run_id and d.get("run_id") != self.run_id:
-            raise CheckpointError("checkpoint belongs to a different run: its configuration "
-                                  f"fingerprint is {d.get('run_id')!r}, this run's is {self.run_id!r} "
-                                  "(resume with the same configuration, or start a new --out)")
+            raise CheckpointError(
+                "checkpoint belongs to a different run: its configuration "
+                f"fingerprint is {d.get('run_id')!r}, this run's is {self.run_id!r} "
+                "(resume with the same configuration, or start a new --out)"
+            )
         state = ChainState.from_state_dict(d["state"])
         if state.x.shape != self.state.x.shape:
-            raise CheckpointError(f"checkpoint holds configurations of shape {tuple(state.x.shape)}, "
-                                  f"this run expects {tuple(self.state.x.shape)}")
-        self.state = ChainState(state.x.to(self.state.x.device), state.log_p.to(self.state.log_p.device),
-                                {k: v.to(self.state.x.device) for k, v in state.extras.items()})
+            raise CheckpointError(
+                f"checkpoint holds configurations of shape {tuple(state.x.shape)}, "
+                f"this run expects {tuple(self.state.x.shape)}"
+            )
+        self.state = ChainState(
+            state.x.to(self.state.x.device),
+            state.log_p.to(self.state.log_p.device),
+            {k: v.to(self.state.x.device) for k, v in state.extras.items()},
+        )
         self.generator.set_state(d["rng"])
         self.step_count = int(d["step"])
         self.history = {k: list(v.unbind(0)) for k, v in d["history"].items()}

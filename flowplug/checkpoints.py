@@ -37,9 +37,11 @@ Public API: :data:`CHECKPOINT_FORMAT`, :data:`CHECKPOINT_VERSION`, :data:`CHECKP
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -77,7 +79,7 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
     except RuntimeError:
         raise ConfigError(f"device must be auto, cpu, cuda or cuda:N; found {name!r}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} requested but CUDA is not available (use device = \"auto\" or \"cpu\")")
+        raise ConfigError(f'device {name!r} requested but CUDA is not available (use device = "auto" or "cpu")')
     return dev
 
 
@@ -93,8 +95,9 @@ def non_finite_entries(tensors: Mapping[str, object]) -> list[str]:
     Returns:
         The offending names in the dict's order; empty when all are finite.
     """
-    floats = {k: v for k, v in tensors.items()
-              if isinstance(v, torch.Tensor) and (v.is_floating_point() or v.is_complex())}
+    floats = {
+        k: v for k, v in tensors.items() if isinstance(v, torch.Tensor) and (v.is_floating_point() or v.is_complex())
+    }
     if not floats:
         return []
     try:
@@ -133,18 +136,23 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     """
     p = checkpoint_path(path)
     if not p.exists():
-        raise CheckpointError(f"{p}: no checkpoint (expected a run directory with {CHECKPOINT_NAME} "
-                              "or a checkpoint file)")
+        raise CheckpointError(
+            f"{p}: no checkpoint (expected a run directory with {CHECKPOINT_NAME} or a checkpoint file)"
+        )
     try:
         state = torch.load(p, map_location=map_location, weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"{p}: cannot read checkpoint ({type(exc).__name__}: {exc}); "
-                              "the file is damaged or not a flowplug checkpoint") from None
+        raise CheckpointError(
+            f"{p}: cannot read checkpoint ({type(exc).__name__}: {exc}); "
+            "the file is damaged or not a flowplug checkpoint"
+        ) from None
     if not isinstance(state, Mapping) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{p}: not a flowplug training checkpoint")
     if int(state.get("version", 0)) > CHECKPOINT_VERSION:
-        raise CheckpointError(f"{p}: checkpoint version {state.get('version')} is newer than this "
-                              f"flowplug supports ({CHECKPOINT_VERSION}); upgrade flowplug")
+        raise CheckpointError(
+            f"{p}: checkpoint version {state.get('version')} is newer than this "
+            f"flowplug supports ({CHECKPOINT_VERSION}); upgrade flowplug"
+        )
     return dict(state)
 
 
@@ -168,13 +176,16 @@ def write_checkpoint(path: str | Path, state: Mapping[str, Any], *, kept: str = 
     """
     path = Path(path)
     if state.get("format") != CHECKPOINT_FORMAT or int(state.get("version", 0)) != CHECKPOINT_VERSION:
-        raise CheckpointError(f"{path}: not written: the state is not a flowplug checkpoint of version "
-                              f"{CHECKPOINT_VERSION} (format {state.get('format')!r}, version {state.get('version')!r})")
+        raise CheckpointError(
+            f"{path}: not written: the state is not a flowplug checkpoint of version "
+            f"{CHECKPOINT_VERSION} (format {state.get('format')!r}, version {state.get('version')!r})"
+        )
     bad = non_finite_entries(state.get("model") or {})
     if bad:
         raise NonFiniteParametersError(
             f"{path}: not written: the flow's parameters are not finite at step {state.get('step')} "
-            f"(NaN/Inf in {short_list(bad)}); {kept}. Lower train.lr, or set train.grad_clip or train.guard")
+            f"(NaN/Inf in {short_list(bad)}); {kept}. Lower train.lr, or set train.grad_clip or train.guard"
+        )
     with atomic_path(path) as tmp:
         torch.save(dict(state), tmp)
     return path
@@ -199,7 +210,7 @@ class LoadedFlow:
     action: Action
     lattice: tuple[int, ...]
     field: str
-    config: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = dataclasses.field(default_factory=dict)  # (the attribute `field` shadows the name)
     step: int = 0
     path: Path | None = None
 
@@ -238,13 +249,20 @@ def load_flow(path: str | Path, *, device: str | torch.device = "cpu") -> Loaded
         raise NonFiniteParametersError(
             f"{checkpoint_path(path)}: the flow's parameters are not finite (NaN/Inf in {short_list(bad)}; "
             f"step {state.get('step')}): the training run diverged and this flow cannot be used. "
-            "Retrain with a lower train.lr, or with train.grad_clip or train.guard")
+            "Retrain with a lower train.lr, or with train.grad_clip or train.guard"
+        )
     try:
         flow = Flow.from_spec(state["flow_spec"])
         flow.load_state_dict(state["model"])
     except (KeyError, RuntimeError, FlowplugError) as exc:
         raise CheckpointError(f"{checkpoint_path(path)}: cannot rebuild the flow: {exc}") from None
     flow = flow.to(resolve_device(str(device))).eval()
-    return LoadedFlow(flow=flow, action=action_from_config(state["config"]),
-                      lattice=tuple(state["lattice"]), field=str(state["field"]),
-                      config=dict(state["config"]), step=int(state["step"]), path=checkpoint_path(path))
+    return LoadedFlow(
+        flow=flow,
+        action=action_from_config(state["config"]),
+        lattice=tuple(state["lattice"]),
+        field=str(state["field"]),
+        config=dict(state["config"]),
+        step=int(state["step"]),
+        path=checkpoint_path(path),
+    )

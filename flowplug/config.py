@@ -14,8 +14,9 @@ import copy
 import difflib
 import re
 import sys
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -52,8 +53,9 @@ def load_toml_file(path: str | Path) -> dict[str, Any]:
 
 
 def _type_name(value: Any) -> str:
-    return {bool: "boolean", int: "integer", float: "float", str: "string",
-            list: "list", dict: "table"}.get(type(value), type(value).__name__)
+    return {bool: "boolean", int: "integer", float: "float", str: "string", list: "list", dict: "table"}.get(
+        type(value), type(value).__name__
+    )
 
 
 def _compatible(default: Any, value: Any) -> bool:
@@ -84,8 +86,14 @@ def _all_keys(tree: Mapping[str, Any], prefix: str = "") -> list[str]:
     return keys
 
 
-def merge(defaults: Mapping[str, Any], override: Mapping[str, Any], *, source: str,
-          open_tables: Iterable[str] = (), _prefix: str = "") -> dict[str, Any]:
+def merge(
+    defaults: Mapping[str, Any],
+    override: Mapping[str, Any],
+    *,
+    source: str,
+    open_tables: Iterable[str] = (),
+    _prefix: str = "",
+) -> dict[str, Any]:
     """Merge ``override`` into a deep copy of ``defaults``, checking keys and types.
 
     Arguments:
@@ -110,15 +118,16 @@ def merge(defaults: Mapping[str, Any], override: Mapping[str, Any], *, source: s
             known = _all_keys(defaults, _prefix)
             close = difflib.get_close_matches(dotted, known, n=1)
             hint = f" Did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(f"{source}: unknown configuration key '{dotted}'.{hint} "
-                              "`--print-config` lists every key.")
+            raise ConfigError(
+                f"{source}: unknown configuration key '{dotted}'.{hint} `--print-config` lists every key."
+            )
         default = out[key]
         if not _compatible(default, value):
-            raise ConfigError(f"{source}: '{dotted}' must be of type {_type_name(default)}, "
-                              f"found {_type_name(value)} {value!r}")
+            raise ConfigError(
+                f"{source}: '{dotted}' must be of type {_type_name(default)}, found {_type_name(value)} {value!r}"
+            )
         if isinstance(default, dict):
-            out[key] = merge(default, value, source=source, open_tables=open_tables,
-                             _prefix=dotted + ".")
+            out[key] = merge(default, value, source=source, open_tables=open_tables, _prefix=dotted + ".")
         elif isinstance(default, float) and not isinstance(value, bool):
             out[key] = float(value)
         else:
@@ -154,8 +163,13 @@ def parse_override(text: str) -> dict[str, Any]:
     return tree
 
 
-def build_config(default_text: str, *, config_file: str | Path | None = None,
-                 overrides: Iterable[str] = (), open_tables: Iterable[str] = ()) -> dict[str, Any]:
+def build_config(
+    default_text: str,
+    *,
+    config_file: str | Path | None = None,
+    overrides: Iterable[str] = (),
+    open_tables: Iterable[str] = (),
+) -> dict[str, Any]:
     """The effective configuration: defaults, then ``config_file``, then each override.
 
     Arguments:
@@ -169,11 +183,9 @@ def build_config(default_text: str, *, config_file: str | Path | None = None,
     """
     config = parse_toml(default_text, "default configuration")
     if config_file is not None:
-        config = merge(config, load_toml_file(config_file), source=str(config_file),
-                       open_tables=open_tables)
+        config = merge(config, load_toml_file(config_file), source=str(config_file), open_tables=open_tables)
     for text in overrides:
-        config = merge(config, parse_override(text), source=f"--set {text}",
-                       open_tables=open_tables)
+        config = merge(config, parse_override(text), source=f"--set {text}", open_tables=open_tables)
     return config
 
 

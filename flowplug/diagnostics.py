@@ -27,7 +27,8 @@ Public API: :func:`evaluate_flow`, :func:`imh_acceptance_estimate`,
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -134,9 +135,16 @@ def imh_chain_states(log_w: torch.Tensor, generator: np.random.Generator | int =
 
 
 @torch.no_grad()
-def evaluate_flow(flow: Flow, action: Action, n_samples: int = 8192, *, batch_size: int = 1024,
-                  seed: int = 12345, observables: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
-                  progress: bool | None = None) -> dict[str, Any]:
+def evaluate_flow(
+    flow: Flow,
+    action: Action,
+    n_samples: int = 8192,
+    *,
+    batch_size: int = 1024,
+    seed: int = 12345,
+    observables: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
+    progress: bool | None = None,
+) -> dict[str, Any]:
     r"""Figures of a flow from ``n_samples`` fresh samples (module docstring; float64).
 
     The flow is put in eval mode. Samples are drawn in batches with a generator of their
@@ -180,9 +188,15 @@ def evaluate_flow(flow: Flow, action: Action, n_samples: int = 8192, *, batch_si
     if progress is not False:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=int(n_samples), desc="eval", unit="sample", dynamic_ncols=True,
-                   disable=None if progress is None else False)
-    log_ws, obs = [], {k: [] for k in (observables or {})}
+        bar = tqdm(
+            total=int(n_samples),
+            desc="eval",
+            unit="sample",
+            dynamic_ncols=True,
+            disable=None if progress is None else False,
+        )
+    log_ws: list[torch.Tensor] = []
+    obs: dict[str, list[torch.Tensor]] = {k: [] for k in (observables or {})}
     try:
         left = int(n_samples)
         while left > 0:
@@ -201,8 +215,10 @@ def evaluate_flow(flow: Flow, action: Action, n_samples: int = 8192, *, batch_si
     finite = torch.isfinite(log_w)
     lw = log_w[finite]
     if lw.numel() == 0:
-        raise FlowplugError(f"evaluate_flow: all {int(n_samples)} samples have non-finite log weights "
-                            "(the flow or the action gives NaN/Inf)")
+        raise FlowplugError(
+            f"evaluate_flow: all {int(n_samples)} samples have non-finite log weights "
+            "(the flow or the action gives NaN/Inf)"
+        )
     out: dict[str, Any] = {
         "n_samples": int(n_samples),
         "non_finite": int((~finite).sum()),

@@ -31,8 +31,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -134,11 +135,18 @@ class Metadata:
             return "absent"
         return "ok" if all(c.ok for c in self.checks) else "mismatch"
 
-    def copy(self) -> "Metadata":
+    def copy(self) -> Metadata:
         """A deep-enough copy (dicts and lists copied; records are immutable)."""
-        return Metadata(self.format, self.path, self.precision, dict(self.header),
-                        list(self.records), list(self.record_list), list(self.checks),
-                        _deepcopy_json(self.provenance))
+        return Metadata(
+            self.format,
+            self.path,
+            self.precision,
+            dict(self.header),
+            list(self.records),
+            list(self.record_list),
+            list(self.checks),
+            _deepcopy_json(self.provenance),
+        )
 
 
 def _deepcopy_json(value: Any) -> Any:
@@ -239,8 +247,15 @@ class Ensemble:
         Ensemble(torch.zeros(5, 8, 8, dtype=torch.float64), field="scalar").lattice   # (8, 8)
     """
 
-    def __init__(self, data: torch.Tensor | np.ndarray, *, field: str | None = None, precision: int = 64,
-                 meta: Sequence[Metadata] | None = None, attrs: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        data: torch.Tensor | np.ndarray,
+        *,
+        field: str | None = None,
+        precision: int = 64,
+        meta: Sequence[Metadata] | None = None,
+        attrs: Mapping[str, Any] | None = None,
+    ) -> None:
         if isinstance(data, np.ndarray):
             data = torch.from_numpy(np.ascontiguousarray(data))
         if not isinstance(data, torch.Tensor):
@@ -250,20 +265,25 @@ class Ensemble:
         elif data.is_floating_point():
             data = data.to(torch.float64)
         else:
-            raise ShapeError(f"field values must be complex (SU(N) links) or real (angles, scalar fields); "
-                             f"found {data.dtype}")
+            raise ShapeError(
+                f"field values must be complex (SU(N) links) or real (angles, scalar fields); found {data.dtype}"
+            )
         inferred = field is None
         kind = field_of(data) if inferred else str(field).strip().lower()
         space = _space(kind)
         if data.is_complex() != space.dtype.is_complex:
-            raise ShapeError(f"{kind} fields are {str(space.dtype).replace('torch.', '')}; found "
-                             f"{str(data.dtype).replace('torch.', '')} values of shape {tuple(data.shape)}")
+            raise ShapeError(
+                f"{kind} fields are {str(space.dtype).replace('torch.', '')}; found "
+                f"{str(data.dtype).replace('torch.', '')} values of shape {tuple(data.shape)}"
+            )
         try:
             lattice = space.lattice_of(data)
         except ShapeError as exc:
             if inferred and not data.is_complex():
-                raise ShapeError(f"{exc}; a field on the sites (B, L_0, ..., L_(d-1)) needs its kind: "
-                                 "field='scalar' (phi^4) or field='o2'") from None
+                raise ShapeError(
+                    f"{exc}; a field on the sites (B, L_0, ..., L_(d-1)) needs its kind: "
+                    "field='scalar' (phi^4) or field='o2'"
+                ) from None
             raise
         if not lattice or any(n < 1 for n in lattice):
             raise ShapeError(f"{kind} field of shape {tuple(data.shape)} has no lattice axes or an empty one")
@@ -333,7 +353,7 @@ class Ensemble:
     def __len__(self) -> int:
         return int(self.data.shape[0])
 
-    def __getitem__(self, index: int | slice) -> "Ensemble":
+    def __getitem__(self, index: int | slice) -> Ensemble:
         """The configuration(s) at ``index`` as a new Ensemble sharing the storage.
 
         Its precision is the highest ``meta[i].precision`` of the selection (capped at
@@ -353,14 +373,16 @@ class Ensemble:
         precision = min(self.precision, max((m.precision for m in meta), default=self.precision))
         return Ensemble(self.data[index], field=self.field, precision=precision, meta=meta, attrs=self.attrs)
 
-    def __iter__(self) -> Iterator["Ensemble"]:
+    def __iter__(self) -> Iterator[Ensemble]:
         for i in range(len(self)):
             yield self[i]
 
     def __repr__(self) -> str:
-        fmt = {m.format for m in self.meta} - {None}
-        return (f"Ensemble({len(self)} x {self.field} on {'x'.join(map(str, self.lattice))}, "
-                f"precision {self.precision}{', from ' + '/'.join(sorted(fmt)) if fmt else ''})")
+        fmt = {m.format for m in self.meta if m.format is not None}
+        return (
+            f"Ensemble({len(self)} x {self.field} on {'x'.join(map(str, self.lattice))}, "
+            f"precision {self.precision}{', from ' + '/'.join(sorted(fmt)) if fmt else ''})"
+        )
 
     # ---------------------------------------------------------------- conversions
 
@@ -383,10 +405,16 @@ class Ensemble:
         return "ok" if "ok" in states else "absent"
 
     @classmethod
-    def from_links(cls, links: torch.Tensor | np.ndarray, *, field: str | None = None, precision: int = 64,
-                   header: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
-                   provenance: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
-                   attrs: Mapping[str, Any] | None = None) -> "Ensemble":
+    def from_links(
+        cls,
+        links: torch.Tensor | np.ndarray,
+        *,
+        field: str | None = None,
+        precision: int = 64,
+        header: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
+        provenance: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
+        attrs: Mapping[str, Any] | None = None,
+    ) -> Ensemble:
         """Wrap field values made in memory (HMC, a flow, resampling) with their metadata.
 
         Arguments:
@@ -422,12 +450,14 @@ class Ensemble:
                 raise ShapeError(f"{len(items)} metadata mappings for {n} configurations")
             return items
 
-        metas = [Metadata(precision=precision, header=h, provenance=p)
-                 for h, p in zip(per(header), per(provenance))]
+        metas = [
+            Metadata(precision=precision, header=h, provenance=p)
+            for h, p in zip(per(header), per(provenance), strict=True)
+        ]
         return cls(links, field=field, precision=precision, meta=metas, attrs=attrs)
 
     @classmethod
-    def concat(cls, ensembles: Iterable["Ensemble"]) -> "Ensemble":
+    def concat(cls, ensembles: Iterable[Ensemble]) -> Ensemble:
         """Concatenate ensembles along the batch axis.
 
         The precision is the highest of the parts; attributes of the first are kept.
@@ -441,8 +471,11 @@ class Ensemble:
         first = parts[0]
         for p in parts[1:]:
             if p.field != first.field or p.lattice != first.lattice:
-                raise ShapeError(f"cannot concatenate {p.field} on {p.lattice} with "
-                                 f"{first.field} on {first.lattice}")
-        return cls(torch.cat([p.data for p in parts]), field=first.field,
-                   precision=max(p.precision for p in parts),
-                   meta=[m for p in parts for m in p.meta], attrs=first.attrs)
+                raise ShapeError(f"cannot concatenate {p.field} on {p.lattice} with {first.field} on {first.lattice}")
+        return cls(
+            torch.cat([p.data for p in parts]),
+            field=first.field,
+            precision=max(p.precision for p in parts),
+            meta=[m for p in parts for m in p.meta],
+            attrs=first.attrs,
+        )

@@ -56,7 +56,7 @@ def bessel_i(n: np.ndarray | int, beta: float) -> np.ndarray:
     return _periodic_mean(np.exp(beta * np.cos(phi)) * np.cos(n[..., None] * phi))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _gauss_legendre(n: int = 256) -> tuple[np.ndarray, np.ndarray]:
     """Nodes and weights of n-point Gauss-Legendre quadrature on [-pi, pi] for the mean (1/2pi) int."""
     t, w = np.polynomial.legendre.leggauss(n)
@@ -94,7 +94,7 @@ def u1_2d(L: int, beta: float) -> dict[str, float]:
     # scale by I_0^V to avoid overflow: ratios r_n = I_n / I_0
     i0 = i_n[n == 0][0]
     r = i_n / i0
-    z = np.sum(r ** V)
+    z = np.sum(r**V)
     p = np.sum(r ** (V - 1) * i_dn / i0) / z
     q2 = np.sum(V * r ** (V - 1) * g / i0 - V * (V - 1) * r ** (V - 2) * (h / i0) ** 2) / z
     return {"plaquette": float(p), "q2": float(q2)}
@@ -119,9 +119,9 @@ def su2_2d(L: int, beta: float) -> dict[str, float]:
     n = np.arange(1, int(40 + 4 * beta))
     i_n = bessel_i(n, beta)
     di_n = 0.5 * (bessel_i(n - 1, beta) + bessel_i(n + 1, beta))
-    a = 2 * i_n / beta                      # c_n / d_n
-    da = 2 * di_n / beta - 2 * i_n / beta ** 2
+    a = 2 * i_n / beta  # c_n / d_n
+    da = 2 * di_n / beta - 2 * i_n / beta**2
     r = a / a[0]
-    z = np.sum(r ** V)
+    z = np.sum(r**V)
     dlnz = np.sum(V * r ** (V - 1) * da / a[0]) / z
     return {"plaquette": float(dlnz / V)}

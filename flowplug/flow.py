@@ -37,12 +37,14 @@ from __future__ import annotations
 
 import copy
 import inspect
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol, cast
 
 import torch
 from torch import nn
 
 from flowplug.errors import ConfigError, ShapeError
+from flowplug.records import FlowLayerSpec, PriorSpec
 
 
 def default_prior(field: str) -> str:
@@ -64,6 +66,28 @@ def default_prior(field: str) -> str:
     return prior
 
 
+class _PriorModule(Protocol):
+    """What a flow calls on its prior (an ``nn.Module`` built by a registered factory)."""
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor: ...
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor: ...
+
+
+class _LayerModule(Protocol):
+    """What a flow calls on a layer besides ``layer(x) -> (y, logdet)`` (an ``nn.Module``)."""
+
+    def inverse(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def forward_diag(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]: ...
+
+
+def _layer_modules(layers: nn.ModuleList) -> list[_LayerModule]:
+    # ModuleList yields plain nn.Module (whose other attributes the stubs type as
+    # Tensor | Module); a flow's layers are registered flow layers with these methods.
+    return cast("list[_LayerModule]", list(layers))
+
+
 class Flow(nn.Module):
     r"""A prior and a sequence of flow layers (module docstring for the sign convention).
 
@@ -79,10 +103,18 @@ class Flow(nn.Module):
         field, lattice, spec: As given.
     """
 
-    def __init__(self, prior: nn.Module, layers: Sequence[nn.Module], *, field: str,
-                 lattice: Sequence[int], spec: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        prior: nn.Module,
+        layers: Sequence[nn.Module],
+        *,
+        field: str,
+        lattice: Sequence[int],
+        spec: Mapping[str, Any] | None = None,
+    ) -> None:
         super().__init__()
-        self.prior = prior
+        # registered as a submodule; typed by the methods the flow calls on it
+        self.prior: _PriorModule = cast(_PriorModule, prior)
         self.layers = nn.ModuleList(layers)
         self.field = str(field)
         self.lattice = tuple(int(v) for v in lattice)
@@ -121,7 +153,7 @@ class Flow(nn.Module):
         """
         logdet = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
         z = x
-        for layer in reversed(self.layers):
+        for layer in reversed(_layer_modules(self.layers)):
             z, ld = layer.inverse(z)
             logdet = logdet + ld
         return z, logdet
@@ -163,15 +195,16 @@ class Flow(nn.Module):
         return self.prior.log_prob(z).to(torch.float64) + logdet_inv
 
     @classmethod
-    def from_spec(cls, spec: Mapping[str, Any]) -> "Flow":
+    def from_spec(cls, spec: Mapping[str, Any]) -> Flow:
         """Rebuild an (untrained) flow from :attr:`spec`; load weights with ``load_state_dict``.
 
         Raises:
             ConfigError: if the spec names unknown components or bad options.
         """
         layers = [(entry["name"], dict(entry.get("options", {}))) for entry in spec["layers"]]
-        return build_flow_from_layers(spec["field"], spec["lattice"], layers, prior=spec.get("prior"),
-                                      prior_options=spec.get("prior_options", {}))
+        return build_flow_from_layers(
+            spec["field"], spec["lattice"], layers, prior=spec.get("prior"), prior_options=spec.get("prior_options", {})
+        )
 
 
 def _accepted_options(factory: Any) -> set[str] | None:
@@ -182,8 +215,11 @@ def _accepted_options(factory: Any) -> set[str] | None:
         return None
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()):
         return None
-    return {n for n, p in sig.parameters.items()
-            if p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)}
+    return {
+        n
+        for n, p in sig.parameters.items()
+        if p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    }
 
 
 def make_layer(name: str, *, lattice: Sequence[int], field: str, index: int = 0, **options: Any) -> nn.Module:
@@ -203,20 +239,24 @@ def make_layer(name: str, *, lattice: Sequence[int], field: str, index: int = 0,
     """
     from flowplug.manager import get_component
 
-    rec = get_component("flow_layer", name)
+    # the manager files only FlowLayerSpec records under "flow_layer"
+    rec = cast(FlowLayerSpec, get_component("flow_layer", name))
     if rec.fields and field not in rec.fields:
-        raise ConfigError(f"flow layer '{rec.name}' acts on {', '.join(rec.fields)} fields, "
-                          f"not on '{field}'")
+        raise ConfigError(f"flow layer '{rec.name}' acts on {', '.join(rec.fields)} fields, not on '{field}'")
     if rec.dims and len(lattice) not in rec.dims:
-        raise ConfigError(f"flow layer '{rec.name}' acts on {' or '.join(f'{d}D' for d in rec.dims)} lattices; "
-                          f"found lattice {list(lattice)} ({len(lattice)}D)")
+        raise ConfigError(
+            f"flow layer '{rec.name}' acts on {' or '.join(f'{d}D' for d in rec.dims)} lattices; "
+            f"found lattice {list(lattice)} ({len(lattice)}D)"
+        )
     accepted = _accepted_options(rec.factory)
     if accepted is not None:
         unknown = sorted(set(options) - accepted)
         if unknown:
             allowed = sorted(accepted - {"lattice", "field", "index"})
-            raise ConfigError(f"flow layer '{rec.name}' has no option {', '.join(map(repr, unknown))}; "
-                              f"its options are: {', '.join(allowed)}")
+            raise ConfigError(
+                f"flow layer '{rec.name}' has no option {', '.join(map(repr, unknown))}; "
+                f"its options are: {', '.join(allowed)}"
+            )
     try:
         return rec.factory(lattice=tuple(lattice), field=field, index=index, **options)
     except TypeError as exc:
@@ -232,7 +272,7 @@ def make_prior(name: str | None, *, lattice: Sequence[int], field: str, **option
     """
     from flowplug.manager import get_component
 
-    rec = get_component("prior", name or default_prior(field))
+    rec = cast(PriorSpec, get_component("prior", name or default_prior(field)))  # only PriorSpec records there
     if rec.fields and field not in rec.fields:
         raise ConfigError(f"prior '{rec.name}' produces {', '.join(rec.fields)} fields, not '{field}'")
     try:
@@ -241,8 +281,14 @@ def make_prior(name: str | None, *, lattice: Sequence[int], field: str, **option
         raise ConfigError(f"prior '{rec.name}': bad options {options!r}: {exc}") from None
 
 
-def build_flow_from_layers(field: str, lattice: Sequence[int], layers: Sequence[tuple[str, Mapping[str, Any]]],
-                           *, prior: str | None = None, prior_options: Mapping[str, Any] | None = None) -> Flow:
+def build_flow_from_layers(
+    field: str,
+    lattice: Sequence[int],
+    layers: Sequence[tuple[str, Mapping[str, Any]]],
+    *,
+    prior: str | None = None,
+    prior_options: Mapping[str, Any] | None = None,
+) -> Flow:
     """Build a :class:`Flow` from an explicit list of ``(layer name, options)``.
 
     Layer i receives ``index=i``. Raises as :func:`make_layer` and :func:`make_prior`.
@@ -255,14 +301,26 @@ def build_flow_from_layers(field: str, lattice: Sequence[int], layers: Sequence[
         opts = dict(opts)
         modules.append(make_layer(name, lattice=lattice, field=field, index=i, **opts))
         entries.append({"name": str(name), "options": opts})
-    spec = {"field": field, "lattice": lattice, "prior": prior_name,
-            "prior_options": dict(prior_options or {}), "layers": entries}
+    spec = {
+        "field": field,
+        "lattice": lattice,
+        "prior": prior_name,
+        "prior_options": dict(prior_options or {}),
+        "layers": entries,
+    }
     return Flow(prior_mod, modules, field=field, lattice=lattice, spec=spec)
 
 
-def build_flow(field: str, lattice: Sequence[int], layers: Sequence[str] | str, *, n_layers: int | None = None,
-               options: Mapping[str, Any] | None = None, prior: str | None = None,
-               prior_options: Mapping[str, Any] | None = None) -> Flow:
+def build_flow(
+    field: str,
+    lattice: Sequence[int],
+    layers: Sequence[str] | str,
+    *,
+    n_layers: int | None = None,
+    options: Mapping[str, Any] | None = None,
+    prior: str | None = None,
+    prior_options: Mapping[str, Any] | None = None,
+) -> Flow:
     """Build a flow from layer names, cycling through them, and shared/per-layer options.
 
     Arguments:
@@ -307,18 +365,23 @@ def build_flow(field: str, lattice: Sequence[int], layers: Sequence[str] | str, 
         plan.append((rec.name, opts))
     unused = sorted(set(shared) - used)
     if unused:
-        raise ConfigError(f"flow option(s) {', '.join(map(repr, unused))} accepted by none of the layers "
-                          f"{', '.join(sorted(set(n for n, _ in plan)))}")
+        raise ConfigError(
+            f"flow option(s) {', '.join(map(repr, unused))} accepted by none of the layers "
+            f"{', '.join(sorted(set(n for n, _ in plan)))}"
+        )
     known = {n for n, _ in plan}
     for table in tables:
         try:
             rec = get_component("flow_layer", table)
         except Exception:
-            raise ConfigError(f"flow.options.{table}: no flow layer of that name in this flow "
-                              f"(layers: {', '.join(sorted(known))})") from None
+            raise ConfigError(
+                f"flow.options.{table}: no flow layer of that name in this flow (layers: {', '.join(sorted(known))})"
+            ) from None
         if rec.name not in known:
-            raise ConfigError(f"flow.options.{table}: layer '{rec.name}' is not used in this flow "
-                              f"(layers: {', '.join(sorted(known))})")
+            raise ConfigError(
+                f"flow.options.{table}: layer '{rec.name}' is not used in this flow "
+                f"(layers: {', '.join(sorted(known))})"
+            )
     return build_flow_from_layers(field, lattice, plan, prior=prior, prior_options=prior_options)
 
 
@@ -361,8 +424,9 @@ def _grad_or_zeros(out: torch.Tensor, inp: torch.Tensor, grad_outputs: torch.Ten
     return torch.zeros_like(inp) if g is None else g
 
 
-def path_gradient_loss(flow: Flow, z: torch.Tensor,
-                       action: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def path_gradient_loss(
+    flow: Flow, z: torch.Tensor, action: Callable[[torch.Tensor], torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     r"""Reverse-KL loss whose gradient is the path gradient, without inverting the flow.
 
     The path gradient of F_q = E_z[log q(x) + S(x)], x = f_theta(z), keeps only the
@@ -408,7 +472,7 @@ def path_gradient_loss(flow: Flow, z: torch.Tensor,
     log_r = flow.prior.log_prob(z).to(torch.float64)
     g = _grad_or_zeros(log_r, z)
     x, logdet = z, torch.zeros_like(log_r)
-    for layer in flow.layers:
+    for layer in _layer_modules(flow.layers):
         y, ld, log_diag, updated = layer.forward_diag(x)
         v = g - _grad_or_zeros(ld, x)
         c = torch.where(updated, v * torch.exp(-log_diag.detach()), torch.zeros_like(v))
@@ -433,5 +497,7 @@ def check_field(flow: Flow, x: torch.Tensor) -> None:
         return  # a kind no plugin registers: nothing to check against
     expected = space.shape(tuple(flow.lattice), 1)[1:]
     if tuple(x.shape[1:]) != tuple(expected):
-        raise ShapeError(f"flow for {flow.field} fields on lattice {list(flow.lattice)} expects shape "
-                         f"(B, {', '.join(map(str, expected))}); found {tuple(x.shape)}")
+        raise ShapeError(
+            f"flow for {flow.field} fields on lattice {list(flow.lattice)} expects shape "
+            f"(B, {', '.join(map(str, expected))}); found {tuple(x.shape)}"
+        )

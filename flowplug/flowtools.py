@@ -4,8 +4,9 @@ There is one flow checkpoint format, the one ``flowplug train`` writes
 (:class:`flowplug.train.Trainer`, ``<run>/checkpoint.pt``; described in
 :mod:`flowplug.checkpoints`), and one loader, :func:`flowplug.checkpoints.load_flow`
 (``torch.load(weights_only=True)``: nothing is unpickled), which rebuilds the flow and its
-action without constructing a trainer or an optimizer. The commands ``sample``, ``resample``, ``propose`` and ``demo`` need a little
-more than the loader returns; :func:`open_flow` adds it:
+action without constructing a trainer or an optimizer. The commands ``sample``,
+``resample``, ``propose`` and ``demo`` need a little more than the loader returns;
+:func:`open_flow` adds it:
 
 - the SHA-256 of the checkpoint file, recorded as ``flow_sha256`` in provenance;
 - the ``[action]`` table the flow was trained for, and the action rebuilt with couplings
@@ -26,11 +27,11 @@ import dataclasses
 import hashlib
 import math
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
-from flowplug.errors import (CheckpointError, ConfigError, FlowplugError, InverseCheckError,
-                             InverseCheckWarning)
+from flowplug.errors import CheckpointError, ConfigError, FlowplugError, InverseCheckError, InverseCheckWarning
 
 if TYPE_CHECKING:  # torch and the flow modules are imported when a flow is opened
     import torch
@@ -116,10 +117,12 @@ class InverseCheck:
 
     def describe(self) -> str:
         """One sentence with the measured errors and the tolerances."""
-        text = (f"round trip error {self.field_error:.3g} (f(f^-1(x)) - x) and {self.latent_error:.3g} "
-                f"(f^-1(f(z)) - z) against tolerance {self.roundtrip_tolerance:.3g}; log q through the "
-                f"inverse differs from the forward log q by up to {self.log_q_error:.3g} nats against "
-                f"tolerance {self.log_q_tolerance:.3g} ({self.n_samples} samples, seed {self.seed})")
+        text = (
+            f"round trip error {self.field_error:.3g} (f(f^-1(x)) - x) and {self.latent_error:.3g} "
+            f"(f^-1(f(z)) - z) against tolerance {self.roundtrip_tolerance:.3g}; log q through the "
+            f"inverse differs from the forward log q by up to {self.log_q_error:.3g} nats against "
+            f"tolerance {self.log_q_tolerance:.3g} ({self.n_samples} samples, seed {self.seed})"
+        )
         return f"{text}; {self.problem}" if self.problem else text
 
 
@@ -135,8 +138,9 @@ def _finite_max(t: torch.Tensor) -> float:
     return float(t.max())
 
 
-def check_inverse(flow: Any, *, n_samples: int = 8, seed: int = 0,
-                  tolerances: Mapping[str, float] | None = None) -> InverseCheck:
+def check_inverse(
+    flow: Any, *, n_samples: int = 8, seed: int = 0, tolerances: Mapping[str, float] | None = None
+) -> InverseCheck:
     r"""Check that a flow's inverse undoes its forward map, on a small fixed-seed batch.
 
     Draws z ~ r with the flow's own ``sample_latent`` and a generator of its own (the
@@ -178,6 +182,7 @@ def check_inverse(flow: Any, *, n_samples: int = 8, seed: int = 0,
 
         distance = field_space(getattr(flow, "field", "")).distance
     except ConfigError:  # a field kind of a plugin: plain distance
+
         def distance(a, b):
             return (a - b).abs().flatten(1).amax(1)
 
@@ -219,15 +224,25 @@ def check_inverse(flow: Any, *, n_samples: int = 8, seed: int = 0,
     tol = dict(INVERSE_TOLERANCES["float32" if dtype in ("float32", "float16", "bfloat16") else "float64"])
     unknown = set(tolerances or {}) - set(tol)
     if unknown:
-        raise ConfigError(f"check_inverse: unknown tolerance(s) {', '.join(sorted(unknown))}; "
-                          f"known: {', '.join(sorted(tol))}")
+        raise ConfigError(
+            f"check_inverse: unknown tolerance(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(tol))}"
+        )
     tol.update({k: float(v) for k, v in dict(tolerances or {}).items()})
     rt_tol = tol["roundtrip"] * scale
     lq_tol = tol["log_q_abs"] + tol["log_q_rel"] * lq_scale
-    passed = (not problem and latent_err <= rt_tol and field_err <= rt_tol and lq_err <= lq_tol)
-    return InverseCheck(passed=bool(passed), latent_error=latent_err, field_error=field_err,
-                        roundtrip_tolerance=rt_tol, log_q_error=lq_err, log_q_tolerance=lq_tol,
-                        n_samples=n, seed=int(seed), dtype=dtype, problem=problem)
+    passed = not problem and latent_err <= rt_tol and field_err <= rt_tol and lq_err <= lq_tol
+    return InverseCheck(
+        passed=bool(passed),
+        latent_error=latent_err,
+        field_error=field_err,
+        roundtrip_tolerance=rt_tol,
+        log_q_error=lq_err,
+        log_q_tolerance=lq_tol,
+        n_samples=n,
+        seed=int(seed),
+        dtype=dtype,
+        problem=problem,
+    )
 
 
 class FlowCheckpoint:
@@ -245,6 +260,7 @@ class FlowCheckpoint:
 
     def __init__(self, loaded: LoadedFlow, sha256: str) -> None:
         self.loaded = loaded
+        assert loaded.path is not None  # load_flow records the file it read
         self.path = Path(loaded.path)
         self.sha256 = sha256
         self.flow: Flow = loaded.flow
@@ -267,15 +283,20 @@ class FlowCheckpoint:
         res = check_inverse(self.flow, **options)
         self.inverse_check = res
         if not res.passed:
-            what = (f"{self.path}: the flow's inverse does not undo its forward map: {res.describe()}; "
-                    "log q of configurations that did not come from the flow (resampled inputs, "
-                    "chain states, a production code's configuration) would be wrong")
+            what = (
+                f"{self.path}: the flow's inverse does not undo its forward map: {res.describe()}; "
+                "log q of configurations that did not come from the flow (resampled inputs, "
+                "chain states, a production code's configuration) would be wrong"
+            )
             if enforce:
-                raise InverseCheckError(f"{what}, so the flow is refused. Retrain it (lower train.lr, "
-                                        "or set train.grad_clip or train.guard), or use it anyway with "
-                                        "--no-check-inverse (check_inverse=False in Python).")
-            warnings.warn(f"{what}; used anyway (--no-check-inverse / check_inverse=False)",
-                          InverseCheckWarning, stacklevel=2)
+                raise InverseCheckError(
+                    f"{what}, so the flow is refused. Retrain it (lower train.lr, "
+                    "or set train.grad_clip or train.guard), or use it anyway with "
+                    "--no-check-inverse (check_inverse=False in Python)."
+                )
+            warnings.warn(
+                f"{what}; used anyway (--no-check-inverse / check_inverse=False)", InverseCheckWarning, stacklevel=2
+            )
         return res
 
     @property
@@ -306,8 +327,9 @@ class FlowCheckpoint:
         return action_from_config({"action": table})
 
 
-def open_flow(path: str | Path, *, device: str | torch.device | None = None,
-              check_inverse: bool = True) -> FlowCheckpoint:
+def open_flow(
+    path: str | Path, *, device: str | torch.device | None = None, check_inverse: bool = True
+) -> FlowCheckpoint:
     """Load a trained flow for sampling and check its inverse (module docstring).
 
     The flow is read by :func:`flowplug.checkpoints.load_flow` alone: no trainer, optimizer
@@ -332,6 +354,7 @@ def open_flow(path: str | Path, *, device: str | torch.device | None = None,
     from flowplug.checkpoints import load_flow
 
     loaded = load_flow(path, device="cpu" if device is None else device)
+    assert loaded.path is not None  # load_flow records the file it read
     ck = FlowCheckpoint(loaded, file_sha256(loaded.path))
     ck.verify_inverse(enforce=check_inverse)
     return ck

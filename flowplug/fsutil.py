@@ -15,11 +15,11 @@ import math
 import os
 import re
 import tempfile
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator, Mapping, TypeVar
+from typing import IO, Any, TypeVar
 
 from flowplug.errors import FlowplugError, RunLockedError
-
 
 #: Suffix of every temporary file made here; the name is ``.<final name>.<tag>.part``.
 TEMP_SUFFIX = ".part"
@@ -88,7 +88,7 @@ def atomic_write(path: str | Path, mode: str = "wb", *, overwrite: bool = True) 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=TEMP_SUFFIX, dir=path.parent)
     try:
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as fh:
+        with os.fdopen(fd, mode) if "b" in mode else os.fdopen(fd, mode, encoding="utf-8") as fh:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
@@ -231,9 +231,11 @@ def run_lock(out: str | Path, command: str) -> Iterator[Path]:
     try:
         if not _try_lock(fd):
             holder = _read_holder(path)
-            raise RunLockedError(f"{out}: another flowplug process is writing this run directory "
-                                 f"({holder}); wait for it to finish, or give this run another output "
-                                 "directory")
+            raise RunLockedError(
+                f"{out}: another flowplug process is writing this run directory "
+                f"({holder}); wait for it to finish, or give this run another output "
+                "directory"
+            )
         stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         info = f"{command} pid={os.getpid()} host={socket.gethostname()} started={stamp}\n"
         os.ftruncate(fd, 0)
@@ -291,8 +293,11 @@ def _try_lock(fd: int) -> bool:
     except ImportError:  # not POSIX (Windows): runs are not locked there
         import warnings
 
-        warnings.warn("no fcntl on this system: run directories are not locked against a second "
-                      "process", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            "no fcntl on this system: run directories are not locked against a second process",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         return True
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

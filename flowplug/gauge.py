@@ -28,8 +28,10 @@ def _check_sun(links: torch.Tensor) -> int:
 
 def _check_u1(links: torch.Tensor) -> int:
     if links.dim() < 3 or links.is_complex():
-        raise ShapeError(f"U(1) links must be real angles of shape (B, d, L_0, ..., L_(d-1)); "
-                         f"found {links.dtype} {tuple(links.shape)}")
+        raise ShapeError(
+            f"U(1) links must be real angles of shape (B, d, L_0, ..., L_(d-1)); "
+            f"found {links.dtype} {tuple(links.shape)}"
+        )
     d = links.shape[1]
     if links.dim() != d + 2:
         raise ShapeError(f"U(1) links: {d} directions need {d} lattice axes; found shape {tuple(links.shape)}")

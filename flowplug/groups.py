@@ -97,10 +97,10 @@ def _expmap_su3(x: torch.Tensor) -> torch.Tensor:
     r = math.sqrt(max(0.0, float((-2.0 * s1.real).detach().amax()))) if x.numel() else 0.0
     squarings = math.ceil(math.log2(r)) if r > 1.0 else 0
     if squarings:
-        x = x / (2 ** squarings)
-        x2 = x2 / (4 ** squarings)
-        s1 = s1 / (4 ** squarings)
-        r = r / (2 ** squarings)
+        x = x / (2**squarings)
+        x2 = x2 / (4**squarings)
+        s1 = s1 / (4**squarings)
+        r = r / (2**squarings)
     s0 = (x2 * x.transpose(-1, -2)).sum((-1, -2)) / 3.0  # tr(X^3)/3 = det X (traceless)
     # series terms are bounded by r^k / k!; stop when that is below 1e-17
     terms, bound = 0, 1.0
@@ -125,8 +125,14 @@ def _expmap_su3(x: torch.Tensor) -> torch.Tensor:
     return u
 
 
-def haar_random(shape: tuple[int, ...], n: int, *, generator: torch.Generator | None = None,
-                dtype: torch.dtype = torch.complex128, device: torch.device | str | None = None) -> torch.Tensor:
+def haar_random(
+    shape: tuple[int, ...],
+    n: int,
+    *,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.complex128,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
     r"""Haar-distributed SU(N) matrices.
 
     A complex Gaussian matrix is QR-decomposed, the phases of R's diagonal are moved
@@ -172,8 +178,9 @@ def reunitarize(u: torch.Tensor) -> torch.Tensor:
     return v * torch.exp(-1j * phase / n)[..., None, None]
 
 
-def su_generators(n: int, *, dtype: torch.dtype = torch.complex128,
-                  device: torch.device | str | None = None) -> torch.Tensor:
+def su_generators(
+    n: int, *, dtype: torch.dtype = torch.complex128, device: torch.device | str | None = None
+) -> torch.Tensor:
     r"""Anti-Hermitian basis t_a = i lambda_a / 2 of su(N), with tr(t_a t_b) = -delta_ab / 2.
 
     lambda_a are the generalised Gell-Mann matrices (Pauli matrices for N = 2, Gell-Mann
@@ -202,7 +209,7 @@ def su_generators(n: int, *, dtype: torch.dtype = torch.complex128,
             s = torch.zeros(n, n, dtype=torch.complex128)
             s[j, k] = s[k, j] = 1.0
             a = torch.zeros(n, n, dtype=torch.complex128)
-            a[j, k], a[k, j] = -1j, 1j
+            a[j, k], a[k, j] = -1j, 1j  # type: ignore[assignment]  # torch's stubs omit complex in __setitem__
             mats += [s, a]
     for m in range(1, n):
         diag = torch.zeros(n, dtype=torch.complex128)
@@ -213,9 +220,14 @@ def su_generators(n: int, *, dtype: torch.dtype = torch.complex128,
     return (0.5j * lam).to(dtype=dtype, device=device)
 
 
-def random_algebra(shape: tuple[int, ...], n: int, *, generator: torch.Generator | None = None,
-                   dtype: torch.dtype = torch.complex128,
-                   device: torch.device | str | None = None) -> torch.Tensor:
+def random_algebra(
+    shape: tuple[int, ...],
+    n: int,
+    *,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.complex128,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
     r"""Gaussian su(N) elements P = sum_a p_a t_a with p_a ~ N(0, 1) independent.
 
     The density is proportional to exp(tr P^2) = exp(-(1/2) sum_a p_a^2): the HMC

@@ -14,9 +14,10 @@ There are two families of hooks:
 
 * **Component hooks** (``flowplug_field_kinds``, ``flowplug_actions``,
   ``flowplug_flow_layers``, ``flowplug_priors``, ``flowplug_kernels``,
-  ``flowplug_file_formats``, ``flowplug_observables``, ``flowplug_commands``) take no arguments and return an iterable of frozen records
-  from :mod:`flowplug.records`. The manager files them into typed registries; a name
-  given twice is an error naming both providers.
+  ``flowplug_file_formats``, ``flowplug_observables``, ``flowplug_commands``) take no
+  arguments and return an iterable of frozen records from :mod:`flowplug.records`. The
+  manager files them into typed registries; a name given twice is an error naming both
+  providers.
 * **Event hooks** (``flowplug_after_chain_step``, ``flowplug_after_train_step``,
   ``flowplug_checkpoint_written``, ``flowplug_run_finished``) are called by the
   drivers; monitors and loggers implement them. Their return values are ignored and
@@ -29,7 +30,8 @@ docstring with an example and a test.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import pluggy
 

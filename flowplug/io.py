@@ -38,8 +38,9 @@ import glob
 import os
 import struct
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -172,8 +173,9 @@ class FormatHandler:
         """
         return 0
 
-    def read(self, path: Path, *, lattice: tuple[int, ...] | None = None, group: str | None = None,
-             **options: Any) -> Ensemble:
+    def read(
+        self, path: Path, *, lattice: tuple[int, ...] | None = None, group: str | None = None, **options: Any
+    ) -> Ensemble:
         """Read ``path`` into an :class:`Ensemble` with every stored check evaluated.
 
         Handlers record check outcomes in ``Metadata.checks`` and do not raise on a
@@ -184,13 +186,16 @@ class FormatHandler:
 
     def write(self, path: Path, ensemble: Ensemble, *, precision: int, **options: Any) -> None:
         """Write ``ensemble`` to ``path`` (a temporary file; :func:`write` renames it)."""
-        raise FormatError(f"{self.name}: writing is not supported; writable formats: "
-                          f"{', '.join(formats(writable=True))}")
+        raise FormatError(
+            f"{self.name}: writing is not supported; writable formats: {', '.join(formats(writable=True))}"
+        )
 
     def append(self, path: Path, ensemble: Ensemble, *, precision: int, **options: Any) -> None:
         """Append to an existing multi-configuration file in place (multi formats only)."""
-        raise FormatError(f"{self.name} holds one configuration per file; appending is not "
-                          "supported (write to an HDF5 ensemble instead)")
+        raise FormatError(
+            f"{self.name} holds one configuration per file; appending is not "
+            "supported (write to an HDF5 ensemble instead)"
+        )
 
     def rounds(self, ensemble: Ensemble, precision: int, **options: Any) -> bool:
         """Whether writing ``ensemble`` at ``precision`` would round any stored value.
@@ -209,14 +214,17 @@ class FormatHandler:
         if not self.holds(ensemble.field):
             others = [name for name in formats(writable=True) if get_format(name).holds(ensemble.field)]
             what = "gauge links" if all(_is_gauge_kind(k) for k in self.fields) else "fields"
-            return (f"format {self.name} holds {', '.join(self.fields)} {what} only; the data are "
-                    f"{ensemble.describe_field()}"
-                    + (f" (write them as {' or '.join(others)})" if others else ""))
+            return (
+                f"format {self.name} holds {', '.join(self.fields)} {what} only; the data are "
+                f"{ensemble.describe_field()}" + (f" (write them as {' or '.join(others)})" if others else "")
+            )
         if self.dims and ensemble.ndim not in self.dims:
             return f"format {self.name} holds {self.dims} dimensional lattices; the data are {ensemble.ndim}D"
         if not self.multi and len(ensemble) != 1:
-            return (f"format {self.name} holds one configuration per file; the ensemble has "
-                    f"{len(ensemble)} (write each one, or use hdf5)")
+            return (
+                f"format {self.name} holds one configuration per file; the ensemble has "
+                f"{len(ensemble)} (write each one, or use hdf5)"
+            )
         return None
 
 
@@ -319,6 +327,7 @@ def parse_lattice(text: str | Sequence[int] | None) -> tuple[int, ...] | None:
     """
     if text is None:
         return None
+    parts: list[str] | list[int]
     if isinstance(text, str):
         parts = [p for p in text.replace("x", " ").replace("X", " ").replace(",", " ").split()]
     else:
@@ -342,14 +351,24 @@ def _normalise_group(group: str | None) -> str | None:
         return None
     g = str(group).strip().lower().replace("(", "").replace(")", "")
     if not _is_gauge_kind(g):
-        raise FormatError(f"group {group!r}: expected su3, su2 (su<N>) or u1 (site fields such as scalar "
-                          "are asked for with field=...)")
+        raise FormatError(
+            f"group {group!r}: expected su3, su2 (su<N>) or u1 (site fields such as scalar "
+            "are asked for with field=...)"
+        )
     return g
 
 
-def read(path: str | os.PathLike, format: str | None = None, *, lattice: str | Sequence[int] | None = None,
-         group: str | None = None, field: str | None = None, verify: bool = True, unitarity: str = "warn",
-         **options: Any) -> Ensemble:
+def read(
+    path: str | os.PathLike,
+    format: str | None = None,
+    *,
+    lattice: str | Sequence[int] | None = None,
+    group: str | None = None,
+    field: str | None = None,
+    verify: bool = True,
+    unitarity: str = "warn",
+    **options: Any,
+) -> Ensemble:
     """Read a lattice file into an :class:`Ensemble` (canonical layout, complex128/float64).
 
     Arguments:
@@ -395,18 +414,29 @@ def read(path: str | os.PathLike, format: str | None = None, *, lattice: str | S
         raise
     except MemoryError:
         raise FormatError(f"{path}: not enough memory to read it as {name}") from None
-    except (OSError, ValueError, KeyError, IndexError, TypeError, ArithmeticError, EOFError,
-            UnicodeError, RuntimeError, struct.error) as exc:
+    except (
+        OSError,
+        ValueError,
+        KeyError,
+        IndexError,
+        TypeError,
+        ArithmeticError,
+        EOFError,
+        UnicodeError,
+        RuntimeError,
+        struct.error,
+    ) as exc:
         raise FormatError(f"{path}: unreadable as {name}: {type(exc).__name__}: {exc}") from None
     for asked in (grp, None if field is None else str(field).strip().lower()):
         if asked is not None and ensemble.field != asked:
             raise FormatError(f"{path}: holds {ensemble.describe_field()}, not {asked} as asked")
     if dims is not None and ensemble.lattice != dims:
-        raise FormatError(f"{path}: lattice is {'x'.join(map(str, ensemble.lattice))}, "
-                          f"not {'x'.join(map(str, dims))} as given")
+        raise FormatError(
+            f"{path}: lattice is {'x'.join(map(str, ensemble.lattice))}, not {'x'.join(map(str, dims))} as given"
+        )
     check_links(ensemble, source=str(path), unitarity="ignore")  # NaN/Inf first: the clearest message
     if is_sun(ensemble):
-        for m, is_open in zip(ensemble.meta, open_time_boundary(ensemble.links)):
+        for m, is_open in zip(ensemble.meta, open_time_boundary(ensemble.links), strict=True):
             if is_open:
                 m.header["boundary"] = "open"
     if verify:
@@ -417,9 +447,16 @@ def read(path: str | os.PathLike, format: str | None = None, *, lattice: str | S
     return ensemble
 
 
-def write(path: str | os.PathLike, ensemble: Ensemble | torch.Tensor, format: str | None = None, *,
-          precision: int | None = None, overwrite: bool = False, append: bool = False,
-          **options: Any) -> Path:
+def write(
+    path: str | os.PathLike,
+    ensemble: Ensemble | torch.Tensor,
+    format: str | None = None,
+    *,
+    precision: int | None = None,
+    overwrite: bool = False,
+    append: bool = False,
+    **options: Any,
+) -> Path:
     """Write ``ensemble`` to ``path`` atomically (temporary file + rename).
 
     Arguments:
@@ -463,10 +500,13 @@ def write(path: str | os.PathLike, ensemble: Ensemble | torch.Tensor, format: st
     if reason:
         raise FormatError(f"{path}: {reason}")
     if precision is None and prec == 32 and handler.rounds(ensemble, prec, **options):
-        warnings.warn(f"{path}: written at the source's 32-bit precision, which rounds values that "
-                      "need more bits (such as the third row rebuilt from a two-row NERSC file, computed "
-                      "in double precision); precision=64 / --precision 64 keeps them exactly",
-                      PrecisionLossWarning, stacklevel=2)
+        warnings.warn(
+            f"{path}: written at the source's 32-bit precision, which rounds values that "
+            "need more bits (such as the third row rebuilt from a two-row NERSC file, computed "
+            "in double precision); precision=64 / --precision 64 keeps them exactly",
+            PrecisionLossWarning,
+            stacklevel=2,
+        )
     from flowplug.fsutil import atomic_path
 
     try:
@@ -475,8 +515,7 @@ def write(path: str | os.PathLike, ensemble: Ensemble | torch.Tensor, format: st
                 handler.append(path, ensemble, precision=prec, **options)
                 return path
             if not overwrite:
-                raise FormatError(f"{path} exists; refusing to overwrite it (overwrite=True / --force "
-                                  "replaces it)")
+                raise FormatError(f"{path} exists; refusing to overwrite it (overwrite=True / --force replaces it)")
         with atomic_path(path) as tmp:
             handler.write(tmp, ensemble, precision=prec, **options)
     except OSError as exc:  # disk full, permissions...: a clear message, no partial file
@@ -515,7 +554,7 @@ def strip_format_extension(name: str) -> str:
         for ext in sorted(spec.extensions, key=len, reverse=True):
             suffix = "." + ext.lower()
             if lower.endswith(suffix) and len(name) > len(suffix):
-                return name[:-len(suffix)]
+                return name[: -len(suffix)]
     return name
 
 
@@ -523,8 +562,10 @@ def _format_from_extension(path: Path) -> str:
     name = format_of_name(path, writable=True)
     if name is not None:
         return name
-    raise FormatError(f"{path}: cannot tell the format from the extension; give format=... "
-                      f"(one of {', '.join(formats(writable=True))})")
+    raise FormatError(
+        f"{path}: cannot tell the format from the extension; give format=... "
+        f"(one of {', '.join(formats(writable=True))})"
+    )
 
 
 # ------------------------------------------------------------------------ input lists
@@ -563,8 +604,7 @@ def expand_inputs(items: Sequence[str | os.PathLike]) -> list[Path]:
     return out
 
 
-def lattice_inputs(items: Sequence[str | os.PathLike], *, format: str | None = None
-                   ) -> tuple[list[Path], list[Path]]:
+def lattice_inputs(items: Sequence[str | os.PathLike], *, format: str | None = None) -> tuple[list[Path], list[Path]]:
     """Like :func:`expand_inputs`, leaving out the files of directories and globs that are
     not lattice files.
 

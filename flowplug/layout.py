@@ -22,7 +22,8 @@ References:
 
 from __future__ import annotations
 
-from typing import Sequence, TypeVar
+from collections.abc import Sequence
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -71,14 +72,18 @@ def _permute(x: ArrayT, batched: bool, what: str) -> ArrayT:
     d = x.ndim - extra
     if d < 1 or x.shape[-1] != x.shape[-2]:
         batch = "B, " if batched else ""
-        raise ShapeError(f"{what}: SU(N) links need shape ({batch}..., N, N) with d >= 1 lattice axes and "
-                         f"a square colour block; found {tuple(x.shape)}")
+        raise ShapeError(
+            f"{what}: SU(N) links need shape ({batch}..., N, N) with d >= 1 lattice axes and "
+            f"a square colour block; found {tuple(x.shape)}"
+        )
     # the direction axis has d entries: this catches a batch axis passed without batched=True
     mu_axis = (1 if batched else 0) if what == "to_ildg" else x.ndim - 3
     if x.shape[mu_axis] != d:
         hint = "" if batched else "; a batch of configurations needs batched=True"
-        raise ShapeError(f"{what}: shape {tuple(x.shape)} read as {d}D links{' with a batch axis' if batched else ''} "
-                         f"needs {d} directions on axis {mu_axis}; found {x.shape[mu_axis]}{hint}")
+        raise ShapeError(
+            f"{what}: shape {tuple(x.shape)} read as {d}D links{' with a batch axis' if batched else ''} "
+            f"needs {d} directions on axis {mu_axis}; found {x.shape[mu_axis]}{hint}"
+        )
     axes = ildg_axes(d, batched=batched)
     if isinstance(x, torch.Tensor):
         return x.permute(axes)

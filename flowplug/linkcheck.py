@@ -89,23 +89,23 @@ def link_deviations(ensemble: Ensemble) -> list[tuple[float, float]]:
         ShapeError: if the ensemble does not hold SU(N) links.
     """
     if not is_sun(ensemble):
-        raise ShapeError(f"link deviations are defined for SU(N) links; the ensemble holds "
-                         f"{ensemble.describe_field()}")
+        raise ShapeError(f"link deviations are defined for SU(N) links; the ensemble holds {ensemble.describe_field()}")
     links = ensemble.links
     d = ensemble.ndim
     out = []
     for i, is_open in enumerate(open_time_boundary(links)):
         if not is_open:
-            out.append(group_deviation(links[i:i + 1]))
+            out.append(group_deviation(links[i : i + 1]))
             continue
-        space = group_deviation(links[i:i + 1, :d - 1])
-        time_ = group_deviation(links[i:i + 1, d - 1:].narrow(1 + d, 0, links.shape[1 + d] - 1))
+        space = group_deviation(links[i : i + 1, : d - 1])
+        time_ = group_deviation(links[i : i + 1, d - 1 :].narrow(1 + d, 0, links.shape[1 + d] - 1))
         out.append((max(space[0], time_[0]), max(space[1], time_[1])))
     return out
 
 
-def check_links(ensemble: Ensemble, *, source: str = "data", unitarity: str = "warn",
-                finite: bool = True) -> dict[str, float]:
+def check_links(
+    ensemble: Ensemble, *, source: str = "data", unitarity: str = "warn", finite: bool = True
+) -> dict[str, float]:
     """Check that field values are finite and (for SU(N) links) on the group.
 
     Arguments:
@@ -130,10 +130,15 @@ def check_links(ensemble: Ensemble, *, source: str = "data", unitarity: str = "w
         if not np.isfinite(flat.view(np.float64) if flat.dtype == np.complex128 else flat).all():
             ok = torch.isfinite(torch.view_as_real(links) if links.is_complex() else links)
             bad = (~ok).nonzero()[0].tolist()
-            where = (f"direction {bad[1]}, site {tuple(bad[2:2 + ensemble.ndim])}" if ensemble.is_gauge
-                     else f"site {tuple(bad[1:1 + ensemble.ndim])}")
-            raise FormatError(f"{source}: payload holds NaN or Inf values (first at configuration "
-                              f"{bad[0]}, {where}); the file is corrupt")
+            where = (
+                f"direction {bad[1]}, site {tuple(bad[2 : 2 + ensemble.ndim])}"
+                if ensemble.is_gauge
+                else f"site {tuple(bad[1 : 1 + ensemble.ndim])}"
+            )
+            raise FormatError(
+                f"{source}: payload holds NaN or Inf values (first at configuration "
+                f"{bad[0]}, {where}); the file is corrupt"
+            )
     if not is_sun(ensemble) or unitarity == "ignore":
         return {}
     devs = link_deviations(ensemble)
@@ -142,8 +147,11 @@ def check_links(ensemble: Ensemble, *, source: str = "data", unitarity: str = "w
     tol = unitarity_tolerance(ensemble.precision, ensemble.n_colors)
     worst = max(unit, det)
     if worst > tol:
-        text = (f"{source}: links are not in {ensemble.group.upper()}: max |U U^+ - 1| = {unit:.3g}, "
-                f"max |det U - 1| = {det:.3g} (tolerance {tol:.1g} at {ensemble.precision}-bit precision)")
+        group = str(ensemble.group)  # "su<N>" (is_sun above)
+        text = (
+            f"{source}: links are not in {group.upper()}: max |U U^+ - 1| = {unit:.3g}, "
+            f"max |det U - 1| = {det:.3g} (tolerance {tol:.1g} at {ensemble.precision}-bit precision)"
+        )
         if unitarity == "error":
             raise FormatError(text + "; read with unitarity='warn' to accept them")
         if unitarity == "warn":
@@ -174,7 +182,7 @@ def group_deviation(links: torch.Tensor) -> tuple[float, float]:
     flat = links.detach().cpu().resolve_conj().numpy().reshape(-1, n, n)
     unit = det = 0.0  # (also for an empty tensor)
     for start in range(0, flat.shape[0], _GROUP_CHUNK):  # chunks keep the temporaries in cache
-        a, b = _group_deviation_chunk(flat[start:start + _GROUP_CHUNK], n)
+        a, b = _group_deviation_chunk(flat[start : start + _GROUP_CHUNK], n)
         unit, det = max(unit, a), max(det, b)
     return unit, det
 
@@ -195,9 +203,11 @@ def _group_deviation_chunk(u: np.ndarray, n: int) -> tuple[float, float]:
     if n == 2:
         d = e[0][0] * e[1][1] - e[0][1] * e[1][0]
     else:
-        d = (e[0][0] * (e[1][1] * e[2][2] - e[1][2] * e[2][1])
-             - e[0][1] * (e[1][0] * e[2][2] - e[1][2] * e[2][0])
-             + e[0][2] * (e[1][0] * e[2][1] - e[1][1] * e[2][0]))
+        d = (
+            e[0][0] * (e[1][1] * e[2][2] - e[1][2] * e[2][1])
+            - e[0][1] * (e[1][0] * e[2][2] - e[1][2] * e[2][0])
+            + e[0][2] * (e[1][0] * e[2][1] - e[1][1] * e[2][0])
+        )
     return unit, float(np.abs(d - 1).max())
 
 
@@ -212,7 +222,7 @@ def float32_exact(values: torch.Tensor | np.ndarray) -> bool:
         return True
     real = flat.view(np.float64) if flat.dtype == np.complex128 else flat.astype(np.float64, copy=False)
     for start in range(0, real.size, 1 << 20):
-        chunk = real[start:start + (1 << 20)]
+        chunk = real[start : start + (1 << 20)]
         with np.errstate(over="ignore", invalid="ignore"):
             if not np.array_equal(chunk.astype(np.float32).astype(np.float64), chunk, equal_nan=True):
                 return False
@@ -232,4 +242,5 @@ def raise_failed_checks(ensemble: Ensemble, source: str) -> None:
                 raise ChecksumError(
                     f"{source}{where}: {c.quantity} mismatch: expected {c.expected}{tol}, "
                     f"found {c.found} (file corrupt or truncated; verify=False / --no-verify "
-                    "reads it anyway)")
+                    "reads it anyway)"
+                )

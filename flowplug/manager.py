@@ -28,7 +28,8 @@ import importlib.metadata as metadata
 import os
 import re
 import warnings
-from typing import Any, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import pluggy
 
@@ -81,8 +82,13 @@ class PluginManager(pluggy.PluginManager):
 
     # ------------------------------------------------------------------ registration
 
-    def register(self, plugin: Any, name: str | None = None, *,  # type: ignore[override]
-                 provider: tuple[str, str] | None = None) -> str | None:
+    def register(
+        self,
+        plugin: Any,
+        name: str | None = None,
+        *,
+        provider: tuple[str, str] | None = None,
+    ) -> str | None:
         """Register ``plugin`` (a module or object with hook implementations).
 
         Arguments:
@@ -123,8 +129,7 @@ class PluginManager(pluggy.PluginManager):
             self._builtin.add(modname)
         self.check_pending()
 
-    def load_entrypoints(self, *, blocked: Iterable[str] = (),
-                         path: Sequence[str] | None = None) -> list[str]:
+    def load_entrypoints(self, *, blocked: Iterable[str] = (), path: Sequence[str] | None = None) -> list[str]:
         """Load third-party plugins from the entry-point group ``flowplug``.
 
         Each entry point names a module or object with hook implementations. A plugin
@@ -145,7 +150,7 @@ class PluginManager(pluggy.PluginManager):
         loaded = []
         eps = []
         seen: set[tuple[str, str]] = set()
-        for dist in metadata.distributions(**({} if path is None else {"path": list(path)})):
+        for dist in metadata.distributions() if path is None else metadata.distributions(path=list(path)):
             for ep in dist.entry_points:
                 if ep.group != ENTRY_POINT_GROUP:
                     continue
@@ -169,8 +174,9 @@ class PluginManager(pluggy.PluginManager):
                     self.unregister(name=name)
                     raise
             except Exception as exc:
-                self.report_failure(name, f"{dist_name} {dist_version}".strip(),
-                           f"could not be loaded: {_describe(exc)}", exc)
+                self.report_failure(
+                    name, f"{dist_name} {dist_version}".strip(), f"could not be loaded: {_describe(exc)}", exc
+                )
                 continue
             loaded.append(name)
         return loaded
@@ -200,8 +206,7 @@ class PluginManager(pluggy.PluginManager):
             PluginError: if ``hook_name`` is not an event hook.
         """
         if hook_name not in hookspecs.EVENT_HOOKS:
-            raise PluginError(f"{hook_name!r} is not an event hook; event hooks are "
-                              f"{', '.join(hookspecs.EVENT_HOOKS)}")
+            raise PluginError(f"{hook_name!r} is not an event hook; event hooks are {', '.join(hookspecs.EVENT_HOOKS)}")
         caller = getattr(self.hook, hook_name)
         for impl in caller.get_hookimpls():
             try:
@@ -210,8 +215,12 @@ class PluginManager(pluggy.PluginManager):
                 if impl.plugin_name in self._builtin:
                     raise
                 dist, version = self.provider_of(impl.plugin_name)
-                self.report_failure(impl.plugin_name, f"{dist} {version}".strip(),
-                           f"raised in {hook_name}: {_describe(exc)}; the run goes on", exc)
+                self.report_failure(
+                    impl.plugin_name,
+                    f"{dist} {version}".strip(),
+                    f"raised in {hook_name}: {_describe(exc)}; the run goes on",
+                    exc,
+                )
 
     # --------------------------------------------------------------------- validation
 
@@ -233,13 +242,20 @@ class PluginManager(pluggy.PluginManager):
         if problems:
             raise PluginError(self._unknown_message(problems))
         if plugin is not None:
-            marked = {impl.function.__name__ for hn in vars(self.hook) if not hn.startswith("_")
-                      for impl in getattr(self.hook, hn).get_hookimpls() if impl.plugin_name == name}
-            unmarked = sorted(a for a in dir(plugin) if a.startswith("flowplug_") and a not in marked
-                              and callable(getattr(plugin, a, None)))
+            marked = {
+                impl.function.__name__
+                for hn in vars(self.hook)
+                if not hn.startswith("_")
+                for impl in getattr(self.hook, hn).get_hookimpls()
+                if impl.plugin_name == name
+            }
+            unmarked = sorted(
+                a
+                for a in dir(plugin)
+                if a.startswith("flowplug_") and a not in marked and callable(getattr(plugin, a, None))
+            )
             if unmarked:
-                raise PluginError(f"{', '.join(unmarked)} not marked with @hookimpl "
-                                  "(from flowplug import hookimpl)")
+                raise PluginError(f"{', '.join(unmarked)} not marked with @hookimpl (from flowplug import hookimpl)")
 
     def _unknown_message(self, problems: list[tuple[str, str]]) -> str:
         known = sorted(set(hookspecs.COMPONENT_HOOKS) | set(hookspecs.EVENT_HOOKS))
@@ -291,11 +307,15 @@ class PluginManager(pluggy.PluginManager):
                 if builtin or self.strict:
                     if isinstance(exc, PluginError):
                         raise
-                    raise PluginError(f"{hook_name} of plugin '{impl.plugin_name}' ({provider}) "
-                                      f"raised {_describe(exc)}") from exc
-                self.report_failure(impl.plugin_name, provider,
-                           f"failed in {hook_name}: {_describe(exc)}; its "
-                           f"{kind_word(record_type.kind)}s are skipped", exc)
+                    raise PluginError(
+                        f"{hook_name} of plugin '{impl.plugin_name}' ({provider}) raised {_describe(exc)}"
+                    ) from exc
+                self.report_failure(
+                    impl.plugin_name,
+                    provider,
+                    f"failed in {hook_name}: {_describe(exc)}; its {kind_word(record_type.kind)}s are skipped",
+                    exc,
+                )
                 continue
             for record in records:
                 stamped = record.with_provider(dist, version, impl.plugin_name)
@@ -356,9 +376,13 @@ def _dist_of(ep: metadata.EntryPoint, dist: Any = None) -> tuple[str, str]:
         return ep.name, ""
 
 
-def new_plugin_manager(*, autoload: bool | None = None, strict: bool | None = None,
-                       blocked: Iterable[str] | None = None,
-                       path: Sequence[str] | None = None) -> PluginManager:
+def new_plugin_manager(
+    *,
+    autoload: bool | None = None,
+    strict: bool | None = None,
+    blocked: Iterable[str] | None = None,
+    path: Sequence[str] | None = None,
+) -> PluginManager:
     """Build a fresh plugin manager with built-ins and (optionally) third-party plugins.
 
     Arguments:

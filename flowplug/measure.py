@@ -8,7 +8,7 @@ from its record (:class:`flowplug.records.FieldKindSpec`).
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -33,9 +33,8 @@ def default_observables(field: str, ndim: int) -> tuple[str, ...]:
         spec = field_kind(field)
     except ConfigError:
         return ()
-    names = spec.default_observables(ndim)
-    if names:
-        return names
+    if spec.observables:  # the record's list, even where observable_dims leaves none in ndim D
+        return spec.default_observables(ndim)
     return _registered_for(field)
 
 
@@ -51,15 +50,14 @@ def _registered_for(field: str) -> tuple[str, ...]:
         if not spec.fields or not kind_accepted(field, spec.fields):
             continue
         params = list(inspect.signature(spec.factory).parameters.values())[1:]
-        if all(p.default is not inspect.Parameter.empty or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
-               for p in params):
+        if all(p.default is not inspect.Parameter.empty or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) for p in params):
             out.append(spec.name)
     return tuple(out)
 
 
-def measurement(field: str, names: Sequence[str], *, registry=None,
-                options: Mapping[str, Mapping] | None = None
-                ) -> Callable[[torch.Tensor], dict[str, torch.Tensor]]:
+def measurement(
+    field: str, names: Sequence[str], *, registry=None, options: Mapping[str, Mapping] | None = None
+) -> Callable[[torch.Tensor], dict[str, torch.Tensor]]:
     """A callable x -> {name: (B,) float64} evaluating registered observables.
 
     Arguments:
@@ -87,8 +85,9 @@ def measurement(field: str, names: Sequence[str], *, registry=None,
     for name in names:
         spec = registry.get(name)
         if spec.fields and not kind_accepted(field, spec.fields):
-            raise ConfigError(f"observable '{spec.name}' is defined for {', '.join(spec.fields)}, "
-                              f"not for field kind '{field}'")
+            raise ConfigError(
+                f"observable '{spec.name}' is defined for {', '.join(spec.fields)}, not for field kind '{field}'"
+            )
         specs.append((spec.name, spec.factory, dict(options.get(spec.name, {}))))
 
     def measure(x: torch.Tensor) -> dict[str, torch.Tensor]:

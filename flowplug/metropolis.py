@@ -48,8 +48,9 @@ def guarded_log_accept(log_accept: torch.Tensor, *proposal_terms: torch.Tensor) 
     return torch.where(ok, la, torch.full_like(la, -float("inf")))
 
 
-def independence_log_accept(log_p_new: torch.Tensor, log_q_new: torch.Tensor,
-                            log_p_old: torch.Tensor, log_q_old: torch.Tensor) -> torch.Tensor:
+def independence_log_accept(
+    log_p_new: torch.Tensor, log_q_new: torch.Tensor, log_p_old: torch.Tensor, log_q_old: torch.Tensor
+) -> torch.Tensor:
     r"""log A = [log p(x') - log q(x')] - [log p(x) - log q(x)] in float64, guarded.
 
     Arguments:

@@ -78,14 +78,18 @@ class ProposalResult:
 
     def as_dict(self, index: int = 0) -> dict[str, Any]:
         """JSON-ready values of configuration ``index`` (plain bool/floats)."""
-        return {"accepted": bool(self.accepted[index]),
-                **{k: float(getattr(self, k)[index]) for k in
-                   ("log_p_current", "log_q_current", "log_p_proposal", "log_q_proposal", "delta_S",
-                    "log_accept")}}
+        return {
+            "accepted": bool(self.accepted[index]),
+            **{
+                k: float(getattr(self, k)[index])
+                for k in ("log_p_current", "log_q_current", "log_p_proposal", "log_q_proposal", "delta_S", "log_accept")
+            },
+        }
 
 
-def to_canonical(u: np.ndarray | torch.Tensor, field: str, lattice: tuple[int, ...],
-                 layout: str) -> tuple[torch.Tensor, bool]:
+def to_canonical(
+    u: np.ndarray | torch.Tensor, field: str, lattice: tuple[int, ...], layout: str
+) -> tuple[torch.Tensor, bool]:
     """Convert a configuration (or batch) to the canonical batched layout.
 
     Arguments:
@@ -122,17 +126,20 @@ def to_canonical(u: np.ndarray | torch.Tensor, field: str, lattice: tuple[int, .
     elif shape[1:] == single:
         batched = True
     else:
-        raise ShapeError(f"configuration of shape {shape} does not fit a {field} field on lattice "
-                         f"{'x'.join(map(str, lattice))} (x first) in layout '{layout}': expected "
-                         f"{single} or (B, {', '.join(map(str, single))})")
+        raise ShapeError(
+            f"configuration of shape {shape} does not fit a {field} field on lattice "
+            f"{'x'.join(map(str, lattice))} (x first) in layout '{layout}': expected "
+            f"{single} or (B, {', '.join(map(str, single))})"
+        )
     if layout == "ildg":
         t = from_ildg(t, batched=True)
     t = t.to(space.dtype).contiguous()
     return t, batched
 
 
-def from_canonical(x: torch.Tensor, like: np.ndarray | torch.Tensor, layout: str,
-                   batched: bool) -> np.ndarray | torch.Tensor:
+def from_canonical(
+    x: torch.Tensor, like: np.ndarray | torch.Tensor, layout: str, batched: bool
+) -> np.ndarray | torch.Tensor:
     """Inverse of :func:`to_canonical`: the type, dtype, device and layout of ``like``.
 
     Arguments:
@@ -176,8 +183,9 @@ class FlowProposal:
     #: for an object built directly from a flow.
     inverse_check: Any = None
 
-    def __init__(self, flow: Any, action: Any = None, *, layout: str = "ildg", seed: int | None = None,
-                 device: Any = None) -> None:
+    def __init__(
+        self, flow: Any, action: Any = None, *, layout: str = "ildg", seed: int | None = None, device: Any = None
+    ) -> None:
         if layout not in LAYOUTS:
             raise ConfigError(f"layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
         if action is not None and action.field != flow.field:
@@ -190,12 +198,23 @@ class FlowProposal:
         self.generator = torch.Generator(device=self.device).manual_seed(self.seed)
         from flowplug.manager import registry
 
-        self.kernel = (registry("kernel").get("independence-metropolis").factory(flow=flow, action=action)
-                       if action is not None else None)
+        self.kernel = (
+            registry("kernel").get("independence-metropolis").factory(flow=flow, action=action)
+            if action is not None
+            else None
+        )
 
     @classmethod
-    def from_checkpoint(cls, path: str, *, layout: str = "ildg", seed: int | None = None,
-                        device: Any = None, action: Any = None, check_inverse: bool = True) -> "FlowProposal":
+    def from_checkpoint(
+        cls,
+        path: str,
+        *,
+        layout: str = "ildg",
+        seed: int | None = None,
+        device: Any = None,
+        action: Any = None,
+        check_inverse: bool = True,
+    ) -> FlowProposal:
         """Build from a ``flowplug train`` run directory or checkpoint file, with its action.
 
         log q of the configurations handed to :meth:`step` comes from the inverse flow, so
@@ -216,8 +235,7 @@ class FlowProposal:
         from flowplug.flowtools import open_flow
 
         ck = open_flow(path, device=device, check_inverse=check_inverse)
-        prop = cls(ck.flow, action if action is not None else ck.action(), layout=layout, seed=seed,
-                   device=device)
+        prop = cls(ck.flow, action if action is not None else ck.action(), layout=layout, seed=seed, device=device)
         prop.inverse_check = ck.inverse_check
         return prop
 
@@ -250,8 +268,9 @@ class FlowProposal:
             lq1 = log_r.to(torch.float64) - logdet.to(torch.float64)
         return from_canonical(x1, u, self.layout, batched), lq0.cpu().numpy(), lq1.cpu().numpy()
 
-    def decide(self, log_p_current: Any, log_q_current: Any, log_p_proposal: Any,
-               log_q_proposal: Any) -> tuple[np.ndarray, np.ndarray]:
+    def decide(
+        self, log_p_current: Any, log_q_current: Any, log_p_proposal: Any, log_q_proposal: Any
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Float64 Metropolis decision from externally computed log-densities.
 
         Arguments:
@@ -265,8 +284,9 @@ class FlowProposal:
             (:mod:`flowplug.metropolis`).
         """
         f = lambda v: torch.as_tensor(np.atleast_1d(np.asarray(v, dtype=np.float64)))  # noqa: E731
-        la = independence_log_accept(f(log_p_proposal), f(log_q_proposal), f(log_p_current),
-                                     f(log_q_current)).to(self.device)
+        la = independence_log_accept(f(log_p_proposal), f(log_q_proposal), f(log_p_current), f(log_q_current)).to(
+            self.device
+        )
         acc = metropolis_test(la, self.generator)
         return acc.cpu().numpy(), la.cpu().numpy()
 
@@ -288,8 +308,10 @@ class FlowProposal:
             ConfigError: if the object was built without an action.
         """
         if self.kernel is None:
-            raise ConfigError("FlowProposal without an action cannot decide; use propose() and decide() "
-                              "with the production code's action")
+            raise ConfigError(
+                "FlowProposal without an action cannot decide; use propose() and decide() "
+                "with the production code's action"
+            )
         x, batched = self._canonical(u)
         state = self.kernel.init(x)
         new, info = self.kernel.step(state, self.generator)
@@ -304,8 +326,12 @@ class FlowProposal:
             log_p_proposal=info["log_p_proposal"].cpu().numpy(),
             log_q_proposal=info["log_q_proposal"].cpu().numpy(),
             delta_S=(info["log_p_current"] - info["log_p_proposal"]).cpu().numpy(),
-            log_accept=info["log_accept"].cpu().numpy())
+            log_accept=info["log_accept"].cpu().numpy(),
+        )
         return out, res
 
     def __repr__(self) -> str:
-        return f"FlowProposal({self.flow.field} on {list(self.flow.lattice)}, action={self.action!r}, layout={self.layout!r})"
+        return (
+            f"FlowProposal({self.flow.field} on {list(self.flow.lattice)}, "
+            f"action={self.action!r}, layout={self.layout!r})"
+        )

@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 _NAME = re.compile(r"^[a-z][a-z0-9_.\-]*$")
 
@@ -57,10 +58,7 @@ class Component:
     def __post_init__(self) -> None:
         for n in (self.name, *self.aliases):
             if not isinstance(n, str) or not _NAME.match(n):
-                raise ValueError(
-                    f"{self.kind} name {n!r} is not a lower-case identifier "
-                    "([a-z][a-z0-9_.-]*)"
-                )
+                raise ValueError(f"{self.kind} name {n!r} is not a lower-case identifier ([a-z][a-z0-9_.-]*)")
         if not callable(self.factory):
             raise TypeError(f"{self.kind} {self.name!r}: factory {self.factory!r} is not callable")
         object.__setattr__(self, "aliases", tuple(self.aliases))
@@ -73,7 +71,7 @@ class Component:
             text += " (built-in)"
         return text or "unknown provider"
 
-    def with_provider(self, provider: str, version: str, plugin: str = "") -> "Component":
+    def with_provider(self, provider: str, version: str, plugin: str = "") -> Component:
         """Return a copy of the record stamped with its provider and plugin name."""
         return dataclasses.replace(self, provider=provider, provider_version=version, plugin=plugin)
 
@@ -152,20 +150,21 @@ class FieldKindSpec(Component):
             try:
                 re.compile(self.pattern)
             except re.error as exc:
-                raise ValueError(f"field kind {self.name!r}: pattern {self.pattern!r} is not a "
-                                 f"regular expression ({exc})") from None
+                raise ValueError(
+                    f"field kind {self.name!r}: pattern {self.pattern!r} is not a regular expression ({exc})"
+                ) from None
         elif self.examples:
             raise ValueError(f"field kind {self.name!r}: examples are for a family (give a pattern)")
         object.__setattr__(self, "examples", tuple(self.examples))
         for e in self.examples:
             if not isinstance(e, str) or re.fullmatch(self.pattern, e) is None:
-                raise ValueError(f"field kind {self.name!r}: example {e!r} does not match "
-                                 f"pattern {self.pattern!r}")
+                raise ValueError(f"field kind {self.name!r}: example {e!r} does not match pattern {self.pattern!r}")
         object.__setattr__(self, "observables", tuple(self.observables))
         dims = self.observable_dims
         pairs = dims.items() if hasattr(dims, "items") else dims
-        object.__setattr__(self, "observable_dims",
-                           tuple(sorted((str(n), tuple(int(d) for d in ds)) for n, ds in pairs)))
+        object.__setattr__(
+            self, "observable_dims", tuple(sorted((str(n), tuple(int(d) for d in ds)) for n, ds in pairs))
+        )
         object.__setattr__(self, "gauge", bool(self.gauge))
 
     @property
@@ -210,9 +209,14 @@ class FieldKindSpec(Component):
         """JSON-ready description; adds ``pattern``, ``examples``, ``gauge``, ``observables``
         and ``prior`` to :meth:`Component.summary`."""
         out = super().summary()
-        out.update(pattern=self.pattern, examples=list(self.examples), gauge=self.gauge,
-                   observables=list(self.observables),
-                   observable_dims={n: list(d) for n, d in self.observable_dims}, prior=self.prior)
+        out.update(
+            pattern=self.pattern,
+            examples=list(self.examples),
+            gauge=self.gauge,
+            observables=list(self.observables),
+            observable_dims={n: list(d) for n, d in self.observable_dims},
+            prior=self.prior,
+        )
         return out
 
 

@@ -8,7 +8,8 @@ the family ``su``).
 from __future__ import annotations
 
 import difflib
-from typing import Generic, Iterator, TypeVar
+from collections.abc import Iterator
+from typing import Generic, TypeVar
 
 from flowplug.errors import DuplicateComponentError, UnknownComponentError, UnknownFieldKindError
 from flowplug.records import Component, FieldKindSpec
@@ -73,8 +74,7 @@ class Registry(Generic[C]):
         """
         label = kind_word(self.kind).capitalize()
         third = [p.provider for p in (other, record) if p.provider and p.provider != "flowplug"]
-        fix = (f"FLOWPLUG_BLOCK_PLUGINS={third[-1]}" if third
-               else "FLOWPLUG_BLOCK_PLUGINS=<distribution name>")
+        fix = f"FLOWPLUG_BLOCK_PLUGINS={third[-1]}" if third else "FLOWPLUG_BLOCK_PLUGINS=<distribution name>"
         return DuplicateComponentError(
             f"{label} '{key}' is provided twice: by {other.provided_by}{via} "
             f"and by {record.provided_by}{via_new}. Uninstall one of them or block it ({fix})."
@@ -208,8 +208,10 @@ class FieldKindRegistry(Registry[FieldKindSpec]):
             record = self.get(key)
             params = record.match(key)
             if params is None:
-                raise UnknownFieldKindError(f"field kind '{key}' names a family, {record.label} (from "
-                                            f"{record.provided_by}); give one of its members")
+                raise UnknownFieldKindError(
+                    f"field kind '{key}' names a family, {record.label} (from "
+                    f"{record.provided_by}); give one of its members"
+                )
             hit = self._resolved[key] = (record, params)
         return hit[0], dict(hit[1])
 
@@ -220,8 +222,7 @@ class FieldKindRegistry(Registry[FieldKindSpec]):
         return key in self._lookup or any(r.pattern and r.match(key) is not None for r in self)
 
     def _hint_names(self) -> list[str]:
-        return [k for k in self._lookup if self._lookup[k].match(k) is not None] + [
-            e for r in self for e in r.examples]
+        return [k for k in self._lookup if self._lookup[k].match(k) is not None] + [e for r in self for e in r.examples]
 
     @staticmethod
     def _label(record: Component) -> str:

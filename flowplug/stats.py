@@ -85,8 +85,14 @@ class GammaResult:
 
     def as_dict(self) -> dict[str, float]:
         """``{mean, error, tau_int, tau_int_error, window, n}`` as plain Python numbers."""
-        return {"mean": self.mean, "error": self.error, "tau_int": self.tau_int,
-                "tau_int_error": self.tau_int_error, "window": self.window, "n": self.n}
+        return {
+            "mean": self.mean,
+            "error": self.error,
+            "tau_int": self.tau_int,
+            "tau_int_error": self.tau_int_error,
+            "window": self.window,
+            "n": self.n,
+        }
 
 
 def _autocov_sum(d: np.ndarray, w_max: int) -> np.ndarray:
@@ -98,8 +104,10 @@ def _autocov_sum(d: np.ndarray, w_max: int) -> np.ndarray:
     return ac.sum(axis=0)
 
 
-_LAYOUT_HELP = ("pass step_axis=0 for (steps, chains), the layout in which chain histories are stored "
-                "(Chain.history_tensors(), measurements.h5), or step_axis=1 for (chains, steps)")
+_LAYOUT_HELP = (
+    "pass step_axis=0 for (steps, chains), the layout in which chain histories are stored "
+    "(Chain.history_tensors(), measurements.h5), or step_axis=1 for (chains, steps)"
+)
 
 
 def _chains_by_steps(data: Any, step_axis: int | None, who: str) -> np.ndarray:
@@ -115,21 +123,25 @@ def _chains_by_steps(data: Any, step_axis: int | None, who: str) -> np.ndarray:
         raise ValueError(f"{who}: step_axis must be an axis number (0 or 1); found {step_axis!r}")
     if a.ndim == 1:
         if step_axis not in (None, 0, -1):
-            raise ValueError(f"{who}: data of shape {a.shape} are one chain with step_axis 0; found step_axis={step_axis}")
+            raise ValueError(
+                f"{who}: data of shape {a.shape} are one chain with step_axis 0; found step_axis={step_axis}"
+            )
         return a[None, :]
     if a.ndim == 2:
         if step_axis is None:
-            raise ValueError(f"{who}: data of shape {a.shape} have two axes and no step_axis, so which one counts "
-                             f"steps is unknown: {_LAYOUT_HELP}")
+            raise ValueError(
+                f"{who}: data of shape {a.shape} have two axes and no step_axis, so which one counts "
+                f"steps is unknown: {_LAYOUT_HELP}"
+            )
         if step_axis not in (0, 1, -1, -2):
-            raise ValueError(f"{who}: step_axis must be 0 or 1 for data of shape {a.shape}; found {step_axis}: "
-                             f"{_LAYOUT_HELP}")
+            raise ValueError(
+                f"{who}: step_axis must be 0 or 1 for data of shape {a.shape}; found {step_axis}: {_LAYOUT_HELP}"
+            )
         return a.T if step_axis in (0, -2) else a
     raise ValueError(f"{who}: expected shape (N,) or two axes with step_axis; found shape {a.shape}")
 
 
-def gamma_method(data: Any, *, step_axis: int | None = None, s_tau: float = 2.0,
-                 center: str = "global") -> GammaResult:
+def gamma_method(data: Any, *, step_axis: int | None = None, s_tau: float = 2.0, center: str = "global") -> GammaResult:
     r"""Mean, error and integrated autocorrelation time by the Gamma method.
 
     Implements U. Wolff, "Monte Carlo errors with less errors", Comput. Phys. Commun.
@@ -210,8 +222,7 @@ def gamma_method(data: Any, *, step_axis: int | None = None, s_tau: float = 2.0,
     tau_int = float(tau_n[window] * (1 + (2 * window + 1) / n) / (1 + 1 / n))
     dtau = float(tau_n[window] * 2 * np.sqrt(abs(window + 0.5 - tau_n[window]) / n))
     error = float(np.sqrt(2 * tau_int * gamma[0] * (1 + 1 / n) / n))
-    return GammaResult(mean, error, tau_int, dtau, float(error * np.sqrt((window + 0.5) / n)),
-                       int(window), n, rho)
+    return GammaResult(mean, error, tau_int, dtau, float(error * np.sqrt((window + 0.5) / n)), int(window), n, rho)
 
 
 def tau_int(data: Any, *, step_axis: int | None = None, s_tau: float = 2.0) -> float:

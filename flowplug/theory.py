@@ -52,7 +52,8 @@ References:
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -61,6 +62,7 @@ from flowplug.errors import ConfigError, FlowplugError, PluginError, ShapeError,
 
 if TYPE_CHECKING:
     from flowplug.records import FieldKindSpec
+    from flowplug.registry import FieldKindRegistry
 
 # ---------------------------------------------------------------------- field spaces
 
@@ -99,8 +101,9 @@ class FieldSpace:
         """Ordered start: zero field, zero angles or unit links."""
         return torch.zeros(self.shape(lattice, batch), dtype=self.dtype, device=device)
 
-    def hot(self, lattice: Sequence[int], batch: int, *, generator: torch.Generator | None = None,
-            device: Any = None) -> torch.Tensor:
+    def hot(
+        self, lattice: Sequence[int], batch: int, *, generator: torch.Generator | None = None, device: Any = None
+    ) -> torch.Tensor:
         """Disordered start (standard normal field, uniform angles, Haar-random links)."""
         raise NotImplementedError
 
@@ -120,8 +123,7 @@ class FieldSpace:
         """Bring a field back to its canonical range after a trajectory (identity here)."""
         return x
 
-    def autograd_force(self, action: Callable[[torch.Tensor], torch.Tensor],
-                       x: torch.Tensor) -> torch.Tensor:
+    def autograd_force(self, action: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """The force of ``action`` at ``x`` by automatic differentiation (module docstring)."""
         with torch.enable_grad():
             xg = x.detach().requires_grad_(True)
@@ -145,14 +147,14 @@ class EuclideanSpace(FieldSpace):
     def lattice_of(self, x: torch.Tensor) -> tuple[int, ...]:
         """(L_0, ..., L_{d-1}) of a real (B, L...) tensor; ShapeError otherwise."""
         if x.dim() < 2 or x.is_complex():
-            raise ShapeError(f"{self.kind} field must be real with shape (B, L_0, ..., L_(d-1)); "
-                             f"found {x.dtype} {tuple(x.shape)}")
+            raise ShapeError(
+                f"{self.kind} field must be real with shape (B, L_0, ..., L_(d-1)); found {x.dtype} {tuple(x.shape)}"
+            )
         return tuple(x.shape[1:])
 
     def hot(self, lattice, batch, *, generator=None, device=None):
         """Independent standard normal entries, float64."""
-        return torch.randn(self.shape(lattice, batch), generator=generator, dtype=torch.float64,
-                           device=device)
+        return torch.randn(self.shape(lattice, batch), generator=generator, dtype=torch.float64, device=device)
 
 
 class AngleSpace(EuclideanSpace):
@@ -179,14 +181,14 @@ class AngleSpace(EuclideanSpace):
         if not self.links:
             return super().lattice_of(x)
         if x.dim() < 3 or x.is_complex() or x.dim() != x.shape[1] + 2:
-            raise ShapeError(f"U(1) links must be real angles of shape (B, d, L_0, ..., L_(d-1)); "
-                             f"found {x.dtype} {tuple(x.shape)}")
+            raise ShapeError(
+                f"U(1) links must be real angles of shape (B, d, L_0, ..., L_(d-1)); found {x.dtype} {tuple(x.shape)}"
+            )
         return tuple(x.shape[2:])
 
     def hot(self, lattice, batch, *, generator=None, device=None):
         """Independent uniform angles in (-pi, pi]."""
-        u = torch.rand(self.shape(lattice, batch), generator=generator, dtype=torch.float64,
-                       device=device)
+        u = torch.rand(self.shape(lattice, batch), generator=generator, dtype=torch.float64, device=device)
         return groups.wrap_angle(2 * math.pi * u - math.pi)
 
     def finalize(self, x):
@@ -218,10 +220,11 @@ class SUNSpace(FieldSpace):
     def lattice_of(self, x):
         """The lattice of an SU(N) link tensor; ShapeError if the layout does not fit."""
         n = self.n
-        if (x.dim() < 5 or not x.is_complex() or x.shape[-1] != n or x.shape[-2] != n
-                or x.dim() != x.shape[1] + 4):
-            raise ShapeError(f"{self.kind.upper()} links must be complex with shape "
-                             f"(B, d, L_0, ..., L_(d-1), {n}, {n}); found {x.dtype} {tuple(x.shape)}")
+        if x.dim() < 5 or not x.is_complex() or x.shape[-1] != n or x.shape[-2] != n or x.dim() != x.shape[1] + 4:
+            raise ShapeError(
+                f"{self.kind.upper()} links must be complex with shape "
+                f"(B, d, L_0, ..., L_(d-1), {n}, {n}); found {x.dtype} {tuple(x.shape)}"
+            )
         return tuple(x.shape[2:-2])
 
     def cold(self, lattice, batch, *, device=None):
@@ -236,13 +239,12 @@ class SUNSpace(FieldSpace):
 
     def momenta(self, x, generator=None):
         """P = sum_a p_a t_a with p_a ~ N(0, 1): shape of x, traceless anti-Hermitian."""
-        return groups.random_algebra(tuple(x.shape[:-2]), self.n, generator=generator,
-                                     dtype=x.dtype, device=x.device)
+        return groups.random_algebra(tuple(x.shape[:-2]), self.n, generator=generator, dtype=x.dtype, device=x.device)
 
     def kinetic(self, p):
         """-tr(P^2) = sum_ij |P_ij|^2 summed over links, shape (B,), float64."""
         # -tr(P^2) = sum_ij |P_ij|^2 for anti-Hermitian P
-        return (p.real ** 2 + p.imag ** 2).flatten(1).sum(1).to(torch.float64)
+        return (p.real**2 + p.imag**2).flatten(1).sum(1).to(torch.float64)
 
     def update(self, x, p, eps):
         """U <- exp(eps P) U (:func:`flowplug.groups.expmap`)."""
@@ -265,7 +267,7 @@ class SUNSpace(FieldSpace):
 def _resolve(kind: str) -> tuple[FieldKindSpec, dict]:
     from flowplug import manager
 
-    reg = manager.registry("field_kind")
+    reg = cast("FieldKindRegistry", manager.registry("field_kind"))  # the field-kind registry is one
     try:
         return reg.resolve(kind)
     except UnknownFieldKindError:
@@ -273,7 +275,8 @@ def _resolve(kind: str) -> tuple[FieldKindSpec, dict]:
             raise
         raise UnknownFieldKindError(
             f"unknown field kind {kind!r}. {reg.available(str(kind))} A plugin adds field kinds "
-            "with the hook flowplug_field_kinds.") from None
+            "with the hook flowplug_field_kinds."
+        ) from None
 
 
 def field_kind(kind: str) -> FieldKindSpec:
@@ -314,11 +317,14 @@ def field_space(kind: str) -> FieldSpace:
     except Exception as exc:
         raise PluginError(f"{_where(kind, spec)}: its factory raised {type(exc).__name__}: {exc}") from exc
     if not isinstance(space, FieldSpace):
-        raise PluginError(f"{_where(kind, spec)}: its factory returned {type(space).__name__}, expected a "
-                          "flowplug.theory.FieldSpace")
+        raise PluginError(
+            f"{_where(kind, spec)}: its factory returned {type(space).__name__}, expected a flowplug.theory.FieldSpace"
+        )
     if bool(space.gauge) != spec.gauge:
-        raise PluginError(f"{_where(kind, spec)}: the record says gauge={spec.gauge}, its space "
-                          f"{type(space).__name__} says gauge={bool(space.gauge)}")
+        raise PluginError(
+            f"{_where(kind, spec)}: the record says gauge={spec.gauge}, its space "
+            f"{type(space).__name__} says gauge={bool(space.gauge)}"
+        )
     return space
 
 
@@ -417,8 +423,9 @@ class Action:
         """``batch`` ordered configurations on ``lattice`` (x first) in canonical layout."""
         return self.space.cold(lattice, batch, device=device)
 
-    def hot_start(self, lattice: Sequence[int], batch: int = 1, *,
-                  generator: torch.Generator | None = None, device: Any = None) -> torch.Tensor:
+    def hot_start(
+        self, lattice: Sequence[int], batch: int = 1, *, generator: torch.Generator | None = None, device: Any = None
+    ) -> torch.Tensor:
         """``batch`` disordered configurations on ``lattice`` in canonical layout."""
         return self.space.hot(lattice, batch, generator=generator, device=device)
 
@@ -427,8 +434,15 @@ class Action:
         return f"{type(self).__name__}({args})"
 
 
-def start_field(action: Any, how: str, lattice: Sequence[int], batch: int, *,
-                generator: torch.Generator | None = None, device: Any = None) -> torch.Tensor:
+def start_field(
+    action: Any,
+    how: str,
+    lattice: Sequence[int],
+    batch: int,
+    *,
+    generator: torch.Generator | None = None,
+    device: Any = None,
+) -> torch.Tensor:
     """Cold or hot start for any action object (its own ``cold_start``/``hot_start`` if it
     has them, else those of its field space).
 

@@ -5,8 +5,8 @@ flowplug's typical runs (8^2 to 8^4 sites, a few chains) the work per operation 
 small, and on a machine shared with other jobs the threads mostly wait for each other:
 the README's SU(3) ``flowplug hmc`` command (4^4, 4 chains x 100 trajectories) took 301 s
 with torch's default against 23 s with one thread on a user's busy machine, and 124 s and
-277 s against 27 s and 31 s on a shared two-core machine. Every job (``hmc``, ``sample``, ``resample``, ``train``, ``demo``)
-therefore has a ``threads`` key, default :data:`DEFAULT_THREADS` = 1, applied through
+277 s against 27 s and 31 s on a shared two-core machine. Every job (``hmc``, ``sample``,
+``resample``, ``train``, ``demo``) therefore has a ``threads`` key, default :data:`DEFAULT_THREADS` = 1, applied through
 :func:`job_threads`; ``threads = 0`` leaves torch's own setting (torch's default: one
 thread per core, or ``OMP_NUM_THREADS``). Raise it for large lattices on a machine of
 your own.
@@ -22,7 +22,8 @@ Example::
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 __all__ = ["DEFAULT_THREADS", "check_threads", "job_threads", "set_threads"]
 
@@ -39,8 +40,10 @@ def check_threads(value: Any, key: str = "threads") -> int:
     from flowplug.errors import ConfigError
 
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(f"{key} = {value!r}: expected an integer >= 0 (torch CPU threads; 0 keeps "
-                          f"torch's default, {DEFAULT_THREADS} is fastest on small lattices and busy machines)")
+        raise ConfigError(
+            f"{key} = {value!r}: expected an integer >= 0 (torch CPU threads; 0 keeps "
+            f"torch's default, {DEFAULT_THREADS} is fastest on small lattices and busy machines)"
+        )
     return value
 
 

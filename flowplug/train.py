@@ -1,4 +1,4 @@
-r"""Training normalizing flows for lattice actions: the :class:`Trainer`, built from a configuration and resumed exactly.
+r"""Training normalizing flows for lattice actions: the :class:`Trainer`, built from a configuration, resumed exactly.
 
 Objectives
     ``reverse`` (default): minimise the variational free energy
@@ -67,31 +67,57 @@ import math
 import signal
 import threading
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import IO, Any
 
 import torch
 from torch import nn
 
-from flowplug.checkpoints import (CHECKPOINT_FORMAT, CHECKPOINT_NAME, CHECKPOINT_VERSION, LoadedFlow,
-                                  checkpoint_path, load_flow, non_finite_entries, read_checkpoint,
-                                  resolve_device, short_list, write_checkpoint)
+from flowplug.checkpoints import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_NAME,
+    CHECKPOINT_VERSION,
+    LoadedFlow,
+    checkpoint_path,
+    load_flow,
+    non_finite_entries,
+    read_checkpoint,
+    resolve_device,
+    short_list,
+    write_checkpoint,
+)
 from flowplug.diagnostics import evaluate_flow, imh_acceptance_estimate, imh_chain_acceptance, imh_chain_states
 from flowplug.errors import CheckpointError, ConfigError, NonFiniteParametersError
 from flowplug.flow import Flow, build_flow, check_field, layers_without_forward_diag, path_gradient_loss
 from flowplug.fsutil import locked_run
 from flowplug.stats import ess as _ess
-from flowplug.threads import set_threads
 from flowplug.theory import Action, action_from_config
+from flowplug.threads import set_threads
 from flowplug.training_data import load_ensemble
 
 __all__ = [
-    "Trainer", "build_trainer", "resume_trainer", "TRAIN_DEFAULTS", "LOG_NAME", "LOG_COLUMNS",
+    "Trainer",
+    "build_trainer",
+    "resume_trainer",
+    "TRAIN_DEFAULTS",
+    "LOG_NAME",
+    "LOG_COLUMNS",
     # re-exported from flowplug.checkpoints
-    "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "CHECKPOINT_NAME", "LoadedFlow", "load_flow", "read_checkpoint",
-    "checkpoint_path", "non_finite_entries", "resolve_device",
+    "CHECKPOINT_FORMAT",
+    "CHECKPOINT_VERSION",
+    "CHECKPOINT_NAME",
+    "LoadedFlow",
+    "load_flow",
+    "read_checkpoint",
+    "checkpoint_path",
+    "non_finite_entries",
+    "resolve_device",
     # re-exported from flowplug.diagnostics
-    "evaluate_flow", "imh_acceptance_estimate", "imh_chain_acceptance", "imh_chain_states",
+    "evaluate_flow",
+    "imh_acceptance_estimate",
+    "imh_chain_acceptance",
+    "imh_chain_states",
     # re-exported from flowplug.training_data
     "load_ensemble",
 ]
@@ -136,11 +162,25 @@ class _LogProb(nn.Module):
 
 #: Defaults of the [train] table (the CLI's default configuration documents each key).
 TRAIN_DEFAULTS: dict[str, Any] = {
-    "steps": 1000, "batch_size": 64, "objective": "reverse", "path_gradient": False,
-    "path_gradient_method": "auto", "guard": 0.0, "guard_window": 25,
-    "optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0, "betas": [0.9, 0.999],
-    "schedule": "constant", "warmup_steps": 0, "lr_min_factor": 0.0, "grad_clip": 0.0,
-    "ensemble": "", "ensemble_format": "", "checkpoint_every": 250, "progress": True,
+    "steps": 1000,
+    "batch_size": 64,
+    "objective": "reverse",
+    "path_gradient": False,
+    "path_gradient_method": "auto",
+    "guard": 0.0,
+    "guard_window": 25,
+    "optimizer": "adam",
+    "lr": 1e-3,
+    "weight_decay": 0.0,
+    "betas": [0.9, 0.999],
+    "schedule": "constant",
+    "warmup_steps": 0,
+    "lr_min_factor": 0.0,
+    "grad_clip": 0.0,
+    "ensemble": "",
+    "ensemble_format": "",
+    "checkpoint_every": 250,
+    "progress": True,
 }
 
 
@@ -168,9 +208,18 @@ class Trainer:
         ConfigError: on invalid options or a flow/action field mismatch.
     """
 
-    def __init__(self, flow: Flow, action: Action, train: Mapping[str, Any] | None = None, *, seed: int = 1,
-                 device: torch.device | str = "cpu", ensemble: torch.Tensor | None = None,
-                 config: Mapping[str, Any] | None = None, out: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        flow: Flow,
+        action: Action,
+        train: Mapping[str, Any] | None = None,
+        *,
+        seed: int = 1,
+        device: torch.device | str = "cpu",
+        ensemble: torch.Tensor | None = None,
+        config: Mapping[str, Any] | None = None,
+        out: str | Path | None = None,
+    ) -> None:
         opts = dict(TRAIN_DEFAULTS)
         unknown = set(train or {}) - set(opts)
         if unknown:
@@ -194,18 +243,24 @@ class Trainer:
         self.path_gradient = bool(opts["path_gradient"])
         method = str(opts["path_gradient_method"]).lower()
         if method not in ("auto", "fast", "inverse"):
-            raise ConfigError(f"train.path_gradient_method must be 'auto', 'fast' or 'inverse'; "
-                              f"found {opts['path_gradient_method']!r}")
+            raise ConfigError(
+                f"train.path_gradient_method must be 'auto', 'fast' or 'inverse'; "
+                f"found {opts['path_gradient_method']!r}"
+            )
         missing = layers_without_forward_diag(self.flow)
         if self.path_gradient and method == "fast" and missing:
-            raise ConfigError(f"train.path_gradient_method = 'fast' needs forward_diag on every flow layer; "
-                              f"{', '.join(missing)} lack it: use 'inverse' or 'auto'")
+            raise ConfigError(
+                f"train.path_gradient_method = 'fast' needs forward_diag on every flow layer; "
+                f"{', '.join(missing)} lack it: use 'inverse' or 'auto'"
+            )
         self.fast_path_gradient = method == "fast" or (method == "auto" and not missing)
         self.guard = float(opts["guard"])
         self.guard_window = int(opts["guard_window"])
         if self.guard < 0 or not math.isfinite(self.guard) or self.guard_window < 2:
-            raise ConfigError(f"train.guard must be a finite value >= 0 (nats) and train.guard_window >= 2; "
-                              f"found {opts['guard']!r} and {opts['guard_window']!r}")
+            raise ConfigError(
+                f"train.guard must be a finite value >= 0 (nats) and train.guard_window >= 2; "
+                f"found {opts['guard']!r} and {opts['guard_window']!r}"
+            )
         self.rollbacks = 0
         self._guard_losses: list[float] = []
         self._guard_best = float("inf")
@@ -218,8 +273,9 @@ class Trainer:
             self.ensemble = ensemble.to(self.device)
         params = [p for p in self.flow.parameters() if p.requires_grad]
         name = str(opts["optimizer"]).lower()
-        kw = dict(lr=float(opts["lr"]), betas=tuple(float(b) for b in opts["betas"]),
-                  weight_decay=float(opts["weight_decay"]))
+        kw: dict[str, Any] = dict(
+            lr=float(opts["lr"]), betas=tuple(float(b) for b in opts["betas"]), weight_decay=float(opts["weight_decay"])
+        )
         if name == "adam":
             self.optimizer: torch.optim.Optimizer = torch.optim.Adam(params, **kw)
         elif name == "adamw":
@@ -227,8 +283,9 @@ class Trainer:
         else:
             raise ConfigError(f"train.optimizer must be 'adam' or 'adamw'; found {opts['optimizer']!r}")
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, _schedule(opts["schedule"], self.steps_total, int(opts["warmup_steps"]),
-                                      float(opts["lr_min_factor"])))
+            self.optimizer,
+            _schedule(opts["schedule"], self.steps_total, int(opts["warmup_steps"]), float(opts["lr_min_factor"])),
+        )
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(int(seed))
         self.seed = int(seed)
@@ -257,8 +314,7 @@ class Trainer:
 
     def _forward_loss(self) -> tuple[torch.Tensor, torch.Tensor]:
         assert self.ensemble is not None
-        idx = torch.randint(len(self.ensemble), (self.batch_size,), generator=self.generator,
-                            device=self.device)
+        idx = torch.randint(len(self.ensemble), (self.batch_size,), generator=self.generator, device=self.device)
         loss = -self.flow.log_prob(self.ensemble[idx]).mean()
         with torch.no_grad():
             x, log_q = self.flow.sample(self.batch_size, self.generator)
@@ -344,7 +400,8 @@ class Trainer:
         raise NonFiniteParametersError(
             f"training diverged: the flow's parameters are not finite after step {self.step - 1} "
             f"(NaN/Inf in {short_list(bad)}); {self._kept_checkpoint()}. Lower train.lr, or set "
-            "train.grad_clip, or train.guard to roll back to the last good state automatically")
+            "train.grad_clip, or train.guard to roll back to the last good state automatically"
+        )
 
     def _kept_checkpoint(self) -> str:
         """What the output directory holds, for messages about a run that cannot be saved."""
@@ -358,20 +415,25 @@ class Trainer:
     def _rollback(self, reason: str) -> None:
         """Restore the guard's snapshot (model, optimizer, scheduler) with half the learning
         rate; the step counter and random numbers go on."""
-        snap = copy.deepcopy(self._guard_snapshot)
+        guard = self._guard_snapshot
+        assert guard is not None  # the guard rolls back only to a snapshot it took
+        snap = copy.deepcopy(guard)
         self.flow.load_state_dict(snap["model"])
         self.optimizer.load_state_dict(snap["optimizer"])
         self.scheduler.load_state_dict(snap["scheduler"])
         self.scheduler.base_lrs = [0.5 * lr for lr in self.scheduler.base_lrs]
-        self._guard_snapshot["scheduler"]["base_lrs"] = list(self.scheduler.base_lrs)
+        guard["scheduler"]["base_lrs"] = list(self.scheduler.base_lrs)
         # the schedule continues at the current step, with the halved base rate
         self.scheduler.last_epoch = self.step - 1
         self.scheduler.step()
         self.rollbacks += 1
         import warnings
 
-        warnings.warn(f"training diverged ({reason}): back to the last snapshot with lr x 0.5 "
-                      f"(rollback {self.rollbacks})", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"training diverged ({reason}): back to the last snapshot with lr x 0.5 (rollback {self.rollbacks})",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         self._guard_best = float("inf")
 
     def _guard_update(self, loss: float) -> None:
@@ -387,19 +449,24 @@ class Trainer:
         mean = sum(self._guard_losses) / len(self._guard_losses)
         self._guard_losses = []
         if self._guard_snapshot is not None and not mean <= self._guard_best + self.guard:
-            self._rollback(f"mean loss {mean:.4g} over steps {self.step - self.guard_window}-"
-                           f"{self.step - 1}, best {self._guard_best:.4g}")
+            self._rollback(
+                f"mean loss {mean:.4g} over steps {self.step - self.guard_window}-"
+                f"{self.step - 1}, best {self._guard_best:.4g}"
+            )
             return
         self._guard_best = min(self._guard_best, mean)
-        self._guard_snapshot = {"model": copy.deepcopy(self.flow.state_dict()),
-                                "optimizer": copy.deepcopy(self.optimizer.state_dict()),
-                                "scheduler": copy.deepcopy(self.scheduler.state_dict())}
+        self._guard_snapshot = {
+            "model": copy.deepcopy(self.flow.state_dict()),
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+            "scheduler": copy.deepcopy(self.scheduler.state_dict()),
+        }
 
     # ------------------------------------------------------------------------------ run
 
     @locked_run("train", lambda a: a["self"].out)
-    def run(self, steps: int | None = None, *, progress: bool | None = None,
-            checkpoint_every: int | None = None) -> list[dict[str, float]]:
+    def run(
+        self, steps: int | None = None, *, progress: bool | None = None, checkpoint_every: int | None = None
+    ) -> list[dict[str, float]]:
         """Train until ``steps`` steps in total (default ``train.steps``) are done.
 
         Writes ``<out>/train_log.csv`` (one row per step) and a checkpoint every
@@ -418,7 +485,7 @@ class Trainer:
         log_fh = writer = None
         if self.out is not None:
             self.out.mkdir(parents=True, exist_ok=True)
-            log_fh, writer = self._open_log()
+            log_fh, writer = self._open_log(self.out)
         bar = None
         if show:
             from tqdm.auto import tqdm
@@ -428,23 +495,30 @@ class Trainer:
         stop: list[int] = []
         old_handler = None
         if threading.current_thread() is threading.main_thread():
+
             def _on_sigint(signum, frame):
                 if stop:
                     raise KeyboardInterrupt
                 stop.append(signum)
+
             old_handler = signal.signal(signal.SIGINT, _on_sigint)
         try:
             while self.step < total:
                 m = self.train_step()
                 done.append(m)
-                if writer is not None:
+                if writer is not None and log_fh is not None:  # both set together, with out
                     writer.writerow([int(m["step"])] + [m[c] for c in LOG_COLUMNS[1:]])
                     log_fh.flush()
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{m['loss']:.3f}", ess=f"{m['ess']:.3f}",
-                                    acc=f"{m['acceptance']:.3f}", skipped=self.skipped, rollbacks=self.rollbacks,
-                                    refresh=False)
+                    bar.set_postfix(
+                        loss=f"{m['loss']:.3f}",
+                        ess=f"{m['ess']:.3f}",
+                        acc=f"{m['acceptance']:.3f}",
+                        skipped=self.skipped,
+                        rollbacks=self.rollbacks,
+                        refresh=False,
+                    )
                 if stop:
                     if self.out is not None:
                         self.save_checkpoint()
@@ -462,8 +536,10 @@ class Trainer:
                 log_fh.close()
         return done
 
-    def _open_log(self):
-        path = self.out / LOG_NAME
+    def _open_log(self, out: Path) -> tuple[IO[str], Any]:
+        """Open ``out/train_log.csv`` for appending rows: the rows before this step kept,
+        the header written; returns the file and its csv writer."""
+        path = out / LOG_NAME
         rows: list[list[str]] = []
         if path.exists():
             with open(path, newline="") as fh:
@@ -480,9 +556,15 @@ class Trainer:
 
     # ------------------------------------------------------------------------- evaluation
 
-    def evaluate(self, n_samples: int = 8192, *, batch_size: int = 1024, seed: int = 12345,
-                 observables: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
-                 progress: bool | None = None) -> dict[str, Any]:
+    def evaluate(
+        self,
+        n_samples: int = 8192,
+        *,
+        batch_size: int = 1024,
+        seed: int = 12345,
+        observables: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
+        progress: bool | None = None,
+    ) -> dict[str, Any]:
         """Figures of the flow on fresh samples: :func:`flowplug.diagnostics.evaluate_flow`
         of :attr:`flow` and :attr:`action` (ESS, acceptance, free energy, observables; float64).
 
@@ -498,8 +580,9 @@ class Trainer:
             FlowplugError: if every sample has a non-finite log weight.
         """
         show = bool(self.opts["progress"]) if progress is None else bool(progress)
-        return evaluate_flow(self.flow, self.action, n_samples, batch_size=batch_size, seed=seed,
-                             observables=observables, progress=show)
+        return evaluate_flow(
+            self.flow, self.action, n_samples, batch_size=batch_size, seed=seed, observables=observables, progress=show
+        )
 
     # ------------------------------------------------------------------------ checkpoints
 
@@ -526,8 +609,12 @@ class Trainer:
             "rng": {"generator": self.generator.get_state(), "torch_cpu": torch.get_rng_state()},
             "train": copy.deepcopy(self.opts),
             "config": copy.deepcopy(self.config),
-            "guard": {"rollbacks": self.rollbacks, "losses": list(self._guard_losses),
-                      "best": self._guard_best, "snapshot": copy.deepcopy(self._guard_snapshot)},
+            "guard": {
+                "rollbacks": self.rollbacks,
+                "losses": list(self._guard_losses),
+                "best": self._guard_best,
+                "snapshot": copy.deepcopy(self._guard_snapshot),
+            },
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -537,8 +624,10 @@ class Trainer:
             CheckpointError: if the checkpoint belongs to a different flow architecture.
         """
         if state.get("flow_spec") != self.flow.spec:
-            raise CheckpointError("checkpoint was written for a different flow architecture "
-                                  f"({state.get('flow_spec')!r} vs {self.flow.spec!r})")
+            raise CheckpointError(
+                "checkpoint was written for a different flow architecture "
+                f"({state.get('flow_spec')!r} vs {self.flow.spec!r})"
+            )
         self.flow.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -585,8 +674,9 @@ class Trainer:
 # ---------------------------------------------------------------------- build / resume
 
 
-def build_trainer(config: Mapping[str, Any], *, out: str | Path | None = None,
-                  device: str | torch.device | None = None) -> Trainer:
+def build_trainer(
+    config: Mapping[str, Any], *, out: str | Path | None = None, device: str | torch.device | None = None
+) -> Trainer:
     r"""Build action, flow and trainer from a run configuration (the ``flowplug train`` TOML).
 
     Keys used: ``lattice``, ``seed``, ``device``, ``threads`` (CPU threads set with
@@ -616,22 +706,38 @@ def build_trainer(config: Mapping[str, Any], *, out: str | Path | None = None,
     set_threads(config.get("threads", 0))  # flowplug.threads: 0 leaves torch's setting
     seed = int(config.get("seed", 1))
     torch.manual_seed(seed)  # network initialisation
-    flow = build_flow(action.field, lattice, fcfg.get("layers", []), n_layers=fcfg.get("n_layers"),
-                      options=fcfg.get("options", {}), prior=fcfg.get("prior") or None)
+    flow = build_flow(
+        action.field,
+        lattice,
+        fcfg.get("layers", []),
+        n_layers=fcfg.get("n_layers"),
+        options=fcfg.get("options", {}),
+        prior=fcfg.get("prior") or None,
+    )
     dev = resolve_device(str(device if device is not None else config.get("device", "auto")))
     train = dict(config.get("train", {}))
     ensemble = None
     if str(train.get("objective", "reverse")).lower() == "forward":
         if not train.get("ensemble"):
             raise ConfigError("train.objective = 'forward' needs train.ensemble = PATH (or glob)")
-        ensemble = load_ensemble(train["ensemble"], field=action.field, lattice=lattice,
-                                 format=train.get("ensemble_format") or None)
-    return Trainer(flow, action, train, seed=seed, device=dev, ensemble=ensemble, config=config,
-                   out=Path(out if out is not None else config.get("out", "flowplug-train")))
+        ensemble = load_ensemble(
+            train["ensemble"], field=action.field, lattice=lattice, format=train.get("ensemble_format") or None
+        )
+    return Trainer(
+        flow,
+        action,
+        train,
+        seed=seed,
+        device=dev,
+        ensemble=ensemble,
+        config=config,
+        out=Path(out if out is not None else config.get("out", "flowplug-train")),
+    )
 
 
-def resume_trainer(path: str | Path, *, overrides: Mapping[str, Any] | None = None,
-                   device: str | torch.device | None = None) -> Trainer:
+def resume_trainer(
+    path: str | Path, *, overrides: Mapping[str, Any] | None = None, device: str | torch.device | None = None
+) -> Trainer:
     """Rebuild a trainer from a checkpoint and restore its state exactly.
 
     Arguments:
@@ -652,8 +758,10 @@ def resume_trainer(path: str | Path, *, overrides: Mapping[str, Any] | None = No
     allowed = {"steps", "checkpoint_every", "progress"}
     bad = set(overrides or {}) - allowed
     if bad:
-        raise CheckpointError(f"cannot change {', '.join(sorted('train.' + b for b in bad))} when resuming; "
-                              f"only {', '.join(sorted('train.' + a for a in allowed))} may change")
+        raise CheckpointError(
+            f"cannot change {', '.join(sorted('train.' + b for b in bad))} when resuming; "
+            f"only {', '.join(sorted('train.' + a for a in allowed))} may change"
+        )
     config.setdefault("train", {}).update(overrides or {})
     out = checkpoint_path(path).parent
     trainer = build_trainer(config, out=out, device=device)

@@ -11,8 +11,8 @@ Public API: :func:`load_ensemble`.
 from __future__ import annotations
 
 import glob
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -22,8 +22,9 @@ from flowplug.flow import check_field
 from flowplug.theory import field_space
 
 
-def load_ensemble(source: str | Sequence[str], *, field: str, lattice: Sequence[int],
-                  format: str | None = None) -> torch.Tensor:
+def load_ensemble(
+    source: str | Sequence[str], *, field: str, lattice: Sequence[int], format: str | None = None
+) -> torch.Tensor:
     r"""Read configurations for forward-KL training, in the canonical layout.
 
     Arguments:
@@ -84,8 +85,11 @@ def load_ensemble(source: str | Sequence[str], *, field: str, lattice: Sequence[
         if not isinstance(t, torch.Tensor):
             raise ConfigError(f"{p}: expected a tensor of configurations; found {type(t).__name__}")
         t = t.to(torch.complex128 if t.is_complex() else torch.float64)
-        one = (len(space.shape(tuple(lattice), 1)) - 1 if space is not None
-               else len(lattice) + 1 + (2 if t.is_complex() else 0))
+        one = (
+            len(space.shape(tuple(lattice), 1)) - 1
+            if space is not None
+            else len(lattice) + 1 + (2 if t.is_complex() else 0)
+        )
         if t.dim() == one:
             t = t.unsqueeze(0)
         chunks.append(t)

@@ -7,10 +7,10 @@ any third-party plugin.
 
 #: Built-in plugin modules, in registration order.
 BUILTIN: tuple[str, ...] = (
-    "flowplug.plugins.fields",      # field kinds: scalar, o2, u1, su<N>
-    "flowplug.plugins.theories",    # actions: phi4, wilson
+    "flowplug.plugins.fields",  # field kinds: scalar, o2, u1, su<N>
+    "flowplug.plugins.theories",  # actions: phi4, wilson
     "flowplug.plugins.observables",  # plaquette, topological_charge, ...
-    "flowplug.plugins.hmc",         # HMC kernel
-    "flowplug.plugins.flows",       # flow layers and priors
-    "flowplug.plugins.kernels",     # flow kernels: independence Metropolis, mixtures, flow HMC
+    "flowplug.plugins.hmc",  # HMC kernel
+    "flowplug.plugins.flows",  # flow layers and priors
+    "flowplug.plugins.kernels",  # flow kernels: independence Metropolis, mixtures, flow HMC
 )

@@ -35,15 +35,36 @@ GAUGE_OBSERVABLES = ("plaquette", "topological_charge")
 def flowplug_field_kinds() -> list[FieldKindSpec]:
     """The built-in field kinds."""
     return [
-        FieldKindSpec(name="scalar", description="real scalar field phi, (B, L...) float64",
-                      factory=EuclideanSpace, observables=SCALAR_OBSERVABLES, prior="normal"),
-        FieldKindSpec(name="o2", description="O(2) spin angles per site, (B, L...) float64 in (-pi, pi]",
-                      factory=partial(AngleSpace, "o2", links=False)),
-        FieldKindSpec(name="u1", description="U(1) link angles, (B, d, L...) float64 in (-pi, pi]",
-                      factory=partial(AngleSpace, "u1", links=True), gauge=True, observables=GAUGE_OBSERVABLES,
-                      observable_dims={"topological_charge": (2,)}, prior="uniform"),
-        FieldKindSpec(name="su", description="SU(N) links su<N>, N >= 2, (B, d, L..., N, N) complex128",
-                      factory=SUNSpace, pattern=r"su(?P<n>\d+)", examples=("su2", "su3"), gauge=True,
-                      observables=GAUGE_OBSERVABLES, observable_dims={"topological_charge": (4,)},
-                      prior="haar"),
+        FieldKindSpec(
+            name="scalar",
+            description="real scalar field phi, (B, L...) float64",
+            factory=EuclideanSpace,
+            observables=SCALAR_OBSERVABLES,
+            prior="normal",
+        ),
+        FieldKindSpec(
+            name="o2",
+            description="O(2) spin angles per site, (B, L...) float64 in (-pi, pi]",
+            factory=partial(AngleSpace, "o2", links=False),
+        ),
+        FieldKindSpec(
+            name="u1",
+            description="U(1) link angles, (B, d, L...) float64 in (-pi, pi]",
+            factory=partial(AngleSpace, "u1", links=True),
+            gauge=True,
+            observables=GAUGE_OBSERVABLES,
+            observable_dims={"topological_charge": (2,)},
+            prior="uniform",
+        ),
+        FieldKindSpec(
+            name="su",
+            description="SU(N) links su<N>, N >= 2, (B, d, L..., N, N) complex128",
+            factory=SUNSpace,
+            pattern=r"su(?P<n>\d+)",
+            examples=("su2", "su3"),
+            gauge=True,
+            observables=GAUGE_OBSERVABLES,
+            observable_dims={"topological_charge": (4,)},
+            prior="haar",
+        ),
     ]

@@ -36,7 +36,7 @@ References:
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -73,8 +73,16 @@ class GaugeMasks:
             active loop (odd L_nu), or a period other than 2 or 4 or not dividing L_nu.
     """
 
-    def __init__(self, lattice: Sequence[int], index: int = 0, *, mu: int | None = None,
-                 nu: int | None = None, offset: int | None = None, period: int | None = None) -> None:
+    def __init__(
+        self,
+        lattice: Sequence[int],
+        index: int = 0,
+        *,
+        mu: int | None = None,
+        nu: int | None = None,
+        offset: int | None = None,
+        period: int | None = None,
+    ) -> None:
         lat = tuple(int(v) for v in lattice)
         d = len(lat)
         if d < 2:
@@ -87,15 +95,15 @@ class GaugeMasks:
             raise ConfigError(f"gauge masks need nu != mu; found mu = nu = {self.mu}")
         ln = lat[self.nu]
         if ln % 2:
-            raise ConfigError(f"gauge masks need an even extent along direction {self.nu}; "
-                              f"found lattice {list(lat)}")
+            raise ConfigError(f"gauge masks need an even extent along direction {self.nu}; found lattice {list(lat)}")
         if period is None:
             self.period = 4 if ln % 4 == 0 else 2
         elif isinstance(period, int) and not isinstance(period, bool) and period in (2, 4) and ln % period == 0:
             self.period = period
         else:
-            raise ConfigError(f"gauge mask period must be 2 or 4 and divide the extent {ln} along "
-                              f"direction {self.nu}; found {period}")
+            raise ConfigError(
+                f"gauge mask period must be 2 or 4 and divide the extent {ln} along direction {self.nu}; found {period}"
+            )
         self.offset = int((index // d) if offset is None else offset) % self.period
         coords = torch.meshgrid(*[torch.arange(n) for n in lat], indexing="ij")
         self.sites = (coords[self.nu] % self.period) == self.offset
@@ -104,8 +112,7 @@ class GaugeMasks:
         frozen = []
         for a in range(d):
             for b in range(a + 1, d):
-                touched = (links[a] | torch.roll(links[b], -1, dims=a)
-                           | torch.roll(links[a], -1, dims=b) | links[b])
+                touched = links[a] | torch.roll(links[b], -1, dims=a) | torch.roll(links[a], -1, dims=b) | links[b]
                 frozen.append(~touched)
         self.frozen = torch.stack(frozen)
         self.lattice = lat
@@ -126,9 +133,26 @@ def _sun_loop(links: torch.Tensor, mu: int, nu: int) -> torch.Tensor:
 class _GaugeCoupling(nn.Module):
     """Masks, conditioner network and shape checks shared by the gauge couplings."""
 
-    def __init__(self, lattice: Sequence[int], index: int, n_params: int, hidden: Sequence[int],
-                 kernel_size: int, dtype: str, mu: int | None, nu: int | None, offset: int | None,
-                 init_scale: float = 0.0, rectangles: bool = False, period: int | None = None) -> None:
+    # buffers (registered in __init__; declared for the type checker)
+    sites: torch.Tensor
+    frozen: torch.Tensor
+    rect_frozen: torch.Tensor  # with rectangles only
+
+    def __init__(
+        self,
+        lattice: Sequence[int],
+        index: int,
+        n_params: int,
+        hidden: Sequence[int],
+        kernel_size: int,
+        dtype: str,
+        mu: int | None,
+        nu: int | None,
+        offset: int | None,
+        init_scale: float = 0.0,
+        rectangles: bool = False,
+        period: int | None = None,
+    ) -> None:
         super().__init__()
         masks = GaugeMasks(lattice, index, mu=mu, nu=nu, offset=offset, period=period)
         self.rectangles = bool(rectangles)
@@ -148,11 +172,11 @@ class _GaugeCoupling(nn.Module):
         n_planes = self.d * (self.d - 1) // 2
         self.n_params = n_params
         n_in = 2 * n_planes + (2 if self.rectangles else 0)
-        self.net = ConvNet(n_in, n_params, hidden, kernel_size, self.d, net_dtype(dtype),
-                           final_scale=init_scale)
+        self.net = ConvNet(n_in, n_params, hidden, kernel_size, self.d, net_dtype(dtype), final_scale=init_scale)
 
-    def _condition(self, re: torch.Tensor, im: torch.Tensor,
-                   rect: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    def _condition(
+        self, re: torch.Tensor, im: torch.Tensor, rect: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
         """Network output (B, L..., n_params), float64, from per-plane features (B, np, L...)
         and, with ``rectangles``, the (re, im) features (B, L...) of the 1x2 loops."""
         parts = [re * self.frozen, im * self.frozen]
@@ -203,11 +227,25 @@ class U1Coupling(_GaugeCoupling):
         ShapeError: on an input of the wrong shape.
     """
 
-    def __init__(self, *, lattice: Sequence[int], field: str = "u1", index: int = 0, transform: str = "ncp",
-                 hidden: Sequence[int] = (8, 8), kernel_size: int = 3, n_mix: int = 2, n_bins: int = 8,
-                 dtype: str = "float32", mu: int | None = None, nu: int | None = None,
-                 offset: int | None = None, init_scale: float | None = None, rectangles: bool = False,
-                 period: int | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        lattice: Sequence[int],
+        field: str = "u1",
+        index: int = 0,
+        transform: str = "ncp",
+        hidden: Sequence[int] = (8, 8),
+        kernel_size: int = 3,
+        n_mix: int = 2,
+        n_bins: int = 8,
+        dtype: str = "float32",
+        mu: int | None = None,
+        nu: int | None = None,
+        offset: int | None = None,
+        init_scale: float | None = None,
+        rectangles: bool = False,
+        period: int | None = None,
+    ) -> None:
         if field != "u1":
             raise ConfigError(f"U(1) coupling acts on u1 links; found field kind '{field}'")
         if transform not in ("ncp", "spline"):
@@ -215,18 +253,22 @@ class U1Coupling(_GaugeCoupling):
         self.transform = transform
         self.n_mix, self.n_bins = int(n_mix), int(n_bins)
         if self.n_mix < 1 or self.n_bins < 1:
-            raise ConfigError(f"U(1) coupling needs n_mix >= 1 and n_bins >= 1; found n_mix = {n_mix}, "
-                              f"n_bins = {n_bins}")
+            raise ConfigError(
+                f"U(1) coupling needs n_mix >= 1 and n_bins >= 1; found n_mix = {n_mix}, n_bins = {n_bins}"
+            )
         n_params = (2 * self.n_mix if transform == "ncp" else 3 * self.n_bins) + 1
         if init_scale is None:
             init_scale = 1.0 if transform == "ncp" else 0.0
-        super().__init__(lattice, index, n_params, hidden, kernel_size, dtype, mu, nu, offset, init_scale,
-                         rectangles, period)
+        super().__init__(
+            lattice, index, n_params, hidden, kernel_size, dtype, mu, nu, offset, init_scale, rectangles, period
+        )
 
     def _check(self, theta: torch.Tensor) -> None:
         if tuple(theta.shape[1:]) != (self.d, *self.lattice) or theta.is_complex():
-            raise ShapeError(f"U1Coupling: expected real angles of shape (B, {self.d}, "
-                             f"{', '.join(map(str, self.lattice))}); found {theta.dtype} {tuple(theta.shape)}")
+            raise ShapeError(
+                f"U1Coupling: expected real angles of shape (B, {self.d}, "
+                f"{', '.join(map(str, self.lattice))}); found {theta.dtype} {tuple(theta.shape)}"
+            )
 
     def _map(self, theta: torch.Tensor, inverse: bool, diag: bool = False):
         self._check(theta)
@@ -242,7 +284,7 @@ class U1Coupling(_GaugeCoupling):
         rot = p[..., -1]
         if self.transform == "ncp":
             m = self.n_mix
-            y, ld = ncp_mixture(x, p[..., :m], p[..., m:2 * m], rot, inverse=inverse)
+            y, ld = ncp_mixture(x, p[..., :m], p[..., m : 2 * m], rot, inverse=inverse)
         else:
             y, ld = circular_rq_spline(x, p[..., :-1], self.n_bins, rotation=rot, inverse=inverse)
         t_mu = theta[:, self.mu]
@@ -314,25 +356,53 @@ class SUNSpectralCoupling(_GaugeCoupling):
         ShapeError: on an input of the wrong shape.
     """
 
-    def __init__(self, *, lattice: Sequence[int], field: str = "su3", index: int = 0,
-                 hidden: Sequence[int] = (8, 8), kernel_size: int = 3, n_bins: int = 8,
-                 dtype: str = "float32", mu: int | None = None, nu: int | None = None,
-                 offset: int | None = None, init_scale: float = 0.0, rectangles: bool = False,
-                 period: int | None = None) -> None:
+    site_index: torch.Tensor  # buffer: flat indices of the updated sites
+
+    def __init__(
+        self,
+        *,
+        lattice: Sequence[int],
+        field: str = "su3",
+        index: int = 0,
+        hidden: Sequence[int] = (8, 8),
+        kernel_size: int = 3,
+        n_bins: int = 8,
+        dtype: str = "float32",
+        mu: int | None = None,
+        nu: int | None = None,
+        offset: int | None = None,
+        init_scale: float = 0.0,
+        rectangles: bool = False,
+        period: int | None = None,
+    ) -> None:
         n = su_n(field)
         if n is None:
             raise ConfigError(f"SU(N) spectral coupling acts on su<N> links; found field kind '{field}'")
         self.n = n
         self.n_bins = int(n_bins)
-        super().__init__(lattice, index, n_spectral_params(self.n, self.n_bins), hidden, kernel_size,
-                         dtype, mu, nu, offset, init_scale, rectangles, period)
+        super().__init__(
+            lattice,
+            index,
+            n_spectral_params(self.n, self.n_bins),
+            hidden,
+            kernel_size,
+            dtype,
+            mu,
+            nu,
+            offset,
+            init_scale,
+            rectangles,
+            period,
+        )
         self.register_buffer("site_index", self.sites.flatten().nonzero().flatten())
 
     def _check(self, u: torch.Tensor) -> None:
         if tuple(u.shape[1:]) != (self.d, *self.lattice, self.n, self.n) or not u.is_complex():
-            raise ShapeError(f"SUNSpectralCoupling: expected complex links of shape (B, {self.d}, "
-                             f"{', '.join(map(str, self.lattice))}, {self.n}, {self.n}); "
-                             f"found {u.dtype} {tuple(u.shape)}")
+            raise ShapeError(
+                f"SUNSpectralCoupling: expected complex links of shape (B, {self.d}, "
+                f"{', '.join(map(str, self.lattice))}, {self.n}, {self.n}); "
+                f"found {u.dtype} {tuple(u.shape)}"
+            )
 
     def _map(self, u: torch.Tensor, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
         self._check(u)
@@ -349,7 +419,7 @@ class SUNSpectralCoupling(_GaugeCoupling):
             r = torch.diagonal(below @ u_nu @ full_loop @ u_nu.mH, dim1=-2, dim2=-1).sum(-1) / self.n
             rect = (r.real, r.imag)
         p = self._condition(tr.real, tr.imag, rect)
-        b, d = u.shape[0], self.d
+        d = self.d
         idx = self.site_index
         loop = full_loop.flatten(1, d)[:, idx]
         params = p.flatten(1, d)[:, idx]

@@ -13,7 +13,8 @@ transformation of the field, so log-densities and the inverse stay float64-exact
 
 from __future__ import annotations
 
-from typing import Sequence
+import itertools
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -64,8 +65,9 @@ class PeriodicConv(nn.Module):
         ConfigError: for an even ``kernel_size`` or d outside 1..4.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, ndim: int,
-                 dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: int, ndim: int, dtype: torch.dtype = torch.float32
+    ) -> None:
         super().__init__()
         if kernel_size % 2 != 1 or kernel_size < 1:
             raise ConfigError(f"kernel_size must be odd and positive; found {kernel_size}")
@@ -74,19 +76,21 @@ class PeriodicConv(nn.Module):
         self.ndim = ndim
         self.kernel_size = kernel_size
         pad = kernel_size // 2
+        self.conv: nn.Conv1d | nn.Conv2d | nn.Conv3d
         if ndim == 4:
-            self.conv = nn.Conv3d(in_channels * kernel_size, out_channels, kernel_size, padding=pad,
-                                  padding_mode="circular", dtype=dtype)
+            self.conv = nn.Conv3d(
+                in_channels * kernel_size, out_channels, kernel_size, padding=pad, padding_mode="circular", dtype=dtype
+            )
         else:
             cls = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[ndim - 1]
-            self.conv = cls(in_channels, out_channels, kernel_size, padding=pad,
-                            padding_mode="circular", dtype=dtype)
+            self.conv = cls(in_channels, out_channels, kernel_size, padding=pad, padding_mode="circular", dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the convolution; see the class docstring for shapes."""
         if x.dim() != self.ndim + 2:
-            raise ShapeError(f"PeriodicConv({self.ndim}D) expects (B, C, L_0, ..., L_{self.ndim - 1}); "
-                             f"found shape {tuple(x.shape)}")
+            raise ShapeError(
+                f"PeriodicConv({self.ndim}D) expects (B, C, L_0, ..., L_{self.ndim - 1}); found shape {tuple(x.shape)}"
+            )
         if self.ndim < 4:
             return self.conv(x)
         b, c, l0 = x.shape[:3]
@@ -118,21 +122,28 @@ class ConvNet(nn.Module):
         input (B, in_channels, L...) in ``dtype``; output (B, out_channels, L...) in ``dtype``.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, hidden: Sequence[int], kernel_size: int,
-                 ndim: int, dtype: torch.dtype = torch.float32, final_scale: float = 0.0) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        hidden: Sequence[int],
+        kernel_size: int,
+        ndim: int,
+        dtype: torch.dtype = torch.float32,
+        final_scale: float = 0.0,
+    ) -> None:
         super().__init__()
         sizes = [int(in_channels), *map(int, hidden), int(out_channels)]
         layers: list[nn.Module] = []
-        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        for i, (a, b) in enumerate(itertools.pairwise(sizes)):
             layers.append(PeriodicConv(a, b, kernel_size, ndim, dtype))
             if i < len(sizes) - 2:
                 layers.append(nn.LeakyReLU())
         self.layers = nn.Sequential(*layers)
         self.dtype = dtype
-        last = layers[-1].conv
-        with torch.no_grad():
-            last.weight.mul_(float(final_scale))
-            last.bias.mul_(float(final_scale))
+        with torch.no_grad():  # the last convolution's weight and bias
+            for p in layers[-1].parameters():
+                p.mul_(float(final_scale))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the network; the input is cast to the network dtype first."""
@@ -161,23 +172,28 @@ class MLP(nn.Module):
         ConfigError: for a non-positive width.
     """
 
-    def __init__(self, in_features: int, out_features: int, hidden: Sequence[int],
-                 dtype: torch.dtype = torch.float32, final_scale: float = 0.0) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        hidden: Sequence[int],
+        dtype: torch.dtype = torch.float32,
+        final_scale: float = 0.0,
+    ) -> None:
         super().__init__()
         sizes = [int(in_features), *map(int, hidden), int(out_features)]
         if min(sizes) < 1:
             raise ConfigError(f"network widths must be >= 1; found {sizes}")
         layers: list[nn.Module] = []
-        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        for i, (a, b) in enumerate(itertools.pairwise(sizes)):
             layers.append(nn.Linear(a, b, dtype=dtype))
             if i < len(sizes) - 2:
                 layers.append(nn.SiLU())
         self.layers = nn.Sequential(*layers)
         self.dtype = dtype
-        last = layers[-1]
-        with torch.no_grad():
-            last.weight.mul_(float(final_scale))
-            last.bias.mul_(float(final_scale))
+        with torch.no_grad():  # the last linear layer's weight and bias
+            for p in layers[-1].parameters():
+                p.mul_(float(final_scale))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the network; the input is cast to the network dtype first."""

@@ -27,7 +27,8 @@ Huge conditioning values
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import nn
@@ -53,7 +54,7 @@ def checkerboard(lattice: Sequence[int], parity: int) -> torch.Tensor:
         Shape (L_0, ..., L_{d-1}), float64.
     """
     grids = torch.meshgrid(*[torch.arange(n) for n in lattice], indexing="ij")
-    total = sum(grids) + int(parity)
+    total = cast(torch.Tensor, sum(grids)) + int(parity)  # d >= 1 grids: a tensor, never sum()'s start 0
     return ((total % 2) == 0).to(torch.float64)
 
 
@@ -61,9 +62,19 @@ class _ScalarCoupling(nn.Module):
     """Shared parts of the scalar coupling layers: mask, network, shape check."""
 
     fields = ("scalar",)
+    active: torch.Tensor  # buffer: the checkerboard of updated sites, float64
 
-    def __init__(self, lattice: Sequence[int], index: int, n_params: int, hidden: Sequence[int],
-                 kernel_size: int, dtype: str, parity: int | None, init_scale: float = 0.0) -> None:
+    def __init__(
+        self,
+        lattice: Sequence[int],
+        index: int,
+        n_params: int,
+        hidden: Sequence[int],
+        kernel_size: int,
+        dtype: str,
+        parity: int | None,
+        init_scale: float = 0.0,
+    ) -> None:
         super().__init__()
         self.lattice = tuple(int(v) for v in lattice)
         if not 1 <= len(self.lattice) <= 4:
@@ -73,13 +84,16 @@ class _ScalarCoupling(nn.Module):
         self.parity = int(index % 2 if parity is None else parity)
         self.register_buffer("active", checkerboard(self.lattice, self.parity))
         self.n_params = n_params
-        self.net = ConvNet(1, n_params, hidden, kernel_size, len(self.lattice), net_dtype(dtype),
-                           final_scale=init_scale)
+        self.net = ConvNet(
+            1, n_params, hidden, kernel_size, len(self.lattice), net_dtype(dtype), final_scale=init_scale
+        )
 
     def _check(self, x: torch.Tensor) -> None:
         if tuple(x.shape[1:]) != self.lattice or x.is_complex():
-            raise ShapeError(f"{type(self).__name__}: expected a real field of shape (B, "
-                             f"{', '.join(map(str, self.lattice))}); found {x.dtype} {tuple(x.shape)}")
+            raise ShapeError(
+                f"{type(self).__name__}: expected a real field of shape (B, "
+                f"{', '.join(map(str, self.lattice))}); found {x.dtype} {tuple(x.shape)}"
+            )
 
     def _params(self, x: torch.Tensor) -> torch.Tensor:
         """Network output (B, L..., n_params) in float64 from the frozen sites of x.
@@ -121,9 +135,19 @@ class AffineCoupling(_ScalarCoupling):
         ShapeError: on an input of the wrong shape.
     """
 
-    def __init__(self, *, lattice: Sequence[int], field: str = "scalar", index: int = 0,
-                 hidden: Sequence[int] = (8, 8), kernel_size: int = 3, scale_clamp: float = 3.0,
-                 dtype: str = "float32", parity: int | None = None, init_scale: float = 0.0) -> None:
+    def __init__(
+        self,
+        *,
+        lattice: Sequence[int],
+        field: str = "scalar",
+        index: int = 0,
+        hidden: Sequence[int] = (8, 8),
+        kernel_size: int = 3,
+        scale_clamp: float = 3.0,
+        dtype: str = "float32",
+        parity: int | None = None,
+        init_scale: float = 0.0,
+    ) -> None:
         if field != "scalar":
             raise ConfigError(f"affine coupling acts on scalar fields; found field kind '{field}'")
         super().__init__(lattice, index, 2, hidden, kernel_size, dtype, parity, init_scale)
@@ -191,10 +215,20 @@ class SplineCoupling(_ScalarCoupling):
         ShapeError: on an input of the wrong shape.
     """
 
-    def __init__(self, *, lattice: Sequence[int], field: str = "scalar", index: int = 0,
-                 hidden: Sequence[int] = (8, 8), kernel_size: int = 3, n_bins: int = 8,
-                 bound: float = 4.0, dtype: str = "float32", parity: int | None = None,
-                 init_scale: float = 0.0) -> None:
+    def __init__(
+        self,
+        *,
+        lattice: Sequence[int],
+        field: str = "scalar",
+        index: int = 0,
+        hidden: Sequence[int] = (8, 8),
+        kernel_size: int = 3,
+        n_bins: int = 8,
+        bound: float = 4.0,
+        dtype: str = "float32",
+        parity: int | None = None,
+        init_scale: float = 0.0,
+    ) -> None:
         if field != "scalar":
             raise ConfigError(f"spline coupling acts on scalar fields; found field kind '{field}'")
         self.n_bins = int(n_bins)

@@ -181,8 +181,9 @@ def _top(first: torch.Tensor, last: torch.Tensor, u: torch.Tensor) -> torch.Tens
     return last & (~first | (u > 0.5))
 
 
-def _spline_inverse(v: torch.Tensor, cv: torch.Tensor, xk: torch.Tensor, yk: torch.Tensor, d: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+def _spline_inverse(
+    v: torch.Tensor, cv: torch.Tensor, xk: torch.Tensor, yk: torch.Tensor, d: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(u, 1 - u) with f(u) = v, given v and cv = 1 - v, for the splines of
     :func:`_spline_forward` (Durkan et al. appendix A, in the cancellation-free form
     xi = 2c / (-b - sqrt(b^2 - 4ac))); 1 - u is cv / sigma_r in the last bin."""
@@ -239,7 +240,7 @@ def _unstick(u: torch.Tensor, c: torch.Tensor, total: torch.Tensor) -> torch.Ten
     return torch.stack(gaps, -1)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _pairs(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Indices i < j of the N(N-1)/2 eigenvalue pairs and the (2, P, N) float64 masks of the
     gaps on the two arcs between them: i..j-1, and the others."""
@@ -249,8 +250,9 @@ def _pairs(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, to
     return i, j, torch.stack([arc, 1.0 - arc])
 
 
-def _log_density(t: torch.Tensor, log_df: torch.Tensor, log_sl: torch.Tensor, log_sr: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def _log_density(
+    t: torch.Tensor, log_df: torch.Tensor, log_sl: torch.Tensor, log_sr: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """log|det| of the forward map at alcove gaps t (..., N), and log sin(pi a'_ij)/sin(pi a_ij)
     for every pair (..., P) (module docstring); both finite for every t."""
     n = t.shape[-1]
@@ -272,9 +274,11 @@ def _log_density(t: torch.Tensor, log_df: torch.Tensor, log_sl: torch.Tensor, lo
     ratio = torch.where(pos, s_out / torch.where(pos, s_in, torch.ones_like(s_in)), m_rho)
     near = s_out <= c_out
     quarter, half = torch.full_like(s_out, 0.25), torch.full_like(s_out, 0.5)
-    sinc_out = torch.where(near, torch.sinc(torch.where(near, s_out, quarter)),
-                           torch.sin(math.pi * torch.where(near, quarter, c_out))
-                           / (math.pi * torch.where(near, half, s_out)))
+    sinc_out = torch.where(
+        near,
+        torch.sinc(torch.where(near, s_out, quarter)),
+        torch.sin(math.pi * torch.where(near, quarter, c_out)) / (math.pi * torch.where(near, half, s_out)),
+    )
     log_s = torch.log(ratio) + torch.log(sinc_out) - torch.log(torch.sinc(s_in))
     return ld + 2 * log_s.sum(-1), log_s
 
@@ -303,7 +307,7 @@ def _eigen(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         e = [torch.ones_like(p1), p1, 0.5 * (p1 * p1 - p2)]
         if n == 3:
             p3 = ((w @ w) * w.mT).sum((-1, -2))
-            e.append((p1 ** 3 - 3 * p1 * p2 + 2 * p3) / 6)
+            e.append((p1**3 - 3 * p1 * p2 + 2 * p3) / 6)
         powers = rot.to(w.dtype)[:, None] ** k.to(w.dtype)  # (N + 1 candidates, N + 1 powers)
         dets = torch.stack(e, -1) @ powers.mT
     else:
@@ -325,8 +329,9 @@ def _eigen(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return v, torch.gather(gaps, -1, idx) / TWO_PI, theta
 
 
-def spectral_map(w: torch.Tensor, raw: torch.Tensor, n_bins: int, *,
-                 inverse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def spectral_map(
+    w: torch.Tensor, raw: torch.Tensor, n_bins: int, *, inverse: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Conjugation-equivariant spline flow on SU(N) matrices (module docstring).
 
     Finite, with finite gradients, for every input including degenerate spectra (unit
@@ -355,8 +360,10 @@ def spectral_map(w: torch.Tensor, raw: torch.Tensor, n_bins: int, *,
     n = w.shape[-1]
     per = 3 * n_bins + 1
     if raw.shape[-1] != (n - 1) * per:
-        raise ValueError(f"spectral_map for SU({n}) with {n_bins} bins needs {(n - 1) * per} "
-                         f"parameters per matrix; found {raw.shape[-1]}")
+        raise ValueError(
+            f"spectral_map for SU({n}) with {n_bins} bins needs {(n - 1) * per} "
+            f"parameters per matrix; found {raw.shape[-1]}"
+        )
     track = w.requires_grad and torch.is_grad_enabled()
     with torch.no_grad():
         vec, t, theta = _eigen(w.detach())

@@ -36,18 +36,46 @@ def _u1(transform: str):
 def flowplug_flow_layers() -> list[FlowLayerSpec]:
     """The built-in flow layers."""
     return [
-        FlowLayerSpec(name="affine", description="real-NVP affine checkerboard coupling (scalar; 1904.12072)",
-                      factory=AffineCoupling, fields=("scalar",), aliases=("realnvp",)),
-        FlowLayerSpec(name="spline", description="rational-quadratic spline checkerboard coupling (scalar; 1906.04032)",
-                      factory=SplineCoupling, fields=("scalar",), aliases=("rqs",)),
-        FlowLayerSpec(name="u1-ncp", description="U(1) gauge-equivariant coupling, NCP mixtures (2003.06413)",
-                      factory=_u1("ncp"), fields=("u1",)),
-        FlowLayerSpec(name="u1-spline", description="U(1) gauge-equivariant coupling, circular RQ splines (2002.02428)",
-                      factory=_u1("spline"), fields=("u1",)),
-        FlowLayerSpec(name="u1-multiscale", description="2D U(1) coupling of block Wilson loops, coarse to fine (2404.10819)",
-                      factory=U1MultiscaleCoupling, fields=("u1",), dims=(2,)),
-        FlowLayerSpec(name="sun-spectral", description="SU(N) gauge-equivariant spectral spline coupling (2008.05456)",
-                      factory=SUNSpectralCoupling, fields=("su2", "su3"), aliases=("su-spectral",)),
+        FlowLayerSpec(
+            name="affine",
+            description="real-NVP affine checkerboard coupling (scalar; 1904.12072)",
+            factory=AffineCoupling,
+            fields=("scalar",),
+            aliases=("realnvp",),
+        ),
+        FlowLayerSpec(
+            name="spline",
+            description="rational-quadratic spline checkerboard coupling (scalar; 1906.04032)",
+            factory=SplineCoupling,
+            fields=("scalar",),
+            aliases=("rqs",),
+        ),
+        FlowLayerSpec(
+            name="u1-ncp",
+            description="U(1) gauge-equivariant coupling, NCP mixtures (2003.06413)",
+            factory=_u1("ncp"),
+            fields=("u1",),
+        ),
+        FlowLayerSpec(
+            name="u1-spline",
+            description="U(1) gauge-equivariant coupling, circular RQ splines (2002.02428)",
+            factory=_u1("spline"),
+            fields=("u1",),
+        ),
+        FlowLayerSpec(
+            name="u1-multiscale",
+            description="2D U(1) coupling of block Wilson loops, coarse to fine (2404.10819)",
+            factory=U1MultiscaleCoupling,
+            fields=("u1",),
+            dims=(2,),
+        ),
+        FlowLayerSpec(
+            name="sun-spectral",
+            description="SU(N) gauge-equivariant spectral spline coupling (2008.05456)",
+            factory=SUNSpectralCoupling,
+            fields=("su2", "su3"),
+            aliases=("su-spectral",),
+        ),
     ]
 
 
@@ -55,10 +83,20 @@ def flowplug_flow_layers() -> list[FlowLayerSpec]:
 def flowplug_priors() -> list[PriorSpec]:
     """The built-in priors."""
     return [
-        PriorSpec(name="normal", description="independent standard normal sites (scalar)",
-                  factory=NormalPrior, fields=("scalar",)),
-        PriorSpec(name="uniform", description="independent uniform U(1) link angles",
-                  factory=UniformU1Prior, fields=("u1",), aliases=("uniform-u1",)),
-        PriorSpec(name="haar", description="independent Haar-random SU(N) links",
-                  factory=HaarPrior, fields=("su2", "su3")),
+        PriorSpec(
+            name="normal",
+            description="independent standard normal sites (scalar)",
+            factory=NormalPrior,
+            fields=("scalar",),
+        ),
+        PriorSpec(
+            name="uniform",
+            description="independent uniform U(1) link angles",
+            factory=UniformU1Prior,
+            fields=("u1",),
+            aliases=("uniform-u1",),
+        ),
+        PriorSpec(
+            name="haar", description="independent Haar-random SU(N) links", factory=HaarPrior, fields=("su2", "su3")
+        ),
     ]

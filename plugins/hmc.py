@@ -64,9 +64,16 @@ class HMC(Kernel):
 
     name = "hmc"
 
-    def __init__(self, action: Any, *, integrator: str = "leapfrog", steps: int = 10,
-                 trajectory_length: float = 1.0, omelyan_lambda: float = OMELYAN_LAMBDA,
-                 reunitarize: bool = False) -> None:
+    def __init__(
+        self,
+        action: Any,
+        *,
+        integrator: str = "leapfrog",
+        steps: int = 10,
+        trajectory_length: float = 1.0,
+        omelyan_lambda: float = OMELYAN_LAMBDA,
+        reunitarize: bool = False,
+    ) -> None:
         integrator = str(integrator).strip().lower()
         if integrator not in INTEGRATORS:
             raise ConfigError(f"hmc: unknown integrator {integrator!r}; choose one of {', '.join(INTEGRATORS)}")
@@ -129,8 +136,7 @@ class HMC(Kernel):
         x = x.detach()
         return ChainState(x, -self.action.action(x).to(torch.float64))
 
-    def step(self, state: ChainState, generator: torch.Generator | None = None
-             ) -> tuple[ChainState, dict[str, Any]]:
+    def step(self, state: ChainState, generator: torch.Generator | None = None) -> tuple[ChainState, dict[str, Any]]:
         """One HMC trajectory and float64 Metropolis test for every chain.
 
         Returns:
@@ -155,12 +161,20 @@ class HMC(Kernel):
         return new, {"accepted": accepted, "delta_h": dh}
 
     def __repr__(self) -> str:
-        return (f"HMC(action={self.action!r}, integrator={self.integrator!r}, steps={self.steps}, "
-                f"trajectory_length={self.trajectory_length})")
+        return (
+            f"HMC(action={self.action!r}, integrator={self.integrator!r}, steps={self.steps}, "
+            f"trajectory_length={self.trajectory_length})"
+        )
 
 
 @hookimpl
 def flowplug_kernels() -> list[KernelSpec]:
     """The built-in ``hmc`` kernel."""
-    return [KernelSpec(name="hmc", description="hybrid Monte Carlo (leapfrog / Omelyan 2MN), any field kind",
-                       factory=HMC, aliases=("hybrid-monte-carlo",))]
+    return [
+        KernelSpec(
+            name="hmc",
+            description="hybrid Monte Carlo (leapfrog / Omelyan 2MN), any field kind",
+            factory=HMC,
+            aliases=("hybrid-monte-carlo",),
+        )
+    ]

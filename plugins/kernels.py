@@ -35,7 +35,8 @@ References:
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -45,8 +46,19 @@ from flowplug.hookspecs import hookimpl
 from flowplug.metropolis import guarded_log_accept, hmc_log_accept, independence_log_accept, metropolis_test
 from flowplug.records import KernelSpec
 
-__all__ = ["IndependenceMetropolis", "Mixture", "Composition", "FlowHMC", "LatentAction",
-           "metropolis_log_ratio", "subset_state", "merge_states"]
+if TYPE_CHECKING:
+    from flowplug.theory import FieldSpace
+
+__all__ = [
+    "IndependenceMetropolis",
+    "Mixture",
+    "Composition",
+    "FlowHMC",
+    "LatentAction",
+    "metropolis_log_ratio",
+    "subset_state",
+    "merge_states",
+]
 
 
 #: The guarded independence log acceptance ratio (:func:`flowplug.metropolis.independence_log_accept`).
@@ -55,8 +67,7 @@ metropolis_log_ratio = independence_log_accept
 
 def subset_state(state: ChainState, index: torch.Tensor) -> ChainState:
     """The chains ``index`` (1-D long tensor) of a state, extras included."""
-    return ChainState(state.x[index], state.log_p[index],
-                      {k: v[index] for k, v in state.extras.items()})
+    return ChainState(state.x[index], state.log_p[index], {k: v[index] for k, v in state.extras.items()})
 
 
 def merge_states(state: ChainState, parts: Sequence[tuple[torch.Tensor, ChainState]]) -> ChainState:
@@ -163,8 +174,9 @@ class IndependenceMetropolis(_FlowKernel):
 
     name = "independence-metropolis"
 
-    def propose(self, n: int, generator: torch.Generator | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def propose(
+        self, n: int, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``n`` flow samples: ``(x, log_p, log_q, z)``, log-densities (n,) float64."""
         with torch.no_grad():
             z, log_r = self.flow.sample_latent(n, generator)
@@ -173,8 +185,7 @@ class IndependenceMetropolis(_FlowKernel):
             log_p = -self.action.action(x).to(torch.float64)
         return x, log_p, log_q, z
 
-    def step(self, state: ChainState, generator: torch.Generator | None = None
-             ) -> tuple[ChainState, dict[str, Any]]:
+    def step(self, state: ChainState, generator: torch.Generator | None = None) -> tuple[ChainState, dict[str, Any]]:
         """One independence-Metropolis step for every chain (class docstring)."""
         state = self.complete(state)
         x1, lp1, lq1, z1 = self.propose(state.batch, generator)
@@ -182,8 +193,14 @@ class IndependenceMetropolis(_FlowKernel):
         log_a = independence_log_accept(lp1, lq1, lp0, lq0)
         accepted = metropolis_test(log_a, generator)
         new = state.moved(accepted, x1, lp1, {"log_q": lq1, "latent": z1})
-        return new, {"accepted": accepted, "log_accept": log_a, "log_p_proposal": lp1,
-                     "log_q_proposal": lq1, "log_p_current": lp0, "log_q_current": lq0}
+        return new, {
+            "accepted": accepted,
+            "log_accept": log_a,
+            "log_p_proposal": lp1,
+            "log_q_proposal": lq1,
+            "log_p_current": lp0,
+            "log_q_current": lq0,
+        }
 
     def __repr__(self) -> str:
         return f"IndependenceMetropolis(action={self.action!r})"
@@ -215,14 +232,14 @@ class LatentAction:
         self.flow = flow
         self.physical = action
         self.field = action.field
-        self._field_space = None
+        self._field_space: FieldSpace | None = None  # built on first use
 
     def transform(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x, logdet)`` = f(z), z first brought to its canonical range by its field space
         (angles wrapped into (-pi, pi]; :meth:`flowplug.theory.FieldSpace.finalize`)."""
         return self.flow(self._space().finalize(z))
 
-    def _space(self) -> Any:
+    def _space(self) -> FieldSpace:
         if self._field_space is None:
             from flowplug.theory import field_space
 
@@ -270,17 +287,16 @@ class FlowHMC(_FlowKernel):
 
     name = "flow-hmc"
 
-    def __init__(self, flow: Any, action: Any, *, integrator: str = "leapfrog", steps: int = 10,
-                 trajectory_length: float = 1.0) -> None:
+    def __init__(
+        self, flow: Any, action: Any, *, integrator: str = "leapfrog", steps: int = 10, trajectory_length: float = 1.0
+    ) -> None:
         super().__init__(flow, action)
         from flowplug.plugins.hmc import HMC
 
         self.latent_action = LatentAction(flow, action)
-        self.hmc = HMC(self.latent_action, integrator=integrator, steps=steps,
-                       trajectory_length=trajectory_length)
+        self.hmc = HMC(self.latent_action, integrator=integrator, steps=steps, trajectory_length=trajectory_length)
 
-    def step(self, state: ChainState, generator: torch.Generator | None = None
-             ) -> tuple[ChainState, dict[str, Any]]:
+    def step(self, state: ChainState, generator: torch.Generator | None = None) -> tuple[ChainState, dict[str, Any]]:
         """One latent-space HMC trajectory for every chain (class docstring)."""
         state = self.complete(state)
         z0 = state.extras["latent"]
@@ -305,8 +321,10 @@ class FlowHMC(_FlowKernel):
         return new, {"accepted": accepted, "delta_h": dh}
 
     def __repr__(self) -> str:
-        return (f"FlowHMC(action={self.action!r}, integrator={self.hmc.integrator!r}, "
-                f"steps={self.hmc.steps}, trajectory_length={self.hmc.trajectory_length})")
+        return (
+            f"FlowHMC(action={self.action!r}, integrator={self.hmc.integrator!r}, "
+            f"steps={self.hmc.steps}, trajectory_length={self.hmc.trajectory_length})"
+        )
 
 
 def _kernel_name(k: Any) -> str:
@@ -339,8 +357,9 @@ class Mixture(Kernel):
 
     name = "mixture"
 
-    def __init__(self, kernels: Sequence[Any], weights: Sequence[float], *,
-                 labels: Sequence[str] | None = None) -> None:
+    def __init__(
+        self, kernels: Sequence[Any], weights: Sequence[float], *, labels: Sequence[str] | None = None
+    ) -> None:
         kernels = list(kernels)
         if not kernels:
             raise ConfigError("mixture: needs at least one kernel")
@@ -352,13 +371,14 @@ class Mixture(Kernel):
         self.kernels = kernels
         self.probabilities = w / w.sum()
         self.labels = list(labels) if labels is not None else [_kernel_name(k) for k in kernels]
+        if len(self.labels) != len(kernels):
+            raise ConfigError(f"mixture: {len(kernels)} kernels but {len(self.labels)} labels")
 
     def init(self, x: torch.Tensor) -> ChainState:
         """State from the first component's ``init``."""
         return self.kernels[0].init(x)
 
-    def step(self, state: ChainState, generator: torch.Generator | None = None
-             ) -> tuple[ChainState, dict[str, Any]]:
+    def step(self, state: ChainState, generator: torch.Generator | None = None) -> tuple[ChainState, dict[str, Any]]:
         """One step: a kernel chosen per chain, then each sub-batch stepped by its kernel."""
         b = state.batch
         device = state.log_p.device
@@ -368,7 +388,7 @@ class Mixture(Kernel):
         accepted = torch.zeros(b, dtype=torch.bool, device=device)
         info: dict[str, Any] = {"choice": choice}
         parts = []
-        for i, (kernel, label) in enumerate(zip(self.kernels, self.labels)):
+        for i, (kernel, label) in enumerate(zip(self.kernels, self.labels, strict=True)):
             idx = (choice == i).nonzero().flatten()
             acc_i = torch.full((b,), float("nan"), dtype=torch.float64, device=device)
             if idx.numel():
@@ -381,7 +401,7 @@ class Mixture(Kernel):
         return merge_states(state, parts), info
 
     def __repr__(self) -> str:
-        parts = ", ".join(f"{p:.3g} {k!r}" for p, k in zip(self.probabilities.tolist(), self.kernels))
+        parts = ", ".join(f"{p:.3g} {k!r}" for p, k in zip(self.probabilities.tolist(), self.kernels, strict=True))
         return f"Mixture({parts})"
 
 
@@ -411,8 +431,9 @@ class Composition(Kernel):
 
     name = "composition"
 
-    def __init__(self, kernels: Sequence[Any], repeats: Sequence[int] | None = None, *,
-                 labels: Sequence[str] | None = None) -> None:
+    def __init__(
+        self, kernels: Sequence[Any], repeats: Sequence[int] | None = None, *, labels: Sequence[str] | None = None
+    ) -> None:
         kernels = list(kernels)
         if not kernels:
             raise ConfigError("composition: needs at least one kernel")
@@ -424,6 +445,8 @@ class Composition(Kernel):
         self.kernels = kernels
         self.repeats = repeats
         labels = list(labels) if labels is not None else [_kernel_name(k) for k in kernels]
+        if len(labels) != len(kernels):
+            raise ConfigError(f"composition: {len(kernels)} kernels but {len(labels)} labels")
         if len(set(labels)) != len(labels):
             labels = [f"{lab}{i}" for i, lab in enumerate(labels)]
         self.labels = labels
@@ -432,12 +455,11 @@ class Composition(Kernel):
         """State from the first component's ``init``."""
         return self.kernels[0].init(x)
 
-    def step(self, state: ChainState, generator: torch.Generator | None = None
-             ) -> tuple[ChainState, dict[str, Any]]:
+    def step(self, state: ChainState, generator: torch.Generator | None = None) -> tuple[ChainState, dict[str, Any]]:
         """One full cycle for every chain."""
         info: dict[str, Any] = {}
         last: dict[str, Any] = {}
-        for kernel, rep, label in zip(self.kernels, self.repeats, self.labels):
+        for kernel, rep, label in zip(self.kernels, self.repeats, self.labels, strict=True):
             acc = torch.zeros(state.batch, dtype=torch.float64, device=state.log_p.device)
             for _ in range(rep):
                 state, last = kernel.step(state, generator)
@@ -449,20 +471,30 @@ class Composition(Kernel):
         return state, info
 
     def __repr__(self) -> str:
-        return "Composition(" + ", ".join(f"{r} x {k!r}" for k, r in zip(self.kernels, self.repeats)) + ")"
+        return "Composition(" + ", ".join(f"{r} x {k!r}" for k, r in zip(self.kernels, self.repeats, strict=True)) + ")"
 
 
 @hookimpl
 def flowplug_kernels() -> list[KernelSpec]:
     """Independence Metropolis, mixtures, compositions and flow-transformed HMC."""
     return [
-        KernelSpec(name="independence-metropolis",
-                   description="flow proposals with a float64 independence-Metropolis test (1904.12072)",
-                   factory=IndependenceMetropolis, aliases=("flow", "im")),
-        KernelSpec(name="mixture", description="random choice among kernels with fixed probabilities",
-                   factory=Mixture),
-        KernelSpec(name="composition", description="fixed cycle of kernels (e.g. k HMC trajectories, "
-                   "then one flow proposal)", factory=Composition, aliases=("cycle",)),
-        KernelSpec(name="flow-hmc", description="HMC in the latent space of a flow (trivializing map, 0907.5491)",
-                   factory=FlowHMC, aliases=("latent-hmc",)),
+        KernelSpec(
+            name="independence-metropolis",
+            description="flow proposals with a float64 independence-Metropolis test (1904.12072)",
+            factory=IndependenceMetropolis,
+            aliases=("flow", "im"),
+        ),
+        KernelSpec(name="mixture", description="random choice among kernels with fixed probabilities", factory=Mixture),
+        KernelSpec(
+            name="composition",
+            description="fixed cycle of kernels (e.g. k HMC trajectories, then one flow proposal)",
+            factory=Composition,
+            aliases=("cycle",),
+        ),
+        KernelSpec(
+            name="flow-hmc",
+            description="HMC in the latent space of a flow (trivializing map, 0907.5491)",
+            factory=FlowHMC,
+            aliases=("latent-hmc",),
+        ),
     ]

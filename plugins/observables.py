@@ -17,12 +17,13 @@ arXiv:2101.08176's tutorial: chi_2 = sum_x G_c(x) = <M^2>/V, E_Ising = (1/d) sum
 from __future__ import annotations
 
 import math
-from typing import Callable, Mapping, Sequence
+from collections.abc import Sequence
+from typing import cast
 
 import torch
 
 from flowplug import gauge, groups
-from flowplug.errors import ConfigError, ShapeError
+from flowplug.errors import ShapeError
 from flowplug.hookspecs import hookimpl
 from flowplug.records import ObservableSpec
 
@@ -34,8 +35,10 @@ GAUGE_FIELDS = ("u1", "su2", "su3")
 
 def _scalar(phi: torch.Tensor) -> int:
     if phi.dim() < 2 or phi.is_complex():
-        raise ShapeError(f"scalar observables need a real field of shape (B, L_0, ..., L_(d-1)); "
-                         f"found {phi.dtype} {tuple(phi.shape)}")
+        raise ShapeError(
+            f"scalar observables need a real field of shape (B, L_0, ..., L_(d-1)); "
+            f"found {phi.dtype} {tuple(phi.shape)}"
+        )
     return phi.dim() - 1
 
 
@@ -128,20 +131,23 @@ def topological_charge(links: torch.Tensor) -> torch.Tensor:
     """
     if not links.is_complex():
         if links.dim() != 4 or links.shape[1] != 2:
-            raise ShapeError(f"topological_charge of U(1) links is defined in 2D, shape (B, 2, L0, L1); "
-                             f"found {tuple(links.shape)}")
+            raise ShapeError(
+                f"topological_charge of U(1) links is defined in 2D, shape (B, 2, L0, L1); found {tuple(links.shape)}"
+            )
         p = gauge.u1_plaquettes(links)
         return (groups.wrap_angle(p).flatten(1).sum(1) / (2 * math.pi)).to(torch.float64)
     if links.dim() != 8 or links.shape[1] != 4:
-        raise ShapeError(f"topological_charge of SU(N) links is defined in 4D, shape (B, 4, L0..L3, N, N); "
-                         f"found {tuple(links.shape)}")
+        raise ShapeError(
+            f"topological_charge of SU(N) links is defined in 4D, shape (B, 4, L0..L3, N, N); "
+            f"found {tuple(links.shape)}"
+        )
     f = {(m, n): clover_field_strength(links, m, n) for m, n in ((0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3))}
 
     def trprod(a, b):
         return torch.einsum("b...ij,b...ji->b", f[a], f[b]).real
 
     q = trprod((0, 1), (2, 3)) - trprod((0, 2), (1, 3)) + trprod((0, 3), (1, 2))
-    return (q / (4 * math.pi ** 2)).to(torch.float64)
+    return (q / (4 * math.pi**2)).to(torch.float64)
 
 
 def magnetization(phi: torch.Tensor) -> torch.Tensor:
@@ -200,7 +206,8 @@ def ising_energy(phi: torch.Tensor) -> torch.Tensor:
         Albergo et al., arXiv:2101.08176, section III.E (E = (1/d) sum_mu G_c(mu)).
     """
     d = _scalar(phi)
-    return sum(two_point(phi, tuple(int(m == mu) for m in range(d))) for mu in range(d)) / d
+    total = sum(two_point(phi, tuple(int(m == mu) for m in range(d))) for mu in range(d))
+    return cast(torch.Tensor, total) / d  # d >= 1 terms: a tensor, never sum()'s start 0
 
 
 # measurement() and default_observables() are the core's (flowplug.measure); kept here
@@ -212,21 +219,33 @@ from flowplug.measure import default_observables, measurement  # noqa: E402,F401
 def flowplug_observables() -> list[ObservableSpec]:
     """The built-in observables."""
     return [
-        ObservableSpec(name="plaquette", description="mean Re tr U_P / N (1 for unit links)",
-                       factory=plaquette, fields=GAUGE_FIELDS),
-        ObservableSpec(name="link_trace", description="mean Re tr U / N (gauge variant)",
-                       factory=link_trace, fields=GAUGE_FIELDS),
-        ObservableSpec(name="topological_charge",
-                       description="Q: 2D U(1) geometric, 4D SU(N) clover",
-                       factory=topological_charge, fields=GAUGE_FIELDS),
-        ObservableSpec(name="magnetization", description="sum_x phi_x / V", factory=magnetization,
-                       fields=("scalar",)),
-        ObservableSpec(name="abs_magnetization", description="|sum_x phi_x| / V",
-                       factory=abs_magnetization, fields=("scalar",)),
-        ObservableSpec(name="two_point", description="(1/V) sum_x phi_x phi_(x+shift)",
-                       factory=two_point, fields=("scalar",)),
-        ObservableSpec(name="chi_2", description="two-point susceptibility M^2 / V",
-                       factory=chi_2, fields=("scalar",)),
-        ObservableSpec(name="ising_energy", description="(1/d) sum_mu (1/V) sum_x phi_x phi_(x+mu)",
-                       factory=ising_energy, fields=("scalar",)),
+        ObservableSpec(
+            name="plaquette",
+            description="mean Re tr U_P / N (1 for unit links)",
+            factory=plaquette,
+            fields=GAUGE_FIELDS,
+        ),
+        ObservableSpec(
+            name="link_trace", description="mean Re tr U / N (gauge variant)", factory=link_trace, fields=GAUGE_FIELDS
+        ),
+        ObservableSpec(
+            name="topological_charge",
+            description="Q: 2D U(1) geometric, 4D SU(N) clover",
+            factory=topological_charge,
+            fields=GAUGE_FIELDS,
+        ),
+        ObservableSpec(name="magnetization", description="sum_x phi_x / V", factory=magnetization, fields=("scalar",)),
+        ObservableSpec(
+            name="abs_magnetization", description="|sum_x phi_x| / V", factory=abs_magnetization, fields=("scalar",)
+        ),
+        ObservableSpec(
+            name="two_point", description="(1/V) sum_x phi_x phi_(x+shift)", factory=two_point, fields=("scalar",)
+        ),
+        ObservableSpec(name="chi_2", description="two-point susceptibility M^2 / V", factory=chi_2, fields=("scalar",)),
+        ObservableSpec(
+            name="ising_energy",
+            description="(1/d) sum_mu (1/V) sum_x phi_x phi_(x+mu)",
+            factory=ising_energy,
+            fields=("scalar",),
+        ),
     ]

@@ -15,7 +15,7 @@ References:
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -36,6 +36,7 @@ class _Prior(nn.Module):
     """Common part: a lattice, a device-tracking buffer, a shape check."""
 
     field: str = ""
+    _anchor: torch.Tensor  # buffer: follows the module's device
 
     def __init__(self, lattice: Sequence[int], field: str | None = None) -> None:
         super().__init__()
@@ -55,8 +56,10 @@ class _Prior(nn.Module):
 
     def _check(self, z: torch.Tensor) -> None:
         if tuple(z.shape[1:]) != self.event_shape():
-            raise ShapeError(f"{type(self).__name__}: expected shape (B, {', '.join(map(str, self.event_shape()))}); "
-                             f"found {tuple(z.shape)}")
+            raise ShapeError(
+                f"{type(self).__name__}: expected shape (B, {', '.join(map(str, self.event_shape()))}); "
+                f"found {tuple(z.shape)}"
+            )
 
 
 class NormalPrior(_Prior):
@@ -110,16 +113,14 @@ class UniformU1Prior(_Prior):
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Draw ``n`` configurations of angles in (-pi, pi] with ``generator``."""
-        u = torch.rand((int(n), *self.event_shape()), generator=generator, dtype=torch.float64,
-                       device=self.device)
+        u = torch.rand((int(n), *self.event_shape()), generator=generator, dtype=torch.float64, device=self.device)
         return groups.wrap_angle(2 * math.pi * u - math.pi)
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
         """Log-density -d V log(2 pi), shape (B,), float64. Raises ShapeError on a wrong shape."""
         self._check(z)
         n_links = math.prod(self.event_shape())
-        return torch.full((z.shape[0],), -n_links * math.log(2 * math.pi), dtype=torch.float64,
-                          device=z.device)
+        return torch.full((z.shape[0],), -n_links * math.log(2 * math.pi), dtype=torch.float64, device=z.device)
 
 
 class HaarPrior(_Prior):
@@ -156,8 +157,9 @@ class HaarPrior(_Prior):
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Draw ``n`` configurations of Haar-random links (complex128) with ``generator``."""
-        return groups.haar_random((int(n), len(self.lattice), *self.lattice), self.n, generator=generator,
-                                  device=self.device)
+        return groups.haar_random(
+            (int(n), len(self.lattice), *self.lattice), self.n, generator=generator, device=self.device
+        )
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
         """Log-density relative to Haar measure: zeros of shape (B,), float64."""

@@ -7,6 +7,8 @@ whatever device the input is on, and have analytic forces in the conventions of
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 
 from flowplug import groups
@@ -76,7 +78,7 @@ class Phi4Action(Action):
         self.check(phi)
         d = phi.dim() - 1
         nb = sum(torch.roll(phi, -1, dims=1 + mu) + torch.roll(phi, 1, dims=1 + mu) for mu in range(d))
-        return 2.0 * nb - 2.0 * (2 * d + self.m2) * phi - 4.0 * self.lam * phi ** 3
+        return 2.0 * nb - 2.0 * (2 * d + self.m2) * phi - 4.0 * self.lam * phi**3
 
 
 class WilsonGaugeAction(Action):
@@ -128,8 +130,9 @@ class WilsonGaugeAction(Action):
         for mu in range(d):
             for nu in range(mu + 1, d):
                 t_mu, t_nu = theta[:, mu], theta[:, nu]
-                out.append((mu, nu, t_mu + torch.roll(t_nu, -1, dims=1 + mu)
-                            - torch.roll(t_mu, -1, dims=1 + nu) - t_nu))
+                out.append(
+                    (mu, nu, t_mu + torch.roll(t_nu, -1, dims=1 + mu) - torch.roll(t_mu, -1, dims=1 + nu) - t_nu)
+                )
         return out
 
     # ---------------------------------------------------------------- SU(N)
@@ -162,6 +165,7 @@ class WilsonGaugeAction(Action):
                 lower = ud_nu_xmu @ uds[mu] @ us[nu]
                 term = upper + torch.roll(lower, 1, dims=1 + nu)
                 v = term if v is None else v + term
+            assert v is not None  # d >= 2: at least one nu != mu
             out.append(v)
         return torch.stack(out, dim=1)
 
@@ -178,9 +182,12 @@ class WilsonGaugeAction(Action):
         if d < 2:
             raise ShapeError(f"wilson: plaquettes need d >= 2 directions; found d = {d}")
         if self.n == 1:
-            total = sum(torch.cos(p).flatten(1).sum(1) for _, _, p in self._u1_plaquette_angles(x))
-            return (-self.beta * total).to(torch.float64)
-        total = 0.0
+            # d >= 2: at least one plane, so the sum is a tensor (never sum()'s start 0)
+            total_u1 = cast(
+                torch.Tensor, sum(torch.cos(p).flatten(1).sum(1) for _, _, p in self._u1_plaquette_angles(x))
+            )
+            return (-self.beta * total_u1).to(torch.float64)
+        total: torch.Tensor | float = 0.0
         for mu in range(d):
             for nu in range(mu + 1, d):
                 u_mu, u_nu = x[:, mu], x[:, nu]
@@ -188,7 +195,7 @@ class WilsonGaugeAction(Action):
                 right = u_nu @ torch.roll(u_mu, -1, dims=1 + nu)
                 # Re tr(A B^+) = sum_ij Re(A_ij conj(B_ij))
                 total = total + (left * right.conj()).real.flatten(1).sum(1)
-        return (-(self.beta / self.n) * total).to(torch.float64)
+        return (-(self.beta / self.n) * cast(torch.Tensor, total)).to(torch.float64)  # d >= 2: a tensor
 
     def force(self, x: torch.Tensor) -> torch.Tensor:
         """Analytic force (conventions of :mod:`flowplug.theory`).
@@ -217,10 +224,18 @@ class WilsonGaugeAction(Action):
 def flowplug_actions() -> list[ActionSpec]:
     """The built-in actions ``phi4`` and ``wilson``."""
     return [
-        ActionSpec(name="phi4", description="real scalar phi^4, any dimension (Albergo et al. convention)",
-                   factory=Phi4Action, fields=("scalar",),
-                   parameters=("m2", "lam")),
-        ActionSpec(name="wilson", description="Wilson plaquette gauge action, U(1)/SU(N), any dimension",
-                   factory=WilsonGaugeAction, fields=("u1", "su2", "su3"),
-                   parameters=("beta", "group")),
+        ActionSpec(
+            name="phi4",
+            description="real scalar phi^4, any dimension (Albergo et al. convention)",
+            factory=Phi4Action,
+            fields=("scalar",),
+            parameters=("m2", "lam"),
+        ),
+        ActionSpec(
+            name="wilson",
+            description="Wilson plaquette gauge action, U(1)/SU(N), any dimension",
+            factory=WilsonGaugeAction,
+            fields=("u1", "su2", "su3"),
+            parameters=("beta", "group"),
+        ),
     ]

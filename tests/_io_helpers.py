@@ -43,8 +43,7 @@ def random_su(n: int, shape: tuple[int, ...], rng: np.random.Generator) -> np.nd
     return q
 
 
-def make_ensemble(lattice=(2, 3, 4, 5), n: int = 3, precision: int = 64, batch: int = 1,
-                  seed: int = 0) -> Ensemble:
+def make_ensemble(lattice=(2, 3, 4, 5), n: int = 3, precision: int = 64, batch: int = 1, seed: int = 0) -> Ensemble:
     """Random SU(n) links on ``lattice``; for precision 32 the values are float32-representable."""
     rng = np.random.default_rng(seed)
     links = random_su(n, (batch, len(lattice), *lattice), rng)

@@ -8,8 +8,9 @@ import textwrap
 from pathlib import Path
 
 
-def make_distribution(root: Path, dist: str, version: str, entry_points: dict[str, str],
-                      modules: dict[str, str]) -> None:
+def make_distribution(
+    root: Path, dist: str, version: str, entry_points: dict[str, str], modules: dict[str, str]
+) -> None:
     """Write modules and a ``<dist>-<version>.dist-info`` folder under ``root``.
 
     Arguments:

@@ -26,57 +26,128 @@ ROOT = Path(__file__).resolve().parents[1]
 
 KERNEL_TESTS = ["tests/test_metropolis.py", "tests/test_kernels.py"]
 CHAIN_TESTS = ["tests/test_metropolis.py", "tests/test_kernels.py", "tests/test_hmc.py"]
-IO_TESTS = ["tests/test_checksums_known.py", "tests/test_io_cli.py", "tests/test_io_bad.py",
-            "tests/test_io_roundtrip.py"]
+IO_TESTS = [
+    "tests/test_checksums_known.py",
+    "tests/test_io_cli.py",
+    "tests/test_io_bad.py",
+    "tests/test_io_roundtrip.py",
+]
 
 #: (name, file, original snippet, mutated snippet, test files)
 MUTANTS: list[tuple[str, str, str, str, list[str]]] = [
-    ("accept-comparison-flipped", "flowplug/metropolis.py",
-     "return torch.log(_uniform(la.shape, generator, la.device)) < la",
-     "return torch.log(_uniform(la.shape, generator, la.device)) > la", KERNEL_TESTS),
-    ("accept-ties", "flowplug/metropolis.py",
-     "return torch.log(_uniform(la.shape, generator, la.device)) < la",
-     "return torch.log(_uniform(la.shape, generator, la.device)) <= la", KERNEL_TESTS),
-    ("independence-ratio-sign", "flowplug/metropolis.py",
-     "la = (log_p_new.to(_F64) - log_q_new.to(_F64)) - (log_p_old.to(_F64) - log_q_old.to(_F64))",
-     "la = (log_p_old.to(_F64) - log_q_old.to(_F64)) - (log_p_new.to(_F64) - log_q_new.to(_F64))", KERNEL_TESTS),
-    ("independence-ratio-log-q-sign", "flowplug/metropolis.py",
-     "la = (log_p_new.to(_F64) - log_q_new.to(_F64)) - (log_p_old.to(_F64) - log_q_old.to(_F64))",
-     "la = (log_p_new.to(_F64) + log_q_new.to(_F64)) - (log_p_old.to(_F64) + log_q_old.to(_F64))", KERNEL_TESTS),
-    ("non-finite-accepted", "flowplug/metropolis.py",
-     "    return torch.where(ok, la, torch.full_like(la, -float(\"inf\")))",
-     "    return la", KERNEL_TESTS),
-    ("nan-accepted", "flowplug/metropolis.py",
-     "    ok = ~torch.isnan(la)", "    ok = torch.ones_like(la, dtype=torch.bool)", KERNEL_TESTS),
-    ("hmc-sign", "flowplug/metropolis.py",
-     "return guarded_log_accept(-(h_new.to(_F64) - h_old.to(_F64)), h_new)",
-     "return guarded_log_accept(h_new.to(_F64) - h_old.to(_F64), h_new)", CHAIN_TESTS),
-    ("moved-keeps-old-x", "flowplug/chain.py",
-     "new_x = torch.where(mask_x, x, self.x)", "new_x = torch.where(mask_x, self.x, x)", CHAIN_TESTS),
-    ("moved-keeps-old-log-p", "flowplug/chain.py",
-     "new_lp = torch.where(accepted, log_p, self.log_p)", "new_lp = self.log_p.clone()", CHAIN_TESTS),
-    ("im-current-log-q-from-proposal", "plugins/kernels.py",
-     "log_a = independence_log_accept(lp1, lq1, lp0, lq0)",
-     "log_a = independence_log_accept(lp1, lq1, lp0, lq1)", KERNEL_TESTS),
-    ("flow-hmc-ignores-log-q", "plugins/kernels.py",
-     "accepted = metropolis_test(guarded_log_accept(hmc_log_accept(h0, h1), s_phys1, log_q1), generator)",
-     "accepted = metropolis_test(hmc_log_accept(h0, h1), generator)", KERNEL_TESTS),
-    ("step-returns-input", "flowplug/proposal.py",
-     "out = from_canonical(new.x, u, self.layout, batched)", "out = u", ["tests/test_metropolis.py",
-                                                                         "tests/test_chains_cli.py"]),
-    ("merge-states-drops-parts", "plugins/kernels.py",
-     "        x[idx] = sub.x\n", "        pass\n", KERNEL_TESTS),
-    ("rotl-direction", "adapters/checksums.py",
-     "return ((value << shift) | (value >> (32 - shift))) & 0xFFFFFFFF if shift else value",
-     "return ((value >> shift) | (value << (32 - shift))) & 0xFFFFFFFF if shift else value", IO_TESTS),
-    ("scidac-modulus", "adapters/checksums.py",
-     "    for modulus in (29, 31):\n        classes = _xor_classes(rows, modulus)",
-     "    for modulus in (31, 29):\n        classes = _xor_classes(rows, modulus)", IO_TESTS),
-    ("nersc-byte-order", "adapters/checksums.py",
-     "def nersc_checksum(data: bytes | np.ndarray, byteorder: str) -> int:",
-     "def nersc_checksum(data: bytes | np.ndarray, byteorder: str) -> int:\n    byteorder = '<'", IO_TESTS),
-    ("gamma-default-centring", "flowplug/stats.py",
-     'center: str = "global"', 'center: str = "replica"', ["tests/test_stats.py"]),
+    (
+        "accept-comparison-flipped",
+        "flowplug/metropolis.py",
+        "return torch.log(_uniform(la.shape, generator, la.device)) < la",
+        "return torch.log(_uniform(la.shape, generator, la.device)) > la",
+        KERNEL_TESTS,
+    ),
+    (
+        "accept-ties",
+        "flowplug/metropolis.py",
+        "return torch.log(_uniform(la.shape, generator, la.device)) < la",
+        "return torch.log(_uniform(la.shape, generator, la.device)) <= la",
+        KERNEL_TESTS,
+    ),
+    (
+        "independence-ratio-sign",
+        "flowplug/metropolis.py",
+        "la = (log_p_new.to(_F64) - log_q_new.to(_F64)) - (log_p_old.to(_F64) - log_q_old.to(_F64))",
+        "la = (log_p_old.to(_F64) - log_q_old.to(_F64)) - (log_p_new.to(_F64) - log_q_new.to(_F64))",
+        KERNEL_TESTS,
+    ),
+    (
+        "independence-ratio-log-q-sign",
+        "flowplug/metropolis.py",
+        "la = (log_p_new.to(_F64) - log_q_new.to(_F64)) - (log_p_old.to(_F64) - log_q_old.to(_F64))",
+        "la = (log_p_new.to(_F64) + log_q_new.to(_F64)) - (log_p_old.to(_F64) + log_q_old.to(_F64))",
+        KERNEL_TESTS,
+    ),
+    (
+        "non-finite-accepted",
+        "flowplug/metropolis.py",
+        '    return torch.where(ok, la, torch.full_like(la, -float("inf")))',
+        "    return la",
+        KERNEL_TESTS,
+    ),
+    (
+        "nan-accepted",
+        "flowplug/metropolis.py",
+        "    ok = ~torch.isnan(la)",
+        "    ok = torch.ones_like(la, dtype=torch.bool)",
+        KERNEL_TESTS,
+    ),
+    (
+        "hmc-sign",
+        "flowplug/metropolis.py",
+        "return guarded_log_accept(-(h_new.to(_F64) - h_old.to(_F64)), h_new)",
+        "return guarded_log_accept(h_new.to(_F64) - h_old.to(_F64), h_new)",
+        CHAIN_TESTS,
+    ),
+    (
+        "moved-keeps-old-x",
+        "flowplug/chain.py",
+        "new_x = torch.where(mask_x, x, self.x)",
+        "new_x = torch.where(mask_x, self.x, x)",
+        CHAIN_TESTS,
+    ),
+    (
+        "moved-keeps-old-log-p",
+        "flowplug/chain.py",
+        "new_lp = torch.where(accepted, log_p, self.log_p)",
+        "new_lp = self.log_p.clone()",
+        CHAIN_TESTS,
+    ),
+    (
+        "im-current-log-q-from-proposal",
+        "plugins/kernels.py",
+        "log_a = independence_log_accept(lp1, lq1, lp0, lq0)",
+        "log_a = independence_log_accept(lp1, lq1, lp0, lq1)",
+        KERNEL_TESTS,
+    ),
+    (
+        "flow-hmc-ignores-log-q",
+        "plugins/kernels.py",
+        "accepted = metropolis_test(guarded_log_accept(hmc_log_accept(h0, h1), s_phys1, log_q1), generator)",
+        "accepted = metropolis_test(hmc_log_accept(h0, h1), generator)",
+        KERNEL_TESTS,
+    ),
+    (
+        "step-returns-input",
+        "flowplug/proposal.py",
+        "out = from_canonical(new.x, u, self.layout, batched)",
+        "out = u",
+        ["tests/test_metropolis.py", "tests/test_chains_cli.py"],
+    ),
+    ("merge-states-drops-parts", "plugins/kernels.py", "        x[idx] = sub.x\n", "        pass\n", KERNEL_TESTS),
+    (
+        "rotl-direction",
+        "adapters/checksums.py",
+        "return ((value << shift) | (value >> (32 - shift))) & 0xFFFFFFFF if shift else value",
+        "return ((value >> shift) | (value << (32 - shift))) & 0xFFFFFFFF if shift else value",
+        IO_TESTS,
+    ),
+    (
+        "scidac-modulus",
+        "adapters/checksums.py",
+        "    for modulus in (29, 31):\n        classes = _xor_classes(rows, modulus)",
+        "    for modulus in (31, 29):\n        classes = _xor_classes(rows, modulus)",
+        IO_TESTS,
+    ),
+    (
+        "nersc-byte-order",
+        "adapters/checksums.py",
+        "def nersc_checksum(data: bytes | np.ndarray, byteorder: str) -> int:",
+        "def nersc_checksum(data: bytes | np.ndarray, byteorder: str) -> int:\n    byteorder = '<'",
+        IO_TESTS,
+    ),
+    (
+        "gamma-default-centring",
+        "flowplug/stats.py",
+        'center: str = "global"',
+        'center: str = "replica"',
+        ["tests/test_stats.py"],
+    ),
 ]
 
 
@@ -94,8 +165,12 @@ def run_mutant(name: str, path: str, old: str, new: str, tests: list[str]) -> tu
     t0 = time.perf_counter()
     try:
         file.write_text(text.replace(old, new))
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-m", "not slow", "-p", "no:cacheprovider",
-                               *tests], cwd=ROOT, capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, "-m", "pytest", "-x", "-q", "-m", "not slow", "-p", "no:cacheprovider", *tests],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        )
     finally:
         file.write_text(text)
     killed = proc.returncode != 0
@@ -126,8 +201,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'killed  ' if killed else 'SURVIVED'} {name:34s} {secs:6.1f} s  {detail}", flush=True)
         if not killed:
             survivors.append(name)
-    print(f"{len(chosen) - len(survivors)} of {len(chosen)} mutants killed"
-          + (f"; survivors: {', '.join(survivors)}" if survivors else ""))
+    print(
+        f"{len(chosen) - len(survivors)} of {len(chosen)} mutants killed"
+        + (f"; survivors: {', '.join(survivors)}" if survivors else "")
+    )
     return 1 if survivors else 0
 
 

@@ -33,10 +33,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def train_checkpoint(path, group, lattice, beta, layer, *, steps, hidden=(8,), n_layers=2, seed=0):
     """Train a small flow with flowplug.train and write its checkpoint to ``path`` (returned)."""
-    cfg = {"lattice": list(lattice), "seed": seed, "device": "cpu",
-           "action": {"name": "wilson", "group": group, "beta": beta},
-           "flow": {"layers": [layer], "n_layers": n_layers, "options": {"hidden": list(hidden)}},
-           "train": {"steps": steps, "batch_size": 64, "lr": 3e-3, "progress": False, "checkpoint_every": 0}}
+    cfg = {
+        "lattice": list(lattice),
+        "seed": seed,
+        "device": "cpu",
+        "action": {"name": "wilson", "group": group, "beta": beta},
+        "flow": {"layers": [layer], "n_layers": n_layers, "options": {"hidden": list(hidden)}},
+        "train": {"steps": steps, "batch_size": 64, "lr": 3e-3, "progress": False, "checkpoint_every": 0},
+    }
     trainer = build_trainer(cfg, out=path.parent / f"{path.stem}-run")
     trainer.run()
     return trainer.save_checkpoint(path)
@@ -67,6 +71,7 @@ def _cli(*args, capsys=None):
 
 # ------------------------------------------------------------------ checkpoints
 
+
 def test_flow_checkpoint_roundtrip_and_refusals(files, tmp_path):
     ck = open_flow(files / "u1.pt")
     assert ck.field == "u1" and ck.lattice == (4, 4) and len(ck.sha256) == 64
@@ -87,6 +92,7 @@ def test_flow_checkpoint_roundtrip_and_refusals(files, tmp_path):
 
 
 # ------------------------------------------------------------------ drop-in step
+
 
 def test_layout_conversion_matches_ildg_writer_on_a_non_cubic_lattice():
     from flowplug.adapters.common import canonical_to_ildg
@@ -109,7 +115,7 @@ def test_flow_proposal_step_numpy_ildg_and_torch_canonical(files):
     ck = open_flow(files / "su2.pt")
     prop = FlowProposal(ck.flow, ck.action(), layout="ildg", seed=4)
     x = io.read(files / "su2.ildg").links
-    u = from_canonical(x, np.zeros(1, np.complex128), "ildg", False)   # (lt, lz, ly, lx, 4, 2, 2)
+    u = from_canonical(x, np.zeros(1, np.complex128), "ildg", False)  # (lt, lz, ly, lx, 4, 2, 2)
     nxt, res = prop.step(u)
     assert isinstance(nxt, np.ndarray) and nxt.shape == u.shape and nxt.dtype == u.dtype
     assert res.accepted.shape == (1,) and res.log_q_current.dtype == np.float64
@@ -144,13 +150,19 @@ def test_decide_with_an_external_action_is_the_metropolis_rule(files):
 @pytest.mark.slow
 def test_example_hmc_loop_runs():
     ex = REPO / "examples" / "dropin_hmc_loop.py"
-    r = subprocess.run([sys.executable, str(ex), "--quick"], capture_output=True, text=True, timeout=300,
-                       env={"FLOWPLUG_DISABLE_PLUGIN_AUTOLOAD": "1", "PATH": "", "OMP_NUM_THREADS": "1"})
+    r = subprocess.run(
+        [sys.executable, str(ex), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"FLOWPLUG_DISABLE_PLUGIN_AUTOLOAD": "1", "PATH": "", "OMP_NUM_THREADS": "1"},
+    )
     assert r.returncode == 0, r.stderr
     assert "flow acceptance" in r.stdout
 
 
 # ------------------------------------------------------------------ propose
+
 
 def test_propose_writes_next_configuration_with_provenance(files, tmp_path, capsys):
     out = tmp_path / "next.ildg"
@@ -168,19 +180,35 @@ def test_propose_writes_next_configuration_with_provenance(files, tmp_path, caps
     assert _cli("propose", "--flow", files / "su2.pt", "--current", files / "su2.ildg", "--out", out) == 1
     assert "exists" in capsys.readouterr().err
     before = (files / "su2.ildg").read_bytes()
-    assert _cli("propose", "--flow", files / "su2.pt", "--current", files / "su2.ildg", "--out",
-                files / "su2.ildg", "--force") == 1
+    assert (
+        _cli(
+            "propose",
+            "--flow",
+            files / "su2.pt",
+            "--current",
+            files / "su2.ildg",
+            "--out",
+            files / "su2.ildg",
+            "--force",
+        )
+        == 1
+    )
     assert "is an input" in capsys.readouterr().err
     assert (files / "su2.ildg").read_bytes() == before
 
 
 def test_propose_refuses_mismatched_group_and_lattice(files, tmp_path, capsys):
-    assert _cli("propose", "--flow", files / "u1.pt", "--current", files / "su2.ildg", "--out", tmp_path / "o.ildg") == 1
+    assert (
+        _cli("propose", "--flow", files / "u1.pt", "--current", files / "su2.ildg", "--out", tmp_path / "o.ildg") == 1
+    )
     err = capsys.readouterr().err
     assert "su2" in err and "u1" in err
     a2 = WilsonGaugeAction(2.0, "su2")
     io.write(tmp_path / "l2.ildg", io.Ensemble(a2.cold_start((4, 4, 4, 2), 1)), "ildg")
-    assert _cli("propose", "--flow", files / "su2.pt", "--current", tmp_path / "l2.ildg", "--out", tmp_path / "o.ildg") == 1
+    assert (
+        _cli("propose", "--flow", files / "su2.pt", "--current", tmp_path / "l2.ildg", "--out", tmp_path / "o.ildg")
+        == 1
+    )
     err = capsys.readouterr().err
     assert "4x4x4x2" in err and "4x4x4x4" in err
     assert not (tmp_path / "o.ildg").exists()
@@ -188,8 +216,21 @@ def test_propose_refuses_mismatched_group_and_lattice(files, tmp_path, capsys):
 
 def test_propose_no_decide(files, tmp_path, capsys):
     out = tmp_path / "p.ildg"
-    assert _cli("propose", "--flow", files / "su2.pt", "--current", files / "su2.ildg", "--out", out,
-                "--no-decide", "--seed", 1) == 0
+    assert (
+        _cli(
+            "propose",
+            "--flow",
+            files / "su2.pt",
+            "--current",
+            files / "su2.ildg",
+            "--out",
+            out,
+            "--no-decide",
+            "--seed",
+            1,
+        )
+        == 0
+    )
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["accepted"] is None and "log_q_proposal" in line
     assert io.read(out).checksum_status == "ok"
@@ -207,8 +248,21 @@ def test_propose_no_decide_rejects_a_non_finite_log_q(files, tmp_path, capsys, m
 
     monkeypatch.setattr(FlowProposal, "propose", broken)
     out = tmp_path / "p.ildg"
-    assert _cli("propose", "--flow", files / "su2.pt", "--current", files / "su2.ildg", "--out", out,
-                "--no-decide", "--seed", 1) == 0
+    assert (
+        _cli(
+            "propose",
+            "--flow",
+            files / "su2.pt",
+            "--current",
+            files / "su2.ildg",
+            "--out",
+            out,
+            "--no-decide",
+            "--seed",
+            1,
+        )
+        == 0
+    )
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["accepted"] is False and "non-finite" in line["reason"]
     torch.testing.assert_close(io.read(out).links, io.read(files / "su2.ildg").links, rtol=0, atol=0)
@@ -216,8 +270,8 @@ def test_propose_no_decide_rejects_a_non_finite_log_q(files, tmp_path, capsys, m
 
 def test_propose_removes_its_stale_temporary_files(files, tmp_path, capsys):
     out = tmp_path / "next.ildg"
-    stale = tmp_path / ".next.ildg.k3j9x_2a.part"       # left by a call killed while writing
-    other = tmp_path / ".other.ildg.k3j9x_2a.part"      # another file's: not ours to remove
+    stale = tmp_path / ".next.ildg.k3j9x_2a.part"  # left by a call killed while writing
+    other = tmp_path / ".other.ildg.k3j9x_2a.part"  # another file's: not ours to remove
     stale.write_bytes(b"partial")
     other.write_bytes(b"partial")
     assert _cli("propose", "--flow", files / "su2.pt", "--current", files / "su2.ildg", "--out", out, "--seed", 2) == 0
@@ -226,10 +280,24 @@ def test_propose_removes_its_stale_temporary_files(files, tmp_path, capsys):
 
 # ------------------------------------------------------------------ resample / sample
 
+
 def test_resample_summary_provenance_and_resume(files, tmp_path, capsys):
     out = tmp_path / "r"
-    args = ["resample", files / "u1.h5", "--flow", files / "u1.pt", "--out", out, "--no-progress",
-            "--set", "steps=6", "--set", "save_every=3", "--set", "kernel.hmc_every=1"]
+    args = [
+        "resample",
+        files / "u1.h5",
+        "--flow",
+        files / "u1.pt",
+        "--out",
+        out,
+        "--no-progress",
+        "--set",
+        "steps=6",
+        "--set",
+        "save_every=3",
+        "--set",
+        "kernel.hmc_every=1",
+    ]
     assert _cli(*args) == 0
     s = json.loads((out / "summary.json").read_text())
     assert set(s) >= {"acceptance", "ess", "observables", "inputs", "acceptance_by_kernel"}
@@ -237,7 +305,7 @@ def test_resample_summary_provenance_and_resume(files, tmp_path, capsys):
     assert len(s["inputs"]) == 5 and all(len(i["sha256"]) == 64 for i in s["inputs"])
     assert set(s["acceptance_by_kernel"]) == {"hmc", "flow"}
     ens = io.read(out / "ensemble.h5")
-    assert len(ens) == 10                                  # 5 chains x steps 3 and 6
+    assert len(ens) == 10  # 5 chains x steps 3 and 6
     prov = ens.meta[-1].provenance
     assert prov["flow_sha256"] == open_flow(files / "u1.pt").sha256 and prov["step"] == 6
     assert (out / "report.png").stat().st_size > 1000
@@ -265,7 +333,10 @@ def test_resample_resume_is_bit_for_bit(files, tmp_path):
     assert res["step"] == full["step"] == 8 and full["history"].keys() == res["history"].keys()
     for k, v in full["history"].items():
         torch.testing.assert_close(res["history"][k], v, rtol=0, atol=0)
-    ma, mb = read_measurements(tmp_path / "a" / "measurements.csv"), read_measurements(tmp_path / "b" / "measurements.csv")
+    ma, mb = (
+        read_measurements(tmp_path / "a" / "measurements.csv"),
+        read_measurements(tmp_path / "b" / "measurements.csv"),
+    )
     assert ma.keys() == mb.keys() and ma["plaquette"].shape == (8, 5)
     for k in ma:
         np.testing.assert_array_equal(ma[k], mb[k])
@@ -278,8 +349,13 @@ def test_resample_resume_is_bit_for_bit(files, tmp_path):
     from flowplug.errors import CheckpointError
 
     with pytest.raises(CheckpointError, match="different run"):
-        run_resample(build_config(DEFAULT_CONFIG, overrides=["steps=9", "seed=5"]), [files / "u1.h5"],
-                     files / "u1.pt", tmp_path / "b", resume=True)
+        run_resample(
+            build_config(DEFAULT_CONFIG, overrides=["steps=9", "seed=5"]),
+            [files / "u1.h5"],
+            files / "u1.pt",
+            tmp_path / "b",
+            resume=True,
+        )
 
 
 class _Crash(Exception):
@@ -302,24 +378,27 @@ def test_resample_resumed_after_a_crash_between_checkpoints_writes_each_step_onc
     real_after_step = ChainOutput.after_step
 
     def dies_after_step_6(self, chain, info=None):
-        real_after_step(self, chain, info)            # step 6 appended to the store ...
+        real_after_step(self, chain, info)  # step 6 appended to the store ...
         if chain.step_count == 6:
-            raise _Crash                              # ... and the process dies before step 8's checkpoint
+            raise _Crash  # ... and the process dies before step 8's checkpoint
 
     monkeypatch.setattr(ChainOutput, "after_step", dies_after_step_6)
     with pytest.raises(_Crash):
         run_resample(cfg, inputs, flow, tmp_path / "part")
     monkeypatch.setattr(ChainOutput, "after_step", real_after_step)
     assert torch.load(tmp_path / "part" / "chain.ckpt", weights_only=True)["step"] == 4
-    assert len(io.read(tmp_path / "part" / "ensemble.h5")) == 6 * 5          # steps 1..6, 5 chains
+    assert len(io.read(tmp_path / "part" / "ensemble.h5")) == 6 * 5  # steps 1..6, 5 chains
     removed = []
     real_truncate = output_module._truncate_store
-    monkeypatch.setattr(output_module, "_truncate_store",
-                        lambda path, step: removed.append((step, real_truncate(path, step))) or removed[-1][1])
+    monkeypatch.setattr(
+        output_module,
+        "_truncate_store",
+        lambda path, step: removed.append((step, real_truncate(path, step))) or removed[-1][1],
+    )
     s = run_resample(cfg, inputs, flow, tmp_path / "part", resume=True)
-    assert removed == [(4, 2 * 5)] and s["steps"] == 8                       # steps 5, 6 rolled back
+    assert removed == [(4, 2 * 5)] and s["steps"] == 8  # steps 5, 6 rolled back
     full, part = io.read(tmp_path / "full" / "ensemble.h5"), io.read(tmp_path / "part" / "ensemble.h5")
-    assert len(part) == len(full) == 8 * 5                                   # each step once
+    assert len(part) == len(full) == 8 * 5  # each step once
     assert [m.provenance["step"] for m in part.meta] == [m.provenance["step"] for m in full.meta]
     assert [m.provenance["chain"] for m in part.meta] == [m.provenance["chain"] for m in full.meta]
     torch.testing.assert_close(part.links, full.links, rtol=0, atol=0)
@@ -330,8 +409,27 @@ def test_resample_resumed_after_a_crash_between_checkpoints_writes_each_step_onc
 
 def test_sample_writes_ensemble_summary_and_report(files, tmp_path):
     out = tmp_path / "s"
-    assert _cli("sample", "--flow", files / "u1.pt", "--out", out, "--no-progress", "--set", "chains=4",
-                "--set", "steps=12", "--set", "thermalize=2", "--set", "save_every=6", "--set", "ess_samples=32") == 0
+    assert (
+        _cli(
+            "sample",
+            "--flow",
+            files / "u1.pt",
+            "--out",
+            out,
+            "--no-progress",
+            "--set",
+            "chains=4",
+            "--set",
+            "steps=12",
+            "--set",
+            "thermalize=2",
+            "--set",
+            "save_every=6",
+            "--set",
+            "ess_samples=32",
+        )
+        == 0
+    )
     s = json.loads((out / "summary.json").read_text())
     assert 0 <= s["acceptance"] <= 1 and 0 < s["ess"] <= 1
     assert set(s["observables"]) - {"topological_susceptibility"} == {"plaquette", "topological_charge"}
@@ -342,9 +440,29 @@ def test_sample_writes_ensemble_summary_and_report(files, tmp_path):
 
 def test_sample_flow_hmc_kernel(files, tmp_path):
     out = tmp_path / "fh"
-    assert _cli("sample", "--flow", files / "u1.pt", "--out", out, "--no-progress", "--set", "chains=4",
-                "--set", "steps=5", "--set", "thermalize=1", "--set", "kernel.type=flow-hmc",
-                "--set", "kernel.hmc.steps=3", "--set", "ess_samples=8") == 0
+    assert (
+        _cli(
+            "sample",
+            "--flow",
+            files / "u1.pt",
+            "--out",
+            out,
+            "--no-progress",
+            "--set",
+            "chains=4",
+            "--set",
+            "steps=5",
+            "--set",
+            "thermalize=1",
+            "--set",
+            "kernel.type=flow-hmc",
+            "--set",
+            "kernel.hmc.steps=3",
+            "--set",
+            "ess_samples=8",
+        )
+        == 0
+    )
     assert json.loads((out / "summary.json").read_text())["acceptance"] > 0
 
 
@@ -362,10 +480,11 @@ def test_demo_quick(tmp_path, capsys):
         assert json.loads((out / sub / "summary.json").read_text())["command"] == command
     assert (out / "flow" / "checkpoint.pt").exists() and len(io.read(out / "resample" / "ensemble.h5")) == 8 * 2
     assert s["hmc"]["trajectories"] == 4 * 30 and s["flow"]["proposals"] == 8 * 10
-    assert _cli("demo", "--quick", "--out", out, "--no-progress") == 1   # never over an earlier run
+    assert _cli("demo", "--quick", "--out", out, "--no-progress") == 1  # never over an earlier run
 
 
 # ------------------------------------------------------------------ real MILC file
+
 
 @pytest.mark.slow
 def test_real_milc_ildg_resample_and_propose(shared_dir, tmp_path, capsys):
@@ -373,18 +492,33 @@ def test_real_milc_ildg_resample_and_propose(shared_dir, tmp_path, capsys):
     src = shared_dir / "ensembles" / "milc.lat.sample.l4444.ildg"
     train_checkpoint(tmp_path / "su3.pt", "su3", (4, 4, 4, 4), 6.0, "sun-spectral", steps=0, hidden=(4,))
     out = tmp_path / "r"
-    assert _cli("resample", src, "--flow", tmp_path / "su3.pt", "--out", out, "--no-progress",
-                "--set", "steps=2", "--set", "save_every=1") == 0
+    assert (
+        _cli(
+            "resample",
+            src,
+            "--flow",
+            tmp_path / "su3.pt",
+            "--out",
+            out,
+            "--no-progress",
+            "--set",
+            "steps=2",
+            "--set",
+            "save_every=1",
+        )
+        == 0
+    )
     s = json.loads((out / "summary.json").read_text())
     assert s["format"] == "ildg" and s["precision"] == 32 and s["chains"] == 1
     outs = sorted(out.glob("*.ildg"))
     assert len(outs) == 2
     for p in outs:
-        e = io.read(p)                                        # checksums verified on re-read
+        e = io.read(p)  # checksums verified on re-read
         assert e.checksum_status == "ok" and e.lattice == (4, 4, 4, 4)
     assert s["inputs"][0]["sha256"] and "<input_sha256>" in io.read(outs[0]).meta[0].record("scidac-record-xml").text
-    assert _cli("propose", "--flow", tmp_path / "su3.pt", "--current", src, "--out", tmp_path / "n.ildg",
-                "--seed", 2) == 0
+    assert (
+        _cli("propose", "--flow", tmp_path / "su3.pt", "--current", src, "--out", tmp_path / "n.ildg", "--seed", 2) == 0
+    )
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["format"] == "ildg" and io.read(tmp_path / "n.ildg").checksum_status == "ok"
 
@@ -392,10 +526,34 @@ def test_real_milc_ildg_resample_and_propose(shared_dir, tmp_path, capsys):
 def test_resample_reads_a_flowplug_train_run_directory(files, tmp_path):
     """A `flowplug train` run directory (its checkpoint.pt, action in the stored config) works as --flow."""
     run = tmp_path / "tr"
-    assert _cli("train", "--set", f"out={run}", "--set", "lattice=[4,4]", "--set", "action.name=wilson",
-                "--set", "action.group=u1", "--set", "action.beta=1.5", "--set", 'flow.layers=["u1-spline"]',
-                "--set", "flow.n_layers=2", "--set", "train.steps=3", "--set", "train.progress=false",
-                "--set", "eval.samples=32", "--set", "threads=1") == 0
+    assert (
+        _cli(
+            "train",
+            "--set",
+            f"out={run}",
+            "--set",
+            "lattice=[4,4]",
+            "--set",
+            "action.name=wilson",
+            "--set",
+            "action.group=u1",
+            "--set",
+            "action.beta=1.5",
+            "--set",
+            'flow.layers=["u1-spline"]',
+            "--set",
+            "flow.n_layers=2",
+            "--set",
+            "train.steps=3",
+            "--set",
+            "train.progress=false",
+            "--set",
+            "eval.samples=32",
+            "--set",
+            "threads=1",
+        )
+        == 0
+    )
     ck = open_flow(run)
     assert ck.field == "u1" and ck.action().beta == 1.5
     out = tmp_path / "r"
@@ -427,14 +585,38 @@ def test_chain_events_reach_plugins_and_a_failing_monitor_does_not_stop_the_run(
 @pytest.mark.slow
 def test_benchmark_script_runs_in_miniature():
     """benchmarks/chains.py end to end on a tiny setting (plumbing only; no timing is asserted)."""
-    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "chains.py"), "--L", "4", "--betas", "1",
-                        "--chains", "4", "--thermalize", "3", "--hmc-trajectories", "10", "--hmc-steps", "3",
-                        "--flow-steps", "10", "--train-steps", "3", "--layers", "2", "--json"],
-                       capture_output=True, text=True, timeout=300,
-                       env={"FLOWPLUG_DISABLE_PLUGIN_AUTOLOAD": "1", "PATH": "", "OMP_NUM_THREADS": "1"})
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "chains.py"),
+            "--L",
+            "4",
+            "--betas",
+            "1",
+            "--chains",
+            "4",
+            "--thermalize",
+            "3",
+            "--hmc-trajectories",
+            "10",
+            "--hmc-steps",
+            "3",
+            "--flow-steps",
+            "10",
+            "--train-steps",
+            "3",
+            "--layers",
+            "2",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"FLOWPLUG_DISABLE_PLUGIN_AUTOLOAD": "1", "PATH": "", "OMP_NUM_THREADS": "1"},
+    )
     assert r.returncode == 0, r.stderr
     assert "cost ratio HMC/flow per independent Q" in r.stdout
-    data = json.loads(r.stdout[r.stdout.index("["):])
+    data = json.loads(r.stdout[r.stdout.index("[") :])
     assert data[0]["L"] == 4 and "ratio_hmc_over_flow" in data[0]
 
 
@@ -442,15 +624,55 @@ def test_resample_a_phi4_ensemble_written_by_hmc(tmp_path, capsys):
     """Ensembles of any field: `flowplug hmc` writes a phi^4 ensemble as HDF5 stores and
     `flowplug resample` runs on it, writing a phi^4 store of its own."""
     out = tmp_path / "h"
-    phi4 = ["--set", "action.name=phi4", "--set", "action.m2=-4.0", "--set", "action.lam=6.975",
-            "--set", "lattice=[6,6]"]
-    assert _cli("hmc", *phi4, "--set", "format=hdf5", "--set", f"out={out}", "--set", "hmc.trajectories=12",
-                "--set", "hmc.thermalization=2", "--set", "save_every=5", "--no-progress") == 0
+    phi4 = [
+        "--set",
+        "action.name=phi4",
+        "--set",
+        "action.m2=-4.0",
+        "--set",
+        "action.lam=6.975",
+        "--set",
+        "lattice=[6,6]",
+    ]
+    assert (
+        _cli(
+            "hmc",
+            *phi4,
+            "--set",
+            "format=hdf5",
+            "--set",
+            f"out={out}",
+            "--set",
+            "hmc.trajectories=12",
+            "--set",
+            "hmc.thermalization=2",
+            "--set",
+            "save_every=5",
+            "--no-progress",
+        )
+        == 0
+    )
     files = sorted((out / "ensemble").glob("*.h5"))
     assert files and io.read(files[0]).field == "scalar"
     run = tmp_path / "f"
-    assert _cli("train", *phi4, "--set", "flow.layers=[\"affine\"]", "--set", "flow.n_layers=2",
-                "--set", "train.steps=5", "--set", "eval.samples=64", "--set", f"out={run}", "--no-progress") == 0
+    assert (
+        _cli(
+            "train",
+            *phi4,
+            "--set",
+            'flow.layers=["affine"]',
+            "--set",
+            "flow.n_layers=2",
+            "--set",
+            "train.steps=5",
+            "--set",
+            "eval.samples=64",
+            "--set",
+            f"out={run}",
+            "--no-progress",
+        )
+        == 0
+    )
     r = tmp_path / "r"
     assert _cli("resample", out / "ensemble", "--flow", run, "--out", r, "--set", "steps=4", "--no-progress") == 0
     ens = io.read(r / "ensemble.h5")

@@ -19,7 +19,6 @@ import sys
 import pytest
 import torch
 
-import flowplug
 from flowplug import checkpoints, diagnostics, training_data
 from flowplug.errors import CheckpointError, NonFiniteParametersError
 from flowplug.flowtools import open_flow
@@ -36,10 +35,14 @@ def fresh_manager():
 
 
 def _u1_config(steps=2, progress=False):
-    return {"lattice": [4, 4], "seed": 0, "device": "cpu",
-            "action": {"name": "wilson", "group": "u1", "beta": 1.5},
-            "flow": {"layers": ["u1-spline"], "n_layers": 2, "options": {"hidden": [4]}},
-            "train": {"steps": steps, "batch_size": 8, "lr": 3e-3, "progress": progress, "checkpoint_every": 0}}
+    return {
+        "lattice": [4, 4],
+        "seed": 0,
+        "device": "cpu",
+        "action": {"name": "wilson", "group": "u1", "beta": 1.5},
+        "flow": {"layers": ["u1-spline"], "n_layers": 2, "options": {"hidden": [4]}},
+        "train": {"steps": steps, "batch_size": 8, "lr": 3e-3, "progress": progress, "checkpoint_every": 0},
+    }
 
 
 @pytest.fixture
@@ -87,8 +90,17 @@ def test_train_reexports_the_moved_names():
     import flowplug.train as train
 
     moved = {
-        checkpoints: ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "CHECKPOINT_NAME", "LoadedFlow", "load_flow",
-                      "read_checkpoint", "checkpoint_path", "non_finite_entries", "resolve_device"],
+        checkpoints: [
+            "CHECKPOINT_FORMAT",
+            "CHECKPOINT_VERSION",
+            "CHECKPOINT_NAME",
+            "LoadedFlow",
+            "load_flow",
+            "read_checkpoint",
+            "checkpoint_path",
+            "non_finite_entries",
+            "resolve_device",
+        ],
         diagnostics: ["evaluate_flow", "imh_acceptance_estimate", "imh_chain_acceptance", "imh_chain_states"],
         training_data: ["load_ensemble"],
     }
@@ -107,8 +119,11 @@ def test_write_checkpoint_refuses_and_keeps_the_file(trained, tmp_path):
     state["model"] = {k: v.clone() for k, v in state["model"].items()}
     first = next(k for k, v in state["model"].items() if v.is_floating_point())
     state["model"][first].view(-1)[0] = float("nan")
-    with pytest.raises(NonFiniteParametersError, match=rf"not written: .*at step 2 \(NaN/Inf in {first}\); "
-                                                       r"it is kept.*train\.lr"):
+    with pytest.raises(
+        NonFiniteParametersError,
+        match=rf"not written: .*at step 2 \(NaN/Inf in {first}\); "
+        r"it is kept.*train\.lr",
+    ):
         checkpoints.write_checkpoint(path, state, kept="it is kept")
     with pytest.raises(CheckpointError, match="not a flowplug checkpoint of version 1"):
         checkpoints.write_checkpoint(path, {**trained.state_dict(), "format": "other"})

@@ -73,7 +73,7 @@ def rotl(value: int, shift: int) -> int:
 def scidac_ref(payload: bytes, site_bytes: int) -> tuple[int, int]:
     suma = sumb = 0
     for r in range(len(payload) // site_bytes):
-        c = crc32_bitwise(payload[r * site_bytes:(r + 1) * site_bytes])
+        c = crc32_bitwise(payload[r * site_bytes : (r + 1) * site_bytes])
         suma ^= rotl(c, r % 29)
         sumb ^= rotl(c, r % 31)
     return suma, sumb
@@ -176,10 +176,10 @@ def lime_records(data: bytes) -> dict[str, bytes]:
     """LIME records by type: 144-byte big-endian header (magic, version, flags, length, type)."""
     out, off = {}, 0
     while off < len(data):
-        magic, _version, _flags, length = struct.unpack(">IHHQ", data[off:off + 16])
+        magic, _version, _flags, length = struct.unpack(">IHHQ", data[off : off + 16])
         assert magic == 0x456789AB
-        kind = data[off + 16:off + 144].rstrip(b"\0").decode()
-        out[kind] = data[off + 144:off + 144 + length]
+        kind = data[off + 16 : off + 144].rstrip(b"\0").decode()
+        out[kind] = data[off + 144 : off + 144 + length]
         off += 144 + (length + 7) // 8 * 8
     return out
 

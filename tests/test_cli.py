@@ -42,7 +42,7 @@ class DemoCommands:
             if cfg is None:
                 return 0
             if cfg["hmc"]["trajectories"] < 0:
-                raise ConfigError("hmc.trajectories must be >= 0, found %d" % cfg["hmc"]["trajectories"])
+                raise ConfigError(f"hmc.trajectories must be >= 0, found {cfg['hmc']['trajectories']:d}")
             if args.out:
                 flowplug.fsutil.write_summary(args.out, "demo-run", {"trajectories": cfg["hmc"]["trajectories"]})
             print(json.dumps(cfg))
@@ -74,7 +74,10 @@ def test_plugins_json_lists_components_with_providers(fresh_pm, capsys):
     assert {"kind", "name", "aliases", "provider", "version", "description"} <= set(rows[0])
     plugins_row = next(r for r in rows if r["name"] == "plugins")
     assert (plugins_row["kind"], plugins_row["provider"], plugins_row["version"]) == (
-        "command", "flowplug", flowplug.__version__)
+        "command",
+        "flowplug",
+        flowplug.__version__,
+    )
     assert len(rows) == sum(1 for _ in fresh_pm.components())
 
 
@@ -115,21 +118,41 @@ def test_print_config_with_overrides_prints_effective(demo_pm, capsys):
 def test_config_file_and_overrides(demo_pm, capsys, tmp_path):
     cfg = tmp_path / "run.toml"
     cfg.write_text("seed = 5\n[hmc]\ntrajectories = 20\n")
-    assert main(["demo-run", "--config", str(cfg), "--set", "hmc.step_size=0.05",
-                 "--set", "lattice=[4, 6]", "--out", str(tmp_path / "out")]) == 0
+    assert (
+        main(
+            [
+                "demo-run",
+                "--config",
+                str(cfg),
+                "--set",
+                "hmc.step_size=0.05",
+                "--set",
+                "lattice=[4, 6]",
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 0
+    )
     got = json.loads(capsys.readouterr().out)
     assert got == {"seed": 5, "lattice": [4, 6], "hmc": {"trajectories": 20, "step_size": 0.05}}
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["command"] == "demo-run" and summary["trajectories"] == 20
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--set", "hmc.trajectorie=3"], "unknown configuration key 'hmc.trajectorie'. Did you mean 'hmc.trajectories'?"),
-    (["--set", "hmc.trajectories=2.5"], "'hmc.trajectories' must be of type integer, found float 2.5"),
-    (["--set", "seed"], "expected KEY=VALUE"),
-    (["--config", "/no/such/file.toml"], "cannot read config file /no/such/file.toml"),
-    (["--set", "hmc.trajectories=-1"], "hmc.trajectories must be >= 0, found -1"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["--set", "hmc.trajectorie=3"],
+            "unknown configuration key 'hmc.trajectorie'. Did you mean 'hmc.trajectories'?",
+        ),
+        (["--set", "hmc.trajectories=2.5"], "'hmc.trajectories' must be of type integer, found float 2.5"),
+        (["--set", "seed"], "expected KEY=VALUE"),
+        (["--config", "/no/such/file.toml"], "cannot read config file /no/such/file.toml"),
+        (["--set", "hmc.trajectories=-1"], "hmc.trajectories must be >= 0, found -1"),
+    ],
+)
 def test_user_errors_exit_1_with_message_and_no_traceback(demo_pm, capsys, args, message):
     assert main(["demo-run", *args]) == 1
     err = capsys.readouterr().err
@@ -151,7 +174,9 @@ def test_debug_shows_traceback(demo_pm, capsys):
 
 
 def test_console_script_runs_in_subprocess():
-    script = shutil.which("flowplug", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    script = shutil.which(
+        "flowplug", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    )
     assert script, "the flowplug console script is not installed"
     proc = subprocess.run([script, "--version"], capture_output=True, text=True)
     assert proc.returncode == 0
@@ -166,23 +191,32 @@ def test_broken_third_party_command_is_skipped(fresh_pm, capsys):
         def flowplug_commands(self):
             def add(parser):
                 parser.add_argument("--debug")  # clashes with the common option
+
             return [CommandSpec(name="bad-cmd", description="broken", factory=add, run=lambda a: 0)]
 
     fresh_pm.register(BadCommand(), name="badcmd", provider=("badcmd-pkg", "0.1"))
     assert main(["plugins"]) == 0
     err = capsys.readouterr().err
-    assert err.startswith("flowplug: warning: flowplug plugin 'badcmd' (badcmd-pkg 0.1) failed to add command 'bad-cmd'")
+    assert err.startswith(
+        "flowplug: warning: flowplug plugin 'badcmd' (badcmd-pkg 0.1) failed to add command 'bad-cmd'"
+    )
     with pytest.raises(SystemExit) as info:
         main(["bad-cmd"])
     assert info.value.code == 2
 
 
 def test_strict_mode_broken_plugin_exits_1(tmp_path, monkeypatch, capsys):
-    from fakedist import activate, forget_modules, make_distribution
     from flowplug.manager import set_plugin_manager
 
-    make_distribution(tmp_path, "fakebroken", "0.3", {"broken": "fakebroken_cli"},
-                      {"fakebroken_cli": "raise ImportError('missing dependency foo')\n"})
+    from fakedist import activate, forget_modules, make_distribution
+
+    make_distribution(
+        tmp_path,
+        "fakebroken",
+        "0.3",
+        {"broken": "fakebroken_cli"},
+        {"fakebroken_cli": "raise ImportError('missing dependency foo')\n"},
+    )
     forget_modules("fakebroken_cli")
     activate(tmp_path, monkeypatch)
     monkeypatch.setenv("FLOWPLUG_DISABLE_PLUGIN_AUTOLOAD", "0")
@@ -194,6 +228,8 @@ def test_strict_mode_broken_plugin_exits_1(tmp_path, monkeypatch, capsys):
     finally:
         set_plugin_manager(old)
     err = capsys.readouterr().err
-    assert err.startswith("flowplug: error: flowplug plugin 'broken' (fakebroken 0.3) could not be loaded: "
-                          "ImportError: missing dependency foo")
+    assert err.startswith(
+        "flowplug: error: flowplug plugin 'broken' (fakebroken 0.3) could not be loaded: "
+        "ImportError: missing dependency foo"
+    )
     assert "Traceback" not in err

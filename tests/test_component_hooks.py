@@ -5,8 +5,16 @@ from __future__ import annotations
 import pytest
 
 import flowplug
-from flowplug.records import (ActionSpec, CommandSpec, FieldKindSpec, FileFormatSpec, FlowLayerSpec,
-                              KernelSpec, ObservableSpec, PriorSpec)
+from flowplug.records import (
+    ActionSpec,
+    CommandSpec,
+    FieldKindSpec,
+    FileFormatSpec,
+    FlowLayerSpec,
+    KernelSpec,
+    ObservableSpec,
+    PriorSpec,
+)
 from flowplug.theory import EuclideanSpace
 
 
@@ -35,8 +43,9 @@ class Everything:
 
     @flowplug.hookimpl
     def flowplug_file_formats(self):
-        return [FileFormatSpec(name="t-format", description="test format", factory=dict,
-                               extensions=("tf",), writable=True)]
+        return [
+            FileFormatSpec(name="t-format", description="test format", factory=dict, extensions=("tf",), writable=True)
+        ]
 
     @flowplug.hookimpl
     def flowplug_observables(self):
@@ -47,16 +56,19 @@ class Everything:
         return [CommandSpec(name="t-command", description="test command", factory=lambda p: None, run=lambda a: 0)]
 
 
-@pytest.mark.parametrize("kind, name, record_type", [
-    ("field_kind", "t-kind", FieldKindSpec),
-    ("action", "t-action", ActionSpec),
-    ("flow_layer", "t-layer", FlowLayerSpec),
-    ("prior", "t-prior", PriorSpec),
-    ("kernel", "t-kernel", KernelSpec),
-    ("file_format", "t-format", FileFormatSpec),
-    ("observable", "t-observable", ObservableSpec),
-    ("command", "t-command", CommandSpec),
-])
+@pytest.mark.parametrize(
+    "kind, name, record_type",
+    [
+        ("field_kind", "t-kind", FieldKindSpec),
+        ("action", "t-action", ActionSpec),
+        ("flow_layer", "t-layer", FlowLayerSpec),
+        ("prior", "t-prior", PriorSpec),
+        ("kernel", "t-kernel", KernelSpec),
+        ("file_format", "t-format", FileFormatSpec),
+        ("observable", "t-observable", ObservableSpec),
+        ("command", "t-command", CommandSpec),
+    ],
+)
 def test_each_component_hook_feeds_its_registry(fresh_pm, kind, name, record_type):
     fresh_pm.register(Everything(), name="everything", provider=("everything-pkg", "2.1"))
     record = fresh_pm.registry(kind).get(name.upper())

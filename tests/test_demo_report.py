@@ -13,19 +13,31 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from flowplug.jobs.report import COMPARISON_CAPTION, comparison_figure, comparison_report  # noqa: E402
+from flowplug.jobs.report import COMPARISON_CAPTION, comparison_figure, comparison_report
 
 ROWS = [
-    {"label": "HMC", "step": "trajectory", "plaquette": {"mean": 0.698, "error": 0.001},
-     "q2": {"mean": 1.21, "error": 0.05}, "q": {"mean": 0.01, "error": 0.05, "tau_int": 12.0, "tau_int_error": 2.0},
-     "seconds_per_independent_q": 0.02},
-    {"label": "flow Metropolis", "step": "proposal", "plaquette": {"mean": 0.697, "error": 0.001},
-     "q2": {"mean": 1.25, "error": 0.04}, "q": {"mean": -0.02, "error": 0.04, "tau_int": 2.5, "tau_int_error": 0.3},
-     "seconds_per_independent_q": 0.005},
+    {
+        "label": "HMC",
+        "step": "trajectory",
+        "plaquette": {"mean": 0.698, "error": 0.001},
+        "q2": {"mean": 1.21, "error": 0.05},
+        "q": {"mean": 0.01, "error": 0.05, "tau_int": 12.0, "tau_int_error": 2.0},
+        "seconds_per_independent_q": 0.02,
+    },
+    {
+        "label": "flow Metropolis",
+        "step": "proposal",
+        "plaquette": {"mean": 0.697, "error": 0.001},
+        "q2": {"mean": 1.25, "error": 0.04},
+        "q": {"mean": -0.02, "error": 0.04, "tau_int": 2.5, "tau_int_error": 0.3},
+        "seconds_per_independent_q": 0.005,
+    },
 ]
 EXACT = {"plaquette": 0.697775, "q2": 1.239299}
-HISTORIES = {"HMC": np.round(np.random.default_rng(1).normal(0, 1, 50)),
-             "flow Metropolis": np.round(np.random.default_rng(2).normal(0, 1, 50))}
+HISTORIES = {
+    "HMC": np.round(np.random.default_rng(1).normal(0, 1, 50)),
+    "flow Metropolis": np.round(np.random.default_rng(2).normal(0, 1, 50)),
+}
 
 
 @pytest.fixture
@@ -57,7 +69,7 @@ def test_axes_carry_physics_names_and_units(fig):
 
 def test_error_bars_are_said_to_be_one_sigma(fig):
     legends = [t for ax in fig.axes if ax.get_legend() for t in (x.get_text() for x in ax.get_legend().get_texts())]
-    assert sum(r"\pm 1\sigma" in t for t in legends) >= 4        # both samplers in both estimate panels
+    assert sum(r"\pm 1\sigma" in t for t in legends) >= 4  # both samplers in both estimate panels
     assert any(r"1$\sigma$" in t and "Gamma method" in t for t in (x.get_text() for x in fig.texts))
     assert COMPARISON_CAPTION in [t.get_text() for t in fig.texts]
 
@@ -65,7 +77,7 @@ def test_error_bars_are_said_to_be_one_sigma(fig):
 def test_tau_int_is_linear_from_zero_in_each_samplers_steps(fig):
     (ax,) = [a for a in fig.axes if "tau_" in a.get_ylabel()]
     assert ax.get_yscale() == "linear" and ax.get_ylim()[0] == 0
-    assert ax.get_ylim()[1] >= 14                                   # the HMC bar and its error fit
+    assert ax.get_ylim()[1] >= 14  # the HMC bar and its error fit
     ticks = [t.get_text() for t in ax.get_xticklabels()]
     assert any("per trajectory" in t for t in ticks) and any("per proposal" in t for t in ticks)
 

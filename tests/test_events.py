@@ -89,14 +89,19 @@ def raiser(fresh_pm):
 def test_a_raising_monitor_does_not_stop_training(raiser, tmp_path, one_thread):
     from flowplug.train import build_trainer
 
-    cfg = {"lattice": [4, 4], "seed": 0, "device": "cpu", "action": {"name": "wilson", "group": "u1", "beta": 1.0},
-           "flow": {"layers": ["u1-ncp"], "n_layers": 2, "options": {"hidden": [4]}},
-           "train": {"steps": 3, "batch_size": 8, "progress": False, "checkpoint_every": 0}}
+    cfg = {
+        "lattice": [4, 4],
+        "seed": 0,
+        "device": "cpu",
+        "action": {"name": "wilson", "group": "u1", "beta": 1.0},
+        "flow": {"layers": ["u1-ncp"], "n_layers": 2, "options": {"hidden": [4]}},
+        "train": {"steps": 3, "batch_size": 8, "progress": False, "checkpoint_every": 0},
+    }
     trainer = build_trainer(cfg, out=tmp_path / "t")
     with pytest.warns(PluginLoadWarning, match="raising-monitor.*monitor bug"):
         trainer.run()
     assert trainer.step == 3 and (tmp_path / "t" / "checkpoint.pt").exists()
-    assert raiser.calls == 4       # three steps and the final checkpoint
+    assert raiser.calls == 4  # three steps and the final checkpoint
 
 
 def test_a_raising_monitor_does_not_stop_hmc_or_sample(raiser, tmp_path, one_thread, capsys):
@@ -104,25 +109,68 @@ def test_a_raising_monitor_does_not_stop_hmc_or_sample(raiser, tmp_path, one_thr
     from flowplug.cli import main
 
     out = tmp_path / "h"
-    assert main(["hmc", "--set", f"out={out}", "--set", "lattice=[4,4]", "--set", "chains=2",
-                 "--set", "hmc.trajectories=4", "--set", "hmc.thermalization=1", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "hmc",
+                "--set",
+                f"out={out}",
+                "--set",
+                "lattice=[4,4]",
+                "--set",
+                "chains=2",
+                "--set",
+                "hmc.trajectories=4",
+                "--set",
+                "hmc.thermalization=1",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     for hook in ("flowplug_after_chain_step", "flowplug_checkpoint_written", "flowplug_run_finished"):
-        assert f"'raising-monitor' (raising-monitor) raised in {hook}: RuntimeError: monitor bug; the run goes on" in err
+        assert (
+            f"'raising-monitor' (raising-monitor) raised in {hook}: RuntimeError: monitor bug; the run goes on" in err
+        )
     assert (out / "summary.json").exists()
     hmc_calls = raiser.calls
-    assert hmc_calls >= 4 + 1      # chain steps (and checkpoints) and run_finished
+    assert hmc_calls >= 4 + 1  # chain steps (and checkpoints) and run_finished
 
     from flowplug.train import build_trainer
 
-    cfg = {"lattice": [4, 4], "seed": 0, "device": "cpu", "action": {"name": "wilson", "group": "u1", "beta": 1.0},
-           "flow": {"layers": ["u1-ncp"], "n_layers": 2, "options": {"hidden": [4]}},
-           "train": {"steps": 0, "batch_size": 8, "progress": False, "checkpoint_every": 0}}
+    cfg = {
+        "lattice": [4, 4],
+        "seed": 0,
+        "device": "cpu",
+        "action": {"name": "wilson", "group": "u1", "beta": 1.0},
+        "flow": {"layers": ["u1-ncp"], "n_layers": 2, "options": {"hidden": [4]}},
+        "train": {"steps": 0, "batch_size": 8, "progress": False, "checkpoint_every": 0},
+    }
     trainer = build_trainer(cfg, out=tmp_path / "f")
     trainer.run()
     s = tmp_path / "s"
     capsys.readouterr()
-    assert main(["sample", "--flow", str(tmp_path / "f"), "--out", str(s), "--no-progress",
-                 "--set", "chains=2", "--set", "steps=3", "--set", "thermalize=0", "--set", "ess_samples=8"]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--flow",
+                str(tmp_path / "f"),
+                "--out",
+                str(s),
+                "--no-progress",
+                "--set",
+                "chains=2",
+                "--set",
+                "steps=3",
+                "--set",
+                "thermalize=0",
+                "--set",
+                "ess_samples=8",
+            ]
+        )
+        == 0
+    )
     assert "raised in flowplug_after_chain_step" in capsys.readouterr().err
     assert (s / "summary.json").exists() and raiser.calls > hmc_calls + 3

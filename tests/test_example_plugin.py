@@ -19,8 +19,10 @@ import torch
 
 from flowplug.manager import new_plugin_manager
 
-xy = pytest.importorskip("flowplug_xy", reason="examples/flowplug-xy is not installed "
-                         "(pip install -e examples/flowplug-xy, as the README says)")
+xy = pytest.importorskip(
+    "flowplug_xy",
+    reason="examples/flowplug-xy is not installed (pip install -e examples/flowplug-xy, as the README says)",
+)
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +38,9 @@ def test_discovered_through_entry_point_with_provider(xy_spec):
 
 def test_listed_by_flowplug_plugins_json():
     env = {k: v for k, v in os.environ.items() if k != "FLOWPLUG_DISABLE_PLUGIN_AUTOLOAD"}
-    proc = subprocess.run([sys.executable, "-m", "flowplug", "plugins", "--json"],
-                          capture_output=True, text=True, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "flowplug", "plugins", "--json"], capture_output=True, text=True, env=env
+    )
     assert proc.returncode == 0, proc.stderr
     rows = {(r["kind"], r["name"]): r for r in json.loads(proc.stdout)}
     assert rows[("action", "xy")]["provider"] == "flowplug-xy"
@@ -59,11 +62,11 @@ def test_symmetry_periodicity_and_force():
     action = xy.XYAction(beta=1.3)
     theta = (torch.rand(3, 4, 6, generator=g, dtype=torch.float64) - 0.5) * 2 * math.pi
     s = action.action(theta)
-    assert torch.allclose(action.action(theta + 0.37), s, atol=1e-12)           # global O(2)
+    assert torch.allclose(action.action(theta + 0.37), s, atol=1e-12)  # global O(2)
     shift = torch.zeros_like(theta)
     shift[:, 1, 2] = 2 * math.pi
-    assert torch.allclose(action.action(theta + shift), s, atol=1e-12)         # periodicity
-    assert torch.allclose(action.action(-theta), s, atol=1e-12)                # reflection
+    assert torch.allclose(action.action(theta + shift), s, atol=1e-12)  # periodicity
+    assert torch.allclose(action.action(-theta), s, atol=1e-12)  # reflection
     t = theta.clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(action.action(t).sum(), t)
     assert torch.allclose(action.force(theta), -grad, atol=1e-12)
@@ -103,6 +106,7 @@ def test_exact_1d_periodic_chain(beta):
 
 
 # ----------------------------------------------------------------- the plugin's kernel
+
 
 def test_kernel_registered_by_the_plugin():
     pm = new_plugin_manager(autoload=True)
@@ -145,8 +149,25 @@ def test_flowplug_sample_runs_the_plugins_kernel(tmp_path, one_thread, capsys):
     old = set_plugin_manager(new_plugin_manager(autoload=True))
     try:
         out = tmp_path / "xy"
-        assert main(["sample", "--out", str(out), "--no-progress", "--set", "action.name=xy",
-                     "--set", "action.beta=1.0", "--set", "lattice=[16]", "--set", "kernel.type=xy-metropolis"]) == 0
+        assert (
+            main(
+                [
+                    "sample",
+                    "--out",
+                    str(out),
+                    "--no-progress",
+                    "--set",
+                    "action.name=xy",
+                    "--set",
+                    "action.beta=1.0",
+                    "--set",
+                    "lattice=[16]",
+                    "--set",
+                    "kernel.type=xy-metropolis",
+                ]
+            )
+            == 0
+        )
     finally:
         set_plugin_manager(old)
     assert "steps of xy-metropolis" in capsys.readouterr().out

@@ -13,14 +13,19 @@ import torch
 
 import flowplug
 from flowplug import FieldKindSpec, ObservableSpec, hookimpl
-from flowplug.errors import (ConfigError, DuplicateComponentError, PluginError, PluginLoadWarning,
-                             UnknownComponentError, UnknownFieldKindError)
+from flowplug.errors import (
+    ConfigError,
+    DuplicateComponentError,
+    PluginError,
+    PluginLoadWarning,
+    UnknownComponentError,
+    UnknownFieldKindError,
+)
 from flowplug.flow import check_field, default_prior
 from flowplug.plugins.hmc import HMC
 from flowplug.plugins.observables import default_observables, measurement
 from flowplug.stats import gamma_method
-from flowplug.theory import (Action, AngleSpace, EuclideanSpace, SUNSpace, field_kind, field_space,
-                             kind_accepted, su_n)
+from flowplug.theory import Action, AngleSpace, EuclideanSpace, SUNSpace, field_kind, field_space, kind_accepted, su_n
 
 # ------------------------------------------------------------------- a toy plugin
 
@@ -52,12 +57,12 @@ class GaussianVector(Action):
 
     def action(self, x):
         self.check(x)
-        return 0.5 * self.m2 * (x ** 2).flatten(1).sum(1).to(torch.float64)
+        return 0.5 * self.m2 * (x**2).flatten(1).sum(1).to(torch.float64)
 
 
 def vec_sq(x):
     """Mean of phi^2 over sites and components, (B,) float64."""
-    return (x ** 2).flatten(1).mean(1).to(torch.float64)
+    return (x**2).flatten(1).mean(1).to(torch.float64)
 
 
 class ToyFields:
@@ -65,9 +70,17 @@ class ToyFields:
 
     @hookimpl
     def flowplug_field_kinds(self):
-        return [FieldKindSpec(name="vec", description="N-component real field per site",
-                              factory=VectorSpace, pattern=r"vec(?P<n>[1-9]\d*)", examples=("vec2", "vec3"),
-                              observables=("vec_sq",), observable_dims={"vec_sq": (1, 2)})]
+        return [
+            FieldKindSpec(
+                name="vec",
+                description="N-component real field per site",
+                factory=VectorSpace,
+                pattern=r"vec(?P<n>[1-9]\d*)",
+                examples=("vec2", "vec3"),
+                observables=("vec_sq",),
+                observable_dims={"vec_sq": (1, 2)},
+            )
+        ]
 
     @hookimpl
     def flowplug_observables(self):
@@ -98,8 +111,11 @@ def test_builtin_kinds_come_from_the_fields_plugin(fresh_pm):
     assert (su_n("su4"), su_n("u1"), su_n("su1"), su_n("nothing")) == (4, None, None, None)
     with pytest.raises(ConfigError, match="N >= 2"):
         field_space("su1")
-    with pytest.raises(UnknownFieldKindError, match=r"'su' names a family, su \(su2, su3, \.\.\.\) \(from "
-                                                    r"flowplug .* \(built-in\)\); give one of its members"):
+    with pytest.raises(
+        UnknownFieldKindError,
+        match=r"'su' names a family, su \(su2, su3, \.\.\.\) \(from "
+        r"flowplug .* \(built-in\)\); give one of its members",
+    ):
         field_space("su")
 
 
@@ -123,8 +139,10 @@ def test_unknown_kind_lists_what_exists(toy):
         field_space("so3")
     assert isinstance(info.value, ConfigError) and isinstance(info.value, UnknownComponentError)
     text = str(info.value)
-    assert text.startswith("unknown field kind 'so3'. Available: o2, scalar, su (su2, su3, ...), u1, "
-                           "vec (vec2, vec3, ...) (from toy-fields 1.0). Did you mean 'su3'?")
+    assert text.startswith(
+        "unknown field kind 'so3'. Available: o2, scalar, su (su2, su3, ...), u1, "
+        "vec (vec2, vec3, ...) (from toy-fields 1.0). Did you mean 'su3'?"
+    )
     assert "flowplug_field_kinds" in text
     with pytest.raises(UnknownComponentError, match=r"^Unknown field kind 'vec0'\. Available: "):
         flowplug.get_component("field_kind", "vec0")
@@ -200,52 +218,77 @@ def _plugin(*records):
 
 
 def test_duplicate_kind_names_both_providers(fresh_pm):
-    fresh_pm.register(_plugin(FieldKindSpec(name="u1", description="mine", factory=EuclideanSpace)),
-                      name="clash", provider=("clashpkg", "2.0"))
+    fresh_pm.register(
+        _plugin(FieldKindSpec(name="u1", description="mine", factory=EuclideanSpace)),
+        name="clash",
+        provider=("clashpkg", "2.0"),
+    )
     fresh_pm.strict = True
     with pytest.raises(DuplicateComponentError) as info:
         fresh_pm.registry("field_kind")
     assert str(info.value) == (
         f"Field kind 'u1' is provided twice: by flowplug {flowplug.__version__} (built-in) and by "
-        "clashpkg 2.0. Uninstall one of them or block it (FLOWPLUG_BLOCK_PLUGINS=clashpkg).")
+        "clashpkg 2.0. Uninstall one of them or block it (FLOWPLUG_BLOCK_PLUGINS=clashpkg)."
+    )
 
 
 def test_kind_in_a_builtin_family_is_a_duplicate(fresh_pm):
-    fresh_pm.register(_plugin(FieldKindSpec(name="su5", description="mine", factory=lambda: SUNSpace(5),
-                                            gauge=True)), name="clash", provider=("clashpkg", "2.0"))
+    fresh_pm.register(
+        _plugin(FieldKindSpec(name="su5", description="mine", factory=lambda: SUNSpace(5), gauge=True)),
+        name="clash",
+        provider=("clashpkg", "2.0"),
+    )
     fresh_pm.strict = True
-    with pytest.raises(DuplicateComponentError,
-                       match=r"^Field kind 'su5' is provided twice: by flowplug .* \(built-in\) \(family 'su', "
-                             r".*\) and by clashpkg 2\.0\."):
+    with pytest.raises(
+        DuplicateComponentError,
+        match=r"^Field kind 'su5' is provided twice: by flowplug .* \(built-in\) \(family 'su', "
+        r".*\) and by clashpkg 2\.0\.",
+    ):
         fresh_pm.registry("field_kind")
 
 
 def test_duplicate_is_skipped_with_warning_when_tolerant(fresh_pm):
-    fresh_pm.register(_plugin(FieldKindSpec(name="scalar", description="mine", factory=EuclideanSpace)),
-                      name="clash", provider=("clashpkg", "2.0"))
+    fresh_pm.register(
+        _plugin(FieldKindSpec(name="scalar", description="mine", factory=EuclideanSpace)),
+        name="clash",
+        provider=("clashpkg", "2.0"),
+    )
     with pytest.warns(PluginLoadWarning, match=r"\(clashpkg 2.0\) skipped: Field kind 'scalar' is provided twice"):
         spec = fresh_pm.registry("field_kind").get("scalar")
     assert spec.provider == "flowplug"
 
 
 def test_overlapping_families_name_both_providers(fresh_pm):
-    fresh_pm.register(_plugin(FieldKindSpec(name="w", description="w<N>", factory=VectorSpace,
-                                            pattern=r"w(?P<n>\d+)", examples=("w1",))),
-                      name="one", provider=("onepkg", "1"))
-    fresh_pm.register(_plugin(FieldKindSpec(name="wide", description="w5..w9", factory=VectorSpace,
-                                            pattern=r"w(?P<n>[5-9])")),
-                      name="two", provider=("twopkg", "2"))
+    fresh_pm.register(
+        _plugin(
+            FieldKindSpec(name="w", description="w<N>", factory=VectorSpace, pattern=r"w(?P<n>\d+)", examples=("w1",))
+        ),
+        name="one",
+        provider=("onepkg", "1"),
+    )
+    fresh_pm.register(
+        _plugin(FieldKindSpec(name="wide", description="w5..w9", factory=VectorSpace, pattern=r"w(?P<n>[5-9])")),
+        name="two",
+        provider=("twopkg", "2"),
+    )
     fresh_pm.strict = True
     assert field_space("w1").n == 1  # only the first family covers w1
-    with pytest.raises(DuplicateComponentError,
-                       match=r"Field kind 'w7' is provided twice: by onepkg 1 \(family 'w', .*\) "
-                             r"and by twopkg 2 \(family 'wide', .*\)"):
+    with pytest.raises(
+        DuplicateComponentError,
+        match=r"Field kind 'w7' is provided twice: by onepkg 1 \(family 'w', .*\) "
+        r"and by twopkg 2 \(family 'wide', .*\)",
+    ):
         field_space("w7")
-    fresh_pm.register(_plugin(FieldKindSpec(name="v", description="", factory=VectorSpace,
-                                            pattern=r"w(?P<n>1)", examples=("w1",))),
-                      name="three", provider=("threepkg", "3"))
-    with pytest.raises(DuplicateComponentError, match=r"Field kind 'w1' is provided twice: by onepkg 1 .* "
-                                                      r"and by threepkg 3"):
+    fresh_pm.register(
+        _plugin(FieldKindSpec(name="v", description="", factory=VectorSpace, pattern=r"w(?P<n>1)", examples=("w1",))),
+        name="three",
+        provider=("threepkg", "3"),
+    )
+    with pytest.raises(
+        DuplicateComponentError,
+        match=r"Field kind 'w1' is provided twice: by onepkg 1 .* "
+        r"and by threepkg 3",
+    ):
         fresh_pm.registry("field_kind")
 
 
@@ -261,8 +304,14 @@ def test_record_validation():
         FieldKindSpec(name="v", description="", factory=VectorSpace, examples=("v2",))
     with pytest.raises(ValueError, match="lower-case"):
         FieldKindSpec(name="Vec", description="", factory=VectorSpace)
-    spec = FieldKindSpec(name="v", description="", factory=VectorSpace, pattern=r"v(?P<n>\d+)(?P<tag>[a-z]?)",
-                         observables=("a", "b"), observable_dims={"b": [3]})
+    spec = FieldKindSpec(
+        name="v",
+        description="",
+        factory=VectorSpace,
+        pattern=r"v(?P<n>\d+)(?P<tag>[a-z]?)",
+        observables=("a", "b"),
+        observable_dims={"b": [3]},
+    )
     assert spec.match("V4x") == {"n": 4, "tag": "x"} and spec.match("w4") is None
     assert spec.observable_dims == (("b", (3,)),) and hash(spec)
     assert spec.default_observables(2) == ("a",) and spec.default_observables(3) == ("a", "b")
@@ -272,11 +321,15 @@ def test_record_validation():
 
 
 def test_a_space_must_match_its_record(fresh_pm):
-    fresh_pm.register(_plugin(
-        FieldKindSpec(name="liar", description="says gauge", factory=EuclideanSpace, gauge=True),
-        FieldKindSpec(name="nospace", description="builds a dict", factory=dict),
-        FieldKindSpec(name="broken", description="factory fails", factory=lambda: 1 / 0)),
-        name="bad", provider=("badpkg", "0.1"))
+    fresh_pm.register(
+        _plugin(
+            FieldKindSpec(name="liar", description="says gauge", factory=EuclideanSpace, gauge=True),
+            FieldKindSpec(name="nospace", description="builds a dict", factory=dict),
+            FieldKindSpec(name="broken", description="factory fails", factory=lambda: 1 / 0),
+        ),
+        name="bad",
+        provider=("badpkg", "0.1"),
+    )
     with pytest.raises(PluginError, match="field kind 'liar' of badpkg 0.1: the record says gauge=True"):
         field_space("liar")
     with pytest.raises(PluginError, match="'nospace' of badpkg 0.1: its factory returned dict"):
@@ -298,6 +351,6 @@ def test_plugins_command_lists_field_kinds(toy, capsys):
     assert main(["plugins"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert any(line.startswith("field kind") and "su: su2, su3, ..." in line for line in out)
-    assert any(line.startswith("field kind") and "vec: vec2, vec3, ..." in line and "toy-fields 1.0" in line
-               for line in out)
-
+    assert any(
+        line.startswith("field kind") and "vec: vec2, vec3, ..." in line and "toy-fields 1.0" in line for line in out
+    )

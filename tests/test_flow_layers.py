@@ -42,8 +42,15 @@ def _layer_cases():
                 if rec.dims and len(lattice) not in rec.dims:
                     continue
                 for index in (0, 1):
-                    cases.append(pytest.param(rec.name, field, lattice, index,
-                                              id=f"{rec.name}-{field}-{'x'.join(map(str, lattice))}-{index}"))
+                    cases.append(
+                        pytest.param(
+                            rec.name,
+                            field,
+                            lattice,
+                            index,
+                            id=f"{rec.name}-{field}-{'x'.join(map(str, lattice))}-{index}",
+                        )
+                    )
     return cases
 
 
@@ -98,8 +105,10 @@ def su_basis(n):
 def jacobian_logdet(fn, x, field):
     """log|det| of fn at x (one configuration, batch axis 1) in flat local coordinates."""
     if field in ("scalar", "u1"):
+
         def flat(v):
             return fn(v.reshape(x.shape)).reshape(-1)
+
         jac = torch.autograd.functional.jacobian(flat, x.reshape(-1))
         return torch.linalg.slogdet(jac)[1]
     n = x.shape[-1]
@@ -149,9 +158,11 @@ def test_layer_logdet_matches_autograd(name, field, lattice, index):
     torch.testing.assert_close(auto, ld[0], rtol=0, atol=1e-7)
 
 
-DIAG_CASES = [c for c in LAYER_CASES
-              if callable(getattr(make_layer(c.values[0], lattice=c.values[2], field=c.values[1]),
-                                  "forward_diag", None))]
+DIAG_CASES = [
+    c
+    for c in LAYER_CASES
+    if callable(getattr(make_layer(c.values[0], lattice=c.values[2], field=c.values[1]), "forward_diag", None))
+]
 
 
 def test_fast_path_gradient_layers_are_listed():
@@ -166,11 +177,18 @@ def test_forward_diag_contract(name, field, lattice, index):
     _check_forward_diag(layer(name, field, lattice, index), field, lattice)
 
 
-@pytest.mark.parametrize("name,field,lattice,index,opts", [
-    ("affine", "scalar", (4, 4), 1, {}), ("spline", "scalar", (4, 4), 0, {"bound": 1.0}),
-    ("u1-ncp", "u1", (4, 4), 1, {}), ("u1-ncp", "u1", (4, 4), 2, {"rectangles": True}),
-    ("u1-ncp", "u1", (4, 4), 3, {"rectangles": True, "period": 2}), ("u1-spline", "u1", (4, 4, 2), 5, {}),
-    ("u1-ncp", "u1", (4, 4, 2), 4, {"rectangles": True})])
+@pytest.mark.parametrize(
+    "name,field,lattice,index,opts",
+    [
+        ("affine", "scalar", (4, 4), 1, {}),
+        ("spline", "scalar", (4, 4), 0, {"bound": 1.0}),
+        ("u1-ncp", "u1", (4, 4), 1, {}),
+        ("u1-ncp", "u1", (4, 4), 2, {"rectangles": True}),
+        ("u1-ncp", "u1", (4, 4), 3, {"rectangles": True, "period": 2}),
+        ("u1-spline", "u1", (4, 4, 2), 5, {}),
+        ("u1-ncp", "u1", (4, 4, 2), 4, {"rectangles": True}),
+    ],
+)
 def test_forward_diag_contract_larger_lattices(name, field, lattice, index, opts):
     """As above where stripes have period 4, x + nu != x - nu, with rectangles, and spline tails."""
     m = make_layer(name, lattice=lattice, field=field, index=index, dtype="float64", **opts)
@@ -205,14 +223,17 @@ def test_gauge_layer_equivariance(name, field, lattice, index):
         alpha = TWO_PI * torch.rand((3, *lattice), generator=gen(2), dtype=torch.float64)
 
         def transform(t):
-            return groups.wrap_angle(torch.stack(
-                [t[:, mu] + alpha - torch.roll(alpha, -1, dims=1 + mu) for mu in range(d)], 1))
+            return groups.wrap_angle(
+                torch.stack([t[:, mu] + alpha - torch.roll(alpha, -1, dims=1 + mu) for mu in range(d)], 1)
+            )
+
         close = lambda a, b: groups.wrap_angle(a - b).abs().max() < 1e-9  # noqa: E731
     else:
         omega = groups.haar_random((3, *lattice), int(field[2:]), generator=gen(2))
 
         def transform(u):
             return torch.stack([omega @ u[:, mu] @ torch.roll(omega, -1, dims=1 + mu).mH for mu in range(d)], 1)
+
         close = lambda a, b: (a - b).abs().max() < 1e-9  # noqa: E731
     y, ld = m(x)
     yg, ldg = m(transform(x))
@@ -220,10 +241,18 @@ def test_gauge_layer_equivariance(name, field, lattice, index):
     torch.testing.assert_close(ldg, ld, rtol=0, atol=1e-9)
 
 
-@pytest.mark.parametrize("name,field,lattice,period", [
-    ("u1-ncp", "u1", (4, 4), None), ("u1-ncp", "u1", (4, 4), 2), ("u1-spline", "u1", (2, 2, 2), None),
-    ("u1-ncp", "u1", (2, 2, 2, 2), None), ("sun-spectral", "su3", (4, 2), None),
-    ("sun-spectral", "su3", (4, 4), 2), ("sun-spectral", "su2", (2, 2, 2, 2), None)])
+@pytest.mark.parametrize(
+    "name,field,lattice,period",
+    [
+        ("u1-ncp", "u1", (4, 4), None),
+        ("u1-ncp", "u1", (4, 4), 2),
+        ("u1-spline", "u1", (2, 2, 2), None),
+        ("u1-ncp", "u1", (2, 2, 2, 2), None),
+        ("sun-spectral", "su3", (4, 2), None),
+        ("sun-spectral", "su3", (4, 4), 2),
+        ("sun-spectral", "su2", (2, 2, 2, 2), None),
+    ],
+)
 def test_rectangle_conditioning(name, field, lattice, period):
     """With ``rectangles = true`` the conditioner also sees the 1x2 loops around the updated
     links: they are unchanged by the layer (the updated link is interior), and the layer
@@ -243,7 +272,7 @@ def test_rectangle_conditioning(name, field, lattice, period):
     m(y)
     mask = m.rect_frozen > 0
     assert mask.any()
-    for a, b in zip(*seen):
+    for a, b in zip(*seen, strict=True):
         assert (a - b)[:, mask].abs().max() < 1e-12
     m._condition = original
     x2, ldi = m.inverse(y)
@@ -257,21 +286,24 @@ def test_rectangle_conditioning(name, field, lattice, period):
         alpha = TWO_PI * torch.rand((2, *lattice), generator=gen(2), dtype=torch.float64)
 
         def transform(t):
-            return groups.wrap_angle(torch.stack([t[:, mu] + alpha - torch.roll(alpha, -1, dims=1 + mu)
-                                                  for mu in range(d)], 1))
+            return groups.wrap_angle(
+                torch.stack([t[:, mu] + alpha - torch.roll(alpha, -1, dims=1 + mu) for mu in range(d)], 1)
+            )
     else:
         omega = groups.haar_random((2, *lattice), int(field[2:]), generator=gen(2))
 
         def transform(u):
             return torch.stack([omega @ u[:, mu] @ torch.roll(omega, -1, dims=1 + mu).mH for mu in range(d)], 1)
+
     yg, ldg = m(transform(x))
     diff = yg - transform(y)
     assert (groups.wrap_angle(diff) if field == "u1" else diff).abs().max() < 1e-9
     torch.testing.assert_close(ldg, ld, rtol=0, atol=1e-9)
 
 
-@pytest.mark.parametrize("name,field", [("affine", "scalar"), ("spline", "scalar"), ("u1-ncp", "u1"),
-                                        ("sun-spectral", "su2")])
+@pytest.mark.parametrize(
+    "name,field", [("affine", "scalar"), ("spline", "scalar"), ("u1-ncp", "u1"), ("sun-spectral", "su2")]
+)
 def test_translation_equivariance(name, field):
     """Shifts that preserve the mask (2 sites for checkerboards, any shift across stripes) commute."""
     lattice = (4, 4)
@@ -300,8 +332,13 @@ def test_mask_period_option():
 
 
 def test_fresh_layers_are_identity():
-    for name, field in [("affine", "scalar"), ("spline", "scalar"), ("u1-ncp", "u1"), ("u1-spline", "u1"),
-                        ("sun-spectral", "su3")]:
+    for name, field in [
+        ("affine", "scalar"),
+        ("spline", "scalar"),
+        ("u1-ncp", "u1"),
+        ("u1-spline", "u1"),
+        ("sun-spectral", "su3"),
+    ]:
         m = make_layer(name, lattice=(4, 4), field=field, index=0, init_scale=0.0)
         x = prior_sample(field, (4, 4), 2)
         y, ld = m(x)
@@ -337,7 +374,7 @@ def test_spectral_map_logdet_matches_autograd(n):
         w = groups.haar_random((1,), n, generator=g)
         raw = 0.5 * torch.randn(1, (n - 1) * 25, generator=g, dtype=torch.float64)
         _, ld = spectral_map(w, raw, 8)
-        auto = jacobian_logdet(lambda v: spectral_map(v, raw, 8)[0], w, f"su{n}")
+        auto = jacobian_logdet(lambda v, raw=raw: spectral_map(v, raw, 8)[0], w, f"su{n}")
         torch.testing.assert_close(auto, ld[0], rtol=0, atol=1e-8)
 
 
@@ -406,8 +443,7 @@ def test_normal_and_uniform_priors():
 
 def test_transforms_invert_and_stay_finite_at_edges():
     g = gen(6)
-    edges = torch.tensor([0.0, 1e-300, math.pi, -math.pi, TWO_PI, TWO_PI - 1e-16, 7.0, -1e9, 1e9],
-                         dtype=torch.float64)
+    edges = torch.tensor([0.0, 1e-300, math.pi, -math.pi, TWO_PI, TWO_PI - 1e-16, 7.0, -1e9, 1e9], dtype=torch.float64)
     for scale in (0.5, 1e3):
         raw = scale * torch.randn(edges.numel(), 24, generator=g, dtype=torch.float64)
         for inverse in (False, True):
@@ -415,15 +451,16 @@ def test_transforms_invert_and_stay_finite_at_edges():
             assert torch.isfinite(y).all() and torch.isfinite(ld).all()
             y, ld = ncp_mixture(edges, raw[:, :2], raw[:, 2:4], edges, inverse=inverse)
             assert torch.isfinite(y).all() and torch.isfinite(ld).all()
-            w, h, d = rq_spline_params(raw[:, :25] if raw.shape[1] >= 25 else
-                                       torch.cat([raw, raw[:, :1]], 1), 8)
+            w, h, d = rq_spline_params(raw[:, :25] if raw.shape[1] >= 25 else torch.cat([raw, raw[:, :1]], 1), 8)
             y, ld = rq_spline(edges, w, h, d, inverse=inverse)
             assert torch.isfinite(y).all() and torch.isfinite(ld).all()
     x = TWO_PI * torch.rand(1000, generator=g, dtype=torch.float64)
     raw = torch.randn(1000, 24, generator=g, dtype=torch.float64)
     rot = torch.randn(1000, generator=g, dtype=torch.float64)
-    for fn in (lambda v, inv: circular_rq_spline(v, raw, 8, rotation=rot, inverse=inv),
-               lambda v, inv: ncp_mixture(v, raw[:, :3], raw[:, 3:6], rot, inverse=inv)):
+    for fn in (
+        lambda v, inv: circular_rq_spline(v, raw, 8, rotation=rot, inverse=inv),
+        lambda v, inv: ncp_mixture(v, raw[:, :3], raw[:, 3:6], rot, inverse=inv),
+    ):
         y, ld = fn(x, False)
         x2, ldi = fn(y, True)
         assert groups.wrap_angle(x2 - x).abs().max() < 1e-10
@@ -460,8 +497,9 @@ def test_flow_density_convention():
 
 
 def test_build_flow_options_and_errors():
-    flow = build_flow("scalar", (4, 4), ["affine", "spline"], n_layers=3,
-                      options={"hidden": [4], "spline": {"n_bins": 5}})
+    flow = build_flow(
+        "scalar", (4, 4), ["affine", "spline"], n_layers=3, options={"hidden": [4], "spline": {"n_bins": 5}}
+    )
     assert [e["name"] for e in flow.spec["layers"]] == ["affine", "spline", "affine"]
     assert flow.spec["layers"][1]["options"] == {"hidden": [4], "n_bins": 5}
     assert flow.layers[1].n_bins == 5

@@ -56,8 +56,9 @@ def _angles(lattice, n, seed):
     return (torch.rand((n, 2, *lattice), generator=g, dtype=torch.float64) * 2 - 1) * math.pi
 
 
-@pytest.mark.parametrize("lattice,counts", [((8, 8), [1, 2, 4, 8, 16, 32]), ((6, 4), [1, 2, 4, 8, 8]),
-                                            ((2, 2), [1, 2]), ((4, 2), [1, 2, 4])])
+@pytest.mark.parametrize(
+    "lattice,counts", [((8, 8), [1, 2, 4, 8, 16, 32]), ((6, 4), [1, 2, 4, 8, 8]), ((2, 2), [1, 2]), ((4, 2), [1, 2, 4])]
+)
 def test_block_hierarchy_tiles_the_lattice(lattice, counts):
     """Each level's blocks tile the lattice (with the unsplit single plaquettes); children
     tile their parent; a lattice of V plaquettes has V - 1 splits in all."""
@@ -113,8 +114,9 @@ def test_level_moves_only_its_children_loops(lattice):
                 assert wrap(_block_loop(y, block) - _block_loop(x, block)) < 1e-10
 
 
-@pytest.mark.parametrize("lattice,index,opts", [((4, 4), 2, {}), ((6, 4), 3, {"n_modes": 3}),
-                                                ((8, 8), 0, {"levels": 3})])
+@pytest.mark.parametrize(
+    "lattice,index,opts", [((4, 4), 2, {}), ((6, 4), 3, {"n_modes": 3}), ((8, 8), 0, {"levels": 3})]
+)
 def test_inverse_logdet_and_equivariance_on_larger_lattices(lattice, index, opts):
     m = _random_layer(lattice, index, **opts)
     x = _angles(lattice, 3, seed=2)
@@ -131,6 +133,7 @@ def test_inverse_logdet_and_equivariance_on_larger_lattices(lattice, index, opts
 
     def gauge(t):
         return torch.stack([t[:, mu] + alpha - torch.roll(alpha, -1, dims=1 + mu) for mu in range(2)], 1)
+
     yg, ldg = m(gauge(x))
     assert groups.wrap_angle(yg - gauge(y)).abs().max() < 1e-10
     torch.testing.assert_close(ldg, ld, rtol=0, atol=1e-10)
@@ -142,12 +145,18 @@ def test_levels_option_selects_the_finest_levels():
     assert [U1MultiscaleCoupling(lattice=(8, 8), index=i).level for i in range(7)] == [0, 1, 2, 3, 4, 5, 0]
 
 
-@pytest.mark.parametrize("kwargs,text", [
-    ({"lattice": (4, 4, 4)}, "2D lattice"), ({"lattice": (1, 4)}, "extents >= 2"),
-    ({"lattice": (4, 4), "levels": 5}, "levels must be an integer in 1..4"),
-    ({"lattice": (4, 4), "levels": 0}, "levels must be an integer"),
-    ({"lattice": (4, 4), "n_modes": 0}, "n_modes >= 1"), ({"lattice": (4, 4), "n_bins": 0}, "n_bins >= 1"),
-    ({"lattice": (4, 4), "field": "su3"}, "acts on u1 links")])
+@pytest.mark.parametrize(
+    "kwargs,text",
+    [
+        ({"lattice": (4, 4, 4)}, "2D lattice"),
+        ({"lattice": (1, 4)}, "extents >= 2"),
+        ({"lattice": (4, 4), "levels": 5}, "levels must be an integer in 1..4"),
+        ({"lattice": (4, 4), "levels": 0}, "levels must be an integer"),
+        ({"lattice": (4, 4), "n_modes": 0}, "n_modes >= 1"),
+        ({"lattice": (4, 4), "n_bins": 0}, "n_bins >= 1"),
+        ({"lattice": (4, 4), "field": "su3"}, "acts on u1 links"),
+    ],
+)
 def test_bad_options_raise_config_errors(kwargs, text):
     with pytest.raises(ConfigError, match=text):
         U1MultiscaleCoupling(**kwargs)
@@ -161,8 +170,9 @@ def test_registry_refuses_other_dimensions():
 def test_short_training_reproduces_exact_2d_u1():
     """8 x 8, beta = 2 (exact values from the character expansion, :func:`flowplug.exact.u1_2d`,
     checked against ../shared/reference/u1_2d_exact.txt elsewhere): 300 path-gradient steps
-    of batch 32 on the four finest levels. The independence Metropolis chain on 4096 samples reproduces both values within
-    4 Gamma-method sigma, and the ESS is many times that of the untrained flow (0.001).
+    of batch 32 on the four finest levels. The independence Metropolis chain on 4096
+    samples reproduces both values within 4 Gamma-method sigma, and the ESS is many times
+    that of the untrained flow (0.001).
 
     The ESS threshold follows from the spread over training seeds, not from one lucky
     run: seeds 1-6 of this recipe give ESS 0.046, 0.091, 0.088, 0.059, 0.087, 0.039 (the
@@ -170,7 +180,7 @@ def test_short_training_reproduces_exact_2d_u1():
     samples of the 4096 (ESS > 1/64), enough for the chain's Gamma-method errors to mean
     something, 2.5 times below the worst seed and 14 times above the untrained flow."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)   # one reduction order: the run does not depend on the machine
+    torch.set_num_threads(1)  # one reduction order: the run does not depend on the machine
     try:
         _train_and_check()
     finally:
@@ -184,16 +194,30 @@ def _train_and_check():
     from flowplug.train import Trainer, evaluate_flow
 
     torch.manual_seed(1)
-    flow = build_flow("u1", (8, 8), "u1-multiscale", n_layers=4,
-                      options={"levels": 4, "n_modes": 4, "hidden": [32, 32]})
+    flow = build_flow(
+        "u1", (8, 8), "u1-multiscale", n_layers=4, options={"levels": 4, "n_modes": 4, "hidden": [32, 32]}
+    )
     act = action_from_config({"name": "wilson", "group": "u1", "beta": 2.0})
     untrained = evaluate_flow(flow, act, 1024, batch_size=512)["ess"]
-    tr = Trainer(flow, act, {"steps": 300, "batch_size": 32, "lr": 1.5e-3, "warmup_steps": 30,
-                             "schedule": "cosine", "path_gradient": True, "progress": False}, seed=1)
+    tr = Trainer(
+        flow,
+        act,
+        {
+            "steps": 300,
+            "batch_size": 32,
+            "lr": 1.5e-3,
+            "warmup_steps": 30,
+            "schedule": "cosine",
+            "path_gradient": True,
+            "progress": False,
+        },
+        seed=1,
+    )
     tr.run(progress=False)
 
     def q2(x):
         return (groups.wrap_angle(gauge.u1_plaquettes(x)).flatten(1).sum(1) / TWO_PI) ** 2
+
     with torch.no_grad():
         r = evaluate_flow(flow, act, 4096, batch_size=1024, observables={"plaquette": gauge.plaquette, "q2": q2})
     assert untrained < 0.01 and r["ess"] * 4096 > 64, (untrained, r["ess"])

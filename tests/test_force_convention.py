@@ -34,14 +34,14 @@ def test_directional_derivative_is_plus_two_re_tr_x_f(group, beta):
     g = torch.Generator().manual_seed(3)
     act = WilsonGaugeAction(beta, group)
     u = act.hot_start((3, 4), 2, generator=g)
-    x = act.space.momenta(u, g)                      # random su(N) direction per link
+    x = act.space.momenta(u, g)  # random su(N) direction per link
     fd = _directional(act, u, x)
     analytic = act.force(u)
     auto = act.space.autograd_force(act.action, u)
     torch.testing.assert_close(analytic, auto, rtol=1e-9, atol=1e-9)
     for f in (analytic, auto):
         torch.testing.assert_close(_two_re_tr(x, f), fd, rtol=1e-6, atol=1e-6)
-        assert not torch.allclose(-_two_re_tr(x, f), fd, rtol=1e-3, atol=1e-3)   # the sign is +
+        assert not torch.allclose(-_two_re_tr(x, f), fd, rtol=1e-3, atol=1e-3)  # the sign is +
     # F points downhill: a small step U <- exp(eps F) U lowers the action
     eps = 1e-4
     lower = act.action(groups.expmap(eps * analytic) @ u)

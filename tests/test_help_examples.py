@@ -59,8 +59,7 @@ def _check_overrides(command: str, overrides: list[str], config_file: str | None
             path = candidate
         else:
             assert not config_file.startswith("examples/"), f"{config_file}: no such example file"
-    _config.build_config(default, config_file=path, overrides=overrides,
-                         open_tables=getattr(module, "OPEN_TABLES", ()))
+    _config.build_config(default, config_file=path, overrides=overrides, open_tables=getattr(module, "OPEN_TABLES", ()))
 
 
 def _check_line(line: str, where: str) -> None:
@@ -128,7 +127,7 @@ def test_the_examples_are_found():
     assert with_config >= {"hmc", "sample", "resample", "train", "demo"}
     shown = {c for c, src, line in HELP if line.startswith("flowplug ")}
     assert shown >= with_config, with_config - shown
-    assert {c for c, src, v in HELP if "(--set)" in src} >= with_config   # the --set help shows a real key
+    assert {c for c, src, v in HELP if "(--set)" in src} >= with_config  # the --set help shows a real key
     assert any(src == "README.md" for src, _ in DOCS)
 
 
@@ -147,7 +146,7 @@ def test_config_doc_examples_use_keys_of_the_command():
     for command, module in COMMANDS.items():
         if hasattr(module, "DEFAULT_CONFIG"):
             _check_overrides(command, [])
-    for command, source, value in CONFIG_DOCS:
+    for command, _source, value in CONFIG_DOCS:
         _check_overrides(command, [value])
 
 

@@ -18,8 +18,17 @@ from flowplug.jobs.hmc import DEFAULT_CONFIG, run_fingerprint, run_hmc
 
 
 def cfg(tmp_path: Path, *overrides: str, name: str = "out") -> dict:
-    base = [f"out={tmp_path / name}", "progress=false", "threads=0", "lattice=[6, 6]", "chains=3",
-            "hmc.trajectories=12", "hmc.thermalization=2", "hmc.steps=4", "save_every=5"]
+    base = [
+        f"out={tmp_path / name}",
+        "progress=false",
+        "threads=0",
+        "lattice=[6, 6]",
+        "chains=3",
+        "hmc.trajectories=12",
+        "hmc.thermalization=2",
+        "hmc.steps=4",
+        "save_every=5",
+    ]
     return _config.build_config(DEFAULT_CONFIG, overrides=base + list(overrides))
 
 
@@ -43,8 +52,22 @@ def test_print_config(capsys):
 
 def test_cli_run_writes_everything(tmp_path, capsys):
     out = tmp_path / "run"
-    rc = main(["hmc", "--set", f"out={out}", "--set", "lattice=[6,6]", "--set", "hmc.trajectories=12",
-               "--set", "save_every=5", "--set", "chains=2", "--no-progress"])
+    rc = main(
+        [
+            "hmc",
+            "--set",
+            f"out={out}",
+            "--set",
+            "lattice=[6,6]",
+            "--set",
+            "hmc.trajectories=12",
+            "--set",
+            "save_every=5",
+            "--set",
+            "chains=2",
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     assert "acceptance" in capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
@@ -56,7 +79,8 @@ def test_cli_run_writes_everything(tmp_path, capsys):
     with h5py.File(out / "measurements.h5", "r") as f:  # each dataset carries its layout
         assert f["trajectory"].attrs["axes"] == "steps"
         assert {k: f[k].attrs["axes"] for k in f if k != "trajectory"} == {
-            k: "steps,chains" for k in m if k != "trajectory"}
+            k: "steps,chains" for k in m if k != "trajectory"
+        }
         assert {"plaquette", "accepted", "delta_h"} <= set(f)
     from flowplug import io
 
@@ -64,9 +88,13 @@ def test_cli_run_writes_everything(tmp_path, capsys):
     assert [f.name for f in files] == ["traj_000012.h5"]  # thermalization 10 by default
     ens = io.read(files[0])
     assert len(ens) == 2 and ens.group == "u1" and ens.lattice == (6, 6)
-    np.testing.assert_allclose(m["plaquette"][-1], torch.cos(
-        ens.links[:, 0] + ens.links[:, 1].roll(-1, 1) - ens.links[:, 0].roll(-1, 2) - ens.links[:, 1]
-    ).mean((1, 2)).numpy(), atol=1e-12)
+    np.testing.assert_allclose(
+        m["plaquette"][-1],
+        torch.cos(ens.links[:, 0] + ens.links[:, 1].roll(-1, 1) - ens.links[:, 0].roll(-1, 2) - ens.links[:, 1])
+        .mean((1, 2))
+        .numpy(),
+        atol=1e-12,
+    )
 
 
 def test_refuses_to_clobber_and_resumes_only_same_run(tmp_path, capsys):
@@ -76,8 +104,22 @@ def test_refuses_to_clobber_and_resumes_only_same_run(tmp_path, capsys):
     assert main(["hmc", "--set", f"out={out}", "--set", "lattice=[6,6]", "--no-progress"]) == 1
     assert "--resume" in capsys.readouterr().err
     # a different coupling is a different chain: --resume refuses
-    assert main(["hmc", "--set", f"out={out}", "--set", "action.beta=3.0", "--resume",
-                 "--set", "lattice=[6,6]", "--no-progress"]) == 1
+    assert (
+        main(
+            [
+                "hmc",
+                "--set",
+                f"out={out}",
+                "--set",
+                "action.beta=3.0",
+                "--resume",
+                "--set",
+                "lattice=[6,6]",
+                "--no-progress",
+            ]
+        )
+        == 1
+    )
     assert "different run" in capsys.readouterr().err
     assert run_fingerprint(cfg(tmp_path, "hmc.trajectories=99", "save_every=1")) == run_fingerprint(c)
 
@@ -105,11 +147,14 @@ class Interrupt:
             raise KeyboardInterrupt
 
 
-@pytest.mark.parametrize("extra", [
-    ("action.group=u1", "measurements=csv"),
-    ("action.name=phi4", "hmc.integrator=leapfrog", "hmc.steps=6"),
-    ("action.group=su2", "lattice=[2, 2, 2, 4]", "format=ildg", "start=cold"),
-])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ("action.group=u1", "measurements=csv"),
+        ("action.name=phi4", "hmc.integrator=leapfrog", "hmc.steps=6"),
+        ("action.group=su2", "lattice=[2, 2, 2, 4]", "format=ildg", "start=cold"),
+    ],
+)
 def test_interrupted_run_resumes_to_the_same_chain(tmp_path, fresh_pm, extra):
     full = run_hmc(cfg(tmp_path, *extra, name="full"))
     interrupted = cfg(tmp_path, *extra, name="part")
@@ -179,16 +224,26 @@ def test_start_from_production_ensemble(tmp_path, shared_dir, capsys, one_thread
     cold and hot starts are still far away after the same 6 trajectories; the ILDG
     files it writes read back with checksums ok."""
     src = shared_dir / MILC
-    common = ("action.group=su3", "action.beta=6.0", "hmc.thermalization=0", "hmc.trajectories=6",
-              "chains=2", "save_every=3", "hmc.steps=6", "lattice=[4, 4, 4, 4]")
+    common = (
+        "action.group=su3",
+        "action.beta=6.0",
+        "hmc.thermalization=0",
+        "hmc.trajectories=6",
+        "chains=2",
+        "save_every=3",
+        "hmc.steps=6",
+        "lattice=[4, 4, 4, 4]",
+    )
     milc = run_hmc(cfg(tmp_path, *common, f"start={src}", "format=ildg", name="milc"))
     m = read_h5(tmp_path / "milc" / "measurements.h5")["plaquette"]
     assert np.all(np.abs(m - 0.5949) < 0.03), m
     assert milc["acceptance"] >= 0.5
-    cold = read_h5(Path(run_hmc(cfg(tmp_path, *common, "start=cold", "format=none",
-                                    name="cold"))["measurements"]))["plaquette"]
-    hot = read_h5(Path(run_hmc(cfg(tmp_path, *common, "start=hot", "format=none",
-                                   name="hot"))["measurements"]))["plaquette"]
+    cold = read_h5(Path(run_hmc(cfg(tmp_path, *common, "start=cold", "format=none", name="cold"))["measurements"]))[
+        "plaquette"
+    ]
+    hot = read_h5(Path(run_hmc(cfg(tmp_path, *common, "start=hot", "format=none", name="hot"))["measurements"]))[
+        "plaquette"
+    ]
     assert cold[-1].min() > 0.65 and hot[-1].max() < 0.52
     files = sorted((tmp_path / "milc" / "ensemble").glob("*.ildg"))
     assert len(files) == 4  # trajectories 3 and 6, two chains

@@ -48,13 +48,11 @@ def ref_file(name: str) -> str:
     return path.read_text()
 
 
-def run(action, lattice, batch, n_therm, n_meas, names, *, integrator="omelyan", steps=4,
-        tau=1.0, seed=1):
+def run(action, lattice, batch, n_therm, n_meas, names, *, integrator="omelyan", steps=4, tau=1.0, seed=1):
     """Hot start, n_therm trajectories discarded, n_meas measured; (T, B) histories."""
     k = HMC(action, integrator=integrator, steps=steps, trajectory_length=tau)
     g = torch.Generator().manual_seed(seed)
-    chain = Chain(k, k.init(action.hot_start(lattice, batch, generator=g)), g,
-                  measure=measurement(action.field, names))
+    chain = Chain(k, k.init(action.hot_start(lattice, batch, generator=g)), g, measure=measurement(action.field, names))
     chain.run(n_therm)
     chain.history.clear()
     chain.run(n_meas)
@@ -66,8 +64,7 @@ def check(name, series, exact, ref_error=0.0):
     g = gamma_method(series, step_axis=0)
     sigma = math.hypot(g.error, ref_error)
     pull = (g.mean - exact) / sigma
-    print(f"{name}: {g.mean:.6f} +- {g.error:.6f} (tau_int {g.tau_int:.2f}) exact {exact:.6f}: "
-          f"{pull:+.2f} sigma")
+    print(f"{name}: {g.mean:.6f} +- {g.error:.6f} (tau_int {g.tau_int:.2f}) exact {exact:.6f}: {pull:+.2f} sigma")
     assert abs(pull) < SIGMAS, f"{name}: {g.mean} +- {g.error} vs {exact} ({pull:+.2f} sigma)"
     return g
 
@@ -89,18 +86,30 @@ def u1_exact(L: int, beta: float) -> tuple[float, float]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("beta,n_therm,n_meas,steps,tau", [
-    (2.0, 100, 400, 4, 1.0),   # 256 chains x 400 measured trajectories
-    (4.0, 200, 600, 6, 1.5),   # longer trajectories against the slow topological modes
-])
+@pytest.mark.parametrize(
+    "beta,n_therm,n_meas,steps,tau",
+    [
+        (2.0, 100, 400, 4, 1.0),  # 256 chains x 400 measured trajectories
+        (4.0, 200, 600, 6, 1.5),  # longer trajectories against the slow topological modes
+    ],
+)
 def test_u1_2d_plaquette_and_q2(beta, n_therm, n_meas, steps, tau):
     plaq, q2 = u1_exact(8, beta)
-    h = run(WilsonGaugeAction(beta, "u1"), (8, 8), 256, n_therm, n_meas,
-            ["plaquette", "topological_charge"], steps=steps, tau=tau, seed=int(10 * beta))
+    h = run(
+        WilsonGaugeAction(beta, "u1"),
+        (8, 8),
+        256,
+        n_therm,
+        n_meas,
+        ["plaquette", "topological_charge"],
+        steps=steps,
+        tau=tau,
+        seed=int(10 * beta),
+    )
     q = h["topological_charge"]
     assert np.allclose(q, np.round(q), atol=1e-9)
     check(f"U(1) beta={beta} <P>", h["plaquette"], plaq)
-    check(f"U(1) beta={beta} <Q^2>", q ** 2, q2)
+    check(f"U(1) beta={beta} <Q^2>", q**2, q2)
     check(f"U(1) beta={beta} <Q>", q, 0.0)
     check_exp_dh(h)
 
@@ -108,7 +117,7 @@ def test_u1_2d_plaquette_and_q2(beta, n_therm, n_meas, steps, tau):
 # ----------------------------------------------------------------------- 2D SU(N)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def sun_log_z(n: int, beta: float, volume: int) -> float:
     """ln Z of 2D SU(N) Wilson theory on a torus of V plaquettes (character expansion)."""
     from scipy.special import iv
@@ -162,8 +171,7 @@ def test_character_expansion_reproduces_reference(n):
 def test_sun_2d_plaquette(n, beta):
     """64 chains x 100 measured trajectories on 4x4 (20 thermalisation), Omelyan 3 steps."""
     exact = sun_plaquette(n, beta, 4)
-    h = run(WilsonGaugeAction(beta, f"su{n}"), (4, 4), 64, 20, 100, ["plaquette"], steps=3,
-            seed=100 * n + int(beta))
+    h = run(WilsonGaugeAction(beta, f"su{n}"), (4, 4), 64, 20, 100, ["plaquette"], steps=3, seed=100 * n + int(beta))
     check(f"SU({n}) beta={beta} <P>", h["plaquette"], exact)
     check_exp_dh(h)
 
@@ -186,8 +194,9 @@ def test_phi4_tutorial_point():
     """L = 8, m2 = -4, lam = 8: 256 chains x 400 trajectories (100 thermalisation),
     leapfrog 10 steps, tau = 1 (the reference run's integrator)."""
     ref = phi4_reference("tutorial_L8_m2-4_lam8")
-    h = run(Phi4Action(-4.0, 8.0), (8, 8), 256, 100, 400, ["chi_2", "ising_energy"],
-            integrator="leapfrog", steps=10, seed=5)
+    h = run(
+        Phi4Action(-4.0, 8.0), (8, 8), 256, 100, 400, ["chi_2", "ising_energy"], integrator="leapfrog", steps=10, seed=5
+    )
     check("phi4 chi_2", h["chi_2"], *ref["chi_2"])
     check("phi4 E_Ising", h["ising_energy"], *ref["E_Ising"])
     check_exp_dh(h)
@@ -197,8 +206,7 @@ def test_phi4_tutorial_point():
 def test_exp_minus_dh_with_coarse_steps():
     """<exp(-dH)> = 1 where it is a sharp test: acceptance ~ 0.6, <dH> ~ 0.5 (2D U(1),
     beta = 4, L = 8, tau = 1.5 in 4 Omelyan steps; 256 chains x 200 trajectories)."""
-    h = run(WilsonGaugeAction(4.0, "u1"), (8, 8), 256, 50, 200, ["plaquette"], steps=4, tau=1.5,
-            seed=9)
+    h = run(WilsonGaugeAction(4.0, "u1"), (8, 8), 256, 50, 200, ["plaquette"], steps=4, tau=1.5, seed=9)
     assert 0.3 < h["accepted"].mean() < 0.8
     assert h["delta_h"].mean() > 0.2
     check_exp_dh(h)
@@ -221,12 +229,23 @@ def test_hmc_cli_on_plugin_action_xy_chain(tmp_path, fresh_pm):
     fresh_pm.load_entrypoints()
     beta, v = 1.0, 16
     n = np.arange(-30, 31)
-    exact = float((iv(n, beta) ** (v - 1) * 0.5 * (iv(n - 1, beta) + iv(n + 1, beta))).sum()
-                  / (iv(n, beta) ** v).sum())
-    cfg = _config.build_config(DEFAULT_CONFIG, overrides=[
-        f"out={tmp_path}", "progress=false", "action.name=xy", f"action.beta={beta}", f"lattice=[{v}]",
-        "chains=128", "hmc.trajectories=350", "hmc.thermalization=50", "hmc.steps=4",
-        "observables=['xy_bond_energy']", "format=none"])
+    exact = float((iv(n, beta) ** (v - 1) * 0.5 * (iv(n - 1, beta) + iv(n + 1, beta))).sum() / (iv(n, beta) ** v).sum())
+    cfg = _config.build_config(
+        DEFAULT_CONFIG,
+        overrides=[
+            f"out={tmp_path}",
+            "progress=false",
+            "action.name=xy",
+            f"action.beta={beta}",
+            f"lattice=[{v}]",
+            "chains=128",
+            "hmc.trajectories=350",
+            "hmc.thermalization=50",
+            "hmc.steps=4",
+            "observables=['xy_bond_energy']",
+            "format=none",
+        ],
+    )
     summary = run_hmc(cfg)
     e = summary["observables"]["xy_bond_energy"]
     pull = (e["mean"] - exact) / e["error"]

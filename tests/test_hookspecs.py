@@ -14,8 +14,7 @@ TESTS = Path(__file__).resolve().parent
 
 
 def _hook_names() -> list[str]:
-    return sorted(n for n, f in vars(hookspecs).items()
-                  if n.startswith("flowplug_") and inspect.isfunction(f))
+    return sorted(n for n, f in vars(hookspecs).items() if n.startswith("flowplug_") and inspect.isfunction(f))
 
 
 def test_every_hook_is_classified():
@@ -33,8 +32,7 @@ def test_hook_is_documented_with_example(name):
 def test_hook_is_exercised_by_a_test(name):
     """Some other test file implements the hook (``def <name>(``) and so exercises it."""
     pattern = re.compile(rf"def {name}\(")
-    users = [p.name for p in TESTS.glob("test_*.py")
-             if p.name != Path(__file__).name and pattern.search(p.read_text())]
+    users = [p.name for p in TESTS.glob("test_*.py") if p.name != Path(__file__).name and pattern.search(p.read_text())]
     assert users, f"no test implements hook {name}"
 
 

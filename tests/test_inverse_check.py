@@ -41,11 +41,14 @@ def _cli(*args) -> int:
 
 
 def _u1_config(steps=3, lr=3e-3, seed=0, **train):
-    return {"lattice": [4, 4], "seed": seed, "device": "cpu",
-            "action": {"name": "wilson", "group": "u1", "beta": 1.5},
-            "flow": {"layers": ["u1-spline"], "n_layers": 2, "options": {"hidden": [8]}},
-            "train": {"steps": steps, "batch_size": 16, "lr": lr, "progress": False, "checkpoint_every": 0,
-                      **train}}
+    return {
+        "lattice": [4, 4],
+        "seed": seed,
+        "device": "cpu",
+        "action": {"name": "wilson", "group": "u1", "beta": 1.5},
+        "flow": {"layers": ["u1-spline"], "n_layers": 2, "options": {"hidden": [8]}},
+        "train": {"steps": steps, "batch_size": 16, "lr": lr, "progress": False, "checkpoint_every": 0, **train},
+    }
 
 
 @pytest.fixture(scope="module")
@@ -81,13 +84,26 @@ def _no_traceback(err: str) -> None:
 
 # ------------------------------------------------------------------ the check itself
 
-@pytest.mark.parametrize("field,lattice,layer", [
-    ("scalar", (4, 4), "affine"), ("scalar", (4, 4), "spline"), ("u1", (4, 4), "u1-ncp"),
-    ("u1", (4, 4), "u1-spline"), ("su2", (2, 2), "sun-spectral")])
+
+@pytest.mark.parametrize(
+    "field,lattice,layer",
+    [
+        ("scalar", (4, 4), "affine"),
+        ("scalar", (4, 4), "spline"),
+        ("u1", (4, 4), "u1-ncp"),
+        ("u1", (4, 4), "u1-spline"),
+        ("su2", (2, 2), "sun-spectral"),
+    ],
+)
 def test_check_inverse_passes_healthy_flows(field, lattice, layer):
     torch.manual_seed(0)
-    flow = build_flow(field, lattice, [layer], n_layers=2, options={"hidden": [4], "init_scale": 1.0}
-                      if layer != "u1-ncp" else {"hidden": [4]})
+    flow = build_flow(
+        field,
+        lattice,
+        [layer],
+        n_layers=2,
+        options={"hidden": [4], "init_scale": 1.0} if layer != "u1-ncp" else {"hidden": [4]},
+    )
     flow.train()
     res = check_inverse(flow)
     assert isinstance(res, InverseCheck) and res.passed and res.problem == ""
@@ -97,8 +113,18 @@ def test_check_inverse_passes_healthy_flows(field, lattice, layer):
     assert res.log_q_tolerance >= INVERSE_TOLERANCES["float64"]["log_q_abs"]
     assert flow.training  # mode restored
     d = res.as_dict()
-    assert set(d) == {"passed", "latent_error", "field_error", "roundtrip_tolerance", "log_q_error",
-                      "log_q_tolerance", "n_samples", "seed", "dtype", "problem"}
+    assert set(d) == {
+        "passed",
+        "latent_error",
+        "field_error",
+        "roundtrip_tolerance",
+        "log_q_error",
+        "log_q_tolerance",
+        "n_samples",
+        "seed",
+        "dtype",
+        "problem",
+    }
     assert check_inverse(flow).as_dict() == d  # fixed seed: reproducible
 
 
@@ -115,7 +141,7 @@ def test_check_inverse_detects_a_broken_inverse(broken_inverse):
     flow = build_flow("u1", (4, 4), ["u1-spline"], n_layers=2, options={"hidden": [4]})
     res = check_inverse(flow)
     assert not res.passed
-    assert res.latent_error == pytest.approx(1.4, abs=1e-6)    # two layers, 0.7 rad each
+    assert res.latent_error == pytest.approx(1.4, abs=1e-6)  # two layers, 0.7 rad each
     assert res.field_error > 0.1
     assert "round trip error" in res.describe() and "nats" in res.describe()
 
@@ -123,8 +149,9 @@ def test_check_inverse_detects_a_broken_inverse(broken_inverse):
 def test_check_inverse_compares_angles_modulo_two_pi(monkeypatch):
     """An inverse that is off by exactly 2 pi is the same U(1) link: it passes."""
     original = U1Coupling.inverse
-    monkeypatch.setattr(U1Coupling, "inverse", lambda self, t: (original(self, t)[0] + 2 * math.pi,
-                                                               original(self, t)[1]))
+    monkeypatch.setattr(
+        U1Coupling, "inverse", lambda self, t: (original(self, t)[0] + 2 * math.pi, original(self, t)[1])
+    )
     flow = build_flow("u1", (4, 4), ["u1-spline"], n_layers=1, options={"hidden": [4]})
     res = check_inverse(flow)
     assert res.passed, res.describe()
@@ -134,8 +161,9 @@ def test_check_inverse_reports_non_finite_values_and_exceptions(monkeypatch):
     flow = build_flow("scalar", (4, 4), ["affine"], n_layers=2, options={"hidden": [4]})
     layer_cls = type(flow.layers[0])
     original = layer_cls.inverse
-    monkeypatch.setattr(layer_cls, "inverse", lambda self, y: (original(self, y)[0] * float("nan"),
-                                                               original(self, y)[1]))
+    monkeypatch.setattr(
+        layer_cls, "inverse", lambda self, y: (original(self, y)[0] * float("nan"), original(self, y)[1])
+    )
     res = check_inverse(flow)
     assert not res.passed and "inverse gives non-finite" in res.problem and math.isinf(res.latent_error)
 
@@ -149,10 +177,28 @@ def test_check_inverse_reports_non_finite_values_and_exceptions(monkeypatch):
 
 # ------------------------------------------------------------------ the commands
 
+
 def test_sample_records_a_passing_check(files, tmp_path):
     out = tmp_path / "s"
-    assert _cli("sample", "--flow", files / "u1.pt", "--out", out, "--no-progress", "--set", "chains=2",
-                "--set", "steps=2", "--set", "thermalize=0", "--set", "ess_samples=8") == 0
+    assert (
+        _cli(
+            "sample",
+            "--flow",
+            files / "u1.pt",
+            "--out",
+            out,
+            "--no-progress",
+            "--set",
+            "chains=2",
+            "--set",
+            "steps=2",
+            "--set",
+            "thermalize=0",
+            "--set",
+            "ess_samples=8",
+        )
+        == 0
+    )
     ic = json.loads((out / "summary.json").read_text())["inverse_check"]
     assert ic["passed"] is True and ic["enforced"] is True and ic["field_error"] < ic["roundtrip_tolerance"]
 
@@ -167,8 +213,22 @@ def _assert_refusal(err: str, path) -> None:
 
 def test_sample_refuses_a_broken_inverse_and_takes_the_override(files, tmp_path, capsys, broken_inverse):
     out = tmp_path / "s"
-    args = ["sample", "--flow", files / "u1.pt", "--out", out, "--no-progress", "--set", "chains=2",
-            "--set", "steps=2", "--set", "thermalize=0", "--set", "ess_samples=8"]
+    args = [
+        "sample",
+        "--flow",
+        files / "u1.pt",
+        "--out",
+        out,
+        "--no-progress",
+        "--set",
+        "chains=2",
+        "--set",
+        "steps=2",
+        "--set",
+        "thermalize=0",
+        "--set",
+        "ess_samples=8",
+    ]
     assert _cli(*args) == 1
     _assert_refusal(capsys.readouterr().err, files / "u1.pt")
     assert not (out / "summary.json").exists() and not (out / "ensemble.h5").exists()
@@ -180,8 +240,19 @@ def test_sample_refuses_a_broken_inverse_and_takes_the_override(files, tmp_path,
 
 def test_resample_refuses_a_broken_inverse_and_takes_the_override(files, tmp_path, capsys, broken_inverse):
     out = tmp_path / "r"
-    args = ["resample", files / "two.h5", "--flow", files / "u1.pt", "--out", out, "--no-progress",
-            "--set", "steps=2", "--set", "save_every=0"]
+    args = [
+        "resample",
+        files / "two.h5",
+        "--flow",
+        files / "u1.pt",
+        "--out",
+        out,
+        "--no-progress",
+        "--set",
+        "steps=2",
+        "--set",
+        "save_every=0",
+    ]
     assert _cli(*args) == 1
     _assert_refusal(capsys.readouterr().err, files / "u1.pt")
     assert not (out / "summary.json").exists()
@@ -202,8 +273,12 @@ def test_propose_refuses_a_broken_inverse_and_takes_the_override(files, tmp_path
 
 
 def test_propose_line_records_a_passing_check(files, tmp_path, capsys):
-    assert _cli("propose", "--flow", files / "u1.pt", "--current", files / "one.h5", "--out",
-                tmp_path / "n.h5", "--seed", 2) == 0
+    assert (
+        _cli(
+            "propose", "--flow", files / "u1.pt", "--current", files / "one.h5", "--out", tmp_path / "n.h5", "--seed", 2
+        )
+        == 0
+    )
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["inverse_check"]["passed"] is True
 
@@ -212,8 +287,7 @@ def test_flow_proposal_from_checkpoint_checks_by_default(files, broken_inverse):
     with pytest.raises(InverseCheckError, match=r"u1\.pt.*round trip error.*check_inverse=False"):
         FlowProposal.from_checkpoint(str(files / "u1.pt"), layout="canonical", seed=1)
     with pytest.warns(InverseCheckWarning, match="used anyway"):
-        prop = FlowProposal.from_checkpoint(str(files / "u1.pt"), layout="canonical", seed=1,
-                                            check_inverse=False)
+        prop = FlowProposal.from_checkpoint(str(files / "u1.pt"), layout="canonical", seed=1, check_inverse=False)
     assert prop.inverse_check is not None and not prop.inverse_check.passed
 
 
@@ -226,22 +300,53 @@ def test_a_flow_trained_at_a_huge_learning_rate_is_refused(tmp_path, capsys):
     """``flowplug train --set train.lr=10``: the U(1) spline flow's inverse is off by radians
     (measured: round trip ~3 rad, log q ~190 nats); ``sample`` refuses it."""
     run = tmp_path / "t"
-    sets = ["lattice=[4,4]", "seed=0", "device=\"cpu\"", "action.name=\"wilson\"", "action.group=\"u1\"",
-            "flow.layers=[\"u1-spline\"]", "flow.n_layers=4", "flow.options.hidden=[8]", "train.steps=40",
-            "train.batch_size=32", "train.lr=10.0", "eval.samples=64", "eval.batch_size=64", f"out=\"{run}\""]
+    sets = [
+        "lattice=[4,4]",
+        "seed=0",
+        'device="cpu"',
+        'action.name="wilson"',
+        'action.group="u1"',
+        'flow.layers=["u1-spline"]',
+        "flow.n_layers=4",
+        "flow.options.hidden=[8]",
+        "train.steps=40",
+        "train.batch_size=32",
+        "train.lr=10.0",
+        "eval.samples=64",
+        "eval.batch_size=64",
+        f'out="{run}"',
+    ]
     assert _cli("train", "--no-progress", *[a for s in sets for a in ("--set", s)]) == 0
-    assert "will refuse it" in " ".join(capsys.readouterr().err.split())     # train warns at once
+    assert "will refuse it" in " ".join(capsys.readouterr().err.split())  # train warns at once
     summary = json.loads((run / "summary.json").read_text())
     assert summary["inverse_check"]["passed"] is False
     res = check_inverse(load_flow(run).flow)
     assert not res.passed and res.log_q_error > 1.0
     assert summary["inverse_check"]["log_q_error"] == res.log_q_error
-    assert _cli("sample", "--flow", run, "--out", tmp_path / "s", "--no-progress", "--set", "chains=2",
-                "--set", "steps=2", "--set", "thermalize=0", "--set", "ess_samples=8") == 1
+    assert (
+        _cli(
+            "sample",
+            "--flow",
+            run,
+            "--out",
+            tmp_path / "s",
+            "--no-progress",
+            "--set",
+            "chains=2",
+            "--set",
+            "steps=2",
+            "--set",
+            "thermalize=0",
+            "--set",
+            "ess_samples=8",
+        )
+        == 1
+    )
     _assert_refusal(capsys.readouterr().err, run / "checkpoint.pt")
 
 
 # ------------------------------------------------------------------ non-finite parameters
+
 
 def _nan_after(monkeypatch, step: int, once: bool = False) -> None:
     """The optimizer's update writes NaN into the parameters at training step ``step`` (counted
@@ -263,16 +368,28 @@ def _nan_after(monkeypatch, step: int, once: bool = False) -> None:
 def test_training_that_diverges_to_nan_writes_no_checkpoint(tmp_path, capsys, monkeypatch):
     run = tmp_path / "nan"
     _nan_after(monkeypatch, 2)
-    sets = ["lattice=[4,4]", "seed=0", "device=\"cpu\"", "action.name=\"wilson\"", "action.group=\"u1\"",
-            "flow.layers=[\"u1-spline\"]", "flow.n_layers=2", "flow.options.hidden=[4]", "train.steps=5",
-            "train.batch_size=8", "train.checkpoint_every=0", "eval.samples=16", f"out=\"{run}\""]
+    sets = [
+        "lattice=[4,4]",
+        "seed=0",
+        'device="cpu"',
+        'action.name="wilson"',
+        'action.group="u1"',
+        'flow.layers=["u1-spline"]',
+        "flow.n_layers=2",
+        "flow.options.hidden=[4]",
+        "train.steps=5",
+        "train.batch_size=8",
+        "train.checkpoint_every=0",
+        "eval.samples=16",
+        f'out="{run}"',
+    ]
     assert _cli("train", "--no-progress", *[a for s in sets for a in ("--set", s)]) == 1
     err = " ".join(capsys.readouterr().err.split())
     _no_traceback(err)
     assert "not finite after step 2" in err and "no checkpoint was written" in err and "train.lr" in err
     assert not (run / "checkpoint.pt").exists()
     assert _cli("sample", "--flow", run, "--out", tmp_path / "s", "--no-progress") == 1
-    err = " ".join(capsys.readouterr().err.split())     # the message is wrapped for the terminal
+    err = " ".join(capsys.readouterr().err.split())  # the message is wrapped for the terminal
     _no_traceback(err)
     assert "no checkpoint" in err
 
@@ -324,8 +441,23 @@ def test_open_flow_refuses_a_checkpoint_with_nan_parameters(files, tmp_path, cap
     torch.save(state, bad)
     with pytest.raises(NonFiniteParametersError, match=rf"nan\.pt.*not finite.*{key}"):
         open_flow(bad)
-    assert _cli("sample", "--flow", bad, "--out", tmp_path / "s", "--no-progress", "--set", "chains=2",
-                "--set", "steps=2", "--set", "thermalize=0") == 1
+    assert (
+        _cli(
+            "sample",
+            "--flow",
+            bad,
+            "--out",
+            tmp_path / "s",
+            "--no-progress",
+            "--set",
+            "chains=2",
+            "--set",
+            "steps=2",
+            "--set",
+            "thermalize=0",
+        )
+        == 1
+    )
     err = " ".join(capsys.readouterr().err.split())
     _no_traceback(err)
     assert "nan.pt" in err and "not finite" in err
@@ -333,6 +465,7 @@ def test_open_flow_refuses_a_checkpoint_with_nan_parameters(files, tmp_path, cap
 
 
 # ------------------------------------------------------------------ huge conditioning values
+
 
 @pytest.mark.parametrize("layer", ["spline", "affine"])
 @pytest.mark.parametrize("dtype,huge", [("float32", 1e39), ("float32", 1e30), ("float64", 1e300)])
@@ -344,12 +477,12 @@ def test_scalar_coupling_stays_finite_and_invertible_for_huge_conditioning(layer
     x = torch.randn(4, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     i, j = (lay.active == 0).nonzero()[0].tolist()
     x[0, i, j], x[1, i, j], x[2, i, j] = huge, -huge, huge
-    x[2, (i + 1) % 4, j] = huge       # an active site too: outside the spline interval, identity
+    x[2, (i + 1) % 4, j] = huge  # an active site too: outside the spline interval, identity
     with torch.no_grad():
         y, ld = lay(x)
         back, ld_inv = lay.inverse(y)
     assert torch.isfinite(y).all() and torch.isfinite(ld).all() and torch.isfinite(ld_inv).all()
-    assert y[0, i, j] == huge and y[1, i, j] == -huge        # frozen sites pass unchanged
+    assert y[0, i, j] == huge and y[1, i, j] == -huge  # frozen sites pass unchanged
     torch.testing.assert_close(back, x, rtol=1e-12, atol=1e-8)
     torch.testing.assert_close(ld + ld_inv, torch.zeros_like(ld), rtol=0, atol=1e-8)
     # ordinary configurations are untouched by the limits: same map as a plain network call

@@ -43,8 +43,12 @@ def test_ensemble_basics():
 
 def test_from_links_carries_provenance_into_hdf5(tmp_path):
     links = make_ensemble(batch=2).links
-    ens = Ensemble.from_links(links, header=[{"trajectory": 10}, {"trajectory": 20}],
-                              provenance={"kernel": "hmc", "seed": 1}, attrs={"beta": 5.7})
+    ens = Ensemble.from_links(
+        links,
+        header=[{"trajectory": 10}, {"trajectory": 20}],
+        provenance={"kernel": "hmc", "seed": 1},
+        attrs={"beta": 5.7},
+    )
     io.write(tmp_path / "run.h5", ens)
     back = io.read(tmp_path / "run.h5")
     assert [m.header["trajectory"] for m in back.meta] == [10, 20]
@@ -56,9 +60,14 @@ def test_reader_accepts_grid_qio_and_careless_variants(tmp_path):
     recs = dict(ildg_records(ens, 64))
     # Grid: ildgFormat without namespace, no NUL, no LFN, no flags at all
     grid_fmt = recs["ildg-format"].replace(b' xmlns="http://www.lqcd.org/ildg"', b"")
-    grid = _lime_file(tmp_path / "grid.lime", [("ildg-format", grid_fmt),
-                                               ("ildg-binary-data", recs["ildg-binary-data"]),
-                                               ("scidac-checksum", recs["scidac-checksum"])])
+    grid = _lime_file(
+        tmp_path / "grid.lime",
+        [
+            ("ildg-format", grid_fmt),
+            ("ildg-binary-data", recs["ildg-binary-data"]),
+            ("scidac-checksum", recs["scidac-checksum"]),
+        ],
+    )
     assert torch.equal(io.read(grid).links, ens.links)
     # QIO: XML records ending in NUL; checksum in upper case with spaces and no leading zeros
     ck = recs["scidac-checksum"].decode()
@@ -66,15 +75,20 @@ def test_reader_accepts_grid_qio_and_careless_variants(tmp_path):
 
     suma = re.search("<suma>(.*)</suma>", ck).group(1)
     ck = ck.replace(f"<suma>{suma}</suma>", f"<suma> {suma.upper().lstrip('0')} </suma>")
-    qio = _lime_file(tmp_path / "qio.ildg", [(t, d + b"\0" if t != "ildg-binary-data" else d)
-                                             for t, d in [*[(k, v) for k, v in recs.items()
-                                                            if k != "scidac-checksum"],
-                                                          ("scidac-checksum", ck.encode())]])
+    qio = _lime_file(
+        tmp_path / "qio.ildg",
+        [
+            (t, d + b"\0" if t != "ildg-binary-data" else d)
+            for t, d in [*[(k, v) for k, v in recs.items() if k != "scidac-checksum"], ("scidac-checksum", ck.encode())]
+        ],
+    )
     back = io.read(qio)
     assert torch.equal(back.links, ens.links) and back.checksum_status == "ok"
     # SciDAC: scidac-binary-data and no ildg-format; dims/precision from private records
-    sci = _lime_file(tmp_path / "x.scidac", [(("scidac-binary-data" if k == "ildg-binary-data" else k), v)
-                                             for k, v in recs.items() if k != "ildg-format"])
+    sci = _lime_file(
+        tmp_path / "x.scidac",
+        [(("scidac-binary-data" if k == "ildg-binary-data" else k), v) for k, v in recs.items() if k != "ildg-format"],
+    )
     back = io.read(sci)
     assert back.meta[0].format == "scidac" and torch.equal(back.links, ens.links)
     # tmLQCD: xlf-info message first; its plaquette (Re tr U_P / 3, 12 decimals) is verified
@@ -88,8 +102,7 @@ def test_reader_accepts_grid_qio_and_careless_variants(tmp_path):
     assert back.header["trajectory"] == 42 and back.header["beta"] == 5.6
     assert [c.quantity for c in back.meta[0].checks if c.ok][-1] == "xlf-info plaquette"
     wrong = xlf.replace(f"{plaq:14.12f}".encode(), f"{plaq + 1e-6:14.12f}".encode())
-    tm_bad = _lime_file(tmp_path / "tm-bad.lime", [("xlf-info", wrong), *recs.items()],
-                        flags=[0xC000] + [0] * 8)
+    tm_bad = _lime_file(tmp_path / "tm-bad.lime", [("xlf-info", wrong), *recs.items()], flags=[0xC000] + [0] * 8)
     with pytest.raises(ChecksumError, match="xlf-info plaquette mismatch"):
         io.read(tm_bad)
     assert io.read(tm_bad, verify=False).checksum_status == "mismatch"

@@ -31,14 +31,14 @@ def _record(path, rtype):
 def test_truncated_binary_record(ildg, tmp_path):
     bad = tmp_path / "cut.ildg"
     rec = _record(ildg, "ildg-binary-data")
-    bad.write_bytes(ildg.read_bytes()[:rec.data_offset + rec.length // 2])
+    bad.write_bytes(ildg.read_bytes()[: rec.data_offset + rec.length // 2])
     with pytest.raises(FormatError, match=r"record 6 'ildg-binary-data' claims \d+ bytes .*truncated"):
         io.read(bad)
 
 
 def test_truncated_record_header(ildg, tmp_path):
     bad = tmp_path / "cut.ildg"
-    bad.write_bytes(ildg.read_bytes()[:144 + 152 + 50])
+    bad.write_bytes(ildg.read_bytes()[: 144 + 152 + 50])
     with pytest.raises(FormatError, match="header at byte .* is cut off"):
         io.read(bad)
 
@@ -73,10 +73,13 @@ def test_bare_lime_needs_lattice_and_checks_length(tmp_path):
     full = tmp_path / "full.ildg"
     io.write(full, ens)
     rec = _record(full, "ildg-binary-data")
-    payload = full.read_bytes()[rec.data_offset:rec.data_offset + rec.length]
+    payload = full.read_bytes()[rec.data_offset : rec.data_offset + rec.length]
     bare = tmp_path / "bare.lime"
-    bare.write_bytes(struct.pack(">IHHQ128s", 0x456789AB, 1, 0xC000, len(payload), b"ildg-binary-data")
-                     + payload + b"\0" * (-len(payload) % 8))
+    bare.write_bytes(
+        struct.pack(">IHHQ128s", 0x456789AB, 1, 0xC000, len(payload), b"ildg-binary-data")
+        + payload
+        + b"\0" * (-len(payload) % 8)
+    )
     assert io.detect(bare) == "lime"
     with pytest.raises(FormatError, match="bare LIME file .* --lattice 4x4x4x4 --group su2"):
         io.read(bare)
@@ -132,14 +135,14 @@ def test_wrong_scidac_checksum(ildg, tmp_path):
 def test_checksum_hex_any_case_width_and_spaces(ildg, tmp_path):
     text = ildg.read_bytes()
     suma = re.search(rb"<suma>([0-9a-f]+)</suma>", text).group(1)
-    loose = b"  "          # leading spaces, upper case, no leading zeros, trailing space and newline
+    loose = b"  "  # leading spaces, upper case, no leading zeros, trailing space and newline
     value = loose + suma.upper().lstrip(b"0") + b" \n"
     ok = tmp_path / "loose.ildg"
     # keep the record length: rewrite the record with the new text via the LIME layer
     rec = _record(ildg, "scidac-checksum")
-    body = text[rec.data_offset:rec.data_offset + rec.length].replace(b"<suma>" + suma, b"<suma>" + value)
+    body = text[rec.data_offset : rec.data_offset + rec.length].replace(b"<suma>" + suma, b"<suma>" + value)
     head = struct.pack(">IHHQ128s", 0x456789AB, 1, 0x4000, len(body), b"scidac-checksum")
-    ok.write_bytes(text[:rec.offset] + head + body + b"\0" * (-len(body) % 8))
+    ok.write_bytes(text[: rec.offset] + head + body + b"\0" * (-len(body) % 8))
     assert io.read(ok).checksum_status == "ok"
 
 
@@ -170,7 +173,7 @@ def test_nersc_defects(tmp_path):
     with pytest.raises(ChecksumError, match="PLAQUETTE mismatch: expected 0.123456789012"):
         io.read(bad)
     # truncated data
-    bad.write_bytes(data[:head_end + 100])
+    bad.write_bytes(data[: head_end + 100])
     with pytest.raises(FormatError, match="NERSC data are 100 bytes .* needs"):
         io.read(bad)
     # missing END_HEADER
@@ -199,8 +202,7 @@ def test_milc_and_openqcd_defects(tmp_path):
     with pytest.raises(ChecksumError, match="openQCD plaquette mismatch: expected 2.5"):
         io.read(bad)
     milc = tmp_path / "lat.milc"
-    milc.write_bytes(struct.pack("<5i", 20103, 2, 2, 2, 2) + b"\0" * 64 + struct.pack("<iII", 0, 0, 0)
-                     + b"\0" * 100)
+    milc.write_bytes(struct.pack("<5i", 20103, 2, 2, 2, 2) + b"\0" * 64 + struct.pack("<iII", 0, 0, 0) + b"\0" * 100)
     with pytest.raises(FormatError, match="MILC data are 100 bytes; lattice 2x2x2x2 needs 4608"):
         io.read(milc)
 

@@ -33,8 +33,16 @@ def inputs(tmp_path):
 def test_info_text_and_json(inputs, capsys):
     assert main(["info", str(inputs / "cfg0.ildg")]) == 0
     out = capsys.readouterr().out
-    for word in ("format        ildg", "lattice       2x3x4x5", "precision     32", "checksum      ok",
-                 "plaquette", "link trace", "max|UU^+-1|", "ildg-binary-data (34560 bytes)"):
+    for word in (
+        "format        ildg",
+        "lattice       2x3x4x5",
+        "precision     32",
+        "checksum      ok",
+        "plaquette",
+        "link trace",
+        "max|UU^+-1|",
+        "ildg-binary-data (34560 bytes)",
+    ):
         assert word in out
     assert main(["info", "--json", *(str(p) for p in sorted(inputs.iterdir()))]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
@@ -221,7 +229,7 @@ def test_unknown_format_lists_the_registered_ones(tmp_path):
     with pytest.raises(FormatError, match="cannot tell the format from the extension"):
         io.write(tmp_path / "x.dat", make_ensemble())
     assert set(io.formats(writable=True)) >= {"ildg", "nersc", "openqcd", "hdf5"}
-    assert not any(tmp_path.iterdir())      # a refused write leaves nothing behind
+    assert not any(tmp_path.iterdir())  # a refused write leaves nothing behind
 
 
 def test_convert_mixed_precisions_into_one_store_and_back(tmp_path):
@@ -244,10 +252,15 @@ def test_convert_removes_stale_temporaries_of_its_outputs_only(inputs, tmp_path)
     # what a killed conversion leaves: the temporary of an output that was being written
     stale = [out / ".cfg0.nersc.k3j_9x0a.part", out / ".cfg2.nersc.convert.part"]
     # anything else stays: other names, other outputs, another pattern, a folder, a link
-    keep = [out / ".cfg0.nersc.notes", out / ".cfg0.nersc.abc.part",
-            out / "cfg0.nersc.k3j_9x0a.part",
-            out / ".other.nersc.k3j_9x0a.part", out / ".cfg0.nersc.K3J_9X0A.part",
-            out / ".cfg0.nersc.k3j_9x0a.part.bak", out / "mine.txt"]
+    keep = [
+        out / ".cfg0.nersc.notes",
+        out / ".cfg0.nersc.abc.part",
+        out / "cfg0.nersc.k3j_9x0a.part",
+        out / ".other.nersc.k3j_9x0a.part",
+        out / ".cfg0.nersc.K3J_9X0A.part",
+        out / ".cfg0.nersc.k3j_9x0a.part.bak",
+        out / "mine.txt",
+    ]
     for p in stale + keep:
         p.write_bytes(b"x")
     folder = out / ".cfg1.nersc.abcdefgh.part"
@@ -258,7 +271,10 @@ def test_convert_removes_stale_temporaries_of_its_outputs_only(inputs, tmp_path)
     assert not any(p.exists() for p in stale)
     assert all(p.exists() for p in keep) and folder.is_dir() and link.is_symlink()
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".") and p.suffix == ".nersc") == [
-        "cfg0.nersc", "cfg1.nersc", "cfg2.nersc"]
+        "cfg0.nersc",
+        "cfg1.nersc",
+        "cfg2.nersc",
+    ]
     # an HDF5 store: temporaries of a killed first write and of a killed --force run
     store = tmp_path / "ens.h5"
     leftovers = [tmp_path / ".ens.h5.a1b2c3d4.part", tmp_path / ".ens.h5.convert.part"]
@@ -354,11 +370,24 @@ def test_convert_output_names_never_double_the_extension(tmp_path):
         out = tmp_path / f"out-{fmt}"
         assert main(["convert", str(folder), str(out), "--to", fmt, "--no-progress"]) == 0
         assert sorted(p.name for p in out.iterdir()) == sorted(
-            [f"x.{ext}", f"ckpoint_lat.1000.{ext}", f"ens.00000.{ext}", f"ens.00001.{ext}"])
+            [f"x.{ext}", f"ckpoint_lat.1000.{ext}", f"ens.00000.{ext}", f"ens.00001.{ext}"]
+        )
     # two inputs that would get the same name are refused, not overwritten
     io.write(folder / "x.nersc", make_ensemble(seed=4))
-    assert main(["convert", str(folder / "x.ildg"), str(folder / "x.nersc"), str(tmp_path / "clash"),
-                 "--to", "ildg", "--no-progress"]) == 1
+    assert (
+        main(
+            [
+                "convert",
+                str(folder / "x.ildg"),
+                str(folder / "x.nersc"),
+                str(tmp_path / "clash"),
+                "--to",
+                "ildg",
+                "--no-progress",
+            ]
+        )
+        == 1
+    )
 
 
 def test_info_names_an_unreadable_file_once(inputs, tmp_path, capsys):
@@ -378,8 +407,9 @@ def test_two_row_nersc_inputs_keep_every_bit_in_a_store(tmp_path, capsys):
 
     folder = tmp_path / "in"
     for i in range(2):
-        io.write(folder / f"c{i}.nersc", make_ensemble((2, 2, 2, 4), precision=32, seed=40 + i),
-                 datatype="4D_SU3_GAUGE")
+        io.write(
+            folder / f"c{i}.nersc", make_ensemble((2, 2, 2, 4), precision=32, seed=40 + i), datatype="4D_SU3_GAUGE"
+        )
     store = tmp_path / "two-row.h5"
     with warnings.catch_warnings():
         warnings.simplefilter("error", PrecisionLossWarning)
@@ -396,14 +426,15 @@ def test_two_row_nersc_inputs_keep_every_bit_in_a_store(tmp_path, capsys):
     for i, p in enumerate(sorted(back.iterdir())):
         body = p.read_bytes()
         orig = (folder / f"c{i}.nersc").read_bytes()
-        assert body[body.index(b"END_HEADER\n"):] == orig[orig.index(b"END_HEADER\n"):]
+        assert body[body.index(b"END_HEADER\n") :] == orig[orig.index(b"END_HEADER\n") :]
     # a 32-bit ILDG of a two-row source rounds the third row, and says so; --precision 64 does not
     capsys.readouterr()
     assert main(["convert", str(folder / "c0.nersc"), str(tmp_path / "ildg"), "--no-progress"]) == 0
     err = " ".join(capsys.readouterr().err.split())
     assert "flowplug: warning:" in err and "rounds values" in err and "--precision 64" in err
-    assert main(["convert", str(folder / "c0.nersc"), str(tmp_path / "ildg64"), "--precision", "64",
-                 "--no-progress"]) == 0
+    assert (
+        main(["convert", str(folder / "c0.nersc"), str(tmp_path / "ildg64"), "--precision", "64", "--no-progress"]) == 0
+    )
     assert "warning" not in capsys.readouterr().err
     (out64,) = (tmp_path / "ildg64").iterdir()
     assert torch.equal(io.read(out64).links, io.read(folder / "c0.nersc").links)

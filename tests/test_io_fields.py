@@ -34,8 +34,14 @@ def _field(kind: str, lattice: tuple[int, ...], batch: int, precision: int, seed
     return torch.from_numpy(x.astype(np.complex128 if np.iscomplexobj(x) else np.float64))
 
 
-KINDS = [("scalar", (4, 6)), ("scalar", (2, 3, 4)), ("o2", (4, 6)), ("u1", (4, 6)), ("su2", (2, 3, 4, 5)),
-         ("su3", (4, 6))]
+KINDS = [
+    ("scalar", (4, 6)),
+    ("scalar", (2, 3, 4)),
+    ("o2", (4, 6)),
+    ("u1", (4, 6)),
+    ("su2", (2, 3, 4, 5)),
+    ("su3", (4, 6)),
+]
 
 
 @pytest.mark.parametrize("precision", [64, 32])
@@ -44,9 +50,14 @@ def test_hdf5_round_trips_every_field_kind(tmp_path, kind, lattice, precision):
     """Non-cubic lattices, seeds 1 and 2; bit-exact values, kind, lattice, metadata, appends."""
     a = _field(kind, lattice, 3, precision, seed=1)
     b = _field(kind, lattice, 2, precision, seed=2)
-    ens = io.Ensemble.from_links(a, field=kind, precision=precision,
-                                 header=[{"trajectory": t} for t in (10, 20, 30)],
-                                 provenance={"generator": "test"}, attrs={"beta": 1.5})
+    ens = io.Ensemble.from_links(
+        a,
+        field=kind,
+        precision=precision,
+        header=[{"trajectory": t} for t in (10, 20, 30)],
+        provenance={"generator": "test"},
+        attrs={"beta": 1.5},
+    )
     assert ens.field == kind and ens.lattice == lattice
     assert ens.group == (kind if kind in ("u1", "su2", "su3") else None)
     path = tmp_path / f"{kind}.h5"
@@ -54,8 +65,7 @@ def test_hdf5_round_trips_every_field_kind(tmp_path, kind, lattice, precision):
     io.write(path, io.Ensemble(b, field=kind, precision=precision), append=True)
     back = io.read(path)
     assert back.field == kind and back.lattice == lattice and len(back) == 5
-    assert back.links is back.data and back.data.dtype == (torch.complex128 if kind.startswith("su")
-                                                           else torch.float64)
+    assert back.links is back.data and back.data.dtype == (torch.complex128 if kind.startswith("su") else torch.float64)
     assert torch.equal(back.data, torch.cat([a, b])) and back.precision == precision
     assert [m.header.get("trajectory") for m in back.meta[:3]] == [10, 20, 30]
     assert back.meta[0].provenance["generator"] == "test" and back.attrs == {"beta": 1.5}
@@ -113,7 +123,7 @@ def test_convert_of_a_phi4_store_refuses_gauge_formats_and_copies_to_hdf5(tmp_pa
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
     copy = tmp_path / "copy.h5"
     assert main(["convert", str(store), str(copy), "--no-progress"]) == 0
-    assert main(["convert", str(store), str(copy), "--no-progress"]) == 0   # kept, checked against input
+    assert main(["convert", str(store), str(copy), "--no-progress"]) == 0  # kept, checked against input
     back = io.read(copy)
     assert back.field == "scalar" and torch.equal(back.data, phi)
 
@@ -140,7 +150,7 @@ def test_hdf5_reads_and_appends_format_version_1_stores(tmp_path):
     old = tmp_path / "old.h5"
     su3 = _field("su3", (2, 3, 4, 5), 2, 64, seed=6)
     io.write(old, io.Ensemble(su3))
-    with h5py.File(old, "r+") as f:   # exactly what flowplug wrote before: same data, version 1
+    with h5py.File(old, "r+") as f:  # exactly what flowplug wrote before: same data, version 1
         del f.attrs["field"]
         f.attrs["group"] = "su3"
         f.attrs["format_version"] = 1
@@ -182,12 +192,16 @@ def test_what_an_hmc_writer_of_site_fields_calls(tmp_path):
     path = tmp_path / "ensemble.h5"
     chains = _field("scalar", (4, 6), 2, 64, seed=9)
     for step in (1, 2, 3):
-        ens = io.Ensemble.from_links(chains * step, field="scalar", precision=64,
-                                     header={"trajectory": step},
-                                     provenance=[{"chain": c, "trajectory": step} for c in range(2)],
-                                     attrs={"action": {"name": "phi4", "m2": -4.0, "lam": 8.0}})
+        ens = io.Ensemble.from_links(
+            chains * step,
+            field="scalar",
+            precision=64,
+            header={"trajectory": step},
+            provenance=[{"chain": c, "trajectory": step} for c in range(2)],
+            attrs={"action": {"name": "phi4", "m2": -4.0, "lam": 8.0}},
+        )
         assert io.get_format("hdf5").can_write(ens) is None
-        io.write(path, ens, "hdf5", append=True)   # created by the first call
+        io.write(path, ens, "hdf5", append=True)  # created by the first call
     back = io.read(path)
     assert len(back) == 6 and back.field == "scalar" and back.attrs["action"]["name"] == "phi4"
     assert [m.header["trajectory"] for m in back.meta] == [1, 1, 2, 2, 3, 3]

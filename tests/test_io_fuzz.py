@@ -34,18 +34,20 @@ from _io_helpers import make_ensemble
 LATTICE = (2, 2, 2, 2)
 # a memory file system where there is one: rewriting a file on disk costs ~3 ms a case
 _SHM = Path("/dev/shm")
-WORK = Path(tempfile.mkdtemp(prefix="flowplug-fuzz-",
-                             dir=_SHM if _SHM.is_dir() and os.access(_SHM, os.W_OK) else None))
+WORK = Path(tempfile.mkdtemp(prefix="flowplug-fuzz-", dir=_SHM if _SHM.is_dir() and os.access(_SHM, os.W_OK) else None))
 atexit.register(shutil.rmtree, WORK, ignore_errors=True)
 
 
 def _build() -> dict[str, tuple[bytes, torch.Tensor, tuple[int, int], bool]]:
     """name -> (file bytes, original links, payload byte range, check sees every payload bit)."""
     out = {}
-    cases = [("ildg32", "ildg", 32, {}), ("ildg64", "ildg", 64, {}),
-             ("nersc2row", "nersc", 32, {"datatype": "4D_SU3_GAUGE"}),
-             ("nersc3x3le", "nersc", 64, {"endian": "little"}),
-             ("openqcd", "openqcd", 64, {})]
+    cases = [
+        ("ildg32", "ildg", 32, {}),
+        ("ildg64", "ildg", 64, {}),
+        ("nersc2row", "nersc", 32, {"datatype": "4D_SU3_GAUGE"}),
+        ("nersc3x3le", "nersc", 64, {"endian": "little"}),
+        ("openqcd", "openqcd", 64, {}),
+    ]
     for i, (name, fmt, precision, opts) in enumerate(cases):
         ens = make_ensemble(LATTICE, precision=precision, seed=100 + i)
         path = WORK / f"{name}.{io.get_format(fmt).extension}"
@@ -123,8 +125,9 @@ EXAMPLES = 1700
 REQUIRED_CASES = 10_000
 
 
-@settings(max_examples=EXAMPLES, derandomize=True, deadline=None, database=None,
-          suppress_health_check=list(HealthCheck))
+@settings(
+    max_examples=EXAMPLES, derandomize=True, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+)
 @given(mut=mutation)
 def _fuzz_one_mutation(counter: list[int], mut) -> None:
     """Apply one mutation to every base file and read each; ``counter[0]`` counts the reads."""
@@ -142,7 +145,8 @@ def _fuzz_one_mutation(counter: list[int], mut) -> None:
         same = ens.links.shape == original.shape and torch.equal(ens.links, original)
         if not same:
             assert not full_check and touched_payload, (
-                f"{name}: {kind} at {where % max(len(BASE[name][0]), 1)} ({value}) returned changed data")
+                f"{name}: {kind} at {where % max(len(BASE[name][0]), 1)} ({value}) returned changed data"
+            )
 
 
 def test_mutated_files_return_original_or_raise_flowplug_error():
@@ -153,8 +157,7 @@ def test_mutated_files_return_original_or_raise_flowplug_error():
     assert counter[0] >= REQUIRED_CASES, f"only {counter[0]} mutated files were read"
 
 
-@settings(max_examples=300, derandomize=True, deadline=None, database=None,
-          suppress_health_check=list(HealthCheck))
+@settings(max_examples=300, derandomize=True, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 @given(cut=st.integers(0, 10**9))
 def test_truncated_hdf5_returns_original_or_raises(cut, tmp_path_factory):
     path = WORK / "store.h5"
@@ -163,7 +166,7 @@ def test_truncated_hdf5_returns_original_or_raises(cut, tmp_path_factory):
     data = path.read_bytes()
     original = io.read(path).links
     bad = WORK / "store-cut"
-    bad.write_bytes(data[:cut % len(data)])
+    bad.write_bytes(data[: cut % len(data)])
     try:
         ens = io.read(bad, unitarity="ignore")
     except FlowplugError:

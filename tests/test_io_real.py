@@ -24,30 +24,66 @@ from _io_helpers import ensembles_dir
 # file -> format, lattice, group, precision, plaquette (tolerance), link trace, checks
 REFERENCE = {
     "milc.lat.sample.l4444.ildg": dict(
-        format="ildg", lattice=[4, 4, 4, 4], group="su3", precision=32,
-        plaquette=(1.794675 + 1.774426) / 6, plaquette_tol=1e-6, link_trace=0.6467587,
-        checks={"scidac-checksum suma": "37affb9c", "scidac-checksum sumb": "2fc07bbf"}),
+        format="ildg",
+        lattice=[4, 4, 4, 4],
+        group="su3",
+        precision=32,
+        plaquette=(1.794675 + 1.774426) / 6,
+        plaquette_tol=1e-6,
+        link_trace=0.6467587,
+        checks={"scidac-checksum suma": "37affb9c", "scidac-checksum sumb": "2fc07bbf"},
+    ),
     "milc.lat.sample.l4444.scidac": dict(
-        format="scidac", lattice=[4, 4, 4, 4], group="su3", precision=32,
-        plaquette=(1.794675 + 1.774426) / 6, plaquette_tol=1e-6, link_trace=0.6467587,
-        checks={"scidac-checksum suma": "37affb9c", "scidac-checksum sumb": "2fc07bbf"}),
+        format="scidac",
+        lattice=[4, 4, 4, 4],
+        group="su3",
+        precision=32,
+        plaquette=(1.794675 + 1.774426) / 6,
+        plaquette_tol=1e-6,
+        link_trace=0.6467587,
+        checks={"scidac-checksum suma": "37affb9c", "scidac-checksum sumb": "2fc07bbf"},
+    ),
     "milc.lat.sample.l4444": dict(
-        format="milc", lattice=[4, 4, 4, 4], group="su3", precision=32,
-        plaquette=(1.794675 + 1.774426) / 6, plaquette_tol=1e-6, link_trace=0.6467587,
-        checks={"MILC sum29": "02352c05", "MILC sum31": "d137321d"}),
+        format="milc",
+        lattice=[4, 4, 4, 4],
+        group="su3",
+        precision=32,
+        plaquette=(1.794675 + 1.774426) / 6,
+        plaquette_tol=1e-6,
+        link_trace=0.6467587,
+        checks={"MILC sum29": "02352c05", "MILC sum31": "d137321d"},
+    ),
     "tmlqcd.unity.l4444.lime": dict(
-        format="ildg", lattice=[4, 4, 4, 4], group="su3", precision=64,
-        plaquette=1.0, plaquette_tol=1e-15, link_trace=1.0,
-        checks={"scidac-checksum suma": "35b49a1b", "scidac-checksum sumb": "b49a1b35",
-                "xlf-info plaquette": 1.0}),
+        format="ildg",
+        lattice=[4, 4, 4, 4],
+        group="su3",
+        precision=64,
+        plaquette=1.0,
+        plaquette_tol=1e-15,
+        link_trace=1.0,
+        checks={"scidac-checksum suma": "35b49a1b", "scidac-checksum sumb": "b49a1b35", "xlf-info plaquette": 1.0},
+    ),
     "gaugefields.conf_00000100_4444_test.su2.ildg": dict(
-        format="lime", lattice=[4, 4, 4, 4], group="su2", precision=64,
-        plaquette=-0.007853743153861798, plaquette_tol=1e-14, link_trace=None, checks={},
-        given={"lattice": "4x4x4x4", "group": "su2"}),
+        format="lime",
+        lattice=[4, 4, 4, 4],
+        group="su2",
+        precision=64,
+        plaquette=-0.007853743153861798,
+        plaquette_tol=1e-14,
+        link_trace=None,
+        checks={},
+        given={"lattice": "4x4x4x4", "group": "su2"},
+    ),
     "simulateqcd.lat.sample.l6666_nersc": dict(
-        format="nersc", lattice=[6, 6, 6, 6], group="su3", precision=32,
-        plaquette=0.6606482315, plaquette_tol=1e-8, link_trace=0.9015920048,
-        checks={"CHECKSUM": "ba83ff12", "PLAQUETTE": 0.6606482315, "LINK_TRACE": 0.9015920048}),
+        format="nersc",
+        lattice=[6, 6, 6, 6],
+        group="su3",
+        precision=32,
+        plaquette=0.6606482315,
+        plaquette_tol=1e-8,
+        link_trace=0.9015920048,
+        checks={"CHECKSUM": "ba83ff12", "PLAQUETTE": 0.6606482315, "LINK_TRACE": 0.9015920048},
+    ),
 }
 
 
@@ -104,9 +140,9 @@ def _payload(path, fmt):
         from flowplug.adapters.lime import scan
 
         r = next(r for r in scan(path) if r.type == "ildg-binary-data")
-        return data[r.data_offset:r.data_offset + r.length]
+        return data[r.data_offset : r.data_offset + r.length]
     if fmt == "nersc":
-        return data[data.index(b"END_HEADER\n") + 11:]
+        return data[data.index(b"END_HEADER\n") + 11 :]
     raise AssertionError(fmt)
 
 
@@ -140,8 +176,13 @@ def test_convert_to_every_writable_format_and_back(tmp_path, name):
             assert torch.equal(via.links, src.links), fmt  # every bit, third row included
         end = tmp_path / f"end.{fmt}.{io.get_format(home).extension}"
         # ILDG/openQCD cannot record that the source stored two rows: ask for them again
-        io.write(end, via, home, precision=src.precision,
-                 **({"datatype": src.header["nersc_datatype"]} if home == "nersc" else {}))
+        io.write(
+            end,
+            via,
+            home,
+            precision=src.precision,
+            **({"datatype": src.header["nersc_datatype"]} if home == "nersc" else {}),
+        )
         assert _payload(end, home) == _payload(start, home), f"{name} -> {fmt} -> {home} is not bit-exact"
         back = io.read(end)
         assert back.precision == src.precision
@@ -171,7 +212,7 @@ def test_two_row_nersc_rewritten_byte_identical_payload(tmp_path):
         io.write(out, ens)
     original, written = src_path.read_bytes(), out.read_bytes()
     assert b"DATATYPE = 4D_SU3_GAUGE\n" in written and b"FLOATING_POINT = IEEE32BIG\n" in written
-    assert written[written.index(b"END_HEADER\n") + 11:] == original[original.index(b"END_HEADER\n") + 11:]
+    assert written[written.index(b"END_HEADER\n") + 11 :] == original[original.index(b"END_HEADER\n") + 11 :]
     again = tmp_path / "again.nersc"
     io.write(again, io.read(out))
     assert again.read_bytes() == written
@@ -186,7 +227,7 @@ def test_ildg_rewrite_of_milc_file_keeps_payload_and_records(tmp_path):
 
     def payload(p):
         r = next(r for r in scan(p) if r.type == "ildg-binary-data")
-        return p.read_bytes()[r.data_offset:r.data_offset + r.length]
+        return p.read_bytes()[r.data_offset : r.data_offset + r.length]
 
     assert payload(out) == payload(src_path)
     back = io.read(out)

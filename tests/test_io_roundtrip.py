@@ -70,7 +70,7 @@ def test_axis_order_pinned_by_coded_links(tmp_path, fmt):
 
 def _ildg_payload(path):
     rec = next(r for r in scan(path) if r.type == "ildg-binary-data")
-    return path.read_bytes()[rec.data_offset:rec.data_offset + rec.length]
+    return path.read_bytes()[rec.data_offset : rec.data_offset + rec.length]
 
 
 def test_ildg_file_layout_is_t_z_y_x_mu(tmp_path):
@@ -92,15 +92,23 @@ def test_ildg_record_set_and_checksum(tmp_path):
     io.write(path, ens, "ildg")
     recs = scan(path)
     assert [r.type for r in recs] == [
-        "scidac-private-file-xml", "scidac-file-xml", "scidac-private-record-xml", "scidac-record-xml",
-        "ildg-format", "ildg-data-lfn", "ildg-binary-data", "scidac-checksum"]
+        "scidac-private-file-xml",
+        "scidac-file-xml",
+        "scidac-private-record-xml",
+        "scidac-record-xml",
+        "ildg-format",
+        "ildg-data-lfn",
+        "ildg-binary-data",
+        "scidac-checksum",
+    ]
     mb = [bool(r.flags & 0x8000) for r in recs]
     me = [bool(r.flags & 0x4000) for r in recs]
     assert mb[0] and me[-1]
     assert all(me[i] == mb[i + 1] for i in range(len(recs) - 1))
     data = path.read_bytes()
-    text = {r.type: data[r.data_offset:r.data_offset + r.length].decode() for r in recs
-            if r.type != "ildg-binary-data"}
+    text = {
+        r.type: data[r.data_offset : r.data_offset + r.length].decode() for r in recs if r.type != "ildg-binary-data"
+    }
     assert "<precision>32</precision>" in text["ildg-format"] and "<lx>2</lx>" in text["ildg-format"]
     assert "<lt>5</lt>" in text["ildg-format"] and 'xmlns="http://www.lqcd.org/ildg"' in text["ildg-format"]
     assert "USQCD_F3_ColorMatrix" in text["scidac-private-record-xml"]
@@ -135,7 +143,7 @@ def test_nersc_checksum_is_word_sum(tmp_path):
     path = tmp_path / "cfg.nersc"
     io.write(path, ens, "nersc", endian="big")
     data = path.read_bytes()
-    body = data[data.index(b"END_HEADER\n") + 11:]
+    body = data[data.index(b"END_HEADER\n") + 11 :]
     words = np.frombuffer(body, ">u4").astype(np.uint64)
     assert f"CHECKSUM = {int(words.sum()) % 2**32:08x}" in data[:2000].decode("ascii", "replace")
     assert nersc_checksum(body, ">") == int(words.sum()) % 2**32
@@ -151,16 +159,17 @@ def test_openqcd_layout(tmp_path):
     assert (n0, n1, n2, n3) == (8, 2, 4, 6)  # (t, x, y, z)
     assert len(raw) == 24 + 576 * np.prod(lattice)
     from flowplug.gauge import plaquette
+
     assert plaq3 == pytest.approx(3 * float(plaquette(ens.links)[0]), abs=1e-13)
     data = np.frombuffer(raw[24:], "<c16").reshape(-1, 4, 2, 3, 3)
     links = ens.links[0].numpy()
     # odd sites, t slowest and z fastest: the first odd site is (t, x, y, z) = (0, 0, 0, 1)
     x, y, z, t = 0, 0, 1, 0
-    assert np.array_equal(data[0, 0, 0], links[3, x, y, z, t])            # U(x, +t)
+    assert np.array_equal(data[0, 0, 0], links[3, x, y, z, t])  # U(x, +t)
     assert np.array_equal(data[0, 0, 1], links[3, x, y, z, (t - 1) % 8])  # U(x - t^, t)
-    assert np.array_equal(data[0, 1, 0], links[0, x, y, z, t])            # direction 1 = x
+    assert np.array_equal(data[0, 1, 0], links[0, x, y, z, t])  # direction 1 = x
     assert np.array_equal(data[0, 1, 1], links[0, (x - 1) % 2, y, z, t])
-    assert np.array_equal(data[0, 3, 1], links[2, x, y, z - 1, t])        # direction 3 = z
+    assert np.array_equal(data[0, 3, 1], links[2, x, y, z - 1, t])  # direction 3 = z
     # the second odd site is (0, 0, 0, 3)
     assert np.array_equal(data[1, 2, 0], links[1, 0, 0, 3, 0])
 
@@ -236,8 +245,11 @@ def test_hdf5_keeps_32_bit_data_in_64_bit_store(tmp_path):
 def test_ildg_hdf5_ildg_keeps_xml_records_and_lfn(tmp_path):
     ens = make_ensemble(precision=32)
     from flowplug.io import Record
-    ens.meta[0].records = [Record("scidac-file-xml", b"<?xml version='1.0'?><title>my file</title>\0"),
-                           Record("scidac-record-xml", b"<info>beta = 6.0</info>\0")]
+
+    ens.meta[0].records = [
+        Record("scidac-file-xml", b"<?xml version='1.0'?><title>my file</title>\0"),
+        Record("scidac-record-xml", b"<info>beta = 6.0</info>\0"),
+    ]
     ens.meta[0].header["lfn"] = "lfn://test/cfg.100"
     io.write(tmp_path / "a.ildg", ens)
     a = io.read(tmp_path / "a.ildg")
@@ -279,12 +291,14 @@ def test_non_unitary_warns_or_raises(tmp_path):
 
 def _nersc_header(path) -> dict[str, str]:
     data = path.read_bytes()
-    text = data[:data.index(b"END_HEADER\n")].decode("ascii")
+    text = data[: data.index(b"END_HEADER\n")].decode("ascii")
     return dict((k.strip(), v.strip()) for k, v in (line.split("=", 1) for line in text.splitlines()[1:]))
 
 
-@pytest.mark.parametrize("precision,endian,name", [(32, "big", "IEEE32BIG"), (64, "big", "IEEE64BIG"),
-                                                   (32, "little", "IEEE32"), (64, "little", "IEEE64")])
+@pytest.mark.parametrize(
+    "precision,endian,name",
+    [(32, "big", "IEEE32BIG"), (64, "big", "IEEE64BIG"), (32, "little", "IEEE32"), (64, "little", "IEEE64")],
+)
 def test_nersc_floating_point_names_are_the_ones_grid_reads(tmp_path, precision, endian, name):
     ens = make_ensemble(precision=precision, seed=21)
     path = tmp_path / "cfg.nersc"
@@ -308,10 +322,12 @@ def test_nersc_header_keeps_source_values_and_writes_plain_numbers(tmp_path):
     ens = make_ensemble(precision=32, seed=22)
     first = tmp_path / "first.nersc"
     io.write(first, ens)
-    extra = (b"ENSEMBLE_ID = l2345_b6.0\nENSEMBLE_LABEL = test run\nSEQUENCE_NUMBER = 120\n"
-             b"CREATOR = someone\nCREATOR_MACHINE = node17\nCREATION_DATE = Mon Jan  1 00:00:00 2024\n"
-             b"ARCHIVE_DATE = Tue Jan  2 00:00:00 2024\nBETA = 6.00\nBOUNDARY_1 = ANTIPERIODIC\n"
-             b"MY_OWN_KEY = kept\n")
+    extra = (
+        b"ENSEMBLE_ID = l2345_b6.0\nENSEMBLE_LABEL = test run\nSEQUENCE_NUMBER = 120\n"
+        b"CREATOR = someone\nCREATOR_MACHINE = node17\nCREATION_DATE = Mon Jan  1 00:00:00 2024\n"
+        b"ARCHIVE_DATE = Tue Jan  2 00:00:00 2024\nBETA = 6.00\nBOUNDARY_1 = ANTIPERIODIC\n"
+        b"MY_OWN_KEY = kept\n"
+    )
     data = first.read_bytes()
     source = tmp_path / "source.nersc"
     cut = data.index(b"FLOATING_POINT")
@@ -324,11 +340,19 @@ def test_nersc_header_keeps_source_values_and_writes_plain_numbers(tmp_path):
     out = tmp_path / "out.nersc"
     io.write(out, src)
     head = _nersc_header(out)
-    for key, value in (("ENSEMBLE_ID", "l2345_b6.0"), ("ENSEMBLE_LABEL", "test run"), ("SEQUENCE_NUMBER", "120"),
-                       ("CREATOR", "someone"), ("CREATOR_MACHINE", "node17"),
-                       ("CREATION_DATE", "Mon Jan 1 00:00:00 2024"), ("ARCHIVE_DATE", "Tue Jan 2 00:00:00 2024"),
-                       ("BETA", "6.00"), ("BOUNDARY_1", "ANTIPERIODIC"), ("BOUNDARY_4", "PERIODIC"),
-                       ("MY_OWN_KEY", "kept")):
+    for key, value in (
+        ("ENSEMBLE_ID", "l2345_b6.0"),
+        ("ENSEMBLE_LABEL", "test run"),
+        ("SEQUENCE_NUMBER", "120"),
+        ("CREATOR", "someone"),
+        ("CREATOR_MACHINE", "node17"),
+        ("CREATION_DATE", "Mon Jan 1 00:00:00 2024"),
+        ("ARCHIVE_DATE", "Tue Jan 2 00:00:00 2024"),
+        ("BETA", "6.00"),
+        ("BOUNDARY_1", "ANTIPERIODIC"),
+        ("BOUNDARY_4", "PERIODIC"),
+        ("MY_OWN_KEY", "kept"),
+    ):
         assert head[key] == value, key
     # header values of other sources: numbers written plainly, never quoted; non-numbers left out
     for beta, written in ((5.7, "5.7"), ("5.70", "5.70"), (6, "6"), (np.float64(5.85), "5.85"), ("weak", None)):
@@ -413,12 +437,17 @@ def test_info_reports_open_boundary_without_false_deviation(tmp_path, capsys):
 def test_hdf5_chunks_stay_small_for_large_lattices(tmp_path):
     from flowplug.adapters.hdf5 import CHUNK_BYTES, chunk_shape
 
-    for shape, itemsize in [((4, 64, 64, 64, 128, 3, 3), 16), ((4, 96, 96, 96, 192, 3, 3), 16),
-                            ((4, 256, 256, 256, 512, 3, 3), 8), ((4, 48, 48, 48, 96, 2, 2), 8),
-                            ((2, 4096, 4096), 8), ((2, 10**9), 4)]:
+    for shape, itemsize in [
+        ((4, 64, 64, 64, 128, 3, 3), 16),
+        ((4, 96, 96, 96, 192, 3, 3), 16),
+        ((4, 256, 256, 256, 512, 3, 3), 8),
+        ((4, 48, 48, 48, 96, 2, 2), 8),
+        ((2, 4096, 4096), 8),
+        ((2, 10**9), 4),
+    ]:
         chunk = chunk_shape(shape, itemsize)
         assert len(chunk) == len(shape) + 1 and chunk[0] == 1
-        assert all(1 <= c <= n for c, n in zip(chunk[1:], shape))
+        assert all(1 <= c <= n for c, n in zip(chunk[1:], shape, strict=True))
         nbytes = itemsize * int(np.prod(chunk))
         assert 1 << 20 <= nbytes <= min(16 << 20, CHUNK_BYTES), (shape, chunk)
     # a small configuration is one chunk; the store uses the computed chunks

@@ -19,8 +19,7 @@ from flowplug.chain import Chain, ChainState
 from flowplug.exact import su2_2d, u1_2d
 from flowplug.flow import Flow, build_flow, make_prior
 from flowplug.plugins.hmc import HMC
-from flowplug.plugins.kernels import (Composition, FlowHMC, IndependenceMetropolis, Mixture,
-                                      metropolis_log_ratio)
+from flowplug.plugins.kernels import Composition, FlowHMC, IndependenceMetropolis, Mixture, metropolis_log_ratio
 from flowplug.plugins.observables import plaquette, topological_charge
 from flowplug.plugins.theories import WilsonGaugeAction
 from flowplug.stats import gamma_method
@@ -85,6 +84,7 @@ def u1_l4_flow():
 
 # ---------------------------------------------------------------- bookkeeping
 
+
 def test_metropolis_log_ratio_is_float64_and_rejects_nan():
     lp1 = torch.tensor([1.0, float("nan")], dtype=torch.float32)
     lq1 = torch.tensor([0.5, 0.0], dtype=torch.float32)
@@ -102,8 +102,8 @@ def test_im_bookkeeping_on_rejection_and_inverse_log_q():
     flow = _random_flow("u1", (4, 4), "u1-ncp", 2, seed=3)
     k = IndependenceMetropolis(flow, act)
     g = torch.Generator().manual_seed(5)
-    x0 = act.hot_start((4, 4), 64, generator=g)       # not from the flow
-    st = ChainState(x0, -act.action(x0))                # no log q: the kernel must compute it
+    x0 = act.hot_start((4, 4), 64, generator=g)  # not from the flow
+    st = ChainState(x0, -act.action(x0))  # no log q: the kernel must compute it
     seen_reject = seen_accept = False
     for _ in range(20):
         old = st
@@ -126,8 +126,9 @@ def test_im_bookkeeping_on_rejection_and_inverse_log_q():
         torch.testing.assert_close(st.log_p, -act.action(st.x), rtol=0, atol=1e-10)
         torch.testing.assert_close(st.extras["log_q"], flow.log_prob(st.x).detach(), rtol=0, atol=1e-8)
         # the acceptance decision is the float64 Metropolis rule
-        la = metropolis_log_ratio(info["log_p_proposal"], info["log_q_proposal"],
-                                  info["log_p_current"], info["log_q_current"])
+        la = metropolis_log_ratio(
+            info["log_p_proposal"], info["log_q_proposal"], info["log_p_current"], info["log_q_current"]
+        )
         torch.testing.assert_close(la, info["log_accept"], rtol=0, atol=0)
     assert seen_reject and seen_accept
 
@@ -178,6 +179,7 @@ def test_mixture_and_composition_validate_and_report():
 
 # ---------------------------------------------------------------- exactness, U(1)
 
+
 @pytest.mark.slow
 def test_im_bare_prior_u1_l4_exact():
     """Deliberately poor flow (uniform angles, acceptance ~6%) on L=4, beta=1.0.
@@ -226,8 +228,9 @@ def test_im_barely_trained_flow_u1_exact(u1_l4_flow):
 def test_composition_hmc_then_flow_u1_exact(u1_l4_flow):
     """Two HMC trajectories then one flow proposal, from cold starts: 256 chains x 120 cycles, seed 4."""
     flow, act = u1_l4_flow
-    k = Composition([HMC(act, integrator="omelyan", steps=4, trajectory_length=1.0),
-                     IndependenceMetropolis(flow, act)], [2, 1])
+    k = Composition(
+        [HMC(act, integrator="omelyan", steps=4, trajectory_length=1.0), IndependenceMetropolis(flow, act)], [2, 1]
+    )
     g = torch.Generator().manual_seed(4)
     ch = Chain(k, k.init(act.cold_start((4, 4), 256)), g, measure=_u1_measure)
     ch.run(120)
@@ -279,6 +282,7 @@ def test_flow_hmc_reversible_latent_dynamics():
 
 # ---------------------------------------------------------------- exactness, SU(2)
 
+
 @pytest.mark.slow
 def test_im_and_composition_su2_exact():
     """SU(2), L=4, beta=1.0: Haar proposals alone (512 x 200) and HMC+flow cycles (64 x 80)."""
@@ -293,8 +297,9 @@ def test_im_and_composition_su2_exact():
     ch.run(200)
     _check(ch, exact, 0, ("plaquette",))
     flow2 = _random_flow("su2", (L, L), "sun-spectral", 2, seed=10, noise=0.1)
-    k2 = Composition([HMC(act, integrator="omelyan", steps=4), IndependenceMetropolis(flow2, act)], [1, 1],
-                     labels=["hmc", "flow"])
+    k2 = Composition(
+        [HMC(act, integrator="omelyan", steps=4), IndependenceMetropolis(flow2, act)], [1, 1], labels=["hmc", "flow"]
+    )
     ch2 = Chain(k2, k2.init(act.cold_start((L, L), 64)), g, measure=measure)
     acc = []
     ch2.run(80, on_step=lambda c, info: acc.append(float(info["accepted.flow"].mean())))
@@ -305,8 +310,13 @@ def test_im_and_composition_su2_exact():
 def test_kernels_are_registered(fresh_pm):
     from flowplug import get_component
 
-    for name, cls in (("independence-metropolis", IndependenceMetropolis), ("flow", IndependenceMetropolis),
-                      ("mixture", Mixture), ("composition", Composition), ("flow-hmc", FlowHMC)):
+    for name, cls in (
+        ("independence-metropolis", IndependenceMetropolis),
+        ("flow", IndependenceMetropolis),
+        ("mixture", Mixture),
+        ("composition", Composition),
+        ("flow-hmc", FlowHMC),
+    ):
         assert get_component("kernel", name).factory is cls
     assert get_component("kernel", "flow").provider == "flowplug"
 
@@ -321,8 +331,11 @@ def test_frozen_chains_report_unmeasurable_tau():
 
 def test_exact_values_match_the_shared_reference(shared_dir):
     """flowplug.exact against ../shared/reference (U(1) L = 8, 16; SU(2) L = 8, 16)."""
-    rows = [ln.split() for ln in (shared_dir / "reference" / "u1_2d_exact.txt").read_text().splitlines()
-            if ln.strip() and not ln.lstrip().startswith("#") and ln.split()[0].isdigit()]
+    rows = [
+        ln.split()
+        for ln in (shared_dir / "reference" / "u1_2d_exact.txt").read_text().splitlines()
+        if ln.strip() and not ln.lstrip().startswith("#") and ln.split()[0].isdigit()
+    ]
     assert len(rows) >= 10
     for r in rows:
         L, beta, p, q2 = int(r[0]), float(r[1]), float(r[2]), float(r[4])
@@ -353,8 +366,11 @@ def test_flow_hmc_and_mixture_su2_exact():
     L, beta = 4, 1.0
     act = WilsonGaugeAction(beta, "su2")
     flow = _random_flow("su2", (L, L), "sun-spectral", 2, seed=12, noise=0.1)
-    k = Mixture([FlowHMC(flow, act, integrator="leapfrog", steps=4, trajectory_length=0.6),
-                 IndependenceMetropolis(flow, act)], [0.5, 0.5], labels=["flow-hmc", "flow"])
+    k = Mixture(
+        [FlowHMC(flow, act, integrator="leapfrog", steps=4, trajectory_length=0.6), IndependenceMetropolis(flow, act)],
+        [0.5, 0.5],
+        labels=["flow-hmc", "flow"],
+    )
     g = torch.Generator().manual_seed(8)
     ch = Chain(k, k.init(_thermalized(act, (L, L), 48, g, n=10)), g, measure=lambda x: {"plaquette": plaquette(x)})
     acc = []

@@ -101,15 +101,31 @@ def test_io_keeps_its_public_names():
 
     for name in ("Record", "Check", "Metadata", "Ensemble", "group_of", "field_of"):
         assert getattr(io, name) is getattr(ensemble, name)
-    for name in ("unitarity_tolerance", "check_links", "group_deviation", "link_deviations",
-                 "open_time_boundary", "float32_exact", "raise_failed_checks"):
+    for name in (
+        "unitarity_tolerance",
+        "check_links",
+        "group_deviation",
+        "link_deviations",
+        "open_time_boundary",
+        "float32_exact",
+        "raise_failed_checks",
+    ):
         assert getattr(io, name) is getattr(linkcheck, name)
     for name in ("to_ildg", "from_ildg", "ildg_axes", "ildg_shape"):
         assert getattr(io, name) is getattr(layout, name)
     for name in io.__all__:
         assert hasattr(io, name), name
-    for name in ("FormatHandler", "formats", "get_format", "detect", "read", "write", "parse_lattice",
-                 "FormatError", "ChecksumError"):
+    for name in (
+        "FormatHandler",
+        "formats",
+        "get_format",
+        "detect",
+        "read",
+        "write",
+        "parse_lattice",
+        "FormatError",
+        "ChecksumError",
+    ):
         assert name in io.__all__
 
 
@@ -121,8 +137,9 @@ def test_a_format_handler_written_with_groups_still_works():
     assert Legacy.fields == ("su2",) and Legacy().groups == ("su2",)
     su2 = io.Ensemble(torch.eye(2, dtype=torch.complex128).expand(1, 4, 2, 2, 2, 2, 2, 2))
     assert Legacy().can_write(su2) is None
-    assert "holds su2 gauge links only" in Legacy().can_write(su2.__class__(su2.links.new_zeros(
-        1, 4, 2, 2, 2, 2, 3, 3)))
+    assert "holds su2 gauge links only" in Legacy().can_write(
+        su2.__class__(su2.links.new_zeros(1, 4, 2, 2, 2, 2, 3, 3))
+    )
 
 
 def test_a_batch_without_batched_is_refused():
@@ -134,7 +151,7 @@ def test_a_batch_without_batched_is_refused():
     with pytest.raises(ShapeError, match="batched=True"):
         to_ildg(x)
     assert to_ildg(x, batched=True).shape == (1, 4, 4, 4, 4, 4, 3, 3)
-    y = torch.zeros(1, 6, 5, 4, 3, 4, 3, 3, dtype=torch.complex128)     # (B, lt, lz, ly, lx, 4, N, N)
+    y = torch.zeros(1, 6, 5, 4, 3, 4, 3, 3, dtype=torch.complex128)  # (B, lt, lz, ly, lx, 4, N, N)
     with pytest.raises(ShapeError, match="batched=True"):
         from_ildg(y)
     assert from_ildg(y, batched=True).shape == (1, 4, 3, 4, 5, 6, 3, 3)

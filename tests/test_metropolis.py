@@ -21,8 +21,7 @@ import torch
 from flowplug import metropolis
 from flowplug.chain import ChainState
 from flowplug.flow import build_flow
-from flowplug.metropolis import (guarded_log_accept, hmc_log_accept, independence_log_accept,
-                                 metropolis_test)
+from flowplug.metropolis import guarded_log_accept, hmc_log_accept, independence_log_accept, metropolis_test
 from flowplug.plugins.hmc import HMC
 from flowplug.plugins.kernels import Composition, FlowHMC, IndependenceMetropolis, Mixture
 from flowplug.plugins.theories import WilsonGaugeAction
@@ -70,6 +69,7 @@ def _uniforms_for(log_a: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------ the rule itself
 
+
 def test_rule_on_a_table_of_densities():
     lp1 = _t(1.0, NAN, INF, -INF, 1.0, 1.0, 1.0, 1.0)
     lq1 = _t(0.5, 0.0, 0.0, 0.0, NAN, INF, -INF, 0.5)
@@ -78,8 +78,8 @@ def test_rule_on_a_table_of_densities():
     la = independence_log_accept(lp1, lq1, lp0, lq0)
     assert la.dtype == torch.float64
     assert la[0].item() == pytest.approx((1.0 - 0.5) - (0.2 - 0.1), abs=1e-15)
-    assert torch.equal(la[1:7], torch.full((6,), -INF, dtype=torch.float64))   # non-finite proposals
-    assert la[7].item() == INF        # a finite proposal from a zero-density state is accepted
+    assert torch.equal(la[1:7], torch.full((6,), -INF, dtype=torch.float64))  # non-finite proposals
+    assert la[7].item() == INF  # a finite proposal from a zero-density state is accepted
     assert independence_log_accept(lp1.float(), lq1.float(), lp0, lq0).dtype == torch.float64
 
 
@@ -112,6 +112,7 @@ def test_metropolis_test_draws_its_uniforms_from_the_generator():
 
 # ---------------------------------------------------------------- kernel replays
 
+
 def test_independence_metropolis_replay(fixed_u):
     """Decisions and stored states of IndependenceMetropolis against an independent replay."""
     act = WilsonGaugeAction(2.0, "u1")
@@ -128,7 +129,7 @@ def test_independence_metropolis_replay(fixed_u):
     want = torch.tensor([True, False] * (b // 2))
     fixed_u(_uniforms_for(log_a, want))
     new, info = IndependenceMetropolis(flow, act).step(ChainState(x0, lp0), torch.Generator().manual_seed(2))
-    want = want | (log_a > 0)       # log A > 0 accepts whatever u
+    want = want | (log_a > 0)  # log A > 0 accepts whatever u
     assert torch.equal(info["accepted"], want) and 0 < int(want.sum()) < b
     torch.testing.assert_close(info["log_accept"], log_a, rtol=0, atol=1e-10)
     a, r = want, ~want
@@ -221,15 +222,19 @@ def test_flow_proposal_step_with_mixed_decisions(fixed_u, as_numpy):
 def test_flow_proposal_decide_replay(fixed_u):
     step = FlowProposal(_flow(), None, layout="canonical", seed=1)
     fixed_u(_t(0.5, 0.5, 0.5, 1e-300, 1e-300))
-    acc, la = step.decide(_t(0.0, 0.0, 0.0, 0.0, 0.0), _t(0.0, 0.0, 0.0, 0.0, 0.0),
-                          _t(0.0, -1.0, 0.0, 0.0, NAN), _t(-1.0, 0.0, INF, -INF, 0.0))
+    acc, la = step.decide(
+        _t(0.0, 0.0, 0.0, 0.0, 0.0),
+        _t(0.0, 0.0, 0.0, 0.0, 0.0),
+        _t(0.0, -1.0, 0.0, 0.0, NAN),
+        _t(-1.0, 0.0, INF, -INF, 0.0),
+    )
     assert acc.tolist() == [True, False, False, False, False]
     assert la.tolist() == [1.0, -1.0, -INF, -INF, -INF]
 
 
 # ------------------------------------------------------- non-finite densities
 
-BAD = _t(0.0, NAN, INF, -INF, 0.0, INF)      # offsets added to the flow's log-det, per chain
+BAD = _t(0.0, NAN, INF, -INF, 0.0, INF)  # offsets added to the flow's log-det, per chain
 GOOD = torch.isfinite(BAD)
 
 
@@ -266,8 +271,7 @@ def test_flow_kernels_reject_non_finite_log_q(fixed_u, kind):
     act = WilsonGaugeAction(2.0, "u1")
     flow = _flow()
     im = IndependenceMetropolis(flow, act)
-    kernel = {"independence-metropolis": im, "composition": Composition([im]),
-              "mixture": Mixture([im], [1.0])}[kind]
+    kernel = {"independence-metropolis": im, "composition": Composition([im]), "mixture": Mixture([im], [1.0])}[kind]
     st = _start(act, flow, kernel)
     _broken_forward(flow)
     fixed_u(torch.full((len(BAD),), 1e-300, dtype=torch.float64))

@@ -71,8 +71,11 @@ def test_built_wheel_contains_and_imports_every_builtin(tmp_path):
         else:
             shutil.copy2(path, src / item)
     wheels = tmp_path / "wheels"
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                           "-q", "-w", str(wheels), str(src)], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), str(src)],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     (wheel,) = wheels.glob("flowplug-*.whl")
     with zipfile.ZipFile(wheel) as zf:
@@ -85,12 +88,17 @@ def test_built_wheel_contains_and_imports_every_builtin(tmp_path):
     script = (
         "import importlib, flowplug, flowplug.manager as m;"
         "mods=[importlib.import_module(n) for n in m.builtin_modules()];"
-        "assert all(x.__file__.startswith(%r) for x in mods), [x.__file__ for x in mods];"
+        f"assert all(x.__file__.startswith({str(site)!r}) for x in mods), [x.__file__ for x in mods];"
         "pm=m.new_plugin_manager(autoload=False);"
-        "print(flowplug.__version__, len(list(pm.components())))" % str(site)
+        "print(flowplug.__version__, len(list(pm.components())))"
     )
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
-                          env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"})
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"},
+    )
     assert proc.returncode == 0, proc.stderr
     version, count = proc.stdout.split()
     assert version == flowplug.__version__ and int(count) > 0

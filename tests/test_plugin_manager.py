@@ -38,8 +38,9 @@ def _good(tmp_path, monkeypatch, dist="fakegood", version="1.2", module="fakegoo
 
 def _pm(tmp_path, **kwargs):
     """A manager that discovers distributions under tmp_path only (isolated from the user's)."""
-    paths = [str(tmp_path)] + [str(p) for p in sorted(tmp_path.iterdir()) if p.is_dir() and
-                               not p.name.endswith(".dist-info")]
+    paths = [str(tmp_path)] + [
+        str(p) for p in sorted(tmp_path.iterdir()) if p.is_dir() and not p.name.endswith(".dist-info")
+    ]
     return new_plugin_manager(autoload=True, path=paths, **kwargs)
 
 
@@ -86,8 +87,13 @@ def test_block_list_cannot_remove_builtins(tmp_path, monkeypatch):
 
 def test_broken_plugin_is_tolerated_with_one_warning(tmp_path, monkeypatch):
     _good(tmp_path, monkeypatch)
-    make_distribution(tmp_path, "fakebroken", "0.3", {"broken": "fakebroken_plugin"},
-                      {"fakebroken_plugin": "import not_a_module_anywhere\n"})
+    make_distribution(
+        tmp_path,
+        "fakebroken",
+        "0.3",
+        {"broken": "fakebroken_plugin"},
+        {"fakebroken_plugin": "import not_a_module_anywhere\n"},
+    )
     forget_modules("fakebroken_plugin")
     activate(tmp_path, monkeypatch)
     with warnings.catch_warnings(record=True) as caught:
@@ -102,12 +108,19 @@ def test_broken_plugin_is_tolerated_with_one_warning(tmp_path, monkeypatch):
 
 
 def test_broken_plugin_is_an_error_when_strict(tmp_path, monkeypatch):
-    make_distribution(tmp_path, "fakebroken", "0.3", {"broken": "fakebroken_plugin"},
-                      {"fakebroken_plugin": "raise RuntimeError('boom at import')\n"})
+    make_distribution(
+        tmp_path,
+        "fakebroken",
+        "0.3",
+        {"broken": "fakebroken_plugin"},
+        {"fakebroken_plugin": "raise RuntimeError('boom at import')\n"},
+    )
     forget_modules("fakebroken_plugin")
     activate(tmp_path, monkeypatch)
     monkeypatch.setenv("FLOWPLUG_STRICT_PLUGINS", "1")
-    with pytest.raises(PluginError, match=r"'broken' \(fakebroken 0.3\) could not be loaded: RuntimeError: boom at import"):
+    with pytest.raises(
+        PluginError, match=r"'broken' \(fakebroken 0.3\) could not be loaded: RuntimeError: boom at import"
+    ):
         _pm(tmp_path)
 
 
@@ -122,10 +135,14 @@ def test_hook_raising_in_third_party_plugin_is_tolerated(tmp_path, monkeypatch):
     forget_modules("fakeraise_plugin")
     activate(tmp_path, monkeypatch)
     pm = _pm(tmp_path, strict=False)
-    with pytest.warns(PluginLoadWarning, match="failed in flowplug_actions: ValueError: no actions today; its actions are skipped"):
+    with pytest.warns(
+        PluginLoadWarning, match="failed in flowplug_actions: ValueError: no actions today; its actions are skipped"
+    ):
         pm.registry("action")
     strict = _pm(tmp_path, strict=True)
-    with pytest.raises(PluginError, match=r"flowplug_actions of plugin 'raiser' \(fakeraise 2.0\) raised ValueError: no actions today"):
+    with pytest.raises(
+        PluginError, match=r"flowplug_actions of plugin 'raiser' \(fakeraise 2.0\) raised ValueError: no actions today"
+    ):
         strict.registry("action")
 
 
@@ -188,12 +205,16 @@ def test_duplicate_alias_is_detected(fresh_pm):
     class A:
         @flowplug.hookimpl
         def flowplug_actions(self):
-            return [ActionSpec(name="one", aliases=("same",), description="", factory=dict),
-                    ActionSpec(name="same", description="", factory=dict)]
+            return [
+                ActionSpec(name="one", aliases=("same",), description="", factory=dict),
+                ActionSpec(name="same", description="", factory=dict),
+            ]
 
     fresh_pm.register(A(), name="a", provider=("apkg", "1"))
     fresh_pm.strict = True
-    with pytest.raises(DuplicateComponentError, match=r"Action 'same' is provided twice: by apkg 1 \(alias of 'one'\) and by apkg 1"):
+    with pytest.raises(
+        DuplicateComponentError, match=r"Action 'same' is provided twice: by apkg 1 \(alias of 'one'\) and by apkg 1"
+    ):
         fresh_pm.registry("action")
 
 
@@ -223,7 +244,8 @@ def test_misspelled_hook_is_an_error_naming_it(fresh_pm):
         fresh_pm.check_pending()
     assert str(info.value).startswith(
         "plugin 'typo' (typopkg 0.9) implements unknown hook 'flowplug_actoins' "
-        "(did you mean 'flowplug_actions'?). Known hooks: flowplug_actions, ")
+        "(did you mean 'flowplug_actions'?). Known hooks: flowplug_actions, "
+    )
 
 
 def test_misspelled_hook_in_entry_point_plugin(tmp_path, monkeypatch):
@@ -236,7 +258,9 @@ def test_misspelled_hook_in_entry_point_plugin(tmp_path, monkeypatch):
     make_distribution(tmp_path, "faketypo", "1.0", {"typo": "faketypo_plugin"}, {"faketypo_plugin": source})
     forget_modules("faketypo_plugin")
     activate(tmp_path, monkeypatch)
-    with pytest.warns(PluginLoadWarning, match=r"unknown hook 'flowplug_observabels' \(did you mean 'flowplug_observables'\?\)"):
+    with pytest.warns(
+        PluginLoadWarning, match=r"unknown hook 'flowplug_observabels' \(did you mean 'flowplug_observables'\?\)"
+    ):
         pm = _pm(tmp_path, strict=False)
     assert pm.get_plugin("typo") is None
     pm.check_pending()  # nothing pending: the broken plugin was unregistered
@@ -249,8 +273,9 @@ def test_unmarked_hook_function_is_reported(tmp_path, monkeypatch):
         def flowplug_actions():
             return []
     """
-    make_distribution(tmp_path, "fakeunmarked", "1.0", {"unmarked": "fakeunmarked_plugin"},
-                      {"fakeunmarked_plugin": source})
+    make_distribution(
+        tmp_path, "fakeunmarked", "1.0", {"unmarked": "fakeunmarked_plugin"}, {"fakeunmarked_plugin": source}
+    )
     forget_modules("fakeunmarked_plugin")
     activate(tmp_path, monkeypatch)
     with pytest.warns(PluginLoadWarning, match=r"flowplug_actions not marked with @hookimpl"):
@@ -272,7 +297,10 @@ def test_failing_monitor_does_not_stop_the_run(fresh_pm):
 
     fresh_pm.register(Good(), name="good")
     fresh_pm.register(Failing(), name="failing", provider=("monitorpkg", "1.0"))
-    with pytest.warns(PluginLoadWarning, match=r"'failing' \(monitorpkg 1.0\) raised in flowplug_after_train_step: RuntimeError: disk full"):
+    with pytest.warns(
+        PluginLoadWarning,
+        match=r"'failing' \(monitorpkg 1.0\) raised in flowplug_after_train_step: RuntimeError: disk full",
+    ):
         fresh_pm.notify("flowplug_after_train_step", step=7, metrics={})
     assert calls == [7]
     fresh_pm.strict = True

@@ -33,8 +33,9 @@ with run_lock(sys.argv[1], "holder-test"):
 def held(tmp_path):
     """A run directory locked by another live process (released when the test ends)."""
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdout.readline().strip() == "locked"
     yield out, proc
     if proc.poll() is None:
@@ -43,12 +44,28 @@ def held(tmp_path):
 
 
 COMMANDS = {
-    "hmc": lambda out: ["hmc", "--set", f"out={out}", "--set", "lattice=[4,4]", "--set", "hmc.trajectories=3",
-                        "--set", "hmc.thermalization=0", "--no-progress"],
+    "hmc": lambda out: [
+        "hmc",
+        "--set",
+        f"out={out}",
+        "--set",
+        "lattice=[4,4]",
+        "--set",
+        "hmc.trajectories=3",
+        "--set",
+        "hmc.thermalization=0",
+        "--no-progress",
+    ],
     "train": lambda out: ["train", "--set", f"out={out}", "--set", "train.steps=1", "--no-progress"],
     "sample": lambda out: ["sample", "--flow", str(out.parent / "no-such-flow"), "--out", str(out)],
-    "resample": lambda out: ["resample", str(out.parent / "no-such.h5"), "--flow", str(out.parent / "no-such-flow"),
-                             "--out", str(out)],
+    "resample": lambda out: [
+        "resample",
+        str(out.parent / "no-such.h5"),
+        "--flow",
+        str(out.parent / "no-such-flow"),
+        "--out",
+        str(out),
+    ],
     "demo": lambda out: ["demo", "--out", str(out)],
 }
 
@@ -58,7 +75,7 @@ def test_second_writer_is_refused_naming_the_holder(held, command, capsys):
     out, proc = held
     before = sorted(p.name for p in out.iterdir())
     assert main(COMMANDS[command](out)) == 1
-    err = " ".join(capsys.readouterr().err.split())     # the message is wrapped for the terminal
+    err = " ".join(capsys.readouterr().err.split())  # the message is wrapped for the terminal
     assert "another flowplug process is writing this run directory" in err
     assert f"holder-test pid={proc.pid}" in err
     assert sorted(p.name for p in out.iterdir()) == before == [LOCK_NAME]
@@ -68,7 +85,7 @@ def test_lock_of_a_dead_process_does_not_block(held):
     out, proc = held
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert (out / LOCK_NAME).exists()          # the file stays; the lock went with the process
+    assert (out / LOCK_NAME).exists()  # the file stays; the lock went with the process
     with run_lock(out, "next") as path:
         assert f"next pid={os.getpid()}" in path.read_text()
 
@@ -76,10 +93,9 @@ def test_lock_of_a_dead_process_does_not_block(held):
 def test_lock_is_released_and_reentrant_in_one_process(tmp_path):
     out = tmp_path / "run"
     with run_lock(out, "outer"):
-        with run_lock(out, "inner"):           # the same process: a job calling another job
+        with run_lock(out, "inner"):  # the same process: a job calling another job
             pass
-        probe = subprocess.run([sys.executable, "-c", HOLDER, str(out)], input="", capture_output=True,
-                               text=True)
+        probe = subprocess.run([sys.executable, "-c", HOLDER, str(out)], input="", capture_output=True, text=True)
         assert probe.returncode != 0 and "RunLockedError" in probe.stderr
     probe = subprocess.run([sys.executable, "-c", HOLDER, str(out)], input="", capture_output=True, text=True)
     assert probe.returncode == 0 and probe.stdout.strip() == "locked"
@@ -100,8 +116,18 @@ def test_locked_run_decorator(held, tmp_path):
 
 @pytest.mark.parametrize("traj,therm", [(5, 5), (3, 10), (0, 0)])
 def test_hmc_refuses_a_run_that_measures_nothing(tmp_path, capsys, traj, therm):
-    rc = main(["hmc", "--set", f"out={tmp_path / 'o'}", "--set", f"hmc.trajectories={traj}",
-               "--set", f"hmc.thermalization={therm}", "--no-progress"])
+    rc = main(
+        [
+            "hmc",
+            "--set",
+            f"out={tmp_path / 'o'}",
+            "--set",
+            f"hmc.trajectories={traj}",
+            "--set",
+            f"hmc.thermalization={therm}",
+            "--no-progress",
+        ]
+    )
     assert rc == 1
     err = " ".join(capsys.readouterr().err.split())
     assert f"hmc.trajectories = {traj} leaves nothing after hmc.thermalization = {therm}" in err

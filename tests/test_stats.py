@@ -37,11 +37,46 @@ def ar1(a: float, n: int, seed: int, r: int = 1) -> np.ndarray:
 
 # (a, n, replicas) -> pyerrors 2.17: mean, error, tau_int, dtau_int, window, error of error
 PYERRORS = {
-    (0.0, 20000, 1): (0.00836069231395428, 0.007182476410911784, 0.5148196685448188, 0.012575822020751654, 3, 9.501523190430174e-05),
-    (0.5, 20000, 1): (0.0166419121728492, 0.01442011247708131, 1.54066632917447, 0.08414361245311947, 16, 0.00041418619747359133),
-    (0.9, 20000, 1): (0.08032691949510623, 0.07971044272330188, 11.69705781513092, 1.501067331092904, 95, 0.0055081011785293454),
-    (0.98, 50000, 1): (0.18437217512350856, 0.23818285096033912, 54.572087808416626, 8.959072946310402, 401, 0.02134362893341966),
-    (0.7, 2000, 8): (0.02357340990531952, 0.026820309578516697, 2.906292221388388, 0.2317098976175415, 28, 0.0011319473449489883),
+    (0.0, 20000, 1): (
+        0.00836069231395428,
+        0.007182476410911784,
+        0.5148196685448188,
+        0.012575822020751654,
+        3,
+        9.501523190430174e-05,
+    ),
+    (0.5, 20000, 1): (
+        0.0166419121728492,
+        0.01442011247708131,
+        1.54066632917447,
+        0.08414361245311947,
+        16,
+        0.00041418619747359133,
+    ),
+    (0.9, 20000, 1): (
+        0.08032691949510623,
+        0.07971044272330188,
+        11.69705781513092,
+        1.501067331092904,
+        95,
+        0.0055081011785293454,
+    ),
+    (0.98, 50000, 1): (
+        0.18437217512350856,
+        0.23818285096033912,
+        54.572087808416626,
+        8.959072946310402,
+        401,
+        0.02134362893341966,
+    ),
+    (0.7, 2000, 8): (
+        0.02357340990531952,
+        0.026820309578516697,
+        2.906292221388388,
+        0.2317098976175415,
+        28,
+        0.0011319473449489883,
+    ),
 }
 
 
@@ -52,8 +87,13 @@ def test_gamma_method_agrees_with_pyerrors(key):
     g = gamma_method(data if r > 1 else data[0], step_axis=1 if r > 1 else None, center="replica")
     mean, err, tau, dtau, w, dd = PYERRORS[key]
     assert g.window == w
-    for mine, theirs in [(g.mean, mean), (g.error, err), (g.tau_int, tau), (g.tau_int_error, dtau),
-                         (g.error_of_error, dd)]:
+    for mine, theirs in [
+        (g.mean, mean),
+        (g.error, err),
+        (g.tau_int, tau),
+        (g.tau_int_error, dtau),
+        (g.error_of_error, dd),
+    ]:
         assert mine == pytest.approx(theirs, rel=1e-10)
 
 
@@ -102,7 +142,7 @@ def test_gamma_method_inputs():
     assert g.error == 0 and g.tau_int == 0.5 and g.mean == 1
     assert tau_int(np.random.default_rng(0).standard_normal(5000)) == pytest.approx(0.5, abs=0.05)
     one = gamma_method(np.array([[1.0], [2.0], [4.0]]), step_axis=1)  # three chains of one measurement
-    assert one.mean == pytest.approx(7 / 3) and one.error == pytest.approx(np.std([1, 2, 4], ddof=1) / 3 ** 0.5)
+    assert one.mean == pytest.approx(7 / 3) and one.error == pytest.approx(np.std([1, 2, 4], ddof=1) / 3**0.5)
     with pytest.raises(ValueError, match="NaN"):
         gamma_method([1.0, float("nan")])
     with pytest.raises(ValueError, match="shape"):
@@ -202,7 +242,7 @@ def _uwerr_by_hand(a: np.ndarray, s_tau: float = 2.0) -> tuple[float, float, flo
         gamma.append(s / (n - r * t))
     window, tau_w = w_max, None
     for w in range(1, w_max + 1):
-        tau_w = 0.5 + sum(gamma[1:w + 1]) / gamma[0]
+        tau_w = 0.5 + sum(gamma[1 : w + 1]) / gamma[0]
         if tau_w <= 0.5:
             window = w
             break
@@ -210,8 +250,8 @@ def _uwerr_by_hand(a: np.ndarray, s_tau: float = 2.0) -> tuple[float, float, flo
         if math.exp(-w / tau) - tau / math.sqrt(w * n) < 0:
             window = w
             break
-    tau_w = 0.5 + sum(gamma[1:window + 1]) / gamma[0]
-    c_f = (gamma[0] + 2 * sum(gamma[1:window + 1])) * (1 + (2 * window + 1) / n)
+    tau_w = 0.5 + sum(gamma[1 : window + 1]) / gamma[0]
+    c_f = (gamma[0] + 2 * sum(gamma[1 : window + 1])) * (1 + (2 * window + 1) / n)
     return abar, math.sqrt(c_f / n), tau_w * (1 + (2 * window + 1) / n) / (1 + 1 / n), window
 
 
@@ -223,8 +263,7 @@ def _offset_chains() -> np.ndarray:
 
 # gamma_method(_offset_chains(), step_axis=1) with the global-mean default, pinned once
 # (and equal to _uwerr_by_hand); center="replica" gives a clearly smaller error.
-PINNED_GLOBAL = {"mean": 0.11132471154439806, "error": 0.09717693038075792, "tau_int": 4.573168651242369,
-                 "window": 28}
+PINNED_GLOBAL = {"mean": 0.11132471154439806, "error": 0.09717693038075792, "tau_int": 4.573168651242369, "window": 28}
 
 
 def test_default_centering_is_global_and_pinned():
@@ -236,11 +275,12 @@ def test_default_centering_is_global_and_pinned():
     assert g.error == pytest.approx(error, rel=1e-10)
     assert g.tau_int == pytest.approx(tau, rel=1e-10)
     assert (g.mean, g.error, g.tau_int, g.window) == pytest.approx(
-        (PINNED_GLOBAL["mean"], PINNED_GLOBAL["error"], PINNED_GLOBAL["tau_int"], PINNED_GLOBAL["window"]),
-        rel=1e-10)
+        (PINNED_GLOBAL["mean"], PINNED_GLOBAL["error"], PINNED_GLOBAL["tau_int"], PINNED_GLOBAL["window"]), rel=1e-10
+    )
     assert g.as_dict() == gamma_method(data, step_axis=1, center="global").as_dict()
     rep = gamma_method(data, step_axis=1, center="replica")
     assert rep.error < 0.8 * g.error
     assert rep.error != pytest.approx(g.error, rel=0.05)
     import inspect
+
     assert inspect.signature(gamma_method).parameters["center"].default == "global"

@@ -42,9 +42,9 @@ from flowplug.theory import field_space
 
 from _io_helpers import ensembles_dir
 
-K = 8                   # spline bins
-PER = 3 * K + 1         # raw parameters per eigenvalue coordinate
-EPS = 1e-8              # size of the perturbations of the continuity tests
+K = 8  # spline bins
+PER = 3 * K + 1  # raw parameters per eigenvalue coordinate
+EPS = 1e-8  # size of the perturbations of the continuity tests
 TWO_PI = 2 * math.pi
 
 
@@ -66,7 +66,7 @@ def raw_params(n, seed=3, scale=0.7):
 
 def knot_derivative(raw, k, end):
     """f_k'(0) (end=0) or f_k'(1) (end=-1) of the spline of eigenvalue coordinate k."""
-    _, _, d = rq_spline_params(raw[..., k * PER:(k + 1) * PER], K)
+    _, _, d = rq_spline_params(raw[..., k * PER : (k + 1) * PER], K)
     return float(d[0, end])
 
 
@@ -168,13 +168,13 @@ def isotropic_raw(k, seed=13):
     """Spline parameters with which the map is locally a scaling at the centre element k."""
     raw = raw_params(3, seed=seed)
     d0, dk = 2 * K, 3 * K  # positions of the raw knot derivatives f'(0), f'(1)
-    if k == 0:          # identity: alcove vertex u = (0, 0); f_1'(0) = f_2'(0)
+    if k == 0:  # identity: alcove vertex u = (0, 0); f_1'(0) = f_2'(0)
         raw[0, PER + d0] = raw[0, d0]
         a = knot_derivative(raw, 0, 0)
-    elif k == 1:        # e^{2 pi i/3}: vertex u = (0, 1); f_1'(0) = f_2'(1)
+    elif k == 1:  # e^{2 pi i/3}: vertex u = (0, 1); f_1'(0) = f_2'(1)
         raw[0, PER + dk] = raw[0, d0]
         a = knot_derivative(raw, 0, 0)
-    else:               # e^{-2 pi i/3}: u_1 = 1, where stick-breaking is singular; f_2 = id
+    else:  # e^{-2 pi i/3}: u_1 = 1, where stick-breaking is singular; f_2 = id
         raw[0, PER:] = 0.0
         a = knot_derivative(raw, 0, -1)
     return raw, a
@@ -252,7 +252,8 @@ def _check_gradients(name):
         assert torch.isfinite(g).all(), (name, inverse)
     # the flow-HMC force of a one-link "action" -log|det| + Re tr(m U')
     force = field_space(f"su{n}").autograd_force(
-        lambda u: -spectral_map(u, raw, K)[1] + (spectral_map(u, raw, K)[0] * m).real.sum((-1, -2)), w)
+        lambda u: -spectral_map(u, raw, K)[1] + (spectral_map(u, raw, K)[0] * m).real.sum((-1, -2)), w
+    )
     assert torch.isfinite(force).all()
     # 1e-4 away from the degenerate point, autograd's Jacobian still gives the log-det
     wp = perturb(w, 1e-4, 1)
@@ -263,9 +264,11 @@ def _check_gradients(name):
     wp = perturb(w, 1e-2, 1)
     x = groups.random_algebra((1,), n, generator=gen(3))
     for inverse in (False, True):
-        def fn(u):
+
+        def fn(u, inverse=inverse):
             w1, ld = spectral_map(u, raw, K, inverse=inverse)
             return ld + (w1 * m).real.sum((-1, -2))
+
         h = 1e-6
         fd = (fn(groups.expmap(h * x) @ wp) - fn(groups.expmap(-h * x) @ wp)) / (2 * h)
         f = field_space(f"su{n}").autograd_force(fn, wp)  # F = -sum_a (dS/ds_a) t_a
@@ -299,8 +302,7 @@ def centre_twisted(n, lattice, batch=2):
 
 
 def sun_layer(n, lattice, index=0, seed=3, hidden=(4,)):
-    m = make_layer("sun-spectral", lattice=lattice, field=f"su{n}", index=index, dtype="float64",
-                   hidden=list(hidden))
+    m = make_layer("sun-spectral", lattice=lattice, field=f"su{n}", index=index, dtype="float64", hidden=list(hidden))
     randomize(m, seed=seed)
     return m
 
@@ -389,8 +391,7 @@ def test_tmlqcd_unity_file():
 
 def flow_hmc_steps(n, lattice, x, n_layers=2, n_steps=2):
     torch.manual_seed(7)
-    flow = build_flow(f"su{n}", lattice, "sun-spectral", n_layers=n_layers,
-                      options={"hidden": [2], "dtype": "float64"})
+    flow = build_flow(f"su{n}", lattice, "sun-spectral", n_layers=n_layers, options={"hidden": [2], "dtype": "float64"})
     randomize(flow, seed=4, scale=0.5)
     act = WilsonGaugeAction(2.0 if n == 2 else 4.0, f"su{n}")
     kernel = FlowHMC(flow.eval(), act, steps=2, trajectory_length=0.2)

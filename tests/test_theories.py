@@ -14,8 +14,8 @@ import torch
 from flowplug import groups
 from flowplug.errors import ConfigError, ShapeError
 from flowplug.manager import new_plugin_manager
-from flowplug.theory import Action, action_from_config, field_space
 from flowplug.plugins.theories import Phi4Action, WilsonGaugeAction
+from flowplug.theory import Action, action_from_config, field_space
 
 
 def gen(seed=1234):
@@ -139,8 +139,7 @@ def test_wrong_layout_raises():
 
 
 def test_action_from_config():
-    a = action_from_config({"action": {"name": "wilson", "group": "su2", "beta": 2.5, "m2": -4.0,
-                                       "lam": 8.0}})
+    a = action_from_config({"action": {"name": "wilson", "group": "su2", "beta": 2.5, "m2": -4.0, "lam": 8.0}})
     assert isinstance(a, WilsonGaugeAction) and a.beta == 2.5 and a.field == "su2"
     b = action_from_config({"name": "phi4", "group": "su3", "beta": 1.0, "m2": -3.0, "lam": 5.0})
     assert isinstance(b, Phi4Action) and (b.m2, b.lam) == (-3.0, 5.0)
@@ -182,8 +181,7 @@ def test_random_algebra_and_expmap(n):
     assert abs(comps.mean().item()) < 5 / math.sqrt(m)
     assert abs(comps.var().item() - 1.0) < 5 * math.sqrt(2.0 / m)
     # kinetic energy convention: -tr P^2 = (1/2) sum p_a^2
-    torch.testing.assert_close(field_space(f"su{n}").kinetic(p[None]),
-                               0.5 * (comps ** 2).sum()[None])
+    torch.testing.assert_close(field_space(f"su{n}").kinetic(p[None]), 0.5 * (comps**2).sum()[None])
     u = groups.expmap(p)
     eye = torch.eye(n, dtype=u.dtype)
     assert (u @ u.mH - eye).abs().max() < 1e-13

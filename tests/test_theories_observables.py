@@ -44,8 +44,9 @@ def test_u1_2d_charge_is_the_flux(n):
 
 
 def test_u1_2d_charge_integer_on_random_fields():
-    th = groups.wrap_angle(6 * torch.randn(50, 2, 4, 4, dtype=torch.float64,
-                                           generator=torch.Generator().manual_seed(1)))
+    th = groups.wrap_angle(
+        6 * torch.randn(50, 2, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    )
     q = obs.topological_charge(th)
     torch.testing.assert_close(q, q.round(), rtol=0, atol=1e-12)
     assert q.abs().max() >= 1
@@ -69,7 +70,7 @@ def test_su3_clover_charge_of_abelian_flux(n1, n2):
     u = embed_su3(th)
     f01 = 2 * math.pi * n1 / 20
     f23 = 2 * math.pi * n2 / 24
-    expect = 480 * 2 * math.sin(f01) * math.sin(f23) / (4 * math.pi ** 2)
+    expect = 480 * 2 * math.sin(f01) * math.sin(f23) / (4 * math.pi**2)
     q = obs.topological_charge(u)
     assert q.item() == pytest.approx(expect, abs=1e-10)
     if n1 and n2:
@@ -111,13 +112,13 @@ def test_scalar_observables():
     m = phi.sum((1, 2))
     torch.testing.assert_close(obs.magnetization(phi), m / v)
     torch.testing.assert_close(obs.abs_magnetization(phi), (m / v).abs())
-    torch.testing.assert_close(obs.chi_2(phi), m ** 2 / v)
+    torch.testing.assert_close(obs.chi_2(phi), m**2 / v)
     # chi_2 equals the sum over separations of the two-point function
     total = sum(obs.two_point(phi, (a, b)) for a in range(4) for b in range(6))
     torch.testing.assert_close(total, obs.chi_2(phi))
     e = 0.5 * ((phi * phi.roll(-1, 1)).mean((1, 2)) + (phi * phi.roll(-1, 2)).mean((1, 2)))
     torch.testing.assert_close(obs.ising_energy(phi), e)
-    torch.testing.assert_close(obs.two_point(phi, (0, 0)), (phi ** 2).mean((1, 2)))
+    torch.testing.assert_close(obs.two_point(phi, (0, 0)), (phi**2).mean((1, 2)))
     with pytest.raises(ShapeError, match="shift"):
         obs.two_point(phi, (1,))
 
@@ -125,11 +126,17 @@ def test_scalar_observables():
 def test_registry_and_measurement():
     pm = new_plugin_manager(autoload=False)
     reg = pm.registry("observable")
-    for name in ["plaquette", "topological_charge", "link_trace", "magnetization", "two_point",
-                 "chi_2", "ising_energy"]:
+    for name in [
+        "plaquette",
+        "topological_charge",
+        "link_trace",
+        "magnetization",
+        "two_point",
+        "chi_2",
+        "ising_energy",
+    ]:
         assert name in reg
-    meas = obs.measurement("scalar", ["chi_2", "two_point"], registry=reg,
-                           options={"two_point": {"shift": (0, 2)}})
+    meas = obs.measurement("scalar", ["chi_2", "two_point"], registry=reg, options={"two_point": {"shift": (0, 2)}})
     phi = torch.randn(2, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     out = meas(phi)
     torch.testing.assert_close(out["two_point"], obs.two_point(phi, (0, 2)))

@@ -17,12 +17,20 @@ import torch
 
 from flowplug import config as fconfig
 from flowplug.cli import main
-from flowplug.jobs.train import DEFAULT_CONFIG as DEFAULT_TOML_TEXT, OPEN_TABLES
 from flowplug.errors import CheckpointError, ConfigError
 from flowplug.hookspecs import hookimpl
+from flowplug.jobs.train import DEFAULT_CONFIG as DEFAULT_TOML_TEXT
+from flowplug.jobs.train import OPEN_TABLES
 from flowplug.manager import new_plugin_manager, set_plugin_manager
-from flowplug.train import (Trainer, build_trainer, evaluate_flow, imh_acceptance_estimate, imh_chain_acceptance,
-                            load_flow, read_checkpoint, resume_trainer)
+from flowplug.train import (
+    build_trainer,
+    evaluate_flow,
+    imh_acceptance_estimate,
+    imh_chain_acceptance,
+    load_flow,
+    read_checkpoint,
+    resume_trainer,
+)
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -35,8 +43,16 @@ def fresh_manager():
 
 
 def cfg(tmp_path, *overrides):
-    base = ["lattice=[4,4]", "flow.n_layers=4", "train.steps=8", "train.batch_size=16", "train.progress=false",
-            "eval.samples=256", f"out='{tmp_path / 'run'}'", "train.checkpoint_every=4"]
+    base = [
+        "lattice=[4,4]",
+        "flow.n_layers=4",
+        "train.steps=8",
+        "train.batch_size=16",
+        "train.progress=false",
+        "eval.samples=256",
+        f"out='{tmp_path / 'run'}'",
+        "train.checkpoint_every=4",
+    ]
     return fconfig.build_config(DEFAULT_TOML_TEXT, overrides=base + list(overrides), open_tables=OPEN_TABLES)
 
 
@@ -58,12 +74,23 @@ def test_short_training_lowers_the_loss(tmp_path):
     assert 0 < m["ess"] <= 1 and 0 <= m["acceptance"] <= 1
 
 
-@pytest.mark.parametrize("extra", [[], ["train.path_gradient=true"],
-                                   ["action.name=wilson", "action.group=u1", "flow.layers=['u1-ncp']",
-                                    "train.path_gradient=true"],
-                                   ["action.name=wilson", "action.group=su2", "flow.layers=['sun-spectral']",
-                                    "train.optimizer=adamw", "train.grad_clip=1.0", "train.schedule=cosine",
-                                    "train.warmup_steps=2"]])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        [],
+        ["train.path_gradient=true"],
+        ["action.name=wilson", "action.group=u1", "flow.layers=['u1-ncp']", "train.path_gradient=true"],
+        [
+            "action.name=wilson",
+            "action.group=su2",
+            "flow.layers=['sun-spectral']",
+            "train.optimizer=adamw",
+            "train.grad_clip=1.0",
+            "train.schedule=cosine",
+            "train.warmup_steps=2",
+        ],
+    ],
+)
 def test_resume_gives_the_identical_next_step(tmp_path, extra):
     c = cfg(tmp_path, *extra)
     a = build_trainer(c)
@@ -76,7 +103,7 @@ def test_resume_gives_the_identical_next_step(tmp_path, extra):
     mb = b.train_step()
     for key in ("loss", "free_energy", "ess", "acceptance", "lr", "grad_norm"):
         assert ma[key] == mb[key] or (math.isnan(ma[key]) and math.isnan(mb[key])), key
-    for x, y in zip(pa, params(b)):
+    for x, y in zip(pa, params(b), strict=True):
         assert torch.equal(x, y)
     assert torch.equal(a.generator.get_state(), b.generator.get_state())
 
@@ -134,7 +161,7 @@ def test_non_finite_steps_are_skipped_and_counted(tmp_path):
     before = params(tr)
     m = tr.train_step()
     assert m["skipped"] == 1.0 and tr.skipped == 1
-    for x, y in zip(before, params(tr)):
+    for x, y in zip(before, params(tr), strict=True):
         assert torch.equal(x, y)
     m = tr.train_step()
     assert m["skipped"] == 0.0 and tr.skipped == 1
@@ -150,8 +177,13 @@ def test_forward_kl_from_an_ensemble(tmp_path):
     with h5py.File(tmp_path / "ens.h5", "w") as fh:
         fh["configs"] = data.numpy()
     for name in ("ens.pt", "ens.h5"):
-        c = cfg(tmp_path, "train.objective=forward", f"train.ensemble='{tmp_path / name}'", "train.steps=40",
-                "train.lr=0.01")
+        c = cfg(
+            tmp_path,
+            "train.objective=forward",
+            f"train.ensemble='{tmp_path / name}'",
+            "train.steps=40",
+            "train.lr=0.01",
+        )
         tr = build_trainer(c)
         hist = tr.run(progress=False)
         assert np.mean([m["loss"] for m in hist[-5:]]) < np.mean([m["loss"] for m in hist[:5]]) - 1.0
@@ -225,9 +257,26 @@ def test_imh_chain_states_is_an_exact_chain():
 
 def test_cli_train_and_resume(tmp_path, capsys):
     out = tmp_path / "cli"
-    args = ["train", "--config", str(EXAMPLES / "train_u1.toml"), "--set", f"out='{out}'", "--set", "lattice=[4,4]",
-            "--set", "flow.n_layers=2", "--set", "train.steps=4", "--set", "train.batch_size=8",
-            "--set", "eval.samples=64", "--set", "threads=0", "--no-progress"]
+    args = [
+        "train",
+        "--config",
+        str(EXAMPLES / "train_u1.toml"),
+        "--set",
+        f"out='{out}'",
+        "--set",
+        "lattice=[4,4]",
+        "--set",
+        "flow.n_layers=2",
+        "--set",
+        "train.steps=4",
+        "--set",
+        "train.batch_size=8",
+        "--set",
+        "eval.samples=64",
+        "--set",
+        "threads=0",
+        "--no-progress",
+    ]
     assert main(args) == 0
     summary = json.loads((out / "summary.json").read_text())
     for key in ("ess", "acceptance", "free_energy", "steps", "skipped_steps", "wall_time_s"):
@@ -249,8 +298,12 @@ def test_cli_train_and_resume(tmp_path, capsys):
 @pytest.mark.parametrize("example", sorted(p.name for p in EXAMPLES.glob("train_*.toml")))
 def test_example_configs_build(example, tmp_path):
     """Every example config builds its action, flow and trainer and takes one step."""
-    c = fconfig.build_config(DEFAULT_TOML_TEXT, config_file=EXAMPLES / example, open_tables=OPEN_TABLES,
-                             overrides=["train.batch_size=2", "threads=0"])
+    c = fconfig.build_config(
+        DEFAULT_TOML_TEXT,
+        config_file=EXAMPLES / example,
+        open_tables=OPEN_TABLES,
+        overrides=["train.batch_size=2", "threads=0"],
+    )
     tr = build_trainer(c, out=tmp_path)
     m = tr.train_step()
     assert math.isfinite(m["loss"])
@@ -258,12 +311,14 @@ def test_example_configs_build(example, tmp_path):
 
 def test_evaluate_flow_figures(tmp_path):
     tr = build_trainer(cfg(tmp_path))
-    fig = evaluate_flow(tr.flow, tr.action, 300, batch_size=128, seed=1,
-                        observables={"m": lambda x: x.flatten(1).mean(1)})
+    fig = evaluate_flow(
+        tr.flow, tr.action, 300, batch_size=128, seed=1, observables={"m": lambda x: x.flatten(1).mean(1)}
+    )
     assert fig["n_samples"] == 300 and 0 < fig["ess"] <= 1 and 0 <= fig["acceptance"] <= 1
     assert math.isfinite(fig["free_energy"]) and "m" in fig
     assert {"m_err", "m_chain", "m_chain_err", "m_chain_tau_int"} <= set(fig)
     assert fig["m_chain_err"] > 0
+
     # an observable that is not finite on some samples gives NaN chain figures, no error
     def first_nan(x):  # not finite on sample 0, where every chain starts
         v = x.flatten(1).mean(1)
@@ -278,22 +333,36 @@ def test_forward_kl_from_an_ildg_file(tmp_path, shared_dir):
     path = shared_dir / "ensembles" / "milc.lat.sample.l4444.ildg"
     if not path.exists():
         pytest.skip(f"{path} is absent")
-    c = cfg(tmp_path, "lattice=[4,4,4,4]", "action.name=wilson", "action.group=su3", "action.beta=6.0",
-            "flow.layers=['sun-spectral']", "flow.n_layers=1", "flow.options={hidden=[2]}",
-            "train.objective=forward", f"train.ensemble='{path}'", "train.batch_size=2", "train.steps=2")
+    c = cfg(
+        tmp_path,
+        "lattice=[4,4,4,4]",
+        "action.name=wilson",
+        "action.group=su3",
+        "action.beta=6.0",
+        "flow.layers=['sun-spectral']",
+        "flow.n_layers=1",
+        "flow.options={hidden=[2]}",
+        "train.objective=forward",
+        f"train.ensemble='{path}'",
+        "train.batch_size=2",
+        "train.steps=2",
+    )
     tr = build_trainer(c)
     assert tr.ensemble.shape == (1, 4, 4, 4, 4, 4, 3, 3)
     hist = tr.run(progress=False)
     assert all(math.isfinite(m["loss"]) for m in hist) and tr.skipped == 0
 
 
-@pytest.mark.parametrize("field,lattice,layers,action,opts", [
-    ("scalar", [4, 4], ["affine", "spline"], ("phi4", {"m2": -4.0, "lam": 8.0}), {}),
-    ("u1", [4, 4], ["u1-ncp", "u1-spline"], ("wilson", {"group": "u1", "beta": 2.0}), {}),
-    ("u1", [4, 4], ["u1-ncp"], ("wilson", {"group": "u1", "beta": 2.0}), {"rectangles": True, "period": 2}),
-    ("u1", [4, 4, 4], ["u1-ncp"], ("wilson", {"group": "u1", "beta": 1.0}), {"rectangles": True}),
-    ("u1", [6, 4], ["u1-multiscale"], ("wilson", {"group": "u1", "beta": 2.0}), {"n_modes": 2}),
-])
+@pytest.mark.parametrize(
+    "field,lattice,layers,action,opts",
+    [
+        ("scalar", [4, 4], ["affine", "spline"], ("phi4", {"m2": -4.0, "lam": 8.0}), {}),
+        ("u1", [4, 4], ["u1-ncp", "u1-spline"], ("wilson", {"group": "u1", "beta": 2.0}), {}),
+        ("u1", [4, 4], ["u1-ncp"], ("wilson", {"group": "u1", "beta": 2.0}), {"rectangles": True, "period": 2}),
+        ("u1", [4, 4, 4], ["u1-ncp"], ("wilson", {"group": "u1", "beta": 1.0}), {"rectangles": True}),
+        ("u1", [6, 4], ["u1-multiscale"], ("wilson", {"group": "u1", "beta": 2.0}), {"n_modes": 2}),
+    ],
+)
 def test_fast_path_gradient_equals_gradient_through_the_inverse(field, lattice, layers, action, opts):
     """The forward-propagated score (no inversion) gives the same parameter gradient as
     differentiating log q(x) computed through the exact inverse at frozen parameters."""
@@ -327,11 +396,26 @@ def test_trainer_takes_the_fast_path_gradient(tmp_path, monkeypatch):
     path_gradient_method = 'inverse' does, and both give the same first step."""
     from flowplug.flow import Flow
 
-    c = cfg(tmp_path, "action.name=wilson", "action.group=u1", "flow.layers=['u1-ncp']", "train.path_gradient=true",
-            "flow.options={dtype='float64'}")
-    slow = build_trainer(cfg(tmp_path / "slow", "action.name=wilson", "action.group=u1", "flow.layers=['u1-ncp']",
-                             "train.path_gradient=true", "flow.options={dtype='float64'}",
-                             "train.path_gradient_method='inverse'"), out=None)
+    c = cfg(
+        tmp_path,
+        "action.name=wilson",
+        "action.group=u1",
+        "flow.layers=['u1-ncp']",
+        "train.path_gradient=true",
+        "flow.options={dtype='float64'}",
+    )
+    slow = build_trainer(
+        cfg(
+            tmp_path / "slow",
+            "action.name=wilson",
+            "action.group=u1",
+            "flow.layers=['u1-ncp']",
+            "train.path_gradient=true",
+            "flow.options={dtype='float64'}",
+            "train.path_gradient_method='inverse'",
+        ),
+        out=None,
+    )
     ms = slow.train_step()
 
     def no_inverse(self, x):
@@ -348,11 +432,28 @@ def test_trainer_takes_the_fast_path_gradient(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="path_gradient_method must be"):
         build_trainer(cfg(tmp_path, "train.path_gradient_method='magic'"), out=None)
     with pytest.raises(ConfigError, match="'fast' needs forward_diag.*SUNSpectralCoupling lack it"):
-        build_trainer(cfg(tmp_path, "action.name=wilson", "action.group=su2", "flow.layers=['sun-spectral']",
-                          "train.path_gradient_method='fast'", "train.path_gradient=true"), out=None)
+        build_trainer(
+            cfg(
+                tmp_path,
+                "action.name=wilson",
+                "action.group=su2",
+                "flow.layers=['sun-spectral']",
+                "train.path_gradient_method='fast'",
+                "train.path_gradient=true",
+            ),
+            out=None,
+        )
     # without path gradients the method is irrelevant
-    build_trainer(cfg(tmp_path, "action.name=wilson", "action.group=su2", "flow.layers=['sun-spectral']",
-                      "train.path_gradient_method='fast'"), out=None)
+    build_trainer(
+        cfg(
+            tmp_path,
+            "action.name=wilson",
+            "action.group=su2",
+            "flow.layers=['sun-spectral']",
+            "train.path_gradient_method='fast'",
+        ),
+        out=None,
+    )
 
 
 def test_subclass_overriding_forward_loses_the_fast_path():
@@ -371,8 +472,14 @@ def test_subclass_overriding_forward_loses_the_fast_path():
 def test_path_gradient_falls_back_without_forward_diag(tmp_path):
     from flowplug.flow import path_gradient_loss, supports_fast_path_gradient
 
-    c = cfg(tmp_path, "action.name=wilson", "action.group=su2", "flow.layers=['sun-spectral']",
-            "train.path_gradient=true", "train.steps=2")
+    c = cfg(
+        tmp_path,
+        "action.name=wilson",
+        "action.group=su2",
+        "flow.layers=['sun-spectral']",
+        "train.path_gradient=true",
+        "train.steps=2",
+    )
     tr = build_trainer(c, out=None)
     assert not supports_fast_path_gradient(tr.flow)
     z, _ = tr.flow.sample_latent(2)
@@ -403,9 +510,9 @@ def test_divergence_guard_rolls_back_and_halves_the_learning_rate(tmp_path):
     assert tr.rollbacks == 0 and tr._guard_snapshot is not None
     snap = [v.clone() for v in tr._guard_snapshot["model"].values()]
     with pytest.warns(RuntimeWarning, match=r"training diverged .* steps 8-11.*rollback 1"):
-        tr.run(steps=12, progress=False)      # steps 11 and 12 jump by 1000: window 9-12 is 500 nats worse
+        tr.run(steps=12, progress=False)  # steps 11 and 12 jump by 1000: window 9-12 is 500 nats worse
     assert tr.rollbacks == 1
-    for a, b in zip(snap, tr.flow.state_dict().values()):
+    for a, b in zip(snap, tr.flow.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     assert tr.scheduler.base_lrs == [0.005]
     assert tr.optimizer.param_groups[0]["lr"] == pytest.approx(0.005)
@@ -424,15 +531,15 @@ def test_guard_rebaselines_after_a_rollback(tmp_path):
     back again and again (which would halve the learning rate to nothing)."""
     tr = build_trainer(cfg(tmp_path, "train.guard=1.0", "train.guard_window=2", "train.lr=0.01"), out=None)
     feed = lambda *losses: [tr._guard_update(v) for v in losses]  # noqa: E731
-    feed(0.0, 0.0)          # best window 0.0, snapshot
-    feed(0.9, 0.9)          # within guard: snapshot at 0.9
+    feed(0.0, 0.0)  # best window 0.0, snapshot
+    feed(0.9, 0.9)  # within guard: snapshot at 0.9
     with pytest.warns(RuntimeWarning, match="rollback 1"):
-        feed(5.0, 5.0)      # blow-up: back to the 0.9 snapshot, lr halved
-    feed(0.9, 1.2)          # the restored level (1.05 > 0 + guard) is the new reference
+        feed(5.0, 5.0)  # blow-up: back to the 0.9 snapshot, lr halved
+    feed(0.9, 1.2)  # the restored level (1.05 > 0 + guard) is the new reference
     feed(1.0, 1.0)
     assert tr.rollbacks == 1 and tr.scheduler.base_lrs == [0.005] and tr._guard_best == 1.0
     with pytest.warns(RuntimeWarning, match="rollback 2"):
-        feed(3.0, 3.0)      # more than guard above the new reference
+        feed(3.0, 3.0)  # more than guard above the new reference
     assert tr.rollbacks == 2
 
 
@@ -449,8 +556,9 @@ def test_ctrl_c_checkpoints_the_current_step_and_resumes_identically(tmp_path, m
 
     def step_with_sigint():
         if tr.step == 2:
-            os.kill(os.getpid(), _signal.SIGINT)   # arrives inside the step
+            os.kill(os.getpid(), _signal.SIGINT)  # arrives inside the step
         return step()
+
     monkeypatch.setattr(tr, "train_step", step_with_sigint)
     with pytest.raises(KeyboardInterrupt):
         tr.run(progress=False)
@@ -459,7 +567,7 @@ def test_ctrl_c_checkpoints_the_current_step_and_resumes_identically(tmp_path, m
     assert _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler
     res = resume_trainer(tmp_path / "int" / "run")
     res.run(progress=False)
-    for a, b in zip(params(ref), params(res)):
+    for a, b in zip(params(ref), params(res), strict=True):
         assert torch.equal(a, b)
 
 
@@ -470,7 +578,7 @@ def test_guard_state_resumes_identically(tmp_path):
     ck = a.save_checkpoint(tmp_path / "mid.pt")
     b = resume_trainer(ck)
     assert b._guard_losses == a._guard_losses and b._guard_best == a._guard_best
-    for x, y in zip(a._guard_snapshot["model"].values(), b._guard_snapshot["model"].values()):
+    for x, y in zip(a._guard_snapshot["model"].values(), b._guard_snapshot["model"].values(), strict=True):
         assert torch.equal(x, y)
     ma, mb = a.train_step(), b.train_step()
     assert ma["loss"] == mb["loss"] and ma["grad_norm"] == mb["grad_norm"]
@@ -478,9 +586,24 @@ def test_guard_state_resumes_identically(tmp_path):
 
 def test_cli_train_refuses_to_overwrite_a_run(tmp_path, capsys):
     out = tmp_path / "run"
-    args = ["train", "--config", str(EXAMPLES / "train_phi4.toml"), "--set", f"out='{out}'", "--set", "lattice=[4,4]",
-            "--set", "flow.n_layers=2", "--set", "train.steps=2", "--set", "train.batch_size=4",
-            "--set", "eval.samples=16", "--no-progress"]
+    args = [
+        "train",
+        "--config",
+        str(EXAMPLES / "train_phi4.toml"),
+        "--set",
+        f"out='{out}'",
+        "--set",
+        "lattice=[4,4]",
+        "--set",
+        "flow.n_layers=2",
+        "--set",
+        "train.steps=2",
+        "--set",
+        "train.batch_size=4",
+        "--set",
+        "eval.samples=16",
+        "--no-progress",
+    ]
     assert main(args) == 0
     before = (out / "checkpoint.pt").read_bytes()
     assert main(args) == 1
@@ -492,4 +615,5 @@ def test_cli_train_refuses_to_overwrite_a_run(tmp_path, capsys):
     assert "nothing to train" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="n_mix >= 1"):
         from flowplug.flow import make_layer
+
         make_layer("u1-ncp", lattice=[4, 4], field="u1", n_mix=0)

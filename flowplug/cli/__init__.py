@@ -15,7 +15,7 @@ import sys
 import textwrap
 import traceback
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 from flowplug._version import __version__
 from flowplug.errors import FlowplugError, PluginLoadWarning
@@ -23,9 +23,12 @@ from flowplug.errors import FlowplugError, PluginLoadWarning
 
 def _debug_parent(suppress: bool) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--debug", action="store_true",
-                   default=argparse.SUPPRESS if suppress else False,
-                   help="show the full traceback on errors")
+    p.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS if suppress else False,
+        help="show the full traceback on errors",
+    )
     return p
 
 
@@ -39,8 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="flowplug",
-        description="Normalizing-flow sampling for lattice field theory: plugins, "
-                    "ensembles, exact Markov chains.",
+        description="Normalizing-flow sampling for lattice field theory: plugins, ensembles, exact Markov chains.",
         parents=[_debug_parent(False)],
     )
     parser.add_argument("--version", action="version", version=f"flowplug {__version__}")
@@ -53,11 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
             try:
                 spec.factory(argparse.ArgumentParser(add_help=False, parents=[_debug_parent(True)]))
             except Exception as exc:
-                pm.report_failure(spec.plugin, spec.provided_by,
-                         f"failed to add command '{spec.name}': {type(exc).__name__}: {exc}", exc)
+                pm.report_failure(
+                    spec.plugin,
+                    spec.provided_by,
+                    f"failed to add command '{spec.name}': {type(exc).__name__}: {exc}",
+                    exc,
+                )
                 continue
-        sp = sub.add_parser(spec.name, help=spec.description, description=spec.description,
-                            parents=[_debug_parent(True)])
+        sp = sub.add_parser(
+            spec.name, help=spec.description, description=spec.description, parents=[_debug_parent(True)]
+        )
         spec.factory(sp)
         sp.set_defaults(_run=spec.run)
     return parser
@@ -71,8 +78,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 def _message(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     # never split a word: paths, record names (scidac-checksum) and option names stay whole
-    return textwrap.fill(text, width=100, subsequent_indent="  ", break_on_hyphens=False,
-                         break_long_words=False)
+    return textwrap.fill(text, width=100, subsequent_indent="  ", break_on_hyphens=False, break_long_words=False)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

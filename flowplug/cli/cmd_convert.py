@@ -46,7 +46,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, cast
 
 from flowplug.errors import FlowplugError, FormatError
 from flowplug.fsutil import remove_stale_temp_files
@@ -57,26 +57,50 @@ if TYPE_CHECKING:
     from flowplug.io import FormatHandler
 
 
+class _StoreHandler(Protocol):
+    """What ``convert`` calls on the handler of a one-file ensemble store (a ``multi``
+    format: HDF5) beyond :class:`flowplug.io.FormatHandler`."""
+
+    def sources(self, path: Path) -> list[str]: ...
+
+    def stored_precision(self, path: Path) -> int: ...
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``flowplug convert``."""
     parser.usage = "flowplug convert INPUT... OUTPUT [--to FORMAT] [--force] [--keep-going] [options]"
-    parser.add_argument("paths", nargs="+", metavar="PATH",
-                        help="INPUT... OUTPUT: input files, directories or globs, then the output "
-                             "directory, .h5 file, or (one input) output file")
-    parser.add_argument("--to", metavar="FORMAT",
-                        help="output format (default: the format of OUTPUT's extension, such as hdf5 "
-                             "for .h5 or nersc for .nersc; else ildg)")
+    parser.add_argument(
+        "paths",
+        nargs="+",
+        metavar="PATH",
+        help="INPUT... OUTPUT: input files, directories or globs, then the output "
+        "directory, .h5 file, or (one input) output file",
+    )
+    parser.add_argument(
+        "--to",
+        metavar="FORMAT",
+        help="output format (default: the format of OUTPUT's extension, such as hdf5 "
+        "for .h5 or nersc for .nersc; else ildg)",
+    )
     parser.add_argument("--force", action="store_true", help="replace existing outputs")
-    parser.add_argument("--keep-going", action="store_true",
-                        help="convert the remaining inputs after a failure; list failures at the end")
-    parser.add_argument("--precision", type=int, choices=(32, 64),
-                        help="output precision in bits (default: each input's own; a new HDF5 "
-                             "store is 64-bit so that inputs of both precisions fit)")
+    parser.add_argument(
+        "--keep-going",
+        action="store_true",
+        help="convert the remaining inputs after a failure; list failures at the end",
+    )
+    parser.add_argument(
+        "--precision",
+        type=int,
+        choices=(32, 64),
+        help="output precision in bits (default: each input's own; a new HDF5 "
+        "store is 64-bit so that inputs of both precisions fit)",
+    )
     parser.add_argument("--format", metavar="NAME", help="force the input format")
     parser.add_argument("--lattice", metavar="LXxLYxLZxLT", help="lattice of bare LIME inputs, x first")
     parser.add_argument("--group", metavar="GROUP", help="gauge group of bare LIME inputs (su3, su2)")
-    parser.add_argument("--no-verify", action="store_true",
-                        help="convert inputs whose checksums do not match (not recommended)")
+    parser.add_argument(
+        "--no-verify", action="store_true", help="convert inputs whose checksums do not match (not recommended)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -114,8 +138,7 @@ def run(args: argparse.Namespace) -> int:
     from flowplug import io
 
     if len(args.paths) < 2:
-        raise FormatError("convert needs at least one INPUT and the OUTPUT (directory, .h5 file, or "
-                          "output file)")
+        raise FormatError("convert needs at least one INPUT and the OUTPUT (directory, .h5 file, or output file)")
     output = Path(args.paths[-1])
     inputs = io.expand_inputs(args.paths[:-1])
     # an output written with a trailing slash, or an existing folder, is a folder of files
@@ -124,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
     if args.to:
         target = io.get_format(args.to).name
     elif looks_like is not None and looks_like in io.formats(writable=True):
-        target = looks_like   # out.nersc -> nersc, out.h5 -> hdf5
+        target = looks_like  # out.nersc -> nersc, out.h5 -> hdf5
     else:
         target = "ildg"
     if target not in io.formats(writable=True):
@@ -137,9 +160,11 @@ def run(args: argparse.Namespace) -> int:
     if (single or one_file) and output.resolve() in resolved_inputs:
         raise FormatError(f"output {output} is also an input; choose another output")
     if one_file and len(inputs) != 1:
-        raise FormatError(f"output {output} is one {target} file, which holds one configuration, but "
-                          f"{len(inputs)} inputs were given: give a directory as OUTPUT (one file per "
-                          "configuration), or an .h5 file (one HDF5 ensemble store)")
+        raise FormatError(
+            f"output {output} is one {target} file, which holds one configuration, but "
+            f"{len(inputs)} inputs were given: give a directory as OUTPUT (one file per "
+            "configuration), or an .h5 file (one HDF5 ensemble store)"
+        )
     if not single and not one_file and output.exists() and not output.is_dir():
         raise FormatError(f"output {output} exists and is not a directory")
     if not single and not one_file and looks_like is not None:
@@ -149,13 +174,14 @@ def run(args: argparse.Namespace) -> int:
             f"{'.' + handler.extension} files: name the output file "
             f"{output.with_name(io.strip_format_extension(output.name) + '.' + handler.extension).name}, "
             "or give a directory name (an existing directory is used as it is)"
-            + (f", or drop --to {args.to} to write one HDF5 ensemble store" if looks_like == "hdf5" else ""))
+            + (f", or drop --to {args.to} to write one HDF5 ensemble store" if looks_like == "hdf5" else "")
+        )
 
-    done_sources: dict[str, int] = {}   # source -> its index in the store
+    done_sources: dict[str, int] = {}  # source -> its index in the store
     fresh_store = single and (args.force or not output.exists())
     if single and output.exists() and not args.force:
         # resume an interrupted conversion (each kept entry is checked against its input)
-        done_sources = {src: i for i, src in enumerate(handler.sources(output))}
+        done_sources = {src: i for i, src in enumerate(cast(_StoreHandler, handler).sources(output))}
     store_tmp = None
     if fresh_store and output.exists():
         store_tmp = output.with_name(f".{output.name}.convert.part")  # --force: replace at the end
@@ -170,20 +196,24 @@ def run(args: argparse.Namespace) -> int:
     written = skipped = 0
     planned: dict[Path, Path] = {}
 
-    bar = tqdm(inputs, desc=f"convert -> {target}", unit="file", file=sys.stderr,
-               disable=True if args.no_progress else None)
+    bar = tqdm(
+        inputs, desc=f"convert -> {target}", unit="file", file=sys.stderr, disable=True if args.no_progress else None
+    )
     for src in bar:
         try:
-            ens = io.read(src, args.format, lattice=args.lattice, group=args.group,
-                          verify=not args.no_verify)
+            ens = io.read(src, args.format, lattice=args.lattice, group=args.group, verify=not args.no_verify)
             for i, one in enumerate(ens):
                 source = str(src.resolve()) + (f"#{i}" if len(ens) > 1 else "")
                 meta = one.meta[0]
-                meta.provenance = {**meta.provenance, "source": source,
-                                   "converted_from": meta.format, "converted_to": target}
+                meta.provenance = {
+                    **meta.provenance,
+                    "source": source,
+                    "converted_from": meta.format,
+                    "converted_to": target,
+                }
                 if single:
                     if source in done_sources:
-                        if done_sources[source] >= 0:   # an entry of an earlier run
+                        if done_sources[source] >= 0:  # an entry of an earlier run
                             _check_in_store(handler, output, done_sources[source], one, src)
                         skipped += 1
                         continue
@@ -198,21 +228,24 @@ def run(args: argparse.Namespace) -> int:
                         stored = getattr(handler, "stored_precision", None)
                         prec = args.precision or (stored(store_path) if stored else None)
                         io.write(store_path, one, target, precision=prec, append=True)
-                    done_sources[source] = -1   # written by this run
+                    done_sources[source] = -1  # written by this run
                     written += 1
                     continue
                 if one_file:
                     if len(ens) != 1:
-                        raise FormatError(f"{src} holds {len(ens)} configurations, but output {output} is "
-                                          f"one {target} file, which holds one: give a directory as OUTPUT")
+                        raise FormatError(
+                            f"{src} holds {len(ens)} configurations, but output {output} is "
+                            f"one {target} file, which holds one: give a directory as OUTPUT"
+                        )
                     dest = output
                 else:
                     dest = output / output_name(src, handler, i if len(ens) > 1 else None)
                 if dest.resolve() in resolved_inputs:
                     raise FormatError(f"{src}: output {dest} would overwrite an input")
                 if dest in planned and planned[dest] != src:
-                    raise FormatError(f"{src}: output {dest} is also the output of {planned[dest]}; "
-                                      "inputs must have distinct names")
+                    raise FormatError(
+                        f"{src}: output {dest} is also the output of {planned[dest]}; inputs must have distinct names"
+                    )
                 planned[dest] = src
                 if dest.exists() and not args.force:
                     # kept only when it is the very configuration this run would write (a rerun
@@ -231,12 +264,14 @@ def run(args: argparse.Namespace) -> int:
             failures.append((str(src), str(exc)))
     bar.close()
     _finish_store(store_tmp, output, keep=True)
-    print(f"converted {written} configuration(s) to {target} in {output}"
-          + (f"; kept {skipped} existing" if skipped else "")
-          + (f"; {len(failures)} input(s) failed" if failures else ""), file=sys.stderr)
+    print(
+        f"converted {written} configuration(s) to {target} in {output}"
+        + (f"; kept {skipped} existing" if skipped else "")
+        + (f"; {len(failures)} input(s) failed" if failures else ""),
+        file=sys.stderr,
+    )
     for src, message in failures:
-        print(f"flowplug convert: failed: {message if src in message else src + ': ' + message}",
-              file=sys.stderr)
+        print(f"flowplug convert: failed: {message if src in message else src + ': ' + message}", file=sys.stderr)
     return 1 if failures else 0
 
 
@@ -245,8 +280,10 @@ def _describe(ens: Ensemble) -> str:
     import hashlib
 
     digest = hashlib.sha256(ens.data.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
-    return (f"{ens.field} {'x'.join(map(str, ens.lattice))}, {ens.meta[0].precision}-bit, "
-            f"{'links' if ens.is_gauge else 'values'} sha256 {digest}")
+    return (
+        f"{ens.field} {'x'.join(map(str, ens.lattice))}, {ens.meta[0].precision}-bit, "
+        f"{'links' if ens.is_gauge else 'values'} sha256 {digest}"
+    )
 
 
 def _check_existing(dest: Path, one: Ensemble, target: str, precision: int | None, src: Path) -> None:
@@ -276,11 +313,17 @@ def _check_existing(dest: Path, one: Ensemble, target: str, precision: int | Non
     try:
         found = io.read(dest, target, unitarity="ignore")
     except FlowplugError as exc:
-        raise FormatError(f"output {dest} exists but is unreadable as {target} ({exc}); expected the "
-                          f"conversion of {src}: {want}; found no such configuration; {fix}") from None
-    same = (len(found) == 1 and found.field == expected.field and found.lattice == expected.lattice
-            and found.meta[0].precision == expected.meta[0].precision
-            and torch.equal(found.links, expected.links))
+        raise FormatError(
+            f"output {dest} exists but is unreadable as {target} ({exc}); expected the "
+            f"conversion of {src}: {want}; found no such configuration; {fix}"
+        ) from None
+    same = (
+        len(found) == 1
+        and found.field == expected.field
+        and found.lattice == expected.lattice
+        and found.meta[0].precision == expected.meta[0].precision
+        and torch.equal(found.links, expected.links)
+    )
     if same:
         return
     have = _describe(found) if len(found) == 1 else f"{len(found)} configurations"
@@ -289,11 +332,15 @@ def _check_existing(dest: Path, one: Ensemble, target: str, precision: int | Non
     differ = [f"{q} expected {ours[q]}, found {theirs[q]}" for q in ours if q in theirs and theirs[q] != ours[q]]
     if found.meta and found.meta[0].precision != expected.meta[0].precision:
         differ.append(f"precision expected {expected.meta[0].precision}, found {found.meta[0].precision}")
-    what = ("the same links at another storage precision" if len(found) == 1 and found.lattice == expected.lattice
-            and torch.equal(found.links, expected.links) else "another configuration")
-    raise FormatError(f"output {dest} exists and is not the conversion of {src}, it holds {what}: "
-                      f"expected {want}; found {have}" + (f" ({'; '.join(differ)})" if differ else "")
-                      + f"; {fix}")
+    what = (
+        "the same links at another storage precision"
+        if len(found) == 1 and found.lattice == expected.lattice and torch.equal(found.links, expected.links)
+        else "another configuration"
+    )
+    raise FormatError(
+        f"output {dest} exists and is not the conversion of {src}, it holds {what}: "
+        f"expected {want}; found {have}" + (f" ({'; '.join(differ)})" if differ else "") + f"; {fix}"
+    )
 
 
 def _check_in_store(handler: FormatHandler, store: Path, index: int, one: Ensemble, src: Path) -> None:
@@ -303,14 +350,16 @@ def _check_in_store(handler: FormatHandler, store: Path, index: int, one: Ensemb
 
     entry = handler.read(store, index=index)
     values = one.data
-    if int(handler.stored_precision(store)) == 32:
+    if int(cast(_StoreHandler, handler).stored_precision(store)) == 32:
         values = values.to(torch.complex64 if values.is_complex() else torch.float32)
     values = values.to(entry.data.dtype)
     if entry.field == one.field and entry.data.shape == values.shape and torch.equal(entry.data, values):
         return
-    raise FormatError(f"{store}: entry {index} was converted from {src}, but {src} now holds another "
-                      f"configuration ({_describe(one)}; the store holds {_describe(entry)}): the input "
-                      "changed since; rebuild the store with --force, or convert into a new one")
+    raise FormatError(
+        f"{store}: entry {index} was converted from {src}, but {src} now holds another "
+        f"configuration ({_describe(one)}; the store holds {_describe(entry)}): the input "
+        "changed since; rebuild the store with --force, or convert into a new one"
+    )
 
 
 def _finish_store(tmp: Path | None, output: Path, *, keep: bool) -> None:
@@ -322,5 +371,9 @@ def _finish_store(tmp: Path | None, output: Path, *, keep: bool) -> None:
         tmp.unlink()
 
 
-COMMAND = CommandSpec(name="convert", description="convert lattice files between formats (files, "
-                      "directories or globs -> directory or HDF5 ensemble)", factory=add_arguments, run=run)
+COMMAND = CommandSpec(
+    name="convert",
+    description="convert lattice files between formats (files, directories or globs -> directory or HDF5 ensemble)",
+    factory=add_arguments,
+    run=run,
+)

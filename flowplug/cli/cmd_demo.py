@@ -49,6 +49,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMAND = CommandSpec(name="demo", description="the whole job on 2D U(1) L=8 beta=2: HMC ensemble, flow "
-                      "training, exact flow resampling, report against exact values",
-                      factory=add_arguments, run=run)
+COMMAND = CommandSpec(
+    name="demo",
+    description="the whole job on 2D U(1) L=8 beta=2: HMC ensemble, flow "
+    "training, exact flow resampling, report against exact values",
+    factory=add_arguments,
+    run=run,
+)

@@ -36,10 +36,12 @@ EXAMPLES = (
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``flowplug hmc``."""
     add_config_arguments(parser, example="hmc.trajectories=200")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from <out>/checkpoint.pt (same chain as an uninterrupted run)")
-    parser.add_argument("--force", action="store_true",
-                        help="start afresh even though <out> holds a checkpoint of an earlier run")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from <out>/checkpoint.pt (same chain as an uninterrupted run)"
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="start afresh even though <out> holds a checkpoint of an earlier run"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_examples(parser, EXAMPLES)
 
@@ -49,11 +51,17 @@ def result_line(summary: dict, out: str) -> str:
     parts = [f"acceptance {summary.get('acceptance', float('nan')):.3f}"]
     for name, v in summary.get("observables", {}).items():
         tau = v["tau_int"]
-        parts.append(f"{name} {v['mean']:.6g} +- {v['error']:.2g} "
-                     f"(tau_int {tau:.2g})" if math.isfinite(tau) else f"{name} {v['mean']:.6g} (frozen)")
+        parts.append(
+            f"{name} {v['mean']:.6g} +- {v['error']:.2g} (tau_int {tau:.2g})"
+            if math.isfinite(tau)
+            else f"{name} {v['mean']:.6g} (frozen)"
+        )
     chains = summary["chains"]
-    return (f"flowplug hmc: {summary['trajectories']} trajectories x {chains} chain{'s' if chains != 1 else ''}; "
-            + "; ".join(parts) + f"; results in {out}")
+    return (
+        f"flowplug hmc: {summary['trajectories']} trajectories x {chains} chain{'s' if chains != 1 else ''}; "
+        + "; ".join(parts)
+        + f"; results in {out}"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -62,12 +70,20 @@ def run(args: argparse.Namespace) -> int:
     if cfg is None:
         return 0
     with chain_resume_hint(args, Path(str(cfg["out"])) / "checkpoint.pt", unit="trajectory"):
-        summary = run_hmc(cfg, resume=args.resume, force=args.force,
-                          progress=False if args.no_progress else None,
-                          log=lambda text: print(f"flowplug hmc: {text}", file=sys.stderr))
+        summary = run_hmc(
+            cfg,
+            resume=args.resume,
+            force=args.force,
+            progress=False if args.no_progress else None,
+            log=lambda text: print(f"flowplug hmc: {text}", file=sys.stderr),
+        )
     print(result_line(summary, str(cfg["out"])))
     return 0
 
 
-COMMAND = CommandSpec(name="hmc", description="exact HMC ensembles (phi4, U(1)/SU(N) Wilson, plugins), resumable",
-                      factory=add_arguments, run=run)
+COMMAND = CommandSpec(
+    name="hmc",
+    description="exact HMC ensembles (phi4, U(1)/SU(N) Wilson, plugins), resumable",
+    factory=add_arguments,
+    run=run,
+)

@@ -35,8 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--group", metavar="GROUP", help="su3, su2 or u1 (bare LIME files)")
 
 
-def describe(path: str, *, format: str | None = None, lattice: str | None = None,
-             group: str | None = None) -> dict[str, Any]:
+def describe(
+    path: str, *, format: str | None = None, lattice: str | None = None, group: str | None = None
+) -> dict[str, Any]:
     """The ``flowplug info`` record of one file.
 
     Returns:
@@ -92,8 +93,9 @@ def describe(path: str, *, format: str | None = None, lattice: str | None = None
         "determinant": per(det),
         "observables": {} if ens.is_gauge else {k: per(v) for k, v in site_observables(ens).items()},
         "records": per([m.record_list for m in ens.meta]),
-        "header": per([jsonable({k: v for k, v in m.header.items() if k not in ("unitarity", "determinant")})
-                       for m in ens.meta]),
+        "header": per(
+            [jsonable({k: v for k, v in m.header.items() if k not in ("unitarity", "determinant")}) for m in ens.meta]
+        ),
     }
 
 
@@ -132,8 +134,10 @@ def _text(info: dict[str, Any]) -> str:
             if len(v) <= 4:
                 return ", ".join(fmt(x, spec) for x in v)
             # many configurations: a summary line (per-configuration values are in --json)
-            return (f"mean {format(sum(values) / len(values), spec)}, min {format(min(values), spec)}, "
-                    f"max {format(max(values), spec)} over {len(values)} configurations")
+            return (
+                f"mean {format(sum(values) / len(values), spec)}, min {format(min(values), spec)}, "
+                f"max {format(max(values), spec)} over {len(values)} configurations"
+            )
         return "n/a" if v is None else format(v, spec)
 
     one = info["configurations"] == 1
@@ -141,10 +145,12 @@ def _text(info: dict[str, Any]) -> str:
     if len(checks) > 4:
         bad = [c for c in checks if not c["ok"]]
         detail = f"{len(checks) - len(bad)} of {len(checks)} checks agree" + "".join(
-            f"; {c['quantity']} expected {c['expected']}, found {c['found']}" for c in bad)
+            f"; {c['quantity']} expected {c['expected']}, found {c['found']}" for c in bad
+        )
     else:
-        detail = "; ".join(f"{c['quantity']} {c['expected']}" + ("" if c["ok"] else f" != found {c['found']}")
-                           for c in checks)
+        detail = "; ".join(
+            f"{c['quantity']} {c['expected']}" + ("" if c["ok"] else f" != found {c['found']}") for c in checks
+        )
     records = info["records"] if one else (info["records"][0] if info["records"] else [])
     lines = [
         info["path"],
@@ -201,5 +207,9 @@ def run(args: argparse.Namespace) -> int:
     return status
 
 
-COMMAND = CommandSpec(name="info", description="describe lattice files: format, lattice, checksums, "
-                      "plaquette", factory=add_arguments, run=run)
+COMMAND = CommandSpec(
+    name="info",
+    description="describe lattice files: format, lattice, checksums, plaquette",
+    factory=add_arguments,
+    run=run,
+)

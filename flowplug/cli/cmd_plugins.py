@@ -17,8 +17,9 @@ from flowplug.registry import kind_word
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``flowplug plugins``."""
-    parser.add_argument("--json", action="store_true",
-                        help="one JSON array of {kind, name, aliases, provider, version, description}")
+    parser.add_argument(
+        "--json", action="store_true", help="one JSON array of {kind, name, aliases, provider, version, description}"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -32,10 +33,10 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
         return 0
     headers = ("kind", "name", "provider", "description")
-    table = [(kind_word(r["kind"]), _name(r), f"{r['provider']} {r['version']}".strip(), r["description"])
-             for r in rows]
-    widths = [max(len(h), *(len(t[i]) for t in table)) if table else len(h)
-              for i, h in enumerate(headers)]
+    table = [
+        (kind_word(r["kind"]), _name(r), f"{r['provider']} {r['version']}".strip(), r["description"]) for r in rows
+    ]
+    widths = [max(len(h), *(len(t[i]) for t in table)) if table else len(h) for i, h in enumerate(headers)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths[:-1]) + "  {}"
     print(fmt.format(*headers))
     for t in table:
@@ -53,5 +54,6 @@ def _name(row: dict) -> str:
     return name
 
 
-COMMAND = CommandSpec(name="plugins", description="list registered components and their providers",
-                      factory=add_arguments, run=run)
+COMMAND = CommandSpec(
+    name="plugins", description="list registered components and their providers", factory=add_arguments, run=run
+)

@@ -41,28 +41,39 @@ import argparse
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 from flowplug.records import CommandSpec
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``flowplug propose``."""
-    parser.add_argument("--flow", required=True, metavar="CHECKPOINT", help="trained flow: a `flowplug train` run directory or its checkpoint.pt")
+    parser.add_argument(
+        "--flow",
+        required=True,
+        metavar="CHECKPOINT",
+        help="trained flow: a `flowplug train` run directory or its checkpoint.pt",
+    )
     parser.add_argument("--current", required=True, metavar="IN", help="the current configuration")
     parser.add_argument("--out", required=True, metavar="OUT", help="where to write the next configuration")
     parser.add_argument("--to", metavar="FORMAT", help="output format (default: the input's)")
     parser.add_argument("--seed", type=int, help="random seed (default: fresh entropy, printed)")
-    parser.add_argument("--no-decide", action="store_true",
-                        help="write the proposal and its log q values; the production code decides with "
-                             "its own action")
+    parser.add_argument(
+        "--no-decide",
+        action="store_true",
+        help="write the proposal and its log q values; the production code decides with its own action",
+    )
     parser.add_argument("--precision", type=int, choices=(32, 64), help="output precision (default: input's)")
     parser.add_argument("--force", action="store_true", help="replace an existing OUT")
     parser.add_argument("--format", metavar="NAME", help="force the input format")
     parser.add_argument("--lattice", metavar="LXxLYxLZxLT", help="lattice of a bare LIME input")
     parser.add_argument("--group", metavar="GROUP", help="group of a bare LIME input")
     parser.add_argument("--no-verify", action="store_true", help="accept an input whose checksum fails")
-    parser.add_argument("--no-check-inverse", action="store_true",
-                        help="use a flow whose inverse fails the round-trip check (log q through it is wrong)")
+    parser.add_argument(
+        "--no-check-inverse",
+        action="store_true",
+        help="use a flow whose inverse fails the round-trip check (log q through it is wrong)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -80,18 +91,25 @@ def run(args: argparse.Namespace) -> int:
     src = Path(args.current)
     ens = io.read(src, args.format, lattice=args.lattice, group=args.group, verify=not args.no_verify)
     if len(ens) != 1:
-        raise io.FormatError(f"{src}: holds {len(ens)} configurations; propose takes one "
-                             "(use flowplug resample for ensembles)")
+        raise io.FormatError(
+            f"{src}: holds {len(ens)} configurations; propose takes one (use flowplug resample for ensembles)"
+        )
     check_compatible(ens, ck.flow, str(src))
     fmt = output_format(ens.meta[0].format, args.to)
     action = None if args.no_decide else ck.action()
     prop = FlowProposal(ck.flow, action, layout="canonical", seed=args.seed)
     x = ens.links
-    prov = {"command": "propose", "input": str(src), "input_sha256": file_sha256(src),
-            "flow": str(args.flow), "flow_sha256": ck.sha256, "seed": prop.seed}
+    prov = {
+        "command": "propose",
+        "input": str(src),
+        "input_sha256": file_sha256(src),
+        "flow": str(args.flow),
+        "flow_sha256": ck.sha256,
+        "seed": prop.seed,
+    }
     if args.no_decide:
         x1, lq0, lq1 = prop.propose(x)
-        line = {"accepted": None, "log_q_current": float(lq0[0]), "log_q_proposal": float(lq1[0])}
+        line: dict[str, Any] = {"accepted": None, "log_q_current": float(lq0[0]), "log_q_proposal": float(lq1[0])}
         nxt = x1
         prov["result"] = "proposal (decision left to the production code)"
         if not (math.isfinite(line["log_q_current"]) and math.isfinite(line["log_q_proposal"])):
@@ -107,15 +125,29 @@ def run(args: argparse.Namespace) -> int:
         prov["result"] = "accepted proposal" if line["accepted"] else "rejected: current configuration"
     precision = args.precision or ens.precision
     remove_stale_temp_files(Path(args.out))  # left by an interrupted earlier call
-    write_configuration(Path(args.out), torch.as_tensor(nxt), fmt, source_meta=ens.meta[0], precision=precision,
-                        provenance=prov, overwrite=args.force, inputs=[src])
+    write_configuration(
+        Path(args.out),
+        torch.as_tensor(nxt),
+        fmt,
+        source_meta=ens.meta[0],
+        precision=precision,
+        provenance=prov,
+        overwrite=args.force,
+        inputs=[src],
+    )
     line.update({"seed": prop.seed, "out": str(args.out), "format": fmt})
-    line["inverse_check"] = {k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v)
-                             for k, v in {**ck.inverse_check.as_dict(),
-                                          "enforced": not args.no_check_inverse}.items()}
+    assert ck.inverse_check is not None  # open_flow always runs the check
+    line["inverse_check"] = {
+        k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v)
+        for k, v in {**ck.inverse_check.as_dict(), "enforced": not args.no_check_inverse}.items()
+    }
     print(json.dumps(line))
     return 0
 
 
-COMMAND = CommandSpec(name="propose", description="one exact flow-Metropolis step on a configuration file "
-                      "(for production HMC codes)", factory=add_arguments, run=run)
+COMMAND = CommandSpec(
+    name="propose",
+    description="one exact flow-Metropolis step on a configuration file (for production HMC codes)",
+    factory=add_arguments,
+    run=run,
+)

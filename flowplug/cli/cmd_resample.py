@@ -35,7 +35,11 @@ EXAMPLES = (
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``flowplug resample``."""
     parser.add_argument("inputs", nargs="*", metavar="ENSEMBLE", help="configuration files, directories or globs")
-    parser.add_argument("--flow", metavar="CHECKPOINT", help="trained flow: a `flowplug train` run directory or its checkpoint.pt (required)")
+    parser.add_argument(
+        "--flow",
+        metavar="CHECKPOINT",
+        help="trained flow: a `flowplug train` run directory or its checkpoint.pt (required)",
+    )
     parser.add_argument("--out", metavar="DIR", help="output directory (required)")
     parser.add_argument("--to", metavar="FORMAT", help="output format (default: the inputs')")
     parser.add_argument("--resume", action="store_true", help="continue from DIR/chain.ckpt")
@@ -45,8 +49,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--group", metavar="GROUP", help="group of bare LIME inputs")
     parser.add_argument("--no-verify", action="store_true", help="accept inputs whose checksums fail")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--no-check-inverse", action="store_true",
-                        help="use a flow whose inverse fails the round-trip check (log q through it is wrong)")
+    parser.add_argument(
+        "--no-check-inverse",
+        action="store_true",
+        help="use a flow whose inverse fails the round-trip check (log q through it is wrong)",
+    )
     add_config_arguments(parser, example="steps=100")
     add_examples(parser, EXAMPLES)
 
@@ -61,17 +68,34 @@ def run(args: argparse.Namespace) -> int:
     if args.to:
         cfg["to"] = args.to
     with chain_resume_hint(args, Path(args.out) / "chain.ckpt"):
-        s = run_resample(cfg, [Path(p) for p in args.inputs], Path(args.flow), Path(args.out),
-                         resume=args.resume, force=args.force,
-                         read_options={"format": args.format, "lattice": args.lattice, "group": args.group,
-                                       "verify": not args.no_verify},
-                         progress=not args.no_progress, check_inverse=not args.no_check_inverse,
-                         log=lambda text: print(f"flowplug resample: {text}", file=sys.stderr))
-    print(f"resample: {s['chains']} chains x {s['steps']} steps, acceptance {s['acceptance']:.3f}, "
-          f"ESS of input weights {s['ess']:.3f}{susceptibility_text(s)}; {s['written']} configurations "
-          f"written to {args.out}")
+        s = run_resample(
+            cfg,
+            [Path(p) for p in args.inputs],
+            Path(args.flow),
+            Path(args.out),
+            resume=args.resume,
+            force=args.force,
+            read_options={
+                "format": args.format,
+                "lattice": args.lattice,
+                "group": args.group,
+                "verify": not args.no_verify,
+            },
+            progress=not args.no_progress,
+            check_inverse=not args.no_check_inverse,
+            log=lambda text: print(f"flowplug resample: {text}", file=sys.stderr),
+        )
+    print(
+        f"resample: {s['chains']} chains x {s['steps']} steps, acceptance {s['acceptance']:.3f}, "
+        f"ESS of input weights {s['ess']:.3f}{susceptibility_text(s)}; {s['written']} configurations "
+        f"written to {args.out}"
+    )
     return 0
 
 
-COMMAND = CommandSpec(name="resample", description="exact flow-Metropolis chains seeded by an existing ensemble",
-                      factory=add_arguments, run=run)
+COMMAND = CommandSpec(
+    name="resample",
+    description="exact flow-Metropolis chains seeded by an existing ensemble",
+    factory=add_arguments,
+    run=run,
+)

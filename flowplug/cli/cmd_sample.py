@@ -35,14 +35,21 @@ EXAMPLES = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``flowplug sample``."""
-    parser.add_argument("--flow", metavar="CHECKPOINT", help="trained flow: a `flowplug train` run directory or its checkpoint.pt (optional for "
-                        "kernels that need no flow)")
+    parser.add_argument(
+        "--flow",
+        metavar="CHECKPOINT",
+        help="trained flow: a `flowplug train` run directory or its checkpoint.pt (optional for "
+        "kernels that need no flow)",
+    )
     parser.add_argument("--out", metavar="DIR", help="output directory (required)")
     parser.add_argument("--resume", action="store_true", help="continue from DIR/chain.ckpt")
     parser.add_argument("--force", action="store_true", help="replace existing outputs")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--no-check-inverse", action="store_true",
-                        help="use a flow whose inverse fails the round-trip check (log q through it is wrong)")
+    parser.add_argument(
+        "--no-check-inverse",
+        action="store_true",
+        help="use a flow whose inverse fails the round-trip check (log q through it is wrong)",
+    )
     add_config_arguments(parser, example="steps=1000")
     add_examples(parser, EXAMPLES)
 
@@ -55,13 +62,22 @@ def run(args: argparse.Namespace) -> int:
     if not args.out:
         raise ConfigError("flowplug sample needs --out DIR")
     with chain_resume_hint(args, Path(args.out) / "chain.ckpt"):
-        s = run_sample(cfg, Path(args.flow) if args.flow else None, Path(args.out), resume=args.resume,
-                       force=args.force, progress=not args.no_progress, check_inverse=not args.no_check_inverse)
+        s = run_sample(
+            cfg,
+            Path(args.flow) if args.flow else None,
+            Path(args.out),
+            resume=args.resume,
+            force=args.force,
+            progress=not args.no_progress,
+            check_inverse=not args.no_check_inverse,
+        )
     by_kernel = s["acceptance_by_kernel"]
     accs = ", ".join(f"{k} {v:.3f}" for k, v in by_kernel.items()) if by_kernel else f"{s['acceptance']:.3f}"
     ess = f", ESS of the flow weights {s['ess']:.3f}" if s.get("ess") is not None else ""
-    print(f"sample: {s['chains']} chains x {s['steps']} steps of {s['kernel']}, acceptance {accs}{ess}"
-          f"{susceptibility_text(s)}; results in {args.out}")
+    print(
+        f"sample: {s['chains']} chains x {s['steps']} steps of {s['kernel']}, acceptance {accs}{ess}"
+        f"{susceptibility_text(s)}; results in {args.out}"
+    )
     return 0
 
 
@@ -74,6 +90,10 @@ def susceptibility_text(summary: dict) -> str:
     return f", chi_t = <Q^2>/V {chi['mean']:.4g} +- {chi['error']:.2g}"
 
 
-COMMAND = CommandSpec(name="sample", description="exact Markov chains of any registered kernel: from a trained "
-                      "flow (independence Metropolis, flow HMC, mixtures with HMC) or without one",
-                      factory=add_arguments, run=run)
+COMMAND = CommandSpec(
+    name="sample",
+    description="exact Markov chains of any registered kernel: from a trained "
+    "flow (independence Metropolis, flow HMC, mixtures with HMC) or without one",
+    factory=add_arguments,
+    run=run,
+)

@@ -42,11 +42,15 @@ EXAMPLES = (
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``flowplug train``."""
     add_config_arguments(parser, example="train.steps=500")
-    parser.add_argument("--resume", metavar="DIR",
-                        help="continue the run in DIR from its checkpoint (bit-for-bit); only "
-                             "train.steps, train.checkpoint_every, train.progress may be changed with --set")
-    parser.add_argument("--force", action="store_true",
-                        help="start afresh even though <out> holds a checkpoint of an earlier run")
+    parser.add_argument(
+        "--resume",
+        metavar="DIR",
+        help="continue the run in DIR from its checkpoint (bit-for-bit); only "
+        "train.steps, train.checkpoint_every, train.progress may be changed with --set",
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="start afresh even though <out> holds a checkpoint of an earlier run"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_examples(parser, EXAMPLES)
 
@@ -76,8 +80,9 @@ def _hint(args: argparse.Namespace, out: Path):
         again = command_line(argv)  # the resumed run's command continues it again
     else:
         again = command_line(["train", "--resume", str(out)] + (["--no-progress"] if args.no_progress else []))
-    return resume_hint(out / CHECKPOINT_NAME, resume=again, restart=command_line(argv, add=["--force"]),
-                       resumed=bool(args.resume))
+    return resume_hint(
+        out / CHECKPOINT_NAME, resume=again, restart=command_line(argv, add=["--force"]), resumed=bool(args.resume)
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -104,11 +109,17 @@ def run(args: argparse.Namespace) -> int:
         with _hint(args, Path(str(cfg["out"]))):
             s = run_train(cfg, force=args.force)
     out = Path(s["checkpoint"]).parent
-    print(f"steps {s['steps']} (skipped {s['skipped_steps']}, rollbacks {s['rollbacks']}), ESS {s['ess']:.4f}, "
-          f"acceptance {s['acceptance']:.4f}, free energy {s['free_energy']:.4f}, "
-          f"{s['steps_per_s'] or 0:.2f} steps/s -> {out}/summary.json")
+    print(
+        f"steps {s['steps']} (skipped {s['skipped_steps']}, rollbacks {s['rollbacks']}), ESS {s['ess']:.4f}, "
+        f"acceptance {s['acceptance']:.4f}, free energy {s['free_energy']:.4f}, "
+        f"{s['steps_per_s'] or 0:.2f} steps/s -> {out}/summary.json"
+    )
     return 0
 
 
-COMMAND = CommandSpec(name="train", description="train a normalizing flow for a lattice action (checkpoints, resume)",
-                      factory=add_arguments, run=run)
+COMMAND = CommandSpec(
+    name="train",
+    description="train a normalizing flow for a lattice action (checkpoints, resume)",
+    factory=add_arguments,
+    run=run,
+)

@@ -17,9 +17,7 @@ from flowplug.records import CommandSpec
 def builtin_command_modules() -> list[str]:
     """Module names of the built-in subcommand files, sorted."""
     return sorted(
-        f"flowplug.cli.{m.name}"
-        for m in pkgutil.iter_modules(flowplug.cli.__path__)
-        if m.name.startswith("cmd_")
+        f"flowplug.cli.{m.name}" for m in pkgutil.iter_modules(flowplug.cli.__path__) if m.name.startswith("cmd_")
     )
 
 

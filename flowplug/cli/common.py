@@ -15,8 +15,9 @@ import contextlib
 import os
 import shlex
 import sys
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 from flowplug import config as _config
 
@@ -31,23 +32,33 @@ def add_config_arguments(parser: argparse.ArgumentParser, *, example: str = "") 
     """
     parser.add_argument("--config", metavar="FILE", help="TOML configuration file")
     shown = f", e.g. --set {example}" if example else ""
-    parser.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append",
-                        default=[], help=f"override one key{shown} (repeatable; values are TOML; "
-                                         "--print-config lists the keys)")
-    parser.add_argument("--print-config", action="store_true",
-                        help="print the complete default configuration with comments and exit "
-                             "(with --config/--set: the effective configuration)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        help=f"override one key{shown} (repeatable; values are TOML; --print-config lists the keys)",
+    )
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the complete default configuration with comments and exit "
+        "(with --config/--set: the effective configuration)",
+    )
 
 
-def config_from_args(args: argparse.Namespace, default_text: str, *,
-                     open_tables: Iterable[str] = ()) -> dict[str, Any] | None:
+def config_from_args(
+    args: argparse.Namespace, default_text: str, *, open_tables: Iterable[str] = ()
+) -> dict[str, Any] | None:
     """The effective configuration of a run, or ``None`` after ``--print-config`` printed it.
 
     Raises:
         ConfigError: on an unreadable file, an unknown key or a wrongly typed value.
     """
-    effective = _config.build_config(default_text, config_file=args.config,
-                                     overrides=args.overrides, open_tables=open_tables)
+    effective = _config.build_config(
+        default_text, config_file=args.config, overrides=args.overrides, open_tables=open_tables
+    )
     if args.print_config:
         if args.config or args.overrides:
             sys.stdout.write("# effective configuration\n" + _config.dumps(effective))
@@ -90,8 +101,7 @@ def command_line(argv: Sequence[str], *, add: Sequence[str] = (), drop: Sequence
     return shlex.join(["flowplug", *words])
 
 
-def interrupted_message(checkpoint: Path, *, step: int | None, unit: str, resume: str | None,
-                        restart: str) -> str:
+def interrupted_message(checkpoint: Path, *, step: int | None, unit: str, resume: str | None, restart: str) -> str:
     """What a run stopped by Ctrl-C tells the user.
 
     Arguments:
@@ -103,15 +113,15 @@ def interrupted_message(checkpoint: Path, *, step: int | None, unit: str, resume
         restart: The command that starts the run again (when there is no checkpoint).
     """
     if resume is None:
-        return (f"no checkpoint of this run yet ({checkpoint} not written); start again with:\n"
-                f"  {restart}")
+        return f"no checkpoint of this run yet ({checkpoint} not written); start again with:\n  {restart}"
     at = f" ({unit} {step})" if step is not None else ""
     return f"the last checkpoint is {checkpoint}{at}; continue from it with:\n  {resume}"
 
 
 @contextlib.contextmanager
-def resume_hint(checkpoint: Path, *, resume: str, restart: str, resumed: bool = False,
-                unit: str = "step") -> Iterator[None]:
+def resume_hint(
+    checkpoint: Path, *, resume: str, restart: str, resumed: bool = False, unit: str = "step"
+) -> Iterator[None]:
     """Name the checkpoint and the resume command when Ctrl-C stops the block.
 
     A ``KeyboardInterrupt`` leaving the block gets the attribute ``flowplug_hint``
@@ -138,17 +148,24 @@ def resume_hint(checkpoint: Path, *, resume: str, restart: str, resumed: bool = 
             from flowplug.jobs.output import checkpoint_step
 
             step = checkpoint_step(checkpoint)
-        exc.flowplug_hint = interrupted_message(checkpoint, step=step, unit=unit,
-                                                resume=resume if valid else None, restart=restart)
+        # the attribute of the docstring, read by the command-line handler
+        exc.flowplug_hint = interrupted_message(  # type: ignore[attr-defined]
+            checkpoint, step=step, unit=unit, resume=resume if valid else None, restart=restart
+        )
         raise
 
 
-def chain_resume_hint(args: argparse.Namespace, checkpoint: Path, *, unit: str = "step"
-                      ) -> contextlib.AbstractContextManager[None]:
+def chain_resume_hint(
+    args: argparse.Namespace, checkpoint: Path, *, unit: str = "step"
+) -> contextlib.AbstractContextManager[None]:
     """:func:`resume_hint` for a chain command (``hmc``, ``sample``, ``resample``): the
     command as typed, with ``--resume`` instead of ``--force`` (to continue) or with
     ``--force`` instead of ``--resume`` (to start again)."""
     argv = list(getattr(args, "_argv", None) or sys.argv[1:])
-    return resume_hint(Path(checkpoint), resume=command_line(argv, add=["--resume"], drop=["--force"]),
-                       restart=command_line(argv, add=["--force"], drop=["--resume"]),
-                       resumed=bool(args.resume), unit=unit)
+    return resume_hint(
+        Path(checkpoint),
+        resume=command_line(argv, add=["--resume"], drop=["--force"]),
+        restart=command_line(argv, add=["--force"], drop=["--resume"]),
+        resumed=bool(args.resume),
+        unit=unit,
+    )

@@ -25,7 +25,8 @@ References:
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 
@@ -34,12 +35,24 @@ from flowplug.errors import ConfigError, FormatError
 __all__ = ["run_chains", "build_kernel", "importance_weights", "check_compatible", "action_override"]
 
 
-def run_chains(kernel: Any, x0: torch.Tensor, steps: int, *, seed: int | None = None,
-               generator: torch.Generator | None = None,
-               measure: Callable[[torch.Tensor], Mapping[str, torch.Tensor]] | None = None,
-               output: Any = None, resume: bool = False, run_id: str = "", checkpoint_every: int = 0,
-               on_step: Callable[[Any, dict[str, Any]], None] | None = None, progress: bool = False,
-               desc: str = "", kernel_name: str | None = None, steps_key: str = "steps") -> Any:
+def run_chains(
+    kernel: Any,
+    x0: torch.Tensor,
+    steps: int,
+    *,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    measure: Callable[[torch.Tensor], Mapping[str, torch.Tensor]] | None = None,
+    output: Any = None,
+    resume: bool = False,
+    run_id: str = "",
+    checkpoint_every: int = 0,
+    on_step: Callable[[Any, dict[str, Any]], None] | None = None,
+    progress: bool = False,
+    desc: str = "",
+    kernel_name: str | None = None,
+    steps_key: str = "steps",
+) -> Any:
     """Run B chains from x0 until ``steps`` kernel steps are done; resumable.
 
     Thermalisation steps are steps of the run (the summary and the outputs leave them
@@ -96,9 +109,15 @@ def run_chains(kernel: Any, x0: torch.Tensor, steps: int, *, seed: int | None = 
 
     remaining = int(steps) - chain.step_count
     if remaining > 0:
-        chain.run(remaining, progress=progress, checkpoint_every=int(checkpoint_every),
-                  on_checkpoint=output.checkpoint if output is not None else None, on_step=_after_step,
-                  hooks=get_plugin_manager(), desc=desc)
+        chain.run(
+            remaining,
+            progress=progress,
+            checkpoint_every=int(checkpoint_every),
+            on_checkpoint=output.checkpoint if output is not None else None,
+            on_step=_after_step,
+            hooks=get_plugin_manager(),
+            desc=desc,
+        )
     return chain
 
 
@@ -154,10 +173,12 @@ def build_kernel(flow: Any, action: Any, table: Mapping[str, Any], *, registry: 
     name = str(table.get("type") or ("flow" if flow is not None else "hmc")).strip().lower()
     spec = registry.get(DEFAULT_FLOW_KERNEL if name == "flow" else name)
     if spec.fields and not kind_accepted(action.field, spec.fields):
-        raise ConfigError(f"kernel '{spec.name}' updates {', '.join(spec.fields)} fields; the action acts on "
-                          f"{action.field}")
-    hmc_opts = {k: v for k, v in dict(table.get("hmc", {})).items()
-                if k in ("integrator", "steps", "trajectory_length")}
+        raise ConfigError(
+            f"kernel '{spec.name}' updates {', '.join(spec.fields)} fields; the action acts on {action.field}"
+        )
+    hmc_opts = {
+        k: v for k, v in dict(table.get("hmc", {})).items() if k in ("integrator", "steps", "trajectory_length")
+    }
 
     def build(kernel_spec: Any, options: Mapping[str, Any]) -> Any:
         params = inspect.signature(kernel_spec.factory).parameters
@@ -165,19 +186,23 @@ def build_kernel(flow: Any, action: Any, table: Mapping[str, Any], *, registry: 
         kwargs.update(options)
         if "flow" in params:
             if flow is None:
-                raise ConfigError(f"kernel '{kernel_spec.name}' proposes from a flow: give --flow CHECKPOINT, "
-                                  "or choose a kernel without one (e.g. kernel.type = \"hmc\")")
+                raise ConfigError(
+                    f"kernel '{kernel_spec.name}' proposes from a flow: give --flow CHECKPOINT, "
+                    'or choose a kernel without one (e.g. kernel.type = "hmc")'
+                )
             kwargs["flow"] = flow
         try:
             return kernel_spec.factory(action=action, **kwargs)
         except TypeError as exc:
-            raise ConfigError(f"kernel '{kernel_spec.name}' rejects the options {sorted(options) or '{}'} "
-                              f"(kernel.options): {exc}") from None
+            raise ConfigError(
+                f"kernel '{kernel_spec.name}' rejects the options {sorted(options) or '{}'} (kernel.options): {exc}"
+            ) from None
 
     unknown = set(table) - set(KERNEL_TABLE_KEYS)
     if unknown:
-        raise ConfigError(f"[kernel] has unknown keys {sorted(unknown)}; a kernel's own options go into "
-                          "[kernel.options]")
+        raise ConfigError(
+            f"[kernel] has unknown keys {sorted(unknown)}; a kernel's own options go into [kernel.options]"
+        )
     kernel = build(spec, dict(table.get("options", {})))
     k = int(table.get("hmc_every", 0))
     if k < 0:
@@ -205,20 +230,28 @@ def check_compatible(ensemble: Any, flow: Any, source: str) -> None:
     """
     fmt = lambda lat: "x".join(map(str, lat))  # noqa: E731
     if ensemble.field != flow.field:
-        raise FormatError(f"{source}: holds {ensemble.describe_field()} but the flow was trained for "
-                          f"{flow.field} (use a flow trained for {ensemble.field} on "
-                          f"{fmt(ensemble.lattice)})")
+        raise FormatError(
+            f"{source}: holds {ensemble.describe_field()} but the flow was trained for "
+            f"{flow.field} (use a flow trained for {ensemble.field} on "
+            f"{fmt(ensemble.lattice)})"
+        )
     if tuple(ensemble.lattice) != tuple(flow.lattice):
-        raise FormatError(f"{source}: lattice is {fmt(ensemble.lattice)} (x first) but the flow was trained "
-                          f"on {fmt(flow.lattice)} (train a flow on {fmt(ensemble.lattice)})")
+        raise FormatError(
+            f"{source}: lattice is {fmt(ensemble.lattice)} (x first) but the flow was trained "
+            f"on {fmt(flow.lattice)} (train a flow on {fmt(ensemble.lattice)})"
+        )
 
 
 # ----------------------------------------------------------------------- weights
 
 
-def importance_weights(flow: Any, action: Any, x: torch.Tensor,
-                       measure: Callable[[torch.Tensor], Mapping[str, torch.Tensor]] | None = None,
-                       chunk: int = 64) -> dict[str, Any]:
+def importance_weights(
+    flow: Any,
+    action: Any,
+    x: torch.Tensor,
+    measure: Callable[[torch.Tensor], Mapping[str, torch.Tensor]] | None = None,
+    chunk: int = 64,
+) -> dict[str, Any]:
     """Importance weights w = p/q of configurations x and reweighting estimates.
 
     Arguments:
@@ -237,10 +270,12 @@ def importance_weights(flow: Any, action: Any, x: torch.Tensor,
     """
     from flowplug.stats import ess
 
-    lps, lqs, obs = [], [], {}
+    lps: list[torch.Tensor] = []
+    lqs: list[torch.Tensor] = []
+    obs: dict[str, list[torch.Tensor]] = {}
     with torch.no_grad():
         for i in range(0, x.shape[0], chunk):
-            xb = x[i:i + chunk]
+            xb = x[i : i + chunk]
             lps.append(-action.action(xb).to(torch.float64))
             lqs.append(flow.log_prob(xb).to(torch.float64))
             if measure is not None:
@@ -248,8 +283,13 @@ def importance_weights(flow: Any, action: Any, x: torch.Tensor,
                     obs.setdefault(k, []).append(v.to(torch.float64))
     lp, lq = torch.cat(lps), torch.cat(lqs)
     lw = lp - lq
-    out: dict[str, Any] = {"log_p": lp.tolist(), "log_q": lq.tolist(), "log_w": lw.tolist(),
-                           "ess": float(ess(lw)) if lw.numel() else math.nan, "reweighted": {}}
+    out: dict[str, Any] = {
+        "log_p": lp.tolist(),
+        "log_q": lq.tolist(),
+        "log_w": lw.tolist(),
+        "ess": float(ess(lw)) if lw.numel() else math.nan,
+        "reweighted": {},
+    }
     if lw.numel():
         c = lw - lw.mean()
         out["ess_p_samples"] = float(lw.numel() ** 2 / (torch.exp(c).sum() * torch.exp(-c).sum()))

@@ -31,8 +31,9 @@ configuration schema is :data:`DEFAULT_CONFIG`; :data:`QUICK` makes a seconds-lo
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from flowplug.fsutil import LOCK_NAME, locked_run
 
@@ -78,8 +79,18 @@ save_every = 100            # write the chains' configurations every this many s
 """
 
 #: ``--set`` overrides of ``flowplug demo --quick``: a seconds-long smoke run.
-QUICK = ("hmc.chains=4", "hmc.thermalize=10", "hmc.trajectories=20", "hmc.save_every=10", "hmc.steps=4",
-         "flow.n_layers=2", "train.steps=5", "train.batch_size=16", "resample.steps=10", "resample.save_every=5")
+QUICK = (
+    "hmc.chains=4",
+    "hmc.thermalize=10",
+    "hmc.trajectories=20",
+    "hmc.save_every=10",
+    "hmc.steps=4",
+    "flow.n_layers=2",
+    "train.steps=5",
+    "train.batch_size=16",
+    "resample.steps=10",
+    "resample.save_every=5",
+)
 
 #: Fresh samples on which the trained flow is evaluated.
 EVAL_SAMPLES = 1024
@@ -89,8 +100,9 @@ def _sub_config(default_text: str, tree: Mapping[str, Any], open_tables: tuple[s
     """A job's default configuration with ``tree`` merged in (keys and types checked)."""
     from flowplug import config as _config
 
-    return _config.merge(_config.parse_toml(default_text, "default configuration"), tree,
-                         source="flowplug demo", open_tables=open_tables)
+    return _config.merge(
+        _config.parse_toml(default_text, "default configuration"), tree, source="flowplug demo", open_tables=open_tables
+    )
 
 
 def _stats(history: Mapping[str, Any], burn: int = 0) -> dict[str, dict[str, Any]]:
@@ -98,7 +110,7 @@ def _stats(history: Mapping[str, Any], burn: int = 0) -> dict[str, dict[str, Any
     from flowplug.jobs.summary import observable_summary
 
     q = history["topological_charge"]
-    return observable_summary({"plaquette": history["plaquette"], "q2": q ** 2, "q": q}, burn=burn)
+    return observable_summary({"plaquette": history["plaquette"], "q2": q**2, "q": q}, burn=burn)
 
 
 def _last_train_metrics(run_dir: Path) -> dict[str, float]:
@@ -117,8 +129,14 @@ def _last_train_metrics(run_dir: Path) -> dict[str, float]:
 
 
 @locked_run("demo", lambda a: a["out"])
-def run_demo(cfg: Mapping[str, Any], out: Path, *, force: bool = False, progress: bool = True,
-             log: Callable[[str], None] | None = None) -> dict[str, Any]:
+def run_demo(
+    cfg: Mapping[str, Any],
+    out: Path,
+    *,
+    force: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     """Run the demo (module docstring); ``out`` is locked for the run.
 
     Arguments:
@@ -141,8 +159,9 @@ def run_demo(cfg: Mapping[str, Any], out: Path, *, force: bool = False, progress
         return _run_demo(cfg, Path(out), force=force, progress=progress, log=log)
 
 
-def _run_demo(cfg: Mapping[str, Any], out: Path, *, force: bool, progress: bool,
-              log: Callable[[str], None] | None) -> dict[str, Any]:
+def _run_demo(
+    cfg: Mapping[str, Any], out: Path, *, force: bool, progress: bool, log: Callable[[str], None] | None
+) -> dict[str, Any]:
     """The body of :func:`run_demo` (inside its lock and thread setting)."""
     import shutil
 
@@ -173,15 +192,34 @@ def _run_demo(cfg: Mapping[str, Any], out: Path, *, force: bool, progress: bool,
     therm, n_meas = int(h["thermalize"]), int(h["trajectories"])
 
     # 1. HMC ensemble, written as files
-    say(f"[1/4] HMC: {h['chains']} chains x {therm} + {n_meas} trajectories on {lattice[0]}x{lattice[1]}, "
-        f"beta = {beta}")
-    hcfg = _sub_config(hmc_job.DEFAULT_CONFIG, {
-        "seed": seed, "out": str(out / "hmc"), "lattice": list(lattice), "start": "cold",
-        "chains": int(h["chains"]), "format": "hdf5", "save_every": int(h["save_every"]),
-        "measurements": "hdf5", "observables": ["plaquette", "topological_charge"], "device": "cpu",
-        "threads": threads, "progress": progress, "action": action,
-        "hmc": {"trajectories": therm + n_meas, "thermalization": therm, "integrator": h["integrator"],
-                "steps": int(h["steps"]), "trajectory_length": float(h["trajectory_length"])}})
+    say(
+        f"[1/4] HMC: {h['chains']} chains x {therm} + {n_meas} trajectories on {lattice[0]}x{lattice[1]}, beta = {beta}"
+    )
+    hcfg = _sub_config(
+        hmc_job.DEFAULT_CONFIG,
+        {
+            "seed": seed,
+            "out": str(out / "hmc"),
+            "lattice": list(lattice),
+            "start": "cold",
+            "chains": int(h["chains"]),
+            "format": "hdf5",
+            "save_every": int(h["save_every"]),
+            "measurements": "hdf5",
+            "observables": ["plaquette", "topological_charge"],
+            "device": "cpu",
+            "threads": threads,
+            "progress": progress,
+            "action": action,
+            "hmc": {
+                "trajectories": therm + n_meas,
+                "thermalization": therm,
+                "integrator": h["integrator"],
+                "steps": int(h["steps"]),
+                "trajectory_length": float(h["trajectory_length"]),
+            },
+        },
+    )
     hsum = hmc_job.run_hmc(hcfg, force=True)
     hmc_hist = read_measurements(Path(hsum["measurements"]))
     hmc_stats = _stats(hmc_hist, burn=therm)
@@ -192,15 +230,25 @@ def _run_demo(cfg: Mapping[str, Any], out: Path, *, force: bool, progress: bool,
     # 2. train the flow
     f, tr = cfg["flow"], cfg["train"]
     layer_names = "+".join(f["layers"])
-    say(f"[2/4] training a {f['n_layers']}-layer {layer_names} flow for {tr['steps']} steps of batch "
-        f"{tr['batch_size']}")
+    say(
+        f"[2/4] training a {f['n_layers']}-layer {layer_names} flow for {tr['steps']} steps of batch {tr['batch_size']}"
+    )
     run_dir = out / "flow"
-    tcfg = _sub_config(train_job.DEFAULT_CONFIG, {
-        "out": str(run_dir), "lattice": list(lattice), "seed": seed + 2, "device": "cpu", "threads": threads,
-        "action": action,
-        "flow": {"layers": list(f["layers"]), "n_layers": int(f["n_layers"]), "options": dict(f["options"])},
-        "train": {**dict(tr), "progress": progress, "checkpoint_every": 0},
-        "eval": {"samples": EVAL_SAMPLES, "batch_size": 512, "seed": seed + 5}}, train_job.OPEN_TABLES)
+    tcfg = _sub_config(
+        train_job.DEFAULT_CONFIG,
+        {
+            "out": str(run_dir),
+            "lattice": list(lattice),
+            "seed": seed + 2,
+            "device": "cpu",
+            "threads": threads,
+            "action": action,
+            "flow": {"layers": list(f["layers"]), "n_layers": int(f["n_layers"]), "options": dict(f["options"])},
+            "train": {**dict(tr), "progress": progress, "checkpoint_every": 0},
+            "eval": {"samples": EVAL_SAMPLES, "batch_size": 512, "seed": seed + 5},
+        },
+        train_job.OPEN_TABLES,
+    )
     tsum = train_job.run_train(tcfg, force=True)
     t_train = tsum["wall_time_s"]
     flow_ess = tsum["ess"]
@@ -209,9 +257,17 @@ def _run_demo(cfg: Mapping[str, Any], out: Path, *, force: bool, progress: bool,
     r = cfg["resample"]
     n_configs = int(h["chains"]) * len(list(ensemble.glob("traj_*.h5")))
     say(f"[3/4] resampling the {n_configs} HMC configurations with flow proposals ({r['steps']} steps each)")
-    rcfg = _sub_config(resample_job.DEFAULT_CONFIG, {
-        "seed": seed + 3, "steps": int(r["steps"]), "save_every": int(r["save_every"]), "checkpoint_every": 0,
-        "observables": ["plaquette", "topological_charge"], "threads": threads})
+    rcfg = _sub_config(
+        resample_job.DEFAULT_CONFIG,
+        {
+            "seed": seed + 3,
+            "steps": int(r["steps"]),
+            "save_every": int(r["save_every"]),
+            "checkpoint_every": 0,
+            "observables": ["plaquette", "topological_charge"],
+            "threads": threads,
+        },
+    )
     t0 = time.perf_counter()
     rsum = resample_job.run_resample(rcfg, [ensemble], run_dir, out / "resample", force=True, progress=progress)
     t_flow = time.perf_counter() - t0
@@ -227,24 +283,54 @@ def _run_demo(cfg: Mapping[str, Any], out: Path, *, force: bool, progress: bool,
     cost_hmc, cost_flow = cost(hmc_stats, t_hmc, n_traj), cost(flow_stats, t_flow, n_prop)
     agree = {}
     rows = []
-    for label, st, step, c in (("HMC", hmc_stats, "trajectory", cost_hmc),
-                               ("flow Metropolis", flow_stats, "proposal", cost_flow)):
-        rows.append({"label": label, "step": step, "plaquette": st["plaquette"], "q2": st["q2"], "q": st["q"],
-                     "seconds_per_independent_q": c})
+    for label, st, step, c in (
+        ("HMC", hmc_stats, "trajectory", cost_hmc),
+        ("flow Metropolis", flow_stats, "proposal", cost_flow),
+    ):
+        rows.append(
+            {
+                "label": label,
+                "step": step,
+                "plaquette": st["plaquette"],
+                "q2": st["q2"],
+                "q": st["q"],
+                "seconds_per_independent_q": c,
+            }
+        )
         if exact:
             agree[label] = {k: abs(st[k]["mean"] - exact[k]) / max(st[k]["error"], 1e-300) for k in ("plaquette", "q2")}
     summary = {
-        "lattice": list(lattice), "beta": beta, "seed": seed,
+        "lattice": list(lattice),
+        "beta": beta,
+        "seed": seed,
         "exact": exact,
-        "acceptance": rsum["acceptance"], "ess": flow_ess, "ess_hmc_inputs": rsum.get("ess_p_samples"),
-        "hmc": {"acceptance": hmc_acc, "observables": hmc_stats, "seconds": t_hmc, "trajectories": n_traj,
-                "seconds_per_independent_q": cost_hmc},
-        "flow": {"acceptance": rsum["acceptance"], "observables": flow_stats, "seconds": t_flow, "proposals": n_prop,
-                 "seconds_per_independent_q": cost_flow, "train_seconds": t_train,
-                 "train": _last_train_metrics(run_dir), "train_steps": tsum["steps"],
-                 "skipped_steps": tsum["skipped_steps"],
-                 "fresh_samples": {"n_samples": tsum["eval_samples"], "ess": tsum["ess"],
-                                   "acceptance": tsum["acceptance"], "free_energy": tsum["free_energy"]}},
+        "acceptance": rsum["acceptance"],
+        "ess": flow_ess,
+        "ess_hmc_inputs": rsum.get("ess_p_samples"),
+        "hmc": {
+            "acceptance": hmc_acc,
+            "observables": hmc_stats,
+            "seconds": t_hmc,
+            "trajectories": n_traj,
+            "seconds_per_independent_q": cost_hmc,
+        },
+        "flow": {
+            "acceptance": rsum["acceptance"],
+            "observables": flow_stats,
+            "seconds": t_flow,
+            "proposals": n_prop,
+            "seconds_per_independent_q": cost_flow,
+            "train_seconds": t_train,
+            "train": _last_train_metrics(run_dir),
+            "train_steps": tsum["steps"],
+            "skipped_steps": tsum["skipped_steps"],
+            "fresh_samples": {
+                "n_samples": tsum["eval_samples"],
+                "ess": tsum["ess"],
+                "acceptance": tsum["acceptance"],
+                "free_energy": tsum["free_energy"],
+            },
+        },
         "observables": {k: flow_stats[k] for k in ("plaquette", "q2")},
         "sigma_from_exact": agree,
         "tau_int_q_ratio_hmc_over_flow": hmc_stats["q"]["tau_int"] / flow_stats["q"]["tau_int"],
@@ -258,28 +344,41 @@ def _run_demo(cfg: Mapping[str, Any], out: Path, *, force: bool, progress: bool,
         if exact:
             dev = agree[label]
             ok = all(v < 3 for v in dev.values())
-            verdict = (f"  [{'agrees' if ok else 'DISAGREES'} with exact: {dev['plaquette']:.1f} and "
-                       f"{dev['q2']:.1f} sigma]")
-        lines.append(f"{label:16s} <P> = {p['mean']:.5f}({p['error']:.5f})  <Q^2> = {q2['mean']:.4f}({q2['error']:.4f})"
-                     f"  acceptance {acc:.3f}  tau_int(Q) {'>=' if 'note' in q else '='} "
-                     f"{q['tau_int']:.2f}({q['tau_int_error']:.2f}){verdict}")
-    lines += ["",
-              f"flow: {f['n_layers']} x {layer_names}, trained {tsum['steps']} steps x {tr['batch_size']} in "
-              f"{t_train:.1f} s; on {tsum['eval_samples']} fresh samples ESS per sample {flow_ess:.3f} and expected "
-              f"acceptance {tsum['acceptance']:.3f}; ESS {rsum.get('ess_p_samples', float('nan')):.3g} "
-              "estimated from the HMC configurations",
-              f"tau_int(Q): HMC {hmc_stats['q']['tau_int']:.2f} per trajectory, flow {flow_stats['q']['tau_int']:.2f} per "
-              f"proposal (ratio {summary['tau_int_q_ratio_hmc_over_flow']:.2f})",
-              f"seconds per independent Q: HMC {cost_hmc:.2e}, flow {cost_flow:.2e} (ratio HMC/flow "
-              f"{cost_hmc / cost_flow:.2f}); with training: flow {(t_train + t_flow) / max(n_prop / (2 * flow_stats['q']['tau_int']), 1e-300):.2e}",
-              "",
-              f"files: {out / 'hmc'}/, {run_dir}/, {out / 'resample'}/, {out / 'report.png'}"]
+            verdict = (
+                f"  [{'agrees' if ok else 'DISAGREES'} with exact: {dev['plaquette']:.1f} and {dev['q2']:.1f} sigma]"
+            )
+        lines.append(
+            f"{label:16s} <P> = {p['mean']:.5f}({p['error']:.5f})  <Q^2> = {q2['mean']:.4f}({q2['error']:.4f})"
+            f"  acceptance {acc:.3f}  tau_int(Q) {'>=' if 'note' in q else '='} "
+            f"{q['tau_int']:.2f}({q['tau_int_error']:.2f}){verdict}"
+        )
+    cost_flow_with_training = (t_train + t_flow) / max(n_prop / (2 * flow_stats["q"]["tau_int"]), 1e-300)
+    lines += [
+        "",
+        f"flow: {f['n_layers']} x {layer_names}, trained {tsum['steps']} steps x {tr['batch_size']} in "
+        f"{t_train:.1f} s; on {tsum['eval_samples']} fresh samples ESS per sample {flow_ess:.3f} and expected "
+        f"acceptance {tsum['acceptance']:.3f}; ESS {rsum.get('ess_p_samples', float('nan')):.3g} "
+        "estimated from the HMC configurations",
+        f"tau_int(Q): HMC {hmc_stats['q']['tau_int']:.2f} per trajectory, flow {flow_stats['q']['tau_int']:.2f} per "
+        f"proposal (ratio {summary['tau_int_q_ratio_hmc_over_flow']:.2f})",
+        f"seconds per independent Q: HMC {cost_hmc:.2e}, flow {cost_flow:.2e} (ratio HMC/flow "
+        f"{cost_hmc / cost_flow:.2f}); with training: flow {cost_flow_with_training:.2e}",
+        "",
+        f"files: {out / 'hmc'}/, {run_dir}/, {out / 'resample'}/, {out / 'report.png'}",
+    ]
     text = "\n".join(lines) + "\n"
     with atomic_write(out / "report.txt", "w") as fh:
         fh.write(text)
     say("[4/4] report")
-    q_hist = {"HMC": hmc_hist["topological_charge"][therm:, 0],
-              "flow Metropolis": flow_hist["topological_charge"][:, 0]}
-    comparison_report(out / "report.png", rows, {"plaquette": exact["plaquette"], "q2": exact["q2"]} if exact else {},
-                      q_hist, title=f"2D U(1) {lattice[0]}x{lattice[1]}, beta = {beta}: flow Metropolis vs HMC vs exact")
+    q_hist = {
+        "HMC": hmc_hist["topological_charge"][therm:, 0],
+        "flow Metropolis": flow_hist["topological_charge"][:, 0],
+    }
+    comparison_report(
+        out / "report.png",
+        rows,
+        {"plaquette": exact["plaquette"], "q2": exact["q2"]} if exact else {},
+        q_hist,
+        title=f"2D U(1) {lattice[0]}x{lattice[1]}, beta = {beta}: flow Metropolis vs HMC vs exact",
+    )
     return write_job_summary(out, "demo", summary)

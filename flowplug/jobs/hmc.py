@@ -36,16 +36,16 @@ The configuration schema is :data:`DEFAULT_CONFIG` (``flowplug hmc --print-confi
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 
 from flowplug.errors import ConfigError, FlowplugError
 from flowplug.fsutil import locked_run
 
-__all__ = ["DEFAULT_CONFIG", "NON_CHAIN_KEYS", "run_hmc", "run_fingerprint", "start_configuration",
-           "read_start_file"]
+__all__ = ["DEFAULT_CONFIG", "NON_CHAIN_KEYS", "run_hmc", "run_fingerprint", "start_configuration", "read_start_file"]
 
 DEFAULT_CONFIG = """\
 # flowplug hmc: exact hybrid Monte Carlo (Duane et al. 1987) for any registered action.
@@ -86,8 +86,16 @@ trajectory_length = 1.0 # molecular-dynamics time per trajectory
 
 #: Keys that do not change the Markov chain: a run may be resumed with other values.
 #: (``observables`` is not among them: the history of a resumed run must stay rectangular.)
-NON_CHAIN_KEYS = ("hmc.trajectories", "progress", "save_every", "format", "threads", "measurements", "out",
-                  "hmc.thermalization")
+NON_CHAIN_KEYS = (
+    "hmc.trajectories",
+    "progress",
+    "save_every",
+    "format",
+    "threads",
+    "measurements",
+    "out",
+    "hmc.thermalization",
+)
 
 
 def run_fingerprint(cfg: Mapping[str, Any]) -> str:
@@ -97,9 +105,14 @@ def run_fingerprint(cfg: Mapping[str, Any]) -> str:
     return fingerprint(cfg, ignore=NON_CHAIN_KEYS)
 
 
-def start_configuration(cfg: Mapping[str, Any], action: Any, chains: int, generator: torch.Generator,
-                        device: torch.device, log: Callable[[str], None] | None = None
-                        ) -> tuple[torch.Tensor, str]:
+def start_configuration(
+    cfg: Mapping[str, Any],
+    action: Any,
+    chains: int,
+    generator: torch.Generator,
+    device: torch.device,
+    log: Callable[[str], None] | None = None,
+) -> tuple[torch.Tensor, str]:
     """The start of the chains: ``cold``, ``hot`` or the configurations of a file.
 
     A bare LIME file (format ``lime``: one binary record, no lattice or group stored)
@@ -129,11 +142,15 @@ def start_configuration(cfg: Mapping[str, Any], action: Any, chains: int, genera
         raise ConfigError(f"start = {start!r}: no such file (use 'cold', 'hot' or a configuration file)")
     ens = read_start_file(path, lattice, dict(cfg.get("action", {})).get("group"))
     if ens.field != action.field:
-        raise ConfigError(f"start file {path} holds {ens.describe_field()}, but the action acts on "
-                          f"{action.field}" + (f" (set action.group = \"{ens.field}\")" if ens.is_gauge else ""))
+        raise ConfigError(
+            f"start file {path} holds {ens.describe_field()}, but the action acts on "
+            f"{action.field}" + (f' (set action.group = "{ens.field}")' if ens.is_gauge else "")
+        )
     if list(ens.lattice) != lattice and log is not None:
-        log(f"lattice {'x'.join(map(str, ens.lattice))} taken from {path} "
-            f"(the configuration said {'x'.join(map(str, lattice))})")
+        log(
+            f"lattice {'x'.join(map(str, ens.lattice))} taken from {path} "
+            f"(the configuration said {'x'.join(map(str, lattice))})"
+        )
     links = ens.links
     n = links.shape[0]
     if n == 1:
@@ -141,8 +158,7 @@ def start_configuration(cfg: Mapping[str, Any], action: Any, chains: int, genera
     elif n >= chains:
         links = links[:chains].clone()
     else:
-        raise ConfigError(f"start file {path} holds {n} configurations; chains = {chains} needs 1 or "
-                          f"at least {chains}")
+        raise ConfigError(f"start file {path} holds {n} configurations; chains = {chains} needs 1 or at least {chains}")
     if links.is_complex():
         from flowplug.groups import reunitarize
 
@@ -182,22 +198,33 @@ def read_start_file(path: Path, lattice: list[int], group: str | None) -> Any:
 
     if io.detect(path) != "lime":
         return io.read(path)
-    keys = ("set the configuration keys lattice (the file's 4 extents, x first) and action.group (su3 or "
-            "su2), e.g. --set lattice=[4,4,4,4] --set action.group=su3")
+    keys = (
+        "set the configuration keys lattice (the file's 4 extents, x first) and action.group (su3 or "
+        "su2), e.g. --set lattice=[4,4,4,4] --set action.group=su3"
+    )
     used = f"lattice = {list(lattice)} and action.group = {group!r}"
     if len(lattice) != 4 or not group:
-        raise ConfigError(f"start = {str(path)!r} is a bare LIME file, which stores neither its lattice nor its "
-                          f"gauge group; hmc reads it with lattice and action.group (found {used}): {keys}")
+        raise ConfigError(
+            f"start = {str(path)!r} is a bare LIME file, which stores neither its lattice nor its "
+            f"gauge group; hmc reads it with lattice and action.group (found {used}): {keys}"
+        )
     try:
         return io.read(path, lattice=lattice, group=group)
     except FormatError as exc:
-        raise ConfigError(f"start = {str(path)!r} is a bare LIME file, read with {used}: "
-                          f"{_without_option_hints(str(exc))}; {keys}") from None
+        raise ConfigError(
+            f"start = {str(path)!r} is a bare LIME file, read with {used}: {_without_option_hints(str(exc))}; {keys}"
+        ) from None
 
 
 @locked_run("hmc", lambda a: a["cfg"]["out"])
-def run_hmc(cfg: Mapping[str, Any], *, resume: bool = False, force: bool = False,
-            progress: bool | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+def run_hmc(
+    cfg: Mapping[str, Any],
+    *,
+    resume: bool = False,
+    force: bool = False,
+    progress: bool | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     """Run (or resume) an HMC job for an effective configuration (:data:`DEFAULT_CONFIG`).
 
     ``out`` is locked for the run (:func:`flowplug.fsutil.run_lock`); torch runs on
@@ -232,8 +259,9 @@ def run_hmc(cfg: Mapping[str, Any], *, resume: bool = False, force: bool = False
         return _run_hmc(cfg, resume=resume, force=force, progress=progress, log=log)
 
 
-def _run_hmc(cfg: Mapping[str, Any], *, resume: bool, force: bool, progress: bool | None,
-             log: Callable[[str], None] | None) -> dict[str, Any]:
+def _run_hmc(
+    cfg: Mapping[str, Any], *, resume: bool, force: bool, progress: bool | None, log: Callable[[str], None] | None
+) -> dict[str, Any]:
     """The body of :func:`run_hmc` (inside its lock and thread setting)."""
     from flowplug.jobs.chains import run_chains
     from flowplug.jobs.output import ChainOutput, Configurations
@@ -247,8 +275,9 @@ def _run_hmc(cfg: Mapping[str, Any], *, resume: bool, force: bool, progress: boo
     out = Path(str(cfg["out"]))
     ckpt = out / "checkpoint.pt"
     if ckpt.exists() and not resume and not force:
-        raise FlowplugError(f"{ckpt} exists: continue that run with --resume, or start afresh with "
-                            "--force (or another out)")
+        raise FlowplugError(
+            f"{ckpt} exists: continue that run with --resume, or start afresh with --force (or another out)"
+        )
     hmc = cfg["hmc"]
     chains = int(cfg["chains"])
     if chains < 1:
@@ -258,47 +287,87 @@ def _run_hmc(cfg: Mapping[str, Any], *, resume: bool, force: bool, progress: boo
     if total < 0 or therm < 0:
         raise ConfigError("hmc.trajectories and hmc.thermalization must be >= 0")
     if total <= therm:
-        raise ConfigError(f"hmc.trajectories = {total} leaves nothing after hmc.thermalization = {therm}: "
-                          "no trajectory would be measured; raise hmc.trajectories or lower "
-                          "hmc.thermalization")
+        raise ConfigError(
+            f"hmc.trajectories = {total} leaves nothing after hmc.thermalization = {therm}: "
+            "no trajectory would be measured; raise hmc.trajectories or lower "
+            "hmc.thermalization"
+        )
     seed = int(cfg["seed"])
     try:
         device = torch.device(str(cfg["device"]))
     except RuntimeError as exc:
         raise ConfigError(f"device = {cfg['device']!r}: {exc}") from None
     action = action_from_config(cfg)
-    kernel = pm.registry("kernel").get("hmc").factory(
-        action, integrator=hmc["integrator"], steps=int(hmc["steps"]),
-        trajectory_length=float(hmc["trajectory_length"]))
+    kernel = (
+        pm.registry("kernel")
+        .get("hmc")
+        .factory(
+            action,
+            integrator=hmc["integrator"],
+            steps=int(hmc["steps"]),
+            trajectory_length=float(hmc["trajectory_length"]),
+        )
+    )
     generator = torch.Generator(device=device).manual_seed(seed)
     x0, start_desc = start_configuration(cfg, action, chains, generator, device, log)
     ndim = len(kernel.space.lattice_of(x0))
     names = list(cfg["observables"]) or list(default_observables(action.field, ndim))
-    couplings = getattr(action, "couplings", dict)()
+    couplings: dict[str, Any] = getattr(action, "couplings", dict)()
     save_every = int(cfg["save_every"])
     configurations = Configurations(
-        out / "ensemble", str(cfg["format"]), action.field, save_every=save_every, total=total, thermalize=therm,
+        out / "ensemble",
+        str(cfg["format"]),
+        action.field,
+        save_every=save_every,
+        total=total,
+        thermalize=therm,
         name=lambda t, c: f"traj_{t:06d}" + ("" if c is None or chains == 1 else f"_chain_{c:03d}"),
-        provenance=lambda t, c: provenance("hmc", seed=seed, step=t, chain=c, action=couplings,
-                                           hmc=dict(hmc)),
-        header=lambda t: {"trajectory": t}, attrs={"action": couplings}, overwrite=True)
+        provenance=lambda t, c: provenance("hmc", seed=seed, step=t, chain=c, action=couplings, hmc=dict(hmc)),
+        header=lambda t: {"trajectory": t},
+        attrs={"action": couplings},
+        overwrite=True,
+    )
     configurations.check(x0)
-    output = ChainOutput(out, "hmc", checkpoint="checkpoint.pt", configurations=configurations,
-                         measurements=cfg["measurements"], step_label="trajectory", config=cfg, what="hmc")
+    output = ChainOutput(
+        out,
+        "hmc",
+        checkpoint="checkpoint.pt",
+        configurations=configurations,
+        measurements=cfg["measurements"],
+        step_label="trajectory",
+        config=cfg,
+        what="hmc",
+    )
     output.start(resume=resume, force=force)
     show = bool(cfg["progress"]) if progress is None else progress
     t0 = time.perf_counter()
-    chain = run_chains(kernel, x0, total, generator=generator, measure=measurement(action.field, names),
-                       output=output, resume=resume, run_id=run_fingerprint(cfg), checkpoint_every=save_every,
-                       progress=show, desc=f"hmc {action.field}", kernel_name="hmc",
-                       steps_key="hmc.trajectories")
+    chain = run_chains(
+        kernel,
+        x0,
+        total,
+        generator=generator,
+        measure=measurement(action.field, names),
+        output=output,
+        resume=resume,
+        run_id=run_fingerprint(cfg),
+        checkpoint_every=save_every,
+        progress=show,
+        desc=f"hmc {action.field}",
+        kernel_name="hmc",
+        steps_key="hmc.trajectories",
+    )
     seconds = time.perf_counter() - t0
     lattice = list(kernel.space.lattice_of(chain.state.x))
     stats = chain_summary(chain.history_tensors(), burn=therm, lattice=lattice)
     stats["measured_trajectories"] = stats.pop("measured_steps")
     stats.pop("acceptance_by_kernel", None)
-    warn_short_chains(stats.get("observables", {}), stats["measured_trajectories"], job="hmc",
-                      steps_key="hmc.trajectories", unit="trajectories")
+    warn_short_chains(
+        stats.get("observables", {}),
+        stats["measured_trajectories"],
+        job="hmc",
+        steps_key="hmc.trajectories",
+        unit="trajectories",
+    )
     summary = {
         "trajectories": chain.step_count,
         "chains": chains,
@@ -306,8 +375,7 @@ def _run_hmc(cfg: Mapping[str, Any], *, resume: bool, force: bool, progress: boo
         "lattice": lattice,
         "start": start_desc,
         "action": {"name": str(cfg["action"]["name"]), **couplings},
-        "hmc": {"integrator": kernel.integrator, "steps": kernel.steps,
-                "trajectory_length": kernel.trajectory_length},
+        "hmc": {"integrator": kernel.integrator, "steps": kernel.steps, "trajectory_length": kernel.trajectory_length},
         "seed": seed,
         **stats,
         "seconds_this_run": seconds,

@@ -38,17 +38,27 @@ import csv
 import html
 import io as _stdio
 import json
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from flowplug.errors import ConfigError, FormatError
 
-__all__ = ["ChainOutput", "Configurations", "write_measurements", "read_measurements", "write_job_summary",
-           "write_configuration", "output_format", "extension_of", "checkpoint_step",
-           "READ_ONLY_FALLBACK"]
+__all__ = [
+    "ChainOutput",
+    "Configurations",
+    "write_measurements",
+    "read_measurements",
+    "write_job_summary",
+    "write_configuration",
+    "output_format",
+    "extension_of",
+    "checkpoint_step",
+    "READ_ONLY_FALLBACK",
+]
 
 #: Formats that only read: where their configurations are written instead.
 READ_ONLY_FALLBACK = {"scidac": "ildg", "lime": "ildg"}
@@ -80,8 +90,10 @@ def output_format(input_format: str | None, to: str | None) -> str:
         return input_format
     if input_format in READ_ONLY_FALLBACK:
         return READ_ONLY_FALLBACK[input_format]
-    raise FormatError(f"inputs in format {input_format} cannot be written back in that format (read-only); "
-                      f"choose one with --to ({', '.join(io.formats(writable=True))})")
+    raise FormatError(
+        f"inputs in format {input_format} cannot be written back in that format (read-only); "
+        f"choose one with --to ({', '.join(io.formats(writable=True))})"
+    )
 
 
 def extension_of(fmt: str) -> str:
@@ -92,13 +104,15 @@ def extension_of(fmt: str) -> str:
 
 
 def _provenance_xml(prov: Mapping[str, Any]) -> bytes:
-    body = "".join(f"<{k}>{html.escape(str(v))}</{k}>" for k, v in prov.items()
-                    if isinstance(v, (str, int, float, bool)))
+    body = "".join(
+        f"<{k}>{html.escape(str(v))}</{k}>" for k, v in prov.items() if isinstance(v, (str, int, float, bool))
+    )
     return ('<?xml version="1.0" encoding="UTF-8"?><info><flowplug>' + body + "</flowplug></info>").encode()
 
 
-def _metadata(source_meta: Any, precision: int, provenance: Mapping[str, Any],
-              header: Mapping[str, Any] | None = None) -> Any:
+def _metadata(
+    source_meta: Any, precision: int, provenance: Mapping[str, Any], header: Mapping[str, Any] | None = None
+) -> Any:
     """Metadata of one written configuration: the source's records carried over (without
     its record XML and check outcomes), the precision, header values and provenance."""
     from flowplug import io
@@ -115,10 +129,19 @@ def _metadata(source_meta: Any, precision: int, provenance: Mapping[str, Any],
     return meta
 
 
-def write_configuration(path: Path, x: torch.Tensor, fmt: str, *, source_meta: Any = None,
-                        precision: int = 64, provenance: Mapping[str, Any] | None = None,
-                        header: Mapping[str, Any] | None = None, overwrite: bool = False,
-                        inputs: Sequence[Path] = (), field: str | None = None) -> Path:
+def write_configuration(
+    path: Path,
+    x: torch.Tensor,
+    fmt: str,
+    *,
+    source_meta: Any = None,
+    precision: int = 64,
+    provenance: Mapping[str, Any] | None = None,
+    header: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+    inputs: Sequence[Path] = (),
+    field: str | None = None,
+) -> Path:
     """Write one configuration (canonical layout, batch of 1) atomically.
 
     The source's metadata records are carried over (ILDG file XML); the record XML is
@@ -182,8 +205,10 @@ def _truncate_store(path: Path, step: int) -> int:
                 f["links"].resize(keep, axis=0)
                 f["meta"].resize(keep, axis=0)
     except (OSError, KeyError, ValueError) as exc:
-        raise FormatError(f"{path}: cannot roll the ensemble store back to step {step} "
-                          f"({type(exc).__name__}: {exc}); remove it and start afresh with --force") from None
+        raise FormatError(
+            f"{path}: cannot roll the ensemble store back to step {step} "
+            f"({type(exc).__name__}: {exc}); remove it and start afresh with --force"
+        ) from None
     return count - keep
 
 
@@ -221,13 +246,25 @@ class Configurations:
         ConfigError: if the format is read-only or cannot hold the field kind.
     """
 
-    def __init__(self, folder: Path, fmt: str, field: str, *, name: Callable[[int, int | None], str],
-                 provenance: Callable[[int, int], dict[str, Any]], store: Path | None = None,
-                 save_every: int = 0, total: int = 0, thermalize: int = 0,
-                 source_meta: Sequence[Any] | None = None, precision: int = 64,
-                 header: Callable[[int], Mapping[str, Any]] | None = None,
-                 attrs: Mapping[str, Any] | None = None, overwrite: bool = False,
-                 inputs: Sequence[Path] = ()) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        fmt: str,
+        field: str,
+        *,
+        name: Callable[[int, int | None], str],
+        provenance: Callable[[int, int], dict[str, Any]],
+        store: Path | None = None,
+        save_every: int = 0,
+        total: int = 0,
+        thermalize: int = 0,
+        source_meta: Sequence[Any] | None = None,
+        precision: int = 64,
+        header: Callable[[int], Mapping[str, Any]] | None = None,
+        attrs: Mapping[str, Any] | None = None,
+        overwrite: bool = False,
+        inputs: Sequence[Path] = (),
+    ) -> None:
         from flowplug import io
         from flowplug.manager import registry
 
@@ -240,13 +277,16 @@ class Configurations:
         if self.format != "none":
             spec = registry("file_format").get(self.format)
             if not spec.writable:
-                raise ConfigError(f"format {spec.name} is read-only; writable formats: "
-                                  f"{', '.join(io.formats(writable=True))}")
+                raise ConfigError(
+                    f"format {spec.name} is read-only; writable formats: {', '.join(io.formats(writable=True))}"
+                )
             self.format = spec.name
             self.handler = io.get_format(spec.name)
             if not self.handler.holds(field):
-                raise ConfigError(f"format = {self.format!r} holds {', '.join(self.handler.fields)} fields, not "
-                                  f"{field}: write them as hdf5 (or format = \"none\")")
+                raise ConfigError(
+                    f"format = {self.format!r} holds {', '.join(self.handler.fields)} fields, not "
+                    f'{field}: write them as hdf5 (or format = "none")'
+                )
             self.ext = extension_of(spec.name)
         self.name, self.provenance = name, provenance
         self.store = Path(store) if store is not None and self.format == "hdf5" else None
@@ -283,8 +323,11 @@ class Configurations:
 
     def is_save_point(self, step: int) -> bool:
         """Whether configurations are written after ``step``."""
-        return (self.enabled and step > max(self.thermalize, self.done)
-                and ((self.save_every > 0 and step % self.save_every == 0) or step == self.total))
+        return (
+            self.enabled
+            and step > max(self.thermalize, self.done)
+            and ((self.save_every > 0 and step % self.save_every == 0) or step == self.total)
+        )
 
     def start(self, *, resume: bool, force: bool) -> None:
         """Before the first step of a fresh run: refuse or remove an existing store.
@@ -317,10 +360,12 @@ class Configurations:
         provs = [self.provenance(step, c) for c in range(n)]
         header = dict(self.header(step)) if self.header is not None else {}
         src = self.source_meta or [None] * n
+        assert self.handler is not None  # a save point needs a format (enabled)
         if self.store is not None or self.handler.multi:
             metas = [_metadata(src[c], self.precision, provs[c], header) for c in range(n)]
-            ens = io.Ensemble(x, field=self.field, precision=self.precision, meta=metas,
-                              attrs={**self.attrs, "step": step})
+            ens = io.Ensemble(
+                x, field=self.field, precision=self.precision, meta=metas, attrs={**self.attrs, "step": step}
+            )
             if self.store is not None:
                 path = self.store
                 io.write(path, ens, "hdf5", precision=self.precision, append=path.exists())
@@ -331,17 +376,31 @@ class Configurations:
             return
         for c in range(n):
             path = self.folder / f"{self.name(step, c)}.{self.ext}"
-            write_configuration(path, x[c:c + 1], self.format, source_meta=src[c], precision=self.precision,
-                                provenance=provs[c], header=header, overwrite=self.overwrite,
-                                inputs=self.inputs, field=self.field)
+            write_configuration(
+                path,
+                x[c : c + 1],
+                self.format,
+                source_meta=src[c],
+                precision=self.precision,
+                provenance=provs[c],
+                header=header,
+                overwrite=self.overwrite,
+                inputs=self.inputs,
+                field=self.field,
+            )
             self.records.append({"path": str(path), **provs[c]})
 
 
 # ------------------------------------------------------------------- measurements
 
 
-def write_measurements(path: Path, history: Mapping[str, torch.Tensor], *, step_label: str = "step",
-                       config: Mapping[str, Any] | None = None) -> Path:
+def write_measurements(
+    path: Path,
+    history: Mapping[str, torch.Tensor],
+    *,
+    step_label: str = "step",
+    config: Mapping[str, Any] | None = None,
+) -> Path:
     """Write chain histories atomically, as HDF5 (``.h5``) or CSV (``.csv``).
 
     HDF5: one dataset per name, layout (steps, chains) as in
@@ -406,8 +465,9 @@ def read_measurements(path: Path) -> dict[str, np.ndarray]:
             import h5py
 
             with h5py.File(path, "r") as f:
-                return {k: np.asarray(f[k][()], dtype=np.float64) for k in f
-                        if f[k].attrs.get("axes") == "steps,chains"}
+                return {
+                    k: np.asarray(f[k][()], dtype=np.float64) for k in f if f[k].attrs.get("axes") == "steps,chains"
+                }
         with open(path, newline="", encoding="utf-8") as fh:
             rows = list(csv.reader(fh))
     except (OSError, KeyError, ValueError) as exc:
@@ -442,10 +502,18 @@ class ChainOutput:
         ConfigError: on an unknown measurements format.
     """
 
-    def __init__(self, out: Path, command: str, *, checkpoint: str = "chain.ckpt",
-                 configurations: Configurations | None = None, measurements: str | None = None,
-                 step_label: str = "step", config: Mapping[str, Any] | None = None,
-                 what: str = "chain") -> None:
+    def __init__(
+        self,
+        out: Path,
+        command: str,
+        *,
+        checkpoint: str = "chain.ckpt",
+        configurations: Configurations | None = None,
+        measurements: str | None = None,
+        step_label: str = "step",
+        config: Mapping[str, Any] | None = None,
+        what: str = "chain",
+    ) -> None:
         self.out = Path(out)
         self.command = command
         self.checkpoint_path = self.out / checkpoint
@@ -510,23 +578,26 @@ class ChainOutput:
 
         self._write_tables(chain)
         chain.save(self.checkpoint_path)
-        get_plugin_manager().notify("flowplug_checkpoint_written", path=str(self.checkpoint_path),
-                                    step=chain.step_count, what=self.what)
+        get_plugin_manager().notify(
+            "flowplug_checkpoint_written", path=str(self.checkpoint_path), step=chain.step_count, what=self.what
+        )
 
     # --------------------------------------------------------------- at the end
 
     def _write_tables(self, chain: Any) -> None:
         if self.measurements_path is not None and self._measured != chain.step_count:
-            write_measurements(self.measurements_path, chain.history_tensors(), step_label=self.step_label,
-                               config=self.config)
+            write_measurements(
+                self.measurements_path, chain.history_tensors(), step_label=self.step_label, config=self.config
+            )
             self._measured = chain.step_count
         if self.configurations is not None and self.configurations.enabled:
             from flowplug.fsutil import write_json
 
             write_json(self.provenance_path, {"outputs": self.configurations.records})
 
-    def finish(self, chain: Any, summary: Mapping[str, Any], *, report: Mapping[str, Any] | None = None
-               ) -> dict[str, Any]:
+    def finish(
+        self, chain: Any, summary: Mapping[str, Any], *, report: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
         """Write the last measurements, ``provenance.json``, ``report.png`` and ``summary.json``.
 
         Arguments:
@@ -564,5 +635,5 @@ def checkpoint_step(path: Path) -> int | None:
     try:
         state = torch.load(Path(path), map_location="cpu", weights_only=True)
         return int(state["step"])
-    except Exception:  # noqa: BLE001 - a message helper: an unreadable file has no step
+    except Exception:  # a message helper: an unreadable file has no step
         return None

@@ -15,7 +15,8 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from flowplug import config as _config
 from flowplug.flowtools import file_sha256
@@ -23,8 +24,7 @@ from flowplug.flowtools import file_sha256
 __all__ = ["fingerprint", "file_sha256", "provenance"]
 
 
-def _strip(tree: Mapping[str, Any], ignore: set[tuple[str, ...]],
-           prefix: tuple[str, ...] = ()) -> dict[str, Any]:
+def _strip(tree: Mapping[str, Any], ignore: set[tuple[str, ...]], prefix: tuple[str, ...] = ()) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in tree.items():
         key = prefix + (str(k),)
@@ -60,8 +60,7 @@ def fingerprint(config: Mapping[str, Any], *extra: str, ignore: Iterable[str] = 
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def provenance(command: str, *, seed: int, step: int, chain: int,
-               flow: Any = None, **extra: Any) -> dict[str, Any]:
+def provenance(command: str, *, seed: int, step: int, chain: int, flow: Any = None, **extra: Any) -> dict[str, Any]:
     """The provenance record of one written configuration.
 
     Arguments:

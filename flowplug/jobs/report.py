@@ -15,8 +15,9 @@ If matplotlib is missing, the functions warn and return ``None``; the numbers ar
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -55,9 +56,15 @@ def _finish(fig: Any, path: str | Path, title: str | None) -> Path:
     return _write(fig, path)
 
 
-def chain_report(path: str | Path, history: Mapping[str, torch.Tensor], names: Sequence[str], *,
-                 title: str = "", acceptance: Mapping[str, float] | None = None,
-                 weights: Sequence[float] | None = None) -> Path | None:
+def chain_report(
+    path: str | Path,
+    history: Mapping[str, torch.Tensor],
+    names: Sequence[str],
+    *,
+    title: str = "",
+    acceptance: Mapping[str, float] | None = None,
+    weights: Sequence[float] | None = None,
+) -> Path | None:
     """Histories, autocorrelation functions and acceptance of a run, as one PNG.
 
     Arguments:
@@ -132,14 +139,21 @@ OBSERVABLE_TITLES = {
 }
 
 #: Caption of the comparison figure: what the error bars and the time units are.
-COMPARISON_CAPTION = (r"Error bars: 1$\sigma$ statistical errors (Gamma method, Wolff hep-lat/0306017). "
-                      r"$\tau_\mathrm{int}$ is in units of each sampler's own step (HMC: trajectory; flow: "
-                      "Metropolis proposal). Cost per independent Q = wall time per step "
-                      r"$\times\ 2\tau_\mathrm{int}(Q)$, both measured in this run.")
+COMPARISON_CAPTION = (
+    r"Error bars: 1$\sigma$ statistical errors (Gamma method, Wolff hep-lat/0306017). "
+    r"$\tau_\mathrm{int}$ is in units of each sampler's own step (HMC: trajectory; flow: "
+    "Metropolis proposal). Cost per independent Q = wall time per step "
+    r"$\times\ 2\tau_\mathrm{int}(Q)$, both measured in this run."
+)
 
 
-def comparison_figure(rows: Sequence[Mapping[str, Any]], exact: Mapping[str, float],
-                      histories: Mapping[str, np.ndarray], *, title: str = "") -> Any:
+def comparison_figure(
+    rows: Sequence[Mapping[str, Any]],
+    exact: Mapping[str, float],
+    histories: Mapping[str, np.ndarray],
+    *,
+    title: str = "",
+) -> Any:
     """The figure of :func:`comparison_report` (a matplotlib ``Figure``; ``None`` without matplotlib).
 
     Panels, top row: one per observable of ``exact`` (estimates with 1-sigma error bars
@@ -164,19 +178,31 @@ def comparison_figure(rows: Sequence[Mapping[str, Any]], exact: Mapping[str, flo
     ncols = max(len(names) + 1, len(histories) + 1, 3)
     fig, axes = plt.subplots(2, ncols, figsize=(4.2 * ncols, 7.6), squeeze=False)
     unit = {r["label"]: str(r.get("step", "step")) for r in rows}
-    for ax, name in zip(axes[0], names):
+    for ax, name in zip(axes[0], names, strict=False):  # ncols > len(names): the rest are used below
         for j, row in enumerate(rows):
             est = row.get(name)
             if est:
                 ok = np.isfinite(est["error"])
-                ax.errorbar([j], [est["mean"]], yerr=[est["error"] if ok else 0], fmt="o", capsize=4,
-                            color=f"C{j}", label=rf"{row['label']}: estimate $\pm 1\sigma$"
-                            + ("" if ok else " (error not measurable)"))
+                ax.errorbar(
+                    [j],
+                    [est["mean"]],
+                    yerr=[est["error"] if ok else 0],
+                    fmt="o",
+                    capsize=4,
+                    color=f"C{j}",
+                    label=rf"{row['label']}: estimate $\pm 1\sigma$" + ("" if ok else " (error not measurable)"),
+                )
         if name in exact:
             ax.axhline(exact[name], color="k", ls="--", lw=1, label=f"exact (torus) {exact[name]:.6g}")
-        ends = [v for row in rows if row.get(name)
-                for v in (row[name]["mean"] - np.nan_to_num(row[name]["error"]),
-                          row[name]["mean"] + np.nan_to_num(row[name]["error"]))]
+        ends = [
+            v
+            for row in rows
+            if row.get(name)
+            for v in (
+                row[name]["mean"] - np.nan_to_num(row[name]["error"]),
+                row[name]["mean"] + np.nan_to_num(row[name]["error"]),
+            )
+        ]
         ends += [exact[name]] if name in exact else []
         ends = [v for v in ends if np.isfinite(v)]
         if ends:  # the exact line inside, and room for the legend above the points
@@ -190,15 +216,21 @@ def comparison_figure(rows: Sequence[Mapping[str, Any]], exact: Mapping[str, flo
         ax.set_title(OBSERVABLE_TITLES.get(name, name), fontsize=9)
         ax.legend(fontsize=7, loc="upper center")
     ax = axes[0][len(names)]
-    taus = [(r["label"], r.get("q", {}).get("tau_int"), r.get("q", {}).get("tau_int_error", 0))
-            for r in rows if r.get("q")]
+    taus = [
+        (r["label"], r.get("q", {}).get("tau_int"), r.get("q", {}).get("tau_int_error", 0)) for r in rows if r.get("q")
+    ]
     for j, (label, tau, err) in enumerate(taus):
         if tau is not None and np.isfinite(tau):
-            ax.bar([j], [tau], yerr=[err if np.isfinite(err) else 0], capsize=4, color=f"C{j}",
-                   label=rf"{label}: per {unit.get(label, 'step')} $\pm 1\sigma$")
+            ax.bar(
+                [j],
+                [tau],
+                yerr=[err if np.isfinite(err) else 0],
+                capsize=4,
+                color=f"C{j}",
+                label=rf"{label}: per {unit.get(label, 'step')} $\pm 1\sigma$",
+            )
         else:  # no chain moved: tau_int is not measurable
-            ax.text(j, 0.5, "not\nmeasurable", ha="center", va="center", fontsize=8,
-                    transform=ax.get_xaxis_transform())
+            ax.text(j, 0.5, "not\nmeasurable", ha="center", va="center", fontsize=8, transform=ax.get_xaxis_transform())
     ax.set_xlim(-0.6, len(taus) - 0.4)
     ax.set_xticks(range(len(taus)))
     ax.set_xticklabels([f"{t[0]}\n(per {unit.get(t[0], 'step')})" for t in taus], fontsize=8)
@@ -209,7 +241,7 @@ def comparison_figure(rows: Sequence[Mapping[str, Any]], exact: Mapping[str, flo
     ax.set_title(r"integrated autocorrelation time of Q", fontsize=9)
     if taus:
         ax.legend(fontsize=7)
-    for ax in axes[0][len(names) + 1:]:
+    for ax in axes[0][len(names) + 1 :]:
         ax.axis("off")
     from matplotlib.ticker import MaxNLocator
 
@@ -224,16 +256,17 @@ def comparison_figure(rows: Sequence[Mapping[str, Any]], exact: Mapping[str, flo
         ax.set_xlabel(f"{label} {unit.get(label, 'step')}", fontsize=8)
         ax.set_ylabel("topological charge Q", fontsize=8)
     ax = axes[1][len(histories)]
-    costs = [(r["label"], r.get("seconds_per_independent_q")) for r in rows]
-    costs = [(label, c) for label, c in costs if c is not None]
+    stated = [(r["label"], r.get("seconds_per_independent_q")) for r in rows]
+    costs = [(label, c) for label, c in stated if c is not None]
     if costs:
-        for j, (label, c) in enumerate(costs):
+        for j, (_label, c) in enumerate(costs):
             if np.isfinite(c):
                 ax.bar([j], [c], color=f"C{j}")
                 ax.annotate(f"{c:.2g} s", (j, c), ha="center", va="bottom", fontsize=8)
             else:
-                ax.text(j, 0.5, "not\nmeasurable", ha="center", va="center", fontsize=8,
-                        transform=ax.get_xaxis_transform())
+                ax.text(
+                    j, 0.5, "not\nmeasurable", ha="center", va="center", fontsize=8, transform=ax.get_xaxis_transform()
+                )
         ax.set_xlim(-0.6, len(costs) - 0.4)
         ax.set_xticks(range(len(costs)))
         ax.set_xticklabels([label for label, _ in costs], fontsize=8)
@@ -243,7 +276,7 @@ def comparison_figure(rows: Sequence[Mapping[str, Any]], exact: Mapping[str, flo
         ax.set_title(r"cost: wall time per step $\times\ 2\tau_\mathrm{int}(Q)$", fontsize=9)
     else:
         ax.axis("off")
-    for ax in axes[1][len(histories) + 1:]:
+    for ax in axes[1][len(histories) + 1 :]:
         ax.axis("off")
     if title:
         fig.suptitle(title, fontsize=10)
@@ -252,8 +285,14 @@ def comparison_figure(rows: Sequence[Mapping[str, Any]], exact: Mapping[str, flo
     return fig
 
 
-def comparison_report(path: str | Path, rows: Sequence[Mapping[str, Any]], exact: Mapping[str, float],
-                      histories: Mapping[str, np.ndarray], *, title: str = "") -> Path | None:
+def comparison_report(
+    path: str | Path,
+    rows: Sequence[Mapping[str, Any]],
+    exact: Mapping[str, float],
+    histories: Mapping[str, np.ndarray],
+    *,
+    title: str = "",
+) -> Path | None:
     """Estimates of several runs against exact values, tau_int of Q, Q histories, cost, as one PNG.
 
     Arguments:

@@ -36,8 +36,9 @@ The configuration schema is :data:`DEFAULT_CONFIG` (``flowplug resample --print-
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from flowplug.errors import FormatError
 from flowplug.fsutil import locked_run
@@ -78,10 +79,19 @@ NON_CHAIN_KEYS = ("steps", "save_every", "checkpoint_every", "measurements", "th
 
 
 @locked_run("resample", lambda a: a["out"])
-def run_resample(cfg: Mapping[str, Any], inputs: Sequence[Path | str], flow: Path, out: Path, *,
-                 resume: bool = False, force: bool = False, read_options: Mapping[str, Any] | None = None,
-                 progress: bool = False, check_inverse: bool = True,
-                 log: Callable[[str], None] | None = None) -> dict[str, Any]:
+def run_resample(
+    cfg: Mapping[str, Any],
+    inputs: Sequence[Path | str],
+    flow: Path,
+    out: Path,
+    *,
+    resume: bool = False,
+    force: bool = False,
+    read_options: Mapping[str, Any] | None = None,
+    progress: bool = False,
+    check_inverse: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     """Run (or resume) a resample job; ``out`` is locked for the run.
 
     torch runs on ``threads`` CPU threads (:func:`flowplug.threads.job_threads`; the
@@ -119,13 +129,33 @@ def run_resample(cfg: Mapping[str, Any], inputs: Sequence[Path | str], flow: Pat
     from flowplug.threads import job_threads
 
     with job_threads(cfg.get("threads", 1)):
-        return _run_resample(cfg, inputs, flow, out, resume=resume, force=force, read_options=read_options,
-                             progress=progress, check_inverse=check_inverse, log=log)
+        return _run_resample(
+            cfg,
+            inputs,
+            flow,
+            out,
+            resume=resume,
+            force=force,
+            read_options=read_options,
+            progress=progress,
+            check_inverse=check_inverse,
+            log=log,
+        )
 
 
-def _run_resample(cfg: Mapping[str, Any], inputs: Sequence[Path | str], flow: Path, out: Path, *,
-                  resume: bool, force: bool, read_options: Mapping[str, Any] | None, progress: bool,
-                  check_inverse: bool, log: Callable[[str], None] | None) -> dict[str, Any]:
+def _run_resample(
+    cfg: Mapping[str, Any],
+    inputs: Sequence[Path | str],
+    flow: Path,
+    out: Path,
+    *,
+    resume: bool,
+    force: bool,
+    read_options: Mapping[str, Any] | None,
+    progress: bool,
+    check_inverse: bool,
+    log: Callable[[str], None] | None,
+) -> dict[str, Any]:
     """The body of :func:`run_resample` (inside its lock and thread setting)."""
     import torch
 
@@ -149,19 +179,31 @@ def _run_resample(cfg: Mapping[str, Any], inputs: Sequence[Path | str], flow: Pa
     action = ck.action(action_override(cfg))
     files, skipped = io.lattice_inputs([str(p) for p in inputs], format=read_options.get("format"))
     if skipped and log is not None:
-        log(f"skipped {len(skipped)} file{'s' if len(skipped) != 1 else ''} that no lattice format "
-            f"recognises: {', '.join(map(str, skipped))}")
+        log(
+            f"skipped {len(skipped)} file{'s' if len(skipped) != 1 else ''} that no lattice format "
+            f"recognises: {', '.join(map(str, skipped))}"
+        )
     if not files:
-        raise FormatError(f"no lattice file among the inputs {', '.join(map(str, inputs))}"
-                          + (f" (skipped: {', '.join(map(str, skipped))})" if skipped else ""))
-    parts, sources = [], []
+        raise FormatError(
+            f"no lattice file among the inputs {', '.join(map(str, inputs))}"
+            + (f" (skipped: {', '.join(map(str, skipped))})" if skipped else "")
+        )
+    parts: list[io.Ensemble] = []
+    sources: list[dict[str, Any]] = []
     for f in files:
         ens = io.read(f, **read_options)
         check_compatible(ens, ck.flow, str(f))
         digest = file_sha256(f)
         for i in range(len(ens)):
-            sources.append({"file": str(f), "index": i, "sha256": digest, "format": ens.meta[i].format,
-                            "precision": ens.meta[i].precision})
+            sources.append(
+                {
+                    "file": str(f),
+                    "index": i,
+                    "sha256": digest,
+                    "format": ens.meta[i].format,
+                    "precision": ens.meta[i].precision,
+                }
+            )
         parts.append(ens)
     ensemble = io.Ensemble.concat(parts)
     fmt = output_format(ensemble.meta[0].format if ensemble.meta[0].format != "hdf5" else "hdf5", cfg.get("to"))
@@ -179,44 +221,81 @@ def _run_resample(cfg: Mapping[str, Any], inputs: Sequence[Path | str], flow: Pa
 
     def _provenance(t: int, c: int) -> dict[str, Any]:
         src = sources[c]
-        return provenance("resample", seed=seed, step=t, chain=c, flow=ck, input=src["file"],
-                          input_index=src["index"], input_sha256=src["sha256"])
+        return provenance(
+            "resample",
+            seed=seed,
+            step=t,
+            chain=c,
+            flow=ck,
+            input=src["file"],
+            input_index=src["index"],
+            input_sha256=src["sha256"],
+        )
 
     configurations = Configurations(
-        out, fmt, field, store=out / "ensemble.h5", save_every=int(cfg.get("save_every", 0)), total=steps,
-        precision=precision, source_meta=ensemble.meta, inputs=[Path(s["file"]) for s in sources],
+        out,
+        fmt,
+        field,
+        store=out / "ensemble.h5",
+        save_every=int(cfg.get("save_every", 0)),
+        total=steps,
+        precision=precision,
+        source_meta=ensemble.meta,
+        inputs=[Path(s["file"]) for s in sources],
         overwrite=force,
-        name=lambda t, c: (f"resample.s{t:05d}" if c is None
-                           else f"{Path(sources[c]['file']).name}.c{c:03d}.s{t:05d}"),
-        provenance=_provenance)
-    output = ChainOutput(out, "resample", configurations=configurations,
-                         measurements=cfg.get("measurements", "csv"), config=cfg)
+        name=lambda t, c: f"resample.s{t:05d}" if c is None else f"{Path(sources[c]['file']).name}.c{c:03d}.s{t:05d}",
+        provenance=_provenance,
+    )
+    output = ChainOutput(
+        out, "resample", configurations=configurations, measurements=cfg.get("measurements", "csv"), config=cfg
+    )
     output.start(resume=resume, force=force)
-    chain = run_chains(kernel, x0, steps, seed=seed, measure=measure, output=output, resume=resume, run_id=run_id,
-                       checkpoint_every=int(cfg.get("checkpoint_every", 50)), progress=progress, desc="resample")
+    chain = run_chains(
+        kernel,
+        x0,
+        steps,
+        seed=seed,
+        measure=measure,
+        output=output,
+        resume=resume,
+        run_id=run_id,
+        checkpoint_every=int(cfg.get("checkpoint_every", 50)),
+        progress=progress,
+        desc="resample",
+    )
     hist = chain.history_tensors()
     stats = chain_summary(hist, names, lattice=ck.flow.lattice)
     warn_short_chains(stats.get("observables", {}), chain.step_count, job="resample", steps_key="steps")
     acc = stats.get("acceptance", float("nan"))
+    assert ck.inverse_check is not None  # open_flow runs the check
     summary = {
         "acceptance": acc,
         "acceptance_by_kernel": stats.get("acceptance_by_kernel", {}),
         "ess": weights["ess"],
         "ess_p_samples": weights.get("ess_p_samples"),
-        "steps": chain.step_count, "chains": chain.state.batch, "seed": seed,
-        "format": fmt, "precision": precision,
+        "steps": chain.step_count,
+        "chains": chain.state.batch,
+        "seed": seed,
+        "format": fmt,
+        "precision": precision,
         "flow": {"path": str(flow), "sha256": ck.sha256, "field": field, "lattice": list(ck.flow.lattice)},
         "action": ck.action_config | action_override(cfg),
         "observables": stats.get("observables", {}),
         "reweighted_inputs": weights["reweighted"],  # sum w O / sum w over the inputs
-        "inputs": [{**s, "log_p": lp, "log_q": lq, "log_w": lw}
-                   for s, lp, lq, lw in zip(sources, weights["log_p"], weights["log_q"], weights["log_w"])],
+        "inputs": [
+            {**s, "log_p": lp, "log_q": lq, "log_w": lw}
+            for s, lp, lq, lw in zip(sources, weights["log_p"], weights["log_q"], weights["log_w"], strict=True)
+        ],
         "skipped_inputs": [str(f) for f in skipped],
         "written": len(output.written),
         "threads": torch.get_num_threads(),
         "inverse_check": {**ck.inverse_check.as_dict(), "enforced": check_inverse},
     }
-    report = {"history": hist, "names": names, "weights": weights["log_w"],
-              "title": f"flowplug resample: {len(sources)} chains, acceptance {acc:.3f}",
-              "acceptance": summary["acceptance_by_kernel"] or {"all": acc}}
+    report = {
+        "history": hist,
+        "names": names,
+        "weights": weights["log_w"],
+        "title": f"flowplug resample: {len(sources)} chains, acceptance {acc:.3f}",
+        "acceptance": summary["acceptance_by_kernel"] or {"all": acc},
+    }
     return output.finish(chain, summary, report=report)

@@ -26,8 +26,9 @@ The configuration schema is :data:`DEFAULT_CONFIG` (``flowplug sample --print-co
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from flowplug.fsutil import locked_run
 
@@ -75,8 +76,16 @@ NON_CHAIN_KEYS = ("steps", "save_every", "checkpoint_every", "measurements", "th
 
 
 @locked_run("sample", lambda a: a["out"])
-def run_sample(cfg: Mapping[str, Any], flow: Path | None, out: Path, *, resume: bool = False,
-               force: bool = False, progress: bool = False, check_inverse: bool = True) -> dict[str, Any]:
+def run_sample(
+    cfg: Mapping[str, Any],
+    flow: Path | None,
+    out: Path,
+    *,
+    resume: bool = False,
+    force: bool = False,
+    progress: bool = False,
+    check_inverse: bool = True,
+) -> dict[str, Any]:
     """Run (or resume) a sample job; ``out`` is locked for the run.
 
     Arguments:
@@ -100,12 +109,19 @@ def run_sample(cfg: Mapping[str, Any], flow: Path | None, out: Path, *, resume: 
     from flowplug.threads import job_threads
 
     with job_threads(cfg.get("threads", 1)):
-        return _run_sample(cfg, flow, out, resume=resume, force=force, progress=progress,
-                           check_inverse=check_inverse)
+        return _run_sample(cfg, flow, out, resume=resume, force=force, progress=progress, check_inverse=check_inverse)
 
 
-def _run_sample(cfg: Mapping[str, Any], flow: Path | None, out: Path, *, resume: bool, force: bool,
-                progress: bool, check_inverse: bool) -> dict[str, Any]:
+def _run_sample(
+    cfg: Mapping[str, Any],
+    flow: Path | None,
+    out: Path,
+    *,
+    resume: bool,
+    force: bool,
+    progress: bool,
+    check_inverse: bool,
+) -> dict[str, Any]:
     """The body of :func:`run_sample` (inside its lock and thread setting)."""
     import torch
 
@@ -125,8 +141,10 @@ def _run_sample(cfg: Mapping[str, Any], flow: Path | None, out: Path, *, resume:
     out = Path(out)
     chains, steps, therm = int(cfg["chains"]), int(cfg["steps"]), int(cfg["thermalize"])
     if chains < 1 or steps < 1 or not 0 <= therm < steps:
-        raise ConfigError(f"need chains >= 1, steps >= 1 and 0 <= thermalize < steps; found chains={chains}, "
-                          f"steps={steps}, thermalize={therm}")
+        raise ConfigError(
+            f"need chains >= 1, steps >= 1 and 0 <= thermalize < steps; found chains={chains}, "
+            f"steps={steps}, thermalize={therm}"
+        )
     seed = int(cfg["seed"])
     g0 = torch.Generator().manual_seed(seed + 7919)
     ck = None
@@ -135,8 +153,10 @@ def _run_sample(cfg: Mapping[str, Any], flow: Path | None, out: Path, *, resume:
         action = ck.action(action_override(cfg))
         lattice = tuple(ck.flow.lattice)
         if cfg.get("lattice") and tuple(int(n) for n in cfg["lattice"]) != lattice:
-            raise ConfigError(f"lattice = {list(cfg['lattice'])} but the flow was trained on {list(lattice)}; "
-                              "drop lattice (a flow job runs on the flow's lattice)")
+            raise ConfigError(
+                f"lattice = {list(cfg['lattice'])} but the flow was trained on {list(lattice)}; "
+                "drop lattice (a flow job runs on the flow's lattice)"
+            )
     else:
         action, lattice = _action_and_lattice(cfg)
     field, ndim = action.field, len(lattice)
@@ -144,12 +164,20 @@ def _run_sample(cfg: Mapping[str, Any], flow: Path | None, out: Path, *, resume:
     names = list(cfg.get("observables") or default_observables(field, ndim))
     kernel = build_kernel(ck.flow if ck else None, action, cfg["kernel"])  # validate before creating outputs
     configurations = Configurations(
-        out, fmt, field, store=out / "ensemble.h5", save_every=int(cfg.get("save_every", 0)), total=steps,
-        thermalize=therm, overwrite=force or resume,
+        out,
+        fmt,
+        field,
+        store=out / "ensemble.h5",
+        save_every=int(cfg.get("save_every", 0)),
+        total=steps,
+        thermalize=therm,
+        overwrite=force or resume,
         name=lambda t, c: f"sample.s{t:05d}" if c is None else f"sample.c{c:03d}.s{t:05d}",
-        provenance=lambda t, c: provenance("sample", seed=seed, step=t, chain=c, flow=ck))
-    output = ChainOutput(out, "sample", configurations=configurations,
-                         measurements=cfg.get("measurements", "csv"), config=cfg)
+        provenance=lambda t, c: provenance("sample", seed=seed, step=t, chain=c, flow=ck),
+    )
+    output = ChainOutput(
+        out, "sample", configurations=configurations, measurements=cfg.get("measurements", "csv"), config=cfg
+    )
     output.start(resume=resume, force=force)
     weights: dict[str, Any] = {"ess": None}
     if ck is not None:
@@ -162,31 +190,52 @@ def _run_sample(cfg: Mapping[str, Any], flow: Path | None, out: Path, *, resume:
 
         x0 = field_space(field).hot(lattice, chains, generator=g0)
     run_id = fingerprint(cfg, ck.sha256 if ck else "", ignore=NON_CHAIN_KEYS)
-    chain = run_chains(kernel, x0.detach(), steps, seed=seed, measure=measurement(field, names), output=output,
-                       resume=resume, run_id=run_id, checkpoint_every=int(cfg.get("checkpoint_every", 100)),
-                       progress=progress, desc="sample")
+    chain = run_chains(
+        kernel,
+        x0.detach(),
+        steps,
+        seed=seed,
+        measure=measurement(field, names),
+        output=output,
+        resume=resume,
+        run_id=run_id,
+        checkpoint_every=int(cfg.get("checkpoint_every", 100)),
+        progress=progress,
+        desc="sample",
+    )
     hist = chain.history_tensors()
     stats = chain_summary(hist, names, burn=therm, lattice=lattice)
     warn_short_chains(stats.get("observables", {}), chain.step_count - therm, job="sample", steps_key="steps")
     acc = stats["acceptance"]
+    inverse_check = None
+    if ck is not None:
+        assert ck.inverse_check is not None  # open_flow runs the check
+        inverse_check = {**ck.inverse_check.as_dict(), "enforced": check_inverse}
     summary = {
         "acceptance": acc,
         "acceptance_by_kernel": stats["acceptance_by_kernel"],
         "ess": weights["ess"],
         "threads": torch.get_num_threads(),
-        "chains": chains, "steps": chain.step_count, "thermalize": therm, "seed": seed, "format": fmt,
+        "chains": chains,
+        "steps": chain.step_count,
+        "thermalize": therm,
+        "seed": seed,
+        "format": fmt,
         "kernel": _kernel_name(cfg, ck is not None),
-        "field": field, "lattice": list(lattice),
-        "flow": ({"path": str(flow), "sha256": ck.sha256, "field": field, "lattice": list(lattice)}
-                 if ck else None),
+        "field": field,
+        "lattice": list(lattice),
+        "flow": ({"path": str(flow), "sha256": ck.sha256, "field": field, "lattice": list(lattice)} if ck else None),
         "action": (ck.action_config | action_override(cfg)) if ck else dict(cfg["action"]),
         "observables": stats["observables"],
         "written": len(output.written),
-        "inverse_check": {**ck.inverse_check.as_dict(), "enforced": check_inverse} if ck else None,
+        "inverse_check": inverse_check,
     }
-    report = {"history": {k: v[therm:] for k, v in hist.items()}, "names": names,
-              "title": f"flowplug sample: {chains} chains x {chain.step_count} steps, acceptance {acc:.3f}",
-              "acceptance": summary["acceptance_by_kernel"] or {"all": acc}}
+    report = {
+        "history": {k: v[therm:] for k, v in hist.items()},
+        "names": names,
+        "title": f"flowplug sample: {chains} chains x {chain.step_count} steps, acceptance {acc:.3f}",
+        "acceptance": summary["acceptance_by_kernel"] or {"all": acc},
+    }
     return output.finish(chain, summary, report=report)
 
 
@@ -205,10 +254,13 @@ def _action_and_lattice(cfg: Mapping[str, Any]) -> tuple[Any, tuple[int, ...]]:
 
     table = {k: v for k, v in dict(cfg.get("action", {})).items() if v not in ("", None)}
     if not table.get("name"):
-        raise ConfigError("flowplug sample without --flow samples the action [action]: give action.name "
-                          "(and its couplings, e.g. --set action.name=wilson --set action.beta=2.0)")
+        raise ConfigError(
+            "flowplug sample without --flow samples the action [action]: give action.name "
+            "(and its couplings, e.g. --set action.name=wilson --set action.beta=2.0)"
+        )
     lattice = tuple(int(n) for n in cfg.get("lattice") or ())
     if not lattice or any(n < 1 for n in lattice):
-        raise ConfigError(f"flowplug sample without --flow needs lattice = [L0, L1, ...]; found "
-                          f"{list(cfg.get('lattice') or [])}")
+        raise ConfigError(
+            f"flowplug sample without --flow needs lattice = [L0, L1, ...]; found {list(cfg.get('lattice') or [])}"
+        )
     return action_from_config({"action": table}), lattice

@@ -19,13 +19,22 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["observable_summary", "chain_summary", "topological_susceptibility", "warn_short_chains",
-           "short_chain_observables", "ShortChainWarning", "MIN_LENGTH_IN_TAU", "NON_OBSERVABLES"]
+__all__ = [
+    "observable_summary",
+    "chain_summary",
+    "topological_susceptibility",
+    "warn_short_chains",
+    "short_chain_observables",
+    "ShortChainWarning",
+    "MIN_LENGTH_IN_TAU",
+    "NON_OBSERVABLES",
+]
 
 #: A chain shorter than this many tau_int gives an unreliable error: the relative error
 #: of tau_int is then about 4 sqrt(tau_int / N) ~ 0.9 for one chain of N = 20 tau_int
@@ -61,8 +70,9 @@ def _nan_mean(values: np.ndarray) -> float:
     return float(keep.mean()) if keep.size else math.nan
 
 
-def observable_summary(history: Mapping[str, Any], names: Iterable[str] | None = None, *,
-                       burn: int = 0) -> dict[str, dict[str, Any]]:
+def observable_summary(
+    history: Mapping[str, Any], names: Iterable[str] | None = None, *, burn: int = 0
+) -> dict[str, dict[str, Any]]:
     """Gamma-method mean, error and tau_int of each observable.
 
     Arguments:
@@ -93,20 +103,35 @@ def observable_summary(history: Mapping[str, Any], names: Iterable[str] | None =
             continue
         spread = float((data.max(0) - data.min(0)).max())
         if spread <= 1e-12 * max(1.0, float(np.abs(data).max())):
-            out[name] = {"mean": float(data.mean()), "error": math.nan, "tau_int": math.inf,
-                         "tau_int_error": math.nan, "n": int(data.size),
-                         "note": "no chain changed this value: error and tau_int not measurable"}
+            out[name] = {
+                "mean": float(data.mean()),
+                "error": math.nan,
+                "tau_int": math.inf,
+                "tau_int_error": math.nan,
+                "n": int(data.size),
+                "note": "no chain changed this value: error and tau_int not measurable",
+            }
             continue
         r = gamma_method(data, step_axis=0)
-        out[name] = {"mean": r.mean, "error": r.error, "tau_int": r.tau_int,
-                     "tau_int_error": r.tau_int_error, "n": r.n, "window": r.window}
+        out[name] = {
+            "mean": r.mean,
+            "error": r.error,
+            "tau_int": r.tau_int,
+            "tau_int_error": r.tau_int_error,
+            "n": r.n,
+            "window": r.window,
+        }
         steps = data.shape[0]
         if r.window >= max(steps // 2, 1):
-            out[name]["note"] = ("the summation window reached half the chain length: tau_int and the "
-                                 "error are lower bounds (run longer chains)")
+            out[name]["note"] = (
+                "the summation window reached half the chain length: tau_int and the "
+                "error are lower bounds (run longer chains)"
+            )
         elif steps < MIN_LENGTH_IN_TAU * r.tau_int:
-            out[name]["note"] = (f"the chains ({steps} steps) are shorter than {MIN_LENGTH_IN_TAU} tau_int: "
-                                 "tau_int and the error are unreliable (run longer chains)")
+            out[name]["note"] = (
+                f"the chains ({steps} steps) are shorter than {MIN_LENGTH_IN_TAU} tau_int: "
+                "tau_int and the error are unreliable (run longer chains)"
+            )
     return out
 
 
@@ -144,8 +169,13 @@ def topological_susceptibility(charge: Any, lattice: Sequence[int], *, burn: int
     return {**entry[SUSCEPTIBILITY], "volume": volume, "definition": "<Q^2>/V"}
 
 
-def chain_summary(history: Mapping[str, Any], names: Iterable[str] | None = None, *,
-                  burn: int = 0, lattice: Sequence[int] | None = None) -> dict[str, Any]:
+def chain_summary(
+    history: Mapping[str, Any],
+    names: Iterable[str] | None = None,
+    *,
+    burn: int = 0,
+    lattice: Sequence[int] | None = None,
+) -> dict[str, Any]:
     """The ``summary.json`` figures of a chain run, after dropping ``burn`` steps.
 
     Arguments:
@@ -171,8 +201,9 @@ def chain_summary(history: Mapping[str, Any], names: Iterable[str] | None = None
     if n <= 0:
         return out
     out["acceptance"] = float(_array(history["accepted"])[burn:].mean())
-    out["acceptance_by_kernel"] = {k[len("accepted."):]: _nan_mean(_array(v)[burn:])
-                                   for k, v in history.items() if k.startswith("accepted.")}
+    out["acceptance_by_kernel"] = {
+        k[len("accepted.") :]: _nan_mean(_array(v)[burn:]) for k, v in history.items() if k.startswith("accepted.")
+    }
     names = None if names is None else list(names)
     out["observables"] = observable_summary(history, names, burn=burn)
     if lattice is not None and "topological_charge" in out["observables"]:
@@ -207,8 +238,9 @@ def short_chain_observables(observables: Mapping[str, Mapping[str, Any]], steps:
     return out
 
 
-def warn_short_chains(observables: Mapping[str, Mapping[str, Any]], steps: int, *, job: str,
-                      steps_key: str = "steps", unit: str = "steps") -> str | None:
+def warn_short_chains(
+    observables: Mapping[str, Mapping[str, Any]], steps: int, *, job: str, steps_key: str = "steps", unit: str = "steps"
+) -> str | None:
     """Warn (one :class:`ShortChainWarning`) when the chains are too short for some tau_int.
 
     Arguments:
@@ -224,12 +256,19 @@ def warn_short_chains(observables: Mapping[str, Mapping[str, Any]], steps: int, 
     short = short_chain_observables(observables, steps)
     if not short:
         return None
-    taus = ", ".join(f"{name} (tau_int {tau:.3g})" if math.isfinite(tau) else f"{name} (no chain moved)"
-                     for name, tau in short.items())
+    taus = ", ".join(
+        f"{name} (tau_int {tau:.3g})" if math.isfinite(tau) else f"{name} (no chain moved)"
+        for name, tau in short.items()
+    )
     need = max((t for t in short.values() if math.isfinite(t)), default=math.nan)
-    fix = (f"raise {steps_key}: at least {math.ceil(MIN_LENGTH_IN_TAU * need)} {unit} per chain after "
-           "thermalisation" if math.isfinite(need) else f"raise {steps_key}")
-    message = (f"{job}: chains of {steps} {unit} are too short for {taus}: errors and tau_int need chains of "
-               f"at least {MIN_LENGTH_IN_TAU} tau_int ({fix})")
+    fix = (
+        f"raise {steps_key}: at least {math.ceil(MIN_LENGTH_IN_TAU * need)} {unit} per chain after thermalisation"
+        if math.isfinite(need)
+        else f"raise {steps_key}"
+    )
+    message = (
+        f"{job}: chains of {steps} {unit} are too short for {taus}: errors and tau_int need chains of "
+        f"at least {MIN_LENGTH_IN_TAU} tau_int ({fix})"
+    )
     warnings.warn(message, ShortChainWarning, stacklevel=2)
     return message

@@ -18,14 +18,22 @@ threads (default 1; :func:`flowplug.threads.job_threads`).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from flowplug.errors import FlowplugError
 from flowplug.fsutil import locked_run
 
-__all__ = ["DEFAULT_CONFIG", "OPEN_TABLES", "RESUME_KEYS", "run_train", "resume_train", "stored_config",
-           "action_keys_only"]
+__all__ = [
+    "DEFAULT_CONFIG",
+    "OPEN_TABLES",
+    "RESUME_KEYS",
+    "run_train",
+    "resume_train",
+    "stored_config",
+    "action_keys_only",
+]
 
 DEFAULT_CONFIG = """\
 # flowplug train: complete default configuration (every key, with its default).
@@ -92,8 +100,6 @@ def _observables(field: str, ndim: int) -> dict[str, Callable[[Any], Any]]:
     """Observables of the final evaluation: the field kind's defaults, through the observable
     registry (:func:`flowplug.measure.default_observables`), and Q^2 next to a topological
     charge Q."""
-    import torch
-
     from flowplug.manager import registry
     from flowplug.measure import default_observables
 
@@ -103,8 +109,15 @@ def _observables(field: str, ndim: int) -> dict[str, Callable[[Any], Any]]:
         f = reg.get(name).factory
         obs[name] = f
         if name == "topological_charge":
-            obs["topological_charge_squared"] = lambda x, f=f: f(x).to(torch.float64) ** 2
+            obs["topological_charge_squared"] = _squared(f)
     return obs
+
+
+def _squared(f: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """x -> f(x)^2 in float64."""
+    import torch
+
+    return lambda x: f(x).to(torch.float64) ** 2
 
 
 def action_keys_only(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -166,8 +179,10 @@ def run_train(cfg: Mapping[str, Any], *, force: bool = False) -> dict[str, Any]:
     out = Path(str(cfg["out"]))
     ckpt = out / CHECKPOINT_NAME
     if ckpt.exists() and not force:
-        raise FlowplugError(f"{ckpt} exists: continue that run with --resume {ckpt.parent}, or start "
-                            "afresh with --force (or another out)")
+        raise FlowplugError(
+            f"{ckpt} exists: continue that run with --resume {ckpt.parent}, or start "
+            "afresh with --force (or another out)"
+        )
     cfg = action_keys_only(cfg)  # stored in config.toml and the checkpoint
     with job_threads(cfg.get("threads", 0)):
         trainer = build_trainer(cfg)
@@ -188,8 +203,9 @@ def _resume_dir(run: str | Path) -> Path | None:
 
 
 @locked_run("train", lambda a: _resume_dir(a["run"]))
-def resume_train(run: str | Path, *, overrides: Mapping[str, Any] | None = None,
-                 log: Callable[[str], None] | None = None) -> dict[str, Any]:
+def resume_train(
+    run: str | Path, *, overrides: Mapping[str, Any] | None = None, log: Callable[[str], None] | None = None
+) -> dict[str, Any]:
     """Continue a training run from its checkpoint (bit for bit), then evaluate and summarise.
 
     Arguments:
@@ -215,8 +231,10 @@ def resume_train(run: str | Path, *, overrides: Mapping[str, Any] | None = None,
         if log is not None:
             log(f"resuming {run} at step {trainer.step} of {trainer.steps_total}")
             if trainer.step >= trainer.steps_total:
-                log(f"nothing to train: the run already has {trainer.step} steps (raise train.steps to "
-                    "continue); evaluating")
+                log(
+                    f"nothing to train: the run already has {trainer.step} steps (raise train.steps to "
+                    "continue); evaluating"
+                )
         trainer.run()
         return _finish(trainer, config)
 
@@ -231,14 +249,22 @@ def _finish(trainer: Any, config: Mapping[str, Any]) -> dict[str, Any]:
     from flowplug.train import CHECKPOINT_NAME
 
     ev = dict(config.get("eval", {}))
-    figures = trainer.evaluate(int(ev.get("samples", 8192)), batch_size=int(ev.get("batch_size", 1024)),
-                               seed=int(ev.get("seed", 12345)), observables=_observables(trainer.flow.field, len(trainer.flow.lattice)))
+    figures = trainer.evaluate(
+        int(ev.get("samples", 8192)),
+        batch_size=int(ev.get("batch_size", 1024)),
+        seed=int(ev.get("seed", 12345)),
+        observables=_observables(trainer.flow.field, len(trainer.flow.lattice)),
+    )
     # the samplers refuse a flow whose inverse is broken: say so now, not at the first `sample`
     inverse = check_inverse(trainer.flow)
     if not inverse.passed:
-        warnings.warn(f"{trainer.out}: the trained flow's inverse does not undo its forward map "
-                      f"({inverse.describe()}); sample, resample and propose will refuse it "
-                      "(retrain with a lower train.lr or with train.guard)", InverseCheckWarning, stacklevel=1)
+        warnings.warn(
+            f"{trainer.out}: the trained flow's inverse does not undo its forward map "
+            f"({inverse.describe()}); sample, resample and propose will refuse it "
+            "(retrain with a lower train.lr or with train.guard)",
+            InverseCheckWarning,
+            stacklevel=1,
+        )
     last = trainer.history[-1] if trainer.history else {}
     summary = {
         "ess": figures["ess"],
@@ -258,9 +284,11 @@ def _finish(trainer: Any, config: Mapping[str, Any]) -> dict[str, Any]:
         "action": {"name": str(config["action"]["name"]), **getattr(trainer.action, "couplings", dict)()},
         "device": str(trainer.device),
         "checkpoint": str(trainer.out / CHECKPOINT_NAME),
-        "observables": {k: v for k, v in figures.items()
-                        if k not in ("ess", "acceptance", "acceptance_chain", "free_energy", "n_samples",
-                                     "non_finite")},
+        "observables": {
+            k: v
+            for k, v in figures.items()
+            if k not in ("ess", "acceptance", "acceptance_chain", "free_energy", "n_samples", "non_finite")
+        },
         "inverse_check": inverse.as_dict(),
     }
     return write_job_summary(trainer.out, "train", summary)

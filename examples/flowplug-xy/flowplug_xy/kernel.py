@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 import torch
+
 from flowplug.chain import ChainState, Kernel
 from flowplug.errors import ConfigError
 from flowplug.groups import wrap_angle
@@ -59,8 +60,9 @@ class XYMetropolis(Kernel):
         x = x.detach().to(torch.float64)
         odd = [n for n in x.shape[1:] if n % 2]
         if odd:
-            raise ConfigError(f"xy-metropolis: lattice {list(x.shape[1:])} has odd extents; the "
-                              "checkerboard update needs even ones")
+            raise ConfigError(
+                f"xy-metropolis: lattice {list(x.shape[1:])} has odd extents; the checkerboard update needs even ones"
+            )
         return ChainState(x, -self.action.action(x).to(torch.float64))
 
     def _neighbour_sum(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,8 +76,9 @@ class XYMetropolis(Kernel):
                 ss += torch.roll(s, shift, dims=ax)
         return cs, ss
 
-    def step(self, state: ChainState, generator: torch.Generator | None = None
-             ) -> tuple[ChainState, dict[str, torch.Tensor]]:
+    def step(
+        self, state: ChainState, generator: torch.Generator | None = None
+    ) -> tuple[ChainState, dict[str, torch.Tensor]]:
         """``sweeps`` checkerboard sweeps for every chain."""
         theta = state.x.clone()
         shape = theta.shape
@@ -86,8 +89,9 @@ class XYMetropolis(Kernel):
             for colour in (False, True):
                 mask = (parity == colour).expand(shape)
                 cs, ss = self._neighbour_sum(theta)
-                delta = self.step_size * (2 * torch.rand(shape, generator=generator, dtype=torch.float64,
-                                                         device=theta.device) - 1)
+                delta = self.step_size * (
+                    2 * torch.rand(shape, generator=generator, dtype=torch.float64, device=theta.device) - 1
+                )
                 new = theta + delta
                 # S_x = -beta [cos theta_x sum_n cos theta_n + sin theta_x sum_n sin theta_n]
                 ds = -self.beta * ((torch.cos(new) - torch.cos(theta)) * cs + (torch.sin(new) - torch.sin(theta)) * ss)

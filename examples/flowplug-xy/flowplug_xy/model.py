@@ -12,8 +12,7 @@ import torch
 def _check(theta: torch.Tensor) -> None:
     if theta.dim() < 2 or theta.is_complex():
         raise ValueError(
-            f"XY field must be real angles of shape (B, L_0, ..., L_(d-1)); "
-            f"found {theta.dtype} {tuple(theta.shape)}"
+            f"XY field must be real angles of shape (B, L_0, ..., L_(d-1)); found {theta.dtype} {tuple(theta.shape)}"
         )
 
 

@@ -1,7 +1,6 @@
 """Hook implementations of flowplug-xy (registered through the ``flowplug`` entry point)."""
 
 from flowplug import ActionSpec, KernelSpec, ObservableSpec, hookimpl
-
 from flowplug_xy.kernel import XYMetropolis
 from flowplug_xy.model import XYAction, bond_energy
 
