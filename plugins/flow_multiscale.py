@@ -68,7 +68,7 @@ References:
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -97,8 +97,10 @@ def block_hierarchy(lattice: Sequence[int]) -> list[list[tuple[tuple[int, int, i
     """
     lat = tuple(int(v) for v in lattice)
     if len(lat) != 2 or min(lat) < 2:
-        raise ConfigError(f"u1-multiscale needs a 2D lattice with extents >= 2 (its plaquettes are "
-                          f"independent only in 2D); found lattice {list(lattice)}")
+        raise ConfigError(
+            f"u1-multiscale needs a 2D lattice with extents >= 2 (its plaquettes are "
+            f"independent only in 2D); found lattice {list(lattice)}"
+        )
     levels = []
     blocks = [(0, lat[0], 0, lat[1])]
     while blocks:
@@ -155,9 +157,26 @@ class U1MultiscaleCoupling(nn.Module):
         ShapeError: on an input of the wrong shape.
     """
 
-    def __init__(self, *, lattice: Sequence[int], field: str = "u1", index: int = 0,
-                 hidden: Sequence[int] = (32, 32), n_bins: int = 8, dtype: str = "float32",
-                 init_scale: float = 0.0, levels: int | None = None, n_modes: int = 4) -> None:
+    # buffers (registered in __init__; declared for the type checker)
+    t_of: torch.Tensor
+    o_of: torch.Tensor
+    link: torch.Tensor
+    areas: torch.Tensor
+    modes: torch.Tensor
+
+    def __init__(
+        self,
+        *,
+        lattice: Sequence[int],
+        field: str = "u1",
+        index: int = 0,
+        hidden: Sequence[int] = (32, 32),
+        n_bins: int = 8,
+        dtype: str = "float32",
+        init_scale: float = 0.0,
+        levels: int | None = None,
+        n_modes: int = 4,
+    ) -> None:
         super().__init__()
         if field != "u1":
             raise ConfigError(f"u1-multiscale acts on u1 links; found field kind '{field}'")
@@ -171,16 +190,18 @@ class U1MultiscaleCoupling(nn.Module):
         self.n_levels = len(hierarchy)
         n_used = self.n_levels if levels is None else levels
         if isinstance(n_used, bool) or not isinstance(n_used, int) or not 1 <= n_used <= self.n_levels:
-            raise ConfigError(f"u1-multiscale: levels must be an integer in 1..{self.n_levels} for lattice "
-                              f"{list(lattice)}; found {levels!r}")
+            raise ConfigError(
+                f"u1-multiscale: levels must be an integer in 1..{self.n_levels} for lattice "
+                f"{list(lattice)}; found {levels!r}"
+            )
         self.level = self.n_levels - n_used + int(index) % n_used
         blocks = hierarchy[self.level]
         l0, l1 = self.lattice
         vol = l0 * l1
         n = len(blocks)
-        t_of = torch.full((vol,), n, dtype=torch.long)   # plaquette -> block whose T child holds it
+        t_of = torch.full((vol,), n, dtype=torch.long)  # plaquette -> block whose T child holds it
         o_of = torch.full((vol,), n, dtype=torch.long)
-        link = torch.empty(n, dtype=torch.long)           # flat index into (2, L0, L1)
+        link = torch.empty(n, dtype=torch.long)  # flat index into (2, L0, L1)
         areas = torch.empty(n, 2, dtype=torch.float64)
         for j, ((x0, n0, x1, n1), s) in enumerate(blocks):
             h = (n0 if s == 0 else n1) // 2
@@ -210,8 +231,10 @@ class U1MultiscaleCoupling(nn.Module):
 
     def _check(self, theta: torch.Tensor) -> None:
         if theta.ndim != 4 or tuple(theta.shape[1:]) != (2, *self.lattice) or theta.is_complex():
-            raise ShapeError(f"U1MultiscaleCoupling: expected real angles of shape (B, 2, {self.lattice[0]}, "
-                             f"{self.lattice[1]}); found {theta.dtype} {tuple(theta.shape)}")
+            raise ShapeError(
+                f"U1MultiscaleCoupling: expected real angles of shape (B, 2, {self.lattice[0]}, "
+                f"{self.lattice[1]}); found {theta.dtype} {tuple(theta.shape)}"
+            )
 
     def _loops(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Loop angles (unwrapped) of the T children and of the parents, each (B, n_blocks)."""

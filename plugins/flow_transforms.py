@@ -27,9 +27,16 @@ import torch.nn.functional as F
 TWO_PI = 2.0 * math.pi
 
 
-def rq_spline_params(raw: torch.Tensor, n_bins: int, *, width: float = 1.0, height: float = 1.0,
-                     min_bin: float = 1e-3, min_derivative: float = 1e-3,
-                     boundary: str = "free") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def rq_spline_params(
+    raw: torch.Tensor,
+    n_bins: int,
+    *,
+    width: float = 1.0,
+    height: float = 1.0,
+    min_bin: float = 1e-3,
+    min_derivative: float = 1e-3,
+    boundary: str = "free",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     r"""Bin widths, heights and knot derivatives from unconstrained parameters.
 
     Zero raw parameters give equal bins and unit derivatives, i.e. the identity map.
@@ -55,10 +62,11 @@ def rq_spline_params(raw: torch.Tensor, n_bins: int, *, width: float = 1.0, heig
     k = int(n_bins)
     n_d = {"free": k + 1, "periodic": k, "linear": k - 1}[boundary]
     if raw.shape[-1] != 2 * k + n_d:
-        raise ValueError(f"rq_spline_params: expected {2 * k + n_d} parameters for {k} bins "
-                         f"({boundary} ends); found {raw.shape[-1]}")
+        raise ValueError(
+            f"rq_spline_params: expected {2 * k + n_d} parameters for {k} bins ({boundary} ends); found {raw.shape[-1]}"
+        )
     raw = raw.to(torch.float64)
-    rw, rh, rd = raw[..., :k], raw[..., k:2 * k], raw[..., 2 * k:]
+    rw, rh, rd = raw[..., :k], raw[..., k : 2 * k], raw[..., 2 * k :]
     scale = 1.0 - k * min_bin
     w = width * (min_bin + scale * torch.softmax(rw, dim=-1))
     h = height * (min_bin + scale * torch.softmax(rh, dim=-1))
@@ -72,9 +80,16 @@ def rq_spline_params(raw: torch.Tensor, n_bins: int, *, width: float = 1.0, heig
     return w, h, d
 
 
-def rq_spline(x: torch.Tensor, widths: torch.Tensor, heights: torch.Tensor, derivatives: torch.Tensor,
-              *, left: float = 0.0, bottom: float = 0.0,
-              inverse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def rq_spline(
+    x: torch.Tensor,
+    widths: torch.Tensor,
+    heights: torch.Tensor,
+    derivatives: torch.Tensor,
+    *,
+    left: float = 0.0,
+    bottom: float = 0.0,
+    inverse: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Monotone rational-quadratic spline on [left, left + sum(widths)] (Durkan et al. 1906.04032).
 
     Within bin k, with xi = (x - x_k)/w_k in [0, 1] and s_k = h_k/w_k,
@@ -132,8 +147,9 @@ def rq_spline(x: torch.Tensor, widths: torch.Tensor, heights: torch.Tensor, deri
     return x0 + xi * w, 2 * torch.log(den) - torch.log(num)
 
 
-def circular_rq_spline(x: torch.Tensor, raw: torch.Tensor, n_bins: int, *, rotation: torch.Tensor | None = None,
-                       inverse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def circular_rq_spline(
+    x: torch.Tensor, raw: torch.Tensor, n_bins: int, *, rotation: torch.Tensor | None = None, inverse: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Circular rational-quadratic spline on [0, 2 pi) (Rezende et al. 2002.02428, section 3).
 
     A monotone spline f with f(0) = 0, f(2 pi) = 2 pi and f'(0) = f'(2 pi), so that it is
@@ -176,9 +192,16 @@ def _ncp_parts(x: torch.Tensor, log_a: torch.Tensor, weights: torch.Tensor):
     return (weights * f).sum(-1), (weights * df).sum(-1)
 
 
-def ncp_mixture(x: torch.Tensor, log_scales: torch.Tensor, mix_logits: torch.Tensor,
-                rotation: torch.Tensor | None = None, *, inverse: bool = False,
-                max_log_scale: float = 5.0, bisection_steps: int = 60) -> tuple[torch.Tensor, torch.Tensor]:
+def ncp_mixture(
+    x: torch.Tensor,
+    log_scales: torch.Tensor,
+    mix_logits: torch.Tensor,
+    rotation: torch.Tensor | None = None,
+    *,
+    inverse: bool = False,
+    max_log_scale: float = 5.0,
+    bisection_steps: int = 60,
+) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Mixture of non-compact projections on the circle, then a rotation.
 
     f(x) = sum_k w_k 2 atan(a_k tan(x/2)) on [0, 2 pi), with a_k = exp(log_scales_k)
