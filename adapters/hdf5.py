@@ -49,7 +49,7 @@ import torch
 
 from flowplug.adapters.common import fmt_lattice, hex_check
 from flowplug.errors import FlowplugError, FormatError
-from flowplug.fsutil import jsonable as _jsonable
+from flowplug.fsutil import jsonable
 from flowplug.hookspecs import hookimpl
 from flowplug.io import Check, Ensemble, FormatHandler, Metadata, Record
 from flowplug.records import FileFormatSpec
@@ -156,11 +156,11 @@ def _meta_json(meta: Metadata, stored: np.ndarray) -> str:
         "format": meta.format,
         "path": meta.path,
         "precision": meta.precision,
-        "header": _jsonable(meta.header),
+        "header": jsonable(meta.header),
         "records": [{"type": r.type, "data": base64.b64encode(r.data).decode("ascii")} for r in meta.records],
         "record_list": list(meta.record_list),
-        "checks": [_jsonable(c.as_dict()) for c in meta.checks],
-        "provenance": _jsonable(meta.provenance),
+        "checks": [jsonable(c.as_dict()) for c in meta.checks],
+        "provenance": jsonable(meta.provenance),
         "crc32": f"{zlib.crc32(memoryview(np.ascontiguousarray(stored)).cast('B')):08x}",  # type: ignore[arg-type]  # numpy's stubs give ndarray __buffer__ only for Python >= 3.12
     }
     return json.dumps(doc, sort_keys=True)
@@ -355,7 +355,7 @@ class Hdf5Handler(FormatHandler):
             f.attrs["lattice"] = np.asarray(ensemble.lattice, dtype=np.int64)
             f.attrs["precision"] = precision
             f.attrs["layout"] = _layout_text(ensemble)
-            f.attrs["attrs"] = json.dumps(_jsonable(ensemble.attrs), sort_keys=True)
+            f.attrs["attrs"] = json.dumps(jsonable(ensemble.attrs), sort_keys=True)
             f.attrs["count"] = 0
             f.create_dataset("links", shape=(0, *shape), maxshape=(None, *shape), dtype=dtype, chunks=chunk)
             f.create_dataset("meta", shape=(0,), maxshape=(None,), dtype=h5py.string_dtype("utf-8"), chunks=(64,))

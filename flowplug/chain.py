@@ -11,8 +11,10 @@ A **kernel** is an object with
     state, computing log p(x) = -S(x) and whatever the kernel caches per chain;
 ``step(state, generator) -> (ChainState, info)``
     one exact Markov step for every chain of the batch. ``info`` is a dict with at least
-    ``accepted``: (B,) bool; HMC adds ``delta_h``: (B,) float64. The kernel must leave
-    p(x) = exp(-S(x)) / Z invariant (detailed balance or a composition of such steps).
+    ``accepted``: (B,) bool, or (B,) float64 in [0, 1] for a kernel of many local tests
+    per step (the fraction accepted, e.g. a sweep of site updates); HMC adds ``delta_h``:
+    (B,) float64. The kernel must leave p(x) = exp(-S(x)) / Z invariant (detailed balance
+    or a composition of such steps).
 
 Kernels compose: a mixture or a cycle of kernels is itself a kernel that calls the
 ``step`` of its parts on the same state. To make that safe, :class:`ChainState`

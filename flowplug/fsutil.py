@@ -150,10 +150,6 @@ def jsonable(value: Any) -> Any:
     return value
 
 
-#: The former (private) name of :func:`jsonable`.
-_jsonable = jsonable
-
-
 def write_json(path: str | Path, data: Mapping[str, Any]) -> Path:
     """Write ``data`` as indented JSON atomically; returns the path.
 
@@ -162,7 +158,7 @@ def write_json(path: str | Path, data: Mapping[str, Any]) -> Path:
     """
     path = Path(path)
     with atomic_write(path, "w") as fh:
-        json.dump(_jsonable(data), fh, indent=2, sort_keys=False)
+        json.dump(jsonable(data), fh, indent=2, sort_keys=False)
         fh.write("\n")
     return path
 

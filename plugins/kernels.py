@@ -55,14 +55,9 @@ __all__ = [
     "Composition",
     "FlowHMC",
     "LatentAction",
-    "metropolis_log_ratio",
     "subset_state",
     "merge_states",
 ]
-
-
-#: The guarded independence log acceptance ratio (:func:`flowplug.metropolis.independence_log_accept`).
-metropolis_log_ratio = independence_log_accept
 
 
 def subset_state(state: ChainState, index: torch.Tensor) -> ChainState:

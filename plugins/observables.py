@@ -210,11 +210,6 @@ def ising_energy(phi: torch.Tensor) -> torch.Tensor:
     return cast(torch.Tensor, total) / d  # d >= 1 terms: a tensor, never sum()'s start 0
 
 
-# measurement() and default_observables() are the core's (flowplug.measure); kept here
-# for code that imported them from this module.
-from flowplug.measure import default_observables, measurement  # noqa: E402,F401
-
-
 @hookimpl
 def flowplug_observables() -> list[ObservableSpec]:
     """The built-in observables."""

@@ -22,8 +22,8 @@ from flowplug.errors import (
     UnknownFieldKindError,
 )
 from flowplug.flow import check_field, default_prior
+from flowplug.measure import default_observables, measurement
 from flowplug.plugins.hmc import HMC
-from flowplug.plugins.observables import default_observables, measurement
 from flowplug.stats import gamma_method
 from flowplug.theory import Action, AngleSpace, EuclideanSpace, SUNSpace, field_kind, field_space, kind_accepted, su_n
 

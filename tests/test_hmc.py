@@ -16,8 +16,8 @@ from flowplug.chain import Chain, ChainState
 from flowplug.errors import CheckpointError, ConfigError
 from flowplug.gauge import determinant_deviation, unitarity_deviation
 from flowplug.manager import new_plugin_manager
+from flowplug.measure import measurement
 from flowplug.plugins.hmc import HMC
-from flowplug.plugins.observables import measurement
 from flowplug.plugins.theories import Phi4Action, WilsonGaugeAction
 
 THEORIES = [

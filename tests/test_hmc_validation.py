@@ -23,8 +23,8 @@ import pytest
 import torch
 
 from flowplug.chain import Chain
+from flowplug.measure import measurement
 from flowplug.plugins.hmc import HMC
-from flowplug.plugins.observables import measurement
 from flowplug.plugins.theories import Phi4Action, WilsonGaugeAction
 from flowplug.stats import gamma_method
 

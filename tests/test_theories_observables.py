@@ -10,6 +10,7 @@ import torch
 from flowplug import groups
 from flowplug.errors import ConfigError, ShapeError
 from flowplug.manager import new_plugin_manager
+from flowplug.measure import default_observables, measurement
 from flowplug.plugins import observables as obs
 
 
@@ -136,13 +137,13 @@ def test_registry_and_measurement():
         "ising_energy",
     ]:
         assert name in reg
-    meas = obs.measurement("scalar", ["chi_2", "two_point"], registry=reg, options={"two_point": {"shift": (0, 2)}})
+    meas = measurement("scalar", ["chi_2", "two_point"], registry=reg, options={"two_point": {"shift": (0, 2)}})
     phi = torch.randn(2, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     out = meas(phi)
     torch.testing.assert_close(out["two_point"], obs.two_point(phi, (0, 2)))
     with pytest.raises(ConfigError, match="not for field kind"):
-        obs.measurement("u1", ["chi_2"], registry=reg)
-    assert obs.default_observables("u1", 2) == ("plaquette", "topological_charge")
-    assert obs.default_observables("u1", 3) == ("plaquette",)
-    assert obs.default_observables("su3", 4) == ("plaquette", "topological_charge")
-    assert obs.default_observables("su2", 2) == ("plaquette",)
+        measurement("u1", ["chi_2"], registry=reg)
+    assert default_observables("u1", 2) == ("plaquette", "topological_charge")
+    assert default_observables("u1", 3) == ("plaquette",)
+    assert default_observables("su3", 4) == ("plaquette", "topological_charge")
+    assert default_observables("su2", 2) == ("plaquette",)

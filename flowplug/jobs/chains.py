@@ -191,12 +191,13 @@ def build_kernel(flow: Any, action: Any, table: Mapping[str, Any], *, registry: 
                     'or choose a kernel without one (e.g. kernel.type = "hmc")'
                 )
             kwargs["flow"] = flow
-        try:
-            return kernel_spec.factory(action=action, **kwargs)
+        try:  # options checked against the signature; errors inside the factory stay its own
+            inspect.signature(kernel_spec.factory).bind(action=action, **kwargs)
         except TypeError as exc:
             raise ConfigError(
                 f"kernel '{kernel_spec.name}' rejects the options {sorted(options) or '{}'} (kernel.options): {exc}"
             ) from None
+        return kernel_spec.factory(action=action, **kwargs)
 
     unknown = set(table) - set(KERNEL_TABLE_KEYS)
     if unknown:
