@@ -358,3 +358,69 @@ def open_flow(
     ck = FlowCheckpoint(loaded, file_sha256(loaded.path))
     ck.verify_inverse(enforce=check_inverse)
     return ck
+
+
+def init_flow_from(flow: Flow, source: str | Path | Flow) -> list[tuple[int, int]]:
+    """Initialise ``flow``'s parameters from a trained flow (``train.init_from``).
+
+    Two cases, tried in this order:
+
+    1. The source has the same architecture (:attr:`Flow.spec`: field, lattice, prior,
+       layers and their options): every parameter and buffer is copied. This starts a run
+       at another coupling from a trained one (a curriculum in beta, arXiv:2003.06413
+       Sec. IV trains at the target coupling; starting nearby shortens it).
+    2. Otherwise each layer family of ``flow`` that registered a ``transfer`` function
+       (:class:`flowplug.records.FlowLayerSpec`) copies what it can, e.g. ``u1-multiscale``
+       from a smaller lattice (:func:`flowplug.plugins.flow_multiscale.transfer_multiscale`):
+       layers it does not match keep their initialisation.
+
+    Arguments:
+        flow: The new flow (modified in place).
+        source: A trained flow, or a ``flowplug train`` run directory or checkpoint file
+            (read with :func:`flowplug.checkpoints.load_flow`: ``weights_only``, nothing
+            is unpickled).
+
+    Returns:
+        ``(flow layer index, source layer index)`` of every layer that took parameters.
+
+    Raises:
+        CheckpointError, NonFiniteParametersError: if ``source`` cannot be read.
+        ConfigError: if the field kinds differ, or no layer could take parameters (the
+            message names both architectures).
+    """
+    from flowplug.manager import get_component
+
+    if isinstance(source, (str, Path)):
+        from flowplug.checkpoints import load_flow
+
+        src = load_flow(source).flow
+        where = str(source)
+    else:
+        src, where = source, "the source flow"
+    if src.field != flow.field:
+        raise ConfigError(f"train.init_from: {where} is a flow of {src.field} fields; this run's field is {flow.field}")
+    if src.spec == flow.spec:
+        flow.load_state_dict(src.state_dict())
+        return [(i, i) for i in range(len(flow.layers))]
+    copied: list[tuple[int, int]] = []
+    done: set[str] = set()
+    for entry in flow.spec.get("layers", []):
+        rec = get_component("flow_layer", entry["name"])
+        if rec.name in done:
+            continue
+        done.add(rec.name)
+        transfer = getattr(rec, "transfer", None)
+        if transfer is not None:
+            copied += [(int(j), int(i)) for j, i in transfer(src, flow)]
+    if not copied:
+
+        def shape(f: Flow) -> str:
+            names = sorted({e["name"] for e in f.spec.get("layers", [])})
+            return f"lattice {list(f.lattice)}, {len(f.layers)} layers ({', '.join(names)})"
+
+        raise ConfigError(
+            f"train.init_from: no layer of this flow ({shape(flow)}) can take parameters from {where} "
+            f"({shape(src)}): the architectures differ and no layer family transfers between them "
+            "(same lattice, layers and options copy everything; u1-multiscale transfers between lattices)"
+        )
+    return sorted(copied)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -244,11 +244,18 @@ class FlowLayerSpec(Component):
     Attributes:
         fields: Field kinds the layer transforms.
         dims: Lattice dimensions d the layer supports; empty means any.
+        transfer: Optional ``transfer(src, dst) -> [(dst_index, src_index), ...]``: copy the
+            trained parameters of this family's layers of the flow ``src`` into the layers of
+            ``dst``, a flow of the same field on another lattice (or with other options), and
+            return the pairs of layer indices it copied. Used by ``train.init_from``
+            (:func:`flowplug.flowtools.init_flow_from`) when the two flows' architectures
+            differ; None: the family transfers only between identical architectures.
     """
 
     kind: ClassVar[str] = "flow_layer"
     fields: tuple[str, ...] = ()
     dims: tuple[int, ...] = ()
+    transfer: Callable[[Any, Any], Sequence[tuple[int, int]]] | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -179,6 +179,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "grad_clip": 0.0,
     "ensemble": "",
     "ensemble_format": "",
+    "init_from": "",
     "checkpoint_every": 250,
     "progress": True,
 }
@@ -203,6 +204,8 @@ class Trainer:
         step: Number of completed steps (applied or skipped).
         skipped: Number of skipped (non-finite) steps.
         history: Metrics of the steps run in this process.
+        initialised_layers: ``(layer, source layer)`` indices set from ``train.init_from``
+            by :func:`build_trainer` (empty otherwise).
 
     Raises:
         ConfigError: on invalid options or a flow/action field mismatch.
@@ -262,6 +265,7 @@ class Trainer:
                 f"found {opts['guard']!r} and {opts['guard_window']!r}"
             )
         self.rollbacks = 0
+        self.initialised_layers: list[tuple[int, int]] = []
         self._guard_losses: list[float] = []
         self._guard_best = float("inf")
         self._guard_snapshot: dict[str, Any] | None = None
@@ -675,7 +679,11 @@ class Trainer:
 
 
 def build_trainer(
-    config: Mapping[str, Any], *, out: str | Path | None = None, device: str | torch.device | None = None
+    config: Mapping[str, Any],
+    *,
+    out: str | Path | None = None,
+    device: str | torch.device | None = None,
+    initialise: bool = True,
 ) -> Trainer:
     r"""Build action, flow and trainer from a run configuration (the ``flowplug train`` TOML).
 
@@ -684,12 +692,14 @@ def build_trainer(
     :func:`flowplug.theory.action_from_config`), ``[flow]`` (``layers``, ``n_layers``,
     ``prior``, ``options``; :func:`flowplug.flow.build_flow`), ``[train]``
     (:data:`TRAIN_DEFAULTS`; for ``objective = "forward"`` the ensemble is read by
-    :func:`flowplug.training_data.load_ensemble`).
+    :func:`flowplug.training_data.load_ensemble`; a non-empty ``train.init_from`` names a
+    trained run whose parameters initialise the flow, :func:`flowplug.flowtools.init_flow_from`).
 
     Arguments:
         config: The run configuration.
         out: Output directory (default the configuration's ``out``, else ``flowplug-train``).
         device: Device override (default the configuration's ``device``, ``"auto"``).
+        initialise: Apply ``train.init_from`` (false when a checkpoint's state follows).
 
     Returns:
         A :class:`Trainer` at step 0.
@@ -697,6 +707,7 @@ def build_trainer(
     Raises:
         ConfigError, UnknownComponentError: on invalid configurations.
         ShapeError, FormatError: from reading a forward-KL ensemble.
+        CheckpointError: if ``train.init_from`` cannot be read.
     """
     action = action_from_config(config)
     lattice = [int(v) for v in config.get("lattice", [])]
@@ -716,6 +727,11 @@ def build_trainer(
     )
     dev = resolve_device(str(device if device is not None else config.get("device", "auto")))
     train = dict(config.get("train", {}))
+    initialised: list[tuple[int, int]] = []
+    if initialise and train.get("init_from"):
+        from flowplug.flowtools import init_flow_from
+
+        initialised = init_flow_from(flow, Path(str(train["init_from"])))
     ensemble = None
     if str(train.get("objective", "reverse")).lower() == "forward":
         if not train.get("ensemble"):
@@ -723,7 +739,7 @@ def build_trainer(
         ensemble = load_ensemble(
             train["ensemble"], field=action.field, lattice=lattice, format=train.get("ensemble_format") or None
         )
-    return Trainer(
+    trainer = Trainer(
         flow,
         action,
         train,
@@ -733,6 +749,8 @@ def build_trainer(
         config=config,
         out=Path(out if out is not None else config.get("out", "flowplug-train")),
     )
+    trainer.initialised_layers = initialised
+    return trainer
 
 
 def resume_trainer(
@@ -764,6 +782,6 @@ def resume_trainer(
         )
     config.setdefault("train", {}).update(overrides or {})
     out = checkpoint_path(path).parent
-    trainer = build_trainer(config, out=out, device=device)
+    trainer = build_trainer(config, out=out, device=device, initialise=False)
     trainer.load_state_dict(state)
     return trainer

@@ -20,7 +20,7 @@ from functools import partial
 
 from flowplug.hookspecs import hookimpl
 from flowplug.plugins.flow_gauge import SUNSpectralCoupling, U1Coupling
-from flowplug.plugins.flow_multiscale import U1MultiscaleCoupling
+from flowplug.plugins.flow_multiscale import U1MultiscaleCoupling, transfer_multiscale
 from flowplug.plugins.flow_phi4 import AffineCoupling, SplineCoupling
 from flowplug.plugins.priors import HaarPrior, NormalPrior, UniformU1Prior
 from flowplug.records import FlowLayerSpec, PriorSpec
@@ -68,6 +68,7 @@ def flowplug_flow_layers() -> list[FlowLayerSpec]:
             factory=U1MultiscaleCoupling,
             fields=("u1",),
             dims=(2,),
+            transfer=transfer_multiscale,
         ),
         FlowLayerSpec(
             name="sun-spectral",

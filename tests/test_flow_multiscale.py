@@ -475,10 +475,11 @@ def _train_and_check_b6():
         assert abs(r[f"{name}_chain"] - exact) < 4 * err, (name, r[f"{name}_chain"], err)
 
 
-def test_transfer_example_script(tmp_path, capsys):
-    """examples/transfer_u1_multiscale.py: a 4 x 4 run initialises the four finest levels of an
-    8 x 8 run (levels = 4), which is an ordinary flowplug run (summary.json, load_flow)."""
-    import importlib.util
+def test_init_from_transfers_levels_between_lattices(tmp_path):
+    """train.init_from: a 4 x 4 run initialises the four finest levels of an 8 x 8 run
+    (levels = 4) through the layer family's registered transfer; the new run is an ordinary
+    flowplug run (summary.json names the copied layers, load_flow reads it), and each copied
+    level computes the source's conditional map."""
     import json
     from pathlib import Path
 
@@ -501,50 +502,18 @@ def test_transfer_example_script(tmp_path, capsys):
         "flow.options.n_bins=3",
         "--set",
         "flow.options.hidden=[4]",
+        "--no-progress",
     ]
-    assert (
-        main(
-            [
-                "train",
-                "--config",
-                str(cfg),
-                "--set",
-                "lattice=[4, 4]",
-                "--set",
-                "train.steps=2",
-                "--set",
-                f"out='{small}'",
-                "--no-progress",
-                *common,
-            ]
-        )
-        == 0
-    )
-    spec = importlib.util.spec_from_file_location("transfer_example", repo / "examples" / "transfer_u1_multiscale.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    base = ["train", "--config", str(cfg), *common]
+    assert main([*base, "--set", "lattice=[4, 4]", "--set", "train.steps=2", "--set", f"out='{small}'"]) == 0
     big = tmp_path / "l8"
-    assert (
-        mod.main(
-            [
-                "--from",
-                str(small),
-                "--config",
-                str(cfg),
-                "--set",
-                "train.steps=0",
-                "--set",
-                "flow.options.levels=4",
-                "--set",
-                f"out='{big}'",
-                *common,
-            ]
-        )
-        == 0
-    )
-    assert "initialised 4 layers (levels [2, 3, 4, 5])" in capsys.readouterr().err
-    assert json.loads((big / "summary.json").read_text())["steps"] == 0
+    args = ["--set", "train.steps=0", "--set", "flow.options.levels=4", "--set", f"out='{big}'"]
+    assert main([*base, *args, "--set", f"train.init_from='{small}'"]) == 0
+    summary = json.loads((big / "summary.json").read_text())
+    assert summary["steps"] == 0
+    assert summary["init_from"] == {"source": str(small), "layers": [[0, 0], [1, 1], [2, 2], [3, 3]]}
     src, dst = load_flow(small).flow, load_flow(big).flow
+    assert [layer.level for layer in dst.layers] == [2, 3, 4, 5]
     t = TWO_PI * torch.rand(16, dtype=torch.float64)
     w = (torch.rand(16, dtype=torch.float64) * 2 - 1) * math.pi
     for i in range(4):
@@ -552,6 +521,13 @@ def test_transfer_example_script(tmp_path, capsys):
         torch.testing.assert_close(
             b.conditional(t, w, b.areas[0])[0], a.conditional(t, w, a.areas[0])[0], rtol=0, atol=1e-6
         )  # float32 conditioners
+    # the copied conditioners hold the source's weights (the first layer's bias takes the area fold);
+    # without init_from (another seed) they do not
+    fresh = tmp_path / "fresh"
+    assert main([*base, *args[:4], "--set", "seed=2", "--set", f"out='{fresh}'"]) == 0
+    for run, same in ((dst, True), (load_flow(fresh).flow, False)):
+        w_src = src.layers[0].net.layers[-1].weight
+        assert torch.equal(run.layers[0].net.layers[-1].weight, w_src) is same
 
 
 @pytest.mark.parametrize("opts", [{"concentrate": True}, {"concentrate": True, "centre": True, "init_beta": 3.0}])

@@ -80,6 +80,9 @@ guard = 0.0                  # reverse only: divergence guard in nats; 0 = off (
 guard_window = 25            # steps per guard window
 ensemble = ""                # forward: configurations (path or glob; any readable lattice format, .pt, .h5)
 ensemble_format = ""         # forward: force a file format (default: detect)
+init_from = ""               # a trained run (directory or checkpoint) whose parameters start this one:
+                             # everything when the architectures match (e.g. another beta), else what
+                             # each layer family transfers (u1-multiscale: from a smaller lattice)
 checkpoint_every = 250       # steps between checkpoints (0: only at the end)
 progress = true              # progress bar with loss, ESS and acceptance
 
@@ -168,8 +171,10 @@ def run_train(cfg: Mapping[str, Any], *, force: bool = False) -> dict[str, Any]:
         The figures written to ``out/summary.json``.
 
     Raises:
-        FlowplugError: if ``out`` holds a checkpoint and ``force`` is false.
+        FlowplugError: if ``out`` holds a checkpoint and ``force`` is false, or
+            ``train.init_from`` is ``out`` itself.
         ConfigError, UnknownComponentError: on invalid configurations.
+        CheckpointError: if ``train.init_from`` cannot be read.
     """
     from flowplug import config as _config
     from flowplug.fsutil import atomic_write
@@ -182,6 +187,12 @@ def run_train(cfg: Mapping[str, Any], *, force: bool = False) -> dict[str, Any]:
         raise FlowplugError(
             f"{ckpt} exists: continue that run with --resume {ckpt.parent}, or start "
             "afresh with --force (or another out)"
+        )
+    source = str(cfg.get("train", {}).get("init_from") or "")
+    if source and (Path(source).resolve() in (out.resolve(), ckpt.resolve())):
+        raise FlowplugError(
+            f"train.init_from = {source!r} is this run's own output directory: the new run would "
+            "overwrite the flow it starts from; write to another out"
         )
     cfg = action_keys_only(cfg)  # stored in config.toml and the checkpoint
     with job_threads(cfg.get("threads", 0)):
@@ -291,4 +302,8 @@ def _finish(trainer: Any, config: Mapping[str, Any]) -> dict[str, Any]:
         },
         "inverse_check": inverse.as_dict(),
     }
+    if config.get("train", {}).get("init_from"):
+        summary["init_from"] = {"source": str(config["train"]["init_from"])}
+        if getattr(trainer, "initialised_layers", None):  # known in the process that started the run
+            summary["init_from"]["layers"] = [list(p) for p in trainer.initialised_layers]
     return write_job_summary(trainer.out, "train", summary)
