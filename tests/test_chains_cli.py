@@ -582,44 +582,6 @@ def test_chain_events_reach_plugins_and_a_failing_monitor_does_not_stop_the_run(
     assert (tmp_path / "s" / "summary.json").exists()
 
 
-@pytest.mark.slow
-def test_benchmark_script_runs_in_miniature():
-    """benchmarks/chains.py end to end on a tiny setting (plumbing only; no timing is asserted)."""
-    r = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "benchmarks" / "chains.py"),
-            "--L",
-            "4",
-            "--betas",
-            "1",
-            "--chains",
-            "4",
-            "--thermalize",
-            "3",
-            "--hmc-trajectories",
-            "10",
-            "--hmc-steps",
-            "3",
-            "--flow-steps",
-            "10",
-            "--train-steps",
-            "3",
-            "--layers",
-            "2",
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={"FLOWPLUG_DISABLE_PLUGIN_AUTOLOAD": "1", "PATH": "", "OMP_NUM_THREADS": "1"},
-    )
-    assert r.returncode == 0, r.stderr
-    assert "cost ratio HMC/flow per independent Q" in r.stdout
-    data = json.loads(r.stdout[r.stdout.index("[") :])
-    assert data[0]["L"] == 4 and "ratio_hmc_over_flow" in data[0]
-
-
 def test_resample_a_phi4_ensemble_written_by_hmc(tmp_path, capsys):
     """Ensembles of any field: `flowplug hmc` writes a phi^4 ensemble as HDF5 stores and
     `flowplug resample` runs on it, writing a phi^4 store of its own."""
