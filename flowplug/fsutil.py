@@ -252,7 +252,9 @@ def locked_run(command: str, out_of: Callable[[Mapping[str, Any]], Any]) -> Call
     Arguments:
         command: Name recorded in the lock file.
         out_of: Maps the function's bound arguments (name -> value, defaults applied) to
-            the run directory, e.g. ``lambda a: a["out"]``; ``None`` runs unlocked.
+            the run directory, e.g. ``lambda a: a["out"]``; ``None`` runs unlocked. Under
+            torchrun only rank 0 (the process that writes) takes the lock
+            (:mod:`flowplug.distributed`).
     """
     import functools
     import inspect
@@ -265,7 +267,9 @@ def locked_run(command: str, out_of: Callable[[Mapping[str, Any]], Any]) -> Call
             bound = sig.bind(*args, **kwargs)
             bound.apply_defaults()
             out = out_of(bound.arguments)
-            if out is None:  # nothing written: nothing to lock
+            from flowplug import distributed
+
+            if out is None or not distributed.is_main():  # nothing written here: nothing to lock
                 return fn(*args, **kwargs)
             with run_lock(out, command):
                 return fn(*args, **kwargs)

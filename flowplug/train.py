@@ -74,6 +74,7 @@ from typing import IO, Any
 import torch
 from torch import nn
 
+from flowplug import distributed
 from flowplug.checkpoints import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_NAME,
@@ -240,6 +241,12 @@ class Trainer:
         self.steps_total = int(opts["steps"])
         if self.batch_size < 2:
             raise ConfigError(f"train.batch_size must be >= 2; found {self.batch_size}")
+        if self.batch_size % distributed.world_size():
+            raise ConfigError(
+                f"train.batch_size ({self.batch_size}) is the global batch: it must be a multiple of the "
+                f"number of processes ({distributed.world_size()})"
+            )
+        distributed.broadcast_parameters(self.flow)  # the same start on every rank
         self.objective = str(opts["objective"]).lower()
         if self.objective not in ("reverse", "forward"):
             raise ConfigError(f"train.objective must be 'reverse' or 'forward'; found {opts['objective']!r}")
@@ -301,11 +308,17 @@ class Trainer:
 
     # ------------------------------------------------------------------------- one step
 
+    # Each loss returns (this rank's share of the global-batch mean, this rank's log weights);
+    # every rank draws the global batch and keeps its slice (flowplug.distributed).
+
     def _reverse_loss(self) -> tuple[torch.Tensor, torch.Tensor]:
         z, log_r = self.flow.sample_latent(self.batch_size, self.generator)
+        part = distributed.slice_of(self.batch_size)
+        z, log_r = z[part], log_r[part]
+        share = z.shape[0] / self.batch_size
         if self.path_gradient and self.fast_path_gradient:
             loss, log_q, s = path_gradient_loss(self.flow, z, self.action.action)
-            return loss, -(log_q + s)
+            return loss * share, -(log_q + s)
         if self.path_gradient:
             x, _ = self.flow(z)
             frozen = {f"flow.{k}": v.detach() for k, v in self.flow.named_parameters()}
@@ -314,15 +327,18 @@ class Trainer:
             x, logdet = self.flow(z)
             log_q = log_r - logdet
         per = log_q + self.action.action(x).to(torch.float64)
-        return per.mean(), -per.detach()
+        return per.mean() * share, -per.detach()
 
     def _forward_loss(self) -> tuple[torch.Tensor, torch.Tensor]:
         assert self.ensemble is not None
         idx = torch.randint(len(self.ensemble), (self.batch_size,), generator=self.generator, device=self.device)
-        loss = -self.flow.log_prob(self.ensemble[idx]).mean()
+        part = distributed.slice_of(self.batch_size)
+        idx = idx[part]
+        loss = -self.flow.log_prob(self.ensemble[idx]).mean() * (idx.shape[0] / self.batch_size)
         with torch.no_grad():
-            x, log_q = self.flow.sample(self.batch_size, self.generator)
-            log_w = -self.action.action(x).to(torch.float64) - log_q
+            z, log_r = self.flow.sample_latent(self.batch_size, self.generator)
+            x, logdet = self.flow(z[part])
+            log_w = -self.action.action(x).to(torch.float64) - (log_r[part] - logdet)
         return loss, log_w
 
     def train_step(self) -> dict[str, float]:
@@ -344,10 +360,18 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         lr = float(self.optimizer.param_groups[0]["lr"])
         loss, log_w = self._reverse_loss() if self.objective == "reverse" else self._forward_loss()
-        skipped = not bool(torch.isfinite(loss))
+        total = loss.detach().clone()
+        distributed.all_reduce_sum([total])  # the global batch mean, on every rank
+        log_w = distributed.all_gather_cat(log_w)
+        skipped = not bool(torch.isfinite(total))
         grad_norm = float("nan")
         if not skipped:
             loss.backward()
+            if distributed.world_size() > 1:
+                for p in self.flow.parameters():
+                    if p.requires_grad and p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                distributed.all_reduce_sum(p.grad for p in self.flow.parameters() if p.grad is not None)
             params = [p for p in self.flow.parameters() if p.grad is not None]
             clip = float(self.opts["grad_clip"])
             gn = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
@@ -362,7 +386,7 @@ class Trainer:
         finite = log_w[torch.isfinite(log_w)]
         metrics = {
             "step": float(self.step),
-            "loss": float(loss.detach()),
+            "loss": float(total),
             "free_energy": float(-finite.mean()) if finite.numel() else float("nan"),
             "ess": float(_ess(finite)) if finite.numel() else 0.0,
             "acceptance": imh_acceptance_estimate(finite) if finite.numel() >= 2 else 0.0,
@@ -377,9 +401,10 @@ class Trainer:
         if self.guard > 0 and self.objective == "reverse":
             self._guard_update(metrics["loss"])
         self.history.append(metrics)
-        from flowplug.manager import get_plugin_manager
+        if distributed.is_main():
+            from flowplug.manager import get_plugin_manager
 
-        get_plugin_manager().notify("flowplug_after_train_step", step=self.step - 1, metrics=dict(metrics))
+            get_plugin_manager().notify("flowplug_after_train_step", step=self.step - 1, metrics=dict(metrics))
         return metrics
 
     def non_finite_parameters(self) -> list[str]:
@@ -487,11 +512,13 @@ class Trainer:
         every = int(self.opts["checkpoint_every"] if checkpoint_every is None else checkpoint_every)
         show = bool(self.opts["progress"]) if progress is None else progress
         log_fh = writer = None
-        if self.out is not None:
+        writes = self.out is not None and distributed.is_main()  # rank 0 alone writes
+        if writes:
+            assert self.out is not None
             self.out.mkdir(parents=True, exist_ok=True)
             log_fh, writer = self._open_log(self.out)
         bar = None
-        if show:
+        if show and distributed.is_main():
             from tqdm.auto import tqdm
 
             bar = tqdm(total=total, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
@@ -524,12 +551,12 @@ class Trainer:
                         refresh=False,
                     )
                 if stop:
-                    if self.out is not None:
+                    if writes:
                         self.save_checkpoint()
                     raise KeyboardInterrupt
-                if self.out is not None and every > 0 and self.step % every == 0 and self.step < total:
+                if writes and every > 0 and self.step % every == 0 and self.step < total:
                     self.save_checkpoint()
-            if self.out is not None:
+            if writes:
                 self.save_checkpoint()
         finally:
             if old_handler is not None:
@@ -726,6 +753,7 @@ def build_trainer(
         prior=fcfg.get("prior") or None,
     )
     dev = resolve_device(str(device if device is not None else config.get("device", "auto")))
+    dev = distributed.init_from_env(dev)  # under torchrun: join the process group (cuda:LOCAL_RANK)
     train = dict(config.get("train", {}))
     initialised: list[tuple[int, int]] = []
     if initialise and train.get("init_from"):

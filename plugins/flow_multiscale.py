@@ -54,64 +54,32 @@ Why it is expressive enough
 
 Large beta (options ``concentrate``, ``init_beta``, ``centre``, ``shift``)
     At beta = 6 the conditionals are sharp (the finest one is a von Mises density of
-    concentration 2 beta |cos(W/2)|, width 0.29 at W = 0). The default layer, one pass over
-    the six levels of 8 x 8 trained 1000 steps of batch 64, ends 9 nats above -log Z (ESS
-    0.002). The reverse KL splits by level; against the exact conditionals (quadrature, W
-    from the exact marginal) the levels 0..5 (splits of 8x8 .. 1x2 blocks) hold 0.007, 0.33,
-    1.84, 4.38, 0.55, 0.50 nats. The same conditioner fitted directly to the exact
-    conditionals (quadrature, no sampling, 1000 steps) reaches 0.10 and 0.007 nats at levels 3
-    and 2: the middle levels fail in training, not in representation. Two mechanisms:
-
-    - with one designated link per block, a coarse level's output moves the finer levels'
-      input loops, and a coarse parameter change is amplified by the steep parts of the finer
-      maps. Along the direction that would fix level 3, the per-sample loss gradient ranges
-      from -680 to +1180 (mean 9); per batch of 64 its spread is 4-29 against a mean of
-      1-7 at levels 2-3, but about 1 against 22-35 at levels 4-5; plain and path gradients alike;
-    - the finer levels, while still poor, push the coarser ones to produce loops where the
-      finer maps happen to be right (from the uniform start: W near pi, where the finest
-      conditional is flat), away from the target.
-
-    The options remove both and make the sharp conditionals easy to represent:
+    concentration 2 beta |cos(W/2)|), and with the defaults the middle levels fail to train:
+    a coarse level's output moves the finer levels' inputs, and the finer maps amplify its
+    parameter changes into heavy-tailed gradients. The options (measurements and ablations in
+    docs/flows.md, "u1-multiscale at large beta"):
 
     - ``centre = true`` transforms the offset of T from its proportional share
       c(W) = (a_T / a_W) wrap(W) of the parent loop (the mode of f_T(T) f_O(W - T) for
       |W| < pi), T' = c(W) + r(W) + G(wrap(T - c(W))), with G a monotone map of [-pi, pi]
       fixing the ends and r(W) = atan2(s, 1 + c) the learned residual rotation. c jumps at
-      W = pi, where the two branches of the conditional have equal weight. A continuous c must
-      turn steeply somewhere, and that brings the heavy gradient tails back: with
-      c (1 - (W / pi)^2) per-sample gradients of the coarse levels reach 4e3, with the jump
-      they stay within 7, and after 300 steps the flow is 1.5 nats above -log Z instead of 0.17.
-      (The jump is exact as a map: forward and inverse read the same W up to rounding, so only
-      |W| within ~1e-15 of pi could be taken to different sides.)
+      W = pi, where the two branches of the conditional weigh the same; forward and inverse
+      read the same W up to rounding, so the jump is exact as a map.
     - ``shift = "spread"`` changes every plaquette of T by delta / a_T and every plaquette
       of O by -delta / a_O (link shifts inside the block, :func:`_spread_patterns`) instead
-      of shifting one link: each finer block inside T moves by its share of delta, so with
-      ``centre`` the finer levels' inputs (offsets from their shares) stay, and the finer
-      layers move rigidly with a coarser change. The Jacobian is the identity plus one
-      rank-one term per block (delta depends on the links only through T and W, and the
-      pattern moves T by 1 and W by 0 per unit delta), so log|det| is still the sum of log
-      G'(T). The links of a block move together, so the layer has no ``forward_diag``: path
-      gradients go through the exact inverse (``train.path_gradient_method = "auto"``).
+      of shifting one link, so finer blocks move rigidly with a coarser change. The Jacobian
+      is the identity plus one rank-one term per block (delta depends on the links only
+      through T and W; the pattern moves T by 1 and W by 0 per unit delta), so log|det| is
+      still the sum of log G'(T). The layer then has no ``forward_diag``: path gradients go
+      through the exact inverse.
     - ``concentrate = true`` composes the spline with a truncated-logistic concentration map
       (:func:`flowplug.plugins.flow_transforms.truncated_logistic_icdf`, log scale a further
-      network output): G = C_s o S. Fitted to the finest conditional at W = 0, an 8- or 16-bin
-      spline alone gets to 7e-3 nats, with the concentration map 5e-5 to 2e-4.
+      network output): G = C_s o S.
     - ``init_beta`` starts each level's scale s at a Gaussian estimate of the width of T given
       W = 0 at that coupling (mean cos exp(-v a_T a_O / (2 a_W)), v = -2 log(I_1/I_0) per
-      plaquette); training refines it. Without it the finest levels need many more steps to
-      concentrate (1.6 nats left after 400 steps instead of 0.1). A W-dependent estimate
-      (branch weights of the parent's winding) started closer but trained worse (steep in W
-      near pi, like a continuous centre) and was dropped.
+      plaquette).
 
-    Ablations at 400 steps of batch 64 on 8 x 8, beta = 6 (nats above -log Z from the
-    evaluation): all four options 0.11; without ``init_beta`` 1.57, without ``concentrate``
-    1.78, with ``shift = "link"`` 0.49, without ``centre`` 5.0. With all four, the untrained
-    flow is ~1 nat above -log Z, and 1000 steps reach 0.05 (ESS 0.91-0.93, seeds 1-3,
-    ``examples/train_u1_b6_l8.toml``, 75-80 s on one thread). ``n_bins = 16`` fits the
-    bimodal conditionals of the 4 + 4 split (W near pi) 6x better than 8 bins. What is left
-    at larger lattices is the rare parent loop near W = pi, where the conditional is flat or
-    bimodal and reverse-KL training seldom looks: on 32 x 32 single blocks there carry the
-    largest importance weights. :func:`transfer_multiscale` initialises larger lattices.
+    :func:`transfer_multiscale` (``train.init_from``) initialises larger lattices.
 
 Limits
     Two dimensions only (in d > 2 the Bianchi identity couples the plaquettes of a

@@ -108,6 +108,8 @@ def run(args: argparse.Namespace) -> int:
             cfg["train"]["progress"] = False
         with _hint(args, Path(str(cfg["out"]))):
             s = run_train(cfg, force=args.force)
+    if "checkpoint" not in s:  # a rank > 0 of a torchrun world: rank 0 reports
+        return 0
     out = Path(s["checkpoint"]).parent
     print(
         f"steps {s['steps']} (skipped {s['skipped_steps']}, rollbacks {s['rollbacks']}), ESS {s['ess']:.4f}, "

@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from flowplug import distributed
 from flowplug.errors import FlowplugError
 from flowplug.fsutil import locked_run
 
@@ -196,12 +197,16 @@ def run_train(cfg: Mapping[str, Any], *, force: bool = False) -> dict[str, Any]:
         )
     cfg = action_keys_only(cfg)  # stored in config.toml and the checkpoint
     with job_threads(cfg.get("threads", 0)):
-        trainer = build_trainer(cfg)
-        out.mkdir(parents=True, exist_ok=True)
-        with atomic_write(out / "config.toml", "w") as fh:
-            fh.write(_config.dumps(cfg))
-        trainer.run()
-        return _finish(trainer, cfg)
+        try:
+            trainer = build_trainer(cfg)
+            if distributed.is_main():
+                out.mkdir(parents=True, exist_ok=True)
+                with atomic_write(out / "config.toml", "w") as fh:
+                    fh.write(_config.dumps(cfg))
+            trainer.run()
+            return _finish(trainer, cfg)
+        finally:
+            distributed.shutdown()
 
 
 def _resume_dir(run: str | Path) -> Path | None:
@@ -231,23 +236,32 @@ def resume_train(
         CheckpointError: on a missing or unreadable checkpoint, or a forbidden override.
     """
     from flowplug.threads import job_threads
-    from flowplug.train import resume_trainer
 
     overrides = dict(overrides or {})
     # a run stored before `threads` existed, or with 0, keeps torch's default
     with job_threads(stored_config(run).get("threads", 0)):
-        trainer = resume_trainer(run, overrides=overrides)
-        config = trainer.config
-        config.setdefault("train", {}).update(overrides)
-        if log is not None:
-            log(f"resuming {run} at step {trainer.step} of {trainer.steps_total}")
-            if trainer.step >= trainer.steps_total:
-                log(
-                    f"nothing to train: the run already has {trainer.step} steps (raise train.steps to "
-                    "continue); evaluating"
-                )
-        trainer.run()
-        return _finish(trainer, config)
+        try:
+            return _resume(run, overrides, log)
+        finally:
+            distributed.shutdown()
+
+
+def _resume(run: str | Path, overrides: dict[str, Any], log: Callable[[str], None] | None) -> dict[str, Any]:
+    """The body of :func:`resume_train` (inside its lock and thread setting)."""
+    from flowplug.train import resume_trainer
+
+    trainer = resume_trainer(run, overrides=overrides)
+    config = trainer.config
+    config.setdefault("train", {}).update(overrides)
+    if log is not None and distributed.is_main():
+        log(f"resuming {run} at step {trainer.step} of {trainer.steps_total}")
+        if trainer.step >= trainer.steps_total:
+            log(
+                f"nothing to train: the run already has {trainer.step} steps (raise train.steps to "
+                "continue); evaluating"
+            )
+    trainer.run()
+    return _finish(trainer, config)
 
 
 def _finish(trainer: Any, config: Mapping[str, Any]) -> dict[str, Any]:
@@ -259,6 +273,8 @@ def _finish(trainer: Any, config: Mapping[str, Any]) -> dict[str, Any]:
     from flowplug.jobs.output import write_job_summary
     from flowplug.train import CHECKPOINT_NAME
 
+    if not distributed.is_main():  # rank 0 evaluates and writes
+        return {"rank": distributed.rank(), "world_size": distributed.world_size()}
     ev = dict(config.get("eval", {}))
     figures = trainer.evaluate(
         int(ev.get("samples", 8192)),
@@ -301,6 +317,7 @@ def _finish(trainer: Any, config: Mapping[str, Any]) -> dict[str, Any]:
             if k not in ("ess", "acceptance", "acceptance_chain", "free_energy", "n_samples", "non_finite")
         },
         "inverse_check": inverse.as_dict(),
+        "world_size": distributed.world_size(),
     }
     if config.get("train", {}).get("init_from"):
         summary["init_from"] = {"source": str(config["train"]["init_from"])}
