@@ -404,7 +404,7 @@ def init_flow_from(flow: Flow, source: str | Path | Flow) -> list[tuple[int, int
         return [(i, i) for i in range(len(flow.layers))]
     copied: list[tuple[int, int]] = []
     done: set[str] = set()
-    for entry in flow.spec.get("layers", []):
+    for entry in (flow.spec or {}).get("layers", []):
         rec = get_component("flow_layer", entry["name"])
         if rec.name in done:
             continue
@@ -415,7 +415,7 @@ def init_flow_from(flow: Flow, source: str | Path | Flow) -> list[tuple[int, int
     if not copied:
 
         def shape(f: Flow) -> str:
-            names = sorted({e["name"] for e in f.spec.get("layers", [])})
+            names = sorted({e["name"] for e in (f.spec or {}).get("layers", [])})
             return f"lattice {list(f.lattice)}, {len(f.layers)} layers ({', '.join(names)})"
 
         raise ConfigError(

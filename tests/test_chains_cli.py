@@ -470,10 +470,22 @@ def test_demo_quick(tmp_path, capsys):
     out = tmp_path / "demo"
     assert _cli("demo", "--quick", "--out", out, "--no-progress") == 0
     s = json.loads((out / "summary.json").read_text())
-    assert s["exact"]["plaquette"] == pytest.approx(0.697774658011, abs=1e-9)
-    assert s["exact"]["q2"] == pytest.approx(1.239298910723, abs=1e-8)
-    assert set(s) >= {"acceptance", "ess", "hmc", "flow", "observables", "tau_int_q_ratio_hmc_over_flow"}
-    assert (out / "report.png").exists() and "exact" in (out / "report.txt").read_text()
+    assert s["beta"] == 6.0  # where HMC freezes
+    assert s["exact"]["plaquette"] == pytest.approx(0.912454914877, abs=1e-9)
+    assert s["exact"]["q2"] == pytest.approx(0.279200845328, abs=1e-8)
+    assert set(s) >= {"acceptance", "ess", "hmc", "flow", "observables", "sigma_from_exact", "ratio_bound"}
+    assert set(s) >= {"tau_int_q_ratio_hmc_over_flow", "seconds_per_independent_q_ratio_hmc_over_flow"}
+    # 4 cold chains of 20 trajectories at beta = 6 never change Q: frozen, lower bounds only
+    h = s["hmc"]
+    assert h["frozen"] and h["topology_changes"] == 0 and h["frozen_reasons"]
+    assert h["tau_int_q_lower_bound"] and h["seconds_per_independent_q_lower_bound"] and h["tau_int_q"] == 20
+    assert h["seconds_per_independent_q"] > 0 and s["flow"]["seconds_per_independent_q"] > 0
+    assert s["ratio_bound"] in (">=", None)
+    assert s["flow"]["layer_options"]["init_beta"] == 6.0  # the demo's beta
+    text = (out / "report.txt").read_text()
+    assert (out / "report.png").exists() and "exact" in text
+    assert "HMC is FROZEN (topological freezing)" in text and "tau_int(Q) >= 20 trajectories" in text
+    assert "HMC >= " in text  # its cost, a lower bound
     # the stages are run directories of hmc, train and resample
     assert [p.name for p in sorted((out / "hmc" / "ensemble").iterdir())] == ["traj_000020.h5", "traj_000030.h5"]
     for sub, command in (("hmc", "hmc"), ("flow", "train"), ("resample", "resample")):

@@ -6,7 +6,9 @@ mean and a few single chains) and its normalised autocorrelation function rho(t)
 Gamma-method window; and the running acceptance. :func:`comparison_report` (``flowplug demo``) puts
 several runs side by side against exact values (1-sigma error bars), with tau_int of Q in
 each sampler's own steps (HMC trajectories, flow proposals; linear axis from zero), Q
-histories in separate panels, and the seconds per independent sample of Q.
+histories in separate panels, and the seconds per independent sample of Q; a run whose
+topological charge is frozen has its tau_int(Q) and cost drawn as lower bounds (hatched,
+labelled ">=").
 
 If matplotlib is missing, the functions warn and return ``None``; the numbers are in
 ``summary.json`` either way.
@@ -138,12 +140,16 @@ OBSERVABLE_TITLES = {
     "q2": r"topological charge squared $\langle Q^2\rangle$",
 }
 
+#: Longest Q history drawn point by point in :func:`comparison_figure`; longer ones are thinned.
+MAX_HISTORY_POINTS = 4000
+
 #: Caption of the comparison figure: what the error bars and the time units are.
 COMPARISON_CAPTION = (
     r"Error bars: 1$\sigma$ statistical errors (Gamma method, Wolff hep-lat/0306017). "
     r"$\tau_\mathrm{int}$ is in units of each sampler's own step (HMC: trajectory; flow: "
     "Metropolis proposal). Cost per independent Q = wall time per step "
-    r"$\times\ 2\tau_\mathrm{int}(Q)$, both measured in this run."
+    r"$\times\ 2\tau_\mathrm{int}(Q)$, both measured in this run; hatched bars marked $\geq$ are lower "
+    "bounds (the sampler's topology is frozen)."
 )
 
 
@@ -166,9 +172,11 @@ def comparison_figure(
         rows: One mapping per run: ``label``, ``step`` (its unit of time: ``"trajectory"``,
             ``"proposal"``), per observable ``<name>`` -> {mean, error, tau_int,
             tau_int_error}, ``q`` (the topological charge's entry) and optionally
-            ``seconds_per_independent_q``.
+            ``seconds_per_independent_q`` and ``lower_bound`` (bool: the run is frozen in
+            Q, so its tau_int(Q) and cost are lower bounds, drawn hatched with ">=").
         exact: name -> exact value (drawn as a line).
-        histories: label -> (T,) topological-charge history of one chain.
+        histories: label -> (T,) topological-charge history of one chain (drawn whole up
+            to :data:`MAX_HISTORY_POINTS` steps, thinned evenly beyond).
         title: Figure title.
     """
     plt = _plt()
@@ -178,6 +186,7 @@ def comparison_figure(
     ncols = max(len(names) + 1, len(histories) + 1, 3)
     fig, axes = plt.subplots(2, ncols, figsize=(4.2 * ncols, 7.6), squeeze=False)
     unit = {r["label"]: str(r.get("step", "step")) for r in rows}
+    bounded = {r["label"]: bool(r.get("lower_bound")) for r in rows}
     for ax, name in zip(axes[0], names, strict=False):  # ncols > len(names): the rest are used below
         for j, row in enumerate(rows):
             est = row.get(name)
@@ -220,7 +229,10 @@ def comparison_figure(
         (r["label"], r.get("q", {}).get("tau_int"), r.get("q", {}).get("tau_int_error", 0)) for r in rows if r.get("q")
     ]
     for j, (label, tau, err) in enumerate(taus):
-        if tau is not None and np.isfinite(tau):
+        if tau is not None and np.isfinite(tau) and bounded.get(label):  # frozen: a lower bound, no error bar
+            ax.bar([j], [tau], color=f"C{j}", hatch="//", alpha=0.6, label=rf"{label}: $\geq$ (lower bound, frozen)")
+            ax.annotate(f">= {tau:.3g}", (j, tau), ha="center", va="bottom", fontsize=8)
+        elif tau is not None and np.isfinite(tau):
             ax.bar(
                 [j],
                 [tau],
@@ -229,6 +241,7 @@ def comparison_figure(
                 color=f"C{j}",
                 label=rf"{label}: per {unit.get(label, 'step')} $\pm 1\sigma$",
             )
+            ax.annotate(f"{tau:.3g}", (j, tau + (err if np.isfinite(err) else 0)), ha="center", va="bottom", fontsize=8)
         else:  # no chain moved: tau_int is not measurable
             ax.text(j, 0.5, "not\nmeasurable", ha="center", va="center", fontsize=8, transform=ax.get_xaxis_transform())
     ax.set_xlim(-0.6, len(taus) - 0.4)
@@ -247,20 +260,28 @@ def comparison_figure(
 
     for j, (label, h) in enumerate(histories.items()):
         ax = axes[1][j]
-        h = np.asarray(h, dtype=float)[:300]
-        ax.plot(np.arange(1, len(h) + 1), h, lw=0.8, color=f"C{j}", drawstyle="steps-mid")
+        h = np.asarray(h, dtype=float)
+        steps = np.arange(1, len(h) + 1)
+        if len(h) > MAX_HISTORY_POINTS:
+            keep = np.linspace(0, len(h) - 1, MAX_HISTORY_POINTS).astype(int)
+            h, steps = h[keep], steps[keep]
+        ax.plot(steps, h, lw=0.8, color=f"C{j}", drawstyle="steps-mid")
         if len(h) and np.all(np.isfinite(h)):  # Q is an integer up to rounding: integer ticks, no offset
             ax.set_ylim(np.floor(h.min()) - 0.5, np.ceil(h.max()) + 0.5)
             ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_title(f"Q history, one {label} chain", fontsize=9)
+        frozen = " (frozen)" if bounded.get(label) else ""
+        ax.set_title(f"Q history, one {label} chain{frozen}", fontsize=9)
         ax.set_xlabel(f"{label} {unit.get(label, 'step')}", fontsize=8)
         ax.set_ylabel("topological charge Q", fontsize=8)
     ax = axes[1][len(histories)]
     stated = [(r["label"], r.get("seconds_per_independent_q")) for r in rows]
     costs = [(label, c) for label, c in stated if c is not None]
     if costs:
-        for j, (_label, c) in enumerate(costs):
-            if np.isfinite(c):
+        for j, (label, c) in enumerate(costs):
+            if np.isfinite(c) and bounded.get(label):
+                ax.bar([j], [c], color=f"C{j}", hatch="//", alpha=0.6)
+                ax.annotate(f">= {c:.2g} s (frozen)", (j, c), ha="center", va="bottom", fontsize=8)
+            elif np.isfinite(c):
                 ax.bar([j], [c], color=f"C{j}")
                 ax.annotate(f"{c:.2g} s", (j, c), ha="center", va="bottom", fontsize=8)
             else:
