@@ -110,6 +110,7 @@ from flowplug.plugins.flow_transforms import (
     circular_rq_spline,
     rq_spline,
     rq_spline_params,
+    truncated_cauchy_icdf,
     truncated_logistic_icdf,
 )
 
@@ -200,10 +201,32 @@ def _spread_patterns(
     return links, blks, coefs
 
 
-def _init_log_scale(beta: float, a_t: float, a_o: float) -> float:
-    """log s of the truncated logistic whose mean cos is exp(-v a_T a_O / (2 a_W)), the mean cos
-    of a Gaussian estimate of T given W = 0, with v = -2 log(I_1(beta) / I_0(beta)) the circular
-    variance of one plaquette angle under exp(beta cos theta)."""
+#: Concentration maps of the ``concentrate`` option: name -> inverse distribution function.
+CONCENTRATIONS: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {
+    "logistic": truncated_logistic_icdf,
+    "cauchy": truncated_cauchy_icdf,
+}
+
+
+def _concentration(value: bool | str) -> str:
+    """The ``concentrate`` option as a name of :data:`CONCENTRATIONS`, or "" for none."""
+    if value is True:
+        return "logistic"
+    if value is False or value is None or str(value).lower() in ("", "none", "false"):
+        return ""
+    name = str(value).lower()
+    if name not in CONCENTRATIONS:
+        raise ConfigError(
+            f"u1-multiscale: concentrate must be true, false or one of {', '.join(CONCENTRATIONS)}; found {value!r}"
+        )
+    return name
+
+
+def _init_log_scale(beta: float, a_t: float, a_o: float, kind: str = "logistic") -> float:
+    """log s of the truncated concentration map ``kind`` whose mean cos is exp(-v a_T a_O / (2 a_W)),
+    the mean cos of a Gaussian estimate of T given W = 0, with v = -2 log(I_1(beta) / I_0(beta))
+    the circular variance of one plaquette angle under exp(beta cos theta)."""
+    icdf = CONCENTRATIONS[kind or "logistic"]
     b = torch.tensor(max(float(beta), 1e-6), dtype=torch.float64)
     v = -2.0 * torch.log(torch.special.i1e(b) / torch.special.i0e(b)).item()
     target = math.exp(-0.5 * v * a_t * a_o / (a_t + a_o))
@@ -211,7 +234,7 @@ def _init_log_scale(beta: float, a_t: float, a_o: float) -> float:
     lo, hi = math.log(0.01), math.log(100.0)
     for _ in range(60):
         mid = 0.5 * (lo + hi)
-        c, _ = truncated_logistic_icdf(u, torch.full_like(u, mid))
+        c, _ = icdf(u, torch.full_like(u, mid))
         if torch.cos(c).mean().item() > target:
             lo = mid
         else:
@@ -244,8 +267,9 @@ class U1MultiscaleCoupling(nn.Module):
             initial scale, centred at the share of W with ``centre``).
         levels: Number of finest levels the flow transforms (default: all).
         n_modes: Fourier modes of W fed to the conditioner, default 4.
-        concentrate: Follow the spline by a truncated-logistic concentration map whose log
-            scale is a further network output (default false; module docstring).
+        concentrate: Follow the spline by a concentration map whose log scale is a further
+            network output: ``true`` or ``"logistic"`` (truncated logistic, exponential tails),
+            ``"cauchy"`` (truncated Cauchy, polynomial tails), false (default; module docstring).
         init_log_scale: Initial log scale of the concentration map (default log 4, nearly
             uniform, or the ``init_beta`` estimate).
         init_beta: Coupling for the initial scale estimate (default none).
@@ -288,7 +312,7 @@ class U1MultiscaleCoupling(nn.Module):
         init_scale: float = 0.0,
         levels: int | None = None,
         n_modes: int = 4,
-        concentrate: bool = False,
+        concentrate: bool | str = False,
         init_log_scale: float | None = None,
         init_beta: float | None = None,
         centre: bool = False,
@@ -352,12 +376,14 @@ class U1MultiscaleCoupling(nn.Module):
         self.register_buffer("link", link)
         self.register_buffer("areas", areas)
         self.register_buffer("modes", torch.arange(1, n_modes + 1, dtype=torch.float64), persistent=False)
-        self.concentrate = bool(concentrate)
+        self.concentrate = _concentration(concentrate)  # "" (none), "logistic" or "cauchy"
         if init_log_scale is None:
             init_log_scale = (
                 math.log(4.0)
                 if init_beta is None
-                else _init_log_scale(float(init_beta), float(areas[0, 0] * vol), float(areas[0, 1] * vol))
+                else _init_log_scale(
+                    float(init_beta), float(areas[0, 0] * vol), float(areas[0, 1] * vol), self.concentrate
+                )
             )
         self.init_log_scale = float(init_log_scale)
         n_out = 3 * self.n_bins + 2 + (1 if self.concentrate else 0)
@@ -411,14 +437,14 @@ class U1MultiscaleCoupling(nn.Module):
             xr = torch.remainder(x - cw + math.pi, TWO_PI) - math.pi  # (-pi, pi]
             v, ld1 = rq_spline(xr + math.pi, wd, hd, dd)  # [0, 2 pi], fixes the ends
             if self.concentrate:
-                g, ld2 = truncated_logistic_icdf(v / TWO_PI, log_s)
+                g, ld2 = CONCENTRATIONS[self.concentrate](v / TWO_PI, log_s)
                 ld1 = ld1 + ld2 - math.log(TWO_PI)
             else:
                 g = v - math.pi
             return rot + g - xr, ld1
         g = torch.remainder(x - cw - rot + math.pi, TWO_PI) - math.pi  # G(x_rel), (-pi, pi]
         if self.concentrate:
-            u, ld2 = truncated_logistic_icdf(g, log_s, inverse=True)
+            u, ld2 = CONCENTRATIONS[self.concentrate](g, log_s, inverse=True)
             v = TWO_PI * u
             ld2 = ld2 + math.log(TWO_PI)
         else:

@@ -248,6 +248,54 @@ def truncated_logistic_icdf(
     return torch.where(low, v, 1.0 - v), -(log_const - log_p - log_1mp)
 
 
+def truncated_cauchy_icdf(
+    u: torch.Tensor,
+    log_scale: torch.Tensor,
+    *,
+    inverse: bool = False,
+    min_log_scale: float = math.log(0.01),
+    max_log_scale: float = math.log(100.0),
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Inverse distribution function of a Cauchy distribution truncated to [-pi, pi].
+
+    With A = atan(pi / s) and scale s, the truncated Cauchy has the distribution function
+    G_s(c) = 1/2 + atan(c / s) / (2 A), so c = G_s^{-1}(u) = s tan((2u - 1) A), a monotone
+    bijection of [0, 1] onto [-pi, pi] with u = 0, 1/2, 1 going to -pi, 0, pi, and
+
+        dc/du = 2 A s / cos^2((2u - 1) A) = 2 A s (1 + (c / s)^2).
+
+    The density it pushes the uniform distribution to, 1 / (2 A s (1 + (c/s)^2)), has a mode
+    to ends ratio 1 + (pi / s)^2, polynomial where the truncated logistic's cosh^2(pi / 2s) is
+    exponential: a peak of width s keeps e.g. 1 % of its height half a turn away (s = 0.3)
+    instead of e^{-10}. Used where the target's conditional is sharp for most parents but
+    flat or bimodal for rare ones (2D U(1) at large beta, parent loops near pi: docs/flows.md).
+    For large s it tends to c = 2 pi u - pi.
+
+    Arguments:
+        u: Points of [0, 1] (c in [-pi, pi] for ``inverse``), shape (...), float64; clipped.
+        log_scale: log s, shape (...); soft-clamped into [min_log_scale, max_log_scale] as in
+            :func:`truncated_logistic_icdf`.
+        inverse: Evaluate the inverse map.
+        min_log_scale, max_log_scale: Range of log s (default log 0.01 to log 100).
+
+    Returns:
+        ``(c, log|dc/du|)`` (for the inverse ``(u, log|du/dc|)``), shape (...), float64.
+    """
+    log_s = _soft_log_scale(log_scale, min_log_scale, max_log_scale)
+    s = torch.exp(log_s)
+    big_a = torch.atan(math.pi / s)
+    log_const = math.log(2.0) + torch.log(big_a) + log_s
+    if not inverse:
+        t = (2.0 * u.to(torch.float64).clamp(0.0, 1.0) - 1.0) * big_a
+        c = (s * torch.tan(t)).clamp(-math.pi, math.pi)
+        r = c / s  # log(dc/du) from c, as the inverse computes it: the two cancel to rounding
+        return c, log_const + torch.log1p(r * r)
+    c = u.to(torch.float64).clamp(-math.pi, math.pi)
+    r = c / s
+    v = (0.5 + torch.atan(r) / (2.0 * big_a)).clamp(0.0, 1.0)
+    return v, -(log_const + torch.log1p(r * r))
+
+
 def logistic_concentration(
     x: torch.Tensor,
     log_scale: torch.Tensor,

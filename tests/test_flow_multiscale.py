@@ -236,6 +236,7 @@ NEW_OPTIONS = [
     {"shift": "spread"},
     {"concentrate": True, "centre": True, "shift": "spread", "init_beta": 6.0},
     {"concentrate": True, "centre": True, "shift": "spread", "n_bins": 3, "n_modes": 2},
+    {"concentrate": "cauchy", "centre": True, "shift": "spread", "init_beta": 6.0},
 ]
 
 
@@ -337,6 +338,51 @@ def test_default_options_keep_the_original_map():
     got, got_ld = m.conditional(t, w)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
     torch.testing.assert_close(got_ld, want_ld, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("log_s", [math.log(0.01), -3.0, -1.0, 0.0, 2.0, math.log(100.0), 7.0])
+def test_truncated_cauchy_icdf(log_s):
+    """c = s tan((2u - 1) atan(pi/s)): maps 0, 1/2, 1 to -pi, 0, pi; inverse and log-derivative
+    exact (autograd); the density it pushes to integrates to 1 on [-pi, pi] and has the Cauchy
+    mode-to-ends ratio 1 + (pi/s)^2."""
+    from flowplug.plugins.flow_transforms import truncated_cauchy_icdf
+
+    u = torch.cat(
+        [
+            torch.tensor([0.0, 1e-12, 0.5, 1 - 1e-12, 1.0], dtype=torch.float64),
+            torch.rand(400, generator=torch.Generator().manual_seed(2), dtype=torch.float64),
+        ]
+    )
+    ls = torch.full_like(u, log_s)
+    c, ld = truncated_cauchy_icdf(u, ls)
+    assert torch.isfinite(c).all() and torch.isfinite(ld).all()
+    torch.testing.assert_close(
+        c[[0, 2, 4]], torch.tensor([-math.pi, 0.0, math.pi], dtype=torch.float64), rtol=0, atol=1e-12
+    )
+    ub, ldi = truncated_cauchy_icdf(c, ls, inverse=True)
+    torch.testing.assert_close(ub[5:], u[5:], rtol=0, atol=1e-11)
+    torch.testing.assert_close(ld[5:] + ldi[5:], torch.zeros_like(ld[5:]), rtol=0, atol=1e-9)
+    uu = u[5:50].clone().requires_grad_(True)
+    cc, ld2 = truncated_cauchy_icdf(uu, ls[5:50])
+    (g,) = torch.autograd.grad(cc.sum(), uu)
+    torch.testing.assert_close(torch.log(g), ld2, rtol=0, atol=1e-8)
+    grid = torch.linspace(-math.pi, math.pi, 200001, dtype=torch.float64)
+    _, log_dens = truncated_cauchy_icdf(grid, torch.full_like(grid, log_s), inverse=True)
+    dens = log_dens.exp()
+    assert abs(float(torch.trapezoid(dens, grid)) - 1) < 1e-6
+    half = math.log(100.0)
+    s = math.exp(half * math.tanh(log_s / half))
+    assert float(dens[100000] / dens[0]) == pytest.approx(1 + (math.pi / s) ** 2, rel=1e-9)
+
+
+def test_concentrate_option_names():
+    """concentrate: true is the logistic map (checkpoints keep their meaning), "cauchy" the
+    polynomial-tailed one; anything else is refused naming the choices."""
+    assert U1MultiscaleCoupling(lattice=(4, 4), concentrate=True).concentrate == "logistic"
+    assert U1MultiscaleCoupling(lattice=(4, 4), concentrate="cauchy").concentrate == "cauchy"
+    assert U1MultiscaleCoupling(lattice=(4, 4)).concentrate == ""
+    with pytest.raises(ConfigError, match="logistic, cauchy"):
+        U1MultiscaleCoupling(lattice=(4, 4), concentrate="gauss")
 
 
 @pytest.mark.parametrize("log_s", [math.log(0.01), -3.0, -1.0, 0.0, 2.0, math.log(100.0), 7.0])
