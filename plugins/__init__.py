@@ -11,6 +11,7 @@ BUILTIN: tuple[str, ...] = (
     "flowplug.plugins.theories",  # actions: phi4, wilson
     "flowplug.plugins.observables",  # plaquette, topological_charge, ...
     "flowplug.plugins.hmc",  # HMC kernel
+    "flowplug.plugins.heatbath",  # heatbath and overrelaxation kernels (SU(N) Wilson)
     "flowplug.plugins.flows",  # flow layers and priors
     "flowplug.plugins.kernels",  # flow kernels: independence Metropolis, mixtures, flow HMC
 )

@@ -342,9 +342,10 @@ class Mixture(Kernel):
         ConfigError: on an empty list, a length mismatch, or weights that are negative or
             sum to zero.
 
-    ``info``: ``accepted`` (B,) bool (of whichever kernel each chain used), ``choice``
-    (B,) long, and ``accepted.<label>`` (B,) float64: 1/0 for chains that used that
-    kernel and were accepted/rejected, NaN for the others.
+    ``info``: ``accepted`` (B,) bool (of whichever kernel each chain used; (B,) float64
+    if a kernel used in the step reports fractions, as sweeps of local updates do),
+    ``choice`` (B,) long, and ``accepted.<label>`` (B,) float64: 1/0 (or the fraction)
+    for chains that used that kernel, NaN for the others.
 
     References:
         Tierney, Ann. Statist. 22 (1994) 1701, section 2.4.
@@ -380,7 +381,8 @@ class Mixture(Kernel):
         u = torch.rand(b, generator=generator, dtype=torch.float64, device=device)
         edges = torch.cumsum(self.probabilities.to(device), 0)
         choice = torch.searchsorted(edges, u, right=True).clamp_(max=len(self.kernels) - 1)
-        accepted = torch.zeros(b, dtype=torch.bool, device=device)
+        accepted = torch.zeros(b, dtype=torch.float64, device=device)
+        fractions = False  # a part reported fractions (a sweep of local updates), not decisions
         info: dict[str, Any] = {"choice": choice}
         parts = []
         for i, (kernel, label) in enumerate(zip(self.kernels, self.labels, strict=True)):
@@ -389,10 +391,11 @@ class Mixture(Kernel):
             if idx.numel():
                 sub, sub_info = kernel.step(subset_state(state, idx), generator)
                 parts.append((idx, sub))
-                accepted[idx] = sub_info["accepted"]
+                fractions = fractions or sub_info["accepted"].is_floating_point()
+                accepted[idx] = sub_info["accepted"].to(torch.float64)
                 acc_i[idx] = sub_info["accepted"].to(torch.float64)
             info[f"accepted.{label}"] = acc_i
-        info["accepted"] = accepted
+        info["accepted"] = accepted if fractions else accepted.bool()
         return merge_states(state, parts), info
 
     def __repr__(self) -> str:
