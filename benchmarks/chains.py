@@ -7,13 +7,15 @@
   short runs until the acceptance is >= ``--hmc-target`` (0.9); ``--chains`` chains from hot
   starts (so that the chains sit in different topological sectors), ``--thermalize``
   trajectories, then ``--hmc-trajectories`` measured ones;
+* the two samplers' measured runs alternate in ``--segments`` (10) pieces, so that both see the
+  same load on a shared machine;
 * **flow**: independence Metropolis (arXiv:2003.06413 Sec. III), each proposal followed by
   ``--hmc-per-proposal`` (1) trajectories of the tuned HMC (a cycle of exact kernels,
   :class:`~flowplug.plugins.kernels.Composition`), with a flow trained by
   ``flowplug train`` from ``--train-config`` (default: ``examples/train_u1_b6_l8.toml`` for
   L <= 8, ``examples/train_u1_b6_l16.toml`` above, lattice and beta of the point; the
   ``init_beta`` layer option follows beta), or a trained run given with ``--flow RUN``;
-  ``--chains`` chains started from the final HMC configurations, ``--flow-steps`` cycles.
+  ``--chains`` chains started from the thermalised HMC configurations, ``--flow-steps`` cycles.
 
 Why the HMC trajectories: an independence-Metropolis chain stays on a state until a proposal
 with a larger importance weight w = p/q arrives. The flows' weights are light-tailed on their
@@ -164,6 +166,11 @@ def _train_facts(summary: dict[str, Any]) -> dict[str, Any]:
     return {f"train_{k}" if k != "ess" else "ess": summary[k] for k in keys if k in summary}
 
 
+def _joined(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Histories of consecutive segments of the same chains, joined along the step axis."""
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
 def bench(L: int, beta: float, a: argparse.Namespace, runs: Path) -> dict[str, Any]:
     """HMC and flow independence Metropolis at one (L, beta), timed in this process."""
     exact = u1_2d(L, beta)
@@ -172,20 +179,30 @@ def bench(L: int, beta: float, a: argparse.Namespace, runs: Path) -> dict[str, A
     x = act.hot_start((L, L), a.chains, generator=gen)
     hmc, x, tune_acc = tune_hmc(act, x, a)
     x = run_chains(hmc, x, a.thermalize, seed=2).state.x
-    t0 = time.perf_counter()
-    ch = run_chains(hmc, x, a.hmc_trajectories, seed=3, measure=measure)
-    t_hmc = time.perf_counter() - t0
-    h = stats(ch.history_tensors())
-    c_hmc = t_hmc / (a.hmc_trajectories * a.chains) * 2 * h["tau_int_q"]
-
     flow, t_train, facts = train_flow(L, beta, a, runs)
     flow = flow.eval()
     im = IndependenceMetropolis(flow, act)
     kernel = im if a.hmc_per_proposal == 0 else Composition([im, hmc], [1, a.hmc_per_proposal], labels=["flow", "hmc"])
-    t0 = time.perf_counter()
-    cf = run_chains(kernel, ch.state.x, a.flow_steps, seed=5, measure=measure)
-    t_flow = time.perf_counter() - t0
-    hf = cf.history_tensors()
+    # both samplers run in alternating segments, so that they see the same machine load
+    t_hmc = t_flow = 0.0
+    xh, xf = x, x
+    hist_h: list[dict[str, torch.Tensor]] = []
+    hist_f: list[dict[str, torch.Tensor]] = []
+    for k in range(a.segments):
+        n_h = a.hmc_trajectories * (k + 1) // a.segments - a.hmc_trajectories * k // a.segments
+        n_f = a.flow_steps * (k + 1) // a.segments - a.flow_steps * k // a.segments
+        t0 = time.perf_counter()
+        ch = run_chains(hmc, xh, n_h, seed=1000 + k, measure=measure)
+        t_hmc += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        cf = run_chains(kernel, xf, n_f, seed=2000 + k, measure=measure)
+        t_flow += time.perf_counter() - t0
+        xh, xf = ch.state.x, cf.state.x
+        hist_h.append(ch.history_tensors())
+        hist_f.append(cf.history_tensors())
+    h = stats(_joined(hist_h))
+    c_hmc = t_hmc / (a.hmc_trajectories * a.chains) * 2 * h["tau_int_q"]
+    hf = _joined(hist_f)
     f = stats(hf, burn=a.flow_burn)
     if a.hmc_per_proposal:
         f["acceptance"] = float(hf["accepted.flow"][a.flow_burn :].mean())
@@ -268,6 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--thermalize", type=int, default=200)
     ap.add_argument("--hmc-trajectories", type=int, default=10000)
     ap.add_argument("--flow-steps", type=int, default=1000)
+    ap.add_argument(
+        "--segments", type=int, default=10, help="alternating segments of HMC and flow sampling (same load on both)"
+    )
     ap.add_argument("--flow-burn", type=int, default=20, help="flow steps discarded (the chains start on HMC states)")
     ap.add_argument(
         "--hmc-per-proposal",

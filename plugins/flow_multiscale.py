@@ -78,6 +78,12 @@ Large beta (options ``concentrate``, ``init_beta``, ``centre``, ``shift``)
     - ``init_beta`` starts each level's scale s at a Gaussian estimate of the width of T given
       W = 0 at that coupling (mean cos exp(-v a_T a_O / (2 a_W)), v = -2 log(I_1/I_0) per
       plaquette).
+    - ``saddle_width = true`` multiplies s by cos(W / a_W)^(-1/2): at the saddle point of
+      f_T(T) f_O(W - T) (every plaquette of a child at the same angle) the variance of T
+      given W is a_T a_O / (beta a_W cos(W / a_W)), which for a 1 x 2 block is the exact
+      1/kappa of its von Mises conditional, flat at W = pi. Reverse-KL training rarely sees
+      parents near pi, so a learned width there stayed too narrow and such configurations
+      carried importance weights up to e^15 (docs/flows.md).
 
     :func:`transfer_multiscale` (``train.init_from``) initialises larger lattices.
 
@@ -112,6 +118,7 @@ from flowplug.plugins.flow_transforms import (
     rq_spline_params,
     truncated_cauchy_icdf,
     truncated_logistic_icdf,
+    two_branch_icdf,
 )
 
 TWO_PI = 2.0 * math.pi
@@ -273,6 +280,15 @@ class U1MultiscaleCoupling(nn.Module):
         init_log_scale: Initial log scale of the concentration map (default log 4, nearly
             uniform, or the ``init_beta`` estimate).
         init_beta: Coupling for the initial scale estimate (default none).
+        branches: 2 adds the second winding branch of the parent loop, half a turn from
+            the first, to the concentration map (:func:`flowplug.plugins.flow_transforms.two_branch_icdf`),
+            with the saddle-point weight exp(beta a_W (cos(W_far / a_W) - cos(W / a_W))) times a
+            learned factor, W_far = W - 2 pi sign(W) (default 1; needs ``concentrate = true``
+            and ``init_beta``).
+        saddle_width: Multiply the concentration map's scale by cos(W / a_W)^(-1/2), the
+            W-dependence of the width of T given W at the saddle point (all plaquettes of a
+            child equal): the exact 1/sqrt(kappa) of a 1 x 2 block, flat at W = pi (default
+            false; needs ``concentrate``).
         centre: Transform T relative to its share (a_T / a_W) wrap(W) of the parent loop
             (default false).
         shift: ``"link"`` (default: one designated link per block) or ``"spread"`` (every
@@ -315,6 +331,8 @@ class U1MultiscaleCoupling(nn.Module):
         concentrate: bool | str = False,
         init_log_scale: float | None = None,
         init_beta: float | None = None,
+        saddle_width: bool = False,
+        branches: int = 1,
         centre: bool = False,
         shift: str = "link",
     ) -> None:
@@ -386,7 +404,20 @@ class U1MultiscaleCoupling(nn.Module):
                 )
             )
         self.init_log_scale = float(init_log_scale)
-        n_out = 3 * self.n_bins + 2 + (1 if self.concentrate else 0)
+        self.saddle_width = bool(saddle_width)
+        if self.saddle_width and not self.concentrate:
+            raise ConfigError("u1-multiscale: saddle_width scales the concentration map; it needs concentrate")
+        self.volume = vol
+        self.branches = int(branches)
+        if self.branches not in (1, 2):
+            raise ConfigError(f"u1-multiscale: branches must be 1 or 2; found {branches!r}")
+        if self.branches == 2 and (self.concentrate != "logistic" or init_beta is None):
+            raise ConfigError(
+                "u1-multiscale: branches = 2 needs concentrate = true (logistic) and init_beta (the coupling "
+                "of the branch weights' saddle-point estimate)"
+            )
+        self.branch_beta = float(init_beta) if init_beta is not None else 0.0
+        n_out = 3 * self.n_bins + 2 + (1 if self.concentrate else 0) + (1 if branches == 2 else 0)
         self.net = MLP(2 * n_modes + 2, n_out, hidden, net_dtype(dtype), final_scale=init_scale)
 
     def _check(self, theta: torch.Tensor) -> None:
@@ -432,19 +463,41 @@ class U1MultiscaleCoupling(nn.Module):
             return (y - x if not inverse else x - y), ld
         cw = self._centre(w, areas) if self.centre else torch.zeros_like(w)
         wd, hd, dd = rq_spline_params(raw, self.n_bins, width=TWO_PI, height=TWO_PI, boundary="periodic")
-        log_s = p[..., 3 * self.n_bins] + self.init_log_scale
+        base = p[..., 3 * self.n_bins] + self.init_log_scale
+        log_s = base
+        a_w = (areas[..., 0] + areas[..., 1]) * self.volume
+        ww = torch.remainder(w + math.pi, TWO_PI) - math.pi
+        if self.saddle_width:
+            # saddle point of exp(beta a_T cos(T/a_T) + beta a_O cos((W-T)/a_O)): the width of T given W
+            # grows as cos(W/a_W)^(-1/2), the exact 1/sqrt(kappa) of a 1x2 block (flat at W = pi)
+            log_s = base - 0.5 * torch.log(torch.cos(ww / a_w).clamp_min(1e-12))
+        concentration = CONCENTRATIONS[self.concentrate] if self.concentrate else None
+        if self.branches == 2:
+            # the other winding of the parent, W - 2 pi sign(W): its branch sits half a turn away,
+            # with the saddle-point weight exp(beta a_W cos(W_far / a_W)) against exp(beta a_W cos(W / a_W))
+            w_far = ww - TWO_PI * torch.where(ww >= 0, 1.0, -1.0)
+            log_t = base
+            if self.saddle_width:
+                log_t = base - 0.5 * torch.log(torch.cos(w_far / a_w).clamp_min(1e-12))
+            logit = p[..., 3 * self.n_bins + 1] + self.branch_beta * a_w * (
+                torch.cos(w_far / a_w) - torch.cos(ww / a_w)
+            )
+
+            def concentration(c: torch.Tensor, ls: torch.Tensor, inverse: bool = False) -> Any:
+                return two_branch_icdf(c, ls, log_t, logit, inverse=inverse)
+
         if not inverse:
             xr = torch.remainder(x - cw + math.pi, TWO_PI) - math.pi  # (-pi, pi]
             v, ld1 = rq_spline(xr + math.pi, wd, hd, dd)  # [0, 2 pi], fixes the ends
-            if self.concentrate:
-                g, ld2 = CONCENTRATIONS[self.concentrate](v / TWO_PI, log_s)
+            if concentration is not None:
+                g, ld2 = concentration(v / TWO_PI, log_s)
                 ld1 = ld1 + ld2 - math.log(TWO_PI)
             else:
                 g = v - math.pi
             return rot + g - xr, ld1
         g = torch.remainder(x - cw - rot + math.pi, TWO_PI) - math.pi  # G(x_rel), (-pi, pi]
-        if self.concentrate:
-            u, ld2 = CONCENTRATIONS[self.concentrate](g, log_s, inverse=True)
+        if concentration is not None:
+            u, ld2 = concentration(g, log_s, inverse=True)
             v = TWO_PI * u
             ld2 = ld2 + math.log(TWO_PI)
         else:
@@ -586,16 +639,29 @@ def transfer_multiscale(src: Any, dst: Any) -> list[tuple[int, int]]:
         if k >= len(cands):
             continue
         s_layer = src.layers[cands[k]]
-        if (s_layer.n_bins, s_layer.concentrate, s_layer.centre, s_layer.shift, len(s_layer.modes)) != (
+        if (
+            s_layer.n_bins,
+            s_layer.concentrate,
+            s_layer.saddle_width,
+            s_layer.branches,
+            s_layer.branch_beta if s_layer.branches == 2 else None,
+            s_layer.centre,
+            s_layer.shift,
+            len(s_layer.modes),
+        ) != (
             layer.n_bins,
             layer.concentrate,
+            layer.saddle_width,
+            layer.branches,
+            layer.branch_beta if layer.branches == 2 else None,
             layer.centre,
             layer.shift,
             len(layer.modes),
         ):
             raise ConfigError(
                 f"transfer_multiscale: level {layer.level} of the target and level {s_layer.level} of "
-                "the source differ in n_bins, n_modes, concentrate, centre or shift"
+                "the source differ in n_bins, n_modes, concentrate, saddle_width, branches (and their init_beta), "
+                "centre or shift"
             )
         state = {k2: v.clone() for k2, v in s_layer.net.state_dict().items()}
         try:

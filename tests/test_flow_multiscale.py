@@ -237,6 +237,8 @@ NEW_OPTIONS = [
     {"concentrate": True, "centre": True, "shift": "spread", "init_beta": 6.0},
     {"concentrate": True, "centre": True, "shift": "spread", "n_bins": 3, "n_modes": 2},
     {"concentrate": "cauchy", "centre": True, "shift": "spread", "init_beta": 6.0},
+    {"concentrate": True, "saddle_width": True, "centre": True, "shift": "spread", "init_beta": 6.0},
+    {"concentrate": True, "saddle_width": True, "branches": 2, "centre": True, "shift": "spread", "init_beta": 6.0},
 ]
 
 
@@ -254,7 +256,8 @@ def _check_exact_and_equivariant(m, lattice, seed):
     y, ld = m(x)
     xb, ldi = m.inverse(y)
     assert groups.wrap_angle(xb - x).abs().max() < 1e-10
-    torch.testing.assert_close(ld + ldi, torch.zeros_like(ld), rtol=0, atol=1e-10)
+    # random conditioners reach near-uniform and very sharp maps: 1e-10-level rounding per block
+    torch.testing.assert_close(ld + ldi, torch.zeros_like(ld), rtol=0, atol=1e-9)
     jac = torch.autograd.functional.jacobian(lambda v: m(v)[0], x[:1]).reshape(x[0].numel(), -1)
     torch.testing.assert_close(torch.linalg.slogdet(jac)[1], ld[0], rtol=0, atol=1e-9)
     g = torch.Generator().manual_seed(seed + 3)
@@ -375,6 +378,54 @@ def test_truncated_cauchy_icdf(log_s):
     assert float(dens[100000] / dens[0]) == pytest.approx(1 + (math.pi / s) ** 2, rel=1e-9)
 
 
+@pytest.mark.parametrize("log_s,log_t,logit", [(-1.5, -1.5, -2.0), (-3.0, 0.5, 0.0), (1.0, -2.0, 3.0), (-4, -4, -30)])
+def test_two_branch_icdf(log_s, log_t, logit):
+    """The two-branch map: forward (bisection + Newton) and inverse (closed form) agree, the
+    log-derivatives cancel, the density integrates to 1 with weight rho at the antipode, and the
+    implicit-function gradients match finite differences of the forward map."""
+    from flowplug.plugins.flow_transforms import truncated_logistic_icdf, two_branch_icdf
+
+    gen = torch.Generator().manual_seed(3)
+    ends = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
+    u = torch.cat([ends, torch.rand(300, generator=gen, dtype=torch.float64)])
+    full = lambda v: torch.full_like(u, v)  # noqa: E731
+    c, ld = two_branch_icdf(u, full(log_s), full(log_t), full(logit))
+    ub, ldi = two_branch_icdf(c, full(log_s), full(log_t), full(logit), inverse=True)
+    torch.testing.assert_close(ub, u, rtol=0, atol=1e-12)
+    torch.testing.assert_close(ld + ldi, torch.zeros_like(ld), rtol=0, atol=1e-9)
+    grid = torch.linspace(-math.pi, math.pi, 400001, dtype=torch.float64)
+    g = lambda v: torch.full_like(grid, v)  # noqa: E731
+    _, log_q = two_branch_icdf(grid, g(log_s), g(log_t), g(logit), inverse=True)
+    q = log_q.exp()
+    assert abs(float(torch.trapezoid(q, grid)) - 1) < 1e-6
+    rho = 1 / (1 + math.exp(-logit))
+    one = lambda v: torch.full((1,), float(v), dtype=torch.float64)  # noqa: E731
+    _, lq0 = two_branch_icdf(one(0.0), one(log_s), one(log_t), one(logit), inverse=True)
+    _, lg0 = truncated_logistic_icdf(one(0.0), one(log_s), inverse=True)
+    _, lgt_end = truncated_logistic_icdf(one(-math.pi), one(log_t), inverse=True)
+    want0 = math.log((1 - rho) * math.exp(float(lg0)) + rho * math.exp(float(lgt_end)))
+    assert float(lq0) == pytest.approx(want0, abs=1e-9)  # the central branch peaks at 0
+    far = one(math.pi)
+    _, lgt = truncated_logistic_icdf(one(0.0), one(log_t), inverse=True)
+    _, lq_far = two_branch_icdf(far, one(log_s), one(log_t), one(logit), inverse=True)
+    _, lg0_far = truncated_logistic_icdf(far, one(log_s), inverse=True)
+    want = math.log((1 - rho) * math.exp(float(lg0_far)) + rho * math.exp(float(lgt)))
+    assert float(lq_far) == pytest.approx(want, abs=1e-9)  # the antipodal branch peaks at +-pi
+    # gradients of the forward map by the implicit-function step, against central differences
+    params = torch.tensor([log_s, log_t, logit], dtype=torch.float64, requires_grad=True)
+    uu = u[3:13]
+    out = two_branch_icdf(uu, params[0].expand(10), params[1].expand(10), params[2].expand(10))[0]
+    (grad,) = torch.autograd.grad(out.sum(), params)
+    eps = 1e-6
+    for k in range(3):
+        hi, lo = params.detach().clone(), params.detach().clone()
+        hi[k] += eps
+        lo[k] -= eps
+        f = lambda pp: two_branch_icdf(uu, pp[0].expand(10), pp[1].expand(10), pp[2].expand(10))[0].sum()  # noqa: E731
+        fd = (f(hi) - f(lo)) / (2 * eps)
+        assert float(grad[k]) == pytest.approx(float(fd), rel=1e-4, abs=1e-6)
+
+
 def test_concentrate_option_names():
     """concentrate: true is the logistic map (checkpoints keep their meaning), "cauchy" the
     polynomial-tailed one; anything else is refused naming the choices."""
@@ -383,6 +434,35 @@ def test_concentrate_option_names():
     assert U1MultiscaleCoupling(lattice=(4, 4)).concentrate == ""
     with pytest.raises(ConfigError, match="logistic, cauchy"):
         U1MultiscaleCoupling(lattice=(4, 4), concentrate="gauss")
+    with pytest.raises(ConfigError, match="saddle_width .* needs concentrate"):
+        U1MultiscaleCoupling(lattice=(4, 4), saddle_width=True)
+    with pytest.raises(ConfigError, match="branches = 2 needs concentrate = true"):
+        U1MultiscaleCoupling(lattice=(4, 4), concentrate=True, branches=2)
+    with pytest.raises(ConfigError, match="branches must be 1 or 2"):
+        U1MultiscaleCoupling(lattice=(4, 4), concentrate=True, init_beta=6.0, branches=3)
+
+
+def test_saddle_width_follows_the_saddle_point():
+    """saddle_width: the concentration map's log scale gains -1/2 log cos(W / a_W) over the same
+    layer without it (same parameters), so a 1 x 2 block's conditional widens towards W = pi."""
+    kw = dict(lattice=(4, 4), index=3, concentrate=True, centre=True, init_beta=6.0, dtype="float64")
+    a = U1MultiscaleCoupling(**kw)
+    b = U1MultiscaleCoupling(**kw, saddle_width=True)
+    b.load_state_dict(a.state_dict())
+    assert float(a.areas[0].sum() * 16) == 2  # the finest level: 1 x 2 blocks
+    w = torch.tensor([0.0, 1.0, 2.0, 3.0, 3.1], dtype=torch.float64)
+    # log q(T | W) at the mode minus at a point half a turn away: the spread of the conditional
+    spread = []
+    for m in (a, b):
+        centre = w / 2
+        _, ld_mode = m.conditional(centre, w, m.areas[0], inverse=True)
+        _, ld_far = m.conditional(centre + math.pi - 0.05, w, m.areas[0], inverse=True)
+        spread.append(ld_mode - ld_far)
+    assert torch.all(spread[1] < spread[0] + 1e-12)
+    assert float(spread[1][0] - spread[0][0]) == pytest.approx(0.0, abs=1e-12)  # no change at W = 0
+    # at W = 3.1 the exact conditional is nearly flat (kappa = 12 cos(1.55) = 0.25): about e^{11.6}
+    # between mode and far point without the saddle width, e^{1.6} with it
+    assert float(spread[1][-1]) < 2.0 and float(spread[0][-1]) > 10.0
 
 
 @pytest.mark.parametrize("log_s", [math.log(0.01), -3.0, -1.0, 0.0, 2.0, math.log(100.0), 7.0])

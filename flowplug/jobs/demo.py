@@ -96,6 +96,8 @@ n_layers = 6                # one pass over the six levels of the 8x8 block hier
 
 [flow.options]              # options of the layers; init_beta (initial widths) is the demo's beta unless set here
 concentrate = true
+saddle_width = true
+branches = 2
 centre = true
 shift = "spread"
 n_modes = 4
