@@ -30,8 +30,10 @@ tau_int by the Gamma method (Wolff's convention: 1/2 for independent samples), p
 trajectory and per flow proposal. Where the Gamma window reaches half the chain length, or
 no chain ever changed Q (a frozen HMC), the chain is too short to measure tau_int: it is
 then reported as a lower bound (``*_lower_bound: true``; N/2 for a chain of N trajectories
-that never changed Q), and so are the HMC cost and the ratio. A frozen chain is never
-given a finite win it did not earn: ``ratio`` is then "at least".
+that never changed Q), as it is when Q changed sector fewer than 10 times per chain. A
+frozen chain is never given a finite win it did not earn: ``ratio_bound`` is ``">="`` when
+only HMC's cost is a lower bound, ``"<="`` when only the flow's is, and with both the ratio
+and the break-even are null; ``break_even_bound`` says the same of the break-even.
 
 One JSON line per point (``--json``; otherwise a readable summary) with the keys ``L``,
 ``beta``, ``hmc_seconds_per_independent_q``, ``flow_seconds_per_independent_q``,
@@ -64,6 +66,7 @@ import torch
 
 from flowplug.exact import u1_2d
 from flowplug.jobs.chains import run_chains
+from flowplug.jobs.demo import MIN_TOPOLOGY_CHANGES, ratio_bound
 from flowplug.jobs.summary import observable_summary
 from flowplug.plugins.hmc import HMC
 from flowplug.plugins.kernels import Composition, IndependenceMetropolis
@@ -82,17 +85,21 @@ def stats(hist: dict[str, torch.Tensor], burn: int = 0) -> dict[str, Any]:
     """Gamma-method plaquette, Q^2 and tau_int(Q) of (steps, chains) histories.
 
     tau_int(Q) is flagged as a lower bound where the summation window reached half the
-    chain length; if no chain ever changed Q it is set to N/2 (N steps per chain), flagged.
+    chain length, the chains are shorter than 20 tau_int, or Q changed sector fewer than
+    :data:`flowplug.jobs.demo.MIN_TOPOLOGY_CHANGES` times per chain; if no chain ever changed
+    Q it is set to N/2 (N steps per chain), flagged.
     """
     q = hist["q"][burn:]
     s = observable_summary({"plaquette": hist["plaquette"][burn:], "q2": q**2, "q": q})
     n_steps = q.shape[0]
     tau, note = s["q"]["tau_int"], s["q"].get("note", "")
-    lower = bool(note) and "shorter than" not in note
-    if not math.isfinite(tau):  # no chain changed Q: frozen
-        tau, lower = n_steps / 2, True
     sector = torch.round(q)  # the geometric charge is an integer up to rounding
     changes = int((sector[1:] != sector[:-1]).sum())
+    # a lower bound: the window reached half the chain, the chain is shorter than 20 tau_int,
+    # or Q changed sector fewer than MIN_TOPOLOGY_CHANGES times per chain (as the demo judges it)
+    lower = bool(note) or changes / q.shape[1] < MIN_TOPOLOGY_CHANGES
+    if not math.isfinite(tau):  # no chain changed Q: frozen
+        tau, lower = n_steps / 2, True
     return {
         "plaquette": {"mean": s["plaquette"]["mean"], "error": s["plaquette"]["error"]},
         "q2": {"mean": s["q2"]["mean"], "error": s["q2"]["error"]},
@@ -211,6 +218,9 @@ def bench(L: int, beta: float, a: argparse.Namespace, runs: Path) -> dict[str, A
     c_flow = t_flow / (a.flow_steps * a.chains) * 2 * f["tau_int_q"]
     ratio = c_hmc / c_flow
     gain = c_hmc - c_flow
+    # HMC's cost bounded below: the ratio is at least, the break-even at most what is printed;
+    # the flow's bounded: the reverse; both: neither is determined (null)
+    bound = ratio_bound(h["tau_int_q_lower_bound"], f["tau_int_q_lower_bound"])
     h.update(
         steps=hmc.steps,
         tuning_acceptance=tune_acc,
@@ -225,9 +235,10 @@ def bench(L: int, beta: float, a: argparse.Namespace, runs: Path) -> dict[str, A
         "hmc_seconds_per_independent_q": c_hmc,
         "flow_seconds_per_independent_q": c_flow,
         "train_seconds": t_train,
-        "ratio": ratio,
-        "ratio_lower_bound": h["tau_int_q_lower_bound"] and not f["tau_int_q_lower_bound"],
-        "break_even_samples": t_train / gain if gain > 0 else math.inf,
+        "ratio": ratio if bound is not None else math.nan,
+        "ratio_bound": bound,
+        "break_even_samples": (t_train / gain if gain > 0 else math.inf) if bound is not None else math.nan,
+        "break_even_bound": {"=": "=", ">=": "<=", "<=": ">="}.get(bound or "", None),
         "hmc_tau_int_q": h["tau_int_q"],
         "hmc_tau_int_q_lower_bound": h["tau_int_q_lower_bound"],
         "flow_tau_int_q": f["tau_int_q"],
@@ -264,11 +275,17 @@ def show(r: dict[str, Any]) -> str:
     lines.append(
         f"  HMC {h['steps']} Omelyan steps; flow trained {r['train_seconds']:.0f} s (ESS {f.get('ess', math.nan):.3f})"
     )
+    if r["ratio_bound"] is None:
+        verdict = "ratio HMC/flow not determined (both chains too short to measure tau_int(Q))"
+    else:
+        verdict = (
+            f"ratio HMC/flow {r['ratio_bound']} {r['ratio']:.3g}; training pays for itself after "
+            f"{r['break_even_bound']} {r['break_even_samples']:.3g} independent samples"
+        )
     lines.append(
         f"  seconds per independent Q: HMC {ge(r['hmc_tau_int_q_lower_bound'])} "
-        f"{r['hmc_seconds_per_independent_q']:.3g}, flow {r['flow_seconds_per_independent_q']:.3g}; "
-        f"ratio HMC/flow {ge(r['ratio_lower_bound'])} {r['ratio']:.3g}; training pays for itself after "
-        f"{r['break_even_samples']:.3g} independent samples"
+        f"{r['hmc_seconds_per_independent_q']:.3g}, flow {ge(r['flow_tau_int_q_lower_bound'])} "
+        f"{r['flow_seconds_per_independent_q']:.3g}; {verdict}"
     )
     return "\n".join(lines)
 

@@ -254,7 +254,8 @@ def locked_run(command: str, out_of: Callable[[Mapping[str, Any]], Any]) -> Call
         out_of: Maps the function's bound arguments (name -> value, defaults applied) to
             the run directory, e.g. ``lambda a: a["out"]``; ``None`` runs unlocked. Under
             torchrun only rank 0 (the process that writes) takes the lock
-            (:mod:`flowplug.distributed`).
+            (:mod:`flowplug.distributed`), and only ``train`` runs there: the other
+            commands raise :class:`~flowplug.errors.FlowplugError` when ``WORLD_SIZE`` > 1.
     """
     import functools
     import inspect
@@ -269,6 +270,13 @@ def locked_run(command: str, out_of: Callable[[Mapping[str, Any]], Any]) -> Call
             out = out_of(bound.arguments)
             from flowplug import distributed
 
+            if distributed.launched() and command != "train":
+                from flowplug.errors import FlowplugError
+
+                raise FlowplugError(
+                    f"flowplug {command} runs in one process; under torchrun only train is data-parallel "
+                    "(start the others without torchrun)"
+                )
             if out is None or not distributed.is_main():  # nothing written here: nothing to lock
                 return fn(*args, **kwargs)
             with run_lock(out, command):

@@ -368,10 +368,15 @@ class Trainer:
         if not skipped:
             loss.backward()
             if distributed.world_size() > 1:
-                for p in self.flow.parameters():
-                    if p.requires_grad and p.grad is None:
+                # a parameter that no rank's loss reached stays without gradient (as in one process,
+                # where the optimizer skips it); one that some rank's did gets zeros elsewhere
+                params = [p for p in self.flow.parameters() if p.requires_grad]
+                reached = torch.tensor([float(p.grad is not None) for p in params], device=self.device)
+                distributed.all_reduce_sum([reached])
+                for p, n in zip(params, reached.tolist(), strict=True):
+                    if n > 0 and p.grad is None:
                         p.grad = torch.zeros_like(p)
-                distributed.all_reduce_sum(p.grad for p in self.flow.parameters() if p.grad is not None)
+                distributed.all_reduce_sum(p.grad for p in params if p.grad is not None)
             params = [p for p in self.flow.parameters() if p.grad is not None]
             clip = float(self.opts["grad_clip"])
             gn = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
@@ -550,6 +555,11 @@ class Trainer:
                         rollbacks=self.rollbacks,
                         refresh=False,
                     )
+                if distributed.world_size() > 1:  # every rank stops after the same step
+                    flag = torch.tensor([float(bool(stop))], device=self.device)
+                    distributed.all_reduce_sum([flag])
+                    if flag.item() > 0 and not stop:
+                        stop.append(signal.SIGINT)
                 if stop:
                     if writes:
                         self.save_checkpoint()

@@ -283,8 +283,10 @@ class U1MultiscaleCoupling(nn.Module):
         branches: 2 adds the second winding branch of the parent loop, half a turn from
             the first, to the concentration map (:func:`flowplug.plugins.flow_transforms.two_branch_icdf`),
             with the saddle-point weight exp(beta a_W (cos(W_far / a_W) - cos(W / a_W))) times a
-            learned factor, W_far = W - 2 pi sign(W) (default 1; needs ``concentrate = true``
-            and ``init_beta``).
+            learned factor, W_far = W - 2 pi sign(W) (default 1; needs ``concentrate = true``,
+            ``centre = true`` and ``init_beta``, which is then part of the map, not only of
+            its initialisation). Half a turn is exact for children of equal areas (every
+            split of a lattice of even extents); otherwise the spline corrects the position.
         saddle_width: Multiply the concentration map's scale by cos(W / a_W)^(-1/2), the
             W-dependence of the width of T given W at the saddle point (all plaquettes of a
             child equal): the exact 1/sqrt(kappa) of a 1 x 2 block, flat at W = pi (default
@@ -411,13 +413,14 @@ class U1MultiscaleCoupling(nn.Module):
         self.branches = int(branches)
         if self.branches not in (1, 2):
             raise ConfigError(f"u1-multiscale: branches must be 1 or 2; found {branches!r}")
-        if self.branches == 2 and (self.concentrate != "logistic" or init_beta is None):
+        if self.branches == 2 and (self.concentrate != "logistic" or init_beta is None or not centre):
             raise ConfigError(
-                "u1-multiscale: branches = 2 needs concentrate = true (logistic) and init_beta (the coupling "
-                "of the branch weights' saddle-point estimate)"
+                "u1-multiscale: branches = 2 needs concentrate = true (logistic), centre = true (the second "
+                "branch sits half a turn from the share of W) and init_beta (the coupling of the branch "
+                "weights' saddle-point estimate)"
             )
         self.branch_beta = float(init_beta) if init_beta is not None else 0.0
-        n_out = 3 * self.n_bins + 2 + (1 if self.concentrate else 0) + (1 if branches == 2 else 0)
+        n_out = 3 * self.n_bins + 2 + (1 if self.concentrate else 0) + (1 if self.branches == 2 else 0)
         self.net = MLP(2 * n_modes + 2, n_out, hidden, net_dtype(dtype), final_scale=init_scale)
 
     def _check(self, theta: torch.Tensor) -> None:

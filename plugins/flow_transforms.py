@@ -320,7 +320,10 @@ def two_branch_icdf(
     correction carries the gradients (dc/dtheta = -(dF/dtheta) / q, dc/du = 1 / q: the
     implicit-function theorem), so reverse-KL and path gradients flow through it.
     The bracketing uses the distribution function without logarithms; a Newton step with the
-    accurate one follows, so the forward map agrees with the inverse to rounding.
+    accurate one follows, so u -> c -> u is exact to rounding. Where the density is below
+    ~1e-16 (between two sharp branches) the forward map is determined only to what F resolves
+    there: c -> u -> c can land away from c, in a region of negligible probability; log q is
+    always that of the c returned.
 
     Used for the conditionals of 2D U(1) block loops at large beta, whose second winding
     branch sits half a turn from the first when the parent loop is near pi (docs/flows.md).

@@ -47,8 +47,10 @@ SU(2) heatbath (:func:`sample_a0`)
     exp(alpha X_0) on [-1, 1] by inversion, accepted with probability sqrt(1 - X_0^2)
     (acceptance pi I_1(alpha) / (2 sinh alpha): 0.79 at alpha -> 0, 0.69 at alpha = 2).
     The two acceptance curves cross at alpha ~ 1.7. Both are exact samplers of the same
-    density, and the choice depends on alpha only (the neighbours, not the link), so the
-    mixture is exact for every alpha; K-P alone (``creutz_below = 0``) also works for all
+    density, and the choice depends on alpha only, which is fixed on the set of links the
+    SU(2) update moves between (for SU(2): the neighbours alone; for N > 2 also the link's
+    other rows, unchanged by the subgroup update), so the mixture is exact for every alpha;
+    K-P alone (``creutz_below = 0``) also works for all
     alpha, only slower at small alpha. The rejection loop is vectorised: every round
     draws ``candidates`` proposals for each entry still pending and keeps the first
     accepted one (the sequential algorithm's outcome), repeating only for entries

@@ -90,3 +90,15 @@ def test_global_batch_must_split_evenly(monkeypatch, tmp_path):
     monkeypatch.setattr(distributed, "world_size", lambda: 3)
     with pytest.raises(ConfigError, match=r"batch_size \(8\) is the global batch.*\(3\)"):
         _one_process(tmp_path / "x", 1)
+
+
+def test_other_commands_refuse_a_torchrun_world(monkeypatch, tmp_path):
+    """Only train is data-parallel: hmc under WORLD_SIZE = 2 is refused before it writes."""
+    from flowplug.errors import FlowplugError
+    from flowplug.jobs.hmc import DEFAULT_CONFIG as HMC_CONFIG
+    from flowplug.jobs.hmc import run_hmc
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(FlowplugError, match="only train is data-parallel"):
+        run_hmc(build_config(HMC_CONFIG, overrides=[f"out='{tmp_path / 'h'}'"]))
+    assert not (tmp_path / "h").exists()

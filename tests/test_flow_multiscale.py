@@ -438,8 +438,10 @@ def test_concentrate_option_names():
         U1MultiscaleCoupling(lattice=(4, 4), saddle_width=True)
     with pytest.raises(ConfigError, match="branches = 2 needs concentrate = true"):
         U1MultiscaleCoupling(lattice=(4, 4), concentrate=True, branches=2)
+    with pytest.raises(ConfigError, match="centre = true"):
+        U1MultiscaleCoupling(lattice=(4, 4), concentrate=True, init_beta=6.0, branches=2)
     with pytest.raises(ConfigError, match="branches must be 1 or 2"):
-        U1MultiscaleCoupling(lattice=(4, 4), concentrate=True, init_beta=6.0, branches=3)
+        U1MultiscaleCoupling(lattice=(4, 4), concentrate=True, centre=True, init_beta=6.0, branches=3)
 
 
 def test_saddle_width_follows_the_saddle_point():

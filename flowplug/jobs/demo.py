@@ -140,8 +140,8 @@ QUICK = (
 
 #: A chain whose topological charge changes (sector) fewer times than this, on average,
 #: has not sampled Q: with c the probability that two independent draws of Q differ
-#: (c ~ 0.4 at beta = 6, L = 8), k changes in a chain of N steps mean tau_int(Q) ~ c N / k,
-#: so fewer than 10 changes is a chain shorter than ~20 tau_int(Q)
+#: (c ~ 0.4 at beta = 6, L = 8), k changes in a chain of N steps mean tau_int(Q) ~ c N / (2 k)
+#: (Wolff's convention), so fewer than 10 changes is a chain shorter than ~50 tau_int(Q)
 #: (:data:`flowplug.jobs.summary.MIN_LENGTH_IN_TAU`).
 MIN_TOPOLOGY_CHANGES = 10
 
