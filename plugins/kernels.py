@@ -495,4 +495,34 @@ def flowplug_kernels() -> list[KernelSpec]:
             factory=FlowHMC,
             aliases=("latent-hmc",),
         ),
+        KernelSpec(
+            name="gan",
+            description="refused: a generator without a tractable density gives no exact test (docs/chains.md)",
+            factory=gan_refused,
+            aliases=("generator",),
+        ),
     ]
+
+
+#: Why flowplug has no GAN proposal kernel, and what it offers instead (docs/chains.md).
+GAN_REFUSAL = (
+    "a GAN generator has no tractable density q(x), and the Metropolis-Hastings test of a proposal "
+    "x' ~ q needs q(x') and q(x) (arXiv:1811.03533 uses the generator in an overrelaxation step that "
+    "searches its latent space for a configuration of the same action, and checks balance "
+    "empirically; it is not guaranteed). flowplug offers instead: a normalizing flow (exact log q; "
+    "flowplug train, then "
+    "sample/resample with independence-metropolis), or the generator's configurations as starting "
+    "points only: write them to a file and start an exact kernel from it (flowplug hmc --set "
+    "start=FILE, with thermalize long enough to forget them); the chain is then exactly as exact "
+    "as that kernel, and the seeds bias nothing once the thermalisation is longer than the slowest "
+    "autocorrelation time (not the case for a frozen topological charge)"
+)
+
+
+def gan_refused(*args: Any, **kwargs: Any) -> Kernel:
+    """The registry entry ``gan`` (alias ``generator``): always refused.
+
+    Raises:
+        ConfigError: always, with :data:`GAN_REFUSAL` (what to use instead).
+    """
+    raise ConfigError(f"kernel 'gan' is not offered: {GAN_REFUSAL}")
