@@ -93,6 +93,12 @@ class PrecisionLossWarning(UserWarning):
     (such as the rebuilt third row of a two-row NERSC file); precision 64 keeps them."""
 
 
+class CouplingMismatchWarning(UserWarning):
+    """A flow is used for an action other than the one it was trained for (``--set
+    action.beta=...`` on ``sample``/``resample``): the chains stay exact, but the flow's
+    acceptance is that of a proposal for another distribution."""
+
+
 class InverseCheckWarning(UserWarning):
     """A flow failed the inverse check and is used anyway, because the caller opted out
     (``--no-check-inverse``, ``check_inverse=False``)."""

@@ -313,6 +313,9 @@ class FlowCheckpoint:
         """The action the flow was trained for, with non-empty ``override`` entries replacing
         keys of its ``[action]`` table.
 
+        Warns:
+            CouplingMismatchWarning: when an override changes the trained action.
+
         Raises:
             ConfigError: if the overridden table does not describe a valid action.
         """
@@ -324,6 +327,18 @@ class FlowCheckpoint:
         table = {**self.action_config, **changes}
         if not table.get("name"):
             raise ConfigError(f"{self.path}: no action name (give --set action.name=...)")
+        differ = {k: (self.action_config.get(k), v) for k, v in changes.items() if self.action_config.get(k) != v}
+        if differ:
+            from flowplug.errors import CouplingMismatchWarning
+
+            said = ", ".join(f"{k} = {new} (trained at {old})" for k, (old, new) in differ.items())
+            warnings.warn(
+                f"{self.path}: sampling {said}: the chains are exact, but the flow proposes for the "
+                "action it was trained for, so expect a low acceptance (train at this point, or start "
+                "from this run with train.init_from)",
+                CouplingMismatchWarning,
+                stacklevel=2,
+            )
         return action_from_config({"action": table})
 
 
@@ -393,7 +408,13 @@ def init_flow_from(flow: Flow, source: str | Path | Flow) -> list[tuple[int, int
     if isinstance(source, (str, Path)):
         from flowplug.checkpoints import load_flow
 
-        src = load_flow(source).flow
+        try:
+            src = load_flow(source).flow
+        except CheckpointError as exc:
+            raise CheckpointError(
+                f"train.init_from = '{source}' ({Path(source).resolve()}): {exc} "
+                "(init_from takes a flowplug train run directory or its checkpoint.pt)"
+            ) from None
         where = str(source)
     else:
         src, where = source, "the source flow"

@@ -97,8 +97,25 @@ def test_other_field_kinds_are_refused(tmp_path, source):
 
 
 def test_missing_source_and_own_output_are_refused(tmp_path, source):
-    with pytest.raises(CheckpointError):
+    with pytest.raises(CheckpointError, match="train.init_from = .*nothing.*run directory or its checkpoint"):
         run_train(cfg(tmp_path / "a", f"train.init_from='{tmp_path / 'nothing'}'"))
     with pytest.raises(FlowplugError, match="own output directory"):
         run_train(cfg(source, f"train.init_from='{source}'"), force=True)
     assert json.loads((source / "summary.json").read_text())["steps"] == 3  # the source is untouched
+
+
+def test_sampling_another_coupling_warns_naming_both(source):
+    """A flow used at another beta than it was trained for: exact chains, but a warning that
+    names the trained and the requested coupling."""
+    from flowplug.errors import CouplingMismatchWarning
+    from flowplug.flowtools import open_flow
+
+    ck = open_flow(source)
+    with pytest.warns(CouplingMismatchWarning, match=r"beta = 3.0 \(trained at 2.0\)"):
+        act = ck.action({"beta": 3.0})
+    assert act.couplings()["beta"] == 3.0
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ck.action({"beta": 2.0})  # the trained value: no warning

@@ -111,6 +111,11 @@ def run(args: argparse.Namespace) -> int:
     if "checkpoint" not in s:  # a rank > 0 of a torchrun world: rank 0 reports
         return 0
     out = Path(s["checkpoint"]).parent
+    if s.get("init_from", {}).get("layers"):
+        print(
+            f"started from {s['init_from']['source']}: {len(s['init_from']['layers'])} layers took its parameters",
+            file=sys.stderr,
+        )
     print(
         f"steps {s['steps']} (skipped {s['skipped_steps']}, rollbacks {s['rollbacks']}), ESS {s['ess']:.4f}, "
         f"acceptance {s['acceptance']:.4f}, free energy {s['free_energy']:.4f}, "
