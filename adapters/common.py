@@ -62,6 +62,34 @@ def read_payload(path: Path, offset: int, nbytes: int, what: str) -> np.ndarray:
     return out
 
 
+def _block(n: int, itemsize: int) -> np.dtype:
+    """A void dtype holding one N x N matrix of ``itemsize``-byte numbers (the unit the layout moves)."""
+    return np.dtype((np.void, n * n * itemsize))
+
+
+def _permute_blocks(src: np.ndarray, dst: np.ndarray, to_file: bool) -> None:
+    """Copy whole N x N blocks between the canonical and the ILDG order (no byte is changed).
+
+    Arguments:
+        src: Void array of blocks, shape (d, L_0, ..., L_{d-1}) canonical (``to_file``)
+            or (L_{d-1}, ..., L_0, d) ILDG.
+        dst: Contiguous void array of the other shape, same block dtype.
+        to_file: Direction of the move.
+
+    The axis order is :mod:`flowplug.layout`'s (the blocks are passed to it as 1 x 1
+    "matrices"); moving 72/144-byte blocks slab by slab is faster than a strided
+    element-wise copy with a byte swap (about 1.2-1.7x on a 16^4 lattice).
+    """
+    if to_file:
+        view = to_ildg(src.reshape(*src.shape, 1, 1))[..., 0, 0]  # (L_{d-1}, ..., L_0, d)
+        lead = 1  # one file time slice at a time: contiguous writes
+    else:
+        view = from_ildg(src.reshape(*src.shape, 1, 1))[..., 0, 0]  # (d, L_0, ..., L_{d-1})
+        lead = min(2, view.ndim)  # one (mu, x) slab at a time: its reads stay in few pages
+    for index in np.ndindex(*view.shape[:lead]):
+        np.copyto(dst[index], view[index])
+
+
 def ildg_to_canonical(
     raw: np.ndarray, lattice: tuple[int, ...], n: int, precision: int, byteorder: str = ">"
 ) -> torch.Tensor:
@@ -75,14 +103,26 @@ def ildg_to_canonical(
         byteorder: ``">"`` (ILDG, NERSC big) or ``"<"``.
 
     The file array has shape (L_{d-1}, ..., L_0, mu, N, N); the conversion is
-    :func:`flowplug.layout.from_ildg` plus an exact widening to complex128.
+    :func:`flowplug.layout.from_ildg` plus an exact widening to complex128. The
+    N x N blocks are moved as raw bytes straight into the output (64-bit) and byte
+    swapped there in place, so the payload is copied once; ``raw`` is not modified.
     """
     lattice = tuple(int(v) for v in lattice)
     d = len(lattice)
-    arr = raw.view(complex_dtype(precision, byteorder)).reshape(*reversed(lattice), d, n, n)
+    stored = complex_dtype(precision, byteorder)
+    block = _block(n, stored.itemsize)
+    src = raw.view(block).reshape(*reversed(lattice), d)
     out = np.empty((1, d, *lattice, n, n), dtype=np.complex128)
-    with np.errstate(invalid="ignore"):  # NaN payloads are reported by flowplug.io.read
-        np.copyto(out[0], from_ildg(arr))
+    if precision == 64:
+        _permute_blocks(src, out.reshape(d, *lattice, n * n).view(block)[..., 0], to_file=False)
+        as_stored = out.view(stored)
+        if not stored.isnative:
+            as_stored.byteswap(inplace=True)  # the bytes are now native complex128
+    else:
+        tmp = np.empty((d, *lattice), dtype=block)
+        _permute_blocks(src, tmp, to_file=False)
+        with np.errstate(invalid="ignore"):  # NaN payloads are reported by flowplug.io.read
+            np.copyto(out[0], tmp.view(stored).reshape(d, *lattice, n, n))
     return torch.from_numpy(out)
 
 
@@ -97,11 +137,27 @@ def canonical_to_ildg(links: torch.Tensor, precision: int, byteorder: str = ">")
     Returns:
         Contiguous array of shape (L_{d-1}, ..., L_0, d, N, N) (4D: (lt, lz, ly, lx, 4,
         N, N)), dtype complex64/128 in ``byteorder``; ``.tobytes()`` is the payload.
+
+    Raises:
+        ShapeError: if ``links`` is not shaped (d, L_0, ..., L_{d-1}, N, N).
     """
-    src = to_ildg(links.detach().cpu().resolve_conj().numpy())
-    out = np.empty(src.shape, dtype=complex_dtype(precision, byteorder))
-    np.copyto(out, src, casting="unsafe")
-    return out
+    can = links.detach().cpu().resolve_conj().numpy()
+    to_ildg(can)  # the shape check (a view; nothing is copied)
+    stored = complex_dtype(precision, byteorder)
+    native = stored.newbyteorder("=")
+    can = np.ascontiguousarray(can, dtype=native)  # rounds to complex64 for 32 bits; no copy if already so
+    d, n = can.ndim - 3, can.shape[-1]
+    lattice = can.shape[1 : 1 + d]
+    block = _block(n, stored.itemsize)
+    out = np.empty((*reversed(lattice), d, n, n), dtype=native)
+    _permute_blocks(
+        can.reshape(d, *lattice, n * n).view(block)[..., 0],
+        out.reshape(*reversed(lattice), d, n * n).view(block)[..., 0],
+        to_file=True,
+    )
+    if not stored.isnative:
+        out.byteswap(inplace=True)
+    return out.view(stored)
 
 
 def hex_check(quantity: str, expected: int, found: int) -> Check:

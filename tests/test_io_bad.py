@@ -256,3 +256,23 @@ def test_zero_extent_and_empty_store(ildg, tmp_path, capsys):
     assert len(io.read(store)) == 0
     assert main(["info", "--json", str(store)]) == 0
     assert '"configurations": 0' in capsys.readouterr().out
+
+
+def test_all_finite_fast_path_agrees_with_isfinite():
+    """The sum-based finiteness test: huge finite values (whose sum overflows) pass, NaN/Inf fail."""
+    import numpy as np
+
+    from flowplug.linkcheck import _all_finite
+
+    big = np.full((4, 3, 3), 1e308 + 1e308j)
+    assert _all_finite(big)
+    for bad in (np.nan, np.inf, -np.inf, complex(0, np.nan)):
+        a = np.zeros((4, 3, 3), dtype=np.complex128)
+        a[2, 1, 0] = bad
+        assert not _all_finite(a)
+        assert not _all_finite(a[:, :, ::2])  # a non-contiguous view
+    x = np.ones(10)
+    x[3] = np.inf
+    x[7] = -np.inf  # their sum is NaN, still non-finite
+    assert not _all_finite(x)
+    assert _all_finite(np.arange(5))
