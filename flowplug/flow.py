@@ -365,9 +365,18 @@ def build_flow(
         plan.append((rec.name, opts))
     unused = sorted(set(shared) - used)
     if unused:
+        import difflib
+
+        accepts: set[str] = set()
+        for name in {n for n, _ in plan}:
+            accepts |= set(_accepted_options(get_component("flow_layer", name).factory) or ())
+        accepts -= {"lattice", "field", "index"}
+        hints = [f"'{u}': did you mean '{m[0]}'?" for u in unused if (m := difflib.get_close_matches(u, accepts, 1))]
         raise ConfigError(
             f"flow option(s) {', '.join(map(repr, unused))} accepted by none of the layers "
             f"{', '.join(sorted(set(n for n, _ in plan)))}"
+            + (f" ({'; '.join(hints)})" if hints else "")
+            + (f"; they accept: {', '.join(sorted(accepts))}" if accepts else "")
         )
     known = {n for n, _ in plan}
     for table in tables:

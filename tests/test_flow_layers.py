@@ -509,6 +509,8 @@ def test_build_flow_options_and_errors():
         build_flow("u1", (4, 4), ["affine"])
     with pytest.raises(ConfigError, match="accepted by none"):
         build_flow("scalar", (4, 4), ["affine"], options={"n_mixx": 3})
+    with pytest.raises(ConfigError, match=r"'hiden': did you mean 'hidden'\?.*they accept: .*hidden"):
+        build_flow("scalar", (4, 4), ["affine"], options={"hiden": [4]})
     with pytest.raises(ConfigError, match="no option"):
         build_flow("scalar", (4, 4), ["affine"], options={"affine": {"n_bins": 3}})
     with pytest.raises(ConfigError, match="not used"):
