@@ -29,8 +29,9 @@ Cost per independent sample of Q = (sampling wall time / samples) x 2 tau_int(Q)
 tau_int by the Gamma method (Wolff's convention: 1/2 for independent samples), per HMC
 trajectory and per flow proposal. Where the Gamma window reaches half the chain length, or
 no chain ever changed Q (a frozen HMC), the chain is too short to measure tau_int: it is
-then reported as a lower bound (``*_lower_bound: true``; N/2 for a chain of N trajectories
-that never changed Q), as it is when Q changed sector fewer than 10 times per chain. A
+then reported as a lower bound (``*_lower_bound: true``; the chain length N for chains
+that never changed Q), as it is when Q changed sector fewer than 10 times per chain or <Q^2>
+is more than 3 errors from exact (the rules of the demo, :func:`flowplug.jobs.demo.topology_freezing`). A
 frozen chain is never given a finite win it did not earn: ``ratio_bound`` is ``">="`` when
 only HMC's cost is a lower bound, ``"<="`` when only the flow's is, and with both the ratio
 and the break-even are null; ``break_even_bound`` says the same of the break-even.
@@ -66,7 +67,7 @@ import torch
 
 from flowplug.exact import u1_2d
 from flowplug.jobs.chains import run_chains
-from flowplug.jobs.demo import MIN_TOPOLOGY_CHANGES, ratio_bound
+from flowplug.jobs.demo import ratio_bound, topology_freezing
 from flowplug.jobs.summary import observable_summary
 from flowplug.plugins.hmc import HMC
 from flowplug.plugins.kernels import Composition, IndependenceMetropolis
@@ -81,31 +82,24 @@ def measure(x: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"plaquette": plaquette(x), "q": topological_charge(x)}
 
 
-def stats(hist: dict[str, torch.Tensor], burn: int = 0) -> dict[str, Any]:
-    """Gamma-method plaquette, Q^2 and tau_int(Q) of (steps, chains) histories.
+def stats(hist: dict[str, torch.Tensor], burn: int = 0, exact_q2: float | None = None) -> dict[str, Any]:
+    """Gamma-method plaquette and Q^2, and tau_int(Q) with the demo's freezing rules, of
+    (steps, chains) histories (``q``, ``plaquette``, ``accepted``; ``burn`` steps dropped).
 
-    tau_int(Q) is flagged as a lower bound where the summation window reached half the
-    chain length, the chains are shorter than 20 tau_int, or Q changed sector fewer than
-    :data:`flowplug.jobs.demo.MIN_TOPOLOGY_CHANGES` times per chain; if no chain ever changed
-    Q it is set to N/2 (N steps per chain), flagged.
+    tau_int(Q) and its lower-bound flag are those of :func:`flowplug.jobs.demo.topology_freezing`:
+    a lower bound when Q never changed (then the chain length), changed sector fewer than
+    :data:`~flowplug.jobs.demo.MIN_TOPOLOGY_CHANGES` times per chain, the Gamma window reached
+    half the chain, or <Q^2> is more than 3 errors from ``exact_q2``.
     """
     q = hist["q"][burn:]
-    s = observable_summary({"plaquette": hist["plaquette"][burn:], "q2": q**2, "q": q})
-    n_steps = q.shape[0]
-    tau, note = s["q"]["tau_int"], s["q"].get("note", "")
-    sector = torch.round(q)  # the geometric charge is an integer up to rounding
-    changes = int((sector[1:] != sector[:-1]).sum())
-    # a lower bound: the window reached half the chain, the chain is shorter than 20 tau_int,
-    # or Q changed sector fewer than MIN_TOPOLOGY_CHANGES times per chain (as the demo judges it)
-    lower = bool(note) or changes / q.shape[1] < MIN_TOPOLOGY_CHANGES
-    if not math.isfinite(tau):  # no chain changed Q: frozen
-        tau, lower = n_steps / 2, True
+    s = observable_summary({"plaquette": hist["plaquette"][burn:], "q2": q**2})
+    frozen = topology_freezing(q, exact_q2=exact_q2)
     return {
         "plaquette": {"mean": s["plaquette"]["mean"], "error": s["plaquette"]["error"]},
         "q2": {"mean": s["q2"]["mean"], "error": s["q2"]["error"]},
-        "tau_int_q": tau,
-        "tau_int_q_lower_bound": lower,
-        "q_sector_changes_per_chain": changes / q.shape[1],
+        "tau_int_q": frozen["tau_int"],
+        "tau_int_q_lower_bound": frozen["tau_int_lower_bound"],
+        "q_sector_changes_per_chain": frozen["topology_changes"] / frozen["chains"],
         "acceptance": float(hist["accepted"][burn:].mean()),
     }
 
@@ -207,10 +201,10 @@ def bench(L: int, beta: float, a: argparse.Namespace, runs: Path) -> dict[str, A
         xh, xf = ch.state.x, cf.state.x
         hist_h.append(ch.history_tensors())
         hist_f.append(cf.history_tensors())
-    h = stats(_joined(hist_h))
+    h = stats(_joined(hist_h), exact_q2=exact["q2"])
     c_hmc = t_hmc / (a.hmc_trajectories * a.chains) * 2 * h["tau_int_q"]
     hf = _joined(hist_f)
-    f = stats(hf, burn=a.flow_burn)
+    f = stats(hf, burn=a.flow_burn, exact_q2=exact["q2"])
     if a.hmc_per_proposal:
         f["acceptance"] = float(hf["accepted.flow"][a.flow_burn :].mean())
         f["hmc_acceptance"] = float(hf["accepted.hmc"][a.flow_burn :].mean())

@@ -113,6 +113,8 @@ from flowplug import gauge, groups
 from flowplug.errors import ConfigError, ShapeError
 from flowplug.plugins.flow_nets import MLP, net_dtype
 from flowplug.plugins.flow_transforms import (
+    MAX_LOG_SCALE,
+    MIN_LOG_SCALE,
     circular_rq_spline,
     rq_spline,
     rq_spline_params,
@@ -238,7 +240,7 @@ def _init_log_scale(beta: float, a_t: float, a_o: float, kind: str = "logistic")
     v = -2.0 * torch.log(torch.special.i1e(b) / torch.special.i0e(b)).item()
     target = math.exp(-0.5 * v * a_t * a_o / (a_t + a_o))
     u = (torch.arange(4096, dtype=torch.float64) + 0.5) / 4096
-    lo, hi = math.log(0.01), math.log(100.0)
+    lo, hi = MIN_LOG_SCALE, MAX_LOG_SCALE
     for _ in range(60):
         mid = 0.5 * (lo + hi)
         c, _ = icdf(u, torch.full_like(u, mid))
