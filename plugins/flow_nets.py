@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from flowplug.errors import ConfigError, ShapeError
 
@@ -94,10 +95,15 @@ class PeriodicConv(nn.Module):
         if self.ndim < 4:
             return self.conv(x)
         b, c, l0 = x.shape[:3]
-        half = self.kernel_size // 2
-        shifted = torch.cat([torch.roll(x, -o, dims=2) for o in range(-half, half + 1)], dim=1)
-        y = shifted.transpose(1, 2).reshape(b * l0, c * self.kernel_size, *x.shape[3:])
-        y = self.conv(y)
+        k, half = self.kernel_size, self.kernel_size // 2
+        # pad every axis circularly once, then take the k windows along axis 0 as channels
+        # (offset-major, the order of the weights) and convolve the other three axes
+        for ax in range(2, 6):
+            n = x.shape[ax]
+            x = torch.cat([x.narrow(ax, n - half, half), x, x.narrow(ax, 0, half)], dim=ax) if half else x
+        win = x.unfold(2, k, 1)  # (B, C, L_0, L_1 + 2h, L_2 + 2h, L_3 + 2h, k)
+        y = win.permute(0, 2, 6, 1, 3, 4, 5).reshape(b * l0, k * c, *win.shape[3:6])
+        y = F.conv3d(y, self.conv.weight, self.conv.bias)
         return y.reshape(b, l0, -1, *y.shape[2:]).transpose(1, 2)
 
 

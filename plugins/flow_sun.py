@@ -411,3 +411,28 @@ def spectral_map(
             cmat = cmat - torch.diag_embed(torch.diagonal(cmat, dim1=-2, dim2=-1))
         w_new = w_new + vec @ (cmat * (a - a.detach())) @ vec.mH
     return w_new, logdet
+
+
+def eigen_phases(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""Eigenvectors, alcove gaps and eigenphases of SU(N) matrices, without gradients.
+
+    The eigenvectors are those of the Hermitian Cayley transform i (1 - cW)(1 + cW)^{-1}
+    (``torch.linalg.eigh``, |c| = 1 chosen so that 1 + cW is well conditioned): an
+    orthonormal basis also at degenerate spectra.
+
+    Arguments:
+        w: SU(N) matrices (..., N, N), complex128.
+
+    Returns:
+        ``(V, t, theta)``: V (..., N, N) complex128, columns the eigenvectors in alcove
+        order; t (..., N) float64, the alcove gaps / 2 pi; theta (..., N) float64, the
+        alcove eigenphases (:func:`alcove_phases`).
+    """
+    with torch.no_grad():
+        return _eigen(w.detach())
+
+
+def pair_indices(n: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (i, j), i < j, of the N(N-1)/2 eigenvalue pairs, int64 tensors of shape (P,)."""
+    i, j, _ = _pairs(n, torch.device(device))
+    return i, j

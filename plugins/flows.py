@@ -9,7 +9,9 @@ Layers (every factory takes ``lattice``, ``field``, ``index`` and its own option
 ``u1-spline``     U(1) gauge-equivariant coupling with circular splines (arXiv:2002.02428);
 ``u1-multiscale`` 2D U(1) coupling on a hierarchy of block Wilson loops (arXiv:2404.10819);
 ``sun-spectral``  SU(N) gauge-equivariant coupling through the eigenvalues of the active
-                  loops (arXiv:2008.05456).
+                  loops (arXiv:2008.05456);
+``sun-stout``     SU(N) gauge-equivariant coupling by stout steps of the active loops with
+                  learned class-function potentials (hep-lat/0311018, arXiv:2103.11965).
 
 Priors: ``normal`` (scalar), ``uniform`` (U(1)), ``haar`` (SU(N)).
 """
@@ -22,6 +24,7 @@ from flowplug.hookspecs import hookimpl
 from flowplug.plugins.flow_gauge import SUNSpectralCoupling, U1Coupling
 from flowplug.plugins.flow_multiscale import U1MultiscaleCoupling, transfer_multiscale
 from flowplug.plugins.flow_phi4 import AffineCoupling, SplineCoupling
+from flowplug.plugins.flow_stout import SUNStoutCoupling
 from flowplug.plugins.priors import HaarPrior, NormalPrior, UniformU1Prior
 from flowplug.records import FlowLayerSpec, PriorSpec
 
@@ -76,6 +79,12 @@ def flowplug_flow_layers() -> list[FlowLayerSpec]:
             factory=SUNSpectralCoupling,
             fields=("su2", "su3"),
             aliases=("su-spectral",),
+        ),
+        FlowLayerSpec(
+            name="sun-stout",
+            description="SU(N) gauge-equivariant stout-step coupling, learned potentials (2103.11965)",
+            factory=SUNStoutCoupling,
+            fields=("su2", "su3"),
         ),
     ]
 

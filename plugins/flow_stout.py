@@ -1,0 +1,457 @@
+r"""Stout-smearing flows on SU(N): W' = exp(i X(W)) W with X the gradient of a learned class function.
+
+The map of a single SU(N) matrix
+    A class function F(W) = sum_j phi(theta_j) of the eigenphases theta_j of W, with the
+    trigonometric polynomial phi(theta) = sum_{k=1}^K a_k cos(k theta) + b_k sin(k theta),
+    is F(W) = sum_k a_k Re tr W^k + b_k Im tr W^k. Its gradient on the group is the
+    Hermitian traceless matrix
+
+        X(W) = sum_k k [ -a_k (W^k - W^-k) / (2i) + b_k (W^k + W^-k) / 2 ] - (tr / N) 1,
+
+    which commutes with W and has the eigenvalues phi'(theta_j) - mean_l phi'(theta_l).
+    One *step* is W -> W' = exp(i X(W)) W: a stout-smearing step (Morningstar & Peardon,
+    hep-lat/0311018, eq. 3) whose "staple" is the gradient of a learned potential of W
+    itself, as in the gauge-covariant networks of Nagai & Tomiya (arXiv:2103.11965) and
+    the gradient-flow maps of Luscher (arXiv:0907.5491) and Bacchio et al.
+    (arXiv:2212.08469). The eigenvectors of W are kept and every eigenphase moves to
+    theta'_j = theta_j + phi'(theta_j) - mean phi', so the map commutes with conjugation
+    W -> Omega W Omega^+ (gauge equivariance of the coupling layer). It needs only matrix
+    powers and the closed-form exponential of :func:`flowplug.groups.expmap`: no
+    eigendecomposition enters the output.
+
+Invertibility
+    The step is the gradient map of psi(theta) = |theta|^2 / 2 + F(theta) on the plane
+    sum theta = 0. The coefficients are scaled so that sum_k k^2 sqrt(a_k^2 + b_k^2) <=
+    gamma < 1 (``max_curvature``), hence |phi''| <= gamma, psi is strictly convex and its
+    gradient a bijection of the plane commuting with the periodicity lattice and the Weyl
+    group: a diffeomorphism of the maximal torus and of SU(N) (Brenier's theorem in its
+    simplest form). A layer applies ``n_steps`` such steps with their own coefficients.
+
+Density
+    Relative to Haar measure (Weyl integration formula, Boyda et al. arXiv:2008.05456,
+    eq. 16), the log-Jacobian of a step is
+
+        log det(1 + P D) + sum_{i<j} log( sin^2((theta'_i - theta'_j)/2) / sin^2((theta_i - theta_j)/2) ),
+
+    D = diag phi''(theta_j), P the projector onto sum theta = 0. The first term is
+    sum_j log(1 + phi''_j) + log mean_j 1/(1 + phi''_j) (matrix determinant lemma). In the
+    second, theta'_i - theta'_j = 2h (1 + Delta_ij), with h = half the shorter-arc
+    difference and the divided difference
+    Delta_ij = sum_k k^2 (-a_k cos(k m) - b_k sin(k m)) sinc(k h), m the midpoint of
+    the arc (product formulas, no cancellation), so each pair contributes
+    2 log[(1 + Delta) sinc(h (1 + Delta)) / sinc(h)]: a smooth, symmetric function of
+    the eigenphases. The density is therefore continuous everywhere, including the
+    centre elements (where it equals (1 + phi'')^(N^2 - 1) whatever the direction of
+    approach) and every other degenerate spectrum; centre elements are fixed points.
+    The eigenphases for the density come from the Hermitian Cayley transform
+    (:func:`flowplug.plugins.flow_sun.eigen_phases`, ``torch.linalg.eigh``), without
+    gradient; derivatives enter through first-order perturbation theory, exact for
+    symmetric functions also at degenerate spectra.
+
+Inverse
+    Per step, Newton's method on the strictly monotone map theta -> theta' (closed-form
+    Jacobian by Sherman-Morrison), then one differentiable Newton step so that gradients
+    with respect to parameters and input are those of the implicit function; the matrix is
+    rebuilt from the eigenvectors of W' as W = W' + W' V diag(e^{-i delta} - 1) V^+.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from flowplug.errors import ConfigError, ShapeError
+from flowplug.plugins.flow_gauge import _GaugeCoupling
+from flowplug.plugins.flow_sun import eigen_phases, pair_indices
+from flowplug.theory import su_n
+
+#: Newton iterations of the inverse before giving up (convergence is quadratic).
+NEWTON_ITERATIONS = 60
+
+
+def n_stout_params(n_modes: int, n_steps: int) -> int:
+    """Conditioner outputs per matrix: 2 coefficients (a_k, b_k) per mode and step."""
+    return 2 * int(n_modes) * int(n_steps)
+
+
+def stout_coefficients(
+    raw: torch.Tensor, n_modes: int, n_steps: int, max_curvature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Potential coefficients (a, b) from unconstrained parameters.
+
+    Per step, with r = sum_k k^2 sqrt(a_k^2 + b_k^2 + 1e-24) of the raw values, the raw
+    coefficients are multiplied by gamma tanh(r) / r, so that the scaled curvature bound
+    is gamma tanh(r) < gamma (module docstring); small raw values pass through times gamma.
+
+    Arguments:
+        raw: Shape (..., 2 K M), any real dtype.
+        n_modes: K; n_steps: M.
+        max_curvature: gamma in (0, 1).
+
+    Returns:
+        ``(a, b)``, each (..., M, K) float64.
+    """
+    k = torch.arange(1, n_modes + 1, dtype=torch.float64, device=raw.device)
+    c = raw.to(torch.float64).reshape(*raw.shape[:-1], n_steps, n_modes, 2)
+    r = (k * k * torch.sqrt(c[..., 0] ** 2 + c[..., 1] ** 2 + 1e-24)).sum(-1, keepdim=True)
+    scale = max_curvature * torch.tanh(r) / r
+    return c[..., 0] * scale, c[..., 1] * scale
+
+
+def potential_gradient(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    r"""X(W) of the module docstring: Hermitian traceless, commuting with W.
+
+    Arguments:
+        w: SU(N) matrices (..., N, N), complex128.
+        a, b: Coefficients (..., K), float64.
+
+    Returns:
+        Shape (..., N, N), complex128, eigenvalues phi'(theta_j) - mean.
+    """
+    n = w.shape[-1]
+    x = torch.zeros_like(w)
+    wk = w
+    for k in range(1, a.shape[-1] + 1):
+        if k > 1:
+            wk = wk @ w
+        ak = a[..., k - 1, None, None].to(w.dtype)
+        bk = b[..., k - 1, None, None].to(w.dtype)
+        # -a_k (W^k - W^-k)/(2i) + b_k (W^k + W^-k)/2, with W^-k = (W^k)^+
+        x = x + k * ((0.5j * ak + 0.5 * bk) * wk + (-0.5j * ak + 0.5 * bk) * wk.mH)
+    tr = torch.diagonal(x, dim1=-2, dim2=-1).sum(-1) / n
+    return x - tr[..., None, None] * torch.eye(n, dtype=w.dtype, device=w.device)
+
+
+def _sinc(x: torch.Tensor) -> torch.Tensor:
+    """sin(x)/x (1 at 0)."""
+    return torch.sinc(x / math.pi)
+
+
+def _derivatives(theta: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """phi'(theta_j) and phi''(theta_j), each (..., N), for coefficients (..., K)."""
+    k = torch.arange(1, a.shape[-1] + 1, dtype=theta.dtype, device=theta.device)
+    kt = theta[..., :, None] * k
+    c, s = torch.cos(kt), torch.sin(kt)
+    a, b = a[..., None, :], b[..., None, :]
+    return (k * (b * c - a * s)).sum(-1), -(k * k * (a * c + b * s)).sum(-1)
+
+
+def step_density(
+    theta: torch.Tensor, a: torch.Tensor, b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""One step on eigenphases: ``(theta', log-Jacobian, log chord ratios)``.
+
+    Arguments:
+        theta: Eigenphases (..., N), float64 (any order, any branch; sum 0 mod 2 pi).
+        a, b: Coefficients (..., K), float64, with sum_k k^2 |(a_k, b_k)| < 1.
+
+    Returns:
+        theta' (..., N) (same branch as theta, unwrapped); the log-Jacobian relative to
+        Haar (...), float64; log |sin((theta'_i - theta'_j)/2) / sin((theta_i - theta_j)/2)|
+        for the pairs i < j of :func:`flowplug.plugins.flow_sun.pair_indices`, (..., P).
+    """
+    n = theta.shape[-1]
+    d1, d2 = _derivatives(theta, a, b)
+    one_d2 = 1.0 + d2
+    single = torch.log(one_d2).sum(-1) + torch.log((1.0 / one_d2).mean(-1))
+    i, j = pair_indices(n, theta.device)
+    diff = theta[..., i] - theta[..., j]
+    h = 0.5 * (torch.remainder(diff + math.pi, 2 * math.pi) - math.pi)  # in [-pi/2, pi/2)
+    mid = theta[..., i] - h
+    k = torch.arange(1, a.shape[-1] + 1, dtype=theta.dtype, device=theta.device)
+    km, kh = mid[..., None] * k, h[..., None] * k
+    delta = (k * k * (-a[..., None, :] * torch.cos(km) - b[..., None, :] * torch.sin(km)) * _sinc(kh)).sum(-1)
+    r = 1.0 + delta
+    log_chord = torch.log(r) + torch.log(_sinc(h * r)) - torch.log(_sinc(h))
+    theta_new = theta + d1 - d1.mean(-1, keepdim=True)
+    return theta_new, single + 2.0 * log_chord.sum(-1), log_chord
+
+
+def _newton_update(theta: torch.Tensor, target: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """-(1 + P D)^{-1} (theta + P phi'(theta) - target) (Sherman-Morrison)."""
+    d1, d2 = _derivatives(theta, a, b)
+    g = theta + d1 - d1.mean(-1, keepdim=True) - target
+    # J = A + u d^T with A = 1 + D, u = -1/N, d = phi''
+    inv_a = 1.0 / (1.0 + d2)
+    ag = inv_a * g
+    n = theta.shape[-1]
+    corr = (d2 * ag).sum(-1, keepdim=True) / (n - (d2 * inv_a).sum(-1, keepdim=True))
+    return -(ag + inv_a * corr)
+
+
+def _solve_step(target: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """theta with step(theta) = target: Newton without gradient, then one differentiable step."""
+    with torch.no_grad():
+        ta, aa, ba = target.detach(), a.detach(), b.detach()
+        theta = ta.clone()
+        for _ in range(NEWTON_ITERATIONS):
+            upd = _newton_update(theta, ta, aa, ba)
+            theta = theta + upd
+            if float(upd.abs().amax()) < 1e-14 if upd.numel() else True:
+                break
+    # one Newton step with gradients: exact first derivatives of the implicit function
+    return theta + _newton_update(theta, target, a, b)
+
+
+def _attach_phase_gradients(w: torch.Tensor, vec: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """Rayleigh-quotient refinement of eigenphases and, when ``w`` is tracked, their first-order
+    derivatives Im((V^+ dW V)_jj / lambda_j) (value unchanged)."""
+    a = vec.mH @ w @ vec
+    z = torch.diagonal(a, dim1=-2, dim2=-1)
+    with torch.no_grad():
+        theta = theta + torch.angle(z * torch.polar(torch.ones_like(theta), -theta))
+    if w.requires_grad and torch.is_grad_enabled():
+        dphi = torch.angle(z * torch.polar(torch.ones_like(theta), -theta))
+        theta = theta + (dphi - dphi.detach())
+    return theta
+
+
+def stout_map(
+    w: torch.Tensor,
+    raw: torch.Tensor,
+    n_modes: int,
+    n_steps: int,
+    *,
+    max_curvature: float = 0.9,
+    inverse: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Conjugation-equivariant stout-smearing flow on SU(N) matrices (module docstring).
+
+    Arguments:
+        w: SU(N) matrices, shape (..., N, N), complex128.
+        raw: Unconstrained parameters (..., 2 K M) (:func:`stout_coefficients`); zeros give
+            the identity.
+        n_modes: K, Fourier modes of the potential.
+        n_steps: M, steps per application.
+        max_curvature: gamma in (0, 1): bound on |phi''| (invertibility margin).
+        inverse: Apply the inverse map.
+
+    Returns:
+        ``(w', logdet)``: w' (..., N, N) complex128 in SU(N) (up to rounding); logdet (...)
+        float64, log of the Jacobian of the applied map relative to Haar measure (for the
+        inverse, minus the forward log-det at the returned point). Finite, with finite
+        gradients, at every input, degenerate spectra and centre elements included.
+
+    Raises:
+        ValueError: on a wrong number of parameters or ``max_curvature`` outside (0, 1).
+        RuntimeError: if the inverse's Newton iteration does not converge (not expected:
+            the map is the gradient of a strictly convex function).
+
+    References:
+        Morningstar & Peardon, hep-lat/0311018 (stout step); Boyda et al.,
+        arXiv:2008.05456, eq. 16 (Weyl density); Nagai & Tomiya, arXiv:2103.11965.
+    """
+    if raw.shape[-1] != n_stout_params(n_modes, n_steps):
+        raise ValueError(
+            f"stout_map with {n_modes} modes and {n_steps} steps needs {n_stout_params(n_modes, n_steps)} "
+            f"parameters per matrix; found {raw.shape[-1]}"
+        )
+    if not 0.0 < max_curvature < 1.0:
+        raise ValueError(f"stout_map: max_curvature must be in (0, 1); found {max_curvature}")
+    a, b = stout_coefficients(raw, n_modes, n_steps, max_curvature)
+    with torch.no_grad():
+        vec, _, theta0 = eigen_phases(w.detach())
+    theta = _attach_phase_gradients(w, vec, theta0)
+    n = w.shape[-1]
+    i, j = pair_indices(n, w.device)
+    logdet = torch.zeros(theta.shape[:-1], dtype=torch.float64, device=theta.device)
+    log_chord = torch.zeros_like(theta[..., i])  # log |chord_out / chord_in| per pair
+    if not inverse:
+        out = theta
+        for m in range(n_steps):
+            out, ld, lc = step_density(out, a[..., m, :], b[..., m, :])
+            logdet, log_chord = logdet + ld, log_chord + lc
+    else:
+        out = theta
+        for m in reversed(range(n_steps)):
+            prev = _solve_step(out, a[..., m, :], b[..., m, :])
+            _, ld, lc = step_density(prev, a[..., m, :], b[..., m, :])
+            logdet, log_chord, out = logdet - ld, log_chord - lc, prev
+    return _rebuild(w, vec, out - theta, log_chord, i, j), logdet
+
+
+def _rebuild(
+    w: torch.Tensor, vec: torch.Tensor, shift: torch.Tensor, log_chord: torch.Tensor, i: torch.Tensor, j: torch.Tensor
+) -> torch.Tensor:
+    r"""W' = W + W V diag(e^{i shift} - 1) V^+ (W itself where shift = 0), with the
+    first-order eigenvector term of the derivative when ``w`` is tracked: for a matrix
+    function W' = g(W), V^+ dW' V = diag(d theta') + C o offdiag(V^+ dW V) with
+    C_ij = (lambda'_i - lambda'_j)/(lambda_i - lambda_j) = e^{i(s_i + s_j)/2} x chord ratio
+    (Daleckii-Krein), continuous at coincident eigenvalues."""
+    e = torch.complex(-2 * torch.sin(0.5 * shift) ** 2, torch.sin(shift))  # e^{i shift} - 1
+    out = w + w @ ((vec * e[..., None, :]) @ vec.mH)
+    if w.requires_grad and torch.is_grad_enabled():
+        av = vec.mH @ w @ vec
+        with torch.no_grad():
+            s = shift.detach()
+            cij = torch.polar(torch.exp(log_chord.detach()), 0.5 * (s[..., i] + s[..., j]))
+            cmat = torch.zeros_like(av)
+            cmat[..., i, j] = cij
+            cmat[..., j, i] = cij
+            # the first line already contributes offdiag(V^+ dW V)_ij e^{i s_j}
+            cmat = cmat - (1 + e.detach())[..., None, :]
+            cmat = cmat - torch.diag_embed(torch.diagonal(cmat, dim1=-2, dim2=-1))
+        out = out + vec @ (cmat * (av - av.detach())) @ vec.mH
+    return out
+
+
+def plaquette_traces(links: Sequence[torch.Tensor]) -> torch.Tensor:
+    r"""tr P_{mu nu}(x) / N for every plane mu < nu, without forming the plaquettes.
+
+    tr(U_mu(x) U_nu(x+mu) U_mu(x+nu)^+ U_nu(x)^+) = sum_ab (U_mu(x) U_nu(x+mu))_ab
+    conj((U_nu(x) U_mu(x+nu))_ab): two matrix products per plane instead of three.
+
+    Arguments:
+        links: The d link fields U_mu, each (B, L..., N, N), complex (e.g. ``u.unbind(1)``).
+
+    Returns:
+        (B, d(d-1)/2, L...), complex, planes ordered as :func:`flowplug.gauge.sun_plaquettes`.
+    """
+    d, n = len(links), links[0].shape[-1]
+    out = []
+    for mu in range(d):
+        for nu in range(mu + 1, d):
+            left = links[mu] @ torch.roll(links[nu], -1, dims=1 + mu)
+            right = links[nu] @ torch.roll(links[mu], -1, dims=1 + nu)
+            out.append((left * right.conj()).sum((-1, -2)) / n)
+    return torch.stack(out, dim=1)
+
+
+class SUNStoutCoupling(_GaugeCoupling):
+    r"""Gauge-equivariant coupling for SU(N) links by stout steps of the active loops.
+
+    Masks and conditioner as :class:`flowplug.plugins.flow_gauge.SUNSpectralCoupling`
+    (Re tr P / N and Im tr P / N of the frozen plaquettes, optionally of the frozen 1x2
+    loops); the active loop P(x) of every updated link goes through :func:`stout_map`,
+    P' = exp(i X) P, and U_mu'(x) = P' P^+ U_mu(x) = exp(i X) U_mu(x): a stout-smearing
+    step of the link with a learned, site-dependent potential. Log-determinants are
+    relative to product Haar measure.
+
+    Arguments:
+        lattice: (L_0, ..., L_{d-1}), d = 2..4, even extents.
+        field: ``"su2"``, ``"su3"`` (any ``"su<N>"``).
+        index: Position in the flow (masking schedule).
+        hidden: Hidden channels of the conditioner, default ``(8, 8)``.
+        kernel_size: Odd kernel extent, default 3.
+        n_modes: Fourier modes K of each step's potential, default 2.
+        n_steps: Stout steps M per layer, default 2.
+        max_curvature: Invertibility margin gamma in (0, 1), default 0.9.
+        dtype: Conditioner dtype (``"float32"`` or ``"float64"``).
+        mu, nu, offset, period: Override the masking schedule.
+        init_scale: Scale of the network's initial output layer; 0 (default) starts as
+            the identity.
+        rectangles: Also condition on the frozen 1x2 loops (see ``SUNSpectralCoupling``).
+
+    ``forward(U) -> (U', logdet)``, ``inverse(U') -> (U, logdet_inv)``: links of shape
+    (B, d, L_0, ..., L_{d-1}, N, N) complex128, logdet shape (B,) float64.
+
+    Raises:
+        ConfigError: on a bad field kind, lattice or option.
+        ShapeError: on an input of the wrong shape.
+    """
+
+    site_index: torch.Tensor  # buffers: flat indices of updated sites and their neighbours
+    site_plus_mu: torch.Tensor
+    site_plus_nu: torch.Tensor
+
+    def __init__(
+        self,
+        *,
+        lattice: Sequence[int],
+        field: str = "su3",
+        index: int = 0,
+        hidden: Sequence[int] = (8, 8),
+        kernel_size: int = 3,
+        n_modes: int = 2,
+        n_steps: int = 2,
+        max_curvature: float = 0.9,
+        dtype: str = "float32",
+        mu: int | None = None,
+        nu: int | None = None,
+        offset: int | None = None,
+        init_scale: float = 0.0,
+        rectangles: bool = False,
+        period: int | None = None,
+    ) -> None:
+        n = su_n(field)
+        if n is None:
+            raise ConfigError(f"SU(N) stout coupling acts on su<N> links; found field kind '{field}'")
+        self.n = n
+        self.n_modes, self.n_steps = int(n_modes), int(n_steps)
+        if self.n_modes < 1 or self.n_steps < 1:
+            raise ConfigError(f"sun-stout needs n_modes >= 1 and n_steps >= 1; found {n_modes}, {n_steps}")
+        if not 0.0 < float(max_curvature) < 1.0:
+            raise ConfigError(f"sun-stout: max_curvature must be in (0, 1); found {max_curvature}")
+        self.max_curvature = float(max_curvature)
+        super().__init__(
+            lattice,
+            index,
+            n_stout_params(self.n_modes, self.n_steps),
+            hidden,
+            kernel_size,
+            dtype,
+            mu,
+            nu,
+            offset,
+            init_scale,
+            rectangles,
+            period,
+        )
+        flat = torch.arange(math.prod(self.lattice)).reshape(self.lattice)
+        sites = self.sites.flatten().nonzero().flatten()
+        self.register_buffer("site_index", sites)
+        self.register_buffer("site_plus_mu", torch.roll(flat, -1, dims=self.mu).flatten()[sites])
+        self.register_buffer("site_plus_nu", torch.roll(flat, -1, dims=self.nu).flatten()[sites])
+
+    def _check(self, u: torch.Tensor) -> None:
+        if tuple(u.shape[1:]) != (self.d, *self.lattice, self.n, self.n) or not u.is_complex():
+            raise ShapeError(
+                f"SUNStoutCoupling: expected complex links of shape (B, {self.d}, "
+                f"{', '.join(map(str, self.lattice))}, {self.n}, {self.n}); "
+                f"found {u.dtype} {tuple(u.shape)}"
+            )
+
+    def _map(self, u: torch.Tensor, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        self._check(u)
+        u = u.to(torch.complex128)
+        d = self.d
+        links = u.unbind(1)
+        # conditioner features in the network's precision (complex64 for a float32 network):
+        # the frozen links are bitwise the same in the forward and inverse maps, so the
+        # parameters are too, and the map stays exactly invertible
+        feat = links if self.net.dtype == torch.float64 else [x.to(torch.complex64) for x in links]
+        tr = plaquette_traces(feat)
+        u_mu = links[self.mu].flatten(1, d)
+        u_nu = links[self.nu].flatten(1, d)
+        idx = self.site_index
+        # active loops on the updated sites only: U_mu(x) U_nu(x+mu) U_mu(x+nu)^+ U_nu(x)^+
+        staple = u_nu[:, self.site_plus_mu] @ u_mu[:, self.site_plus_nu].mH @ u_nu[:, idx].mH
+        link = u_mu[:, idx]
+        rect = None
+        if self.rectangles:
+            f_mu, f_nu = feat[self.mu], feat[self.nu]
+            full = f_mu @ torch.roll(f_nu, -1, dims=1 + self.mu) @ torch.roll(f_mu, -1, dims=1 + self.nu).mH @ f_nu.mH
+            below = torch.roll(full, 1, dims=1 + self.nu)
+            u_nu_b = torch.roll(f_nu, 1, dims=1 + self.nu)
+            r = torch.diagonal(below @ u_nu_b @ full @ u_nu_b.mH, dim1=-2, dim2=-1).sum(-1) / self.n
+            rect = (r.real, r.imag)
+        p = self._condition(tr.real, tr.imag, rect)
+        params = p.flatten(1, d)[:, idx]
+        loop = link @ staple
+        new_loop, ld = stout_map(
+            loop, params, self.n_modes, self.n_steps, max_curvature=self.max_curvature, inverse=inverse
+        )
+        updated = new_loop @ staple.mH
+        new_mu = u_mu.index_copy(1, idx, updated).reshape(links[self.mu].shape)
+        out = torch.stack([new_mu if a == self.mu else links[a] for a in range(d)], dim=1)
+        return out, ld.sum(1)
+
+    def forward(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Map U -> U'; returns ``(U', log|det dU'/dU|)`` relative to Haar measure."""
+        return self._map(u, inverse=False)
+
+    def inverse(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Map U' -> U; returns ``(U, log|det dU/dU'|)`` relative to Haar measure."""
+        return self._map(u, inverse=True)
