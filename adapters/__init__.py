@@ -2,7 +2,7 @@
 
 Each module listed in :data:`BUILTIN` is a plugin answering ``flowplug_file_formats``;
 the plugin manager registers them in this order, after ``flowplug.plugins``. Helper
-modules (``checksums``, ``common``) are not plugins.
+modules (``action_metadata``, ``checksums``, ``common``) are not plugins.
 """
 
 #: Built-in file-format plugin modules, in registration order.

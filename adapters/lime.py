@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from flowplug.adapters.action_metadata import stated_action
 from flowplug.adapters.checksums import scidac_checksum
 from flowplug.adapters.common import (
     canonical_to_ildg,
@@ -148,14 +149,26 @@ def _int_tag(path: Path, rec: str, xml: str, tag: str) -> int | None:
 
 
 def _key_values(text: str) -> dict[str, str]:
-    """``key = value`` pairs of tmLQCD ``xlf-info`` or MILC ``<info>`` text."""
+    """``key = value`` pairs of tmLQCD ``xlf-info`` or MILC ``<info>`` text.
+
+    tmLQCD puts several pairs on a line, separated by commas (``beta = 6.0, kappa = 0.17``);
+    a comma inside quotes, or followed by text without ``=`` (MILC's
+    ``quark.description = "O(a^2): couplings(pi)=0, Naik term, ..."``), belongs to the value.
+    """
     out: dict[str, str] = {}
-    for line in text.replace(",", "\n").splitlines():
-        if "=" in line:
-            k, v = line.split("=", 1)
-            k, v = k.strip(), v.strip().strip('"')
-            if k:
-                out[k] = v
+    for line in text.splitlines():
+        pieces: list[str] = []
+        for piece in re.split(r',(?=(?:[^"]*"[^"]*")*[^"]*$)', line):  # commas outside quotes
+            if "=" in piece or not pieces:
+                pieces.append(piece)
+            else:
+                pieces[-1] += "," + piece
+        for piece in pieces:
+            if "=" in piece:
+                k, v = piece.split("=", 1)
+                k, v = k.strip(), v.strip().strip('"')
+                if k:
+                    out[k] = v
     return out
 
 
@@ -358,6 +371,11 @@ def read_lime(
             info = _tag(xml_rec.text, "info")
             if info:
                 header.setdefault("xml_info", {}).update({k: _number(v) for k, v in _key_values(info).items()})
+    action, action_note = stated_action(header, group=f"su{n_colors}")  # the action the metadata states
+    if action is not None:
+        header["action"] = action
+    if action_note is not None:
+        header["action_note"] = action_note
     if binary.type == "scidac-binary-data":
         source = "scidac"
     elif fmt_rec is not None:

@@ -7,6 +7,11 @@ Not a timed test: run it by hand on an otherwise idle machine.
     python benchmarks/flows.py --points su3,su3-4d --steps 200
     python benchmarks/flows.py --speed-only          # steps/s only (50 steps per point; with
                                                      # path gradients also the plain-gradient rate)
+    python benchmarks/flows.py --points su3-4d,su3 --compare-maps
+                                                     # SU(N) configs: training steps/s of the shipped
+                                                     # layer against the same architecture with the
+                                                     # eigenvalue spline map (sun-spectral, 8 bins),
+                                                     # alternating segments in one run, and the ratio
 
 For every point and seed it trains with the example configuration (same number of
 gradient steps and batch size as the tutorial of arXiv:2101.08176 for phi4 and u1),
@@ -129,6 +134,59 @@ def run_point(name, seed, args):
     return row
 
 
+#: options of the stout layer that the spectral layer does not take
+_STOUT_ONLY = ("n_modes", "n_steps", "max_curvature")
+
+
+def compare_maps(name, seed, args, segments=5, per_segment=4):
+    """Training steps/s of an SU(N) point as shipped and with ``sun-spectral`` (8 bins) in its
+    place, everything else equal; the two trainers alternate ``segments`` times so that both
+    see the same machine load. Returns a row with both rates and their ratio."""
+    from flowplug import config as fconfig
+    from flowplug.jobs.train import DEFAULT_CONFIG as DEFAULT_TOML_TEXT
+    from flowplug.jobs.train import OPEN_TABLES
+    from flowplug.train import build_trainer
+
+    example, _ = POINTS[name]
+    overrides = [f"seed={seed}", f"threads={args.threads}", "train.progress=false", "train.checkpoint_every=0"]
+    overrides += args.set
+    shipped = fconfig.build_config(
+        DEFAULT_TOML_TEXT, config_file=EXAMPLES / example, overrides=overrides, open_tables=OPEN_TABLES
+    )
+    spectral = json.loads(json.dumps(shipped))
+    spectral["flow"]["layers"] = ["sun-spectral"]
+    opts = {k: v for k, v in spectral["flow"].get("options", {}).items() if k not in _STOUT_ONLY}
+    opts.setdefault("n_bins", 8)
+    spectral["flow"]["options"] = opts
+    rates = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        trainers = {}
+        for label, cfg in (("shipped", shipped), ("sun-spectral", spectral)):
+            tr = build_trainer(cfg, out=Path(tmp) / label, device=args.device)
+            tr.out = None
+            for _ in range(2):  # warm-up
+                tr.train_step()
+            trainers[label] = [tr, 0.0, 0]
+        for _ in range(segments):
+            for entry in trainers.values():
+                t0 = time.perf_counter()
+                for _ in range(per_segment):
+                    entry[0].train_step()
+                entry[1] += time.perf_counter() - t0
+                entry[2] += per_segment
+        for label, (_, wall, steps) in trainers.items():
+            rates[label] = steps / wall
+    return {
+        "point": name,
+        "seed": seed,
+        "layers": shipped["flow"]["layers"],
+        "steps_per_s": rates["shipped"],
+        "spectral_steps_per_s": rates["sun-spectral"],
+        "ratio": rates["shipped"] / rates["sun-spectral"],
+        "threads": torch.get_num_threads(),
+    }
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--points", default="phi4,u1", help=f"comma list of {', '.join(POINTS)}")
@@ -140,9 +198,28 @@ def main(argv=None):
     p.add_argument("--speed-only", action="store_true")
     p.add_argument("--set", action="append", default=[], help="extra config override KEY=VALUE")
     p.add_argument("--json", help="also write the rows to this file")
+    p.add_argument(
+        "--compare-maps",
+        action="store_true",
+        help="SU(N) points: steps/s of the shipped layer against sun-spectral, same run, and the ratio",
+    )
     args = p.parse_args(argv)
     os.environ.setdefault("FLOWPLUG_DISABLE_PLUGIN_AUTOLOAD", "1")
     rows = []
+    if args.compare_maps:
+        for name in args.points.split(","):
+            for seed in (int(s) for s in args.seeds.split(",")):
+                row = compare_maps(name.strip(), seed, args)
+                rows.append(row)
+                print(
+                    f"{row['point']:8s} seed {seed}: {'+'.join(row['layers'])} {row['steps_per_s']:.3f} steps/s, "
+                    f"sun-spectral {row['spectral_steps_per_s']:.3f} steps/s, ratio {row['ratio']:.2f} "
+                    f"({row['threads']} threads)",
+                    flush=True,
+                )
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=2))
+        return 0
     for name in args.points.split(","):
         for seed in (int(s) for s in args.seeds.split(",")):
             row = run_point(name.strip(), seed, args)

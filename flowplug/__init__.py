@@ -33,6 +33,7 @@ from flowplug.manager import get_component, get_plugin_manager, new_plugin_manag
 from flowplug.records import (
     ActionSpec,
     CommandSpec,
+    DiracOperatorSpec,
     FieldKindSpec,
     FileFormatSpec,
     FlowLayerSpec,
@@ -55,6 +56,7 @@ __all__ = [
     "KernelSpec",
     "FileFormatSpec",
     "ObservableSpec",
+    "DiracOperatorSpec",
     "CommandSpec",
     "FlowplugError",
     "PluginError",

@@ -102,7 +102,10 @@ class Metadata:
             ``plaquette`` (DESIGN.md normalisation: Re tr U_P / N, 1 for unit gauge),
             ``link_trace`` (Re tr U / N), ``beta``, ``trajectory``, ``ensemble_id``,
             ``lfn`` (ILDG logical file name), ``boundary`` (``"open"`` for open
-            boundary conditions in time), plus format-specific keys as found.
+            boundary conditions in time), ``action`` (the ``[action]`` table of the gauge
+            action the file states it was generated with, for
+            :func:`flowplug.theory.action_from_config`) and ``action_note`` (where that was
+            read, what it leaves out), plus format-specific keys as found.
         records: The file's metadata records verbatim (XML records, NERSC header...),
             in file order; writers reuse those the target can hold.
         record_list: Human-readable list of every record of the file with its length

@@ -55,6 +55,12 @@ class ShapeError(FlowplugError, ValueError):
     """A tensor has the wrong shape, dtype or layout for the operation asked of it."""
 
 
+class ConvergenceError(FlowplugError):
+    """An iterative solver (the conjugate gradient of a Dirac operator) did not reach its
+    tolerance within its iteration limit; the message names the tolerance, the limit and
+    the residual reached per batch element."""
+
+
 class CheckpointError(FlowplugError):
     """A checkpoint cannot be read, or belongs to a different run than the one resumed."""
 

@@ -14,7 +14,8 @@ There are two families of hooks:
 
 * **Component hooks** (``flowplug_field_kinds``, ``flowplug_actions``,
   ``flowplug_flow_layers``, ``flowplug_priors``, ``flowplug_kernels``,
-  ``flowplug_file_formats``, ``flowplug_observables``, ``flowplug_commands``) take no
+  ``flowplug_file_formats``, ``flowplug_observables``, ``flowplug_dirac_operators``,
+  ``flowplug_commands``) take no
   arguments and return an iterable of frozen records from :mod:`flowplug.records`. The
   manager files them into typed registries; a name given twice is an error naming both
   providers.
@@ -39,6 +40,7 @@ from flowplug.records import (
     ActionSpec,
     CommandSpec,
     Component,
+    DiracOperatorSpec,
     FieldKindSpec,
     FileFormatSpec,
     FlowLayerSpec,
@@ -179,6 +181,28 @@ def flowplug_observables() -> Iterable[ObservableSpec]:
 
 
 @hookspec
+def flowplug_dirac_operators() -> Iterable[DiracOperatorSpec]:
+    """Return the lattice Dirac operators this plugin provides.
+
+    ``factory(**parameters)`` builds the operator; fermionic actions and observables find
+    it by name in the registry ``dirac_operator``. The built-in ``wilson`` operator
+    (:mod:`flowplug.plugins.dirac`) documents the methods they use: ``apply(links, psi)``,
+    ``apply_dagger``, ``solve``/``solve_normal`` (conjugate gradient with a report),
+    ``logdet`` (dense, small lattices) and ``derivative`` (for forces).
+
+    Example::
+
+        from flowplug import hookimpl, DiracOperatorSpec
+
+        @hookimpl
+        def flowplug_dirac_operators():
+            return [DiracOperatorSpec(name="twisted-mass", description="Wilson twisted mass",
+                                      factory=TwistedMass, fields=("su3",),
+                                      parameters=("kappa", "mu"), dims=(4,))]
+    """
+
+
+@hookspec
 def flowplug_commands() -> Iterable[CommandSpec]:
     """Return ``flowplug`` subcommands this plugin adds to the command line.
 
@@ -279,6 +303,7 @@ COMPONENT_HOOKS: dict[str, type[Component]] = {
     "flowplug_kernels": KernelSpec,
     "flowplug_file_formats": FileFormatSpec,
     "flowplug_observables": ObservableSpec,
+    "flowplug_dirac_operators": DiracOperatorSpec,
     "flowplug_commands": CommandSpec,
 }
 

@@ -9,6 +9,7 @@ from its record (:class:`flowplug.records.FieldKindSpec`).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -55,8 +56,27 @@ def _registered_for(field: str) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _coupling_options(factory: Callable, couplings: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The couplings that ``factory`` names among its parameters (after the field)."""
+    if not couplings:
+        return {}
+    import inspect
+
+    try:
+        params = list(inspect.signature(factory).parameters.values())[1:]
+    except (TypeError, ValueError):  # a builtin without a signature
+        return {}
+    names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return {k: v for k, v in couplings.items() if k in names}
+
+
 def measurement(
-    field: str, names: Sequence[str], *, registry=None, options: Mapping[str, Mapping] | None = None
+    field: str,
+    names: Sequence[str],
+    *,
+    registry=None,
+    options: Mapping[str, Mapping] | None = None,
+    couplings: Mapping[str, Any] | None = None,
 ) -> Callable[[torch.Tensor], dict[str, torch.Tensor]]:
     """A callable x -> {name: (B,) float64} evaluating registered observables.
 
@@ -65,6 +85,9 @@ def measurement(
         names: Observable names (registry lookup, so plugins' observables work too).
         registry: The observable registry; default the process-wide one.
         options: Optional per-observable keyword options.
+        couplings: The action's couplings (``action.couplings()``): each is passed to the
+            observables whose factory has a parameter of that name (the hopping parameter
+            ``kappa`` of the fermionic observables), unless ``options`` sets it.
 
     An observable declared for one member of a family of field kinds is measured on every
     member (declared for ``su2``/``su3``, it is measured on ``su4`` links too;
@@ -88,7 +111,8 @@ def measurement(
             raise ConfigError(
                 f"observable '{spec.name}' is defined for {', '.join(spec.fields)}, not for field kind '{field}'"
             )
-        specs.append((spec.name, spec.factory, dict(options.get(spec.name, {}))))
+        opts = {**_coupling_options(spec.factory, couplings), **dict(options.get(spec.name, {}))}
+        specs.append((spec.name, spec.factory, opts))
 
     def measure(x: torch.Tensor) -> dict[str, torch.Tensor]:
         with torch.no_grad():

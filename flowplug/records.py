@@ -312,6 +312,28 @@ class ObservableSpec(Component):
 
 
 @dataclass(frozen=True, kw_only=True)
+class DiracOperatorSpec(Component):
+    """A lattice Dirac operator: ``factory(**parameters)`` returns the operator object.
+
+    The operator acts on fermion fields in the gauge background of a link field; its
+    methods (``apply``, ``apply_dagger``, ``solve``, ``logdet``...) are documented by the
+    plugin that provides it (the built-in Wilson operator: :mod:`flowplug.plugins.dirac`).
+    Fermionic actions and observables look operators up by name in the registry
+    ``dirac_operator``, so a plugin's operator works wherever a built-in one does.
+
+    Attributes:
+        fields: Field kinds of the gauge links the operator accepts (``u1``, ``su3``...).
+        parameters: Names of the couplings ``factory`` takes (``kappa``, ``mass``...).
+        dims: Lattice dimensions d the operator supports; empty means any.
+    """
+
+    kind: ClassVar[str] = "dirac_operator"
+    fields: tuple[str, ...] = ()
+    parameters: tuple[str, ...] = ()
+    dims: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
 class CommandSpec(Component):
     """A ``flowplug`` subcommand.
 
@@ -339,5 +361,6 @@ RECORD_TYPES: tuple[type[Component], ...] = (
     KernelSpec,
     FileFormatSpec,
     ObservableSpec,
+    DiracOperatorSpec,
     CommandSpec,
 )

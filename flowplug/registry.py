@@ -24,6 +24,7 @@ _KIND_WORDS = {
     "kernel": "kernel",
     "file_format": "file format",
     "observable": "observable",
+    "dirac_operator": "Dirac operator",
     "command": "command",
 }
 

@@ -11,10 +11,21 @@ An **action** is an object with
     the force F = -(derivative of S along the field space) (see below), same shape and
     dtype as x.
 
+``refresh(x, generator)`` (optional)
+    redraw the action's auxiliary fields (pseudofermions) for the configurations x from
+    their exact conditional distribution, using ``generator``. An action with auxiliary
+    fields is the action of the joint distribution p(x, phi) ~ exp(-S[x; phi]): its
+    ``action`` and ``force`` use the fields drawn last. The HMC kernel calls ``refresh``
+    at the start of every trajectory, before drawing the momenta (a Gibbs step for phi,
+    then a trajectory for x at fixed phi), and recomputes S there; kernels that do not
+    call it cannot use such an action. Nothing else of the auxiliary fields is part of
+    the chain state, so checkpoints and resumes need no change.
+
 :class:`Action` is a convenient base class: it supplies ``force`` by automatic
 differentiation (subclasses override it with an analytic force), ``cold_start``,
 ``hot_start``, ``log_prob`` and shape checks. Third-party actions need not derive
-from it; the HMC kernel only uses ``field``, ``action`` and (if present) ``force``.
+from it; the HMC kernel only uses ``field``, ``action`` and (if present) ``force`` and
+``refresh``.
 
 Field spaces and the force convention
 -------------------------------------
@@ -497,8 +508,9 @@ def action_from_config(cfg: Mapping[str, Any], *, registry: Any = None) -> Any:
         The action object.
 
     Raises:
-        ConfigError: if the table or ``action.name`` is missing, or the factory rejects
-            the parameters (message names the action and the keys).
+        ConfigError: if the table or ``action.name`` is missing, a key is taken by no
+            registered action (a typo; the message suggests the closest key), or the
+            factory rejects the parameters (message names the action and the keys).
         UnknownComponentError: if ``action.name`` is not registered.
     """
     table = cfg.get("action", cfg) if isinstance(cfg, Mapping) else None
@@ -509,6 +521,21 @@ def action_from_config(cfg: Mapping[str, Any], *, registry: Any = None) -> Any:
 
         registry = _registry("action")
     spec = registry.get(table["name"])
+    # the table is open (plugins bring their own couplings): a key that no registered
+    # action takes is a typo, not a parameter of some other action
+    known = {"name"}.union(*(set(rec.parameters) for rec in registry))
+    unknown = sorted(set(table) - known)
+    if unknown:
+        import difflib
+
+        hints = [
+            f"'{k}' (did you mean '{m[0]}'?)" if (m := difflib.get_close_matches(k, sorted(known), n=1)) else f"'{k}'"
+            for k in unknown
+        ]
+        raise ConfigError(
+            f"[action] key(s) {', '.join(hints)} taken by no registered action; "
+            f"action '{spec.name}' takes: {', '.join(spec.parameters) or 'no parameters'}"
+        )
     kwargs = {p: table[p] for p in spec.parameters if p in table}
     try:
         return spec.factory(**kwargs)

@@ -1,4 +1,5 @@
-"""Built-in field kinds, theories, observables, flow layers, priors and kernels (``flowplug.plugins``).
+"""Built-in field kinds, theories, observables, flow layers, priors, kernels and Dirac operators
+(``flowplug.plugins``).
 
 Each module listed in :data:`BUILTIN` is a plugin using only the public hook API of
 :mod:`flowplug.hookspecs`; the plugin manager registers them in this order, before
@@ -9,9 +10,12 @@ any third-party plugin.
 BUILTIN: tuple[str, ...] = (
     "flowplug.plugins.fields",  # field kinds: scalar, o2, u1, su<N>
     "flowplug.plugins.theories",  # actions: phi4, wilson
+    "flowplug.plugins.gauge_actions",  # improved gauge actions: symanzik, iwasaki, dbw2, milc-symanzik, ...
     "flowplug.plugins.observables",  # plaquette, topological_charge, ...
     "flowplug.plugins.hmc",  # HMC kernel
     "flowplug.plugins.heatbath",  # heatbath and overrelaxation kernels (SU(N) Wilson)
     "flowplug.plugins.flows",  # flow layers and priors
     "flowplug.plugins.kernels",  # flow kernels: independence Metropolis, mixtures, flow HMC
+    "flowplug.plugins.dirac",  # Dirac operators: wilson
+    "flowplug.plugins.fermion_actions",  # schwinger(-exact), wilson-nf2(-exact); condensate, pion
 )

@@ -60,6 +60,12 @@ class HMC(Kernel):
     The kernel state (:class:`flowplug.chain.ChainState`) holds x and log p = -S(x);
     ``step`` returns ``info`` with ``accepted`` (B,) bool and ``delta_h`` (B,) float64
     (H' - H; <exp(-delta_h)> = 1 is a test of exactness).
+
+    An action with auxiliary fields (pseudofermions) has a ``refresh(x, generator)`` method
+    (:mod:`flowplug.theory`): ``step`` calls it first, so that the fields are drawn from
+    their exact conditional distribution at the start of every trajectory, then computes
+    H with them. For such an action ``init`` stores log p = NaN (S is undefined until the
+    fields are drawn) and every ``step`` recomputes it.
     """
 
     name = "hmc"
@@ -134,6 +140,9 @@ class HMC(Kernel):
             ShapeError: if x does not fit the action.
         """
         x = x.detach()
+        if getattr(self.action, "refresh", None) is not None:  # S needs the auxiliary fields: each step draws them
+            self.space.lattice_of(x)
+            return ChainState(x, torch.full((x.shape[0],), torch.nan, dtype=torch.float64, device=x.device))
         return ChainState(x, -self.action.action(x).to(torch.float64))
 
     def step(self, state: ChainState, generator: torch.Generator | None = None) -> tuple[ChainState, dict[str, Any]]:
@@ -144,6 +153,10 @@ class HMC(Kernel):
         """
         x0 = state.x
         with torch.no_grad():
+            refresh = getattr(self.action, "refresh", None)
+            if refresh is not None:  # auxiliary fields (pseudofermions): Gibbs step, then S with them
+                refresh(x0, generator)
+                state = ChainState(x0, -self.action.action(x0).to(torch.float64), state.extras)
             p0 = self.space.momenta(x0, generator)
             h0 = self.space.kinetic(p0) - state.log_p
             x1, p1 = self.integrate(x0, p0)

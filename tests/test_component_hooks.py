@@ -8,6 +8,7 @@ import flowplug
 from flowplug.records import (
     ActionSpec,
     CommandSpec,
+    DiracOperatorSpec,
     FieldKindSpec,
     FileFormatSpec,
     FlowLayerSpec,
@@ -52,6 +53,10 @@ class Everything:
         return [ObservableSpec(name="t-observable", description="test observable", factory=len)]
 
     @flowplug.hookimpl
+    def flowplug_dirac_operators(self):
+        return [DiracOperatorSpec(name="t-dirac", description="test Dirac operator", factory=dict, fields=("u1",))]
+
+    @flowplug.hookimpl
     def flowplug_commands(self):
         return [CommandSpec(name="t-command", description="test command", factory=lambda p: None, run=lambda a: 0)]
 
@@ -66,6 +71,7 @@ class Everything:
         ("kernel", "t-kernel", KernelSpec),
         ("file_format", "t-format", FileFormatSpec),
         ("observable", "t-observable", ObservableSpec),
+        ("dirac_operator", "t-dirac", DiracOperatorSpec),
         ("command", "t-command", CommandSpec),
     ],
 )

@@ -149,6 +149,9 @@ def test_action_from_config():
 
     with pytest.raises(UnknownComponentError, match="wilson"):
         action_from_config({"action": {"name": "wilsn"}})
+    # the [action] table is open for plugins' couplings, but a key no action takes is a typo
+    with pytest.raises(ConfigError, match=r"'bta' \(did you mean 'beta'\?\) taken by no registered action"):
+        action_from_config({"action": {"name": "wilson", "group": "su3", "bta": 6.0}})
 
 
 def test_field_space_lookup():

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from flowplug.cli.common import add_config_arguments, add_examples, chain_resume_hint, config_from_args
-from flowplug.jobs.hmc import DEFAULT_CONFIG, run_hmc
+from flowplug.jobs.hmc import DEFAULT_CONFIG, OPEN_TABLES, run_hmc
 from flowplug.records import CommandSpec
 
 #: The examples at the end of ``flowplug hmc --help``.
@@ -28,6 +28,9 @@ EXAMPLES = (
     "flowplug hmc --set action.group=su3 --set lattice=[4,4,4,4] --set start=cfg.lime --set out=su3-run",
     "# phi^4 at the tutorial point",
     "flowplug hmc --set action.name=phi4 --set action.m2=-4.0 --set action.lam=8.0 --set out=phi4-run",
+    "# the Schwinger model: two Wilson flavours, pseudofermion HMC",
+    "flowplug hmc --set action.name=schwinger --set action.beta=2.0 --set action.kappa=0.2 --set lattice=[8,8] "
+    "--set out=schwinger-run",
     "# continue a run, or extend a finished one",
     "flowplug hmc --set out=u1-run --set hmc.trajectories=500 --resume",
 )
@@ -66,7 +69,7 @@ def result_line(summary: dict, out: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Execute ``flowplug hmc``."""
-    cfg = config_from_args(args, DEFAULT_CONFIG)
+    cfg = config_from_args(args, DEFAULT_CONFIG, open_tables=OPEN_TABLES)
     if cfg is None:
         return 0
     with chain_resume_hint(args, Path(str(cfg["out"])) / "checkpoint.pt", unit="trajectory"):

@@ -6,6 +6,11 @@ carries, see :func:`flowplug.io.read`); for gauge fields the plaquette and link 
 (Re tr / N, 1 for the unit gauge) and, for SU(N), max |U U^+ - 1| and max |det U - 1|;
 for site fields (an HDF5 store of phi^4 or O(2) configurations) the registered
 observables of that field kind that need no options (``magnetization``...).
+Where the file's metadata states the gauge action it was generated with (MILC's
+``gauge.description``, ``gauge.beta11``, ``gauge.tadpole.u0``; tmLQCD's ``beta``,
+``c2_rec``: :mod:`flowplug.adapters.action_metadata`), it prints that action as the
+``[action]`` table that builds it (``action`` in the JSON, with ``action_note``: where
+it was read and what it leaves out, such as dynamical quarks).
 ``--json`` prints one JSON object per file and line with at least the keys ``path,
 format, field, lattice, group, precision, checksum, plaquette, link_trace`` (``group``,
 ``plaquette`` and ``link_trace`` are null for site fields). Exit code 1 if a file
@@ -43,7 +48,10 @@ def describe(
     Returns:
         JSON-ready dict: ``path, format, field, lattice, group, precision,
         configurations, checksum, checks, plaquette, link_trace, unitarity,
-        determinant, observables, records, header``. For a file of several
+        determinant, observables, action, action_note, records, header``. ``action`` is
+        the ``[action]`` table (name and parameters) of the action the file's metadata
+        states (the reader's ``header["action"]``), ``None`` where it states none;
+        ``action_note`` says where it was read. For a file of several
         configurations the per-configuration values are lists. Values that do not
         apply to the field kind are ``None`` (``group``, ``plaquette``, ``link_trace``
         of a site field; ``unitarity``, ``determinant`` of U(1) angles and site fields);
@@ -92,6 +100,8 @@ def describe(
         "unitarity": per(unit),
         "determinant": per(det),
         "observables": {} if ens.is_gauge else {k: per(v) for k, v in site_observables(ens).items()},
+        "action": per([m.header.get("action") for m in ens.meta]),
+        "action_note": per([m.header.get("action_note") for m in ens.meta]),
         "records": per([m.record_list for m in ens.meta]),
         "header": per(
             [jsonable({k: v for k, v in m.header.items() if k not in ("unitarity", "determinant")}) for m in ens.meta]
@@ -175,6 +185,17 @@ def _text(info: dict[str, Any]) -> str:
         ]
     for name, value in info.get("observables", {}).items():
         lines.append(f"  {name:<13} {fmt(value, '.12g')}")
+    actions = [info.get("action")] if one else list(info.get("action") or [])
+    notes = [info.get("action_note")] if one else list(info.get("action_note") or [])
+    stated = [a for a in actions if a]
+    if stated:
+        same = all(a == stated[0] for a in stated)
+        table = ", ".join(f"{k} = {json.dumps(v)}" for k, v in stated[0].items())
+        lines.append(f"  action        {table}" + ("" if same else " (first configuration; they differ)"))
+    if notes and notes[0]:
+        if not stated:
+            lines.append("  action        not read")
+        lines.append(f"                ({notes[0]})")
     headers = [info["header"]] if one else info["header"]
     if any(h.get("boundary") == "open" for h in headers):
         lines.append("  boundary      open in time (zero links at t = T-1, left out of max|UU^+-1|)")

@@ -45,7 +45,15 @@ import torch
 from flowplug.errors import ConfigError, FlowplugError
 from flowplug.fsutil import locked_run
 
-__all__ = ["DEFAULT_CONFIG", "NON_CHAIN_KEYS", "run_hmc", "run_fingerprint", "start_configuration", "read_start_file"]
+__all__ = [
+    "DEFAULT_CONFIG",
+    "NON_CHAIN_KEYS",
+    "OPEN_TABLES",
+    "run_hmc",
+    "run_fingerprint",
+    "start_configuration",
+    "read_start_file",
+]
 
 DEFAULT_CONFIG = """\
 # flowplug hmc: exact hybrid Monte Carlo (Duane et al. 1987) for any registered action.
@@ -63,14 +71,15 @@ format = "hdf5"         # ensemble format: hdf5, ildg, nersc, openqcd (a writabl
 save_every = 10         # write configurations and a checkpoint every this many trajectories
 measurements = "hdf5"   # per-trajectory measurements: "hdf5" (measurements.h5) or "csv"
 observables = []        # observable names; empty: plaquette (+ topological charge where
-                        # defined) for gauge fields, magnetization, chi_2, ising_energy for phi^4
+                        # defined) for gauge fields, magnetization, chi_2, ising_energy for phi^4,
+                        # and the action's own (schwinger: chiral_condensate, pion_effective_mass)
 device = "cpu"          # torch device
 threads = 1             # torch CPU threads; 1 is fastest on small lattices and busy machines,
                         # 0 keeps torch's default (one per core), more for large lattices
 progress = true         # progress bar with acceptance and plaquette
 
-[action]
-name = "wilson"         # a registered action: wilson, phi4, or a plugin's
+[action]                # also takes any other coupling of the action (schwinger: kappa = 0.2)
+name = "wilson"         # a registered action: wilson, phi4, schwinger, schwinger-exact, or a plugin's
 group = "u1"            # wilson: u1, su2, su3 (also the group of a bare LIME start file)
 beta = 2.0              # wilson: inverse coupling
 m2 = -4.0               # phi4: bare mass squared (tutorial convention)
@@ -83,6 +92,9 @@ integrator = "omelyan"  # "leapfrog" or "omelyan" (2MN)
 steps = 10              # integration steps per trajectory
 trajectory_length = 1.0 # molecular-dynamics time per trajectory
 """
+
+#: Tables whose keys are free: an action's couplings (``action.kappa`` of ``schwinger``).
+OPEN_TABLES = ("action",)
 
 #: Keys that do not change the Markov chain: a run may be resumed with other values.
 #: (``observables`` is not among them: the history of a resumed run must stay rectangular.)
@@ -233,7 +245,7 @@ def run_hmc(
 
     Arguments:
         cfg: The effective configuration (:func:`flowplug.config.build_config` of
-            :data:`DEFAULT_CONFIG`).
+            :data:`DEFAULT_CONFIG`, with ``open_tables=OPEN_TABLES``).
         resume: Continue from ``out/checkpoint.pt`` (the same chain as an uninterrupted run).
         force: Start afresh although ``out`` holds a checkpoint.
         progress: Progress bar (default: ``cfg["progress"]``).
@@ -311,8 +323,11 @@ def _run_hmc(
     generator = torch.Generator(device=device).manual_seed(seed)
     x0, start_desc = start_configuration(cfg, action, chains, generator, device, log)
     ndim = len(kernel.space.lattice_of(x0))
-    names = list(cfg["observables"]) or list(default_observables(action.field, ndim))
     couplings: dict[str, Any] = getattr(action, "couplings", dict)()
+    names = list(cfg["observables"]) or [
+        *default_observables(action.field, ndim),
+        *getattr(action, "observables", ()),  # an action's own (fermionic actions: condensate, pion)
+    ]
     save_every = int(cfg["save_every"])
     configurations = Configurations(
         out / "ensemble",
@@ -346,7 +361,7 @@ def _run_hmc(
         x0,
         total,
         generator=generator,
-        measure=measurement(action.field, names),
+        measure=measurement(action.field, names, couplings=couplings),
         output=output,
         resume=resume,
         run_id=run_fingerprint(cfg),

@@ -114,13 +114,17 @@ def _metadata(
     source_meta: Any, precision: int, provenance: Mapping[str, Any], header: Mapping[str, Any] | None = None
 ) -> Any:
     """Metadata of one written configuration: the source's records carried over (without
-    its record XML and check outcomes), the precision, header values and provenance."""
+    its record XML, check outcomes and the action the source states: a new configuration
+    does not come from the source's generating action), the precision, header values and
+    provenance."""
     from flowplug import io
 
     if source_meta is not None:
         meta = source_meta.copy()
         meta.records = [r for r in meta.records if r.type != "scidac-record-xml"]
         meta.checks = []
+        for key in ("action", "action_note"):
+            meta.header.pop(key, None)
     else:
         meta = io.Metadata(precision=precision)
     meta.precision = precision

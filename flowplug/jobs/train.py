@@ -93,8 +93,9 @@ batch_size = 1024            # samples per forward pass
 seed = 12345                 # seed of the evaluation samples
 """
 
-#: Tables whose keys are free (layer options), not checked against the default.
-OPEN_TABLES = ("flow.options",)
+#: Tables whose keys are free (layer options, an action's own couplings such as ``action.c1``
+#: of ``plaquette-rectangle`` or ``action.u0`` of ``milc-symanzik``), not checked against the default.
+OPEN_TABLES = ("flow.options", "action")
 
 #: The ``[train]`` keys a resumed run may change.
 RESUME_KEYS = ("steps", "checkpoint_every", "progress")
