@@ -51,17 +51,20 @@ Evaluation without dividing by eigenvalue differences
 Degenerate spectra
     Where at most two eigenvalues coincide (every degenerate point of SU(2); in SU(3)
     every point but the centre) the density is continuous and the value returned is its
-    limit. Where three or more coincide (in SU(3): the centre elements e^{2 pi i k/3} 1,
-    the vertices of A), the density of this family of maps has no limit for generic
-    splines: it depends on the direction of approach (near the identity of SU(3), with
-    a = f_1'(0) and b = f_2'(0), on the ratio of the two small gaps), and at the vertex
-    where stick-breaking is singular (u_1 = 1, the centre e^{-2 pi i/3}) also through the
-    direction-dependent u_2. The value returned there is the limit along equal vanishing
-    gaps, the same in the forward and the inverse map, so log-dets cancel exactly and stay
-    finite; it is continuous when the splines are isotropic at that vertex (SU(3):
-    f_1'(0) = f_2'(0) at the identity, f_1'(0) = f_2'(1) at e^{2 pi i/3}, f_2 the identity
-    at e^{-2 pi i/3}), the map being X -> a X on su(3) to first order with density a^8.
-    The set is of Haar measure zero, so exactness of samplers is unaffected.
+    limit. Where three coincide (in SU(3): the centre elements e^{2 pi i k/3} 1, the
+    vertices of A) a generic pair of splines has no limit: near the identity, with
+    a = f_1'(0) and b = f_2'(0), the density depends on the ratio of the two small gaps,
+    and at the vertex where stick-breaking is singular (u_1 = 1, the centre
+    e^{-2 pi i/3}) also on the direction-dependent u_2. The SU(3) map therefore makes the
+    splines isotropic at every vertex: the raw end derivatives f_2'(0) and f_2'(1) are tied
+    to f_1'(0), and the second spline's raw parameters are multiplied by 1 - u_1 (zero
+    parameters are the identity), so that f_2 tends to the identity as u_1 -> 1 (the
+    triangular structure keeps the Jacobian f_1'(u_1) f_2'(u_2; u_1); the inverse inverts
+    f_1 first). To first order the map is then X -> a X on su(3) at each centre element,
+    with density a^8 from every direction (a = f_1'(0) at 1 and e^{2 pi i/3}, f_1'(1) at
+    e^{-2 pi i/3}); the value returned is that limit, the same in the forward and the
+    inverse map. (Checkpoints of SU(3) ``sun-spectral`` flows trained before this
+    constraint describe a different map: retrain them.)
 """
 
 from __future__ import annotations
@@ -209,6 +212,24 @@ def _spline_root(v: torch.Tensor, xk: torch.Tensor, yk: torch.Tensor, d: torch.T
     disc = (b * b - 4 * a * c).clamp_min(0.0)
     xi = (2 * c / (-b - torch.sqrt(disc))).clamp(0.0, 1.0)
     return x0 + xi * w
+
+
+def _centre_isotropic(raw: torch.Tensor, n: int, n_bins: int, c1: torch.Tensor) -> torch.Tensor:
+    """SU(3): the spline parameters that make the map isotropic at the three centre elements
+    (module docstring, "Degenerate spectra"): the raw end derivatives f_2'(0) and f_2'(1)
+    are tied to f_1'(0), and the second spline's raw parameters are scaled by
+    c_1 = 1 - u_1, so that f_2 tends to the identity as u_1 -> 1. Other N: ``raw`` unchanged.
+
+    Arguments:
+        raw: (..., (N-1)(3K+1)); c1: (...), the first input coordinate's 1 - u_1.
+    """
+    if n != 3:
+        return raw
+    per = 3 * n_bins + 1
+    first, second = raw[..., :per], raw[..., per:]
+    d0 = first[..., 2 * n_bins : 2 * n_bins + 1]
+    second = torch.cat([second[..., : 2 * n_bins], d0, second[..., 2 * n_bins + 1 : 3 * n_bins], d0], -1)
+    return torch.cat([first, second * c1[..., None].to(second.dtype)], -1)
 
 
 def _stick(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -380,13 +401,22 @@ def spectral_map(
         dphi = torch.angle(z)
         dphi = dphi - dphi.detach()
         t = t + (dphi - torch.roll(dphi, -1, -1)) / TWO_PI
-    xk, yk, d = _knots(raw, n, n_bins)
     u, c, empty, total = _stick(t)
     if not inverse:
+        xk, yk, d = _knots(_centre_isotropic(raw, n, n_bins, c[..., 0]), n, n_bins)
         u_new, c_new, log_df, log_sl, log_sr = _spline_forward(u, c, xk, yk, d)
         t_in, t_out = t, _unstick(u_new, c_new, total)
     else:
-        # (u, c) are the output coordinates of the forward map; find its input coordinates
+        # (u, c) are the output coordinates of the forward map; find its input coordinates.
+        # For SU(3) the second spline depends on the first input coordinate: invert the
+        # first spline (which does not), then both with the second spline's parameters
+        if n == 3:
+            xk, yk, d = _knots(_centre_isotropic(raw, n, n_bins, torch.ones_like(c[..., 0])), n, n_bins)
+            u1, c1 = _spline_inverse(u, c, xk, yk, d)
+            c1 = torch.where(empty[..., 0], c[..., 0], c1[..., 0])
+        else:
+            c1 = c[..., 0]
+        xk, yk, d = _knots(_centre_isotropic(raw, n, n_bins, c1), n, n_bins)
         u_in, c_in = _spline_inverse(u, c, xk, yk, d)
         u_in, c_in = torch.where(empty, u, u_in), torch.where(empty, c, c_in)
         _, _, log_df, log_sl, log_sr = _spline_forward(u_in, c_in, xk, yk, d)

@@ -151,17 +151,28 @@ def _dir(z, eps, gaps):
 
 
 @pytest.mark.parametrize("k", [0, 1, 2])
-def test_su3_centre_value_is_equal_gap_limit_and_depends_on_direction(k):
-    """Three equal eigenvalues: generic splines give direction-dependent limits (no value
-    would be continuous); the returned value is the limit along equal vanishing gaps."""
+def test_su3_centre_continuous_for_every_spline(k):
+    """Three equal eigenvalues: the SU(3) map ties f_2'(0) = f_2'(1) = f_1'(0) and lets f_2
+    tend to the identity as u_1 -> 1, so it scales the vanishing gaps equally at every centre
+    element and the density has a limit, a^8 (a = f_1'(0) at the identity and
+    e^{2 pi i/3}, f_1'(1) at e^{-2 pi i/3}), reached from every direction: generic random
+    directions and the anisotropic one of gap ratio 1:4 (a jump of > 1e-2 nats before)."""
     z = centre(3, k)
     raw = raw_params(3, seed=12)
     _, ld = spectral_map(z[None], raw, K)
-    _, ld_equal = spectral_map(_dir(z, EPS, (1.0, 1.0)), raw, K)
-    assert abs(float(ld - ld_equal)) < 1e-5
-    _, ld_a = spectral_map(_dir(z, 1e-6, (1.0, 1.0)), raw, K)
-    _, ld_b = spectral_map(_dir(z, 1e-6, (1.0, 4.0)), raw, K)
-    assert abs(float(ld_a - ld_b)) > 1e-2  # a genuine discontinuity of this family of maps
+    a = knot_derivative(raw, 0, 0 if k < 2 else -1)
+    assert abs(float(ld) - 8 * math.log(a)) < 1e-12
+
+    def moves(eps):
+        ws = [_dir(z, eps, (1.0, 1.0)), _dir(z, eps, (1.0, 4.0)), _dir(z, eps, (4.0, 1.0))]
+        ws += [perturb(z[None], eps, seed) for seed in range(6)]
+        return torch.tensor(
+            [float(spectral_map(w, raw, K, inverse=inv)[1] - (-ld if inv else ld)) for w in ws for inv in (0, 1)]
+        ).abs()
+
+    # a finite slope: 1e-8 moves log q by < 1e-4 nats, 1e-10 by a hundred times less
+    far, near = moves(EPS), moves(1e-2 * EPS)
+    assert far.max() < 1e-4 and (near < 0.02 * far + 1e-10).all(), (k, far, near)
 
 
 def isotropic_raw(k, seed=13):
@@ -342,9 +353,11 @@ def test_layer_round_trip_and_force_at_degenerate_gauges(n, config):
         check_layer(sun_layer(n, lattice, index), x, n)
 
 
-def test_su2_layer_logdet_continuous_at_unit_and_twisted_gauges():
-    m = sun_layer(2, (4, 4))
-    for x in (unit_gauge(2, (4, 4)), centre_twisted(2, (4, 4))):
+@pytest.mark.parametrize("n", [2, 3])
+def test_layer_logdet_continuous_at_unit_and_twisted_gauges(n):
+    """Random layers (SU(3) included: every plaquette there is a centre element)."""
+    m = sun_layer(n, (4, 4))
+    for x in (unit_gauge(n, (4, 4)), centre_twisted(n, (4, 4))):
         assert_continuous(m, x)
 
 
