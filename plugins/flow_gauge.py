@@ -423,9 +423,9 @@ class SUNSpectralCoupling(_GaugeCoupling):
         idx = self.site_index
         loop = full_loop.flatten(1, d)[:, idx]
         params = p.flatten(1, d)[:, idx]
-        new_loop, ld = spectral_map(loop, params, self.n_bins, inverse=inverse)
+        g, ld = spectral_map(loop, params, self.n_bins, inverse=inverse, left=True)
         u_mu = u[:, self.mu].flatten(1, d)
-        updated = new_loop @ loop.mH @ u_mu[:, idx]
+        updated = g @ u_mu[:, idx]  # = P' P^+ U_mu(x), unitary to rounding at any depth
         new_mu = u_mu.index_copy(1, idx, updated).reshape(u[:, self.mu].shape)
         out = torch.stack([new_mu if a == self.mu else u[:, a] for a in range(d)], dim=1)
         return out, ld.sum(1)

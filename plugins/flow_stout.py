@@ -51,8 +51,15 @@ Density
 Inverse
     Per step, Newton's method on the strictly monotone map theta -> theta' (closed-form
     Jacobian by Sherman-Morrison), then one differentiable Newton step so that gradients
-    with respect to parameters and input are those of the implicit function; the matrix is
-    rebuilt from the eigenvectors of W' as W = W' + W' V diag(e^{-i delta} - 1) V^+.
+    with respect to parameters and input are those of the implicit function.
+
+Output
+    Both directions return W' = G W with G = V diag(e^{i delta}) V^+ built from the
+    eigenvectors V of the input and the shifts delta of its eigenphases
+    (:func:`flowplug.plugins.flow_sun.spectral_left_factor`): equal to exp(i X) of the
+    forward map to rounding (tested against the matrix form), unitary whatever the
+    rounding of W. The coupling layer applies G to the link, U' = G U (= P' P^+ U, since G
+    commutes with P), so no loss of unitarity is amplified through the staple in deep flows.
 """
 
 from __future__ import annotations
@@ -64,7 +71,7 @@ import torch
 
 from flowplug.errors import ConfigError, ShapeError
 from flowplug.plugins.flow_gauge import _GaugeCoupling
-from flowplug.plugins.flow_sun import eigen_phases, pair_indices
+from flowplug.plugins.flow_sun import eigen_phases, pair_indices, spectral_left_factor
 from flowplug.theory import su_n
 
 #: Newton iterations of the inverse before giving up (convergence is quadratic).
@@ -216,6 +223,7 @@ def stout_map(
     *,
     max_curvature: float = 0.9,
     inverse: bool = False,
+    left: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Conjugation-equivariant stout-smearing flow on SU(N) matrices (module docstring).
 
@@ -227,6 +235,8 @@ def stout_map(
         n_steps: M, steps per application.
         max_curvature: gamma in (0, 1): bound on |phi''| (invertibility margin).
         inverse: Apply the inverse map.
+        left: Return the left factor G = w' w^+ instead of w' (the coupling layer applies it
+            to the link, U' = G U, which keeps unitarity to rounding through any depth).
 
     Returns:
         ``(w', logdet)``: w' (..., N, N) complex128 in SU(N) (up to rounding); logdet (...)
@@ -269,32 +279,8 @@ def stout_map(
             prev = _solve_step(out, a[..., m, :], b[..., m, :])
             _, ld, lc = step_density(prev, a[..., m, :], b[..., m, :])
             logdet, log_chord, out = logdet - ld, log_chord - lc, prev
-    return _rebuild(w, vec, out - theta, log_chord, i, j), logdet
-
-
-def _rebuild(
-    w: torch.Tensor, vec: torch.Tensor, shift: torch.Tensor, log_chord: torch.Tensor, i: torch.Tensor, j: torch.Tensor
-) -> torch.Tensor:
-    r"""W' = W + W V diag(e^{i shift} - 1) V^+ (W itself where shift = 0), with the
-    first-order eigenvector term of the derivative when ``w`` is tracked: for a matrix
-    function W' = g(W), V^+ dW' V = diag(d theta') + C o offdiag(V^+ dW V) with
-    C_ij = (lambda'_i - lambda'_j)/(lambda_i - lambda_j) = e^{i(s_i + s_j)/2} x chord ratio
-    (Daleckii-Krein), continuous at coincident eigenvalues."""
-    e = torch.complex(-2 * torch.sin(0.5 * shift) ** 2, torch.sin(shift))  # e^{i shift} - 1
-    out = w + w @ ((vec * e[..., None, :]) @ vec.mH)
-    if w.requires_grad and torch.is_grad_enabled():
-        av = vec.mH @ w @ vec
-        with torch.no_grad():
-            s = shift.detach()
-            cij = torch.polar(torch.exp(log_chord.detach()), 0.5 * (s[..., i] + s[..., j]))
-            cmat = torch.zeros_like(av)
-            cmat[..., i, j] = cij
-            cmat[..., j, i] = cij
-            # the first line already contributes offdiag(V^+ dW V)_ij e^{i s_j}
-            cmat = cmat - (1 + e.detach())[..., None, :]
-            cmat = cmat - torch.diag_embed(torch.diagonal(cmat, dim1=-2, dim2=-1))
-        out = out + vec @ (cmat * (av - av.detach())) @ vec.mH
-    return out
+    g = spectral_left_factor(w, vec, theta0, out - theta, log_chord)
+    return (g if left else g @ w), logdet
 
 
 def plaquette_traces(links: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -440,10 +426,10 @@ class SUNStoutCoupling(_GaugeCoupling):
         p = self._condition(tr.real, tr.imag, rect)
         params = p.flatten(1, d)[:, idx]
         loop = link @ staple
-        new_loop, ld = stout_map(
-            loop, params, self.n_modes, self.n_steps, max_curvature=self.max_curvature, inverse=inverse
+        g, ld = stout_map(
+            loop, params, self.n_modes, self.n_steps, max_curvature=self.max_curvature, inverse=inverse, left=True
         )
-        updated = new_loop @ staple.mH
+        updated = g @ link  # = P' P^+ U_mu(x): G commutes with P
         new_mu = u_mu.index_copy(1, idx, updated).reshape(links[self.mu].shape)
         out = torch.stack([new_mu if a == self.mu else links[a] for a in range(d)], dim=1)
         return out, ld.sum(1)

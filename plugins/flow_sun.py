@@ -351,7 +351,7 @@ def _eigen(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 def spectral_map(
-    w: torch.Tensor, raw: torch.Tensor, n_bins: int, *, inverse: bool = False
+    w: torch.Tensor, raw: torch.Tensor, n_bins: int, *, inverse: bool = False, left: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Conjugation-equivariant spline flow on SU(N) matrices (module docstring).
 
@@ -365,6 +365,7 @@ def spectral_map(
             (zeros give the identity map).
         n_bins: K.
         inverse: Apply the inverse map (same parameters).
+        left: Return the left factor G = w' w^+ (:func:`spectral_left_factor`) instead of w'.
 
     Returns:
         ``(w', logdet)``: w' of shape (..., N, N) complex128 in SU(N) (up to rounding);
@@ -425,22 +426,60 @@ def spectral_map(
     shift = _phase_shift(t_in, t_out)
     if inverse:
         logdet, log_s, shift = -logdet, -log_s, -shift
-    # e^{i shift} - 1 without cancellation
-    e = torch.complex(-2 * torch.sin(0.5 * shift) ** 2, torch.sin(shift))
-    w_new = w + w @ ((vec * e[..., None, :]) @ vec.mH)
-    if track:
-        # eigenvector term: dW' = V (d Lambda' + D o offdiag(V^+ dW V)) V^+; the line above
-        # contributes offdiag(V^+ dW V)_ij e^{i shift_j}; add the rest, with value 0
+    g = spectral_left_factor(w, vec, theta, shift, log_s, a=a if track else None)
+    return (g if left else g @ w), logdet
+
+
+def spectral_left_factor(
+    w: torch.Tensor,
+    vec: torch.Tensor,
+    theta: torch.Tensor,
+    shift: torch.Tensor,
+    log_chord: torch.Tensor,
+    *,
+    a: torch.Tensor | None = None,
+) -> torch.Tensor:
+    r"""G = W' W^+ = V diag(e^{i s}) V^+ of a spectral map W -> W', with its derivative.
+
+    The value is I + V diag(e^{i s} - 1) V^+ (exactly I where s = 0): unitary to rounding
+    whatever the rounding of W, so applying it as U' = G U to a link never amplifies a loss
+    of unitarity. When ``w`` is tracked, the derivative is first-order perturbation theory
+    (Daleckii-Krein): with A = V^+ dW V, V^+ dG V has diagonal i g_j ds_j (through ``shift``)
+    and off-diagonal (C_jk - g_j) A_jk conj(lambda_k), where g = e^{i s},
+    C_jk = (lambda'_j - lambda'_k)/(lambda_j - lambda_k) = e^{i(s_j + s_k)/2} x chord ratio,
+    continuous at coincident eigenvalues.
+
+    Arguments:
+        w: SU(N) matrices (..., N, N), complex128 (tracked or not).
+        vec: Orthonormal eigenvectors of w (..., N, N) (no gradient).
+        theta: Eigenphases of w in the order of ``vec`` (..., N), float64 (value only is used).
+        shift: theta' - theta (..., N), float64, carrying the derivatives of the eigenphases.
+        log_chord: log |sin((theta'_j - theta'_k)/2) / sin((theta_j - theta_k)/2)| for the
+            pairs of :func:`pair_indices` (..., P), float64.
+        a: V^+ w V if already formed (tracked), else it is formed here when needed.
+
+    Returns:
+        G (..., N, N), complex128.
+    """
+    n = w.shape[-1]
+    e = torch.complex(-2 * torch.sin(0.5 * shift) ** 2, torch.sin(shift))  # e^{i s} - 1, no cancellation
+    eye = torch.eye(n, dtype=w.dtype, device=w.device)
+    g = eye + (vec * e[..., None, :]) @ vec.mH
+    if w.requires_grad and torch.is_grad_enabled():
+        if a is None:
+            a = vec.mH @ w @ vec
         with torch.no_grad():
             i, j, _ = _pairs(n, w.device)
-            dij = torch.exp(log_s) * _unit(0.5 * (shift[..., i] + shift[..., j]))
-            dmat = torch.zeros_like(a)
-            dmat[..., i, j] = dij
-            dmat[..., j, i] = dij
-            cmat = dmat - (1 + e)[..., None, :]
+            s = shift.detach()
+            cij = torch.polar(torch.exp(log_chord.detach()), 0.5 * (s[..., i] + s[..., j]))
+            cmat = torch.zeros_like(a)
+            cmat[..., i, j] = cij
+            cmat[..., j, i] = cij
+            cmat = cmat - (1 + e.detach())[..., :, None]
             cmat = cmat - torch.diag_embed(torch.diagonal(cmat, dim1=-2, dim2=-1))
-        w_new = w_new + vec @ (cmat * (a - a.detach())) @ vec.mH
-    return w_new, logdet
+            cmat = cmat * _unit(-theta.detach())[..., None, :]
+        g = g + vec @ (cmat * (a - a.detach())) @ vec.mH
+    return g
 
 
 def eigen_phases(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
