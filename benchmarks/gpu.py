@@ -5,7 +5,7 @@ One JSON line per measurement: ``{"item", "size", "device", "value", "unit", "cp
 
 * ``train_u1_multiscale``: training steps/s of the ``u1-multiscale`` flow of
   ``examples/train_u1_b6_l16.toml`` (path gradients, batch 64) at L = 16, 32, 64;
-* ``train_su3_4d``: training steps/s of a 4-layer ``sun-spectral`` SU(3) flow (options of
+* ``train_su3_4d``: training steps/s of a 4-layer SU(3) flow (the layer and options of
   ``examples/train_su3_4d.toml``, batch 8) at 4^4 and 8^4;
 * ``hmc_su3_4d``: HMC trajectories/s (Omelyan, 10 steps, one chain) of Wilson SU(3), beta 6,
   at 8^4 and 16^4;
