@@ -33,9 +33,18 @@ The action must be the production action
     included) on U and x', and accept with log A = [-S_prod(x') - log q(x')] -
     [-S_prod(U) - log q(U)] (:meth:`FlowProposal.decide` does this arithmetic).
 
+Non-equilibrium proposals
+    ``FlowProposal(flow, action, kernel=NonEquilibrium(action, flow=flow, ...))``
+    (``flowplug propose --kernel nonequilibrium``) proposes the endpoint of a
+    non-equilibrium evolution instead of a flow sample; the role of log q is played by
+    W - S(x), W the work (:mod:`flowplug.plugins.nonequilibrium`; the current
+    configuration's work comes from a path drawn backwards from it), so the decision and
+    the ``--no-decide`` rule for another production action are unchanged.
+
 References:
     Albergo, Kanwar, Shanahan, arXiv:1904.12072, section III (flow independence
-    Metropolis); Tierney, Ann. Statist. 22 (1994) 1701, sections 2.3.3 and 2.4.
+    Metropolis); Caselle et al., arXiv:2201.08862 (non-equilibrium proposals); Tierney,
+    Ann. Statist. 22 (1994) 1701, sections 2.3.3 and 2.4.
 """
 
 from __future__ import annotations
@@ -171,6 +180,12 @@ class FlowProposal:
         seed: Seed of the proposal/decision random numbers (default: fresh entropy;
             :attr:`seed` tells which was used).
         device: Device for the flow's computations (default: the flow's).
+        kernel: Another independence-type kernel to propose with instead of flow
+            independence Metropolis, e.g. :class:`flowplug.plugins.nonequilibrium.NonEquilibrium`:
+            its ``step`` info must hold ``log_p_*``, ``log_q_*`` and ``log_accept``
+            (``log_q`` = the kernel's effective log q; for non-equilibrium proposals
+            W - S), and :meth:`propose` needs its ``propose_from(x, generator) ->
+            (x', log_q_current, log_q_proposal)``.
 
     Raises:
         ConfigError: on a field mismatch between flow and action, or a bad layout.
@@ -184,7 +199,14 @@ class FlowProposal:
     inverse_check: Any = None
 
     def __init__(
-        self, flow: Any, action: Any = None, *, layout: str = "ildg", seed: int | None = None, device: Any = None
+        self,
+        flow: Any,
+        action: Any = None,
+        *,
+        layout: str = "ildg",
+        seed: int | None = None,
+        device: Any = None,
+        kernel: Any = None,
     ) -> None:
         if layout not in LAYOUTS:
             raise ConfigError(f"layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
@@ -198,8 +220,12 @@ class FlowProposal:
         self.generator = torch.Generator(device=self.device).manual_seed(self.seed)
         from flowplug.manager import registry
 
+        #: Whether a kernel other than flow independence Metropolis proposes.
+        self.custom_kernel = kernel is not None
         self.kernel = (
-            registry("kernel").get("independence-metropolis").factory(flow=flow, action=action)
+            kernel
+            if kernel is not None
+            else registry("kernel").get("independence-metropolis").factory(flow=flow, action=action)
             if action is not None
             else None
         )
@@ -254,6 +280,10 @@ class FlowProposal:
     def propose(self, u: np.ndarray | torch.Tensor) -> tuple[np.ndarray | torch.Tensor, np.ndarray, np.ndarray]:
         """A flow proposal for each input configuration, without deciding.
 
+        With a ``kernel`` (non-equilibrium proposals), its ``propose_from`` gives the
+        proposal and the effective log q values (W - S: the current configuration's
+        work from a reverse path).
+
         Returns:
             ``(proposal, log_q_current, log_q_proposal)``: the proposal in the input's
             type and layout; log q values (B,) float64 numpy. A non-finite
@@ -261,6 +291,20 @@ class FlowProposal:
             that must be rejected; :meth:`decide` does so.
         """
         x, batched = self._canonical(u)
+        if self.custom_kernel:
+            propose_from = getattr(self.kernel, "propose_from", None)
+            if propose_from is None:
+                raise ConfigError(
+                    f"kernel {getattr(self.kernel, 'name', type(self.kernel).__name__)!r} cannot propose "
+                    "without deciding (it has no propose_from)"
+                )
+            with torch.no_grad():
+                x1, lq0, lq1 = propose_from(x, self.generator)
+            return (
+                from_canonical(x1, u, self.layout, batched),
+                lq0.to(torch.float64).cpu().numpy(),
+                lq1.to(torch.float64).cpu().numpy(),
+            )
         with torch.no_grad():
             lq0 = self.flow.log_prob(x).to(torch.float64)
             z, log_r = self.flow.sample_latent(x.shape[0], self.generator)
@@ -307,7 +351,7 @@ class FlowProposal:
             ShapeError: if ``u`` does not fit the flow's lattice and group.
             ConfigError: if the object was built without an action.
         """
-        if self.kernel is None:
+        if self.kernel is None or self.action is None:
             raise ConfigError(
                 "FlowProposal without an action cannot decide; use propose() and decide() "
                 "with the production code's action"

@@ -28,6 +28,11 @@ Assumptions:
     system and printed; when you fix ``--seed`` for reproducibility, give every call of a
     chain a different one (e.g. base seed + trajectory number).
 
+``--kernel nonequilibrium`` (with ``--kernel-option n_step=20`` etc.) proposes the endpoint
+of a non-equilibrium evolution instead (docs/chains.md): the JSON line's log q values are
+then W - S(x), W the work (the current configuration's from a path drawn backwards from
+IN), and both the decision and the ``--no-decide`` rule above are unchanged.
+
 The configuration must have the flow's lattice and group; anything else is refused with
 a message naming both. OUT is written atomically and never over IN, at the precision of
 IN (``--precision 64`` to keep an accepted proposal unrounded: a 32-bit file rounds it,
@@ -63,6 +68,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="write the proposal and its log q values; the production code decides with its own action",
     )
+    parser.add_argument(
+        "--kernel",
+        metavar="NAME",
+        help="proposal kernel (default: flow independence Metropolis); 'nonequilibrium' proposes the "
+        "endpoint of a non-equilibrium evolution (docs/chains.md)",
+    )
+    parser.add_argument(
+        "--kernel-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an option of --kernel (repeatable), e.g. --kernel-option n_step=20",
+    )
     parser.add_argument("--precision", type=int, choices=(32, 64), help="output precision (default: input's)")
     parser.add_argument("--force", action="store_true", help="replace an existing OUT")
     parser.add_argument("--format", metavar="NAME", help="force the input format")
@@ -97,7 +115,8 @@ def run(args: argparse.Namespace) -> int:
     check_compatible(ens, ck.flow, str(src))
     fmt = output_format(ens.meta[0].format, args.to)
     action = None if args.no_decide else ck.action()
-    prop = FlowProposal(ck.flow, action, layout="canonical", seed=args.seed)
+    kernel, kernel_name = _kernel(args, ck)
+    prop = FlowProposal(ck.flow, action, layout="canonical", seed=args.seed, kernel=kernel)
     x = ens.links
     prov = {
         "command": "propose",
@@ -136,6 +155,8 @@ def run(args: argparse.Namespace) -> int:
         inputs=[src],
     )
     line.update({"seed": prop.seed, "out": str(args.out), "format": fmt})
+    if kernel is not None:
+        line["kernel"] = kernel_name
     assert ck.inverse_check is not None  # open_flow always runs the check
     line["inverse_check"] = {
         k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v)
@@ -143,6 +164,35 @@ def run(args: argparse.Namespace) -> int:
     }
     print(json.dumps(line))
     return 0
+
+
+def _kernel(args: argparse.Namespace, ck: Any) -> tuple[Any, str]:
+    """The ``--kernel`` with its ``--kernel-option`` values, built through the kernel registry
+    for the flow's action; ``(None, name)`` for flow independence Metropolis (the default).
+
+    Raises:
+        ConfigError: for a malformed option or one the kernel rejects.
+        UnknownComponentError: for an unregistered kernel.
+    """
+    from flowplug.config import parse_override
+    from flowplug.errors import ConfigError
+    from flowplug.jobs.chains import DEFAULT_FLOW_KERNEL, build_kernel
+    from flowplug.manager import registry
+
+    if not args.kernel and not args.kernel_option:
+        return None, DEFAULT_FLOW_KERNEL
+    name = str(args.kernel or DEFAULT_FLOW_KERNEL).strip().lower()
+    spec = registry("kernel").get(DEFAULT_FLOW_KERNEL if name == "flow" else name)
+    options: dict[str, Any] = {}
+    for text in args.kernel_option:
+        tree = parse_override(text)
+        ((key, value),) = tree.items()
+        if isinstance(value, dict):
+            raise ConfigError(f"--kernel-option {text!r}: expected KEY=VALUE with a plain key")
+        options[key] = value
+    if spec.name == DEFAULT_FLOW_KERNEL and not options:
+        return None, spec.name
+    return build_kernel(ck.flow, ck.action(), {"type": spec.name, "options": options}), spec.name
 
 
 COMMAND = CommandSpec(

@@ -16,7 +16,7 @@ from pathlib import Path
 from flowplug.cli.cmd_sample import susceptibility_text
 from flowplug.cli.common import add_config_arguments, add_examples, chain_resume_hint, config_from_args
 from flowplug.errors import ConfigError
-from flowplug.jobs.resample import DEFAULT_CONFIG, run_resample
+from flowplug.jobs.resample import DEFAULT_CONFIG, OPEN_TABLES, run_resample
 from flowplug.records import CommandSpec
 
 #: The examples at the end of ``flowplug resample --help``.
@@ -60,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Resample the inputs (:mod:`flowplug.jobs.resample`) and print one line."""
-    cfg = config_from_args(args, DEFAULT_CONFIG)
+    cfg = config_from_args(args, DEFAULT_CONFIG, open_tables=OPEN_TABLES)
     if cfg is None:
         return 0
     if not args.flow or not args.out or not args.inputs:

@@ -145,7 +145,9 @@ def build_kernel(flow: Any, action: Any, table: Mapping[str, Any], *, registry: 
         ``hmc_every``: k > 0 puts k HMC trajectories before each step of the kernel
             (a ``composition`` kernel; ignored for ``hmc`` itself).
 
-    The factory receives ``action=`` and, if it has such a parameter, ``flow=``.
+    The factory receives ``action=`` and, if it has such a parameter, ``flow=``; a
+    factory whose ``flow`` has a default (``nonequilibrium``: the flow is an optional start
+    distribution) gets it only when a flow is given.
 
     Arguments:
         flow: The flow (:class:`flowplug.flow.Flow`) or ``None`` (no ``--flow``).
@@ -184,7 +186,8 @@ def build_kernel(flow: Any, action: Any, table: Mapping[str, Any], *, registry: 
         params = inspect.signature(kernel_spec.factory).parameters
         kwargs = {k: v for k, v in hmc_opts.items() if k in params}
         kwargs.update(options)
-        if "flow" in params:
+        # a factory whose flow is optional (nonequilibrium) runs without one
+        if "flow" in params and (flow is not None or params["flow"].default is inspect.Parameter.empty):
             if flow is None:
                 raise ConfigError(
                     f"kernel '{kernel_spec.name}' proposes from a flow: give --flow CHECKPOINT, "

@@ -43,7 +43,7 @@ from typing import Any
 from flowplug.errors import FormatError
 from flowplug.fsutil import locked_run
 
-__all__ = ["DEFAULT_CONFIG", "NON_CHAIN_KEYS", "run_resample"]
+__all__ = ["DEFAULT_CONFIG", "NON_CHAIN_KEYS", "OPEN_TABLES", "run_resample"]
 
 DEFAULT_CONFIG = """\
 # flowplug resample: exact flow chains seeded by an existing ensemble
@@ -60,8 +60,11 @@ to = ""             # output format ("" = the inputs' format)
 precision = 0       # output precision in bits (0 = the inputs')
 
 [kernel]
-type = "flow"       # "flow" (independence Metropolis), "flow-hmc" (HMC in latent space), "hmc"
+type = "flow"       # "flow" (independence Metropolis), "flow-hmc" (HMC in latent space), "hmc",
+                    # "nonequilibrium" (Jarzynski proposals, docs/chains.md) or any registered kernel
 hmc_every = 0       # > 0: this many HMC trajectories before every flow step
+
+[kernel.options]    # the kernel's own options (e.g. n_step = 20 for nonequilibrium)
 
 [kernel.hmc]
 integrator = "omelyan"
@@ -73,6 +76,9 @@ name = ""
 beta = 0.0
 group = ""
 """
+
+#: Tables whose keys are free: a kernel's options.
+OPEN_TABLES = ("kernel.options",)
 
 #: Keys that do not change the Markov chains: a run may be resumed with other values.
 NON_CHAIN_KEYS = ("steps", "save_every", "checkpoint_every", "measurements", "threads")
