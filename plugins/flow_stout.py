@@ -79,7 +79,14 @@ NEWTON_ITERATIONS = 60
 
 
 def n_stout_params(n_modes: int, n_steps: int) -> int:
-    """Conditioner outputs per matrix: 2 coefficients (a_k, b_k) per mode and step."""
+    """Conditioner outputs per matrix: 2 coefficients (a_k, b_k) per mode and step.
+
+    Arguments:
+        n_modes: Fourier modes K; n_steps: steps M.
+
+    Returns:
+        2 K M.
+    """
     return 2 * int(n_modes) * int(n_steps)
 
 
@@ -188,18 +195,22 @@ def _newton_update(theta: torch.Tensor, target: torch.Tensor, a: torch.Tensor, b
     return -(ag + inv_a * corr)
 
 
-def _solve_step(target: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """theta with step(theta) = target: Newton without gradient, then one differentiable step."""
+def _solve_step(target: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """theta with step(theta) = target: Newton without gradient, then one differentiable step.
+
+    Returns ``(theta, converged)``: converged (...) is False where the residual stayed above
+    1e-10 (not expected: the map is the gradient of a strictly convex function)."""
     with torch.no_grad():
         ta, aa, ba = target.detach(), a.detach(), b.detach()
         theta = ta.clone()
-        for _ in range(NEWTON_ITERATIONS):
+        for it in range(NEWTON_ITERATIONS):
             upd = _newton_update(theta, ta, aa, ba)
             theta = theta + upd
-            if float(upd.abs().amax()) < 1e-14 if upd.numel() else True:
+            if it % 4 == 3 and (not upd.numel() or float(upd.abs().amax()) < 1e-14):
                 break
+        converged = _newton_update(theta, ta, aa, ba).abs().amax(-1) < 1e-10
     # one Newton step with gradients: exact first derivatives of the implicit function
-    return theta + _newton_update(theta, target, a, b)
+    return theta + _newton_update(theta, target, a, b), converged
 
 
 def _attach_phase_gradients(w: torch.Tensor, vec: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
@@ -246,8 +257,10 @@ def stout_map(
 
     Raises:
         ValueError: on a wrong number of parameters or ``max_curvature`` outside (0, 1).
-        RuntimeError: if the inverse's Newton iteration does not converge (not expected:
-            the map is the gradient of a strictly convex function).
+
+    An inverse whose Newton iteration does not converge (not expected: each step is the
+    gradient of a strictly convex function) returns a NaN log-det for that matrix, which
+    every Metropolis test of :mod:`flowplug.metropolis` rejects.
 
     References:
         Morningstar & Peardon, hep-lat/0311018 (stout step); Boyda et al.,
@@ -276,8 +289,10 @@ def stout_map(
     else:
         out = theta
         for m in reversed(range(n_steps)):
-            prev = _solve_step(out, a[..., m, :], b[..., m, :])
+            prev, converged = _solve_step(out, a[..., m, :], b[..., m, :])
             _, ld, lc = step_density(prev, a[..., m, :], b[..., m, :])
+            # an unsolved step gets a NaN log-det: every Metropolis test rejects it
+            ld = torch.where(converged, ld, torch.full_like(ld, math.nan))
             logdet, log_chord, out = logdet - ld, log_chord - lc, prev
     g = spectral_left_factor(w, vec, theta0, out - theta, log_chord)
     return (g if left else g @ w), logdet

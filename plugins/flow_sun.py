@@ -211,6 +211,14 @@ def _spline_root(v: torch.Tensor, xk: torch.Tensor, yk: torch.Tensor, d: torch.T
     c = -s * dy
     disc = (b * b - 4 * a * c).clamp_min(0.0)
     xi = (2 * c / (-b - torch.sqrt(disc))).clamp(0.0, 1.0)
+    # two Newton steps on the forward formula polish the root from ~1e-11 to rounding (the
+    # steps are differentiable; at the root their derivative is the implicit one)
+    for _ in range(2):
+        t = xi * (1 - xi)
+        den = s + (d1 + d0 - 2 * s) * t
+        y = y0 + h * (s * xi * xi + d0 * t) / den
+        slope = w * s * s * (d1 * xi * xi + 2 * s * t + d0 * (1 - xi) ** 2) / (den * den)
+        xi = (xi + (v - y) / slope).clamp(0.0, 1.0)
     return x0 + xi * w
 
 
@@ -226,10 +234,11 @@ def _centre_isotropic(raw: torch.Tensor, n: int, n_bins: int, c1: torch.Tensor) 
     if n != 3:
         return raw
     per = 3 * n_bins + 1
+    raw = raw.to(torch.float64)  # c1 must scale the same bits in the forward and inverse map
     first, second = raw[..., :per], raw[..., per:]
     d0 = first[..., 2 * n_bins : 2 * n_bins + 1]
     second = torch.cat([second[..., : 2 * n_bins], d0, second[..., 2 * n_bins + 1 : 3 * n_bins], d0], -1)
-    return torch.cat([first, second * c1[..., None].to(second.dtype)], -1)
+    return torch.cat([first, second * c1[..., None].to(torch.float64)], -1)
 
 
 def _stick(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
