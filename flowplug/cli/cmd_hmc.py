@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
 
 COMMAND = CommandSpec(
     name="hmc",
-    description="exact HMC ensembles (phi4, U(1)/SU(N) Wilson, plugins), resumable",
+    description="exact HMC ensembles (phi4, Wilson and improved gauge actions, Schwinger, plugins), resumable",
     factory=add_arguments,
     run=run,
 )

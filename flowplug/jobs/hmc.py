@@ -79,8 +79,9 @@ threads = 1             # torch CPU threads; 1 is fastest on small lattices and 
 progress = true         # progress bar with acceptance and plaquette
 
 [action]                # also takes any other coupling of the action (schwinger: kappa = 0.2)
-name = "wilson"         # a registered action: wilson, phi4, schwinger, schwinger-exact, or a plugin's
-group = "u1"            # wilson: u1, su2, su3 (also the group of a bare LIME start file)
+name = "wilson"         # a registered action (`flowplug plugins` lists them): wilson, symanzik,
+                        # iwasaki, dbw2, plaquette-rectangle, milc-symanzik, phi4, schwinger, ...
+group = "u1"            # gauge actions: u1, su2, su3 (also the group of a bare LIME start file)
 beta = 2.0              # wilson: inverse coupling
 m2 = -4.0               # phi4: bare mass squared (tutorial convention)
 lam = 8.0               # phi4: quartic coupling
@@ -324,6 +325,7 @@ def _run_hmc(
     x0, start_desc = start_configuration(cfg, action, chains, generator, device, log)
     ndim = len(kernel.space.lattice_of(x0))
     couplings: dict[str, Any] = getattr(action, "couplings", dict)()
+    stated = {"name": str(cfg["action"]["name"]), **couplings}  # what files and provenance record
     names = list(cfg["observables"]) or [
         *default_observables(action.field, ndim),
         *getattr(action, "observables", ()),  # an action's own (fermionic actions: condensate, pion)
@@ -337,9 +339,9 @@ def _run_hmc(
         total=total,
         thermalize=therm,
         name=lambda t, c: f"traj_{t:06d}" + ("" if c is None or chains == 1 else f"_chain_{c:03d}"),
-        provenance=lambda t, c: provenance("hmc", seed=seed, step=t, chain=c, action=couplings, hmc=dict(hmc)),
+        provenance=lambda t, c: provenance("hmc", seed=seed, step=t, chain=c, action=stated, hmc=dict(hmc)),
         header=lambda t: {"trajectory": t},
-        attrs={"action": couplings},
+        attrs={"action": stated},
         overwrite=True,
     )
     configurations.check(x0)
