@@ -279,8 +279,8 @@ def test_cycle_with_overrelaxation_uses_reversed_heatbath_paths_and_stays_exact(
     L = 4, beta = 3: the sweep moves every link but keeps the action, so it cannot correct the
     plaquette; every NE step draws the current work from a reversed heatbath path. 64 chains
     (seed 17) x 40 cycles, 5 dropped: <P> within 3 Gamma-method sigma of the exact 0.203075.
-    (At this size a reversed path run in forward order is not detected: the reversal is
-    checked structurally by ``test_schedule_coupling_and_reversed_sweep``.)"""
+    (Known gap: at this size a reversed path run in forward subgroup order is not detected,
+    and no test checks the order of the reversal directly.)"""
     from flowplug.plugins.heatbath import Overrelaxation
 
     act = WilsonGaugeAction(3.0, "su3")
