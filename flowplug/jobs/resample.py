@@ -84,6 +84,37 @@ OPEN_TABLES = ("kernel.options",)
 NON_CHAIN_KEYS = ("steps", "save_every", "checkpoint_every", "measurements", "threads")
 
 
+def _warn_other_action(path: Any, ens: Any, target: Mapping[str, Any], seen: set[str]) -> None:
+    """Warn (:class:`~flowplug.errors.CouplingMismatchWarning`) when a file's metadata states an
+    action (``header["action"]``, e.g. MILC's gauge action) other than the one the chains
+    sample: the chains stay exact, but the inputs then only seed them, and their importance
+    weights (``reweighted_inputs``) estimate nothing about the file's own theory. Once per
+    distinct stated action (``seen`` collects them), so thousands of files give one line."""
+    import warnings
+
+    from flowplug.errors import CouplingMismatchWarning
+
+    stated = ens.meta[0].header.get("action") if ens.meta else None
+    if not isinstance(stated, Mapping) or not stated.get("name"):
+        return
+    differ = [k for k in stated if k in target and stated[k] != target[k]]
+    if stated.get("name") == target.get("name") and not differ:
+        return
+    said = ", ".join(f"{k} = {v}" for k, v in stated.items())
+    if said in seen:
+        return
+    seen.add(said)
+    want = ", ".join(f"{k} = {target[k]}" for k in ("name", *sorted(set(stated) - {"name"})) if k in target)
+    note = ens.meta[0].header.get("action_note")
+    warnings.warn(
+        f"{path}: the file states the action {said}; the chains sample {want}: they stay exact, but "
+        "the inputs only seed them and their reweighted averages describe the chains' action"
+        + (f" ({note})" if note and "quark" in str(note) else ""),
+        CouplingMismatchWarning,
+        stacklevel=3,
+    )
+
+
 @locked_run("resample", lambda a: a["out"])
 def run_resample(
     cfg: Mapping[str, Any],
@@ -196,9 +227,12 @@ def _run_resample(
         )
     parts: list[io.Ensemble] = []
     sources: list[dict[str, Any]] = []
+    target = ck.action_config | action_override(cfg)
+    stated_actions: set[str] = set()
     for f in files:
         ens = io.read(f, **read_options)
         check_compatible(ens, ck.flow, str(f))
+        _warn_other_action(f, ens, target, stated_actions)
         digest = file_sha256(f)
         for i in range(len(ens)):
             sources.append(
