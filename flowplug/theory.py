@@ -63,7 +63,7 @@ References:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
@@ -491,6 +491,39 @@ def action_force(action: Any, x: torch.Tensor) -> torch.Tensor:
 
 #: Configuration keys of the ``[action]`` table that :func:`action_from_config` knows.
 ACTION_KEYS: tuple[str, ...] = ("name", "group", "beta", "m2", "lam")
+
+
+def check_action_keys(cfg: Mapping[str, Any], defaults: Iterable[str], *, registry: Any = None) -> None:
+    """Refuse ``[action]`` keys that the selected action does not take.
+
+    A command's default ``[action]`` table lists the parameters of several actions
+    (``defaults``); those are dropped quietly for an action that does not take them. Any
+    other key set for an action that does not take it (``c1`` with ``iwasaki``, which fixes
+    it; ``kappa`` with ``wilson``) would be a silent no-op, so it is refused.
+
+    Arguments:
+        cfg: The whole configuration or its ``[action]`` table.
+        defaults: Keys of the command's default ``[action]`` table.
+        registry: Action registry to use; default the process-wide one.
+
+    Raises:
+        ConfigError: naming the keys, the action and the parameters it takes.
+        UnknownComponentError: if ``action.name`` is not registered.
+    """
+    table = cfg.get("action", cfg) if isinstance(cfg, Mapping) else None
+    if not isinstance(table, Mapping) or "name" not in table:
+        return
+    if registry is None:
+        from flowplug.manager import registry as _registry
+
+        registry = _registry("action")
+    spec = registry.get(table["name"])
+    ignored = sorted(set(table) - set(spec.parameters) - {"name"} - set(defaults))
+    if ignored:
+        raise ConfigError(
+            f"action '{spec.name}' does not take {', '.join(repr(k) for k in ignored)}; it takes: "
+            f"{', '.join(spec.parameters) or 'no parameters'} (`flowplug plugins` lists every action)"
+        )
 
 
 def action_from_config(cfg: Mapping[str, Any], *, registry: Any = None) -> Any:

@@ -405,8 +405,14 @@ def test_flowplug_hmc_runs_pseudofermion_hmc_and_resumes(tmp_path, fresh_pm, cap
 def test_condensate_of_a_wilson_gauge_run_needs_kappa(tmp_path, fresh_pm):
     from flowplug.jobs.hmc import run_hmc
 
-    with pytest.raises(ConfigError, match="needs the hopping parameter kappa"):
+    # with action.kappa set, the wilson action refuses it (it would be a silent no-op); the
+    # condensate observable then has no kappa to read from the pure-gauge action
+    with pytest.raises(ConfigError, match="action 'wilson' does not take 'kappa'"):
         run_hmc(_cfg(tmp_path, "action.name=wilson", "observables=['chiral_condensate']"))
+    cfg = _cfg(tmp_path, "action.name=wilson", "observables=['chiral_condensate']", name="run2")
+    del cfg["action"]["kappa"]
+    with pytest.raises(ConfigError, match="needs the hopping parameter kappa"):
+        run_hmc(cfg)
 
 
 def test_wilson_operator_kappa_is_the_actions():

@@ -149,6 +149,16 @@ def test_action_from_config():
 
     with pytest.raises(UnknownComponentError, match="wilson"):
         action_from_config({"action": {"name": "wilsn"}})
+    # a key that the selected action ignores is refused, unless the command's defaults list it
+    from flowplug.theory import check_action_keys
+
+    defaults = ("name", "group", "beta", "m2", "lam")
+    check_action_keys({"action": {"name": "wilson", "group": "su3", "beta": 6.0, "m2": -4.0}}, defaults)
+    with pytest.raises(ConfigError, match="action 'iwasaki' does not take 'c1'; it takes: beta, group"):
+        check_action_keys({"action": {"name": "iwasaki", "group": "su3", "c1": -0.2}}, defaults)
+    with pytest.raises(ConfigError, match="action 'wilson' does not take 'kappa'"):
+        check_action_keys({"name": "wilson", "kappa": 0.2}, defaults)
+    check_action_keys({"action": {"name": "schwinger", "kappa": 0.2, "beta": 2.0}}, defaults)
     # the [action] table is open for plugins' couplings, but a key no action takes is a typo
     with pytest.raises(ConfigError, match=r"'bta' \(did you mean 'beta'\?\) taken by no registered action"):
         action_from_config({"action": {"name": "wilson", "group": "su3", "bta": 6.0}})

@@ -276,13 +276,14 @@ def _run_hmc(
     cfg: Mapping[str, Any], *, resume: bool, force: bool, progress: bool | None, log: Callable[[str], None] | None
 ) -> dict[str, Any]:
     """The body of :func:`run_hmc` (inside its lock and thread setting)."""
+    from flowplug.config import parse_toml
     from flowplug.jobs.chains import run_chains
     from flowplug.jobs.output import ChainOutput, Configurations
     from flowplug.jobs.provenance import provenance
     from flowplug.jobs.summary import chain_summary, warn_short_chains
     from flowplug.manager import get_plugin_manager
     from flowplug.measure import default_observables, measurement
-    from flowplug.theory import action_from_config
+    from flowplug.theory import action_from_config, check_action_keys
 
     pm = get_plugin_manager()
     out = Path(str(cfg["out"]))
@@ -310,6 +311,7 @@ def _run_hmc(
         device = torch.device(str(cfg["device"]))
     except RuntimeError as exc:
         raise ConfigError(f"device = {cfg['device']!r}: {exc}") from None
+    check_action_keys(cfg, parse_toml(DEFAULT_CONFIG)["action"])
     action = action_from_config(cfg)
     kernel = (
         pm.registry("kernel")

@@ -179,7 +179,9 @@ def run_train(cfg: Mapping[str, Any], *, force: bool = False) -> dict[str, Any]:
         CheckpointError: if ``train.init_from`` cannot be read.
     """
     from flowplug import config as _config
+    from flowplug.config import parse_toml
     from flowplug.fsutil import atomic_write
+    from flowplug.theory import check_action_keys
     from flowplug.threads import job_threads
     from flowplug.train import CHECKPOINT_NAME, build_trainer
 
@@ -196,6 +198,7 @@ def run_train(cfg: Mapping[str, Any], *, force: bool = False) -> dict[str, Any]:
             f"train.init_from = {source!r} is this run's own output directory: the new run would "
             "overwrite the flow it starts from; write to another out"
         )
+    check_action_keys(cfg, parse_toml(DEFAULT_CONFIG)["action"])  # no silently dropped coupling
     cfg = action_keys_only(cfg)  # stored in config.toml and the checkpoint
     with job_threads(cfg.get("threads", 0)):
         try:
