@@ -324,7 +324,41 @@ class U1Coupling(_GaugeCoupling):
         return self._map(theta, inverse=True)
 
 
-class SUNSpectralCoupling(_GaugeCoupling):
+class _SUNCoupling(_GaugeCoupling):
+    """What the SU(N) couplings share: the group from the field kind, the input check, and
+    ``forward``/``inverse`` through the subclass's ``_map(u, inverse)``."""
+
+    n: int
+
+    @staticmethod
+    def _group(field: str, what: str) -> int:
+        """N of an ``su<N>`` field kind; ConfigError naming the layer ``what`` otherwise."""
+        n = su_n(field)
+        if n is None:
+            raise ConfigError(f"{what} acts on su<N> links; found field kind '{field}'")
+        return n
+
+    def _map(self, u: torch.Tensor, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def _check(self, u: torch.Tensor) -> None:
+        if tuple(u.shape[1:]) != (self.d, *self.lattice, self.n, self.n) or not u.is_complex():
+            raise ShapeError(
+                f"{type(self).__name__}: expected complex links of shape (B, {self.d}, "
+                f"{', '.join(map(str, self.lattice))}, {self.n}, {self.n}); "
+                f"found {u.dtype} {tuple(u.shape)}"
+            )
+
+    def forward(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Map U -> U'; returns ``(U', log|det dU'/dU|)`` relative to Haar measure."""
+        return self._map(u, inverse=False)
+
+    def inverse(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Map U' -> U; returns ``(U, log|det dU/dU'|)`` relative to Haar measure."""
+        return self._map(u, inverse=True)
+
+
+class SUNSpectralCoupling(_SUNCoupling):
     r"""Gauge-equivariant coupling for SU(N) links through the spectrum of the active loops.
 
     The active loops go through the conjugation-equivariant spectral spline map of
@@ -375,10 +409,7 @@ class SUNSpectralCoupling(_GaugeCoupling):
         rectangles: bool = False,
         period: int | None = None,
     ) -> None:
-        n = su_n(field)
-        if n is None:
-            raise ConfigError(f"SU(N) spectral coupling acts on su<N> links; found field kind '{field}'")
-        self.n = n
+        self.n = self._group(field, "SU(N) spectral coupling")
         self.n_bins = int(n_bins)
         super().__init__(
             lattice,
@@ -395,14 +426,6 @@ class SUNSpectralCoupling(_GaugeCoupling):
             period,
         )
         self.register_buffer("site_index", self.sites.flatten().nonzero().flatten())
-
-    def _check(self, u: torch.Tensor) -> None:
-        if tuple(u.shape[1:]) != (self.d, *self.lattice, self.n, self.n) or not u.is_complex():
-            raise ShapeError(
-                f"SUNSpectralCoupling: expected complex links of shape (B, {self.d}, "
-                f"{', '.join(map(str, self.lattice))}, {self.n}, {self.n}); "
-                f"found {u.dtype} {tuple(u.shape)}"
-            )
 
     def _map(self, u: torch.Tensor, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
         self._check(u)
@@ -429,11 +452,3 @@ class SUNSpectralCoupling(_GaugeCoupling):
         new_mu = u_mu.index_copy(1, idx, updated).reshape(u[:, self.mu].shape)
         out = torch.stack([new_mu if a == self.mu else u[:, a] for a in range(d)], dim=1)
         return out, ld.sum(1)
-
-    def forward(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Map U -> U'; returns ``(U', log|det dU'/dU|)`` relative to Haar measure."""
-        return self._map(u, inverse=False)
-
-    def inverse(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Map U' -> U; returns ``(U, log|det dU/dU'|)`` relative to Haar measure."""
-        return self._map(u, inverse=True)

@@ -69,10 +69,9 @@ from collections.abc import Sequence
 
 import torch
 
-from flowplug.errors import ConfigError, ShapeError
-from flowplug.plugins.flow_gauge import _GaugeCoupling
+from flowplug.errors import ConfigError
+from flowplug.plugins.flow_gauge import _SUNCoupling
 from flowplug.plugins.flow_sun import eigen_phases, pair_indices, spectral_left_factor
-from flowplug.theory import su_n
 
 #: Newton iterations of the inverse before giving up (convergence is quadratic).
 NEWTON_ITERATIONS = 60
@@ -320,7 +319,7 @@ def plaquette_traces(links: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack(out, dim=1)
 
 
-class SUNStoutCoupling(_GaugeCoupling):
+class SUNStoutCoupling(_SUNCoupling):
     r"""Gauge-equivariant coupling for SU(N) links by stout steps of the active loops.
 
     Masks and conditioner as :class:`flowplug.plugins.flow_gauge.SUNSpectralCoupling`
@@ -376,10 +375,7 @@ class SUNStoutCoupling(_GaugeCoupling):
         rectangles: bool = False,
         period: int | None = None,
     ) -> None:
-        n = su_n(field)
-        if n is None:
-            raise ConfigError(f"SU(N) stout coupling acts on su<N> links; found field kind '{field}'")
-        self.n = n
+        self.n = self._group(field, "SU(N) stout coupling")
         self.n_modes, self.n_steps = int(n_modes), int(n_steps)
         if self.n_modes < 1 or self.n_steps < 1:
             raise ConfigError(f"sun-stout needs n_modes >= 1 and n_steps >= 1; found {n_modes}, {n_steps}")
@@ -405,14 +401,6 @@ class SUNStoutCoupling(_GaugeCoupling):
         self.register_buffer("site_index", sites)
         self.register_buffer("site_plus_mu", torch.roll(flat, -1, dims=self.mu).flatten()[sites])
         self.register_buffer("site_plus_nu", torch.roll(flat, -1, dims=self.nu).flatten()[sites])
-
-    def _check(self, u: torch.Tensor) -> None:
-        if tuple(u.shape[1:]) != (self.d, *self.lattice, self.n, self.n) or not u.is_complex():
-            raise ShapeError(
-                f"SUNStoutCoupling: expected complex links of shape (B, {self.d}, "
-                f"{', '.join(map(str, self.lattice))}, {self.n}, {self.n}); "
-                f"found {u.dtype} {tuple(u.shape)}"
-            )
 
     def _map(self, u: torch.Tensor, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
         self._check(u)
@@ -448,11 +436,3 @@ class SUNStoutCoupling(_GaugeCoupling):
         new_mu = u_mu.index_copy(1, idx, updated).reshape(links[self.mu].shape)
         out = torch.stack([new_mu if a == self.mu else links[a] for a in range(d)], dim=1)
         return out, ld.sum(1)
-
-    def forward(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Map U -> U'; returns ``(U', log|det dU'/dU|)`` relative to Haar measure."""
-        return self._map(u, inverse=False)
-
-    def inverse(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Map U' -> U; returns ``(U, log|det dU/dU'|)`` relative to Haar measure."""
-        return self._map(u, inverse=True)

@@ -22,8 +22,9 @@ import math
 
 import pytest
 import torch
+from _sun_helpers import centre, centre_twisted, conj, eigdiag, gen, perturb, randomize, tmlqcd_unity, unit_gauge
 
-from flowplug import groups, io
+from flowplug import groups
 from flowplug.errors import ConfigError
 from flowplug.flow import build_flow, make_layer
 from flowplug.manager import new_plugin_manager, set_plugin_manager
@@ -37,8 +38,6 @@ from flowplug.plugins.kernels import FlowHMC
 from flowplug.plugins.theories import WilsonGaugeAction
 from flowplug.theory import field_space
 
-from _io_helpers import ensembles_dir
-
 K, M = 2, 2  # modes, steps
 TWO_PI = 2 * math.pi
 
@@ -50,31 +49,8 @@ def fresh_manager():
     set_plugin_manager(old)
 
 
-def gen(seed):
-    return torch.Generator().manual_seed(seed)
-
-
 def raw_params(batch=1, seed=3, scale=1.0, modes=K, steps=M):
     return scale * torch.randn(batch, n_stout_params(modes, steps), generator=gen(seed), dtype=torch.float64)
-
-
-def eigdiag(*phases):
-    return torch.diag(torch.exp(1j * torch.tensor(phases, dtype=torch.float64)))
-
-
-def centre(n, k):
-    z = torch.polar(torch.tensor(1.0, dtype=torch.float64), torch.tensor(TWO_PI * k / n, dtype=torch.float64))
-    return z * torch.eye(n, dtype=torch.complex128)
-
-
-def conj(w, seed=5):
-    om = groups.haar_random((), w.shape[-1], generator=gen(seed))
-    return om @ w @ om.mH
-
-
-def perturb(w, eps, seed):
-    x = groups.random_algebra(w.shape[:-2], w.shape[-1], generator=gen(seed))
-    return groups.expmap(eps * x) @ w
 
 
 POINTS = {
@@ -300,26 +276,6 @@ def test_density_reweights_to_exact_one_link_value(n, beta, exact):
 # ------------------------------------------------------------------ (g) layers
 
 
-def randomize(module, seed=3, scale=1.0):
-    g = gen(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            std = scale / math.sqrt(math.prod(p.shape[1:])) if p.dim() > 1 else 0.1 * scale
-            p.add_(std * torch.randn(p.shape, generator=g, dtype=p.dtype))
-
-
-def unit_gauge(n, lattice, batch=2):
-    return torch.eye(n, dtype=torch.complex128).expand(batch, len(lattice), *lattice, n, n).clone()
-
-
-def centre_twisted(n, lattice, batch=2):
-    """U_0(x) = z^{x_1} 1, z = e^{2 pi i/N}, other links 1: every plaquette a centre element."""
-    u = unit_gauge(n, lattice, batch)
-    for x1 in range(lattice[1]):
-        u[:, 0, :, x1] = torch.linalg.matrix_power(centre(n, 1), x1)
-    return u
-
-
 def stout_layer(n, lattice, index=0, seed=3):
     m = make_layer("sun-stout", lattice=lattice, field=f"su{n}", index=index, dtype="float64", hidden=[4])
     randomize(m, seed=seed)
@@ -349,15 +305,6 @@ def test_layer_at_degenerate_gauges(n, config):
     x = (unit_gauge if config == "unit" else centre_twisted)(n, lattice)
     for index in (0, 1):
         check_layer(stout_layer(n, lattice, index), x, n)
-
-
-def tmlqcd_unity():
-    path = ensembles_dir() / "tmlqcd.unity.l4444.lime"
-    if not path.is_file():
-        pytest.skip(f"{path} is absent")
-    ens = io.read(path)
-    assert ens.group == "su3" and tuple(ens.lattice) == (4, 4, 4, 4)
-    return ens.links
 
 
 def test_layer_and_flow_hmc_at_tmlqcd_unity_file():

@@ -30,8 +30,9 @@ import math
 
 import pytest
 import torch
+from _sun_helpers import centre, centre_twisted, conj, eigdiag, gen, perturb, randomize, tmlqcd_unity, unit_gauge
 
-from flowplug import groups, io
+from flowplug import groups
 from flowplug.flow import build_flow, make_layer
 from flowplug.manager import new_plugin_manager, set_plugin_manager
 from flowplug.plugins.flow_sun import spectral_map
@@ -39,8 +40,6 @@ from flowplug.plugins.flow_transforms import rq_spline_params
 from flowplug.plugins.kernels import FlowHMC
 from flowplug.plugins.theories import WilsonGaugeAction
 from flowplug.theory import field_space
-
-from _io_helpers import ensembles_dir
 
 K = 8  # spline bins
 PER = 3 * K + 1  # raw parameters per eigenvalue coordinate
@@ -55,10 +54,6 @@ def fresh_manager():
     set_plugin_manager(old)
 
 
-def gen(seed):
-    return torch.Generator().manual_seed(seed)
-
-
 def raw_params(n, seed=3, scale=0.7):
     """Random spline parameters for one SU(n) matrix, shape (1, (n-1) PER), float64."""
     return scale * torch.randn(1, (n - 1) * PER, generator=gen(seed), dtype=torch.float64)
@@ -68,26 +63,6 @@ def knot_derivative(raw, k, end):
     """f_k'(0) (end=0) or f_k'(1) (end=-1) of the spline of eigenvalue coordinate k."""
     _, _, d = rq_spline_params(raw[..., k * PER : (k + 1) * PER], K)
     return float(d[0, end])
-
-
-def eigdiag(*phases):
-    return torch.diag(torch.exp(1j * torch.tensor(phases, dtype=torch.float64)))
-
-
-def centre(n, k):
-    z = torch.polar(torch.tensor(1.0, dtype=torch.float64), torch.tensor(TWO_PI * k / n, dtype=torch.float64))
-    return z * torch.eye(n, dtype=torch.complex128)
-
-
-def conj(w, seed=5):
-    om = groups.haar_random((), w.shape[-1], generator=gen(seed))
-    return om @ w @ om.mH
-
-
-def perturb(w, eps, seed):
-    """exp(eps X) w with X a Gaussian su(N) element (a generic direction)."""
-    x = groups.random_algebra(w.shape[:-2], w.shape[-1], generator=gen(seed))
-    return groups.expmap(eps * x) @ w
 
 
 # degenerate points where the density is continuous (no three equal eigenvalues)
@@ -290,28 +265,6 @@ def _check_gradients(name):
 # ---------------------------------------------------------------------- lattices
 
 
-def randomize(module, seed=3, scale=1.0):
-    g = gen(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            std = scale / math.sqrt(math.prod(p.shape[1:])) if p.dim() > 1 else 0.1 * scale
-            p.add_(std * torch.randn(p.shape, generator=g, dtype=p.dtype))
-
-
-def unit_gauge(n, lattice, batch=2):
-    d = len(lattice)
-    return torch.eye(n, dtype=torch.complex128).expand(batch, d, *lattice, n, n).clone()
-
-
-def centre_twisted(n, lattice, batch=2):
-    """U_0(x) = z^{x_1} 1 with z = e^{2 pi i/N}, other links 1: plaquettes at centre elements."""
-    u = unit_gauge(n, lattice, batch)
-    z = centre(n, 1)
-    for x1 in range(lattice[1]):
-        u[:, 0, :, x1] = torch.linalg.matrix_power(z, x1)
-    return u
-
-
 def sun_layer(n, lattice, index=0, seed=3, hidden=(4,)):
     m = make_layer("sun-spectral", lattice=lattice, field=f"su{n}", index=index, dtype="float64", hidden=list(hidden))
     randomize(m, seed=seed)
@@ -378,15 +331,6 @@ def test_su3_layer_at_unit_gauge_continuous_for_isotropic_splines():
     ld = assert_continuous(m, x).detach()
     n_sites = int(m.sites.sum())
     torch.testing.assert_close(ld, torch.full_like(ld, 8 * n_sites * math.log(a)), rtol=0, atol=1e-10)
-
-
-def tmlqcd_unity():
-    path = ensembles_dir() / "tmlqcd.unity.l4444.lime"
-    if not path.is_file():
-        pytest.skip(f"{path} is absent")
-    ens = io.read(path)
-    assert ens.group == "su3" and tuple(ens.lattice) == (4, 4, 4, 4)
-    return ens.links
 
 
 def test_tmlqcd_unity_file():
