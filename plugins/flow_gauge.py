@@ -37,14 +37,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from flowplug import gauge, groups
-from flowplug.errors import ConfigError, ShapeError
+from flowplug.errors import CheckpointError, ConfigError, ShapeError
 from flowplug.plugins.flow_nets import ConvNet, net_dtype
-from flowplug.plugins.flow_sun import n_spectral_params, spectral_map
+from flowplug.plugins.flow_sun import SPECTRAL_MAP_VERSION, n_spectral_params, spectral_map
 from flowplug.plugins.flow_transforms import circular_rq_spline, ncp_mixture
 from flowplug.theory import su_n
 
@@ -426,6 +427,43 @@ class SUNSpectralCoupling(_SUNCoupling):
             period,
         )
         self.register_buffer("site_index", self.sites.flatten().nonzero().flatten())
+        # which spectral map the weights belong to (checked when a state_dict is loaded)
+        self.register_buffer("map_version", torch.tensor(SPECTRAL_MAP_VERSION, dtype=torch.int64))
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        """Refuse SU(3) weights of the spectral map before the centre-continuity fix.
+
+        Checkpoints written before ``map_version`` existed hold SU(2) weights of the same map
+        (accepted) or SU(3) weights of a map whose second spline is not tied to the first
+        (refused: the same weights define another density).
+
+        Raises:
+            CheckpointError: for SU(3) weights without ``map_version`` or of another version.
+        """
+        key = prefix + "map_version"
+        found = state_dict.get(key)
+        if found is None and self.n != 3:
+            state_dict[key] = torch.tensor(SPECTRAL_MAP_VERSION, dtype=torch.int64)
+        elif found is None or int(found) != SPECTRAL_MAP_VERSION:
+            raise CheckpointError(
+                f"sun-spectral layer '{prefix.rstrip('.')}': the weights belong to SU(3) spectral map "
+                f"version {'1 (unversioned)' if found is None else int(found)}, this flowplug has "
+                f"version {SPECTRAL_MAP_VERSION} (the second eigenphase spline tied to the first, "
+                "continuous at the centre elements); the same weights define another density: "
+                "retrain the flow"
+            )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def _map(self, u: torch.Tensor, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
         self._check(u)

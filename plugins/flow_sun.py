@@ -64,7 +64,8 @@ Degenerate spectra
     with density a^8 from every direction (a = f_1'(0) at 1 and e^{2 pi i/3}, f_1'(1) at
     e^{-2 pi i/3}); the value returned is that limit, the same in the forward and the
     inverse map. (Checkpoints of SU(3) ``sun-spectral`` flows trained before this
-    constraint describe a different map: retrain them.)
+    constraint describe a different map: retrain them; :data:`SPECTRAL_MAP_VERSION` is stored
+    with the weights and such checkpoints are refused when loaded.)
 """
 
 from __future__ import annotations
@@ -78,6 +79,10 @@ from flowplug.plugins.flow_transforms import rq_spline_params
 
 TWO_PI = 2.0 * math.pi
 _TINY = 1e-300
+
+#: Version of the SU(N) spectral map: 2 since the SU(3) second spline is tied to the first
+#: (continuous at the centre elements). ``sun-spectral`` layers store it with their weights.
+SPECTRAL_MAP_VERSION = 2
 
 
 def alcove_phases(phi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

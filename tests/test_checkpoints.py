@@ -162,3 +162,46 @@ def test_trainer_evaluate_follows_train_progress(tmp_path, capsys):
     assert "32/32" in capsys.readouterr().err
     trainer.evaluate(32, batch_size=16, seed=5, progress=False)
     assert capsys.readouterr().err == ""
+
+
+def _sun_spectral_run(tmp_path, group):
+    from flowplug.train import build_trainer
+
+    cfg = {
+        "lattice": [4, 4],
+        "seed": 0,
+        "device": "cpu",
+        "action": {"name": "wilson", "group": group, "beta": 2.0},
+        "flow": {"layers": ["sun-spectral"], "n_layers": 2, "options": {"hidden": [4], "n_bins": 4}},
+        "train": {"steps": 1, "batch_size": 4, "lr": 1e-3, "progress": False, "checkpoint_every": 0},
+    }
+    trainer = build_trainer(cfg, out=tmp_path / group)
+    trainer.run()
+    return trainer.out / checkpoints.CHECKPOINT_NAME
+
+
+@pytest.mark.parametrize("group", ["su2", "su3"])
+def test_sun_spectral_checkpoints_carry_the_map_version(tmp_path, group):
+    """SU(3) sun-spectral weights from before the centre-continuity fix (no ``map_version``)
+    define another density and are refused when loaded, naming the file and what to do;
+    SU(2) weights of the same era describe the unchanged map and load; a current checkpoint
+    loads with the same density."""
+    from flowplug.plugins.flow_sun import SPECTRAL_MAP_VERSION
+
+    path = _sun_spectral_run(tmp_path, group)
+    state = checkpoints.read_checkpoint(path)
+    versions = [k for k in state["model"] if k.endswith("map_version")]
+    assert len(versions) == 2 and all(int(state["model"][k]) == SPECTRAL_MAP_VERSION for k in versions)
+    assert checkpoints.load_flow(path).step == 1
+
+    old = {**state, "model": {k: v for k, v in state["model"].items() if not k.endswith("map_version")}}
+    old_path = checkpoints.write_checkpoint(tmp_path / f"old-{group}.pt", old)
+    if group == "su2":
+        loaded = checkpoints.load_flow(old_path)
+        assert int(loaded.flow.layers[0].map_version) == SPECTRAL_MAP_VERSION
+    else:
+        with pytest.raises(CheckpointError, match=r"old-su3\.pt: cannot rebuild .*version 1 \(unversioned\).*retrain"):
+            checkpoints.load_flow(old_path)
+        wrong = {**state, "model": {**state["model"], versions[0]: torch.tensor(1)}}
+        with pytest.raises(CheckpointError, match="map version 1, this flowplug has version 2"):
+            checkpoints.load_flow(checkpoints.write_checkpoint(tmp_path / "v1.pt", wrong))
