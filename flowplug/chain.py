@@ -31,7 +31,15 @@ keeps the history (one (B,) row per step), shows a tqdm progress bar with accept
 and plaquette, calls the event hook ``flowplug_after_chain_step``, and writes
 checkpoints (``torch.save`` of tensors only, written atomically; read back with
 ``weights_only=True``). A checkpoint holds the state, the history and the generator
-state, so a resumed chain is bit-for-bit the uninterrupted one. The jobs run their
+state, so a resumed chain is bit-for-bit the uninterrupted one.
+
+Random streams: a :class:`Chain` may hold its chains as several contiguous groups, each
+with its own generator (``Chain(kernel, [state_0, state_1], [gen_0, gen_1])``). Every
+step runs the kernel on each group in turn, and measurements are taken group by group,
+so each group's chains see the same batch, the same random numbers and the same
+arithmetic wherever the group runs: this is how a run sharded over processes under
+torchrun equals one process (:mod:`flowplug.distributed`). The history and
+:attr:`Chain.state` join the groups in order. The jobs run their
 chains through :func:`flowplug.jobs.chains.run_chains`, which builds a :class:`Chain`,
 resumes it and connects it to the run directory's outputs.
 """
@@ -39,7 +47,7 @@ resumes it and connects it to the run directory's outputs.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -141,12 +149,16 @@ class Chain:
 
     Arguments:
         kernel: The kernel (module docstring).
-        state: Initial :class:`ChainState` (from ``kernel.init(x)``).
-        generator: The random generator the kernel draws from; its state is checkpointed.
-        measure: Callable x -> {name: (B,) tensor}, evaluated after every step.
+        state: Initial :class:`ChainState` (from ``kernel.init(x)``), or one per random
+            stream (contiguous groups of chains, module docstring).
+        generator: The random generator the kernel draws from (its state is
+            checkpointed), or one per random stream.
+        measure: Callable x -> {name: (B,) tensor}, evaluated after every step (per stream).
         kernel_name: Name reported to the event hook (default ``kernel.name``).
         run_id: Opaque string stored in checkpoints; :meth:`load` refuses a checkpoint
             with a different one (a resume must continue the same run).
+        stream_ids: Global indices of the streams (stored in checkpoints, so that a
+            process resumes only the streams it ran); default 0, 1, ...
 
     Attributes:
         step_count: Steps done so far (over the whole run, across resumes).
@@ -154,26 +166,103 @@ class Chain:
             ``accepted`` (as 0/1) and, if the kernel reports them, ``delta_h`` and
             ``accepted.<label>`` (acceptance of the part ``label`` of a composed kernel;
             NaN for chains a mixture did not give to that part in that step).
+        generators: One generator per stream.
+
+    Raises:
+        ValueError: if the numbers of states, generators and stream ids differ.
     """
 
     def __init__(
         self,
         kernel: Any,
-        state: ChainState,
-        generator: torch.Generator,
+        state: ChainState | Sequence[ChainState],
+        generator: torch.Generator | Sequence[torch.Generator],
         *,
         measure: Measure | None = None,
         kernel_name: str | None = None,
         run_id: str = "",
+        stream_ids: Sequence[int] | None = None,
     ) -> None:
         self.kernel = kernel
-        self.state = state
-        self.generator = generator
+        self.streams: list[ChainState] = [state] if isinstance(state, ChainState) else list(state)
+        self.generators: list[torch.Generator] = (
+            [generator] if isinstance(generator, torch.Generator) else list(generator)
+        )
+        self.stream_ids = list(range(len(self.streams))) if stream_ids is None else [int(i) for i in stream_ids]
+        if not self.streams or len(self.generators) != len(self.streams) or len(self.stream_ids) != len(self.streams):
+            raise ValueError(
+                f"Chain: one generator and one id per stream; found {len(self.streams)} states, "
+                f"{len(self.generators)} generators, {len(self.stream_ids)} ids"
+            )
         self.measure = measure
         self.kernel_name = kernel_name or getattr(kernel, "name", "kernel")
         self.run_id = run_id
         self.step_count = 0
         self.history: dict[str, list[torch.Tensor]] = {}
+
+    @property
+    def generator(self) -> torch.Generator:
+        """The generator of the first (with one stream: the only) stream."""
+        return self.generators[0]
+
+    @property
+    def sizes(self) -> list[int]:
+        """Number of chains of each stream."""
+        return [s.batch for s in self.streams]
+
+    @property
+    def state(self) -> ChainState:
+        """All chains as one :class:`ChainState` (streams joined in order; of the cached
+        extras, those every stream holds)."""
+        if len(self.streams) == 1:
+            return self.streams[0]
+        keys = set.intersection(*(set(s.extras) for s in self.streams))
+        return ChainState(
+            torch.cat([s.x for s in self.streams]),
+            torch.cat([s.log_p for s in self.streams]),
+            {k: torch.cat([s.extras[k] for s in self.streams]) for k in sorted(keys)},
+        )
+
+    @state.setter
+    def state(self, value: ChainState) -> None:
+        if len(self.streams) == 1:
+            self.streams = [value]
+            return
+        bounds, start = [], 0
+        for n in self.sizes:
+            bounds.append(slice(start, start + n))
+            start += n
+        self.streams = [
+            ChainState(value.x[b], value.log_p[b], {k: v[b] for k, v in value.extras.items()}) for b in bounds
+        ]
+
+    def _step(self) -> dict[str, Any]:
+        """One kernel step of every stream; the info of the streams joined chain-wise
+        (entries that are not per chain are the first stream's)."""
+        if len(self.streams) == 1:
+            self.streams[0], info = self.kernel.step(self.streams[0], self.generators[0])
+            return dict(info)
+        infos = []
+        for i, g in enumerate(self.generators):
+            self.streams[i], part = self.kernel.step(self.streams[i], g)
+            infos.append(dict(part))
+        merged = dict(infos[0])
+        for key in infos[0]:
+            values = [inf.get(key) for inf in infos]
+            if all(
+                isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == s.batch
+                for v, s in zip(values, self.streams, strict=True)
+            ):
+                merged[key] = torch.cat(values)  # type: ignore[arg-type]
+        return merged
+
+    def _measure(self) -> dict[str, torch.Tensor]:
+        """The observables of every chain, measured stream by stream."""
+        assert self.measure is not None
+        if len(self.streams) == 1:
+            return {k: v.detach() for k, v in self.measure(self.streams[0].x).items()}
+        parts = [self.measure(s.x) for s in self.streams]
+        return {k: torch.cat([p[k].detach() for p in parts]) for k in parts[0]}
 
     # ------------------------------------------------------------------ running
 
@@ -217,8 +306,7 @@ class Chain:
         n_acc = 0.0
         try:
             for i in range(n_steps):
-                self.state, info = self.kernel.step(self.state, self.generator)
-                info = dict(info)
+                info = self._step()
                 acc = info["accepted"]
                 self._record("accepted", acc.to(torch.float64))
                 if "delta_h" in info:
@@ -227,7 +315,7 @@ class Chain:
                     if key.startswith("accepted.") and isinstance(value, torch.Tensor):
                         self._record(key, value.to(torch.float64))
                 if self.measure is not None:
-                    meas = {k: v.detach() for k, v in self.measure(self.state.x).items()}
+                    meas = self._measure()
                     for k, v in meas.items():
                         self._record(k, v)
                     info["observables"] = meas
@@ -269,16 +357,26 @@ class Chain:
     # -------------------------------------------------------------- checkpoints
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue the chain exactly: tensors, ints and strings only."""
-        return {
+        """Everything needed to continue the chain exactly: tensors, ints and strings only.
+
+        With one stream (numbered 0): ``state`` and ``rng``. Otherwise ``streams`` holds
+        each stream's ``state`` and ``rng`` and ``stream_ids`` their global indices."""
+        d: dict[str, Any] = {
             "version": CHECKPOINT_VERSION,
             "run_id": self.run_id,
             "kernel": self.kernel_name,
             "step": self.step_count,
-            "state": self.state.state_dict(),
-            "rng": self.generator.get_state(),
             "history": self.history_tensors(),
         }
+        if len(self.streams) == 1 and self.stream_ids == [0]:
+            d.update(state=self.streams[0].state_dict(), rng=self.generators[0].get_state())
+        else:
+            d["streams"] = [
+                {"state": s.state_dict(), "rng": g.get_state()}
+                for s, g in zip(self.streams, self.generators, strict=True)
+            ]
+            d["stream_ids"] = list(self.stream_ids)
+        return d
 
     def save(self, path: str | Path) -> Path:
         """Write a checkpoint atomically (temporary file, then rename)."""
@@ -303,18 +401,32 @@ class Chain:
                 f"fingerprint is {d.get('run_id')!r}, this run's is {self.run_id!r} "
                 "(resume with the same configuration, or start a new --out)"
             )
-        state = ChainState.from_state_dict(d["state"])
-        if state.x.shape != self.state.x.shape:
+        ids = [int(i) for i in d.get("stream_ids", [0])]
+        if ids != self.stream_ids:
             raise CheckpointError(
-                f"checkpoint holds configurations of shape {tuple(state.x.shape)}, "
-                f"this run expects {tuple(self.state.x.shape)}"
+                f"checkpoint holds the random streams {ids}, this process runs {self.stream_ids}: "
+                "resume with the settings and the number of processes (torchrun --nproc_per_node) "
+                "that wrote it"
             )
-        self.state = ChainState(
-            state.x.to(self.state.x.device),
-            state.log_p.to(self.state.log_p.device),
-            {k: v.to(self.state.x.device) for k, v in state.extras.items()},
-        )
-        self.generator.set_state(d["rng"])
+        saved = d["streams"] if "streams" in d else [{"state": d["state"], "rng": d["rng"]}]
+        restored = []
+        for part, mine in zip(saved, self.streams, strict=True):
+            state = ChainState.from_state_dict(part["state"])
+            if state.x.shape != mine.x.shape:
+                raise CheckpointError(
+                    f"checkpoint holds configurations of shape {tuple(state.x.shape)}, "
+                    f"this run expects {tuple(mine.x.shape)}"
+                )
+            restored.append(
+                ChainState(
+                    state.x.to(mine.x.device),
+                    state.log_p.to(mine.log_p.device),
+                    {k: v.to(mine.x.device) for k, v in state.extras.items()},
+                )
+            )
+        self.streams = restored
+        for part, g in zip(saved, self.generators, strict=True):
+            g.set_state(part["rng"])
         self.step_count = int(d["step"])
         self.history = {k: list(v.unbind(0)) for k, v in d["history"].items()}
 

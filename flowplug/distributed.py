@@ -25,12 +25,46 @@ generator's state) resumes on any number of ranks.
 
 Only rank 0 takes the run directory's lock and writes (checkpoints, ``train_log.csv``,
 ``config.toml``, ``summary.json``, progress bars); the others compute.
+
+Sharded sampling (``hmc``, ``sample``, ``resample``; docs/chains.md, "Several processes";
+``torchrun --standalone --nproc_per_node=4 -m flowplug hmc --config run.toml``): the chains
+are divided into ``streams`` random streams, contiguous groups of chains that each step as
+one batch with their own generator (:func:`stream_seed`); ``streams = 0`` (the default)
+means one stream per process. Rank r of W runs the streams r S/W ... (r+1) S/W - 1
+(:func:`shard`); for ``resample`` a stream is a contiguous share of the input files
+(:func:`share`), so each rank reads, checksums, weighs and resamples only its share.
+
+Why a W-rank run equals the one-process run with the same ``seed`` and ``streams = S``
+bit for bit: (1) every rank draws the start of *all* chains (hot start, flow samples) from
+the seeded generator and keeps its slice, as a training step draws its global batch;
+(2) each stream draws from its own generator, seeded from ``(seed, stream)`` only;
+(3) a stream is stepped, measured and weighed as one batch of its own chains wherever it
+runs: one process steps its streams one after the other (:class:`flowplug.chain.Chain`
+with several streams), so every stream sees the same random numbers and the same
+arithmetic as in a process that holds it alone. The default ``streams = 0`` on W ranks
+therefore equals one process with ``streams = W``, not the plain one-process run
+(``streams = 1``, whose single generator's numbers cannot be cut between processes);
+``summary.json`` records ``streams`` and ``world_size``.
+
+Each rank writes only files that carry its chains' global indices or its rank
+(``ensemble.rank1.h5``, ``checkpoint.rank1.pt``); rank 0 holds the lock
+(:func:`sharded_job`) and writes the merged ``measurements``, ``provenance.json``,
+``report.png`` and ``summary.json`` from the histories and records gathered from every
+rank (:func:`gather_history`, :func:`all_gather_object`) at each checkpoint and at the end.
+A sharded run resumes on the same number of processes and streams (each rank from its own
+checkpoint).
+
+If one process fails, ``torchrun`` stops the others; a collective that never completes
+is ended by the process group's timeout.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -48,6 +82,17 @@ __all__ = [
     "barrier",
     "shutdown",
     "slice_of",
+    "all_gather_object",
+    "gather_chains",
+    "gather_history",
+    "broadcast_flag",
+    "sharded_job",
+    "effective_streams",
+    "shard",
+    "share",
+    "stream_seed",
+    "stream_generators",
+    "rank_name",
 ]
 
 
@@ -196,3 +241,190 @@ def slice_of(n: int) -> slice:
         raise ConfigError(f"the global batch ({n}) must be a multiple of the number of processes ({w})")
     b = n // w
     return slice(r * b, (r + 1) * b)
+
+
+# --------------------------------------------------------------------- sharded sampling
+
+
+def _comm_device() -> torch.device:
+    """Where collectives' tensors live: the current CUDA device under nccl, else the CPU."""
+    import torch.distributed as dist
+
+    if _active() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (picklable Python data made of lists, dicts, numbers, strings), in rank order.
+
+    Used for small bookkeeping only (file lists, provenance records, counts); the objects
+    travel between the processes of one run, never through files. ``[obj]`` in a world of
+    one process.
+    """
+    if world_size() == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    parts: list[Any] = [None] * world_size()
+    dist.all_gather_object(parts, obj)
+    return parts
+
+
+def broadcast_flag(flag: bool) -> bool:
+    """Rank 0's ``flag`` on every rank (``flag`` itself in a world of one process)."""
+    if world_size() == 1:
+        return flag
+    import torch.distributed as dist
+
+    t = torch.tensor([1 if flag else 0], dtype=torch.int64, device=_comm_device())
+    dist.broadcast(t, src=0)
+    return bool(t.item())
+
+
+def gather_chains(t: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """Concatenate every rank's ``t`` along ``dim`` (the chains' axis), in rank order.
+
+    The ranks may hold different numbers of chains (``resample``: files of different
+    sizes); the other extents must agree.
+
+    Arguments:
+        t: A chain history, e.g. (steps, chains) float64 (layout of
+            :meth:`flowplug.chain.Chain.history_tensors`), on any device.
+
+    Returns:
+        (steps, sum of the ranks' chains) on ``t``'s device; ``t`` itself in a world of one
+        process.
+    """
+    if world_size() == 1:
+        return t
+    import torch.distributed as dist
+
+    dev = _comm_device()
+    local = t.to(dev).movedim(dim, 0).contiguous()
+    n = torch.tensor([local.shape[0]], dtype=torch.int64, device=dev)
+    sizes = [torch.empty_like(n) for _ in range(world_size())]
+    dist.all_gather(sizes, n)
+    counts = [int(s.item()) for s in sizes]
+    big = max(counts)
+    padded = torch.zeros((big, *local.shape[1:]), dtype=local.dtype, device=dev)
+    padded[: local.shape[0]] = local
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded)
+    joined = torch.cat([p[:c] for p, c in zip(parts, counts, strict=True)])
+    return joined.movedim(0, dim).contiguous().to(t.device)  # contiguous: the layout one process has
+
+
+def gather_history(history: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """:func:`gather_chains` of every entry of a (steps, chains) history (the same names on every rank)."""
+    return {k: gather_chains(v, 1) for k, v in sorted(history.items())} if world_size() > 1 else dict(history)
+
+
+@contextlib.contextmanager
+def sharded_job(command: str, out: str | Path | None, device: str | torch.device = "cpu") -> Iterator[torch.device]:
+    """Run a sampling job (``hmc``, ``sample``, ``resample``) on every process of the world.
+
+    Joins the process group that ``torchrun`` describes (:func:`init_from_env`; nothing
+    without torchrun), takes the lock of the run directory ``out`` on rank 0
+    (:func:`flowplug.fsutil.run_lock`) and tells every rank whether it got it, so that no
+    rank writes into a directory another run holds. Leaves the group at the end if it
+    joined it.
+
+    Arguments:
+        command: The job's name (recorded in the lock file).
+        out: The run directory, or ``None`` (nothing locked).
+        device: The job's device (``cuda`` becomes ``cuda:LOCAL_RANK`` under torchrun).
+
+    Yields:
+        The device this process computes on.
+
+    Raises:
+        RunLockedError: on every rank, if another process holds ``out``.
+        ConfigError: from :func:`init_from_env`.
+    """
+    from flowplug.errors import RunLockedError
+    from flowplug.fsutil import run_lock
+
+    dev = init_from_env(device)
+    try:
+        with contextlib.ExitStack() as stack:
+            failure: Exception | None = None
+            if out is not None and is_main():
+                try:
+                    stack.enter_context(run_lock(out, command))
+                except RunLockedError as exc:
+                    failure = exc
+            locked = broadcast_flag(failure is None)
+            if failure is not None:
+                raise failure
+            if not locked:
+                raise RunLockedError(f"{out}: rank 0 could not lock the run directory (its message says who holds it)")
+            yield dev
+    finally:
+        shutdown()
+
+
+def effective_streams(streams: int) -> int:
+    """The number of random streams S of a sampling run: ``streams``, or the world size for 0.
+
+    Raises:
+        ConfigError: if ``streams`` is negative or not a multiple of the world size.
+    """
+    s, w = int(streams), world_size()
+    if s < 0:
+        raise ConfigError(f"streams must be >= 0 (0: one per process); found {s}")
+    s = s or w
+    if s % w:
+        raise ConfigError(
+            f"streams = {s} random streams cannot be shared by {w} processes: use a multiple of {w} "
+            "(or 0: one per process)"
+        )
+    return s
+
+
+def shard(streams: int) -> range:
+    """The streams this rank runs: r S/W ... (r+1) S/W - 1 (all of them in a world of one).
+
+    Arguments:
+        streams: S, a multiple of the world size (:func:`effective_streams`).
+    """
+    per = streams // world_size()
+    return range(rank() * per, (rank() + 1) * per)
+
+
+def share(n: int, parts: int, index: int) -> slice:
+    """Part ``index`` of ``parts`` contiguous, nearly equal parts of n items: items
+    floor(index n / parts) ... floor((index+1) n / parts) - 1."""
+    return slice(index * n // parts, (index + 1) * n // parts)
+
+
+def stream_seed(seed: int, stream: int, streams: int) -> int:
+    """The seed of random stream ``stream`` of ``streams`` for a run's ``seed``.
+
+    One stream uses ``seed`` itself (the one-process runs of earlier versions are
+    unchanged); of several, stream s uses 63 bits of :class:`numpy.random.SeedSequence`
+    ``([seed, s])`` (independent streams for nearby seeds and indices; O'Neill, PCG
+    report HMC-CS-2014-0905, section 7, on seeding).
+    """
+    if streams == 1:
+        return int(seed)
+    import numpy as np
+
+    word = np.random.SeedSequence([int(seed) & (2**63 - 1), int(stream)]).generate_state(1, np.uint64)[0]
+    return int(word) >> 1
+
+
+def stream_generators(seed: int, streams: int, device: str | torch.device = "cpu") -> list[torch.Generator]:
+    """The generators of this rank's random streams (:func:`shard`, :func:`stream_seed`)."""
+    return [torch.Generator(device=device).manual_seed(stream_seed(seed, s, streams)) for s in shard(streams)]
+
+
+def rank_name(name: str) -> str:
+    """A file name of this rank: ``name`` in a world of one process, else ``.rank<r>``
+    before its extension (``checkpoint.pt`` -> ``checkpoint.rank1.pt``)."""
+    if world_size() == 1:
+        return name
+    stem, dot, ext = name.rpartition(".")
+    if not dot or not stem:
+        return f"{name}.rank{rank()}"
+    return f"{stem}.rank{rank()}.{ext}"

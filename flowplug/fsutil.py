@@ -255,7 +255,9 @@ def locked_run(command: str, out_of: Callable[[Mapping[str, Any]], Any]) -> Call
             the run directory, e.g. ``lambda a: a["out"]``; ``None`` runs unlocked. Under
             torchrun only rank 0 (the process that writes) takes the lock
             (:mod:`flowplug.distributed`), and only ``train`` runs there: the other
-            commands raise :class:`~flowplug.errors.FlowplugError` when ``WORLD_SIZE`` > 1.
+            commands that use this decorator raise :class:`~flowplug.errors.FlowplugError`
+            when ``WORLD_SIZE`` > 1 (``hmc``, ``sample`` and ``resample`` lock through
+            :func:`flowplug.distributed.sharded_job` instead).
     """
     import functools
     import inspect
@@ -275,7 +277,7 @@ def locked_run(command: str, out_of: Callable[[Mapping[str, Any]], Any]) -> Call
 
                 raise FlowplugError(
                     f"flowplug {command} runs in one process; under torchrun only train is data-parallel "
-                    "(start the others without torchrun)"
+                    "and only hmc, sample and resample share their chains (start the others without torchrun)"
                 )
             if out is None or not distributed.is_main():  # nothing written here: nothing to lock
                 return fn(*args, **kwargs)

@@ -1,6 +1,7 @@
 """Data-parallel training under torchrun (flowplug.distributed): 2 CPU processes (gloo) follow the
 one-process run with the same seed and global batch, rank 0 alone writes, and the checkpoint of a
-2-process run resumes in one process exactly where the one-process run would be."""
+2-process run resumes in one process exactly where the one-process run would be. Sharded
+sampling (hmc, sample, resample) is tested in tests/test_sharded_sampling.py."""
 
 from __future__ import annotations
 
@@ -90,15 +91,3 @@ def test_global_batch_must_split_evenly(monkeypatch, tmp_path):
     monkeypatch.setattr(distributed, "world_size", lambda: 3)
     with pytest.raises(ConfigError, match=r"batch_size \(8\) is the global batch.*\(3\)"):
         _one_process(tmp_path / "x", 1)
-
-
-def test_other_commands_refuse_a_torchrun_world(monkeypatch, tmp_path):
-    """Only train is data-parallel: hmc under WORLD_SIZE = 2 is refused before it writes."""
-    from flowplug.errors import FlowplugError
-    from flowplug.jobs.hmc import DEFAULT_CONFIG as HMC_CONFIG
-    from flowplug.jobs.hmc import run_hmc
-
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(FlowplugError, match="only train is data-parallel"):
-        run_hmc(build_config(HMC_CONFIG, overrides=[f"out='{tmp_path / 'h'}'"]))
-    assert not (tmp_path / "h").exists()

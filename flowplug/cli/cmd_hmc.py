@@ -80,6 +80,8 @@ def run(args: argparse.Namespace) -> int:
             progress=False if args.no_progress else None,
             log=lambda text: print(f"flowplug hmc: {text}", file=sys.stderr),
         )
+    if "rank" in summary:  # a rank > 0 of a torchrun world: rank 0 reports
+        return 0
     print(result_line(summary, str(cfg["out"])))
     return 0
 

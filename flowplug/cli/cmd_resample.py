@@ -85,6 +85,8 @@ def run(args: argparse.Namespace) -> int:
             check_inverse=not args.no_check_inverse,
             log=lambda text: print(f"flowplug resample: {text}", file=sys.stderr),
         )
+    if "rank" in s:  # a rank > 0 of a torchrun world: rank 0 reports
+        return 0
     print(
         f"resample: {s['chains']} chains x {s['steps']} steps, acceptance {s['acceptance']:.3f}, "
         f"ESS of input weights {s['ess']:.3f}{susceptibility_text(s)}; {s['written']} configurations "

@@ -71,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             check_inverse=not args.no_check_inverse,
         )
+    if "rank" in s:  # a rank > 0 of a torchrun world: rank 0 reports
+        return 0
     by_kernel = s["acceptance_by_kernel"]
     accs = ", ".join(f"{k} {v:.3f}" for k, v in by_kernel.items()) if by_kernel else f"{s['acceptance']:.3f}"
     ess = f", ESS of the flow weights {s['ess']:.3f}" if s.get("ess") is not None else ""

@@ -160,8 +160,13 @@ def chain_resume_hint(
 ) -> contextlib.AbstractContextManager[None]:
     """:func:`resume_hint` for a chain command (``hmc``, ``sample``, ``resample``): the
     command as typed, with ``--resume`` instead of ``--force`` (to continue) or with
-    ``--force`` instead of ``--resume`` (to start again)."""
+    ``--force`` instead of ``--resume`` (to start again). Under torchrun the checkpoint is
+    the process's own (``checkpoint.rank<r>.pt``, :mod:`flowplug.distributed`)."""
+    import os
+
     argv = list(getattr(args, "_argv", None) or sys.argv[1:])
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        checkpoint = checkpoint.with_name(f"{checkpoint.stem}.rank{os.environ.get('RANK', '0')}{checkpoint.suffix}")
     return resume_hint(
         Path(checkpoint),
         resume=command_line(argv, add=["--resume"], drop=["--force"]),

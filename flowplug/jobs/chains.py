@@ -25,14 +25,21 @@ References:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 
 from flowplug.errors import ConfigError, FormatError
 
-__all__ = ["run_chains", "build_kernel", "importance_weights", "check_compatible", "action_override"]
+__all__ = [
+    "run_chains",
+    "build_kernel",
+    "importance_weights",
+    "weight_figures",
+    "check_compatible",
+    "action_override",
+]
 
 
 def run_chains(
@@ -52,6 +59,9 @@ def run_chains(
     desc: str = "",
     kernel_name: str | None = None,
     steps_key: str = "steps",
+    sizes: Sequence[int] | None = None,
+    generators: Sequence[torch.Generator] | None = None,
+    stream_ids: Sequence[int] | None = None,
 ) -> Any:
     """Run B chains from x0 until ``steps`` kernel steps are done; resumable.
 
@@ -77,25 +87,54 @@ def run_chains(
         desc: Label of the bar.
         kernel_name: Name sent with ``flowplug_after_chain_step`` (default ``kernel.name``).
         steps_key: The configuration key of ``steps``, for messages.
+        sizes: Random streams (:mod:`flowplug.chain`, :mod:`flowplug.distributed`): the
+            number of chains of each stream (consecutive groups of x0, summing to B);
+            ``None``: one stream.
+        generators: One generator per stream (with ``sizes``; instead of ``seed`` or
+            ``generator``).
+        stream_ids: Global indices of the streams (checkpointed; default 0, 1, ...).
 
     Returns:
         The :class:`flowplug.chain.Chain` (state, history of every step, ``step_count``).
 
     Raises:
         CheckpointError: on a resume from a missing or foreign checkpoint.
-        ConfigError: if the checkpoint is already beyond ``steps``.
+        ConfigError: if the checkpoint is already beyond ``steps``, or ``sizes`` and
+            ``generators`` do not match each other and x0.
     """
     from flowplug.chain import Chain
     from flowplug.manager import get_plugin_manager
 
-    if generator is None:
-        if seed is None:
-            raise ConfigError("run_chains needs a seed or a generator")
-        generator = torch.Generator(device=x0.device).manual_seed(int(seed))
-    chain = Chain(kernel, kernel.init(x0), generator, measure=measure, kernel_name=kernel_name, run_id=run_id)
+    if sizes is not None:
+        if generators is None or len(generators) != len(sizes) or sum(sizes) != x0.shape[0] or min(sizes) < 1:
+            raise ConfigError(
+                f"run_chains: streams of {list(sizes)} chains need as many generators "
+                f"({0 if generators is None else len(generators)} given) and {x0.shape[0]} chains in all, "
+                "none empty"
+            )
+        states, start = [], 0
+        for n in sizes:  # each stream's state computed on its own batch, as in any other process
+            states.append(kernel.init(x0[start : start + n]))
+            start += n
+        chain = Chain(
+            kernel,
+            states,
+            list(generators),
+            measure=measure,
+            kernel_name=kernel_name,
+            run_id=run_id,
+            stream_ids=stream_ids,
+        )
+    else:
+        if generator is None:
+            if seed is None:
+                raise ConfigError("run_chains needs a seed or a generator")
+            generator = torch.Generator(device=x0.device).manual_seed(int(seed))
+        chain = Chain(kernel, kernel.init(x0), generator, measure=measure, kernel_name=kernel_name, run_id=run_id)
     if resume:
         if output is None:
             raise ConfigError("run_chains: resume needs an output with a checkpoint")
+        _check_checkpoint_present(output.checkpoint_path)
         chain.load(output.checkpoint_path)
         if chain.step_count > int(steps):
             raise ConfigError(f"the checkpoint is at step {chain.step_count}, beyond {steps_key} = {steps}")
@@ -119,6 +158,39 @@ def run_chains(
             desc=desc,
         )
     return chain
+
+
+def _check_checkpoint_present(path: Any) -> None:
+    """Refuse a resume whose checkpoint is missing because another number of processes wrote
+    the run (``checkpoint.pt`` of one process, ``checkpoint.rank<r>.pt`` of a torchrun world).
+
+    Raises:
+        CheckpointError: naming the checkpoints found and how to resume them.
+    """
+    import re
+    from pathlib import Path
+
+    from flowplug.errors import CheckpointError
+
+    path = Path(path)
+    if path.exists():
+        return
+    base = re.sub(r"\.rank\d+$", "", path.stem)
+    ranks = sorted(path.parent.glob(f"{base}.rank*{path.suffix}"))
+    single = path.parent / f"{base}{path.suffix}"
+    if ranks and path not in ranks:
+        found = [q for q in ranks if re.fullmatch(rf"{re.escape(base)}\.rank\d+", q.stem)]
+        if found:
+            raise CheckpointError(
+                f"{path}: no checkpoint of this process, but {len(found)} processes wrote this run "
+                f"({', '.join(q.name for q in found)}): resume it under torchrun --nproc_per_node={len(found)} "
+                "with the same streams"
+            )
+    if single.exists() and single != path:
+        raise CheckpointError(
+            f"{path}: no checkpoint of this process, but one process wrote this run ({single.name}): "
+            "resume it in one process (without torchrun)"
+        )
 
 
 # --------------------------------------------------------------------------- kernels
@@ -270,10 +342,9 @@ def importance_weights(
         n^2 / (sum w sum 1/w), which estimates the same quantity, (E_q w)^2 / E_q w^2 =
         1 / (E_p[w] E_p[1/w]), when x ~ p (an HMC ensemble); ``reweighted`` {name:
         sum w O / sum w}, an estimate of <O>_p when x ~ q (for x ~ p it is biased
-        towards regions q under-covers, so the two ESS values are the useful diagnostic).
+        towards regions q under-covers, so the two ESS values are the useful diagnostic);
+        with ``measure``, ``observables`` {name: list of B values}.
     """
-    from flowplug.stats import ess
-
     lps: list[torch.Tensor] = []
     lqs: list[torch.Tensor] = []
     obs: dict[str, list[torch.Tensor]] = {}
@@ -285,7 +356,29 @@ def importance_weights(
             if measure is not None:
                 for k, v in measure(xb).items():
                     obs.setdefault(k, []).append(v.to(torch.float64))
-    lp, lq = torch.cat(lps), torch.cat(lqs)
+    out = weight_figures(torch.cat(lps), torch.cat(lqs), {k: torch.cat(v) for k, v in obs.items()})
+    if obs:
+        out["observables"] = {k: torch.cat(v).tolist() for k, v in obs.items()}
+    return out
+
+
+def weight_figures(
+    log_p: torch.Tensor, log_q: torch.Tensor, observables: Mapping[str, torch.Tensor] | None = None
+) -> dict[str, Any]:
+    """The reweighting figures of :func:`importance_weights` from log p and log q of n configurations.
+
+    Arguments:
+        log_p, log_q: (n,) float64: -S(x) and the flow's log density of each configuration.
+        observables: name -> (n,) float64 values O(x), or ``None``.
+
+    Returns:
+        ``{"log_p", "log_q", "log_w", "ess", "reweighted"}`` and, for n > 0,
+        ``ess_p_samples`` (see :func:`importance_weights`); used to join the weights of
+        configurations that several processes computed (``resample`` under torchrun).
+    """
+    from flowplug.stats import ess
+
+    lp, lq = log_p.to(torch.float64), log_q.to(torch.float64)
     lw = lp - lq
     out: dict[str, Any] = {
         "log_p": lp.tolist(),
@@ -297,9 +390,8 @@ def importance_weights(
     if lw.numel():
         c = lw - lw.mean()
         out["ess_p_samples"] = float(lw.numel() ** 2 / (torch.exp(c).sum() * torch.exp(-c).sum()))
-    if obs:
+    if observables and lw.numel():
         w = torch.exp(lw - lw.max())
-        for k, parts in obs.items():
-            v = torch.cat(parts)
-            out["reweighted"][k] = float((w * v).sum() / w.sum())
+        for k, v in observables.items():
+            out["reweighted"][k] = float((w * v.to(torch.float64)).sum() / w.sum())
     return out

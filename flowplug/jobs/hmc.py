@@ -30,6 +30,15 @@ record; it stores neither lattice nor group): it is read with ``lattice`` and
 ``action.group``. ``threads`` (default 1) sets torch's CPU threads for the run
 (:mod:`flowplug.threads`).
 
+Under ``torchrun --standalone --nproc_per_node=W -m flowplug hmc ...`` the chains are
+shared out among the W processes by random streams (``streams``; docs/chains.md,
+"Several processes", :mod:`flowplug.distributed`): rank r writes the configurations of its
+chains (global chain indices; ``traj_<t>.rank<r>.h5`` for files holding several chains)
+and ``checkpoint.rank<r>.pt``; rank 0 holds the lock and writes the merged
+``measurements``, ``provenance.json`` and ``summary.json`` (with ``world_size`` and
+``streams``). The run equals the one-process run with the same ``seed`` and ``streams``
+bit for bit.
+
 The configuration schema is :data:`DEFAULT_CONFIG` (``flowplug hmc --print-config``).
 """
 
@@ -42,8 +51,8 @@ from typing import Any
 
 import torch
 
+from flowplug import distributed
 from flowplug.errors import ConfigError, FlowplugError
-from flowplug.fsutil import locked_run
 
 __all__ = [
     "DEFAULT_CONFIG",
@@ -67,6 +76,9 @@ start = "hot"           # "cold" (ordered), "hot" (disordered), or a path to a c
                         # or ensemble file in any readable format (ILDG, NERSC, HDF5, ...;
                         # a bare LIME file is read with lattice and action.group)
 chains = 4              # independent chains, run as one batch
+streams = 0             # random streams: groups of chains with their own generator; 0 = one per
+                        # process (torchrun); the same seed and streams give the same chains
+                        # on any number of processes (a divisor of streams, which divides chains)
 format = "hdf5"         # ensemble format: hdf5, ildg, nersc, openqcd (a writable format), or "none"
 save_every = 10         # write configurations and a checkpoint every this many trajectories
 measurements = "hdf5"   # per-trajectory measurements: "hdf5" (measurements.h5) or "csv"
@@ -108,6 +120,7 @@ NON_CHAIN_KEYS = (
     "measurements",
     "out",
     "hmc.thermalization",
+    "streams",  # the effective number of streams enters the run's id instead (0 = one per process)
 )
 
 
@@ -229,7 +242,6 @@ def read_start_file(path: Path, lattice: list[int], group: str | None) -> Any:
         ) from None
 
 
-@locked_run("hmc", lambda a: a["cfg"]["out"])
 def run_hmc(
     cfg: Mapping[str, Any],
     *,
@@ -242,7 +254,9 @@ def run_hmc(
 
     ``out`` is locked for the run (:func:`flowplug.fsutil.run_lock`); torch runs on
     ``threads`` CPU threads (:func:`flowplug.threads.job_threads`: the caller's setting
-    is restored afterwards).
+    is restored afterwards). Under torchrun every process runs its share of the chains
+    (:func:`flowplug.distributed.sharded_job`; rank 0 locks ``out`` and writes the merged
+    outputs; the other ranks return ``{"rank", "world_size"}``).
 
     Arguments:
         cfg: The effective configuration (:func:`flowplug.config.build_config` of
@@ -268,12 +282,22 @@ def run_hmc(
     """
     from flowplug.threads import job_threads
 
-    with job_threads(cfg["threads"]):
-        return _run_hmc(cfg, resume=resume, force=force, progress=progress, log=log)
+    try:
+        torch.device(str(cfg["device"]))
+    except RuntimeError as exc:
+        raise ConfigError(f"device = {cfg['device']!r}: {exc}") from None
+    with distributed.sharded_job("hmc", cfg["out"], str(cfg["device"])) as device, job_threads(cfg["threads"]):
+        return _run_hmc(cfg, device, resume=resume, force=force, progress=progress, log=log)
 
 
 def _run_hmc(
-    cfg: Mapping[str, Any], *, resume: bool, force: bool, progress: bool | None, log: Callable[[str], None] | None
+    cfg: Mapping[str, Any],
+    device: torch.device,
+    *,
+    resume: bool,
+    force: bool,
+    progress: bool | None,
+    log: Callable[[str], None] | None,
 ) -> dict[str, Any]:
     """The body of :func:`run_hmc` (inside its lock and thread setting)."""
     from flowplug.config import parse_toml
@@ -287,8 +311,8 @@ def _run_hmc(
 
     pm = get_plugin_manager()
     out = Path(str(cfg["out"]))
-    ckpt = out / "checkpoint.pt"
-    if ckpt.exists() and not resume and not force:
+    ckpt = out / distributed.rank_name("checkpoint.pt")
+    if any(distributed.all_gather_object(ckpt.exists())) and not resume and not force:
         raise FlowplugError(
             f"{ckpt} exists: continue that run with --resume, or start afresh with --force (or another out)"
         )
@@ -307,10 +331,14 @@ def _run_hmc(
             "hmc.thermalization"
         )
     seed = int(cfg["seed"])
-    try:
-        device = torch.device(str(cfg["device"]))
-    except RuntimeError as exc:
-        raise ConfigError(f"device = {cfg['device']!r}: {exc}") from None
+    streams = distributed.effective_streams(int(cfg.get("streams", 0)))
+    if chains % streams:
+        raise ConfigError(f"chains = {chains} cannot be split into streams = {streams} equal random streams")
+    per = chains // streams
+    mine = distributed.shard(streams)
+    local = slice(mine.start * per, mine.stop * per)  # this process's chains
+    if not distributed.is_main():
+        log = None
     check_action_keys(cfg, parse_toml(DEFAULT_CONFIG)["action"])
     action = action_from_config(cfg)
     kernel = (
@@ -324,7 +352,9 @@ def _run_hmc(
         )
     )
     generator = torch.Generator(device=device).manual_seed(seed)
+    # every process draws (or reads) the start of all chains and keeps its own
     x0, start_desc = start_configuration(cfg, action, chains, generator, device, log)
+    x0 = x0[local]
     ndim = len(kernel.space.lattice_of(x0))
     couplings: dict[str, Any] = getattr(action, "couplings", dict)()
     stated = {"name": str(cfg["action"]["name"]), **couplings}  # what files and provenance record
@@ -345,6 +375,7 @@ def _run_hmc(
         header=lambda t: {"trajectory": t},
         attrs={"action": stated},
         overwrite=True,
+        first_chain=local.start,
     )
     configurations.check(x0)
     output = ChainOutput(
@@ -358,17 +389,26 @@ def _run_hmc(
         what="hmc",
     )
     output.start(resume=resume, force=force)
-    show = bool(cfg["progress"]) if progress is None else progress
+    show = (bool(cfg["progress"]) if progress is None else progress) and distributed.is_main()
+    run_id = run_fingerprint(cfg) + (f"/streams={streams}" if streams > 1 else "")
+    if streams > 1:
+        split: dict[str, Any] = {
+            "sizes": [per] * len(mine),
+            "generators": distributed.stream_generators(seed, streams, device),
+            "stream_ids": list(mine),
+        }
+    else:  # one stream: the generator of the start goes on (runs of earlier versions are unchanged)
+        split = {"generator": generator}
     t0 = time.perf_counter()
     chain = run_chains(
         kernel,
         x0,
         total,
-        generator=generator,
+        **split,
         measure=measurement(action.field, names, couplings=couplings),
         output=output,
         resume=resume,
-        run_id=run_fingerprint(cfg),
+        run_id=run_id,
         checkpoint_every=save_every,
         progress=show,
         desc=f"hmc {action.field}",
@@ -377,16 +417,18 @@ def _run_hmc(
     )
     seconds = time.perf_counter() - t0
     lattice = list(kernel.space.lattice_of(chain.state.x))
-    stats = chain_summary(chain.history_tensors(), burn=therm, lattice=lattice)
+    history, records = output.merged(chain)  # every process's chains (collective under torchrun)
+    stats = chain_summary(history, burn=therm, lattice=lattice)
     stats["measured_trajectories"] = stats.pop("measured_steps")
     stats.pop("acceptance_by_kernel", None)
-    warn_short_chains(
-        stats.get("observables", {}),
-        stats["measured_trajectories"],
-        job="hmc",
-        steps_key="hmc.trajectories",
-        unit="trajectories",
-    )
+    if distributed.is_main():
+        warn_short_chains(
+            stats.get("observables", {}),
+            stats["measured_trajectories"],
+            job="hmc",
+            steps_key="hmc.trajectories",
+            unit="trajectories",
+        )
     summary = {
         "trajectories": chain.step_count,
         "chains": chains,
@@ -402,6 +444,8 @@ def _run_hmc(
         "measurements": str(output.measurements_path),
         "checkpoint": str(output.checkpoint_path),
         "ensemble_format": configurations.format,
-        "written": len(output.written),
+        "written": len(records),
+        "world_size": distributed.world_size(),
+        "streams": streams,
     }
     return output.finish(chain, summary)

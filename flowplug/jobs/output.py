@@ -28,6 +28,13 @@ HDF5 store (they would otherwise be appended a second time), ``provenance.json``
 the entries up to that step, and files of later steps are replaced when the resumed
 chain reaches them. The outputs of a resumed run equal those of an uninterrupted one.
 
+Several processes (torchrun, :mod:`flowplug.distributed`): each rank writes the
+configurations of its own chains (named by their global chain index; files holding
+several chains and the HDF5 store get ``.rank<r>`` before the extension) and its own
+checkpoint (``checkpoint.rank<r>.pt``, ``chain.rank<r>.ckpt``); rank 0 alone writes the
+merged measurements (every chain, in global order), ``provenance.json`` (every rank's
+records), ``report.png`` and ``summary.json``. So no file is written by two processes.
+
 Also here: :func:`output_format` (which format a run writes), :func:`write_configuration`
 (one configuration, atomically, never over an input), :func:`read_measurements`.
 """
@@ -245,6 +252,10 @@ class Configurations:
         overwrite: Replace existing files (``--force``; always on a resume for the
             steps the resumed chain does again).
         inputs: Files never to write over.
+        first_chain: Global index of this process's first chain (a sharded run,
+            :mod:`flowplug.distributed`): ``name`` and ``provenance`` receive global
+            indices, ``source_meta`` is indexed by the local one. Under torchrun, files
+            holding several chains and the store get ``.rank<r>`` before the extension.
 
     Raises:
         ConfigError: if the format is read-only or cannot hold the field kind.
@@ -268,8 +279,9 @@ class Configurations:
         attrs: Mapping[str, Any] | None = None,
         overwrite: bool = False,
         inputs: Sequence[Path] = (),
+        first_chain: int = 0,
     ) -> None:
-        from flowplug import io
+        from flowplug import distributed, io
         from flowplug.manager import registry
 
         if save_every < 0:
@@ -294,6 +306,10 @@ class Configurations:
             self.ext = extension_of(spec.name)
         self.name, self.provenance = name, provenance
         self.store = Path(store) if store is not None and self.format == "hdf5" else None
+        if self.store is not None:
+            self.store = self.store.with_name(distributed.rank_name(self.store.name))
+        self.first_chain = int(first_chain)
+        self._rank_name = distributed.rank_name
         self.save_every, self.total, self.thermalize = int(save_every), int(total), int(thermalize)
         self.source_meta = list(source_meta) if source_meta is not None else None
         self.precision = int(precision)
@@ -345,10 +361,16 @@ class Configurations:
             raise FormatError(f"{self.store} exists; use --resume to continue or --force to start over")
         self.store.unlink()
 
-    def resumed(self, step: int, records: Sequence[Mapping[str, Any]] = ()) -> None:
-        """Roll back to a checkpoint at ``step``: later store entries go, earlier records stay."""
+    def resumed(self, step: int, records: Sequence[Mapping[str, Any]] = (), chains: int | None = None) -> None:
+        """Roll back to a checkpoint at ``step``: later store entries go, earlier records stay
+        (of a sharded run, the records of this process's ``chains`` chains from ``first_chain``)."""
         self.done = int(step)
-        self.records = [dict(r) for r in records if int(r.get("step", 0)) <= self.done]
+        mine = range(self.first_chain, self.first_chain + chains) if chains is not None else None
+        self.records = [
+            dict(r)
+            for r in records
+            if int(r.get("step", 0)) <= self.done and (mine is None or int(r.get("chain", -1)) in mine)
+        ]
         self.overwrite = True  # files of later steps are the dead run's: the resumed chain replaces them
         if self.store is not None and self.store.exists():
             _truncate_store(self.store, self.done)
@@ -361,7 +383,7 @@ class Configurations:
 
         x = x.detach().cpu()
         n = x.shape[0]
-        provs = [self.provenance(step, c) for c in range(n)]
+        provs = [self.provenance(step, self.first_chain + c) for c in range(n)]
         header = dict(self.header(step)) if self.header is not None else {}
         src = self.source_meta or [None] * n
         assert self.handler is not None  # a save point needs a format (enabled)
@@ -374,12 +396,12 @@ class Configurations:
                 path = self.store
                 io.write(path, ens, "hdf5", precision=self.precision, append=path.exists())
             else:
-                path = self.folder / f"{self.name(step, None)}.{self.ext}"
+                path = self.folder / self._rank_name(f"{self.name(step, None)}.{self.ext}")
                 io.write(path, ens, self.format, precision=self.precision, overwrite=self.overwrite)
             self.records += [{"path": str(path), **p} for p in provs]
             return
         for c in range(n):
-            path = self.folder / f"{self.name(step, c)}.{self.ext}"
+            path = self.folder / f"{self.name(step, self.first_chain + c)}.{self.ext}"
             write_configuration(
                 path,
                 x[c : c + 1],
@@ -502,6 +524,13 @@ class ChainOutput:
         config: The run configuration (stored with HDF5 measurements).
         what: ``what`` of the ``flowplug_checkpoint_written`` event.
 
+    Under torchrun (:mod:`flowplug.distributed`) every rank builds its own
+    :class:`ChainOutput`: the checkpoint is the rank's (``checkpoint.rank<r>.pt``); the
+    measurements, ``provenance.json``, report and summary are rank 0's, written from what
+    :meth:`merged` gathers. :meth:`checkpoint`, :meth:`merged` and :meth:`finish` are then
+    collective: every rank calls them at the same steps (they do: the ranks step in
+    lockstep).
+
     Raises:
         ConfigError: on an unknown measurements format.
     """
@@ -518,9 +547,13 @@ class ChainOutput:
         config: Mapping[str, Any] | None = None,
         what: str = "chain",
     ) -> None:
+        from flowplug import distributed
+
         self.out = Path(out)
         self.command = command
-        self.checkpoint_path = self.out / checkpoint
+        self.world_size = distributed.world_size()
+        self.is_main = distributed.is_main()
+        self.checkpoint_path = self.out / distributed.rank_name(checkpoint)
         self.configurations = configurations
         if measurements is not None and str(measurements).strip().lower() not in ("hdf5", "csv"):
             raise ConfigError(f"measurements = {measurements!r}: choose 'hdf5' or 'csv'")
@@ -529,6 +562,7 @@ class ChainOutput:
         self.config = config
         self.what = what
         self._measured = -1
+        self._merged: tuple[int, dict[str, torch.Tensor], list[dict[str, Any]]] | None = None
 
     @property
     def measurements_path(self) -> Path | None:
@@ -544,8 +578,35 @@ class ChainOutput:
 
     @property
     def written(self) -> list[dict[str, Any]]:
-        """Every configuration written by the run (across resumes): ``{"path", **provenance}``."""
+        """Every configuration this process wrote in the run (across resumes):
+        ``{"path", **provenance}`` (of all processes: :meth:`merged`)."""
         return list(self.configurations.records) if self.configurations is not None else []
+
+    def merged(self, chain: Any) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+        """The history of every chain of the run and every configuration written.
+
+        In one process: ``chain.history_tensors()`` and :attr:`written`. Under torchrun
+        (collective: every rank calls it at the same step): the ranks' histories joined
+        along the chains' axis in rank order, which is the global chain order (a rank's
+        chains are a contiguous block), and every rank's records, sorted by step and
+        chain as one process appends them.
+
+        Returns:
+            ``(history, records)``: name -> (steps, chains) float64, and
+            ``[{"path", **provenance}, ...]``.
+        """
+        if self._merged is not None and self._merged[0] == chain.step_count:
+            return self._merged[1], self._merged[2]
+        history = chain.history_tensors()
+        records = self.written
+        if self.world_size > 1:
+            from flowplug import distributed
+
+            history = distributed.gather_history(history)
+            records = [r for part in distributed.all_gather_object(records) for r in part]
+            records.sort(key=lambda r: (int(r.get("step", 0)), int(r.get("chain", 0))))
+        self._merged = (chain.step_count, history, records)
+        return history, records
 
     def start(self, *, resume: bool = False, force: bool = False) -> None:
         """Create ``out``; on a fresh run refuse (or, with ``force``, remove) an ensemble store.
@@ -569,12 +630,14 @@ class ChainOutput:
                 records = json.loads(self.provenance_path.read_text(encoding="utf-8")).get("outputs", [])
             except (OSError, ValueError, AttributeError):
                 records = []
-        self.configurations.resumed(chain.step_count, records)
+        # of a sharded run's records (rank 0 wrote every rank's), each rank keeps its own chains'
+        mine = chain.state.batch if self.world_size > 1 else None
+        self.configurations.resumed(chain.step_count, records, chains=mine)
 
     def after_step(self, chain: Any, info: Mapping[str, Any] | None = None) -> None:
         """After every step: configurations at save points."""
-        if self.configurations is not None:
-            self.configurations.save(chain.step_count, chain.state.x)
+        if self.configurations is not None and self.configurations.is_save_point(chain.step_count):
+            self.configurations.save(chain.step_count, chain.state.x)  # (the streams joined only here)
 
     def checkpoint(self, chain: Any) -> None:
         """Measurements and ``provenance.json`` up to the chain's step, then its checkpoint."""
@@ -589,15 +652,16 @@ class ChainOutput:
     # --------------------------------------------------------------- at the end
 
     def _write_tables(self, chain: Any) -> None:
+        history, records = self.merged(chain)  # collective under torchrun
+        if not self.is_main:
+            return
         if self.measurements_path is not None and self._measured != chain.step_count:
-            write_measurements(
-                self.measurements_path, chain.history_tensors(), step_label=self.step_label, config=self.config
-            )
+            write_measurements(self.measurements_path, history, step_label=self.step_label, config=self.config)
             self._measured = chain.step_count
         if self.configurations is not None and self.configurations.enabled:
             from flowplug.fsutil import write_json
 
-            write_json(self.provenance_path, {"outputs": self.configurations.records})
+            write_json(self.provenance_path, {"outputs": records})
 
     def finish(
         self, chain: Any, summary: Mapping[str, Any], *, report: Mapping[str, Any] | None = None
@@ -612,9 +676,15 @@ class ChainOutput:
                 for no report.
 
         Returns:
-            ``summary`` as written (with ``command`` and ``flowplug_version``).
+            ``summary`` as written (with ``command`` and ``flowplug_version``); on a rank
+            other than 0 of a torchrun world, which writes none of these,
+            ``{"rank", "world_size"}``.
         """
         self._write_tables(chain)
+        if not self.is_main:
+            from flowplug import distributed
+
+            return {"rank": distributed.rank(), "world_size": self.world_size}
         if report is not None:
             from flowplug.jobs.report import chain_report
 

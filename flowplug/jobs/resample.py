@@ -31,6 +31,18 @@ The flow must pass the inverse check (:func:`flowplug.flowtools.check_inverse`, 
 as ``inverse_check`` in the summary) unless ``check_inverse=False``: log q of every input
 comes from the inverse.
 
+Under ``torchrun --standalone --nproc_per_node=W -m flowplug resample ...`` the input
+files are shared out (docs/chains.md, "Several processes", :mod:`flowplug.distributed`):
+the lattice files, in order, are cut into ``streams`` contiguous shares of nearly equal
+numbers of files (:func:`flowplug.distributed.share`), one random stream each, and rank r
+reads, checksums, weighs and resamples the files of its streams only, so a directory of
+thousands of files takes 1/W of the time per process. Rank r writes the outputs of its
+chains (per-configuration files named by global chain index, ``ensemble.rank<r>.h5``) and
+``chain.rank<r>.ckpt``; rank 0 holds the lock and writes the merged measurements,
+``provenance.json``, ``report.png`` and ``summary.json`` (every input, ``world_size``,
+``streams``). The run equals the one-process run with the same ``seed`` and ``streams``
+bit for bit.
+
 The configuration schema is :data:`DEFAULT_CONFIG` (``flowplug resample --print-config``).
 """
 
@@ -40,8 +52,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from flowplug.errors import FormatError
-from flowplug.fsutil import locked_run
+from flowplug import distributed
+from flowplug.errors import ConfigError, FormatError
 
 __all__ = ["DEFAULT_CONFIG", "NON_CHAIN_KEYS", "OPEN_TABLES", "run_resample"]
 
@@ -50,6 +62,9 @@ DEFAULT_CONFIG = """\
 
 seed = 1            # random seed of the chains
 steps = 20          # kernel steps per chain (one chain per input configuration)
+streams = 0         # random streams: contiguous shares of the input files, each with its own
+                    # generator; 0 = one per process (torchrun); the same seed and streams give
+                    # the same chains on any number of processes (a divisor of streams)
 save_every = 0      # 0: write each chain's configuration after the last step only (one output
                     # per input); N > 0: also every N steps
 threads = 1         # torch CPU threads (1: fastest on small lattices and busy machines; 0: torch's default)
@@ -81,7 +96,8 @@ group = ""
 OPEN_TABLES = ("kernel.options",)
 
 #: Keys that do not change the Markov chains: a run may be resumed with other values.
-NON_CHAIN_KEYS = ("steps", "save_every", "checkpoint_every", "measurements", "threads")
+NON_CHAIN_KEYS = ("steps", "save_every", "checkpoint_every", "measurements", "threads", "streams")
+# (the effective number of streams enters the run's id instead: 0 means one per process)
 
 
 def _warn_other_action(path: Any, ens: Any, target: Mapping[str, Any], seen: set[str]) -> None:
@@ -115,7 +131,6 @@ def _warn_other_action(path: Any, ens: Any, target: Mapping[str, Any], seen: set
     )
 
 
-@locked_run("resample", lambda a: a["out"])
 def run_resample(
     cfg: Mapping[str, Any],
     inputs: Sequence[Path | str],
@@ -132,7 +147,9 @@ def run_resample(
     """Run (or resume) a resample job; ``out`` is locked for the run.
 
     torch runs on ``threads`` CPU threads (:func:`flowplug.threads.job_threads`; the
-    caller's setting is restored afterwards).
+    caller's setting is restored afterwards). Under torchrun every process resamples its
+    share of the input files (:func:`flowplug.distributed.sharded_job`; rank 0 locks
+    ``out`` and writes the merged outputs; the other ranks return ``{"rank", "world_size"}``).
 
     Arguments:
         cfg: The effective configuration (of :data:`DEFAULT_CONFIG`).
@@ -159,13 +176,14 @@ def run_resample(
 
     Raises:
         FlowplugError: on bad inputs (no lattice file among them, a lattice file that
-            does not read), a mismatched flow, or an output that exists;
+            does not read, fewer lattice files than random streams), a mismatched flow,
+            or an output that exists;
             :class:`flowplug.errors.InverseCheckError` if the flow fails the inverse check
             and ``check_inverse`` is true.
     """
     from flowplug.threads import job_threads
 
-    with job_threads(cfg.get("threads", 1)):
+    with distributed.sharded_job("resample", out), job_threads(cfg.get("threads", 1)):
         return _run_resample(
             cfg,
             inputs,
@@ -204,6 +222,7 @@ def _run_resample(
         check_compatible,
         importance_weights,
         run_chains,
+        weight_figures,
     )
     from flowplug.jobs.output import ChainOutput, Configurations, output_format
     from flowplug.jobs.provenance import file_sha256, fingerprint, provenance
@@ -215,6 +234,8 @@ def _run_resample(
     ck = open_flow(flow, check_inverse=check_inverse)
     action = ck.action(action_override(cfg))
     files, skipped = io.lattice_inputs([str(p) for p in inputs], format=read_options.get("format"))
+    if not distributed.is_main():
+        log = None
     if skipped and log is not None:
         log(
             f"skipped {len(skipped)} file{'s' if len(skipped) != 1 else ''} that no lattice format "
@@ -225,26 +246,41 @@ def _run_resample(
             f"no lattice file among the inputs {', '.join(map(str, inputs))}"
             + (f" (skipped: {', '.join(map(str, skipped))})" if skipped else "")
         )
+    streams = distributed.effective_streams(int(cfg.get("streams", 0)))
+    if len(files) < streams:
+        raise ConfigError(
+            f"streams = {streams} random streams (one per process for streams = 0) need at least as many "
+            f"lattice files; found {len(files)}"
+        )
+    mine = distributed.shard(streams)
+    shares = [distributed.share(len(files), streams, g) for g in mine]  # this process's files, per stream
     parts: list[io.Ensemble] = []
     sources: list[dict[str, Any]] = []
+    sizes: list[int] = []
     target = ck.action_config | action_override(cfg)
     stated_actions: set[str] = set()
-    for f in files:
-        ens = io.read(f, **read_options)
-        check_compatible(ens, ck.flow, str(f))
-        _warn_other_action(f, ens, target, stated_actions)
-        digest = file_sha256(f)
-        for i in range(len(ens)):
-            sources.append(
-                {
-                    "file": str(f),
-                    "index": i,
-                    "sha256": digest,
-                    "format": ens.meta[i].format,
-                    "precision": ens.meta[i].precision,
-                }
-            )
-        parts.append(ens)
+    for part in shares:
+        n0 = len(sources)
+        for f in files[part]:
+            ens = io.read(f, **read_options)
+            check_compatible(ens, ck.flow, str(f))
+            _warn_other_action(f, ens, target, stated_actions)
+            digest = file_sha256(f)
+            for i in range(len(ens)):
+                sources.append(
+                    {
+                        "file": str(f),
+                        "index": i,
+                        "sha256": digest,
+                        "format": ens.meta[i].format,
+                        "precision": ens.meta[i].precision,
+                    }
+                )
+            parts.append(ens)
+        sizes.append(len(sources) - n0)
+    every = distributed.all_gather_object(sources)  # every process's inputs, in rank (= file) order
+    first = sum(len(p) for p in every[: distributed.rank()])  # global index of this process's first chain
+    all_sources = [s for p in every for s in p]
     ensemble = io.Ensemble.concat(parts)
     fmt = output_format(ensemble.meta[0].format if ensemble.meta[0].format != "hdf5" else "hdf5", cfg.get("to"))
     precision = int(cfg.get("precision") or ensemble.precision)
@@ -253,14 +289,40 @@ def _run_resample(
     names = list(cfg.get("observables") or default_observables(field, ndim))
     measure = measurement(field, names)
     kernel = build_kernel(ck.flow, action, cfg["kernel"])  # validate before creating outputs
-    weights = importance_weights(ck.flow, action, x0, measure)
+    # weights stream by stream (the same batches in any process), joined over every process
+    lp: list[float] = []
+    lq: list[float] = []
+    values: dict[str, list[float]] = {}
+    start = 0
+    for n in sizes:
+        w = importance_weights(ck.flow, action, x0[start : start + n], measure)
+        start += n
+        lp += w["log_p"]
+        lq += w["log_q"]
+        for k, v in w.get("observables", {}).items():
+            values.setdefault(k, []).extend(v)
+    joined = distributed.all_gather_object((lp, lq, values))
+    weights = weight_figures(
+        torch.tensor([v for p in joined for v in p[0]], dtype=torch.float64),
+        torch.tensor([v for p in joined for v in p[1]], dtype=torch.float64),
+        {k: torch.tensor([v for p in joined for v in p[2][k]], dtype=torch.float64) for k in values},
+    )
     seed = int(cfg["seed"])
     steps = int(cfg["steps"])
     # steps and output settings may change on --resume; the flow and the inputs may not
-    run_id = fingerprint(cfg, ck.sha256, *[s["sha256"] for s in sources], ignore=NON_CHAIN_KEYS)
+    run_id = fingerprint(cfg, ck.sha256, *[s["sha256"] for s in all_sources], ignore=NON_CHAIN_KEYS)
+    if streams > 1:
+        run_id += f"/streams={streams}"
+        split: dict[str, Any] = {
+            "sizes": sizes,
+            "generators": distributed.stream_generators(seed, streams, x0.device),
+            "stream_ids": list(mine),
+        }
+    else:
+        split = {"seed": seed}
 
     def _provenance(t: int, c: int) -> dict[str, Any]:
-        src = sources[c]
+        src = all_sources[c]
         return provenance(
             "resample",
             seed=seed,
@@ -281,10 +343,13 @@ def _run_resample(
         total=steps,
         precision=precision,
         source_meta=ensemble.meta,
-        inputs=[Path(s["file"]) for s in sources],
+        inputs=[Path(f) for f in files],
         overwrite=force,
-        name=lambda t, c: f"resample.s{t:05d}" if c is None else f"{Path(sources[c]['file']).name}.c{c:03d}.s{t:05d}",
+        name=lambda t, c: (
+            f"resample.s{t:05d}" if c is None else f"{Path(all_sources[c]['file']).name}.c{c:03d}.s{t:05d}"
+        ),
         provenance=_provenance,
+        first_chain=first,
     )
     output = ChainOutput(
         out, "resample", configurations=configurations, measurements=cfg.get("measurements", "csv"), config=cfg
@@ -294,18 +359,19 @@ def _run_resample(
         kernel,
         x0,
         steps,
-        seed=seed,
+        **split,
         measure=measure,
         output=output,
         resume=resume,
         run_id=run_id,
         checkpoint_every=int(cfg.get("checkpoint_every", 50)),
-        progress=progress,
+        progress=progress and distributed.is_main(),
         desc="resample",
     )
-    hist = chain.history_tensors()
+    hist, records = output.merged(chain)  # every process's chains (collective under torchrun)
     stats = chain_summary(hist, names, lattice=ck.flow.lattice)
-    warn_short_chains(stats.get("observables", {}), chain.step_count, job="resample", steps_key="steps")
+    if distributed.is_main():
+        warn_short_chains(stats.get("observables", {}), chain.step_count, job="resample", steps_key="steps")
     acc = stats.get("acceptance", float("nan"))
     assert ck.inverse_check is not None  # open_flow runs the check
     summary = {
@@ -314,7 +380,7 @@ def _run_resample(
         "ess": weights["ess"],
         "ess_p_samples": weights.get("ess_p_samples"),
         "steps": chain.step_count,
-        "chains": chain.state.batch,
+        "chains": len(all_sources),
         "seed": seed,
         "format": fmt,
         "precision": precision,
@@ -324,10 +390,12 @@ def _run_resample(
         "reweighted_inputs": weights["reweighted"],  # sum w O / sum w over the inputs
         "inputs": [
             {**s, "log_p": lp, "log_q": lq, "log_w": lw}
-            for s, lp, lq, lw in zip(sources, weights["log_p"], weights["log_q"], weights["log_w"], strict=True)
+            for s, lp, lq, lw in zip(all_sources, weights["log_p"], weights["log_q"], weights["log_w"], strict=True)
         ],
         "skipped_inputs": [str(f) for f in skipped],
-        "written": len(output.written),
+        "written": len(records),
+        "world_size": distributed.world_size(),
+        "streams": streams,
         "threads": torch.get_num_threads(),
         "inverse_check": {**ck.inverse_check.as_dict(), "enforced": check_inverse},
     }
@@ -335,7 +403,7 @@ def _run_resample(
         "history": hist,
         "names": names,
         "weights": weights["log_w"],
-        "title": f"flowplug resample: {len(sources)} chains, acceptance {acc:.3f}",
+        "title": f"flowplug resample: {len(all_sources)} chains, acceptance {acc:.3f}",
         "acceptance": summary["acceptance_by_kernel"] or {"all": acc},
     }
     return output.finish(chain, summary, report=report)

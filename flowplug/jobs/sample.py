@@ -21,6 +21,15 @@ histories, autocorrelation functions and acceptance. ``resume=True`` continues f
 (:func:`flowplug.flowtools.check_inverse`, recorded as ``inverse_check`` in the summary)
 unless ``check_inverse=False``.
 
+Under ``torchrun --standalone --nproc_per_node=W -m flowplug sample ...`` the chains are
+shared out among the W processes by random streams (``streams``; docs/chains.md,
+"Several processes", :mod:`flowplug.distributed`): every process draws the start of all
+chains (flow samples or a hot start, from the seeded generator) and keeps its own; rank r
+writes its chains' configurations (``ensemble.rank<r>.h5``) and ``chain.rank<r>.ckpt``;
+rank 0 holds the lock and writes the merged measurements, ``provenance.json``,
+``report.png`` and ``summary.json`` (with ``world_size`` and ``streams``). The run equals
+the one-process run with the same ``seed`` and ``streams`` bit for bit.
+
 The configuration schema is :data:`DEFAULT_CONFIG` (``flowplug sample --print-config``).
 """
 
@@ -30,7 +39,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from flowplug.fsutil import locked_run
+from flowplug import distributed
 
 __all__ = ["DEFAULT_CONFIG", "NON_CHAIN_KEYS", "OPEN_TABLES", "run_sample"]
 
@@ -41,6 +50,9 @@ seed = 1
 threads = 1         # torch CPU threads (1: fastest on small lattices and busy machines; 0: torch's default)
 lattice = []        # without --flow: lattice extents, x first (with a flow: the flow's)
 chains = 16         # independent chains, run as one batch
+streams = 0         # random streams: groups of chains with their own generator; 0 = one per
+                    # process (torchrun); the same seed and streams give the same chains on
+                    # any number of processes (a divisor of streams, which divides chains)
 steps = 200         # kernel steps per chain
 thermalize = 20     # steps left out of the statistics and of the written configurations
 save_every = 0      # write the configurations every this many steps (0: only the last)
@@ -72,10 +84,10 @@ group = ""
 OPEN_TABLES = ("kernel.options", "action")
 
 #: Keys that do not change the Markov chain: a run may be resumed with other values.
-NON_CHAIN_KEYS = ("steps", "save_every", "checkpoint_every", "measurements", "threads")
+NON_CHAIN_KEYS = ("steps", "save_every", "checkpoint_every", "measurements", "threads", "streams")
+# (the effective number of streams enters the run's id instead: 0 means one per process)
 
 
-@locked_run("sample", lambda a: a["out"])
 def run_sample(
     cfg: Mapping[str, Any],
     flow: Path | None,
@@ -87,6 +99,10 @@ def run_sample(
     check_inverse: bool = True,
 ) -> dict[str, Any]:
     """Run (or resume) a sample job; ``out`` is locked for the run.
+
+    Under torchrun every process runs its share of the chains
+    (:func:`flowplug.distributed.sharded_job`; rank 0 locks ``out`` and writes the merged
+    outputs; the other ranks return ``{"rank", "world_size"}``).
 
     Arguments:
         cfg: The effective configuration (of :data:`DEFAULT_CONFIG`).
@@ -108,7 +124,7 @@ def run_sample(
     """
     from flowplug.threads import job_threads
 
-    with job_threads(cfg.get("threads", 1)):
+    with distributed.sharded_job("sample", out), job_threads(cfg.get("threads", 1)):
         return _run_sample(cfg, flow, out, resume=resume, force=force, progress=progress, check_inverse=check_inverse)
 
 
@@ -146,6 +162,12 @@ def _run_sample(
             f"steps={steps}, thermalize={therm}"
         )
     seed = int(cfg["seed"])
+    streams = distributed.effective_streams(int(cfg.get("streams", 0)))
+    if chains % streams:
+        raise ConfigError(f"chains = {chains} cannot be split into streams = {streams} equal random streams")
+    per = chains // streams
+    mine = distributed.shard(streams)
+    local = slice(mine.start * per, mine.stop * per)  # this process's chains
     g0 = torch.Generator().manual_seed(seed + 7919)
     ck = None
     if flow is not None:
@@ -174,38 +196,52 @@ def _run_sample(
         overwrite=force or resume,
         name=lambda t, c: f"sample.s{t:05d}" if c is None else f"sample.c{c:03d}.s{t:05d}",
         provenance=lambda t, c: provenance("sample", seed=seed, step=t, chain=c, flow=ck),
+        first_chain=local.start,
     )
     output = ChainOutput(
         out, "sample", configurations=configurations, measurements=cfg.get("measurements", "csv"), config=cfg
     )
     output.start(resume=resume, force=force)
     weights: dict[str, Any] = {"ess": None}
+    # every process draws the start of all chains and keeps its own
     if ck is not None:
         with torch.no_grad():
             x0, _ = ck.flow.sample(chains, g0)
-            xs, _ = ck.flow.sample(int(cfg.get("ess_samples", 256)), g0)
-        weights = importance_weights(ck.flow, action, xs.detach())
+            if distributed.is_main():  # the ESS of the proposals: rank 0 reports it
+                xs, _ = ck.flow.sample(int(cfg.get("ess_samples", 256)), g0)
+                weights = importance_weights(ck.flow, action, xs.detach())
     else:
         from flowplug.theory import field_space
 
         x0 = field_space(field).hot(lattice, chains, generator=g0)
+    x0 = x0[local]
     run_id = fingerprint(cfg, ck.sha256 if ck else "", ignore=NON_CHAIN_KEYS)
+    if streams > 1:
+        run_id += f"/streams={streams}"
+        split: dict[str, Any] = {
+            "sizes": [per] * len(mine),
+            "generators": distributed.stream_generators(seed, streams, x0.device),
+            "stream_ids": list(mine),
+        }
+    else:
+        split = {"seed": seed}
     chain = run_chains(
         kernel,
         x0.detach(),
         steps,
-        seed=seed,
+        **split,
         measure=measurement(field, names),
         output=output,
         resume=resume,
         run_id=run_id,
         checkpoint_every=int(cfg.get("checkpoint_every", 100)),
-        progress=progress,
+        progress=progress and distributed.is_main(),
         desc="sample",
     )
-    hist = chain.history_tensors()
+    hist, records = output.merged(chain)  # every process's chains (collective under torchrun)
     stats = chain_summary(hist, names, burn=therm, lattice=lattice)
-    warn_short_chains(stats.get("observables", {}), chain.step_count - therm, job="sample", steps_key="steps")
+    if distributed.is_main():
+        warn_short_chains(stats.get("observables", {}), chain.step_count - therm, job="sample", steps_key="steps")
     acc = stats["acceptance"]
     inverse_check = None
     if ck is not None:
@@ -227,8 +263,10 @@ def _run_sample(
         "flow": ({"path": str(flow), "sha256": ck.sha256, "field": field, "lattice": list(lattice)} if ck else None),
         "action": (ck.action_config | action_override(cfg)) if ck else dict(cfg["action"]),
         "observables": stats["observables"],
-        "written": len(output.written),
+        "written": len(records),
         "inverse_check": inverse_check,
+        "world_size": distributed.world_size(),
+        "streams": streams,
     }
     report = {
         "history": {k: v[therm:] for k, v in hist.items()},
