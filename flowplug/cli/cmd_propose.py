@@ -44,8 +44,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-from pathlib import Path
 from typing import Any
 
 from flowplug.records import CommandSpec
@@ -95,94 +93,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Read IN, make one flow-Metropolis step, write OUT, print one JSON line."""
-    import torch
-
-    from flowplug import io
-    from flowplug.flowtools import file_sha256, open_flow
-    from flowplug.fsutil import remove_stale_temp_files
-    from flowplug.jobs.chains import check_compatible
-    from flowplug.jobs.output import output_format, write_configuration
-    from flowplug.proposal import FlowProposal
-
-    ck = open_flow(args.flow, check_inverse=not args.no_check_inverse)
-    src = Path(args.current)
-    ens = io.read(src, args.format, lattice=args.lattice, group=args.group, verify=not args.no_verify)
-    if len(ens) != 1:
-        raise io.FormatError(
-            f"{src}: holds {len(ens)} configurations; propose takes one (use flowplug resample for ensembles)"
-        )
-    check_compatible(ens, ck.flow, str(src))
-    fmt = output_format(ens.meta[0].format, args.to)
-    action = None if args.no_decide else ck.action()
-    kernel, kernel_name = _kernel(args, ck)
-    prop = FlowProposal(ck.flow, action, layout="canonical", seed=args.seed, kernel=kernel)
-    x = ens.links
-    prov = {
-        "command": "propose",
-        "input": str(src),
-        "input_sha256": file_sha256(src),
-        "flow": str(args.flow),
-        "flow_sha256": ck.sha256,
-        "seed": prop.seed,
-    }
-    if args.no_decide:
-        x1, lq0, lq1 = prop.propose(x)
-        line: dict[str, Any] = {"accepted": None, "log_q_current": float(lq0[0]), "log_q_proposal": float(lq1[0])}
-        nxt = x1
-        prov["result"] = "proposal (decision left to the production code)"
-        if not (math.isfinite(line["log_q_current"]) and math.isfinite(line["log_q_proposal"])):
-            # no production action can make this proposal acceptable (flowplug.metropolis):
-            # decided here, and OUT is the current configuration
-            line["accepted"] = False
-            line["reason"] = "non-finite log q: rejected without the production action"
-            nxt = x
-            prov["result"] = "rejected: non-finite log q; current configuration"
-    else:
-        nxt, res = prop.step(x)
-        line = res.as_dict()
-        prov["result"] = "accepted proposal" if line["accepted"] else "rejected: current configuration"
-    precision = args.precision or ens.precision
-    remove_stale_temp_files(Path(args.out))  # left by an interrupted earlier call
-    write_configuration(
-        Path(args.out),
-        torch.as_tensor(nxt),
-        fmt,
-        source_meta=ens.meta[0],
-        precision=precision,
-        provenance=prov,
-        overwrite=args.force,
-        inputs=[src],
-    )
-    line.update({"seed": prop.seed, "out": str(args.out), "format": fmt})
-    if kernel is not None:
-        line["kernel"] = kernel_name
-    assert ck.inverse_check is not None  # open_flow always runs the check
-    line["inverse_check"] = {
-        k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v)
-        for k, v in {**ck.inverse_check.as_dict(), "enforced": not args.no_check_inverse}.items()
-    }
-    print(json.dumps(line))
-    return 0
-
-
-def _kernel(args: argparse.Namespace, ck: Any) -> tuple[Any, str]:
-    """The ``--kernel`` with its ``--kernel-option`` values, built through the kernel registry
-    for the flow's action; ``(None, name)`` for flow independence Metropolis (the default).
-
-    Raises:
-        ConfigError: for a malformed option or one the kernel rejects.
-        UnknownComponentError: for an unregistered kernel.
-    """
+    """Parse the options, run :func:`flowplug.jobs.propose.run_propose`, print its JSON line."""
     from flowplug.config import parse_override
     from flowplug.errors import ConfigError
-    from flowplug.jobs.chains import DEFAULT_FLOW_KERNEL, build_kernel
-    from flowplug.manager import registry
+    from flowplug.jobs.propose import run_propose
 
-    if not args.kernel and not args.kernel_option:
-        return None, DEFAULT_FLOW_KERNEL
-    name = str(args.kernel or DEFAULT_FLOW_KERNEL).strip().lower()
-    spec = registry("kernel").get(DEFAULT_FLOW_KERNEL if name == "flow" else name)
     options: dict[str, Any] = {}
     for text in args.kernel_option:
         tree = parse_override(text)
@@ -190,9 +105,25 @@ def _kernel(args: argparse.Namespace, ck: Any) -> tuple[Any, str]:
         if isinstance(value, dict):
             raise ConfigError(f"--kernel-option {text!r}: expected KEY=VALUE with a plain key")
         options[key] = value
-    if spec.name == DEFAULT_FLOW_KERNEL and not options:
-        return None, spec.name
-    return build_kernel(ck.flow, ck.action(), {"type": spec.name, "options": options}), spec.name
+    line = run_propose(
+        args.flow,
+        args.current,
+        args.out,
+        to=args.to,
+        seed=args.seed,
+        decide=not args.no_decide,
+        kernel=args.kernel,
+        kernel_options=options,
+        precision=args.precision,
+        force=args.force,
+        input_format=args.format,
+        lattice=args.lattice,
+        group=args.group,
+        verify=not args.no_verify,
+        check_inverse=not args.no_check_inverse,
+    )
+    print(json.dumps(line))
+    return 0
 
 
 COMMAND = CommandSpec(

@@ -1,4 +1,4 @@
-"""Jobs: the runs behind ``flowplug hmc``, ``sample``, ``resample``, ``train`` and ``demo``, as a Python API.
+"""Jobs: the runs behind ``flowplug hmc``, ``sample``, ``resample``, ``train``, ``demo`` and ``propose``, as a Python API.
 
 A **job** is one documented function that takes an effective configuration (a TOML
 tree: the job's :data:`DEFAULT_CONFIG` with a user's file and ``--set`` overrides merged
@@ -21,6 +21,7 @@ job                                           what it does
 :func:`flowplug.jobs.resample.run_resample`   exact flow chains seeded by an existing ensemble
 :func:`flowplug.jobs.train.run_train`         train a flow (:func:`~flowplug.jobs.train.resume_train` continues one)
 :func:`flowplug.jobs.demo.run_demo`           HMC, training, resampling and a report against exact values (2D U(1))
+:func:`flowplug.jobs.propose.run_propose`     one exact flow step on a production code's configuration file
 ============================================  =====================================================
 
 The parts they share:
