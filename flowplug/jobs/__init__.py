@@ -56,8 +56,9 @@ from __future__ import annotations
 
 from flowplug.jobs.demo import run_demo
 from flowplug.jobs.hmc import run_hmc
+from flowplug.jobs.propose import run_propose
 from flowplug.jobs.resample import run_resample
 from flowplug.jobs.sample import run_sample
 from flowplug.jobs.train import resume_train, run_train
 
-__all__ = ["run_hmc", "run_sample", "run_resample", "run_train", "resume_train", "run_demo"]
+__all__ = ["run_hmc", "run_sample", "run_resample", "run_train", "resume_train", "run_demo", "run_propose"]
