@@ -196,7 +196,8 @@ def run_lock(out: str | Path, command: str) -> Iterator[Path]:
     The lock is an advisory ``flock`` on ``<out>/.flowplug.lock`` (created with ``out``
     if missing); the file records the holder (command, process id, host, start time).
     The operating system releases the lock when the holder exits, however it exits, so
-    a lock file left by a dead process never blocks a new run. POSIX only: without
+    a lock file left by a dead process never blocks a new run. A directory the run created
+    and left empty (a configuration refused before anything was written) is removed. POSIX only: without
     ``fcntl`` (Windows) the run goes on unlocked, with a ``RuntimeWarning``.
 
     Arguments:
@@ -213,6 +214,7 @@ def run_lock(out: str | Path, command: str) -> Iterator[Path]:
     import socket
 
     out = Path(out)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     path = out / LOCK_NAME
     key = os.path.realpath(path)
@@ -241,9 +243,21 @@ def run_lock(out: str | Path, command: str) -> Iterator[Path]:
             yield path
         finally:
             del _HELD[key]
+            if created:
+                _remove_if_unused(out, path)  # a refused run leaves no empty directory behind
             _unlock(fd)
     finally:
         os.close(fd)
+
+
+def _remove_if_unused(out: Path, lock: Path) -> None:
+    """Remove ``out`` (created by this run) when the run wrote nothing but its lock file."""
+    try:
+        if [p.name for p in out.iterdir()] == [lock.name]:
+            lock.unlink()
+            out.rmdir()
+    except OSError:  # anything unexpected: keep what is there
+        pass
 
 
 def locked_run(command: str, out_of: Callable[[Mapping[str, Any]], Any]) -> Callable[[F], F]:

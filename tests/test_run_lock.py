@@ -131,4 +131,19 @@ def test_hmc_refuses_a_run_that_measures_nothing(tmp_path, capsys, traj, therm):
     assert rc == 1
     err = " ".join(capsys.readouterr().err.split())
     assert f"hmc.trajectories = {traj} leaves nothing after hmc.thermalization = {therm}" in err
-    assert not (tmp_path / "o" / "summary.json").exists()
+    assert not (tmp_path / "o").exists()  # the refused run leaves no empty directory behind
+
+
+def test_lock_removes_only_an_empty_directory_it_created(tmp_path):
+    made = tmp_path / "made"
+    with run_lock(made, "job"):
+        assert (made / ".flowplug.lock").exists()
+    assert not made.exists()
+    with run_lock(made, "job"):
+        (made / "summary.json").write_text("{}")
+    assert (made / "summary.json").exists() and (made / ".flowplug.lock").exists()
+    given = tmp_path / "given"
+    given.mkdir()
+    with run_lock(given, "job"):
+        pass
+    assert given.is_dir()
