@@ -9,11 +9,16 @@ continues the run.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
-from flowplug.cli.common import add_config_arguments, add_examples, chain_resume_hint, config_from_args
+from flowplug.cli.common import (
+    add_config_arguments,
+    add_examples,
+    chain_resume_hint,
+    config_from_args,
+    observables_text,
+)
 from flowplug.jobs.hmc import DEFAULT_CONFIG, OPEN_TABLES, run_hmc
 from flowplug.records import CommandSpec
 
@@ -51,19 +56,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def result_line(summary: dict, out: str) -> str:
     """The one-line result of an HMC run: acceptance, every observable (with chi_t), the output."""
-    parts = [f"acceptance {summary.get('acceptance', float('nan')):.3f}"]
-    for name, v in summary.get("observables", {}).items():
-        tau = v["tau_int"]
-        parts.append(
-            f"{name} {v['mean']:.6g} +- {v['error']:.2g} (tau_int {tau:.2g})"
-            if math.isfinite(tau)
-            else f"{name} {v['mean']:.6g} (frozen)"
-        )
     chains = summary["chains"]
     return (
         f"flowplug hmc: {summary['trajectories']} trajectories x {chains} chain{'s' if chains != 1 else ''}; "
-        + "; ".join(parts)
-        + f"; results in {out}"
+        f"acceptance {summary.get('acceptance', float('nan')):.3f}" + observables_text(summary) + f"; results in {out}"
     )
 
 

@@ -13,8 +13,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from flowplug.cli.cmd_sample import susceptibility_text
-from flowplug.cli.common import add_config_arguments, add_examples, chain_resume_hint, config_from_args
+from flowplug.cli.common import (
+    add_config_arguments,
+    add_examples,
+    chain_resume_hint,
+    config_from_args,
+    observables_text,
+)
 from flowplug.errors import ConfigError
 from flowplug.jobs.resample import DEFAULT_CONFIG, OPEN_TABLES, run_resample
 from flowplug.records import CommandSpec
@@ -89,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(
         f"resample: {s['chains']} chains x {s['steps']} steps, acceptance {s['acceptance']:.3f}, "
-        f"ESS of input weights {s['ess']:.3f}{susceptibility_text(s)}; {s['written']} configurations "
+        f"ESS of input weights {s['ess']:.3f}{observables_text(s)}; {s['written']} configurations "
         f"written to {args.out}"
     )
     return 0

@@ -11,7 +11,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from flowplug.cli.common import add_config_arguments, add_examples, chain_resume_hint, config_from_args
+from flowplug.cli.common import (
+    add_config_arguments,
+    add_examples,
+    chain_resume_hint,
+    config_from_args,
+    observables_text,
+)
 from flowplug.errors import ConfigError
 from flowplug.jobs.sample import DEFAULT_CONFIG, OPEN_TABLES, run_sample
 from flowplug.records import CommandSpec
@@ -78,18 +84,9 @@ def run(args: argparse.Namespace) -> int:
     ess = f", ESS of the flow weights {s['ess']:.3f}" if s.get("ess") is not None else ""
     print(
         f"sample: {s['chains']} chains x {s['steps']} steps of {s['kernel']}, acceptance {accs}{ess}"
-        f"{susceptibility_text(s)}; results in {args.out}"
+        f"{observables_text(s)}; results in {args.out}"
     )
     return 0
-
-
-def susceptibility_text(summary: dict) -> str:
-    """``", chi_t = <Q^2>/V 0.0193 +- 0.0011"`` when the summary has the topological
-    susceptibility, else ``""``."""
-    chi = summary.get("observables", {}).get("topological_susceptibility")
-    if not chi:
-        return ""
-    return f", chi_t = <Q^2>/V {chi['mean']:.4g} +- {chi['error']:.2g}"
 
 
 COMMAND = CommandSpec(

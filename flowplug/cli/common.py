@@ -174,3 +174,19 @@ def chain_resume_hint(
         resumed=bool(args.resume),
         unit=unit,
     )
+
+
+def observables_text(summary: dict[str, Any]) -> str:
+    """``"; plaquette 0.6982 +- 0.0011 (tau_int 1.3); ..."`` for every observable of a job's
+    summary (``"(frozen)"`` where tau_int is not finite), ``""`` when it has none."""
+    import math
+
+    parts = []
+    for name, v in summary.get("observables", {}).items():
+        tau = v.get("tau_int", float("nan"))
+        parts.append(
+            f"{name} {v['mean']:.6g} +- {v['error']:.2g} (tau_int {tau:.2g})"
+            if math.isfinite(tau)
+            else f"{name} {v['mean']:.6g} (frozen)"
+        )
+    return "".join(f"; {p}" for p in parts)
