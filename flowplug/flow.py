@@ -203,7 +203,12 @@ class Flow(nn.Module):
         """
         layers = [(entry["name"], dict(entry.get("options", {}))) for entry in spec["layers"]]
         return build_flow_from_layers(
-            spec["field"], spec["lattice"], layers, prior=spec.get("prior"), prior_options=spec.get("prior_options", {})
+            spec["field"],
+            spec["lattice"],
+            layers,
+            prior=spec.get("prior"),
+            prior_options=spec.get("prior_options", {}),
+            symmetrize=spec.get("symmetrize", ""),
         )
 
 
@@ -288,10 +293,14 @@ def build_flow_from_layers(
     *,
     prior: str | None = None,
     prior_options: Mapping[str, Any] | None = None,
+    symmetrize: str = "",
 ) -> Flow:
     """Build a :class:`Flow` from an explicit list of ``(layer name, options)``.
 
-    Layer i receives ``index=i``. Raises as :func:`make_layer` and :func:`make_prior`.
+    Layer i receives ``index=i``. A non-empty ``symmetrize`` (a symmetry of the field kind,
+    ``"z2"``) gives a :class:`flowplug.symmetric.SymmetrizedFlow`, recorded in the spec.
+    Raises as :func:`make_layer` and :func:`make_prior`, and ConfigError for a symmetry
+    the field kind does not have.
     """
     lattice = [int(v) for v in lattice]
     prior_name = prior or default_prior(field)
@@ -308,7 +317,12 @@ def build_flow_from_layers(
         "prior_options": dict(prior_options or {}),
         "layers": entries,
     }
-    return Flow(prior_mod, modules, field=field, lattice=lattice, spec=spec)
+    flow = Flow(prior_mod, modules, field=field, lattice=lattice, spec=spec)
+    if symmetrize:
+        from flowplug.symmetric import symmetrize_flow
+
+        return symmetrize_flow(flow, symmetrize)
+    return flow
 
 
 def build_flow(
@@ -320,6 +334,7 @@ def build_flow(
     options: Mapping[str, Any] | None = None,
     prior: str | None = None,
     prior_options: Mapping[str, Any] | None = None,
+    symmetrize: str = "",
 ) -> Flow:
     """Build a flow from layer names, cycling through them, and shared/per-layer options.
 
@@ -333,6 +348,8 @@ def build_flow(
             (``options["u1-ncp"] = {"n_mix": 4}``) is given to that layer only, strictly.
         prior: Prior registry name; default by field kind.
         prior_options: Options of the prior.
+        symmetrize: Name of a symmetry of the field kind (``"z2"``) over which the density
+            is averaged (:mod:`flowplug.symmetric`); empty: none.
 
     Returns:
         The flow, with :attr:`Flow.spec` set.
@@ -391,7 +408,7 @@ def build_flow(
                 f"flow.options.{table}: layer '{rec.name}' is not used in this flow "
                 f"(layers: {', '.join(sorted(known))})"
             )
-    return build_flow_from_layers(field, lattice, plan, prior=prior, prior_options=prior_options)
+    return build_flow_from_layers(field, lattice, plan, prior=prior, prior_options=prior_options, symmetrize=symmetrize)
 
 
 def _defining_class(layer: nn.Module, name: str) -> type | None:
@@ -414,8 +431,10 @@ def has_forward_diag(layer: nn.Module) -> bool:
 
 
 def layers_without_forward_diag(flow: Flow) -> list[str]:
-    """Sorted class names of the layers of ``flow`` that fail :func:`has_forward_diag`."""
-    return sorted({type(layer).__name__ for layer in flow.layers if not has_forward_diag(layer)})
+    """Sorted class names of the layers of ``flow`` that fail :func:`has_forward_diag`, and the
+    flow's own ``path_gradient_blockers`` (a symmetrised flow: :mod:`flowplug.symmetric`)."""
+    names = {type(layer).__name__ for layer in flow.layers if not has_forward_diag(layer)}
+    return sorted(names | set(getattr(flow, "path_gradient_blockers", ())))
 
 
 def supports_fast_path_gradient(flow: Flow) -> bool:

@@ -206,7 +206,7 @@ def check_inverse(
             z_back, _ = flow.inverse(x)
             x_back, _ = flow(z_back)
             lq_inv = flow.log_prob(x).to(torch.float64)
-            latent_err = _finite_max(distance(z_back, z))
+            latent_err = _finite_max(getattr(flow, "latent_distance", distance)(z_back, z))  # modulo G if symmetrised
             field_err = _finite_max(distance(x_back, x))
             lq_err = _finite_max((lq_fwd - lq_inv).abs())
             if not (bool(torch.isfinite(x).all()) and bool(torch.isfinite(lq_fwd).all())):

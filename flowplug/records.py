@@ -127,6 +127,13 @@ class FieldKindSpec(Component):
             Given as a mapping; stored as sorted ``(name, dims)`` pairs.
         prior: Registry name of the flow prior used when a flow names none (``normal``,
             ``uniform``, ``haar``); empty if the kind has no default prior.
+        symmetries: ``{name: (g_1, g_2, ...)}``: finite symmetry groups of the field, each
+            given by its non-identity elements, callables x -> g x (same shape and dtype)
+            that are involutions (g g = identity) with |det g| = 1 in the field's reference
+            measure, and that with the identity form a group (``scalar``: ``{"z2":
+            (negate,)}``, phi -> -phi). ``flow.symmetrize`` averages a flow's density over
+            one of them (:mod:`flowplug.symmetric`, arXiv:2107.00734). Given as a mapping;
+            stored as sorted ``(name, elements)`` pairs.
 
     Example::
 
@@ -143,6 +150,7 @@ class FieldKindSpec(Component):
     observables: tuple[str, ...] = ()
     observable_dims: Any = ()
     prior: str = ""
+    symmetries: Any = ()
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -166,6 +174,15 @@ class FieldKindSpec(Component):
             self, "observable_dims", tuple(sorted((str(n), tuple(int(d) for d in ds)) for n, ds in pairs))
         )
         object.__setattr__(self, "gauge", bool(self.gauge))
+        syms = self.symmetries.items() if hasattr(self.symmetries, "items") else self.symmetries
+        pairs_s = tuple(sorted((str(n).lower(), tuple(g)) for n, g in syms))
+        for n, gs in pairs_s:
+            if not _NAME.match(n) or not gs or not all(callable(g) for g in gs):
+                raise ValueError(
+                    f"field kind {self.name!r}: symmetry {n!r} must be a lower-case name with a "
+                    "non-empty tuple of callables (its non-identity elements)"
+                )
+        object.__setattr__(self, "symmetries", pairs_s)
 
     @property
     def label(self) -> str:
@@ -216,6 +233,7 @@ class FieldKindSpec(Component):
             observables=list(self.observables),
             observable_dims={n: list(d) for n, d in self.observable_dims},
             prior=self.prior,
+            symmetries=[n for n, _ in self.symmetries],
         )
         return out
 
@@ -230,11 +248,15 @@ class ActionSpec(Component):
     Attributes:
         fields: Field kinds the action accepts (see the module docstring).
         parameters: Names of the couplings ``factory`` takes (``beta``, ``m2``, ``lam``...).
+        symmetries: Names of field-kind symmetries (:attr:`FieldKindSpec.symmetries`) that
+            leave the action invariant for every value of its couplings (``phi4``: ``z2``);
+            ``flow.symmetrize`` accepts only these.
     """
 
     kind: ClassVar[str] = "action"
     fields: tuple[str, ...] = ()
     parameters: tuple[str, ...] = ()
+    symmetries: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -93,6 +93,7 @@ from flowplug.errors import CheckpointError, ConfigError, NonFiniteParametersErr
 from flowplug.flow import Flow, build_flow, check_field, layers_without_forward_diag, path_gradient_loss
 from flowplug.fsutil import locked_run
 from flowplug.stats import ess as _ess
+from flowplug.symmetric import check_action_symmetry
 from flowplug.theory import Action, action_from_config
 from flowplug.threads import set_threads
 from flowplug.training_data import load_ensemble
@@ -761,6 +762,7 @@ def build_trainer(
         n_layers=fcfg.get("n_layers"),
         options=fcfg.get("options", {}),
         prior=fcfg.get("prior") or None,
+        symmetrize=check_action_symmetry(str(config["action"]["name"]), fcfg.get("symmetrize") or ""),
     )
     dev = resolve_device(str(device if device is not None else config.get("device", "auto")))
     dev = distributed.init_from_env(dev)  # under torchrun: join the process group (cuda:LOCAL_RANK)

@@ -9,6 +9,7 @@ one family, ``su``: every name ``su<N>`` (su2, su3, su4...) is a kind, its space
 Default observables (a run's ``observables = []``) and default flow priors:
 
 * ``scalar``: magnetization, abs_magnetization, chi_2, ising_energy; prior ``normal``;
+  symmetry ``z2`` (phi -> -phi, :func:`negate`; ``flow.symmetrize``, :mod:`flowplug.symmetric`);
 * ``o2``: none built in (the XY plugin brings its own); no default prior;
 * ``u1``: plaquette, topological_charge (2D lattices only); prior ``uniform``;
 * ``su<N>``: plaquette, topological_charge (4D lattices only); prior ``haar``.
@@ -23,9 +24,18 @@ from __future__ import annotations
 
 from functools import partial
 
+import torch
+
 from flowplug.hookspecs import hookimpl
 from flowplug.records import FieldKindSpec
 from flowplug.theory import AngleSpace, EuclideanSpace, SUNSpace
+
+
+def negate(phi: torch.Tensor) -> torch.Tensor:
+    """phi -> -phi, the Z2 symmetry of a real scalar field (same shape and dtype; an
+    involution with |det| = 1), the ``z2`` symmetry of the ``scalar`` kind."""
+    return -phi
+
 
 SCALAR_OBSERVABLES = ("magnetization", "abs_magnetization", "chi_2", "ising_energy")
 GAUGE_OBSERVABLES = ("plaquette", "topological_charge")
@@ -41,6 +51,7 @@ def flowplug_field_kinds() -> list[FieldKindSpec]:
             factory=EuclideanSpace,
             observables=SCALAR_OBSERVABLES,
             prior="normal",
+            symmetries={"z2": (negate,)},
         ),
         FieldKindSpec(
             name="o2",

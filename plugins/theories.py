@@ -230,6 +230,7 @@ def flowplug_actions() -> list[ActionSpec]:
             factory=Phi4Action,
             fields=("scalar",),
             parameters=("m2", "lam"),
+            symmetries=("z2",),  # S[-phi] = S[phi]
         ),
         ActionSpec(
             name="wilson",

@@ -57,6 +57,8 @@ lam = 8.0                    # phi4: quartic coupling
 layers = ["affine"]          # registered flow layers, used in turn (flowplug plugins)
 n_layers = 16                # total number of coupling layers
 prior = ""                   # empty: normal (scalar), uniform (u1), haar (su<N>)
+symmetrize = ""               # a symmetry of the field and action ("z2" for phi4): sample the density
+                             # averaged over it, (q(x) + q(-x)) / 2, so both broken-phase modes (2107.00734)
 
 [flow.options]               # options for every layer that accepts them; a sub-table
 hidden = [8, 8]              # named after a layer (e.g. [flow.options.u1-ncp]) holds
