@@ -16,6 +16,7 @@ BUILTIN: tuple[str, ...] = (
     "flowplug.plugins.heatbath",  # heatbath and overrelaxation kernels (SU(N) Wilson)
     "flowplug.plugins.flows",  # flow layers and priors
     "flowplug.plugins.kernels",  # flow kernels: independence Metropolis, mixtures, flow HMC
+    "flowplug.plugins.l2hmc",  # L2HMC: trainable generalised leapfrog (2D U(1))
     "flowplug.plugins.nonequilibrium",  # non-equilibrium (Jarzynski) proposals / stochastic normalizing flows
     "flowplug.plugins.dirac",  # Dirac operators: wilson
     "flowplug.plugins.fermion_actions",  # schwinger(-exact), wilson-nf2(-exact); condensate, pion
