@@ -46,6 +46,7 @@ def _in_order(dtype: type[np.generic] | str, byteorder: str) -> np.dtype:
 
 
 __all__ = [
+    "ScidacChecksum",
     "scidac_checksum",
     "scidac_checksum_reference",
     "milc_checksum",
@@ -89,8 +90,86 @@ def _as_uint8(data: bytes | bytearray | memoryview | np.ndarray) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8)
 
 
+#: Classes of the one-pass SciDAC reduction: 29 * 31, so that rank mod 899 fixes both
+#: rank mod 29 and rank mod 31.
+SCIDAC_CLASSES = 29 * 31
+
+
+class ScidacChecksum:
+    """The SciDAC checksum of a payload fed in pieces, in file order (see the module docstring).
+
+    ``update`` XOR-reduces the sites it is given into 899 = 29 * 31 site-sized rows by
+    rank mod 899 (one pass over the bytes, which can still be in cache from the read);
+    ``digest`` reduces those rows to the 29 and 31 classes and takes 29 + 31 CRC-32s.
+    The result equals :func:`scidac_checksum_reference` of the concatenated pieces.
+
+    Arguments:
+        site_bytes: Bytes per site (4 links * N * N * 2 * 4 or 8).
+
+    Raises:
+        ValueError: from ``update``, on a piece that is not a whole number of sites.
+    """
+
+    def __init__(self, site_bytes: int) -> None:
+        if site_bytes <= 0:
+            raise ValueError(f"site_bytes must be positive; found {site_bytes}")
+        self.site_bytes = int(site_bytes)
+        self.nsites = 0
+        self._acc = np.zeros((SCIDAC_CLASSES, self.site_bytes), dtype=np.uint8)  # row j: sites r = j mod 899
+
+    def update(self, data: bytes | np.ndarray) -> None:
+        """Add the next sites (the stored bytes of a whole number of sites)."""
+        raw = _as_uint8(data)
+        if raw.size % self.site_bytes:
+            raise ValueError(f"payload of {raw.size} bytes is not a whole number of {self.site_bytes}-byte sites")
+        n = raw.size // self.site_bytes
+        if n == 0:
+            return
+        rows, _ = _word_view(raw, self.site_bytes)
+        acc = self._acc.view(rows.dtype)  # (899, words); np.zeros is aligned for any width
+        k = self.nsites % SCIDAC_CLASSES
+        head = min(n, (SCIDAC_CLASSES - k) % SCIDAC_CLASSES)
+        if head:
+            acc[k : k + head] ^= rows[:head]
+        body = (n - head) // SCIDAC_CLASSES * SCIDAC_CLASSES
+        for start in range(head, head + body, SCIDAC_CLASSES):  # in place: no temporaries
+            np.bitwise_xor(acc, rows[start : start + SCIDAC_CLASSES], out=acc)
+        tail = rows[head + body :]
+        if len(tail):
+            acc[: len(tail)] ^= tail
+        self.nsites += n
+
+    def digest(self) -> tuple[int, int]:
+        """``(suma, sumb)`` of everything fed so far, as Python ints in [0, 2^32)."""
+        if self.nsites == 0:
+            return 0, 0
+        rows, _ = _word_view(self._acc.reshape(-1), self.site_bytes)
+        return _scidac_sums(rows, self.nsites, self.site_bytes)
+
+
+def _scidac_sums(rows: np.ndarray, nsites: int, site_bytes: int) -> tuple[int, int]:
+    """``(suma, sumb)`` from site rows whose row j holds the XOR of the sites of rank r = j mod
+    (a multiple of 29 * 31, or every site in order): class k of modulus 29 (31) is the XOR
+    of the rows j = k mod 29 (31)."""
+    zero_crc = zlib.crc32(bytes(site_bytes))
+    sums = []
+    for modulus in (29, 31):
+        classes = _xor_classes(rows, modulus)
+        total = 0
+        for k in range(min(modulus, nsites)):
+            count = nsites // modulus + (1 if k < nsites % modulus else 0)
+            crc = zlib.crc32(classes[k].tobytes())
+            if count % 2 == 0:
+                crc ^= zero_crc
+            total ^= rotl32(crc, k)
+        sums.append(total)
+    return sums[0], sums[1]
+
+
 def scidac_checksum(data: bytes | np.ndarray, site_bytes: int) -> tuple[int, int]:
     """SciDAC checksum ``(suma, sumb)`` of a payload, vectorised (see the module docstring).
+
+    One pass over the payload (:class:`ScidacChecksum`), whatever the volume.
 
     Arguments:
         data: The payload exactly as stored (big-endian bytes), length V * site_bytes;
@@ -109,23 +188,9 @@ def scidac_checksum(data: bytes | np.ndarray, site_bytes: int) -> tuple[int, int
     raw = _as_uint8(data)
     if site_bytes <= 0 or raw.size % site_bytes:
         raise ValueError(f"payload of {raw.size} bytes is not a whole number of {site_bytes}-byte sites")
-    nsites = raw.size // site_bytes
-    if nsites == 0:
-        return 0, 0
-    rows, _ = _word_view(raw, site_bytes)
-    zero_crc = zlib.crc32(bytes(site_bytes))
-    sums = []
-    for modulus in (29, 31):
-        classes = _xor_classes(rows, modulus)
-        total = 0
-        for k in range(min(modulus, nsites)):
-            count = nsites // modulus + (1 if k < nsites % modulus else 0)
-            crc = zlib.crc32(classes[k].tobytes())
-            if count % 2 == 0:
-                crc ^= zero_crc
-            total ^= rotl32(crc, k)
-        sums.append(total)
-    return sums[0], sums[1]
+    acc = ScidacChecksum(site_bytes)
+    acc.update(raw)
+    return acc.digest()
 
 
 def scidac_checksum_reference(data: bytes, site_bytes: int) -> tuple[int, int]:

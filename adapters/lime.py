@@ -41,15 +41,16 @@ from typing import Any
 import numpy as np
 
 from flowplug.adapters.action_metadata import stated_action
-from flowplug.adapters.checksums import scidac_checksum
+from flowplug.adapters.checksums import ScidacChecksum, scidac_checksum
 from flowplug.adapters.common import (
     canonical_to_ildg,
     decimals_tolerance,
     float_check,
     fmt_lattice,
     hex_check,
-    ildg_to_canonical,
-    read_payload,
+    read_ildg_canonical,
+    read_ildg_file_order,
+    write_ildg_payload,
 )
 from flowplug.errors import FormatError
 from flowplug.hookspecs import hookimpl
@@ -201,6 +202,11 @@ def read_lime(
             nor SciDAC private records, checked against them otherwise.
         group: ``su3``/``su2``; required (or guessed from the record length when
             unambiguous) for bare LIME files.
+        **options: ``contiguous=False`` (``io.read(path, contiguous=False)``) returns the
+            links as a canonical-shaped view of the file order (see
+            :func:`flowplug.adapters.common.read_ildg_file_order`): the same values and
+            checks, without the permuted copy; default ``True``, the contiguous
+            canonical layout. Other options are ignored.
 
     Returns:
         An ensemble of one configuration; ``meta[0].format`` is ``ildg``, ``scidac`` or
@@ -336,12 +342,23 @@ def read_lime(
             f"{vol * site_bytes} bytes (dims do not match the data length)"
         )
 
-    raw = read_payload(path, binary.data_offset, binary.length, f"record '{binary.type}'")
     checks = []
     ck = by_type.get("scidac-checksum")
-    if ck is not None:
+    summer = ScidacChecksum(site_bytes) if ck is not None else None
+    # one pass over the payload: each piece is checksummed, byte swapped and put in place
+    reader = read_ildg_canonical if options.get("contiguous", True) else read_ildg_file_order
+    links = reader(
+        path,
+        binary.data_offset,
+        dims,
+        n_colors,
+        precision,
+        what=f"record '{binary.type}'",
+        on_chunk=None if summer is None else summer.update,
+    )
+    if ck is not None and summer is not None:
         xml = ck.text
-        found = scidac_checksum(raw, site_bytes)
+        found = summer.digest()
         for tag, value in zip(("suma", "sumb"), found, strict=True):
             tag_text = _tag(xml, tag)
             try:
@@ -350,7 +367,6 @@ def read_lime(
                 raise FormatError(f"{path}: scidac-checksum: <{tag}> {tag_text!r} is not a hex number") from None
             checks.append(hex_check(f"scidac-checksum {tag}", expected, value))
         header["scidac_checksum"] = {"suma": f"{found[0]:08x}", "sumb": f"{found[1]:08x}"}
-    links = ildg_to_canonical(raw, dims, n_colors, precision)
 
     lfn = by_type.get("ildg-data-lfn")
     if lfn is not None:
@@ -434,7 +450,8 @@ def ildg_records(
     """The (type, data) records of an ILDG file for a one-configuration ensemble, in order.
 
     The data of ``ildg-binary-data`` is the payload as a uint8 array (not copied into
-    ``bytes``); every other record's data is ``bytes``.
+    ``bytes``); every other record's data is ``bytes``. (:meth:`LimeHandler.write`
+    writes the same records, streaming the payload instead of holding it.)
 
     Metadata records of the source (``scidac-file-xml``, ``scidac-record-xml``) and its
     LFN are reused verbatim; the private records, ``ildg-format`` and the checksum are
@@ -443,13 +460,25 @@ def ildg_records(
     colors, typesize, datacount``): QIO leaves out ``spins`` when it is 0, as for gauge
     links, and its version 1.0 files (the MILC sample) say ``globaldata`` for ``recordtype``.
     """
+    n = ensemble.n_colors
+    payload = canonical_to_ildg(ensemble.links[0], precision).reshape(-1).view("u1")
+    site_bytes = 4 * n * n * 2 * precision // 8
+    suma, sumb = scidac_checksum(payload, site_bytes)
+    return [
+        *_ildg_head_records(ensemble, precision, lfn=lfn, date=date),
+        ("ildg-binary-data", payload),
+        _checksum_record(suma, sumb),
+    ]
+
+
+def _ildg_head_records(
+    ensemble: Ensemble, precision: int, *, lfn: str | None = None, date: str | None = None
+) -> list[tuple[str, bytes]]:
+    """The records of :func:`ildg_records` before ``ildg-binary-data``."""
     meta = ensemble.meta[0]
     lx, ly, lz, lt = ensemble.lattice
     n = ensemble.n_colors
     letter = "F" if precision == 32 else "D"
-    payload = canonical_to_ildg(ensemble.links[0], precision).reshape(-1).view("u1")
-    site_bytes = 4 * n * n * 2 * precision // 8
-    suma, sumb = scidac_checksum(payload, site_bytes)
     src_private = meta.record("scidac-private-record-xml")
     if date is None and src_private is not None:
         date = _tag(src_private.text, "date")
@@ -490,14 +519,14 @@ def ildg_records(
             ),
         ),
         ("ildg-data-lfn", (lfn or "lfn://flowplug/unnamed").encode("utf-8")),
-        ("ildg-binary-data", payload),
-        (
-            "scidac-checksum",
-            _xml(
-                f"<scidacChecksum><version>1.0</version><suma>{suma:08x}</suma><sumb>{sumb:08x}</sumb></scidacChecksum>"
-            ),
-        ),
     ]
+
+
+def _checksum_record(suma: int, sumb: int) -> tuple[str, bytes]:
+    return (
+        "scidac-checksum",
+        _xml(f"<scidacChecksum><version>1.0</version><suma>{suma:08x}</suma><sumb>{sumb:08x}</sumb></scidacChecksum>"),
+    )
 
 
 #: Record types :func:`ildg_records` writes itself.
@@ -584,21 +613,23 @@ class LimeHandler(FormatHandler):
         """
         if self.name != "ildg":
             raise FormatError(f"format {self.name} is read-only; write ildg")
-        recs = ildg_records(ensemble, precision, lfn=lfn, date=date)
-        last = len(recs) - 1
+        head = _ildg_head_records(ensemble, precision, lfn=lfn, date=date)
+        n = ensemble.n_colors
+        site_bytes = 4 * n * n * 2 * precision // 8
+        nbytes = math.prod(ensemble.lattice) * site_bytes
+        summer = ScidacChecksum(site_bytes)
+        # records 0-1: message 1; 2-7: message 2 (binary data = record 6, checksum = 7)
         with open(path, "wb") as fh:
-            for i, (rtype, data) in enumerate(recs):
-                flags = 0
-                if i in (0, 2):
-                    flags |= MB_FLAG
-                if i in (1, last):
-                    flags |= ME_FLAG
-                if isinstance(data, np.ndarray):  # the ildg-binary-data payload
-                    fh.write(LIME_HEADER.pack(LIME_MAGIC, 1, flags, data.nbytes, rtype.encode("ascii")))
-                    fh.write(memoryview(data))  # type: ignore[arg-type]  # numpy's stubs give ndarray __buffer__ only for Python >= 3.12
-                    fh.write(b"\0" * ((-data.nbytes) % 8))
-                else:
-                    fh.write(_lime_record(rtype, data, flags))
+            for i, (rtype, data) in enumerate(head):
+                fh.write(_lime_record(rtype, data, MB_FLAG if i in (0, 2) else ME_FLAG if i == 1 else 0))
+            fh.write(LIME_HEADER.pack(LIME_MAGIC, 1, 0, nbytes, b"ildg-binary-data"))
+            # the payload is produced, checksummed and written piece by piece
+            written = write_ildg_payload(fh, ensemble.links[0], precision, on_chunk=summer.update)
+            if written != nbytes:  # pragma: no cover - the layout fixes the size
+                raise FormatError(f"{path}: wrote {written} payload bytes, expected {nbytes}")
+            fh.write(b"\0" * ((-nbytes) % 8))
+            rtype, data = _checksum_record(*summer.digest())
+            fh.write(_lime_record(rtype, data, ME_FLAG))
             for rtype, data in extra_records(ensemble):
                 fh.write(_lime_record(rtype, data, MB_FLAG | ME_FLAG))
 

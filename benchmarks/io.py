@@ -2,16 +2,22 @@
 
 Every figure is compared with the limit measured in the same run on the same bytes:
 ``numpy.fromfile`` of the ILDG payload plus an in-place byte swap (no checksum, no
-layout change). Prints times (best of N, page cache warm) and ratios raw/flowplug
-(1.0 = as fast as the raw read; the target for read+checksum is >= 0.5).
+layout change). All candidates are called round-robin, ``--repeat`` rounds, and the
+best time of each is kept, so that every ratio compares times taken under the same
+machine load. Prints a table and one JSON line per operation (times in ms, ratio =
+raw time / this time; 1.0 = as fast as the raw read).
 
-Run:  python benchmarks/io.py [--lattice 16x16x16x16] [--repeat 5]
+Run:  OMP_NUM_THREADS=1 python benchmarks/io.py [--lattice 16x16x16x16] [--repeat 9] [--clock wall|cpu]
+      (``--clock cpu`` times the process's CPU time instead of the wall clock: steadier
+      on a shared machine, but it adds up the helper thread of the HDF5 read)
       (FLOWPLUG_LYNCS_PYTHON=/path/to/python with lyncs-io adds lyncs-io's load time)
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
+import json
 import os
 import shutil
 import subprocess
@@ -38,18 +44,23 @@ print(best(lambda: np.asarray(lyncs_io.load({path!r}, format="lime"))), best(raw
 """
 
 
-def best_interleaved(fns: dict, repeat: int) -> dict:
-    """Best wall time of each function, calling them round-robin ``repeat`` times.
+def best_interleaved(fns: dict, repeat: int, clock=time.perf_counter) -> dict:
+    """Best time of each function, calling them round-robin ``repeat`` times (after one warm-up round).
 
     Interleaving exposes every candidate to the same machine load, so the ratios are
-    meaningful on a shared machine even when absolute times drift.
+    meaningful on a shared machine even when absolute times drift. A function may
+    return a path: it is deleted after the timing (a file written for the occasion).
     """
-    times = {k: [] for k in fns}
-    for _ in range(repeat):
+    times: dict = {k: [] for k in fns}
+    for rnd in range(repeat + 1):
         for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
+            t0 = clock()
+            out = fn()
+            elapsed = clock() - t0
+            if rnd:
+                times[k].append(elapsed)
+            if isinstance(out, Path):
+                out.unlink()
     return {k: min(v) for k, v in times.items()}
 
 
@@ -69,7 +80,8 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lattice", default="16x16x16x16")
-    parser.add_argument("--repeat", type=int, default=7)
+    parser.add_argument("--repeat", type=int, default=9)
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
     args = parser.parse_args()
     lattice = io.parse_lattice(args.lattice)
     rng = np.random.default_rng(0)
@@ -126,6 +138,30 @@ def run(args, io, ens, work: Path) -> None:
         with h5py.File(h5, "r") as f:
             return f["links"][0]
 
+    counter = itertools.count()
+    stored = ens.links.numpy().copy()
+
+    def write_over():  # replaces the file read by the other candidates (same bytes)
+        io.write(path, ens, overwrite=True)
+
+    def write_new():  # a new file each time (the production case); deleted outside the timing
+        out = work / f"new{next(counter)}.ildg"
+        io.write(out, ens)
+        return out
+
+    view = io.read(path, contiguous=False)  # links whose memory is in file order
+
+    def write_view_new():  # no permutation needed (a read-convert-write job)
+        out = work / f"view{next(counter)}.ildg"
+        io.write(out, view)
+        return out
+
+    def raw_write():  # numpy tofile of the same number of bytes, new file: the write limit
+        out = work / f"raw{next(counter)}.bin"
+        stored.tofile(out)
+        return out
+
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         t = best_interleaved(
@@ -136,31 +172,60 @@ def run(args, io, ens, work: Path) -> None:
                 "rc": read_checksum,
                 "nounit": lambda: io.read(path, unitarity="ignore"),
                 "full": lambda: io.read(path),
+                "view_nounit": lambda: io.read(path, unitarity="ignore", contiguous=False),
+                "view_full": lambda: io.read(path, contiguous=False),
                 "h5": lambda: io.read(h5, unitarity="ignore"),
                 "h5raw": h5_raw,
-                "write": lambda: io.write(path, ens, overwrite=True),
+                "write": write_over,
+                "write_new": write_new,
+                "write_view_new": write_view_new,
+                "raw_write": raw_write,
             },
             args.repeat,
+            clock,
         )
-    t_raw, t_rawcrc, t_ck, t_rc = t["raw"], t["rawcrc"], t["ck"], t["rc"]
-    t_read_nounit, t_read, t_h5, t_h5raw, t_write = t["nounit"], t["full"], t["h5"], t["h5raw"], t["write"]
+    t_raw = t["raw"]
     mb = nbytes / 2**20
     print(
-        f"lattice {args.lattice}, SU(3) double, payload {nbytes / 1e6:.1f} MB, best of {args.repeat} interleaved rounds"
+        f"lattice {args.lattice}, SU(3) double, payload {nbytes / 1e6:.1f} MB, best of {args.repeat} "
+        f"interleaved rounds, {args.clock} clock"
     )
     rows = [
-        ("raw numpy.fromfile + byteswap (the limit)", t_raw),
-        ("raw numpy.fromfile + one zlib.crc32 of the payload", t_rawcrc),
-        ("SciDAC checksum alone (in memory, vectorised)", t_ck),
-        ("flowplug read + SciDAC checksum + byteswap (file order)", t_rc),
-        ("flowplug io.read, canonical torch tensor, no unitarity check", t_read_nounit),
-        ("flowplug io.read, full (finite + unitarity + det check)", t_read),
-        ("flowplug io.read of the HDF5 store (CRC-32 verified)", t_h5),
-        ("h5py read of the same dataset (no check)", t_h5raw),
-        ("flowplug io.write ILDG (layout, checksum, records)", t_write),
+        ("raw", "raw numpy.fromfile + byteswap (the limit)"),
+        ("rawcrc", "raw numpy.fromfile + one zlib.crc32 of the payload"),
+        ("ck", "SciDAC checksum alone (in memory, vectorised)"),
+        ("rc", "flowplug read + SciDAC checksum + byteswap (file order)"),
+        ("nounit", "flowplug io.read, canonical torch tensor, no unitarity check"),
+        ("full", "flowplug io.read, full (finite + unitarity + det check)"),
+        ("view_nounit", "io.read(contiguous=False), view of file order, no unitarity"),
+        ("view_full", "io.read(contiguous=False), full checks"),
+        ("h5", "flowplug io.read of the HDF5 store (CRC-32 verified)"),
+        ("h5raw", "h5py read of the same dataset (no check)"),
+        ("write", "flowplug io.write ILDG, overwriting (layout, checksum, records)"),
+        ("write_new", "flowplug io.write ILDG to a new file"),
+        ("write_view_new", "io.write ILDG to a new file of links read contiguous=False"),
+        ("raw_write", "raw numpy tofile of the same bytes to a new file"),
     ]
-    for label, t in rows:
-        print(f"  {label:<62s} {t * 1e3:8.1f} ms  {mb / t:7.0f} MiB/s  ratio raw/this {t_raw / t:5.2f}")
+    for key, label in rows:
+        tk = t[key]
+        print(f"  {label:<62s} {tk * 1e3:8.1f} ms  {mb / tk:7.0f} MiB/s  ratio raw/this {t_raw / tk:5.2f}")
+    for key, label in rows:
+        tk = t[key]
+        print(
+            json.dumps(
+                {
+                    "bench": "io",
+                    "lattice": args.lattice,
+                    "clock": args.clock,
+                    "repeat": args.repeat,
+                    "op": key,
+                    "label": label,
+                    "ms": round(tk * 1e3, 3),
+                    "mib_per_s": round(mb / tk, 1),
+                    "ratio_raw_over_this": round(t_raw / tk, 3),
+                }
+            )
+        )
     other = os.environ.get("FLOWPLUG_LYNCS_PYTHON")
     try:
         import lyncs_io

@@ -384,7 +384,9 @@ def read(
             header plaquette/link trace). With ``False`` the outcomes are still recorded
             in ``Metadata.checks``, nothing is raised.
         unitarity: ``"warn"``, ``"error"`` or ``"ignore"`` (see :func:`check_links`).
-        **options: Format-specific options (HDF5: ``index`` to select configurations).
+        **options: Format-specific options (HDF5: ``index`` to select configurations;
+            ILDG/SciDAC/LIME: ``contiguous=False`` returns the links as a canonical-shaped
+            view of the file order, without the permuted copy; other formats ignore it).
 
     Returns:
         The ensemble; ``meta[i].header["unitarity"]``/``["determinant"]`` hold the

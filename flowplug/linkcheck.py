@@ -10,6 +10,7 @@ error, links off the group a :class:`NonUnitaryWarning`, failed stored check val
 from __future__ import annotations
 
 import warnings
+import weakref
 
 import numpy as np
 import torch
@@ -27,6 +28,7 @@ __all__ = [
     "group_deviation",
     "float32_exact",
     "raise_failed_checks",
+    "mark_finite",
 ]
 
 
@@ -103,6 +105,29 @@ def link_deviations(ensemble: Ensemble) -> list[tuple[float, float]]:
     return out
 
 
+#: Tensors a reader has already proven free of NaN/Inf: id -> (weak reference, version then).
+#: (Keyed by id: a WeakKeyDictionary would compare tensors with ``==``.)
+_KNOWN_FINITE: dict[int, tuple[weakref.ref, int]] = {}
+
+
+def mark_finite(values: torch.Tensor) -> None:
+    """Record that ``values`` holds no NaN or Inf (a reader checked it while the data were in cache).
+
+    The next :func:`check_links` of the same tensor (the one :func:`flowplug.io.read`
+    makes right after the reader) skips its own pass over the values; the record is
+    used once, and voided by an in-place change of the tensor (its version counter).
+    """
+    key = id(values)
+    ref = weakref.ref(values, lambda _, key=key: _KNOWN_FINITE.pop(key, None))  # type: ignore[misc]
+    _KNOWN_FINITE[key] = (ref, values._version)
+
+
+def _known_finite(values: torch.Tensor) -> bool:
+    """Whether ``values`` was marked by :func:`mark_finite` and not changed since (uses the mark)."""
+    entry = _KNOWN_FINITE.pop(id(values), None)
+    return entry is not None and entry[0]() is values and entry[1] == values._version
+
+
 def check_links(
     ensemble: Ensemble, *, source: str = "data", unitarity: str = "warn", finite: bool = True
 ) -> dict[str, float]:
@@ -125,8 +150,8 @@ def check_links(
             link), or on non-unitary links when ``unitarity="error"``.
     """
     links = ensemble.links
-    if finite:
-        flat = links.detach().cpu().resolve_conj().numpy()
+    if finite and not _known_finite(links):
+        flat = _memory_order(links.detach().cpu().resolve_conj().numpy())
         if not _all_finite(flat):
             ok = torch.isfinite(torch.view_as_real(links) if links.is_complex() else links)
             bad = (~ok).nonzero()[0].tolist()
@@ -157,6 +182,20 @@ def check_links(
         if unitarity == "warn":
             warnings.warn(text, NonUnitaryWarning, stacklevel=3)
     return {"unitarity": unit, "determinant": det}
+
+
+def _memory_order(values: np.ndarray, keep: int = 0) -> np.ndarray:
+    """``values`` with its axes (but the last ``keep``) reordered to follow memory, when that
+    makes it C-contiguous (a permuted view such as a file-order read); else ``values``.
+
+    The checks here are maxima and sums over all entries, independent of the axis order,
+    so a permuted array can be reduced in memory order without a copy.
+    """
+    if values.flags.c_contiguous or values.ndim <= keep + 1:
+        return values
+    lead = sorted(range(values.ndim - keep), key=lambda k: -abs(values.strides[k]))
+    out = values.transpose(*lead, *range(values.ndim - keep, values.ndim))
+    return out if out.flags.c_contiguous else values
 
 
 def _all_finite(values: np.ndarray) -> bool:
@@ -195,7 +234,7 @@ def group_deviation(links: torch.Tensor) -> tuple[float, float]:
         from flowplug.gauge import determinant_deviation, unitarity_deviation
 
         return float(unitarity_deviation(links).max()), float(determinant_deviation(links).max())
-    flat = links.detach().cpu().resolve_conj().numpy().reshape(-1, n, n)
+    flat = _memory_order(links.detach().cpu().resolve_conj().numpy(), keep=2).reshape(-1, n, n)
     unit = det = 0.0  # (also for an empty tensor)
     for start in range(0, flat.shape[0], _GROUP_CHUNK):  # chunks keep the temporaries in cache
         a, b = _group_deviation_chunk(flat[start : start + _GROUP_CHUNK], n)

@@ -281,3 +281,26 @@ def test_reference_definitions_reproduce_the_production_files():
     end = data.index(b"END_HEADER\n") + len(b"END_HEADER\n")
     assert b"CHECKSUM = ba83ff12" in data[:end]
     assert nersc_ref(data[end:], ">") == 0xBA83FF12
+
+
+@pytest.mark.parametrize("site_bytes", [12, 72, 576])
+def test_scidac_checksum_fed_in_pieces_equals_the_definition(site_bytes):
+    """The one-pass accumulator (classes mod 899 = 29 * 31) fed in uneven, unaligned pieces."""
+    from flowplug.adapters.checksums import ScidacChecksum
+
+    rng = np.random.default_rng(site_bytes)
+    for nsites in (1, 28, 900, 2 * 899 + 31):
+        payload = rng.integers(0, 256, nsites * site_bytes, dtype=np.uint8)
+        expected = scidac_checksum_reference(payload.tobytes(), site_bytes)
+        acc = ScidacChecksum(site_bytes)
+        cuts = sorted(int(c) for c in rng.integers(0, nsites + 1, 4))
+        start = 0
+        for stop in [*cuts, nsites]:
+            piece = np.empty((stop - start) * site_bytes + 1, dtype=np.uint8)[1:]  # unaligned
+            piece[:] = payload[start * site_bytes : stop * site_bytes]
+            acc.update(piece)
+            start = stop
+        assert acc.nsites == nsites
+        assert acc.digest() == expected == scidac_checksum(payload, site_bytes)
+    with pytest.raises(ValueError, match="not a whole number of"):
+        ScidacChecksum(site_bytes).update(bytes(site_bytes + 1))

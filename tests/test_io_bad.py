@@ -276,3 +276,36 @@ def test_all_finite_fast_path_agrees_with_isfinite():
     x[7] = -np.inf  # their sum is NaN, still non-finite
     assert not _all_finite(x)
     assert _all_finite(np.arange(5))
+
+
+@pytest.mark.parametrize("contiguous", [True, False])
+@pytest.mark.parametrize("precision", [32, 64])
+def test_finiteness_proven_while_reading_still_catches_nan(tmp_path, monkeypatch, contiguous, precision):
+    """The ILDG reader proves finiteness piece by piece (then io.read skips its own pass);
+    a NaN in any piece, or a huge value whose sum overflows, still ends as before."""
+    import torch
+
+    from flowplug.adapters import common
+    from flowplug.linkcheck import _known_finite, check_links
+
+    monkeypatch.setattr(common, "CHUNK_BYTES", 700)
+    ens = make_ensemble(precision=precision, seed=5)
+    good = tmp_path / "good.ildg"
+    io.write(good, ens)
+    back = io.read(good, contiguous=contiguous)
+    assert torch.equal(back.links, ens.links)
+    links = ens.links.clone()
+    links[0, 3, 1, 2, 3, 4, 2, 1] = complex(float("nan"), 0.0)  # the last piece
+    bad = tmp_path / "bad.ildg"
+    io.write(bad, io.Ensemble(links, precision=precision), precision=precision)
+    with pytest.raises(FormatError, match="NaN or Inf values .*configuration 0, direction 3, site \\(1, 2, 3, 4\\)"):
+        io.read(bad, contiguous=contiguous, verify=False)
+    # marks are used once and voided by an in-place change
+    t = common.read_ildg_canonical(
+        good, next(r for r in scan(good) if r.type == "ildg-binary-data").data_offset, (2, 3, 4, 5), 3, precision
+    )
+    t.add_(0)
+    assert not _known_finite(t)
+    t[0, 0, 0, 0, 0, 0, 0, 0] = float("inf")
+    with pytest.raises(FormatError, match="NaN or Inf"):
+        check_links(io.Ensemble(t), source="x")

@@ -155,3 +155,70 @@ def test_a_batch_without_batched_is_refused():
     with pytest.raises(ShapeError, match="batched=True"):
         from_ildg(y)
     assert from_ildg(y, batched=True).shape == (1, 4, 3, 4, 5, 6, 3, 3)
+
+
+# ----------------------------------------------------------------- chunked conversions (issue 16, item 5)
+
+
+@pytest.mark.parametrize("target", [1, 100, 10_000, 1 << 30])
+def test_file_chunks_cover_the_payload_in_order(target):
+    from flowplug.adapters.common import _file_chunks
+
+    shape = (5, 4, 3, 2, 4)  # (lt, lz, ly, lx, d), non-cubic
+    flat = np.arange(int(np.prod(shape))).reshape(shape)
+    pieces = _file_chunks(shape, 72, target)
+    assert pieces[0][1] == 0 and pieces[-1][2] == flat.size
+    for (index, a, b), nxt in zip(pieces, [*pieces[1:], None], strict=True):
+        assert np.array_equal(flat[index].reshape(-1), np.arange(a, b))  # the piece is that byte range
+        if nxt is not None:
+            assert nxt[1] == b  # consecutive, no gap
+        assert (b - a) * 72 <= max(target, 72 * 4) and (b - a) % 4 == 0  # whole sites
+
+
+@pytest.mark.parametrize("precision", [32, 64])
+@pytest.mark.parametrize("byteorder", [">", "<"])
+def test_chunked_reads_and_writes_agree_with_layout(tmp_path, monkeypatch, precision, byteorder):
+    """Piecewise file -> canonical copies (contiguous and file-order view) and the
+    piecewise writer give exactly layout's permutation, with pieces smaller than a slice."""
+    from flowplug.adapters import common
+    from flowplug.adapters.checksums import ScidacChecksum, scidac_checksum
+
+    monkeypatch.setattr(common, "CHUNK_BYTES", 500)  # many pieces, cut inside time slices
+    lattice = (2, 3, 4, 5)
+    rng = np.random.default_rng(7)
+    can = rng.normal(size=(4, *lattice, 3, 3)) + 1j * rng.normal(size=(4, *lattice, 3, 3))
+    if precision == 32:
+        can = can.astype(np.complex64).astype(np.complex128)  # exactly representable
+    dtype = common.complex_dtype(precision, byteorder)
+    stored = np.ascontiguousarray(to_ildg(can)).astype(dtype)
+    payload = stored.reshape(-1).view(np.uint8)
+    path = tmp_path / "payload.bin"
+    path.write_bytes(b"xyz" + payload.tobytes())  # an odd offset
+    site_bytes = 4 * 9 * precision // 4
+    for reader in (common.read_ildg_canonical, common.read_ildg_file_order):
+        summer = ScidacChecksum(site_bytes)
+        got = reader(path, 3, lattice, 3, precision, byteorder, on_chunk=summer.update)
+        assert got.shape == (1, 4, *lattice, 3, 3) and got.dtype == torch.complex128
+        assert torch.equal(got[0], torch.from_numpy(can))
+        assert summer.digest() == scidac_checksum(payload, site_bytes)
+    assert common.read_ildg_canonical(path, 3, lattice, 3, precision, byteorder).is_contiguous()
+    assert torch.equal(common.ildg_to_canonical(payload, lattice, 3, precision, byteorder)[0], torch.from_numpy(can))
+    # writing: the same bytes from contiguous links and from a file-order view
+    view = common.read_ildg_file_order(path, 3, lattice, 3, precision, byteorder)[0]
+    for links in (torch.from_numpy(can), view):
+        assert np.array_equal(common.canonical_to_ildg(links, precision, byteorder), stored)
+        out = tmp_path / "out.bin"
+        with open(out, "wb") as fh:
+            assert common.write_ildg_payload(fh, links, precision, byteorder) == payload.size
+        assert out.read_bytes() == payload.tobytes()
+
+
+def test_chunked_read_of_a_truncated_payload_is_a_format_error(tmp_path):
+    from flowplug.adapters import common
+    from flowplug.errors import FormatError
+
+    path = tmp_path / "short.bin"
+    path.write_bytes(bytes(100))
+    for reader in (common.read_ildg_canonical, common.read_ildg_file_order):
+        with pytest.raises(FormatError, match="needs bytes 0..576 but the file has 100 bytes"):
+            reader(path, 0, (1, 1, 1, 1), 3, 64)
