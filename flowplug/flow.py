@@ -443,6 +443,16 @@ def supports_fast_path_gradient(flow: Flow) -> bool:
     return not layers_without_forward_diag(flow)
 
 
+def _logdet_from_frozen(layer: Any) -> bool:
+    """True when ``layer`` declares (class attribute ``logdet_from_frozen``, set by the class that
+    defines ``forward``) that its log|det J| depends on the coordinates it does not update only
+    (affine couplings: the sum of s(frozen sites)); :func:`path_gradient_loss` then needs one
+    vector-Jacobian product per layer instead of two."""
+    return bool(getattr(layer, "logdet_from_frozen", False)) and _defining_class(
+        layer, "logdet_from_frozen"
+    ) is _defining_class(layer, "forward")
+
+
 def _grad_or_zeros(out: torch.Tensor, inp: torch.Tensor, grad_outputs: torch.Tensor | None = None) -> torch.Tensor:
     if not out.requires_grad:
         return torch.zeros_like(inp)
@@ -476,7 +486,10 @@ def path_gradient_loss(
     w = v / d on updated coordinates, w = v - (J^T c) on the others, where c is w on
     the updated coordinates and 0 elsewhere (one vector-Jacobian product). The cost is
     two vector-Jacobian products per layer on top of the usual forward and backward
-    passes, instead of a pass through the (possibly iterative) inverse.
+    passes, instead of a pass through the (possibly iterative) inverse; one for a layer
+    whose log|det J| depends on its frozen coordinates only (class attribute
+    ``logdet_from_frozen = True``, e.g. affine couplings): then v = g on the updated
+    coordinates and a single product gives grad log|det J| + J^T c.
 
     Arguments:
         flow: A flow whose layers all have ``forward_diag``
@@ -502,10 +515,17 @@ def path_gradient_loss(
     x, logdet = z, torch.zeros_like(log_r)
     for layer in _layer_modules(flow.layers):
         y, ld, log_diag, updated = layer.forward_diag(x)
-        v = g - _grad_or_zeros(ld, x)
-        c = torch.where(updated, v * torch.exp(-log_diag.detach()), torch.zeros_like(v))
-        u = _grad_or_zeros(y, x, grad_outputs=c)
-        g = torch.where(updated, c, v - u)
+        if _logdet_from_frozen(layer) and ld.requires_grad and y.requires_grad:
+            # grad log|det J| vanishes on the updated coordinates, so v = g there, c is known
+            # before any product, and one vector-Jacobian product gives grad log|det J| + J^T c
+            c = torch.where(updated, g * torch.exp(-log_diag.detach()), torch.zeros_like(g))
+            vjp = torch.autograd.grad((ld, y), x, grad_outputs=(torch.ones_like(ld), c), retain_graph=True)[0]
+            g = torch.where(updated, c, g - vjp)
+        else:
+            v = g - _grad_or_zeros(ld, x)
+            c = torch.where(updated, v * torch.exp(-log_diag.detach()), torch.zeros_like(v))
+            u = _grad_or_zeros(y, x, grad_outputs=c)
+            g = torch.where(updated, c, v - u)
         x, logdet = y, logdet + ld
     s = action(x).to(torch.float64)
     g = g + _grad_or_zeros(s, x)

@@ -162,6 +162,20 @@ class _LogProb(nn.Module):
         return self.flow.log_prob(x)
 
 
+def _fused_optimizer_ok(params: list[nn.Parameter], device: torch.device) -> bool:
+    """Whether Adam/AdamW can take ``fused=True`` here: floating-point parameters on a CPU or CUDA
+    device of a torch that supports it (same update rule, one kernel per parameter group)."""
+    if not params or device.type not in ("cpu", "cuda"):
+        return False
+    if not all(p.is_floating_point() and p.device.type == device.type for p in params):
+        return False
+    try:
+        torch.optim.Adam([torch.zeros(1, device=device, requires_grad=True)], fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return False
+    return True
+
+
 #: Defaults of the [train] table (the CLI's default configuration documents each key).
 TRAIN_DEFAULTS: dict[str, Any] = {
     "steps": 1000,
@@ -284,10 +298,14 @@ class Trainer:
             check_field(flow, ensemble)
             self.ensemble = ensemble.to(self.device)
         params = [p for p in self.flow.parameters() if p.requires_grad]
+        self._params = params  # the trained parameters, in a fixed order (the hot loop reads this list)
+        self._finite_watch: list[torch.Tensor] | None = None  # see _parameters_finite
         name = str(opts["optimizer"]).lower()
         kw: dict[str, Any] = dict(
             lr=float(opts["lr"]), betas=tuple(float(b) for b in opts["betas"]), weight_decay=float(opts["weight_decay"])
         )
+        if _fused_optimizer_ok(params, self.device):
+            kw["fused"] = True  # one kernel per parameter group instead of ~10 Python-level ops per tensor
         if name == "adam":
             self.optimizer: torch.optim.Optimizer = torch.optim.Adam(params, **kw)
         elif name == "adamw":
@@ -356,7 +374,8 @@ class Trainer:
                 divergence guard has no snapshot to return to
                 (:meth:`_check_finite_parameters`).
         """
-        self.flow.train()
+        if not self.flow.training:  # Module.train() walks every submodule: only when needed
+            self.flow.train()
         t0 = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
         lr = float(self.optimizer.param_groups[0]["lr"])
@@ -371,14 +390,14 @@ class Trainer:
             if distributed.world_size() > 1:
                 # a parameter that no rank's loss reached stays without gradient (as in one process,
                 # where the optimizer skips it); one that some rank's did gets zeros elsewhere
-                params = [p for p in self.flow.parameters() if p.requires_grad]
+                params = self._params
                 reached = torch.tensor([float(p.grad is not None) for p in params], device=self.device)
                 distributed.all_reduce_sum([reached])
                 for p, n in zip(params, reached.tolist(), strict=True):
                     if n > 0 and p.grad is None:
                         p.grad = torch.zeros_like(p)
                 distributed.all_reduce_sum(p.grad for p in params if p.grad is not None)
-            params = [p for p in self.flow.parameters() if p.grad is not None]
+            params = [p for p in self._params if p.grad is not None]
             clip = float(self.opts["grad_clip"])
             gn = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
             grad_norm = float(gn)
@@ -417,6 +436,22 @@ class Trainer:
         """Names of the flow's parameters and buffers that hold NaN or Inf (empty when all are finite)."""
         return non_finite_entries(self.flow.state_dict())
 
+    def _parameters_finite(self) -> bool:
+        """True when every floating-point parameter and buffer of the flow is finite, cheaply:
+        one concatenation and one check instead of a check per tensor; the caller runs the
+        exact, per-tensor :meth:`non_finite_parameters` when this says no."""
+        if self._finite_watch is None:  # built once: walking the modules costs more than the check
+            self._finite_watch = [t.detach() for t in self._params] + [
+                b for b in self.flow.buffers() if b.is_floating_point() or b.is_complex()
+            ]
+        tensors = self._finite_watch
+        if not tensors:
+            return True
+        try:
+            return bool(torch.isfinite(torch.cat([t.reshape(-1) for t in tensors])).all())
+        except RuntimeError:  # tensors on several devices
+            return not self.non_finite_parameters()
+
     def _check_finite_parameters(self) -> None:
         """After a step: parameters that are no longer finite are rolled back to the divergence
         guard's snapshot (``train.guard`` > 0 and a snapshot taken), else the run stops.
@@ -425,6 +460,8 @@ class Trainer:
             NonFiniteParametersError: when there is no snapshot to return to; no checkpoint
                 of the non-finite state is written, the last one written stays.
         """
+        if self._parameters_finite():
+            return
         bad = self.non_finite_parameters()
         if not bad:
             return

@@ -125,6 +125,11 @@ def _u1_loop(theta: torch.Tensor, mu: int, nu: int) -> torch.Tensor:
     return t_mu + torch.roll(t_nu, -1, dims=1 + mu) - torch.roll(t_mu, -1, dims=1 + nu) - t_nu
 
 
+def _plane_index(d: int, mu: int, nu: int) -> int:
+    """Position of the plane (mu, nu), mu < nu, in the ordering of :func:`flowplug.gauge.u1_plaquettes`."""
+    return sum(d - 1 - a for a in range(mu)) + (nu - mu - 1)
+
+
 def _sun_loop(links: torch.Tensor, mu: int, nu: int) -> torch.Tensor:
     """U_mu(x) U_nu(x+mu) U_mu(x+nu)^+ U_nu(x)^+, shape (B, L..., N, N)."""
     u_mu, u_nu = links[:, mu], links[:, nu]
@@ -275,31 +280,46 @@ class U1Coupling(_GaugeCoupling):
         self._check(theta)
         theta = theta.to(torch.float64)
         plaq = gauge.u1_plaquettes(theta)
-        loop = _u1_loop(theta, self.mu, self.nu)
+        if self.mu < self.nu:  # the (mu, nu) plane of plaq is the active loop, term for term
+            loop = plaq[:, _plane_index(self.d, self.mu, self.nu)]
+        else:
+            loop = _u1_loop(theta, self.mu, self.nu)
         rect = None
         if self.rectangles:
             r = loop + torch.roll(loop, 1, dims=1 + self.nu)
             rect = (torch.cos(r), torch.sin(r))
+        # the circular transform runs on the updated sites only (a quarter or half of them)
+        idx = self._site_index()
         p = self._condition(torch.cos(plaq), torch.sin(plaq), rect)
-        x = torch.remainder(loop, TWO_PI)
+        # (B, n, n_params), parameters as the slow axis in memory (fast reductions over a mixture)
+        p = p.movedim(-1, 1).flatten(2).index_select(2, idx).transpose(1, 2)
+        x = torch.remainder(loop.flatten(1).index_select(1, idx), TWO_PI)  # (B, n)
         rot = p[..., -1]
         if self.transform == "ncp":
             m = self.n_mix
             y, ld = ncp_mixture(x, p[..., :m], p[..., m : 2 * m], rot, inverse=inverse)
         else:
             y, ld = circular_rq_spline(x, p[..., :-1], self.n_bins, rotation=rot, inverse=inverse)
-        t_mu = theta[:, self.mu]
-        new_mu = torch.where(self.sites, groups.wrap_angle(t_mu + (y - x)), t_mu)
+        t_mu = theta[:, self.mu].flatten(1)
+        new = groups.wrap_angle(t_mu.index_select(1, idx) + (y - x))
+        new_mu = t_mu.index_copy(1, idx, new).view_as(theta[:, self.mu])
         out = torch.stack([new_mu if a == self.mu else theta[:, a] for a in range(self.d)], dim=1)
-        ld = torch.where(self.sites, ld, torch.zeros_like(ld))
-        logdet = ld.flatten(1).sum(1)
+        logdet = ld.sum(1)
         if not diag:
             return out, logdet
         log_diag = torch.zeros_like(out)
-        log_diag[:, self.mu] = ld
+        log_diag[:, self.mu] = torch.zeros_like(t_mu).index_copy(1, idx, ld).view_as(new_mu)
         updated = torch.zeros(out.shape[1:], dtype=torch.bool, device=out.device)
         updated[self.mu] = self.sites
         return out, logdet, log_diag, updated
+
+    def _site_index(self) -> torch.Tensor:
+        """Flat indices (long, on the layer's device) of the sites whose link U_mu is updated."""
+        idx = getattr(self, "_sites_flat", None)
+        if idx is None or idx.device != self.sites.device:
+            idx = self.sites.flatten().nonzero().flatten()
+            self._sites_flat = idx
+        return idx
 
     def forward(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Map theta -> theta'; returns ``(theta', log|det dtheta'/dtheta|)``."""

@@ -47,7 +47,9 @@ def net_dtype(name: str | torch.dtype) -> torch.dtype:
 class PeriodicConv(nn.Module):
     """Convolution over a d-dimensional periodic lattice, d = 1, 2, 3 or 4.
 
-    For d <= 3 this is ``torch.nn.Conv{d}d`` with circular padding. Torch has no 4D
+    For d <= 3 this is ``torch.nn.Conv{d}d`` with circular padding, the padding done as one
+    gather of the padded lattice's sites (bitwise the same input as torch's circular padding,
+    at a fraction of its cost on small lattices, where padding rivals the convolution). Torch has no 4D
     convolution, so for d = 4 the input is stacked with its ``kernel_size`` shifts along
     lattice axis 0 and a 3D convolution is applied per slice of axis 0; this is a full 4D
     convolution with a ``kernel_size**4`` kernel.
@@ -77,6 +79,7 @@ class PeriodicConv(nn.Module):
         self.ndim = ndim
         self.kernel_size = kernel_size
         pad = kernel_size // 2
+        self._pad_index: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
         self.conv: nn.Conv1d | nn.Conv2d | nn.Conv3d
         if ndim == 4:
             self.conv = nn.Conv3d(
@@ -92,19 +95,36 @@ class PeriodicConv(nn.Module):
             raise ShapeError(
                 f"PeriodicConv({self.ndim}D) expects (B, C, L_0, ..., L_{self.ndim - 1}); found shape {tuple(x.shape)}"
             )
-        if self.ndim < 4:
-            return self.conv(x)
-        b, c, l0 = x.shape[:3]
         k, half = self.kernel_size, self.kernel_size // 2
-        # pad every axis circularly once, then take the k windows along axis 0 as channels
-        # (offset-major, the order of the weights) and convolve the other three axes
-        for ax in range(2, 6):
-            n = x.shape[ax]
-            x = torch.cat([x.narrow(ax, n - half, half), x, x.narrow(ax, 0, half)], dim=ax) if half else x
+        if self.ndim < 4 and not half:
+            return self.conv(x)
+        # pad every axis circularly at once: one gather of the padded lattice's sites
+        lat = tuple(x.shape[2:])
+        x = x.flatten(2).index_select(2, self._padded_sites(lat, x.device))
+        x = x.view(*x.shape[:2], *(n + 2 * half for n in lat))
+        if self.ndim < 4:
+            conv = (F.conv1d, F.conv2d, F.conv3d)[self.ndim - 1]
+            return conv(x, self.conv.weight, self.conv.bias)
+        # take the k windows along axis 0 as channels (offset-major, the order of the
+        # weights) and convolve the other three axes
+        b, c, l0 = x.shape[0], x.shape[1], lat[0]
         win = x.unfold(2, k, 1)  # (B, C, L_0, L_1 + 2h, L_2 + 2h, L_3 + 2h, k)
         y = win.permute(0, 2, 6, 1, 3, 4, 5).reshape(b * l0, k * c, *win.shape[3:6])
         y = F.conv3d(y, self.conv.weight, self.conv.bias)
         return y.reshape(b, l0, -1, *y.shape[2:]).transpose(1, 2)
+
+    def _padded_sites(self, lattice: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """Flat site index of every site of the circularly padded lattice (cached per shape)."""
+        key = (lattice, device)
+        idx = self._pad_index.get(key)
+        if idx is None:
+            half = self.kernel_size // 2
+            idx = torch.zeros((), dtype=torch.long)
+            for n in lattice:  # row-major flat index of the wrapped coordinates
+                idx = idx.unsqueeze(-1) * n + torch.arange(-half, n + half) % n
+            idx = idx.flatten().to(device)
+            self._pad_index[key] = idx
+        return idx
 
 
 class ConvNet(nn.Module):

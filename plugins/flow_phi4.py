@@ -63,6 +63,7 @@ class _ScalarCoupling(nn.Module):
 
     fields = ("scalar",)
     active: torch.Tensor  # buffer: the checkerboard of updated sites, float64
+    updated: torch.Tensor  # non-persistent buffer: the same mask as bool
 
     def __init__(
         self,
@@ -83,6 +84,7 @@ class _ScalarCoupling(nn.Module):
             raise ConfigError(f"checkerboard masks need even extents; found lattice {list(lattice)}")
         self.parity = int(index % 2 if parity is None else parity)
         self.register_buffer("active", checkerboard(self.lattice, self.parity))
+        self.register_buffer("updated", self.active > 0, persistent=False)
         self.n_params = n_params
         self.net = ConvNet(
             1, n_params, hidden, kernel_size, len(self.lattice), net_dtype(dtype), final_scale=init_scale
@@ -101,10 +103,10 @@ class _ScalarCoupling(nn.Module):
         Frozen values are clipped to +-:data:`COND_LIMIT`, outputs to +-:data:`PARAM_LIMIT`
         with NaN -> 0 (module docstring), so the parameters are finite for any input.
         """
-        frozen = torch.where(self.active > 0, torch.zeros_like(x), x).clamp(-COND_LIMIT, COND_LIMIT)
-        out = self.net(frozen.unsqueeze(1)).to(torch.float64)
-        out = torch.nan_to_num(out, nan=0.0).clamp(-PARAM_LIMIT, PARAM_LIMIT)
-        return torch.movedim(out, 1, -1)
+        frozen = torch.where(self.updated, 0.0, x).clamp(-COND_LIMIT, COND_LIMIT)
+        # NaN -> 0 and the clip are exact in the network dtype (+-PARAM_LIMIT is representable)
+        out = torch.nan_to_num(self.net(frozen.unsqueeze(1)), nan=0.0).clamp(-PARAM_LIMIT, PARAM_LIMIT)
+        return torch.movedim(out.to(torch.float64), 1, -1)
 
 
 class AffineCoupling(_ScalarCoupling):
@@ -134,6 +136,10 @@ class AffineCoupling(_ScalarCoupling):
         ConfigError: on odd extents, d > 4 or a wrong field kind.
         ShapeError: on an input of the wrong shape.
     """
+
+    #: log|det J| = sum of s over the active sites, a function of the frozen sites only
+    #: (:func:`flowplug.flow.path_gradient_loss` then needs one vector-Jacobian product)
+    logdet_from_frozen = True
 
     def __init__(
         self,
@@ -178,7 +184,7 @@ class AffineCoupling(_ScalarCoupling):
         """
         self._check(x)
         s, t = self._st(x)
-        return x * torch.exp(s) + t, s.flatten(1).sum(1), s, self.active > 0
+        return x * torch.exp(s) + t, s.flatten(1).sum(1), s, self.updated
 
     def inverse(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Map y -> x; returns ``(x, log|det dx/dy|)``."""
@@ -240,7 +246,7 @@ class SplineCoupling(_ScalarCoupling):
         b = self.bound
         w, h, d = rq_spline_params(p, self.n_bins, width=2 * b, height=2 * b, boundary="linear")
         y, ld = rq_spline(x, w, h, d, left=-b, bottom=-b, inverse=inverse)
-        inside = (x > -b) & (x < b) & (self.active > 0)
+        inside = (x > -b) & (x < b) & self.updated
         y = torch.where(inside, y, x)
         ld = torch.where(inside, ld, torch.zeros_like(ld))
         return y, ld
@@ -263,7 +269,7 @@ class SplineCoupling(_ScalarCoupling):
         """
         self._check(x)
         y, ld = self._transform(x, x, inverse=False)
-        return y, ld.flatten(1).sum(1), ld, self.active > 0
+        return y, ld.flatten(1).sum(1), ld, self.updated
 
     def inverse(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Map y -> x; returns ``(x, log|det dx/dy|)``."""

@@ -442,15 +442,19 @@ def logistic_concentration(
     return torch.remainder(TWO_PI * u, TWO_PI), ld + math.log(TWO_PI)
 
 
-def _ncp_parts(x: torch.Tensor, log_a: torch.Tensor, weights: torch.Tensor):
+def _ncp_parts(
+    x: torch.Tensor, a: torch.Tensor, weights: torch.Tensor, derivative: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Mixture f(x) and, with ``derivative``, f'(x) for x in [0, 2 pi]; ``a`` = exp(log a_k)."""
     half = 0.5 * x[..., None]
     sn, cs = torch.sin(half), torch.cos(half)
-    a = torch.exp(log_a)
-    # 2 atan(a tan(x/2)) written with atan2: finite at x = pi, in [0, 2 pi] for x in [0, 2 pi]
-    f = 2 * torch.atan2(a * sn, cs)
-    f = torch.where(f < 0, f + TWO_PI, f)
-    df = a / (cs * cs + a * a * sn * sn)
-    return (weights * f).sum(-1), (weights * df).sum(-1)
+    a_sn = a * sn
+    # 2 atan(a tan(x/2)) written with atan2: finite at x = pi; sin(x/2) >= 0 on [0, 2 pi], so
+    # atan2 lies in [0, pi] and f in [0, 2 pi] without any wrapping
+    f = (weights * (2 * torch.atan2(a_sn, cs))).sum(-1)
+    if not derivative:
+        return f, None
+    return f, (weights * (a / (cs * cs + a_sn * a_sn))).sum(-1)
 
 
 def ncp_mixture(
@@ -489,11 +493,13 @@ def ncp_mixture(
         ``(y, log|dy/dx|)`` in [0, 2 pi), shape (...), float64 (for the inverse the
         log-derivative of the inverse map).
     """
-    log_a = max_log_scale * torch.tanh(log_scales.to(torch.float64) / max_log_scale)
-    w = torch.softmax(mix_logits.to(torch.float64), dim=-1)
+    a = torch.exp(max_log_scale * torch.tanh(log_scales.to(torch.float64) / max_log_scale))
+    # softmax over a leading axis: torch's CPU kernel is several times slower along a short last axis
+    w = torch.softmax(mix_logits.to(torch.float64).movedim(-1, 0), dim=0).movedim(0, -1)
     x = torch.remainder(x.to(torch.float64), TWO_PI)
     if not inverse:
-        f, df = _ncp_parts(x, log_a, w)
+        f, df = _ncp_parts(x, a, w)
+        assert df is not None
         if rotation is not None:
             f = f + rotation.to(torch.float64)
         return torch.remainder(f, TWO_PI), torch.log(df)
@@ -503,14 +509,16 @@ def ncp_mixture(
     with torch.no_grad():
         lo = torch.zeros_like(target)
         hi = torch.full_like(target, TWO_PI)
-        tgt, la, ww = target.detach(), log_a.detach(), w.detach()
+        tgt, aa, ww = target.detach(), a.detach(), w.detach()
         for _ in range(bisection_steps):
             mid = 0.5 * (lo + hi)
-            below = _ncp_parts(mid, la, ww)[0] < tgt
+            below = _ncp_parts(mid, aa, ww, derivative=False)[0] < tgt
             lo = torch.where(below, mid, lo)
             hi = torch.where(below, hi, mid)
         x0 = 0.5 * (lo + hi)
-    f0, df0 = _ncp_parts(x0, log_a, w)
+    f0, df0 = _ncp_parts(x0, a, w)
+    assert df0 is not None
     xs = (x0 - (f0 - target) / df0).clamp(0.0, TWO_PI)
-    _, df = _ncp_parts(xs, log_a, w)
+    _, df = _ncp_parts(xs, a, w)
+    assert df is not None
     return torch.remainder(xs, TWO_PI), -torch.log(df)

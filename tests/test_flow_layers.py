@@ -211,6 +211,9 @@ def _check_forward_diag(m, field, lattice):
     off = jac[upd][:, upd] - torch.diag(torch.diagonal(jac)[upd])
     assert off.abs().max() < 1e-12
     torch.testing.assert_close(jac[~upd], torch.eye(x.numel(), dtype=jac.dtype)[~upd], rtol=0, atol=0)
+    if getattr(m, "logdet_from_frozen", False):  # the one-product fast path relies on it
+        grad_ld = torch.autograd.functional.jacobian(lambda v: m(v)[1], x).reshape(-1)
+        assert grad_ld[upd].abs().max() == 0 and grad_ld[~upd].abs().max() > 0
 
 
 @pytest.mark.parametrize("name,field,lattice,index", [c for c in LAYER_CASES if c.values[1] != "scalar"])
