@@ -20,4 +20,5 @@ BUILTIN: tuple[str, ...] = (
     "flowplug.plugins.nonequilibrium",  # non-equilibrium (Jarzynski) proposals / stochastic normalizing flows
     "flowplug.plugins.dirac",  # Dirac operators: wilson
     "flowplug.plugins.fermion_actions",  # schwinger(-exact), wilson-nf2(-exact); condensate, pion
+    "flowplug.plugins.fermion_schemes",  # kernels: exact-marginal, pseudo-marginal, fermion-gibbs, fermion-joint
 )
