@@ -188,7 +188,9 @@ class FlowProposal:
             (x', log_q_current, log_q_proposal)``.
 
     Raises:
-        ConfigError: on a field mismatch between flow and action, or a bad layout.
+        ConfigError: on a field mismatch between flow and action, a bad layout, or a kernel
+            whose chain state must persist between steps (``requires_persistent_state``,
+            e.g. ``pseudo-marginal``): a one-step proposal would redraw that state.
 
     References:
         Albergo, Kanwar, Shanahan, arXiv:1904.12072, section III.
@@ -212,6 +214,13 @@ class FlowProposal:
             raise ConfigError(f"layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
         if action is not None and action.field != flow.field:
             raise ConfigError(f"flow samples '{flow.field}' fields but the action acts on '{action.field}'")
+        if getattr(kernel, "requires_persistent_state", False):
+            name = getattr(kernel, "name", type(kernel).__name__)
+            raise ConfigError(
+                f"kernel {name!r} keeps part of its chain state between steps (e.g. the pseudo-marginal "
+                "determinant estimate of the current configuration); one step per call on a configuration "
+                "would redraw it, which is not exact: run its chains with flowplug sample or resample"
+            )
         self.flow = flow
         self.action = action
         self.layout = layout

@@ -401,3 +401,27 @@ def test_kernels_build_from_a_kernel_table(flow, fresh_pm):
     assert isinstance(j, FermionJoint) and j.refresh and j.cg_tol == 1e-11
     for name in ("exact-marginal", "pseudo-marginal", "fermion-gibbs", "fermion-joint"):
         assert fresh_pm.registry("kernel").get(name).provider == "flowplug"
+
+
+def test_one_step_proposals_refuse_a_kernel_whose_state_must_persist(flow):
+    """FlowProposal (``flowplug propose``) starts from the configuration alone at every call;
+    for the pseudo-marginal kernel that would redraw the current estimate (not exact)."""
+    from flowplug.proposal import FlowProposal
+
+    act = PseudofermionAction(BETA, 0.24)
+    with pytest.raises(ConfigError, match="pseudo-marginal.*redraw it, which is not exact"):
+        FlowProposal(flow, ExactFermionAction(BETA, 0.24), kernel=PseudoMarginal(flow, act), seed=1)
+
+
+def test_importance_weights_of_an_action_with_auxiliary_fields(flow):
+    """The pseudofermion action has no density of the links alone: resample/sample report its
+    ESS as None (log p NaN) instead of failing; the exact-determinant action gives weights."""
+    from flowplug.jobs.chains import importance_weights
+
+    with torch.no_grad():
+        x, _ = flow.sample(4, _gen(3))
+    w = importance_weights(flow, PseudofermionAction(BETA, 0.24), x)
+    assert w["ess"] is None and w["ess_p_samples"] is None and w["reweighted"] == {}
+    assert all(math.isnan(v) for v in w["log_p"])
+    w = importance_weights(flow, ExactFermionAction(BETA, 0.24), x)
+    assert 0 < w["ess"] <= 1 and all(math.isfinite(v) for v in w["log_p"])

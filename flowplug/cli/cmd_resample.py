@@ -92,9 +92,10 @@ def run(args: argparse.Namespace) -> int:
         )
     if "rank" in s:  # a rank > 0 of a torchrun world: rank 0 reports
         return 0
+    ess = "n/a (an action with auxiliary fields)" if s["ess"] is None else f"{s['ess']:.3f}"
     print(
         f"resample: {s['chains']} chains x {s['steps']} steps, acceptance {s['acceptance']:.3f}, "
-        f"ESS of input weights {s['ess']:.3f}{observables_text(s)}; {s['written']} configurations "
+        f"ESS of input weights {ess}{observables_text(s)}; {s['written']} configurations "
         f"written to {args.out}"
     )
     return 0

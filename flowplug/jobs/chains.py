@@ -337,7 +337,10 @@ def importance_weights(
         chunk: Batch size for the inverse flow.
 
     Returns:
-        ``{"log_p", "log_q", "log_w"}`` (lists of B floats); ``ess`` = (sum w)^2 /
+        ``{"log_p", "log_q", "log_w"}`` (lists of B floats; log p is NaN, and ``ess``,
+        ``ess_p_samples`` are ``None`` and ``reweighted`` empty, for an action with auxiliary
+        fields, e.g. pseudofermions, whose ``refresh`` marks that it has no density of x
+        alone); ``ess`` = (sum w)^2 /
         (n sum w^2) (DESIGN.md; the flow's ESS when x ~ q); ``ess_p_samples`` =
         n^2 / (sum w sum 1/w), which estimates the same quantity, (E_q w)^2 / E_q w^2 =
         1 / (E_p[w] E_p[1/w]), when x ~ p (an HMC ensemble); ``reweighted`` {name:
@@ -348,10 +351,15 @@ def importance_weights(
     lps: list[torch.Tensor] = []
     lqs: list[torch.Tensor] = []
     obs: dict[str, list[torch.Tensor]] = {}
+    # an action with auxiliary fields (``refresh``: pseudofermions) has no density of x alone
+    marginal = not callable(getattr(action, "refresh", None))
     with torch.no_grad():
         for i in range(0, x.shape[0], chunk):
             xb = x[i : i + chunk]
-            lps.append(-action.action(xb).to(torch.float64))
+            if marginal:
+                lps.append(-action.action(xb).to(torch.float64))
+            else:
+                lps.append(torch.full((xb.shape[0],), math.nan, dtype=torch.float64, device=xb.device))
             lqs.append(flow.log_prob(xb).to(torch.float64))
             if measure is not None:
                 for k, v in measure(xb).items():
@@ -387,6 +395,9 @@ def weight_figures(
         "ess": float(ess(lw)) if lw.numel() else math.nan,
         "reweighted": {},
     }
+    if bool(torch.isnan(lp).any()):  # no density of x alone (an action with auxiliary fields)
+        out.update(ess=None, ess_p_samples=None)
+        return out
     if lw.numel():
         c = lw - lw.mean()
         out["ess_p_samples"] = float(lw.numel() ** 2 / (torch.exp(c).sum() * torch.exp(-c).sum()))
