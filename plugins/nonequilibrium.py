@@ -11,7 +11,9 @@ the evolution gives the importance weight exp(-W) and the acceptance.
 Protocol and work
 -----------------
 Couplings c_1, ..., c_N (N = ``n_step``; c_N the target's): by default linear,
-c_k = c_start + (k/N) (c_target - c_start). S_k is the action at c_k (S_N = S), and
+c_k = c_start + (k/N) (c_target - c_start), or c_k = c(k/N) with c piecewise linear
+through given knots (``schedule_knots``; spaced by thermodynamic length they put the
+stages where the work is dissipated, :func:`thermodynamic_knots`). S_k is the action at c_k (S_N = S), and
 S_0(x) := -log q_0(x). From x_0 ~ q_0, stage k = 1..N
 
 1. changes the coupling from c_{k-1} to c_k;
@@ -117,7 +119,9 @@ __all__ = [
     "NonEquilibrium",
     "jarzynski",
     "linear_schedule",
+    "piecewise_linear_schedule",
     "reversed_heatbath_sweep",
+    "thermodynamic_knots",
     "with_coupling",
 ]
 
@@ -154,6 +158,114 @@ def linear_schedule(start: float, target: float, n_step: int) -> list[float]:
         raise ConfigError(f"nonequilibrium: couplings must be finite; found start {start}, target {target}")
     n = int(n_step)
     return [start + (k / n) * (target - start) if k < n else target for k in range(1, n + 1)]
+
+
+def _knot_pairs(knots: Any) -> list[tuple[float, float]]:
+    """Validated (t, c) pairs: finite, t strictly increasing from 0 to 1; ConfigError otherwise."""
+    try:
+        pairs = [(float(t), float(c)) for t, c in knots]
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"nonequilibrium: schedule_knots must be a list of [t, coupling] pairs; found {knots!r}"
+        ) from None
+    if len(pairs) < 2:
+        raise ConfigError(f"nonequilibrium: schedule_knots needs >= 2 pairs [t, coupling]; found {len(pairs)}")
+    if not all(math.isfinite(t) and math.isfinite(c) for t, c in pairs):
+        raise ConfigError(f"nonequilibrium: schedule_knots entries must be finite; found {pairs}")
+    ts = [t for t, _ in pairs]
+    if ts[0] != 0.0 or ts[-1] != 1.0 or any(b <= a for a, b in zip(ts, ts[1:], strict=False)):
+        raise ConfigError(
+            f"nonequilibrium: the t of schedule_knots must rise strictly from 0 to 1 (first 0, last 1); found t = {ts}"
+        )
+    return pairs
+
+
+def piecewise_linear_schedule(knots: Sequence[Sequence[float]], n_step: int) -> list[float]:
+    r"""The protocol c_k = c(k / n_step), k = 1..n_step, c piecewise linear through ``knots``.
+
+    A non-uniform protocol puts more stages where the driven system resists: equal steps
+    in t cover equal thermodynamic length when the knots come from
+    :func:`thermodynamic_knots` (Crooks, Phys. Rev. Lett. 99 (2007) 100602; Sivak and
+    Crooks, Phys. Rev. Lett. 108 (2012) 190602: the dissipated work of a slow protocol is
+    ~ (thermodynamic length)^2 / n_step, smallest when the length is covered evenly).
+    ``[[0, c0], [1, c1]]`` is :func:`linear_schedule` (to rounding).
+
+    Arguments:
+        knots: Pairs [t, c] (floats), t rising strictly from t = 0 (first) to t = 1
+            (last); c(0) is the start coupling, c(1) the target's (the last entry of the
+            result equals it exactly).
+        n_step: Number of stages (int >= 0).
+
+    Returns:
+        ``n_step`` floats (an empty list for n_step = 0).
+
+    Raises:
+        ConfigError: for n_step < 0, fewer than two knots, a non-finite entry, or t not
+            rising strictly from 0 to 1.
+
+    References:
+        Caselle et al., arXiv:2201.08862, section 4 (protocols in the coupling);
+        Bulgarelli, Cellini, Nada, arXiv:2412.00200, section V (protocol optimisation).
+    """
+    if isinstance(n_step, bool) or int(n_step) != n_step or int(n_step) < 0:
+        raise ConfigError(f"nonequilibrium: n_step must be an integer >= 0; found {n_step!r}")
+    pairs = _knot_pairs(knots)
+    n = int(n_step)
+    out = []
+    for k in range(1, n + 1):
+        t = k / n
+        if k == n:
+            out.append(pairs[-1][1])
+            continue
+        i = next(j for j in range(1, len(pairs)) if pairs[j][0] >= t)
+        (t0, c0), (t1, c1) = pairs[i - 1], pairs[i]
+        out.append(c0 + (t - t0) / (t1 - t0) * (c1 - c0))
+    return out
+
+
+def thermodynamic_knots(couplings: Sequence[float], metric: Sequence[float]) -> list[list[float]]:
+    r"""Knots that space a protocol evenly in thermodynamic length.
+
+    With the friction (metric) g(c) tabulated at ``couplings``, the thermodynamic length
+    from the first coupling is l(c) = int sqrt(g(c')) dc' (trapezoidal rule); the knots are
+    (t_i, c_i) = (l(c_i) / l(c_last), c_i), so that :func:`piecewise_linear_schedule`
+    spends stages in proportion to sqrt(g). For a Monte Carlo protocol in beta, g(beta)
+    = Var(E) (2 tau_int(E)) with E = dS/dbeta the action per unit coupling (Var(E) alone
+    when the update equilibrates E in one step).
+
+    Arguments:
+        couplings: Couplings c_0 < c_1 < ... (or all decreasing), >= 2 floats; the first
+            is the protocol's start, the last its target.
+        metric: g at each coupling (floats > 0, same length).
+
+    Returns:
+        ``[[t_i, c_i], ...]`` (list of [float, float]) with t_0 = 0 and t_last = 1.
+
+    Raises:
+        ConfigError: for mismatched lengths, fewer than two couplings, non-monotone or
+            non-finite couplings, or a metric value that is not finite and > 0.
+
+    References:
+        Sivak and Crooks, Phys. Rev. Lett. 108 (2012) 190602; Crooks, Phys. Rev. Lett. 99
+        (2007) 100602.
+    """
+    c = [float(v) for v in couplings]
+    g = [float(v) for v in metric]
+    if len(c) != len(g) or len(c) < 2:
+        raise ConfigError(
+            f"thermodynamic_knots: needs >= 2 couplings and one metric value each; found {len(c)} and {len(g)}"
+        )
+    if not all(math.isfinite(v) for v in c + g) or not all(v > 0 for v in g):
+        raise ConfigError(f"thermodynamic_knots: couplings must be finite and the metric finite and > 0; found {g}")
+    steps = [b - a for a, b in zip(c, c[1:], strict=False)]
+    if not (all(d > 0 for d in steps) or all(d < 0 for d in steps)):
+        raise ConfigError(f"thermodynamic_knots: the couplings must be strictly monotone; found {c}")
+    length = [0.0]
+    for i, d in enumerate(steps):
+        length.append(length[-1] + 0.5 * abs(d) * (math.sqrt(g[i]) + math.sqrt(g[i + 1])))
+    knots = [[v / length[-1], ci] for v, ci in zip(length, c, strict=True)]
+    knots[-1][0] = 1.0
+    return knots
 
 
 def with_coupling(action: Any, name: str, value: float) -> Any:
@@ -423,6 +535,12 @@ class NonEquilibrium(Kernel):
         coupling: Name of the driven coupling of the action (default ``"beta"``).
         schedule: Explicit couplings c_1..c_N (floats; the last must be the target's);
             overrides ``beta_start`` and sets N = len(schedule).
+        schedule_knots: A non-uniform protocol of ``n_step`` stages: pairs [t, c] with t
+            rising strictly from 0 to 1 and c(1) the target coupling; c_k = c(k / N), c
+            piecewise linear through the knots (:func:`piecewise_linear_schedule`; knots
+            from a measured friction profile, :func:`thermodynamic_knots`, put the stages
+            where the work is dissipated). Not together with ``schedule`` or
+            ``beta_start`` (the knot at t = 0 is the start coupling).
         inner: Exact update at every stage: ``"heatbath"`` or ``"heatbath-or"`` (SU(N)
             Wilson; beta driven), ``"hmc"`` (any action), or a registered kernel that is
             reversible or has ``reverse_step``. Default ``"auto"``: heatbath for the SU(N)
@@ -443,7 +561,9 @@ class NonEquilibrium(Kernel):
     Raises:
         ConfigError: for n_step < 0, an unknown ``start``, ``start = "flow"`` without a
             flow, a flow or layers for another field kind, a wrong number of layers, a
-            schedule that does not end at the target coupling, an action with auxiliary
+            schedule or schedule_knots that does not end at the target coupling, knots
+            that are not [t, c] pairs with t rising strictly from 0 to 1, schedule_knots
+            together with schedule or beta_start, an action with auxiliary
             fields (``refresh``), a coupling the action does not have, an inner kernel
             that rejects the action or its options, or one without a known time reversal.
         UnknownComponentError: for an unregistered ``inner``.
@@ -476,6 +596,7 @@ class NonEquilibrium(Kernel):
         beta_start: float | None = None,
         coupling: str = "beta",
         schedule: Sequence[float] | None = None,
+        schedule_knots: Sequence[Sequence[float]] | None = None,
         inner: str = "auto",
         start: str = "auto",
         flow: Any = None,
@@ -509,6 +630,19 @@ class NonEquilibrium(Kernel):
                 f"the action has {self.coupling} = {target!r}"
             )
         target = float(target)
+        if schedule_knots is not None:
+            if schedule is not None or beta_start is not None:
+                raise ConfigError(
+                    "nonequilibrium: give schedule_knots alone, without schedule or beta_start "
+                    "(the knot at t = 0 is the start coupling)"
+                )
+            pairs = _knot_pairs(schedule_knots)
+            if pairs[-1][1] != target:
+                raise ConfigError(
+                    f"nonequilibrium: the last of schedule_knots must be [1, {target}] (the target "
+                    f"{self.coupling}); found {list(pairs[-1])}"
+                )
+            schedule = piecewise_linear_schedule(pairs, 10 if n_step is None else n_step)
         if schedule is not None:
             sched = [float(c) for c in schedule]
             if n_step is not None and n_step != len(sched):

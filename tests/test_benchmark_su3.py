@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -198,3 +199,29 @@ def test_quick_run_prints_a_json_line_per_sampler(tmp_path):
         assert _positive(by[name]["training_job_s"]) and by[name]["train_steps"] == 1
     ne = by["nonequilibrium"]
     assert ne["protocol_updates_per_proposal"] == 2 and _positive(ne["protocol_s_per_proposal"])
+
+
+def test_ne_protocol_quick_run_and_acceptance_from_works(one_thread):
+    """benchmarks/ne_protocol.py: the quick run prints one JSON line per protocol with the work
+    figures and the partial-work profile; the acceptance from works is the P_R-weighted mean of
+    min(1, exp(W_i - W_j)) over j != i (hand-computed for three works)."""
+    spec = importlib.util.spec_from_file_location("bench_ne", REPO / "benchmarks" / "ne_protocol.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    w = torch.tensor([0.0, 1.0, 3.0], dtype=torch.float64)
+    p = torch.softmax(-w, 0)
+    a = [(math.exp(-1) + math.exp(-3)) / 2, (1 + math.exp(-2)) / 2, 1.0]
+    assert mod.acceptance_from_works(w) == pytest.approx(float(sum(p[i] * a[i] for i in range(3))), rel=1e-12)
+    out = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "ne_protocol.py"), "--quick", "--profile"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert out.returncode == 0, out.stderr
+    lines = [json.loads(t) for t in out.stdout.splitlines() if t.startswith("{")]
+    assert [d["n_step"] for d in lines] == [4, 8]
+    for d in lines:
+        assert math.isfinite(d["work_mean"]) and d["work_std"] >= 0 and 0 <= d["acceptance_from_works"] <= 1
+        assert len(d["work_var_profile"]) >= 4 and d["work_var_profile"][-1][0] == 6.0
