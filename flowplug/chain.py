@@ -163,7 +163,7 @@ class Chain:
     Attributes:
         step_count: Steps done so far (over the whole run, across resumes).
         history: name -> list of (B,) float64 tensors, one per step, including
-            ``accepted`` (as 0/1) and, if the kernel reports them, ``delta_h`` and
+            ``accepted`` (as 0/1) and, if the kernel reports them, ``delta_h``, ``work_proposal`` and
             ``accepted.<label>`` (acceptance of the part ``label`` of a composed kernel;
             NaN for chains a mixture did not give to that part in that step).
         generators: One generator per stream.
@@ -309,8 +309,9 @@ class Chain:
                 info = self._step()
                 acc = info["accepted"]
                 self._record("accepted", acc.to(torch.float64))
-                if "delta_h" in info:
-                    self._record("delta_h", info["delta_h"])
+                for key in ("delta_h", "work_proposal"):  # HMC's dH; a non-equilibrium proposal's work
+                    if key in info:
+                        self._record(key, info[key])
                 for key, value in info.items():  # parts of composed kernels: accepted.<label>
                     if key.startswith("accepted.") and isinstance(value, torch.Tensor):
                         self._record(key, value.to(torch.float64))

@@ -1,6 +1,8 @@
 """Statistics for Markov chains and importance weights.
 
-``ess`` (effective sample size of importance weights, DESIGN.md section 3) and the
+``ess`` (effective sample size of importance weights, DESIGN.md section 3), the
+Jarzynski estimate of a free-energy difference from non-equilibrium works
+(:func:`jarzynski`), and the
 Gamma method with automatic windowing (:func:`gamma_method`, :func:`tau_int`; Wolff,
 hep-lat/0306017) for errors of Markov-chain averages.
 
@@ -23,6 +25,7 @@ compares with it directly.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import numpy as np
@@ -241,3 +244,44 @@ def exp_mean(log_values: Any, *, step_axis: int | None = None) -> GammaResult:
     2-D values need ``step_axis`` (0 for (steps, chains), as histories are stored).
     """
     return gamma_method(np.exp(_chains_by_steps(log_values, step_axis, "exp_mean")), step_axis=1)
+
+
+def jarzynski(work: torch.Tensor) -> dict[str, float]:
+    r"""Jarzynski estimate of log(Z / Z_0) = log E_F[exp(-W)] from independent works.
+
+    Arguments:
+        work: Works W of independent forward evolutions, shape (n,), float64 (n >= 2).
+
+    Returns:
+        ``log_ratio`` (log of the mean of exp(-W): an estimate of log Z - log Z_0, biased
+        low by O(var / n)), ``error`` (its statistical error by the delta method, with the
+        error of the mean of exp(-W) from :func:`flowplug.stats.gamma_method`), ``ess``
+        ((sum w)^2 / (n sum w^2), w = exp(-W); :func:`flowplug.stats.ess`),
+        ``mean_work`` (E_F[W] >= log Z_0 - log Z; the gap is the KL divergence of the path
+        measures), ``n``.
+
+    Raises:
+        ValueError: for fewer than two works or a non-finite one.
+
+    ``flowplug sample``/``resample`` with the ``nonequilibrium`` kernel record every
+    proposal's work (``work_proposal``) and put this estimate in ``summary.json``.
+
+    References:
+        Jarzynski, Phys. Rev. Lett. 78 (1997) 2690; Caselle et al., arXiv:2201.08862,
+        section 2 (free energies, ESS and KL of non-equilibrium evolutions).
+    """
+    w = torch.as_tensor(work, dtype=torch.float64).flatten()
+    if w.numel() < 2 or not bool(torch.isfinite(w).all()):
+        raise ValueError(
+            f"jarzynski: needs >= 2 finite works; found {w.numel()} values, finite: {int(torch.isfinite(w).sum())}"
+        )
+    shift = float((-w).max())
+    e = torch.exp(-w - shift)
+    r = gamma_method(e.cpu().numpy())
+    return {
+        "log_ratio": shift + math.log(r.mean),
+        "error": r.error / r.mean,
+        "ess": float(ess(-w)),
+        "mean_work": float(w.mean()),
+        "n": int(w.numel()),
+    }

@@ -114,6 +114,7 @@ from flowplug.errors import ConfigError
 from flowplug.hookspecs import hookimpl
 from flowplug.metropolis import guarded_log_accept, metropolis_test
 from flowplug.records import KernelSpec
+from flowplug.stats import jarzynski  # re-exported: part of this module's API
 
 __all__ = [
     "NonEquilibrium",
@@ -352,46 +353,6 @@ def reversed_heatbath_sweep(
     if n > 2:
         u = _flip(u)
     return u, tries
-
-
-def jarzynski(work: torch.Tensor) -> dict[str, float]:
-    r"""Jarzynski estimate of log(Z / Z_0) = log E_F[exp(-W)] from independent works.
-
-    Arguments:
-        work: Works W of independent forward evolutions, shape (n,), float64 (n >= 2).
-
-    Returns:
-        ``log_ratio`` (log of the mean of exp(-W): an estimate of log Z - log Z_0, biased
-        low by O(var / n)), ``error`` (its statistical error by the delta method, with the
-        error of the mean of exp(-W) from :func:`flowplug.stats.gamma_method`), ``ess``
-        ((sum w)^2 / (n sum w^2), w = exp(-W); :func:`flowplug.stats.ess`),
-        ``mean_work`` (E_F[W] >= log Z_0 - log Z; the gap is the KL divergence of the path
-        measures), ``n``.
-
-    Raises:
-        ValueError: for fewer than two works or a non-finite one.
-
-    References:
-        Jarzynski, Phys. Rev. Lett. 78 (1997) 2690; Caselle et al., arXiv:2201.08862,
-        section 2 (free energies, ESS and KL of non-equilibrium evolutions).
-    """
-    from flowplug.stats import ess, gamma_method
-
-    w = torch.as_tensor(work, dtype=_F64).flatten()
-    if w.numel() < 2 or not bool(torch.isfinite(w).all()):
-        raise ValueError(
-            f"jarzynski: needs >= 2 finite works; found {w.numel()} values, finite: {int(torch.isfinite(w).sum())}"
-        )
-    shift = float((-w).max())
-    e = torch.exp(-w - shift)
-    r = gamma_method(e.cpu().numpy())
-    return {
-        "log_ratio": shift + math.log(r.mean),
-        "error": r.error / r.mean,
-        "ess": float(ess(-w)),
-        "mean_work": float(w.mean()),
-        "n": int(w.numel()),
-    }
 
 
 # --------------------------------------------------------------------------- inner updates

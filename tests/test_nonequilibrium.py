@@ -572,6 +572,10 @@ def test_flowplug_sample_runs_the_nonequilibrium_kernel(tmp_path, fresh_pm, caps
     r = summary["observables"]["plaquette"]
     exact = su2_2d(4, 2.0)["plaquette"]
     assert abs(r["mean"] - exact) < SIGMA * r["error"], (r, exact)
+    # every proposal's work (16 x 40) gives the Jarzynski estimate of log Z (Haar: log Z_0 = 0)
+    j = summary["jarzynski"]
+    assert j["n"] == 16 * 40 and 0 < j["ess"] <= 1 and j["mean_work"] >= -j["log_ratio"]
+    assert abs(j["log_ratio"] - su2_log_z(4, 2.0)) < SIGMA * j["error"], j
 
 
 def _u1_flow_checkpoint(d):

@@ -1,4 +1,4 @@
-"""Jobs: the runs behind ``flowplug hmc``, ``sample``, ``resample``, ``train``, ``demo`` and ``propose``, as a Python API.
+"""Jobs: the runs behind ``flowplug hmc``, ``sample``, ``resample``, ``train``, ``demo``, ``propose``: a Python API.
 
 A **job** is one documented function that takes an effective configuration (a TOML
 tree: the job's :data:`DEFAULT_CONFIG` with a user's file and ``--set`` overrides merged

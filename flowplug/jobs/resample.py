@@ -377,6 +377,7 @@ def _run_resample(
     summary = {
         "acceptance": acc,
         "acceptance_by_kernel": stats.get("acceptance_by_kernel", {}),
+        **({"jarzynski": stats["jarzynski"]} if "jarzynski" in stats else {}),  # non-equilibrium proposals
         "ess": weights["ess"],
         "ess_p_samples": weights.get("ess_p_samples"),
         "steps": chain.step_count,

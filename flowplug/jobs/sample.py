@@ -250,6 +250,7 @@ def _run_sample(
     summary = {
         "acceptance": acc,
         "acceptance_by_kernel": stats["acceptance_by_kernel"],
+        **({"jarzynski": stats["jarzynski"]} if "jarzynski" in stats else {}),  # non-equilibrium proposals
         "ess": weights["ess"],
         "threads": torch.get_num_threads(),
         "chains": chains,

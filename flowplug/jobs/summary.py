@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from flowplug.stats import jarzynski
+
 __all__ = [
     "observable_summary",
     "chain_summary",
@@ -51,11 +53,11 @@ class ShortChainWarning(UserWarning):
 
 
 def _is_bookkeeping(name: str) -> bool:
-    return name in ("accepted", "delta_h") or name.startswith("accepted.")
+    return name in ("accepted", "delta_h", "work_proposal") or name.startswith("accepted.")
 
 
 #: History entries that are kernel bookkeeping, not observables.
-NON_OBSERVABLES = ("accepted", "accepted.<label>", "delta_h")
+NON_OBSERVABLES = ("accepted", "accepted.<label>", "delta_h", "work_proposal")
 
 
 def _array(values: Any) -> np.ndarray:
@@ -79,7 +81,8 @@ def observable_summary(
         history: name -> (T, B) array or tensor (steps x chains), as from
             :meth:`flowplug.chain.Chain.history_tensors` or :func:`flowplug.jobs.output.read_measurements`.
         names: Observables to summarise (missing ones are skipped); default: every
-            entry that is not bookkeeping (``accepted``, ``accepted.<label>``, ``delta_h``).
+            entry that is not bookkeeping (``accepted``, ``accepted.<label>``, ``delta_h``,
+            ``work_proposal``).
         burn: Steps discarded at the start (thermalisation).
 
     Returns:
@@ -192,7 +195,10 @@ def chain_summary(
         ``acceptance_by_kernel`` (label -> acceptance of that part of a composed
         kernel; empty for a single kernel), ``observables`` (:func:`observable_summary`,
         and chi_t), and with ``delta_h``: ``exp_minus_delta_h`` {mean, error} (must be
-        1 within errors for exact HMC; absent if some dH is not finite) and ``delta_h_mean``.
+        1 within errors for exact HMC; absent if some dH is not finite) and ``delta_h_mean``;
+        with ``work_proposal`` (non-equilibrium proposals), ``jarzynski``: log(Z/Z_0) with
+        its error, the ESS of exp(-W) and E[W] over every proposal's work, thermalisation
+        included (the proposals do not depend on the chain; :func:`flowplug.stats.jarzynski`).
     """
     from flowplug.stats import exp_mean
 
@@ -216,6 +222,14 @@ def chain_summary(
             g = exp_mean(-dh, step_axis=0)
             out["exp_minus_delta_h"] = {"mean": g.mean, "error": g.error}
         out["delta_h_mean"] = _nan_mean(dh)
+    if "work_proposal" in history:
+        # every step draws a fresh, independent evolution per chain: all of them count
+        w = torch.as_tensor(_array(history["work_proposal"]), dtype=torch.float64).flatten()
+        bad = int((~torch.isfinite(w)).sum())
+        if bad:
+            out["jarzynski"] = {"note": f"{bad} of {w.numel()} works are not finite: no estimate"}
+        elif w.numel() >= 2:
+            out["jarzynski"] = jarzynski(w)
     return out
 
 
