@@ -4,8 +4,8 @@ A production code (openQCD, MILC, Grid, Chroma...) writes its current configurat
 ``flowplug propose`` between two HMC trajectories and continues from the file this job
 writes: the proposal if it was accepted, else the current configuration again. The rules
 (what is decided here, ``no_decide`` and the production code's own test, fresh seeds, the
-flow's inverse check, precision) are those of the command, documented in
-:mod:`flowplug.cli.cmd_propose` and docs/chains.md.
+flow's inverse check, precision) are those of the command (``flowplug propose --help``,
+docs/chains.md).
 
 Public API: :func:`run_propose`, :func:`propose_kernel`.
 """
