@@ -158,6 +158,7 @@ def run_propose(
         provenance=prov,
         overwrite=force,
         inputs=[src],
+        field=ens.field,
     )
     line.update({"seed": prop.seed, "out": str(out), "format": fmt})
     if built is not None:
