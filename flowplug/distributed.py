@@ -89,6 +89,7 @@ __all__ = [
     "sharded_job",
     "effective_streams",
     "shard",
+    "chain_streams",
     "share",
     "stream_seed",
     "stream_generators",
@@ -339,7 +340,9 @@ def sharded_job(command: str, out: str | Path | None, device: str | torch.device
         The device this process computes on.
 
     Raises:
-        RunLockedError: on every rank, if another process holds ``out``.
+        RunLockedError: on every rank, if another process holds ``out`` (on the other ranks
+            also when rank 0 fails to lock it otherwise, e.g. an unwritable directory; rank 0
+            then raises that error itself).
         ConfigError: from :func:`init_from_env`.
     """
     from flowplug.errors import RunLockedError
@@ -352,13 +355,13 @@ def sharded_job(command: str, out: str | Path | None, device: str | torch.device
             if out is not None and is_main():
                 try:
                     stack.enter_context(run_lock(out, command))
-                except RunLockedError as exc:
+                except Exception as exc:  # any failure (held lock, unwritable directory): tell the others
                     failure = exc
             locked = broadcast_flag(failure is None)
             if failure is not None:
                 raise failure
             if not locked:
-                raise RunLockedError(f"{out}: rank 0 could not lock the run directory (its message says who holds it)")
+                raise RunLockedError(f"{out}: rank 0 could not lock the run directory (its message says why)")
             yield dev
     finally:
         shutdown()
@@ -390,6 +393,30 @@ def shard(streams: int) -> range:
     """
     per = streams // world_size()
     return range(rank() * per, (rank() + 1) * per)
+
+
+def chain_streams(chains: int, streams: int) -> tuple[int, int, range, slice]:
+    """How a sampling run's chains are cut into random streams, and this rank's part.
+
+    Arguments:
+        chains: Total number of chains of the run (>= 1).
+        streams: The configured ``streams`` (0: one per process; :func:`effective_streams`).
+
+    Returns:
+        ``(S, per, mine, local)``: the effective number of streams S, the chains per stream
+        (chains / S), this rank's streams (:func:`shard`) and its chains as a slice of the
+        global chain index.
+
+    Raises:
+        ConfigError: if ``streams`` is invalid (:func:`effective_streams`) or S does not
+            divide ``chains``.
+    """
+    s = effective_streams(streams)
+    if chains % s:
+        raise ConfigError(f"chains = {chains} cannot be split into streams = {s} equal random streams")
+    per = chains // s
+    mine = shard(s)
+    return s, per, mine, slice(mine.start * per, mine.stop * per)
 
 
 def share(n: int, parts: int, index: int) -> slice:

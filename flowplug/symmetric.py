@@ -217,7 +217,8 @@ class SymmetrizedFlow(Flow):
             symmetrised flow trains path gradients through its inverse (``auto`` picks it).
 
     Raises:
-        ConfigError: without transforms.
+        ConfigError: without transforms, or for elements whose inverses are not among them
+            (tried on a prior sample; involutions are their own).
 
     ``forward(u) -> (x, log prior(u) - log q_s(x))``, ``inverse(x) -> (u, log q_s(x) -
     log prior(u))``, both (B,) float64 (module docstring, "Latent variables").
@@ -254,6 +255,31 @@ class SymmetrizedFlow(Flow):
         self.symmetry = str(symmetry)
         self._transforms = tuple(transforms)
         self.order = 1 + len(self._transforms)
+        self._check_involutions(prior)
+
+    def _check_involutions(self, prior: nn.Module) -> None:
+        """Refuse a set of elements that is not closed under inverses, tried on two prior samples.
+
+        Sampling x = g_k y (k uniform) draws from (1/|G|) sum_k q(g_k^{-1} x), and the density
+        here is (1/|G|) sum_k q(g_k x): the two agree when the inverse of every element is an
+        element (involutions, g g = identity, are their own). A plugin's set without the
+        inverses would make an inexact sampler silently, so it is refused (seeded locally:
+        the global random state is left alone).
+        """
+        try:
+            z = cast(Any, prior).sample(2, generator=torch.Generator().manual_seed(0))
+        except Exception:  # a prior that cannot sample here: nothing to try the elements on
+            return
+        for i, g in enumerate(self._transforms, start=1):
+            gz = g(z)
+            if not any(
+                h(gz).shape == z.shape and torch.allclose(h(gz), z, rtol=0.0, atol=1e-12) for h in self._transforms
+            ):
+                raise ConfigError(
+                    f"symmetry {self.symmetry!r}: the inverse of element {i} is not among the elements "
+                    "(tried on a prior sample); a symmetrised flow needs a set closed under inverses, "
+                    "e.g. involutions (g g = identity): declare it so in the FieldKindSpec"
+                )
 
     @property
     def group_prior(self) -> GroupIndexPrior:

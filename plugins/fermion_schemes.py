@@ -502,6 +502,18 @@ class _FermionFlowKernel(Kernel):
     def _nan(self, x: torch.Tensor) -> torch.Tensor:
         return torch.full((x.shape[0],), torch.nan, dtype=torch.float64, device=x.device)
 
+    def init(self, x: torch.Tensor) -> ChainState:
+        """State for links x with log q(x) in ``extras["log_q"]``; log p is NaN (the links
+        alone have no density without the determinant). Kernels that need more state (phi,
+        a determinant estimate) draw it at their first step with the chain's generator."""
+        x = x.detach()
+        return ChainState(x, self._nan(x), {"log_q": self.log_q(x)})
+
+    def _state_log_q(self, state: ChainState) -> torch.Tensor:
+        """log q of the state's links: the cached ``extras["log_q"]``, else through the inverse flow."""
+        lq = state.extras.get("log_q")
+        return self.log_q(state.x) if lq is None else lq
+
 
 def log_det_estimate(
     x: torch.Tensor,
@@ -648,9 +660,7 @@ class PseudoMarginal(_FermionFlowKernel):
                 "another kernel moved the links. Redrawing it would be Monte Carlo within Metropolis, which is "
                 "not exact: run the pseudo-marginal kernel alone (or start it with its own init)"
             )
-        lq0 = state.extras.get("log_q")
-        if lq0 is None:
-            lq0 = self.log_q(state.x)
+        lq0 = self._state_log_q(state)
         lw0 = state.extras["log_det_estimate"]
         fresh = torch.isnan(lw0)
         if bool(fresh.any()):  # a chain just started by init: its first estimate
@@ -706,17 +716,10 @@ class FermionGibbs(_FermionFlowKernel):
 
     name = "fermion-gibbs"
 
-    def init(self, x: torch.Tensor) -> ChainState:
-        """State with log q (phi is drawn at every step)."""
-        x = x.detach()
-        return ChainState(x, self._nan(x), {"log_q": self.log_q(x)})
-
     def step(self, state: ChainState, generator: torch.Generator | None = None) -> tuple[ChainState, dict[str, Any]]:
         """phi | U exactly, then U | phi by a flow independence-Metropolis step (class docstring)."""
         x0 = state.x
-        lq0 = state.extras.get("log_q")
-        if lq0 is None:
-            lq0 = self.log_q(x0)
+        lq0 = self._state_log_q(state)
         with torch.no_grad():
             chi = _complex_normal(tuple(self.operator.spinor_shape(x0)), generator, x0.device)
             phi = self.operator.apply_dagger(x0, chi)
@@ -796,17 +799,10 @@ class FermionJoint(_FermionFlowKernel):
             log_r = self.model.log_prob(x, phi[:, None])[:, 0].to(torch.float64)
         return {"phi": phi, "log_p_joint": log_p, "log_r": log_r}
 
-    def init(self, x: torch.Tensor) -> ChainState:
-        """State with log q; the first step draws phi from p(phi | U) with the chain's generator."""
-        x = x.detach()
-        return ChainState(x, self._nan(x), {"log_q": self.log_q(x)})
-
     def step(self, state: ChainState, generator: torch.Generator | None = None) -> tuple[ChainState, dict[str, Any]]:
         """One joint independence-Metropolis step for every chain (class docstring)."""
         x0 = state.x
-        lq0 = state.extras.get("log_q")
-        if lq0 is None:
-            lq0 = self.log_q(x0)
+        lq0 = self._state_log_q(state)
         keys = ("phi", "log_p_joint", "log_r")
         if self.refresh or not all(k in state.extras for k in keys):
             cur = self._heat_bath(x0, generator)

@@ -32,13 +32,7 @@ REF = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
 SIGMAS = 3.0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors: one thread is faster, and kinder to a shared machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: small tensors run on one thread
 
 
 def ref_file(name: str) -> str:

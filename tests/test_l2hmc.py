@@ -30,13 +30,7 @@ from flowplug.stats import gamma_method
 SIGMAS = 4.0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors: one thread is faster, and kinder to a shared machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: small tensors run on one thread
 
 
 def randomize(kernel: L2HMC, scale: float, seed: int) -> L2HMC:

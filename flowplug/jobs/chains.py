@@ -136,6 +136,7 @@ def run_chains(
             raise ConfigError("run_chains: resume needs an output with a checkpoint")
         _check_checkpoint_present(output.checkpoint_path)
         chain.load(output.checkpoint_path)
+        _check_same_step(chain.step_count, output.checkpoint_path)
         if chain.step_count > int(steps):
             raise ConfigError(f"the checkpoint is at step {chain.step_count}, beyond {steps_key} = {steps}")
         output.resumed(chain)
@@ -158,6 +159,30 @@ def run_chains(
             desc=desc,
         )
     return chain
+
+
+def _check_same_step(step: int, path: Any) -> None:
+    """Refuse a sharded resume whose processes' checkpoints are at different steps.
+
+    The processes of a torchrun world write their checkpoints one after the other; a run
+    stopped between two of those writes leaves them at different steps, and processes that
+    resumed from them would call the collectives of :class:`flowplug.jobs.output.ChainOutput`
+    at different steps (a hang or mismatched histories). Collective: every rank calls it.
+
+    Raises:
+        CheckpointError: on every rank, naming the steps found (nothing in one process).
+    """
+    from flowplug import distributed
+
+    steps = [int(s) for s in distributed.all_gather_object(int(step))]
+    if len(set(steps)) > 1:
+        from flowplug.errors import CheckpointError
+
+        raise CheckpointError(
+            f"{path}: the processes' checkpoints are at different steps {steps} (rank order): the run "
+            "stopped while they were being written; it cannot be resumed bit for bit from them "
+            "(start a new --out)"
+        )
 
 
 def _check_checkpoint_present(path: Any) -> None:

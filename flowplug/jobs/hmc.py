@@ -331,12 +331,7 @@ def _run_hmc(
             "hmc.thermalization"
         )
     seed = int(cfg["seed"])
-    streams = distributed.effective_streams(int(cfg.get("streams", 0)))
-    if chains % streams:
-        raise ConfigError(f"chains = {chains} cannot be split into streams = {streams} equal random streams")
-    per = chains // streams
-    mine = distributed.shard(streams)
-    local = slice(mine.start * per, mine.stop * per)  # this process's chains
+    streams, per, mine, local = distributed.chain_streams(chains, int(cfg.get("streams", 0)))
     if not distributed.is_main():
         log = None
     check_action_keys(cfg, parse_toml(DEFAULT_CONFIG)["action"])

@@ -162,12 +162,7 @@ def _run_sample(
             f"steps={steps}, thermalize={therm}"
         )
     seed = int(cfg["seed"])
-    streams = distributed.effective_streams(int(cfg.get("streams", 0)))
-    if chains % streams:
-        raise ConfigError(f"chains = {chains} cannot be split into streams = {streams} equal random streams")
-    per = chains // streams
-    mine = distributed.shard(streams)
-    local = slice(mine.start * per, mine.stop * per)  # this process's chains
+    streams, per, mine, local = distributed.chain_streams(chains, int(cfg.get("streams", 0)))
     g0 = torch.Generator().manual_seed(seed + 7919)
     ck = None
     if flow is not None:
