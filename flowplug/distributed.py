@@ -317,8 +317,13 @@ def gather_chains(t: torch.Tensor, dim: int = 1) -> torch.Tensor:
 
 
 def gather_history(history: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """:func:`gather_chains` of every entry of a (steps, chains) history (the same names on every rank)."""
-    return {k: gather_chains(v, 1) for k, v in sorted(history.items())} if world_size() > 1 else dict(history)
+    """:func:`gather_chains` of every entry of a (steps, chains) history (the same names on every rank),
+    gathered in sorted order (the same collectives on every rank), returned in the history's order
+    (the column order of the measurement files, as in one process)."""
+    if world_size() <= 1:
+        return dict(history)
+    gathered = {k: gather_chains(history[k], 1) for k in sorted(history)}
+    return {k: gathered[k] for k in history}
 
 
 @contextlib.contextmanager
@@ -437,7 +442,7 @@ def stream_seed(seed: int, stream: int, streams: int) -> int:
         return int(seed)
     import numpy as np
 
-    word = np.random.SeedSequence([int(seed) & (2**63 - 1), int(stream)]).generate_state(1, np.uint64)[0]
+    word = np.random.SeedSequence([int(seed) % 2**64, int(stream)]).generate_state(1, np.uint64)[0]
     return int(word) >> 1
 
 

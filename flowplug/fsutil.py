@@ -234,6 +234,12 @@ def run_lock(out: str | Path, command: str) -> Iterator[Path]:
                 f"({holder}); wait for it to finish, or give this run another output "
                 "directory"
             )
+        if not _same_file(fd, path):  # removed by a run that wrote nothing, between our open and lock
+            _unlock(fd)
+            raise RunLockedError(
+                f"{out}: another flowplug process removed this run directory while this run was starting; "
+                "start it again"
+            )
         stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         info = f"{command} pid={os.getpid()} host={socket.gethostname()} started={stamp}\n"
         os.ftruncate(fd, 0)
@@ -248,6 +254,15 @@ def run_lock(out: str | Path, command: str) -> Iterator[Path]:
             _unlock(fd)
     finally:
         os.close(fd)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether the open file ``fd`` is still the file at ``path`` (not unlinked or replaced)."""
+    try:
+        a, b = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 def _remove_if_unused(out: Path, lock: Path) -> None:

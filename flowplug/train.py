@@ -440,11 +440,10 @@ class Trainer:
         """True when every floating-point parameter and buffer of the flow is finite, cheaply:
         one concatenation and one check instead of a check per tensor; the caller runs the
         exact, per-tensor :meth:`non_finite_parameters` when this says no."""
-        if self._finite_watch is None:  # built once: walking the modules costs more than the check
-            self._finite_watch = [t.detach() for t in self._params] + [
-                b for b in self.flow.buffers() if b.is_floating_point() or b.is_complex()
-            ]
-        tensors = self._finite_watch
+        if self._finite_watch is None:  # the buffers, found once: walking the modules costs more than the check
+            self._finite_watch = [b for b in self.flow.buffers() if b.is_floating_point() or b.is_complex()]
+        # the parameters are read at every call: a rollback or a load may give them new storage
+        tensors = [t.detach() for t in self._params] + self._finite_watch
         if not tensors:
             return True
         try:

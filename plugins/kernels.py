@@ -287,7 +287,13 @@ class FlowHMC(_FlowKernel):
     ) -> None:
         super().__init__(flow, action)
         from flowplug.plugins.hmc import HMC
+        from flowplug.symmetric import SymmetrizedFlow
 
+        if isinstance(flow, SymmetrizedFlow):
+            raise ConfigError(
+                "flow-hmc needs a bijection, and a symmetrised flow (flow.symmetrize) is a mixture of "
+                "its images: use independence-metropolis (or a mixture with hmc) with it"
+            )
         self.latent_action = LatentAction(flow, action)
         self.hmc = HMC(self.latent_action, integrator=integrator, steps=steps, trajectory_length=trajectory_length)
 

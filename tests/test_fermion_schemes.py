@@ -425,3 +425,30 @@ def test_importance_weights_of_an_action_with_auxiliary_fields(flow):
     assert all(math.isnan(v) for v in w["log_p"])
     w = importance_weights(flow, ExactFermionAction(BETA, 0.24), x)
     assert 0 < w["ess"] <= 1 and all(math.isfinite(v) for v in w["log_p"])
+
+
+def test_flowplug_sample_measures_the_action_s_own_observables(tmp_path, fresh_pm):
+    """`flowplug sample` with a flow trained for `schwinger-exact` measures the chiral condensate
+    and the pion effective mass by default, with the run's kappa, as `flowplug hmc` does."""
+    import json
+
+    from flowplug.cli import main
+    from flowplug.train import build_trainer
+
+    cfg = {
+        "lattice": [4, 4],
+        "seed": 0,
+        "device": "cpu",
+        "action": {"name": "schwinger-exact", "beta": BETA, "kappa": 0.2},
+        "flow": {"layers": ["u1-ncp"], "n_layers": 2, "options": {"hidden": [4]}},
+        "train": {"steps": 1, "batch_size": 4, "progress": False, "checkpoint_every": 0},
+    }
+    build_trainer(cfg, out=tmp_path / "flow").run()
+    out = tmp_path / "s"
+    args = ["sample", "--flow", str(tmp_path / "flow"), "--out", str(out), "--no-progress"]
+    for kv in ("chains=2", "steps=4", "thermalize=1", "kernel.type=fermion-joint"):
+        args += ["--set", kv]
+    assert main(args) == 0
+    obs = json.loads((out / "summary.json").read_text())["observables"]
+    assert {"plaquette", "chiral_condensate", "pion_effective_mass"} <= set(obs)
+    assert 0 < obs["chiral_condensate"]["mean"] < 2

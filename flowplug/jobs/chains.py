@@ -389,20 +389,26 @@ def importance_weights(
             if measure is not None:
                 for k, v in measure(xb).items():
                     obs.setdefault(k, []).append(v.to(torch.float64))
-    out = weight_figures(torch.cat(lps), torch.cat(lqs), {k: torch.cat(v) for k, v in obs.items()})
+    out = weight_figures(torch.cat(lps), torch.cat(lqs), {k: torch.cat(v) for k, v in obs.items()}, marginal=marginal)
     if obs:
         out["observables"] = {k: torch.cat(v).tolist() for k, v in obs.items()}
     return out
 
 
 def weight_figures(
-    log_p: torch.Tensor, log_q: torch.Tensor, observables: Mapping[str, torch.Tensor] | None = None
+    log_p: torch.Tensor,
+    log_q: torch.Tensor,
+    observables: Mapping[str, torch.Tensor] | None = None,
+    *,
+    marginal: bool = True,
 ) -> dict[str, Any]:
     """The reweighting figures of :func:`importance_weights` from log p and log q of n configurations.
 
     Arguments:
         log_p, log_q: (n,) float64: -S(x) and the flow's log density of each configuration.
         observables: name -> (n,) float64 values O(x), or ``None``.
+        marginal: ``False`` for an action with auxiliary fields (no density of x alone):
+            then ``ess`` and ``ess_p_samples`` are ``None`` and ``reweighted`` is empty.
 
     Returns:
         ``{"log_p", "log_q", "log_w", "ess", "reweighted"}`` and, for n > 0,
@@ -420,7 +426,7 @@ def weight_figures(
         "ess": float(ess(lw)) if lw.numel() else math.nan,
         "reweighted": {},
     }
-    if bool(torch.isnan(lp).any()):  # no density of x alone (an action with auxiliary fields)
+    if not marginal:  # no density of x alone (an action with auxiliary fields)
         out.update(ess=None, ess_p_samples=None)
         return out
     if lw.numel():

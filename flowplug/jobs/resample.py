@@ -286,8 +286,8 @@ def _run_resample(
     precision = int(cfg.get("precision") or ensemble.precision)
     x0 = ensemble.links.to(ensemble.space.dtype)
     field, ndim = ck.flow.field, len(ck.flow.lattice)
-    names = list(cfg.get("observables") or default_observables(field, ndim))
-    measure = measurement(field, names)
+    names = list(cfg.get("observables") or [*default_observables(field, ndim), *getattr(action, "observables", ())])
+    measure = measurement(field, names, couplings=getattr(action, "couplings", dict)())  # kappa for the condensate
     kernel = build_kernel(ck.flow, action, cfg["kernel"])  # validate before creating outputs
     # weights stream by stream (the same batches in any process), joined over every process
     lp: list[float] = []
@@ -306,6 +306,7 @@ def _run_resample(
         torch.tensor([v for p in joined for v in p[0]], dtype=torch.float64),
         torch.tensor([v for p in joined for v in p[1]], dtype=torch.float64),
         {k: torch.tensor([v for p in joined for v in p[2][k]], dtype=torch.float64) for k in values},
+        marginal=not callable(getattr(action, "refresh", None)),
     )
     seed = int(cfg["seed"])
     steps = int(cfg["steps"])

@@ -178,7 +178,7 @@ def _run_sample(
         action, lattice = _action_and_lattice(cfg)
     field, ndim = action.field, len(lattice)
     fmt = output_format(None, cfg["format"])
-    names = list(cfg.get("observables") or default_observables(field, ndim))
+    names = list(cfg.get("observables") or [*default_observables(field, ndim), *getattr(action, "observables", ())])
     kernel = build_kernel(ck.flow if ck else None, action, cfg["kernel"])  # validate before creating outputs
     configurations = Configurations(
         out,
@@ -225,7 +225,7 @@ def _run_sample(
         x0.detach(),
         steps,
         **split,
-        measure=measurement(field, names),
+        measure=measurement(field, names, couplings=getattr(action, "couplings", dict)()),  # kappa for the condensate
         output=output,
         resume=resume,
         run_id=run_id,
