@@ -418,7 +418,11 @@ def chain_streams(chains: int, streams: int) -> tuple[int, int, range, slice]:
     """
     s = effective_streams(streams)
     if chains % s:
-        raise ConfigError(f"chains = {chains} cannot be split into streams = {s} equal random streams")
+        how = "" if streams else f" (streams = 0: one per process, {world_size()} processes)"
+        raise ConfigError(
+            f"chains = {chains} cannot be split into streams = {s} equal random streams{how}; "
+            f"choose chains a multiple of {s}"
+        )
     per = chains // s
     mine = shard(s)
     return s, per, mine, slice(mine.start * per, mine.stop * per)

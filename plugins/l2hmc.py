@@ -305,8 +305,9 @@ class L2HMC(Kernel):
                 detail = ", ".join(f"{k} = {v[0]} given, {v[1]} in the checkpoint" for k, v in sorted(clash.items()))
                 raise ConfigError(
                     f"l2hmc: options contradict the checkpoint {checkpoint}: {detail}; "
-                    "leave them out or set them to the checkpoint's values (kernel.hmc.steps, "
-                    "kernel.hmc.trajectory_length in a sample configuration)"
+                    "set them to the checkpoint's values (in a sample configuration kernel.hmc.steps and "
+                    "kernel.hmc.trajectory_length, whose defaults 10 and 1.0 are passed on when not set; "
+                    "in Python leave them out)"
                 )
             self.network = L2HMCNetworks(**cfg)
             try:

@@ -576,6 +576,7 @@ def test_flowplug_sample_runs_the_nonequilibrium_kernel(tmp_path, fresh_pm, caps
     j = summary["jarzynski"]
     assert j["n"] == 16 * 40 and 0 < j["ess"] <= 1 and j["mean_work"] >= -j["log_ratio"]
     assert abs(j["log_ratio"] - su2_log_z(4, 2.0)) < SIGMA * j["error"], j
+    assert "(Jarzynski, 640 works)" in capsys.readouterr().out
 
 
 def _u1_flow_checkpoint(d):

@@ -82,8 +82,10 @@ def run(args: argparse.Namespace) -> int:
     by_kernel = s["acceptance_by_kernel"]
     accs = ", ".join(f"{k} {v:.3f}" for k, v in by_kernel.items()) if by_kernel else f"{s['acceptance']:.3f}"
     ess = f", ESS of the flow weights {s['ess']:.3f}" if s.get("ess") is not None else ""
+    j = s.get("jarzynski") or {}
+    jz = f", log(Z/Z_0) {j['log_ratio']:.6g} +- {j['error']:.2g} (Jarzynski, {j['n']} works)" if "n" in j else ""
     print(
-        f"sample: {s['chains']} chains x {s['steps']} steps of {s['kernel']}, acceptance {accs}{ess}"
+        f"sample: {s['chains']} chains x {s['steps']} steps of {s['kernel']}, acceptance {accs}{ess}{jz}"
         f"{observables_text(s)}; results in {args.out}"
     )
     return 0
