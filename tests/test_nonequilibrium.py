@@ -577,6 +577,20 @@ def test_flowplug_sample_runs_the_nonequilibrium_kernel(tmp_path, fresh_pm, caps
     assert j["n"] == 16 * 40 and 0 < j["ess"] <= 1 and j["mean_work"] >= -j["log_ratio"]
     assert abs(j["log_ratio"] - su2_log_z(4, 2.0)) < SIGMA * j["error"], j
     assert "(Jarzynski, 640 works)" in capsys.readouterr().out
+    assert summary["kernel_config"]["options"] == {"n_step": 8} and summary["kernel_config"]["files"] == {}
+
+
+def test_kernel_record_names_the_files_of_a_kernel_s_options(tmp_path):
+    """A run's summary records the kernel table and the SHA-256 of every file an option names."""
+    import hashlib
+
+    from flowplug.jobs.provenance import kernel_record
+
+    ck = tmp_path / "kernel.pt"
+    ck.write_bytes(b"weights")
+    rec = kernel_record({"type": "l2hmc", "options": {"checkpoint": str(ck), "steps": 4, "note": "not-a-file"}})
+    assert rec["type"] == "l2hmc" and rec["options"]["steps"] == 4
+    assert rec["files"] == {"checkpoint": {"path": str(ck), "sha256": hashlib.sha256(b"weights").hexdigest()}}
 
 
 def _u1_flow_checkpoint(d):

@@ -21,7 +21,7 @@ from typing import Any
 from flowplug import config as _config
 from flowplug.flowtools import file_sha256
 
-__all__ = ["fingerprint", "file_sha256", "provenance"]
+__all__ = ["fingerprint", "file_sha256", "provenance", "kernel_record"]
 
 
 def _strip(tree: Mapping[str, Any], ignore: set[tuple[str, ...]], prefix: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -81,3 +81,25 @@ def provenance(command: str, *, seed: int, step: int, chain: int, flow: Any = No
         rec["flow_sha256"] = flow.sha256
     rec.update(seed=int(seed), chain=int(chain), step=int(step))
     return rec
+
+
+def kernel_record(table: Mapping[str, Any]) -> dict[str, Any]:
+    """What a run's summary records of its ``[kernel]`` table: the table itself and, for every
+    option naming an existing file (a trained kernel's ``checkpoint``), its path and SHA-256.
+
+    Arguments:
+        table: The ``[kernel]`` table of a sample or resample configuration.
+
+    Returns:
+        ``{"type", "hmc_every", "hmc", "options", "files": {option: {"path", "sha256"}}}``
+        (the keys the table has, plus ``files``).
+    """
+    from pathlib import Path
+
+    out = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in table.items()}
+    files = {}
+    for key, value in dict(table.get("options", {})).items():
+        if isinstance(value, str) and value and Path(value).is_file():
+            files[key] = {"path": value, "sha256": file_sha256(value)}
+    out["files"] = files
+    return out

@@ -225,7 +225,7 @@ def _run_resample(
         weight_figures,
     )
     from flowplug.jobs.output import ChainOutput, Configurations, output_format
-    from flowplug.jobs.provenance import file_sha256, fingerprint, provenance
+    from flowplug.jobs.provenance import file_sha256, fingerprint, kernel_record, provenance
     from flowplug.jobs.summary import chain_summary, warn_short_chains
     from flowplug.measure import default_observables, measurement
 
@@ -378,6 +378,7 @@ def _run_resample(
     summary = {
         "acceptance": acc,
         "acceptance_by_kernel": stats.get("acceptance_by_kernel", {}),
+        "kernel_config": kernel_record(cfg["kernel"]),  # its options, and the SHA-256 of files they name
         **({"jarzynski": stats["jarzynski"]} if "jarzynski" in stats else {}),  # non-equilibrium proposals
         "ess": weights["ess"],
         "ess_p_samples": weights.get("ess_p_samples"),

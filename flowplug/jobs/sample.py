@@ -150,7 +150,7 @@ def _run_sample(
         run_chains,
     )
     from flowplug.jobs.output import ChainOutput, Configurations, output_format
-    from flowplug.jobs.provenance import fingerprint, provenance
+    from flowplug.jobs.provenance import fingerprint, kernel_record, provenance
     from flowplug.jobs.summary import chain_summary, warn_short_chains
     from flowplug.measure import default_observables, measurement
 
@@ -254,6 +254,7 @@ def _run_sample(
         "seed": seed,
         "format": fmt,
         "kernel": _kernel_name(cfg, ck is not None),
+        "kernel_config": kernel_record(cfg["kernel"]),  # its options, and the SHA-256 of files they name
         "field": field,
         "lattice": list(lattice),
         "flow": ({"path": str(flow), "sha256": ck.sha256, "field": field, "lattice": list(lattice)} if ck else None),
