@@ -161,13 +161,9 @@ def test_imh_with_symmetrised_flow_is_exact_and_tunnels():
     assert r0.mean / r0.error > 10 * SIGMA / 4
 
 
-def test_training_objective_uses_the_symmetrised_density(tmp_path):
-    """The reverse-KL loss of a step is the batch mean of log q_s(x) + S(x); a checkpoint
-    keeps ``symmetrize`` and the loaded flow has the same density; resume rebuilds it."""
-    from flowplug.checkpoints import load_flow
-    from flowplug.train import build_trainer, resume_trainer
-
-    cfg = {
+def _z2_train_config() -> dict:
+    """A two-step training run of a small Z2-symmetrised phi^4 flow on 4x4."""
+    return {
         "lattice": [4, 4],
         "seed": 3,
         "device": "cpu",
@@ -175,6 +171,15 @@ def test_training_objective_uses_the_symmetrised_density(tmp_path):
         "flow": {"layers": ["affine"], "n_layers": 2, "options": {"hidden": [4]}, "symmetrize": "z2"},
         "train": {"steps": 2, "batch_size": 8, "progress": False, "checkpoint_every": 0},
     }
+
+
+def test_training_objective_uses_the_symmetrised_density(tmp_path):
+    """The reverse-KL loss of a step is the batch mean of log q_s(x) + S(x); a checkpoint
+    keeps ``symmetrize`` and the loaded flow has the same density; resume rebuilds it."""
+    from flowplug.checkpoints import load_flow
+    from flowplug.train import build_trainer, resume_trainer
+
+    cfg = _z2_train_config()
     tr = build_trainer(cfg, out=tmp_path / "run")
     assert isinstance(tr.flow, SymmetrizedFlow)
     g = torch.Generator().manual_seed(0)
@@ -281,14 +286,7 @@ def test_propose_with_a_symmetrised_phi4_flow(tmp_path, capsys):
     from flowplug.cli import main
     from flowplug.train import build_trainer
 
-    cfg = {
-        "lattice": [4, 4],
-        "seed": 3,
-        "device": "cpu",
-        "action": {"name": "phi4", "m2": -4.0, "lam": 3.5},
-        "flow": {"layers": ["affine"], "n_layers": 2, "options": {"hidden": [4]}, "symmetrize": "z2"},
-        "train": {"steps": 2, "batch_size": 8, "progress": False, "checkpoint_every": 0},
-    }
+    cfg = _z2_train_config()
     build_trainer(cfg, out=tmp_path / "run").run()
     cur = tmp_path / "cur.h5"
     io.write(cur, io.Ensemble(torch.randn(1, 4, 4, dtype=torch.float64), field="scalar"))
