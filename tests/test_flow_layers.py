@@ -14,6 +14,7 @@ import math
 
 import pytest
 import torch
+from _sun_helpers import randomize
 
 from flowplug import groups
 from flowplug.errors import ConfigError, ShapeError, UnknownComponentError
@@ -59,15 +60,6 @@ LAYER_CASES = _layer_cases()
 
 def gen(seed=7):
     return torch.Generator().manual_seed(seed)
-
-
-def randomize(module, seed=3, scale=1.0):
-    """Perturb every parameter: weights by scale/sqrt(fan_in), biases by 0.1 scale."""
-    g = gen(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            std = scale / math.sqrt(math.prod(p.shape[1:])) if p.dim() > 1 else 0.1 * scale
-            p.add_(std * torch.randn(p.shape, generator=g, dtype=p.dtype))
 
 
 def layer(name, field, lattice, index):

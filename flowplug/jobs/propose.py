@@ -120,8 +120,9 @@ def run_propose(
         )
     check_compatible(ens, ck.flow, str(src))
     fmt = output_format(ens.meta[0].format, to)
-    action = ck.action() if decide else None
-    built, kernel_name = propose_kernel(ck.flow, ck.action(), kernel, kernel_options or {})
+    target = ck.action()
+    built, kernel_name = propose_kernel(ck.flow, target, kernel, kernel_options or {})
+    action = target if decide else None
     prop = FlowProposal(ck.flow, action, layout="canonical", seed=seed, kernel=built)
     x = ens.links
     prov = {
