@@ -149,3 +149,21 @@ def test_written_descendants_do_not_inherit_the_stated_action(milc_file, fresh_p
     meta = _metadata(source, 64, {"command": "resample"})
     assert "action" not in meta.header and "action_note" not in meta.header
     assert source.header["action"] == MILC_TABLE
+
+
+def test_stated_action_mismatch_compares_name_and_named_couplings(milc_file, fresh_pm):
+    """resample and propose compare the file's stated action with the one they sample."""
+    from flowplug.jobs.chains import stated_action_mismatch
+
+    ens = io.read(milc_file)
+    assert stated_action_mismatch(ens, dict(MILC_TABLE)) is None  # the same action
+    assert stated_action_mismatch(ens, {"name": "milc-symanzik", "beta": 7.0}) is None  # couplings not named
+    said, want, note = stated_action_mismatch(ens, {"name": "wilson", "beta": 6.0, "group": "su3"})
+    assert said.startswith("name = milc-symanzik") and "beta = 7.0" in said
+    assert want == "name = wilson, beta = 6.0, group = su3"
+    assert note is not None and "quark" in note
+    said, want, _ = stated_action_mismatch(ens, {**MILC_TABLE, "beta": 6.5})  # same name, other coupling
+    assert "beta = 7.0" in said and "beta = 6.5" in want
+    lat = io.read(milc_file)
+    lat.meta[0].header.pop("action")
+    assert stated_action_mismatch(lat, {"name": "wilson"}) is None  # a file that states nothing

@@ -533,8 +533,18 @@ def test_real_milc_ildg_resample_and_propose(shared_dir, tmp_path, capsys):
     assert (
         _cli("propose", "--flow", tmp_path / "su3.pt", "--current", src, "--out", tmp_path / "n.ildg", "--seed", 2) == 0
     )
-    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    cap = capsys.readouterr()
+    line = json.loads(cap.out.strip().splitlines()[-1])
     assert line["format"] == "ildg" and io.read(tmp_path / "n.ildg").checksum_status == "ok"
+    # deciding with the flow's Wilson action inside a MILC chain would not be exact for MILC's action
+    err = " ".join(cap.err.split())
+    assert "decided with the flow's action name = wilson" in err and "--no-decide" in err
+    assert line["file_action"].startswith("name = milc-symanzik")
+    assert (
+        _cli("propose", "--flow", tmp_path / "su3.pt", "--current", src, "--out", tmp_path / "m.ildg", "--no-decide")
+        == 0
+    )
+    assert "--no-decide" not in capsys.readouterr().err  # the production code decides: nothing to warn about
 
 
 def test_resample_reads_a_flowplug_train_run_directory(files, tmp_path):

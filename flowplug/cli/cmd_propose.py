@@ -46,7 +46,19 @@ import argparse
 import json
 from typing import Any
 
+from flowplug.cli.common import add_examples
 from flowplug.records import CommandSpec
+
+#: The examples at the end of ``flowplug propose --help``.
+EXAMPLES = (
+    "# between two trajectories of a pure-gauge Wilson run at the flow's beta: flowplug decides",
+    "flowplug propose --flow runs/su3 --current conf.0100.ildg --out conf.0100.next.ildg --seed 100",
+    "# any other production action (fermions, Symanzik): OUT is the proposal, the production code decides",
+    "flowplug propose --flow runs/su3 --current conf.0100.ildg --out prop.ildg --no-decide",
+    "# a non-equilibrium proposal (docs/chains.md), written as a NERSC file",
+    "flowplug propose --flow runs/su3 --current conf.0100.ildg --out next.nersc --to nersc "
+    "--kernel nonequilibrium --kernel-option n_step=20",
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -90,6 +102,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="use a flow whose inverse fails the round-trip check (log q through it is wrong)",
     )
+    add_examples(parser, EXAMPLES)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -343,6 +343,33 @@ def check_compatible(ensemble: Any, flow: Any, source: str) -> None:
         )
 
 
+def stated_action_mismatch(ensemble: Any, target: Mapping[str, Any]) -> tuple[str, str, str | None] | None:
+    """Compare the action a file's metadata states with the action a job samples.
+
+    Arguments:
+        ensemble: A :class:`flowplug.io.Ensemble`; the stated action is
+            ``meta[0].header["action"]`` (a mapping with ``name`` and couplings, set by the
+            format adapters, e.g. MILC's Symanzik action read by the ILDG adapter).
+        target: The ``[action]`` table the job samples (``name`` and couplings).
+
+    Returns:
+        ``None`` when the file states no action, or the same name with the same couplings
+        (couplings the target does not name are not compared); else ``(stated, sampled,
+        note)``: the stated action as ``"name = ..., beta = ..."``, the sampled one in the
+        same keys, and the adapter's ``action_note`` (e.g. about quark flavours) or None.
+    """
+    stated = ensemble.meta[0].header.get("action") if ensemble.meta else None
+    if not isinstance(stated, Mapping) or not stated.get("name"):
+        return None
+    differ = [k for k in stated if k in target and stated[k] != target[k]]
+    if stated.get("name") == target.get("name") and not differ:
+        return None
+    said = ", ".join(f"{k} = {v}" for k, v in stated.items())
+    want = ", ".join(f"{k} = {target[k]}" for k in ("name", *sorted(set(stated) - {"name"})) if k in target)
+    note = ensemble.meta[0].header.get("action_note")
+    return said, want, (str(note) if note else None)
+
+
 # ----------------------------------------------------------------------- weights
 
 

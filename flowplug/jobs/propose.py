@@ -92,7 +92,10 @@ def run_propose(
         The command's JSON line as a dict: ``accepted``, the log p / log q values of the
         current configuration and the proposal (log q alone without ``decide``),
         ``delta_S``, ``log_accept``, ``seed``, ``out``, ``format``, ``kernel`` (when one was
-        given) and ``inverse_check``.
+        given), ``inverse_check``, and ``file_action`` when the file's metadata states an
+        action other than the flow's (:func:`flowplug.jobs.chains.stated_action_mismatch`;
+        with ``decide`` a :class:`~flowplug.errors.CouplingMismatchWarning` says the step
+        is exact for the flow's action, not the file's).
 
     Raises:
         FormatError: for a file that cannot be read, holds several configurations, or a
@@ -102,12 +105,15 @@ def run_propose(
         CheckpointError, InverseCheckError: for a flow that cannot be used.
         OutputExistsError: when ``out`` exists and ``force`` is not given.
     """
+    import warnings
+
     import torch
 
     from flowplug import io
+    from flowplug.errors import CouplingMismatchWarning
     from flowplug.flowtools import file_sha256, open_flow
     from flowplug.fsutil import remove_stale_temp_files
-    from flowplug.jobs.chains import check_compatible
+    from flowplug.jobs.chains import check_compatible, stated_action_mismatch
     from flowplug.jobs.output import output_format, write_configuration
     from flowplug.proposal import FlowProposal
 
@@ -119,6 +125,17 @@ def run_propose(
             f"{src}: holds {len(ens)} configurations; propose takes one (use flowplug resample for ensembles)"
         )
     check_compatible(ens, ck.flow, str(src))
+    mismatch = stated_action_mismatch(ens, ck.action_config)
+    if mismatch is not None and decide:
+        said, want, note = mismatch
+        warnings.warn(
+            f"{src}: the file states the action {said}; this step is decided with the flow's action {want}, "
+            "so it leaves that action's distribution invariant, not the file's: inside a production chain of "
+            "the stated action, call propose with --no-decide and let the production code decide with its "
+            "own action" + (f" ({note})" if note and "quark" in note else ""),
+            CouplingMismatchWarning,
+            stacklevel=2,
+        )
     fmt = output_format(ens.meta[0].format, to)
     target = ck.action()
     built, kernel_name = propose_kernel(ck.flow, target, kernel, kernel_options or {})
@@ -162,6 +179,8 @@ def run_propose(
         field=ens.field,
     )
     line.update({"seed": prop.seed, "out": str(out), "format": fmt})
+    if mismatch is not None:
+        line["file_action"] = mismatch[0]  # the action the file's metadata states (differs from the flow's)
     if built is not None:
         line["kernel"] = kernel_name
     assert ck.inverse_check is not None  # open_flow always runs the check

@@ -109,19 +109,15 @@ def _warn_other_action(path: Any, ens: Any, target: Mapping[str, Any], seen: set
     import warnings
 
     from flowplug.errors import CouplingMismatchWarning
+    from flowplug.jobs.chains import stated_action_mismatch
 
-    stated = ens.meta[0].header.get("action") if ens.meta else None
-    if not isinstance(stated, Mapping) or not stated.get("name"):
+    found = stated_action_mismatch(ens, target)
+    if found is None:
         return
-    differ = [k for k in stated if k in target and stated[k] != target[k]]
-    if stated.get("name") == target.get("name") and not differ:
-        return
-    said = ", ".join(f"{k} = {v}" for k, v in stated.items())
+    said, want, note = found
     if said in seen:
         return
     seen.add(said)
-    want = ", ".join(f"{k} = {target[k]}" for k in ("name", *sorted(set(stated) - {"name"})) if k in target)
-    note = ens.meta[0].header.get("action_note")
     warnings.warn(
         f"{path}: the file states the action {said}; the chains sample {want}: they stay exact, but "
         "the inputs only seed them and their reweighted averages describe the chains' action"
