@@ -665,3 +665,40 @@ def test_resample_a_phi4_ensemble_written_by_hmc(tmp_path, capsys):
     assert ens.field == "scalar" and ens.lattice == (6, 6) and len(ens) == len(files) * 4
     summary = json.loads((r / "summary.json").read_text())
     assert "magnetization" in summary["observables"]
+
+
+# ------------------------------------------------------------------ resample without a flow
+
+
+def test_resample_without_a_flow_runs_a_flow_free_kernel_on_the_action(files, tmp_path, capsys):
+    """No --flow: the chains of [action] with a kernel that needs none, started from the inputs."""
+    from flowplug.jobs.chains import build_kernel, run_chains
+
+    out = tmp_path / "r"
+    args = ["resample", files / "u1.h5", "--out", out, "--no-progress", "--set", "steps=3", "--set", "seed=5"]
+    action = ["--set", "action.name=wilson", "--set", "action.group=u1", "--set", "action.beta=1.5"]
+    assert _cli(*args, *action, "--set", "kernel.type=hmc", "--set", "kernel.hmc.steps=4") == 0
+    assert "ESS of input weights n/a (no flow)" in capsys.readouterr().out
+    s = json.loads((out / "summary.json").read_text())
+    assert s["flow"] is None and s["ess"] is None and s["reweighted_inputs"] is None and s["inverse_check"] is None
+    assert s["kernel"] == "hmc" and s["chains"] == 5 and s["written"] == 5
+    assert [i["index"] for i in s["inputs"]] == [0, 1, 2, 3, 4] and "log_w" not in s["inputs"][0]
+    # the written configurations are those of HMC chains of that action from the inputs, same seed
+    act = WilsonGaugeAction(1.5, "u1")
+    kernel = build_kernel(
+        None, act, {"type": "hmc", "hmc": {"integrator": "omelyan", "steps": 4, "trajectory_length": 1.0}}
+    )
+    x0 = io.read(files / "u1.h5").links.to(torch.float64)
+    chain = run_chains(kernel, x0, 3, seed=5)
+    got = io.read(out / "ensemble.h5").links.to(torch.float64)
+    assert not torch.equal(got, x0)
+    diff = torch.remainder(got - chain.state.x + torch.pi, 2 * torch.pi) - torch.pi  # angles modulo 2 pi
+    assert diff.abs().max() < 1e-12
+    # refusals: no action, a flow kernel, a file of another field kind
+    assert _cli(*args, "--out", tmp_path / "x1", "--set", "kernel.type=hmc") == 1
+    assert "without --flow samples the action [action]" in " ".join(capsys.readouterr().err.split())
+    assert _cli(*args, "--out", tmp_path / "x2", *action) == 1
+    assert "proposes from a flow: give --flow" in " ".join(capsys.readouterr().err.split())
+    su2 = ["resample", files / "su2.ildg", "--out", tmp_path / "x3", "--no-progress", "--set", "kernel.type=hmc"]
+    assert _cli(*su2, *action) == 1
+    assert "but the action WilsonGaugeAction acts on u1 fields" in " ".join(capsys.readouterr().err.split())

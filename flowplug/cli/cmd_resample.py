@@ -32,6 +32,9 @@ EXAMPLES = (
     "flowplug resample ens.h5 --flow runs/u1 --out run2 --to ildg --set kernel.hmc_every=4",
     "# a bare LIME file stores no lattice or group",
     "flowplug resample cfg.lime --lattice 4x4x4x4 --group su3 --flow runs/su3 --out run3",
+    "# no flow: exact heatbath + overrelaxation chains of [action], one per input configuration",
+    "flowplug resample cfg/ --out run4 --set action.name=wilson --set action.group=su3 --set action.beta=6.0 "
+    "--set kernel.type=heatbath",
     "# continue a run, or extend a finished one",
     "flowplug resample cfg/ --flow runs/u1 --out run2 --set steps=200 --resume",
 )
@@ -43,7 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--flow",
         metavar="CHECKPOINT",
-        help="trained flow: a `flowplug train` run directory or its checkpoint.pt (required)",
+        help="trained flow: a `flowplug train` run directory or its checkpoint.pt (required by flow "
+        "kernels; without it the chains sample [action] with a kernel that needs no flow)",
     )
     parser.add_argument("--out", metavar="DIR", help="output directory (required)")
     parser.add_argument("--to", metavar="FORMAT", help="output format (default: the inputs')")
@@ -68,15 +72,15 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, DEFAULT_CONFIG, open_tables=OPEN_TABLES)
     if cfg is None:
         return 0
-    if not args.flow or not args.out or not args.inputs:
-        raise ConfigError("flowplug resample needs ENSEMBLE..., --flow CHECKPOINT and --out DIR")
+    if not args.out or not args.inputs:
+        raise ConfigError("flowplug resample needs ENSEMBLE... and --out DIR (and --flow CHECKPOINT for flow kernels)")
     if args.to:
         cfg["to"] = args.to
     with chain_resume_hint(args, Path(args.out) / "chain.ckpt"):
         s = run_resample(
             cfg,
             [Path(p) for p in args.inputs],
-            Path(args.flow),
+            Path(args.flow) if args.flow else None,
             Path(args.out),
             resume=args.resume,
             force=args.force,
@@ -92,7 +96,12 @@ def run(args: argparse.Namespace) -> int:
         )
     if "rank" in s:  # a rank > 0 of a torchrun world: rank 0 reports
         return 0
-    ess = "n/a (an action with auxiliary fields)" if s["ess"] is None else f"{s['ess']:.3f}"
+    if s["flow"] is None:
+        ess = "n/a (no flow)"
+    elif s["ess"] is None:
+        ess = "n/a (an action with auxiliary fields)"
+    else:
+        ess = f"{s['ess']:.3f}"
     print(
         f"resample: {s['chains']} chains x {s['steps']} steps, acceptance {s['acceptance']:.3f}, "
         f"ESS of input weights {ess}{observables_text(s)}; {s['written']} configurations "

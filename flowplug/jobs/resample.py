@@ -4,6 +4,9 @@
 every configuration of the inputs (files of any readable format, directories, globs, or
 HDF5 ensembles) starts one chain of flow independence-Metropolis steps (optionally
 ``kernel.hmc_every`` HMC trajectories before each flow step, or flow-transformed HMC).
+Without ``--flow`` the chains run a kernel that needs none (``hmc``, ``heatbath``,
+``heatbath-or``, ``nonequilibrium`` from ``start = "prior"``, a plugin's) on the action
+``[action]``, which must then be given; there are no importance weights then.
 Files of a directory or glob that are not lattice files (a ``README``, logs: no format
 recognises them, :func:`flowplug.io.lattice_inputs`) are skipped with one note; a file
 that looks like a lattice file but does not read is an error.
@@ -100,7 +103,7 @@ NON_CHAIN_KEYS = ("steps", "save_every", "checkpoint_every", "measurements", "th
 # (the effective number of streams enters the run's id instead: 0 means one per process)
 
 
-def _warn_other_action(path: Any, ens: Any, target: Mapping[str, Any], seen: set[str]) -> None:
+def _warn_other_action(path: Any, ens: Any, target: Mapping[str, Any], seen: set[str], *, weighted: bool) -> None:
     """Warn (:class:`~flowplug.errors.CouplingMismatchWarning`) when a file's metadata states an
     action (``header["action"]``, e.g. MILC's gauge action) other than the one the chains
     sample: the chains stay exact, but the inputs then only seed them, and their importance
@@ -120,17 +123,57 @@ def _warn_other_action(path: Any, ens: Any, target: Mapping[str, Any], seen: set
     seen.add(said)
     warnings.warn(
         f"{path}: the file states the action {said}; the chains sample {want}: they stay exact, but "
-        "the inputs only seed them and their reweighted averages describe the chains' action"
+        "the inputs only seed them"
+        + (" and their reweighted averages describe the chains' action" if weighted else "")
         + (f" ({note})" if note and "quark" in str(note) else ""),
         CouplingMismatchWarning,
         stacklevel=3,
     )
 
 
+def _action_without_flow(cfg: Mapping[str, Any]) -> Any:
+    """The ``[action]`` of a resample job without a flow (kernels that need none).
+
+    Raises:
+        ConfigError: without ``action.name``.
+    """
+    from flowplug.jobs.chains import action_override
+    from flowplug.theory import action_from_config
+
+    table = action_override(cfg)
+    if not table.get("name"):
+        raise ConfigError(
+            "flowplug resample without --flow samples the action [action] with a kernel that needs no flow: "
+            "give action.name and its couplings (e.g. --set action.name=wilson --set action.beta=6.0 "
+            "--set action.group=su3) and kernel.type (hmc, heatbath, nonequilibrium...), or give --flow CHECKPOINT"
+        )
+    return action_from_config(table)
+
+
+def _check_field(ens: Any, action: Any, source: str, first: Any) -> None:
+    """Refuse a file whose field kind is not the action's, or whose lattice differs from the
+    first file's (resample without a flow).
+
+    Raises:
+        FormatError: naming the file, what it holds and what was expected.
+    """
+    if ens.field != action.field:
+        raise FormatError(
+            f"{source}: holds {ens.describe_field()} but the action {type(action).__name__} acts on "
+            f"{action.field} fields"
+        )
+    if first is not None and tuple(ens.lattice) != tuple(first.lattice):
+        fmt = lambda lat: "x".join(map(str, lat))  # noqa: E731
+        raise FormatError(
+            f"{source}: lattice is {fmt(ens.lattice)} but the first input's is {fmt(first.lattice)}: "
+            "one resample run takes configurations of one lattice"
+        )
+
+
 def run_resample(
     cfg: Mapping[str, Any],
     inputs: Sequence[Path | str],
-    flow: Path,
+    flow: Path | None,
     out: Path,
     *,
     resume: bool = False,
@@ -150,8 +193,11 @@ def run_resample(
     Arguments:
         cfg: The effective configuration (of :data:`DEFAULT_CONFIG`).
         inputs: Configuration files, directories or glob patterns.
-        flow: What ``flowplug train`` wrote: the run directory or its ``checkpoint.pt``.
-        out: The run directory.
+        flow: What ``flowplug train`` wrote: the run directory or its ``checkpoint.pt``;
+            ``None`` for a kernel that needs no flow (``hmc``, ``heatbath``,
+            ``nonequilibrium`` from ``start = "prior"``...), which samples the action
+            ``[action]`` (required then); the summary then has no importance weights
+            (``ess``, ``reweighted_inputs`` null; ``inputs`` without log p/q).
         resume: Continue from ``out/chain.ckpt`` (bit for bit the uninterrupted run).
         force: Replace the outputs of an earlier run.
         read_options: Options of :func:`flowplug.io.read` (``format``, ``lattice``,
@@ -197,7 +243,7 @@ def run_resample(
 def _run_resample(
     cfg: Mapping[str, Any],
     inputs: Sequence[Path | str],
-    flow: Path,
+    flow: Path | None,
     out: Path,
     *,
     resume: bool,
@@ -227,8 +273,8 @@ def _run_resample(
 
     out = Path(out)
     read_options = {k: v for k, v in dict(read_options or {}).items() if v is not None}
-    ck = open_flow(flow, check_inverse=check_inverse)
-    action = ck.action(action_override(cfg))
+    ck = None if flow is None else open_flow(flow, check_inverse=check_inverse)
+    action = ck.action(action_override(cfg)) if ck is not None else _action_without_flow(cfg)
     files, skipped = io.lattice_inputs([str(p) for p in inputs], format=read_options.get("format"))
     if not distributed.is_main():
         log = None
@@ -253,14 +299,17 @@ def _run_resample(
     parts: list[io.Ensemble] = []
     sources: list[dict[str, Any]] = []
     sizes: list[int] = []
-    target = ck.action_config | action_override(cfg)
+    target = (ck.action_config if ck is not None else {}) | action_override(cfg)
     stated_actions: set[str] = set()
     for part in shares:
         n0 = len(sources)
         for f in files[part]:
             ens = io.read(f, **read_options)
-            check_compatible(ens, ck.flow, str(f))
-            _warn_other_action(f, ens, target, stated_actions)
+            if ck is not None:
+                check_compatible(ens, ck.flow, str(f))
+            else:
+                _check_field(ens, action, str(f), parts[0] if parts else None)
+            _warn_other_action(f, ens, target, stated_actions, weighted=ck is not None)
             digest = file_sha256(f)
             for i in range(len(ens)):
                 sources.append(
@@ -281,33 +330,38 @@ def _run_resample(
     fmt = output_format(ensemble.meta[0].format if ensemble.meta[0].format != "hdf5" else "hdf5", cfg.get("to"))
     precision = int(cfg.get("precision") or ensemble.precision)
     x0 = ensemble.links.to(ensemble.space.dtype)
-    field, ndim = ck.flow.field, len(ck.flow.lattice)
+    lattice = tuple(ck.flow.lattice) if ck is not None else tuple(ensemble.lattice)
+    field, ndim = (ck.flow.field if ck is not None else ensemble.field), len(lattice)
     names = list(cfg.get("observables") or [*default_observables(field, ndim), *getattr(action, "observables", ())])
     measure = measurement(field, names, couplings=getattr(action, "couplings", dict)())  # kappa for the condensate
-    kernel = build_kernel(ck.flow, action, cfg["kernel"])  # validate before creating outputs
+    kernel = build_kernel(ck.flow if ck is not None else None, action, cfg["kernel"])  # validate before outputs
     # weights stream by stream (the same batches in any process), joined over every process
-    lp: list[float] = []
-    lq: list[float] = []
-    values: dict[str, list[float]] = {}
-    start = 0
-    for n in sizes:
-        w = importance_weights(ck.flow, action, x0[start : start + n], measure)
-        start += n
-        lp += w["log_p"]
-        lq += w["log_q"]
-        for k, v in w.get("observables", {}).items():
-            values.setdefault(k, []).extend(v)
-    joined = distributed.all_gather_object((lp, lq, values))
-    weights = weight_figures(
-        torch.tensor([v for p in joined for v in p[0]], dtype=torch.float64),
-        torch.tensor([v for p in joined for v in p[1]], dtype=torch.float64),
-        {k: torch.tensor([v for p in joined for v in p[2][k]], dtype=torch.float64) for k in values},
-        marginal=not callable(getattr(action, "refresh", None)),
-    )
+    weights: dict[str, Any] = {"ess": None, "reweighted": None}
+    if ck is not None:
+        lp: list[float] = []
+        lq: list[float] = []
+        values: dict[str, list[float]] = {}
+        start = 0
+        for n in sizes:
+            w = importance_weights(ck.flow, action, x0[start : start + n], measure)
+            start += n
+            lp += w["log_p"]
+            lq += w["log_q"]
+            for k, v in w.get("observables", {}).items():
+                values.setdefault(k, []).extend(v)
+        joined = distributed.all_gather_object((lp, lq, values))
+        weights = weight_figures(
+            torch.tensor([v for p in joined for v in p[0]], dtype=torch.float64),
+            torch.tensor([v for p in joined for v in p[1]], dtype=torch.float64),
+            {k: torch.tensor([v for p in joined for v in p[2][k]], dtype=torch.float64) for k in values},
+            marginal=not callable(getattr(action, "refresh", None)),
+        )
     seed = int(cfg["seed"])
     steps = int(cfg["steps"])
     # steps and output settings may change on --resume; the flow and the inputs may not
-    run_id = fingerprint(cfg, ck.sha256, *[s["sha256"] for s in all_sources], ignore=NON_CHAIN_KEYS)
+    run_id = fingerprint(
+        cfg, ck.sha256 if ck is not None else "", *[s["sha256"] for s in all_sources], ignore=NON_CHAIN_KEYS
+    )
     if streams > 1:
         run_id += f"/streams={streams}"
         split: dict[str, Any] = {
@@ -366,11 +420,21 @@ def _run_resample(
         desc="resample",
     )
     hist, records = output.merged(chain)  # every process's chains (collective under torchrun)
-    stats = chain_summary(hist, names, lattice=ck.flow.lattice)
+    stats = chain_summary(hist, names, lattice=lattice)
     if distributed.is_main():
         warn_short_chains(stats.get("observables", {}), chain.step_count, job="resample", steps_key="steps")
     acc = stats.get("acceptance", float("nan"))
-    assert ck.inverse_check is not None  # open_flow runs the check
+    inverse_check = None
+    if ck is not None:
+        assert ck.inverse_check is not None  # open_flow runs the check
+        inverse_check = {**ck.inverse_check.as_dict(), "enforced": check_inverse}
+    if ck is not None:
+        inputs_table = [
+            {**s, "log_p": lp, "log_q": lq, "log_w": lw}
+            for s, lp, lq, lw in zip(all_sources, weights["log_p"], weights["log_q"], weights["log_w"], strict=True)
+        ]
+    else:  # no flow: no proposal density, no importance weights
+        inputs_table = list(all_sources)
     summary = {
         "acceptance": acc,
         "acceptance_by_kernel": stats.get("acceptance_by_kernel", {}),
@@ -383,25 +447,27 @@ def _run_resample(
         "seed": seed,
         "format": fmt,
         "precision": precision,
-        "flow": {"path": str(flow), "sha256": ck.sha256, "field": field, "lattice": list(ck.flow.lattice)},
-        "action": ck.action_config | action_override(cfg),
+        "flow": (
+            {"path": str(flow), "sha256": ck.sha256, "field": field, "lattice": list(lattice)}
+            if ck is not None
+            else None
+        ),
+        "kernel": str(cfg["kernel"].get("type") or "flow"),
+        "action": target,
         "observables": stats.get("observables", {}),
         "reweighted_inputs": weights["reweighted"],  # sum w O / sum w over the inputs
-        "inputs": [
-            {**s, "log_p": lp, "log_q": lq, "log_w": lw}
-            for s, lp, lq, lw in zip(all_sources, weights["log_p"], weights["log_q"], weights["log_w"], strict=True)
-        ],
+        "inputs": inputs_table,
         "skipped_inputs": [str(f) for f in skipped],
         "written": len(records),
         "world_size": distributed.world_size(),
         "streams": streams,
         "threads": torch.get_num_threads(),
-        "inverse_check": {**ck.inverse_check.as_dict(), "enforced": check_inverse},
+        "inverse_check": inverse_check,
     }
     report = {
         "history": hist,
         "names": names,
-        "weights": weights["log_w"],
+        "weights": weights.get("log_w"),
         "title": f"flowplug resample: {len(all_sources)} chains, acceptance {acc:.3f}",
         "acceptance": summary["acceptance_by_kernel"] or {"all": acc},
     }
