@@ -40,6 +40,7 @@ from flowplug.records import (
     KernelSpec,
     ObservableSpec,
     PriorSpec,
+    PseudofermionModelSpec,
 )
 
 __all__ = [
@@ -57,6 +58,7 @@ __all__ = [
     "FileFormatSpec",
     "ObservableSpec",
     "DiracOperatorSpec",
+    "PseudofermionModelSpec",
     "CommandSpec",
     "FlowplugError",
     "PluginError",

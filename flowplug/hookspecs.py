@@ -15,7 +15,7 @@ There are two families of hooks:
 * **Component hooks** (``flowplug_field_kinds``, ``flowplug_actions``,
   ``flowplug_flow_layers``, ``flowplug_priors``, ``flowplug_kernels``,
   ``flowplug_file_formats``, ``flowplug_observables``, ``flowplug_dirac_operators``,
-  ``flowplug_commands``) take no
+  ``flowplug_pseudofermion_models``, ``flowplug_commands``) take no
   arguments and return an iterable of frozen records from :mod:`flowplug.records`. The
   manager files them into typed registries; a name given twice is an error naming both
   providers.
@@ -47,6 +47,7 @@ from flowplug.records import (
     KernelSpec,
     ObservableSpec,
     PriorSpec,
+    PseudofermionModelSpec,
 )
 
 PROJECT = "flowplug"
@@ -203,6 +204,28 @@ def flowplug_dirac_operators() -> Iterable[DiracOperatorSpec]:
 
 
 @hookspec
+def flowplug_pseudofermion_models() -> Iterable[PseudofermionModelSpec]:
+    """Return the pseudofermion models r(phi | U) this plugin provides.
+
+    ``factory(operator, **options)`` builds the model for a Dirac operator; the fermion flow
+    schemes (``pseudo-marginal``, ``fermion-joint``; arXiv:2106.05934, Fig. 1) take it by
+    name (kernel option ``pseudofermion``, its options in ``pseudofermion_options``). The
+    model needs ``sample(x, k, generator) -> (phi, log_r)`` and ``log_prob(x, phi)``, with
+    log r a normalised density on C^n in float64
+    (:class:`flowplug.plugins.fermion_schemes.PseudofermionModel`).
+
+    Example::
+
+        from flowplug import hookimpl, PseudofermionModelSpec
+
+        @hookimpl
+        def flowplug_pseudofermion_models():
+            return [PseudofermionModelSpec(name="even-odd-gaussian", description="...",
+                                           factory=EvenOddGaussian, parameters=("scale",))]
+    """
+
+
+@hookspec
 def flowplug_commands() -> Iterable[CommandSpec]:
     """Return ``flowplug`` subcommands this plugin adds to the command line.
 
@@ -304,6 +327,7 @@ COMPONENT_HOOKS: dict[str, type[Component]] = {
     "flowplug_file_formats": FileFormatSpec,
     "flowplug_observables": ObservableSpec,
     "flowplug_dirac_operators": DiracOperatorSpec,
+    "flowplug_pseudofermion_models": PseudofermionModelSpec,
     "flowplug_commands": CommandSpec,
 }
 

@@ -332,7 +332,8 @@ class PluginManager(pluggy.PluginManager):
 
         Arguments:
             kind: ``"field_kind"``, ``"action"``, ``"flow_layer"``, ``"prior"``, ``"kernel"``,
-                ``"file_format"``, ``"observable"``, ``"dirac_operator"`` or ``"command"``. The field-kind
+                ``"file_format"``, ``"observable"``, ``"dirac_operator"``, ``"pseudofermion_model"``
+                or ``"command"``. The field-kind
                 registry is a :class:`flowplug.registry.FieldKindRegistry` (it also
                 finds the members of families: ``get("su3")``).
 

@@ -356,6 +356,26 @@ class DiracOperatorSpec(Component):
 
 
 @dataclass(frozen=True, kw_only=True)
+class PseudofermionModelSpec(Component):
+    """A pseudofermion model r(phi | U): a normalised proposal density for pseudofermion fields.
+
+    ``factory(operator, **options)`` returns an object with ``sample(x, k, generator) ->
+    (phi, log_r)`` and ``log_prob(x, phi) -> log_r`` (shapes and conventions:
+    :class:`flowplug.plugins.fermion_schemes.PseudofermionModel`). The determinant-free
+    fermion flow schemes (``pseudo-marginal``, ``fermion-joint``) look models up by name in
+    the registry ``pseudofermion_model``, so a plugin's model works wherever a built-in one
+    does.
+
+    Attributes:
+        parameters: Names of the options ``factory`` takes besides the operator (``scale``,
+            ``checkpoint``...).
+    """
+
+    kind: ClassVar[str] = "pseudofermion_model"
+    parameters: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
 class CommandSpec(Component):
     """A ``flowplug`` subcommand.
 
@@ -384,5 +404,6 @@ RECORD_TYPES: tuple[type[Component], ...] = (
     FileFormatSpec,
     ObservableSpec,
     DiracOperatorSpec,
+    PseudofermionModelSpec,
     CommandSpec,
 )

@@ -25,6 +25,7 @@ _KIND_WORDS = {
     "file_format": "file format",
     "observable": "observable",
     "dirac_operator": "Dirac operator",
+    "pseudofermion_model": "pseudofermion model",
     "command": "command",
 }
 

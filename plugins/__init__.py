@@ -21,4 +21,5 @@ BUILTIN: tuple[str, ...] = (
     "flowplug.plugins.dirac",  # Dirac operators: wilson
     "flowplug.plugins.fermion_actions",  # schwinger(-exact), wilson-nf2(-exact); condensate, pion
     "flowplug.plugins.fermion_schemes",  # kernels: exact-marginal, pseudo-marginal, fermion-gibbs, fermion-joint
+    "flowplug.plugins.pseudofermion_models",  # pseudofermion models: eo-ilu, conditional (trained)
 )

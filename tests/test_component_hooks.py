@@ -15,6 +15,7 @@ from flowplug.records import (
     KernelSpec,
     ObservableSpec,
     PriorSpec,
+    PseudofermionModelSpec,
 )
 from flowplug.theory import EuclideanSpace
 
@@ -57,6 +58,10 @@ class Everything:
         return [DiracOperatorSpec(name="t-dirac", description="test Dirac operator", factory=dict, fields=("u1",))]
 
     @flowplug.hookimpl
+    def flowplug_pseudofermion_models(self):
+        return [PseudofermionModelSpec(name="t-pf-model", description="test pseudofermion model", factory=dict)]
+
+    @flowplug.hookimpl
     def flowplug_commands(self):
         return [CommandSpec(name="t-command", description="test command", factory=lambda p: None, run=lambda a: 0)]
 
@@ -72,6 +77,7 @@ class Everything:
         ("file_format", "t-format", FileFormatSpec),
         ("observable", "t-observable", ObservableSpec),
         ("dirac_operator", "t-dirac", DiracOperatorSpec),
+        ("pseudofermion_model", "t-pf-model", PseudofermionModelSpec),
         ("command", "t-command", CommandSpec),
     ],
 )
