@@ -172,3 +172,23 @@ def test_registry_and_refusals(fresh_pm, tmp_path):
 
     with pytest.raises(ConfigError, match="hopping form"):
         EvenOddILUModel(Doubled(0.2)).matrix(_u1())
+
+
+def test_benchmark_quick_run_prints_every_model(capsys):
+    """benchmarks/pseudofermion_models.py --quick: one JSON line per model with finite figures."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "pseudofermion_models.py"
+    spec = importlib.util.spec_from_file_location("bench_pf_models", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    torch.set_num_threads(1)
+    assert mod.main(["--quick", "--json"]) == 0
+    lines = [json.loads(v) for v in capsys.readouterr().out.strip().splitlines()]
+    assert [v["model"] for v in lines] == ["white", "free", "ilu", "eo-ilu", "conditional"]
+    for v in lines:
+        assert v["kl_reverse"] >= 0 and math.isfinite(v["var_log_w"]) and v["time_ratio_to_ilu"] > 0
+    assert lines[2]["time_ratio_to_ilu"] == 1.0 and lines[-1]["train_steps"] == 5
