@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
                 "group": args.group,
                 "verify": not args.no_verify,
             },
-            progress=not args.no_progress,
+            progress=False if args.no_progress else None,
             check_inverse=not args.no_check_inverse,
             log=lambda text: print(f"flowplug resample: {text}", file=sys.stderr),
         )

@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
             Path(args.out),
             resume=args.resume,
             force=args.force,
-            progress=not args.no_progress,
+            progress=False if args.no_progress else None,
             check_inverse=not args.no_check_inverse,
         )
     if "rank" in s:  # a rank > 0 of a torchrun world: rank 0 reports

@@ -73,6 +73,7 @@ save_every = 0      # 0: write each chain's configuration after the last step on
 threads = 1         # torch CPU threads (1: fastest on small lattices and busy machines; 0: torch's default)
 checkpoint_every = 50
 measurements = "csv"  # per-step measurements: "csv" (measurements.csv) or "hdf5" (measurements.h5)
+progress = true     # progress bar (--no-progress turns it off)
 observables = []    # measured after every step ([] = defaults of the field kind)
 to = ""             # output format ("" = the inputs' format)
 precision = 0       # output precision in bits (0 = the inputs')
@@ -99,7 +100,7 @@ group = ""
 OPEN_TABLES = ("kernel.options",)
 
 #: Keys that do not change the Markov chains: a run may be resumed with other values.
-NON_CHAIN_KEYS = ("steps", "save_every", "checkpoint_every", "measurements", "threads", "streams")
+NON_CHAIN_KEYS = ("steps", "save_every", "checkpoint_every", "measurements", "threads", "streams", "progress")
 # (the effective number of streams enters the run's id instead: 0 means one per process)
 
 
@@ -179,7 +180,7 @@ def run_resample(
     resume: bool = False,
     force: bool = False,
     read_options: Mapping[str, Any] | None = None,
-    progress: bool = False,
+    progress: bool | None = None,
     check_inverse: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
@@ -202,7 +203,7 @@ def run_resample(
         force: Replace the outputs of an earlier run.
         read_options: Options of :func:`flowplug.io.read` (``format``, ``lattice``,
             ``group``, ``verify``).
-        progress: Progress bar.
+        progress: Progress bar (default: ``cfg["progress"]``).
         check_inverse: Refuse a flow that fails the inverse check.
         log: Receives one-line notes (the files of a directory or glob skipped as not
             lattice files).
@@ -234,7 +235,7 @@ def run_resample(
             resume=resume,
             force=force,
             read_options=read_options,
-            progress=progress,
+            progress=bool(cfg.get("progress", False)) if progress is None else bool(progress),
             check_inverse=check_inverse,
             log=log,
         )

@@ -59,6 +59,7 @@ save_every = 0      # write the configurations every this many steps (0: only th
 checkpoint_every = 100
 format = "hdf5"     # output format of the configurations
 measurements = "csv"  # per-step measurements: "csv" (measurements.csv) or "hdf5" (measurements.h5)
+progress = true     # progress bar (--no-progress turns it off)
 observables = []    # [] = defaults of the field kind
 ess_samples = 256   # flow samples used for the ESS of the proposal weights
 
@@ -84,7 +85,7 @@ group = ""
 OPEN_TABLES = ("kernel.options", "action")
 
 #: Keys that do not change the Markov chain: a run may be resumed with other values.
-NON_CHAIN_KEYS = ("steps", "save_every", "checkpoint_every", "measurements", "threads", "streams")
+NON_CHAIN_KEYS = ("steps", "save_every", "checkpoint_every", "measurements", "threads", "streams", "progress")
 # (the effective number of streams enters the run's id instead: 0 means one per process)
 
 
@@ -95,7 +96,7 @@ def run_sample(
     *,
     resume: bool = False,
     force: bool = False,
-    progress: bool = False,
+    progress: bool | None = None,
     check_inverse: bool = True,
 ) -> dict[str, Any]:
     """Run (or resume) a sample job; ``out`` is locked for the run.
@@ -111,7 +112,7 @@ def run_sample(
         out: The run directory.
         resume: Continue from ``out/chain.ckpt`` (bit for bit the uninterrupted run).
         force: Replace the outputs of an earlier run.
-        progress: Progress bar.
+        progress: Progress bar (default: ``cfg["progress"]``).
         check_inverse: Refuse a flow that fails the inverse check.
 
     Returns:
@@ -125,7 +126,8 @@ def run_sample(
     from flowplug.threads import job_threads
 
     with distributed.sharded_job("sample", out), job_threads(cfg.get("threads", 1)):
-        return _run_sample(cfg, flow, out, resume=resume, force=force, progress=progress, check_inverse=check_inverse)
+        show = bool(cfg.get("progress", False)) if progress is None else bool(progress)
+        return _run_sample(cfg, flow, out, resume=resume, force=force, progress=show, check_inverse=check_inverse)
 
 
 def _run_sample(
