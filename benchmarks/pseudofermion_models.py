@@ -9,14 +9,18 @@ second half is measured), each registered model is measured with
 * ``kl_forward`` = E KL(p || r), ``kl_reverse`` = E KL(r || p) = -E_r[log w] in nats,
   w = p(phi | U) / r(phi | U);
 * ``var_log_w``: the variance of log w for phi ~ r, the noise of a one-draw pseudo-marginal
-  estimate of log det(D^+ D) (the pseudo-marginal acceptance falls roughly like
-  erfc(sqrt(var / 2) / 2)... for log-normal noise: it matters as much as the flow);
+  estimate of log det(D^+ D), which lowers the pseudo-marginal acceptance as much as a poor
+  flow does;
+* ``log_second_moment`` (largest over the configurations) and its median: log E_r[w^2] /
+  E_r[w]^2, exact from the covariances (infinite unless C > M / 2: then the estimate of
+  det M has infinite variance and a pseudo-marginal chain sticks after lucky draws);
 * ``seconds_per_sample``: wall time of one ``sample`` call per configuration (k = 1), and its
   ratio to ``ilu``'s measured in the same run.
 
 Models: ``white`` (scale 1), ``free``, ``ilu`` (:mod:`flowplug.plugins.fermion_schemes`),
-``eo-ilu`` and ``conditional`` (trained here by reverse KL, ``--train-steps`` Adam steps;
-:mod:`flowplug.plugins.pseudofermion_models`). One JSON line per (kappa, model).
+``eo-ilu``, ``conditional`` (trained here by reverse KL, ``--train-steps`` Adam steps;
+:mod:`flowplug.plugins.pseudofermion_models`), and ``ilu-1.2`` and ``eo-ilu-1.1`` (widened by
+1.2 and 1.1). One JSON line per (kappa, model).
 
     python benchmarks/pseudofermion_models.py --json                 # 8x8, ~3 min on one core
     python benchmarks/pseudofermion_models.py --quick --json         # 4x4 smoke run (seconds)
@@ -91,6 +95,8 @@ def run(a: argparse.Namespace) -> list[dict[str, Any]]:
         train_seconds = time.perf_counter() - t0
         models["conditional"] = cond
         timing: dict[str, float] = {}
+        models["ilu-1.2"] = PSEUDOFERMION_MODELS["ilu"](op, scale=1.2)
+        models["eo-ilu-1.1"] = EvenOddILUModel(op, scale=1.1)
         for name, model in models.items():
             diag = model_diagnostics(model, test_x, k=a.draws, generator=torch.Generator().manual_seed(a.seed + 7))
             t0 = time.perf_counter()
@@ -101,7 +107,7 @@ def run(a: argparse.Namespace) -> list[dict[str, Any]]:
                 "beta": a.beta,
                 "kappa": kappa,
                 "model": name,
-                **{k: round(v, 4) for k, v in diag.items()},
+                **{k: (v if v is None or not math.isfinite(v) else round(v, 4)) for k, v in diag.items()},
                 "seconds_per_sample": timing[name],
             }
             if name == "conditional":
@@ -125,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"kappa {line['kappa']:<5} {line['model']:<12} KL(p||r) {line['kl_forward']:8.3f}  "
                 f"KL(r||p) {line['kl_reverse']:8.3f}  var log w {line['var_log_w']:10.3f}  "
+                f"log E[w^2]/E[w]^2 {line['log_second_moment']}  "
                 f"time/ilu {line['time_ratio_to_ilu']:.2f}"
             )
     ok = all(math.isfinite(v) for line in lines for k, v in line.items() if k.startswith("kl_"))

@@ -70,6 +70,8 @@ __all__ = [
     "ConditionalGaussianModel",
     "train_conditional_model",
     "model_diagnostics",
+    "gaussian_covariance",
+    "log_second_moment",
     "save_conditional_model",
     "load_conditional_model",
     "CHECKPOINT_FORMAT",
@@ -221,6 +223,12 @@ class EvenOddILUModel(PseudofermionModel):
 
     def _log_scale(self) -> torch.Tensor | float:
         return math.log(self.scale)
+
+    def covariance(self, x: torch.Tensor) -> torch.Tensor:
+        """C = s^2 A^+ A, (B, n, n) complex128 (no gradients)."""
+        with torch.no_grad():
+            a, _ = self.matrix(x)
+            return torch.exp(2.0 * torch.as_tensor(self._log_scale(), dtype=torch.float64)) * (a.mH @ a)
 
     def sample(
         self, x: torch.Tensor, k: int, generator: torch.Generator | None = None
@@ -387,6 +395,9 @@ def model_diagnostics(
     Returns:
         ``kl_forward``: E_U KL(p || r) in nats (exact draws of p, exact log det M);
         ``kl_reverse``: E_U KL(r || p) = -``mean_log_w``;
+        ``log_second_moment``: the largest over the configurations of log E_r[w^2] / E_r[w]^2
+        (:func:`log_second_moment`; +inf where the weights' variance is infinite; None for a
+        model that is not Gaussian), and ``log_second_moment_median`` its median;
         ``var_log_w``: variance over U and draws of log w = log[exp(-phi^+ M^{-1} phi) / (pi^n r)]
         - log det M for phi ~ r, the noise of a one-draw pseudo-marginal estimate of log det M;
         ``mean_log_w``: its mean (<= 0, Jensen).
@@ -407,12 +418,62 @@ def model_diagnostics(
         flat = phi_r.reshape(bsz, int(k), n)
         quad = torch.einsum("bki,bij,bkj->bk", flat.conj(), minv, flat).real.to(torch.float64)
         log_w = -quad - n * _LOG_PI - log_r - logdet_m[:, None]
+    cov = gaussian_covariance(model, x)
+    second = None if cov is None else log_second_moment(cov, dense.mH @ dense)
     return {
+        "log_second_moment": None if second is None else float(second.max()),
+        "log_second_moment_median": None if second is None else float(second.median()),
         "kl_forward": float(kl),
         "kl_reverse": -float(log_w.mean()),
         "mean_log_w": float(log_w.mean()),
         "var_log_w": float(log_w.var()),
     }
+
+
+def gaussian_covariance(model: Any, x: torch.Tensor) -> torch.Tensor | None:
+    """The covariance C(U) (B, n, n) complex128 of a Gaussian pseudofermion model, or None.
+
+    Models of this module (``covariance``), and the built-in ``ilu`` (C = s^2 D_a^+ D_a),
+    ``white`` (s^2 1) and ``free`` (s^2 D_0^+ D_0) models; None for other models.
+    """
+    from flowplug.plugins.fermion_schemes import FreeFieldModel, ILUModel, WhiteNoiseModel, _unit_links
+
+    with torch.no_grad():
+        if callable(getattr(model, "covariance", None)):
+            return model.covariance(x)
+        if isinstance(model, ILUModel):
+            lo, up = model.factors(x)
+            da = lo @ up
+            return model.scale**2 * (da.mH @ da)
+        n = model.operator.size(x) if hasattr(model, "operator") else 0
+        if isinstance(model, WhiteNoiseModel):
+            eye = torch.eye(n, dtype=torch.complex128, device=x.device)
+            return (model.scale**2 * eye).expand(x.shape[0], n, n)
+        if isinstance(model, FreeFieldModel):
+            d0 = model.operator.dense(_unit_links(x))
+            return model.scale**2 * (d0.mH @ d0)
+    return None
+
+
+def log_second_moment(covariance: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    r"""log E_r[w^2] / E_r[w]^2 for w = p / r, p = CN(0, M), r = CN(0, C): (B,) float64.
+
+    = log det C - log det(2 M^{-1} - C^{-1}) - 2 log det M, +inf unless 2 M^{-1} - C^{-1} is
+    positive definite (C > M / 2): the relative variance of a one-draw importance-sampling
+    estimate of det M, which the pseudo-marginal scheme needs finite.
+
+    Arguments:
+        covariance: C (B, n, n) complex128, Hermitian positive definite.
+        m: M = D^+ D (B, n, n) complex128.
+    """
+    minv = torch.linalg.inv(m)
+    cinv = torch.linalg.inv(covariance)
+    k = 2.0 * minv - cinv
+    k = 0.5 * (k + k.mH)
+    chol, info = torch.linalg.cholesky_ex(k)
+    logdet_k = 2.0 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1).real).sum(-1)
+    out = torch.linalg.slogdet(covariance)[1] - logdet_k - 2.0 * torch.linalg.slogdet(m)[1]
+    return torch.where(info == 0, out.to(torch.float64), torch.full_like(out, math.inf, dtype=torch.float64))
 
 
 def _takes_by(operator: Any) -> bool:

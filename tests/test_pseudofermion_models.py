@@ -133,6 +133,28 @@ def test_eo_ilu_is_closer_to_p_than_ilu_and_training_lowers_the_reverse_kl():
         train_conditional_model(m2, x, steps=1, objective="sideways")
 
 
+def test_log_second_moment_is_the_monte_carlo_ratio_and_infinite_below_half_of_m():
+    """log E[w^2]/E[w]^2 of two Gaussians against its Monte Carlo estimate; +inf for C < M/2."""
+    from flowplug.plugins.pseudofermion_models import log_second_moment
+
+    g = torch.Generator().manual_seed(11)
+    n = 3
+    b = torch.randn((1, n, n), generator=g, dtype=torch.complex128) * 0.3 + torch.eye(n, dtype=torch.complex128)
+    m = b.mH @ b
+    c = 1.3 * m + 0.1 * torch.eye(n, dtype=torch.complex128)
+    exact = float(log_second_moment(c, m)[0])
+    lc = torch.linalg.cholesky(c[0])
+    chi = torch.randn((200000, n), generator=g, dtype=torch.complex128)
+    phi = chi @ lc.mT  # covariance C
+    quad_m = torch.einsum("ki,ij,kj->k", phi.conj(), torch.linalg.inv(m[0]), phi).real
+    quad_c = (chi.abs() ** 2).sum(-1)
+    log_w = -quad_m + quad_c - torch.linalg.slogdet(m[0])[1] + torch.linalg.slogdet(c[0])[1]
+    w = torch.exp(log_w)
+    estimate = math.log(float((w**2).mean() / w.mean() ** 2))
+    assert abs(estimate - exact) < 0.05, (estimate, exact)
+    assert math.isinf(float(log_second_moment(0.4 * m, m)[0]))
+
+
 def test_checkpoint_round_trip_and_refusals(tmp_path):
     op = WilsonDiracOperator(0.2)
     x = _u1(batch=2, seed=9)
@@ -188,7 +210,8 @@ def test_benchmark_quick_run_prints_every_model(capsys):
     torch.set_num_threads(1)
     assert mod.main(["--quick", "--json"]) == 0
     lines = [json.loads(v) for v in capsys.readouterr().out.strip().splitlines()]
-    assert [v["model"] for v in lines] == ["white", "free", "ilu", "eo-ilu", "conditional"]
+    assert [v["model"] for v in lines] == ["white", "free", "ilu", "eo-ilu", "conditional", "ilu-1.2", "eo-ilu-1.1"]
     for v in lines:
         assert v["kl_reverse"] >= 0 and math.isfinite(v["var_log_w"]) and v["time_ratio_to_ilu"] > 0
-    assert lines[2]["time_ratio_to_ilu"] == 1.0 and lines[-1]["train_steps"] == 5
+        assert v["log_second_moment"] > 0
+    assert lines[2]["time_ratio_to_ilu"] == 1.0 and lines[4]["train_steps"] == 5
