@@ -591,6 +591,10 @@ def test_kernel_record_names_the_files_of_a_kernel_s_options(tmp_path):
     rec = kernel_record({"type": "l2hmc", "options": {"checkpoint": str(ck), "steps": 4, "note": "not-a-file"}})
     assert rec["type"] == "l2hmc" and rec["options"]["steps"] == 4
     assert rec["files"] == {"checkpoint": {"path": str(ck), "sha256": hashlib.sha256(b"weights").hexdigest()}}
+    nested = kernel_record({"type": "pseudo-marginal", "options": {"pseudofermion_options": {"checkpoint": str(ck)}}})
+    assert nested["files"] == {
+        "pseudofermion_options.checkpoint": {"path": str(ck), "sha256": hashlib.sha256(b"weights").hexdigest()}
+    }
 
 
 def _u1_flow_checkpoint(d):

@@ -85,7 +85,8 @@ def provenance(command: str, *, seed: int, step: int, chain: int, flow: Any = No
 
 def kernel_record(table: Mapping[str, Any]) -> dict[str, Any]:
     """What a run's summary records of its ``[kernel]`` table: the table itself and, for every
-    option naming an existing file (a trained kernel's ``checkpoint``), its path and SHA-256.
+    option naming an existing file (a trained kernel's ``checkpoint``; in a nested table such
+    as ``pseudofermion_options.checkpoint`` under its dotted name), its path and SHA-256.
 
     Arguments:
         table: The ``[kernel]`` table of a sample or resample configuration.
@@ -98,8 +99,14 @@ def kernel_record(table: Mapping[str, Any]) -> dict[str, Any]:
 
     out = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in table.items()}
     files = {}
-    for key, value in dict(table.get("options", {})).items():
-        if isinstance(value, str) and value and Path(value).is_file():
-            files[key] = {"path": value, "sha256": file_sha256(value)}
+
+    def scan(options: Mapping[str, Any], prefix: str) -> None:
+        for key, value in options.items():
+            if isinstance(value, Mapping):  # nested option tables (pseudofermion_options = {checkpoint = ...})
+                scan(value, f"{prefix}{key}.")
+            elif isinstance(value, str) and value and Path(value).is_file():
+                files[f"{prefix}{key}"] = {"path": value, "sha256": file_sha256(value)}
+
+    scan(dict(table.get("options", {})), "")
     out["files"] = files
     return out
