@@ -1,4 +1,4 @@
-"""Two-flavour Schwinger model: cost per independent sample, pseudofermion HMC vs the flow schemes.
+"""Two-flavour Schwinger or Yukawa model: cost per independent sample, pseudofermion HMC vs the flow schemes.
 
 For one point (``--lattice``, ``--beta``, ``--kappa``), in one run, on one machine, with one
 torch thread:
@@ -36,7 +36,19 @@ ratios HMC cost / scheme cost. Without ``--json``, a readable table.
         --thermalize 30 --segments 8 --train-steps 200 --hmc-steps 6 --json   # ~20 min on 2 busy cores
     python benchmarks/fermions.py --flow runs/schwinger-l8 --json        # a flow trained before
 
-The figures of these runs are in docs/fermions.md ("Benchmark").
+``--model yukawa`` runs the same comparison for the Yukawa model of arXiv:2106.05934, section IV
+(:mod:`flowplug.plugins.yukawa`: phi^4 with ``--m2``, ``--lam`` and two staggered flavours with
+Yukawa coupling ``--g`` and bare mass ``--mass``): the flow is an affine flow trained against
+``yukawa-exact``, HMC runs on the pseudofermion action ``yukawa``, the ``free`` pseudofermion
+model (phi = 0) replaces ``ilu`` (``--pf-model``), and the observables are the absolute
+magnetisation |M| (key ``abs_magnetization``, in place of ``q2``) and the staggered condensate.
+``--symmetrize`` averages the trained flow over phi -> -phi (:func:`flowplug.symmetric.symmetrize_flow`:
+a reverse-KL flow finds one of the two modes of the massless model; the average proposes both).
+
+    python benchmarks/fermions.py --model yukawa --lattice 8 --m2 -4 --lam 8 --g 1 --mass 0.3 --json
+
+The figures of these runs are in docs/fermions.md ("Benchmark"; Yukawa: "Staggered fermions and
+the Yukawa model").
 """
 
 from __future__ import annotations
@@ -57,6 +69,17 @@ SAMPLERS = ("hmc", "exact-marginal", "pseudo-marginal", "fermion-gibbs", "fermio
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options (module docstring)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", choices=("schwinger", "yukawa"), default="schwinger")
+    p.add_argument("--m2", type=float, default=-4.0, help="yukawa: phi^4 bare mass squared")
+    p.add_argument("--lam", type=float, default=8.0, help="yukawa: phi^4 quartic coupling")
+    p.add_argument("--g", type=float, default=1.0, help="yukawa: Yukawa coupling")
+    p.add_argument("--mass", type=float, default=0.3, help="yukawa: bare staggered mass")
+    p.add_argument("--pf-model", default=None, help="pseudofermion model (default: ilu, yukawa: free)")
+    p.add_argument(
+        "--symmetrize",
+        action="store_true",
+        help="yukawa: average the trained flow over phi -> -phi (the symmetry of the massless model)",
+    )
     p.add_argument("--lattice", type=int, default=8)
     p.add_argument("--beta", type=float, default=4.0)
     p.add_argument("--kappa", type=float, default=0.24)
@@ -73,6 +96,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="4x4, short runs (smoke test)")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
+    if a.pf_model is None:
+        a.pf_model = "free" if a.model == "yukawa" else "ilu"
     if a.quick:
         a.lattice, a.beta, a.chains, a.thermalize, a.steps, a.segments, a.train_steps = 4, 2.0, 4, 4, 12, 2, 10
     return a
@@ -122,6 +147,32 @@ def train_flow(lattice: int, beta: float, kappa: float, steps: int, seed: int) -
     return trainer.flow.eval(), time.perf_counter() - t0
 
 
+def yukawa_couplings(a: argparse.Namespace) -> dict[str, float]:
+    """The Yukawa couplings of the options."""
+    return {"m2": a.m2, "lam": a.lam, "g": a.g, "mass": a.mass}
+
+
+def train_yukawa_flow(a: argparse.Namespace) -> tuple[Any, float]:
+    """An affine flow trained against ``yukawa-exact``; returns (flow, seconds)."""
+    from flowplug.train import build_trainer
+
+    cfg = {
+        "lattice": [a.lattice, a.lattice],
+        "seed": a.seed,
+        "threads": 1,
+        "device": "cpu",
+        "action": {"name": "yukawa-exact", **yukawa_couplings(a)},
+        "flow": {"layers": ["affine"], "n_layers": 8, "options": {"hidden": [32, 32]}},
+        "train": {"steps": a.train_steps, "batch_size": 64, "lr": 2e-3, "schedule": "cosine", "lr_min_factor": 0.1},
+    }
+    trainer = build_trainer(cfg, out=None, device="cpu")
+    trainer.out = None
+    t0 = time.perf_counter()
+    for _ in range(a.train_steps):
+        trainer.train_step()
+    return trainer.flow.eval(), time.perf_counter() - t0
+
+
 def load_flow(path: Path) -> Any:
     """The flow of a ``flowplug train`` run (inverse check enforced)."""
     from flowplug.flowtools import open_flow
@@ -151,46 +202,68 @@ def observable_stats(hist: torch.Tensor, *, charge: bool = False) -> dict[str, A
     return out
 
 
+def pseudofermion_action(a: argparse.Namespace) -> Any:
+    """The pseudofermion action of the model: ``schwinger`` or ``yukawa``."""
+    if a.model == "yukawa":
+        from flowplug.plugins.yukawa import YukawaPseudofermionAction
+
+        return YukawaPseudofermionAction(**yukawa_couplings(a))
+    from flowplug.plugins.fermion_actions import PseudofermionAction
+
+    return PseudofermionAction(a.beta, a.kappa)
+
+
 def build_samplers(flow: Any, a: argparse.Namespace) -> dict[str, Any]:
     """The five kernels of the comparison."""
-    from flowplug.plugins.fermion_actions import PseudofermionAction
     from flowplug.plugins.fermion_schemes import FermionGibbs, FermionJoint, PseudoMarginal, exact_marginal
     from flowplug.plugins.hmc import HMC
 
-    pf = PseudofermionAction(a.beta, a.kappa)
+    pf = pseudofermion_action(a)
     return {
         "hmc": HMC(pf, integrator="omelyan", steps=a.hmc_steps, trajectory_length=1.0),
         "exact-marginal": exact_marginal(flow, pf),
         "pseudo-marginal": PseudoMarginal(
-            flow, pf, n_pseudofermions=a.n_pseudofermions, pseudofermion="ilu", scale=a.scale
+            flow, pf, n_pseudofermions=a.n_pseudofermions, pseudofermion=a.pf_model, scale=a.scale
         ),
         "fermion-gibbs": FermionGibbs(flow, pf),
-        "fermion-joint": FermionJoint(flow, pf, pseudofermion="ilu", scale=1.0),
+        "fermion-joint": FermionJoint(flow, pf, pseudofermion=a.pf_model, scale=1.0),
     }
 
 
 def run(a: argparse.Namespace) -> list[dict[str, Any]]:
     """Train (or load) the flow, run every sampler, return the JSON records."""
     from flowplug.measure import measurement
-    from flowplug.plugins.fermion_actions import PseudofermionAction
     from flowplug.threads import set_threads
 
     set_threads(1)
     torch.manual_seed(a.seed)
     g = torch.Generator().manual_seed(a.seed)
+    yukawa = a.model == "yukawa"
     if a.flow is not None:
         flow, train_s = load_flow(a.flow), None
+    elif yukawa:
+        flow, train_s = train_yukawa_flow(a)
     else:
         flow, train_s = train_flow(a.lattice, a.beta, a.kappa, a.train_steps, a.seed)
+    if yukawa and a.symmetrize:
+        from flowplug.symmetric import symmetrize_flow
+
+        flow = symmetrize_flow(flow, "z2")
     samplers = build_samplers(flow, a)
-    meas_q = measurement("u1", ["topological_charge"])
-    meas_c = measurement("u1", ["chiral_condensate"], couplings={"kappa": a.kappa})
+    first = "abs_magnetization" if yukawa else "q2"  # the key of the first observable
+    if yukawa:
+        meas_q = measurement("scalar", ["abs_magnetization"])
+        meas_c = measurement("scalar", ["staggered_condensate"], couplings={"g": a.g, "mass": a.mass})
+    else:
+        meas_q = measurement("u1", ["topological_charge"])
+        meas_c = measurement("u1", ["chiral_condensate"], couplings={"kappa": a.kappa})
+    keys = ("abs_magnetization", "staggered_condensate") if yukawa else ("topological_charge", "chiral_condensate")
 
     def measure(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
-            return meas_q(x)["topological_charge"], meas_c(x)["chiral_condensate"]
+            return meas_q(x)[keys[0]], meas_c(x)[keys[1]]
 
-    pf = PseudofermionAction(a.beta, a.kappa)
+    pf = pseudofermion_action(a)
     x0 = pf.hot_start((a.lattice, a.lattice), a.chains, generator=g)
     hmc = samplers["hmc"]
     st = hmc.init(x0)
@@ -220,7 +293,7 @@ def run(a: argparse.Namespace) -> list[dict[str, Any]]:
     steps = per_segment * a.segments
     for name in samplers:
         sps = seconds[name] / (steps * a.chains)
-        qs = observable_stats(torch.stack(hist[name]["q"]), charge=True)
+        qs = observable_stats(torch.stack(hist[name]["q"]), charge=not yukawa)
         cs = observable_stats(torch.stack(hist[name]["c"]))
         moves = float(torch.stack(hist[name]["acc"]).sum(0).mean())
         for s in (qs, cs):
@@ -230,22 +303,26 @@ def run(a: argparse.Namespace) -> list[dict[str, Any]]:
         records.append(
             {
                 "sampler": name,
+                "model": a.model,
                 "L": a.lattice,
-                "beta": a.beta,
-                "kappa": a.kappa,
+                **(
+                    {**yukawa_couplings(a), "pseudofermion": a.pf_model, "symmetrize": a.symmetrize}
+                    if yukawa
+                    else {"beta": a.beta, "kappa": a.kappa}
+                ),
                 "chains": a.chains,
                 "steps": steps,
                 "seconds_per_step": sps,
                 "acceptance": float(torch.stack(hist[name]["acc"]).mean()),
                 "moves_per_chain": moves,
-                "q2": qs,
+                first: qs,
                 "condensate": cs,
             }
         )
     hmc_rec = records[0]
     summary: dict[str, Any] = {"train_seconds": train_s, "flow": str(a.flow) if a.flow else "trained here"}
     for rec in records[1:]:
-        for key in ("q2", "condensate"):
+        for key in (first, "condensate"):
             h, f = hmc_rec[key], rec[key]
             ratio = h["seconds_per_independent"] / f["seconds_per_independent"]
             bound = {(False, False): "=", (True, False): ">=", (False, True): "<=", (True, True): "?"}[
@@ -265,13 +342,15 @@ def main(argv: list[str] | None = None) -> int:
         for r in records:
             print(json.dumps(r), flush=True)
         return 0
-    print(f"L = {a.lattice}, beta = {a.beta}, kappa = {a.kappa}: seconds per independent sample (per chain)")
+    first = "abs_magnetization" if a.model == "yukawa" else "q2"
+    point = f"g = {a.g}, mass = {a.mass}" if a.model == "yukawa" else f"beta = {a.beta}, kappa = {a.kappa}"
+    print(f"{a.model}: L = {a.lattice}, {point}: seconds per independent sample (per chain)")
     for r in records[:-1]:
-        q, c = r["q2"], r["condensate"]
+        q, c = r[first], r["condensate"]
         flag = lambda s: ">=" if s["tau_int_lower_bound"] else ""  # noqa: E731
         print(
             f"  {r['sampler']:16s} acc {r['acceptance']:.3f}  s/step {r['seconds_per_step']:.2e}  "
-            f"Q: tau {flag(q)}{q['tau_int']:.1f} cost {flag(q)}{q['seconds_per_independent']:.3g} s  "
+            f"{first}: tau {flag(q)}{q['tau_int']:.1f} cost {flag(q)}{q['seconds_per_independent']:.3g} s  "
             f"condensate: tau {flag(c)}{c['tau_int']:.1f} cost {flag(c)}{c['seconds_per_independent']:.3g} s"
         )
     print(json.dumps(records[-1]["summary"], indent=1))

@@ -22,4 +22,6 @@ BUILTIN: tuple[str, ...] = (
     "flowplug.plugins.fermion_actions",  # schwinger(-exact), wilson-nf2(-exact); condensate, pion
     "flowplug.plugins.fermion_schemes",  # kernels: exact-marginal, pseudo-marginal, fermion-gibbs, fermion-joint
     "flowplug.plugins.pseudofermion_models",  # pseudofermion models: eo-ilu, conditional (trained)
+    "flowplug.plugins.staggered",  # Dirac operators: staggered (links), staggered-yukawa (scalar field)
+    "flowplug.plugins.yukawa",  # actions yukawa(-exact): phi^4 + 2 staggered flavours; staggered_condensate
 )

@@ -14,6 +14,15 @@ proposes gauge fields; a **pseudofermion model** r(phi | U) (:class:`Pseudofermi
 no determinant of D(U): ``ilu`` (default; Gaussian with covariance D_a^+ D_a, det D_a = 1),
 ``free`` (the unit-gauge operator), ``white``, and ``exact`` (p(phi | U), for checks).
 
+The same kernels sample the **Yukawa model** (``yukawa`` / ``yukawa-exact``,
+:mod:`flowplug.plugins.yukawa`; arXiv:2106.05934, section IV): there U stands for the real
+scalar field phi (field kind ``scalar``), S_g for its phi^4 action S_B and D for the staggered
+operator with site mass m + g phi (n = V). The kernels read the bosonic action from the
+action's attribute ``bosonic`` (or ``gauge``, the gauge theories' name), the free background
+of the ``free`` model from the operator's ``free_background`` (phi = 0; unit links otherwise),
+and the exact-determinant action of ``exact-marginal`` from the action's
+``exact_counterpart()`` where it has one.
+
 ``exact-marginal`` (:func:`exact_marginal`: the ``independence-metropolis`` kernel with the exact determinant)
     U' ~ q, accepted with min(1, [p(U') / q(U')] / [p(U) / q(U)]), p(U) from the dense
     det M(U) (``schwinger-exact``); scheme (a).
@@ -110,6 +119,13 @@ def _unit_links(x: torch.Tensor) -> torch.Tensor:
         eye = torch.eye(x.shape[-1], dtype=x.dtype, device=x.device)
         return eye.expand_as(x).clone()
     return torch.zeros_like(x)
+
+
+def _free_background(operator: Any, x: torch.Tensor) -> torch.Tensor:
+    """The free background of x's layout for ``operator``: its ``free_background(x)`` where it
+    has one (the staggered operators: phi = 0 on a scalar field, unit links), else unit links."""
+    free = getattr(operator, "free_background", None)
+    return free(x) if callable(free) else _unit_links(x)
 
 
 # ------------------------------------------------------------------ pseudofermion models
@@ -227,6 +243,8 @@ class FreeFieldModel(PseudofermionModel):
                 ld = free_wilson_logdet(
                     tuple(lattice), self.operator.kappa, ncolor=ncol, antiperiodic=self.operator.antiperiodic
                 )
+            elif callable(getattr(self.operator, "free_logdet", None)):  # momentum space (staggered)
+                ld = float(self.operator.free_logdet(x[:1]))
             else:
                 from flowplug.plugins.fermion_actions import MAX_DENSE
 
@@ -236,7 +254,7 @@ class FreeFieldModel(PseudofermionModel):
                         f"pseudofermion model 'free': log det D_0 of operator {self.operator!r} needs a dense "
                         f"matrix of n = {n} > MAX_DENSE = {MAX_DENSE} rows; use a Wilson operator or a smaller lattice"
                     )
-                ld = float(torch.linalg.slogdet(self.operator.dense(_unit_links(x[:1])))[1][0])
+                ld = float(torch.linalg.slogdet(self.operator.dense(_free_background(self.operator, x[:1])))[1][0])
             self._logdet[key] = 2.0 * ld
         n = math.prod(shape[1:])
         return self._logdet[key] + 2.0 * n * math.log(self.scale)
@@ -247,14 +265,14 @@ class FreeFieldModel(PseudofermionModel):
         """phi = scale D_0^+ chi, (B, k, L..., s[, N]); log r (B, k), exact without a solve."""
         shape = self.operator.spinor_shape(x)
         chi = _complex_normal((shape[0], int(k), *shape[1:]), generator, x.device)
-        phi = self.scale * self.operator.apply_dagger(_unit_links(x), chi)
+        phi = self.scale * self.operator.apply_dagger(_free_background(self.operator, x), chi)
         n = math.prod(shape[1:])
         log_r = -_norm2(chi, 2) - self.log_det_covariance(x) - n * _LOG_PI
         return phi, log_r
 
     def log_prob(self, x: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
         """log r(phi), (B, k) float64 (one CG solve with D_0^+ D_0)."""
-        unit = _unit_links(x)
+        unit = _free_background(self.operator, x)
         sol, _ = self.operator.solve_normal(unit, phi, tol=self.cg_tol, maxiter=self.cg_maxiter)
         quad = (phi.conj() * sol).flatten(2).sum(-1).real.to(torch.float64) / self.scale**2
         return -quad - self.log_det_covariance(x) - self.operator.size(x) * _LOG_PI
@@ -427,24 +445,35 @@ def pseudofermion_model(spec: Any, operator: Any, **options: Any) -> Pseudofermi
 
 
 def _fermion_parts(action: Any, who: str) -> tuple[Any, Any]:
-    """(gauge action, Dirac operator) of a two-flavour action; ConfigError otherwise."""
-    gauge, operator = getattr(action, "gauge", None), getattr(action, "operator", None)
-    if gauge is None or operator is None or not hasattr(operator, "solve_normal"):
+    """(bosonic action, Dirac operator) of a two-flavour action; ConfigError otherwise.
+
+    The bosonic action is the attribute ``bosonic`` (the Yukawa actions: phi^4) or, for the
+    gauge theories, ``gauge`` (the Wilson gauge action)."""
+    bosonic = getattr(action, "bosonic", None)
+    if bosonic is None:
+        bosonic = getattr(action, "gauge", None)
+    operator = getattr(action, "operator", None)
+    if bosonic is None or operator is None or not hasattr(operator, "solve_normal"):
         raise ConfigError(
-            f"kernel '{who}' samples two-flavour fermion theories: it needs an action with a gauge action "
-            f"and a Dirac operator (schwinger, schwinger-exact, wilson-nf2, wilson-nf2-exact); "
-            f"found {type(action).__name__} ({getattr(action, 'field', '?')} fields)"
+            f"kernel '{who}' samples two-flavour fermion theories: it needs an action with a bosonic action "
+            f"(attribute 'bosonic' or 'gauge') and a Dirac operator (schwinger, schwinger-exact, wilson-nf2, "
+            f"wilson-nf2-exact, yukawa, yukawa-exact); found {type(action).__name__} "
+            f"({getattr(action, 'field', '?')} fields)"
         )
-    return gauge, operator
+    return bosonic, operator
 
 
 class _FermionFlowKernel(Kernel):
-    """Common parts: flow proposals, log q of states, gauge action, quadratic forms."""
+    """Common parts: flow proposals, log q of states, bosonic action, quadratic forms.
+
+    ``bosonic`` is the action's bosonic part (gauge action or phi^4); ``gauge`` is the same
+    object (the name the gauge-theory code used)."""
 
     name = "fermion-flow-kernel"
 
     def __init__(self, flow: Any, action: Any, *, cg_tol: float | None = None, cg_maxiter: int | None = None) -> None:
-        self.gauge, self.operator = _fermion_parts(action, self.name)
+        self.bosonic, self.operator = _fermion_parts(action, self.name)
+        self.gauge = self.bosonic
         field = getattr(flow, "field", None)
         if field is not None and field != action.field:
             raise ConfigError(
@@ -482,10 +511,13 @@ class _FermionFlowKernel(Kernel):
         x = x.detach().to(torch.complex128 if x.is_complex() else torch.float64)
         return x, log_r.to(torch.float64) - logdet.to(torch.float64)
 
-    def gauge_action(self, x: torch.Tensor) -> torch.Tensor:
-        """S_g(U), (B,) float64."""
+    def bosonic_action(self, x: torch.Tensor) -> torch.Tensor:
+        """S_B(x): the gauge action S_g(U) or the scalar action S_B(phi), (B,) float64."""
         with torch.no_grad():
-            return self.gauge.action(x).to(torch.float64)
+            return self.bosonic.action(x).to(torch.float64)
+
+    #: The name the gauge-theory code used for :meth:`bosonic_action`.
+    gauge_action = bosonic_action
 
     def quadratic(self, x: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
         """phi^+ (D^+ D)^{-1} phi, phi (B, [k,] L..., s[, N]); returns (B[, k]) float64 (CG, ``cg_tol``).
@@ -553,8 +585,10 @@ def exact_marginal(flow: Any, action: Any) -> Kernel:
 
     Returns the registered ``independence-metropolis`` kernel
     (:class:`flowplug.plugins.kernels.IndependenceMetropolis`) for the exact-determinant
-    action: ``schwinger-exact`` / ``wilson-nf2-exact`` as given, or built from the
-    couplings of a pseudofermion action (``schwinger`` / ``wilson-nf2``). Its test is
+    action: ``schwinger-exact`` / ``wilson-nf2-exact`` / ``yukawa-exact`` as given, or, for a
+    pseudofermion action, its ``exact_counterpart()`` (``yukawa`` -> ``yukawa-exact``) or the
+    :class:`flowplug.plugins.fermion_actions.ExactFermionAction` with its couplings
+    (``schwinger`` / ``wilson-nf2``). Its test is
     log A = [-S_eff(U') - log q(U')] - [-S_eff(U) - log q(U)], S_eff = S_g - log det(D^+ D)
     from the dense matrix (small lattices, :data:`flowplug.plugins.fermion_actions.MAX_DENSE`).
 
@@ -568,7 +602,11 @@ def exact_marginal(flow: Any, action: Any) -> Kernel:
     from flowplug.plugins.fermion_actions import ExactFermionAction
     from flowplug.plugins.kernels import IndependenceMetropolis
 
-    if getattr(action, "refresh", None) is not None:  # pseudofermion action: the same couplings, exact det
+    counterpart = getattr(action, "exact_counterpart", None)
+    if callable(counterpart):  # the action knows its exact-determinant form (yukawa -> yukawa-exact)
+        if getattr(action, "refresh", None) is not None:
+            action = counterpart()
+    elif getattr(action, "refresh", None) is not None:  # Wilson pseudofermion action: same couplings, exact det
         action = ExactFermionAction(
             action.beta,
             action.kappa,
@@ -667,8 +705,8 @@ class PseudoMarginal(_FermionFlowKernel):
             lw0 = torch.where(fresh, self.estimate(state.x, generator), lw0)
         x1, lq1 = self.propose(state.batch, generator)
         lw1 = self.estimate(x1, generator)
-        t1 = -self.gauge_action(x1) + lw1
-        t0 = -self.gauge_action(state.x) + lw0
+        t1 = -self.bosonic_action(x1) + lw1
+        t0 = -self.bosonic_action(state.x) + lw0
         log_a = guarded_log_accept((t1 - lq1) - (t0 - lq0), t1, lq1)
         accepted = metropolis_test(log_a, generator)
         old = ChainState(state.x, state.log_p, {"log_q": lq0, "log_det_estimate": lw0})
@@ -723,9 +761,9 @@ class FermionGibbs(_FermionFlowKernel):
         with torch.no_grad():
             chi = _complex_normal(tuple(self.operator.spinor_shape(x0)), generator, x0.device)
             phi = self.operator.apply_dagger(x0, chi)
-            s0 = self.gauge_action(x0) + _norm2(chi, 1)
+            s0 = self.bosonic_action(x0) + _norm2(chi, 1)
             x1, lq1 = self.propose(state.batch, generator)
-            s1 = self.gauge_action(x1) + self.quadratic(x1, phi)
+            s1 = self.bosonic_action(x1) + self.quadratic(x1, phi)
         log_a = guarded_log_accept((-s1 - lq1) - (-s0 - lq0), s1, lq1)
         accepted = metropolis_test(log_a, generator)
         old = ChainState(x0, state.log_p, {"log_q": lq0})
@@ -795,7 +833,7 @@ class FermionJoint(_FermionFlowKernel):
         with torch.no_grad():
             chi = _complex_normal(tuple(self.operator.spinor_shape(x)), generator, x.device)
             phi = self.operator.apply_dagger(x, chi)
-            log_p = -self.gauge_action(x) - _norm2(chi, 1)
+            log_p = -self.bosonic_action(x) - _norm2(chi, 1)
             log_r = self.model.log_prob(x, phi[:, None])[:, 0].to(torch.float64)
         return {"phi": phi, "log_p_joint": log_p, "log_r": log_r}
 
@@ -812,7 +850,7 @@ class FermionJoint(_FermionFlowKernel):
             x1, lq1 = self.propose(state.batch, generator)
             phi1, lr1 = self.model.sample(x1, 1, generator)
             phi1, lr1 = phi1[:, 0], lr1[:, 0].to(torch.float64)
-            lp1 = -self.gauge_action(x1) - self.quadratic(x1, phi1)
+            lp1 = -self.bosonic_action(x1) - self.quadratic(x1, phi1)
         log_a = guarded_log_accept((lp1 - lq1 - lr1) - (cur["log_p_joint"] - lq0 - cur["log_r"]), lp1, lq1, lr1)
         accepted = metropolis_test(log_a, generator)
         old = ChainState(x0, state.log_p, {"log_q": lq0, **cur})
@@ -826,7 +864,7 @@ class FermionJoint(_FermionFlowKernel):
         return f"FermionJoint(action={self.action!r}, model={self.model.name}, refresh={self.refresh})"
 
 
-_FIELDS = ("u1", "su2", "su3")
+_FIELDS = ("u1", "su2", "su3", "scalar")
 
 
 @hookimpl

@@ -52,3 +52,21 @@ def test_quick_run_prints_every_sampler_and_the_ratios(bench, capsys):
     for name in bench.SAMPLERS[1:]:
         assert summary[f"ratio_bound_q2.{name}"] in ("=", ">=", "<=", "?")
     json.dumps(records)  # JSON lines
+
+
+def test_quick_yukawa_run_prints_every_sampler_and_the_ratios(bench):
+    a = bench.parse(["--model", "yukawa", "--quick", "--json", "--symmetrize"])
+    assert a.model == "yukawa" and a.pf_model == "free" and a.lattice == 4 and a.symmetrize
+    a.chains, a.steps, a.segments, a.thermalize, a.train_steps, a.hmc_steps = 2, 4, 2, 2, 2, 2
+    records = bench.run(a)
+    assert [r.get("sampler") for r in records[:-1]] == list(bench.SAMPLERS)
+    for r in records[:-1]:
+        assert r["model"] == "yukawa" and r["g"] == a.g and r["pseudofermion"] == "free" and r["symmetrize"]
+        assert r["seconds_per_step"] > 0 and 0 <= r["acceptance"] <= 1
+        for key in ("abs_magnetization", "condensate"):
+            assert r[key]["seconds_per_independent"] > 0 and isinstance(r[key]["tau_int_lower_bound"], bool)
+        assert "q2" not in r
+    summary = records[-1]["summary"]
+    for name in bench.SAMPLERS[1:]:
+        assert summary[f"ratio_bound_abs_magnetization.{name}"] in ("=", ">=", "<=", "?")
+    json.dumps(records)

@@ -322,7 +322,7 @@ def test_third_party_dirac_operator_registers_and_clashes_are_named(fresh_pm):
     fresh_pm.register(DiracPlugin(), name="toy", provider=("toy-fermions", "0.3"))
     spec = fresh_pm.registry("dirac_operator").get("toy-staggered")
     assert spec.provided_by == "toy-fermions 0.3" and spec.factory(mass=0.5).mass == 0.5
-    assert fresh_pm.registry("dirac_operator").names() == ["toy-staggered", "wilson"]
+    assert fresh_pm.registry("dirac_operator").names() == ["staggered", "staggered-yukawa", "toy-staggered", "wilson"]
     with pytest.raises(flowplug.UnknownComponentError, match="Unknown Dirac operator 'wilsn'.*Did you mean 'wilson'"):
         fresh_pm.registry("dirac_operator").get("wilsn")
     fresh_pm.register(ClashingPlugin(), name="clash", provider=("clash-pkg", "1.0"))
