@@ -73,8 +73,9 @@ References:
 
 from __future__ import annotations
 
+import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -83,7 +84,7 @@ from flowplug.chain import ChainState, Kernel
 from flowplug.errors import ConfigError, ShapeError
 from flowplug.hookspecs import hookimpl
 from flowplug.metropolis import guarded_log_accept, metropolis_test
-from flowplug.records import KernelSpec
+from flowplug.records import KernelSpec, PseudofermionModelSpec
 
 __all__ = [
     "PseudofermionModel",
@@ -406,8 +407,10 @@ class ILUModel(PseudofermionModel):
         return -quad - n * (_LOG_PI + 2 * math.log(self.scale))
 
 
-#: Pseudofermion models by name: ``factory(operator, **options)``. Third-party code may add
-#: entries (a hook of their own would need a hook spec in :mod:`flowplug.hookspecs`).
+#: The built-in pseudofermion models of this module by name: ``factory(operator, **options)``.
+#: They are registered (:func:`flowplug_pseudofermion_models`) in the registry
+#: ``pseudofermion_model``, where the kernels look every model up, plugins' included
+#: (hook ``flowplug_pseudofermion_models``; more built-ins: :mod:`flowplug.plugins.pseudofermion_models`).
 PSEUDOFERMION_MODELS: dict[str, Callable[..., PseudofermionModel]] = {
     "free": FreeFieldModel,
     "ilu": ILUModel,
@@ -417,28 +420,54 @@ PSEUDOFERMION_MODELS: dict[str, Callable[..., PseudofermionModel]] = {
 
 
 def pseudofermion_model(spec: Any, operator: Any, **options: Any) -> PseudofermionModel:
-    """The pseudofermion model ``spec``: a name of :data:`PSEUDOFERMION_MODELS` or a model object.
+    """The pseudofermion model ``spec``: a name in the registry ``pseudofermion_model`` (built
+    with ``factory(operator, **options)``) or a model object (returned as it is).
 
     Raises:
-        ConfigError: for an unknown name (listing the known ones), options the model rejects,
-            or an object without ``sample``/``log_prob``.
+        UnknownComponentError: for an unknown name (naming the registered ones).
+        ConfigError: for options the model rejects, or an object without ``sample``/``log_prob``.
     """
     if isinstance(spec, str):
-        key = spec.strip().lower()
-        if key not in PSEUDOFERMION_MODELS:
-            raise ConfigError(
-                f"unknown pseudofermion model {spec!r}; available: {', '.join(sorted(PSEUDOFERMION_MODELS))}"
-            )
+        from flowplug.manager import registry
+
+        record = registry("pseudofermion_model").get(spec.strip().lower())
         try:
-            return PSEUDOFERMION_MODELS[key](operator, **options)
+            inspect.signature(record.factory).bind(operator, **options)
         except TypeError as exc:
-            raise ConfigError(f"pseudofermion model {key!r} rejects the options {sorted(options)}: {exc}") from None
+            raise ConfigError(
+                f"pseudofermion model {record.name!r} rejects the options {sorted(options)}: {exc}"
+            ) from None
+        return record.factory(operator, **options)
     if not (callable(getattr(spec, "sample", None)) and callable(getattr(spec, "log_prob", None))):
         raise ConfigError(
-            f"pseudofermion model: expected a name ({', '.join(sorted(PSEUDOFERMION_MODELS))}) or an object with "
+            "pseudofermion model: expected a registered name (flowplug plugins lists them) or an object with "
             f"sample(x, k, generator) and log_prob(x, phi); found {type(spec).__name__}"
         )
     return spec
+
+
+def _model_options(kernel: str, spec: Any, scale: float | None, options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The options a kernel passes to its pseudofermion model: ``pseudofermion_options`` plus
+    ``scale`` where given (the default width 1 for the built-in Gaussian models otherwise).
+
+    Raises:
+        ConfigError: for ``pseudofermion_options`` that is not a table, or options given with a
+            model object.
+    """
+    if options is not None and not isinstance(options, Mapping):
+        raise ConfigError(
+            f"kernel '{kernel}': pseudofermion_options must be a table of the model's options "
+            f'(e.g. {{checkpoint = "model.pt"}}); found {options!r}'
+        )
+    opts = dict(options or {})
+    if scale is not None:
+        opts.setdefault("scale", float(scale))
+    if opts and not isinstance(spec, str):
+        raise ConfigError(
+            f"kernel '{kernel}': options {sorted(opts)} go to a model given by name; the model object "
+            f"{type(spec).__name__} was built with its own"
+        )
+    return opts
 
 
 # ------------------------------------------------------------------------------ kernels
@@ -639,9 +668,14 @@ class PseudoMarginal(_FermionFlowKernel):
         action: A two-flavour action (``schwinger``, ``schwinger-exact``, ...): its gauge
             action and Dirac operator are used; its determinant is not.
         n_pseudofermions: Draws per estimate (>= 1).
-        pseudofermion: Model name (:data:`PSEUDOFERMION_MODELS`; default ``ilu``) or object.
-        scale: Width option of the ``ilu`` / ``free`` / ``white`` models (near the critical
-            kappa ``ilu`` needs scale > 1 for a finite variance of w: 1.2 at kappa = 0.24).
+        pseudofermion: Model name in the registry ``pseudofermion_model`` (default ``ilu``;
+            ``eo-ilu`` and the trained ``conditional`` of
+            :mod:`flowplug.plugins.pseudofermion_models` follow p(phi | U) far more closely) or
+            a model object.
+        scale: Width option of the Gaussian models (``ilu``, ``eo-ilu``, ``free``,
+            ``white``; default 1): the weights have finite variance only for C > M(U)/2.
+        pseudofermion_options: The model's other options, e.g. ``{checkpoint = "model.pt"}``
+            for ``conditional`` (the run's summary records the file's SHA-256).
         cg_tol, cg_maxiter: Solver settings (default the action's).
 
     Raises:
@@ -668,7 +702,8 @@ class PseudoMarginal(_FermionFlowKernel):
         *,
         n_pseudofermions: int = 1,
         pseudofermion: Any = "ilu",
-        scale: float = 1.0,
+        scale: float | None = None,
+        pseudofermion_options: Mapping[str, Any] | None = None,
         cg_tol: float | None = None,
         cg_maxiter: int | None = None,
     ) -> None:
@@ -676,7 +711,7 @@ class PseudoMarginal(_FermionFlowKernel):
         self.n_pseudofermions = int(n_pseudofermions)
         if self.n_pseudofermions < 1:
             raise ConfigError(f"kernel 'pseudo-marginal': n_pseudofermions must be >= 1; found {n_pseudofermions}")
-        opts = {"scale": scale} if isinstance(pseudofermion, str) and pseudofermion != "exact" else {}
+        opts = _model_options(self.name, pseudofermion, scale, pseudofermion_options)
         self.model = pseudofermion_model(pseudofermion, self.operator, **opts)
 
     def estimate(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -795,9 +830,14 @@ class FermionJoint(_FermionFlowKernel):
     Arguments:
         flow: The gauge-field flow q(U).
         action: A two-flavour action (gauge action and Dirac operator used).
-        pseudofermion: Model name (:data:`PSEUDOFERMION_MODELS`; default ``ilu``) or object.
-        scale: Width option of the ``ilu`` / ``free`` / ``white`` models (near the critical
-            kappa ``ilu`` needs scale > 1 for a finite variance of w: 1.2 at kappa = 0.24).
+        pseudofermion: Model name in the registry ``pseudofermion_model`` (default ``ilu``;
+            ``eo-ilu`` and the trained ``conditional`` of
+            :mod:`flowplug.plugins.pseudofermion_models` follow p(phi | U) far more closely) or
+            a model object.
+        scale: Width option of the Gaussian models (``ilu``, ``eo-ilu``, ``free``,
+            ``white``; default 1): the weights have finite variance only for C > M(U)/2.
+        pseudofermion_options: The model's other options, e.g. ``{checkpoint = "model.pt"}``
+            for ``conditional`` (the run's summary records the file's SHA-256).
         refresh: Redraw phi from p(phi | U) before every step.
         cg_tol, cg_maxiter: Solver settings (default the action's).
 
@@ -818,13 +858,14 @@ class FermionJoint(_FermionFlowKernel):
         action: Any,
         *,
         pseudofermion: Any = "ilu",
-        scale: float = 1.0,
+        scale: float | None = None,
+        pseudofermion_options: Mapping[str, Any] | None = None,
         refresh: bool = False,
         cg_tol: float | None = None,
         cg_maxiter: int | None = None,
     ) -> None:
         super().__init__(flow, action, cg_tol=cg_tol, cg_maxiter=cg_maxiter)
-        opts = {"scale": scale} if isinstance(pseudofermion, str) and pseudofermion != "exact" else {}
+        opts = _model_options(self.name, pseudofermion, scale, pseudofermion_options)
         self.model = pseudofermion_model(pseudofermion, self.operator, **opts)
         self.refresh = bool(refresh)
 
@@ -865,6 +906,23 @@ class FermionJoint(_FermionFlowKernel):
 
 
 _FIELDS = ("u1", "su2", "su3", "scalar")
+
+
+@hookimpl
+def flowplug_pseudofermion_models() -> list[PseudofermionModelSpec]:
+    """The pseudofermion models ``ilu``, ``free``, ``white`` and ``exact``."""
+    descriptions = {
+        "ilu": ("Gaussian, covariance s^2 D_a^+ D_a, D_a = (1 + L)(1 + R) the ILU factors of D: det 1", ("scale",)),
+        "free": ("Gaussian, covariance s^2 D_0^+ D_0 (D at the free background), independent of U", ("scale",)),
+        "white": ("Gaussian, covariance s^2 (white noise), independent of U", ("scale",)),
+        "exact": ("p(phi | U) itself, with the dense determinant (checks; small lattices)", ()),
+    }
+    return [
+        PseudofermionModelSpec(
+            name=name, description=descriptions[name][0], factory=factory, parameters=descriptions[name][1]
+        )
+        for name, factory in PSEUDOFERMION_MODELS.items()
+    ]
 
 
 @hookimpl

@@ -382,7 +382,7 @@ class ConditionalGaussianModel(nn.Module, EvenOddILUModel):
 
 def model_diagnostics(
     model: Any, x: torch.Tensor, *, k: int = 4, generator: torch.Generator | None = None
-) -> dict[str, float]:
+) -> dict[str, float | None]:
     r"""How close r(phi | U) is to p(phi | U) on the gauge fields x.
 
     Arguments:
