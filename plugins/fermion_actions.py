@@ -21,7 +21,10 @@ Actions (field kinds ``u1``; the ``wilson-nf2`` pair also ``su<N>``; d = 2 or 4)
     ``refresh`` draws phi = D^+ chi with chi complex Gaussian (density exp(-chi^+ chi)),
     the exact heat bath of phi at fixed U; the HMC kernel calls it at the start of every
     trajectory (:mod:`flowplug.theory`). With X = (D^+ D)^{-1} phi (conjugate gradient) and
-    Y = D X, dS/dtheta = dS_g/dtheta - 2 Re(Y^+ (dD/dtheta) X).
+    Y = D X, dS/dtheta = dS_g/dtheta - 2 Re(Y^+ (dD/dtheta) X). Options (off by default):
+    ``even_odd`` (phi on the even sites, D -> D_hat = 1 - kappa^2 H_eo H_oe, det D_hat = det D)
+    and ``hasenbusch_kappa`` (det(D^+ D) = det(W^+ W) det(W^{-+} D^+ D W^{-1}), W = D at a
+    heavier mass, one pseudofermion field per factor); see :class:`PseudofermionAction`.
 
 Observables (per configuration, (B,) float64; ``kappa`` comes from the action's couplings
 in ``flowplug hmc``): ``chiral_condensate`` (1/V) Re tr D_m^{-1} per flavour, with
@@ -34,7 +37,8 @@ References:
     C. Gattringer & C. B. Lang, "Quantum Chromodynamics on the Lattice" (Springer 2010),
     section 8.1 (pseudofermions), section 8.2 (HMC with dynamical fermions), chapter 6
     (meson correlators), chapter 7 (chiral condensate);
-    J. S. Schwinger, Phys. Rev. 128 (1962) 2425 (the model); docs/fermions.md.
+    J. S. Schwinger, Phys. Rev. 128 (1962) 2425 (the model); M. Hasenbusch, Phys. Lett. B 519
+    (2001) 177, hep-lat/0107019 (mass preconditioning); docs/fermions.md.
 """
 
 from __future__ import annotations
@@ -91,7 +95,7 @@ def _gauge(beta: float, group: str) -> Any:
 class _TwoFlavourAction(Action):
     """Common part of the two-flavour actions: gauge action, Dirac operator, checks, forces."""
 
-    parameters = ("beta", "kappa", "group", "dirac", "cg_tol", "cg_maxiter")
+    parameters: tuple[str, ...] = ("beta", "kappa", "group", "dirac", "cg_tol", "cg_maxiter")
     observables = FERMION_OBSERVABLES
 
     def __init__(
@@ -215,71 +219,300 @@ class ExactFermionAction(_TwoFlavourAction):
         return self.gauge.force(x) + self.fermion_force(x)
 
 
+class _FermionMatrix:
+    """The matrix a pseudofermion term is built on: D on the full lattice, or the even-odd
+    preconditioned D_hat on the even sites (``even_odd``), with the methods the terms need."""
+
+    METHODS = (
+        "even_shape",
+        "apply_even_odd",
+        "apply_even_odd_dagger",
+        "solve_even_odd_normal",
+        "derivative_even_odd",
+    )
+
+    def __init__(self, operator: Any, even_odd: bool, dirac: str) -> None:
+        if even_odd:
+            missing = [m for m in self.METHODS if getattr(operator, m, None) is None]
+            if missing:
+                raise ConfigError(
+                    f"pseudofermion action: even_odd = true needs the even-odd preconditioned form of the Dirac "
+                    f"operator '{dirac}', which has no {', '.join(missing)}; use even_odd = false with it"
+                )
+        self.operator = operator
+        self.even_odd = bool(even_odd)
+        self.kappa = float(operator.kappa)
+
+    def shape(self, x: torch.Tensor) -> tuple[int, ...]:
+        return tuple(self.operator.even_shape(x) if self.even_odd else self.operator.spinor_shape(x))
+
+    def apply(self, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return self.operator.apply_even_odd(x, v) if self.even_odd else self.operator.apply(x, v)
+
+    def apply_dagger(self, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return self.operator.apply_even_odd_dagger(x, v) if self.even_odd else self.operator.apply_dagger(x, v)
+
+    def solve_normal(self, x: torch.Tensor, b: torch.Tensor, tol: float, maxiter: int) -> tuple[torch.Tensor, Any]:
+        solve = self.operator.solve_even_odd_normal if self.even_odd else self.operator.solve_normal
+        return solve(x, b, tol=tol, maxiter=maxiter)
+
+    def derivative(self, x: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+        if self.even_odd:
+            return self.operator.derivative_even_odd(x, left, right)
+        return self.operator.derivative(x, left, right)
+
+    def derivative_ratio(self, other: _FermionMatrix) -> float | None:
+        """c with d(l^+ other r) = c d(l^+ self r) for all l, r, or None if not known.
+
+        Two Wilson operators on the same boundary conditions differ only in kappa, and
+        dD = -kappa dH: c = kappa_other / kappa (D_hat = 1 - kappa^2 H_eo H_oe: its square)."""
+        from flowplug.plugins.dirac import WilsonDiracOperator
+
+        a, b = self.operator, other.operator
+        if type(a) is not WilsonDiracOperator or type(b) is not WilsonDiracOperator or self.kappa == 0:
+            return None
+        if a.antiperiodic != b.antiperiodic or self.even_odd != other.even_odd:
+            return None
+        c = other.kappa / self.kappa
+        return c * c if self.even_odd else c
+
+
+class _Term:
+    """One pseudofermion term phi^+ B (A^+ A)^{-1} B^+ phi (B = 1 when ``denominator`` is None)."""
+
+    def __init__(self, numerator: _FermionMatrix, denominator: _FermionMatrix | None) -> None:
+        self.numerator = numerator
+        self.denominator = denominator
+        k = f"{numerator.kappa:g}"
+        self.label = f"kappa={k}" if denominator is None else f"kappa={k}/{denominator.kappa:g}"
+
+
+def _even_odd_flag(value: Any) -> bool:
+    """``even_odd`` as a bool; ConfigError for anything but a bool (or 0/1)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise ConfigError(f"pseudofermion action: even_odd must be true or false; found {value!r}")
+
+
+def _hasenbusch_kappas(value: Any, kappa: float) -> tuple[float, ...]:
+    """The Hasenbusch hopping parameters 0 < kappa_1 < ... < kappa_k < kappa (None: none)."""
+    if value is None:
+        return ()
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    out = []
+    for v in items:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)):
+            raise ConfigError(
+                f"pseudofermion action: hasenbusch_kappa must be a number or a list of numbers "
+                f"(heavier masses: 0 < kappa_h < kappa = {kappa}); found {value!r}"
+            )
+        out.append(float(v))
+    chain = [*out, kappa]
+    if not out or out[0] <= 0 or any(a >= b for a, b in zip(chain, chain[1:], strict=False)):
+        raise ConfigError(
+            f"pseudofermion action: hasenbusch_kappa must be increasing and between 0 and the action's "
+            f"kappa (0 < kappa_1 < ... < kappa_k < kappa = {kappa}: the Hasenbusch operators are heavier); "
+            f"found {value!r}"
+        )
+    return tuple(out)
+
+
 class PseudofermionAction(_TwoFlavourAction):
     r"""Gauge action plus two Wilson flavours through pseudofermions: S = S_g + phi^+ (D^+ D)^{-1} phi.
 
-    An action of the joint distribution of the links and the pseudofermion field phi
-    (module docstring). :meth:`refresh` draws phi; the HMC kernel calls it at the start of
-    every trajectory. ``action`` and ``force`` use the phi drawn last and solve
-    (D^+ D) X = phi by the conjugate gradient with ``cg_tol``/``cg_maxiter``.
+    An action of the joint distribution of the links and the pseudofermion fields
+    (module docstring). :meth:`refresh` draws the fields; the HMC kernel calls it at the start
+    of every trajectory. ``action`` and ``force`` use the fields drawn last and solve the
+    normal equations by the conjugate gradient with ``cg_tol``/``cg_maxiter``.
+
+    **Even-odd preconditioning** (``even_odd = true``): det D = det D_hat with
+    D_hat = 1 - kappa^2 H_eo H_oe on the even sites, so S_f = phi_e^+ (D_hat^+ D_hat)^{-1} phi_e
+    with phi_e (B, V/2, s[, N]) on the even sites; heat bath phi_e = D_hat^+ chi_e; force
+    -2 Re(Y^+ dD_hat X), X = (D_hat^+ D_hat)^{-1} phi_e, Y = D_hat X. Every extent must be even.
+
+    **Hasenbusch mass preconditioning** (``hasenbusch_kappa`` = kappa_1 or [kappa_1, ..., kappa_k],
+    0 < kappa_1 < ... < kappa_k < kappa): with W_j = D at kappa_j and W_{k+1} = D,
+    det(D^+ D) = det(W_1^+ W_1) prod_j det(W_j^{-+} W_{j+1}^+ W_{j+1} W_j^{-1}), one field per factor:
+
+        S_f = phi_1^+ (W_1^+ W_1)^{-1} phi_1 + sum_j phi_{j+1}^+ W_j (W_{j+1}^+ W_{j+1})^{-1} W_j^+ phi_{j+1}.
+
+    A term phi^+ B (A^+ A)^{-1} B^+ phi (A = W_{j+1}, B = W_j; B = 1 for the first) has
+    covariance K = B^{-+} A^+ A B^{-1}; its exact heat bath is phi = B^{-+} A^+ chi
+    = B (B^+ B)^{-1} A^+ chi (one CG solve with the heavier B^+ B), since then
+    phi^+ K^{-1} phi = chi^+ A (A^+ A)^{-1} A^+ chi = chi^+ chi. With X = (A^+ A)^{-1} B^+ phi
+    and Y = A X its derivative is
+
+        dS = 2 Re(phi^+ dB X) - 2 Re(Y^+ dA X),
+
+    (from d(B^+ phi) = dB^+ phi and d(A^+ A)^{-1} = -(A^+ A)^{-1} d(A^+ A) (A^+ A)^{-1}), evaluated
+    with the operators' ``derivative``. Both options combine (all operators even-odd
+    preconditioned: det D_hat = det D for every kappa, so the ratios are unchanged). The
+    product of the factors is det(D^+ D) for every U, so the distribution of U is that of
+    the plain action; only the cost changes.
+
+    With both options off (the default) the action, its random draws and its arithmetic are
+    those of the plain action, bit for bit.
 
     Arguments:
         beta, kappa, group, dirac: As for :class:`ExactFermionAction`.
         cg_tol: Relative CG tolerance (default 1e-12, so that the float64 accept/reject and
             the reversibility of trajectories are not limited by the solver).
         cg_maxiter: CG iteration limit.
+        even_odd: Even-odd preconditioning (bool, default False).
+        hasenbusch_kappa: None (default: off), a hopping parameter kappa_1 < kappa, or an
+            increasing list of them (a chain of Hasenbusch masses).
 
     Attributes:
-        phi: The pseudofermion field, (B, L..., s[, N]) complex128, or None before :meth:`refresh`.
+        phi: The first pseudofermion field, (B, L..., s[, N]) (or (B, V/2, s[, N]) with
+            ``even_odd``) complex128, or None before :meth:`refresh`.
+        phis: All fields, one per term (a tuple), or None.
+        terms: The terms (``label`` ``kappa=k`` for phi^+ (W^+ W)^{-1} phi, ``kappa=k/k_h``
+            for a ratio).
         last_report: The :class:`flowplug.plugins.dirac.CGReport` of the last solve.
+        cg_counts: Per term label, [batch-element solves, CG iterations] summed since the
+            action was built (or :meth:`reset_cg_counts`): iterations per solve = ratio.
 
     Raises:
-        ConfigError: for bad couplings; from ``action``/``force``: ConfigError before any
-            :meth:`refresh`, ShapeError if the batch differs from phi's,
-            ConvergenceError if the CG does not converge.
+        ConfigError: for bad couplings or options (even_odd not a bool; hasenbusch_kappa not
+            increasing in (0, kappa); even_odd with an operator that has no even-odd form);
+            from ``action``/``force``: ConfigError before any :meth:`refresh`, ShapeError if
+            the batch differs from phi's or (even_odd) an extent is odd, ConvergenceError if
+            the CG does not converge.
 
     References:
         arXiv:2106.05934, section II (pseudofermions); Gattringer & Lang (2010), sections
-        8.1-8.2 (heat bath phi = D^+ chi, force through the solver).
+        8.1-8.2 (heat bath phi = D^+ chi, force through the solver); M. Hasenbusch, Phys.
+        Lett. B 519 (2001) 177, hep-lat/0107019 (mass preconditioning); T. DeGrand and P.
+        Rossi, Comput. Phys. Commun. 60 (1990) 211 (even-odd preconditioning); R. Abbott et
+        al., arXiv:2207.08945, section 2 (both, for flows).
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    parameters = _TwoFlavourAction.parameters + ("even_odd", "hasenbusch_kappa")
+
+    def __init__(
+        self,
+        beta: float = 2.0,
+        kappa: float = 0.2,
+        group: str = "u1",
+        *,
+        dirac: str = "wilson",
+        cg_tol: float = 1e-12,
+        cg_maxiter: int = 2000,
+        even_odd: bool = False,
+        hasenbusch_kappa: float | list[float] | None = None,
+    ) -> None:
+        super().__init__(beta, kappa, group, dirac=dirac, cg_tol=cg_tol, cg_maxiter=cg_maxiter)
+        self.even_odd = _even_odd_flag(even_odd)
+        kappas = _hasenbusch_kappas(hasenbusch_kappa, self.kappa)
+        self.hasenbusch_kappa: float | list[float] | None = (
+            None if not kappas else (list(kappas) if isinstance(hasenbusch_kappa, (list, tuple)) else kappas[0])
+        )
+        matrices = [_FermionMatrix(_dirac(self.dirac, k), self.even_odd, self.dirac) for k in kappas]
+        matrices.append(_FermionMatrix(self.operator, self.even_odd, self.dirac))
+        self.terms = [_Term(a, b) for a, b in zip(matrices, [None, *matrices[:-1]], strict=True)]
+        self._plain = not self.even_odd and not kappas  # the unpreconditioned action, as before the options
         self.phi: torch.Tensor | None = None
-        self._fresh: tuple[torch.Tensor, int, torch.Tensor] | None = None  # (links, their version, chi^+ chi)
+        self.phis: tuple[torch.Tensor, ...] | None = None
+        self._fresh: tuple[torch.Tensor, int, torch.Tensor] | None = None  # (links, their version, sum chi^+ chi)
+        self.cg_counts: dict[str, list[int]] = {}
+
+    def couplings(self) -> dict[str, Any]:
+        """The couplings; ``even_odd`` and ``hasenbusch_kappa`` only when set (so that the
+        records of plain runs are unchanged)."""
+        out = super().couplings()
+        if not self.even_odd:
+            out.pop("even_odd")
+        if self.hasenbusch_kappa is None:
+            out.pop("hasenbusch_kappa")
+        return out
+
+    def reset_cg_counts(self) -> None:
+        """Forget :attr:`cg_counts`."""
+        self.cg_counts = {}
+
+    def _count(self, label: str, report: Any) -> None:
+        self.last_report = report
+        entry = self.cg_counts.setdefault(label, [0, 0])
+        entry[0] += int(report.iterations.numel())
+        entry[1] += int(report.iterations.sum())
 
     def refresh(self, x: torch.Tensor, generator: torch.Generator | None = None) -> None:
-        """Draw phi = D^+ chi, chi complex Gaussian with density exp(-|chi|^2) (real and
-        imaginary parts N(0, 1/2)): exactly distributed as exp(-phi^+ (D^+ D)^{-1} phi).
+        """Draw the fields from their exact conditional distribution at the links x.
+
+        Plain action: phi = D^+ chi, chi complex Gaussian with density exp(-|chi|^2) (real and
+        imaginary parts N(0, 1/2)): exactly distributed as exp(-phi^+ (D^+ D)^{-1} phi). With
+        the options, one chi per term (in the order of :attr:`terms`) and phi = B^{-+} A^+ chi
+        (class docstring; D -> D_hat with ``even_odd``). The ratio terms' B^{-+} is one CG
+        solve with B^+ B to ``cg_tol``.
 
         Arguments:
             x: Links (B, ...), canonical layout.
             generator: Random generator (on x's device); None uses torch's global one.
 
         Raises:
-            ShapeError: for links of another layout.
+            ShapeError: for links of another layout (or odd extents with ``even_odd``).
+            ConvergenceError: if a heat-bath solve does not converge.
         """
         self.check(x)
-        shape = self.operator.spinor_shape(x)
-        chi = torch.randn(shape, generator=generator, dtype=torch.complex128, device=x.device)
-        self.phi = self.operator.apply_dagger(x, chi)
-        # phi^+ (D^+ D)^{-1} phi = chi^+ chi exactly at these links: no solve for the S that
-        # the trajectory starts from
-        self._fresh = (x, x._version, (chi.real**2 + chi.imag**2).flatten(1).sum(1).to(torch.float64))
+        if self._plain:
+            shape = self.operator.spinor_shape(x)
+            chi = torch.randn(shape, generator=generator, dtype=torch.complex128, device=x.device)
+            self.phi = self.operator.apply_dagger(x, chi)
+            self.phis = (self.phi,)
+            # phi^+ (D^+ D)^{-1} phi = chi^+ chi exactly at these links: no solve for the S that
+            # the trajectory starts from
+            self._fresh = (x, x._version, (chi.real**2 + chi.imag**2).flatten(1).sum(1).to(torch.float64))
+            return
+        phis = []
+        total = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+        for term in self.terms:
+            chi = torch.randn(term.numerator.shape(x), generator=generator, dtype=torch.complex128, device=x.device)
+            phi = term.numerator.apply_dagger(x, chi)
+            if term.denominator is not None:  # B^{-+} A^+ chi = B (B^+ B)^{-1} A^+ chi
+                sol, report = term.denominator.solve_normal(x, phi, self.cg_tol, self.cg_maxiter)
+                self._count(f"heat bath {term.label}", report)
+                phi = term.denominator.apply(x, sol)
+            phis.append(phi)
+            total = total + (chi.real**2 + chi.imag**2).flatten(1).sum(1).to(torch.float64)
+        self.phis = tuple(phis)
+        self.phi = phis[0]
+        self._fresh = (x, x._version, total)  # sum of phi^+ K^{-1} phi = chi^+ chi over the terms
 
-    def set_pseudofermions(self, phi: torch.Tensor | None) -> None:
-        """Set phi directly (tests, samplers that draw it themselves); None forgets it."""
-        self.phi = None if phi is None else phi.to(torch.complex128)
+    def set_pseudofermions(self, phi: torch.Tensor | list[torch.Tensor] | tuple[torch.Tensor, ...] | None) -> None:
+        """Set the fields directly (tests, samplers that draw them themselves); None forgets them.
+
+        Arguments:
+            phi: One tensor (one term) or a sequence with one tensor per term (:attr:`terms`).
+
+        Raises:
+            ConfigError: if the number of fields is not the number of terms.
+        """
         self._fresh = None
+        if phi is None:
+            self.phi, self.phis = None, None
+            return
+        fields = [phi] if isinstance(phi, torch.Tensor) else list(phi)
+        if len(fields) != len(self.terms):
+            raise ConfigError(
+                f"pseudofermion action: {len(self.terms)} pseudofermion fields expected (terms "
+                f"{[t.label for t in self.terms]}); found {len(fields)}"
+            )
+        self.phis = tuple(f.to(torch.complex128) for f in fields)
+        self.phi = self.phis[0]
+
+    def _no_field(self) -> ConfigError:
+        return ConfigError(
+            "pseudofermion action: no pseudofermion field drawn yet; call refresh(x, generator) first "
+            "(the hmc kernel does at every trajectory), or use the exact-determinant action "
+            "(schwinger-exact / wilson-nf2-exact) with kernels that do not refresh auxiliary fields"
+        )
 
     def _phi(self, x: torch.Tensor) -> torch.Tensor:
         self.check(x)
         if self.phi is None:
-            raise ConfigError(
-                "pseudofermion action: no pseudofermion field drawn yet; call refresh(x, generator) first "
-                "(the hmc kernel does at every trajectory), or use the exact-determinant action "
-                "(schwinger-exact / wilson-nf2-exact) with kernels that do not refresh auxiliary fields"
-            )
+            raise self._no_field()
         shape = self.operator.spinor_shape(x)
         if tuple(self.phi.shape) != tuple(shape):
             raise ShapeError(
@@ -288,30 +521,85 @@ class PseudofermionAction(_TwoFlavourAction):
             )
         return self.phi
 
+    def _phis(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        self.check(x)
+        if self.phis is None:
+            raise self._no_field()
+        for term, phi in zip(self.terms, self.phis, strict=True):
+            shape = term.numerator.shape(x)
+            if tuple(phi.shape) != shape:
+                raise ShapeError(
+                    f"pseudofermion action: the links {tuple(x.shape)} need pseudofermion fields of shape "
+                    f"{shape}; the one drawn last has shape {tuple(phi.shape)} (call refresh for these links)"
+                )
+        return self.phis
+
     def _solve(self, x: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
         sol, report = self.operator.solve_normal(x, phi, tol=self.cg_tol, maxiter=self.cg_maxiter)
-        self.last_report = report
+        self._count(self.terms[0].label, report)
         return sol
 
+    def _term_solve(self, x: torch.Tensor, term: _Term, phi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B^+ phi, X = (A^+ A)^{-1} B^+ phi) of one term."""
+        b = phi if term.denominator is None else term.denominator.apply_dagger(x, phi)
+        sol, report = term.numerator.solve_normal(x, b, self.cg_tol, self.cg_maxiter)
+        self._count(term.label, report)
+        return b, sol
+
+    def _is_fresh(self, x: torch.Tensor) -> bool:
+        return self._fresh is not None and self._fresh[0] is x and self._fresh[1] == x._version
+
     def fermion_action(self, x: torch.Tensor) -> torch.Tensor:
-        """phi^+ (D^+ D)^{-1} phi, shape (B,), float64 (>= 0); at the links of the last
-        :meth:`refresh` (the same tensor object, not modified since) the exact value chi^+ chi,
-        without a solve."""
-        phi = self._phi(x)
-        if self._fresh is not None and self._fresh[0] is x and self._fresh[1] == x._version:
+        """S_f = sum over the terms of phi^+ B (A^+ A)^{-1} B^+ phi (plain: phi^+ (D^+ D)^{-1} phi),
+        shape (B,), float64 (>= 0); at the links of the last :meth:`refresh` (the same tensor
+        object, not modified since) the exact value sum chi^+ chi, without a solve."""
+        if self._plain:
+            phi = self._phi(x)
+            if self._is_fresh(x):
+                assert self._fresh is not None
+                return self._fresh[2]
+            sol = self._solve(x, phi)
+            return (phi.conj() * sol).flatten(1).sum(1).real.to(torch.float64)
+        phis = self._phis(x)
+        if self._is_fresh(x):
+            assert self._fresh is not None
             return self._fresh[2]
-        sol = self._solve(x, phi)
-        return (phi.conj() * sol).flatten(1).sum(1).real.to(torch.float64)
+        total = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+        for term, phi in zip(self.terms, phis, strict=True):
+            b, sol = self._term_solve(x, term, phi)
+            total = total + (b.conj() * sol).flatten(1).sum(1).real.to(torch.float64)
+        return total
 
     def action(self, x: torch.Tensor) -> torch.Tensor:
-        """S_g + phi^+ (D^+ D)^{-1} phi, shape (B,), float64."""
+        """S_g + S_f, shape (B,), float64."""
         return self.gauge.action(x).to(torch.float64) + self.fermion_action(x)
 
     def fermion_force(self, x: torch.Tensor) -> torch.Tensor:
-        """Force of phi^+ (D^+ D)^{-1} phi: X = (D^+ D)^{-1} phi, Y = D X, dS = -2 Re(Y^+ dD X)."""
-        phi = self._phi(x)
-        sol = self._solve(x, phi)
-        return self._fermion_force(x, self.operator.apply(x, sol), sol)
+        """Force of S_f. Plain: X = (D^+ D)^{-1} phi, Y = D X, dS = -2 Re(Y^+ dD X); per term
+        with the options: X = (A^+ A)^{-1} B^+ phi, Y = A X, dS = -2 Re(Y^+ dA X - phi^+ dB X)
+        (class docstring).
+
+        Returns:
+            Same shape and dtype as x.
+        """
+        if self._plain:
+            phi = self._phi(x)
+            sol = self._solve(x, phi)
+            return self._fermion_force(x, self.operator.apply(x, sol), sol)
+        phis = self._phis(x)
+        g: torch.Tensor | None = None
+        for term, phi in zip(self.terms, phis, strict=True):
+            _, sol = self._term_solve(x, term, phi)
+            left = term.numerator.apply(x, sol)
+            c = None if term.denominator is None else term.numerator.derivative_ratio(term.denominator)
+            if c is not None:  # Wilson: dB = c dA, so one derivative of (A X - c phi)^+ dA X
+                left = left - c * phi
+            part = term.numerator.derivative(x, left, sol)
+            if term.denominator is not None and c is None:
+                part = part - term.denominator.derivative(x, phi, sol)
+            g = part if g is None else g + part
+        assert g is not None
+        return self._fermion_force(x, None, None, g)
 
     def force(self, x: torch.Tensor) -> torch.Tensor:
         """Gauge force plus :meth:`fermion_force`, same shape and dtype as x."""
@@ -327,6 +615,34 @@ def _schwinger(cls: type[_TwoFlavourAction]) -> Any:
     build.__name__ = f"schwinger_{cls.__name__}"
     build.__doc__ = f"The Schwinger model: :class:`{cls.__name__}` with group ``u1``."
     return build
+
+
+def schwinger_pseudofermions(
+    beta: float = 2.0,
+    kappa: float = 0.2,
+    *,
+    dirac: str = "wilson",
+    cg_tol: float = 1e-12,
+    cg_maxiter: int = 2000,
+    even_odd: bool = False,
+    hasenbusch_kappa: float | list[float] | None = None,
+) -> PseudofermionAction:
+    """The Schwinger model with pseudofermions (action ``schwinger``): :class:`PseudofermionAction`
+    with group ``u1``, with its options ``even_odd`` and ``hasenbusch_kappa``.
+
+    Raises:
+        ConfigError: as :class:`PseudofermionAction`.
+    """
+    return PseudofermionAction(
+        beta,
+        kappa,
+        "u1",
+        dirac=dirac,
+        cg_tol=cg_tol,
+        cg_maxiter=cg_maxiter,
+        even_odd=even_odd,
+        hasenbusch_kappa=hasenbusch_kappa,
+    )
 
 
 # --------------------------------------------------------------------------- observables
@@ -571,13 +887,14 @@ _FERMION_GROUPS = ("u1", "su2", "su3")
 def flowplug_actions() -> list[ActionSpec]:
     """Two-flavour Wilson-fermion actions: exact determinant and pseudofermions."""
     schwinger_params = ("beta", "kappa", "dirac", "cg_tol", "cg_maxiter")
+    preconditioning = ("even_odd", "hasenbusch_kappa")
     return [
         ActionSpec(
             name="schwinger",
             description="Schwinger model: U(1) Wilson gauge + 2 Wilson flavours, pseudofermions (HMC refreshes phi)",
-            factory=_schwinger(PseudofermionAction),
+            factory=schwinger_pseudofermions,
             fields=("u1",),
-            parameters=schwinger_params,
+            parameters=schwinger_params + preconditioning,
         ),
         ActionSpec(
             name="schwinger-exact",
@@ -591,7 +908,7 @@ def flowplug_actions() -> list[ActionSpec]:
             description="Wilson gauge (U(1)/SU(N)) + 2 Wilson flavours, pseudofermions",
             factory=PseudofermionAction,
             fields=_FERMION_GROUPS,
-            parameters=_TwoFlavourAction.parameters,
+            parameters=PseudofermionAction.parameters,
         ),
         ActionSpec(
             name="wilson-nf2-exact",

@@ -332,6 +332,21 @@ def test_pseudofermion_hmc_agrees_with_exact_determinant_hmc(exact_chain):
     assert abs(emdh.mean - 1) < 3 * emdh.error + 1e-3  # <exp(-dH)> = 1
 
 
+@pytest.mark.parametrize(
+    "options, seed",
+    [({"even_odd": True}, 24), ({"even_odd": True, "hasenbusch_kappa": 0.2}, 25)],
+)
+def test_preconditioned_pseudofermion_hmc_agrees_with_exact_determinant_hmc(exact_chain, options, seed):
+    """Even-odd and Hasenbusch preconditioning (tests/test_preconditioning.py) sample the same U."""
+    pf = _run(PseudofermionAction(BETA, KAPPA, **options), seed=seed)
+    ours, exact = _gamma(pf), _gamma(exact_chain)
+    for o in OBSERVABLES:
+        _agree(ours[o], exact[o], f"{o}: pseudofermion HMC with {options} vs exact-determinant HMC")
+    assert float(pf["accepted"].mean()) > 0.9
+    emdh = gamma_method(torch.exp(-pf["delta_h"]), step_axis=0)
+    assert abs(emdh.mean - 1) < 3 * emdh.error + 1e-3
+
+
 # ------------------------------------------------------------------------ flowplug hmc
 
 
