@@ -28,8 +28,11 @@ is, ``"?"`` when both are).
 
 Output: one JSON line per sampler (``--json``) with ``sampler``, ``seconds_per_step``,
 ``acceptance``, and per observable ``mean``, ``error``, ``tau_int``, ``tau_int_lower_bound``,
-``seconds_per_independent``; then one line ``{"summary": ...}`` with the training time and the
-ratios HMC cost / scheme cost. Without ``--json``, a readable table.
+``seconds_per_independent`` (and the plaquette, or ``ising_energy`` for Yukawa, for the agreement
+check); then one line ``{"summary": ...}`` with the training time, the ratios HMC cost /
+scheme cost, and ``agreement``: the z-scores of every sampler's means against HMC's and the
+exact-marginal chain's (``max_abs_z``; samplers whose tau_int is only a lower bound are left
+out, their errors being unreliable). Without ``--json``, a readable table.
 
     python benchmarks/fermions.py --quick --json               # 4x4 smoke run (~1 min)
     python benchmarks/fermions.py --lattice 8 --beta 6 --kappa 0.24 --chains 8 --steps 160 \
@@ -258,10 +261,13 @@ def run(a: argparse.Namespace) -> list[dict[str, Any]]:
         meas_q = measurement("u1", ["topological_charge"])
         meas_c = measurement("u1", ["chiral_condensate"], couplings={"kappa": a.kappa})
     keys = ("abs_magnetization", "staggered_condensate") if yukawa else ("topological_charge", "chiral_condensate")
+    # a third observable for the agreement check: the plaquette, or the scalar's nearest-neighbour energy
+    meas_p = measurement("scalar", ["ising_energy"]) if yukawa else measurement("u1", ["plaquette"])
+    third = "ising_energy" if yukawa else "plaquette"
 
-    def measure(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def measure(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         with torch.no_grad():
-            return meas_q(x)[keys[0]], meas_c(x)[keys[1]]
+            return meas_q(x)[keys[0]], meas_c(x)[keys[1]], meas_p(x)[third]
 
     pf = pseudofermion_action(a)
     x0 = pf.hot_start((a.lattice, a.lattice), a.chains, generator=g)
@@ -274,7 +280,7 @@ def run(a: argparse.Namespace) -> list[dict[str, Any]]:
         if name != "hmc":
             for _ in range(max(2, a.thermalize // 4)):
                 states[name], _ = k.step(states[name], g)
-    hist: dict[str, dict[str, list[torch.Tensor]]] = {n: {"q": [], "c": [], "acc": []} for n in samplers}
+    hist: dict[str, dict[str, list[torch.Tensor]]] = {n: {"q": [], "c": [], "p": [], "acc": []} for n in samplers}
     seconds = dict.fromkeys(samplers, 0.0)
     per_segment = max(1, a.steps // a.segments)
     print(f"flow ready (train {train_s} s); {a.segments} segments of {per_segment} steps", file=sys.stderr, flush=True)
@@ -285,9 +291,10 @@ def run(a: argparse.Namespace) -> list[dict[str, Any]]:
                 t0 = time.perf_counter()
                 states[name], info = k.step(states[name], g)
                 seconds[name] += time.perf_counter() - t0
-                q, c = measure(states[name].x)
+                q, c, pl = measure(states[name].x)
                 hist[name]["q"].append(q)
                 hist[name]["c"].append(c)
+                hist[name]["p"].append(pl)
                 hist[name]["acc"].append(info["accepted"].double())
     records = []
     steps = per_segment * a.segments
@@ -317,6 +324,7 @@ def run(a: argparse.Namespace) -> list[dict[str, Any]]:
                 "moves_per_chain": moves,
                 first: qs,
                 "condensate": cs,
+                third: observable_stats(torch.stack(hist[name]["p"])),
             }
         )
     hmc_rec = records[0]
@@ -330,8 +338,33 @@ def run(a: argparse.Namespace) -> list[dict[str, Any]]:
             ]
             summary[f"ratio_{key}.{rec['sampler']}"] = ratio
             summary[f"ratio_bound_{key}.{rec['sampler']}"] = bound
+    summary["agreement"] = agreement(records, (first, "condensate", third))
     records.append({"summary": summary})
     return records
+
+
+def agreement(records: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[str, Any]:
+    """z = (mean - mean_ref) / sqrt(error^2 + error_ref^2) of every sampler against HMC and against
+    the exact-marginal chain, per observable; None where an error is missing or tau_int is only a
+    lower bound (the error is then not trustworthy). ``max_abs_z`` over the trustworthy ones."""
+    by = {r["sampler"]: r for r in records}
+    out: dict[str, Any] = {}
+    zs = []
+    for ref in ("hmc", "exact-marginal"):
+        for r in records:
+            if r["sampler"] == ref:
+                continue
+            for key in keys:
+                a, b = r[key], by[ref][key]
+                z = None
+                ok = a["error"] and b["error"] and not (a["tau_int_lower_bound"] or b["tau_int_lower_bound"])
+                if ok:
+                    z = (a["mean"] - b["mean"]) / math.hypot(a["error"], b["error"])
+                    zs.append(abs(z))
+                out[f"z_{key}.{r['sampler']}_vs_{ref}"] = z
+    out["max_abs_z"] = max(zs) if zs else None
+    out["compared"] = len(zs)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
