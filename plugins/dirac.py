@@ -50,8 +50,10 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -63,10 +65,16 @@ __all__ = [
     "BoundEvenOdd",
     "BoundWilson",
     "CGReport",
+    "NormalEquationsCG",
     "WilsonDiracOperator",
+    "complex_logdet",
     "conjugate_gradient",
+    "dense_from_columns",
+    "field_extra_axes",
+    "forward_neighbours",
     "gamma_matrices",
     "free_wilson_logdet",
+    "link_layout",
 ]
 
 #: Lattice dimensions with gamma matrices (and a gamma_5) implemented.
@@ -226,7 +234,179 @@ def conjugate_gradient(
     return x, report
 
 
-class WilsonDiracOperator:
+# ------------------------------------------------------------------ helpers shared by the operators
+
+
+def link_layout(links: torch.Tensor, who: str, *, hint: str = "") -> tuple[tuple[int, ...], int]:
+    """``(lattice, N)`` of gauge links: U(1) angles (N = 1) or SU(N) matrices (N).
+
+    Arguments:
+        links: U(1) angles (B, d, L_0, ..., L_{d-1}) float64 or SU(N) links
+            (B, d, L_0, ..., L_{d-1}, N, N) complex128 (DESIGN.md section 2).
+        who: The operator, first words of the error messages (``"Wilson fermions"``).
+        hint: Text added to the U(1) message before ``; found`` (e.g. a pointer to another
+            background).
+
+    Returns:
+        The extents (L_0, ..., L_{d-1}) and N.
+
+    Raises:
+        ShapeError: on any other layout, naming the expected and the found one.
+    """
+    if links.is_complex():
+        if links.dim() < 5 or links.shape[-1] != links.shape[-2] or links.dim() != links.shape[1] + 4:
+            raise ShapeError(
+                f"{who}: SU(N) links must have shape (B, d, L_0, ..., L_(d-1), N, N); "
+                f"found {links.dtype} {tuple(links.shape)}"
+            )
+        return tuple(int(v) for v in links.shape[2:-2]), int(links.shape[-1])
+    if links.dim() < 3 or links.dim() != links.shape[1] + 2:
+        raise ShapeError(
+            f"{who}: U(1) links must be real angles of shape (B, d, L_0, ..., L_(d-1)){hint}; "
+            f"found {links.dtype} {tuple(links.shape)}"
+        )
+    return tuple(int(v) for v in links.shape[2:]), 1
+
+
+def field_extra_axes(shape: tuple[int, ...], psi: torch.Tensor, who: str, background: str) -> int:
+    """Number of extra axes of a fermion field between its batch axis and the lattice.
+
+    Arguments:
+        shape: The field's shape without extra axes, (B, L...[, internal axes]).
+        psi: The field, (B, [K...,] L...[, internal axes]) complex.
+        who: The operator, first words of the error messages (``"Wilson fermions"``).
+        background: What the field lives on, for the messages (``"links"``, ``"background"``).
+
+    Returns:
+        The number of axes K... (0 for a plain field).
+
+    Raises:
+        ShapeError: if psi is not complex, has another batch size or does not end in shape[1:].
+    """
+    if not psi.is_complex() or psi.dim() < len(shape) or psi.shape[0] != shape[0]:
+        raise ShapeError(
+            f"{who}: expected a complex fermion field of shape {shape} (or with extra axes "
+            f"after the batch axis); found {psi.dtype} {tuple(psi.shape)}"
+        )
+    extra = psi.dim() - len(shape)
+    if tuple(psi.shape[1 + extra :]) != shape[1:]:
+        raise ShapeError(
+            f"{who}: fermion field shape {tuple(psi.shape)} does not fit the {background}: "
+            f"expected (B, [K...,] {', '.join(map(str, shape[1:]))}) with B = {shape[0]}"
+        )
+    return extra
+
+
+def dense_from_columns(
+    apply: Callable[[torch.Tensor], torch.Tensor], shape: tuple[int, ...], device: torch.device
+) -> torch.Tensor:
+    """The matrix of a linear operator, by applying it to every unit vector (small lattices).
+
+    Arguments:
+        apply: v -> A v on fields (B, K, *shape[1:]) (K vectors per batch element).
+        shape: Shape (B, ...) of one field; n = prod(shape[1:]).
+        device: Device of the unit vectors.
+
+    Returns:
+        (B, n, n) complex128, column k = A e_k, rows and columns ordered as the flattened
+        shape[1:] axes.
+    """
+    n = math.prod(shape[1:])
+    basis = torch.eye(n, dtype=torch.complex128, device=device).reshape(n, *shape[1:])
+    cols = apply(basis.expand(shape[0], *basis.shape))  # (B, n, ...): column k = A e_k
+    return cols.reshape(shape[0], n, n).transpose(1, 2)
+
+
+def complex_logdet(matrix: torch.Tensor) -> torch.Tensor:
+    """log det of dense matrices as a complex number, log|det| + i arg det (``torch.linalg.slogdet``).
+
+    Arguments:
+        matrix: (B, n, n) complex128.
+
+    Returns:
+        (B,) complex128.
+    """
+    sign, logabs = torch.linalg.slogdet(matrix)
+    return torch.complex(logabs.to(torch.float64), torch.angle(sign).to(torch.float64))
+
+
+def forward_neighbours(lattice: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Flat site indices x and, for every direction mu, those of x + mu (periodic wrap).
+
+    Arguments:
+        lattice: Extents (L_0, ..., L_{d-1}); sites numbered in row-major order.
+        device: Device of the result.
+
+    Returns:
+        ``(here, there)``: here (V,) int64 = 0..V-1, there a list of d (V,) int64 tensors.
+    """
+    sites = torch.arange(math.prod(lattice), device=device).reshape(lattice)
+    return sites.flatten(), [torch.roll(sites, -1, mu).flatten() for mu in range(len(lattice))]
+
+
+class NormalEquationsCG:
+    """Solvers of a Dirac operator through the normal equations D^+ D x = b (conjugate gradient).
+
+    A base class of the built-in operators (:class:`WilsonDiracOperator`,
+    :class:`flowplug.plugins.staggered.StaggeredDiracOperator`); it needs the operator's
+    ``bind(background)`` (an object with ``apply_normal``), ``apply_dagger(background, psi)``
+    and the layout check ``_extra(background, psi)``.
+
+    References:
+        Hestenes & Stiefel, J. Res. Nat. Bur. Stand. 49 (1952) 409; Gattringer & Lang (2010),
+        section 6.2 (CG on the normal equations).
+    """
+
+    _extra: Callable[[torch.Tensor, torch.Tensor], int]
+    bind: Callable[[torch.Tensor], Any]
+    apply_dagger: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+    def solve_normal(
+        self,
+        x: torch.Tensor,
+        b: torch.Tensor,
+        *,
+        tol: float = 1e-12,
+        maxiter: int = 2000,
+        x0: torch.Tensor | None = None,
+        check: bool = True,
+    ) -> tuple[torch.Tensor, CGReport]:
+        r"""(D^+ D)^{-1} b by the batched conjugate gradient (:func:`conjugate_gradient`).
+
+        Arguments:
+            x: The background: links (Wilson, staggered) or the scalar field (staggered-yukawa),
+                as the operator's ``geometry`` takes it.
+            b: Right-hand side, a fermion field of the operator's ``spinor_shape``, optionally
+                with extra axes after the batch axis ((B, [K...,] L...[, internal])), complex128.
+            tol, maxiter, x0, check: As for :func:`conjugate_gradient` (tol relative to |b|).
+
+        Returns:
+            ``(solution, report)``, the solution shaped like ``b``.
+
+        Raises:
+            ShapeError: on a layout mismatch.
+            ConvergenceError: if ``check`` and some batch element did not converge.
+        """
+        self._extra(x, b)
+        bound = self.bind(x)
+        return conjugate_gradient(bound.apply_normal, b, tol=tol, maxiter=maxiter, x0=x0, check=check)
+
+    def solve(
+        self, x: torch.Tensor, b: torch.Tensor, *, tol: float = 1e-12, maxiter: int = 2000, check: bool = True
+    ) -> tuple[torch.Tensor, CGReport]:
+        r"""D^{-1} b, as (D^+ D)^{-1} D^+ b (CG on the normal equations).
+
+        The tolerance applies to the normal equations: |D^+ (b - D x)| <= tol |D^+ b|.
+
+        Arguments and raises as :meth:`solve_normal`.
+
+        Returns:
+            ``(solution, report)``.
+        """
+        return self.solve_normal(x, self.apply_dagger(x, b), tol=tol, maxiter=maxiter, check=check)
+
+
+class WilsonDiracOperator(NormalEquationsCG):
     r"""Wilson Dirac operator D = 1 - kappa H (r = 1) on U(1) or SU(N) links, d = 2 or 4.
 
     See the module docstring for the formula, the boundary conditions, the gamma matrices
@@ -274,20 +454,7 @@ class WilsonDiracOperator:
         Raises:
             ShapeError: on any other layout, or a dimension without gamma matrices (d not 2 or 4).
         """
-        if links.is_complex():
-            if links.dim() < 5 or links.shape[-1] != links.shape[-2] or links.dim() != links.shape[1] + 4:
-                raise ShapeError(
-                    "Wilson fermions: SU(N) links must have shape (B, d, L_0, ..., L_(d-1), N, N); "
-                    f"found {links.dtype} {tuple(links.shape)}"
-                )
-            lattice, n = tuple(links.shape[2:-2]), int(links.shape[-1])
-        else:
-            if links.dim() < 3 or links.dim() != links.shape[1] + 2:
-                raise ShapeError(
-                    "Wilson fermions: U(1) links must be real angles of shape (B, d, L_0, ..., L_(d-1)); "
-                    f"found {links.dtype} {tuple(links.shape)}"
-                )
-            lattice, n = tuple(links.shape[2:]), 1
+        lattice, n = link_layout(links, "Wilson fermions")
         if len(lattice) not in DIMS:
             raise ShapeError(f"Wilson fermions are implemented for d = 2 and 4; the links have d = {len(lattice)}")
         return lattice, n
@@ -313,19 +480,7 @@ class WilsonDiracOperator:
 
     def _extra(self, links: torch.Tensor, psi: torch.Tensor) -> int:
         """Number of extra axes of psi between its batch axis and the lattice; ShapeError if psi does not fit."""
-        shape = self.spinor_shape(links)
-        if not psi.is_complex() or psi.dim() < len(shape) or psi.shape[0] != shape[0]:
-            raise ShapeError(
-                f"Wilson fermions: expected a complex fermion field of shape {shape} (or with extra axes "
-                f"after the batch axis); found {psi.dtype} {tuple(psi.shape)}"
-            )
-        extra = psi.dim() - len(shape)
-        if tuple(psi.shape[1 + extra :]) != shape[1:]:
-            raise ShapeError(
-                f"Wilson fermions: fermion field shape {tuple(psi.shape)} does not fit the links: "
-                f"expected (B, [K...,] {', '.join(map(str, shape[1:]))}) with B = {shape[0]}"
-            )
-        return extra
+        return field_extra_axes(self.spinor_shape(links), psi, "Wilson fermions", "links")
 
     def _gamma(self, d: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(gammas, gamma5, 1 - gamma_mu, 1 + gamma_mu) on ``device``, cached."""
@@ -437,9 +592,7 @@ class WilsonDiracOperator:
         shape = self.spinor_shape(links)
         n = math.prod(shape[1:])
         if by == "columns":
-            basis = torch.eye(n, dtype=torch.complex128, device=links.device).reshape(n, *shape[1:])
-            cols = self.apply(links, basis.expand(shape[0], *basis.shape))  # (B, n, ...): column k = D e_k
-            return cols.reshape(shape[0], n, n).transpose(1, 2)
+            return dense_from_columns(functools.partial(self.apply, links), shape, links.device)
         if by != "blocks":
             raise ConfigError(f"dense: by must be 'columns' or 'blocks'; found {by!r}")
         lattice, ncol = self.geometry(links)
@@ -448,10 +601,8 @@ class WilsonDiracOperator:
         hop = self.hopping_links(links).reshape(bsz, d, volume, ncol, ncol)
         # blocks[z, x, y, a, b, i, j] = D(x a i; y b j) - delta_xy delta_ab delta_ij
         blocks = torch.zeros(volume, volume, bsz, s, s, ncol, ncol, dtype=torch.complex128, device=links.device)
-        sites = torch.arange(volume, device=links.device).reshape(lattice)
-        here = sites.flatten()
-        for mu in range(d):
-            there = torch.roll(sites, -1, mu).flatten()
+        here, neighbours = forward_neighbours(lattice, links.device)
+        for mu, there in enumerate(neighbours):
             v = hop[:, mu].transpose(0, 1)  # (V, B, N, N)
             fwd = -self.kappa * minus[mu][None, None, :, :, None, None] * v[:, :, None, None]
             bwd = -self.kappa * plus[mu][None, None, :, :, None, None] * v.mH[:, :, None, None]
@@ -473,52 +624,10 @@ class WilsonDiracOperator:
         Raises:
             ShapeError: as :meth:`geometry`.
         """
-        sign, logabs = torch.linalg.slogdet(self.dense(links))
-        return torch.complex(logabs.to(torch.float64), torch.angle(sign).to(torch.float64))
+        return complex_logdet(self.dense(links))
 
     # ------------------------------------------------------------------ solvers
-
-    def solve_normal(
-        self,
-        links: torch.Tensor,
-        b: torch.Tensor,
-        *,
-        tol: float = 1e-12,
-        maxiter: int = 2000,
-        x0: torch.Tensor | None = None,
-        check: bool = True,
-    ) -> tuple[torch.Tensor, CGReport]:
-        r"""x = (D^+ D)^{-1} b by the batched conjugate gradient (:func:`conjugate_gradient`).
-
-        Arguments:
-            links: As in :meth:`apply`.
-            b: Right-hand side, a fermion field (B, [K...,] L..., s[, N]) complex128.
-            tol, maxiter, x0, check: As for :func:`conjugate_gradient` (tol relative to |b|).
-
-        Returns:
-            ``(x, report)``, x shaped like ``b``.
-
-        Raises:
-            ShapeError: on a layout mismatch.
-            ConvergenceError: if ``check`` and some batch element did not converge.
-        """
-        self._extra(links, b)
-        bound = self.bind(links)
-        return conjugate_gradient(bound.apply_normal, b, tol=tol, maxiter=maxiter, x0=x0, check=check)
-
-    def solve(
-        self, links: torch.Tensor, b: torch.Tensor, *, tol: float = 1e-12, maxiter: int = 2000, check: bool = True
-    ) -> tuple[torch.Tensor, CGReport]:
-        r"""x = D^{-1} b, as (D^+ D)^{-1} D^+ b (CG on the normal equations).
-
-        The tolerance applies to the normal equations: |D^+ (b - D x)| <= tol |D^+ b|.
-
-        Arguments and raises as :meth:`solve_normal`.
-
-        Returns:
-            ``(x, report)``.
-        """
-        return self.solve_normal(links, self.apply_dagger(links, b), tol=tol, maxiter=maxiter, check=check)
+    # solve_normal and solve: :class:`NormalEquationsCG`.
 
     # ----------------------------------------------------------------- forces
 
@@ -612,11 +721,9 @@ class WilsonDiracOperator:
         _, _, minus, plus = self._gamma(d, matrix.device)
         hop = self.hopping_links(links).reshape(bsz, d, volume, *((ncol, ncol) if links.is_complex() else ()))
         blocks = matrix.reshape(bsz, volume, s, ncol, volume, s, ncol).permute(0, 1, 4, 2, 3, 5, 6)
-        sites = torch.arange(volume, device=matrix.device).reshape(lattice)
-        here = sites.flatten()
+        here, neighbours = forward_neighbours(lattice, matrix.device)
         out = []
-        for mu in range(d):
-            there = torch.roll(sites, -1, mu).flatten()  # index of x + mu
+        for mu, there in enumerate(neighbours):  # there: index of x + mu
             a = blocks[:, there, here]  # M(x+mu, x): (B, V, s_b, N_j, s_a, N_i)
             b = blocks[:, here, there]  # M(x, x+mu)
             q_minus = torch.einsum("zxbjai,ab->zxji", a, minus[mu])
@@ -856,11 +963,7 @@ class WilsonDiracOperator:
         Raises:
             ShapeError: as :meth:`parity_sites`.
         """
-        shape = self.even_shape(links)
-        n = math.prod(shape[1:])
-        basis = torch.eye(n, dtype=torch.complex128, device=links.device).reshape(n, *shape[1:])
-        cols = self.apply_even_odd(links, basis.expand(shape[0], *basis.shape))
-        return cols.reshape(shape[0], n, n).transpose(1, 2)
+        return dense_from_columns(functools.partial(self.apply_even_odd, links), self.even_shape(links), links.device)
 
 
 class BoundWilson:

@@ -92,8 +92,219 @@ def _gauge(beta: float, group: str) -> Any:
     return registry("action").get("wilson").factory(beta=beta, group=group)
 
 
-class _TwoFlavourAction(Action):
-    """Common part of the two-flavour actions: gauge action, Dirac operator, checks, forces."""
+def _chi_norm(chi: torch.Tensor) -> torch.Tensor:
+    """chi^+ chi per batch element, (B,) float64, of a complex field (B, ...)."""
+    return (chi.real**2 + chi.imag**2).flatten(1).sum(1).to(torch.float64)
+
+
+class _FermionAction(Action):
+    r"""Common part of the actions with two degenerate fermion flavours, S = S_bos - log det(D^+ D).
+
+    Shared by the Wilson-fermion actions of this module (S_bos the gauge action S_g) and the
+    Yukawa actions of :mod:`flowplug.plugins.yukawa` (S_bos the phi^4 action S_B). A subclass
+    builds ``operator`` (the Dirac operator, from the registry), returns its bosonic action
+    from :meth:`_bosonic`, calls :meth:`_solver_settings`, and implements
+    :meth:`fermion_action` and :meth:`fermion_force` (or takes them from
+    :class:`_ExactDeterminant` / :class:`_Pseudofermions`).
+
+    References:
+        arXiv:2106.05934, section II; Gattringer & Lang (2010), sections 8.1-8.2.
+    """
+
+    operator: Any
+
+    def _solver_settings(self, cg_tol: float, cg_maxiter: int) -> None:
+        """Set ``cg_tol``, ``cg_maxiter`` and ``last_report``; ConfigError for cg_tol <= 0 or cg_maxiter < 1."""
+        self.cg_tol = float(cg_tol)
+        self.cg_maxiter = int(cg_maxiter)
+        if not self.cg_tol > 0 or self.cg_maxiter < 1:
+            raise ConfigError(
+                f"{type(self).__name__}: cg_tol must be > 0 and cg_maxiter >= 1; found {cg_tol}, {cg_maxiter}"
+            )
+        self.last_report: Any = None  # the CG report of the last solve (diagnostics)
+
+    def _bosonic(self) -> Any:
+        """The bosonic action (gauge or phi^4). Subclasses implement this."""
+        raise NotImplementedError
+
+    def check(self, x: torch.Tensor) -> tuple[int, ...]:
+        """Validate the field (layout of :attr:`field`, accepted by the Dirac operator: for
+        instance d = 2 or 4 for Wilson fermions, even extents for staggered ones); returns the lattice.
+
+        Raises:
+            ShapeError: naming the expected and the found layout.
+        """
+        lattice = self.space.lattice_of(x)
+        self.operator.geometry(x)
+        return lattice
+
+    def _fermion_force(
+        self, x: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor | None, g: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The force of -2 Re(left^+ D right) (or of -2 Re of the derivative ``g`` given) in the
+        conventions of :mod:`flowplug.theory`: 2 Re g for real fields (U(1) angles, phi), minus
+        the traceless anti-Hermitian projection of g for SU(N) links."""
+        if g is None:
+            assert left is not None and right is not None
+            g = self.operator.derivative(x, left, right)
+        if x.is_complex():
+            # dS/ds = -2 Re tr(X M) = -2 tr(X Pi(M)) for X in su(N), and dS/ds = 2 Re tr(X F)
+            return -groups.project_algebra(g)
+        return 2.0 * g.real
+
+    def fermion_action(self, x: torch.Tensor) -> torch.Tensor:
+        """The fermionic part S_f of the action, shape (B,), float64. Subclasses implement this."""
+        raise NotImplementedError
+
+    def fermion_force(self, x: torch.Tensor) -> torch.Tensor:
+        """The force of S_f, same shape and dtype as x. Subclasses implement this."""
+        raise NotImplementedError
+
+    def action(self, x: torch.Tensor) -> torch.Tensor:
+        """The bosonic action (S_g or S_B) plus :meth:`fermion_action`, shape (B,), float64."""
+        return self._bosonic().action(x).to(torch.float64) + self.fermion_action(x)
+
+    def force(self, x: torch.Tensor) -> torch.Tensor:
+        """The bosonic force plus :meth:`fermion_force`, same shape and dtype as x."""
+        return self._bosonic().force(x) + self.fermion_force(x)
+
+
+class _ExactDeterminant(_FermionAction):
+    r"""S_f = -log det(D^+ D) = -2 log|det D| from the dense D (small lattices), force through D^{-1}.
+
+    Subclasses name themselves and their pseudofermion counterpart in the error of a lattice
+    too large (:attr:`_too_large`).
+    """
+
+    #: (who, what to use instead) in the error of a lattice with n > MAX_DENSE.
+    _too_large = ("exact determinant", "the pseudofermion action (schwinger / wilson-nf2)")
+
+    def _dense(self, x: torch.Tensor) -> torch.Tensor:
+        n = self.operator.size(x)
+        if n > MAX_DENSE:
+            who, instead = self._too_large
+            raise ShapeError(
+                f"{who}: D has n = {n} rows per configuration, more than MAX_DENSE = {MAX_DENSE}; "
+                f"use {instead} on lattices this large"
+            )
+        try:
+            return self.operator.dense(x, by="blocks")
+        except TypeError:  # an operator without block assembly
+            return self.operator.dense(x)
+
+    def fermion_action(self, x: torch.Tensor) -> torch.Tensor:
+        """-log det(D^+ D) = -2 log|det D|, shape (B,), float64."""
+        self.check(x)
+        _, logabs = torch.linalg.slogdet(self._dense(x))
+        return -2.0 * logabs.to(torch.float64)
+
+    def fermion_force(self, x: torch.Tensor) -> torch.Tensor:
+        r"""Force of -log det(D^+ D): with S_f = -2 Re log det D, dS_f = -2 Re tr(D^{-1} dD).
+
+        With the dense inverse: the operator's ``trace_derivative(x, D^{-1})`` where it has one
+        (Wilson, staggered: reads the neighbour blocks of D^{-1}; on a scalar field
+        2 g Re (D^{-1})_{xx}), else the sum over the n unit vectors e_k of ``derivative`` with
+        left = D^{-+} e_k, right = e_k (memory B n^2 x a few).
+
+        Returns:
+            Same shape and dtype as x.
+        """
+        self.check(x)
+        dense = self._dense(x)
+        inv = torch.linalg.inv(dense)  # (B, n, n)
+        trace_derivative = getattr(self.operator, "trace_derivative", None)
+        if trace_derivative is not None:  # the operator reads the blocks it couples (fast)
+            return self._fermion_force(x, None, None, trace_derivative(x, inv))
+        shape = self.operator.spinor_shape(x)
+        bsz, n = shape[0], inv.shape[-1]
+        left = inv.conj().reshape(bsz, n, *shape[1:])  # row k of D^{-1}, conjugated: D^{-+} e_k
+        right = torch.eye(n, dtype=inv.dtype, device=inv.device).reshape(n, *shape[1:]).expand(bsz, n, *shape[1:])
+        return self._fermion_force(x, left, right)
+
+
+class _Pseudofermions(_FermionAction):
+    r"""One pseudofermion field phi on the full lattice: S_f = phi^+ (D^+ D)^{-1} phi.
+
+    The exact heat bath phi = D^+ chi (:meth:`_heat_bath`), the check of the field drawn last
+    (:meth:`_checked`), the action with the shortcut at the configuration of the last draw
+    (:meth:`_plain_fermion_action`) and the force (:meth:`_plain_force`). Subclasses name
+    themselves in the error messages (:attr:`_messages`).
+    """
+
+    #: (who, the exact action to use instead, the field's name, "need"/"needs", "these links"/"this phi").
+    _messages = (
+        "pseudofermion action",
+        "the exact-determinant action (schwinger-exact / wilson-nf2-exact)",
+        "the links",
+        "need",
+        "these links",
+    )
+    #: (configuration, its tensor version, chi^+ chi) of the last draw, or None.
+    _fresh: tuple[torch.Tensor, int, torch.Tensor] | None = None
+
+    def _heat_bath(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """phi = D^+ chi, chi complex Gaussian (density exp(-chi^+ chi)), remembering chi^+ chi."""
+        shape = self.operator.spinor_shape(x)
+        chi = torch.randn(shape, generator=generator, dtype=torch.complex128, device=x.device)
+        phi = self.operator.apply_dagger(x, chi)
+        # phi^+ (D^+ D)^{-1} phi = chi^+ chi exactly at this x: no solve for the S that the
+        # trajectory starts from
+        self._fresh = (x, x._version, _chi_norm(chi))
+        return phi
+
+    def _is_fresh(self, x: torch.Tensor) -> bool:
+        return self._fresh is not None and self._fresh[0] is x and self._fresh[1] == x._version
+
+    def _no_field(self) -> ConfigError:
+        who, exact = self._messages[:2]
+        return ConfigError(
+            f"{who}: no pseudofermion field drawn yet; call refresh(x, generator) first "
+            f"(the hmc kernel does at every trajectory), or use {exact} with kernels that do not refresh "
+            "auxiliary fields"
+        )
+
+    def _wrong_shape(self, x: torch.Tensor, shape: tuple[int, ...], found: torch.Tensor, noun: str) -> ShapeError:
+        who, _, name, verb, these = self._messages
+        return ShapeError(
+            f"{who}: {name} {tuple(x.shape)} {verb} {noun} of shape {shape}; the one drawn last has shape "
+            f"{tuple(found.shape)} (call refresh for {these})"
+        )
+
+    def _checked(self, x: torch.Tensor, phi: torch.Tensor | None) -> torch.Tensor:
+        """phi, after checking x and that phi fits it (ConfigError if None, ShapeError on a mismatch)."""
+        self.check(x)
+        if phi is None:
+            raise self._no_field()
+        shape = tuple(self.operator.spinor_shape(x))
+        if tuple(phi.shape) != shape:
+            raise self._wrong_shape(x, shape, phi, "a pseudofermion field")
+        return phi
+
+    def _record(self, report: Any) -> None:
+        """Keep the CG report of a solve."""
+        self.last_report = report
+
+    def _solve(self, x: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
+        sol, report = self.operator.solve_normal(x, phi, tol=self.cg_tol, maxiter=self.cg_maxiter)
+        self._record(report)
+        return sol
+
+    def _plain_fermion_action(self, x: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
+        """phi^+ (D^+ D)^{-1} phi, (B,) float64; chi^+ chi without a solve at the x of the last draw."""
+        if self._is_fresh(x):
+            assert self._fresh is not None
+            return self._fresh[2]
+        sol = self._solve(x, phi)
+        return (phi.conj() * sol).flatten(1).sum(1).real.to(torch.float64)
+
+    def _plain_force(self, x: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
+        """Force of phi^+ (D^+ D)^{-1} phi: X = (D^+ D)^{-1} phi, Y = D X, dS = -2 Re(Y^+ dD X)."""
+        sol = self._solve(x, phi)
+        return self._fermion_force(x, self.operator.apply(x, sol), sol)
+
+
+class _TwoFlavourAction(_FermionAction):
+    """Common part of the two-flavour Wilson-fermion actions: gauge action, Dirac operator, couplings."""
 
     parameters: tuple[str, ...] = ("beta", "kappa", "group", "dirac", "cg_tol", "cg_maxiter")
     observables = FERMION_OBSERVABLES
@@ -115,39 +326,14 @@ class _TwoFlavourAction(Action):
         self.field = self.gauge.field
         self.dirac = str(dirac).strip().lower()
         self.operator = _dirac(self.dirac, self.kappa)
-        self.cg_tol = float(cg_tol)
-        self.cg_maxiter = int(cg_maxiter)
-        if not self.cg_tol > 0 or self.cg_maxiter < 1:
-            raise ConfigError(
-                f"{type(self).__name__}: cg_tol must be > 0 and cg_maxiter >= 1; found {cg_tol}, {cg_maxiter}"
-            )
-        self.last_report: Any = None  # the CG report of the last solve (diagnostics)
+        self._solver_settings(cg_tol, cg_maxiter)
 
-    def check(self, x: torch.Tensor) -> tuple[int, ...]:
-        """Validate the links (layout of :attr:`field`, d supported by the operator); returns the lattice.
-
-        Raises:
-            ShapeError: naming the expected and the found layout.
-        """
-        lattice = self.space.lattice_of(x)
-        self.operator.geometry(x)
-        return lattice
-
-    def _fermion_force(
-        self, x: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor | None, g: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """The force of -2 Re(left^+ D right) (or of -2 Re of the derivative ``g`` given) in the
-        conventions of :mod:`flowplug.theory`."""
-        if g is None:
-            assert left is not None and right is not None
-            g = self.operator.derivative(x, left, right)
-        if x.is_complex():
-            # dS/ds = -2 Re tr(X M) = -2 tr(X Pi(M)) for X in su(N), and dS/ds = 2 Re tr(X F)
-            return -groups.project_algebra(g)
-        return 2.0 * g.real
+    def _bosonic(self) -> Any:
+        """The gauge action S_g."""
+        return self.gauge
 
 
-class ExactFermionAction(_TwoFlavourAction):
+class ExactFermionAction(_ExactDeterminant, _TwoFlavourAction):
     r"""Gauge action plus two Wilson flavours with the exact determinant: S = S_g - 2 log|det D|.
 
     For small lattices (the dense D has n = V s N <= :data:`MAX_DENSE` rows).
@@ -169,54 +355,6 @@ class ExactFermionAction(_TwoFlavourAction):
     References:
         arXiv:2106.05934, section II; Gattringer & Lang (2010), section 8.1 (determinant).
     """
-
-    def _dense(self, x: torch.Tensor) -> torch.Tensor:
-        n = self.operator.size(x)
-        if n > MAX_DENSE:
-            raise ShapeError(
-                f"exact determinant: D has n = {n} rows per configuration, more than MAX_DENSE = {MAX_DENSE}; "
-                "use the pseudofermion action (schwinger / wilson-nf2) on lattices this large"
-            )
-        try:
-            return self.operator.dense(x, by="blocks")
-        except TypeError:  # an operator without block assembly
-            return self.operator.dense(x)
-
-    def fermion_action(self, x: torch.Tensor) -> torch.Tensor:
-        """-log det(D^+ D) = -2 log|det D|, shape (B,), float64."""
-        self.check(x)
-        _, logabs = torch.linalg.slogdet(self._dense(x))
-        return -2.0 * logabs.to(torch.float64)
-
-    def action(self, x: torch.Tensor) -> torch.Tensor:
-        """S_g - log det(D^+ D), shape (B,), float64."""
-        return self.gauge.action(x).to(torch.float64) + self.fermion_action(x)
-
-    def fermion_force(self, x: torch.Tensor) -> torch.Tensor:
-        r"""Force of -log det(D^+ D): with S_f = -2 Re log det D, dS_f = -2 Re tr(D^{-1} dD).
-
-        With the dense inverse: the operator's ``trace_derivative(links, D^{-1})`` where it
-        has one (Wilson: reads the neighbour blocks of D^{-1}), else the sum over the n unit
-        vectors e_k of ``derivative`` with left = D^{-+} e_k, right = e_k (memory B n^2 x a few).
-
-        Returns:
-            Same shape and dtype as x.
-        """
-        self.check(x)
-        dense = self._dense(x)
-        inv = torch.linalg.inv(dense)  # (B, n, n)
-        trace_derivative = getattr(self.operator, "trace_derivative", None)
-        if trace_derivative is not None:  # the operator reads the blocks it couples (fast)
-            return self._fermion_force(x, None, None, trace_derivative(x, inv))
-        shape = self.operator.spinor_shape(x)
-        bsz, n = shape[0], inv.shape[-1]
-        left = inv.conj().reshape(bsz, n, *shape[1:])  # row k of D^{-1}, conjugated: D^{-+} e_k
-        right = torch.eye(n, dtype=inv.dtype, device=inv.device).reshape(n, *shape[1:]).expand(bsz, n, *shape[1:])
-        return self._fermion_force(x, left, right)
-
-    def force(self, x: torch.Tensor) -> torch.Tensor:
-        """Gauge force plus :meth:`fermion_force`, same shape and dtype as x."""
-        return self.gauge.force(x) + self.fermion_force(x)
 
 
 class _FermionMatrix:
@@ -319,7 +457,7 @@ def _hasenbusch_kappas(value: Any, kappa: float) -> tuple[float, ...]:
     return tuple(out)
 
 
-class PseudofermionAction(_TwoFlavourAction):
+class PseudofermionAction(_Pseudofermions, _TwoFlavourAction):
     r"""Gauge action plus two Wilson flavours through pseudofermions: S = S_g + phi^+ (D^+ D)^{-1} phi.
 
     An action of the joint distribution of the links and the pseudofermion fields
@@ -457,13 +595,8 @@ class PseudofermionAction(_TwoFlavourAction):
         """
         self.check(x)
         if self._plain:
-            shape = self.operator.spinor_shape(x)
-            chi = torch.randn(shape, generator=generator, dtype=torch.complex128, device=x.device)
-            self.phi = self.operator.apply_dagger(x, chi)
+            self.phi = self._heat_bath(x, generator)
             self.phis = (self.phi,)
-            # phi^+ (D^+ D)^{-1} phi = chi^+ chi exactly at these links: no solve for the S that
-            # the trajectory starts from
-            self._fresh = (x, x._version, (chi.real**2 + chi.imag**2).flatten(1).sum(1).to(torch.float64))
             return
         phis = []
         total = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
@@ -475,7 +608,7 @@ class PseudofermionAction(_TwoFlavourAction):
                 self._count(f"heat bath {term.label}", report)
                 phi = term.denominator.apply(x, sol)
             phis.append(phi)
-            total = total + (chi.real**2 + chi.imag**2).flatten(1).sum(1).to(torch.float64)
+            total = total + _chi_norm(chi)
         self.phis = tuple(phis)
         self.phi = phis[0]
         self._fresh = (x, x._version, total)  # sum of phi^+ K^{-1} phi = chi^+ chi over the terms
@@ -502,24 +635,8 @@ class PseudofermionAction(_TwoFlavourAction):
         self.phis = tuple(f.to(torch.complex128) for f in fields)
         self.phi = self.phis[0]
 
-    def _no_field(self) -> ConfigError:
-        return ConfigError(
-            "pseudofermion action: no pseudofermion field drawn yet; call refresh(x, generator) first "
-            "(the hmc kernel does at every trajectory), or use the exact-determinant action "
-            "(schwinger-exact / wilson-nf2-exact) with kernels that do not refresh auxiliary fields"
-        )
-
     def _phi(self, x: torch.Tensor) -> torch.Tensor:
-        self.check(x)
-        if self.phi is None:
-            raise self._no_field()
-        shape = self.operator.spinor_shape(x)
-        if tuple(self.phi.shape) != tuple(shape):
-            raise ShapeError(
-                f"pseudofermion action: the links {tuple(x.shape)} need a pseudofermion field of shape "
-                f"{shape}; the one drawn last has shape {tuple(self.phi.shape)} (call refresh for these links)"
-            )
-        return self.phi
+        return self._checked(x, self.phi)
 
     def _phis(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         self.check(x)
@@ -528,16 +645,12 @@ class PseudofermionAction(_TwoFlavourAction):
         for term, phi in zip(self.terms, self.phis, strict=True):
             shape = term.numerator.shape(x)
             if tuple(phi.shape) != shape:
-                raise ShapeError(
-                    f"pseudofermion action: the links {tuple(x.shape)} need pseudofermion fields of shape "
-                    f"{shape}; the one drawn last has shape {tuple(phi.shape)} (call refresh for these links)"
-                )
+                raise self._wrong_shape(x, shape, phi, "pseudofermion fields")
         return self.phis
 
-    def _solve(self, x: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
-        sol, report = self.operator.solve_normal(x, phi, tol=self.cg_tol, maxiter=self.cg_maxiter)
+    def _record(self, report: Any) -> None:
+        """Keep the CG report of a plain solve and count it under the (only) term's label."""
         self._count(self.terms[0].label, report)
-        return sol
 
     def _term_solve(self, x: torch.Tensor, term: _Term, phi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B^+ phi, X = (A^+ A)^{-1} B^+ phi) of one term."""
@@ -546,20 +659,12 @@ class PseudofermionAction(_TwoFlavourAction):
         self._count(term.label, report)
         return b, sol
 
-    def _is_fresh(self, x: torch.Tensor) -> bool:
-        return self._fresh is not None and self._fresh[0] is x and self._fresh[1] == x._version
-
     def fermion_action(self, x: torch.Tensor) -> torch.Tensor:
         """S_f = sum over the terms of phi^+ B (A^+ A)^{-1} B^+ phi (plain: phi^+ (D^+ D)^{-1} phi),
         shape (B,), float64 (>= 0); at the links of the last :meth:`refresh` (the same tensor
         object, not modified since) the exact value sum chi^+ chi, without a solve."""
         if self._plain:
-            phi = self._phi(x)
-            if self._is_fresh(x):
-                assert self._fresh is not None
-                return self._fresh[2]
-            sol = self._solve(x, phi)
-            return (phi.conj() * sol).flatten(1).sum(1).real.to(torch.float64)
+            return self._plain_fermion_action(x, self._phi(x))
         phis = self._phis(x)
         if self._is_fresh(x):
             assert self._fresh is not None
@@ -570,10 +675,6 @@ class PseudofermionAction(_TwoFlavourAction):
             total = total + (b.conj() * sol).flatten(1).sum(1).real.to(torch.float64)
         return total
 
-    def action(self, x: torch.Tensor) -> torch.Tensor:
-        """S_g + S_f, shape (B,), float64."""
-        return self.gauge.action(x).to(torch.float64) + self.fermion_action(x)
-
     def fermion_force(self, x: torch.Tensor) -> torch.Tensor:
         """Force of S_f. Plain: X = (D^+ D)^{-1} phi, Y = D X, dS = -2 Re(Y^+ dD X); per term
         with the options: X = (A^+ A)^{-1} B^+ phi, Y = A X, dS = -2 Re(Y^+ dA X - phi^+ dB X)
@@ -583,9 +684,7 @@ class PseudofermionAction(_TwoFlavourAction):
             Same shape and dtype as x.
         """
         if self._plain:
-            phi = self._phi(x)
-            sol = self._solve(x, phi)
-            return self._fermion_force(x, self.operator.apply(x, sol), sol)
+            return self._plain_force(x, self._phi(x))
         phis = self._phis(x)
         g: torch.Tensor | None = None
         for term, phi in zip(self.terms, phis, strict=True):
@@ -600,10 +699,6 @@ class PseudofermionAction(_TwoFlavourAction):
             g = part if g is None else g + part
         assert g is not None
         return self._fermion_force(x, None, None, g)
-
-    def force(self, x: torch.Tensor) -> torch.Tensor:
-        """Gauge force plus :meth:`fermion_force`, same shape and dtype as x."""
-        return self.gauge.force(x) + self.fermion_force(x)
 
 
 def _schwinger(cls: type[_TwoFlavourAction]) -> Any:
@@ -660,6 +755,61 @@ def _operator(links: torch.Tensor, kappa: float | None, dirac: str, who: str) ->
     return op, float(kappa)
 
 
+def _re_trace_inverse(
+    op: Any,
+    x: torch.Tensor,
+    method: str,
+    *,
+    noise: int,
+    seed: int,
+    cg_tol: float,
+    cg_maxiter: int,
+    who: str,
+    dense: Any = None,
+) -> tuple[torch.Tensor, int]:
+    r"""Re tr D^{-1} per configuration, exactly (dense inverse) or by a stochastic estimate.
+
+    The condensates of the Wilson (:func:`chiral_condensate`) and the staggered operators
+    (:func:`flowplug.plugins.yukawa.staggered_condensate`) are this trace over the volume.
+
+    Arguments:
+        op: The Dirac operator (its ``spinor_shape``, ``geometry``, ``dense``, ``solve``).
+        x: Its background (links or scalar field).
+        method: ``"exact"``, ``"stochastic"`` (``noise`` Z2 vectors eta drawn from ``seed``,
+            tr D^{-1} ~ mean eta^+ D^{-1} eta, CG solves: unbiased) or ``"auto"`` (exact when
+            n <= :data:`MAX_DENSE_OBSERVABLE`).
+        noise, seed, cg_tol, cg_maxiter: Of the stochastic estimate.
+        who: The observable, first word of the error message.
+        dense: x -> the dense D, (B, n, n) (default ``op.dense``).
+
+    Returns:
+        ``(trace, volume)``: (B,) float64 and the number of sites V.
+
+    Raises:
+        ConfigError: for an unknown method; ConvergenceError if the CG fails.
+
+    References:
+        Hutchinson, Commun. Stat. Simul. Comput. 19 (1990) 433 (stochastic trace).
+    """
+    shape = op.spinor_shape(x)
+    n = math.prod(shape[1:])
+    volume = math.prod(op.geometry(x)[0])
+    if method == "auto":
+        method = "exact" if n <= MAX_DENSE_OBSERVABLE else "stochastic"
+    if method == "exact":
+        matrix = op.dense(x) if dense is None else dense(x)
+        tr = torch.linalg.inv(matrix).diagonal(dim1=-2, dim2=-1).sum(-1).real
+    elif method == "stochastic":
+        g = torch.Generator(device=x.device).manual_seed(int(seed))
+        eta = torch.randint(0, 2, (shape[0], int(noise), *shape[1:]), generator=g, device=x.device)
+        eta = (2.0 * eta - 1.0).to(torch.complex128)
+        sol, _ = op.solve(x, eta, tol=cg_tol, maxiter=cg_maxiter)
+        tr = (eta.conj() * sol).flatten(2).sum(2).real.mean(1)
+    else:
+        raise ConfigError(f"{who}: method must be 'auto', 'exact' or 'stochastic'; found {method!r}")
+    return tr, volume
+
+
 def chiral_condensate(
     links: torch.Tensor,
     kappa: float | None = None,
@@ -700,21 +850,9 @@ def chiral_condensate(
         Simul. Comput. 19 (1990) 433 (stochastic trace).
     """
     op, k = _operator(links, kappa, dirac, "chiral_condensate")
-    shape = op.spinor_shape(links)
-    n = math.prod(shape[1:])
-    volume = math.prod(op.geometry(links)[0])
-    if method == "auto":
-        method = "exact" if n <= MAX_DENSE_OBSERVABLE else "stochastic"
-    if method == "exact":
-        tr = torch.linalg.inv(op.dense(links)).diagonal(dim1=-2, dim2=-1).sum(-1).real
-    elif method == "stochastic":
-        g = torch.Generator(device=links.device).manual_seed(int(seed))
-        eta = torch.randint(0, 2, (shape[0], int(noise), *shape[1:]), generator=g, device=links.device)
-        eta = (2.0 * eta - 1.0).to(torch.complex128)
-        sol, _ = op.solve(links, eta, tol=cg_tol, maxiter=cg_maxiter)
-        tr = (eta.conj() * sol).flatten(2).sum(2).real.mean(1)
-    else:
-        raise ConfigError(f"chiral_condensate: method must be 'auto', 'exact' or 'stochastic'; found {method!r}")
+    tr, volume = _re_trace_inverse(
+        op, links, method, noise=noise, seed=seed, cg_tol=cg_tol, cg_maxiter=cg_maxiter, who="chiral_condensate"
+    )
     return (2.0 * k * tr / volume).to(torch.float64)
 
 

@@ -548,6 +548,14 @@ class _FermionFlowKernel(Kernel):
     #: The name the gauge-theory code used for :meth:`bosonic_action`.
     gauge_action = bosonic_action
 
+    def _pseudofermion_model(
+        self, pseudofermion: Any, scale: float | None, options: Mapping[str, Any] | None
+    ) -> PseudofermionModel:
+        """The kernel's pseudofermion model on its operator (:func:`pseudofermion_model`), with the
+        options checked by :func:`_model_options` (ConfigError naming this kernel)."""
+        opts = _model_options(self.name, pseudofermion, scale, options)
+        return pseudofermion_model(pseudofermion, self.operator, **opts)
+
     def quadratic(self, x: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
         """phi^+ (D^+ D)^{-1} phi, phi (B, [k,] L..., s[, N]); returns (B[, k]) float64 (CG, ``cg_tol``).
 
@@ -711,8 +719,7 @@ class PseudoMarginal(_FermionFlowKernel):
         self.n_pseudofermions = int(n_pseudofermions)
         if self.n_pseudofermions < 1:
             raise ConfigError(f"kernel 'pseudo-marginal': n_pseudofermions must be >= 1; found {n_pseudofermions}")
-        opts = _model_options(self.name, pseudofermion, scale, pseudofermion_options)
-        self.model = pseudofermion_model(pseudofermion, self.operator, **opts)
+        self.model = self._pseudofermion_model(pseudofermion, scale, pseudofermion_options)
 
     def estimate(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """log w(U), (B,) float64 (:func:`log_det_estimate` with this kernel's model)."""
@@ -830,14 +837,9 @@ class FermionJoint(_FermionFlowKernel):
     Arguments:
         flow: The gauge-field flow q(U).
         action: A two-flavour action (gauge action and Dirac operator used).
-        pseudofermion: Model name in the registry ``pseudofermion_model`` (default ``ilu``;
-            ``eo-ilu`` and the trained ``conditional`` of
-            :mod:`flowplug.plugins.pseudofermion_models` follow p(phi | U) far more closely) or
-            a model object.
-        scale: Width option of the Gaussian models (``ilu``, ``eo-ilu``, ``free``,
-            ``white``; default 1): the weights have finite variance only for C > M(U)/2.
-        pseudofermion_options: The model's other options, e.g. ``{checkpoint = "model.pt"}``
-            for ``conditional`` (the run's summary records the file's SHA-256).
+        pseudofermion, scale, pseudofermion_options: The pseudofermion model r(phi | U), as
+            for :class:`PseudoMarginal` (default ``ilu``; ``eo-ilu`` and the trained
+            ``conditional`` follow p(phi | U) far more closely).
         refresh: Redraw phi from p(phi | U) before every step.
         cg_tol, cg_maxiter: Solver settings (default the action's).
 
@@ -865,8 +867,7 @@ class FermionJoint(_FermionFlowKernel):
         cg_maxiter: int | None = None,
     ) -> None:
         super().__init__(flow, action, cg_tol=cg_tol, cg_maxiter=cg_maxiter)
-        opts = _model_options(self.name, pseudofermion, scale, pseudofermion_options)
-        self.model = pseudofermion_model(pseudofermion, self.operator, **opts)
+        self.model = self._pseudofermion_model(pseudofermion, scale, pseudofermion_options)
         self.refresh = bool(refresh)
 
     def _heat_bath(self, x: torch.Tensor, generator: torch.Generator | None) -> dict[str, torch.Tensor]:

@@ -47,13 +47,21 @@ References:
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 
 from flowplug.errors import ConfigError, ShapeError
 from flowplug.hookspecs import hookimpl
-from flowplug.plugins.dirac import CGReport, conjugate_gradient
+from flowplug.plugins.dirac import (
+    NormalEquationsCG,
+    complex_logdet,
+    dense_from_columns,
+    field_extra_axes,
+    forward_neighbours,
+    link_layout,
+)
 from flowplug.records import DiracOperatorSpec
 
 __all__ = [
@@ -93,7 +101,7 @@ def staggered_phases(
     return out
 
 
-class StaggeredDiracOperator:
+class StaggeredDiracOperator(NormalEquationsCG):
     r"""Staggered Dirac operator on gauge links or on a real scalar field (module docstring).
 
     D = M + K, M_x = ``mass`` (links) or ``mass`` + g phi_x (scalar), K the anti-Hermitian
@@ -159,21 +167,9 @@ class StaggeredDiracOperator:
                     f"(B, L_0, ..., L_(d-1)); found {x.dtype} {tuple(x.shape)}"
                 )
             lattice, n = tuple(int(v) for v in x.shape[1:]), 1
-        elif x.is_complex():
-            if x.dim() < 5 or x.shape[-1] != x.shape[-2] or x.dim() != x.shape[1] + 4:
-                raise ShapeError(
-                    "staggered fermions: SU(N) links must have shape (B, d, L_0, ..., L_(d-1), N, N); "
-                    f"found {x.dtype} {tuple(x.shape)}"
-                )
-            lattice, n = tuple(int(v) for v in x.shape[2:-2]), int(x.shape[-1])
         else:
-            if x.dim() < 3 or x.dim() != x.shape[1] + 2:
-                raise ShapeError(
-                    "staggered fermions: U(1) links must be real angles of shape (B, d, L_0, ..., L_(d-1)) "
-                    f"(a scalar field needs background='scalar', operator 'staggered-yukawa'); "
-                    f"found {x.dtype} {tuple(x.shape)}"
-                )
-            lattice, n = tuple(int(v) for v in x.shape[2:]), 1
+            hint = " (a scalar field needs background='scalar', operator 'staggered-yukawa')"
+            lattice, n = link_layout(x, "staggered fermions", hint=hint)
         if any(v % 2 for v in lattice):
             raise ShapeError(f"staggered fermions need even extents in every direction; found lattice {lattice}")
         return lattice, n
@@ -197,19 +193,7 @@ class StaggeredDiracOperator:
 
     def _extra(self, x: torch.Tensor, psi: torch.Tensor) -> int:
         """Number of extra axes of psi between its batch axis and the lattice; ShapeError if it does not fit."""
-        shape = self.spinor_shape(x)
-        if not psi.is_complex() or psi.dim() < len(shape) or psi.shape[0] != shape[0]:
-            raise ShapeError(
-                f"staggered fermions: expected a complex fermion field of shape {shape} (or with extra axes "
-                f"after the batch axis); found {psi.dtype} {tuple(psi.shape)}"
-            )
-        extra = psi.dim() - len(shape)
-        if tuple(psi.shape[1 + extra :]) != shape[1:]:
-            raise ShapeError(
-                f"staggered fermions: fermion field shape {tuple(psi.shape)} does not fit the background: "
-                f"expected (B, [K...,] {', '.join(map(str, shape[1:]))}) with B = {shape[0]}"
-            )
-        return extra
+        return field_extra_axes(self.spinor_shape(x), psi, "staggered fermions", "background")
 
     def phases(self, lattice: tuple[int, ...], device: torch.device) -> torch.Tensor:
         """(1/2) eta_mu(x) times the time-boundary sign, (d, L...) float64 (cached).
@@ -322,9 +306,7 @@ class StaggeredDiracOperator:
         shape = self.spinor_shape(x)
         bsz, n = shape[0], math.prod(shape[1:])
         if by == "columns":
-            basis = torch.eye(n, dtype=torch.complex128, device=x.device).reshape(n, *shape[1:])
-            cols = self.apply(x, basis.expand(bsz, *basis.shape))
-            return cols.reshape(bsz, n, n).transpose(1, 2)
+            return dense_from_columns(functools.partial(self.apply, x), shape, x.device)
         if by != "blocks":
             raise ConfigError(f"dense: by must be 'columns' or 'blocks'; found {by!r}")
         lattice, ncol = self.geometry(x)
@@ -332,10 +314,8 @@ class StaggeredDiracOperator:
         hop = self.hopping_links(x).expand(bsz, *self.hopping_links(x).shape[1:])
         hop = hop.reshape(bsz, d, volume, ncol, ncol)
         blocks = torch.zeros(volume, volume, bsz, ncol, ncol, dtype=torch.complex128, device=x.device)
-        sites = torch.arange(volume, device=x.device).reshape(lattice)
-        here = sites.flatten()
-        for mu in range(d):
-            there = torch.roll(sites, -1, mu).flatten()
+        here, neighbours = forward_neighbours(lattice, x.device)
+        for mu, there in enumerate(neighbours):
             h = hop[:, mu].transpose(0, 1)  # (V, B, N, N)
             blocks.index_put_((here, there), h, accumulate=True)  # (x, x + mu): + H
             blocks.index_put_((there, here), -h.mH, accumulate=True)  # (x + mu, x): - H^+
@@ -356,44 +336,10 @@ class StaggeredDiracOperator:
         Raises:
             ShapeError: as :meth:`geometry`.
         """
-        sign, logabs = torch.linalg.slogdet(self.dense(x, by="blocks"))
-        return torch.complex(logabs.to(torch.float64), torch.angle(sign).to(torch.float64))
+        return complex_logdet(self.dense(x, by="blocks"))
 
     # ------------------------------------------------------------------ solvers
-
-    def solve_normal(
-        self,
-        x: torch.Tensor,
-        b: torch.Tensor,
-        *,
-        tol: float = 1e-12,
-        maxiter: int = 2000,
-        x0: torch.Tensor | None = None,
-        check: bool = True,
-    ) -> tuple[torch.Tensor, CGReport]:
-        r"""(D^+ D)^{-1} b by the batched conjugate gradient of :mod:`flowplug.plugins.dirac`.
-
-        Arguments:
-            x: The background (:meth:`geometry`).
-            b: Right-hand side, a fermion field (B, [K...,] L...[, N]) complex128.
-            tol, maxiter, x0, check: As for :func:`flowplug.plugins.dirac.conjugate_gradient`.
-
-        Returns:
-            ``(solution, report)``, the solution shaped like ``b``.
-
-        Raises:
-            ShapeError: on a layout mismatch.
-            ConvergenceError: if ``check`` and some batch element did not converge.
-        """
-        self._extra(x, b)
-        bound = self.bind(x)
-        return conjugate_gradient(bound.apply_normal, b, tol=tol, maxiter=maxiter, x0=x0, check=check)
-
-    def solve(
-        self, x: torch.Tensor, b: torch.Tensor, *, tol: float = 1e-12, maxiter: int = 2000, check: bool = True
-    ) -> tuple[torch.Tensor, CGReport]:
-        """D^{-1} b as (D^+ D)^{-1} D^+ b; arguments, returns and raises as :meth:`solve_normal`."""
-        return self.solve_normal(x, self.apply_dagger(x, b), tol=tol, maxiter=maxiter, check=check)
+    # solve_normal and solve: :class:`flowplug.plugins.dirac.NormalEquationsCG`.
 
     # ----------------------------------------------------------------- forces
 
@@ -482,11 +428,9 @@ class StaggeredDiracOperator:
         d = len(lattice)
         blocks = matrix.reshape(bsz, volume, ncol, volume, ncol).permute(0, 1, 3, 2, 4)  # (B, V, V, N, N)
         hop = self.hopping_links(x).reshape(bsz, d, volume, ncol, ncol)
-        sites = torch.arange(volume, device=matrix.device).reshape(lattice)
-        here = sites.flatten()
+        here, neighbours = forward_neighbours(lattice, matrix.device)
         out = []
-        for mu in range(d):
-            there = torch.roll(sites, -1, mu).flatten()
+        for mu, there in enumerate(neighbours):
             a = blocks[:, there, here]  # M(x + mu, x)
             b = blocks[:, here, there]  # M(x, x + mu)
             h = hop[:, mu]

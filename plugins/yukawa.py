@@ -38,15 +38,18 @@ References:
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
 import torch
 
-from flowplug.errors import ConfigError, ShapeError
+from flowplug.errors import ConfigError
 from flowplug.hookspecs import hookimpl
+from flowplug.plugins.fermion_actions import MAX_DENSE as _MAX_DENSE
+from flowplug.plugins.fermion_actions import MAX_DENSE_OBSERVABLE as _MAX_DENSE_OBSERVABLE
+from flowplug.plugins.fermion_actions import _ExactDeterminant, _FermionAction, _Pseudofermions, _re_trace_inverse
 from flowplug.records import ActionSpec, ObservableSpec
-from flowplug.theory import Action
 
 __all__ = [
     "YukawaExactAction",
@@ -56,11 +59,11 @@ __all__ = [
     "MAX_DENSE_OBSERVABLE",
 ]
 
-#: Largest n = V N of D for the exact determinant (the Wilson actions' limit, 4096 rows).
-MAX_DENSE = 4096
+#: Largest n = V N of D for the exact determinant: the Wilson actions' limit (4096 rows), the same constant.
+MAX_DENSE = _MAX_DENSE
 
-#: ``staggered_condensate`` (``method="auto"``) inverts D densely up to this n.
-MAX_DENSE_OBSERVABLE = 1024
+#: ``staggered_condensate`` (``method="auto"``) inverts D densely up to this n: the Wilson observables' limit.
+MAX_DENSE_OBSERVABLE = _MAX_DENSE_OBSERVABLE
 
 #: Observables the Yukawa actions add to the defaults of the ``scalar`` kind.
 YUKAWA_OBSERVABLES = ("staggered_condensate",)
@@ -73,8 +76,9 @@ def _component(kind: str, name: str, **kwargs: Any) -> Any:
     return registry(kind).get(name).factory(**kwargs)
 
 
-class _YukawaAction(Action):
-    """Common part of the Yukawa actions: the phi^4 action, the staggered operator, checks, starts."""
+class _YukawaAction(_FermionAction):
+    """Common part of the Yukawa actions: the phi^4 action, the staggered operator, starts
+    (checks, solver settings and forces: :class:`flowplug.plugins.fermion_actions._FermionAction`)."""
 
     field = "scalar"
     parameters = ("m2", "lam", "g", "mass", "cg_tol", "cg_maxiter")
@@ -99,23 +103,11 @@ class _YukawaAction(Action):
         self.bosonic = _component("action", "phi4", m2=self.m2, lam=self.lam)
         self.dirac = "staggered-yukawa"
         self.operator = _component("dirac_operator", self.dirac, mass=self.mass, g=self.g)
-        self.cg_tol = float(cg_tol)
-        self.cg_maxiter = int(cg_maxiter)
-        if not self.cg_tol > 0 or self.cg_maxiter < 1:
-            raise ConfigError(
-                f"{type(self).__name__}: cg_tol must be > 0 and cg_maxiter >= 1; found {cg_tol}, {cg_maxiter}"
-            )
-        self.last_report: Any = None
+        self._solver_settings(cg_tol, cg_maxiter)
 
-    def check(self, x: torch.Tensor) -> tuple[int, ...]:
-        """Validate phi (real (B, L...), even extents); returns the lattice.
-
-        Raises:
-            ShapeError: naming the expected and the found layout.
-        """
-        lattice = self.space.lattice_of(x)
-        self.operator.geometry(x)
-        return lattice
+    def _bosonic(self) -> Any:
+        """The phi^4 action S_B."""
+        return self.bosonic
 
     def hot_start(
         self, lattice: Any, batch: int = 1, *, generator: torch.Generator | None = None, device: Any = None
@@ -127,12 +119,8 @@ class _YukawaAction(Action):
         """The exact-determinant action with the same couplings (used by the ``exact-marginal`` kernel)."""
         return YukawaExactAction(self.m2, self.lam, self.g, self.mass, cg_tol=self.cg_tol, cg_maxiter=self.cg_maxiter)
 
-    def _force_from(self, g: torch.Tensor) -> torch.Tensor:
-        """The force of -2 Re(...) given its derivative ``g`` (complex, (B, L...)): 2 Re g."""
-        return 2.0 * g.real.to(torch.float64)
 
-
-class YukawaExactAction(_YukawaAction):
+class YukawaExactAction(_ExactDeterminant, _YukawaAction):
     r"""phi^4 plus two staggered flavours with the exact determinant: S = S_B - 2 log|det D[phi]|.
 
     For small lattices (n = V <= :data:`MAX_DENSE`); differentiable by autograd (flow training).
@@ -153,37 +141,10 @@ class YukawaExactAction(_YukawaAction):
         arXiv:2106.05934, section IV; Gattringer & Lang (2010), section 8.1.
     """
 
-    def _dense(self, x: torch.Tensor) -> torch.Tensor:
-        n = self.operator.size(x)
-        if n > MAX_DENSE:
-            raise ShapeError(
-                f"yukawa-exact: D has n = {n} rows per configuration, more than MAX_DENSE = {MAX_DENSE}; "
-                "use the pseudofermion action 'yukawa' on lattices this large"
-            )
-        return self.operator.dense(x, by="blocks")
-
-    def fermion_action(self, x: torch.Tensor) -> torch.Tensor:
-        """-log det(D^+ D) = -2 log|det D|, shape (B,), float64."""
-        self.check(x)
-        _, logabs = torch.linalg.slogdet(self._dense(x))
-        return -2.0 * logabs.to(torch.float64)
-
-    def action(self, x: torch.Tensor) -> torch.Tensor:
-        """S_B - log det(D^+ D), shape (B,), float64."""
-        return self.bosonic.action(x).to(torch.float64) + self.fermion_action(x)
-
-    def fermion_force(self, x: torch.Tensor) -> torch.Tensor:
-        r"""-dS_f/dphi_x = 2 Re tr(D^{-1} dD/dphi_x) = 2 g Re (D^{-1})_{xx}, (B, L...) float64."""
-        self.check(x)
-        inv = torch.linalg.inv(self._dense(x))
-        return self._force_from(self.operator.trace_derivative(x, inv))
-
-    def force(self, x: torch.Tensor) -> torch.Tensor:
-        """phi^4 force plus :meth:`fermion_force`, (B, L...) float64."""
-        return self.bosonic.force(x) + self.fermion_force(x)
+    _too_large = ("yukawa-exact", "the pseudofermion action 'yukawa'")
 
 
-class YukawaPseudofermionAction(_YukawaAction):
+class YukawaPseudofermionAction(_Pseudofermions, _YukawaAction):
     r"""phi^4 plus two staggered flavours through pseudofermions: S = S_B + pf^+ (D^+ D)^{-1} pf.
 
     The action of the joint distribution of phi and the pseudofermion field pf (module
@@ -210,10 +171,12 @@ class YukawaPseudofermionAction(_YukawaAction):
         arXiv:2106.05934, sections II and IV; Gattringer & Lang (2010), sections 8.1-8.2.
     """
 
+    _messages = ("yukawa", "'yukawa-exact'", "phi", "needs", "this phi")
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.pf: torch.Tensor | None = None
-        self._fresh: tuple[torch.Tensor, int, torch.Tensor] | None = None  # (phi, its version, eta^+ eta)
+        self._fresh = None  # (phi, its version, eta^+ eta) of the last refresh
 
     def refresh(self, x: torch.Tensor, generator: torch.Generator | None = None) -> None:
         """Draw pf = D^+ eta, eta complex Gaussian with density exp(-|eta|^2): exactly distributed
@@ -227,10 +190,7 @@ class YukawaPseudofermionAction(_YukawaAction):
             ShapeError: for another layout.
         """
         self.check(x)
-        shape = self.operator.spinor_shape(x)
-        eta = torch.randn(shape, generator=generator, dtype=torch.complex128, device=x.device)
-        self.pf = self.operator.apply_dagger(x, eta)
-        self._fresh = (x, x._version, (eta.real**2 + eta.imag**2).flatten(1).sum(1).to(torch.float64))
+        self.pf = self._heat_bath(x, generator)
 
     def set_pseudofermions(self, pf: torch.Tensor | None) -> None:
         """Set pf directly (tests, samplers that draw it themselves); None forgets it."""
@@ -238,47 +198,16 @@ class YukawaPseudofermionAction(_YukawaAction):
         self._fresh = None
 
     def _pf(self, x: torch.Tensor) -> torch.Tensor:
-        self.check(x)
-        if self.pf is None:
-            raise ConfigError(
-                "yukawa: no pseudofermion field drawn yet; call refresh(x, generator) first (the hmc kernel "
-                "does at every trajectory), or use 'yukawa-exact' with kernels that do not refresh auxiliary fields"
-            )
-        shape = self.operator.spinor_shape(x)
-        if tuple(self.pf.shape) != tuple(shape):
-            raise ShapeError(
-                f"yukawa: phi {tuple(x.shape)} needs a pseudofermion field of shape {shape}; the one drawn last "
-                f"has shape {tuple(self.pf.shape)} (call refresh for this phi)"
-            )
-        return self.pf
-
-    def _solve(self, x: torch.Tensor, pf: torch.Tensor) -> torch.Tensor:
-        sol, report = self.operator.solve_normal(x, pf, tol=self.cg_tol, maxiter=self.cg_maxiter)
-        self.last_report = report
-        return sol
+        return self._checked(x, self.pf)
 
     def fermion_action(self, x: torch.Tensor) -> torch.Tensor:
         """pf^+ (D^+ D)^{-1} pf, (B,) float64; at the phi of the last :meth:`refresh` (the same,
         unmodified tensor) the exact value eta^+ eta, without a solve."""
-        pf = self._pf(x)
-        if self._fresh is not None and self._fresh[0] is x and self._fresh[1] == x._version:
-            return self._fresh[2]
-        sol = self._solve(x, pf)
-        return (pf.conj() * sol).flatten(1).sum(1).real.to(torch.float64)
-
-    def action(self, x: torch.Tensor) -> torch.Tensor:
-        """S_B + pf^+ (D^+ D)^{-1} pf, (B,) float64."""
-        return self.bosonic.action(x).to(torch.float64) + self.fermion_action(x)
+        return self._plain_fermion_action(x, self._pf(x))
 
     def fermion_force(self, x: torch.Tensor) -> torch.Tensor:
         """Force of pf^+ (D^+ D)^{-1} pf: X = (D^+ D)^{-1} pf, Y = D X, F_x = 2 g Re(Y_x^* X_x)."""
-        pf = self._pf(x)
-        sol = self._solve(x, pf)
-        return self._force_from(self.operator.derivative(x, self.operator.apply(x, sol), sol))
-
-    def force(self, x: torch.Tensor) -> torch.Tensor:
-        """phi^4 force plus :meth:`fermion_force`, (B, L...) float64."""
-        return self.bosonic.force(x) + self.fermion_force(x)
+        return self._plain_force(x, self._pf(x))
 
 
 # --------------------------------------------------------------------------- observables
@@ -341,21 +270,17 @@ def staggered_condensate(
         op = _component("dirac_operator", "staggered", mass=float(mass))
     else:
         raise ConfigError(f"staggered_condensate: background must be 'scalar' or 'links'; found {background!r}")
-    shape = op.spinor_shape(x)
-    n = math.prod(shape[1:])
-    volume = math.prod(op.geometry(x)[0])
-    if method == "auto":
-        method = "exact" if n <= MAX_DENSE_OBSERVABLE else "stochastic"
-    if method == "exact":
-        tr = torch.linalg.inv(op.dense(x, by="blocks")).diagonal(dim1=-2, dim2=-1).sum(-1).real
-    elif method == "stochastic":
-        gen = torch.Generator(device=x.device).manual_seed(int(seed))
-        eta = torch.randint(0, 2, (shape[0], int(noise), *shape[1:]), generator=gen, device=x.device)
-        eta = (2.0 * eta - 1.0).to(torch.complex128)
-        sol, _ = op.solve(x, eta, tol=cg_tol, maxiter=cg_maxiter)
-        tr = (eta.conj() * sol).flatten(2).sum(2).real.mean(1)
-    else:
-        raise ConfigError(f"staggered_condensate: method must be 'auto', 'exact' or 'stochastic'; found {method!r}")
+    tr, volume = _re_trace_inverse(
+        op,
+        x,
+        method,
+        noise=noise,
+        seed=seed,
+        cg_tol=cg_tol,
+        cg_maxiter=cg_maxiter,
+        who="staggered_condensate",
+        dense=functools.partial(op.dense, by="blocks"),
+    )
     return (tr / volume).to(torch.float64)
 
 
