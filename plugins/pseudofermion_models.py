@@ -146,8 +146,8 @@ class EvenOddILUModel(PseudofermionModel):
     r"""Gaussian r(phi | U) = CN(0, s^2 A^+ A) with A the even-odd factorisation of D whose
     Schur complement is replaced by its incomplete LU factors: det A = 1.
 
-    With the sites split by parity, D = [[1, D_eo], [D_oe, 1]] = [[1, 0], [D_oe, 1]] [[1, D_eo],
-    [0, S]] with the Schur complement S = 1 - D_oe D_eo on the odd sites (det D = det S). The
+    With the sites split by parity, ``D = [[1, D_eo], [D_oe, 1]] = [[1, 0], [D_oe, 1]] [[1, D_eo],
+    [0, S]]`` with the Schur complement S = 1 - D_oe D_eo on the odd sites (det D = det S). The
     model keeps the exact triangular factor and replaces S by A_S = (1 + L_S)(1 + R_S), L_S and
     R_S the strictly lower and upper (site-ordered) parts of S - 1 (for Wilson fermions with
     r = 1 the diagonal blocks of S are the identity: the hop to x + mu and back is projected
