@@ -477,7 +477,8 @@ class PseudofermionAction(_Pseudofermions, _TwoFlavourAction):
         S_f = phi_1^+ (W_1^+ W_1)^{-1} phi_1 + sum_j phi_{j+1}^+ W_j (W_{j+1}^+ W_{j+1})^{-1} W_j^+ phi_{j+1}.
 
     A term phi^+ B (A^+ A)^{-1} B^+ phi (A = W_{j+1}, B = W_j; B = 1 for the first) has
-    covariance K = B^{-+} A^+ A B^{-1}; its exact heat bath is phi = B^{-+} A^+ chi
+    covariance K = B^{-+} A^+ A B^{-1}; its heat bath (exact up to the CG tolerance of the solve)
+    is phi = B^{-+} A^+ chi
     = B (B^+ B)^{-1} A^+ chi (one CG solve with the heavier B^+ B), since then
     phi^+ K^{-1} phi = chi^+ A (A^+ A)^{-1} A^+ chi = chi^+ chi. With X = (A^+ A)^{-1} B^+ phi
     and Y = A X its derivative is

@@ -337,6 +337,9 @@ class ILUModel(PseudofermionModel):
     incomplete-LU approximation), so r follows M(U) = D^+ D mode by mode far better than a
     U-independent Gaussian. Draws: phi = scale D_a^+ chi (phi^+ C^{-1} phi = chi^+ chi);
     ``log_prob``: two triangular solves. Dense (n <= MAX_DENSE), O(n^2) per configuration.
+    On an operator whose diagonal blocks are not the identity (the staggered-yukawa operator,
+    site masses m + g phi) the factors drop those blocks: r is then independent of the
+    background and far from p (still exact, det D_a = 1).
 
     Arguments:
         operator: The Dirac operator (``dense``, ``spinor_shape``, ``geometry``).
@@ -434,8 +437,10 @@ def pseudofermion_model(spec: Any, operator: Any, **options: Any) -> Pseudofermi
         try:
             inspect.signature(record.factory).bind(operator, **options)
         except TypeError as exc:
+            params = [p for p in inspect.signature(record.factory).parameters if p != "operator"]
             raise ConfigError(
-                f"pseudofermion model {record.name!r} rejects the options {sorted(options)}: {exc}"
+                f"pseudofermion model {record.name!r} rejects the options {sorted(options)} ({exc}); "
+                f"it takes {', '.join(params) or 'no options'}"
             ) from None
         return record.factory(operator, **options)
     if not (callable(getattr(spec, "sample", None)) and callable(getattr(spec, "log_prob", None))):

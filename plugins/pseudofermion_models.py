@@ -344,7 +344,8 @@ class ConditionalGaussianModel(nn.Module, EvenOddILUModel):
     def reverse_kl_loss(self, x: torch.Tensor, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
         r"""E_chi[phi^+ M^{-1} phi] - 2 n log s - 2 log det A for phi = s A^+ chi, per
         configuration: (B,) float64 with gradients (reparameterised draws of r), the reverse
-        KL(r(. | U) || p(. | U)) up to the theta-independent n + log det M; M^{-1} dense.
+        KL(r(. | U) || p(. | U)) up to a theta-independent constant (loss = KL + n - log det M);
+        M^{-1} dense.
 
         Arguments:
             x: Gauge fields (B, ...).
@@ -514,7 +515,8 @@ def train_conditional_model(
         log: Called as ``log(step, loss)`` after every step.
 
     Returns:
-        The loss per step (the forward KL up to the theta-independent n + E log det M).
+        The loss per step: the chosen KL averaged over the batch, up to a theta-independent
+        constant (``reverse``: KL + n - log det M; ``forward``: KL + n + log det M).
 
     Raises:
         ConfigError: for steps, batch_size or k < 1, lr <= 0 or another objective; FloatingPointError if the loss

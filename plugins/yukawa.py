@@ -230,7 +230,8 @@ def staggered_condensate(
     On a scalar field (the Yukawa model) D is the ``staggered-yukawa`` operator with site mass
     mass + g phi_x; on U(1)/SU(N) links the ``staggered`` operator with mass ``mass`` (then
     the trace also runs over colour). <psibar psi> = -Sigma per flavour in the Grassmann sign
-    convention. Free field: (1/V) sum_p m / (m^2 + sum sin^2 p)
+    convention. Free field: (1/V) sum_p m / (m^2 + sum sin^2 p) per colour (N times that on
+    SU(N) links)
     (:func:`flowplug.plugins.staggered.free_staggered_condensate`), 0 at m = 0.
 
     Arguments:

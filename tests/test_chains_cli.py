@@ -694,6 +694,11 @@ def test_resample_without_a_flow_runs_a_flow_free_kernel_on_the_action(files, tm
     assert not torch.equal(got, x0)
     diff = torch.remainder(got - chain.state.x + torch.pi, 2 * torch.pi) - torch.pi  # angles modulo 2 pi
     assert diff.abs().max() < 1e-12
+    # the [action] table is open: a fermionic action's couplings (pseudofermion HMC from the inputs)
+    fermions = ["--set", "action.name=schwinger", "--set", "action.beta=1.5", "--set", "action.kappa=0.1"]
+    assert _cli(*args, "--out", tmp_path / "f", *fermions, "--set", "kernel.type=hmc") == 0
+    s = json.loads((tmp_path / "f" / "summary.json").read_text())
+    assert s["action"]["kappa"] == 0.1 and "chiral_condensate" in s["observables"]
     # refusals: no action, a flow kernel, a file of another field kind
     assert _cli(*args, "--out", tmp_path / "x1", "--set", "kernel.type=hmc") == 1
     assert "without --flow samples the action [action]" in " ".join(capsys.readouterr().err.split())

@@ -96,8 +96,9 @@ beta = 0.0
 group = ""
 """
 
-#: Tables whose keys are free: a kernel's options.
-OPEN_TABLES = ("kernel.options",)
+#: Tables whose keys are free: a kernel's options, and the action's couplings (any coupling the
+#: action's record names: ``kappa``, ``m2``...).
+OPEN_TABLES = ("kernel.options", "action")
 
 #: Keys that do not change the Markov chains: a run may be resumed with other values.
 NON_CHAIN_KEYS = ("steps", "save_every", "checkpoint_every", "measurements", "threads", "streams", "progress")
