@@ -142,6 +142,21 @@ def _even_odd(x: torch.Tensor, operator: Any, who: str) -> tuple[torch.Tensor, t
     return dp, perm, ne, ps
 
 
+def _check_hopping_form(operator: Any, who: str) -> None:
+    """Refuse, when the model is built (before a run creates outputs), an operator that does not
+    declare the hopping form D = 1 - kappa H: it must have a ``kappa`` (the Wilson convention).
+    The structure itself is checked again on the first links (:func:`_even_odd`).
+
+    Raises:
+        ConfigError: naming the operator.
+    """
+    if getattr(operator, "kappa", None) is None:
+        raise ConfigError(
+            f"pseudofermion model '{who}' needs an operator of the hopping form D = 1 - kappa H (as 'wilson'); "
+            f"{operator!r} has no hopping parameter kappa (for the staggered operators use 'free' or 'white')"
+        )
+
+
 class EvenOddILUModel(PseudofermionModel):
     r"""Gaussian r(phi | U) = CN(0, s^2 A^+ A) with A the even-odd factorisation of D whose
     Schur complement is replaced by its incomplete LU factors: det A = 1.
@@ -182,6 +197,7 @@ class EvenOddILUModel(PseudofermionModel):
     def __init__(self, operator: Any, *, scale: float = 1.0) -> None:
         if not float(scale) > 0:
             raise ConfigError(f"pseudofermion model '{self.name}': scale must be > 0; found {scale}")
+        _check_hopping_form(operator, self.name)
         self.operator = operator
         self.scale = float(scale)
 
@@ -301,6 +317,8 @@ class ConditionalGaussianModel(nn.Module, EvenOddILUModel):
     ) -> None:
         nn.Module.__init__(self)
         from flowplug.plugins.flow_nets import ConvNet
+
+        _check_hopping_form(operator, "conditional")
 
         if not float(scale) > 0:
             raise ConfigError(f"pseudofermion model 'conditional': scale must be > 0; found {scale}")
