@@ -227,6 +227,19 @@ KERNEL_TABLE_KEYS = ("type", "hmc_every", "hmc", "options")
 DEFAULT_FLOW_KERNEL = "independence-metropolis"
 
 
+def kernel_type(table: Mapping[str, Any], with_flow: bool) -> str:
+    """The kernel a ``[kernel]`` table names, as written (lower case): ``type``, or the default
+    (``"flow"`` with a flow, ``"hmc"`` without) when it is empty."""
+    return str(table.get("type") or ("flow" if with_flow else "hmc")).strip().lower()
+
+
+def kernel_name(table: Mapping[str, Any], with_flow: bool) -> str:
+    """The name a run's summary records for its kernel: :func:`kernel_type` with ``"flow"``
+    spelled as the registered ``independence-metropolis``."""
+    name = kernel_type(table, with_flow)
+    return DEFAULT_FLOW_KERNEL if name == "flow" else name
+
+
 def build_kernel(flow: Any, action: Any, table: Mapping[str, Any], *, registry: Any = None) -> Any:
     """The kernel described by a ``[kernel]`` table, built through the kernel registry.
 
@@ -269,7 +282,7 @@ def build_kernel(flow: Any, action: Any, table: Mapping[str, Any], *, registry: 
         registry = _registry("kernel")
     from flowplug.theory import kind_accepted
 
-    name = str(table.get("type") or ("flow" if flow is not None else "hmc")).strip().lower()
+    name = kernel_type(table, flow is not None)
     spec = registry.get(DEFAULT_FLOW_KERNEL if name == "flow" else name)
     if spec.fields and not kind_accepted(action.field, spec.fields):
         raise ConfigError(

@@ -265,6 +265,7 @@ def _run_resample(
         build_kernel,
         check_compatible,
         importance_weights,
+        kernel_name,
         run_chains,
         weight_figures,
     )
@@ -454,7 +455,7 @@ def _run_resample(
             if ck is not None
             else None
         ),
-        "kernel": str(cfg["kernel"].get("type") or "flow"),
+        "kernel": kernel_name(cfg["kernel"], ck is not None),
         "action": target,
         "observables": stats.get("observables", {}),
         "reweighted_inputs": weights["reweighted"],  # sum w O / sum w over the inputs

@@ -149,6 +149,7 @@ def _run_sample(
         action_override,
         build_kernel,
         importance_weights,
+        kernel_name,
         run_chains,
     )
     from flowplug.jobs.output import ChainOutput, Configurations, output_format
@@ -255,7 +256,7 @@ def _run_sample(
         "thermalize": therm,
         "seed": seed,
         "format": fmt,
-        "kernel": _kernel_name(cfg, ck is not None),
+        "kernel": kernel_name(cfg["kernel"], ck is not None),
         "kernel_config": kernel_record(cfg["kernel"]),  # its options, and the SHA-256 of files they name
         "field": field,
         "lattice": list(lattice),
@@ -274,10 +275,6 @@ def _run_sample(
         "acceptance": summary["acceptance_by_kernel"] or {"all": acc},
     }
     return output.finish(chain, summary, report=report)
-
-
-def _kernel_name(cfg: Mapping[str, Any], with_flow: bool) -> str:
-    return str(cfg["kernel"].get("type") or ("independence-metropolis" if with_flow else "hmc"))
 
 
 def _action_and_lattice(cfg: Mapping[str, Any]) -> tuple[Any, tuple[int, ...]]:
