@@ -30,6 +30,7 @@ NERSC checksum
 
 from __future__ import annotations
 
+import threading
 import zlib
 from typing import Literal, cast
 
@@ -96,18 +97,25 @@ SCIDAC_CLASSES = 29 * 31
 
 
 class ScidacChecksum:
-    """The SciDAC checksum of a payload fed in pieces, in file order (see the module docstring).
+    """The SciDAC checksum of a payload fed in pieces (see the module docstring).
 
     ``update`` XOR-reduces the sites it is given into 899 = 29 * 31 site-sized rows by
     rank mod 899 (one pass over the bytes, which can still be in cache from the read);
     ``digest`` reduces those rows to the 29 and 31 classes and takes 29 + 31 CRC-32s.
     The result equals :func:`scidac_checksum_reference` of the concatenated pieces.
 
+    Pieces may also be fed out of order and from several threads at once with
+    :meth:`update_at`, which names the rank of the piece's first site: each thread XORs
+    into an accumulator of its own (numpy releases the GIL), and :meth:`digest` XORs
+    those together (XOR is commutative, so the order does not matter). The digest is
+    that of sites 0 .. ``nsites`` - 1, each of which must have been fed exactly once.
+
     Arguments:
         site_bytes: Bytes per site (4 links * N * N * 2 * 4 or 8).
 
     Raises:
-        ValueError: from ``update``, on a piece that is not a whole number of sites.
+        ValueError: from ``update``/``update_at``, on a piece that is not a whole number
+            of sites or a negative first site.
     """
 
     def __init__(self, site_bytes: int) -> None:
@@ -115,19 +123,39 @@ class ScidacChecksum:
             raise ValueError(f"site_bytes must be positive; found {site_bytes}")
         self.site_bytes = int(site_bytes)
         self.nsites = 0
-        self._acc = np.zeros((SCIDAC_CLASSES, self.site_bytes), dtype=np.uint8)  # row j: sites r = j mod 899
+        self._lock = threading.Lock()
+        #: One accumulator per feeding thread, (899, site_bytes) uint8: row j holds the XOR
+        #: of the sites of rank r = j mod 899 that thread was given.
+        self._accs: dict[int, np.ndarray] = {}
+
+    def _own_accumulator(self) -> np.ndarray:
+        key = threading.get_ident()
+        acc = self._accs.get(key)
+        if acc is None:
+            with self._lock:
+                acc = self._accs.setdefault(key, np.zeros((SCIDAC_CLASSES, self.site_bytes), dtype=np.uint8))
+        return acc
 
     def update(self, data: bytes | np.ndarray) -> None:
-        """Add the next sites (the stored bytes of a whole number of sites)."""
+        """Add the next sites, in file order (the stored bytes of a whole number of sites)."""
+        self.update_at(data, self.nsites)
+
+    def update_at(self, data: bytes | np.ndarray, first_site: int) -> None:
+        """Add the sites of rank ``first_site``, ``first_site + 1``, ... (stored bytes of whole sites).
+
+        Thread-safe: several threads may feed disjoint pieces at the same time, in any order.
+        """
         raw = _as_uint8(data)
         if raw.size % self.site_bytes:
             raise ValueError(f"payload of {raw.size} bytes is not a whole number of {self.site_bytes}-byte sites")
+        if first_site < 0:
+            raise ValueError(f"first_site must be >= 0; found {first_site}")
         n = raw.size // self.site_bytes
         if n == 0:
             return
         rows, _ = _word_view(raw, self.site_bytes)
-        acc = self._acc.view(rows.dtype)  # (899, words); np.zeros is aligned for any width
-        k = self.nsites % SCIDAC_CLASSES
+        acc = self._own_accumulator().view(rows.dtype)  # (899, words); np.zeros is aligned for any width
+        k = int(first_site) % SCIDAC_CLASSES
         head = min(n, (SCIDAC_CLASSES - k) % SCIDAC_CLASSES)
         if head:
             acc[k : k + head] ^= rows[:head]
@@ -137,13 +165,18 @@ class ScidacChecksum:
         tail = rows[head + body :]
         if len(tail):
             acc[: len(tail)] ^= tail
-        self.nsites += n
+        with self._lock:
+            self.nsites += n
 
     def digest(self) -> tuple[int, int]:
         """``(suma, sumb)`` of everything fed so far, as Python ints in [0, 2^32)."""
         if self.nsites == 0:
             return 0, 0
-        rows, _ = _word_view(self._acc.reshape(-1), self.site_bytes)
+        accs = list(self._accs.values())
+        total = accs[0].copy()
+        for acc in accs[1:]:
+            np.bitwise_xor(total, acc, out=total)
+        rows, _ = _word_view(total.reshape(-1), self.site_bytes)
         return _scidac_sums(rows, self.nsites, self.site_bytes)
 
 

@@ -8,7 +8,12 @@ of :class:`flowplug.io.Check` records.
 from __future__ import annotations
 
 import math
+import os
+import queue
+import threading
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +23,14 @@ import torch
 from flowplug.adapters.checksums import _in_order
 from flowplug.errors import FormatError
 from flowplug.io import Check, from_ildg, to_ildg
-from flowplug.linkcheck import mark_finite
+from flowplug.linkcheck import (
+    group_check_wanted,
+    io_threads,
+    map_pieces,
+    mark_finite,
+    mark_group_deviations,
+    matrices_deviation,
+)
 
 __all__ = [
     "read_payload",
@@ -86,6 +98,18 @@ def _read_exactly(fh: Any, buf: np.ndarray, path: Path, what: str, total: int) -
 CHUNK_BYTES = 1 << 20
 
 
+#: Payloads smaller than this are read and written on one thread (starting a pool of
+#: threads costs more than it saves on them).
+PARALLEL_BYTES = 4 << 20
+
+
+def _threads_for(nbytes: int, threads: int | None, pieces: int) -> int:
+    """Threads for a piecewise conversion of ``nbytes`` bytes in ``pieces`` pieces."""
+    if nbytes < PARALLEL_BYTES:
+        return 1
+    return max(1, min(io_threads() if threads is None else int(threads), pieces))
+
+
 def _block(n: int, itemsize: int) -> np.dtype:
     """A void dtype holding one N x N matrix of ``itemsize``-byte numbers (the unit the layout moves)."""
     return np.dtype((np.void, n * n * itemsize))
@@ -143,7 +167,33 @@ def ildg_to_canonical(
     def fill(buf: np.ndarray, start: int) -> None:
         np.copyto(buf, raw[start : start + buf.size])
 
-    return _to_canonical(fill, lattice, n, precision, byteorder, None)
+    return _read_pieces(fill, lattice, n, precision, byteorder, None, None, contiguous=True)
+
+
+def _file_filler(fh: Any, path: Path, offset: int, what: str, nbytes: int) -> Callable[[np.ndarray, int], None]:
+    """``fill(buf, start)``: read payload bytes ``start .. start + buf.size`` of an open file
+    into ``buf``; positional reads (``os.preadv``), so several threads may fill at once."""
+    fd = fh.fileno()
+    if not hasattr(os, "preadv"):  # pragma: no cover - every POSIX system flowplug runs on has it
+        lock = threading.Lock()
+
+        def fill_locked(buf: np.ndarray, start: int) -> None:
+            with lock:
+                fh.seek(offset + start)
+                _read_exactly(fh, buf, path, what, nbytes)
+
+        return fill_locked
+
+    def fill(buf: np.ndarray, start: int) -> None:
+        view = memoryview(buf)  # type: ignore[arg-type]  # numpy's stubs give ndarray __buffer__ only for Python >= 3.12
+        got = 0
+        while got < buf.size:
+            k = os.preadv(fd, [view[got:]], offset + start + got)
+            if not k:
+                raise FormatError(f"{path}: {what}: read {start + got} of {nbytes} bytes (file changed while reading?)")
+            got += k
+
+    return fill
 
 
 def read_ildg_canonical(
@@ -156,23 +206,33 @@ def read_ildg_canonical(
     *,
     what: str = "payload",
     on_chunk: Callable[[np.ndarray], None] | None = None,
+    on_piece: Callable[[np.ndarray, int], None] | None = None,
+    threads: int | None = None,
 ) -> torch.Tensor:
     """Read an ILDG-order payload from a file straight into the canonical tensor.
 
     Like :func:`read_payload` followed by :func:`ildg_to_canonical`, without holding the
-    stored bytes: the payload is read in pieces of about :data:`CHUNK_BYTES` into one
-    small buffer, in file order; each piece is passed to ``on_chunk`` (a checksum, as
-    stored), byte swapped in place, summed (a finite sum proves it free of NaN/Inf) and
-    its N x N blocks copied to their canonical positions, while it is still in cache.
-    When every piece is finite the tensor is marked so (:func:`flowplug.linkcheck.mark_finite`)
-    and :func:`flowplug.io.read` does not scan it again.
+    stored bytes: the payload is read in pieces of about :data:`CHUNK_BYTES` (whole
+    sites, file order); each piece is passed to ``on_chunk``/``on_piece`` (a checksum,
+    as stored), byte swapped in place, summed (a finite sum proves it free of NaN/Inf)
+    and its N x N blocks copied to their canonical positions, while it is still in
+    cache. The pieces are processed on ``threads`` threads at once (positional reads;
+    numpy and file reads release the GIL); the tensor is the same bit for bit whatever
+    the number. When every piece is finite the tensor is marked so
+    (:func:`flowplug.linkcheck.mark_finite`) and :func:`flowplug.io.read` does not scan
+    it again.
 
     Arguments:
         path: The file; ``offset``: byte offset of the payload.
         lattice, n, precision, byteorder: As in :func:`ildg_to_canonical`.
         what: Name of the payload in error messages.
-        on_chunk: Called with every piece (uint8, whole sites, file order) before it is
-            changed.
+        on_chunk: Called with every piece (uint8, whole sites, stored bytes) before it is
+            changed, in file order, from one thread at a time (its use makes the read
+            single-threaded).
+        on_piece: Called as ``on_piece(piece, start)`` with every piece and its byte
+            offset in the payload, in any order and possibly from several threads at
+            once (for example :meth:`~flowplug.adapters.checksums.ScidacChecksum.update_at`).
+        threads: Threads; default :func:`flowplug.linkcheck.io_threads`.
 
     Returns:
         (1, d, L_0, ..., L_{d-1}, N, N) complex128, contiguous.
@@ -184,16 +244,10 @@ def read_ildg_canonical(
     nbytes = math.prod(lattice) * len(lattice) * n * n * 2 * precision // 8
     _check_extent(path, offset, nbytes, what)
     with open(path, "rb", buffering=0) as fh:
-        fh.seek(offset)
-        expected = [0]
-
-        def fill(buf: np.ndarray, start: int) -> None:
-            if start != expected[0]:  # pragma: no cover - the pieces come in file order
-                fh.seek(offset + start)
-            _read_exactly(fh, buf, path, what, nbytes)
-            expected[0] = start + buf.size
-
-        return _to_canonical(fill, lattice, n, precision, byteorder, on_chunk)
+        fill = _file_filler(fh, path, offset, what, nbytes)
+        return _read_pieces(
+            fill, lattice, n, precision, byteorder, on_chunk, on_piece, contiguous=True, threads=threads
+        )
 
 
 def read_ildg_file_order(
@@ -206,12 +260,14 @@ def read_ildg_file_order(
     *,
     what: str = "payload",
     on_chunk: Callable[[np.ndarray], None] | None = None,
+    on_piece: Callable[[np.ndarray, int], None] | None = None,
+    threads: int | None = None,
 ) -> torch.Tensor:
     """Read an ILDG-order payload as a canonical-shaped *view* of the file order (no permutation).
 
     The values are read in file order into one complex128 array (piece by piece: each
-    piece is passed to ``on_chunk``, byte swapped and proven finite while it is in cache,
-    as in :func:`read_ildg_canonical`) and returned
+    piece is passed to ``on_chunk``/``on_piece``, byte swapped and proven finite while it
+    is in cache, on ``threads`` threads, as in :func:`read_ildg_canonical`) and returned
     as :func:`flowplug.layout.from_ildg` of it: a tensor of the canonical shape and
     indexing whose strides follow the file. It saves the permuted copy of
     :func:`read_ildg_canonical`; ``.contiguous()`` makes the canonical memory layout.
@@ -223,95 +279,145 @@ def read_ildg_file_order(
         larger than one site).
     """
     lattice = tuple(int(v) for v in lattice)
-    d = len(lattice)
-    stored = complex_dtype(precision, byteorder)
-    unit = n * n * stored.itemsize
-    nbytes = math.prod(lattice) * d * unit
+    nbytes = math.prod(lattice) * len(lattice) * n * n * 2 * precision // 8
     _check_extent(path, offset, nbytes, what)
-    file_shape = (*reversed(lattice), d)
-    out = np.empty((*file_shape, n, n), dtype=np.complex128)
-    flat = out.reshape(-1).view(np.uint8)
-    chunks = _file_chunks(file_shape, unit)
-    scratch = None if precision == 64 else np.empty(max(b - a for _, a, b in chunks) * unit, dtype=np.uint8)
-    finite = True  # every piece's values summed to a finite number so far
     with open(path, "rb", buffering=0) as fh:
-        fh.seek(offset)
-        for _, a, b in chunks:
-            if scratch is None:  # 64-bit: read in place, swap in place
-                buf = flat[a * unit : b * unit]
-                _read_exactly(fh, buf, path, what, nbytes)
-                if on_chunk is not None:
-                    on_chunk(buf)
-                if not stored.isnative:
-                    buf.view(stored).byteswap(inplace=True)
-                finite = finite and _finite_piece(buf, np.float64)
-            else:  # 32-bit: widen into place
-                buf = scratch[: (b - a) * unit]
-                _read_exactly(fh, buf, path, what, nbytes)
-                if on_chunk is not None:
-                    on_chunk(buf)
-                piece = out.reshape(-1)[a * n * n : b * n * n]
-                with np.errstate(invalid="ignore"):
-                    np.copyto(piece, buf.view(stored))
-                finite = finite and _finite_piece(piece, np.float64)
-    links = torch.from_numpy(from_ildg(out)[None])
-    if finite:
-        mark_finite(links)
-    return links
+        fill = _file_filler(fh, path, offset, what, nbytes)
+        return _read_pieces(
+            fill, lattice, n, precision, byteorder, on_chunk, on_piece, contiguous=False, threads=threads
+        )
 
 
-def _to_canonical(
+def _read_pieces(
     fill: Callable[[np.ndarray, int], None],
     lattice: tuple[int, ...],
     n: int,
     precision: int,
     byteorder: str,
     on_chunk: Callable[[np.ndarray], None] | None,
+    on_piece: Callable[[np.ndarray, int], None] | None,
+    *,
+    contiguous: bool,
+    threads: int | None = None,
 ) -> torch.Tensor:
-    """The piecewise file order -> canonical copy; ``fill(buf, start)`` supplies stored bytes."""
+    """The piecewise read: ``fill(buf, start)`` supplies stored bytes; canonical copy or file order.
+
+    Every piece is handled by one call of ``task`` (below), independent of the others
+    (its own scratch buffer, a disjoint part of the output), so the pieces can run on
+    several threads; the output is the same whatever the number.
+    """
     lattice = tuple(int(v) for v in lattice)
     d = len(lattice)
     stored = complex_dtype(precision, byteorder)
     unit = n * n * stored.itemsize
-    out = np.empty((1, d, *lattice, n, n), dtype=np.complex128)
     file_shape = (*reversed(lattice), d)
+    nbytes = math.prod(file_shape) * unit
     chunks = _file_chunks(file_shape, unit)
-    scratch = np.empty(max(b - a for _, a, b in chunks) * unit, dtype=np.uint8)
-    finite = True  # every piece's values summed to a finite number so far
-    if precision == 64:
-        block = _block(n, stored.itemsize)
-        # the output seen in file order, one void item per N x N matrix (a strided view)
-        blocks = out[0].reshape(d, *lattice, n * n).view(block).reshape(d, *lattice, 1, 1)
+    largest = max(b - a for _, a, b in chunks) * unit
+    nthreads = 1 if on_chunk is not None else _threads_for(nbytes, threads, len(chunks))
+    scratch: queue.SimpleQueue[np.ndarray] = queue.SimpleQueue()  # one buffer per running task
+    need_scratch = contiguous or precision != 64
+    for _ in range(nthreads if need_scratch else 0):
+        scratch.put(np.empty(largest, dtype=np.uint8))
+    block = _block(n, stored.itemsize)
+    narrow = None
+    if contiguous:
+        out = np.empty((1, d, *lattice, n, n), dtype=np.complex128)
+        if precision == 64:  # the output seen in file order, one void item per N x N matrix (a strided view)
+            blocks = out[0].reshape(d, *lattice, n * n).view(block).reshape(d, *lattice, 1, 1)
+        else:  # 32 bits: move the (half as many) stored bytes, then widen once, exactly
+            narrow = np.empty((d, *lattice), dtype=block)
+            blocks = narrow.reshape(d, *lattice, 1, 1)
         dst = to_ildg(blocks)[..., 0, 0]
-        for index, a, b in chunks:
-            buf = scratch[: (b - a) * unit]
-            fill(buf, a * unit)
-            if on_chunk is not None:
-                on_chunk(buf)
-            if not stored.isnative:
-                buf.view(stored).byteswap(inplace=True)  # now native complex128, in cache
-            finite = finite and _finite_piece(buf, np.float64)
+    else:
+        out = np.empty((*file_shape, n, n), dtype=np.complex128)
+    flat = out.reshape(-1)
+    # the group check of flowplug.io.read, on each piece while it is in cache (64-bit and
+    # file-order 32-bit values are complex128 there; other cases are left to check_links)
+    measure = group_check_wanted() and n in (2, 3) and (precision == 64 or not contiguous)
+    edge_from = (lattice[-1] - 1) * math.prod(lattice[:-1]) * d if d >= 2 and lattice[-1] >= 2 else None
+    zero = (0.0, 0.0)
+
+    def deviations(values: np.ndarray, a: int, b: int) -> tuple[tuple[float, float], tuple[float, float]]:
+        """(bulk, edge) deviations of matrices a..b-1 (file order): edge = the time links of the
+        last time slice (an open boundary when they are all zero), bulk = the others."""
+        if not measure:
+            return zero, zero
+        cut = b - a if edge_from is None else min(b - a, max(0, edge_from - a))
+        bulk = matrices_deviation(values[:cut])
+        if cut == b - a:
+            return bulk, zero
+        sites = values[cut:].reshape(-1, d, n, n)  # whole sites of the last time slice
+        space = matrices_deviation(sites[:, : d - 1].reshape(-1, n, n))
+        edge = matrices_deviation(sites[:, d - 1])
+        return (max(bulk[0], space[0]), max(bulk[1], space[1])), edge
+
+    def task(chunk: tuple[Any, int, int]) -> tuple[bool, tuple[float, float], tuple[float, float]]:
+        index, a, b = chunk
+        if not contiguous and precision == 64:  # read in place, swap in place
+            buf = flat[a * n * n : b * n * n].view(np.uint8)
+            finite = _piece_in_place(buf, fill, a * unit, stored, on_chunk, on_piece)
+            return (finite, *deviations(buf.view(np.complex128).reshape(-1, n, n), a, b))
+        own = scratch.get()
+        try:
+            buf = own[: (b - a) * unit]
+            if not contiguous:  # 32-bit file order: widen into place
+                fill(buf, a * unit)
+                _call(on_chunk, on_piece, buf, a * unit)
+                piece = flat[a * n * n : b * n * n]
+                with np.errstate(invalid="ignore"):
+                    np.copyto(piece, buf.view(stored))
+                return (_finite_piece(piece, np.float64), *deviations(piece.reshape(-1, n, n), a, b))
+            finite = _piece_in_place(buf, fill, a * unit, stored, on_chunk, on_piece)
+            devs = deviations(buf.view(np.complex128).reshape(-1, n, n), a, b) if precision == 64 else (zero, zero)
             np.copyto(dst[index], buf.view(block).reshape(dst[index].shape))
-    else:  # 32 bits: move the (half as many) stored bytes, then widen once, exactly
+            return (finite, *devs)
+        finally:
+            scratch.put(own)
+
+    results = map_pieces(task, chunks, nthreads)
+    finite = all(r[0] for r in results)
+    if narrow is not None:
         native = stored.newbyteorder("=")
-        block = _block(n, stored.itemsize)
-        narrow = np.empty((d, *lattice), dtype=block)
-        dst = to_ildg(narrow.reshape(d, *lattice, 1, 1))[..., 0, 0]
-        for index, a, b in chunks:
-            buf = scratch[: (b - a) * unit]
-            fill(buf, a * unit)
-            if on_chunk is not None:
-                on_chunk(buf)
-            if not stored.isnative:
-                buf.view(stored).byteswap(inplace=True)
-            finite = finite and _finite_piece(buf, np.float32)
-            np.copyto(dst[index], buf.view(block).reshape(dst[index].shape))
         with np.errstate(invalid="ignore"):  # NaN payloads are reported by flowplug.io.read
             np.copyto(out[0], narrow.view(native).reshape(d, *lattice, n, n))
-    links = torch.from_numpy(out)
+    links = torch.from_numpy(out if contiguous else from_ildg(out)[None])
     if finite:
         mark_finite(links)
+    if measure:
+        bulk = (max(r[1][0] for r in results), max(r[1][1] for r in results))
+        edge = (max(r[2][0] for r in results), max(r[2][1] for r in results))
+        mark_group_deviations(links, [(bulk, edge)])
     return links
+
+
+def _call(
+    on_chunk: Callable[[np.ndarray], None] | None,
+    on_piece: Callable[[np.ndarray, int], None] | None,
+    buf: np.ndarray,
+    start: int,
+) -> None:
+    if on_chunk is not None:
+        on_chunk(buf)
+    if on_piece is not None:
+        on_piece(buf, start)
+
+
+def _piece_in_place(
+    buf: np.ndarray,
+    fill: Callable[[np.ndarray, int], None],
+    start: int,
+    stored: np.dtype,
+    on_chunk: Callable[[np.ndarray], None] | None,
+    on_piece: Callable[[np.ndarray, int], None] | None,
+) -> bool:
+    """Fill ``buf`` with stored bytes, pass them on, swap them to native order in place;
+    whether the values are all finite (a finite sum)."""
+    fill(buf, start)
+    _call(on_chunk, on_piece, buf, start)
+    if not stored.isnative:
+        buf.view(stored).byteswap(inplace=True)  # now native, in cache
+    return _finite_piece(buf, np.float64 if stored.itemsize == 16 else np.float32)
 
 
 def _finite_piece(buf: np.ndarray, real: type[np.floating]) -> bool:
@@ -356,17 +462,27 @@ def write_ildg_payload(
     precision: int,
     byteorder: str = ">",
     on_chunk: Callable[[np.ndarray], None] | None = None,
+    *,
+    on_piece: Callable[[np.ndarray, int], None] | None = None,
+    threads: int | None = None,
 ) -> int:
     """Write the stored ILDG payload of one canonical configuration to an open file.
 
     The bytes are those of :func:`canonical_to_ildg`, produced and written in pieces of
-    about :data:`CHUNK_BYTES` (no payload-sized temporary array); each piece is passed to
-    ``on_chunk`` (a checksum) before it is written.
+    about :data:`CHUNK_BYTES` (no payload-sized temporary array). With ``threads`` > 1
+    the pieces are gathered, byte swapped and passed to ``on_piece`` on a pool of
+    threads (numpy releases the GIL) while the calling thread writes the finished ones
+    in file order; the bytes are the same whatever the number.
 
     Arguments:
         fh: A binary file open for writing.
         links, precision, byteorder: As in :func:`canonical_to_ildg`.
-        on_chunk: Called with every piece (uint8, whole sites, file order).
+        on_chunk: Called with every piece (uint8, whole sites, file order) before it is
+            written, in order, in the calling thread.
+        on_piece: Called as ``on_piece(piece, start)`` with every piece and its byte
+            offset in the payload, in any order and possibly from several threads at
+            once (for example :meth:`~flowplug.adapters.checksums.ScidacChecksum.update_at`).
+        threads: Threads producing pieces; default :func:`flowplug.linkcheck.io_threads`.
 
     Returns:
         The number of bytes written.
@@ -374,12 +490,47 @@ def write_ildg_payload(
     Raises:
         ShapeError: if ``links`` is not shaped (d, L_0, ..., L_{d-1}, N, N).
     """
+    can = _canonical_array(links)
+    chunks, largest, produce = _ildg_producer(can, precision, byteorder)
+    nthreads = _threads_for(can.size * complex_dtype(precision).itemsize, threads, len(chunks))
     total = 0
-    for piece, _, b in _ildg_pieces(_canonical_array(links), precision, byteorder):
-        if on_chunk is not None:
-            on_chunk(piece)
-        fh.write(memoryview(piece))  # type: ignore[arg-type]  # numpy's stubs give ndarray __buffer__ only for Python >= 3.12
-        total = b
+    if nthreads <= 1:
+        scratch = np.empty(largest, dtype=np.uint8)
+        for chunk in chunks:
+            piece, start, stop = produce(chunk, scratch)
+            if on_piece is not None:
+                on_piece(piece, start)
+            if on_chunk is not None:
+                on_chunk(piece)
+            fh.write(memoryview(piece))  # type: ignore[arg-type]  # numpy's stubs give ndarray __buffer__ only for Python >= 3.12
+            total = stop
+        return total
+    window = 2 * nthreads  # pieces in flight: the writer never waits for a free buffer
+    free = [np.empty(largest, dtype=np.uint8) for _ in range(window)]
+
+    def job(chunk: tuple[Any, int, int], buf: np.ndarray) -> tuple[np.ndarray, int, int, np.ndarray]:
+        piece, start, stop = produce(chunk, buf)
+        if on_piece is not None:
+            on_piece(piece, start)
+        return piece, start, stop, buf
+
+    pending: deque = deque()
+    items: list[tuple[Any, int, int] | None] = [*chunks, None]  # None: drain what is in flight
+    with ThreadPoolExecutor(max_workers=nthreads, thread_name_prefix="flowplug-io") as pool:
+        try:
+            for item in items:
+                while pending and (item is None or not free):
+                    piece, _, stop, buf = pending.popleft().result()
+                    if on_chunk is not None:
+                        on_chunk(piece)
+                    fh.write(memoryview(piece))
+                    total = stop
+                    free.append(buf)
+                if item is not None:
+                    pending.append(pool.submit(job, item, free.pop()))
+        finally:
+            for fut in pending:  # after a failure: let the started pieces finish before leaving
+                fut.cancel()
     return total
 
 
@@ -391,14 +542,19 @@ def _canonical_array(links: torch.Tensor) -> np.ndarray:
     return can
 
 
-def _ildg_pieces(can: np.ndarray, precision: int, byteorder: str) -> Iterator[tuple[np.ndarray, int, int]]:
-    """Stored bytes of canonical links ``can``, in file order, piece by piece.
+def _ildg_producer(
+    can: np.ndarray, precision: int, byteorder: str
+) -> tuple[list[tuple[Any, int, int]], int, Callable[[tuple[Any, int, int], np.ndarray], tuple[np.ndarray, int, int]]]:
+    """How to make the stored bytes of canonical links ``can`` piece by piece, in any order.
 
-    Yields ``(piece, start, stop)``: a uint8 array (one reused buffer: consume it before
-    the next piece) and its byte range in the payload. Values are first rounded (or
-    widened) to the stored precision, keeping their memory order; each piece is then
-    gathered as whole N x N blocks (or sliced, when the memory is in file order already:
-    a file-order read) and byte swapped in cache.
+    Returns ``(chunks, largest, produce)``: the pieces (:func:`_file_chunks`), the bytes
+    of the largest, and ``produce(chunk, scratch) -> (piece, start, stop)``, which makes
+    the uint8 bytes of one piece in ``scratch`` (the returned ``piece`` is a view of it)
+    and gives their byte range in the payload. Values are first rounded (or widened) to
+    the stored precision, keeping their memory order; each piece is then gathered as
+    whole N x N blocks (or sliced, when the memory is in file order already: a
+    file-order read) and byte swapped in cache. Calls on different pieces and scratch
+    buffers are independent (they may run on several threads).
     """
     stored = complex_dtype(precision, byteorder)
     native = stored.newbyteorder("=")
@@ -409,24 +565,42 @@ def _ildg_pieces(can: np.ndarray, precision: int, byteorder: str) -> Iterator[tu
     lattice = tuple(can.shape[1 : 1 + d])
     unit = n * n * stored.itemsize
     chunks = _file_chunks((*reversed(lattice), d), unit)
-    scratch = np.empty(max(b - a for _, a, b in chunks) * unit, dtype=np.uint8)
+    largest = max(b - a for _, a, b in chunks) * unit
     block = _block(n, stored.itemsize)
     in_file_order = to_ildg(can)
+    flat: np.ndarray | None = None
+    src: np.ndarray | None = None
     if in_file_order.flags.c_contiguous:  # memory already in file order: no permutation
         flat = in_file_order.reshape(-1).view(np.uint8)
-        src = None
     else:
         blocks = np.ascontiguousarray(can).reshape(d, *lattice, n * n).view(block).reshape(d, *lattice, 1, 1)
         src = to_ildg(blocks)[..., 0, 0]
-    for index, a, b in chunks:
+
+    def produce(chunk: tuple[Any, int, int], scratch: np.ndarray) -> tuple[np.ndarray, int, int]:
+        index, a, b = chunk
         buf = scratch[: (b - a) * unit]
         if src is None:
+            assert flat is not None
             np.copyto(buf, flat[a * unit : b * unit])
         else:
             np.copyto(buf.view(block).reshape(src[index].shape), src[index])
         if not stored.isnative:
             buf.view(stored).byteswap(inplace=True)
-        yield buf, a * unit, b * unit
+        return buf, a * unit, b * unit
+
+    return chunks, largest, produce
+
+
+def _ildg_pieces(can: np.ndarray, precision: int, byteorder: str) -> Iterator[tuple[np.ndarray, int, int]]:
+    """Stored bytes of canonical links ``can``, in file order, piece by piece (one thread).
+
+    Yields ``(piece, start, stop)``: a uint8 array (one reused buffer: consume it before
+    the next piece) and its byte range in the payload (see :func:`_ildg_producer`).
+    """
+    chunks, largest, produce = _ildg_producer(can, precision, byteorder)
+    scratch = np.empty(largest, dtype=np.uint8)
+    for chunk in chunks:
+        yield produce(chunk, scratch)
 
 
 def hex_check(quantity: str, expected: int, found: int) -> Check:

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import zlib
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -54,6 +53,7 @@ from flowplug.errors import FlowplugError, FormatError
 from flowplug.fsutil import jsonable
 from flowplug.hookspecs import hookimpl
 from flowplug.io import Check, Ensemble, FormatHandler, Metadata, Record
+from flowplug.linkcheck import io_threads, mark_finite
 from flowplug.records import FileFormatSpec
 from flowplug.theory import FieldSpace, field_space
 
@@ -196,9 +196,11 @@ def _meta_from_json(path: Path, i: int, text: str | bytes) -> tuple[Metadata, st
     return meta, doc.get("crc32")
 
 
-#: Configurations of at least this many bytes are read in chunk-aligned slabs, the CRC-32
-#: of each slab computed in a helper thread while the next one is read (zlib releases
-#: the GIL): the check then costs about the read instead of adding to it.
+#: Configurations of at least this many bytes are read in chunk-aligned slabs; with two
+#: or more I/O threads (:func:`flowplug.linkcheck.io_threads`) the CRC-32 and the
+#: finiteness proof of each slab are computed in a helper thread while the next slab is
+#: read (zlib and numpy release the GIL), so that the checks cost about the read instead
+#: of adding to it.
 PIPELINE_BYTES = 8 << 20
 
 
@@ -222,30 +224,51 @@ def _slabs(shape: tuple[int, ...], chunk: tuple[int, ...] | None) -> list[tuple[
     return out
 
 
-def _read_configuration(links_ds: Any, data: np.ndarray, i: int, j: int) -> int:
-    """Read stored configuration ``i`` into ``data[j]`` and return the CRC-32 of its bytes.
+def _finite(values: np.ndarray) -> bool:
+    """Whether the float/complex ``values`` hold no NaN or Inf, proven by a finite sum.
 
-    Large configurations are read slab by slab (:func:`_slabs`) while one helper thread
-    accumulates the CRC-32 of the slabs already read, in order (:data:`PIPELINE_BYTES`).
+    ``False`` also for huge values whose sum overflows (:func:`flowplug.io.read` then
+    checks element by element).
+    """
+    real = values.view(values.real.dtype) if values.dtype.kind == "c" else values
+    with np.errstate(over="ignore", invalid="ignore"):
+        return bool(np.isfinite(real.sum(dtype=np.float64)))
+
+
+def _read_configuration(links_ds: Any, data: np.ndarray, i: int, j: int) -> tuple[int, bool]:
+    """Read stored configuration ``i`` into ``data[j]``; the CRC-32 of its bytes and whether
+    they are all finite (see :func:`_finite`).
+
+    Large configurations are read slab by slab (:func:`_slabs`), each slab checksummed and
+    summed while it is in cache; with two or more I/O threads one helper thread does that
+    for the slabs already read, in order, while the next is read (:data:`PIPELINE_BYTES`).
     """
     slabs = _slabs(tuple(data.shape[1:]), None if links_ds.chunks is None else tuple(links_ds.chunks[1:]))
-    if len(slabs) < 2 or data[j].nbytes < PIPELINE_BYTES or (os.cpu_count() or 1) < 2:
+    if len(slabs) < 2 or data[j].nbytes < PIPELINE_BYTES:
         links_ds.read_direct(data, np.s_[i], np.s_[j])
-        return zlib.crc32(memoryview(data[j]).cast("B"))
+        return zlib.crc32(memoryview(data[j]).cast("B")), _finite(data[j])
     crc = [0]
+    finite = [True]
 
-    def accumulate(piece: memoryview) -> None:
-        crc[0] = zlib.crc32(piece, crc[0])
+    def accumulate(piece: np.ndarray) -> None:
+        crc[0] = zlib.crc32(memoryview(piece).cast("B"), crc[0])  # type: ignore[arg-type]  # numpy's stubs give ndarray __buffer__ only for Python >= 3.12
+        finite[0] = finite[0] and _finite(piece)
 
+    if io_threads() < 2:
+        for sel in slabs:
+            source, dest = (i, *sel), (j, *sel)
+            links_ds.read_direct(data, source, dest)
+            accumulate(data[dest])
+        return crc[0], finite[0]
     with ThreadPoolExecutor(max_workers=1) as pool:  # one worker: the slabs are summed in order
         pending = []
         for sel in slabs:
             source, dest = (i, *sel), (j, *sel)
             links_ds.read_direct(data, source, dest)
-            pending.append(pool.submit(accumulate, memoryview(data[dest]).cast("B")))
+            pending.append(pool.submit(accumulate, data[dest]))
         for fut in pending:
             fut.result()  # re-raises a failure of the worker
-    return crc[0]
+    return crc[0], finite[0]
 
 
 class Hdf5Handler(FormatHandler):
@@ -337,8 +360,10 @@ class Hdf5Handler(FormatHandler):
             )
         data = np.empty((len(sel), *shape), dtype=links_ds.dtype)
         metas = []
+        all_finite = True
         for j, i in enumerate(sel):
-            found = _read_configuration(links_ds, data, i, j)
+            found, finite = _read_configuration(links_ds, data, i, j)
+            all_finite = all_finite and finite
             meta, crc = _meta_from_json(path, i, meta_ds[i])
             try:
                 expected = int(str(crc), 16)
@@ -356,8 +381,11 @@ class Hdf5Handler(FormatHandler):
             raise FormatError(f"{path}: root attribute 'attrs' is not JSON") from None
         # a 64-bit store may hold data exactly representable at 32 bits (their source precision)
         ens_precision = max((m.precision for m in metas), default=precision)
+        values = torch.from_numpy(out)
+        if all_finite:  # proven slab by slab while reading: flowplug.io.read skips its own pass
+            mark_finite(values)
         return Ensemble(
-            torch.from_numpy(out),
+            values,
             field=field,
             precision=ens_precision,
             meta=metas,

@@ -346,6 +346,7 @@ def read_lime(
     ck = by_type.get("scidac-checksum")
     summer = ScidacChecksum(site_bytes) if ck is not None else None
     # one pass over the payload: each piece is checksummed, byte swapped and put in place
+    # (pieces on flowplug.linkcheck.io_threads() threads, each checksummed by rank)
     reader = read_ildg_canonical if options.get("contiguous", True) else read_ildg_file_order
     links = reader(
         path,
@@ -354,7 +355,7 @@ def read_lime(
         n_colors,
         precision,
         what=f"record '{binary.type}'",
-        on_chunk=None if summer is None else summer.update,
+        on_piece=None if summer is None else lambda piece, start: summer.update_at(piece, start // site_bytes),
     )
     if ck is not None and summer is not None:
         xml = ck.text
@@ -624,7 +625,12 @@ class LimeHandler(FormatHandler):
                 fh.write(_lime_record(rtype, data, MB_FLAG if i in (0, 2) else ME_FLAG if i == 1 else 0))
             fh.write(LIME_HEADER.pack(LIME_MAGIC, 1, 0, nbytes, b"ildg-binary-data"))
             # the payload is produced, checksummed and written piece by piece
-            written = write_ildg_payload(fh, ensemble.links[0], precision, on_chunk=summer.update)
+            written = write_ildg_payload(
+                fh,
+                ensemble.links[0],
+                precision,
+                on_piece=lambda piece, start: summer.update_at(piece, start // site_bytes),
+            )
             if written != nbytes:  # pragma: no cover - the layout fixes the size
                 raise FormatError(f"{path}: wrote {written} payload bytes, expected {nbytes}")
             fh.write(b"\0" * ((-nbytes) % 8))

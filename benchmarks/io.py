@@ -7,9 +7,13 @@ best time of each is kept, so that every ratio compares times taken under the sa
 machine load. Prints a table and one JSON line per operation (times in ms, ratio =
 raw time / this time; 1.0 = as fast as the raw read).
 
-Run:  OMP_NUM_THREADS=1 python benchmarks/io.py [--lattice 16x16x16x16] [--repeat 9] [--clock wall|cpu]
+Run:  OMP_NUM_THREADS=1 python benchmarks/io.py [--lattice 16x16x16x16] [--repeat 9] [--clock wall|cpu] [--threads N]
       (``--clock cpu`` times the process's CPU time instead of the wall clock: steadier
-      on a shared machine, but it adds up the helper thread of the HDF5 read)
+      on a shared machine, but it adds up the time of every thread, so it cannot show
+      what threads gain)
+      (``--threads N`` sets torch's intra-op threads, which flowplug's I/O uses as its
+      pool size (``flowplug.linkcheck.io_threads``); default: torch's setting, i.e.
+      OMP_NUM_THREADS. The raw reference is always one single-threaded numpy call.)
       (FLOWPLUG_LYNCS_PYTHON=/path/to/python with lyncs-io adds lyncs-io's load time)
 """
 
@@ -82,7 +86,11 @@ def main() -> None:
     parser.add_argument("--lattice", default="16x16x16x16")
     parser.add_argument("--repeat", type=int, default=9)
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
+    parser.add_argument("--threads", type=int, default=0, help="torch/flowplug I/O threads (0: torch's setting)")
     args = parser.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    args.threads = torch.get_num_threads()
     lattice = io.parse_lattice(args.lattice)
     rng = np.random.default_rng(0)
     links = torch.from_numpy(random_su3((1, 4, *lattice), rng))
@@ -150,6 +158,7 @@ def run(args, io, ens, work: Path) -> None:
         return out
 
     view = io.read(path, contiguous=False)  # links whose memory is in file order
+    links = ens.links
 
     def write_view_new():  # no permutation needed (a read-convert-write job)
         out = work / f"view{next(counter)}.ildg"
@@ -161,11 +170,29 @@ def run(args, io, ens, work: Path) -> None:
         stored.tofile(out)
         return out
 
+    from flowplug.threads import job_threads
+
+    def one_thread(fn):  # the same operation on one thread, timed in the same rounds
+        def run_one():
+            with job_threads(1):
+                return fn()
+
+        return run_one
+
+    single = {}
+    if args.threads > 1:
+        single = {
+            "full_1t": one_thread(lambda: io.read(path)),
+            "nounit_1t": one_thread(lambda: io.read(path, unitarity="ignore")),
+            "h5_1t": one_thread(lambda: io.read(h5, unitarity="ignore")),
+            "write_new_1t": one_thread(write_new),
+        }
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         t = best_interleaved(
             {
+                **single,
                 "raw": raw,
                 "rawcrc": raw_plus_crc,
                 "ck": checksum_only,
@@ -174,6 +201,7 @@ def run(args, io, ens, work: Path) -> None:
                 "full": lambda: io.read(path),
                 "view_nounit": lambda: io.read(path, unitarity="ignore", contiguous=False),
                 "view_full": lambda: io.read(path, contiguous=False),
+                "group": lambda: io.group_deviation(links),
                 "h5": lambda: io.read(h5, unitarity="ignore"),
                 "h5raw": h5_raw,
                 "write": write_over,
@@ -188,7 +216,7 @@ def run(args, io, ens, work: Path) -> None:
     mb = nbytes / 2**20
     print(
         f"lattice {args.lattice}, SU(3) double, payload {nbytes / 1e6:.1f} MB, best of {args.repeat} "
-        f"interleaved rounds, {args.clock} clock"
+        f"interleaved rounds, {args.clock} clock, {args.threads} flowplug I/O thread(s)"
     )
     rows = [
         ("raw", "raw numpy.fromfile + byteswap (the limit)"),
@@ -199,6 +227,7 @@ def run(args, io, ens, work: Path) -> None:
         ("full", "flowplug io.read, full (finite + unitarity + det check)"),
         ("view_nounit", "io.read(contiguous=False), view of file order, no unitarity"),
         ("view_full", "io.read(contiguous=False), full checks"),
+        ("group", "max |UU^+ - 1| and |det U - 1| alone (in memory)"),
         ("h5", "flowplug io.read of the HDF5 store (CRC-32 verified)"),
         ("h5raw", "h5py read of the same dataset (no check)"),
         ("write", "flowplug io.write ILDG, overwriting (layout, checksum, records)"),
@@ -206,6 +235,13 @@ def run(args, io, ens, work: Path) -> None:
         ("write_view_new", "io.write ILDG to a new file of links read contiguous=False"),
         ("raw_write", "raw numpy tofile of the same bytes to a new file"),
     ]
+    if single:
+        rows += [
+            ("full_1t", "  the same full io.read on 1 thread (same rounds)"),
+            ("nounit_1t", "  the same io.read, no unitarity, on 1 thread"),
+            ("h5_1t", "  the same HDF5 io.read on 1 thread"),
+            ("write_new_1t", "  the same io.write ILDG (new file) on 1 thread"),
+        ]
     for key, label in rows:
         tk = t[key]
         print(f"  {label:<62s} {tk * 1e3:8.1f} ms  {mb / tk:7.0f} MiB/s  ratio raw/this {t_raw / tk:5.2f}")
@@ -218,6 +254,7 @@ def run(args, io, ens, work: Path) -> None:
                     "lattice": args.lattice,
                     "clock": args.clock,
                     "repeat": args.repeat,
+                    "threads": args.threads,
                     "op": key,
                     "label": label,
                     "ms": round(tk * 1e3, 3),

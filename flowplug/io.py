@@ -63,6 +63,7 @@ from flowplug.linkcheck import (
     open_time_boundary,
     raise_failed_checks,
     unitarity_tolerance,
+    wanting_group_check,
 )
 from flowplug.registry import Registry
 
@@ -388,6 +389,11 @@ def read(
             ILDG/SciDAC/LIME: ``contiguous=False`` returns the links as a canonical-shaped
             view of the file order, without the permuted copy; other formats ignore it).
 
+    The work on one configuration (reading, checksums, byte swaps, the value checks, the
+    permuted copy) is spread over :func:`flowplug.linkcheck.io_threads` threads (torch's
+    intra-op setting: ``OMP_NUM_THREADS``, :mod:`flowplug.threads`); the result is the same
+    bit for bit whatever their number.
+
     Returns:
         The ensemble; ``meta[i].header["unitarity"]``/``["determinant"]`` hold the
         deviations found; ``meta[i].header["boundary"] = "open"`` marks a configuration
@@ -411,7 +417,8 @@ def read(
     dims = parse_lattice(lattice)
     grp = _normalise_group(group)
     try:
-        ensemble = handler.read(path, lattice=dims, group=grp, **options)
+        with wanting_group_check(unitarity != "ignore"):  # readers may measure it while in cache
+            ensemble = handler.read(path, lattice=dims, group=grp, **options)
     except FlowplugError:
         raise
     except MemoryError:
@@ -475,6 +482,9 @@ def write(
         append: Multi-configuration formats (HDF5): add to an existing file in place
             (each configuration is committed before the next; see the HDF5 adapter).
         **options: Format-specific options (NERSC: ``datatype``, ``endian``; ILDG: ``lfn``).
+
+    ILDG payloads are produced on :func:`flowplug.linkcheck.io_threads` threads (the
+    bytes do not depend on their number).
 
     Returns:
         ``path``.

@@ -1,0 +1,151 @@
+"""Parts of the I/O benchmark: the group check and the permuted copy, formulation against formulation.
+
+Times, on the links of a 16^4 configuration (262144 SU(3) matrices, in memory), round-robin
+and best of ``--repeat`` rounds (as ``benchmarks/io.py``):
+
+- the group check: flowplug's (``flowplug.linkcheck.matrices_deviation`` over chunks of
+  16384, structure of arrays), the formula used before (products of the strided entries,
+  chunks of 32768), and a cheaper test that flowplug does not use (rows 0 and 1
+  orthonormal, row 2 equal to conj(row 0 x row 1); it bounds the documented quantities
+  only up to constant factors, see docs/io.md);
+- the permuted copy ILDG order -> canonical order of the whole configuration: numpy with
+  one void item per 3 x 3 matrix (flowplug's), torch's strided ``copy_``, and a plain
+  contiguous copy of the same bytes (the limit).
+
+Prints one JSON line per candidate: ms and the ratio to the first candidate of its group.
+
+Run:  OMP_NUM_THREADS=1 python benchmarks/io_parts.py [--repeat 9] [--clock wall|cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+
+
+def random_su3(count: int, rng: np.random.Generator) -> np.ndarray:
+    """``count`` random SU(3) matrices (QR of Gaussian matrices, det fixed), complex128."""
+    z = rng.normal(size=(count, 3, 3)) + 1j * rng.normal(size=(count, 3, 3))
+    q, r = np.linalg.qr(z)
+    d = np.diagonal(r, axis1=-2, axis2=-1)
+    q = q * (d / np.abs(d))[..., None, :]
+    q[..., :, 0] /= np.linalg.det(q)[..., None]
+    return q
+
+
+def strided_check(u: np.ndarray) -> tuple[float, float]:
+    """The formula of flowplug before issue 16 item 5: products of strided entries, chunks of 32768."""
+    unit = det = 0.0
+    for start in range(0, u.shape[0], 32768):
+        c = u[start : start + 32768]
+        e = [[c[:, i, k] for k in range(3)] for i in range(3)]
+        r = c.view(np.float64)
+        norms = np.einsum("mik,mik->mi", r, r) - 1
+        unit = max(unit, float(np.abs(norms).max()))
+        for i in range(3):
+            for j in range(i + 1, 3):
+                g = sum(e[i][k] * e[j][k].conj() for k in range(3))
+                unit = max(unit, float(np.abs(g).max()))
+        d = (
+            e[0][0] * (e[1][1] * e[2][2] - e[1][2] * e[2][1])
+            - e[0][1] * (e[1][0] * e[2][2] - e[1][2] * e[2][0])
+            + e[0][2] * (e[1][0] * e[2][1] - e[1][1] * e[2][0])
+        )
+        det = max(det, float(np.abs(d - 1).max()))
+    return unit, det
+
+
+def cheap_check(u: np.ndarray) -> float:
+    """Rows 0, 1 orthonormal and row 2 = conj(row 0 x row 1): one number per chunk (not flowplug's test)."""
+    worst = 0.0
+    for start in range(0, u.shape[0], 16384):
+        c = u[start : start + 16384]
+        s = np.empty((9, c.shape[0]), dtype=np.complex128)
+        np.copyto(s.T, c.reshape(-1, 9))
+        e = s.reshape(3, 3, -1)
+        n0 = (np.abs(e[0]) ** 2).sum(0) - 1
+        n1 = (np.abs(e[1]) ** 2).sum(0) - 1
+        g = (e[0] * e[1].conj()).sum(0)
+        cross = [
+            e[0, 1] * e[1, 2] - e[0, 2] * e[1, 1],
+            e[0, 2] * e[1, 0] - e[0, 0] * e[1, 2],
+            e[0, 0] * e[1, 1] - e[0, 1] * e[1, 0],
+        ]
+        worst = max(worst, float(np.abs(n0).max()), float(np.abs(n1).max()), float(np.abs(g).max()))
+        for k in range(3):
+            worst = max(worst, float(np.abs(e[2, k] - cross[k].conj()).max()))
+    return worst
+
+
+def main() -> None:
+    """Parse the arguments, time the candidates round-robin, print JSON lines."""
+    from flowplug.adapters.common import _block
+    from flowplug.layout import from_ildg, to_ildg
+    from flowplug.linkcheck import matrices_deviation
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=9)
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
+    args = parser.parse_args()
+    lattice = (16, 16, 16, 16)
+    rng = np.random.default_rng(0)
+    u = random_su3(4 * int(np.prod(lattice)), rng)
+    src = u.reshape(*reversed(lattice), 4, 3, 3)  # the values in ILDG (file) order
+    out = np.empty((4, *lattice, 3, 3), dtype=np.complex128)
+    block = _block(3, 16)
+    dst_blocks = to_ildg(out.reshape(4, *lattice, 9).view(block).reshape(4, *lattice, 1, 1))[..., 0, 0]
+    src_blocks = src.reshape(*reversed(lattice), 4, 9).view(block)[..., 0]
+    t_src, t_out = torch.from_numpy(src), torch.from_numpy(out)
+    flat = np.empty_like(src)
+
+    def flowplug_check() -> None:
+        for start in range(0, u.shape[0], 16384):
+            matrices_deviation(u[start : start + 16384])
+
+    groups = {
+        "group check": {
+            "flowplug (structure of arrays)": flowplug_check,
+            "before (strided products)": lambda: strided_check(u),
+            "cheaper test, not used": lambda: cheap_check(u),
+        },
+        "permuted copy": {
+            "numpy, void blocks (flowplug)": lambda: np.copyto(dst_blocks, src_blocks),
+            "torch strided copy_": lambda: t_out.copy_(from_ildg(t_src)),
+            "plain contiguous copy (limit)": lambda: np.copyto(flat, src),
+        },
+    }
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    times: dict = {(g, k): [] for g, cands in groups.items() for k in cands}
+    for rnd in range(args.repeat + 1):
+        for g, cands in groups.items():
+            for k, fn in cands.items():
+                t0 = clock()
+                fn()
+                if rnd:
+                    times[(g, k)].append(clock() - t0)
+    for g, cands in groups.items():
+        first = min(times[(g, next(iter(cands)))])
+        for k in cands:
+            t = min(times[(g, k)])
+            print(
+                json.dumps(
+                    {
+                        "bench": "io_parts",
+                        "clock": args.clock,
+                        "repeat": args.repeat,
+                        "threads": torch.get_num_threads(),
+                        "group": g,
+                        "candidate": k,
+                        "ms": round(t * 1e3, 3),
+                        "ratio_to_first": round(t / first, 3),
+                    }
+                )
+            )
+
+
+if __name__ == "__main__":
+    main()
