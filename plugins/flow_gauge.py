@@ -166,7 +166,7 @@ class _GaugeCoupling(nn.Module):
         self.d = len(self.lattice)
         if self.d > 4:
             raise ConfigError(f"gauge coupling layers support d = 2..4; found lattice {list(lattice)}")
-        self.mu, self.nu, self.offset = masks.mu, masks.nu, masks.offset
+        self.mu, self.nu, self.offset, self.period = masks.mu, masks.nu, masks.offset, masks.period
         self.register_buffer("sites", masks.sites)
         self.register_buffer("frozen", masks.frozen.to(torch.float64))
         # 1x2 loops R(x) = P(x) P(x - nu) in the (mu, nu) plane: frozen when neither
@@ -181,16 +181,26 @@ class _GaugeCoupling(nn.Module):
         self.net = ConvNet(n_in, n_params, hidden, kernel_size, self.d, net_dtype(dtype), final_scale=init_scale)
 
     def _condition(
-        self, re: torch.Tensor, im: torch.Tensor, rect: tuple[torch.Tensor, torch.Tensor] | None = None
+        self,
+        re: torch.Tensor,
+        im: torch.Tensor,
+        rect: tuple[torch.Tensor, torch.Tensor] | None = None,
+        *,
+        stripe: bool = False,
     ) -> torch.Tensor:
         """Network output (B, L..., n_params), float64, from per-plane features (B, np, L...)
-        and, with ``rectangles``, the (re, im) features (B, L...) of the 1x2 loops."""
-        parts = [re * self.frozen, im * self.frozen]
+        and, with ``rectangles``, the (re, im) features (B, L...) of the 1x2 loops. With
+        ``stripe`` the last convolution runs on the updated sites only (coordinate ``offset``
+        modulo ``period`` along ``nu``): the output is (B, L..., n_params) with L_nu / period
+        entries along nu, its sites flattened in the order of ``sites.nonzero()``."""
+        frozen = self.frozen.to(re.dtype)  # masks of 0 and 1: exact in any precision
+        parts = [re * frozen, im * frozen]
         if self.rectangles:
             assert rect is not None
             parts += [(rect[0] * self.rect_frozen).unsqueeze(1), (rect[1] * self.rect_frozen).unsqueeze(1)]
         feats = torch.cat(parts, dim=1)
-        return torch.movedim(self.net(feats).to(torch.float64), 1, -1)
+        out_sites = (self.nu, self.offset, self.period) if stripe else None
+        return torch.movedim(self.net(feats, out_sites).to(torch.float64), 1, -1)
 
 
 class U1Coupling(_GaugeCoupling):

@@ -64,12 +64,14 @@ Output
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
 import torch
+from torch.autograd.function import once_differentiable
 
-from flowplug.errors import ConfigError
+from flowplug.errors import ConfigError, ShapeError
 from flowplug.plugins.flow_gauge import _SUNCoupling
 from flowplug.plugins.flow_sun import eigen_phases, pair_indices, spectral_left_factor
 
@@ -142,13 +144,46 @@ def _sinc(x: torch.Tensor) -> torch.Tensor:
     return torch.sinc(x / math.pi)
 
 
+# The eigenphase arithmetic below keeps the eigenvalue, pair and mode axes *first* and the
+# batch axes last ("batch-last"): every reduction over those short axes is then a sum of
+# contiguous slabs, and broadcasting a coefficient over the eigenvalues reduces over a
+# middle axis with contiguous inner data in the backward pass (several times faster on a
+# CPU than reducing over a trailing axis of length 2 or 3).
+
+
 def _derivatives(theta: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """phi'(theta_j) and phi''(theta_j), each (..., N), for coefficients (..., K)."""
-    k = torch.arange(1, a.shape[-1] + 1, dtype=theta.dtype, device=theta.device)
-    kt = theta[..., :, None] * k
+    """phi'(theta_j) and phi''(theta_j), each (N, ...), for eigenphases (N, ...) and
+    coefficients (K, ...) (batch-last)."""
+    shape = (-1,) + (1,) * theta.dim()
+    k = torch.arange(1, a.shape[0] + 1, dtype=theta.dtype, device=theta.device).view(shape)
+    kt = k * theta
     c, s = torch.cos(kt), torch.sin(kt)
-    a, b = a[..., None, :], b[..., None, :]
-    return (k * (b * c - a * s)).sum(-1), -(k * k * (a * c + b * s)).sum(-1)
+    a, b = a[:, None], b[:, None]
+    return (k * (b * c - a * s)).sum(0), -(k * k * (a * c + b * s)).sum(0)
+
+
+def _step_density(
+    theta: torch.Tensor, a: torch.Tensor, b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`step_density` batch-last: theta (N, ...), a and b (K, ...); returns
+    theta' (N, ...), the log-Jacobian (...) and the log chord ratios (P, ...)."""
+    n = theta.shape[0]
+    d1, d2 = _derivatives(theta, a, b)
+    one_d2 = 1.0 + d2
+    single = torch.log(one_d2).sum(0) + torch.log((1.0 / one_d2).mean(0))
+    i, j = pair_indices(n, theta.device)
+    t_i = theta.index_select(0, i)
+    diff = t_i - theta.index_select(0, j)
+    h = 0.5 * (torch.remainder(diff + math.pi, 2 * math.pi) - math.pi)  # in [-pi/2, pi/2)
+    mid = t_i - h
+    shape = (-1,) + (1,) * theta.dim()
+    k = torch.arange(1, a.shape[0] + 1, dtype=theta.dtype, device=theta.device).view(shape)
+    km, kh = k * mid, k * h
+    delta = (k * k * (-a[:, None] * torch.cos(km) - b[:, None] * torch.sin(km)) * _sinc(kh)).sum(0)
+    r = 1.0 + delta
+    log_chord = torch.log(r) + torch.log(_sinc(h * r)) - torch.log(_sinc(h))
+    theta_new = theta + d1 - d1.mean(0, keepdim=True)
+    return theta_new, single + 2.0 * log_chord.sum(0), log_chord
 
 
 def step_density(
@@ -165,37 +200,26 @@ def step_density(
         Haar (...), float64; log |sin((theta'_i - theta'_j)/2) / sin((theta_i - theta_j)/2)|
         for the pairs i < j of :func:`flowplug.plugins.flow_sun.pair_indices`, (..., P).
     """
-    n = theta.shape[-1]
-    d1, d2 = _derivatives(theta, a, b)
-    one_d2 = 1.0 + d2
-    single = torch.log(one_d2).sum(-1) + torch.log((1.0 / one_d2).mean(-1))
-    i, j = pair_indices(n, theta.device)
-    diff = theta[..., i] - theta[..., j]
-    h = 0.5 * (torch.remainder(diff + math.pi, 2 * math.pi) - math.pi)  # in [-pi/2, pi/2)
-    mid = theta[..., i] - h
-    k = torch.arange(1, a.shape[-1] + 1, dtype=theta.dtype, device=theta.device)
-    km, kh = mid[..., None] * k, h[..., None] * k
-    delta = (k * k * (-a[..., None, :] * torch.cos(km) - b[..., None, :] * torch.sin(km)) * _sinc(kh)).sum(-1)
-    r = 1.0 + delta
-    log_chord = torch.log(r) + torch.log(_sinc(h * r)) - torch.log(_sinc(h))
-    theta_new = theta + d1 - d1.mean(-1, keepdim=True)
-    return theta_new, single + 2.0 * log_chord.sum(-1), log_chord
+    out, ld, lc = _step_density(theta.movedim(-1, 0), a.movedim(-1, 0), b.movedim(-1, 0))
+    return out.movedim(0, -1), ld, lc.movedim(0, -1)
 
 
 def _newton_update(theta: torch.Tensor, target: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """-(1 + P D)^{-1} (theta + P phi'(theta) - target) (Sherman-Morrison)."""
+    """-(1 + P D)^{-1} (theta + P phi'(theta) - target) (Sherman-Morrison), batch-last:
+    theta and target (N, ...), a and b (K, ...)."""
     d1, d2 = _derivatives(theta, a, b)
-    g = theta + d1 - d1.mean(-1, keepdim=True) - target
+    g = theta + d1 - d1.mean(0, keepdim=True) - target
     # J = A + u d^T with A = 1 + D, u = -1/N, d = phi''
     inv_a = 1.0 / (1.0 + d2)
     ag = inv_a * g
-    n = theta.shape[-1]
-    corr = (d2 * ag).sum(-1, keepdim=True) / (n - (d2 * inv_a).sum(-1, keepdim=True))
+    n = theta.shape[0]
+    corr = (d2 * ag).sum(0, keepdim=True) / (n - (d2 * inv_a).sum(0, keepdim=True))
     return -(ag + inv_a * corr)
 
 
 def _solve_step(target: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """theta with step(theta) = target: Newton without gradient, then one differentiable step.
+    """theta with step(theta) = target: Newton without gradient, then one differentiable step
+    (batch-last: target (N, ...), a and b (K, ...)).
 
     Returns ``(theta, converged)``: converged (...) is False where the residual stayed above
     1e-10 (not expected: the map is the gradient of a strictly convex function)."""
@@ -207,14 +231,16 @@ def _solve_step(target: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple
             theta = theta + upd
             if it % 4 == 3 and (not upd.numel() or float(upd.abs().amax()) < 1e-14):
                 break
-        converged = _newton_update(theta, ta, aa, ba).abs().amax(-1) < 1e-10
+        converged = _newton_update(theta, ta, aa, ba).abs().amax(0) < 1e-10
     # one Newton step with gradients: exact first derivatives of the implicit function
     return theta + _newton_update(theta, target, a, b), converged
 
 
-def _attach_phase_gradients(w: torch.Tensor, vec: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+def _attach_phase_gradients(
+    w: torch.Tensor, vec: torch.Tensor, theta: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Rayleigh-quotient refinement of eigenphases and, when ``w`` is tracked, their first-order
-    derivatives Im((V^+ dW V)_jj / lambda_j) (value unchanged)."""
+    derivatives Im((V^+ dW V)_jj / lambda_j) (value unchanged); also returns A = V^+ W V."""
     a = vec.mH @ w @ vec
     z = torch.diagonal(a, dim1=-2, dim2=-1)
     with torch.no_grad():
@@ -222,7 +248,7 @@ def _attach_phase_gradients(w: torch.Tensor, vec: torch.Tensor, theta: torch.Ten
     if w.requires_grad and torch.is_grad_enabled():
         dphi = torch.angle(z * torch.polar(torch.ones_like(theta), -theta))
         theta = theta + (dphi - dphi.detach())
-    return theta
+    return theta, a
 
 
 def stout_map(
@@ -272,51 +298,131 @@ def stout_map(
         )
     if not 0.0 < max_curvature < 1.0:
         raise ValueError(f"stout_map: max_curvature must be in (0, 1); found {max_curvature}")
+    # coefficients and eigenphases batch-last: (M, K, ...) and (N, ...)
     a, b = stout_coefficients(raw, n_modes, n_steps, max_curvature)
+    a, b = a.movedim((-2, -1), (0, 1)).contiguous(), b.movedim((-2, -1), (0, 1)).contiguous()
     with torch.no_grad():
         vec, _, theta0 = eigen_phases(w.detach())
-    theta = _attach_phase_gradients(w, vec, theta0)
+    theta_last, a_vwv = _attach_phase_gradients(w, vec, theta0)
+    theta = theta_last.movedim(-1, 0).contiguous()
     n = w.shape[-1]
-    i, j = pair_indices(n, w.device)
-    logdet = torch.zeros(theta.shape[:-1], dtype=torch.float64, device=theta.device)
-    log_chord = torch.zeros_like(theta[..., i])  # log |chord_out / chord_in| per pair
+    logdet = torch.zeros(theta.shape[1:], dtype=torch.float64, device=theta.device)
+    log_chord = torch.zeros((n * (n - 1) // 2, *theta.shape[1:]), dtype=torch.float64, device=theta.device)
     if not inverse:
         out = theta
         for m in range(n_steps):
-            out, ld, lc = step_density(out, a[..., m, :], b[..., m, :])
+            out, ld, lc = _step_density(out, a[m], b[m])
             logdet, log_chord = logdet + ld, log_chord + lc
     else:
         out = theta
         for m in reversed(range(n_steps)):
-            prev, converged = _solve_step(out, a[..., m, :], b[..., m, :])
-            _, ld, lc = step_density(prev, a[..., m, :], b[..., m, :])
+            prev, converged = _solve_step(out, a[m], b[m])
+            _, ld, lc = _step_density(prev, a[m], b[m])
             # an unsolved step gets a NaN log-det: every Metropolis test rejects it
             ld = torch.where(converged, ld, torch.full_like(ld, math.nan))
             logdet, log_chord, out = logdet - ld, log_chord - lc, prev
-    g = spectral_left_factor(w, vec, theta0, out - theta, log_chord)
+    shift, log_chord = (out - theta).movedim(0, -1), log_chord.movedim(0, -1)
+    g = spectral_left_factor(w, vec, theta0, shift, log_chord, a=a_vwv)
     return (g if left else g @ w), logdet
 
 
-def plaquette_traces(links: Sequence[torch.Tensor]) -> torch.Tensor:
+def _matmul_axes_first(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Matrix product of N x N matrices stored matrix-axes-first, (N, N, ...) @ (N, N, ...).
+
+    Elementwise over the trailing (batch) axes: for 3 x 3 matrices this is several times
+    faster on a CPU than a batched matrix multiplication of (..., N, N) matrices."""
+    out = a[:, 0, None] * b[None, 0]
+    for k in range(1, a.shape[1]):
+        out.addcmul_(a[:, k, None], b[None, k])
+    return out
+
+
+@functools.cache
+def _plaquette_index(lattice: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Flat link indices (4, P V) of the factors U_mu(x), U_nu(x+mu), U_nu(x), U_mu(x+nu) of every
+    plaquette, planes mu < nu in the order of :func:`flowplug.gauge.sun_plaquettes`, then sites;
+    the link of direction a at site y has index a V + y (V the volume)."""
+    d, vol = len(lattice), math.prod(lattice)
+    flat = torch.arange(vol).reshape(lattice)
+    rows: list[list[torch.Tensor]] = [[], [], [], []]
+    for mu in range(d):
+        for nu in range(mu + 1, d):
+            rows[0].append(mu * vol + flat.flatten())
+            rows[1].append(nu * vol + torch.roll(flat, -1, dims=mu).flatten())
+            rows[2].append(nu * vol + flat.flatten())
+            rows[3].append(mu * vol + torch.roll(flat, -1, dims=nu).flatten())
+    return torch.stack([torch.cat(r) for r in rows]).to(device)
+
+
+class _PlaquetteTraces(torch.autograd.Function):
+    """tr(U_1 U_2 (U_3 U_4)^+) / N for the link quadruples of an index, with a hand-written
+    backward; the products run matrix-axes-first (:func:`_matmul_axes_first`) in ``dtype``."""
+
+    @staticmethod
+    def forward(ctx, links: torch.Tensor, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        b, n_links, n, _ = links.shape  # (B, d V, N, N)
+        s = torch.empty((n, n, n_links, b), dtype=dtype, device=links.device)
+        s.copy_(links.permute(2, 3, 1, 0))
+        x = [s.index_select(2, index[k]) for k in range(4)]
+        left, right = _matmul_axes_first(x[0], x[1]), _matmul_axes_first(x[2], x[3])
+        tr = (left * right.conj()).sum((0, 1)) / n
+        ctx.save_for_backward(index, *x, left, right)
+        ctx.in_shape, ctx.in_dtype = links.shape, links.dtype
+        return tr.t()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        # tr = sum_ij L_ij conj(R_ij) / N with L = X0 X1, R = X2 X3; torch's convention for
+        # complex gradients: grad_L = R g / N, grad_R = L conj(g) / N, then grad_X0 = grad_L X1^+, ...
+        index, x0, x1, x2, x3, left, right = ctx.saved_tensors
+        b, n_links, n, _ = ctx.in_shape
+        g = grad.t().to(left.dtype) / n
+        g_left, g_right = right * g, left * g.conj()
+        # out of place, so that the backward can be vmapped (batched gradients, Jacobians)
+        out = torch.zeros((n, n, n_links, b), dtype=left.dtype, device=left.device)
+        out = out.index_add(2, index[0], _matmul_axes_first(g_left, x1.conj().transpose(0, 1)))
+        out = out.index_add(2, index[1], _matmul_axes_first(x0.conj().transpose(0, 1), g_left))
+        out = out.index_add(2, index[2], _matmul_axes_first(g_right, x3.conj().transpose(0, 1)))
+        out = out.index_add(2, index[3], _matmul_axes_first(x2.conj().transpose(0, 1), g_right))
+        return out.permute(3, 2, 0, 1).to(ctx.in_dtype), None, None
+
+
+def plaquette_traces(links: torch.Tensor | Sequence[torch.Tensor], dtype: torch.dtype | None = None) -> torch.Tensor:
     r"""tr P_{mu nu}(x) / N for every plane mu < nu, without forming the plaquettes.
 
     tr(U_mu(x) U_nu(x+mu) U_mu(x+nu)^+ U_nu(x)^+) = sum_ab (U_mu(x) U_nu(x+mu))_ab
-    conj((U_nu(x) U_mu(x+nu))_ab): two matrix products per plane instead of three.
+    conj((U_nu(x) U_mu(x+nu))_ab): two matrix products per plane instead of three. The
+    products run on matrices stored matrix-axes-first, elementwise over sites and batch, with
+    a hand-written backward (the same derivative as autograd's through the products).
 
     Arguments:
-        links: The d link fields U_mu, each (B, L..., N, N), complex (e.g. ``u.unbind(1)``).
+        links: Gauge links (B, d, L_0, ..., L_{d-1}, N, N), complex, or the d link fields
+            U_mu, each (B, L..., N, N) (e.g. ``u.unbind(1)``).
+        dtype: Complex dtype of the arithmetic (``torch.complex64`` for a float32
+            conditioner); default: that of the links.
 
     Returns:
-        (B, d(d-1)/2, L...), complex, planes ordered as :func:`flowplug.gauge.sun_plaquettes`.
+        (B, d(d-1)/2, L...) in ``dtype``, planes ordered as :func:`flowplug.gauge.sun_plaquettes`.
+
+    Raises:
+        ShapeError: on a link tensor that is not (B, d, L..., N, N) with d >= 2 and N x N
+            complex matrices.
+
+    References:
+        Wilson, Phys. Rev. D 10 (1974) 2445.
     """
-    d, n = len(links), links[0].shape[-1]
-    out = []
-    for mu in range(d):
-        for nu in range(mu + 1, d):
-            left = links[mu] @ torch.roll(links[nu], -1, dims=1 + mu)
-            right = links[nu] @ torch.roll(links[mu], -1, dims=1 + nu)
-            out.append((left * right.conj()).sum((-1, -2)) / n)
-    return torch.stack(out, dim=1)
+    u = links if isinstance(links, torch.Tensor) else torch.stack(list(links), dim=1)
+    if u.dim() < 6 or u.shape[-1] != u.shape[-2] or not u.is_complex() or u.dim() - 4 != u.shape[1]:
+        raise ShapeError(
+            f"plaquette_traces: expected complex links of shape (B, d, L_0, ..., L_(d-1), N, N) with d >= 2; "
+            f"found {u.dtype} {tuple(u.shape)}"
+        )
+    d = u.shape[1]
+    lattice = tuple(u.shape[2 : 2 + d])
+    index = _plaquette_index(lattice, u.device)
+    tr = _PlaquetteTraces.apply(u.flatten(1, 1 + d), index, u.dtype if dtype is None else dtype)
+    return tr.view(u.shape[0], d * (d - 1) // 2, *lattice)
 
 
 class SUNStoutCoupling(_SUNCoupling):
@@ -327,7 +433,11 @@ class SUNStoutCoupling(_SUNCoupling):
     loops); the active loop P(x) of every updated link goes through :func:`stout_map`,
     P' = exp(i X) P, and U_mu'(x) = P' P^+ U_mu(x) = exp(i X) U_mu(x): a stout-smearing
     step of the link with a learned, site-dependent potential. Log-determinants are
-    relative to product Haar measure.
+    relative to product Haar measure. For speed, the features come from
+    :func:`plaquette_traces`, the conditioner's last convolution runs on the updated sites
+    only (strided along nu), and the four links of the active loops are gathered once; the
+    weights and their names are those of the plain computation, so checkpoints written
+    before load and define the same flow (to float rounding of the network).
 
     Arguments:
         lattice: (L_0, ..., L_{d-1}), d = 2..4, even extents.
@@ -355,6 +465,7 @@ class SUNStoutCoupling(_SUNCoupling):
     site_index: torch.Tensor  # buffers: flat indices of updated sites and their neighbours
     site_plus_mu: torch.Tensor
     site_plus_nu: torch.Tensor
+    loop_links: torch.Tensor  # non-persistent: flat link indices of the active loops' four links
 
     def __init__(
         self,
@@ -401,38 +512,42 @@ class SUNStoutCoupling(_SUNCoupling):
         self.register_buffer("site_index", sites)
         self.register_buffer("site_plus_mu", torch.roll(flat, -1, dims=self.mu).flatten()[sites])
         self.register_buffer("site_plus_nu", torch.roll(flat, -1, dims=self.nu).flatten()[sites])
+        # flat link indices (direction a, site y) -> a V + y of U_mu(x), U_nu(x+mu), U_mu(x+nu),
+        # U_nu(x) for the updated sites x (not stored with the weights)
+        vol = math.prod(self.lattice)
+        quad = [self.mu * vol + sites, self.nu * vol + self.site_plus_mu]
+        quad += [self.mu * vol + self.site_plus_nu, self.nu * vol + sites]
+        self.register_buffer("loop_links", torch.cat(quad), persistent=False)
 
     def _map(self, u: torch.Tensor, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
         self._check(u)
         u = u.to(torch.complex128)
         d = self.d
-        links = u.unbind(1)
         # conditioner features in the network's precision (complex64 for a float32 network):
         # the frozen links are bitwise the same in the forward and inverse maps, so the
         # parameters are too, and the map stays exactly invertible
-        feat = links if self.net.dtype == torch.float64 else [x.to(torch.complex64) for x in links]
-        tr = plaquette_traces(feat)
-        u_mu = links[self.mu].flatten(1, d)
-        u_nu = links[self.nu].flatten(1, d)
-        idx = self.site_index
-        # active loops on the updated sites only: U_mu(x) U_nu(x+mu) U_mu(x+nu)^+ U_nu(x)^+
-        staple = u_nu[:, self.site_plus_mu] @ u_mu[:, self.site_plus_nu].mH @ u_nu[:, idx].mH
-        link = u_mu[:, idx]
+        feat_dtype = torch.complex128 if self.net.dtype == torch.float64 else torch.complex64
+        tr = plaquette_traces(u, feat_dtype)
+        flat = u.flatten(1, 1 + d)  # (B, d V, N, N): link of direction a at site y is a V + y
+        # active loops on the updated sites only, U_mu(x) U_nu(x+mu) U_mu(x+nu)^+ U_nu(x)^+,
+        # from one gather of their four links
+        link, u_nu_xmu, u_mu_xnu, u_nu_x = flat.index_select(1, self.loop_links).unflatten(1, (4, -1)).unbind(1)
+        staple = u_nu_xmu @ u_mu_xnu.mH @ u_nu_x.mH
         rect = None
         if self.rectangles:
-            f_mu, f_nu = feat[self.mu], feat[self.nu]
+            links = u.unbind(1)
+            f_mu, f_nu = links[self.mu].to(feat_dtype), links[self.nu].to(feat_dtype)
             full = f_mu @ torch.roll(f_nu, -1, dims=1 + self.mu) @ torch.roll(f_mu, -1, dims=1 + self.nu).mH @ f_nu.mH
             below = torch.roll(full, 1, dims=1 + self.nu)
             u_nu_b = torch.roll(f_nu, 1, dims=1 + self.nu)
             r = torch.diagonal(below @ u_nu_b @ full @ u_nu_b.mH, dim1=-2, dim2=-1).sum(-1) / self.n
             rect = (r.real, r.imag)
-        p = self._condition(tr.real, tr.imag, rect)
-        params = p.flatten(1, d)[:, idx]
+        # the network's last convolution runs on the updated sites only
+        params = self._condition(tr.real, tr.imag, rect, stripe=True).flatten(1, d)
         loop = link @ staple
         g, ld = stout_map(
             loop, params, self.n_modes, self.n_steps, max_curvature=self.max_curvature, inverse=inverse, left=True
         )
         updated = g @ link  # = P' P^+ U_mu(x): G commutes with P
-        new_mu = u_mu.index_copy(1, idx, updated).reshape(links[self.mu].shape)
-        out = torch.stack([new_mu if a == self.mu else links[a] for a in range(d)], dim=1)
+        out = flat.index_copy(1, self.loop_links[: updated.shape[1]], updated).view_as(u)
         return out, ld.sum(1)

@@ -552,3 +552,49 @@ def test_ncp_density_reweights_to_exact_one_plaquette_value():
     mean = (w * c).sum() / w.sum()
     err = torch.sqrt((w * w * (c - mean) ** 2).sum()) / w.sum()
     assert abs(float(mean) - 0.697774657964) < 5 * float(err)
+
+
+def _explicit_periodic_conv(conv, x):
+    """sum_t W_t x(x + t - h) + b with every tap t of the kernel, by rolling the input."""
+    import itertools
+
+    k, d = conv.kernel_size, conv.ndim
+    w = conv.conv.weight
+    if d == 4:  # (O, k C, k, k, k): offsets along axis 0 outermost in the channel axis
+        w = w.view(w.shape[0], k, -1, k, k, k).transpose(1, 2)
+    y = torch.zeros(x.shape[0], w.shape[0], *x.shape[2:], dtype=torch.float64)
+    for t in itertools.product(range(k), repeat=d):
+        shifted = torch.roll(x, shifts=[k // 2 - ti for ti in t], dims=list(range(2, 2 + d)))
+        y += torch.einsum("bc...,oc->bo...", shifted, w[(slice(None), slice(None), *t)])
+    return y + conv.conv.bias.view(1, -1, *[1] * d)
+
+
+@pytest.mark.parametrize(
+    "lattice", [(6,), (4, 2), (2, 4, 6), (4, 2, 4, 2), (2, 4, 2, 4)], ids=lambda v: "x".join(map(str, v))
+)
+def test_periodic_conv_equals_explicit_sum_full_and_strided(lattice):
+    """Every path of PeriodicConv (gather padding and torch convolution, the 4D Fourier path,
+    strided output on a stripe of sites) equals the explicit sum over kernel taps, also when
+    the kernel is wider than the lattice (extent 2, kernel 5: taps wrap more than once)."""
+    from flowplug.plugins.flow_nets import PeriodicConv
+
+    d = len(lattice)
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, *lattice, dtype=torch.float64)
+    for k in (1, 3, 5):
+        conv = PeriodicConv(3, 2, k, d, torch.float64)
+        with torch.no_grad():
+            conv.conv.bias.normal_()
+        full = conv(x)
+        torch.testing.assert_close(full, _explicit_periodic_conv(conv, x), rtol=0, atol=1e-12)
+        for axis in range(d):
+            for step in (2, 4):
+                if lattice[axis] % step:
+                    continue
+                for offset in range(step):
+                    sl = [slice(None)] * (d + 2)
+                    sl[2 + axis] = slice(offset, None, step)
+                    y = conv(x, (axis, offset, step))
+                    torch.testing.assert_close(y, full[tuple(sl)], rtol=0, atol=1e-12)
+    with pytest.raises(ShapeError, match="out_sites"):
+        conv(x, (0, 0, 4 if lattice[0] % 4 else 8))

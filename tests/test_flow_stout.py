@@ -24,12 +24,13 @@ import pytest
 import torch
 from _sun_helpers import centre, centre_twisted, conj, eigdiag, gen, perturb, randomize, tmlqcd_unity, unit_gauge
 
-from flowplug import groups
-from flowplug.errors import ConfigError
+from flowplug import gauge, groups
+from flowplug.errors import ConfigError, ShapeError
 from flowplug.flow import build_flow, make_layer
 from flowplug.manager import new_plugin_manager, set_plugin_manager
 from flowplug.plugins.flow_stout import (
     n_stout_params,
+    plaquette_traces,
     potential_gradient,
     stout_coefficients,
     stout_map,
@@ -361,3 +362,51 @@ def test_deep_flow_keeps_links_unitary_and_invertible(name):
         # measured <= 3e-11: a stout step with 1 + phi'' >= 0.1 may amplify rounding tenfold
         assert (z0 - z).abs().max() < 1e-10
         assert (ld + ldi).abs().max() < 1e-9
+
+
+# ------------------------------------------------------------- speed paths of the layer
+
+
+@pytest.mark.parametrize("lattice", [(4, 2), (2, 4, 2), (2, 2, 4, 2)])
+@pytest.mark.parametrize("n", [2, 3])
+def test_plaquette_traces_equal_traced_plaquettes_with_gradients(lattice, n):
+    """The matrix-axes-first features with their hand-written backward equal Re/Im tr P / N of
+    :func:`flowplug.gauge.sun_plaquettes` and autograd's gradient through it (non-cubic
+    lattices, so that a swapped axis shows), in complex128 and complex64."""
+    d = len(lattice)
+    u = groups.haar_random((2, d, *lattice), n, generator=gen(5)).requires_grad_(True)
+    ref = torch.diagonal(gauge.sun_plaquettes(u), dim1=-2, dim2=-1).sum(-1) / n
+    w = torch.randn(ref.shape, generator=gen(6), dtype=torch.complex128)
+    (g_ref,) = torch.autograd.grad((ref * w).real.sum(), u)
+    for dtype, tol in ((torch.complex128, 1e-13), (torch.complex64, 1e-5)):
+        tr = plaquette_traces(u, dtype)
+        assert tr.dtype == dtype and tr.shape == ref.shape
+        assert (tr - ref).abs().max() < tol
+        (g,) = torch.autograd.grad((tr * w.to(dtype)).real.sum(), u)
+        assert g.dtype == torch.complex128
+        assert (g - g_ref).abs().max() < tol * 10
+    assert (plaquette_traces(u.unbind(1)) - ref).abs().max() < 1e-13  # list of link fields
+    with pytest.raises(ShapeError, match="plaquette_traces"):
+        plaquette_traces(u.detach()[..., :1])
+
+
+@pytest.mark.parametrize("lattice", [(4, 4), (2, 4, 4), (4, 4, 2, 4)])
+def test_stripe_conditioner_equals_full_output_on_updated_sites(lattice):
+    """The conditioner's last convolution on the updated sites only (strided along nu) gives
+    the full network output at ``site_index``; the layer's weights keep their names, so
+    checkpoints written before load unchanged."""
+    d = len(lattice)
+    u = groups.haar_random((2, d, *lattice), 3, generator=gen(8))
+    for index in range(0, 4 * d, 3):
+        for dtype, tol in (("float64", 1e-12), ("float32", 1e-5)):
+            m = make_layer("sun-stout", lattice=lattice, field="su3", index=index, dtype=dtype)
+            randomize(m, seed=index)
+            tr = plaquette_traces(u, torch.complex128 if dtype == "float64" else torch.complex64)
+            with torch.no_grad():
+                full = m._condition(tr.real, tr.imag).flatten(1, d)[:, m.site_index]
+                stripe = m._condition(tr.real, tr.imag, stripe=True).flatten(1, d)
+            assert stripe.shape == full.shape
+            assert (stripe - full).abs().max() < tol * (1 + full.abs().max())
+    keys = set(m.state_dict())
+    assert "loop_links" not in keys and {"site_index", "site_plus_mu", "site_plus_nu"} <= keys
+    m.load_state_dict(m.state_dict())
