@@ -17,6 +17,12 @@ much larger than 1/acceptance), ``ess`` (of exp(-W), :func:`flowplug.stats.ess`)
 endpoints; the equilibrium value at beta = 6 on 4^4 is 0.594), ``s_per_proposal`` (wall time of
 the batch / chains) and ``s_per_batch``, and, with ``--profile``, the variance of the partial
 work after each tenth of the stages (``work_var_profile``: where the work is dissipated).
+With ``--reverse SWEEPS`` it also draws one path backwards from each of ``--chains``
+equilibrium configurations (hot starts after SWEEPS heatbath-or sweeps at the target): exact
+draws of P_R, whose works give ``work_reverse_mean``, ``work_reverse_std`` and the
+stationary acceptance itself, ``acceptance_pairs`` = the mean of min(1, exp(W_R - W_F)) over
+all pairs (with ``acceptance_pairs_err``). For Gaussian works E_F[W] - E_R[W] = var W; the
+measured gap is larger (the works are skewed), and ``acceptance_gauss`` is optimistic.
 
 Protocols: ``--n-step`` (several), ``--knots`` (a JSON list of [t, beta] pairs, or ``linear``;
 several), ``--inner`` (``heatbath`` or ``heatbath-or``) with ``--overrelax``. ``--metric
@@ -30,6 +36,8 @@ protocol, ``--profile``).
 
     OMP_NUM_THREADS=1 python benchmarks/ne_protocol.py --n-step 30 100 300 1000 --chains 16
     OMP_NUM_THREADS=1 python benchmarks/ne_protocol.py --n-step 1000 --knots-from-config examples/sample_su3_4d_ne.toml
+    OMP_NUM_THREADS=1 python benchmarks/ne_protocol.py --n-step 2500 --chains 16 \
+        --knots-from-config examples/sample_su3_4d_ne.toml --inner heatbath-or --overrelax 1 --reverse 60
     OMP_NUM_THREADS=1 python benchmarks/ne_protocol.py --quick     # seconds; numbers meaningless
 
 References: Jarzynski, PRL 78 (1997) 2690; Caselle, Cellini, Nada, Panero, arXiv:2201.08862;
@@ -57,6 +65,32 @@ def acceptance_from_works(w: torch.Tensor) -> float:
     p = torch.softmax(-w, 0)
     a = (torch.clamp(torch.exp(w[:, None] - w[None, :]), max=1.0).sum(1) - 1.0) / (n - 1)
     return float((p * a).sum())
+
+
+def acceptance_from_pairs(w_reverse: torch.Tensor, w_forward: torch.Tensor) -> tuple[float, float]:
+    """The stationary acceptance E[min(1, exp(W_R - W_F))] over all pairs of reverse-path works
+    W_R (m,) (paths drawn backwards from equilibrium configurations: exact draws from P_R) and
+    forward works W_F (n,); with the error of the mean over the m reverse works of their
+    per-work averages (the reverse works are independent). Unbiased for any n, unlike
+    :func:`acceptance_from_works`."""
+    a = torch.clamp(torch.exp(w_reverse.to(torch.float64)[:, None] - w_forward.to(torch.float64)[None, :]), max=1.0)
+    per = a.mean(1)
+    err = float(per.std() / math.sqrt(per.numel())) if per.numel() > 1 else float("nan")
+    return float(per.mean()), err
+
+
+def reverse_works(kernel: Any, chains: int, lattice: tuple[int, ...], seed: int, sweeps: int) -> torch.Tensor:
+    """W of paths drawn backwards from ``chains`` equilibrium configurations at the target
+    (hot starts, ``sweeps`` sweeps of heatbath with 4 overrelaxation sweeps each), (chains,) float64."""
+    from flowplug.plugins.heatbath import HeatbathOR
+
+    g = torch.Generator().manual_seed(seed + 104729)
+    hb = HeatbathOR(kernel.action)
+    state = hb.init(kernel.action.hot_start(lattice, chains, generator=g))
+    with torch.no_grad():
+        for _ in range(sweeps):
+            state, _ = hb.step(state, g)
+        return kernel.reverse_work(state.x, g).to(torch.float64)
 
 
 def run_protocol(kernel: Any, chains: int, lattice: tuple[int, ...], seed: int, profile: bool) -> dict[str, Any]:
@@ -102,6 +136,7 @@ def run_protocol(kernel: Any, chains: int, lattice: tuple[int, ...], seed: int, 
     }
     if prof is not None:
         out["work_var_profile"] = prof
+    out["works"] = work
     assert bool(torch.isfinite(lp).all())
     return out
 
@@ -121,6 +156,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", action="store_true", help="partial-work variances after each tenth of the stages")
     ap.add_argument("--metric", default=None, help="BETA:G,... print thermodynamic knots of this friction profile")
     ap.add_argument("--metric-grid", type=float, default=0.2, help="coupling spacing of the knots of --metric")
+    ap.add_argument(
+        "--reverse",
+        type=int,
+        default=0,
+        metavar="SWEEPS",
+        help="also draw paths backwards from --chains equilibrium configurations (hot starts after SWEEPS\n"
+        "heatbath-or sweeps) and print the stationary acceptance over all (reverse, forward) pairs",
+    )
     ap.add_argument("--quick", action="store_true", help="smoke run: 2^4, 2 chains, 4 and 8 stages")
     a = ap.parse_args(argv)
 
@@ -158,6 +201,20 @@ def main(argv: list[str] | None = None) -> int:
                 sched["schedule_knots"] = knots
             kernel = NonEquilibrium(act, inner=a.inner, start="prior", **sched, **opts)
             r = run_protocol(kernel, chains, lattice, a.seed, a.profile)
+            works = r.pop("works")
+            if a.reverse:
+                t0 = time.perf_counter()
+                w_rev = reverse_works(kernel, chains, lattice, a.seed, a.reverse)
+                acc, err = acceptance_from_pairs(w_rev, works)
+                r.update(
+                    {
+                        "work_reverse_mean": float(w_rev.mean()),
+                        "work_reverse_std": float(w_rev.std()),
+                        "acceptance_pairs": acc,
+                        "acceptance_pairs_err": err,
+                        "s_reverse_batch": time.perf_counter() - t0,
+                    }
+                )
             line = {
                 "n_step": n,
                 "schedule": "linear" if knots is None else knots,
@@ -174,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"n_step {n:5d} {'linear' if knots is None else 'knots':6s} {a.inner}: W = {r['work_mean']:.1f} "
                 f"+- {r['work_std']:.2f}, acc(gauss) {r['acceptance_gauss']:.3g}, acc(works) "
                 f"{r['acceptance_from_works']:.3g}, plaq_end {r['plaquette_end']:.4f}, "
-                f"{r['s_per_proposal']:.2f} s/proposal",
+                f"{r['s_per_proposal']:.2f} s/proposal"
+                + (f", acc(pairs) {r['acceptance_pairs']:.3g} +- {r['acceptance_pairs_err']:.2g}" if a.reverse else ""),
                 file=sys.stderr,
                 flush=True,
             )

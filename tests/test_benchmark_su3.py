@@ -212,8 +212,13 @@ def test_ne_protocol_quick_run_and_acceptance_from_works(one_thread):
     p = torch.softmax(-w, 0)
     a = [(math.exp(-1) + math.exp(-3)) / 2, (1 + math.exp(-2)) / 2, 1.0]
     assert mod.acceptance_from_works(w) == pytest.approx(float(sum(p[i] * a[i] for i in range(3))), rel=1e-12)
+    # pairs: reverse works (-1, 0) against forward works (0, 2): mean of min(1, exp(W_R - W_F))
+    acc, err = mod.acceptance_from_pairs(torch.tensor([-1.0, 0.0]), torch.tensor([0.0, 2.0]))
+    per = [(math.exp(-1) + math.exp(-3)) / 2, (1 + math.exp(-2)) / 2]
+    assert acc == pytest.approx(sum(per) / 2, rel=1e-12)
+    assert err == pytest.approx(abs(per[0] - per[1]) / math.sqrt(2) / math.sqrt(2), rel=1e-12)
     out = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "ne_protocol.py"), "--quick", "--profile"],
+        [sys.executable, str(REPO / "benchmarks" / "ne_protocol.py"), "--quick", "--profile", "--reverse", "2"],
         capture_output=True,
         text=True,
         timeout=300,
@@ -225,3 +230,4 @@ def test_ne_protocol_quick_run_and_acceptance_from_works(one_thread):
     for d in lines:
         assert math.isfinite(d["work_mean"]) and d["work_std"] >= 0 and 0 <= d["acceptance_from_works"] <= 1
         assert len(d["work_var_profile"]) >= 4 and d["work_var_profile"][-1][0] == 6.0
+        assert 0 <= d["acceptance_pairs"] <= 1 and math.isfinite(d["work_reverse_mean"])
