@@ -9,8 +9,11 @@ named. Small pieces (monkeypatched sizes) give many pieces on tiny lattices.
 
 from __future__ import annotations
 
+import os
+import re
 import threading
 import warnings
+import zlib
 
 import numpy as np
 import pytest
@@ -272,3 +275,101 @@ def test_matrices_deviation_refuses_other_shapes():
     assert matrices_deviation(np.zeros((0, 3, 3), dtype=np.complex128)) == (0.0, 0.0)
     with pytest.raises(ShapeError, match="N = 2, 3"):
         matrices_deviation(np.zeros((4, 4, 4), dtype=np.complex128))
+
+
+def _scidac_per_site(payload: bytes, site_bytes: int) -> tuple[int, int]:
+    """QIO's SciDAC checksum written out site by site here (independent of adapters/checksums.py)."""
+
+    def rotl(value: int, shift: int) -> int:
+        return ((value << shift) | (value >> (32 - shift))) & 0xFFFFFFFF if shift else value
+
+    suma = sumb = 0
+    for r in range(len(payload) // site_bytes):
+        crc = zlib.crc32(payload[r * site_bytes : (r + 1) * site_bytes])
+        suma ^= rotl(crc, r % 29)
+        sumb ^= rotl(crc, r % 31)
+    return suma, sumb
+
+
+@pytest.mark.parametrize("precision", [32, 64])
+def test_threaded_ildg_write_checksum_equals_the_per_site_definition(tmp_path, monkeypatch, precision):
+    """The SciDAC checksum record of an ILDG file written on 3 threads, in an odd number of
+    pieces (31, one time slice each) on 930 sites (> 899: pieces cross the rank-mod-899
+    wrap), equals the per-site definition of the bytes written; the threaded read verifies it."""
+    from flowplug.adapters import common
+
+    site_bytes = 4 * 9 * 2 * precision // 8
+    monkeypatch.setattr(common, "CHUNK_BYTES", 30 * site_bytes)  # one time slice of 2 x 3 x 5 sites
+    monkeypatch.setattr(common, "PARALLEL_BYTES", 0)
+    ens = make_ensemble(lattice=(2, 3, 5, 31), precision=precision, seed=16)
+    assert len(common._file_chunks((31, 5, 3, 2, 4), site_bytes // 4)) == 31
+    for threads in (1, 3):
+        path = tmp_path / f"c{threads}.ildg"
+        with job_threads(threads):
+            io.write(path, ens, precision=precision)
+            back = io.read(path)
+        rec = next(r for r in scan(path) if r.type == "scidac-checksum")
+        xml = path.read_bytes()[rec.data_offset : rec.data_offset + rec.length].decode()
+        stored = tuple(int(re.search(rf"<{tag}>\s*([0-9a-fA-F]+)", xml).group(1), 16) for tag in ("suma", "sumb"))
+        assert stored == _scidac_per_site(_payload(path), site_bytes), threads
+        assert torch.equal(back.links, ens.links) and all(c.ok for c in back.meta[0].checks)
+
+
+def _open_fds() -> int | None:
+    return len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
+
+
+def _io_workers() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("flowplug-io")]
+
+
+def test_a_failure_in_a_worker_propagates_and_leaves_nothing_behind(tmp_path, monkeypatch):
+    """A short read in one piece of a threaded read, and a failure in one piece of a threaded
+    ILDG write: the same error as on one thread, the pool's threads gone, the file closed,
+    the existing file untouched and no temporary left."""
+    from flowplug.adapters import common
+
+    monkeypatch.setattr(common, "CHUNK_BYTES", 700)
+    monkeypatch.setattr(common, "PARALLEL_BYTES", 0)
+    ens = make_ensemble(seed=17)
+    path = tmp_path / "in.ildg"
+    io.write(path, ens)
+    original = path.read_bytes()
+    binary = next(r for r in scan(path) if r.type == "ildg-binary-data")
+    chunks = common._file_chunks((5, 4, 3, 2, 4), 144)
+    bad_start = chunks[len(chunks) // 2][1] * 144  # a piece in the middle
+    real_preadv = os.preadv
+
+    def short_read(fd, buffers, offset):
+        return 0 if offset == binary.data_offset + bad_start else real_preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", short_read)
+    expected = f"record 'ildg-binary-data': read {bad_start} of {binary.length} bytes"
+    for threads in (1, 3):
+        for contiguous in (True, False):
+            before = _open_fds()
+            with job_threads(threads), pytest.raises(FormatError, match=re.escape(f"{path}: {expected}")):
+                io.read(path, contiguous=contiguous)
+            assert _open_fds() == before and not _io_workers()
+    monkeypatch.setattr(os, "preadv", real_preadv)
+
+    producer = common._ildg_producer
+
+    def failing_producer(can, precision, byteorder):
+        chunks, largest, produce = producer(can, precision, byteorder)
+
+        def produce_or_fail(chunk, scratch):
+            if chunk[1] * 144 == bad_start:
+                raise FormatError(f"piece at byte {bad_start} failed")
+            return produce(chunk, scratch)
+
+        return chunks, largest, produce_or_fail
+
+    monkeypatch.setattr(common, "_ildg_producer", failing_producer)
+    for threads in (1, 3):
+        before = _open_fds()
+        with job_threads(threads), pytest.raises(FormatError, match=f"piece at byte {bad_start} failed"):
+            io.write(path, ens, overwrite=True)
+        assert _open_fds() == before and not _io_workers()
+        assert path.read_bytes() == original
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["in.ildg"]
