@@ -13,13 +13,13 @@ import os
 import re
 import threading
 import warnings
-import zlib
 
 import numpy as np
 import pytest
 import torch
 
 from flowplug import io
+from flowplug.adapters.checksums import scidac_checksum_reference
 from flowplug.adapters.lime import scan
 from flowplug.errors import FormatError, NonUnitaryWarning
 from flowplug.threads import job_threads
@@ -277,20 +277,6 @@ def test_matrices_deviation_refuses_other_shapes():
         matrices_deviation(np.zeros((4, 4, 4), dtype=np.complex128))
 
 
-def _scidac_per_site(payload: bytes, site_bytes: int) -> tuple[int, int]:
-    """QIO's SciDAC checksum written out site by site here (independent of adapters/checksums.py)."""
-
-    def rotl(value: int, shift: int) -> int:
-        return ((value << shift) | (value >> (32 - shift))) & 0xFFFFFFFF if shift else value
-
-    suma = sumb = 0
-    for r in range(len(payload) // site_bytes):
-        crc = zlib.crc32(payload[r * site_bytes : (r + 1) * site_bytes])
-        suma ^= rotl(crc, r % 29)
-        sumb ^= rotl(crc, r % 31)
-    return suma, sumb
-
-
 @pytest.mark.parametrize("precision", [32, 64])
 def test_threaded_ildg_write_checksum_equals_the_per_site_definition(tmp_path, monkeypatch, precision):
     """The SciDAC checksum record of an ILDG file written on 3 threads, in an odd number of
@@ -311,7 +297,7 @@ def test_threaded_ildg_write_checksum_equals_the_per_site_definition(tmp_path, m
         rec = next(r for r in scan(path) if r.type == "scidac-checksum")
         xml = path.read_bytes()[rec.data_offset : rec.data_offset + rec.length].decode()
         stored = tuple(int(re.search(rf"<{tag}>\s*([0-9a-fA-F]+)", xml).group(1), 16) for tag in ("suma", "sumb"))
-        assert stored == _scidac_per_site(_payload(path), site_bytes), threads
+        assert stored == scidac_checksum_reference(_payload(path), site_bytes), threads
         assert torch.equal(back.links, ens.links) and all(c.ok for c in back.meta[0].checks)
 
 
