@@ -69,7 +69,6 @@ import math
 from collections.abc import Sequence
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from flowplug.errors import ConfigError, ShapeError
 from flowplug.plugins.flow_gauge import _SUNCoupling
@@ -371,8 +370,15 @@ class _PlaquetteTraces(torch.autograd.Function):
         return tr.t()
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        if torch.is_grad_enabled():
+            # create_graph = True: the saved products carry no graph, so a derivative of this
+            # backward would silently miss terms; refuse instead
+            raise RuntimeError(
+                "plaquette_traces (the sun-stout features) has a first-order hand-written backward: "
+                "double backward (create_graph=True, Hessians) is not supported; differentiate "
+                "flowplug.gauge.sun_plaquettes instead (or use the sun-spectral layer)"
+            )
         # tr = sum_ij L_ij conj(R_ij) / N with L = X0 X1, R = X2 X3; torch's convention for
         # complex gradients: grad_L = R g / N, grad_R = L conj(g) / N, then grad_X0 = grad_L X1^+, ...
         index, x0, x1, x2, x3, left, right = ctx.saved_tensors
@@ -394,7 +400,8 @@ def plaquette_traces(links: torch.Tensor | Sequence[torch.Tensor], dtype: torch.
     tr(U_mu(x) U_nu(x+mu) U_mu(x+nu)^+ U_nu(x)^+) = sum_ab (U_mu(x) U_nu(x+mu))_ab
     conj((U_nu(x) U_mu(x+nu))_ab): two matrix products per plane instead of three. The
     products run on matrices stored matrix-axes-first, elementwise over sites and batch, with
-    a hand-written backward (the same derivative as autograd's through the products).
+    a hand-written backward (the same derivative as autograd's through the products; first
+    order only: a double backward, ``create_graph=True``, raises).
 
     Arguments:
         links: Gauge links (B, d, L_0, ..., L_{d-1}, N, N), complex, or the d link fields
@@ -535,12 +542,18 @@ class SUNStoutCoupling(_SUNCoupling):
         staple = u_nu_xmu @ u_mu_xnu.mH @ u_nu_x.mH
         rect = None
         if self.rectangles:
+            # 1x2 loop based at x - nu, tr(U_mu(x-nu) U_nu(x-nu+mu) U_nu(x+mu) (U_nu(x-nu) U_nu(x)
+            # U_mu(x+nu))^+) / N, formed without its middle link U_mu(x): on S the layer updates
+            # it, and P(x - nu) P(x) cancels it only to rounding (in complex64 the features, so
+            # the parameters, of the forward and inverse maps would differ at 1e-7)
             links = u.unbind(1)
             f_mu, f_nu = links[self.mu].to(feat_dtype), links[self.nu].to(feat_dtype)
-            full = f_mu @ torch.roll(f_nu, -1, dims=1 + self.mu) @ torch.roll(f_mu, -1, dims=1 + self.nu).mH @ f_nu.mH
-            below = torch.roll(full, 1, dims=1 + self.nu)
-            u_nu_b = torch.roll(f_nu, 1, dims=1 + self.nu)
-            r = torch.diagonal(below @ u_nu_b @ full @ u_nu_b.mH, dim1=-2, dim2=-1).sum(-1) / self.n
+            ax_mu, ax_nu = 1 + self.mu, 1 + self.nu
+            nu_below = torch.roll(f_nu, 1, dims=ax_nu)  # U_nu(x - nu)
+            top = torch.roll(f_mu, 1, dims=ax_nu) @ torch.roll(nu_below, -1, dims=ax_mu)
+            top = top @ torch.roll(f_nu, -1, dims=ax_mu)
+            back = nu_below @ f_nu @ torch.roll(f_mu, -1, dims=ax_nu)
+            r = (top * back.conj()).sum((-2, -1)) / self.n
             rect = (r.real, r.imag)
         # the network's last convolution runs on the updated sites only
         params = self._condition(tr.real, tr.imag, rect, stripe=True).flatten(1, d)
