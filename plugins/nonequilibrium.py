@@ -733,15 +733,6 @@ class NonEquilibrium(Kernel):
         """S_k(x) for k = 1..N (1-based; S_N = the target action), (B,) float64."""
         return self.actions[k - 1].action(x).to(_F64)
 
-    def _unit_action(self) -> Any:
-        """The action at coupling 1 where S is proportional to the driven coupling (the Wilson
-        action and beta: S_c = c S_1), else None."""
-        from flowplug.plugins.theories import WilsonGaugeAction
-
-        if type(self.action) is WilsonGaugeAction and self.coupling == "beta":
-            return with_coupling(self.action, "beta", 1.0)
-        return None
-
     def evolve(
         self, x0: torch.Tensor, log_q0: torch.Tensor, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -761,18 +752,10 @@ class NonEquilibrium(Kernel):
             work = log_q0.to(_F64).clone()
             if self.n_step == 0:
                 return x, work + self.action.action(x).to(_F64)
-            unit = self._unit_action()
-            assert self._update is not None
             for k in range(1, self.n_step + 1):
-                layer = self.layers[k - 1]
-                if layer is None and unit is not None:
-                    # S_c = c S_1: S_k(x) - S_{k-1}(x) from one evaluation (S_0 = -log q_0 is in work)
-                    previous = self.schedule[k - 2] if k > 1 else 0.0
-                    work = work + (self.schedule[k - 1] - previous) * unit.action(x).to(_F64)
-                    x = self._update.forward(x, k - 1, generator)
-                    continue
                 if k > 1:
                     work = work - self._s(k - 1, x)
+                layer = self.layers[k - 1]
                 if layer is not None:
                     x, logdet = layer(x)
                     work = work - logdet.to(_F64)

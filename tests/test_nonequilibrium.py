@@ -462,21 +462,6 @@ def test_schedule_coupling_and_reversed_sweep():
     assert torch.equal(board.classes[0][1], Checkerboard(L4).classes[0][1])  # the board is not modified
 
 
-def test_work_of_a_linear_coupling_equals_the_stagewise_sum(monkeypatch):
-    """For the Wilson action (S_c = c S_1) each stage's S_k - S_{k-1} comes from one
-    evaluation; the works equal the general stage-by-stage sum to rounding (same paths)."""
-    act = WilsonGaugeAction(3.0, "su2")
-    kernel = NonEquilibrium(act, n_step=5, inner="heatbath-or", overrelax=1)
-    assert kernel._unit_action() is not None
-    x0, lq = kernel.start_sample(4, L4, torch.Generator().manual_seed(3), None)
-    x1, w1 = kernel.evolve(x0, lq, torch.Generator().manual_seed(4))
-    monkeypatch.setattr(kernel, "_unit_action", lambda: None)
-    x2, w2 = kernel.evolve(x0, lq, torch.Generator().manual_seed(4))
-    assert torch.equal(x1, x2)
-    torch.testing.assert_close(w1, w2, rtol=0, atol=1e-10)
-    assert NonEquilibrium(Phi4Action(-4.0, 8.0), n_step=2, coupling="lam", beta_start=4.0)._unit_action() is None
-
-
 def test_resumed_chain_is_the_uninterrupted_one(tmp_path):
     """The work travels in the checkpoint: 3 + 3 steps from a checkpoint equal 6 steps, bit for bit."""
     act = WilsonGaugeAction(2.0, "su2")
