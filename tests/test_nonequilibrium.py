@@ -580,6 +580,81 @@ def test_flowplug_sample_runs_the_nonequilibrium_kernel(tmp_path, fresh_pm, caps
     assert summary["kernel_config"]["options"] == {"n_step": 8} and summary["kernel_config"]["files"] == {}
 
 
+def test_start_states_are_forward_evolutions_with_their_works():
+    """start_states(n) is n forward evolutions (the same draws as sample() from the same
+    generator) with the works stored, so the first step draws no reverse path; a hot start's
+    first step does."""
+    act = WilsonGaugeAction(2.0, "su2")
+    k = NonEquilibrium(act, n_step=3)
+    st = k.start_states(4, L4, torch.Generator().manual_seed(5))
+    x, w, lp = k.sample(4, torch.Generator().manual_seed(5), lattice=L4)
+    assert st.x.dtype == torch.complex128 and torch.equal(st.x, x)
+    assert torch.equal(st.extras[k.work_key], w) and torch.equal(st.log_p, lp)
+    torch.testing.assert_close(st.log_p, -act.action(st.x).to(torch.float64), rtol=0, atol=1e-12)
+    _, info = k.step(st, torch.Generator().manual_seed(6))
+    assert not bool(info["refreshed"].any()) and torch.equal(info["work_current"], w)
+    hot = k.init(act.hot_start(L4, 4, generator=torch.Generator().manual_seed(5)))
+    _, info = k.step(hot, torch.Generator().manual_seed(6))
+    assert bool(info["refreshed"].all())
+    with pytest.raises(ConfigError, match="n >= 1"):
+        k.start_states(0, L4)
+
+
+def _ne_sample(out, *extra, resume=False):
+    from flowplug.config import build_config
+    from flowplug.jobs.sample import DEFAULT_CONFIG, OPEN_TABLES, run_sample
+
+    sets = [
+        "action.name=wilson",
+        "action.group=su2",
+        "action.beta=2.0",
+        "lattice=[4,4]",
+        "kernel.type=nonequilibrium",
+        "kernel.options.n_step=3",
+        "chains=4",
+        "thermalize=0",
+        "progress=false",
+        *extra,
+    ]
+    return run_sample(build_config(DEFAULT_CONFIG, overrides=sets, open_tables=OPEN_TABLES), None, out, resume=resume)
+
+
+@pytest.mark.filterwarnings("ignore::flowplug.jobs.summary.ShortChainWarning")
+def test_sample_starts_nonequilibrium_chains_from_forward_evolutions(tmp_path, fresh_pm, monkeypatch):
+    """`sample` with start = "auto" starts from the kernel's start_states: no chain refreshes its
+    work at step 1 and the first proposals are judged against forward works, unlike start =
+    "hot"; a resumed run draws no start (the checkpoint has the states) and equals the
+    uninterrupted one bit for bit; an unknown start is refused before anything is written."""
+    from flowplug.jobs.output import read_measurements
+
+    calls = []
+    real = NonEquilibrium.start_states
+
+    def counted(self, n, *args, **kwargs):
+        calls.append(n)
+        return real(self, n, *args, **kwargs)
+
+    monkeypatch.setattr(NonEquilibrium, "start_states", counted)
+    whole = _ne_sample(tmp_path / "whole", "steps=4")
+    assert calls == [4]
+    m = read_measurements(tmp_path / "whole" / "measurements.csv")
+    _ne_sample(tmp_path / "hot", "steps=4", 'start="hot"')
+    assert calls == [4]  # a hot start draws nothing
+    hot = read_measurements(tmp_path / "hot" / "measurements.csv")
+    assert not np.array_equal(m["plaquette"][0], hot["plaquette"][0])
+
+    _ne_sample(tmp_path / "part", "steps=2", "checkpoint_every=1")
+    assert calls == [4, 4]
+    _ne_sample(tmp_path / "part", "steps=4", "checkpoint_every=1", resume=True)
+    assert calls == [4, 4]  # the resume drew no start
+    part = read_measurements(tmp_path / "part" / "measurements.csv")
+    assert set(part) == set(m) and all(np.array_equal(part[k], m[k]) for k in m)
+    assert whole["acceptance"] == json.loads((tmp_path / "part" / "summary.json").read_text())["acceptance"]
+    with pytest.raises(ConfigError, match="start must be"):
+        _ne_sample(tmp_path / "bad", "steps=2", 'start="cold"')
+    assert not (tmp_path / "bad" / "summary.json").exists()
+
+
 def test_kernel_record_names_the_files_of_a_kernel_s_options(tmp_path):
     """A run's summary records the kernel table and the SHA-256 of every file an option names."""
     import hashlib

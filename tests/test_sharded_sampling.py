@@ -201,7 +201,8 @@ def inputs(tmp_path_factory):
 
 
 def _specs(root: Path, d: Path, streams: list[str]) -> list[dict]:
-    """hmc (3 trajectories, then resumed to 5), sample with the flow, resample of the directory."""
+    """hmc (3 trajectories, then resumed to 5), sample with the flow, sample with non-equilibrium
+    proposals (chains started from forward evolutions drawn per stream), resample of the directory."""
     hmc = [
         "chains=4",
         "lattice=[4,4]",
@@ -214,19 +215,34 @@ def _specs(root: Path, d: Path, streams: list[str]) -> list[dict]:
     ]
     sample = ["chains=4", "steps=6", "thermalize=1", "save_every=3", "ess_samples=16", *streams]
     resample = ["steps=4", "kernel.hmc_every=1", "kernel.hmc.steps=3", *streams]
+    sample_ne = [
+        "chains=4",
+        "steps=3",
+        "thermalize=1",
+        "save_every=2",
+        "lattice=[4,4]",
+        "action.name=wilson",
+        "action.group=su2",
+        "action.beta=2.0",
+        "kernel.type=nonequilibrium",
+        "kernel.options.n_step=3",
+        *streams,
+    ]
     flow = str(d / "u1.pt")
     return [
         {"job": "hmc", "set": [*hmc, "hmc.trajectories=3"], "out": str(root / "hmc")},
         {"job": "hmc", "set": [*hmc, "hmc.trajectories=5"], "out": str(root / "hmc"), "resume": True},
         {"job": "sample", "set": sample, "out": str(root / "sample"), "flow": flow},
+        {"job": "sample", "set": sample_ne, "out": str(root / "sample-ne")},  # starts: forward evolutions
         {"job": "resample", "set": resample, "out": str(root / "resample"), "flow": flow, "inputs": [str(d / "files")]},
     ]
 
 
 @pytest.mark.slow
 def test_two_processes_equal_one_process_with_two_streams(inputs, tmp_path):
-    """One torchrun launch of 2 gloo ranks runs hmc (3 trajectories, resumed to 5), sample and
-    resample; the same jobs in one process with streams = 2 give identical results."""
+    """One torchrun launch of 2 gloo ranks runs hmc (3 trajectories, resumed to 5), sample (with a
+    flow, and with non-equilibrium proposals) and resample; the same jobs in one process with
+    streams = 2 give identical results."""
     two, one = tmp_path / "two", tmp_path / "one"
     specs = tmp_path / "specs.json"
     specs.write_text(json.dumps(_specs(two, inputs, [])))  # streams = 0: one per process
@@ -235,7 +251,7 @@ def test_two_processes_equal_one_process_with_two_streams(inputs, tmp_path):
     for spec in _specs(one, inputs, ["streams=2"]):
         run_spec(spec)
 
-    for job in ("hmc", "sample", "resample"):
+    for job in ("hmc", "sample", "sample-ne", "resample"):
         a = json.loads((one / job / "summary.json").read_text())
         b = json.loads((two / job / "summary.json").read_text())
         assert b["world_size"] == 2 and b["streams"] == 2 and a["world_size"] == 1 and a["streams"] == 2
@@ -252,7 +268,8 @@ def test_two_processes_equal_one_process_with_two_streams(inputs, tmp_path):
         pa = json.loads((one / job / "provenance.json").read_text())["outputs"]
         pb = json.loads((two / job / "provenance.json").read_text())["outputs"]
         assert [(r["step"], r["chain"]) for r in pa] == [(r["step"], r["chain"]) for r in pb]
-        first_of_rank1 = {"hmc": 2, "sample": 2, "resample": 3}[job]  # resample: cfg0.h5, cfg1.h5 on rank 0
+        # resample: cfg0.h5, cfg1.h5 on rank 0
+        first_of_rank1 = {"hmc": 2, "sample": 2, "sample-ne": 2, "resample": 3}[job]
         owners: dict[str, set[int]] = {}
         for rec in pb:
             owners.setdefault(rec["path"], set()).add(int(rec["chain"] >= first_of_rank1))

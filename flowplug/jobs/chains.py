@@ -62,6 +62,7 @@ def run_chains(
     sizes: Sequence[int] | None = None,
     generators: Sequence[torch.Generator] | None = None,
     stream_ids: Sequence[int] | None = None,
+    start: Callable[[int, torch.Generator], Any] | None = None,
 ) -> Any:
     """Run B chains from x0 until ``steps`` kernel steps are done; resumable.
 
@@ -93,6 +94,14 @@ def run_chains(
         generators: One generator per stream (with ``sizes``; instead of ``seed`` or
             ``generator``).
         stream_ids: Global indices of the streams (checkpointed; default 0, 1, ...).
+        start: Optional ``start(n, generator) -> ChainState``: draws the start states of
+            n chains from the given generator (e.g. a kernel's ``start_states``, exact
+            draws of its proposal with what it caches, such as the work of a
+            non-equilibrium evolution), used instead of ``kernel.init`` of x0. It is
+            called once per stream with that stream's generator, before the first step, so
+            the draws are the same on any number of processes; x0 then fixes only the
+            number of chains and the device. Not called on a resume (the checkpoint holds
+            the states).
 
     Returns:
         The :class:`flowplug.chain.Chain` (state, history of every step, ``step_count``).
@@ -112,10 +121,13 @@ def run_chains(
                 f"({0 if generators is None else len(generators)} given) and {x0.shape[0]} chains in all, "
                 "none empty"
             )
-        states, start = [], 0
-        for n in sizes:  # each stream's state computed on its own batch, as in any other process
-            states.append(kernel.init(x0[start : start + n]))
-            start += n
+        states, first = [], 0
+        for n, gen in zip(sizes, generators, strict=True):  # each stream's state on its own batch
+            if start is not None and not resume:
+                states.append(start(n, gen))
+            else:
+                states.append(kernel.init(x0[first : first + n]))
+            first += n
         chain = Chain(
             kernel,
             states,
@@ -130,7 +142,8 @@ def run_chains(
             if seed is None:
                 raise ConfigError("run_chains needs a seed or a generator")
             generator = torch.Generator(device=x0.device).manual_seed(int(seed))
-        chain = Chain(kernel, kernel.init(x0), generator, measure=measure, kernel_name=kernel_name, run_id=run_id)
+        state = start(x0.shape[0], generator) if start is not None and not resume else kernel.init(x0)
+        chain = Chain(kernel, state, generator, measure=measure, kernel_name=kernel_name, run_id=run_id)
     if resume:
         if output is None:
             raise ConfigError("run_chains: resume needs an output with a checkpoint")

@@ -8,9 +8,13 @@ independence Metropolis (or ``kernel.type = "flow-hmc"``, or with ``kernel.hmc_e
 HMC trajectories before each flow step); the action is the flow's unless ``[action]``
 overrides it. Without a flow, the action is ``[action]`` (``action.name`` and its
 couplings), the lattice ``lattice``, the chains start hot (disordered) and the default
-kernel is ``hmc``. The first ``thermalize`` steps are left out of the statistics and of the
-written configurations (a flow sample is not yet a sample of p; the chain forgets it).
-Every ``save_every`` steps and after the last the configurations are written: into one
+kernel is ``hmc``. A kernel that offers ``start_states(n, lattice, generator, device)``
+(exact draws of its own proposal with what it caches; ``nonequilibrium``: one forward
+evolution per chain, with its work) starts its chains from those instead (``start =
+"auto"``, the default; ``start = "hot"`` forces a hot start). The first ``thermalize``
+steps are left out of the statistics and of the written configurations (a flow sample
+or a proposal draw is not yet a sample of p; the chain forgets it). Every
+``save_every`` steps and after the last the configurations are written: into one
 HDF5 ensemble ``DIR/ensemble.h5`` (default), or one file per configuration in another
 format (``format = "ildg"`` for 4D SU(3)/SU(2)); ``DIR/provenance.json`` lists them.
 ``DIR/measurements.csv`` (or ``.h5``) has every measurement, ``DIR/summary.json``
@@ -24,7 +28,8 @@ unless ``check_inverse=False``.
 Under ``torchrun --standalone --nproc_per_node=W -m flowplug sample ...`` the chains are
 shared out among the W processes by random streams (``streams``; docs/chains.md,
 "Several processes", :mod:`flowplug.distributed`): every process draws the start of all
-chains (flow samples or a hot start, from the seeded generator) and keeps its own; rank r
+chains (flow samples or a hot start, from the seeded generator) and keeps its own (a
+kernel's ``start_states`` are drawn per stream, from the stream's generator); rank r
 writes its chains' configurations (``ensemble.rank<r>.h5``) and ``chain.rank<r>.ckpt``;
 rank 0 holds the lock and writes the merged measurements, ``provenance.json``,
 ``report.png`` and ``summary.json`` (with ``world_size`` and ``streams``). The run equals
@@ -55,6 +60,9 @@ streams = 0         # random streams: groups of chains with their own generator;
                     # any number of processes (a divisor of streams, which divides chains)
 steps = 200         # kernel steps per chain
 thermalize = 20     # steps left out of the statistics and of the written configurations
+start = "auto"      # "auto": exact draws of the kernel's proposal where the kernel offers them
+                    # (nonequilibrium: one forward evolution per chain, with its work), else
+                    # flow samples (with --flow) or a hot start; "hot": a hot (disordered) start
 save_every = 0      # write the configurations every this many steps (0: only the last)
 checkpoint_every = 100
 format = "hdf5"     # output format of the configurations
@@ -183,6 +191,9 @@ def _run_sample(
     fmt = output_format(None, cfg["format"])
     names = list(cfg.get("observables") or [*default_observables(field, ndim), *getattr(action, "observables", ())])
     kernel = build_kernel(ck.flow if ck else None, action, cfg["kernel"])  # validate before creating outputs
+    start = str(cfg.get("start", "auto"))
+    if start not in ("auto", "hot"):
+        raise ConfigError(f'start must be "auto" or "hot"; found {start!r}')
     configurations = Configurations(
         out,
         fmt,
@@ -208,11 +219,19 @@ def _run_sample(
             if distributed.is_main():  # the ESS of the proposals: rank 0 reports it
                 xs, _ = ck.flow.sample(int(cfg.get("ess_samples", 256)), g0)
                 weights = importance_weights(ck.flow, action, xs.detach())
-    else:
+    if ck is None or start == "hot":
         from flowplug.theory import field_space
 
         x0 = field_space(field).hot(lattice, chains, generator=g0)
     x0 = x0[local]
+    draw = getattr(kernel, "start_states", None) if start == "auto" else None
+    start_states = None
+    if draw is not None:  # the kernel's own proposal draws, each stream from its generator (run_chains)
+        device = x0.device
+
+        def start_states(n: int, generator: torch.Generator) -> Any:
+            return draw(n, lattice, generator, device)
+
     run_id = fingerprint(cfg, ck.sha256 if ck else "", ignore=NON_CHAIN_KEYS)
     if streams > 1:
         run_id += f"/streams={streams}"
@@ -235,6 +254,7 @@ def _run_sample(
         checkpoint_every=int(cfg.get("checkpoint_every", 100)),
         progress=progress and distributed.is_main(),
         desc="sample",
+        start=start_states,
     )
     hist, records = output.merged(chain)  # every process's chains (collective under torchrun)
     stats = chain_summary(hist, names, burn=therm, lattice=lattice)
