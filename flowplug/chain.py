@@ -163,7 +163,8 @@ class Chain:
     Attributes:
         step_count: Steps done so far (over the whole run, across resumes).
         history: name -> list of (B,) float64 tensors, one per step, including
-            ``accepted`` (as 0/1) and, if the kernel reports them, ``delta_h``, ``work_proposal`` and
+            ``accepted`` (as 0/1) and, if the kernel reports them, ``delta_h``, ``work_proposal``,
+            ``cg_iterations`` (:class:`flowplug.jobs.hmc.CGCounting`) and
             ``accepted.<label>`` (acceptance of the part ``label`` of a composed kernel;
             NaN for chains a mixture did not give to that part in that step).
         generators: One generator per stream.
@@ -267,7 +268,12 @@ class Chain:
     # ------------------------------------------------------------------ running
 
     def _record(self, name: str, value: torch.Tensor) -> None:
-        self.history.setdefault(name, []).append(value.detach().to("cpu", torch.float64).reshape(-1))
+        row = value.detach().to("cpu", torch.float64).reshape(-1)
+        if name not in self.history and self.step_count > 0:
+            # an entry first reported after a resume from a checkpoint of an earlier version
+            # (cg_iterations): NaN for the steps before, so that every entry has a row per step
+            self.history[name] = [torch.full_like(row, torch.nan) for _ in range(self.step_count)]
+        self.history.setdefault(name, []).append(row)
 
     def run(
         self,
@@ -309,7 +315,8 @@ class Chain:
                 info = self._step()
                 acc = info["accepted"]
                 self._record("accepted", acc.to(torch.float64))
-                for key in ("delta_h", "work_proposal"):  # HMC's dH; a non-equilibrium proposal's work
+                # HMC's dH; a non-equilibrium proposal's work; CG iterations of a fermion trajectory
+                for key in ("delta_h", "work_proposal", "cg_iterations"):
                     if key in info:
                         self._record(key, info[key])
                 for key, value in info.items():  # parts of composed kernels: accepted.<label>

@@ -229,7 +229,32 @@ class _Pseudofermions(_FermionAction):
     (:meth:`_checked`), the action with the shortcut at the configuration of the last draw
     (:meth:`_plain_fermion_action`) and the force (:meth:`_plain_force`). Subclasses name
     themselves in the error messages (:attr:`_messages`).
+
+    Every solve's CG iterations are also summed per chain (batch element) until
+    :meth:`take_cg_iterations` returns them: ``flowplug hmc`` records them per trajectory
+    (:class:`flowplug.jobs.hmc.CGCounting`, ``summary.json`` ``cg``).
     """
+
+    #: CG iterations per chain summed since the last :meth:`take_cg_iterations`, (B,) int64, or None.
+    _cg_chain_iterations: torch.Tensor | None = None
+
+    def _tally(self, report: Any) -> None:
+        """Add a solve's iterations per chain (``report.iterations``, (B,) int64) to the tally
+        (restarted when the batch changes)."""
+        its = report.iterations.detach().to("cpu", torch.int64).reshape(-1)
+        have = self._cg_chain_iterations
+        self._cg_chain_iterations = its.clone() if have is None or have.shape != its.shape else have + its
+
+    def take_cg_iterations(self) -> torch.Tensor | None:
+        """The CG iterations of each chain summed over the solves since the last call (heat
+        bath, forces, actions; every pseudofermion term), (B,) int64 on the CPU, and restart
+        the tally; ``None`` if there was no solve.
+
+        Between two calls the solves must be of one batch (one stream of chains): a solve of
+        another batch size restarts the tally.
+        """
+        out, self._cg_chain_iterations = self._cg_chain_iterations, None
+        return out
 
     #: (who, the exact action to use instead, the field's name, "need"/"needs", "these links"/"this phi").
     _messages = (
@@ -281,8 +306,9 @@ class _Pseudofermions(_FermionAction):
         return phi
 
     def _record(self, report: Any) -> None:
-        """Keep the CG report of a solve."""
+        """Keep the CG report of a solve and tally its iterations per chain."""
         self.last_report = report
+        self._tally(report)
 
     def _solve(self, x: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
         sol, report = self.operator.solve_normal(x, phi, tol=self.cg_tol, maxiter=self.cg_maxiter)
@@ -573,6 +599,7 @@ class PseudofermionAction(_Pseudofermions, _TwoFlavourAction):
 
     def _count(self, label: str, report: Any) -> None:
         self.last_report = report
+        self._tally(report)
         entry = self.cg_counts.setdefault(label, [0, 0])
         entry[0] += int(report.iterations.numel())
         entry[1] += int(report.iterations.sum())

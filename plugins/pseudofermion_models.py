@@ -606,8 +606,17 @@ def save_conditional_model(model: ConditionalGaussianModel, path: str | Path, me
 def load_conditional_model(operator: Any, path: str | Path) -> ConditionalGaussianModel:
     """Read a model written by :func:`save_conditional_model` for ``operator``.
 
-    A model trained at another hopping parameter is still an exact proposal density (only
-    less efficient); its ``trained_kappa`` attribute says where it was trained.
+    A model trained at another hopping parameter is still an exact proposal density: it is a
+    normalised Gaussian r(phi | U) whose log r the Metropolis tests of the schemes use exactly
+    (:mod:`flowplug.plugins.fermion_schemes`), built on the operator it is given, so the
+    chains stay exact and only its closeness to p(phi | U), hence the acceptance and the noise
+    of the determinant estimate, suffers. It is therefore used, with a
+    :class:`~flowplug.errors.CouplingMismatchWarning` naming both hopping parameters; its
+    ``trained_kappa`` attribute says where it was trained.
+
+    Warns:
+        CouplingMismatchWarning: if the model was trained at a hopping parameter other than
+            ``operator.kappa`` (relative difference above 1e-12).
 
     Raises:
         CheckpointError: if the file is missing, unreadable, of another format or version, or
@@ -638,7 +647,28 @@ def load_conditional_model(operator: Any, path: str | Path) -> ConditionalGaussi
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: weights do not fit the stated architecture: {exc}") from None
     model.trained_kappa = cfg.get("kappa")
+    _warn_other_kappa(model, path)
     return model
+
+
+def _warn_other_kappa(model: ConditionalGaussianModel, path: Path) -> None:
+    """Warn when a model is used at a hopping parameter other than the one it was trained at."""
+    import warnings
+
+    from flowplug.errors import CouplingMismatchWarning
+
+    trained, used = model.trained_kappa, getattr(model.operator, "kappa", None)
+    if trained is None or used is None or math.isclose(float(trained), float(used), rel_tol=1e-12, abs_tol=0.0):
+        return
+    warnings.warn(
+        f"pseudofermion model 'conditional' ({path}) was trained at kappa = {float(trained):g} and is used at "
+        f"kappa = {float(used):g}: the chains stay exact (the model is a normalised proposal density whose "
+        "log r enters the Metropolis tests exactly), but it proposes the pseudofermions of the other kappa: "
+        "expect a lower acceptance and a noisier determinant estimate; train a model at this kappa "
+        "(train_conditional_model)",
+        CouplingMismatchWarning,
+        stacklevel=3,
+    )
 
 
 def _conditional(operator: Any, *, checkpoint: str | None = None) -> ConditionalGaussianModel:

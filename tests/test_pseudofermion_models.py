@@ -223,3 +223,34 @@ def test_benchmark_quick_run_prints_every_model(capsys):
         assert v["kl_reverse"] >= 0 and math.isfinite(v["var_log_w"]) and v["time_ratio_to_ilu"] > 0
         assert v["log_second_moment"] > 0
     assert lines[2]["time_ratio_to_ilu"] == 1.0 and lines[4]["train_steps"] == 5
+
+
+def test_model_used_at_another_kappa_warns_and_stays_normalised(tmp_path):
+    """A conditional model trained at one kappa and used at another: a CouplingMismatchWarning
+    naming both, and r is still a normalised density of the operator it is used with
+    (E_r[p / r] = 1 within 4 sigma), so the schemes that use log r exactly stay exact."""
+    import warnings
+
+    from flowplug.errors import CouplingMismatchWarning
+
+    trained = _randomize(ConditionalGaussianModel(WilsonDiracOperator(0.06), 2, hidden=(4,)), size=0.02)
+    path = save_conditional_model(trained, tmp_path / "m.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same kappa: no warning
+        load_conditional_model(WilsonDiracOperator(0.06), path)
+    op = WilsonDiracOperator(0.09)
+    with pytest.warns(CouplingMismatchWarning, match=r"trained at kappa = 0\.06 and is used at kappa = 0\.09"):
+        model = load_conditional_model(op, path)
+    assert model.trained_kappa == 0.06 and model.operator is op
+    x = _u1(batch=2, seed=4)
+    n = op.size(x)
+    d = op.dense(x)
+    minv = torch.linalg.inv(d.mH @ d)
+    logdet_m = 2.0 * torch.linalg.slogdet(d)[1]
+    phi, log_r = model.sample(x, 4000, torch.Generator().manual_seed(6))
+    flat = phi.reshape(2, 4000, n)
+    quad = torch.einsum("bki,bij,bkj->bk", flat.conj(), minv, flat).real
+    w = torch.exp(-quad - logdet_m[:, None] - n * LOG_PI - log_r)
+    mean, err = w.mean(1), w.std(1) / math.sqrt(4000)
+    assert torch.all((mean - 1).abs() < 4 * err), (mean, err)
+    assert torch.all(err < 0.05)

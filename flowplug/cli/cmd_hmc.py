@@ -36,7 +36,7 @@ EXAMPLES = (
     "# the Schwinger model: two Wilson flavours, pseudofermion HMC",
     "flowplug hmc --set action.name=schwinger --set action.beta=2.0 --set action.kappa=0.2 --set lattice=[8,8] "
     "--set out=schwinger-run",
-    "# continue a run, or extend a finished one",
+    "# continue a run, or extend a finished one (its other settings come from u1-run/config.toml)",
     "flowplug hmc --set out=u1-run --set hmc.trajectories=500 --resume",
 )
 
@@ -45,7 +45,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``flowplug hmc``."""
     add_config_arguments(parser, example="hmc.trajectories=200")
     parser.add_argument(
-        "--resume", action="store_true", help="continue from <out>/checkpoint.pt (same chain as an uninterrupted run)"
+        "--resume",
+        action="store_true",
+        help="continue from <out>/checkpoint.pt (same chain as an uninterrupted run), with the configuration "
+        "stored in <out>/config.toml: give only what changes (hmc.trajectories, output settings)",
     )
     parser.add_argument(
         "--force", action="store_true", help="start afresh even though <out> holds a checkpoint of an earlier run"
@@ -65,7 +68,9 @@ def result_line(summary: dict, out: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Execute ``flowplug hmc``."""
-    cfg = config_from_args(args, DEFAULT_CONFIG, open_tables=OPEN_TABLES)
+    cfg = config_from_args(
+        args, DEFAULT_CONFIG, open_tables=OPEN_TABLES, run_dir=lambda c: Path(str(c["out"]))
+    )  # on --resume: from <out>/config.toml
     if cfg is None:
         return 0
     with chain_resume_hint(args, Path(str(cfg["out"])) / "checkpoint.pt", unit="trajectory"):

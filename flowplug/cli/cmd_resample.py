@@ -51,7 +51,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", metavar="DIR", help="output directory (required)")
     parser.add_argument("--to", metavar="FORMAT", help="output format (default: the inputs')")
-    parser.add_argument("--resume", action="store_true", help="continue from DIR/chain.ckpt")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from DIR/chain.ckpt with the configuration stored in DIR/config.toml (give only "
+        "what changes: steps, output settings)",
+    )
     parser.add_argument("--force", action="store_true", help="replace existing output files")
     parser.add_argument("--format", metavar="NAME", help="force the input format")
     parser.add_argument("--lattice", metavar="LXxLYxLZxLT", help="lattice of bare LIME inputs")
@@ -69,7 +74,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Resample the inputs (:mod:`flowplug.jobs.resample`) and print one line."""
-    cfg = config_from_args(args, DEFAULT_CONFIG, open_tables=OPEN_TABLES)
+    cfg = config_from_args(
+        args, DEFAULT_CONFIG, open_tables=OPEN_TABLES, run_dir=lambda c: Path(args.out) if args.out else None
+    )  # on --resume: from DIR/config.toml
     if cfg is None:
         return 0
     if not args.out or not args.inputs:

@@ -48,7 +48,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "kernels that need no flow)",
     )
     parser.add_argument("--out", metavar="DIR", help="output directory (required)")
-    parser.add_argument("--resume", action="store_true", help="continue from DIR/chain.ckpt")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from DIR/chain.ckpt with the configuration stored in DIR/config.toml (give only "
+        "what changes: steps, output settings)",
+    )
     parser.add_argument("--force", action="store_true", help="replace existing outputs")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
@@ -62,7 +67,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Sample (:mod:`flowplug.jobs.sample`) and print one line."""
-    cfg = config_from_args(args, DEFAULT_CONFIG, open_tables=OPEN_TABLES)
+    cfg = config_from_args(
+        args, DEFAULT_CONFIG, open_tables=OPEN_TABLES, run_dir=lambda c: Path(args.out) if args.out else None
+    )  # on --resume: from DIR/config.toml
     if cfg is None:
         return 0
     if not args.out:

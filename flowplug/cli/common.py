@@ -15,7 +15,7 @@ import contextlib
 import os
 import shlex
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,9 +49,23 @@ def add_config_arguments(parser: argparse.ArgumentParser, *, example: str = "") 
 
 
 def config_from_args(
-    args: argparse.Namespace, default_text: str, *, open_tables: Iterable[str] = ()
+    args: argparse.Namespace,
+    default_text: str,
+    *,
+    open_tables: Iterable[str] = (),
+    run_dir: Callable[[dict[str, Any]], Path | None] | None = None,
 ) -> dict[str, Any] | None:
     """The effective configuration of a run, or ``None`` after ``--print-config`` printed it.
+
+    Arguments:
+        args: The parsed arguments (``config``, ``overrides``, ``print_config``; ``resume``).
+        default_text: The command's complete default configuration.
+        open_tables: Its open tables.
+        run_dir: For a chain command with ``--resume``: the run directory of a
+            configuration (``None``: not known). When it holds the run's ``config.toml``,
+            the configuration starts from that instead of the defaults
+            (:func:`flowplug.jobs.provenance.resume_configuration`): the ``--set`` values of
+            the original command need not be given again.
 
     Raises:
         ConfigError: on an unreadable file, an unknown key or a wrongly typed value.
@@ -59,8 +73,19 @@ def config_from_args(
     effective = _config.build_config(
         default_text, config_file=args.config, overrides=args.overrides, open_tables=open_tables
     )
+    resumed = None
+    if run_dir is not None and getattr(args, "resume", False):
+        directory = run_dir(effective)
+        if directory is not None:
+            from flowplug.jobs.provenance import resume_configuration
+
+            resumed = resume_configuration(
+                directory, default_text, config_file=args.config, overrides=args.overrides, open_tables=open_tables
+            )
+    if resumed is not None:
+        effective = resumed
     if args.print_config:
-        if args.config or args.overrides:
+        if args.config or args.overrides or resumed is not None:
             sys.stdout.write("# effective configuration\n" + _config.dumps(effective))
         else:
             sys.stdout.write(default_text)

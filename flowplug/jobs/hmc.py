@@ -18,11 +18,23 @@ runs ``chains`` independent HMC chains as one batch and writes to ``out``:
     state, generator state and history (``torch.save`` of tensors, written atomically);
     ``resume=True`` (``--resume``) continues from it and gives the same chain as an
     uninterrupted run (also to extend a finished run: raise ``hmc.trajectories`` and resume);
+``config.toml``
+    the resolved configuration, written with every checkpoint: ``--resume`` starts from
+    it (the original ``--set`` values need not be repeated) and refuses a change of a
+    key of the chain, naming each (:func:`flowplug.jobs.provenance.check_resume_config`;
+    the checkpoint's fingerprint stays the final guard; a run directory without it, of an
+    earlier version, resumes as before);
 ``summary.json``
     ``acceptance``, ``observables.<name>.{mean,error,tau_int,tau_int_error}`` (Gamma
     method, chains as replicas, after ``hmc.thermalization``), with
     ``observables.topological_susceptibility`` = chi_t = <Q^2>/V (V = number of sites)
-    wherever the topological charge is measured, and ``exp_minus_delta_h``.
+    wherever the topological charge is measured, and ``exp_minus_delta_h``; for an action
+    with pseudofermions ``cg`` = ``{iterations, trajectories, per_trajectory: {mean, max},
+    trajectories_without_count}`` (:func:`flowplug.jobs.summary.cg_summary` of the
+    measurements' ``cg_iterations``, :class:`CGCounting`); with a pion observable, ``pion_t``.
+
+``pion_t`` is the time separation of ``pion_effective_mass`` and ``pion_correlator``
+(:func:`observable_options`).
 
 A :class:`flowplug.jobs.summary.ShortChainWarning` says when the chains are too short
 for the tau_int of an observable. ``start`` may be a bare LIME file (only a binary
@@ -57,11 +69,14 @@ from flowplug.errors import ConfigError, FlowplugError
 __all__ = [
     "DEFAULT_CONFIG",
     "NON_CHAIN_KEYS",
+    "ADDED_KEYS",
     "OPEN_TABLES",
     "run_hmc",
     "run_fingerprint",
     "start_configuration",
     "read_start_file",
+    "observable_options",
+    "CGCounting",
 ]
 
 DEFAULT_CONFIG = """\
@@ -85,6 +100,8 @@ measurements = "hdf5"   # per-trajectory measurements: "hdf5" (measurements.h5) 
 observables = []        # observable names; empty: plaquette (+ topological charge where
                         # defined) for gauge fields, magnetization, chi_2, ising_energy for phi^4,
                         # and the action's own (schwinger: chiral_condensate, pion_effective_mass)
+pion_t = 1              # time separation t of pion_effective_mass (from C(t)/C(t+1), cosh form:
+                        # 0 <= t <= T/2 - 1, T = the last lattice extent) and of pion_correlator
 device = "cpu"          # torch device
 threads = 1             # torch CPU threads; 1 is fastest on small lattices and busy machines,
                         # 0 keeps torch's default (one per core), more for large lattices
@@ -124,11 +141,103 @@ NON_CHAIN_KEYS = (
 )
 
 
+#: Keys added after runs of the job existed, with the value that reproduces those runs: left
+#: out of the fingerprint at that value, so earlier checkpoints stay resumable.
+ADDED_KEYS: dict[str, Any] = {"pion_t": 1}
+
+
 def run_fingerprint(cfg: Mapping[str, Any]) -> str:
     """Hash of the configuration keys that determine the chain (for ``--resume`` checks)."""
     from flowplug.jobs.provenance import fingerprint
 
-    return fingerprint(cfg, ignore=NON_CHAIN_KEYS)
+    return fingerprint(cfg, ignore=NON_CHAIN_KEYS, omit_defaults=ADDED_KEYS)
+
+
+#: Observables that take the time separation ``pion_t``, with the largest t each allows for
+#: a time extent T.
+PION_OBSERVABLES: dict[str, Callable[[int], int]] = {
+    "pion_effective_mass": lambda tsize: tsize // 2 - 1,  # cosh form: t + 1 <= T/2
+    "pion_correlator": lambda tsize: tsize - 1,
+}
+
+
+def observable_options(cfg: Mapping[str, Any], names: list[str], lattice: list[int] | tuple[int, ...]) -> dict:
+    """Per-observable options of a chain job from its configuration: ``pion_t`` as the time
+    separation ``t`` of ``pion_effective_mass`` and ``pion_correlator`` (when measured).
+
+    Arguments:
+        cfg: The job's configuration (``pion_t`` absent: 1, the observables' default).
+        names: The observables measured.
+        lattice: The lattice extents, x first; the time extent T is the last.
+
+    Returns:
+        ``{observable: {"t": pion_t}}`` for the pion observables among ``names``
+        (:func:`flowplug.measure.measurement` ``options``).
+
+    Raises:
+        ConfigError: if ``pion_t`` is not an integer or outside 0 <= t <= T/2 - 1
+            (``pion_effective_mass``, cosh form) or 0 <= t <= T - 1 (``pion_correlator``),
+            naming the range and the value found.
+
+    References:
+        Gattringer & Lang (2010), chapter 6 (effective mass of a periodic correlator).
+    """
+    measured = [n for n in names if n in PION_OBSERVABLES]
+    if not measured:
+        return {}
+    t = cfg.get("pion_t", 1)
+    if isinstance(t, bool) or not isinstance(t, int):
+        raise ConfigError(f"pion_t must be an integer time separation; found {t!r}")
+    tsize = int(lattice[-1])
+    for name in measured:
+        top = PION_OBSERVABLES[name](tsize)
+        if not 0 <= t <= top:
+            why = "" if name == "pion_correlator" else " (C(t)/C(t+1), symmetric about T/2: t + 1 <= T/2)"
+            raise ConfigError(
+                f"pion_t = {t}: {name} needs 0 <= pion_t <= {top} on a lattice of time extent T = {tsize}{why}"
+            )
+    return {name: {"t": t} for name in measured}
+
+
+class CGCounting:
+    """A kernel whose ``info`` also holds ``cg_iterations``: the conjugate-gradient iterations
+    of each chain's solves during the step, (B,) float64.
+
+    Wraps a kernel whose action counts its solves per chain
+    (``take_cg_iterations()``, as the pseudofermion actions of
+    :mod:`flowplug.plugins.fermion_actions` and :mod:`flowplug.plugins.yukawa`); every
+    other attribute is the wrapped kernel's. The count changes nothing of the chain (no
+    random numbers, no arithmetic of the step). :class:`flowplug.chain.Chain` records
+    ``cg_iterations`` in the history (checkpointed, in the measurements), and
+    :func:`flowplug.jobs.summary.cg_summary` summarises it.
+
+    Arguments:
+        kernel: The kernel (``init``/``step``).
+        action: Its action, with ``take_cg_iterations() -> (B,) int64 tensor or None``.
+    """
+
+    def __init__(self, kernel: Any, action: Any) -> None:
+        self.kernel = kernel
+        self.action = action
+
+    def __getattr__(self, name: str) -> Any:
+        kernel = self.__dict__.get("kernel")
+        if kernel is None:  # not yet initialised (copies): no attributes to forward
+            raise AttributeError(name)
+        return getattr(kernel, name)
+
+    def init(self, x: torch.Tensor) -> Any:
+        """The wrapped kernel's ``init``."""
+        return self.kernel.init(x)
+
+    def step(self, state: Any, generator: torch.Generator | None = None) -> tuple[Any, dict[str, Any]]:
+        """One step of the wrapped kernel, with ``info["cg_iterations"]`` (B,) float64."""
+        self.action.take_cg_iterations()  # forget solves outside the step (init, measurements)
+        new, info = self.kernel.step(state, generator)
+        counts = self.action.take_cg_iterations()
+        if counts is None or counts.shape[0] != state.batch:
+            counts = torch.zeros(state.batch, dtype=torch.int64)
+        return new, {**info, "cg_iterations": counts.to(torch.float64)}
 
 
 def start_configuration(
@@ -303,14 +412,16 @@ def _run_hmc(
     from flowplug.config import parse_toml
     from flowplug.jobs.chains import run_chains
     from flowplug.jobs.output import ChainOutput, Configurations
-    from flowplug.jobs.provenance import provenance
-    from flowplug.jobs.summary import chain_summary, warn_short_chains
+    from flowplug.jobs.provenance import check_resume_config, provenance
+    from flowplug.jobs.summary import cg_summary, chain_summary, warn_short_chains
     from flowplug.manager import get_plugin_manager
     from flowplug.measure import default_observables, measurement
     from flowplug.theory import action_from_config, check_action_keys
 
     pm = get_plugin_manager()
     out = Path(str(cfg["out"]))
+    if resume:  # names every changed key of the chain (the fingerprint stays the final guard)
+        check_resume_config(out, cfg, ignore=NON_CHAIN_KEYS, omit_defaults=ADDED_KEYS)
     ckpt = out / distributed.rank_name("checkpoint.pt")
     if any(distributed.all_gather_object(ckpt.exists())) and not resume and not force:
         raise FlowplugError(
@@ -351,12 +462,15 @@ def _run_hmc(
     x0, start_desc = start_configuration(cfg, action, chains, generator, device, log)
     x0 = x0[local]
     ndim = len(kernel.space.lattice_of(x0))
+    if callable(getattr(action, "take_cg_iterations", None)):  # CG iterations per trajectory and chain
+        kernel = CGCounting(kernel, action)
     couplings: dict[str, Any] = getattr(action, "couplings", dict)()
     stated = {"name": str(cfg["action"]["name"]), **couplings}  # what files and provenance record
     names = list(cfg["observables"]) or [
         *default_observables(action.field, ndim),
         *getattr(action, "observables", ()),  # an action's own (fermionic actions: condensate, pion)
     ]
+    options = observable_options(cfg, names, list(kernel.space.lattice_of(x0)))
     save_every = int(cfg["save_every"])
     configurations = Configurations(
         out / "ensemble",
@@ -400,7 +514,7 @@ def _run_hmc(
         x0,
         total,
         **split,
-        measure=measurement(action.field, names, couplings=couplings),
+        measure=measurement(action.field, names, couplings=couplings, options=options),
         output=output,
         resume=resume,
         run_id=run_id,
@@ -443,4 +557,8 @@ def _run_hmc(
         "world_size": distributed.world_size(),
         "streams": streams,
     }
+    if "cg_iterations" in history:
+        summary["cg"] = cg_summary(history["cg_iterations"])
+    if options:
+        summary["pion_t"] = int(cfg.get("pion_t", 1))
     return output.finish(chain, summary)

@@ -18,6 +18,11 @@ directory through one :class:`ChainOutput`:
 ``checkpoint.pt`` / ``chain.ckpt``
     the chain checkpoint (:meth:`flowplug.chain.Chain.save`), written after the
     configurations and measurements it covers.
+``config.toml``
+    the run's resolved configuration (:func:`flowplug.jobs.provenance.write_run_config`),
+    written just before each checkpoint: ``--resume`` starts from it
+    (:func:`flowplug.jobs.provenance.resume_configuration`) and refuses changes of the
+    chain's keys (:func:`flowplug.jobs.provenance.check_resume_config`).
 ``summary.json``, ``report.png``
     at the end (:func:`flowplug.fsutil.write_summary`, :func:`flowplug.jobs.report.chain_report`).
 
@@ -521,7 +526,8 @@ class ChainOutput:
         measurements: ``"hdf5"`` (``measurements.h5``), ``"csv"`` (``measurements.csv``)
             or ``None``.
         step_label: Name of the step counter in the measurements (``trajectory`` for HMC).
-        config: The run configuration (stored with HDF5 measurements).
+        config: The run configuration (stored with HDF5 measurements, and as
+            ``config.toml`` with every checkpoint).
         what: ``what`` of the ``flowplug_checkpoint_written`` event.
 
     Under torchrun (:mod:`flowplug.distributed`) every rank builds its own
@@ -640,10 +646,15 @@ class ChainOutput:
             self.configurations.save(chain.step_count, chain.state.x)  # (the streams joined only here)
 
     def checkpoint(self, chain: Any) -> None:
-        """Measurements and ``provenance.json`` up to the chain's step, then its checkpoint."""
+        """Measurements and ``provenance.json`` up to the chain's step, ``config.toml``, then
+        its checkpoint."""
         from flowplug.manager import get_plugin_manager
 
         self._write_tables(chain)
+        if self.is_main and self.config is not None:
+            from flowplug.jobs.provenance import write_run_config
+
+            write_run_config(self.out, self.config)
         chain.save(self.checkpoint_path)
         get_plugin_manager().notify(
             "flowplug_checkpoint_written", path=str(self.checkpoint_path), step=chain.step_count, what=self.what

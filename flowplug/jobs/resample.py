@@ -58,7 +58,7 @@ from typing import Any
 from flowplug import distributed
 from flowplug.errors import ConfigError, FormatError
 
-__all__ = ["DEFAULT_CONFIG", "NON_CHAIN_KEYS", "OPEN_TABLES", "run_resample"]
+__all__ = ["DEFAULT_CONFIG", "NON_CHAIN_KEYS", "ADDED_KEYS", "OPEN_TABLES", "run_resample"]
 
 DEFAULT_CONFIG = """\
 # flowplug resample: exact flow chains seeded by an existing ensemble
@@ -75,6 +75,7 @@ checkpoint_every = 50
 measurements = "csv"  # per-step measurements: "csv" (measurements.csv) or "hdf5" (measurements.h5)
 progress = true     # progress bar (--no-progress turns it off)
 observables = []    # measured after every step ([] = defaults of the field kind)
+pion_t = 1          # time separation t of pion_effective_mass (0 <= t <= T/2 - 1) and pion_correlator
 to = ""             # output format ("" = the inputs' format)
 precision = 0       # output precision in bits (0 = the inputs')
 
@@ -103,6 +104,10 @@ OPEN_TABLES = ("kernel.options", "action")
 #: Keys that do not change the Markov chains: a run may be resumed with other values.
 NON_CHAIN_KEYS = ("steps", "save_every", "checkpoint_every", "measurements", "threads", "streams", "progress")
 # (the effective number of streams enters the run's id instead: 0 means one per process)
+
+#: Keys added after runs of the job existed, left out of the fingerprint at these values
+#: (:func:`flowplug.jobs.provenance.fingerprint`), so earlier checkpoints stay resumable.
+ADDED_KEYS: dict[str, Any] = {"pion_t": 1}
 
 
 def _warn_other_action(path: Any, ens: Any, target: Mapping[str, Any], seen: set[str], *, weighted: bool) -> None:
@@ -270,11 +275,13 @@ def _run_resample(
         weight_figures,
     )
     from flowplug.jobs.output import ChainOutput, Configurations, output_format
-    from flowplug.jobs.provenance import file_sha256, fingerprint, kernel_record, provenance
+    from flowplug.jobs.provenance import check_resume_config, file_sha256, fingerprint, kernel_record, provenance
     from flowplug.jobs.summary import chain_summary, warn_short_chains
     from flowplug.measure import default_observables, measurement
 
     out = Path(out)
+    if resume:  # names every changed key of the chains (the fingerprint stays the final guard)
+        check_resume_config(out, cfg, ignore=NON_CHAIN_KEYS, omit_defaults=ADDED_KEYS)
     read_options = {k: v for k, v in dict(read_options or {}).items() if v is not None}
     ck = None if flow is None else open_flow(flow, check_inverse=check_inverse)
     action = ck.action(action_override(cfg)) if ck is not None else _action_without_flow(cfg)
@@ -336,7 +343,12 @@ def _run_resample(
     lattice = tuple(ck.flow.lattice) if ck is not None else tuple(ensemble.lattice)
     field, ndim = (ck.flow.field if ck is not None else ensemble.field), len(lattice)
     names = list(cfg.get("observables") or [*default_observables(field, ndim), *getattr(action, "observables", ())])
-    measure = measurement(field, names, couplings=getattr(action, "couplings", dict)())  # kappa for the condensate
+    from flowplug.jobs.hmc import observable_options
+
+    options = observable_options(cfg, names, lattice)  # pion_t
+    measure = measurement(
+        field, names, couplings=getattr(action, "couplings", dict)(), options=options
+    )  # kappa for the condensate
     kernel = build_kernel(ck.flow if ck is not None else None, action, cfg["kernel"])  # validate before outputs
     # weights stream by stream (the same batches in any process), joined over every process
     weights: dict[str, Any] = {"ess": None, "reweighted": None}
@@ -363,7 +375,11 @@ def _run_resample(
     steps = int(cfg["steps"])
     # steps and output settings may change on --resume; the flow and the inputs may not
     run_id = fingerprint(
-        cfg, ck.sha256 if ck is not None else "", *[s["sha256"] for s in all_sources], ignore=NON_CHAIN_KEYS
+        cfg,
+        ck.sha256 if ck is not None else "",
+        *[s["sha256"] for s in all_sources],
+        ignore=NON_CHAIN_KEYS,
+        omit_defaults=ADDED_KEYS,
     )
     if streams > 1:
         run_id += f"/streams={streams}"
@@ -464,6 +480,7 @@ def _run_resample(
         "written": len(records),
         "world_size": distributed.world_size(),
         "streams": streams,
+        **({"pion_t": int(cfg.get("pion_t", 1))} if options else {}),
         "threads": torch.get_num_threads(),
         "inverse_check": inverse_check,
     }

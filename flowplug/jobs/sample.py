@@ -20,7 +20,9 @@ format (``format = "ildg"`` for 4D SU(3)/SU(2)); ``DIR/provenance.json`` lists t
 ``DIR/measurements.csv`` (or ``.h5``) has every measurement, ``DIR/summary.json``
 ``acceptance``, ``ess`` (of the flow proposals' weights p/q),
 ``observables.<name>.{mean,error,tau_int}`` (Gamma method); ``DIR/report.png``
-histories, autocorrelation functions and acceptance. ``resume=True`` continues from
+histories, autocorrelation functions and acceptance; for an action with pseudofermions
+``cg`` (conjugate-gradient iterations, :func:`flowplug.jobs.summary.cg_summary`), with a
+pion observable ``pion_t`` (its time separation). ``resume=True`` continues from
 ``DIR/chain.ckpt``. The flow must pass the inverse check
 (:func:`flowplug.flowtools.check_inverse`, recorded as ``inverse_check`` in the summary)
 unless ``check_inverse=False``.
@@ -46,7 +48,7 @@ from typing import Any
 
 from flowplug import distributed
 
-__all__ = ["DEFAULT_CONFIG", "NON_CHAIN_KEYS", "OPEN_TABLES", "run_sample"]
+__all__ = ["ADDED_KEYS", "DEFAULT_CONFIG", "NON_CHAIN_KEYS", "OPEN_TABLES", "run_sample"]
 
 DEFAULT_CONFIG = """\
 # flowplug sample: exact Markov chains with flow proposals
@@ -63,6 +65,7 @@ thermalize = 20     # steps left out of the statistics and of the written config
 start = "auto"      # "auto": exact draws of the kernel's proposal where the kernel offers them
                     # (nonequilibrium: one forward evolution per chain, with its work), else
                     # flow samples (with --flow) or a hot start; "hot": a hot (disordered) start
+pion_t = 1          # time separation t of pion_effective_mass (0 <= t <= T/2 - 1) and pion_correlator
 save_every = 0      # write the configurations every this many steps (0: only the last)
 checkpoint_every = 100
 format = "hdf5"     # output format of the configurations
@@ -95,6 +98,10 @@ OPEN_TABLES = ("kernel.options", "action")
 #: Keys that do not change the Markov chain: a run may be resumed with other values.
 NON_CHAIN_KEYS = ("steps", "save_every", "checkpoint_every", "measurements", "threads", "streams", "progress")
 # (the effective number of streams enters the run's id instead: 0 means one per process)
+
+#: Keys added after runs of the job existed, with the value that reproduces those runs: left
+#: out of the fingerprint at that value, so earlier checkpoints stay resumable.
+ADDED_KEYS: dict[str, Any] = {"start": "auto", "pion_t": 1}
 
 
 def run_sample(
@@ -160,12 +167,17 @@ def _run_sample(
         kernel_name,
         run_chains,
     )
+    from flowplug.jobs.hmc import CGCounting, observable_options
     from flowplug.jobs.output import ChainOutput, Configurations, output_format
     from flowplug.jobs.provenance import fingerprint, kernel_record, provenance
-    from flowplug.jobs.summary import chain_summary, warn_short_chains
+    from flowplug.jobs.summary import cg_summary, chain_summary, warn_short_chains
     from flowplug.measure import default_observables, measurement
 
     out = Path(out)
+    if resume:  # names every changed key of the chains (the fingerprint stays the final guard)
+        from flowplug.jobs.provenance import check_resume_config
+
+        check_resume_config(out, cfg, ignore=NON_CHAIN_KEYS, omit_defaults=ADDED_KEYS)
     chains, steps, therm = int(cfg["chains"]), int(cfg["steps"]), int(cfg["thermalize"])
     if chains < 1 or steps < 1 or not 0 <= therm < steps:
         raise ConfigError(
@@ -191,6 +203,9 @@ def _run_sample(
     fmt = output_format(None, cfg["format"])
     names = list(cfg.get("observables") or [*default_observables(field, ndim), *getattr(action, "observables", ())])
     kernel = build_kernel(ck.flow if ck else None, action, cfg["kernel"])  # validate before creating outputs
+    options = observable_options(cfg, names, lattice)  # pion_t
+    if callable(getattr(action, "take_cg_iterations", None)):  # CG iterations per step and chain
+        kernel = CGCounting(kernel, action)
     start = str(cfg.get("start", "auto"))
     if start not in ("auto", "hot"):
         raise ConfigError(f'start must be "auto" or "hot"; found {start!r}')
@@ -232,7 +247,7 @@ def _run_sample(
         def start_states(n: int, generator: torch.Generator) -> Any:
             return draw(n, lattice, generator, device)
 
-    run_id = fingerprint(cfg, ck.sha256 if ck else "", ignore=NON_CHAIN_KEYS)
+    run_id = fingerprint(cfg, ck.sha256 if ck else "", ignore=NON_CHAIN_KEYS, omit_defaults=ADDED_KEYS)
     if streams > 1:
         run_id += f"/streams={streams}"
         split: dict[str, Any] = {
@@ -247,7 +262,8 @@ def _run_sample(
         x0.detach(),
         steps,
         **split,
-        measure=measurement(field, names, couplings=getattr(action, "couplings", dict)()),  # kappa for the condensate
+        # kappa for the condensate, pion_t for the pion observables
+        measure=measurement(field, names, couplings=getattr(action, "couplings", dict)(), options=options),
         output=output,
         resume=resume,
         run_id=run_id,
@@ -287,7 +303,10 @@ def _run_sample(
         "inverse_check": inverse_check,
         "world_size": distributed.world_size(),
         "streams": streams,
+        **({"pion_t": int(cfg.get("pion_t", 1))} if options else {}),
     }
+    if "cg_iterations" in hist:
+        summary["cg"] = cg_summary(hist["cg_iterations"])
     report = {
         "history": {k: v[therm:] for k, v in hist.items()},
         "names": names,

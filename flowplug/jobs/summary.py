@@ -11,6 +11,7 @@ Shared by every chain job (``hmc``, ``sample``, ``resample``; ``demo`` through t
   observable; given the lattice, also the **topological susceptibility**
   chi_t = <Q^2>/V (V = number of sites, lattice units) wherever the topological charge
   Q is measured (:func:`topological_susceptibility`, DESIGN.md section 3);
+* :func:`cg_summary`: the conjugate-gradient cost of a fermion run (``summary.json`` ``cg``);
 * :func:`warn_short_chains`: one :class:`ShortChainWarning` naming the observables whose
   chains are too short for their tau_int (:data:`MIN_LENGTH_IN_TAU`).
 """
@@ -36,6 +37,7 @@ __all__ = [
     "ShortChainWarning",
     "MIN_LENGTH_IN_TAU",
     "NON_OBSERVABLES",
+    "cg_summary",
 ]
 
 #: A chain shorter than this many tau_int gives an unreliable error: the relative error
@@ -53,11 +55,11 @@ class ShortChainWarning(UserWarning):
 
 
 def _is_bookkeeping(name: str) -> bool:
-    return name in ("accepted", "delta_h", "work_proposal") or name.startswith("accepted.")
+    return name in ("accepted", "delta_h", "work_proposal", "cg_iterations") or name.startswith("accepted.")
 
 
 #: History entries that are kernel bookkeeping, not observables.
-NON_OBSERVABLES = ("accepted", "accepted.<label>", "delta_h", "work_proposal")
+NON_OBSERVABLES = ("accepted", "accepted.<label>", "delta_h", "work_proposal", "cg_iterations")
 
 
 def _array(values: Any) -> np.ndarray:
@@ -170,6 +172,39 @@ def topological_susceptibility(charge: Any, lattice: Sequence[int], *, burn: int
     if SUSCEPTIBILITY not in entry:
         return {}
     return {**entry[SUSCEPTIBILITY], "volume": volume, "definition": "<Q^2>/V"}
+
+
+def cg_summary(iterations: Any) -> dict[str, Any]:
+    """The conjugate-gradient cost of a run from its history of CG iterations per step and chain.
+
+    Every trajectory of the run counts, thermalisation included (this is the cost of the
+    run, not a physical observable); steps recorded without a count (NaN: trajectories of a
+    run resumed from a checkpoint of an earlier version) are left out and counted in
+    ``trajectories_without_count``.
+
+    Arguments:
+        iterations: (T, B) array or tensor (steps x chains): CG iterations of each chain's
+            solves in each trajectory (heat bath, forces, the final action; every
+            pseudofermion term), as ``cg_iterations`` of the history
+            (:class:`flowplug.jobs.hmc.CGCounting`).
+
+    Returns:
+        ``{"iterations": total over every trajectory and chain, "trajectories": counted
+        trajectories summed over the chains, "per_trajectory": {"mean", "max"} over the
+        (trajectory, chain) pairs, "trajectories_without_count"}``; ``per_trajectory``
+        values are NaN when nothing was counted.
+    """
+    data = _array(iterations)
+    counted = data[~np.isnan(data)]
+    return {
+        "iterations": int(counted.sum()),
+        "trajectories": int(counted.size),
+        "per_trajectory": {
+            "mean": float(counted.mean()) if counted.size else math.nan,
+            "max": float(counted.max()) if counted.size else math.nan,
+        },
+        "trajectories_without_count": int(data.size - counted.size),
+    }
 
 
 def chain_summary(
