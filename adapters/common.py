@@ -7,9 +7,11 @@ of :class:`flowplug.io.Check` records.
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 import queue
+import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -315,10 +317,13 @@ def _read_pieces(
     chunks = _file_chunks(file_shape, unit)
     largest = max(b - a for _, a, b in chunks) * unit
     nthreads = 1 if on_chunk is not None else _threads_for(nbytes, threads, len(chunks))
-    scratch: queue.SimpleQueue[np.ndarray] = queue.SimpleQueue()  # one buffer per running task
-    need_scratch = contiguous or precision != 64
+    # scratch buffers of each running task: the stored bytes, and (when they are not in
+    # native byte order) the native values, made by a swapping copy
+    scratch: queue.SimpleQueue[tuple[np.ndarray, np.ndarray]] = queue.SimpleQueue()
+    need_scratch = contiguous or precision != 64 or not stored.isnative
     for _ in range(nthreads if need_scratch else 0):
-        scratch.put(np.empty(largest, dtype=np.uint8))
+        raw_buf = np.empty(largest, dtype=np.uint8)
+        scratch.put((raw_buf, raw_buf if stored.isnative else np.empty(largest, dtype=np.uint8)))
     block = _block(n, stored.itemsize)
     narrow = None
     if contiguous:
@@ -354,26 +359,35 @@ def _read_pieces(
 
     def task(chunk: tuple[Any, int, int]) -> tuple[bool, tuple[float, float], tuple[float, float]]:
         index, a, b = chunk
-        if not contiguous and precision == 64:  # read in place, swap in place
+        if not contiguous and precision == 64 and stored.isnative:  # read in place
             buf = flat[a * n * n : b * n * n].view(np.uint8)
-            finite = _piece_in_place(buf, fill, a * unit, stored, on_chunk, on_piece)
+            fill(buf, a * unit)
+            _call(on_chunk, on_piece, buf, a * unit)
+            finite = _finite_piece(buf, np.float64)
             return (finite, *deviations(buf.view(np.complex128).reshape(-1, n, n), a, b))
-        own = scratch.get()
+        own_raw, own_native = scratch.get()
         try:
-            buf = own[: (b - a) * unit]
+            raw = own_raw[: (b - a) * unit]
+            fill(raw, a * unit)
+            _call(on_chunk, on_piece, raw, a * unit)
+            if not contiguous and precision == 64:  # swap straight into place
+                buf = flat[a * n * n : b * n * n].view(np.uint8)
+                _to_native(buf, raw, stored)
+                finite = _finite_piece(buf, np.float64)
+                return (finite, *deviations(buf.view(np.complex128).reshape(-1, n, n), a, b))
             if not contiguous:  # 32-bit file order: widen into place
-                fill(buf, a * unit)
-                _call(on_chunk, on_piece, buf, a * unit)
                 piece = flat[a * n * n : b * n * n]
                 with np.errstate(invalid="ignore"):
-                    np.copyto(piece, buf.view(stored))
+                    np.copyto(piece, raw.view(stored))
                 return (_finite_piece(piece, np.float64), *deviations(piece.reshape(-1, n, n), a, b))
-            finite = _piece_in_place(buf, fill, a * unit, stored, on_chunk, on_piece)
+            buf = raw if stored.isnative else own_native[: (b - a) * unit]
+            _to_native(buf, raw, stored)  # now native, in cache
+            finite = _finite_piece(buf, np.float64 if stored.itemsize == 16 else np.float32)
             devs = deviations(buf.view(np.complex128).reshape(-1, n, n), a, b) if precision == 64 else (zero, zero)
             np.copyto(dst[index], buf.view(block).reshape(dst[index].shape))
             return (finite, *devs)
         finally:
-            scratch.put(own)
+            scratch.put((own_raw, own_native))
 
     results = map_pieces(task, chunks, nthreads)
     finite = all(r[0] for r in results)
@@ -403,21 +417,25 @@ def _call(
         on_piece(buf, start)
 
 
-def _piece_in_place(
-    buf: np.ndarray,
-    fill: Callable[[np.ndarray, int], None],
-    start: int,
-    stored: np.dtype,
-    on_chunk: Callable[[np.ndarray], None] | None,
-    on_piece: Callable[[np.ndarray, int], None] | None,
-) -> bool:
-    """Fill ``buf`` with stored bytes, pass them on, swap them to native order in place;
-    whether the values are all finite (a finite sum)."""
-    fill(buf, start)
-    _call(on_chunk, on_piece, buf, start)
-    if not stored.isnative:
-        buf.view(stored).byteswap(inplace=True)  # now native, in cache
-    return _finite_piece(buf, np.float64 if stored.itemsize == 16 else np.float32)
+def _to_native(dst: np.ndarray, src: np.ndarray, stored: np.dtype) -> None:
+    """Copy the stored bytes ``src`` (uint8) into ``dst`` (uint8, same size) in native byte order.
+
+    A byte-swapping copy of the real and imaginary words as unsigned integers (bit for bit,
+    NaN payloads included): about the cost of a plain copy, two to three times cheaper than
+    numpy's in-place ``byteswap``. A plain copy when ``stored`` is native already.
+    """
+    if stored.isnative:
+        if dst.ctypes.data != src.ctypes.data:
+            np.copyto(dst, src)
+        return
+    word = _in_order(f"u{stored.itemsize // 2}", stored.byteorder)
+    np.copyto(dst.view(word.newbyteorder("=")), src.view(word))
+
+
+def _to_stored(dst: np.ndarray, src: np.ndarray, stored: np.dtype) -> None:
+    """Copy native values ``src`` (uint8 view) into ``dst`` (uint8, same size) in the byte order
+    of ``stored``: the inverse of :func:`_to_native` (a byte swap is its own inverse)."""
+    _to_native(dst, src, stored)
 
 
 def _finite_piece(buf: np.ndarray, real: type[np.floating]) -> bool:
@@ -472,7 +490,8 @@ def write_ildg_payload(
     about :data:`CHUNK_BYTES` (no payload-sized temporary array). With ``threads`` > 1
     the pieces are gathered, byte swapped and passed to ``on_piece`` on a pool of
     threads (numpy releases the GIL) while the calling thread writes the finished ones
-    in file order; the bytes are the same whatever the number.
+    in file order; the bytes are the same whatever the number. The payload's disk space
+    is reserved first (:func:`_reserve`).
 
     Arguments:
         fh: A binary file open for writing.
@@ -493,6 +512,7 @@ def write_ildg_payload(
     can = _canonical_array(links)
     chunks, largest, produce = _ildg_producer(can, precision, byteorder)
     nthreads = _threads_for(can.size * complex_dtype(precision).itemsize, threads, len(chunks))
+    _reserve(fh, chunks[-1][2] * can.shape[-1] ** 2 * complex_dtype(precision).itemsize)
     total = 0
     if nthreads <= 1:
         scratch = np.empty(largest, dtype=np.uint8)
@@ -534,6 +554,28 @@ def write_ildg_payload(
     return total
 
 
+def _reserve(fh: Any, nbytes: int) -> None:
+    """Reserve ``nbytes`` of disk space from the current position of the open file ``fh``.
+
+    Linux ``fallocate(2)`` (what ``numpy.ndarray.tofile`` does before it writes): the
+    file system then allocates the blocks at once instead of write by write (part of the
+    ILDG write gain in ``benchmarks/io.py``, docs/io.md "Speed"). The bytes that follow must be
+    written (the file is extended to the reserved end). Does nothing elsewhere, for small
+    payloads, or when the call fails (a file system without it, a pipe).
+    """
+    if nbytes < PARALLEL_BYTES or not sys.platform.startswith("linux"):
+        return
+    try:
+        fd = fh.fileno()
+        fh.flush()
+        start = os.lseek(fd, 0, os.SEEK_CUR)
+        fallocate = ctypes.CDLL(None, use_errno=True).fallocate
+        fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+        fallocate(fd, 0, start, nbytes)  # a failure (-1) leaves the file as it was: plain writes follow
+    except (AttributeError, OSError, ValueError):
+        return
+
+
 def _canonical_array(links: torch.Tensor) -> np.ndarray:
     can = links.detach().cpu().resolve_conj().numpy()
     to_ildg(can)  # the shape check (a view; nothing is copied)
@@ -548,13 +590,15 @@ def _ildg_producer(
     """How to make the stored bytes of canonical links ``can`` piece by piece, in any order.
 
     Returns ``(chunks, largest, produce)``: the pieces (:func:`_file_chunks`), the bytes
-    of the largest, and ``produce(chunk, scratch) -> (piece, start, stop)``, which makes
-    the uint8 bytes of one piece in ``scratch`` (the returned ``piece`` is a view of it)
+    of scratch memory one call needs (the largest piece, twice that when the blocks are
+    gathered and then byte swapped), and ``produce(chunk, scratch) -> (piece, start, stop)``,
+    which makes the uint8 bytes of one piece in ``scratch`` (the returned ``piece`` is a view of it)
     and gives their byte range in the payload. Values are first rounded (or widened) to
     the stored precision, keeping their memory order; each piece is then gathered as
     whole N x N blocks (or sliced, when the memory is in file order already: a
-    file-order read) and byte swapped in cache. Calls on different pieces and scratch
-    buffers are independent (they may run on several threads).
+    file-order read) and byte swapped in cache by a swapping copy (:func:`_to_stored`).
+    Calls on different pieces and scratch buffers are independent (they may run on
+    several threads).
     """
     stored = complex_dtype(precision, byteorder)
     native = stored.newbyteorder("=")
@@ -581,14 +625,16 @@ def _ildg_producer(
         buf = scratch[: (b - a) * unit]
         if src is None:
             assert flat is not None
-            np.copyto(buf, flat[a * unit : b * unit])
-        else:
+            _to_stored(buf, flat[a * unit : b * unit], stored)
+        elif stored.isnative:
             np.copyto(buf.view(block).reshape(src[index].shape), src[index])
-        if not stored.isnative:
-            buf.view(stored).byteswap(inplace=True)
+        else:  # gather the native blocks behind ``buf``, then one swapping copy (cheaper than an in-place swap)
+            gathered = scratch[largest : largest + (b - a) * unit]
+            np.copyto(gathered.view(block).reshape(src[index].shape), src[index])
+            _to_stored(buf, gathered, stored)
         return buf, a * unit, b * unit
 
-    return chunks, largest, produce
+    return chunks, largest if (src is None or stored.isnative) else 2 * largest, produce
 
 
 def _ildg_pieces(can: np.ndarray, precision: int, byteorder: str) -> Iterator[tuple[np.ndarray, int, int]]:

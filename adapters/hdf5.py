@@ -196,11 +196,11 @@ def _meta_from_json(path: Path, i: int, text: str | bytes) -> tuple[Metadata, st
     return meta, doc.get("crc32")
 
 
-#: Configurations of at least this many bytes are read in chunk-aligned slabs; with two
-#: or more I/O threads (:func:`flowplug.linkcheck.io_threads`) the CRC-32 and the
+#: With two or more I/O threads (:func:`flowplug.linkcheck.io_threads`), configurations
+#: of at least this many bytes are read in chunk-aligned slabs, and the CRC-32 and the
 #: finiteness proof of each slab are computed in a helper thread while the next slab is
 #: read (zlib and numpy release the GIL), so that the checks cost about the read instead
-#: of adding to it.
+#: of adding to it. On one thread a configuration is read whole.
 PIPELINE_BYTES = 8 << 20
 
 
@@ -239,12 +239,14 @@ def _read_configuration(links_ds: Any, data: np.ndarray, i: int, j: int) -> tupl
     """Read stored configuration ``i`` into ``data[j]``; the CRC-32 of its bytes and whether
     they are all finite (see :func:`_finite`).
 
-    Large configurations are read slab by slab (:func:`_slabs`), each slab checksummed and
-    summed while it is in cache; with two or more I/O threads one helper thread does that
-    for the slabs already read, in order, while the next is read (:data:`PIPELINE_BYTES`).
+    With two or more I/O threads, large configurations are read slab by slab
+    (:func:`_slabs`) and one helper thread checksums and sums the slabs already read, in
+    order, while the next is read (:data:`PIPELINE_BYTES`). On one thread the
+    configuration is read whole and then checksummed and summed: the slabs (HDF5 chunks
+    of several MiB) do not stay in cache anyway, and one read costs less than many.
     """
     slabs = _slabs(tuple(data.shape[1:]), None if links_ds.chunks is None else tuple(links_ds.chunks[1:]))
-    if len(slabs) < 2 or data[j].nbytes < PIPELINE_BYTES:
+    if len(slabs) < 2 or data[j].nbytes < PIPELINE_BYTES or io_threads() < 2:
         links_ds.read_direct(data, np.s_[i], np.s_[j])
         return zlib.crc32(memoryview(data[j]).cast("B")), _finite(data[j])
     crc = [0]
@@ -254,12 +256,6 @@ def _read_configuration(links_ds: Any, data: np.ndarray, i: int, j: int) -> tupl
         crc[0] = zlib.crc32(memoryview(piece).cast("B"), crc[0])  # type: ignore[arg-type]  # numpy's stubs give ndarray __buffer__ only for Python >= 3.12
         finite[0] = finite[0] and _finite(piece)
 
-    if io_threads() < 2:
-        for sel in slabs:
-            source, dest = (i, *sel), (j, *sel)
-            links_ds.read_direct(data, source, dest)
-            accumulate(data[dest])
-        return crc[0], finite[0]
     with ThreadPoolExecutor(max_workers=1) as pool:  # one worker: the slabs are summed in order
         pending = []
         for sel in slabs:

@@ -8,6 +8,10 @@ and best of ``--repeat`` rounds (as ``benchmarks/io.py``):
   chunks of 32768), and a cheaper test that flowplug does not use (rows 0 and 1
   orthonormal, row 2 equal to conj(row 0 x row 1); it bounds the documented quantities
   only up to constant factors, see docs/io.md);
+- the byte swap of a stored (big-endian) 1 MiB piece that is in cache, as the reader's
+  pieces are (36 times, about one configuration): numpy's in-place ``byteswap``
+  (flowplug's before issue 16 item 5), the swapping copy into a second buffer
+  (``flowplug.adapters.common._to_native``, flowplug's now) and a plain copy (the limit);
 - the permuted copy ILDG order -> canonical order of the whole configuration: numpy with
   one void item per 3 x 3 matrix (flowplug's), torch's strided ``copy_``, and a plain
   contiguous copy of the same bytes (the limit).
@@ -83,7 +87,7 @@ def cheap_check(u: np.ndarray) -> float:
 
 def main() -> None:
     """Parse the arguments, time the candidates round-robin, print JSON lines."""
-    from flowplug.adapters.common import _block
+    from flowplug.adapters.common import _block, _to_native
     from flowplug.layout import from_ildg, to_ildg
     from flowplug.linkcheck import matrices_deviation
 
@@ -100,6 +104,9 @@ def main() -> None:
     dst_blocks = to_ildg(out.reshape(4, *lattice, 9).view(block).reshape(4, *lattice, 1, 1))[..., 0, 0]
     src_blocks = src.reshape(*reversed(lattice), 4, 9).view(block)[..., 0]
     t_src, t_out = torch.from_numpy(src), torch.from_numpy(out)
+    stored = np.dtype(">c16")
+    swap_src = u.reshape(-1).view(np.uint8)[: 1 << 20].copy()
+    swap_dst = np.empty_like(swap_src)
     flat = np.empty_like(src)
 
     def flowplug_check() -> None:
@@ -111,6 +118,11 @@ def main() -> None:
             "flowplug (structure of arrays)": flowplug_check,
             "before (strided products)": lambda: strided_check(u),
             "cheaper test, not used": lambda: cheap_check(u),
+        },
+        "byte swap": {  # big-endian stored bytes -> native, one 1 MiB piece in cache, 36 times (as the reader's)
+            "numpy in-place byteswap": lambda: [swap_src.view(">c16").byteswap(inplace=True) for _ in range(36)],
+            "swapping copy (flowplug)": lambda: [_to_native(swap_dst, swap_src, stored) for _ in range(36)],
+            "plain copy (limit)": lambda: [np.copyto(swap_dst, swap_src) for _ in range(36)],
         },
         "permuted copy": {
             "numpy, void blocks (flowplug)": lambda: np.copyto(dst_blocks, src_blocks),
