@@ -16,6 +16,12 @@ A **kernel** is an object with
     (B,) float64. The kernel must leave p(x) = exp(-S(x)) / Z invariant (detailed balance
     or a composition of such steps).
 
+Optionally, ``start_states(n, lattice, generator, device) -> ChainState``: exact draws of
+the kernel's own proposal, with what it caches per chain (the ``nonequilibrium`` kernel:
+the endpoints of forward evolutions with their works). ``flowplug sample`` starts its
+chains from them instead of a hot start (:func:`flowplug.jobs.chains.run_chains`
+``start``); any start leaves a chain exact, this one shortens its thermalisation.
+
 Kernels compose: a mixture or a cycle of kernels is itself a kernel that calls the
 ``step`` of its parts on the same state. To make that safe, :class:`ChainState`
 carries, besides x and log p, a dict ``extras`` of per-chain cached quantities valid
