@@ -57,6 +57,26 @@ def test_counts_per_trajectory_and_chain_add_up_to_every_solve(options):
     assert torch.equal(plain.history_tensors()["delta_h"], counted.history_tensors()["delta_h"])
 
 
+def test_a_step_whose_solves_are_of_sub_batches_has_no_count_not_zero():
+    """A mixture steps sub-batches of the chains: their solves restart the action's tally, so
+    the step's count per chain is lost; CGCounting records NaN (left out of cg_summary and
+    counted in trajectories_without_count), never 0 iterations for a step that solved."""
+    from flowplug.plugins.kernels import Mixture
+
+    action = PseudofermionAction(2.0, 0.2, "u1")
+    kernel = Mixture([_kernel(action), _kernel(action)], [0.5, 0.5])
+    x0 = _start(batch=4)
+    chain = Chain(CGCounting(kernel, action), kernel.init(x0), torch.Generator().manual_seed(3))
+    chain.run(4)
+    h = chain.history_tensors()["cg_iterations"]
+    choice_split = torch.isnan(h).any(1)
+    assert bool(choice_split.any())  # some step gave the chains to both kernels
+    assert torch.isnan(h[choice_split]).all() and not bool((h == 0).any())
+    assert bool((h[~choice_split] > 0).all())  # a step whose chains all used one kernel is counted
+    s = cg_summary(h.numpy())
+    assert s["trajectories_without_count"] == 4 * int(choice_split.sum())
+
+
 def test_cg_summary():
     h = np.array([[10.0, 12.0], [np.nan, np.nan], [11.0, 30.0]])
     s = cg_summary(h)

@@ -655,6 +655,52 @@ def test_sample_starts_nonequilibrium_chains_from_forward_evolutions(tmp_path, f
     assert not (tmp_path / "bad" / "summary.json").exists()
 
 
+@pytest.mark.filterwarnings("ignore::flowplug.jobs.summary.ShortChainWarning")
+def test_sample_with_hmc_every_starts_from_the_kernel_s_draws(tmp_path, fresh_pm, monkeypatch):
+    """kernel.hmc_every wraps the kernel in a composition (HMC, then nonequilibrium): start =
+    "auto" still draws the start from the nonequilibrium part (one call per stream, n chains
+    each), where the composition alone would give a hot start; start = "hot" draws nothing."""
+    from flowplug.jobs.output import read_measurements
+
+    calls = []
+    real = NonEquilibrium.start_states
+
+    def counted(self, n, *args, **kwargs):
+        calls.append(n)
+        return real(self, n, *args, **kwargs)
+
+    monkeypatch.setattr(NonEquilibrium, "start_states", counted)
+    _ne_sample(tmp_path / "auto", "steps=2", "kernel.hmc_every=1", "kernel.hmc.steps=2", "streams=2")
+    assert calls == [2, 2]
+    _ne_sample(tmp_path / "hot", "steps=2", "kernel.hmc_every=1", "kernel.hmc.steps=2", "streams=2", 'start="hot"')
+    assert calls == [2, 2]
+    auto = read_measurements(tmp_path / "auto" / "measurements.csv")
+    hot = read_measurements(tmp_path / "hot" / "measurements.csv")
+    assert not np.array_equal(auto["plaquette"][0], hot["plaquette"][0])
+
+
+@pytest.mark.filterwarnings("ignore::flowplug.jobs.summary.ShortChainWarning")
+def test_sample_hot_start_with_a_flow_is_drawn_before_the_ess_samples(tmp_path, fresh_pm):
+    """With --flow and start = "hot" the hot start comes from the seeded generator before rank 0
+    alone draws the ESS samples from it: the chains do not depend on ess_samples (under
+    torchrun the other ranks draw no ESS samples, and must start their chains the same)."""
+    from flowplug.config import build_config
+    from flowplug.jobs.output import read_measurements
+    from flowplug.jobs.sample import DEFAULT_CONFIG, OPEN_TABLES, run_sample
+
+    ckpt = _u1_flow_checkpoint(tmp_path)
+    runs = {}
+    for n in (16, 32):
+        sets = ['kernel.type="flow-hmc"', 'start="hot"', f"ess_samples={n}", "chains=2", "steps=2"]
+        sets += ["thermalize=0", "progress=false", "kernel.hmc.steps=2"]
+        cfg = build_config(DEFAULT_CONFIG, overrides=sets, open_tables=OPEN_TABLES)
+        run_sample(cfg, ckpt, tmp_path / f"ess{n}")
+        runs[n] = read_measurements(tmp_path / f"ess{n}" / "measurements.csv")
+    assert set(runs[16]) == set(runs[32])
+    for k in runs[16]:  # flow-hmc moves locally: the first steps remember the start
+        np.testing.assert_array_equal(runs[16][k], runs[32][k], err_msg=k)
+
+
 def test_kernel_record_names_the_files_of_a_kernel_s_options(tmp_path):
     """A run's summary records the kernel table and the SHA-256 of every file an option names."""
     import hashlib

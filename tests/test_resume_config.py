@@ -190,6 +190,24 @@ def test_chain_key_differences():
     assert chain_key_differences({}, {"pion_t": 2}, omit_defaults={"pion_t": 1}) == [("pion_t", 1, 2)]
 
 
+def test_float_values_compare_as_the_fingerprint_writes_them(tmp_path):
+    """A stored nan is the same value as a given nan (the fingerprint, which writes floats with
+    repr, agrees: the resume goes on), while -0.0 and 0.0 differ (different fingerprints too):
+    the refusal names the key instead of the fingerprint's unnamed mismatch."""
+    import math
+
+    from flowplug.jobs.provenance import write_run_config
+
+    cfg = {"seed": 1, "action": {"name": "x", "theta": math.nan}, "kernel": {"options": {"eps": -0.0}}}
+    write_run_config(tmp_path, cfg)
+    check_resume_config(tmp_path, cfg)  # nothing changed
+    assert fingerprint(cfg) == fingerprint(stored_run_config(tmp_path))  # type: ignore[arg-type]
+    other = {"seed": 1, "action": {"name": "x", "theta": math.nan}, "kernel": {"options": {"eps": 0.0}}}
+    assert fingerprint(other) != fingerprint(cfg)
+    with pytest.raises(CheckpointError, match=r"kernel\.options\.eps: stored -0\.0, given 0\.0"):
+        check_resume_config(tmp_path, other)
+
+
 def test_resume_configuration_merges_over_the_stored_one(tmp_path):
     assert resume_configuration(tmp_path, DEFAULT_CONFIG) is None  # no config.toml: the caller's defaults
     cfg = _config.build_config(

@@ -231,13 +231,21 @@ class CGCounting:
         return self.kernel.init(x)
 
     def step(self, state: Any, generator: torch.Generator | None = None) -> tuple[Any, dict[str, Any]]:
-        """One step of the wrapped kernel, with ``info["cg_iterations"]`` (B,) float64."""
+        """One step of the wrapped kernel, with ``info["cg_iterations"]`` (B,) float64: 0 for a
+        step without a solve, NaN when the tally does not hold one count per chain of the
+        batch (solves of sub-batches, as in a ``mixture``, restart it: the count is lost, and
+        :func:`flowplug.jobs.summary.cg_summary` reports such steps as
+        ``trajectories_without_count``, not as free)."""
         self.action.take_cg_iterations()  # forget solves outside the step (init, measurements)
         new, info = self.kernel.step(state, generator)
         counts = self.action.take_cg_iterations()
-        if counts is None or counts.shape[0] != state.batch:
-            counts = torch.zeros(state.batch, dtype=torch.int64)
-        return new, {**info, "cg_iterations": counts.to(torch.float64)}
+        if counts is None:
+            row = torch.zeros(state.batch, dtype=torch.float64)
+        elif counts.dim() != 1 or counts.shape[0] != state.batch:
+            row = torch.full((state.batch,), torch.nan, dtype=torch.float64)
+        else:
+            row = counts.to(torch.float64)
+        return new, {**info, "cg_iterations": row}
 
 
 def start_configuration(

@@ -61,12 +61,16 @@ def _lookup(tree: Mapping[str, Any], dotted: str) -> Any:
 
 
 def _same(a: Any, b: Any) -> bool:
-    """Equal values of equal TOML types (``2`` and ``2.0`` differ, as in the fingerprint)."""
+    """Equal values of equal TOML types, as the fingerprint sees them: ``2`` and ``2.0``
+    differ, floats compare as written (``repr``: ``nan`` equals ``nan``, ``-0.0`` differs
+    from ``0.0``)."""
     if isinstance(a, Mapping) and isinstance(b, Mapping):
         return set(a) == set(b) and all(_same(a[k], b[k]) for k in a)
     if isinstance(a, list) and isinstance(b, list):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
-    return type(a) is type(b) and a == b
+    if type(a) is not type(b):
+        return False
+    return repr(a) == repr(b) if isinstance(a, float) else bool(a == b)
 
 
 def _strip(tree: Mapping[str, Any], ignore: set[tuple[str, ...]], prefix: tuple[str, ...] = ()) -> dict[str, Any]:

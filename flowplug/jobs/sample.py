@@ -10,8 +10,9 @@ overrides it. Without a flow, the action is ``[action]`` (``action.name`` and it
 couplings), the lattice ``lattice``, the chains start hot (disordered) and the default
 kernel is ``hmc``. A kernel that offers ``start_states(n, lattice, generator, device)``
 (exact draws of its own proposal with what it caches; ``nonequilibrium``: one forward
-evolution per chain, with its work) starts its chains from those instead (``start =
-"auto"``, the default; ``start = "hot"`` forces a hot start). The first ``thermalize``
+evolution per chain, with its work) starts its chains from those instead, also when
+``kernel.hmc_every`` puts HMC trajectories before its steps (``start = "auto"``, the
+default; ``start = "hot"`` forces a hot start, also with a flow). The first ``thermalize``
 steps are left out of the statistics and of the written configurations (a flow sample
 or a proposal draw is not yet a sample of p; the chain forgets it). Every
 ``save_every`` steps and after the last the configurations are written: into one
@@ -21,7 +22,9 @@ format (``format = "ildg"`` for 4D SU(3)/SU(2)); ``DIR/provenance.json`` lists t
 ``acceptance``, ``ess`` (of the flow proposals' weights p/q),
 ``observables.<name>.{mean,error,tau_int}`` (Gamma method); ``DIR/report.png``
 histories, autocorrelation functions and acceptance; for an action with pseudofermions
-``cg`` (conjugate-gradient iterations, :func:`flowplug.jobs.summary.cg_summary`), with a
+``cg`` (conjugate-gradient iterations, :func:`flowplug.jobs.summary.cg_summary`; its
+"trajectories" are kernel steps: with ``kernel.hmc_every = k`` one count covers the k HMC
+trajectories and the proposal of a step), with a
 pion observable ``pion_t`` (its time separation). ``resume=True`` continues from
 ``DIR/chain.ckpt``. The flow must pass the inverse check
 (:func:`flowplug.flowtools.check_inverse`, recorded as ``inverse_check`` in the summary)
@@ -63,7 +66,8 @@ streams = 0         # random streams: groups of chains with their own generator;
 steps = 200         # kernel steps per chain
 thermalize = 20     # steps left out of the statistics and of the written configurations
 start = "auto"      # "auto": exact draws of the kernel's proposal where the kernel offers them
-                    # (nonequilibrium: one forward evolution per chain, with its work), else
+                    # (nonequilibrium, also with hmc_every: one forward evolution per chain,
+                    # with its work), else
                     # flow samples (with --flow) or a hot start; "hot": a hot (disordered) start
 pion_t = 1          # time separation t of pion_effective_mass (0 <= t <= T/2 - 1) and pion_correlator
 save_every = 0      # write the configurations every this many steps (0: only the last)
@@ -227,19 +231,20 @@ def _run_sample(
     )
     output.start(resume=resume, force=force)
     weights: dict[str, Any] = {"ess": None}
-    # every process draws the start of all chains and keeps its own
-    if ck is not None:
-        with torch.no_grad():
+    # every process draws the start of all chains and keeps its own, before rank 0 alone
+    # draws the ESS samples from the same generator (so the start is the same on every rank)
+    with torch.no_grad():
+        if ck is not None and start != "hot":
             x0, _ = ck.flow.sample(chains, g0)
-            if distributed.is_main():  # the ESS of the proposals: rank 0 reports it
-                xs, _ = ck.flow.sample(int(cfg.get("ess_samples", 256)), g0)
-                weights = importance_weights(ck.flow, action, xs.detach())
-    if ck is None or start == "hot":
-        from flowplug.theory import field_space
+        else:
+            from flowplug.theory import field_space
 
-        x0 = field_space(field).hot(lattice, chains, generator=g0)
+            x0 = field_space(field).hot(lattice, chains, generator=g0)
+        if ck is not None and distributed.is_main():  # the ESS of the proposals: rank 0 reports it
+            xs, _ = ck.flow.sample(int(cfg.get("ess_samples", 256)), g0)
+            weights = importance_weights(ck.flow, action, xs.detach())
     x0 = x0[local]
-    draw = getattr(kernel, "start_states", None) if start == "auto" else None
+    draw = _start_draw(kernel) if start == "auto" else None
     start_states = None
     if draw is not None:  # the kernel's own proposal draws, each stream from its generator (run_chains)
         device = x0.device
@@ -314,6 +319,25 @@ def _run_sample(
         "acceptance": summary["acceptance_by_kernel"] or {"all": acc},
     }
     return output.finish(chain, summary, report=report)
+
+
+def _start_draw(kernel: Any) -> Any:
+    """The ``start_states(n, lattice, generator, device)`` of a kernel, or of the first part
+    of a composed kernel (``kernel.hmc_every``: HMC, then the kernel) that offers it; ``None``
+    if none does.
+
+    Any start leaves the chains exact; a part's proposal draws are a valid state of the whole
+    kernel (x with log p = -S(x) and that part's cached extras, which the other parts drop
+    when they move x: :meth:`flowplug.chain.ChainState.moved`).
+    """
+    draw = getattr(kernel, "start_states", None)
+    if callable(draw):
+        return draw
+    for part in getattr(kernel, "kernels", None) or ():
+        draw = _start_draw(part)
+        if draw is not None:
+            return draw
+    return None
 
 
 def _action_and_lattice(cfg: Mapping[str, Any]) -> tuple[Any, tuple[int, ...]]:
