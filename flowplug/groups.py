@@ -159,6 +159,54 @@ def haar_random(
     return (q * torch.exp(-1j * phase / n)[..., None, None]).to(dtype)
 
 
+def haar_random_su3(
+    shape: tuple[int, ...],
+    *,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.complex128,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    r"""Haar-distributed SU(3) matrices from two Gaussian rows and a cross product (no QR).
+
+    Two independent standard complex Gaussian vectors v_1, v_2 in C^3 are orthonormalised
+    (Gram-Schmidt: r_1 = v_1 / |v_1|, r_2 = w / |w| with w = v_2 - <r_1, v_2> r_1) and the
+    third row is r_3 = conj(r_1 x r_2), the unique completion of (r_1, r_2) to a matrix of
+    SU(3). Exactly Haar: the law of (v_1 V, v_2 V) equals that of (v_1, v_2) for every
+    unitary V, Gram-Schmidt commutes with V, and the rows of M V, for V in SU(3), are
+    r_1 V, r_2 V and conj(r_1 V x r_2 V) = r_3 V; so the law of M is invariant under
+    M -> M V and is Haar measure on SU(3) (the density relative to Haar is exactly 1, as
+    for :func:`haar_random`, whose samples for the same generator differ). Several times
+    cheaper than a batched QR of 3 x 3 matrices.
+
+    Arguments:
+        shape: Batch shape; the result has shape ``shape + (3, 3)``.
+        generator: Random number generator (for reproducibility).
+        dtype: complex64 or complex128.
+        device: Target device.
+
+    Returns:
+        Tensor of shape ``shape + (3, 3)`` in ``dtype``.
+
+    Raises:
+        ValueError: for a dtype that is not complex64 or complex128.
+
+    References:
+        Mezzadri, math-ph/0609050 (Haar measure from Gaussian matrices).
+    """
+    if dtype not in (torch.complex64, torch.complex128):
+        raise ValueError(f"haar_random_su3: dtype must be complex64 or complex128; found {dtype}")
+    g = torch.randn(*shape, 2, 3, 2, generator=generator, dtype=torch.float64, device=device)
+    v1, v2 = torch.view_as_complex(g).unbind(-2)  # (..., 3) each
+    # norms from the real and imaginary parts (torch's complex vector norm is far slower)
+    r1 = v1 * torch.rsqrt(g[..., 0, :, :].square().sum((-1, -2)))[..., None]
+    w = v2 - (r1.conj() * v2).sum(-1, keepdim=True) * r1
+    r2 = w * torch.rsqrt(torch.view_as_real(w).square().sum((-1, -2)))[..., None]
+    a0, a1, a2 = r1.unbind(-1)
+    b0, b1, b2 = r2.unbind(-1)
+    r3 = torch.stack([a1 * b2 - a2 * b1, a2 * b0 - a0 * b2, a0 * b1 - a1 * b0], -1).conj()
+    return torch.stack([r1, r2, r3], -2).to(dtype)
+
+
 def reunitarize(u: torch.Tensor) -> torch.Tensor:
     r"""Closest SU(N) matrix (polar decomposition by SVD, then the determinant phase removed).
 

@@ -187,18 +187,25 @@ class _GaugeCoupling(nn.Module):
         rect: tuple[torch.Tensor, torch.Tensor] | None = None,
         *,
         stripe: bool = False,
+        sites: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Network output (B, L..., n_params), float64, from per-plane features (B, np, L...)
         and, with ``rectangles``, the (re, im) features (B, L...) of the 1x2 loops. With
         ``stripe`` the last convolution runs on the updated sites only (coordinate ``offset``
         modulo ``period`` along ``nu``): the output is (B, L..., n_params) with L_nu / period
-        entries along nu, its sites flattened in the order of ``sites.nonzero()``."""
+        entries along nu, its sites flattened in the order of ``sites.nonzero()``. With
+        ``sites`` (flat row-major site indices, long, shape (n,); d <= 3) the output is
+        (B, n, n_params), the network's output at those sites only
+        (:meth:`~flowplug.plugins.flow_nets.ConvNet.forward_at`, same values up to float
+        rounding)."""
         frozen = self.frozen.to(re.dtype)  # masks of 0 and 1: exact in any precision
         parts = [re * frozen, im * frozen]
         if self.rectangles:
             assert rect is not None
             parts += [(rect[0] * self.rect_frozen).unsqueeze(1), (rect[1] * self.rect_frozen).unsqueeze(1)]
         feats = torch.cat(parts, dim=1)
+        if sites is not None:
+            return self.net.forward_at(feats, sites).to(torch.float64)
         out_sites = (self.nu, self.offset, self.period) if stripe else None
         return torch.movedim(self.net(feats, out_sites).to(torch.float64), 1, -1)
 
@@ -300,9 +307,11 @@ class U1Coupling(_GaugeCoupling):
             rect = (torch.cos(r), torch.sin(r))
         # the circular transform runs on the updated sites only (a quarter or half of them)
         idx = self._site_index()
-        p = self._condition(torch.cos(plaq), torch.sin(plaq), rect)
-        # (B, n, n_params), parameters as the slow axis in memory (fast reductions over a mixture)
-        p = p.movedim(-1, 1).flatten(2).index_select(2, idx).transpose(1, 2)
+        if self.d <= 3:  # (B, n, n_params), the network's last convolution on the updated sites only
+            p = self._condition(torch.cos(plaq), torch.sin(plaq), rect, sites=idx)
+        else:  # (B, n, n_params), parameters as the slow axis in memory (fast reductions over a mixture)
+            p = self._condition(torch.cos(plaq), torch.sin(plaq), rect)
+            p = p.movedim(-1, 1).flatten(2).index_select(2, idx).transpose(1, 2)
         x = torch.remainder(loop.flatten(1).index_select(1, idx), TWO_PI)  # (B, n)
         rot = p[..., -1]
         if self.transform == "ncp":

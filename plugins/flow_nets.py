@@ -13,9 +13,11 @@ transformation of the field, so log-densities and the inverse stay float64-exact
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,6 +26,41 @@ from torch.nn import functional as F
 from flowplug.errors import ConfigError, ShapeError
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+#: Largest gathered input (elements) of a strided 4D convolution evaluated as one matrix
+#: product (:meth:`PeriodicConv._gathered`); larger ones unfold and run a strided 3D convolution.
+_GATHER_LIMIT = 1 << 25
+
+#: Largest lattice (sites) whose Fourier-space convolutions use dense DFT matrices
+#: (:func:`_dft_matrices`, O(V^2) memory and arithmetic) instead of torch.fft.
+_DENSE_DFT_SITES = 512
+
+
+@functools.cache
+def _dft_matrices(
+    lattice: tuple[int, ...], device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The d-dimensional real DFT of ``torch.fft.rfftn`` and its inverse ``irfftn`` as real matrices.
+
+    Arguments:
+        lattice: (L_0, ..., L_{d-1}), V sites, F = V / L_{d-1} (L_{d-1} // 2 + 1) momenta.
+        device, dtype: Of the returned matrices (a real dtype); built in float64.
+
+    Returns:
+        ``(fwd, inv)``: fwd (V, 2F) with x_flat @ fwd = view_as_real(rfftn(x)) flattened
+        (real and imaginary parts interleaved); inv (2F, V) with view_as_real(y_hat) flattened
+        @ inv = irfftn(y_hat, s=lattice) flattened. Both maps are real-linear, so these are
+        exact representations of torch's transforms (up to rounding), derivatives included.
+    """
+    vol = math.prod(lattice)
+    dims = tuple(range(1, 1 + len(lattice)))
+    eye = torch.eye(vol, dtype=torch.float64)
+    fwd = torch.view_as_real(torch.fft.rfftn(eye.view(vol, *lattice), dim=dims).reshape(vol, -1)).reshape(vol, -1)
+    n_half = fwd.shape[1]
+    half_shape = (*lattice[:-1], lattice[-1] // 2 + 1)
+    basis = torch.view_as_complex(torch.eye(n_half, dtype=torch.float64).view(n_half, -1, 2).contiguous())
+    inv = torch.fft.irfftn(basis.view(n_half, *half_shape), s=lattice, dim=dims).reshape(n_half, vol)
+    return fwd.to(device=device, dtype=dtype), inv.to(device=device, dtype=dtype)
 
 
 def net_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -59,7 +96,10 @@ class PeriodicConv(nn.Module):
     channels per momentum, irfftn): with 81 taps on a small lattice this takes a fraction of
     the direct convolution's arithmetic, and it equals it up to float rounding (the
     parameters are the same ``conv.weight`` and ``conv.bias``, so trained weights load
-    either way).
+    either way). On lattices of at most ``_DENSE_DFT_SITES`` sites the transforms are
+    products with dense DFT matrices (:func:`_dft_matrices`), cheaper there than torch.fft;
+    a 4D output on a stripe of sites (``out_sites``) is one gather and one matrix product
+    (:meth:`_gathered`) up to ``_GATHER_LIMIT`` gathered elements.
 
     Arguments:
         in_channels: Input channels C_in.
@@ -90,6 +130,7 @@ class PeriodicConv(nn.Module):
             tuple[tuple[int, ...], torch.device, tuple[int, int, int] | None], tuple[torch.Tensor, tuple[int, ...]]
         ] = {}
         self._kernel_index: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
+        self._gather_index: dict[tuple[tuple[int, ...], torch.device, tuple[int, int, int]], torch.Tensor] = {}
         self.conv: nn.Conv1d | nn.Conv2d | nn.Conv3d
         if ndim == 4:
             self.conv = nn.Conv3d(
@@ -131,6 +172,8 @@ class PeriodicConv(nn.Module):
             return self.conv(x)
         if self.ndim == 4 and out_sites is None:
             return self._fourier(x)
+        if self.ndim == 4 and x.shape[1] * k**4 * math.prod(lat) // step * x.shape[0] <= _GATHER_LIMIT:
+            return self._gathered(x, (axis, offset % step, step))
         # pad every axis circularly at once: one gather of the padded lattice's sites (along
         # ``axis`` only the rows that the strided output reads)
         key = (lat, x.device, None if out_sites is None else (axis, offset % step, step))
@@ -151,6 +194,47 @@ class PeriodicConv(nn.Module):
         y = win.permute(0, 2, 6, 1, 3, 4, 5).reshape(b * l0, k * c, *win.shape[3:6])
         y = F.conv3d(y, self.conv.weight, self.conv.bias, stride=tuple(strides[1:]))
         return y.reshape(b, l0, -1, *y.shape[2:]).transpose(1, 2)
+
+    def _gathered(self, x: torch.Tensor, out_sites: tuple[int, int, int]) -> torch.Tensor:
+        """The 4D convolution on a stripe of output sites as one gather and one matrix product.
+
+        In the site-major layout (C_in, sites, B) the ``kernel_size**4`` input sites of every
+        output site are one ``index_select`` of whole rows of the batch, and the convolution is
+        the product (C_out, C_in k^4) x (C_in k^4, stripe sites * B) with the same
+        ``conv.weight`` and ``conv.bias``: on small lattices several times cheaper, forward and
+        backward, than padding, unfolding and a strided 3D convolution. ``out_sites`` as in
+        :meth:`forward` (offset reduced modulo step). Returns (B, C_out, L'...), L_axis / step
+        entries along ``axis`` (a permuted view).
+        """
+        lat = tuple(x.shape[2:])
+        k, b, c = self.kernel_size, x.shape[0], x.shape[1]
+        key = (lat, x.device, out_sites)
+        idx = self._gather_index.get(key)
+        axis, offset, step = out_sites
+        shape = tuple(n // step if a == axis else n for a, n in enumerate(lat))
+        if idx is None:
+            # [t, s]: flat input site x_s + t - h of output site s (row-major over the strided
+            # lattice) and tap t (row-major over (t_0, ..., t_3)): circular cross-correlation
+            d, half = len(lat), k // 2
+            flat = torch.zeros((), dtype=torch.long)
+            for a, n in enumerate(lat):
+                coords = torch.arange(shape[a]) * (step if a == axis else 1) + (offset if a == axis else 0)
+                pos = (coords[None, :] + torch.arange(k)[:, None] - half) % n  # (t_a, s_a)
+                view = [1] * (2 * d)
+                view[a], view[d + a] = k, shape[a]
+                flat = flat * n + pos.view(view)
+            idx = flat.reshape(-1).to(x.device)  # (taps, sites) flattened, tap-major
+            self._gather_index[key] = idx
+        # weight (O, k C, k, k, k) with the offset along axis 0 outermost in the channel axis
+        # -> (O, C k^4), channel-major and taps row-major, the order of the gathered rows
+        w = self.conv.weight
+        n_out = w.shape[0]
+        w2 = w.view(n_out, k, c, k, k, k).transpose(1, 2).reshape(n_out, -1)
+        h = x.flatten(2).permute(1, 2, 0).contiguous()  # (C, V, B)
+        cols = h.index_select(1, idx).view(c * k**4, -1)  # (C k^4, S B)
+        bias = self.conv.bias
+        y = w2 @ cols if bias is None else torch.addmm(bias.unsqueeze(1), w2, cols)
+        return y.view(n_out, -1, b).permute(2, 0, 1).unflatten(2, shape)
 
     def _fourier(self, x: torch.Tensor) -> torch.Tensor:
         """The full periodic convolution through the convolution theorem (class docstring).
@@ -173,15 +257,30 @@ class PeriodicConv(nn.Module):
                 taps = taps.unsqueeze(-1) * n + (k // 2 - torch.arange(k)) % n
             taps = taps.flatten().to(x.device)
             self._kernel_index[key] = taps
-        kernel = w.new_zeros(n_out, n_in, math.prod(lat)).index_add(2, taps, w.reshape(n_out, n_in, -1))
+        vol, b = math.prod(lat), x.shape[0]
         dims = tuple(range(2, 2 + d))
-        k_hat = torch.fft.rfftn(kernel.view(n_out, n_in, *lat), dim=dims).flatten(2)  # (O, C, F)
-        x_hat = torch.fft.rfftn(x, dim=dims).flatten(2)  # (B, C, F)
+        half_shape = (*lat[:-1], lat[-1] // 2 + 1)
+        dense = vol <= _DENSE_DFT_SITES
+        if dense:
+            # the real DFTs as matrix products (:func:`_dft_matrices`): on a small lattice a
+            # fraction of the cost of torch.fft's transforms of many tiny arrays; the kernel's
+            # transform is the sum of its taps' rows of the DFT matrix
+            fwd, inv = _dft_matrices(lat, x.device, x.dtype)
+            k_hat = torch.view_as_complex(
+                (w.reshape(n_out * n_in, -1) @ fwd.index_select(0, taps)).view(n_out, n_in, -1, 2)
+            )  # (O, C, F)
+            x_hat = torch.view_as_complex((x.reshape(b * n_in, vol) @ fwd).view(b, n_in, -1, 2))  # (B, C, F)
+        else:
+            kernel = w.new_zeros(n_out, n_in, vol).index_add(2, taps, w.reshape(n_out, n_in, -1))
+            k_hat = torch.fft.rfftn(kernel.view(n_out, n_in, *lat), dim=dims).flatten(2)  # (O, C, F)
+            x_hat = torch.fft.rfftn(x, dim=dims).flatten(2)  # (B, C, F)
         y_hat = x_hat[:, 0, None] * k_hat[None, :, 0]
         for c in range(1, n_in):
             y_hat = y_hat + x_hat[:, c, None] * k_hat[None, :, c]
-        half_shape = (*lat[:-1], lat[-1] // 2 + 1)
-        y = torch.fft.irfftn(y_hat.view(x.shape[0], n_out, *half_shape), s=lat, dim=dims)
+        if dense:
+            y = (torch.view_as_real(y_hat).reshape(b * n_out, -1) @ inv).view(b, n_out, *lat)
+        else:
+            y = torch.fft.irfftn(y_hat.view(b, n_out, *half_shape), s=lat, dim=dims)
         bias = self.conv.bias
         return y if bias is None else y + bias.view(1, -1, *([1] * d))
 
@@ -268,6 +367,122 @@ class ConvNet(nn.Module):
         for layer in body:
             x = layer(x)
         return last(x, out_sites)
+
+    def forward_at(self, x: torch.Tensor, sites: torch.Tensor | None = None) -> torch.Tensor:
+        """Apply the network as a gather and a matrix product per convolution; output at ``sites``.
+
+        The same function (same ``conv.weight`` and ``conv.bias``) as :meth:`forward`, equal
+        up to float rounding, evaluated in a site-major layout (channels, sites, batch): a
+        periodic convolution with a k^d kernel is then one ``index_select`` of whole rows of
+        the batch (the k^d neighbours of every output site, :func:`periodic_taps`) and one
+        matrix product (C_out, C_in k^d) x (C_in k^d, sites * B). On small lattices with few
+        channels this is several times faster on a CPU, forward and backward, than a
+        convolution routine, whose cost there is dominated by its fixed overhead and the
+        circular padding. The last convolution is evaluated only at ``sites``, the sites
+        whose parameters a coupling layer reads (half of them for a checkerboard, a quarter
+        for a U(1) stripe of period 4), and every earlier one only on the sites that the next
+        one reads (:meth:`_plan`), which saves the rest of their arithmetic.
+
+        Arguments:
+            x: Input (B, C_in, L_0, ..., L_{d-1}), d = 1, 2 or 3; cast to the network dtype.
+            sites: Flat row-major indices (long, shape (n,)) of the output sites; ``None``:
+                every site in row-major order.
+
+        Returns:
+            (B, n, C_out) in the network dtype: the output of :meth:`forward` at ``sites``,
+            channels last.
+
+        Raises:
+            ShapeError: for d = 4 (use :meth:`forward`) or an input of the wrong rank.
+        """
+        lattice = tuple(int(n) for n in x.shape[2:])
+        convs = [m for m in self.layers if isinstance(m, PeriodicConv)]
+        if not 1 <= len(lattice) <= 3 or convs[0].ndim != len(lattice):
+            raise ShapeError(
+                f"ConvNet.forward_at takes (B, C, L_0, ..., L_{{d-1}}) with d = {convs[0].ndim} <= 3; "
+                f"found shape {tuple(x.shape)}"
+            )
+        b = x.shape[0]
+        plan = iter(self._plan(lattice, convs[0].kernel_size, len(convs), x.device, sites))
+        h = x.to(self.dtype).flatten(2).permute(1, 2, 0)  # (C, S, B)
+        for layer in self.layers:
+            if not isinstance(layer, PeriodicConv):
+                h = layer(h)
+                continue
+            idx, n_out = next(plan)
+            w, bias = layer.conv.weight, layer.conv.bias
+            cols = h.index_select(1, idx).view(-1, n_out * b)  # (C k^d, n * B), tap-minor rows
+            w2 = w.view(w.shape[0], -1)
+            y = w2 @ cols if bias is None else torch.addmm(bias.unsqueeze(1), w2, cols)
+            h = y.view(w.shape[0], n_out, b)
+        return h.permute(2, 1, 0)
+
+    def _plan(
+        self, lattice: tuple[int, ...], kernel_size: int, n_conv: int, device: torch.device, sites: torch.Tensor | None
+    ) -> list[tuple[torch.Tensor, int]]:
+        """Per convolution of :meth:`forward_at`: the gather index into the rows of its input and
+        its number of output sites (cached per lattice, device and ``sites``).
+
+        Each convolution is evaluated only where a later one reads it: the last at ``sites``,
+        every earlier one on the sites within reach of the kernel of the next (for a
+        checkerboard with a 3^d kernel every site; for a U(1) stripe of period 4, 3 of 4 rows).
+        """
+        cache: dict[Any, list[tuple[torch.Tensor, int]]] = self.__dict__.setdefault("_plan_cache", {})
+        key = (lattice, device, None if sites is None else tuple(sites.tolist()))
+        plan = cache.get(key)
+        if plan is None:
+            taps = periodic_taps(lattice, kernel_size)
+            n_sites = taps.shape[1]
+            need = torch.arange(n_sites) if sites is None else sites.cpu().long()
+            outs = []
+            for _ in range(n_conv):  # last convolution first: where each one is read
+                outs.append(need)
+                need = torch.unique(taps[:, need])
+            outs.reverse()
+            plan = []
+            for j, out in enumerate(outs):
+                idx = taps[:, out]  # (k^d, n): sites of the lattice
+                if j > 0:  # rows of the previous convolution's output
+                    pos = torch.full((n_sites,), -1, dtype=torch.long)
+                    pos[outs[j - 1]] = torch.arange(len(outs[j - 1]))
+                    idx = pos[idx]
+                plan.append((idx.flatten().to(device), len(out)))
+            cache[key] = plan
+        return plan
+
+
+def periodic_taps(lattice: Sequence[int], kernel_size: int) -> torch.Tensor:
+    """Flat index of every kernel tap's input site, per output site, on a periodic lattice.
+
+    Entry [t, s] is the row-major flat index of the site x_s + (t_0 - h, ..., t_{d-1} - h)
+    (mod L), h = kernel_size // 2, where t is the row-major flat index of the tap in the
+    kernel (the order of ``Conv{d}d.weight``'s kernel axes): row t of a (C, S, B) input
+    gathered with row t of this table, times ``weight[:, :, t]``, is that tap's term of the
+    periodic cross-correlation that ``torch.nn.Conv{d}d`` with circular padding computes.
+
+    Arguments:
+        lattice: (L_0, ..., L_{d-1}).
+        kernel_size: Odd kernel extent k.
+
+    Returns:
+        Shape (k^d, prod(L)), long.
+
+    Raises:
+        ConfigError: for an even or non-positive ``kernel_size``.
+    """
+    k = int(kernel_size)
+    if k % 2 != 1 or k < 1:
+        raise ConfigError(f"kernel_size must be odd and positive; found {kernel_size}")
+    half = k // 2
+    lat = [int(n) for n in lattice]
+    grids = torch.meshgrid(*[torch.arange(n) for n in lat], indexing="ij")
+    rows = []
+    for offset in itertools.product(range(-half, half + 1), repeat=len(lat)):
+        idx = torch.zeros(lat, dtype=torch.long)
+        for g, n, o in zip(grids, lat, offset, strict=True):
+            idx = idx * n + (g + o) % n
+        rows.append(idx.flatten())
+    return torch.stack(rows)
 
 
 class MLP(nn.Module):

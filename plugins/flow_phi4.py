@@ -27,6 +27,7 @@ Huge conditioning values
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import cast
 
@@ -98,15 +99,44 @@ class _ScalarCoupling(nn.Module):
             )
 
     def _params(self, x: torch.Tensor) -> torch.Tensor:
-        """Network output (B, L..., n_params) in float64 from the frozen sites of x.
+        """Network output (B, L..., n_params) in float64 from the frozen sites of x, on the
+        active sites; 0 on the frozen ones, which no transformation reads (d <= 3; for d = 4
+        the network's full output).
 
         Frozen values are clipped to +-:data:`COND_LIMIT`, outputs to +-:data:`PARAM_LIMIT`
         with NaN -> 0 (module docstring), so the parameters are finite for any input.
         """
-        frozen = torch.where(self.updated, 0.0, x).clamp(-COND_LIMIT, COND_LIMIT)
+        if len(self.lattice) == 4:  # no gather form of the 4D convolution: the full output
+            out = torch.movedim(self.net(self._frozen(x)), 1, -1)
+            return torch.nan_to_num(out, nan=0.0).clamp(-PARAM_LIMIT, PARAM_LIMIT).to(torch.float64)
+        idx = self._active_sites()
+        act = self._active_params(x)
+        out = act.new_zeros(x.shape[0], math.prod(self.lattice), self.n_params).index_copy(1, idx, act)
+        return out.view(*x.shape, self.n_params)
+
+    def _frozen(self, x: torch.Tensor) -> torch.Tensor:
+        """The network input (B, 1, L...): x on the frozen sites, clipped to +-COND_LIMIT, 0 elsewhere."""
+        return torch.where(self.updated, 0.0, x).clamp(-COND_LIMIT, COND_LIMIT).unsqueeze(1)
+
+    def _active_params(self, x: torch.Tensor) -> torch.Tensor:
+        """Network output (B, n_active, n_params) in float64 on the active sites (in the order
+        of :meth:`_active_sites`), clipped as :meth:`_params`; the network's last convolution
+        runs on those sites only (:meth:`~flowplug.plugins.flow_nets.ConvNet.forward_at`)."""
+        frozen = self._frozen(x)
+        if len(self.lattice) == 4:
+            out = torch.movedim(self.net(frozen), 1, -1).flatten(1, -2).index_select(1, self._active_sites())
+        else:
+            out = self.net.forward_at(frozen, self._active_sites())
         # NaN -> 0 and the clip are exact in the network dtype (+-PARAM_LIMIT is representable)
-        out = torch.nan_to_num(self.net(frozen.unsqueeze(1)), nan=0.0).clamp(-PARAM_LIMIT, PARAM_LIMIT)
-        return torch.movedim(out.to(torch.float64), 1, -1)
+        return torch.nan_to_num(out, nan=0.0).clamp(-PARAM_LIMIT, PARAM_LIMIT).to(torch.float64)
+
+    def _active_sites(self) -> torch.Tensor:
+        """Flat row-major indices (long, on the layer's device) of the active sites."""
+        idx = self.__dict__.get("_active_flat")
+        if idx is None or idx.device != self.updated.device:
+            idx = self.updated.flatten().nonzero().flatten()
+            self.__dict__["_active_flat"] = idx
+        return idx
 
 
 class AffineCoupling(_ScalarCoupling):
@@ -160,16 +190,19 @@ class AffineCoupling(_ScalarCoupling):
         self.scale_clamp = float(scale_clamp)
 
     def _st(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        p = self._params(x)
+        """(s, t) on the active sites, each (B, n_active) float64."""
+        p = self._active_params(x)
         c = self.scale_clamp
-        s = c * torch.tanh(p[..., 0] / c) * self.active
-        t = p[..., 1] * self.active
-        return s, t
+        return c * torch.tanh(p[..., 0] / c), p[..., 1]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Map x -> y; returns ``(y, log|det dy/dx|)``."""
-        y, logdet, _, _ = self.forward_diag(x)
-        return y, logdet
+        self._check(x)
+        idx = self._active_sites()
+        s, t = self._st(x)
+        flat = x.flatten(1)
+        y = flat.index_copy(1, idx, flat.index_select(1, idx) * torch.exp(s) + t)
+        return y.view_as(x), s.sum(1)
 
     def forward_diag(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(y, logdet, log_diag, updated)`` for fast path gradients.
@@ -183,14 +216,21 @@ class AffineCoupling(_ScalarCoupling):
             ShapeError: on an input of the wrong shape.
         """
         self._check(x)
+        idx = self._active_sites()
         s, t = self._st(x)
-        return x * torch.exp(s) + t, s.flatten(1).sum(1), s, self.updated
+        flat = x.flatten(1)
+        y = flat.index_copy(1, idx, flat.index_select(1, idx) * torch.exp(s) + t)
+        log_diag = torch.zeros_like(flat).index_copy(1, idx, s)
+        return y.view_as(x), s.sum(1), log_diag.view_as(x), self.updated
 
     def inverse(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Map y -> x; returns ``(x, log|det dx/dy|)``."""
         self._check(y)
+        idx = self._active_sites()
         s, t = self._st(y)
-        return (y - t) * torch.exp(-s), -s.flatten(1).sum(1)
+        flat = y.flatten(1)
+        x = flat.index_copy(1, idx, (flat.index_select(1, idx) - t) * torch.exp(-s))
+        return x.view_as(y), -s.sum(1)
 
 
 class SplineCoupling(_ScalarCoupling):

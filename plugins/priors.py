@@ -128,7 +128,9 @@ class HaarPrior(_Prior):
 
     Densities are relative to the normalised Haar measure, so ``log_prob`` is 0. Samples
     come from :func:`flowplug.groups.haar_random` (QR of a complex Ginibre matrix with
-    the phase fix of Mezzadri, math-ph/0609050).
+    the phase fix of Mezzadri, math-ph/0609050), for SU(3) from
+    :func:`flowplug.groups.haar_random_su3` (two Gaussian rows orthonormalised and their
+    conjugated cross product; also exact Haar, several times cheaper).
 
     Arguments:
         lattice: (L_0, ..., L_{d-1}).
@@ -156,10 +158,12 @@ class HaarPrior(_Prior):
         return (len(self.lattice), *self.lattice, self.n, self.n)
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Draw ``n`` configurations of Haar-random links (complex128) with ``generator``."""
-        return groups.haar_random(
-            (int(n), len(self.lattice), *self.lattice), self.n, generator=generator, device=self.device
-        )
+        """Draw ``n`` configurations of Haar-random links (complex128) with ``generator``
+        (SU(3): :func:`flowplug.groups.haar_random_su3`, the cheaper exact draw)."""
+        shape = (int(n), len(self.lattice), *self.lattice)
+        if self.n == 3:
+            return groups.haar_random_su3(shape, generator=generator, device=self.device)
+        return groups.haar_random(shape, self.n, generator=generator, device=self.device)
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
         """Log-density relative to Haar measure: zeros of shape (B,), float64."""

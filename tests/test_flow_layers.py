@@ -262,7 +262,7 @@ def test_rectangle_conditioning(name, field, lattice, period):
     x = prior_sample(field, lattice, 2)
     seen = []
     original = m._condition
-    m._condition = lambda re, im, rect=None: (seen.append(rect), original(re, im, rect))[1]
+    m._condition = lambda re, im, rect=None, **kw: (seen.append(rect), original(re, im, rect, **kw))[1]
     y, ld = m(x)
     m(y)
     mask = m.rect_frozen > 0
@@ -598,3 +598,35 @@ def test_periodic_conv_equals_explicit_sum_full_and_strided(lattice):
                     torch.testing.assert_close(y, full[tuple(sl)], rtol=0, atol=1e-12)
     with pytest.raises(ShapeError, match="out_sites"):
         conv(x, (0, 0, 4 if lattice[0] % 4 else 8))
+
+
+@pytest.mark.parametrize("lattice", [(6,), (4, 2), (8, 6), (2, 4, 6)], ids=lambda v: "x".join(map(str, v)))
+def test_convnet_forward_at_equals_explicit_sum_and_its_gradients(lattice):
+    """ConvNet.forward_at (gather + matrix product per convolution, site-major) gives the
+    explicit sum over kernel taps of every convolution, at every site and at a subset of sites,
+    with the gradients of ConvNet.forward (input, weights, biases), also for kernels wider than
+    the lattice; a 4D input is refused with a ShapeError."""
+    from flowplug.plugins.flow_nets import ConvNet
+
+    d = len(lattice)
+    n_sites = math.prod(lattice)
+    torch.manual_seed(0)
+    for k in (1, 3, 5):
+        net = ConvNet(3, 2, [4, 5], k, d, torch.float64, final_scale=1.0)
+        x = torch.randn(3, 3, *lattice, dtype=torch.float64, requires_grad=True)
+        h = x
+        for layer in net.layers:  # the explicit sum, layer by layer
+            h = _explicit_periodic_conv(layer, h) if hasattr(layer, "conv") else layer(h)
+        explicit = h.flatten(2).transpose(1, 2)  # (B, S, C_out)
+        for sites in (None, torch.tensor([n_sites - 1, 0, n_sites // 2])):
+            out = net.forward_at(x, sites)
+            want = explicit if sites is None else explicit[:, sites]
+            torch.testing.assert_close(out, want, rtol=0, atol=1e-12)
+            g = torch.randn_like(out)
+            full = net(x).flatten(2).transpose(1, 2)
+            ref = full if sites is None else full[:, sites]
+            params = [x, *net.parameters()]
+            for a, b in zip(torch.autograd.grad(out, params, g), torch.autograd.grad(ref, params, g), strict=True):
+                torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    with pytest.raises(ShapeError, match="forward_at"):
+        ConvNet(1, 2, [4], 3, 4, torch.float64).forward_at(torch.zeros(1, 1, 2, 2, 2, 2, dtype=torch.float64))

@@ -489,4 +489,9 @@ def test_scalar_coupling_stays_finite_and_invertible_for_huge_conditioning(layer
     z = torch.randn(3, 4, 4, dtype=torch.float64)
     with torch.no_grad():
         raw = lay.net((z * (1 - lay.active)).unsqueeze(1)).to(torch.float64).movedim(1, -1)
-    torch.testing.assert_close(lay._params(z), raw, rtol=0, atol=0)
+    # the layer evaluates the network on its active sites only (ConvNet.forward_at: the same
+    # function up to float rounding) and reads nothing on the frozen sites, where it gives 0
+    act = lay.active > 0
+    params = lay._params(z)
+    torch.testing.assert_close(params[:, act], raw[:, act], rtol=1e-5, atol=1e-5)
+    assert (params[:, ~act] == 0).all()
