@@ -188,13 +188,13 @@ def haar_random_su3(
         Tensor of shape ``shape + (3, 3)`` in ``dtype``.
 
     Raises:
-        ValueError: for a dtype that is not complex64 or complex128.
+        ShapeError: (a ValueError) for a dtype that is not complex64 or complex128.
 
     References:
         Mezzadri, math-ph/0609050 (Haar measure from Gaussian matrices).
     """
     if dtype not in (torch.complex64, torch.complex128):
-        raise ValueError(f"haar_random_su3: dtype must be complex64 or complex128; found {dtype}")
+        raise ShapeError(f"haar_random_su3: dtype must be complex64 or complex128; found {dtype}")
     g = torch.randn(*shape, 2, 3, 2, generator=generator, dtype=torch.float64, device=device)
     v1, v2 = torch.view_as_complex(g).unbind(-2)  # (..., 3) each
     # norms from the real and imaginary parts (torch's complex vector norm is far slower)

@@ -27,8 +27,9 @@ from flowplug.errors import ConfigError, ShapeError
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
-#: Largest gathered input (elements) of a strided 4D convolution evaluated as one matrix
-#: product (:meth:`PeriodicConv._gathered`); larger ones unfold and run a strided 3D convolution.
+#: Largest gathered input (elements) of one configuration for which a strided 4D convolution is
+#: evaluated as a gather and a matrix product (:meth:`PeriodicConv._gathered`, batches split into
+#: chunks of at most this many elements); larger ones unfold and run a strided 3D convolution.
 _GATHER_LIMIT = 1 << 25
 
 #: Largest lattice (sites) whose Fourier-space convolutions use dense DFT matrices
@@ -98,8 +99,13 @@ class PeriodicConv(nn.Module):
     parameters are the same ``conv.weight`` and ``conv.bias``, so trained weights load
     either way). On lattices of at most ``_DENSE_DFT_SITES`` sites the transforms are
     products with dense DFT matrices (:func:`_dft_matrices`), cheaper there than torch.fft;
-    a 4D output on a stripe of sites (``out_sites``) is one gather and one matrix product
-    (:meth:`_gathered`) up to ``_GATHER_LIMIT`` gathered elements.
+    a 4D output on a stripe of sites (``out_sites``) is one gather and one matrix product per
+    configuration (:meth:`_gathered`) when one configuration's gathered input has at most
+    ``_GATHER_LIMIT`` elements (the batch is then split into chunks of at most that many).
+    Both choices depend on the lattice and the channels only, never on the batch size, and
+    both products run per configuration (``torch.bmm``), so that a configuration's float32
+    conditioner output is the same in a training batch and alone (the inverse of a flow
+    layer must see exactly the forward map's parameters).
 
     Arguments:
         in_channels: Input channels C_in.
@@ -172,8 +178,15 @@ class PeriodicConv(nn.Module):
             return self.conv(x)
         if self.ndim == 4 and out_sites is None:
             return self._fourier(x)
-        if self.ndim == 4 and x.shape[1] * k**4 * math.prod(lat) // step * x.shape[0] <= _GATHER_LIMIT:
-            return self._gathered(x, (axis, offset % step, step))
+        # the path is chosen per configuration, never by the batch size: a flow's forward map on a
+        # training batch and its inverse on one configuration must take the same (float32) path
+        per_config = x.shape[1] * k**4 * math.prod(lat) // step
+        if self.ndim == 4 and per_config <= _GATHER_LIMIT:
+            chunk = max(1, _GATHER_LIMIT // per_config)  # configurations per gather
+            sub = (axis, offset % step, step)
+            if x.shape[0] <= chunk:
+                return self._gathered(x, sub)
+            return torch.cat([self._gathered(part, sub) for part in x.split(chunk)])
         # pad every axis circularly at once: one gather of the padded lattice's sites (along
         # ``axis`` only the rows that the strided output reads)
         key = (lat, x.device, None if out_sites is None else (axis, offset % step, step))
@@ -198,13 +211,14 @@ class PeriodicConv(nn.Module):
     def _gathered(self, x: torch.Tensor, out_sites: tuple[int, int, int]) -> torch.Tensor:
         """The 4D convolution on a stripe of output sites as one gather and one matrix product.
 
-        In the site-major layout (C_in, sites, B) the ``kernel_size**4`` input sites of every
-        output site are one ``index_select`` of whole rows of the batch, and the convolution is
-        the product (C_out, C_in k^4) x (C_in k^4, stripe sites * B) with the same
-        ``conv.weight`` and ``conv.bias``: on small lattices several times cheaper, forward and
-        backward, than padding, unfolding and a strided 3D convolution. ``out_sites`` as in
-        :meth:`forward` (offset reduced modulo step). Returns (B, C_out, L'...), L_axis / step
-        entries along ``axis`` (a permuted view).
+        The ``kernel_size**4`` input sites of every output site are one ``index_select`` along
+        the flattened sites, and the convolution of each configuration is the product
+        (C_out, C_in k^4) x (C_in k^4, stripe sites) with the same ``conv.weight`` and
+        ``conv.bias`` (one batched product, ``torch.bmm``, whose per-configuration shape, and
+        so float rounding, does not depend on the batch size): on small lattices cheaper,
+        forward and backward, than padding, unfolding and a strided 3D convolution.
+        ``out_sites`` as in :meth:`forward` (offset reduced modulo step). Returns
+        (B, C_out, L'...), L_axis / step entries along ``axis``.
         """
         lat = tuple(x.shape[2:])
         k, b, c = self.kernel_size, x.shape[0], x.shape[1]
@@ -230,11 +244,15 @@ class PeriodicConv(nn.Module):
         w = self.conv.weight
         n_out = w.shape[0]
         w2 = w.view(n_out, k, c, k, k, k).transpose(1, 2).reshape(n_out, -1)
-        h = x.flatten(2).permute(1, 2, 0).contiguous()  # (C, V, B)
-        cols = h.index_select(1, idx).view(c * k**4, -1)  # (C k^4, S B)
+        cols = x.flatten(2).index_select(2, idx).view(b, c * k**4, -1)  # (B, C k^4, S)
+        # one product per configuration (bmm), of a shape that does not depend on the batch
+        # size: a product over the batch folded into one matrix gives rows or columns whose
+        # float32 rounding changes with the batch size (BLAS kernels by shape)
+        y = torch.bmm(w2.expand(b, -1, -1), cols)
         bias = self.conv.bias
-        y = w2 @ cols if bias is None else torch.addmm(bias.unsqueeze(1), w2, cols)
-        return y.view(n_out, -1, b).permute(2, 0, 1).unflatten(2, shape)
+        if bias is not None:
+            y = y + bias.view(1, -1, 1)
+        return y.unflatten(2, shape)
 
     def _fourier(self, x: torch.Tensor) -> torch.Tensor:
         """The full periodic convolution through the convolution theorem (class docstring).
@@ -269,7 +287,11 @@ class PeriodicConv(nn.Module):
             k_hat = torch.view_as_complex(
                 (w.reshape(n_out * n_in, -1) @ fwd.index_select(0, taps)).view(n_out, n_in, -1, 2)
             )  # (O, C, F)
-            x_hat = torch.view_as_complex((x.reshape(b * n_in, vol) @ fwd).view(b, n_in, -1, 2))  # (B, C, F)
+            # one product per configuration (bmm), so that the float32 rounding of a
+            # configuration's transform does not depend on the batch size (see _gathered)
+            x_hat = torch.view_as_complex(
+                torch.bmm(x.reshape(b, n_in, vol), fwd.expand(b, -1, -1)).view(b, n_in, -1, 2)
+            )
         else:
             kernel = w.new_zeros(n_out, n_in, vol).index_add(2, taps, w.reshape(n_out, n_in, -1))
             k_hat = torch.fft.rfftn(kernel.view(n_out, n_in, *lat), dim=dims).flatten(2)  # (O, C, F)
@@ -278,7 +300,7 @@ class PeriodicConv(nn.Module):
         for c in range(1, n_in):
             y_hat = y_hat + x_hat[:, c, None] * k_hat[None, :, c]
         if dense:
-            y = (torch.view_as_real(y_hat).reshape(b * n_out, -1) @ inv).view(b, n_out, *lat)
+            y = torch.bmm(torch.view_as_real(y_hat).reshape(b, n_out, -1), inv.expand(b, -1, -1)).view(b, n_out, *lat)
         else:
             y = torch.fft.irfftn(y_hat.view(b, n_out, *half_shape), s=lat, dim=dims)
         bias = self.conv.bias
