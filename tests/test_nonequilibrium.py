@@ -619,14 +619,8 @@ def _ne_sample(out, *extra, resume=False):
     return run_sample(build_config(DEFAULT_CONFIG, overrides=sets, open_tables=OPEN_TABLES), None, out, resume=resume)
 
 
-@pytest.mark.filterwarnings("ignore::flowplug.jobs.summary.ShortChainWarning")
-def test_sample_starts_nonequilibrium_chains_from_forward_evolutions(tmp_path, fresh_pm, monkeypatch):
-    """`sample` with start = "auto" starts from the kernel's start_states: no chain refreshes its
-    work at step 1 and the first proposals are judged against forward works, unlike start =
-    "hot"; a resumed run draws no start (the checkpoint has the states) and equals the
-    uninterrupted one bit for bit; an unknown start is refused before anything is written."""
-    from flowplug.jobs.output import read_measurements
-
+def _count_start_draws(monkeypatch):
+    """Record the n of every NonEquilibrium.start_states call (the calls still draw)."""
     calls = []
     real = NonEquilibrium.start_states
 
@@ -635,6 +629,18 @@ def test_sample_starts_nonequilibrium_chains_from_forward_evolutions(tmp_path, f
         return real(self, n, *args, **kwargs)
 
     monkeypatch.setattr(NonEquilibrium, "start_states", counted)
+    return calls
+
+
+@pytest.mark.filterwarnings("ignore::flowplug.jobs.summary.ShortChainWarning")
+def test_sample_starts_nonequilibrium_chains_from_forward_evolutions(tmp_path, fresh_pm, monkeypatch):
+    """`sample` with start = "auto" starts from the kernel's start_states: no chain refreshes its
+    work at step 1 and the first proposals are judged against forward works, unlike start =
+    "hot"; a resumed run draws no start (the checkpoint has the states) and equals the
+    uninterrupted one bit for bit; an unknown start is refused before anything is written."""
+    from flowplug.jobs.output import read_measurements
+
+    calls = _count_start_draws(monkeypatch)
     whole = _ne_sample(tmp_path / "whole", "steps=4")
     assert calls == [4]
     m = read_measurements(tmp_path / "whole" / "measurements.csv")
@@ -662,14 +668,7 @@ def test_sample_with_hmc_every_starts_from_the_kernel_s_draws(tmp_path, fresh_pm
     each), where the composition alone would give a hot start; start = "hot" draws nothing."""
     from flowplug.jobs.output import read_measurements
 
-    calls = []
-    real = NonEquilibrium.start_states
-
-    def counted(self, n, *args, **kwargs):
-        calls.append(n)
-        return real(self, n, *args, **kwargs)
-
-    monkeypatch.setattr(NonEquilibrium, "start_states", counted)
+    calls = _count_start_draws(monkeypatch)
     _ne_sample(tmp_path / "auto", "steps=2", "kernel.hmc_every=1", "kernel.hmc.steps=2", "streams=2")
     assert calls == [2, 2]
     _ne_sample(tmp_path / "hot", "steps=2", "kernel.hmc_every=1", "kernel.hmc.steps=2", "streams=2", 'start="hot"')
