@@ -275,10 +275,14 @@ class Chain:
 
     def _record(self, name: str, value: torch.Tensor) -> None:
         row = value.detach().to("cpu", torch.float64).reshape(-1)
-        if name not in self.history and self.step_count > 0:
+        accepted = self.history.get("accepted")  # recorded first at every step
+        earlier = len(accepted) - 1 if name not in self.history and accepted else 0
+        if earlier > 0:
             # an entry first reported after a resume from a checkpoint of an earlier version
-            # (cg_iterations): NaN for the steps before, so that every entry has a row per step
-            self.history[name] = [torch.full_like(row, torch.nan) for _ in range(self.step_count)]
+            # (cg_iterations): NaN for the steps before that the history holds, so that every
+            # entry has a row per step (none when the history was cleared, e.g. after
+            # thermalisation)
+            self.history[name] = [torch.full_like(row, torch.nan) for _ in range(earlier)]
         self.history.setdefault(name, []).append(row)
 
     def run(
