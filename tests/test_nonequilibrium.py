@@ -642,9 +642,9 @@ def test_sample_starts_nonequilibrium_chains_from_forward_evolutions(tmp_path, f
 
     calls = _count_start_draws(monkeypatch)
     whole = _ne_sample(tmp_path / "whole", "steps=4")
-    assert calls == [4]
+    assert calls == [4] and whole["start"] == "kernel proposal draws (start_states)"
     m = read_measurements(tmp_path / "whole" / "measurements.csv")
-    _ne_sample(tmp_path / "hot", "steps=4", 'start="hot"')
+    assert _ne_sample(tmp_path / "hot", "steps=4", 'start="hot"')["start"] == "hot"
     assert calls == [4]  # a hot start draws nothing
     hot = read_measurements(tmp_path / "hot" / "measurements.csv")
     assert not np.array_equal(m["plaquette"][0], hot["plaquette"][0])

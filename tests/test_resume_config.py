@@ -89,7 +89,7 @@ def test_resume_refuses_a_changed_chain_key_and_names_each(tmp_path, capsys):
     assert "different run" in err
     assert "action.beta: stored 2.5, given 3.0" in err
     assert "hmc.steps: stored 4, given 5" in err
-    assert "2 keys of the Markov chain" in err
+    assert "2 keys of the Markov chain or its measurements" in err
     # giving the original values again is fine (the command of earlier versions still works)
     assert _hmc(out, *SETTINGS, "hmc.trajectories=6", resume=True) == 0
     assert json.loads((out / "summary.json").read_text())["trajectories"] == 6

@@ -349,7 +349,8 @@ def check_resume_config(
     keys = "; ".join(f"{k}: stored {show(a)}, given {show(b)}" for k, a, b in diff)
     raise CheckpointError(
         f"--resume: {out} holds a different run; its configuration ({Path(out) / RUN_CONFIG}) differs in "
-        f"{len(diff)} key{'s' if len(diff) != 1 else ''} of the Markov chain: {keys}. Resume without "
+        f"{len(diff)} key{'s' if len(diff) != 1 else ''} of the Markov chain or its measurements (a changed "
+        f"observable would mix two definitions in one history): {keys}. Resume without "
         "these --set values (the stored ones are used), or start a new run with --force or another output "
         f"directory; only {', '.join(sorted(set(ignore)))} may change on --resume"
     )

@@ -19,7 +19,7 @@ or a proposal draw is not yet a sample of p; the chain forgets it). Every
 HDF5 ensemble ``DIR/ensemble.h5`` (default), or one file per configuration in another
 format (``format = "ildg"`` for 4D SU(3)/SU(2)); ``DIR/provenance.json`` lists them.
 ``DIR/measurements.csv`` (or ``.h5``) has every measurement, ``DIR/summary.json``
-``acceptance``, ``ess`` (of the flow proposals' weights p/q),
+``acceptance``, ``start`` (how the chains started), ``ess`` (of the flow proposals' weights p/q),
 ``observables.<name>.{mean,error,tau_int}`` (Gamma method); ``DIR/report.png``
 histories, autocorrelation functions and acceptance; for an action with pseudofermions
 ``cg`` (conjugate-gradient iterations, :func:`flowplug.jobs.summary.cg_summary`; its
@@ -252,6 +252,12 @@ def _run_sample(
         def start_states(n: int, generator: torch.Generator) -> Any:
             return draw(n, lattice, generator, device)
 
+    # how the chains started, for the summary
+    start_desc = (
+        "kernel proposal draws (start_states)"
+        if draw is not None
+        else ("flow samples" if ck is not None and start != "hot" else "hot")
+    )
     run_id = fingerprint(cfg, ck.sha256 if ck else "", ignore=NON_CHAIN_KEYS, omit_defaults=ADDED_KEYS)
     if streams > 1:
         run_id += f"/streams={streams}"
@@ -295,6 +301,7 @@ def _run_sample(
         "chains": chains,
         "steps": chain.step_count,
         "thermalize": therm,
+        "start": start_desc,
         "seed": seed,
         "format": fmt,
         "kernel": kernel_name(cfg["kernel"], ck is not None),
