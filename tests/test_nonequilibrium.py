@@ -659,6 +659,8 @@ def test_sample_starts_nonequilibrium_chains_from_forward_evolutions(tmp_path, f
     with pytest.raises(ConfigError, match="start must be"):
         _ne_sample(tmp_path / "bad", "steps=2", 'start="cold"')
     assert not (tmp_path / "bad" / "summary.json").exists()
+    with pytest.raises(ConfigError, match='kernel.options.start = "prior"'):
+        _ne_sample(tmp_path / "bad2", "steps=2", 'start="prior"')
 
 
 @pytest.mark.filterwarnings("ignore::flowplug.jobs.summary.ShortChainWarning")

@@ -212,7 +212,12 @@ def _run_sample(
         kernel = CGCounting(kernel, action)
     start = str(cfg.get("start", "auto"))
     if start not in ("auto", "hot"):
-        raise ConfigError(f'start must be "auto" or "hot"; found {start!r}')
+        hint = (
+            f' (the start distribution of a kernel\'s proposals is kernel.options.start = "{start}")'
+            if start in ("prior", "flow")
+            else ""
+        )
+        raise ConfigError(f'start must be "auto" or "hot"; found {start!r}{hint}')
     configurations = Configurations(
         out,
         fmt,
