@@ -4,12 +4,10 @@ A training step (forward map, a stand-in loss, backward) of a ``sun-stout`` or `
 flow on a 4D lattice, timed with each :class:`flowplug.plugins.flow_nets.PeriodicConv` path:
 
 ``fast``
-    the defaults: full convolutions with dense DFT matrices (lattices of at most
-    ``_DENSE_DFT_SITES`` sites), the strided last convolution as a gather and a product per
-    configuration (``torch.bmm``);
+    the default: full convolutions with dense DFT matrices (lattices of at most
+    ``_DENSE_DFT_SITES`` sites), one product per configuration (``torch.bmm``);
 ``fallback``
-    ``_DENSE_DFT_SITES = 0`` and ``_GATHER_LIMIT = 0``: torch.fft and the unfolded strided
-    3D convolution.
+    ``_DENSE_DFT_SITES = 0``: torch.fft.
 
 The two alternate in the same process (thread CPU time, the median of ``--repeat`` steps
 each), so both see the same load. Prints one JSON line per layer kind with both times and
@@ -48,7 +46,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=7)
     ap.add_argument("--kinds", nargs="+", default=["sun-stout", "sun-spectral"])
     args = ap.parse_args()
-    defaults = (flow_nets._DENSE_DFT_SITES, flow_nets._GATHER_LIMIT)
+    default = flow_nets._DENSE_DFT_SITES
     for kind in args.kinds:
         torch.manual_seed(0)
         flow = build_flow(
@@ -57,13 +55,13 @@ def main() -> None:
         z, _ = flow.sample_latent(args.batch, torch.Generator().manual_seed(0))
         times: dict[str, list[float]] = {"fast": [], "fallback": []}
         for rep in range(args.repeat + 1):
-            for name, limits in (("fast", defaults), ("fallback", (0, 0))):
-                flow_nets._DENSE_DFT_SITES, flow_nets._GATHER_LIMIT = limits
+            for name, sites in (("fast", default), ("fallback", 0)):
+                flow_nets._DENSE_DFT_SITES = sites
                 t0 = time.process_time()
                 _step(flow, z)
                 if rep:  # the first round warms the caches
                     times[name].append(time.process_time() - t0)
-        flow_nets._DENSE_DFT_SITES, flow_nets._GATHER_LIMIT = defaults
+        flow_nets._DENSE_DFT_SITES = default
         fast, fallback = statistics.median(times["fast"]), statistics.median(times["fallback"])
         print(
             json.dumps(

@@ -149,6 +149,12 @@ Measure = Callable[[torch.Tensor], Mapping[str, torch.Tensor]]
 
 CHECKPOINT_VERSION = 1
 
+#: Per-chain entries of a step's ``info`` that :class:`Chain` records in its history besides
+#: ``accepted`` (and ``accepted.<label>``): HMC's dH, a non-equilibrium proposal's work, the CG
+#: iterations of a fermion step. They are bookkeeping, not observables
+#: (:data:`flowplug.jobs.summary.NON_OBSERVABLES`).
+KERNEL_INFO_RECORDED = ("delta_h", "work_proposal", "cg_iterations")
+
 
 class Chain:
     """Drives a kernel: steps, measurements, history, progress bar, events, checkpoints.
@@ -325,8 +331,7 @@ class Chain:
                 info = self._step()
                 acc = info["accepted"]
                 self._record("accepted", acc.to(torch.float64))
-                # HMC's dH; a non-equilibrium proposal's work; CG iterations of a fermion trajectory
-                for key in ("delta_h", "work_proposal", "cg_iterations"):
+                for key in KERNEL_INFO_RECORDED:
                     if key in info:
                         self._record(key, info[key])
                 for key, value in info.items():  # parts of composed kernels: accepted.<label>

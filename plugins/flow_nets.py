@@ -27,11 +27,6 @@ from flowplug.errors import ConfigError, ShapeError
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
-#: Largest gathered input (elements) of one configuration for which a strided 4D convolution is
-#: evaluated as a gather and a matrix product (:meth:`PeriodicConv._gathered`, batches split into
-#: chunks of at most this many elements); larger ones unfold and run a strided 3D convolution.
-_GATHER_LIMIT = 1 << 25
-
 #: Largest lattice (sites) whose Fourier-space convolutions use dense DFT matrices
 #: (:func:`_dft_matrices`, O(V^2) memory and arithmetic) instead of torch.fft.
 _DENSE_DFT_SITES = 512
@@ -98,14 +93,11 @@ class PeriodicConv(nn.Module):
     the direct convolution's arithmetic, and it equals it up to float rounding (the
     parameters are the same ``conv.weight`` and ``conv.bias``, so trained weights load
     either way). On lattices of at most ``_DENSE_DFT_SITES`` sites the transforms are
-    products with dense DFT matrices (:func:`_dft_matrices`), cheaper there than torch.fft;
-    a 4D output on a stripe of sites (``out_sites``) is one gather and one matrix product per
-    configuration (:meth:`_gathered`) when one configuration's gathered input has at most
-    ``_GATHER_LIMIT`` elements (the batch is then split into chunks of at most that many).
-    Both choices depend on the lattice and the channels only, never on the batch size, and
-    both products run per configuration (``torch.bmm``), so that a configuration's float32
-    conditioner output is the same in a training batch and alone (the inverse of a flow
-    layer must see exactly the forward map's parameters).
+    products with dense DFT matrices (:func:`_dft_matrices`), cheaper there than torch.fft.
+    The choice depends on the lattice only, never on the batch size, and the products run
+    per configuration (``torch.bmm``), so that a configuration's float32 conditioner output
+    is the same in a training batch and alone (the inverse of a flow layer must see exactly
+    the forward map's parameters).
 
     Arguments:
         in_channels: Input channels C_in.
@@ -136,7 +128,6 @@ class PeriodicConv(nn.Module):
             tuple[tuple[int, ...], torch.device, tuple[int, int, int] | None], tuple[torch.Tensor, tuple[int, ...]]
         ] = {}
         self._kernel_index: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
-        self._gather_index: dict[tuple[tuple[int, ...], torch.device, tuple[int, int, int]], torch.Tensor] = {}
         self.conv: nn.Conv1d | nn.Conv2d | nn.Conv3d
         if ndim == 4:
             self.conv = nn.Conv3d(
@@ -178,15 +169,6 @@ class PeriodicConv(nn.Module):
             return self.conv(x)
         if self.ndim == 4 and out_sites is None:
             return self._fourier(x)
-        # the path is chosen per configuration, never by the batch size: a flow's forward map on a
-        # training batch and its inverse on one configuration must take the same (float32) path
-        per_config = x.shape[1] * k**4 * math.prod(lat) // step
-        if self.ndim == 4 and per_config <= _GATHER_LIMIT:
-            chunk = max(1, _GATHER_LIMIT // per_config)  # configurations per gather
-            sub = (axis, offset % step, step)
-            if x.shape[0] <= chunk:
-                return self._gathered(x, sub)
-            return torch.cat([self._gathered(part, sub) for part in x.split(chunk)])
         # pad every axis circularly at once: one gather of the padded lattice's sites (along
         # ``axis`` only the rows that the strided output reads)
         key = (lat, x.device, None if out_sites is None else (axis, offset % step, step))
@@ -207,52 +189,6 @@ class PeriodicConv(nn.Module):
         y = win.permute(0, 2, 6, 1, 3, 4, 5).reshape(b * l0, k * c, *win.shape[3:6])
         y = F.conv3d(y, self.conv.weight, self.conv.bias, stride=tuple(strides[1:]))
         return y.reshape(b, l0, -1, *y.shape[2:]).transpose(1, 2)
-
-    def _gathered(self, x: torch.Tensor, out_sites: tuple[int, int, int]) -> torch.Tensor:
-        """The 4D convolution on a stripe of output sites as one gather and one matrix product.
-
-        The ``kernel_size**4`` input sites of every output site are one ``index_select`` along
-        the flattened sites, and the convolution of each configuration is the product
-        (C_out, C_in k^4) x (C_in k^4, stripe sites) with the same ``conv.weight`` and
-        ``conv.bias`` (one batched product, ``torch.bmm``, whose per-configuration shape, and
-        so float rounding, does not depend on the batch size): on small lattices cheaper,
-        forward and backward, than padding, unfolding and a strided 3D convolution.
-        ``out_sites`` as in :meth:`forward` (offset reduced modulo step). Returns
-        (B, C_out, L'...), L_axis / step entries along ``axis``.
-        """
-        lat = tuple(x.shape[2:])
-        k, b, c = self.kernel_size, x.shape[0], x.shape[1]
-        key = (lat, x.device, out_sites)
-        idx = self._gather_index.get(key)
-        axis, offset, step = out_sites
-        shape = tuple(n // step if a == axis else n for a, n in enumerate(lat))
-        if idx is None:
-            # [t, s]: flat input site x_s + t - h of output site s (row-major over the strided
-            # lattice) and tap t (row-major over (t_0, ..., t_3)): circular cross-correlation
-            d, half = len(lat), k // 2
-            flat = torch.zeros((), dtype=torch.long)
-            for a, n in enumerate(lat):
-                coords = torch.arange(shape[a]) * (step if a == axis else 1) + (offset if a == axis else 0)
-                pos = (coords[None, :] + torch.arange(k)[:, None] - half) % n  # (t_a, s_a)
-                view = [1] * (2 * d)
-                view[a], view[d + a] = k, shape[a]
-                flat = flat * n + pos.view(view)
-            idx = flat.reshape(-1).to(x.device)  # (taps, sites) flattened, tap-major
-            self._gather_index[key] = idx
-        # weight (O, k C, k, k, k) with the offset along axis 0 outermost in the channel axis
-        # -> (O, C k^4), channel-major and taps row-major, the order of the gathered rows
-        w = self.conv.weight
-        n_out = w.shape[0]
-        w2 = w.view(n_out, k, c, k, k, k).transpose(1, 2).reshape(n_out, -1)
-        cols = x.flatten(2).index_select(2, idx).view(b, c * k**4, -1)  # (B, C k^4, S)
-        # one product per configuration (bmm), of a shape that does not depend on the batch
-        # size: a product over the batch folded into one matrix gives rows or columns whose
-        # float32 rounding changes with the batch size (BLAS kernels by shape)
-        y = torch.bmm(w2.expand(b, -1, -1), cols)
-        bias = self.conv.bias
-        if bias is not None:
-            y = y + bias.view(1, -1, 1)
-        return y.unflatten(2, shape)
 
     def _fourier(self, x: torch.Tensor) -> torch.Tensor:
         """The full periodic convolution through the convolution theorem (class docstring).
@@ -288,7 +224,7 @@ class PeriodicConv(nn.Module):
                 (w.reshape(n_out * n_in, -1) @ fwd.index_select(0, taps)).view(n_out, n_in, -1, 2)
             )  # (O, C, F)
             # one product per configuration (bmm), so that the float32 rounding of a
-            # configuration's transform does not depend on the batch size (see _gathered)
+            # configuration's transform does not depend on the batch size (BLAS rounds a product by its shape)
             x_hat = torch.view_as_complex(
                 torch.bmm(x.reshape(b, n_in, vol), fwd.expand(b, -1, -1)).view(b, n_in, -1, 2)
             )

@@ -1,5 +1,5 @@
-"""The fast paths behind the 4D SU(3) flows: dense-DFT and gathered 4D convolutions, and the
-Haar SU(3) draw without QR.
+"""The fast paths behind the 4D SU(3) flows: dense-DFT 4D convolutions, their batch
+independence, and the Haar SU(3) draw without QR.
 
 Each path is compared with an independent computation (torch.fft, the unfold + strided 3D
 convolution path, the explicit sum over kernel taps, exact Haar moments).
@@ -77,36 +77,6 @@ def test_dft_matrices_are_torch_rfftn_and_irfftn():
     torch.testing.assert_close(fwd @ inv, torch.eye(math.prod(lattice), dtype=torch.float64), rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("lattice", [(4, 4, 4, 4), (4, 2, 4, 6)], ids=lambda v: "x".join(map(str, v)))
-def test_gathered_strided_convolution_equals_unfold_path(lattice, monkeypatch):
-    """The 4D convolution on a stripe of sites as one gather and matrix product gives the
-    explicit tap sum at those sites and the values and gradients of the unfold + strided 3D
-    convolution path (taken above the size limit), for every axis, offset and period."""
-    torch.manual_seed(4)
-    for k in (1, 3, 5):
-        conv = PeriodicConv(3, 2, k, 4, torch.float64)
-        with torch.no_grad():
-            conv.conv.bias.normal_()
-        x = torch.randn(2, 3, *lattice, dtype=torch.float64, requires_grad=True)
-        full = _explicit_conv4d(conv, x)
-        for axis, step in itertools.product(range(4), (2, 4)):
-            if lattice[axis] % step:
-                continue
-            for offset in range(step):
-                sl = [slice(None)] * 6
-                sl[2 + axis] = slice(offset, None, step)
-                y = conv(x, (axis, offset, step))
-                torch.testing.assert_close(y, full[tuple(sl)], rtol=0, atol=1e-12)
-                g = torch.randn_like(y)
-                grads = _grads(y, conv, x, g)
-                monkeypatch.setattr(flow_nets, "_GATHER_LIMIT", 0)
-                ref = conv(x, (axis, offset, step))
-                monkeypatch.undo()
-                torch.testing.assert_close(y, ref, rtol=0, atol=1e-12)
-                for a, b in zip(grads, _grads(ref, conv, x, g), strict=True):
-                    torch.testing.assert_close(a, b, rtol=0, atol=1e-11)
-
-
 def test_haar_su3_is_special_unitary_and_reproducible():
     u = groups.haar_random_su3((7, 5), generator=gen(5))
     assert u.shape == (7, 5, 3, 3) and u.dtype == torch.complex128
@@ -145,24 +115,21 @@ def test_haar_su3_moments_are_exact_haar():
 
 @pytest.mark.parametrize("n_in", [1, 2, 8])
 def test_4d_convolutions_give_each_configuration_the_same_float32_output_in_any_batch(n_in, monkeypatch):
-    """A float32 4D convolution (dense-DFT full output; gathered strided output, also with the
-    batch split into chunks; unfolded strided output) gives every configuration bitwise the same
-    output in a batch of 9 as alone: a flow layer's inverse on one configuration must see
-    exactly the parameters of its forward map on a batch (a product over the batch folded into
-    one matrix, or a path chosen by the batch size, changes the float32 rounding)."""
+    """A float32 4D convolution (dense-DFT and torch.fft full output; unfolded strided output)
+    gives every configuration bitwise the same output in a batch of 9 as alone: a flow layer's
+    inverse on one configuration must see exactly the parameters of its forward map on a batch
+    (a product over the batch folded into one matrix changes the float32 rounding)."""
     torch.manual_seed(8)
     lattice = (4, 4, 4, 4)
     conv = PeriodicConv(n_in, 3, 3, 4, torch.float32)
     x = torch.randn(9, n_in, *lattice)
-    per_config = n_in * 3**4 * math.prod(lattice) // 4
-    # default limit; a limit of 4 configurations (the batch of 9 in chunks); below one configuration
-    for limit in (flow_nets._GATHER_LIMIT, 4 * per_config, per_config - 1):
-        monkeypatch.setattr(flow_nets, "_GATHER_LIMIT", limit)
+    for dense in (flow_nets._DENSE_DFT_SITES, 0):
+        monkeypatch.setattr(flow_nets, "_DENSE_DFT_SITES", dense)
         for out_sites in (None, (1, 3, 4), (0, 0, 2)):
             with torch.no_grad():
                 batch = conv(x, out_sites)
                 alone = torch.cat([conv(x[i : i + 1], out_sites) for i in range(x.shape[0])])
-            assert torch.equal(batch, alone), (limit, out_sites, float((batch - alone).abs().max()))
+            assert torch.equal(batch, alone), (dense, out_sites, float((batch - alone).abs().max()))
 
 
 @pytest.mark.parametrize(
@@ -176,13 +143,11 @@ def test_4d_convolutions_give_each_configuration_the_same_float32_output_in_any_
 def test_4d_flow_inverts_one_configuration_of_a_forward_batch_exactly(field, layer, options, monkeypatch):
     """f^-1 of one configuration of a batch mapped by f gives back its latent configuration to
     float64 rounding, and the two log-dets cancel, with float32 networks on 4^4 (dense-DFT
-    convolutions; for sun-stout a gather limit that the batch of 6 exceeds but one
-    configuration does not)."""
+    convolutions)."""
     from flowplug.flow import build_flow
 
     torch.manual_seed(9)
     flow = build_flow(field, (4, 4, 4, 4), [layer], n_layers=2, options=options).eval()
-    monkeypatch.setattr(flow_nets, "_GATHER_LIMIT", 3 * 4 * 3**4 * 64)
     with torch.no_grad():
         z, _ = flow.sample_latent(6, gen(10))
         x, logdet = flow.forward(z)

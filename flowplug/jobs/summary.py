@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from flowplug.chain import KERNEL_INFO_RECORDED
 from flowplug.stats import jarzynski
 
 __all__ = [
@@ -55,11 +56,11 @@ class ShortChainWarning(UserWarning):
 
 
 def _is_bookkeeping(name: str) -> bool:
-    return name in ("accepted", "delta_h", "work_proposal", "cg_iterations") or name.startswith("accepted.")
+    return name == "accepted" or name in KERNEL_INFO_RECORDED or name.startswith("accepted.")
 
 
 #: History entries that are kernel bookkeeping, not observables.
-NON_OBSERVABLES = ("accepted", "accepted.<label>", "delta_h", "work_proposal", "cg_iterations")
+NON_OBSERVABLES = ("accepted", "accepted.<label>", *KERNEL_INFO_RECORDED)
 
 
 def _array(values: Any) -> np.ndarray:
