@@ -28,6 +28,7 @@ def cfg(tmp_path: Path, *overrides: str, name: str = "out") -> dict:
         "hmc.thermalization=2",
         "hmc.steps=4",
         "save_every=5",
+        "checkpoint_every=5",
     ]
     return _config.build_config(DEFAULT_CONFIG, overrides=base + list(overrides))
 
@@ -85,8 +86,10 @@ def test_cli_run_writes_everything(tmp_path, capsys):
     from flowplug import io
 
     files = sorted((out / "ensemble").iterdir())
-    assert [f.name for f in files] == ["traj_000012.h5"]  # thermalization 10 by default
-    ens = io.read(files[0])
+    # the default thermalization is min(10, trajectories // 2) = 6: saved at 10 and at the end
+    assert summary["thermalization"] == 6
+    assert [f.name for f in files] == ["traj_000010.h5", "traj_000012.h5"]
+    ens = io.read(files[-1])
     assert len(ens) == 2 and ens.group == "u1" and ens.lattice == (6, 6)
     np.testing.assert_allclose(
         m["plaquette"][-1],

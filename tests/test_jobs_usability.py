@@ -405,6 +405,8 @@ def test_ctrl_c_in_hmc_names_the_checkpoint_and_the_resume_command(tmp_path, fre
         "--set",
         "save_every=5",
         "--set",
+        "checkpoint_every=5",
+        "--set",
         "format='none'",
         "--no-progress",
     ]

@@ -19,6 +19,7 @@ from flowplug.cli.common import (
     config_from_args,
     observables_text,
 )
+from flowplug.errors import ConfigError
 from flowplug.jobs.hmc import DEFAULT_CONFIG, OPEN_TABLES, run_hmc
 from flowplug.records import CommandSpec
 
@@ -38,17 +39,22 @@ EXAMPLES = (
     "--set out=schwinger-run",
     "# continue a run, or extend a finished one (its other settings come from u1-run/config.toml)",
     "flowplug hmc --set out=u1-run --set hmc.trajectories=500 --resume",
+    "flowplug hmc --out u1-run --resume",
+    "# configurations every 10 trajectories, a checkpoint every 50",
+    "flowplug hmc --set out=u1-run --set save_every=10 --set checkpoint_every=50",
 )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``flowplug hmc``."""
     add_config_arguments(parser, example="hmc.trajectories=200")
+    parser.add_argument("--out", metavar="DIR", help="output directory (the same as --set out=DIR)")
     parser.add_argument(
         "--resume",
         action="store_true",
         help="continue from <out>/checkpoint.pt (same chain as an uninterrupted run), with the configuration "
-        "stored in <out>/config.toml: give only what changes (hmc.trajectories, output settings)",
+        "stored in <out>/config.toml and the start file in <out>/run_files.json: give only what changes "
+        "(hmc.trajectories, output settings)",
     )
     parser.add_argument(
         "--force", action="store_true", help="start afresh even though <out> holds a checkpoint of an earlier run"
@@ -58,21 +64,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def result_line(summary: dict, out: str) -> str:
-    """The one-line result of an HMC run: acceptance, every observable (with chi_t), the output."""
+    """The one-line result of an HMC run: the trajectories left out as thermalisation, acceptance,
+    every observable (with chi_t), the output."""
     chains = summary["chains"]
     return (
-        f"flowplug hmc: {summary['trajectories']} trajectories x {chains} chain{'s' if chains != 1 else ''}; "
-        f"acceptance {summary.get('acceptance', float('nan')):.3f}" + observables_text(summary) + f"; results in {out}"
+        f"flowplug hmc: {summary['trajectories']} trajectories x {chains} chain{'s' if chains != 1 else ''}"
+        + (f" (the first {summary['thermalization']} left out)" if "thermalization" in summary else "")
+        + f"; acceptance {summary.get('acceptance', float('nan')):.3f}"
+        + observables_text(summary)
+        + f"; results in {out}"
     )
 
 
 def run(args: argparse.Namespace) -> int:
     """Execute ``flowplug hmc``."""
+    if args.out and any(o.split("=", 1)[0].strip() == "out" for o in args.overrides):
+        raise ConfigError("give the output directory once: --out DIR or --set out=DIR, not both")
     cfg = config_from_args(
-        args, DEFAULT_CONFIG, open_tables=OPEN_TABLES, run_dir=lambda c: Path(str(c["out"]))
+        args, DEFAULT_CONFIG, open_tables=OPEN_TABLES, run_dir=lambda c: Path(args.out or str(c["out"]))
     )  # on --resume: from <out>/config.toml
     if cfg is None:
         return 0
+    if args.out:
+        cfg["out"] = args.out
     with chain_resume_hint(args, Path(str(cfg["out"])) / "checkpoint.pt", unit="trajectory"):
         summary = run_hmc(
             cfg,

@@ -35,8 +35,8 @@ EXAMPLES = (
     "# no flow: exact heatbath + overrelaxation chains of [action], one per input configuration",
     "flowplug resample cfg/ --out run4 --set action.name=wilson --set action.group=su3 --set action.beta=6.0 "
     "--set kernel.type=heatbath",
-    "# continue a run, or extend a finished one",
-    "flowplug resample cfg/ --flow runs/u1 --out run2 --set steps=200 --resume",
+    "# continue a run, or extend a finished one (the flow and the inputs come from run2/run_files.json)",
+    "flowplug resample --out run2 --set steps=200 --resume",
 )
 
 
@@ -54,8 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--resume",
         action="store_true",
-        help="continue from DIR/chain.ckpt with the configuration stored in DIR/config.toml (give only "
-        "what changes: steps, output settings)",
+        help="continue from DIR/chain.ckpt with the configuration stored in DIR/config.toml and the flow, "
+        "inputs and read options in DIR/run_files.json (give only what changes: steps, output settings)",
     )
     parser.add_argument("--force", action="store_true", help="replace existing output files")
     parser.add_argument("--format", metavar="NAME", help="force the input format")
@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     )  # on --resume: from DIR/config.toml
     if cfg is None:
         return 0
-    if not args.out or not args.inputs:
+    if not args.out or not (args.inputs or args.resume):
         raise ConfigError("flowplug resample needs ENSEMBLE... and --out DIR (and --flow CHECKPOINT for flow kernels)")
     if args.to:
         cfg["to"] = args.to
@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
                 "format": args.format,
                 "lattice": args.lattice,
                 "group": args.group,
-                "verify": not args.no_verify,
+                "verify": False if args.no_verify else None,  # None: verify (or, on --resume, as the run did)
             },
             progress=False if args.no_progress else None,
             check_inverse=not args.no_check_inverse,
@@ -103,9 +103,9 @@ def run(args: argparse.Namespace) -> int:
         )
     if "rank" in s:  # a rank > 0 of a torchrun world: rank 0 reports
         return 0
-    if s["flow"] is None:
+    if "flow" not in s:
         ess = "n/a (no flow)"
-    elif s["ess"] is None:
+    elif s.get("ess") is None:
         ess = "n/a (an action with auxiliary fields)"
     else:
         ess = f"{s['ess']:.3f}"

@@ -30,8 +30,10 @@ EXAMPLES = (
     "flowplug sample --flow runs/u1 --out run1 --set kernel.hmc_every=4",
     "# HMC in the flow's latent space",
     "flowplug sample --flow runs/u1 --out run1 --set kernel.type=flow-hmc",
-    "# continue a run, or extend a finished one",
-    "flowplug sample --flow runs/u1 --out run1 --set steps=2000 --resume",
+    "# continue a run, or extend a finished one (the flow comes from run1/run_files.json)",
+    "flowplug sample --out run1 --set steps=2000 --resume",
+    "# a quick look: thermalize defaults to min(20, steps // 2)",
+    "flowplug sample --flow runs/u1 --out run0 --set steps=10",
     "# no flow: plain HMC, or any registered kernel (a plugin's too), on [action] and lattice",
     "flowplug sample --out run2 --set action.name=wilson --set action.beta=2.0 --set 'lattice=[8,8]'",
     "flowplug sample --out run3 --set action.name=xy --set action.beta=1.0 --set 'lattice=[16]' "
@@ -51,8 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--resume",
         action="store_true",
-        help="continue from DIR/chain.ckpt with the configuration stored in DIR/config.toml (give only "
-        "what changes: steps, output settings)",
+        help="continue from DIR/chain.ckpt with the configuration stored in DIR/config.toml and the flow "
+        "in DIR/run_files.json (give only what changes: steps, output settings)",
     )
     parser.add_argument("--force", action="store_true", help="replace existing outputs")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -92,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
     j = s.get("jarzynski") or {}
     jz = f", log(Z/Z_0) {j['log_ratio']:.6g} +- {j['error']:.2g} (Jarzynski, {j['n']} works)" if "n" in j else ""
     print(
-        f"sample: {s['chains']} chains x {s['steps']} steps of {s['kernel']}, acceptance {accs}{ess}{jz}"
+        f"sample: {s['chains']} chains x {s['steps']} steps of {s['kernel']} (the first {s['thermalize']} left "
+        f"out), acceptance {accs}{ess}{jz}"
         f"{observables_text(s)}; results in {args.out}"
     )
     return 0

@@ -15,9 +15,17 @@ runs ``chains`` independent HMC chains as one batch and writes to ``out``:
     name, layout (steps, chains) as in ``Chain.history_tensors()``, stated by its
     attribute ``axes`` = ``"steps,chains"``; give ``step_axis=0`` to :mod:`flowplug.stats`);
 ``checkpoint.pt``
-    state, generator state and history (``torch.save`` of tensors, written atomically);
-    ``resume=True`` (``--resume``) continues from it and gives the same chain as an
-    uninterrupted run (also to extend a finished run: raise ``hmc.trajectories`` and resume);
+    state, generator state and history (``torch.save`` of tensors, written atomically)
+    every ``checkpoint_every`` trajectories (default 100, as ``sample``; 0: only after the
+    last) and after the last, independently of ``save_every`` (which earlier versions
+    checkpointed at); ``resume=True`` (``--resume``) continues from it and gives the same
+    chain as an uninterrupted run (also to extend a finished run: raise
+    ``hmc.trajectories`` and resume; configurations written after the checkpoint by a run
+    that died are written again, once);
+``run_files.json``
+    the start file (as given, resolved, and its SHA-256) when ``start`` names one: a
+    ``--resume`` reads that file (also from another working directory) and refuses it if
+    its SHA-256 changed (:func:`flowplug.jobs.provenance.resume_start_file`);
 ``config.toml``
     the resolved configuration, written with every checkpoint: ``--resume`` starts from
     it (the original ``--set`` values need not be repeated) and refuses a change of a
@@ -25,7 +33,10 @@ runs ``chains`` independent HMC chains as one batch and writes to ``out``:
     the checkpoint's fingerprint stays the final guard; a run directory without it, of an
     earlier version, resumes as before);
 ``summary.json``
-    ``acceptance``, ``observables.<name>.{mean,error,tau_int,tau_int_error}`` (Gamma
+    ``acceptance``, ``thermalization`` (the value used: the default ``-1`` is
+    ``min(10, hmc.trajectories // 2)``, fixed when the run starts,
+    :func:`flowplug.jobs.provenance.resolve_thermalization`; an explicit value must be
+    below ``hmc.trajectories``), ``observables.<name>.{mean,error,tau_int,tau_int_error}`` (Gamma
     method, chains as replicas, after ``hmc.thermalization``), with
     ``observables.topological_susceptibility`` = chi_t = <Q^2>/V (V = number of sites)
     wherever the topological charge is measured, and ``exp_minus_delta_h``; for an action
@@ -95,7 +106,9 @@ streams = 0             # random streams: groups of chains with their own genera
                         # process (torchrun); the same seed and streams give the same chains
                         # on any number of processes (a divisor of streams, which divides chains)
 format = "hdf5"         # ensemble format: hdf5, ildg, nersc, openqcd (a writable format), or "none"
-save_every = 10         # write configurations and a checkpoint every this many trajectories
+save_every = 10         # write configurations every this many trajectories (after thermalization)
+checkpoint_every = 100  # write a checkpoint every this many trajectories and after the last (0: only
+                        # after the last); a resume continues from the last one
 measurements = "hdf5"   # per-trajectory measurements: "hdf5" (measurements.h5) or "csv"
 observables = []        # observable names; empty: plaquette (+ topological charge where
                         # defined) for gauge fields, magnetization, chi_2, ising_energy for phi^4,
@@ -117,7 +130,10 @@ lam = 8.0               # phi4: quartic coupling
 
 [hmc]
 trajectories = 100      # total trajectories per chain (raise it and --resume to extend a run)
-thermalization = 10     # first trajectories left out of summary.json and of the saved ensemble
+thermalization = -1     # first trajectories left out of summary.json and of the saved ensemble;
+                        # -1: min(10, trajectories // 2), fixed when the run starts (config.toml
+                        # and summary.json record the value used); an explicit value must be
+                        # < trajectories
 integrator = "omelyan"  # "leapfrog" or "omelyan" (2MN)
 steps = 10              # integration steps per trajectory
 trajectory_length = 1.0 # molecular-dynamics time per trajectory
@@ -132,6 +148,7 @@ NON_CHAIN_KEYS = (
     "hmc.trajectories",
     "progress",
     "save_every",
+    "checkpoint_every",
     "format",
     "threads",
     "measurements",
@@ -392,9 +409,10 @@ def run_hmc(
 
     Raises:
         ConfigError: on inconsistent settings (unknown integrator, format that cannot hold
-            the field, start file of another group, ``trajectories <= thermalization``,
-            ``threads < 0``...).
-        CheckpointError: on ``resume`` without a checkpoint or with one of another run.
+            the field, start file of another group, ``trajectories <= thermalization``
+            (naming both), ``checkpoint_every < 0``, ``threads < 0``...).
+        CheckpointError: on ``resume`` without a checkpoint or with one of another run, or
+            with a start file whose SHA-256 changed since the run started.
         FlowplugError: when ``out`` holds a checkpoint and neither ``resume`` nor ``force``.
     """
     from flowplug.threads import job_threads
@@ -420,7 +438,17 @@ def _run_hmc(
     from flowplug.config import parse_toml
     from flowplug.jobs.chains import run_chains
     from flowplug.jobs.output import ChainOutput, Configurations
-    from flowplug.jobs.provenance import check_resume_config, provenance
+    from flowplug.jobs.provenance import (
+        check_file_sha256,
+        check_resume_config,
+        file_record,
+        file_sha256,
+        provenance,
+        resolve_thermalization,
+        resume_start_file,
+        stored_run_files,
+        write_run_files,
+    )
     from flowplug.jobs.summary import cg_summary, chain_summary, warn_short_chains
     from flowplug.manager import get_plugin_manager
     from flowplug.measure import default_observables, measurement
@@ -428,6 +456,13 @@ def _run_hmc(
 
     pm = get_plugin_manager()
     out = Path(str(cfg["out"]))
+    total = int(cfg["hmc"]["trajectories"])
+    if total < 0:
+        raise ConfigError(f"hmc.trajectories must be >= 0; found {total}")
+    # the default hmc.thermalization (-1) becomes min(10, trajectories // 2) here, for the whole run
+    cfg, therm = resolve_thermalization(
+        cfg, key="hmc.thermalization", steps_key="hmc.trajectories", cap=10, out=out, resume=resume
+    )
     if resume:  # names every changed key of the chain (the fingerprint stays the final guard)
         check_resume_config(out, cfg, ignore=NON_CHAIN_KEYS, omit_defaults=ADDED_KEYS)
     ckpt = out / distributed.rank_name("checkpoint.pt")
@@ -439,16 +474,9 @@ def _run_hmc(
     chains = int(cfg["chains"])
     if chains < 1:
         raise ConfigError(f"chains must be >= 1; found {chains}")
-    total = int(hmc["trajectories"])
-    therm = int(hmc["thermalization"])
-    if total < 0 or therm < 0:
-        raise ConfigError("hmc.trajectories and hmc.thermalization must be >= 0")
-    if total <= therm:
-        raise ConfigError(
-            f"hmc.trajectories = {total} leaves nothing after hmc.thermalization = {therm}: "
-            "no trajectory would be measured; raise hmc.trajectories or lower "
-            "hmc.thermalization"
-        )
+    checkpoint_every = int(cfg.get("checkpoint_every", 100))
+    if checkpoint_every < 0:
+        raise ConfigError(f"checkpoint_every must be >= 0 (0: only after the last); found {checkpoint_every}")
     seed = int(cfg["seed"])
     streams, per, mine, local = distributed.chain_streams(chains, int(cfg.get("streams", 0)))
     if not distributed.is_main():
@@ -466,8 +494,19 @@ def _run_hmc(
         )
     )
     generator = torch.Generator(device=device).manual_seed(seed)
+    start = str(cfg["start"])
+    start_file: dict[str, Any] | None = None
+    if start not in ("cold", "hot"):  # a start file: on --resume the run's own (run_files.json)
+        entry = None
+        if resume:
+            start, entry = resume_start_file(out, start)
+        if Path(start).is_file():
+            digest = file_sha256(start)
+            if entry is not None:
+                check_file_sha256(out, "start file", entry, digest)
+            start_file = entry if entry is not None else file_record(start, sha256=digest)
     # every process draws (or reads) the start of all chains and keeps its own
-    x0, start_desc = start_configuration(cfg, action, chains, generator, device, log)
+    x0, start_desc = start_configuration({**cfg, "start": start}, action, chains, generator, device, log)
     x0 = x0[local]
     ndim = len(kernel.space.lattice_of(x0))
     if callable(getattr(action, "take_cg_iterations", None)):  # CG iterations per trajectory and chain
@@ -506,6 +545,8 @@ def _run_hmc(
         what="hmc",
     )
     output.start(resume=resume, force=force)
+    # the start file, for --resume (written with every checkpoint; a resume keeps the stored record)
+    files_record = (stored_run_files(out) if resume else None) or {"command": "hmc", "start": start_file}
     show = (bool(cfg["progress"]) if progress is None else progress) and distributed.is_main()
     run_id = run_fingerprint(cfg) + (f"/streams={streams}" if streams > 1 else "")
     if streams > 1:
@@ -526,11 +567,12 @@ def _run_hmc(
         output=output,
         resume=resume,
         run_id=run_id,
-        checkpoint_every=save_every,
+        checkpoint_every=checkpoint_every,
         progress=show,
         desc=f"hmc {action.field}",
         kernel_name="hmc",
         steps_key="hmc.trajectories",
+        before_checkpoint=lambda _: write_run_files(out, files_record) if distributed.is_main() else None,
     )
     seconds = time.perf_counter() - t0
     lattice = list(kernel.space.lattice_of(chain.state.x))

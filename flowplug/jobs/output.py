@@ -23,6 +23,11 @@ directory through one :class:`ChainOutput`:
     written just before each checkpoint: ``--resume`` starts from it
     (:func:`flowplug.jobs.provenance.resume_configuration`) and refuses changes of the
     chain's keys (:func:`flowplug.jobs.provenance.check_resume_config`).
+``run_files.json``
+    the files the run reads besides its configuration (the flow, ``resample``'s inputs and
+    read options, ``hmc``'s start file), each as given, resolved and with its SHA-256
+    (:func:`flowplug.jobs.provenance.write_run_files`), written with each checkpoint by
+    ``sample``, ``resample`` and ``hmc``: ``--resume`` needs only ``--out``.
 ``summary.json``, ``report.png``
     at the end (:func:`flowplug.fsutil.write_summary`, :func:`flowplug.jobs.report.chain_report`).
 

@@ -18,6 +18,16 @@
   value (before the fingerprint, which stays the final guard). A run directory without
   ``config.toml`` (written by an earlier version) resumes as before: from the given
   configuration, checked by the fingerprint alone.
+* :func:`resolve_thermalization`: the value of a job's thermalisation key whose default
+  (``-1``) adapts to the run's length (``min(cap, steps // 2)``), fixed at the start of
+  the run and stored in ``config.toml``, so that the fingerprint and a resume see the
+  value used.
+* :func:`write_run_files` / :func:`stored_run_files`: the files a chain run reads (the
+  flow checkpoint, the input configurations, an HMC start file), as given and resolved,
+  with their SHA-256, in ``run_files.json`` of the run directory. A ``--resume`` takes
+  them from there (:func:`resume_flow_path`, :func:`resume_inputs`, :func:`resume_start_file`),
+  refuses a path given again that is not the stored one, and refuses a file whose SHA-256
+  is not the stored one (:func:`check_file_sha256`), naming the file and both values.
 """
 
 from __future__ import annotations
@@ -41,6 +51,17 @@ __all__ = [
     "resume_configuration",
     "chain_key_differences",
     "check_resume_config",
+    "DEFAULT_THERMALIZATION",
+    "resolve_thermalization",
+    "RUN_FILES",
+    "file_record",
+    "write_run_files",
+    "stored_run_files",
+    "resume_flow_path",
+    "resume_inputs",
+    "resume_read_options",
+    "resume_start_file",
+    "check_file_sha256",
 ]
 
 #: File name of a chain run's resolved configuration in its run directory.
@@ -354,3 +375,359 @@ def check_resume_config(
         "these --set values (the stored ones are used), or start a new run with --force or another output "
         f"directory; only {', '.join(sorted(set(ignore)))} may change on --resume"
     )
+
+
+# ------------------------------------------------------------------ thermalisation default
+
+#: The default of a job's thermalisation key (``sample``'s ``thermalize``, ``hmc``'s
+#: ``hmc.thermalization``): the number is chosen from the run's length at its start
+#: (:func:`resolve_thermalization`).
+DEFAULT_THERMALIZATION = -1
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    *head, last = dotted.split(".")
+    for part in head:
+        node = node[part]
+    node[last] = value
+
+
+def resolve_thermalization(
+    cfg: Mapping[str, Any],
+    *,
+    key: str,
+    steps_key: str,
+    cap: int,
+    out: str | Path,
+    resume: bool,
+) -> tuple[dict[str, Any], int]:
+    """The number of thermalisation steps of a chain run, and the configuration that records it.
+
+    An explicit value (``>= 0``) is used as given and must leave steps to measure
+    (``value < steps``). The default, :data:`DEFAULT_THERMALIZATION` (``-1``), becomes
+    ``min(cap, steps // 2)`` at the start of a run (so a short run of a few steps works:
+    ``steps = 10`` thermalises 5). The number is fixed for the whole run: the returned
+    configuration holds it, and the job fingerprints it and writes it to ``config.toml``,
+    so extending the run (more steps on ``--resume``) keeps it. On a ``--resume`` the
+    default takes the value stored in ``config.toml``; a run directory without one (an
+    earlier version, whose default was ``cap``) resumes with ``cap``, the value it ran
+    with, so its fingerprint is unchanged. A run with ``steps >= 2 cap`` and the default
+    has the fingerprint it had when the default was ``cap``.
+
+    Arguments:
+        cfg: The effective configuration.
+        key: The dotted key of the thermalisation (``"thermalize"``, ``"hmc.thermalization"``).
+        steps_key: The dotted key of the total number of steps (``"steps"``,
+            ``"hmc.trajectories"``).
+        cap: The largest default (the fixed default of earlier versions: 20 for ``sample``,
+            10 for ``hmc``).
+        out: The run directory (its ``config.toml`` on a resume).
+        resume: Whether the run resumes.
+
+    Returns:
+        ``(configuration with the value at key, value)``; the configuration is a copy.
+
+    Raises:
+        ConfigError: for a value below -1, or a value that is not below the number of
+            steps, naming both keys and their values.
+    """
+    import copy
+
+    from flowplug.errors import ConfigError
+
+    value = int(_lookup(cfg, key))
+    steps = int(_lookup(cfg, steps_key))
+    rule = f"min({cap}, {steps_key} // 2)"
+    if value == DEFAULT_THERMALIZATION:
+        if resume:
+            stored = stored_run_config(out)
+            found = _lookup(stored, key) if stored is not None else _MISSING
+            value = int(found) if isinstance(found, int) and found >= 0 else cap
+        else:
+            value = min(cap, steps // 2)
+    elif value < 0:
+        raise ConfigError(
+            f"{key} = {value}: give the number of thermalisation steps (>= 0), or {DEFAULT_THERMALIZATION} "
+            f"for the default {rule}"
+        )
+    if value >= steps:
+        raise ConfigError(
+            f"{steps_key} = {steps} leaves nothing after {key} = {value}: need {key} < {steps_key} (the first "
+            f"{key} steps are left out of the statistics and of the written configurations, so nothing would "
+            f"be measured); lower {key}, raise {steps_key}, or leave {key} unset (its default is {rule}, fixed "
+            "when the run starts)"
+        )
+    out_cfg = copy.deepcopy(dict(cfg))
+    _set_dotted(out_cfg, key, value)
+    return out_cfg, value
+
+
+# ------------------------------------------------------------------ files a run reads
+
+#: File name of the record of the files a chain run reads, in its run directory.
+RUN_FILES = "run_files.json"
+
+
+def _resolved(path: str | Path) -> Path:
+    return Path(path).expanduser().resolve()
+
+
+def file_record(given: str | Path, *, sha256: str | None = None, file: str | Path | None = None) -> dict[str, Any]:
+    """One entry of ``run_files.json``.
+
+    Arguments:
+        given: The path as the user gave it (relative paths stay relative).
+        sha256: The SHA-256 of the file read, or ``None`` (a directory or a pattern).
+        file: The file actually read, when it is not ``given`` itself (the ``checkpoint.pt``
+            of a flow run directory).
+
+    Returns:
+        ``{"given", "path"}`` (``path``: ``given`` resolved to an absolute path), with
+        ``"file"`` (resolved) when ``file`` is given and ``"sha256"`` when known.
+    """
+    rec: dict[str, Any] = {"given": str(given), "path": str(_resolved(given))}
+    if file is not None:
+        rec["file"] = str(_resolved(file))
+    if sha256 is not None:
+        rec["sha256"] = str(sha256)
+    return rec
+
+
+def write_run_files(out: str | Path, record: Mapping[str, Any]) -> Path:
+    """Write ``out/run_files.json`` (atomically): the files a chain run reads.
+
+    The chain jobs write it just before each checkpoint (``before_checkpoint`` of
+    :func:`flowplug.jobs.chains.run_chains`), as :class:`flowplug.jobs.output.ChainOutput`
+    writes ``config.toml``, so it describes the run that wrote the checkpoint; a resume
+    writes the record it read back unchanged (a run of an earlier version gets one).
+
+    Arguments:
+        out: The run directory.
+        record: ``{"command", "flow": file_record or None, "inputs": [file_record],
+            "files": [file_record with sha256], "skipped": [str], "read_options": {...},
+            "start": file_record}`` (the keys the job has).
+
+    Returns:
+        The path written.
+    """
+    from flowplug.fsutil import write_json
+
+    return write_json(Path(out) / RUN_FILES, dict(record))
+
+
+def stored_run_files(out: str | Path) -> dict[str, Any] | None:
+    """The record of :func:`write_run_files`, or ``None`` when ``out`` has none (a run of an
+    earlier version, or one that has not started).
+
+    Raises:
+        CheckpointError: if the file exists but is not a JSON object.
+    """
+    import json
+
+    from flowplug.errors import CheckpointError
+
+    path = Path(out) / RUN_FILES
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: cannot be read as JSON ({exc}); restore it or give the paths again") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+def _usable(entry: Mapping[str, Any]) -> str:
+    """The stored path as given when it still names the same place from here, else the
+    resolved absolute path (a resume from another working directory)."""
+    given, path = str(entry["given"]), str(entry["path"])
+    return given if _resolved(given) == Path(path) else path
+
+
+def check_file_sha256(out: str | Path, what: str, entry: Mapping[str, Any], found: str) -> None:
+    """Refuse a file read on a ``--resume`` whose SHA-256 is not the one stored when the run started.
+
+    Arguments:
+        out: The run directory (named in the message).
+        what: What the file is (``"flow checkpoint"``, ``"input"``, ``"start file"``).
+        entry: Its :func:`file_record` (with ``sha256``).
+        found: The SHA-256 of the file now.
+
+    Raises:
+        CheckpointError: naming the file, the stored and the found SHA-256.
+    """
+    from flowplug.errors import CheckpointError
+
+    stored = entry.get("sha256")
+    if stored is None or stored == found:
+        return
+    name = entry.get("file") or entry["path"]
+    raise CheckpointError(
+        f"--resume: the {what} {name} changed since the run in {out} started: SHA-256 stored "
+        f"{stored} ({Path(out) / RUN_FILES}), found {found}. The run's fingerprint holds the stored one; "
+        "restore that file, or start a new run (--force or another output directory)"
+    )
+
+
+def _refuse_other_path(out: str | Path, what: str, stored: str, given: str) -> None:
+    from flowplug.errors import CheckpointError
+
+    raise CheckpointError(
+        f"--resume: the {what} given, {given}, is not the one of the run in {out}: stored {stored} "
+        f"({Path(out) / RUN_FILES}), found {given}. Leave it out (the stored one is used), or start a new "
+        "run (--force or another output directory)"
+    )
+
+
+def resume_flow_path(out: str | Path, given: str | Path | None) -> tuple[str | None, dict[str, Any] | None]:
+    """The flow of a ``--resume``: the stored one unless given; a given one must be it, or,
+    when the stored file no longer exists (the flow moved), a file of the stored SHA-256.
+
+    Arguments:
+        out: The run directory.
+        given: ``--flow`` as given on the resume, or ``None``.
+
+    Returns:
+        ``(flow path to open or None, its flow entry or None)`` (the entry of the new place
+        for a moved flow, which the job records). Without ``run_files.json``
+        (a run of an earlier version) the given path is returned unchanged (``None`` if none):
+        the checkpoint's fingerprint decides, as before.
+
+    Raises:
+        CheckpointError: if a flow is given that resolves to another checkpoint file than
+            the stored one while that exists, or to a file of another SHA-256, or one is given
+            for a run that had none (naming both), or none is given and the stored one no
+            longer exists.
+    """
+    from flowplug.checkpoints import checkpoint_path
+
+    stored = stored_run_files(out)
+    if stored is None:
+        return (None if given is None else str(given)), None
+    entry = stored.get("flow")
+    if given is None:
+        if entry is not None and not Path(entry.get("file") or entry["path"]).is_file():
+            from flowplug.errors import CheckpointError
+
+            raise CheckpointError(
+                f"--resume: the flow checkpoint {entry.get('file') or entry['path']} of the run in {out} "
+                f"({Path(out) / RUN_FILES}) no longer exists; restore it, give its new place with --flow (a "
+                "file of the stored SHA-256), or start a new run (--force or another output directory)"
+            )
+        return (None if entry is None else _usable(entry)), entry
+    if entry is None:
+        _refuse_other_path(out, "flow", "(no flow)", str(given))
+    assert entry is not None
+    here = _resolved(checkpoint_path(given))
+    there = Path(entry.get("file") or entry["path"])
+    if here == there:
+        return str(given), entry
+    if there.is_file() or not here.is_file() or entry.get("sha256") is None:
+        _refuse_other_path(out, "flow", f"{entry['given']} ({there})", f"{given} ({here})")
+    # the stored file is gone: the flow moved; the same file (SHA-256) at the given path is the run's
+    from flowplug.errors import CheckpointError
+
+    found = file_sha256(here)
+    if found != entry["sha256"]:
+        raise CheckpointError(
+            f"--resume: the flow given, {given} ({here}), is not the flow of the run in {out}: SHA-256 stored "
+            f"{entry['sha256']} ({Path(out) / RUN_FILES}, for {there}, which no longer exists), found {found}; "
+            "give the run's flow, or start a new run (--force or another output directory)"
+        )
+    return str(given), file_record(given, sha256=found, file=here)
+
+
+def resume_inputs(out: str | Path, given: list[str]) -> tuple[list[Path], list[Path], dict[str, Any]] | None:
+    """The input files of a ``resample --resume``: the stored list, in its order.
+
+    Arguments:
+        out: The run directory.
+        given: The inputs as given on the resume (files, directories, patterns); may be empty.
+
+    Returns:
+        ``(files, skipped, {resolved path: stored entry})`` from ``run_files.json``, or ``None``
+        when there is none (a run of an earlier version: the caller expands ``given``, which
+        must then name the inputs again), or when ``given`` names other inputs and a stored
+        file no longer exists (the inputs moved: the caller reads ``given``, and the
+        fingerprint, which holds every input's SHA-256 in order, decides).
+
+    Raises:
+        CheckpointError: if ``given`` names other inputs than the stored ones while these
+            exist (naming both lists), or none are given and a stored file no longer exists.
+    """
+    from flowplug.errors import CheckpointError
+
+    stored = stored_run_files(out)
+    if stored is None or "files" not in stored:
+        return None
+    if given:
+        here = [str(_resolved(g)) for g in given]
+        there = [str(e["path"]) for e in stored.get("inputs", [])]
+        if here != there:
+            if not all(Path(str(e["path"])).is_file() for e in stored["files"]):
+                return None  # moved: the given inputs, checked by the fingerprint
+            _refuse_other_path(
+                out,
+                "inputs",
+                ", ".join(str(e["given"]) for e in stored.get("inputs", [])) + f" ({', '.join(there)})",
+                ", ".join(map(str, given)) + f" ({', '.join(here)})",
+            )
+    files = [Path(_usable(e)) for e in stored["files"]]
+    for f, e in zip(files, stored["files"], strict=True):
+        if not f.is_file():
+            raise CheckpointError(
+                f"--resume: the input {e['path']} of the run in {out} ({Path(out) / RUN_FILES}) no longer exists; "
+                "restore it, name the inputs at their new place, or start a new run (--force or another output "
+                "directory)"
+            )
+    by_path = {str(e["path"]): dict(e) for e in stored["files"]}
+    return files, [Path(s) for s in stored.get("skipped", [])], by_path
+
+
+def resume_read_options(out: str | Path, given: Mapping[str, Any]) -> dict[str, Any]:
+    """The options of reading the inputs on a ``resample --resume``: the stored ones where
+    none is given.
+
+    Arguments:
+        out: The run directory.
+        given: ``format``, ``lattice``, ``group``, ``verify`` as given (``None``: not given).
+
+    Returns:
+        The options to read with (``None`` where neither gives one).
+
+    Raises:
+        CheckpointError: if ``format``, ``lattice`` or ``group`` is given with another value
+            than the stored one (they decide what the inputs hold).
+    """
+    stored = stored_run_files(out)
+    old = dict((stored or {}).get("read_options") or {})
+    merged = dict(given)
+    for key, value in old.items():
+        if merged.get(key) is None:
+            merged[key] = value
+        elif key != "verify" and value is not None and merged[key] != value:
+            _refuse_other_path(out, f"--{key}", str(value), str(merged[key]))
+    return merged
+
+
+def resume_start_file(out: str | Path, start: str) -> tuple[str, dict[str, Any] | None]:
+    """The start file of an ``hmc --resume`` (``start`` = a path, as stored in ``config.toml``).
+
+    Returns:
+        ``(path to read, stored entry or None)``: the stored file when ``start`` is the path
+        the run started with (also from another working directory), else ``start``.
+
+    Raises:
+        CheckpointError: if ``start`` resolves to another file than the stored one.
+    """
+    stored = stored_run_files(out)
+    entry = (stored or {}).get("start")
+    if entry is None:
+        return start, None
+    if start == entry["given"]:
+        return _usable(entry), entry
+    if _resolved(start) != Path(entry["path"]):
+        _refuse_other_path(out, "start file", f"{entry['given']} ({entry['path']})", f"{start} ({_resolved(start)})")
+    return start, entry

@@ -204,7 +204,10 @@ def run_resample(
             ``None`` for a kernel that needs no flow (``hmc``, ``heatbath``,
             ``nonequilibrium`` from ``start = "prior"``...), which samples the action
             ``[action]`` (required then); the summary then has no importance weights
-            (``ess``, ``reweighted_inputs`` null; ``inputs`` without log p/q).
+            (no ``flow``, ``ess``, ``ess_p_samples``, ``reweighted_inputs``,
+            ``inverse_check``; ``inputs`` without log p/q). On a resume ``None`` (and empty
+            ``inputs``, ``read_options`` of ``None``) take the run's own from
+            ``out/run_files.json`` (:func:`flowplug.jobs.provenance.resume_inputs`).
         resume: Continue from ``out/chain.ckpt`` (bit for bit the uninterrupted run).
         force: Replace the outputs of an earlier run.
         read_options: Options of :func:`flowplug.io.read` (``format``, ``lattice``,
@@ -275,17 +278,54 @@ def _run_resample(
         weight_figures,
     )
     from flowplug.jobs.output import ChainOutput, Configurations, output_format
-    from flowplug.jobs.provenance import check_resume_config, file_sha256, fingerprint, kernel_record, provenance
+    from flowplug.jobs.provenance import (
+        RUN_FILES,
+        check_file_sha256,
+        check_resume_config,
+        file_record,
+        file_sha256,
+        fingerprint,
+        kernel_record,
+        provenance,
+        resume_flow_path,
+        resume_inputs,
+        resume_read_options,
+        stored_run_files,
+        write_run_files,
+    )
     from flowplug.jobs.summary import chain_summary, warn_short_chains
     from flowplug.measure import default_observables, measurement
 
     out = Path(out)
+    if int(cfg.get("checkpoint_every", 50)) < 0:
+        raise ConfigError(f"checkpoint_every must be >= 0 (0: only after the last); found {cfg['checkpoint_every']}")
+    given_read_options = dict(read_options or {})
+    flow_entry = None
+    stored_inputs = None
     if resume:  # names every changed key of the chains (the fingerprint stays the final guard)
         check_resume_config(out, cfg, ignore=NON_CHAIN_KEYS, omit_defaults=ADDED_KEYS)
-    read_options = {k: v for k, v in dict(read_options or {}).items() if v is not None}
+        # the flow, the inputs and how they were read (run_files.json): need not be given again
+        given, flow_entry = resume_flow_path(out, flow)
+        flow = None if given is None else Path(given)
+        stored_inputs = resume_inputs(out, [str(p) for p in inputs])
+        given_read_options = resume_read_options(out, given_read_options)
+    read_options = {k: v for k, v in given_read_options.items() if v is not None}
+    if flow is not None and flow_entry is not None:  # the file the run started with, unchanged
+        from flowplug.checkpoints import checkpoint_path
+
+        check_file_sha256(out, "flow checkpoint", flow_entry, file_sha256(checkpoint_path(flow)))
     ck = None if flow is None else open_flow(flow, check_inverse=check_inverse)
     action = ck.action(action_override(cfg)) if ck is not None else _action_without_flow(cfg)
-    files, skipped = io.lattice_inputs([str(p) for p in inputs], format=read_options.get("format"))
+    if stored_inputs is not None:  # the very files of the run, in their order
+        files, skipped, stored_files = stored_inputs
+    else:
+        if not inputs:
+            raise ConfigError(
+                "flowplug resample needs its inputs (ENSEMBLE...)"
+                + (f": {out} holds no {RUN_FILES} (a run of an earlier version) to take them from" if resume else "")
+            )
+        files, skipped = io.lattice_inputs([str(p) for p in inputs], format=read_options.get("format"))
+        stored_files = {}
     if not distributed.is_main():
         log = None
     if skipped and log is not None:
@@ -321,6 +361,8 @@ def _run_resample(
                 _check_field(ens, action, str(f), parts[0] if parts else None)
             _warn_other_action(f, ens, target, stated_actions, weighted=ck is not None)
             digest = file_sha256(f)
+            if str(Path(f).resolve()) in stored_files:  # a resume: the file the run started with
+                check_file_sha256(out, "input", stored_files[str(Path(f).resolve())], digest)
             for i in range(len(ens)):
                 sources.append(
                     {
@@ -425,6 +467,20 @@ def _run_resample(
         out, "resample", configurations=configurations, measurements=cfg.get("measurements", "csv"), config=cfg
     )
     output.start(resume=resume, force=force)
+    # what --resume needs besides config.toml: the flow and the inputs, as given and resolved, with
+    # their SHA-256 (written with every checkpoint, as config.toml; a resume keeps the stored record
+    # unless the inputs were named at a new place, resume_inputs)
+    digests = {s["file"]: s["sha256"] for s in all_sources}
+    files_record = (stored_run_files(out) if stored_inputs is not None else None) or {
+        "command": "resample",
+        "flow": file_record(str(flow), sha256=ck.sha256, file=ck.path) if ck is not None else None,
+        "inputs": [file_record(p) for p in inputs],
+        "files": [file_record(f, sha256=digests[str(f)]) for f in files],
+        "skipped": [str(f) for f in skipped],
+        "read_options": {k: given_read_options.get(k) for k in ("format", "lattice", "group", "verify")},
+    }
+    if flow_entry is not None:  # the run's flow, at its new place if it moved (resume_flow_path)
+        files_record["flow"] = flow_entry
     chain = run_chains(
         kernel,
         x0,
@@ -437,6 +493,7 @@ def _run_resample(
         checkpoint_every=int(cfg.get("checkpoint_every", 50)),
         progress=progress and distributed.is_main(),
         desc="resample",
+        before_checkpoint=lambda _: write_run_files(out, files_record) if distributed.is_main() else None,
     )
     hist, records = output.merged(chain)  # every process's chains (collective under torchrun)
     stats = chain_summary(hist, names, lattice=lattice)
@@ -459,22 +516,23 @@ def _run_resample(
         "acceptance_by_kernel": stats.get("acceptance_by_kernel", {}),
         "kernel_config": kernel_record(cfg["kernel"]),  # its options, and the SHA-256 of files they name
         **({"jarzynski": stats["jarzynski"]} if "jarzynski" in stats else {}),  # non-equilibrium proposals
-        "ess": weights["ess"],
-        "ess_p_samples": weights.get("ess_p_samples"),
+        # the weights p/q of the inputs: only with a flow and an action with a density of x alone
+        **{k: weights[k] for k in ("ess", "ess_p_samples") if weights.get(k) is not None},
         "steps": chain.step_count,
         "chains": len(all_sources),
         "seed": seed,
         "format": fmt,
         "precision": precision,
-        "flow": (
-            {"path": str(flow), "sha256": ck.sha256, "field": field, "lattice": list(lattice)}
+        **(
+            {"flow": {"path": str(flow), "sha256": ck.sha256, "field": field, "lattice": list(lattice)}}
             if ck is not None
-            else None
+            else {}
         ),
         "kernel": kernel_name(cfg["kernel"], ck is not None),
         "action": target,
         "observables": stats.get("observables", {}),
-        "reweighted_inputs": weights["reweighted"],  # sum w O / sum w over the inputs
+        # sum w O / sum w over the inputs (with a flow)
+        **({"reweighted_inputs": weights["reweighted"]} if weights["reweighted"] is not None else {}),
         "inputs": inputs_table,
         "skipped_inputs": [str(f) for f in skipped],
         "written": len(records),
@@ -482,7 +540,7 @@ def _run_resample(
         "streams": streams,
         **({"pion_t": int(cfg.get("pion_t", 1))} if options else {}),
         "threads": torch.get_num_threads(),
-        "inverse_check": inverse_check,
+        **({"inverse_check": inverse_check} if inverse_check is not None else {}),
     }
     report = {
         "history": hist,

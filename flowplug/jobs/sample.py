@@ -14,19 +14,30 @@ evolution per chain, with its work) starts its chains from those instead, also w
 ``kernel.hmc_every`` puts HMC trajectories before its steps (``start = "auto"``, the
 default; ``start = "hot"`` forces a hot start, also with a flow). The first ``thermalize``
 steps are left out of the statistics and of the written configurations (a flow sample
-or a proposal draw is not yet a sample of p; the chain forgets it). Every
+or a proposal draw is not yet a sample of p; the chain forgets it); its default ``-1``
+is ``min(20, steps // 2)``, fixed when the run starts
+(:func:`flowplug.jobs.provenance.resolve_thermalization`: ``config.toml`` and the summary's
+``thermalize`` hold the value used, and a run of ``steps >= 40`` keeps the fingerprint
+it had when the default was 20); an explicit ``thermalize >= steps`` is a ``ConfigError``
+naming both. Every
 ``save_every`` steps and after the last the configurations are written: into one
 HDF5 ensemble ``DIR/ensemble.h5`` (default), or one file per configuration in another
 format (``format = "ildg"`` for 4D SU(3)/SU(2)); ``DIR/provenance.json`` lists them.
 ``DIR/measurements.csv`` (or ``.h5``) has every measurement, ``DIR/summary.json``
-``acceptance``, ``start`` (how the chains started), ``ess`` (of the flow proposals' weights p/q),
-``observables.<name>.{mean,error,tau_int}`` (Gamma method); ``DIR/report.png``
+``acceptance``, ``start`` (how the chains started), ``thermalize``, ``ess`` (of the flow proposals'
+weights p/q), ``observables.<name>.{mean,error,tau_int}`` (Gamma method); the flow-only
+entries ``flow``, ``ess`` and ``inverse_check`` are left out of a run without a flow (and
+``ess`` of a flow run whose action has auxiliary fields, which has no density of x alone:
+no weights); ``DIR/report.png``
 histories, autocorrelation functions and acceptance; for an action with pseudofermions
 ``cg`` (conjugate-gradient iterations, :func:`flowplug.jobs.summary.cg_summary`; its
 "trajectories" are kernel steps: with ``kernel.hmc_every = k`` one count covers the k HMC
 trajectories and the proposal of a step), with a
 pion observable ``pion_t`` (its time separation). ``resume=True`` continues from
-``DIR/chain.ckpt``. The flow must pass the inverse check
+``DIR/chain.ckpt``, with the flow recorded in ``DIR/run_files.json`` (as given, resolved,
+and its SHA-256) when ``flow`` is ``None``: a flow given again must be that file, and a flow
+file whose SHA-256 changed is refused (:func:`flowplug.jobs.provenance.resume_flow_path`).
+The flow must pass the inverse check
 (:func:`flowplug.flowtools.check_inverse`, recorded as ``inverse_check`` in the summary)
 unless ``check_inverse=False``.
 
@@ -64,14 +75,16 @@ streams = 0         # random streams: groups of chains with their own generator;
                     # process (torchrun); the same seed and streams give the same chains on
                     # any number of processes (a divisor of streams, which divides chains)
 steps = 200         # kernel steps per chain
-thermalize = 20     # steps left out of the statistics and of the written configurations
+thermalize = -1     # steps left out of the statistics and of the written configurations;
+                    # -1: min(20, steps // 2), fixed when the run starts (config.toml and
+                    # summary.json record the value used); an explicit value must be < steps
 start = "auto"      # "auto": exact draws of the kernel's proposal where the kernel offers them
                     # (nonequilibrium, also with hmc_every: one forward evolution per chain,
                     # with its work), else
                     # flow samples (with --flow) or a hot start; "hot": a hot (disordered) start
 pion_t = 1          # time separation t of pion_effective_mass (0 <= t <= T/2 - 1) and pion_correlator
 save_every = 0      # write the configurations every this many steps (0: only the last)
-checkpoint_every = 100
+checkpoint_every = 100  # write a checkpoint every this many steps and after the last (0: only after the last)
 format = "hdf5"     # output format of the configurations
 measurements = "csv"  # per-step measurements: "csv" (measurements.csv) or "hdf5" (measurements.h5)
 progress = true     # progress bar (--no-progress turns it off)
@@ -127,7 +140,8 @@ def run_sample(
     Arguments:
         cfg: The effective configuration (of :data:`DEFAULT_CONFIG`).
         flow: What ``flowplug train`` wrote: the run directory or its ``checkpoint.pt``;
-            ``None`` for a kernel that needs no flow.
+            ``None`` for a kernel that needs no flow, or on a resume for the run's own flow
+            (``out/run_files.json``).
         out: The run directory.
         resume: Continue from ``out/chain.ckpt`` (bit for bit the uninterrupted run).
         force: Replace the outputs of an earlier run.
@@ -138,6 +152,9 @@ def run_sample(
         The figures written to ``out/summary.json``.
 
     Raises:
+        ConfigError: on a bad configuration (``thermalize >= steps``, naming both).
+        CheckpointError: on a resume with another flow than the run's, or a flow file whose
+            SHA-256 changed (naming the file, the stored and the found value).
         FlowplugError: on a bad checkpoint or configuration, or existing outputs;
             :class:`flowplug.errors.InverseCheckError` if the flow fails the inverse check
             and ``check_inverse`` is true.
@@ -173,26 +190,46 @@ def _run_sample(
     )
     from flowplug.jobs.hmc import CGCounting, observable_options
     from flowplug.jobs.output import ChainOutput, Configurations, output_format
-    from flowplug.jobs.provenance import fingerprint, kernel_record, provenance
+    from flowplug.jobs.provenance import (
+        check_file_sha256,
+        file_record,
+        fingerprint,
+        kernel_record,
+        provenance,
+        resolve_thermalization,
+        resume_flow_path,
+        stored_run_files,
+        write_run_files,
+    )
     from flowplug.jobs.summary import cg_summary, chain_summary, warn_short_chains
     from flowplug.measure import default_observables, measurement
 
     out = Path(out)
+    chains, steps = int(cfg["chains"]), int(cfg["steps"])
+    if chains < 1 or steps < 1:
+        raise ConfigError(f"need chains >= 1 and steps >= 1; found chains = {chains}, steps = {steps}")
+    if int(cfg.get("checkpoint_every", 100)) < 0:
+        raise ConfigError(f"checkpoint_every must be >= 0 (0: only after the last); found {cfg['checkpoint_every']}")
+    # the default thermalize (-1) becomes min(20, steps // 2) here, for the whole run
+    cfg, therm = resolve_thermalization(cfg, key="thermalize", steps_key="steps", cap=20, out=out, resume=resume)
+    flow_entry = None
     if resume:  # names every changed key of the chains (the fingerprint stays the final guard)
         from flowplug.jobs.provenance import check_resume_config
 
         check_resume_config(out, cfg, ignore=NON_CHAIN_KEYS, omit_defaults=ADDED_KEYS)
-    chains, steps, therm = int(cfg["chains"]), int(cfg["steps"]), int(cfg["thermalize"])
-    if chains < 1 or steps < 1 or not 0 <= therm < steps:
-        raise ConfigError(
-            f"need chains >= 1, steps >= 1 and 0 <= thermalize < steps; found chains={chains}, "
-            f"steps={steps}, thermalize={therm}"
-        )
+        # the flow of the run (run_files.json): --flow need not be given again
+        given, flow_entry = resume_flow_path(out, flow)
+        flow = None if given is None else Path(given)
     seed = int(cfg["seed"])
     streams, per, mine, local = distributed.chain_streams(chains, int(cfg.get("streams", 0)))
     g0 = torch.Generator().manual_seed(seed + 7919)
     ck = None
     if flow is not None:
+        if flow_entry is not None:  # the file the run started with, unchanged
+            from flowplug.checkpoints import checkpoint_path
+            from flowplug.jobs.provenance import file_sha256
+
+            check_file_sha256(out, "flow checkpoint", flow_entry, file_sha256(checkpoint_path(flow)))
         ck = open_flow(flow, check_inverse=check_inverse)
         action = ck.action(action_override(cfg))
         lattice = tuple(ck.flow.lattice)
@@ -235,6 +272,14 @@ def _run_sample(
         out, "sample", configurations=configurations, measurements=cfg.get("measurements", "csv"), config=cfg
     )
     output.start(resume=resume, force=force)
+    # what --resume needs besides config.toml: the flow, as given and resolved, and its SHA-256
+    # (written with every checkpoint, as config.toml; a resume keeps the stored record)
+    files_record = (stored_run_files(out) if resume else None) or {
+        "command": "sample",
+        "flow": file_record(str(flow), sha256=ck.sha256, file=ck.path) if ck else None,
+    }
+    if flow_entry is not None:  # the run's flow, at its new place if it moved (resume_flow_path)
+        files_record["flow"] = flow_entry
     weights: dict[str, Any] = {"ess": None}
     # every process draws the start of all chains and keeps its own, before rank 0 alone
     # draws the ESS samples from the same generator (so the start is the same on every rank)
@@ -287,6 +332,7 @@ def _run_sample(
         progress=progress and distributed.is_main(),
         desc="sample",
         start=start_states,
+        before_checkpoint=lambda _: write_run_files(out, files_record) if distributed.is_main() else None,
     )
     hist, records = output.merged(chain)  # every process's chains (collective under torchrun)
     stats = chain_summary(hist, names, burn=therm, lattice=lattice)
@@ -301,7 +347,8 @@ def _run_sample(
         "acceptance": acc,
         "acceptance_by_kernel": stats["acceptance_by_kernel"],
         **({"jarzynski": stats["jarzynski"]} if "jarzynski" in stats else {}),  # non-equilibrium proposals
-        "ess": weights["ess"],
+        # the ESS of the flow's weights: only with a flow and an action with a density of x alone
+        **({"ess": weights["ess"]} if weights["ess"] is not None else {}),
         "threads": torch.get_num_threads(),
         "chains": chains,
         "steps": chain.step_count,
@@ -313,11 +360,11 @@ def _run_sample(
         "kernel_config": kernel_record(cfg["kernel"]),  # its options, and the SHA-256 of files they name
         "field": field,
         "lattice": list(lattice),
-        "flow": ({"path": str(flow), "sha256": ck.sha256, "field": field, "lattice": list(lattice)} if ck else None),
+        **({"flow": {"path": str(flow), "sha256": ck.sha256, "field": field, "lattice": list(lattice)}} if ck else {}),
         "action": (ck.action_config | action_override(cfg)) if ck else dict(cfg["action"]),
         "observables": stats["observables"],
         "written": len(records),
-        "inverse_check": inverse_check,
+        **({"inverse_check": inverse_check} if inverse_check is not None else {}),
         "world_size": distributed.world_size(),
         "streams": streams,
         **({"pion_t": int(cfg.get("pion_t", 1))} if options else {}),
