@@ -63,7 +63,6 @@ def run_chains(
     generators: Sequence[torch.Generator] | None = None,
     stream_ids: Sequence[int] | None = None,
     start: Callable[[int, torch.Generator], Any] | None = None,
-    before_checkpoint: Callable[[Any], object] | None = None,
 ) -> Any:
     """Run B chains from x0 until ``steps`` kernel steps are done; resumable.
 
@@ -103,9 +102,6 @@ def run_chains(
             the draws are the same on any number of processes; x0 then fixes only the
             number of chains and the device. Not called on a resume (the checkpoint holds
             the states).
-        before_checkpoint: Optional ``before_checkpoint(chain)``, called just before each
-            checkpoint of ``output`` (the jobs write ``run_files.json`` there, so that it
-            describes the run that wrote the checkpoint, as ``config.toml`` does).
 
     Returns:
         The :class:`flowplug.chain.Chain` (state, history of every step, ``step_count``).
@@ -170,26 +166,12 @@ def run_chains(
             remaining,
             progress=progress,
             checkpoint_every=int(checkpoint_every),
-            on_checkpoint=_checkpointer(output, before_checkpoint),
+            on_checkpoint=output.checkpoint if output is not None else None,
             on_step=_after_step,
             hooks=get_plugin_manager(),
             desc=desc,
         )
     return chain
-
-
-def _checkpointer(output: Any, before: Callable[[Any], object] | None) -> Callable[[Any], None] | None:
-    """``output.checkpoint``, preceded by ``before`` when given (``None`` without an output)."""
-    if output is None:
-        return None
-    if before is None:
-        return output.checkpoint
-
-    def checkpoint(chain: Any) -> None:
-        before(chain)
-        output.checkpoint(chain)
-
-    return checkpoint
 
 
 def _check_same_step(step: int, path: Any) -> None:

@@ -447,7 +447,6 @@ def _run_hmc(
         resolve_thermalization,
         resume_start_file,
         stored_run_files,
-        write_run_files,
     )
     from flowplug.jobs.summary import cg_summary, chain_summary, warn_short_chains
     from flowplug.manager import get_plugin_manager
@@ -558,6 +557,7 @@ def _run_hmc(
     else:  # one stream: the generator of the start goes on (runs of earlier versions are unchanged)
         split = {"generator": generator}
     t0 = time.perf_counter()
+    output.run_files = files_record  # written with every checkpoint, as config.toml
     chain = run_chains(
         kernel,
         x0,
@@ -572,7 +572,6 @@ def _run_hmc(
         desc=f"hmc {action.field}",
         kernel_name="hmc",
         steps_key="hmc.trajectories",
-        before_checkpoint=lambda _: write_run_files(out, files_record) if distributed.is_main() else None,
     )
     seconds = time.perf_counter() - t0
     lattice = list(kernel.space.lattice_of(chain.state.x))

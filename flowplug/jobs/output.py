@@ -571,6 +571,8 @@ class ChainOutput:
         self.measurements = None if measurements is None else str(measurements).strip().lower()
         self.step_label = step_label
         self.config = config
+        #: what ``run_files.json`` records (set by the job; written with every checkpoint)
+        self.run_files: Mapping[str, Any] | None = None
         self.what = what
         self._measured = -1
         self._merged: tuple[int, dict[str, torch.Tensor], list[dict[str, Any]]] | None = None
@@ -651,8 +653,8 @@ class ChainOutput:
             self.configurations.save(chain.step_count, chain.state.x)  # (the streams joined only here)
 
     def checkpoint(self, chain: Any) -> None:
-        """Measurements and ``provenance.json`` up to the chain's step, ``config.toml``, then
-        its checkpoint."""
+        """Measurements and ``provenance.json`` up to the chain's step, ``config.toml`` and
+        ``run_files.json``, then its checkpoint."""
         from flowplug.manager import get_plugin_manager
 
         self._write_tables(chain)
@@ -660,6 +662,10 @@ class ChainOutput:
             from flowplug.jobs.provenance import write_run_config
 
             write_run_config(self.out, self.config)
+        if self.is_main and self.run_files is not None:
+            from flowplug.jobs.provenance import write_run_files
+
+            write_run_files(self.out, self.run_files)
         chain.save(self.checkpoint_path)
         get_plugin_manager().notify(
             "flowplug_checkpoint_written", path=str(self.checkpoint_path), step=chain.step_count, what=self.what

@@ -497,9 +497,9 @@ def file_record(given: str | Path, *, sha256: str | None = None, file: str | Pat
 def write_run_files(out: str | Path, record: Mapping[str, Any]) -> Path:
     """Write ``out/run_files.json`` (atomically): the files a chain run reads.
 
-    The chain jobs write it just before each checkpoint (``before_checkpoint`` of
-    :func:`flowplug.jobs.chains.run_chains`), as :class:`flowplug.jobs.output.ChainOutput`
-    writes ``config.toml``, so it describes the run that wrote the checkpoint; a resume
+    :class:`flowplug.jobs.output.ChainOutput` writes it (its ``run_files``, set by the job)
+    with ``config.toml`` just before each checkpoint, on rank 0, so it describes the run
+    that wrote the checkpoint; a resume
     writes the record it read back unchanged (a run of an earlier version gets one).
 
     Arguments:

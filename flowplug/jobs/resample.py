@@ -291,7 +291,6 @@ def _run_resample(
         resume_inputs,
         resume_read_options,
         stored_run_files,
-        write_run_files,
     )
     from flowplug.jobs.summary import chain_summary, warn_short_chains
     from flowplug.measure import default_observables, measurement
@@ -481,6 +480,7 @@ def _run_resample(
     }
     if flow_entry is not None:  # the run's flow, at its new place if it moved (resume_flow_path)
         files_record["flow"] = flow_entry
+    output.run_files = files_record  # written with every checkpoint, as config.toml
     chain = run_chains(
         kernel,
         x0,
@@ -493,7 +493,6 @@ def _run_resample(
         checkpoint_every=int(cfg.get("checkpoint_every", 50)),
         progress=progress and distributed.is_main(),
         desc="resample",
-        before_checkpoint=lambda _: write_run_files(out, files_record) if distributed.is_main() else None,
     )
     hist, records = output.merged(chain)  # every process's chains (collective under torchrun)
     stats = chain_summary(hist, names, lattice=lattice)

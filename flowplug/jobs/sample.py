@@ -199,7 +199,6 @@ def _run_sample(
         resolve_thermalization,
         resume_flow_path,
         stored_run_files,
-        write_run_files,
     )
     from flowplug.jobs.summary import cg_summary, chain_summary, warn_short_chains
     from flowplug.measure import default_observables, measurement
@@ -318,6 +317,7 @@ def _run_sample(
         }
     else:
         split = {"seed": seed}
+    output.run_files = files_record  # written with every checkpoint, as config.toml
     chain = run_chains(
         kernel,
         x0.detach(),
@@ -332,7 +332,6 @@ def _run_sample(
         progress=progress and distributed.is_main(),
         desc="sample",
         start=start_states,
-        before_checkpoint=lambda _: write_run_files(out, files_record) if distributed.is_main() else None,
     )
     hist, records = output.merged(chain)  # every process's chains (collective under torchrun)
     stats = chain_summary(hist, names, burn=therm, lattice=lattice)
