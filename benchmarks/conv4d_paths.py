@@ -4,10 +4,11 @@ A training step (forward map, a stand-in loss, backward) of a ``sun-stout`` or `
 flow on a 4D lattice, timed with each :class:`flowplug.plugins.flow_nets.PeriodicConv` path:
 
 ``fast``
-    the default: full convolutions with dense DFT matrices (lattices of at most
-    ``_DENSE_DFT_SITES`` sites), one product per configuration (``torch.bmm``);
+    the default: full convolutions with dense DFT matrices in two stages (lattices of at most
+    ``_DENSE_DFT_SITES`` sites), one product per configuration (``torch.bmm``), and strided
+    outputs as the strided rows of those;
 ``fallback``
-    ``_DENSE_DFT_SITES = 0``: torch.fft.
+    ``_DENSE_DFT_SITES = 0``: torch.fft, and the direct strided convolution.
 
 The two alternate in the same process (thread CPU time, the median of ``--repeat`` steps
 each), so both see the same load. Prints one JSON line per layer kind with both times and

@@ -7,6 +7,8 @@ Not a timed test: run it by hand on an otherwise idle machine.
     python benchmarks/flows.py --points su3,su3-4d --steps 200
     python benchmarks/flows.py --speed-only          # training steps/s against the tutorial's
                                                      # architecture, same run: one JSON line per point
+    python benchmarks/flows.py --speed-only --profile 5  # and torch.profiler tables of 5 more steps
+                                                     # of each contestant (stderr)
     python benchmarks/flows.py --points su3-4d,su3 --compare-maps
                                                      # SU(N) configs: training steps/s of the shipped
                                                      # layer against the same architecture with the
@@ -392,6 +394,8 @@ def speed_compare(name, seed, args, segments=8, per_segment=5, warm=5):
                 for _ in range(per_segment):
                     f()
                 wall[label] += time.perf_counter() - t0
+        if getattr(args, "profile", 0):
+            _profile_contestants(name, seed, contestants, int(args.profile))
     rate = {k: segments * per_segment / v for k, v in wall.items()}
     plain = rate.get("flowplug_plain", rate["flowplug"])
     row = {
@@ -416,6 +420,21 @@ def speed_compare(name, seed, args, segments=8, per_segment=5, warm=5):
     return row
 
 
+def _profile_contestants(name, seed, contestants, steps, rows=25):
+    """``--profile N``: after the timing, N more steps of each contestant under torch.profiler
+    (CPU), the operators with the most self time to stderr (stdout keeps the JSON lines). The
+    profiler's own overhead per operator inflates small operators: for where the time goes,
+    not for speed figures."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for label, f in contestants.items():
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                f()
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+        print(f"--- {name} seed {seed}: {label}, {steps} steps\n{table}", file=sys.stderr, flush=True)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--points", default="phi4,u1", help=f"comma list of {', '.join(POINTS)}")
@@ -432,6 +451,13 @@ def main(argv=None):
     p.add_argument("--reference-dtype", default="float32", choices=("float32", "float64"))
     p.add_argument("--segments", type=int, default=8, help="--speed-only: alternations of the contestants")
     p.add_argument("--per-segment", type=int, default=5, help="--speed-only: steps per contestant and segment")
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="--speed-only: profile N more steps of each contestant (torch.profiler), tables to stderr",
+    )
     p.add_argument("--set", action="append", default=[], help="extra config override KEY=VALUE")
     p.add_argument("--json", help="also write the rows to this file")
     p.add_argument(

@@ -398,9 +398,7 @@ class Trainer:
                         p.grad = torch.zeros_like(p)
                 distributed.all_reduce_sum(p.grad for p in params if p.grad is not None)
             params = [p for p in self._params if p.grad is not None]
-            clip = float(self.opts["grad_clip"])
-            gn = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
-            grad_norm = float(gn)
+            grad_norm = self._grad_norm(params, float(self.opts["grad_clip"]))
             skipped = not math.isfinite(grad_norm)
         if skipped:
             self.optimizer.zero_grad(set_to_none=True)
@@ -408,7 +406,8 @@ class Trainer:
         else:
             self.optimizer.step()
         self.scheduler.step()
-        finite = log_w[torch.isfinite(log_w)]
+        ok = torch.isfinite(log_w)
+        finite = log_w if bool(ok.all()) else log_w[ok]
         metrics = {
             "step": float(self.step),
             "loss": float(total),
@@ -432,23 +431,39 @@ class Trainer:
             get_plugin_manager().notify("flowplug_after_train_step", step=self.step - 1, metrics=dict(metrics))
         return metrics
 
+    @staticmethod
+    def _grad_norm(params: list[nn.Parameter], clip: float) -> float:
+        """The global 2-norm of the gradients of ``params`` (NaN or Inf when one is not finite),
+        clipped to ``clip`` when ``clip`` > 0 (``torch.nn.utils.clip_grad_norm_``). Without
+        clipping, the norm of the per-gradient norms (one ``torch._foreach_norm`` call):
+        clip_grad_norm_ with an infinite bound would also multiply every gradient by 1."""
+        if clip > 0 or not params:
+            return float(torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf")))
+        grads = [p.grad for p in params if p.grad is not None]
+        first = grads[0]
+        if any(g.dtype != first.dtype or g.device != first.device for g in grads):
+            return float(torch.nn.utils.clip_grad_norm_(params, float("inf")))
+        return float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))
+
     def non_finite_parameters(self) -> list[str]:
         """Names of the flow's parameters and buffers that hold NaN or Inf (empty when all are finite)."""
         return non_finite_entries(self.flow.state_dict())
 
     def _parameters_finite(self) -> bool:
         """True when every floating-point parameter and buffer of the flow is finite, cheaply:
-        one concatenation and one check instead of a check per tensor; the caller runs the
-        exact, per-tensor :meth:`non_finite_parameters` when this says no."""
+        the norms of all tensors in one ``torch._foreach_norm`` call and one check of them (a
+        norm is finite when its tensor is, short of overflow); the caller runs the exact,
+        per-tensor :meth:`non_finite_parameters` when this says no."""
         if self._finite_watch is None:  # the buffers, found once: walking the modules costs more than the check
             self._finite_watch = [b for b in self.flow.buffers() if b.is_floating_point() or b.is_complex()]
         # the parameters are read at every call: a rollback or a load may give them new storage
-        tensors = [t.detach() for t in self._params] + self._finite_watch
+        tensors = [*self._params, *self._finite_watch]
         if not tensors:
             return True
         try:
-            return bool(torch.isfinite(torch.cat([t.reshape(-1) for t in tensors])).all())
-        except RuntimeError:  # tensors on several devices
+            with torch.no_grad():
+                return bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors))).all())
+        except RuntimeError:  # tensors on several devices or of several dtypes
             return not self.non_finite_parameters()
 
     def _check_finite_parameters(self) -> None:

@@ -41,12 +41,18 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from flowplug import gauge, groups
 from flowplug.errors import CheckpointError, ConfigError, ShapeError
-from flowplug.plugins.flow_nets import ConvNet, net_dtype
+from flowplug.plugins.flow_nets import ConvNet, net_dtype, stack_backward, stack_forward, will_compute
 from flowplug.plugins.flow_sun import SPECTRAL_MAP_VERSION, n_spectral_params, spectral_map
-from flowplug.plugins.flow_transforms import circular_rq_spline, ncp_mixture
+from flowplug.plugins.flow_transforms import (
+    circular_rq_spline,
+    ncp_mixture,
+    ncp_mixture_backward,
+    ncp_mixture_saved,
+)
 from flowplug.theory import su_n
 
 TWO_PI = 2.0 * math.pi
@@ -210,6 +216,91 @@ class _GaugeCoupling(nn.Module):
         return torch.movedim(self.net(feats, out_sites).to(torch.float64), 1, -1)
 
 
+class _U1NCPMap(torch.autograd.Function):
+    """The forward map of :class:`U1Coupling` with NCP mixtures (d <= 3, no rectangles) as one
+    autograd node (training steps).
+
+    ``apply(theta, spec, *params) -> (theta', log h'(x))``: theta (B, d, L...) float64; spec
+    ``(mu, nu, plane, idx, links, frozen, plan, slope, dtype, n_mix)`` (the layer's pattern:
+    ``plane`` the index of the active loop among the plaquettes or ``None`` when mu > nu, the
+    updated sites and links as flat indices, the frozen-plaquette mask (planes, L...) float64,
+    the network's :meth:`~flowplug.plugins.flow_nets.ConvNet.gathered_stack` and dtype, M);
+    params the network's weights and biases. Returns theta' like theta and the log-derivative
+    of the mixture on the updated sites, (B, n) float64. The forward pass evaluates exactly the
+    operations of the generic path of :meth:`U1Coupling._map` (the same numbers, bit for bit);
+    the backward pass is written out: the link update, the mixture
+    (:func:`~flowplug.plugins.flow_transforms.ncp_mixture_backward`), the network
+    (:func:`~flowplug.plugins.flow_nets.stack_backward`), the cos/sin features of the frozen
+    plaquettes and the plaquettes themselves (the adjoint of theta -> P: for the plane (a, b),
+    g_a += g_P - g_P(x - b), g_b += g_P(x - a) - g_P). First order only.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, theta: torch.Tensor, spec: Any, *params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mu, nu, plane, idx, links, frozen, plan, slope, dtype, n_mix = spec
+        plaq = gauge.u1_plaquettes(theta)
+        loop = plaq[:, plane] if plane is not None else _u1_loop(theta, mu, nu)
+        cp, sp = torch.cos(plaq), torch.sin(plaq)
+        feats = torch.cat([cp * frozen, sp * frozen], dim=1)  # as _GaugeCoupling._condition
+        h = feats.to(dtype).flatten(2).permute(1, 2, 0)  # as ConvNet.forward_at
+        out, saved = stack_forward(h, plan, slope, params)  # (n_params, n, B)
+        p = out.permute(2, 1, 0).to(torch.float64)  # (B, n, n_params)
+        x = torch.remainder(loop.flatten(1).index_select(1, idx), TWO_PI)
+        # 5.0: the max_log_scale that the generic path's ncp_mixture call takes by default
+        y, ld, mix = ncp_mixture_saved(5.0, x, p[..., :n_mix], p[..., n_mix : 2 * n_mix], p[..., -1])
+        flat = theta.flatten(1)
+        new = groups.wrap_angle(flat.index_select(1, links) + (y - x))
+        ctx.save_for_backward(cp, sp, *saved, *mix, *params)
+        ctx.spec, ctx.n_saved, ctx.n_mix_saved, ctx.shape = spec, len(saved), len(mix), theta.shape
+        return flat.index_copy(1, links, new).view_as(theta), ld
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, g_out: torch.Tensor | None, g_ld: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        mu, nu, plane, idx, links, frozen, plan, slope, dtype, n_mix = ctx.spec
+        cp, sp, *rest = ctx.saved_tensors
+        saved = rest[: ctx.n_saved]
+        mix = tuple(rest[ctx.n_saved : ctx.n_saved + ctx.n_mix_saved])
+        params = rest[ctx.n_saved + ctx.n_mix_saved :]
+        shape = ctx.shape
+        b = shape[0]
+        g_flat = g_out.reshape(b, -1) if g_out is not None else cp.new_zeros(b, math.prod(shape[1:]))
+        g_new = g_flat.index_select(1, links)  # new = wrap(theta_links + y - x): derivative 1 in each
+        g_x, g_ls, g_lg, g_rot = ncp_mixture_backward(mix, g_new, g_ld)
+        g_x = g_x - g_new
+        g_p = torch.cat([g_ls, g_lg, g_rot.unsqueeze(-1)], dim=-1)  # (B, n, n_params)
+        flags = will_compute(ctx, [0, *range(2, 2 + len(params))])
+        g_h, grads = stack_backward(g_p.permute(2, 1, 0).to(dtype), plan, slope, params, saved, flags[1:], flags[0])
+        g_theta = None
+        if flags[0]:
+            n_planes = cp.shape[1]
+            g_dirs = list(g_flat.view(shape).unbind(1))  # per direction, (B, L...)
+            assert g_h is not None
+            g_feats = g_h.permute(2, 0, 1).reshape(b, 2 * n_planes, *shape[2:]).to(torch.float64)
+            g_plaq = frozen * (cp * g_feats[:, n_planes:] - sp * g_feats[:, :n_planes])
+            g_loop = g_flat.new_zeros(b, math.prod(shape[2:])).index_copy(1, idx, g_x).view(b, *shape[2:])
+            k = 0
+            d = shape[1]
+            for a in range(d):
+                for c in range(a + 1, d):
+                    g_p_ac = g_plaq[:, k] + g_loop if k == plane else g_plaq[:, k]
+                    _u1_loop_adjoint(g_dirs, g_p_ac, a, c)
+                    k += 1
+            if plane is None:  # the active loop with mu > nu
+                _u1_loop_adjoint(g_dirs, g_loop, mu, nu)
+            g_theta = torch.stack(g_dirs, dim=1)
+        return (g_theta, None, *grads)
+
+
+def _u1_loop_adjoint(g_dirs: list[torch.Tensor], g_loop: torch.Tensor, mu: int, nu: int) -> None:
+    """Add to the per-direction gradients g_dirs[a] (B, L...) the gradient of sum(g_loop * loop)
+    with loop = :func:`_u1_loop`: g_mu += g - g(x - nu), g_nu += g(x - mu) - g. The list's
+    entries are replaced (out of place), so that a batched g_loop (a vmapped backward pass:
+    ``is_grads_batched``, Jacobians with ``vectorize=True``) can be added to plain entries."""
+    g_dirs[mu] = g_dirs[mu] + (g_loop - torch.roll(g_loop, 1, dims=1 + nu))
+    g_dirs[nu] = g_dirs[nu] + (torch.roll(g_loop, 1, dims=1 + mu) - g_loop)
+
+
 class U1Coupling(_GaugeCoupling):
     r"""Gauge-equivariant coupling for U(1) link angles (Kanwar et al. 2003.06413).
 
@@ -293,9 +384,45 @@ class U1Coupling(_GaugeCoupling):
                 f"{', '.join(map(str, self.lattice))}); found {theta.dtype} {tuple(theta.shape)}"
             )
 
+    def _links_index(self) -> torch.Tensor:
+        """Flat indices (long) of the updated links U_mu(x) in the flattened (d, L...) field."""
+        idx = self._site_index()
+        links = self.__dict__.get("_links_flat")
+        if links is None or links.device != idx.device:
+            links = idx + self.mu * math.prod(self.lattice)
+            self.__dict__["_links_flat"] = links
+        return links
+
+    def _fused(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(theta', log h')`` of the forward map through :class:`_U1NCPMap` when a gradient will
+        be taken (NCP mixtures, d <= 3, no rectangles, the gathered network); else ``None``."""
+        if not torch.is_grad_enabled() or self.transform != "ncp" or self.rectangles or self.d > 3:
+            return None
+        idx = self._site_index()
+        stack = self.net.gathered_stack(self.lattice, theta.device, idx)
+        if stack is None:
+            return None
+        plan, slope, params = stack
+        if not (theta.requires_grad or any(p.requires_grad for p in params)):
+            return None
+        plane = _plane_index(self.d, self.mu, self.nu) if self.mu < self.nu else None
+        spec = (self.mu, self.nu, plane, idx, self._links_index(), self.frozen, plan, slope, self.net.dtype, self.n_mix)
+        out, ld = _U1NCPMap.apply(theta, spec, *params)
+        return out, ld
+
     def _map(self, theta: torch.Tensor, inverse: bool, diag: bool = False):
         self._check(theta)
         theta = theta.to(torch.float64)
+        fused = None if inverse else self._fused(theta)
+        if fused is not None:
+            out, ld = fused
+            logdet = ld.sum(1)
+            if not diag:
+                return out, logdet
+            log_diag = out.new_zeros(out.shape[0], out[0].numel()).index_copy(1, self._links_index(), ld)
+            updated = torch.zeros(out.shape[1:], dtype=torch.bool, device=out.device)
+            updated[self.mu] = self.sites
+            return out, logdet, log_diag.view_as(out), updated
         plaq = gauge.u1_plaquettes(theta)
         if self.mu < self.nu:  # the (mu, nu) plane of plaq is the active loop, term for term
             loop = plaq[:, _plane_index(self.d, self.mu, self.nu)]
@@ -319,15 +446,16 @@ class U1Coupling(_GaugeCoupling):
             y, ld = ncp_mixture(x, p[..., :m], p[..., m : 2 * m], rot, inverse=inverse)
         else:
             y, ld = circular_rq_spline(x, p[..., :-1], self.n_bins, rotation=rot, inverse=inverse)
-        t_mu = theta[:, self.mu].flatten(1)
-        new = groups.wrap_angle(t_mu.index_select(1, idx) + (y - x))
-        new_mu = t_mu.index_copy(1, idx, new).view_as(theta[:, self.mu])
-        out = torch.stack([new_mu if a == self.mu else theta[:, a] for a in range(self.d)], dim=1)
+        # the updated links U_mu(x), x in the stripe, as flat indices of the (d, L...) field: one
+        # index_copy into the whole field (no per-direction copies and stacking)
+        links = self._links_index()
+        flat = theta.flatten(1)
+        new = groups.wrap_angle(flat.index_select(1, links) + (y - x))
+        out = flat.index_copy(1, links, new).view_as(theta)
         logdet = ld.sum(1)
         if not diag:
             return out, logdet
-        log_diag = torch.zeros_like(out)
-        log_diag[:, self.mu] = torch.zeros_like(t_mu).index_copy(1, idx, ld).view_as(new_mu)
+        log_diag = torch.zeros_like(flat).index_copy(1, links, ld).view_as(theta)
         updated = torch.zeros(out.shape[1:], dtype=torch.bool, device=out.device)
         updated[self.mu] = self.sites
         return out, logdet, log_diag, updated

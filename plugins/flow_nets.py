@@ -16,11 +16,13 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import threading
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
 from flowplug.errors import ConfigError, ShapeError
@@ -59,6 +61,46 @@ def _dft_matrices(
     return fwd.to(device=device, dtype=dtype), inv.to(device=device, dtype=dtype)
 
 
+@functools.cache
+def _dft_factors(
+    lattice: tuple[int, ...], device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The 4D real DFT of :func:`_dft_matrices` in two stages, over the last two axes and then over the first two.
+
+    rfftn over (L_0, L_1, L_2, L_3) is rfft2 over (L_2, L_3) followed by the complex fft2 over
+    (L_0, L_1), and irfftn the inverse steps in the opposite order, so the two dense maps factor
+    into products with S_a x S_a and S_b x 2 F_b matrices (S_a = L_0 L_1, S_b = L_2 L_3,
+    F_b = L_2 (L_3 // 2 + 1)) instead of V x 2F ones: a fraction of the arithmetic.
+
+    Arguments:
+        lattice: (L_0, L_1, L_2, L_3).
+        device, dtype: Of the returned matrices (a real dtype); built in float64.
+
+    Returns:
+        ``(fwd_b, fwd_a, inv_a, inv_b)``: fwd_b (S_b, 2 F_b), the rfft2 over the last two axes
+        (x_b @ fwd_b = view_as_real(rfft2(x_b)) flattened); fwd_a and inv_a (2 S_a, 2 S_a), the
+        fft2 and ifft2 over the first two axes as real block matrices [[Re, -Im], [Im, Re]]
+        acting on [Re z; Im z] stacked along the first axis; inv_b (2 F_b, S_b), the irfft2 over
+        the last two axes (view_as_real(y_b) flattened @ inv_b = irfft2(y_b, s=(L_2, L_3))).
+
+    Raises:
+        ShapeError: for a lattice that is not 4-dimensional.
+    """
+    if len(lattice) != 4:
+        raise ShapeError(f"_dft_factors: expected a 4D lattice; found {list(lattice)}")
+    sa = lattice[0] * lattice[1]
+    fwd_b, inv_b = _dft_matrices(tuple(lattice[2:]), torch.device("cpu"), torch.float64)
+    eye = torch.eye(sa, dtype=torch.complex128).view(sa, lattice[0], lattice[1])
+
+    def block(m: torch.Tensor) -> torch.Tensor:  # m[a, k] = F[k, a] -> [[Re F, -Im F], [Im F, Re F]]
+        f = m.reshape(sa, sa).t()
+        return torch.cat([torch.cat([f.real, -f.imag], 1), torch.cat([f.imag, f.real], 1)], 0)
+
+    fwd_a = block(torch.fft.fftn(eye, dim=(1, 2)))
+    inv_a = block(torch.fft.ifftn(eye, dim=(1, 2)))
+    return tuple(m.to(device=device, dtype=dtype).contiguous() for m in (fwd_b, fwd_a, inv_a, inv_b))  # type: ignore[return-value]
+
+
 def net_dtype(name: str | torch.dtype) -> torch.dtype:
     """The torch dtype of a network from its configuration name.
 
@@ -93,7 +135,9 @@ class PeriodicConv(nn.Module):
     the direct convolution's arithmetic, and it equals it up to float rounding (the
     parameters are the same ``conv.weight`` and ``conv.bias``, so trained weights load
     either way). On lattices of at most ``_DENSE_DFT_SITES`` sites the transforms are
-    products with dense DFT matrices (:func:`_dft_matrices`), cheaper there than torch.fft.
+    products with dense DFT matrices (:func:`_dft_matrices`, applied in two stages,
+    :func:`_dft_factors`), cheaper there than torch.fft; there a strided 4D output (``out_sites``)
+    is also taken from the full Fourier-space convolution (its strided rows).
     The choice depends on the lattice only, never on the batch size, and the products run
     per configuration (``torch.bmm``), so that a configuration's float32 conditioner output
     is the same in a training batch and alone (the inverse of a flow layer must see exactly
@@ -169,6 +213,11 @@ class PeriodicConv(nn.Module):
             return self.conv(x)
         if self.ndim == 4 and out_sites is None:
             return self._fourier(x)
+        if self.ndim == 4 and math.prod(lat) <= _DENSE_DFT_SITES:
+            # on a small lattice the full convolution through the two-stage dense DFT and a
+            # selection of the strided rows costs less than the strided direct convolution
+            strided = torch.arange(offset % step, lat[axis], step, device=x.device)
+            return self._fourier(x).index_select(2 + axis, strided)
         # pad every axis circularly at once: one gather of the padded lattice's sites (along
         # ``axis`` only the rows that the strided output reads)
         key = (lat, x.device, None if out_sites is None else (axis, offset % step, step))
@@ -187,7 +236,12 @@ class PeriodicConv(nn.Module):
         win = x.unfold(2, k, strides[0])  # (B, C, L_0 / s, L_1 + 2h', L_2 + 2h', L_3 + 2h', k)
         l0 = win.shape[2]
         y = win.permute(0, 2, 6, 1, 3, 4, 5).reshape(b * l0, k * c, *win.shape[3:6])
-        y = F.conv3d(y, self.conv.weight, self.conv.bias, stride=tuple(strides[1:]))
+        # one 3D convolution per configuration (a batch of l0 slices, fixed by the lattice): the
+        # float32 rounding of torch's CPU convolution depends on its batch size (e.g. 1.9e-7 on
+        # 4x4x4x10, stride 4 along axis 0), and a layer's inverse on one configuration must see
+        # exactly the parameters of its forward map on a batch
+        stride3 = tuple(strides[1:])
+        y = torch.cat([F.conv3d(yc, self.conv.weight, self.conv.bias, stride=stride3) for yc in y.split(l0)])
         return y.reshape(b, l0, -1, *y.shape[2:]).transpose(1, 2)
 
     def _fourier(self, x: torch.Tensor) -> torch.Tensor:
@@ -219,24 +273,35 @@ class PeriodicConv(nn.Module):
             # the real DFTs as matrix products (:func:`_dft_matrices`): on a small lattice a
             # fraction of the cost of torch.fft's transforms of many tiny arrays; the kernel's
             # transform is the sum of its taps' rows of the DFT matrix
-            fwd, inv = _dft_matrices(lat, x.device, x.dtype)
+            fwd, _ = _dft_matrices(lat, x.device, x.dtype)
             k_hat = torch.view_as_complex(
                 (w.reshape(n_out * n_in, -1) @ fwd.index_select(0, taps)).view(n_out, n_in, -1, 2)
             )  # (O, C, F)
             # one product per configuration (bmm), so that the float32 rounding of a
             # configuration's transform does not depend on the batch size (BLAS rounds a product by its shape)
-            x_hat = torch.view_as_complex(
-                torch.bmm(x.reshape(b, n_in, vol), fwd.expand(b, -1, -1)).view(b, n_in, -1, 2)
-            )
+            # the data's transforms in two stages (:func:`_dft_factors`): rfft2 over the last two
+            # axes, then fft2 over the first two as a real block matrix on [Re; Im]
+            fwd_b, fwd_a, inv_a, inv_b = _dft_factors(lat, x.device, x.dtype)
+            sa, sb, fb = lat[0] * lat[1], lat[2] * lat[3], fwd_b.shape[1] // 2
+            z = torch.bmm(x.reshape(b, n_in * sa, sb), fwd_b.expand(b, -1, -1)).view(b, n_in, sa, fb, 2)
+            z = torch.bmm(fwd_a.expand(b, -1, -1), z.permute(0, 4, 2, 1, 3).reshape(b, 2 * sa, n_in * fb))
+            x_hat = torch.view_as_complex(z.view(b, 2, sa, n_in, fb).permute(0, 3, 2, 4, 1).contiguous())
+            x_hat = x_hat.view(b, n_in, sa * fb)
         else:
             kernel = w.new_zeros(n_out, n_in, vol).index_add(2, taps, w.reshape(n_out, n_in, -1))
             k_hat = torch.fft.rfftn(kernel.view(n_out, n_in, *lat), dim=dims).flatten(2)  # (O, C, F)
             x_hat = torch.fft.rfftn(x, dim=dims).flatten(2)  # (B, C, F)
-        y_hat = x_hat[:, 0, None] * k_hat[None, :, 0]
+        # the channels as views from one unbind each: the backward stacks their gradients once (a
+        # select per channel would zero-fill a full-size gradient per channel); the same products
+        # and sums in the same order as a loop over selected channels
+        xs, ks = x_hat.unsqueeze(2).unbind(1), k_hat.unsqueeze(0).unbind(2)
+        y_hat = xs[0] * ks[0]
         for c in range(1, n_in):
-            y_hat = y_hat + x_hat[:, c, None] * k_hat[None, :, c]
+            y_hat = y_hat + xs[c] * ks[c]
         if dense:
-            y = torch.bmm(torch.view_as_real(y_hat).reshape(b, n_out, -1), inv.expand(b, -1, -1)).view(b, n_out, *lat)
+            yr = torch.view_as_real(y_hat).view(b, n_out, sa, fb, 2).permute(0, 4, 2, 1, 3).reshape(b, 2 * sa, -1)
+            yr = torch.bmm(inv_a.expand(b, -1, -1), yr).view(b, 2, sa, n_out, fb).permute(0, 3, 2, 4, 1)
+            y = torch.bmm(yr.reshape(b, n_out * sa, 2 * fb), inv_b.expand(b, -1, -1)).view(b, n_out, *lat)
         else:
             y = torch.fft.irfftn(y_hat.view(b, n_out, *half_shape), s=lat, dim=dims)
         bias = self.conv.bias
@@ -361,13 +426,20 @@ class ConvNet(nn.Module):
                 f"found shape {tuple(x.shape)}"
             )
         b = x.shape[0]
-        plan = iter(self._plan(lattice, convs[0].kernel_size, len(convs), x.device, sites))
+        steps = self._plan(lattice, convs[0].kernel_size, len(convs), x.device, sites)
         h = x.to(self.dtype).flatten(2).permute(1, 2, 0)  # (C, S, B)
+        slope, params = self._stack_params()
+        if slope is not None:
+            if torch.is_grad_enabled() and (h.requires_grad or any(p.requires_grad for p in params)):
+                # the same gathers and products, with the hand-written backward of _GatheredConvStack
+                return _GatheredConvStack.apply(h, steps, slope, *params).permute(2, 1, 0)
+            return stack_forward(h, steps, slope, params)[0].permute(2, 1, 0)
+        plan = iter(steps)
         for layer in self.layers:
             if not isinstance(layer, PeriodicConv):
                 h = layer(h)
                 continue
-            idx, n_out = next(plan)
+            idx, n_out = next(plan)[:2]
             w, bias = layer.conv.weight, layer.conv.bias
             cols = h.index_select(1, idx).view(-1, n_out * b)  # (C k^d, n * B), tap-minor rows
             w2 = w.view(w.shape[0], -1)
@@ -375,17 +447,77 @@ class ConvNet(nn.Module):
             h = y.view(w.shape[0], n_out, b)
         return h.permute(2, 1, 0)
 
+    def gathered_stack(
+        self, lattice: Sequence[int], device: torch.device, sites: torch.Tensor | None
+    ) -> tuple[list[tuple[torch.Tensor, int, torch.Tensor, int]], float, list[torch.Tensor]] | None:
+        """What :func:`stack_forward` and :func:`stack_backward` need to evaluate this network
+        as :meth:`forward_at` does: ``(plan, slope, params)``, or ``None`` when they cannot
+        (d = 4, or a network other than convolutions with biases and LeakyReLUs of one positive
+        slope between them). For coupling layers that fuse the network into their own autograd
+        function.
+
+        Arguments:
+            lattice: (L_0, ..., L_{d-1}).
+            device: Device of the index tensors.
+            sites: Output sites as for :meth:`forward_at`.
+        """
+        lat = tuple(int(n) for n in lattice)
+        slope, params = self._stack_params()
+        if slope is None:
+            return None
+        convs = self.__dict__["_stack_struct"][1]
+        if not 1 <= len(lat) <= 3 or convs[0].ndim != len(lat):
+            return None
+        return self._plan(lat, convs[0].kernel_size, len(convs), device, sites), slope, params
+
+    def _stack_params(self) -> tuple[float | None, list[torch.Tensor]]:
+        """``(slope, [w_0, b_0, w_1, b_1, ...])`` when the network is convolutions with biases
+        separated by single LeakyReLUs of one positive slope (what :class:`_GatheredConvStack`
+        differentiates by hand); ``(None, [])`` otherwise."""
+        struct = self.__dict__.get("_stack_struct")
+        if struct is None:  # the module structure, found once (the parameters are read at every call)
+            mods = list(self.layers)
+            convs, acts = mods[0::2], mods[1::2]
+            slopes = {float(a.negative_slope) for a in acts if isinstance(a, nn.LeakyReLU) and not a.inplace}
+            ok = (
+                len(mods) % 2 == 1
+                and all(isinstance(c, PeriodicConv) and c.conv.bias is not None for c in convs)
+                and len(slopes) <= 1
+                and all(isinstance(a, nn.LeakyReLU) and not a.inplace for a in acts)
+                and all(v > 0 for v in slopes)
+            )
+            struct = ((slopes.pop() if slopes else 0.01), convs) if ok else (None, [])
+            self.__dict__["_stack_struct"] = struct
+        slope, stack = cast("tuple[float | None, list[PeriodicConv]]", struct)
+        params: list[torch.Tensor] = []
+        for conv in stack:
+            params += [conv.conv.weight, cast(torch.Tensor, conv.conv.bias)]  # biases: checked above
+        return slope, params
+
     def _plan(
         self, lattice: tuple[int, ...], kernel_size: int, n_conv: int, device: torch.device, sites: torch.Tensor | None
-    ) -> list[tuple[torch.Tensor, int]]:
-        """Per convolution of :meth:`forward_at`: the gather index into the rows of its input and
-        its number of output sites (cached per lattice, device and ``sites``).
+    ) -> list[tuple[torch.Tensor, int, torch.Tensor, int]]:
+        """Per convolution of :meth:`forward_at`: ``(idx, n_out, inv, n_in)``, the gather index
+        into the rows of its input, its number of output sites, the transposed index and its
+        number of input rows (cached per lattice, device and ``sites``).
 
         Each convolution is evaluated only where a later one reads it: the last at ``sites``,
         every earlier one on the sites within reach of the kernel of the next (for a
         checkerboard with a 3^d kernel every site; for a U(1) stripe of period 4, 3 of 4 rows).
+        ``idx`` (k^d n_out,) holds, tap-major, the input row of tap t of output site o; ``inv``
+        (k^d n_in,) holds, tap-major, the output site o whose tap t reads input row r, or n_out
+        where no output site does (a zero row appended by the backward of
+        :class:`_GatheredConvStack`): a translation of the lattice is one to one, so each
+        (t, r) has at most one such o. A call with the very ``sites`` tensor of the call before
+        returns that call's plan without reading the tensor again (the layers keep their index
+        tensors and never change them in place).
         """
-        cache: dict[Any, list[tuple[torch.Tensor, int]]] = self.__dict__.setdefault("_plan_cache", {})
+        last = self.__dict__.get("_plan_last")  # the same sites tensor as the last call: no key to build
+        if last is not None and last[0] is sites and last[1] == (lattice, kernel_size, n_conv, device):
+            return last[2]
+        cache: dict[Any, list[tuple[torch.Tensor, int, torch.Tensor, int]]] = self.__dict__.setdefault(
+            "_plan_cache", {}
+        )
         key = (lattice, device, None if sites is None else tuple(sites.tolist()))
         plan = cache.get(key)
         if plan is None:
@@ -398,15 +530,220 @@ class ConvNet(nn.Module):
                 need = torch.unique(taps[:, need])
             outs.reverse()
             plan = []
+            back = taps.flip(0)  # [t, s]: the site s - offset_t (the tap order reversed negates every offset)
             for j, out in enumerate(outs):
-                idx = taps[:, out]  # (k^d, n): sites of the lattice
-                if j > 0:  # rows of the previous convolution's output
-                    pos = torch.full((n_sites,), -1, dtype=torch.long)
-                    pos[outs[j - 1]] = torch.arange(len(outs[j - 1]))
-                    idx = pos[idx]
-                plan.append((idx.flatten().to(device), len(out)))
+                rows = torch.arange(n_sites) if j == 0 else outs[j - 1]  # the sites of the input rows
+                pos = torch.full((n_sites,), -1, dtype=torch.long)
+                pos[rows] = torch.arange(len(rows))
+                idx = pos[taps[:, out]]  # (k^d, n): rows of the input (every tap of an output is a row)
+                at = torch.full((n_sites,), len(out), dtype=torch.long)
+                at[out] = torch.arange(len(out))
+                inv = at[back[:, rows]]  # (k^d, n_in): output site reading row r through tap t, or n_out
+                plan.append((idx.flatten().to(device), len(out), inv.flatten().to(device), len(rows)))
             cache[key] = plan
+        self.__dict__["_plan_last"] = (sites, (lattice, kernel_size, n_conv, device), plan)
         return plan
+
+
+_WORKSPACE = threading.local()
+
+
+def _workspace(name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """A scratch tensor of ``shape`` (dtype and device of ``like``), reused by
+    :func:`stack_forward` and :func:`stack_backward` of this thread on a CPU: temporaries of a
+    megabyte, freshly allocated at every call, cost a page fault per 4 KiB on Linux (the C
+    allocator hands such blocks back to the kernel), more than the gather that fills them. Its
+    contents are meaningful only until the next call, and nothing is ever saved or returned in
+    it. One flat buffer per name and dtype, grown to the largest size asked for and handed out
+    as a view of its first elements, so the memory held per thread is bounded (the largest
+    scratch tensor per name) whatever the batch sizes and lattices; on other devices a fresh
+    tensor (their caching allocators already reuse blocks, and a reused buffer could be
+    overwritten while another stream still reads it)."""
+    if like.device.type != "cpu":
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+    pool: dict[Any, torch.Tensor] = _WORKSPACE.__dict__.setdefault("pool", {})
+    key = (name, like.dtype)
+    n = math.prod(shape)
+    buf = pool.get(key)
+    if buf is None or buf.numel() < n:
+        buf = pool[key] = torch.empty(n, dtype=like.dtype)
+    return buf[:n].view(shape)
+
+
+def _is_batched(t: torch.Tensor) -> bool:
+    """True for a tensor batched by ``torch.vmap`` or by the legacy vmap of
+    ``torch.autograd.grad(..., is_grads_batched=True)`` (torch's private queries; without them,
+    False: a vmapped backward pass of :func:`stack_backward` then raises in ``copy_``)."""
+    ft = getattr(torch._C, "_functorch", None)
+    for name in ("is_functorch_wrapped_tensor", "is_legacy_batchedtensor"):
+        query = getattr(ft, name, None)
+        if query is not None and query(t):
+            return True
+    return False
+
+
+def will_compute(ctx: Any, positions: Sequence[int]) -> list[bool]:
+    """Which tensor arguments of a custom autograd function the backward pass running now needs
+    gradients for: an argument must require one, and the engine must be about to run the node
+    its gradient flows into (``torch.autograd.grad`` with respect to the field skips the
+    weights' nodes). Without torch's query every argument that requires a gradient counts.
+
+    Arguments:
+        ctx: The ``ctx`` of the function's ``backward``.
+        positions: The positions in ``apply``'s arguments of all its tensor arguments, in order.
+
+    Returns:
+        One flag per entry of ``positions``.
+    """
+    flags = [bool(ctx.needs_input_grad[i]) for i in positions]
+    query = getattr(torch._C, "_will_engine_execute_node", None)
+    if query is None:
+        return flags
+    nodes = ctx.next_functions  # one entry per tensor argument; read once (each read builds the tuple)
+    for k, needed in enumerate(flags):
+        node = nodes[k][0] if needed and k < len(nodes) else None
+        if node is not None:
+            try:
+                flags[k] = bool(query(node))
+            except RuntimeError:  # outside the engine, or (torch refuses) a leaf that autograd.grad captures
+                pass
+    return flags
+
+
+def stack_forward(
+    h: torch.Tensor,
+    plan: Sequence[tuple[torch.Tensor, int, torch.Tensor, int]],
+    slope: float,
+    params: Sequence[torch.Tensor],
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The convolutions and LeakyReLUs of :meth:`ConvNet.forward_at` without autograd, keeping
+    what :func:`stack_backward` needs.
+
+    The same gathers and matrix products as the generic loop of :meth:`ConvNet.forward_at`
+    (the same values, bit for bit).
+
+    Arguments:
+        h: Input (C_in, S, B) in the network dtype.
+        plan: From :meth:`ConvNet._plan`.
+        slope: The LeakyReLU slope (> 0).
+        params: ``w_0, b_0, w_1, b_1, ...`` of the convolutions.
+
+    Returns:
+        ``(out, saved)``: out (C_out, n, B); saved, per convolution, its input (the gathered
+        columns, C_in k^d times larger, are gathered again by the backward pass into scratch
+        memory: cheaper than keeping a fresh megabyte per convolution alive until then).
+    """
+    b = h.shape[2]
+    saved: list[torch.Tensor] = []
+    for j, (idx, n_out, _inv, _n_in) in enumerate(plan):
+        w, bias = params[2 * j], params[2 * j + 1]
+        saved.append(h)
+        cols = _workspace("fwd", (h.shape[0], idx.shape[0], b), h)
+        torch.index_select(h, 1, idx, out=cols)  # (C, k^d n, B): tap-minor rows
+        y = torch.addmm(bias.unsqueeze(1), w.view(w.shape[0], -1), cols.view(-1, n_out * b))
+        if j < len(plan) - 1:
+            y = F.leaky_relu_(y, slope)  # same sign as its input (slope > 0): the backward's mask
+        h = y.view(w.shape[0], n_out, b)
+    return h, saved
+
+
+def stack_backward(
+    grad: torch.Tensor,
+    plan: Sequence[tuple[torch.Tensor, int, torch.Tensor, int]],
+    slope: float,
+    params: Sequence[torch.Tensor],
+    saved: Sequence[torch.Tensor],
+    need: Sequence[bool],
+    need_input: bool,
+) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
+    """Backward pass of :func:`stack_forward`.
+
+    Each convolution's weight gradient is one product with its saved gathered input; its input
+    gradient is a convolution with the transposed taps: one gather of the output gradient (zero
+    where no output site reads a row, :meth:`ConvNet._plan`) and one product
+    (C_in, C_out k^d) x (C_out k^d, n_in B). The same sums as autograd's scatter-add of the
+    gathered columns, cheaper on a CPU.
+
+    Arguments:
+        grad: Gradient of the output (C_out, n, B).
+        plan, slope, params: As for :func:`stack_forward`; saved: its second output.
+        need: Per entry of ``params``, whether its gradient is wanted.
+        need_input: Whether the input's gradient is wanted.
+
+    Returns:
+        ``(grad_input, grads)``: (C_in, S, B) or ``None``; per parameter its gradient or ``None``.
+    """
+    n_conv = len(plan)
+    b = grad.shape[-1]
+    grads: list[torch.Tensor | None] = [None] * len(params)
+    g = grad.contiguous()
+    # a batched gradient (vmap over the backward pass: is_grads_batched, Jacobians with
+    # vectorize=True) cannot be copied into the plain scratch tensors: out-of-place there
+    batched = _is_batched(g)
+    for j in range(n_conv - 1, -1, -1):
+        idx, n_out, inv, n_in = plan[j]
+        w = params[2 * j]
+        n_o = w.shape[0]
+        if j < n_conv - 1:  # through the LeakyReLU after convolution j: its output is the next input
+            act = saved[j + 1]
+            g = torch.ops.aten.leaky_relu_backward(g.reshape(act.shape), act, slope, False)
+        g2 = g.reshape(n_o, n_out * b)
+        if need[2 * j + 1]:
+            grads[2 * j + 1] = g2.sum(1)
+        n_taps = idx.shape[0] // n_out
+        h = saved[j]
+        n_i = h.shape[0]
+        # the weight gradient from the gathered input, (O, n B) x (n B, C k^d), where the output
+        # has fewer sites than the input; else from the gathered output gradient below
+        from_input = n_in > n_out or (j == 0 and not need_input)
+        if need[2 * j] and from_input:
+            cols = _workspace("fwd", (n_i, idx.shape[0], b), h)
+            torch.index_select(h, 1, idx, out=cols)
+            grads[2 * j] = (g2 @ cols.view(-1, n_out * b).t()).view_as(w)
+        if j == 0 and not need_input:
+            return None, grads
+        # row n_out is read by the taps that no output site reads: zero
+        if batched:  # vmapped (batched gradients): no writes into plain scratch tensors
+            padded = torch.cat([g2.view(n_o, n_out, b), g2.new_zeros(n_o, 1, b)], 1)
+            g_cols = padded.index_select(1, inv)
+        else:
+            padded = _workspace("pad", (n_o, n_out + 1, b), g2)
+            padded.narrow(1, 0, n_out).copy_(g2.view(n_o, n_out, b))
+            padded.narrow(1, n_out, 1).zero_()
+            g_cols = _workspace("cols", (n_o, n_taps * n_in, b), g2)
+            torch.index_select(padded, 1, inv, out=g_cols)
+        g_cols2 = g_cols.view(n_o * n_taps, n_in * b)  # output-channel-major rows
+        if need[2 * j] and not from_input:  # the same sums: (C, n_in B) x (n_in B, O k^d)
+            gw = h.reshape(n_i, n_in * b) @ g_cols2.t()
+            grads[2 * j] = gw.view(n_i, n_o, n_taps).transpose(0, 1).reshape(w.shape)
+        w_t = w.reshape(n_o, -1, n_taps).transpose(0, 1).reshape(n_i, n_o * n_taps)
+        g = (w_t @ g_cols2).view(n_i, n_in, b)
+    return g, grads
+
+
+class _GatheredConvStack(torch.autograd.Function):
+    """:func:`stack_forward` with :func:`stack_backward` as its backward; gradients the running
+    backward pass does not need (the weights' when differentiating with respect to the field
+    only) are not computed. First order only (a double backward raises).
+
+    Arguments of ``apply(h, plan, slope, *params)``: as :func:`stack_forward`. Returns (C_out, n, B).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, h: torch.Tensor, plan: Any, slope: float, *params: torch.Tensor) -> torch.Tensor:
+        out, saved = stack_forward(h, plan, slope, params)
+        ctx.save_for_backward(*saved, *params)
+        ctx.plan, ctx.slope, ctx.n_saved = plan, slope, len(saved)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        tensors = ctx.saved_tensors
+        saved, params = tensors[: ctx.n_saved], tensors[ctx.n_saved :]
+        flags = will_compute(ctx, [0, *range(3, 3 + len(params))])
+        g, grads = stack_backward(grad, ctx.plan, ctx.slope, params, saved, flags[1:], flags[0])
+        return (g, None, None, *grads)
 
 
 def periodic_taps(lattice: Sequence[int], kernel_size: int) -> torch.Tensor:

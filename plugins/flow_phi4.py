@@ -29,13 +29,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from flowplug.errors import ConfigError, ShapeError
-from flowplug.plugins.flow_nets import ConvNet, net_dtype
+from flowplug.plugins.flow_nets import (
+    ConvNet,
+    net_dtype,
+    stack_backward,
+    stack_forward,
+    will_compute,
+)
 from flowplug.plugins.flow_transforms import rq_spline, rq_spline_params
 
 #: Frozen-site values are clipped to +-COND_LIMIT before the conditioner network.
@@ -139,6 +146,85 @@ class _ScalarCoupling(nn.Module):
         return idx
 
 
+class _AffineMap(torch.autograd.Function):
+    """The affine coupling of :class:`AffineCoupling` (d <= 3) as one autograd node.
+
+    ``apply(x, spec, inverse, *params) -> (y, s)``: x (B, L...) float64; spec =
+    ``(idx, updated, plan, slope, scale_clamp, dtype)`` (active sites, their mask flattened,
+    the network's :meth:`~flowplug.plugins.flow_nets.ConvNet.gathered_stack` and dtype);
+    params the network's weights and biases. y (B, L...) float64 is the map (or its inverse),
+    s (B, n_active) float64 the soft-clamped log-scale on the active sites. The forward pass
+    evaluates exactly the operations of the generic path (frozen sites clipped, the network
+    at the active sites, NaN -> 0 and the clip of its output, float64 from there on); the
+    backward pass is written out (chain rule through the map, the clips and
+    :func:`~flowplug.plugins.flow_nets.stack_backward`), so a training step records one node
+    per layer instead of some thirty, and a gradient with respect to the field only skips the
+    weights. First order only.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: torch.Tensor, spec: Any, inverse: bool, *params: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        idx, updated, plan, slope, c, dtype = spec
+        b = x.shape[0]
+        flat = x.reshape(b, -1)
+        frozen = torch.where(updated, 0.0, flat).clamp(-COND_LIMIT, COND_LIMIT)
+        h = frozen.to(dtype).t().unsqueeze(0)  # (1, S, B): the layout of ConvNet.forward_at
+        out, saved = stack_forward(h, plan, slope, params)  # (2, n, B)
+        # NaN -> 0 and the clip are exact in the network dtype (+-PARAM_LIMIT is representable)
+        raw = torch.nan_to_num(out, nan=0.0)
+        p = raw.clamp(-PARAM_LIMIT, PARAM_LIMIT).to(torch.float64)
+        th = torch.tanh(p[0] / c)
+        s = (c * th).t()  # (B, n)
+        t = p[1].t()
+        xa = flat.index_select(1, idx)
+        if inverse:
+            e = torch.exp(-s)
+            ya = (xa - t) * e
+        else:
+            e = torch.exp(s)
+            ya = xa * e + t
+        y = flat.index_copy(1, idx, ya)
+        ctx.save_for_backward(flat, out, th, e, xa, ya, t, *saved, *params)
+        ctx.spec, ctx.inverse, ctx.n_saved, ctx.x_shape = spec, inverse, len(saved), x.shape
+        return y.view_as(x), s
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, gy: torch.Tensor | None, gs: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        idx, updated, plan, slope, c, dtype = ctx.spec
+        flat, out, th, e, xa, ya, t, *rest = ctx.saved_tensors
+        saved, params = rest[: ctx.n_saved], rest[ctx.n_saved :]
+        b = flat.shape[0]
+        gyf = torch.zeros_like(flat) if gy is None else gy.reshape(b, -1)
+        gya = gyf.index_select(1, idx)
+        if ctx.inverse:  # x_a = (y_a - t) e^{-s}
+            gxa = gya * e
+            ds = -(gya * ya)
+            dt = -gxa
+        else:  # y_a = x_a e^s + t
+            gxa = gya * e
+            ds = gya * (xa * e)
+            dt = gya
+        if gs is not None:
+            ds = ds + gs
+        dp = torch.stack([ds.t() * (1 - th * th), dt.t()])  # (2, n, B): through s = c tanh(p / c)
+        # through the cast, the clip (inclusive) and NaN -> 0: zero where the output was clipped or not finite
+        dp = torch.where(out.abs() <= PARAM_LIMIT, dp.to(out.dtype), 0.0)
+        flags = will_compute(ctx, [0, *range(3, 3 + len(params))])
+        need_x = flags[0]
+        g_h, grads = stack_backward(dp, plan, slope, params, saved, flags[1:], need_x)
+        gx = None
+        if need_x:
+            gx = gyf.index_copy(1, idx, gxa)
+            if g_h is not None:  # through the frozen sites, their clip (inclusive) and the cast
+                g_f = g_h[0].t().to(torch.float64)
+                gx = gx + torch.where(updated | ~(flat.abs() <= COND_LIMIT), 0.0, g_f)
+            gx = gx.reshape(ctx.x_shape)
+        return (gx, None, None, *grads)
+
+
 class AffineCoupling(_ScalarCoupling):
     r"""Real-NVP affine coupling on a checkerboard: y = x exp(s) + t on the active sites.
 
@@ -195,9 +281,32 @@ class AffineCoupling(_ScalarCoupling):
         c = self.scale_clamp
         return c * torch.tanh(p[..., 0] / c), p[..., 1]
 
+    def _fused(self, x: torch.Tensor, inverse: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(y, s)`` through :class:`_AffineMap` when a gradient will be taken and the network
+        has the gathered form (d <= 3); ``None`` otherwise (the generic path)."""
+        if not torch.is_grad_enabled() or len(self.lattice) == 4:
+            return None
+        idx = self._active_sites()
+        stack = self.net.gathered_stack(self.lattice, x.device, idx)
+        if stack is None:
+            return None
+        plan, slope, params = stack
+        if not (x.requires_grad or any(p.requires_grad for p in params)):
+            return None
+        flat_updated = self.__dict__.get("_updated_flat")
+        if flat_updated is None or flat_updated.device != x.device:
+            flat_updated = self.updated.flatten()
+            self.__dict__["_updated_flat"] = flat_updated
+        spec = (idx, flat_updated, plan, slope, self.scale_clamp, self.net.dtype)
+        y, s = _AffineMap.apply(x.to(torch.float64), spec, inverse, *params)
+        return y, s
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Map x -> y; returns ``(y, log|det dy/dx|)``."""
         self._check(x)
+        fused = self._fused(x, inverse=False)
+        if fused is not None:
+            return fused[0], fused[1].sum(1)
         idx = self._active_sites()
         s, t = self._st(x)
         flat = x.flatten(1)
@@ -217,15 +326,22 @@ class AffineCoupling(_ScalarCoupling):
         """
         self._check(x)
         idx = self._active_sites()
-        s, t = self._st(x)
-        flat = x.flatten(1)
-        y = flat.index_copy(1, idx, flat.index_select(1, idx) * torch.exp(s) + t)
-        log_diag = torch.zeros_like(flat).index_copy(1, idx, s)
-        return y.view_as(x), s.sum(1), log_diag.view_as(x), self.updated
+        fused = self._fused(x, inverse=False)
+        if fused is not None:
+            y, s = fused
+        else:
+            s, t = self._st(x)
+            flat = x.flatten(1)
+            y = flat.index_copy(1, idx, flat.index_select(1, idx) * torch.exp(s) + t).view_as(x)
+        log_diag = x.new_zeros(x.shape[0], math.prod(self.lattice), dtype=torch.float64).index_copy(1, idx, s)
+        return y, s.sum(1), log_diag.view_as(x), self.updated
 
     def inverse(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Map y -> x; returns ``(x, log|det dx/dy|)``."""
         self._check(y)
+        fused = self._fused(y, inverse=True)
+        if fused is not None:
+            return fused[0], -fused[1].sum(1)
         idx = self._active_sites()
         s, t = self._st(y)
         flat = y.flatten(1)
