@@ -7,9 +7,10 @@
 2. ``hmc`` has ``checkpoint_every`` (not ``save_every``): a run stopped between two
    checkpoints resumes to the uninterrupted run, without gaps or duplicates.
 3. ``summary.json`` of a run without a flow has no null flow-only entries.
-4. ``--resume`` needs only ``--out``: the flow, the inputs and a start file come from
-   ``run_files.json``; another path, or a file whose SHA-256 changed, is refused naming the
-   file, the stored and the found value.
+4. ``--resume`` needs only ``--out``: the flow and the inputs come from ``run_files.json``;
+   another path, or a file whose SHA-256 changed, is refused naming the file, the stored and
+   the found value. ``hmc``'s start file is not read on a resume (the checkpoint holds the
+   chains), so it may have moved.
 
 Plumbing tests: tiny lattices, untrained flows, fixed seeds; results are compared bit for
 bit with uninterrupted runs (the kernels' exactness is tested in tests/test_kernels.py).
@@ -459,31 +460,131 @@ def test_moved_inputs_are_named_again_at_their_new_place(tmp_path, monkeypatch, 
     assert (tmp_path / "part" / "measurements.csv").read_text() == (tmp_path / "full" / "measurements.csv").read_text()
 
 
-def test_hmc_resumes_with_out_alone_and_refuses_a_changed_start_file(tmp_path, monkeypatch, capsys):
+def test_hmc_resumes_with_out_alone_without_reading_its_start_file(tmp_path, monkeypatch, capsys):
+    """A resume takes the chains from the checkpoint: the start file is not read, so one moved
+    (or changed) since the run started stops nothing; config.toml keeps ``start`` as given and
+    run_files.json its record; another ``start`` on the resume is refused as a change of the chain."""
     work = tmp_path / "work"
-    work.mkdir()
+    (work / "st").mkdir(parents=True)
     monkeypatch.chdir(work)
-    _u1_file(work / "start.h5", n=1, seed=3)
-    sets = ["start=start.h5", "lattice=[4,4]", "chains=2", "hmc.steps=2", "hmc.thermalization=1", "progress=false"]
+    _u1_file(work / "st" / "a.h5", n=1, seed=3)
+    sets = ["start=st/a.h5", "lattice=[4,4]", "chains=2", "hmc.steps=2", "hmc.thermalization=1", "progress=false"]
     sets.append("format='none'")
     assert main(["hmc", "--out", "full", *_sets(*sets, "hmc.trajectories=6")]) == 0
     assert main(["hmc", "--out", "part", *_sets(*sets, "hmc.trajectories=3")]) == 0
     rec = stored_run_files(work / "part")
-    assert rec is not None and rec["start"]["given"] == "start.h5"
-    monkeypatch.chdir(tmp_path)
+    assert rec is not None and rec["start"]["given"] == "st/a.h5" and rec["start"]["sha256"] == _sha(work / "st/a.h5")
+    monkeypatch.chdir(tmp_path)  # another working directory
+    assert main(["hmc", "--out", str(work / "part"), "--set", "hmc.trajectories=4", "--resume"]) == 0
+    capsys.readouterr()
+    assert main(["hmc", "--out", str(work / "part"), "--set", f"out={work / 'part'}", "--resume"]) == 1
+    assert "--out DIR or --set out=DIR, not both" in capsys.readouterr().err
+    _u1_file(work / "st" / "a.h5", n=1, seed=4)  # changed, then moved away: not needed any more
+    (work / "st").rename(work / "moved")
     assert main(["hmc", "--out", str(work / "part"), "--set", "hmc.trajectories=6", "--resume"]) == 0
     a = json.loads((work / "full" / "summary.json").read_text())
     b = json.loads((work / "part" / "summary.json").read_text())
     assert a["observables"] == b["observables"] and b["trajectories"] == 6
+    assert stored_run_files(work / "part") == rec  # the record of the run's start stays
+    assert stored_run_config(work / "part")["start"] == "st/a.h5"  # type: ignore[index]
     capsys.readouterr()
-    assert main(["hmc", "--out", str(work / "part"), "--set", f"out={work / 'part'}", "--resume"]) == 1
-    assert "--out DIR or --set out=DIR, not both" in capsys.readouterr().err
-    old = rec["start"]["sha256"]
-    _u1_file(work / "start.h5", n=1, seed=4)
-    assert main(["hmc", "--out", str(work / "part"), "--set", "hmc.trajectories=7", "--resume"]) == 1
+    moved = str(work / "moved" / "a.h5")
+    assert main(["hmc", "--out", str(work / "part"), "--set", f"start={moved}", "--resume"]) == 1
     err = _flat(capsys.readouterr().err)
-    assert f"start file {(work / 'start.h5').resolve()} changed" in err
-    assert f"stored {old}" in err and f"found {_sha(work / 'start.h5')}" in err
+    assert f'start: stored "st/a.h5", given "{moved}"' in err
+
+
+def test_hmc_run_files_start_is_null_for_cold_and_hot_starts(tmp_path):
+    """run_files.json records the start file when ``start`` names one, and null for cold/hot."""
+    sets = ["lattice=[4,4]", "chains=1", "hmc.steps=2", "hmc.trajectories=2", "format='none'", "progress=false"]
+    for start in ("cold", "hot"):
+        assert main(["hmc", "--out", str(tmp_path / start), *_sets(*sets, f"start={start}")]) == 0
+        assert stored_run_files(tmp_path / start) == {"command": "hmc", "start": None}
+
+
+# ------------------------------------------------- 5. a fresh start over an earlier run's files
+
+
+def test_earlier_configuration_files_are_refused_or_removed_by_name(tmp_path):
+    """Configurations.start: the files of an earlier run are those its provenance.json lists and
+    those named exactly as the job names its own (any writable format's extension, ``.rank<r>``),
+    and the store whatever the format; refused without --force (naming them), removed with it;
+    inputs (also named as outputs) and files of other names are never among them."""
+    from flowplug.errors import FormatError
+    from flowplug.jobs.output import Configurations
+
+    stale = [
+        "sample.c000.s00010.ildg",
+        "sample.c001.s00010.rank1.ildg",
+        "sample.s00010.h5",
+        "sample.c003.s00020.nersc",
+        "ensemble.h5",
+        "ensemble.rank1.h5",
+        "listed.ildg",  # of another name, but listed in the earlier provenance.json
+    ]
+    kept = [
+        "sample.c002.s00010.ildg",  # an input
+        "other.ildg",
+        "sample.c000.s00010.ildg.txt",
+        "xsample.c000.s00010.ildg",
+        "sample.c0.s1x.ildg",
+        "notes.txt",
+        "checkpoint.pt",
+        "listed.txt",  # listed, but not a configuration file's extension
+    ]
+    for name in stale + kept:
+        (tmp_path / name).write_bytes(b"x")
+    confs = Configurations(
+        tmp_path,
+        "ildg",
+        "su3",
+        name=lambda t, c: f"sample.c{c:03d}.s{t:05d}",
+        provenance=lambda t, c: {},
+        store=tmp_path / "ensemble.h5",
+        pattern=r"sample(?:\.c\d+)?\.s\d+",
+        inputs=[tmp_path / "sample.c002.s00010.ildg"],
+    )
+    records = [{"path": str(tmp_path / "listed.ildg")}, {"path": "elsewhere/listed.txt"}]
+    records.append({"path": str(tmp_path / "elsewhere" / "other.ildg")})  # another folder's file of that name
+    assert [p.name for p in confs.earlier_files(records)] == sorted(stale)
+    with pytest.raises(FormatError, match=r"configuration files of an earlier run .*ensemble\.h5.*--force"):
+        confs.start(resume=False, force=False, records=records)
+    assert confs.start(resume=True, force=False, records=records) == []  # a resume rolls back instead
+    assert all((tmp_path / n).exists() for n in stale)
+    assert [p.name for p in confs.start(resume=False, force=True, records=records)] == sorted(stale)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
+    # resample's names: <input name>.c<c>.s<t>.<ext>, never an input
+    (tmp_path / "a.ildg.c000.s00010.ildg").write_bytes(b"x")
+    (tmp_path / "b.ildg.c001.s00020.ildg").write_bytes(b"x")
+    confs.pattern = r"resample\.s\d+|.+\.c\d+\.s\d+"
+    confs.inputs = [tmp_path / "b.ildg.c001.s00020.ildg", tmp_path / "sample.c002.s00010.ildg"]
+    # (an input named "xsample" gives "xsample.c000.s00010.ildg": resample's name too)
+    assert [p.name for p in confs.earlier_files()] == ["a.ildg.c000.s00010.ildg", "xsample.c000.s00010.ildg"]
+
+
+def test_resample_force_keeps_inputs_inside_the_output_directory(tmp_path, monkeypatch):
+    """resample --force over an earlier run with its inputs inside the output directory, named
+    as the job names its outputs: the inputs survive, the earlier store and tables are replaced;
+    such an input does not stop a fresh start either."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "r").mkdir()
+    inp = _u1_file(tmp_path / "r" / "e.h5.c000.s00004.h5", seed=1)
+    before = inp.read_bytes()
+    sets = _sets("action.name=wilson", "action.group=u1", "action.beta=2.0", "kernel.type=hmc", "seed=4")
+    assert main(["resample", str(inp), "--out", "r", "--no-progress", *sets, "--set", "steps=4"]) == 0
+    assert (tmp_path / "r" / "ensemble.h5").exists()
+    assert main(["resample", str(inp), "--out", "r", "--no-progress", *sets, "--set", "steps=2"]) == 1
+    more = _sets("action.beta=3.0", "steps=2", "measurements='hdf5'")
+    assert main(["resample", str(inp), "--out", "r", "--no-progress", *sets, *more, "--force"]) == 0
+    assert inp.read_bytes() == before
+    assert not (tmp_path / "r" / "measurements.csv").exists()  # the earlier run's table, in the other format
+    assert int(_h5(tmp_path / "r" / "measurements.h5")["step"][-1]) == 2
+    assert sorted(p.name for p in (tmp_path / "r").iterdir() if p.suffix == ".h5") == [
+        "e.h5.c000.s00004.h5",
+        "ensemble.h5",
+        "measurements.h5",
+    ]
+    assert io.read(tmp_path / "r" / "ensemble.h5").links.shape[0] == 2  # this run's 2 chains, once
 
 
 def test_run_files_api_refusals(tmp_path):

@@ -13,7 +13,7 @@ import torch
 from flowplug import config as _config
 from flowplug import hookimpl
 from flowplug.cli import main
-from flowplug.errors import ConfigError
+from flowplug.errors import ConfigError, FormatError
 from flowplug.jobs.hmc import DEFAULT_CONFIG, run_fingerprint, run_hmc
 
 
@@ -272,3 +272,52 @@ def test_reunitarisation_of_file_links_is_needed(shared_dir):
     links = io.read(shared_dir / MILC).links
     assert unitarity_deviation(links).max() > 1e-8
     assert unitarity_deviation(reunitarize(links)).max() < 1e-14
+
+
+def test_force_removes_the_earlier_runs_configurations_and_keeps_inputs(tmp_path, capsys):
+    """--force over an earlier run: none of its configuration files stay next to the new ones
+    (``ensemble/*.h5`` is one run's), a start file inside the directory survives (also one the
+    earlier run wrote), files of other names are untouched; a fresh start without --force that
+    finds such files (the checkpoint gone: stopped before it) refuses, naming them."""
+    out = tmp_path / "h11"
+    ens = out / "ensemble"
+    common = ["--out", str(out), "--no-progress", "--set", "lattice=[4,4]", "--set", "chains=2"]
+    common += ["--set", "hmc.steps=2", "--set", "save_every=10", "--set", "hmc.thermalization=2"]
+    assert main(["hmc", *common, "--set", "hmc.trajectories=40", "--set", "action.beta=2.0"]) == 0
+    assert sorted(p.name for p in ens.iterdir()) == [f"traj_0000{t}.h5" for t in (10, 20, 30, 40)]
+    (ens / "notes.txt").write_text("mine")
+    (ens / "mine.h5").write_bytes((ens / "traj_000020.h5").read_bytes())
+    (ens / "traj_000010.h5.bak").write_bytes(b"x")
+    start = ens / "traj_000030.h5"  # an input inside the directory, named as the job names its own
+    before = start.read_bytes()
+    new = ["--set", "hmc.trajectories=20", "--set", "action.beta=3.0", "--set", f"start={start}"]
+    assert main(["hmc", *common, *new, "--force"]) == 0
+    names = sorted(p.name for p in ens.iterdir())
+    assert names == ["mine.h5", "notes.txt", "traj_000010.h5", "traj_000010.h5.bak", "traj_000020.h5", "traj_000030.h5"]
+    assert start.read_bytes() == before  # traj_000040.h5 (beta 2.0) is gone
+    records = json.loads((out / "provenance.json").read_text())["outputs"]
+    assert sorted({Path(r["path"]).name for r in records}) == ["traj_000010.h5", "traj_000020.h5"]
+    assert {r["action"]["beta"] for r in records} == {3.0}
+    assert int(read_h5(out / "measurements.h5")["trajectory"][-1]) == 20
+    # stopped before its first checkpoint (none left): a fresh start refuses, naming the files
+    (out / "checkpoint.pt").unlink()
+    capsys.readouterr()
+    assert main(["hmc", *common, "--set", "hmc.trajectories=20"]) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert "configuration files of an earlier run" in err and str(ens / "traj_000010.h5") in err
+    assert "--force" in err and "mine.h5" not in err
+    assert (ens / "traj_000010.h5").exists()
+    # a start file where the run writes a configuration is never written over
+    with pytest.raises(FormatError, match="is an input; refusing to overwrite it"):
+        run_hmc(
+            cfg(
+                tmp_path,
+                f"start={ens / 'traj_000010.h5'}",
+                "lattice=[4,4]",
+                "chains=2",
+                "save_every=10",
+                "hmc.trajectories=10",
+                name="h11",
+            ),
+            force=True,
+        )

@@ -53,11 +53,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--resume",
         action="store_true",
         help="continue from <out>/checkpoint.pt (same chain as an uninterrupted run), with the configuration "
-        "stored in <out>/config.toml and the start file in <out>/run_files.json: give only what changes "
-        "(hmc.trajectories, output settings)",
+        "stored in <out>/config.toml (a start file is not read again: it may have moved): give only what "
+        "changes (hmc.trajectories, output settings)",
     )
     parser.add_argument(
-        "--force", action="store_true", help="start afresh even though <out> holds a checkpoint of an earlier run"
+        "--force",
+        action="store_true",
+        help="start afresh even though <out> holds an earlier run: its configuration files (ensemble/traj_*), "
+        "provenance.json and measurements are removed first (never the start file)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_examples(parser, EXAMPLES)

@@ -57,7 +57,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="continue from DIR/chain.ckpt with the configuration stored in DIR/config.toml and the flow, "
         "inputs and read options in DIR/run_files.json (give only what changes: steps, output settings)",
     )
-    parser.add_argument("--force", action="store_true", help="replace existing output files")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace existing output files: an earlier run's configuration files, ensemble.h5, provenance.json and "
+        "measurements are removed first (never an input)",
+    )
     parser.add_argument("--format", metavar="NAME", help="force the input format")
     parser.add_argument("--lattice", metavar="LXxLYxLZxLT", help="lattice of bare LIME inputs")
     parser.add_argument("--group", metavar="GROUP", help="group of bare LIME inputs")

@@ -56,7 +56,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="continue from DIR/chain.ckpt with the configuration stored in DIR/config.toml and the flow "
         "in DIR/run_files.json (give only what changes: steps, output settings)",
     )
-    parser.add_argument("--force", action="store_true", help="replace existing outputs")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace existing outputs: an earlier run's configuration files, ensemble.h5, provenance.json and "
+        "measurements are removed first",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
         "--no-check-inverse",

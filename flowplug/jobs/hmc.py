@@ -23,9 +23,11 @@ runs ``chains`` independent HMC chains as one batch and writes to ``out``:
     ``hmc.trajectories`` and resume; configurations written after the checkpoint by a run
     that died are written again, once);
 ``run_files.json``
-    the start file (as given, resolved, and its SHA-256) when ``start`` names one: a
-    ``--resume`` reads that file (also from another working directory) and refuses it if
-    its SHA-256 changed (:func:`flowplug.jobs.provenance.resume_start_file`);
+    ``start``: the start file (as given, resolved, and its SHA-256) when ``start`` names
+    one, ``null`` for a cold or hot start. A ``--resume`` does not read the start file (the
+    chains go on from the checkpoint, :func:`flowplug.jobs.output.checkpoint_configurations`),
+    so it may have moved or changed since; ``config.toml`` keeps ``start`` as given, and
+    another ``start`` on the resume is refused as a change of the chain;
 ``config.toml``
     the resolved configuration, written with every checkpoint: ``--resume`` starts from
     it (the original ``--set`` values need not be repeated) and refuses a change of a
@@ -396,7 +398,8 @@ def run_hmc(
         cfg: The effective configuration (:func:`flowplug.config.build_config` of
             :data:`DEFAULT_CONFIG`, with ``open_tables=OPEN_TABLES``).
         resume: Continue from ``out/checkpoint.pt`` (the same chain as an uninterrupted run).
-        force: Start afresh although ``out`` holds a checkpoint.
+        force: Start afresh although ``out`` holds a checkpoint (the earlier run's
+            configurations, ``provenance.json`` and measurements are removed first).
         progress: Progress bar (default: ``cfg["progress"]``).
         log: Receives one-line notes (a start file's lattice replacing ``lattice``).
 
@@ -411,9 +414,12 @@ def run_hmc(
         ConfigError: on inconsistent settings (unknown integrator, format that cannot hold
             the field, start file of another group, ``trajectories <= thermalization``
             (naming both), ``checkpoint_every < 0``, ``threads < 0``...).
-        CheckpointError: on ``resume`` without a checkpoint or with one of another run, or
-            with a start file whose SHA-256 changed since the run started.
+        CheckpointError: on ``resume`` without a checkpoint or with one of another run.
         FlowplugError: when ``out`` holds a checkpoint and neither ``resume`` nor ``force``.
+        FormatError: when ``out/ensemble`` holds configuration files of an earlier run
+            (``traj_<t>[_chain_<c>].<ext>`` or listed in its ``provenance.json``) and neither
+            ``resume`` nor ``force`` (``force`` removes them, never the start file:
+            :meth:`flowplug.jobs.output.ChainOutput.start`).
     """
     from flowplug.threads import job_threads
 
@@ -437,9 +443,8 @@ def _run_hmc(
     """The body of :func:`run_hmc` (inside its lock and thread setting)."""
     from flowplug.config import parse_toml
     from flowplug.jobs.chains import run_chains
-    from flowplug.jobs.output import ChainOutput, Configurations
+    from flowplug.jobs.output import ChainOutput, Configurations, checkpoint_configurations
     from flowplug.jobs.provenance import (
-        check_file_sha256,
         check_resume_config,
         file_record,
         file_sha256,
@@ -495,18 +500,17 @@ def _run_hmc(
     generator = torch.Generator(device=device).manual_seed(seed)
     start = str(cfg["start"])
     start_file: dict[str, Any] | None = None
-    if start not in ("cold", "hot"):  # a start file: on --resume the run's own (run_files.json)
-        entry = None
-        if resume:
-            start, entry = resume_start_file(out, start)
-        if Path(start).is_file():
-            digest = file_sha256(start)
-            if entry is not None:
-                check_file_sha256(out, "start file", entry, digest)
-            start_file = entry if entry is not None else file_record(start, sha256=digest)
-    # every process draws (or reads) the start of all chains and keeps its own
-    x0, start_desc = start_configuration({**cfg, "start": start}, action, chains, generator, device, log)
-    x0 = x0[local]
+    if resume and start not in ("cold", "hot"):
+        # the chains go on from the checkpoint: the start file is not read (it may have moved or
+        # changed since; config.toml holds start as the text it was, run_files.json its record)
+        start, _ = resume_start_file(out, start)
+        x0, start_desc = checkpoint_configurations(ckpt).to(device), str(Path(start))
+    else:
+        if start not in ("cold", "hot") and Path(start).is_file():
+            start_file = file_record(start, sha256=file_sha256(start))
+        # every process draws (or reads) the start of all chains and keeps its own
+        x0, start_desc = start_configuration({**cfg, "start": start}, action, chains, generator, device, log)
+        x0 = x0[local]
     ndim = len(kernel.space.lattice_of(x0))
     if callable(getattr(action, "take_cg_iterations", None)):  # CG iterations per trajectory and chain
         kernel = CGCounting(kernel, action)
@@ -531,6 +535,8 @@ def _run_hmc(
         attrs={"action": stated},
         overwrite=True,
         first_chain=local.start,
+        pattern=r"traj_\d+(?:_chain_\d+)?",  # the names above: an earlier run's go on --force
+        inputs=[] if start in ("cold", "hot") else [Path(start)],  # a start file here is never removed
     )
     configurations.check(x0)
     output = ChainOutput(

@@ -31,6 +31,16 @@ directory through one :class:`ChainOutput`:
 ``summary.json``, ``report.png``
     at the end (:func:`flowplug.fsutil.write_summary`, :func:`flowplug.jobs.report.chain_report`).
 
+Starting afresh: a fresh run (neither ``--resume`` nor ``--force``) is refused when its
+configuration location holds configuration files of an earlier run, naming them, and
+``--force`` removes them first (:meth:`ChainOutput.start`, :meth:`Configurations.start`):
+those the earlier run's ``provenance.json`` lists and those named exactly as the job names
+its own (``ensemble/traj_<t>[_chain_<c>].<ext>``, ``sample[.c<c>].s<t>.<ext>``,
+``resample.s<t>.<ext>``, ``<input>.c<c>.s<t>.<ext>``, ``.rank<r>`` before the extension;
+the store ``ensemble.h5``), never an input and never a file of another name; ``--force``
+also removes the earlier ``provenance.json`` and measurements. So a new ensemble never
+mixes with an old one (``ensemble/*.h5`` is one run's).
+
 Resuming: a run can die after writing configurations of steps its last checkpoint does
 not hold. :meth:`ChainOutput.resumed` therefore rolls the outputs back to the
 checkpoint's step before the chain goes on: entries of later steps are removed from the
@@ -74,6 +84,7 @@ __all__ = [
     "output_format",
     "extension_of",
     "checkpoint_step",
+    "checkpoint_configurations",
     "READ_ONLY_FALLBACK",
 ]
 
@@ -261,7 +272,10 @@ class Configurations:
         attrs: Ensemble-wide attributes of multi-configuration files.
         overwrite: Replace existing files (``--force``; always on a resume for the
             steps the resumed chain does again).
-        inputs: Files never to write over.
+        inputs: Files never to write over (nor to remove as an earlier run's, :meth:`start`).
+        pattern: Regular expression that the names ``name`` gives match exactly, without
+            the extension (``traj_\\d+(?:_chain_\\d+)?``): files of an earlier run in
+            ``folder`` so named are refused or removed on a fresh start (:meth:`start`).
         first_chain: Global index of this process's first chain (a sharded run,
             :mod:`flowplug.distributed`): ``name`` and ``provenance`` receive global
             indices, ``source_meta`` is indexed by the local one. Under torchrun, files
@@ -290,6 +304,7 @@ class Configurations:
         overwrite: bool = False,
         inputs: Sequence[Path] = (),
         first_chain: int = 0,
+        pattern: str | None = None,
     ) -> None:
         from flowplug import distributed, io
         from flowplug.manager import registry
@@ -315,6 +330,8 @@ class Configurations:
                 )
             self.ext = extension_of(spec.name)
         self.name, self.provenance = name, provenance
+        # the store of an earlier run goes on --force whatever this run's format (earlier_files)
+        self._store_base = Path(store) if store is not None else None
         self.store = Path(store) if store is not None and self.format == "hdf5" else None
         if self.store is not None:
             self.store = self.store.with_name(distributed.rank_name(self.store.name))
@@ -327,6 +344,7 @@ class Configurations:
         self.attrs = dict(attrs or {})
         self.overwrite = overwrite
         self.inputs = list(inputs)
+        self.pattern = pattern
         #: One entry per configuration written: ``{"path", **provenance}``.
         self.records: list[dict[str, Any]] = []
         #: Steps up to this one are on disk already (a resumed run does not write them again).
@@ -359,17 +377,89 @@ class Configurations:
             and ((self.save_every > 0 and step % self.save_every == 0) or step == self.total)
         )
 
-    def start(self, *, resume: bool, force: bool) -> None:
-        """Before the first step of a fresh run: refuse or remove an existing store.
+    def earlier_files(self, records: Sequence[Mapping[str, Any]] = ()) -> list[Path]:
+        """The configuration files of an earlier run in this run's location.
+
+        These are the files in ``folder`` (and the store's folder) that are listed in the
+        earlier run's ``records`` (``provenance.json``: the file at the recorded path, or,
+        recorded from another working directory, the file of that name here when the
+        recorded folder has this folder's name),
+        or whose names match exactly the job's naming ``pattern`` (with ``.rank<r>``
+        before the extension, as sharded runs write them), or the store (``ensemble.h5``,
+        ``ensemble.rank<r>.h5``, whatever this run's format); each with the extension of a
+        writable format. Files of other names, and the ``inputs`` (also when they lie
+        here and match), are never among them.
+
+        Arguments:
+            records: The ``outputs`` of the earlier run's ``provenance.json``.
+
+        Returns:
+            The files, sorted.
+        """
+        import re
+
+        from flowplug import io
+
+        exts = "|".join(re.escape(extension_of(f)) for f in io.formats(writable=True))
+        rank = r"(?:\.rank\d+)?"
+        listed = [Path(str(r["path"])) for r in records if isinstance(r, Mapping) and "path" in r]
+        ours = re.compile(rf"(?:{self.pattern}){rank}\.(?:{exts})") if self.pattern else None
+        kinds = re.compile(rf".+\.(?:{exts})")
+        places: dict[Path, list[re.Pattern[str]]] = {self.folder: [ours] if ours is not None else []}
+        if self._store_base is not None:
+            stem = re.escape(self._store_base.stem)
+            places.setdefault(self._store_base.parent, []).append(re.compile(rf"{stem}{rank}\.h5"))
+        inputs = {Path(p).resolve() for p in self.inputs}
+        found: set[Path] = set()
+        for place, patterns in places.items():
+            if not place.is_dir():
+                continue
+            # a listed file is the one at its recorded path, or (recorded from another working
+            # directory) the file of its name in a folder of the recorded folder's name
+            here = place.resolve()
+            named = {q.name for q in listed if q.resolve().parent == here or q.parent.name == here.name}
+            for p in place.iterdir():
+                if not (p.is_file() or p.is_symlink()) or p.resolve() in inputs:
+                    continue
+                if any(rx.fullmatch(p.name) for rx in patterns) or (p.name in named and kinds.fullmatch(p.name)):
+                    found.add(p)
+        return sorted(found)
+
+    def start(self, *, resume: bool, force: bool, records: Sequence[Mapping[str, Any]] = ()) -> list[Path]:
+        """Before the first step of a fresh run: refuse, or with ``force`` remove, the
+        configuration files of an earlier run in this run's location
+        (:meth:`earlier_files`; the store among them), so that a new ensemble never mixes
+        with an old one. Under torchrun rank 0 removes them (every rank's).
+
+        Arguments:
+            resume: A resumed run: nothing is checked (:meth:`resumed` rolls back).
+            force: Remove the earlier run's files.
+            records: The ``outputs`` of the earlier run's ``provenance.json``.
+
+        Returns:
+            The files removed.
 
         Raises:
-            FormatError: if the store exists and neither ``resume`` nor ``force`` is set.
+            FormatError: if such files exist and neither ``resume`` nor ``force`` is set,
+                naming them.
         """
-        if self.store is None or resume or not self.store.exists():
-            return
+        from flowplug import distributed
+
+        if resume:
+            return []
+        stale = self.earlier_files(records)
+        if not stale:
+            return []
         if not force:
-            raise FormatError(f"{self.store} exists; use --resume to continue or --force to start over")
-        self.store.unlink()
+            shown = ", ".join(str(p) for p in stale[:5]) + (f" and {len(stale) - 5} more" if len(stale) > 5 else "")
+            raise FormatError(
+                f"output exists: {self.folder} holds configuration files of an earlier run ({shown}); continue "
+                "that run with --resume, start afresh with --force (which removes them), or choose another output"
+            )
+        if distributed.is_main():
+            for p in stale:
+                p.unlink(missing_ok=True)
+        return stale
 
     def resumed(self, step: int, records: Sequence[Mapping[str, Any]] = (), chains: int | None = None) -> None:
         """Roll back to a checkpoint at ``step``: later store entries go, earlier records stay
@@ -407,6 +497,8 @@ class Configurations:
                 io.write(path, ens, "hdf5", precision=self.precision, append=path.exists())
             else:
                 path = self.folder / self._rank_name(f"{self.name(step, None)}.{self.ext}")
+                if any(path.resolve() == Path(q).resolve() for q in self.inputs):
+                    raise FormatError(f"{path}: is an input; refusing to overwrite it (choose another output)")
                 io.write(path, ens, self.format, precision=self.precision, overwrite=self.overwrite)
             self.records += [{"path": str(path), **p} for p in provs]
             return
@@ -621,14 +713,45 @@ class ChainOutput:
         self._merged = (chain.step_count, history, records)
         return history, records
 
+    def _earlier_records(self) -> list[Mapping[str, Any]]:
+        """The ``outputs`` of ``provenance.json`` in ``out`` (an earlier run's, or this run's
+        before a resume); none if it is missing or unreadable."""
+        if not self.provenance_path.exists():
+            return []
+        try:
+            records = json.loads(self.provenance_path.read_text(encoding="utf-8")).get("outputs", [])
+        except (OSError, ValueError, AttributeError):
+            return []
+        return [r for r in records if isinstance(r, Mapping)] if isinstance(records, list) else []
+
     def start(self, *, resume: bool = False, force: bool = False) -> None:
-        """Create ``out``; on a fresh run refuse (or, with ``force``, remove) an ensemble store.
+        """Create ``out``; on a fresh run refuse, or with ``force`` remove, the outputs of an
+        earlier run that would mix with this run's.
+
+        These are the earlier run's configuration files (:meth:`Configurations.start`: those
+        its ``provenance.json`` lists and those named as this job names them, the ensemble
+        store among them, never an input) and, with ``force``, its ``provenance.json`` and
+        measurements (``measurements.h5``, ``measurements.csv``). Nothing else is touched
+        (the checkpoint, ``config.toml`` and ``run_files.json`` are replaced at the first
+        checkpoint, ``summary.json`` at the end).
 
         Raises:
-            FormatError: if the store exists and neither ``resume`` nor ``force`` is set.
+            FormatError: if earlier configuration files exist and neither ``resume`` nor
+                ``force`` is set, naming them.
         """
-        if self.configurations is not None:
-            self.configurations.start(resume=resume, force=force)
+        if resume:
+            if self.configurations is not None:
+                self.configurations.start(resume=True, force=force)
+        else:
+            if self.configurations is not None:
+                self.configurations.start(resume=False, force=force, records=self._earlier_records())
+            if force and self.is_main:
+                for path in (self.provenance_path, self.out / "measurements.h5", self.out / "measurements.csv"):
+                    path.unlink(missing_ok=True)
+            if force and self.world_size > 1:
+                from flowplug import distributed
+
+                distributed.barrier()  # rank 0 removed every rank's files before any writes
         self.out.mkdir(parents=True, exist_ok=True)
 
     # ------------------------------------------------------- called by the driver
@@ -637,12 +760,7 @@ class ChainOutput:
         """After the chain was restored from its checkpoint: roll the outputs back to its step."""
         if self.configurations is None:
             return
-        records: list[Mapping[str, Any]] = []
-        if self.provenance_path.exists():
-            try:
-                records = json.loads(self.provenance_path.read_text(encoding="utf-8")).get("outputs", [])
-            except (OSError, ValueError, AttributeError):
-                records = []
+        records = self._earlier_records()
         # of a sharded run's records (rank 0 wrote every rank's), each rank keeps its own chains'
         mine = chain.state.batch if self.world_size > 1 else None
         self.configurations.resumed(chain.step_count, records, chains=mine)
@@ -733,3 +851,35 @@ def checkpoint_step(path: Path) -> int | None:
         return int(state["step"])
     except Exception:  # a message helper: an unreadable file has no step
         return None
+
+
+def checkpoint_configurations(path: Path) -> torch.Tensor:
+    """The configurations a chain checkpoint holds: this process's chains, (B, ...), the
+    random streams' joined in order (``torch.load(weights_only=True)``: nothing is unpickled).
+
+    A resumed job starts its chains from these instead of reading its start again (the
+    checkpoint replaces the start anyway): ``hmc --resume`` of a run started from a file
+    does not need that file.
+
+    Raises:
+        CheckpointError: if the checkpoint is missing (naming those of another number of
+            processes, as :func:`flowplug.jobs.chains.run_chains` does), unreadable, or holds
+            no configurations.
+    """
+    from flowplug.errors import CheckpointError
+    from flowplug.jobs.chains import _check_checkpoint_present
+
+    path = Path(path)
+    _check_checkpoint_present(path)
+    try:
+        d = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no checkpoint to resume from (run without --resume)") from None
+    except Exception as exc:
+        raise CheckpointError(f"{path}: not a readable flowplug checkpoint: {exc}") from None
+    try:
+        parts = d["streams"] if "streams" in d else [d]
+        xs = [part["state"]["x"] for part in parts]
+        return torch.cat(xs) if len(xs) > 1 else xs[0]
+    except (KeyError, TypeError, IndexError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: not a flowplug chain checkpoint (no configurations: {exc})") from None

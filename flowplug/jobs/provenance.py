@@ -26,8 +26,9 @@
   flow checkpoint, the input configurations, an HMC start file), as given and resolved,
   with their SHA-256, in ``run_files.json`` of the run directory. A ``--resume`` takes
   them from there (:func:`resume_flow_path`, :func:`resume_inputs`, :func:`resume_start_file`),
-  refuses a path given again that is not the stored one, and refuses a file whose SHA-256
-  is not the stored one (:func:`check_file_sha256`), naming the file and both values.
+  refuses a path given again that is not the stored one, and refuses a flow or input whose
+  SHA-256 is not the stored one (:func:`check_file_sha256`), naming the file and both values.
+  An HMC start file is not read on a resume (the checkpoint holds the chains).
 """
 
 from __future__ import annotations
@@ -715,9 +716,12 @@ def resume_read_options(out: str | Path, given: Mapping[str, Any]) -> dict[str, 
 def resume_start_file(out: str | Path, start: str) -> tuple[str, dict[str, Any] | None]:
     """The start file of an ``hmc --resume`` (``start`` = a path, as stored in ``config.toml``).
 
+    The file is not read: a resume goes on from the checkpoint (``hmc`` records the path in
+    its summary), so it may have moved or changed since the run started.
+
     Returns:
-        ``(path to read, stored entry or None)``: the stored file when ``start`` is the path
-        the run started with (also from another working directory), else ``start``.
+        ``(path, stored entry or None)``: the stored file when ``start`` is the path the run
+        started with (also from another working directory), else ``start``.
 
     Raises:
         CheckpointError: if ``start`` resolves to another file than the stored one.

@@ -459,6 +459,7 @@ def _run_resample(
         name=lambda t, c: (
             f"resample.s{t:05d}" if c is None else f"{Path(all_sources[c]['file']).name}.c{c:03d}.s{t:05d}"
         ),
+        pattern=r"resample\.s\d+|.+\.c\d+\.s\d+",  # the names above (never an input: Configurations.start)
         provenance=_provenance,
         first_chain=first,
     )

@@ -264,6 +264,7 @@ def _run_sample(
         thermalize=therm,
         overwrite=force or resume,
         name=lambda t, c: f"sample.s{t:05d}" if c is None else f"sample.c{c:03d}.s{t:05d}",
+        pattern=r"sample(?:\.c\d+)?\.s\d+",  # the names above: an earlier run's go on --force
         provenance=lambda t, c: provenance("sample", seed=seed, step=t, chain=c, flow=ck),
         first_chain=local.start,
     )
