@@ -633,3 +633,176 @@ def test_a_moved_flow_is_found_again_by_its_sha256(tmp_path, flows, monkeypatch,
     assert stored_run_files(tmp_path / "part")["flow"]["path"] == str((tmp_path / "moved" / "flow.pt").resolve())  # type: ignore[index]
     assert _sample("part", "steps=5", resume=True) == 0  # --out alone again
     assert (tmp_path / "part" / "measurements.csv").read_text() == (tmp_path / "full" / "measurements.csv").read_text()
+
+
+# ------------------------------------------------- 6. a fresh user's findings: group, action, format
+
+
+WILSON_2D = ["action.name=wilson", "action.beta=2.0", "lattice=[4,4]", "chains=2", "kernel.hmc.steps=2"]
+
+
+def test_sample_without_a_flow_samples_hmcs_default_group_and_records_it(tmp_path):
+    """The same flags sample the same theory in ``sample`` (no flow) and ``hmc``: a gauge action
+    without ``action.group`` is U(1), hmc's default, recorded in config.toml and summary.json."""
+    hmc_default = _config.build_config(hmc_job.DEFAULT_CONFIG)["action"]["group"]
+    assert hmc_default == "u1"
+    assert _sample(tmp_path / "s", *WILSON_2D, "steps=4") == 0
+    s = json.loads((tmp_path / "s" / "summary.json").read_text())
+    assert s["field"] == hmc_default and s["action"]["group"] == hmc_default
+    assert stored_run_config(tmp_path / "s")["action"]["group"] == hmc_default  # type: ignore[index]
+    # extending it keeps the group (and the chain: the resume is accepted)
+    assert _sample(tmp_path / "s", "steps=6", resume=True) == 0
+    assert json.loads((tmp_path / "s" / "summary.json").read_text())["field"] == "u1"
+    # an explicit group is sampled as given
+    assert _sample(tmp_path / "t", *WILSON_2D, "steps=4", "action.group=su2") == 0
+    assert json.loads((tmp_path / "t" / "summary.json").read_text())["field"] == "su2"
+    # the --help example says what it samples
+    from flowplug.cli import cmd_sample
+
+    text = "\n".join(cmd_sample.EXAMPLES)
+    assert "2D U(1)" in text and "action.group defaults to u1" in text
+
+
+def test_a_flowless_sample_of_an_earlier_version_resumes_as_the_su3_chain_it_is(tmp_path, monkeypatch):
+    """Earlier versions left ``group = ""`` to the action's own default (SU(3)): such a run
+    directory resumes as that chain, with its fingerprint, and its summary names the group."""
+    monkeypatch.setattr(sample_job, "_default_group", lambda: "")  # the earlier behaviour
+    assert _sample(tmp_path / "old", *WILSON_2D, "steps=3", "thermalize=1") == 0
+    assert _sample(tmp_path / "full", *WILSON_2D, "steps=5", "thermalize=1") == 0
+    assert stored_run_config(tmp_path / "old")["action"]["group"] == ""  # type: ignore[index]
+    monkeypatch.undo()
+    assert _sample(tmp_path / "old", "steps=5", resume=True) == 0
+    a = torch.load(tmp_path / "old" / "chain.ckpt", weights_only=True)
+    b = torch.load(tmp_path / "full" / "chain.ckpt", weights_only=True)
+    assert a["run_id"] == b["run_id"] and torch.equal(a["state"]["x"], b["state"]["x"])
+    s = json.loads((tmp_path / "old" / "summary.json").read_text())
+    assert s["field"] == "su3" and s["action"]["group"] == "su3"
+
+
+def test_a_flow_run_resumes_with_the_flows_own_coupling_given(tmp_path, flows, capsys):
+    """config.toml of a flow run keeps [action] as given ("" / 0.0 = the flow's); a resume with
+    the flow's own coupling is the same chain (accepted, fingerprint unchanged); another value is
+    refused naming the value in effect and the given one."""
+    flow = flows / "a.pt"  # trained at wilson u1, beta = 1.5
+    assert _sample(tmp_path / "full", *FLOW_SETS, "steps=5", flow=flow) == 0
+    assert _sample(tmp_path / "part", *FLOW_SETS, "steps=3", flow=flow) == 0
+    assert stored_run_config(tmp_path / "part")["action"]["beta"] == 0.0  # type: ignore[index]
+    assert _sample(tmp_path / "part", "steps=4", "action.beta=1.5", "action.group=u1", resume=True) == 0
+    capsys.readouterr()
+    assert _sample(tmp_path / "part", "steps=5", "action.beta=2.0", resume=True) == 1
+    err = _flat(capsys.readouterr().err)
+    assert "action.beta: stored 1.5 (in effect), given 2.0" in err
+    assert _sample(tmp_path / "part", "steps=5", "action.name=wilson", resume=True) == 0
+    a = torch.load(tmp_path / "full" / "chain.ckpt", weights_only=True)
+    b = torch.load(tmp_path / "part" / "chain.ckpt", weights_only=True)
+    assert a["run_id"] == b["run_id"]
+    assert (tmp_path / "part" / "measurements.csv").read_text() == (tmp_path / "full" / "measurements.csv").read_text()
+    assert stored_run_config(tmp_path / "part")["action"]["beta"] == 0.0  # type: ignore[index]
+
+
+def test_a_resample_flow_run_resumes_with_the_flows_own_coupling_given(tmp_path, flows, capsys):
+    src = _u1_file(tmp_path / "in.h5")
+    base = ["resample", str(src), "--out", str(tmp_path / "r"), "--no-progress", "--flow", str(flows / "a.pt")]
+    assert main([*base, *_sets("steps=2")]) == 0
+    assert main([*base, *_sets("steps=3", "action.beta=1.5"), "--resume"]) == 0
+    capsys.readouterr()
+    assert main([*base, *_sets("steps=4", "action.beta=2.5"), "--resume"]) == 1
+    assert "action.beta: stored 1.5 (in effect), given 2.5" in _flat(capsys.readouterr().err)
+
+
+class _Steps:
+    """Counts the chain steps run; stops the run (like Ctrl-C) after step ``at``."""
+
+    def __init__(self, at: int | None = None) -> None:
+        self.at = at
+        self.steps = 0
+
+    @hookimpl
+    def flowplug_after_chain_step(self, step, kernel, info):
+        self.steps += 1
+        if step == self.at:
+            raise KeyboardInterrupt
+
+
+def _sample_cfg(*sets: str) -> dict:
+    return _config.build_config(
+        sample_job.DEFAULT_CONFIG, overrides=["progress=false", *sets], open_tables=sample_job.OPEN_TABLES
+    )
+
+
+def test_a_format_that_cannot_hold_the_lattice_is_refused_before_sampling(tmp_path, fresh_pm):
+    """ILDG holds 4D lattices: a 2D SU(3) sample (or resample) with format ildg is refused
+    before the first step, naming the format and the dimension, not at the first save point."""
+    from flowplug.jobs.resample import DEFAULT_CONFIG as RESAMPLE_CONFIG
+    from flowplug.jobs.resample import OPEN_TABLES as RESAMPLE_TABLES
+    from flowplug.jobs.resample import run_resample
+
+    counter = _Steps()
+    fresh_pm.register(counter, name="count")
+    su3 = [*WILSON_2D, "action.group=su3", "steps=3", "format='ildg'"]
+    with pytest.raises(ConfigError, match=r"format = 'ildg': format ildg holds \(4,\) dimensional lattices; the data"):
+        sample_job.run_sample(_sample_cfg(*su3), None, tmp_path / "s")
+    assert counter.steps == 0 and not (tmp_path / "s" / "chain.ckpt").exists()
+    from flowplug.groups import haar_random
+
+    links = haar_random((1, 2, 4, 4), 3, generator=torch.Generator().manual_seed(0))
+    io.write(tmp_path / "in.h5", io.Ensemble(links, field="su3"), "hdf5")
+    cfg = _config.build_config(
+        RESAMPLE_CONFIG,
+        overrides=["progress=false", "action.name=wilson", "action.group=su3", "action.beta=2.0"]
+        + ["kernel.type=hmc", "steps=2", "to='ildg'", "kernel.hmc.steps=2"],
+        open_tables=RESAMPLE_TABLES,
+    )
+    with pytest.raises(ConfigError, match=r"format ildg holds \(4,\) dimensional lattices"):
+        run_resample(cfg, [tmp_path / "in.h5"], None, tmp_path / "r")
+    assert counter.steps == 0 and not (tmp_path / "r" / "chain.ckpt").exists()
+
+
+def test_a_fresh_run_over_an_earlier_checkpoint_is_refused(tmp_path, fresh_pm, capsys):
+    """A run stopped after its first checkpoint, before any configuration was written, leaves
+    chain.ckpt alone: a fresh sample or resample there is refused (naming it, --resume and
+    --force), as hmc is with its checkpoint.pt; --resume and --force go on."""
+    stop = _Steps(at=3)
+    fresh_pm.register(stop, name="stop")
+    with pytest.raises(KeyboardInterrupt):
+        sample_job.run_sample(_sample_cfg(*PHI4, "steps=6", "checkpoint_every=2"), None, tmp_path / "s")
+    fresh_pm.unregister(name="stop")
+    assert (tmp_path / "s" / "chain.ckpt").exists() and not (tmp_path / "s" / "ensemble.h5").exists()
+    capsys.readouterr()
+    assert _sample(tmp_path / "s", *PHI4, "steps=6") == 1
+    err = _flat(capsys.readouterr().err)
+    assert f"{tmp_path / 's' / 'chain.ckpt'} exists" in err and "--resume" in err and "--force" in err
+    assert _sample(tmp_path / "s", "steps=6", resume=True) == 0
+    # resample: the same
+    src = _u1_file(tmp_path / "in.h5")
+    sets = _sets("action.name=wilson", "action.group=u1", "action.beta=2.0", "kernel.type=hmc", "steps=2")
+    args = ["resample", str(src), "--out", str(tmp_path / "r"), "--no-progress", *sets]
+    assert main(args) == 0
+    for name in ("ensemble.h5", "provenance.json"):  # as if stopped before its first save point
+        (tmp_path / "r" / name).unlink()
+    capsys.readouterr()
+    assert main(args) == 1
+    err = _flat(capsys.readouterr().err)
+    assert f"{tmp_path / 'r' / 'chain.ckpt'} exists" in err and "--resume" in err and "--force" in err
+    assert main([*args, "--force"]) == 0
+
+
+def test_hmc_refuses_another_thermalization_on_resume(tmp_path, capsys):
+    """Raising hmc.thermalization on a resume would leave saved configurations inside the new
+    window: refused naming the stored and the given value, as sample's thermalize; the stored
+    value is used when none is given, and repeating it is fine."""
+    out = tmp_path / "h"
+    base = ["lattice=[4,4]", "chains=2", "hmc.steps=2", "progress=false", "save_every=1"]
+    assert main(["hmc", "--out", str(out), *_sets(*base, "hmc.trajectories=4", "hmc.thermalization=1")]) == 0
+    capsys.readouterr()
+    assert main(["hmc", "--out", str(out), *_sets("hmc.trajectories=6", "hmc.thermalization=3"), "--resume"]) == 1
+    err = _flat(capsys.readouterr().err)
+    assert "hmc.thermalization: stored 1" in err and "given 3" in err
+    assert main(["hmc", "--out", str(out), *_sets("hmc.trajectories=5", "hmc.thermalization=1"), "--resume"]) == 0
+    assert main(["hmc", "--out", str(out), *_sets("hmc.trajectories=6"), "--resume"]) == 0
+    assert json.loads((out / "summary.json").read_text())["thermalization"] == 1
+    # sample: the same refusal (it was refused before as a key of the chain; the message names both)
+    assert _sample(tmp_path / "s", *PHI4, "steps=4", "thermalize=1") == 0
+    capsys.readouterr()
+    assert _sample(tmp_path / "s", "steps=6", "thermalize=2", resume=True) == 1
+    assert "thermalize: stored 1" in _flat(capsys.readouterr().err)

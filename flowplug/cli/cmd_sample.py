@@ -34,7 +34,8 @@ EXAMPLES = (
     "flowplug sample --out run1 --set steps=2000 --resume",
     "# a quick look: thermalize defaults to min(20, steps // 2)",
     "flowplug sample --flow runs/u1 --out run0 --set steps=10",
-    "# no flow: plain HMC, or any registered kernel (a plugin's too), on [action] and lattice",
+    "# no flow: plain HMC, or any registered kernel (a plugin's too), on [action] and lattice;",
+    "# 2D U(1) Wilson at beta = 2 (action.group defaults to u1, as in flowplug hmc; su3: --set action.group=su3)",
     "flowplug sample --out run2 --set action.name=wilson --set action.beta=2.0 --set 'lattice=[8,8]'",
     "flowplug sample --out run3 --set action.name=xy --set action.beta=1.0 --set 'lattice=[16]' "
     "--set kernel.type=xy-metropolis",

@@ -37,7 +37,12 @@ configuration location holds configuration files of an earlier run, naming them,
 those the earlier run's ``provenance.json`` lists and those named exactly as the job names
 its own (``ensemble/traj_<t>[_chain_<c>].<ext>``, ``sample[.c<c>].s<t>.<ext>``,
 ``resample.s<t>.<ext>``, ``<input>.c<c>.s<t>.<ext>``, ``.rank<r>`` before the extension;
-the store ``ensemble.h5``), never an input and never a file of another name; ``--force``
+the store ``ensemble.h5``), never an input (of this run, or of an earlier one as its
+``run_files.json`` and ``provenance.json`` record them) and never a file of another name;
+``provenance.json`` counts with the records of this command, each naming a file here only
+at its recorded path (or a relative one from another working directory); files named so
+when no earlier run of this command is recorded in ``out`` are refused, also with
+``--force`` (they may be another program's); an input that is the store is refused. ``--force``
 also removes the earlier ``provenance.json`` and measurements. So a new ensemble never
 mixes with an old one (``ensemble/*.h5`` is one run's).
 
@@ -377,25 +382,34 @@ class Configurations:
             and ((self.save_every > 0 and step % self.save_every == 0) or step == self.total)
         )
 
-    def earlier_files(self, records: Sequence[Mapping[str, Any]] = ()) -> list[Path]:
+    def earlier_files(self, records: Sequence[Mapping[str, Any]] = (), keep: Sequence[Path] = ()) -> list[Path]:
         """The configuration files of an earlier run in this run's location.
 
         These are the files in ``folder`` (and the store's folder) that are listed in the
         earlier run's ``records`` (``provenance.json``: the file at the recorded path, or,
-        recorded from another working directory, the file of that name here when the
-        recorded folder has this folder's name),
+        recorded as a relative path from another working directory, the file of that name
+        here when this folder's path ends with the recorded folder; an absolute path
+        elsewhere never names a file here),
         or whose names match exactly the job's naming ``pattern`` (with ``.rank<r>``
         before the extension, as sharded runs write them), or the store (``ensemble.h5``,
         ``ensemble.rank<r>.h5``, whatever this run's format); each with the extension of a
-        writable format. Files of other names, and the ``inputs`` (also when they lie
-        here and match), are never among them.
+        writable format. Files of other names, the ``inputs`` and ``keep`` (also when they
+        lie here and match), are never among them.
 
         Arguments:
             records: The ``outputs`` of the earlier run's ``provenance.json``.
+            keep: Further files never among them (the earlier run's inputs).
 
         Returns:
             The files, sorted.
         """
+        listed, named = self._earlier(records, keep)
+        return sorted({*listed, *named})
+
+    def _earlier(
+        self, records: Sequence[Mapping[str, Any]], keep: Sequence[Path] = ()
+    ) -> tuple[list[Path], list[Path]]:
+        """:meth:`earlier_files` as ``(listed in records, matched by name alone)``."""
         import re
 
         from flowplug import io
@@ -409,23 +423,42 @@ class Configurations:
         if self._store_base is not None:
             stem = re.escape(self._store_base.stem)
             places.setdefault(self._store_base.parent, []).append(re.compile(rf"{stem}{rank}\.h5"))
-        inputs = {Path(p).resolve() for p in self.inputs}
+        inputs = {Path(p).resolve() for p in [*self.inputs, *keep]}
         found: set[Path] = set()
+        by_name: set[Path] = set()
+
+        def recorded_here(q: Path, here: Path) -> bool:
+            # the file at its recorded path, or (a relative path recorded from another working
+            # directory) in a folder whose path ends with the recorded one; never a folder of
+            # the same name elsewhere (which would name files here the earlier run did not write)
+            if q.resolve().parent == here:
+                return True
+            tail = q.parent.parts
+            return not q.is_absolute() and bool(tail) and ".." not in tail and here.parts[-len(tail) :] == tail
+
         for place, patterns in places.items():
             if not place.is_dir():
                 continue
-            # a listed file is the one at its recorded path, or (recorded from another working
-            # directory) the file of its name in a folder of the recorded folder's name
             here = place.resolve()
-            named = {q.name for q in listed if q.resolve().parent == here or q.parent.name == here.name}
+            named = {q.name for q in listed if recorded_here(q, here)}
             for p in place.iterdir():
                 if not (p.is_file() or p.is_symlink()) or p.resolve() in inputs:
                     continue
-                if any(rx.fullmatch(p.name) for rx in patterns) or (p.name in named and kinds.fullmatch(p.name)):
+                if p.name in named and kinds.fullmatch(p.name):
                     found.add(p)
-        return sorted(found)
+                elif any(rx.fullmatch(p.name) for rx in patterns):
+                    by_name.add(p)
+        return sorted(found), sorted(by_name - found)
 
-    def start(self, *, resume: bool, force: bool, records: Sequence[Mapping[str, Any]] = ()) -> list[Path]:
+    def start(
+        self,
+        *,
+        resume: bool,
+        force: bool,
+        records: Sequence[Mapping[str, Any]] = (),
+        keep: Sequence[Path] = (),
+        by_name: bool = True,
+    ) -> list[Path]:
         """Before the first step of a fresh run: refuse, or with ``force`` remove, the
         configuration files of an earlier run in this run's location
         (:meth:`earlier_files`; the store among them), so that a new ensemble never mixes
@@ -435,26 +468,53 @@ class Configurations:
             resume: A resumed run: nothing is checked (:meth:`resumed` rolls back).
             force: Remove the earlier run's files.
             records: The ``outputs`` of the earlier run's ``provenance.json``.
+            keep: Files never to remove nor write over (the earlier run's inputs).
+            by_name: Whether files matched by name alone (not in ``records``) count as an
+                earlier run's (:class:`ChainOutput`: only when an earlier run of the job is
+                recorded in its directory); if not, they are refused, also with ``force``.
 
         Returns:
             The files removed.
 
         Raises:
             FormatError: if such files exist and neither ``resume`` nor ``force`` is set,
-                naming them.
+                naming them and saying that ``force`` deletes them; if files matched by name
+                alone exist and ``by_name`` is false; if the store is an input.
         """
         from flowplug import distributed
 
+        if self.store is not None and self.store.exists():
+            protected = {Path(q).resolve() for q in [*self.inputs, *(() if resume else keep)]}
+            if self.store.resolve() in protected:
+                raise FormatError(
+                    f"{self.store}: is an input; refusing to write this run's ensemble store into it "
+                    "(choose another output)"
+                )
         if resume:
             return []
-        stale = self.earlier_files(records)
+        listed, named = self._earlier(records, keep)
+        stale = sorted({*listed, *named})
+        here = [q for q in keep if Path(q).exists()]
+        self.inputs += [q for q in here if q not in self.inputs]  # never written over either
         if not stale:
             return []
-        if not force:
-            shown = ", ".join(str(p) for p in stale[:5]) + (f" and {len(stale) - 5} more" if len(stale) > 5 else "")
+
+        def show(paths: Sequence[Path]) -> str:
+            return ", ".join(str(p) for p in paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
+
+        if named and not by_name:
             raise FormatError(
-                f"output exists: {self.folder} holds configuration files of an earlier run ({shown}); continue "
-                "that run with --resume, start afresh with --force (which removes them), or choose another output"
+                f"output exists: {self.folder} holds {len(named)} file{'s' if len(named) != 1 else ''} named as "
+                f"this job names its configurations ({show(named)}), but no earlier run of this job is recorded "
+                "there (its provenance.json, run_files.json or checkpoint): they may be another program's or "
+                "yours, so --force does not delete them; move them away or choose another output"
+            )
+        if not force:
+            n = len(stale)
+            raise FormatError(
+                f"output exists: {self.folder} holds configuration files of an earlier run ({show(stale)}); continue "
+                f"that run with --resume, or choose another output; --force starts afresh and DELETES these {n} "
+                f"file{'s' if n != 1 else ''} (and the earlier provenance.json and measurements)"
             )
         if distributed.is_main():
             for p in stale:
@@ -724,13 +784,60 @@ class ChainOutput:
             return []
         return [r for r in records if isinstance(r, Mapping)] if isinstance(records, list) else []
 
+    def _earlier_run(self) -> tuple[list[Mapping[str, Any]], list[Path], bool]:
+        """What ``out`` records of an earlier run, for a fresh start: the records of its
+        ``provenance.json`` written by this command, the files earlier runs read (their
+        inputs, flow and start file, in ``provenance.json`` and ``run_files.json``: never
+        removed nor written over), and whether an earlier run of this command is recorded
+        (such records, ``run_files.json`` of this command, or, without ``run_files.json``,
+        a checkpoint)."""
+        import re
+
+        from flowplug.jobs.provenance import RUN_FILES
+
+        records = self._earlier_records()
+        ours = [r for r in records if r.get("command") == self.command]
+        read = [r[k] for r in records for k in ("input", "flow") if isinstance(r.get(k), str)]
+        files: Any = None
+        try:
+            files = json.loads((self.out / RUN_FILES).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            pass
+        files = files if isinstance(files, Mapping) else None
+
+        def walk(v: Any) -> None:
+            if isinstance(v, str):
+                read.append(v)
+            elif isinstance(v, Mapping):
+                for k in ("path", "file", "given"):
+                    if isinstance(v.get(k), str):
+                        read.append(v[k])
+            elif isinstance(v, list):
+                for x in v:
+                    walk(x)
+
+        for key in ("flow", "inputs", "files", "skipped", "start"):
+            walk((files or {}).get(key))
+        keep = [Path(v) for v in read if v]
+        if files is not None:
+            recorded = bool(ours) or files.get("command") == self.command
+        else:
+            stem, suffix = re.sub(r"\.rank\d+$", "", self.checkpoint_path.stem), self.checkpoint_path.suffix
+            rx = re.compile(rf"{re.escape(stem)}(?:\.rank\d+)?{re.escape(suffix)}")
+            recorded = bool(ours) or (
+                self.out.is_dir() and any(rx.fullmatch(q.name) for q in self.out.glob(f"{stem}*{suffix}"))
+            )
+        return ours, keep, recorded
+
     def start(self, *, resume: bool = False, force: bool = False) -> None:
         """Create ``out``; on a fresh run refuse, or with ``force`` remove, the outputs of an
         earlier run that would mix with this run's.
 
         These are the earlier run's configuration files (:meth:`Configurations.start`: those
-        its ``provenance.json`` lists and those named as this job names them, the ensemble
-        store among them, never an input) and, with ``force``, its ``provenance.json`` and
+        its ``provenance.json`` lists as written by this command and those named as this job
+        names them, the ensemble store among them; never an input of this run or of an earlier
+        one, :meth:`_earlier_run`; files named so when no earlier run of this command is
+        recorded in ``out`` are refused, also with ``force``) and, with ``force``, its ``provenance.json`` and
         measurements (``measurements.h5``, ``measurements.csv``). Nothing else is touched
         (the checkpoint, ``config.toml`` and ``run_files.json`` are replaced at the first
         checkpoint, ``summary.json`` at the end).
@@ -744,7 +851,12 @@ class ChainOutput:
                 self.configurations.start(resume=True, force=force)
         else:
             if self.configurations is not None:
-                self.configurations.start(resume=False, force=force, records=self._earlier_records())
+                records, keep, recorded = self._earlier_run()
+                if force and self.world_size > 1:
+                    from flowplug import distributed
+
+                    distributed.barrier()  # every rank read what the earlier run recorded before rank 0 removes
+                self.configurations.start(resume=False, force=force, records=records, keep=keep, by_name=recorded)
             if force and self.is_main:
                 for path in (self.provenance_path, self.out / "measurements.h5", self.out / "measurements.csv"):
                     path.unlink(missing_ok=True)

@@ -17,7 +17,9 @@
   changes a key of the Markov chain, naming each such key with its stored and its given
   value (before the fingerprint, which stays the final guard). A run directory without
   ``config.toml`` (written by an earlier version) resumes as before: from the given
-  configuration, checked by the fingerprint alone.
+  configuration, checked by the fingerprint alone. A flow job's ``[action]`` (an override
+  of the flow's action, ``""``/``0`` = the flow's) is compared as it takes effect instead
+  (:func:`check_resume_action`): the flow's own coupling given on a resume is the same chain.
 * :func:`resolve_thermalization`: the value of a job's thermalisation key whose default
   (``-1``) adapts to the run's length (``min(cap, steps // 2)``), fixed at the start of
   the run and stored in ``config.toml``, so that the fingerprint and a resume see the
@@ -34,7 +36,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +54,8 @@ __all__ = [
     "resume_configuration",
     "chain_key_differences",
     "check_resume_config",
+    "check_resume_action",
+    "refuse_earlier_checkpoint",
     "DEFAULT_THERMALIZATION",
     "resolve_thermalization",
     "RUN_FILES",
@@ -378,6 +382,83 @@ def check_resume_config(
     )
 
 
+def check_resume_action(
+    out: str | Path,
+    config: Mapping[str, Any],
+    effective: Callable[[Mapping[str, Any]], Mapping[str, Any]],
+) -> dict[str, Any]:
+    """Refuse a ``--resume`` of a flow run whose ``[action]`` changes the action in effect.
+
+    A flow job's ``[action]`` is an override of the flow's stored action (``""`` / ``0`` =
+    the flow's), so ``config.toml`` may hold ``beta = 0.0`` for a run at the flow's own
+    ``beta = 2.0``. The stored and the given table are compared as they take effect
+    (``effective``, the job's resolution against the flow): giving the value in effect is
+    the same chain and is accepted; the returned configuration then holds the stored table,
+    so the run's fingerprint is unchanged.
+
+    Arguments:
+        out: The run directory.
+        config: The effective configuration of the resume.
+        effective: Maps a configuration to the ``[action]`` table in effect (the flow's
+            action table updated with the configuration's non-empty entries).
+
+    Returns:
+        A copy of ``config`` with the stored ``[action]`` (``config`` itself, copied, when
+        ``out`` holds no ``config.toml``: the fingerprint decides, as before).
+
+    Raises:
+        CheckpointError: naming every key whose value in effect differs, with the stored
+            value in effect and the given one.
+        ConfigError: if ``config.toml`` cannot be read.
+    """
+    import copy
+
+    from flowplug.errors import CheckpointError
+
+    stored = stored_run_config(out)
+    if stored is None:
+        return copy.deepcopy(dict(config))
+    diff = chain_key_differences({"action": dict(effective(stored))}, {"action": dict(effective(config))})
+    if diff:
+
+        def show(v: Any) -> str:
+            return "(not set)" if v is None else _config.dumps({"v": v})[4:].strip()
+
+        keys = "; ".join(f"{k}: stored {show(a)} (in effect), given {show(b)}" for k, a, b in diff)
+        raise CheckpointError(
+            f"--resume: {out} holds a different run; the action in effect (its [action] in "
+            f"{Path(out) / RUN_CONFIG} resolved against the flow's) differs in {len(diff)} "
+            f"key{'s' if len(diff) != 1 else ''}: {keys}. Resume without these --set values (the stored "
+            "ones are used), or start a new run with --force or another output directory"
+        )
+    resolved = copy.deepcopy(dict(config))
+    resolved["action"] = copy.deepcopy(dict(stored.get("action", {})))
+    return resolved
+
+
+def refuse_earlier_checkpoint(out: str | Path, name: str, *, resume: bool, force: bool) -> None:
+    """Refuse a fresh run (neither ``resume`` nor ``force``) into a directory that holds a
+    chain checkpoint of an earlier run (``name``: ``chain.ckpt``, or ``chain.rank<r>.ckpt``
+    of a process under torchrun), also when that run wrote no configuration files yet (which
+    :meth:`flowplug.jobs.output.ChainOutput.start` refuses on their own), as ``hmc`` does
+    with its ``checkpoint.pt``.
+
+    Raises:
+        FlowplugError: naming the checkpoint, ``--resume`` and ``--force``.
+    """
+    from flowplug import distributed
+    from flowplug.errors import FlowplugError
+
+    if resume or force:
+        return
+    ckpt = Path(out) / distributed.rank_name(name)
+    if any(distributed.all_gather_object(ckpt.exists())):
+        raise FlowplugError(
+            f"{ckpt} exists: {out} holds an earlier run; continue that run with --resume, or start afresh "
+            "with --force (or another --out)"
+        )
+
+
 # ------------------------------------------------------------------ thermalisation default
 
 #: The default of a job's thermalisation key (``sample``'s ``thermalize``, ``hmc``'s
@@ -411,7 +492,7 @@ def resolve_thermalization(
     ``steps = 10`` thermalises 5). The number is fixed for the whole run: the returned
     configuration holds it, and the job fingerprints it and writes it to ``config.toml``,
     so extending the run (more steps on ``--resume``) keeps it. On a ``--resume`` the
-    default takes the value stored in ``config.toml``; a run directory without one (an
+    default takes the value stored in ``config.toml``, and another value is refused; a run directory without one (an
     earlier version, whose default was ``cap``) resumes with ``cap``, the value it ran
     with, so its fingerprint is unchanged. A run with ``steps >= 2 cap`` and the default
     has the fingerprint it had when the default was ``cap``.
@@ -432,6 +513,11 @@ def resolve_thermalization(
     Raises:
         ConfigError: for a value below -1, or a value that is not below the number of
             steps, naming both keys and their values.
+        CheckpointError: on a resume that gives another value than the one in
+            ``config.toml`` (naming the key, the stored and the given value): the run's
+            saved configurations and statistics leave out exactly the stored number of
+            steps, so ``hmc``'s ``hmc.thermalization`` (not in its fingerprint) is fixed as
+            ``sample``'s ``thermalize`` is.
     """
     import copy
 
@@ -440,11 +526,23 @@ def resolve_thermalization(
     value = int(_lookup(cfg, key))
     steps = int(_lookup(cfg, steps_key))
     rule = f"min({cap}, {steps_key} // 2)"
+    stored = stored_run_config(out) if resume else None
+    found = _lookup(stored, key) if stored is not None else _MISSING
+    kept = int(found) if isinstance(found, int) and not isinstance(found, bool) and found >= 0 else None
+    if resume and kept is not None and value not in (DEFAULT_THERMALIZATION, kept):
+        # saved configurations of the run would fall inside (or a new window leave out) the
+        # thermalisation: the same chain keeps its thermalisation, in every job
+        from flowplug.errors import CheckpointError
+
+        raise CheckpointError(
+            f"--resume: {out} holds a run thermalised for {kept} steps; {key}: stored {kept} "
+            f"({Path(out) / RUN_CONFIG}), given {value}. The thermalisation is fixed when a run starts (its "
+            "saved configurations and statistics leave out exactly those steps): resume without "
+            f"{key} (the stored value is used), or start a new run with --force or another output directory"
+        )
     if value == DEFAULT_THERMALIZATION:
         if resume:
-            stored = stored_run_config(out)
-            found = _lookup(stored, key) if stored is not None else _MISSING
-            value = int(found) if isinstance(found, int) and found >= 0 else cap
+            value = kept if kept is not None else cap
         else:
             value = min(cap, steps // 2)
     elif value < 0:

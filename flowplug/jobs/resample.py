@@ -229,7 +229,8 @@ def run_resample(
     Raises:
         FlowplugError: on bad inputs (no lattice file among them, a lattice file that
             does not read, fewer lattice files than random streams), a mismatched flow,
-            or an output that exists;
+            or an output that exists (an earlier run's configuration files, or its
+            ``chain.ckpt``, without ``resume`` or ``force``);
             :class:`flowplug.errors.InverseCheckError` if the flow fails the inverse check
             and ``check_inverse`` is true.
     """
@@ -281,12 +282,14 @@ def _run_resample(
     from flowplug.jobs.provenance import (
         RUN_FILES,
         check_file_sha256,
+        check_resume_action,
         check_resume_config,
         file_record,
         file_sha256,
         fingerprint,
         kernel_record,
         provenance,
+        refuse_earlier_checkpoint,
         resume_flow_path,
         resume_inputs,
         resume_read_options,
@@ -301,19 +304,25 @@ def _run_resample(
     given_read_options = dict(read_options or {})
     flow_entry = None
     stored_inputs = None
-    if resume:  # names every changed key of the chains (the fingerprint stays the final guard)
-        check_resume_config(out, cfg, ignore=NON_CHAIN_KEYS, omit_defaults=ADDED_KEYS)
-        # the flow, the inputs and how they were read (run_files.json): need not be given again
+    if resume:  # the flow, the inputs and how they were read (run_files.json): need not be given again
         given, flow_entry = resume_flow_path(out, flow)
         flow = None if given is None else Path(given)
+        # names every changed key of the chains (the fingerprint stays the final guard); with a
+        # flow, [action] is compared as it takes effect (resolved against the flow's), below
+        skip = (*NON_CHAIN_KEYS, "action") if flow is not None else NON_CHAIN_KEYS
+        check_resume_config(out, cfg, ignore=skip, omit_defaults=ADDED_KEYS)
         stored_inputs = resume_inputs(out, [str(p) for p in inputs])
         given_read_options = resume_read_options(out, given_read_options)
+    refuse_earlier_checkpoint(out, "chain.ckpt", resume=resume, force=force)  # as hmc with its checkpoint.pt
     read_options = {k: v for k, v in given_read_options.items() if v is not None}
     if flow is not None and flow_entry is not None:  # the file the run started with, unchanged
         from flowplug.checkpoints import checkpoint_path
 
         check_file_sha256(out, "flow checkpoint", flow_entry, file_sha256(checkpoint_path(flow)))
     ck = None if flow is None else open_flow(flow, check_inverse=check_inverse)
+    if resume and ck is not None:  # the stored [action] against the given one, each as it takes effect
+        trained = dict(ck.action_config)
+        cfg = check_resume_action(out, cfg, lambda c: trained | action_override(c))
     action = ck.action(action_override(cfg)) if ck is not None else _action_without_flow(cfg)
     if stored_inputs is not None:  # the very files of the run, in their order
         files, skipped, stored_files = stored_inputs
@@ -454,7 +463,7 @@ def _run_resample(
         total=steps,
         precision=precision,
         source_meta=ensemble.meta,
-        inputs=[Path(f) for f in files],
+        inputs=[Path(f) for f in (*files, *skipped)],  # never written over nor removed
         overwrite=force,
         name=lambda t, c: (
             f"resample.s{t:05d}" if c is None else f"{Path(all_sources[c]['file']).name}.c{c:03d}.s{t:05d}"
@@ -463,6 +472,9 @@ def _run_resample(
         provenance=_provenance,
         first_chain=first,
     )
+    # a format that cannot hold these configurations (ILDG of a 2D lattice) is refused before
+    # anything is written or sampled, not at the first save point
+    configurations.check(x0)
     output = ChainOutput(
         out, "resample", configurations=configurations, measurements=cfg.get("measurements", "csv"), config=cfg
     )

@@ -7,7 +7,9 @@ does. With a flow, the chains start from flow samples and the default kernel is 
 independence Metropolis (or ``kernel.type = "flow-hmc"``, or with ``kernel.hmc_every``
 HMC trajectories before each flow step); the action is the flow's unless ``[action]``
 overrides it. Without a flow, the action is ``[action]`` (``action.name`` and its
-couplings), the lattice ``lattice``, the chains start hot (disordered) and the default
+couplings; an action that takes a ``group`` given none samples ``u1``, ``flowplug hmc``'s
+default, recorded in ``config.toml`` and the summary's ``action.group``), the lattice
+``lattice``, the chains start hot (disordered) and the default
 kernel is ``hmc``. A kernel that offers ``start_states(n, lattice, generator, device)``
 (exact draws of its own proposal with what it caches; ``nonequilibrium``: one forward
 evolution per chain, with its work) starts its chains from those instead, also when
@@ -22,7 +24,8 @@ it had when the default was 20); an explicit ``thermalize >= steps`` is a ``Conf
 naming both. Every
 ``save_every`` steps and after the last the configurations are written: into one
 HDF5 ensemble ``DIR/ensemble.h5`` (default), or one file per configuration in another
-format (``format = "ildg"`` for 4D SU(3)/SU(2)); ``DIR/provenance.json`` lists them.
+format (``format = "ildg"`` for 4D SU(3)/SU(2); a format that cannot hold the chains'
+configurations is a ``ConfigError`` before any step); ``DIR/provenance.json`` lists them.
 ``DIR/measurements.csv`` (or ``.h5``) has every measurement, ``DIR/summary.json``
 ``acceptance``, ``start`` (how the chains started), ``thermalize``, ``ess`` (of the flow proposals'
 weights p/q), ``observables.<name>.{mean,error,tau_int}`` (Gamma method); the flow-only
@@ -106,7 +109,8 @@ trajectory_length = 1.0
 [action]            # with --flow, "" / 0 = the action stored with the flow; without, the action
 name = ""           # (and any of its couplings: m2, lam, ... or a plugin action's)
 beta = 0.0
-group = ""
+group = ""          # without --flow, "" = "u1" for an action with a group (wilson, symanzik, ...), as
+                    # in flowplug hmc; config.toml and summary.json record the group sampled
 """
 
 #: Tables whose keys are free: a kernel's options and an action's couplings.
@@ -155,7 +159,8 @@ def run_sample(
         ConfigError: on a bad configuration (``thermalize >= steps``, naming both).
         CheckpointError: on a resume with another flow than the run's, or a flow file whose
             SHA-256 changed (naming the file, the stored and the found value).
-        FlowplugError: on a bad checkpoint or configuration, or existing outputs;
+        FlowplugError: on a bad checkpoint or configuration, or existing outputs (an earlier
+            run's configuration files, or its ``chain.ckpt``, without ``resume`` or ``force``);
             :class:`flowplug.errors.InverseCheckError` if the flow fails the inverse check
             and ``check_inverse`` is true.
     """
@@ -192,10 +197,12 @@ def _run_sample(
     from flowplug.jobs.output import ChainOutput, Configurations, output_format
     from flowplug.jobs.provenance import (
         check_file_sha256,
+        check_resume_action,
         file_record,
         fingerprint,
         kernel_record,
         provenance,
+        refuse_earlier_checkpoint,
         resolve_thermalization,
         resume_flow_path,
         stored_run_files,
@@ -212,13 +219,18 @@ def _run_sample(
     # the default thermalize (-1) becomes min(20, steps // 2) here, for the whole run
     cfg, therm = resolve_thermalization(cfg, key="thermalize", steps_key="steps", cap=20, out=out, resume=resume)
     flow_entry = None
+    if resume:  # the flow of the run (run_files.json): --flow need not be given again
+        given, flow_entry = resume_flow_path(out, flow)
+        flow = None if given is None else Path(given)
+    if flow is None:  # a gauge action's group: hmc's default (u1) unless given, recorded in config.toml
+        cfg = _resolve_group(cfg, out, resume=resume)
     if resume:  # names every changed key of the chains (the fingerprint stays the final guard)
         from flowplug.jobs.provenance import check_resume_config
 
-        check_resume_config(out, cfg, ignore=NON_CHAIN_KEYS, omit_defaults=ADDED_KEYS)
-        # the flow of the run (run_files.json): --flow need not be given again
-        given, flow_entry = resume_flow_path(out, flow)
-        flow = None if given is None else Path(given)
+        # with a flow, [action] is compared as it takes effect (resolved against the flow's), below
+        skip = (*NON_CHAIN_KEYS, "action") if flow is not None else NON_CHAIN_KEYS
+        check_resume_config(out, cfg, ignore=skip, omit_defaults=ADDED_KEYS)
+    refuse_earlier_checkpoint(out, "chain.ckpt", resume=resume, force=force)  # as hmc with its checkpoint.pt
     seed = int(cfg["seed"])
     streams, per, mine, local = distributed.chain_streams(chains, int(cfg.get("streams", 0)))
     g0 = torch.Generator().manual_seed(seed + 7919)
@@ -230,6 +242,9 @@ def _run_sample(
 
             check_file_sha256(out, "flow checkpoint", flow_entry, file_sha256(checkpoint_path(flow)))
         ck = open_flow(flow, check_inverse=check_inverse)
+        if resume:  # the stored [action] against the given one, each as it takes effect with this flow
+            trained = dict(ck.action_config)
+            cfg = check_resume_action(out, cfg, lambda c: trained | action_override(c))
         action = ck.action(action_override(cfg))
         lattice = tuple(ck.flow.lattice)
         if cfg.get("lattice") and tuple(int(n) for n in cfg["lattice"]) != lattice:
@@ -271,6 +286,18 @@ def _run_sample(
     output = ChainOutput(
         out, "sample", configurations=configurations, measurements=cfg.get("measurements", "csv"), config=cfg
     )
+    # every process draws the start of all chains and keeps its own, before rank 0 alone
+    # draws the ESS samples from the same generator (so the start is the same on every rank)
+    with torch.no_grad():
+        if ck is not None and start != "hot":
+            x0, _ = ck.flow.sample(chains, g0)
+        else:
+            from flowplug.theory import field_space
+
+            x0 = field_space(field).hot(lattice, chains, generator=g0)
+    # a format that cannot hold these configurations (ILDG of a 2D lattice) is refused before
+    # anything is written or sampled, not at the first save point
+    configurations.check(x0)
     output.start(resume=resume, force=force)
     # what --resume needs besides config.toml: the flow, as given and resolved, and its SHA-256
     # (written with every checkpoint, as config.toml; a resume keeps the stored record)
@@ -281,15 +308,7 @@ def _run_sample(
     if flow_entry is not None:  # the run's flow, at its new place if it moved (resume_flow_path)
         files_record["flow"] = flow_entry
     weights: dict[str, Any] = {"ess": None}
-    # every process draws the start of all chains and keeps its own, before rank 0 alone
-    # draws the ESS samples from the same generator (so the start is the same on every rank)
     with torch.no_grad():
-        if ck is not None and start != "hot":
-            x0, _ = ck.flow.sample(chains, g0)
-        else:
-            from flowplug.theory import field_space
-
-            x0 = field_space(field).hot(lattice, chains, generator=g0)
         if ck is not None and distributed.is_main():  # the ESS of the proposals: rank 0 reports it
             xs, _ = ck.flow.sample(int(cfg.get("ess_samples", 256)), g0)
             weights = importance_weights(ck.flow, action, xs.detach())
@@ -361,7 +380,7 @@ def _run_sample(
         "field": field,
         "lattice": list(lattice),
         **({"flow": {"path": str(flow), "sha256": ck.sha256, "field": field, "lattice": list(lattice)}} if ck else {}),
-        "action": (ck.action_config | action_override(cfg)) if ck else dict(cfg["action"]),
+        "action": (ck.action_config | action_override(cfg)) if ck else _action_record(cfg, action),
         "observables": stats["observables"],
         "written": len(records),
         **({"inverse_check": inverse_check} if inverse_check is not None else {}),
@@ -420,3 +439,58 @@ def _action_and_lattice(cfg: Mapping[str, Any]) -> tuple[Any, tuple[int, ...]]:
             f"flowplug sample without --flow needs lattice = [L0, L1, ...]; found {list(cfg.get('lattice') or [])}"
         )
     return action_from_config({"action": table}), lattice
+
+
+def _default_group() -> str:
+    """The gauge group of ``flowplug hmc``'s default configuration (``action.group``): a
+    flow-less sample of an action with a group and none given samples it too."""
+    from flowplug.config import parse_toml
+    from flowplug.jobs.hmc import DEFAULT_CONFIG as HMC_CONFIG
+
+    return str(parse_toml(HMC_CONFIG, "hmc default configuration")["action"]["group"])
+
+
+def _resolve_group(cfg: Mapping[str, Any], out: Path, *, resume: bool) -> dict[str, Any]:
+    """The configuration of a flow-less sample with ``action.group`` resolved.
+
+    An action that takes a ``group`` (wilson, symanzik, ...) with none given gets the one
+    of ``flowplug hmc``'s default (:func:`_default_group`, u1), so the same flags sample
+    the same theory in both jobs; the returned configuration holds it (``config.toml``,
+    the fingerprint and ``summary.json`` record it). On a resume an empty group takes the
+    one in ``out/config.toml``; a run that recorded none (an earlier version, which
+    sampled the action's own default group, su3) keeps it empty, so it resumes as the
+    same chain with the same fingerprint.
+
+    Raises:
+        UnknownComponentError: if ``action.name`` is not a registered action.
+    """
+    import copy
+
+    from flowplug.jobs.provenance import stored_run_config
+    from flowplug.manager import registry
+
+    table = dict(cfg.get("action", {}))
+    if not table.get("name") or table.get("group") not in ("", None):
+        return dict(cfg)
+    if "group" not in registry("action").get(str(table["name"])).parameters:
+        return dict(cfg)
+    if resume:
+        stored = stored_run_config(out) or {}
+        group = str(dict(stored.get("action", {})).get("group") or "")
+        if not group:  # an earlier version's run: the action's own default, as it ran
+            return dict(cfg)
+    else:
+        group = _default_group()
+    resolved = copy.deepcopy(dict(cfg))
+    resolved["action"] = {**dict(resolved.get("action", {})), "group": group}
+    return resolved
+
+
+def _action_record(cfg: Mapping[str, Any], action: Any) -> dict[str, Any]:
+    """``summary.json``'s ``action`` of a flow-less sample: the ``[action]`` table with the
+    group in effect (also for a resumed run of an earlier version that left it empty)."""
+    table = dict(cfg.get("action", {}))
+    group = getattr(action, "group", None)
+    if isinstance(group, str) and group and not table.get("group"):
+        table["group"] = group
+    return table
