@@ -773,11 +773,19 @@ def test_a_fresh_run_over_an_earlier_checkpoint_is_refused(tmp_path, fresh_pm, c
     err = _flat(capsys.readouterr().err)
     assert f"{tmp_path / 's' / 'chain.ckpt'} exists" in err and "--resume" in err and "--force" in err
     assert _sample(tmp_path / "s", "steps=6", resume=True) == 0
+    # a run that wrote configurations: refused naming them and what --force deletes (not the checkpoint alone)
+    capsys.readouterr()
+    assert _sample(tmp_path / "s", *PHI4, "steps=6") == 1
+    err = _flat(capsys.readouterr().err)
+    assert "configuration files of an earlier run" in err and "ensemble.h5" in err and "DELETES" in err
     # resample: the same
     src = _u1_file(tmp_path / "in.h5")
     sets = _sets("action.name=wilson", "action.group=u1", "action.beta=2.0", "kernel.type=hmc", "steps=2")
     args = ["resample", str(src), "--out", str(tmp_path / "r"), "--no-progress", *sets]
     assert main(args) == 0
+    capsys.readouterr()
+    assert main(args) == 1  # a completed run: its configurations are named, with what --force deletes
+    assert "DELETES" in _flat(capsys.readouterr().err)
     for name in ("ensemble.h5", "provenance.json"):  # as if stopped before its first save point
         (tmp_path / "r" / name).unlink()
     capsys.readouterr()

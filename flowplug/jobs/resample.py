@@ -313,7 +313,6 @@ def _run_resample(
         check_resume_config(out, cfg, ignore=skip, omit_defaults=ADDED_KEYS)
         stored_inputs = resume_inputs(out, [str(p) for p in inputs])
         given_read_options = resume_read_options(out, given_read_options)
-    refuse_earlier_checkpoint(out, "chain.ckpt", resume=resume, force=force)  # as hmc with its checkpoint.pt
     read_options = {k: v for k, v in given_read_options.items() if v is not None}
     if flow is not None and flow_entry is not None:  # the file the run started with, unchanged
         from flowplug.checkpoints import checkpoint_path
@@ -479,6 +478,10 @@ def _run_resample(
         out, "resample", configurations=configurations, measurements=cfg.get("measurements", "csv"), config=cfg
     )
     output.start(resume=resume, force=force)
+    # after output.start (which writes nothing on a fresh run without --force), so that an earlier
+    # run's configuration files are refused by name, saying what --force deletes; its chain.ckpt
+    # alone (stopped before the first save point) is refused here, as hmc does with its checkpoint.pt
+    refuse_earlier_checkpoint(out, "chain.ckpt", resume=resume, force=force)
     # what --resume needs besides config.toml: the flow and the inputs, as given and resolved, with
     # their SHA-256 (written with every checkpoint, as config.toml; a resume keeps the stored record
     # unless the inputs were named at a new place, resume_inputs)

@@ -230,7 +230,6 @@ def _run_sample(
         # with a flow, [action] is compared as it takes effect (resolved against the flow's), below
         skip = (*NON_CHAIN_KEYS, "action") if flow is not None else NON_CHAIN_KEYS
         check_resume_config(out, cfg, ignore=skip, omit_defaults=ADDED_KEYS)
-    refuse_earlier_checkpoint(out, "chain.ckpt", resume=resume, force=force)  # as hmc with its checkpoint.pt
     seed = int(cfg["seed"])
     streams, per, mine, local = distributed.chain_streams(chains, int(cfg.get("streams", 0)))
     g0 = torch.Generator().manual_seed(seed + 7919)
@@ -299,6 +298,10 @@ def _run_sample(
     # anything is written or sampled, not at the first save point
     configurations.check(x0)
     output.start(resume=resume, force=force)
+    # after output.start (which writes nothing on a fresh run without --force), so that an earlier
+    # run's configuration files are refused by name, saying what --force deletes; its chain.ckpt
+    # alone (stopped before the first save point) is refused here, as hmc does with its checkpoint.pt
+    refuse_earlier_checkpoint(out, "chain.ckpt", resume=resume, force=force)
     # what --resume needs besides config.toml: the flow, as given and resolved, and its SHA-256
     # (written with every checkpoint, as config.toml; a resume keeps the stored record)
     files_record = (stored_run_files(out) if resume else None) or {
