@@ -460,15 +460,26 @@ class Chain:
             CheckpointError: if the file is missing, unreadable, or from another run.
         """
         path = Path(path)
-        try:
-            d = torch.load(path, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise CheckpointError(f"{path}: no checkpoint to resume from (run without --resume)") from None
-        except Exception as exc:
-            raise CheckpointError(f"{path}: not a readable flowplug checkpoint: {exc}") from None
+        d = read_checkpoint(path)
         if not isinstance(d, Mapping):
             raise CheckpointError(f"{path}: not a flowplug chain checkpoint")
         try:
             self.load_state_dict(d)
         except KeyError as exc:
             raise CheckpointError(f"{path}: checkpoint lacks the entry {exc}") from None
+
+
+def read_checkpoint(path: str | Path) -> Any:
+    """The contents of a checkpoint file, read with ``torch.load(weights_only=True)`` onto the
+    CPU (nothing is unpickled).
+
+    Raises:
+        CheckpointError: if the file is missing (``run without --resume``) or unreadable.
+    """
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no checkpoint to resume from (run without --resume)") from None
+    except Exception as exc:
+        raise CheckpointError(f"{path}: not a readable flowplug checkpoint: {exc}") from None

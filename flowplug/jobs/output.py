@@ -978,17 +978,13 @@ def checkpoint_configurations(path: Path) -> torch.Tensor:
             processes, as :func:`flowplug.jobs.chains.run_chains` does), unreadable, or holds
             no configurations.
     """
+    from flowplug.chain import read_checkpoint
     from flowplug.errors import CheckpointError
     from flowplug.jobs.chains import _check_checkpoint_present
 
     path = Path(path)
     _check_checkpoint_present(path)
-    try:
-        d = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no checkpoint to resume from (run without --resume)") from None
-    except Exception as exc:
-        raise CheckpointError(f"{path}: not a readable flowplug checkpoint: {exc}") from None
+    d = read_checkpoint(path)
     try:
         parts = d["streams"] if "streams" in d else [d]
         xs = [part["state"]["x"] for part in parts]

@@ -369,10 +369,7 @@ def check_resume_config(
     if not diff:
         return
 
-    def show(v: Any) -> str:
-        return "(not set)" if v is None else _config.dumps({"v": v})[4:].strip()
-
-    keys = "; ".join(f"{k}: stored {show(a)}, given {show(b)}" for k, a, b in diff)
+    keys = "; ".join(f"{k}: stored {_show_value(a)}, given {_show_value(b)}" for k, a, b in diff)
     raise CheckpointError(
         f"--resume: {out} holds a different run; its configuration ({Path(out) / RUN_CONFIG}) differs in "
         f"{len(diff)} key{'s' if len(diff) != 1 else ''} of the Markov chain or its measurements (a changed "
@@ -380,6 +377,11 @@ def check_resume_config(
         "these --set values (the stored ones are used), or start a new run with --force or another output "
         f"directory; only {', '.join(sorted(set(ignore)))} may change on --resume"
     )
+
+
+def _show_value(v: Any) -> str:
+    """A configuration value as TOML writes it (``(not set)`` for a missing key)."""
+    return "(not set)" if v is None else _config.dumps({"v": v})[4:].strip()
 
 
 def check_resume_action(
@@ -420,11 +422,7 @@ def check_resume_action(
         return copy.deepcopy(dict(config))
     diff = chain_key_differences({"action": dict(effective(stored))}, {"action": dict(effective(config))})
     if diff:
-
-        def show(v: Any) -> str:
-            return "(not set)" if v is None else _config.dumps({"v": v})[4:].strip()
-
-        keys = "; ".join(f"{k}: stored {show(a)} (in effect), given {show(b)}" for k, a, b in diff)
+        keys = "; ".join(f"{k}: stored {_show_value(a)} (in effect), given {_show_value(b)}" for k, a, b in diff)
         raise CheckpointError(
             f"--resume: {out} holds a different run; the action in effect (its [action] in "
             f"{Path(out) / RUN_CONFIG} resolved against the flow's) differs in {len(diff)} "
