@@ -399,12 +399,10 @@ class U1Coupling(_GaugeCoupling):
         if not torch.is_grad_enabled() or self.transform != "ncp" or self.rectangles or self.d > 3:
             return None
         idx = self._site_index()
-        stack = self.net.gathered_stack(self.lattice, theta.device, idx)
+        stack = self.net.gathered_stack(self.lattice, theta.device, idx, grad_of=theta)
         if stack is None:
             return None
         plan, slope, params = stack
-        if not (theta.requires_grad or any(p.requires_grad for p in params)):
-            return None
         plane = _plane_index(self.d, self.mu, self.nu) if self.mu < self.nu else None
         spec = (self.mu, self.nu, plane, idx, self._links_index(), self.frozen, plan, slope, self.net.dtype, self.n_mix)
         out, ld = _U1NCPMap.apply(theta, spec, *params)

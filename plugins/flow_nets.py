@@ -448,7 +448,11 @@ class ConvNet(nn.Module):
         return h.permute(2, 1, 0)
 
     def gathered_stack(
-        self, lattice: Sequence[int], device: torch.device, sites: torch.Tensor | None
+        self,
+        lattice: Sequence[int],
+        device: torch.device,
+        sites: torch.Tensor | None,
+        grad_of: torch.Tensor | None = None,
     ) -> tuple[list[tuple[torch.Tensor, int, torch.Tensor, int]], float, list[torch.Tensor]] | None:
         """What :func:`stack_forward` and :func:`stack_backward` need to evaluate this network
         as :meth:`forward_at` does: ``(plan, slope, params)``, or ``None`` when they cannot
@@ -460,10 +464,16 @@ class ConvNet(nn.Module):
             lattice: (L_0, ..., L_{d-1}).
             device: Device of the index tensors.
             sites: Output sites as for :meth:`forward_at`.
+            grad_of: When given, also ``None`` unless gradients are enabled and this input or a
+                parameter of the network requires one (nothing for a fused backward to do).
         """
         lat = tuple(int(n) for n in lattice)
         slope, params = self._stack_params()
         if slope is None:
+            return None
+        if grad_of is not None and not (
+            torch.is_grad_enabled() and (grad_of.requires_grad or any(p.requires_grad for p in params))
+        ):
             return None
         convs = self.__dict__["_stack_struct"][1]
         if not 1 <= len(lat) <= 3 or convs[0].ndim != len(lat):

@@ -287,12 +287,10 @@ class AffineCoupling(_ScalarCoupling):
         if not torch.is_grad_enabled() or len(self.lattice) == 4:
             return None
         idx = self._active_sites()
-        stack = self.net.gathered_stack(self.lattice, x.device, idx)
+        stack = self.net.gathered_stack(self.lattice, x.device, idx, grad_of=x)
         if stack is None:
             return None
         plan, slope, params = stack
-        if not (x.requires_grad or any(p.requires_grad for p in params)):
-            return None
         flat_updated = self.__dict__.get("_updated_flat")
         if flat_updated is None or flat_updated.device != x.device:
             flat_updated = self.updated.flatten()

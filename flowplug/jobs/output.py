@@ -70,7 +70,7 @@ import csv
 import html
 import io as _stdio
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -166,6 +166,16 @@ def _metadata(
     return meta
 
 
+def _refuse_input(path: Path, resolved_inputs: Collection[Path]) -> None:
+    """Refuse to write ``path`` when it resolves to one of ``resolved_inputs`` (resolved paths).
+
+    Raises:
+        FormatError: naming the path.
+    """
+    if path.resolve() in resolved_inputs:
+        raise FormatError(f"{path}: is an input; refusing to overwrite it (choose another output)")
+
+
 def write_configuration(
     path: Path,
     x: torch.Tensor,
@@ -203,9 +213,7 @@ def write_configuration(
     from flowplug import io
 
     path = Path(path)
-    for p in inputs:
-        if path.resolve() == Path(p).resolve():
-            raise FormatError(f"{path}: is an input; refusing to overwrite it (choose another output)")
+    _refuse_input(path, {Path(p).resolve() for p in inputs})
     prov = dict(provenance or {})
     meta = _metadata(source_meta, precision, prov, header)
     meta.records.append(io.Record("scidac-record-xml", _provenance_xml(prov)))
@@ -349,6 +357,8 @@ class Configurations:
         self.attrs = dict(attrs or {})
         self.overwrite = overwrite
         self.inputs = list(inputs)
+        #: The inputs resolved once (checked before every write: thousands of resample inputs)
+        self._resolved_inputs = {Path(q).resolve() for q in self.inputs}
         self.pattern = pattern
         #: One entry per configuration written: ``{"path", **provenance}``.
         self.records: list[dict[str, Any]] = []
@@ -496,6 +506,7 @@ class Configurations:
         stale = sorted({*listed, *named})
         here = [q for q in keep if Path(q).exists()]
         self.inputs += [q for q in here if q not in self.inputs]  # never written over either
+        self._resolved_inputs = {Path(q).resolve() for q in self.inputs}
         if not stale:
             return []
 
@@ -557,13 +568,13 @@ class Configurations:
                 io.write(path, ens, "hdf5", precision=self.precision, append=path.exists())
             else:
                 path = self.folder / self._rank_name(f"{self.name(step, None)}.{self.ext}")
-                if any(path.resolve() == Path(q).resolve() for q in self.inputs):
-                    raise FormatError(f"{path}: is an input; refusing to overwrite it (choose another output)")
+                _refuse_input(path, self._resolved_inputs)
                 io.write(path, ens, self.format, precision=self.precision, overwrite=self.overwrite)
             self.records += [{"path": str(path), **p} for p in provs]
             return
         for c in range(n):
             path = self.folder / f"{self.name(step, self.first_chain + c)}.{self.ext}"
+            _refuse_input(path, self._resolved_inputs)
             write_configuration(
                 path,
                 x[c : c + 1],
@@ -573,7 +584,6 @@ class Configurations:
                 provenance=provs[c],
                 header=header,
                 overwrite=self.overwrite,
-                inputs=self.inputs,
                 field=self.field,
             )
             self.records.append({"path": str(path), **provs[c]})
