@@ -39,7 +39,33 @@ __all__ = [
     "weight_figures",
     "check_compatible",
     "action_override",
+    "job_device",
 ]
+
+
+def job_device(cfg: Mapping[str, Any], default: str = "cpu") -> str:
+    """The ``device`` key of a sampling job's configuration, checked.
+
+    Arguments:
+        cfg: The job's effective configuration.
+        default: The value when the key is absent (configurations of older runs).
+
+    Returns:
+        The device string as given (``"cpu"``, ``"cuda"``, ``"cuda:N"``); under torchrun
+        :func:`flowplug.distributed.init_from_env` turns ``"cuda"`` into ``cuda:LOCAL_RANK``.
+
+    Raises:
+        ConfigError: for a string torch does not read as a device, or a CUDA device when
+            torch sees none (naming the value).
+    """
+    value = str(cfg.get("device", default))
+    try:
+        dev = torch.device(value)
+    except RuntimeError as exc:
+        raise ConfigError(f"device = {value!r}: {exc}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device = {value!r}, but torch sees no CUDA device (torch {torch.__version__})")
+    return value
 
 
 def run_chains(

@@ -119,7 +119,7 @@ observables = []        # observable names; empty: plaquette (+ topological char
                         # and the action's own (schwinger: chiral_condensate, pion_effective_mass)
 pion_t = 1              # time separation t of pion_effective_mass (from C(t)/C(t+1), cosh form:
                         # 0 <= t <= T/2 - 1, T = the last lattice extent) and of pion_correlator
-device = "cpu"          # torch device
+device = "cpu"          # torch device: "cpu", "cuda" or "cuda:N" (under torchrun "cuda" is cuda:LOCAL_RANK)
 threads = 1             # torch CPU threads; 1 is fastest on small lattices and busy machines,
                         # 0 keeps torch's default (one per core), more for large lattices
 progress = true         # progress bar with acceptance and plaquette
@@ -424,13 +424,10 @@ def run_hmc(
             ``resume`` nor ``force`` (``force`` removes them, never the start file:
             :meth:`flowplug.jobs.output.ChainOutput.start`).
     """
+    from flowplug.jobs.chains import job_device
     from flowplug.threads import job_threads
 
-    try:
-        torch.device(str(cfg["device"]))
-    except RuntimeError as exc:
-        raise ConfigError(f"device = {cfg['device']!r}: {exc}") from None
-    with distributed.sharded_job("hmc", cfg["out"], str(cfg["device"])) as device, job_threads(cfg["threads"]):
+    with distributed.sharded_job("hmc", cfg["out"], job_device(cfg)) as device, job_threads(cfg["threads"]):
         return _run_hmc(cfg, device, resume=resume, force=force, progress=progress, log=log)
 
 
@@ -613,6 +610,7 @@ def _run_hmc(
         "ensemble_format": configurations.format,
         "written": len(records),
         "world_size": distributed.world_size(),
+        "device": str(device),
         "streams": streams,
     }
     if "cg_iterations" in history:

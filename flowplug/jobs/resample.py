@@ -53,10 +53,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flowplug import distributed
 from flowplug.errors import ConfigError, FormatError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["DEFAULT_CONFIG", "NON_CHAIN_KEYS", "ADDED_KEYS", "OPEN_TABLES", "run_resample"]
 
@@ -74,6 +77,9 @@ threads = 1         # torch CPU threads (1: fastest on small lattices and busy m
 checkpoint_every = 50
 measurements = "csv"  # per-step measurements: "csv" (measurements.csv) or "hdf5" (measurements.h5)
 progress = true     # progress bar (--no-progress turns it off)
+device = "cpu"      # torch device of the flow and the chains: "cpu", "cuda" or "cuda:N" (under
+                    # torchrun "cuda" is cuda:LOCAL_RANK); the inputs are read on the CPU and
+                    # moved there; random streams differ between CPU and CUDA (a resume keeps it)
 observables = []    # measured after every step ([] = defaults of the field kind)
 pion_t = 1          # time separation t of pion_effective_mass (0 <= t <= T/2 - 1) and pion_correlator
 to = ""             # output format ("" = the inputs' format)
@@ -107,7 +113,7 @@ NON_CHAIN_KEYS = ("steps", "save_every", "checkpoint_every", "measurements", "th
 
 #: Keys added after runs of the job existed, left out of the fingerprint at these values
 #: (:func:`flowplug.jobs.provenance.fingerprint`), so earlier checkpoints stay resumable.
-ADDED_KEYS: dict[str, Any] = {"pion_t": 1}
+ADDED_KEYS: dict[str, Any] = {"pion_t": 1, "device": "cpu"}
 
 
 def _warn_other_action(path: Any, ens: Any, target: Mapping[str, Any], seen: set[str], *, weighted: bool) -> None:
@@ -234,14 +240,16 @@ def run_resample(
             :class:`flowplug.errors.InverseCheckError` if the flow fails the inverse check
             and ``check_inverse`` is true.
     """
+    from flowplug.jobs.chains import job_device
     from flowplug.threads import job_threads
 
-    with distributed.sharded_job("resample", out), job_threads(cfg.get("threads", 1)):
+    with distributed.sharded_job("resample", out, job_device(cfg)) as device, job_threads(cfg.get("threads", 1)):
         return _run_resample(
             cfg,
             inputs,
             flow,
             out,
+            device,
             resume=resume,
             force=force,
             read_options=read_options,
@@ -256,6 +264,7 @@ def _run_resample(
     inputs: Sequence[Path | str],
     flow: Path | None,
     out: Path,
+    device: torch.device,
     *,
     resume: bool,
     force: bool,
@@ -264,7 +273,7 @@ def _run_resample(
     check_inverse: bool,
     log: Callable[[str], None] | None,
 ) -> dict[str, Any]:
-    """The body of :func:`run_resample` (inside its lock and thread setting)."""
+    """The body of :func:`run_resample` (inside its lock and thread setting), on ``device``."""
     import torch
 
     from flowplug import io
@@ -318,7 +327,7 @@ def _run_resample(
         from flowplug.checkpoints import checkpoint_path
 
         check_file_sha256(out, "flow checkpoint", flow_entry, file_sha256(checkpoint_path(flow)))
-    ck = None if flow is None else open_flow(flow, check_inverse=check_inverse)
+    ck = None if flow is None else open_flow(flow, device=device, check_inverse=check_inverse)
     if resume and ck is not None:  # the stored [action] against the given one, each as it takes effect
         trained = dict(ck.action_config)
         cfg = check_resume_action(out, cfg, lambda c: trained | action_override(c))
@@ -388,7 +397,7 @@ def _run_resample(
     ensemble = io.Ensemble.concat(parts)
     fmt = output_format(ensemble.meta[0].format if ensemble.meta[0].format != "hdf5" else "hdf5", cfg.get("to"))
     precision = int(cfg.get("precision") or ensemble.precision)
-    x0 = ensemble.links.to(ensemble.space.dtype)
+    x0 = ensemble.links.to(device=device, dtype=ensemble.space.dtype)
     lattice = tuple(ck.flow.lattice) if ck is not None else tuple(ensemble.lattice)
     field, ndim = (ck.flow.field if ck is not None else ensemble.field), len(lattice)
     names = list(cfg.get("observables") or [*default_observables(field, ndim), *getattr(action, "observables", ())])
@@ -552,6 +561,7 @@ def _run_resample(
         "skipped_inputs": [str(f) for f in skipped],
         "written": len(records),
         "world_size": distributed.world_size(),
+        "device": str(device),
         "streams": streams,
         **({"pion_t": int(cfg.get("pion_t", 1))} if options else {}),
         "threads": torch.get_num_threads(),

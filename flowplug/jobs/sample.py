@@ -61,9 +61,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flowplug import distributed
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["ADDED_KEYS", "DEFAULT_CONFIG", "NON_CHAIN_KEYS", "OPEN_TABLES", "run_sample"]
 
@@ -91,6 +94,9 @@ checkpoint_every = 100  # write a checkpoint every this many steps and after the
 format = "hdf5"     # output format of the configurations
 measurements = "csv"  # per-step measurements: "csv" (measurements.csv) or "hdf5" (measurements.h5)
 progress = true     # progress bar (--no-progress turns it off)
+device = "cpu"      # torch device of the flow and the chains: "cpu", "cuda" or "cuda:N" (under
+                    # torchrun "cuda" is cuda:LOCAL_RANK); random streams differ between CPU and
+                    # CUDA, so the device is part of the run (a resume keeps it)
 observables = []    # [] = defaults of the field kind
 ess_samples = 256   # flow samples used for the ESS of the proposal weights
 
@@ -122,7 +128,7 @@ NON_CHAIN_KEYS = ("steps", "save_every", "checkpoint_every", "measurements", "th
 
 #: Keys added after runs of the job existed, with the value that reproduces those runs: left
 #: out of the fingerprint at that value, so earlier checkpoints stay resumable.
-ADDED_KEYS: dict[str, Any] = {"start": "auto", "pion_t": 1}
+ADDED_KEYS: dict[str, Any] = {"start": "auto", "pion_t": 1, "device": "cpu"}
 
 
 def run_sample(
@@ -164,24 +170,28 @@ def run_sample(
             :class:`flowplug.errors.InverseCheckError` if the flow fails the inverse check
             and ``check_inverse`` is true.
     """
+    from flowplug.jobs.chains import job_device
     from flowplug.threads import job_threads
 
-    with distributed.sharded_job("sample", out), job_threads(cfg.get("threads", 1)):
+    with distributed.sharded_job("sample", out, job_device(cfg)) as device, job_threads(cfg.get("threads", 1)):
         show = bool(cfg.get("progress", False)) if progress is None else bool(progress)
-        return _run_sample(cfg, flow, out, resume=resume, force=force, progress=show, check_inverse=check_inverse)
+        return _run_sample(
+            cfg, flow, out, device, resume=resume, force=force, progress=show, check_inverse=check_inverse
+        )
 
 
 def _run_sample(
     cfg: Mapping[str, Any],
     flow: Path | None,
     out: Path,
+    device: torch.device,
     *,
     resume: bool,
     force: bool,
     progress: bool,
     check_inverse: bool,
 ) -> dict[str, Any]:
-    """The body of :func:`run_sample` (inside its lock and thread setting)."""
+    """The body of :func:`run_sample` (inside its lock and thread setting), on ``device``."""
     import torch
 
     from flowplug.errors import ConfigError
@@ -232,7 +242,7 @@ def _run_sample(
         check_resume_config(out, cfg, ignore=skip, omit_defaults=ADDED_KEYS)
     seed = int(cfg["seed"])
     streams, per, mine, local = distributed.chain_streams(chains, int(cfg.get("streams", 0)))
-    g0 = torch.Generator().manual_seed(seed + 7919)
+    g0 = torch.Generator(device=device).manual_seed(seed + 7919)
     ck = None
     if flow is not None:
         if flow_entry is not None:  # the file the run started with, unchanged
@@ -240,7 +250,7 @@ def _run_sample(
             from flowplug.jobs.provenance import file_sha256
 
             check_file_sha256(out, "flow checkpoint", flow_entry, file_sha256(checkpoint_path(flow)))
-        ck = open_flow(flow, check_inverse=check_inverse)
+        ck = open_flow(flow, device=device, check_inverse=check_inverse)
         if resume:  # the stored [action] against the given one, each as it takes effect with this flow
             trained = dict(ck.action_config)
             cfg = check_resume_action(out, cfg, lambda c: trained | action_override(c))
@@ -293,7 +303,7 @@ def _run_sample(
         else:
             from flowplug.theory import field_space
 
-            x0 = field_space(field).hot(lattice, chains, generator=g0)
+            x0 = field_space(field).hot(lattice, chains, generator=g0, device=device)
     # a format that cannot hold these configurations (ILDG of a 2D lattice) is refused before
     # anything is written or sampled, not at the first save point
     configurations.check(x0)
@@ -388,6 +398,7 @@ def _run_sample(
         "written": len(records),
         **({"inverse_check": inverse_check} if inverse_check is not None else {}),
         "world_size": distributed.world_size(),
+        "device": str(device),
         "streams": streams,
         **({"pion_t": int(cfg.get("pion_t", 1))} if options else {}),
     }
