@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The prepared check for a lent GPU machine: one call of under 9 minutes.
+#
+# It installs flowplug from a wheel built beforehand (no network there; the machine's own
+# torch, numpy, h5py, pluggy and pytest are used), runs the CUDA tests (tests/test_cuda.py
+# and the CUDA tests of the Dirac operators), then benchmarks/gpu.py (absolute figures on
+# the GPU, each next to the CPU figure of the same machine). Every part has its own time
+# limit and writes its log under $OUT, so a part that fails or runs long costs only itself.
+#
+# Before the call, on the development machine (from the repository root):
+#     echo /.whl/ >> .git/info/exclude     # once
+#     rm -rf .whl && pip wheel -q --no-deps --no-build-isolation -w .whl .
+# then run `bash benchmarks/gpu_run.sh` there with `.whl` carried along.
+#
+# python3 -P keeps the source folder flowplug/ of the checkout off sys.path, so that the
+# installed package (which maps plugins/ and adapters/ into flowplug.*) is the one imported.
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+OUT="${OUT:-$(mktemp -d)}"
+TEST_LIMIT="${TEST_LIMIT:-200}"
+BENCH_LIMIT="${BENCH_LIMIT:-320}"
+site="$(mktemp -d)"
+python3 -m pip install -q --no-deps --no-index --no-compile --target "$site" .whl/flowplug-*.whl >"$OUT/install.log" 2>&1 \
+    || { cat "$OUT/install.log"; exit 1; }
+export PYTHONPATH="$site"
+{
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv
+    python3 -P -c "import sys, torch, flowplug; print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'flowplug', flowplug.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'NO CUDA', 'cpu threads', torch.get_num_threads())"
+} 2>&1 | tee "$OUT/env.txt"
+echo "== CUDA tests (limit ${TEST_LIMIT} s)"
+timeout "$TEST_LIMIT" python3 -P -m pytest -q -p no:cacheprovider -rs --durations=8 tests/test_cuda.py \
+    tests/test_dirac.py::test_operator_runs_on_the_links_device \
+    tests/test_preconditioning.py::test_even_odd_runs_on_the_links_device 2>&1 | tee "$OUT/tests.txt" | tail -40
+echo "tests exit: ${PIPESTATUS[0]}"
+echo "== benchmarks/gpu.py (limit ${BENCH_LIMIT} s)"
+timeout "$BENCH_LIMIT" python3 -P benchmarks/gpu.py --budget "${BUDGET:-3}" ${GPU_ARGS:-} 2>"$OUT/gpu.err" | tee "$OUT/gpu.jsonl"
+echo "benchmark exit: ${PIPESTATUS[0]}"
+tail -5 "$OUT/gpu.err"
