@@ -571,13 +571,27 @@ def _workspace(name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.T
     overwritten while another stream still reads it)."""
     if like.device.type != "cpu":
         return torch.empty(shape, dtype=like.dtype, device=like.device)
-    pool: dict[Any, torch.Tensor] = _WORKSPACE.__dict__.setdefault("pool", {})
+    state = _WORKSPACE.__dict__
+    views: dict[Any, tuple[torch.Tensor, torch.Tensor]] | None = state.get("views")
+    if views is None:
+        views = state["views"] = {}
+        state["pool"] = {}
     key = (name, like.dtype)
-    n = math.prod(shape)
+    hit = views.get((key, shape))
+    pool: dict[Any, torch.Tensor] = state["pool"]
     buf = pool.get(key)
+    if hit is not None and hit[0] is buf:  # the view made of the current buffer (the common case)
+        return hit[1]
+    n = math.prod(shape)
     if buf is None or buf.numel() < n:
         buf = pool[key] = torch.empty(n, dtype=like.dtype)
-    return buf[:n].view(shape)
+        # views of the old buffer are dropped with it, so memory stays bounded
+        for k in [k for k in views if k[0] == key]:
+            del views[k]
+    view = buf[:n].view(shape)
+    if len(views) < 256:  # a bounded cache of views (shapes vary with batch size and lattice)
+        views[(key, shape)] = (buf, view)
+    return view
 
 
 def _is_batched(t: torch.Tensor) -> bool:
