@@ -1,0 +1,119 @@
+"""Exactness of the samplers on a CUDA device: Markov chains run there against exact torus values.
+
+Skipped unless a CUDA device is present (CI has none; ``benchmarks/gpu_run.sh`` runs this
+module on a lent GPU machine). ``FLOWPLUG_TEST_DEVICE=cpu`` runs it on the CPU instead,
+to check the tests themselves (about a minute).
+
+Every chain, its random numbers and its accept/reject decisions live on the device; the
+estimates must agree with the exact values of 2D U(1) and SU(2) Wilson gauge theory on the
+torus (:mod:`flowplug.exact`; Rusakov, Mod. Phys. Lett. A 5 (1990) 693; Bonati and
+Rossi, arXiv:1901.09830) within 3 Gamma-method sigma (:func:`flowplug.stats.gamma_method`,
+many independent chains, fixed seeds). A poor flow may cost acceptance, never correctness,
+so the flows here are untrained (random weights).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from flowplug.chain import Chain
+from flowplug.exact import su2_2d, u1_2d
+from flowplug.flow import build_flow
+from flowplug.plugins.heatbath import HeatbathOR
+from flowplug.plugins.hmc import HMC
+from flowplug.plugins.kernels import FlowHMC, IndependenceMetropolis
+from flowplug.plugins.observables import plaquette, topological_charge
+from flowplug.plugins.theories import WilsonGaugeAction
+from flowplug.stats import gamma_method
+
+SIGMA = 3.0
+_CHOICE = os.environ.get("FLOWPLUG_TEST_DEVICE", "")
+if not _CHOICE and not torch.cuda.is_available():
+    pytest.skip("needs a CUDA device (or FLOWPLUG_TEST_DEVICE=cpu)", allow_module_level=True)
+DEVICE = torch.device(_CHOICE or "cuda")
+
+
+def _u1_measure(x):
+    return {"plaquette": plaquette(x), "q2": topological_charge(x) ** 2}
+
+
+def _check(chain: Chain, exact: dict[str, float], burn: int, names: tuple[str, ...]) -> None:
+    h = chain.history_tensors()
+    for name in names:
+        r = gamma_method(h[name][burn:].cpu(), step_axis=0)
+        dev = (r.mean - exact[name]) / r.error
+        assert abs(dev) < SIGMA, f"{name}: {r.mean:.5f} +- {r.error:.5f} vs exact {exact[name]:.6f} ({dev:+.1f} sigma)"
+        # an error this small means the test can fail: a bias of a few percent would show
+        assert r.error < 0.05 * max(abs(exact[name]), 0.1), f"{name}: error {r.error} too large to test anything"
+
+
+def _random_flow(lattice, layer, n_layers, seed, noise=0.3):
+    torch.manual_seed(seed)
+    flow = build_flow("u1", lattice, layer, n_layers=n_layers, options={"hidden": [4], "dtype": "float64"})
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.add_(noise * torch.randn_like(p))
+    return flow.eval().to(DEVICE)
+
+
+def _hmc_start(act, lattice, batch, g, n=30):
+    hmc = HMC(act, integrator="omelyan", steps=4)
+    st = hmc.init(act.cold_start(lattice, batch).to(DEVICE))
+    for _ in range(n):
+        st, _ = hmc.step(st, g)
+    return st.x
+
+
+def test_hmc_u1_on_the_device_is_exact():
+    """2D U(1), L = 6, beta = 2: 512 HMC chains from a cold start, 150 trajectories, 50 dropped."""
+    L, beta = 6, 2.0
+    act = WilsonGaugeAction(beta, "u1")
+    g = torch.Generator(device=DEVICE).manual_seed(11)
+    hmc = HMC(act, integrator="omelyan", steps=6)
+    chain = Chain(hmc, hmc.init(act.cold_start((L, L), 512).to(DEVICE)), g, measure=_u1_measure)
+    chain.run(150)
+    assert chain.state.x.device.type == DEVICE.type
+    acc = float(chain.history_tensors()["accepted"].mean())
+    assert 0.5 < acc <= 1.0
+    _check(chain, u1_2d(L, beta), 50, ("plaquette", "q2"))
+
+
+def test_independence_metropolis_with_a_random_flow_on_the_device_is_exact():
+    """2D U(1), L = 4, beta = 1: a random-weight u1-ncp flow, 2048 chains from HMC configurations, 400 steps."""
+    L, beta = 4, 1.0
+    act = WilsonGaugeAction(beta, "u1")
+    flow = _random_flow((L, L), "u1-ncp", 2, seed=7, noise=0.1)
+    k = IndependenceMetropolis(flow, act)
+    g = torch.Generator(device=DEVICE).manual_seed(2)
+    chain = Chain(k, k.init(_hmc_start(act, (L, L), 2048, g)), g, measure=_u1_measure)
+    chain.run(400)
+    acc = float(chain.history_tensors()["accepted"].mean())
+    assert 0.01 < acc < 0.9  # a poor flow: some proposals rejected, some accepted
+    _check(chain, u1_2d(L, beta), 0, ("plaquette", "q2"))
+
+
+def test_flow_hmc_with_a_random_flow_on_the_device_is_exact():
+    """2D U(1), L = 4, beta = 1: HMC in the latent space of a random-weight flow, 256 chains, 150 steps."""
+    L, beta = 4, 1.0
+    act = WilsonGaugeAction(beta, "u1")
+    flow = _random_flow((L, L), "u1-ncp", 2, seed=9)
+    k = FlowHMC(flow, act, steps=4, trajectory_length=1.0)
+    g = torch.Generator(device=DEVICE).manual_seed(3)
+    chain = Chain(k, k.init(_hmc_start(act, (L, L), 256, g)), g, measure=_u1_measure)
+    chain.run(150)
+    _check(chain, u1_2d(L, beta), 20, ("plaquette",))
+
+
+def test_heatbath_su2_on_the_device_is_exact():
+    """2D SU(2), 8 x 8, beta = 4: heatbath with 2 overrelaxation sweeps, 64 hot chains, 60 sweeps, 10 dropped."""
+    beta = 4.0
+    act = WilsonGaugeAction(beta, "su2")
+    g = torch.Generator(device=DEVICE).manual_seed(7)
+    kernel = HeatbathOR(act, overrelax=2)
+    start = act.hot_start((8, 8), 64, generator=g, device=DEVICE)
+    chain = Chain(kernel, kernel.init(start), g, measure=lambda x: {"plaquette": plaquette(x)})
+    chain.run(60)
+    _check(chain, su2_2d(8, beta), 10, ("plaquette",))
