@@ -280,7 +280,9 @@ class Chain:
     # ------------------------------------------------------------------ running
 
     def _record(self, name: str, value: torch.Tensor) -> None:
-        row = value.detach().to("cpu", torch.float64).reshape(-1)
+        # rows stay on the chain's device until the history is read (_flush): no copy to the
+        # host, and so no wait for the device, at every step
+        row = value.detach().to(torch.float64).reshape(-1)
         accepted = self.history.get("accepted")  # recorded first at every step
         earlier = len(accepted) - 1 if name not in self.history and accepted else 0
         if earlier > 0:
@@ -344,7 +346,6 @@ class Chain:
                     info["observables"] = meas
                 step = self.step_count
                 self.step_count += 1
-                n_acc += float(acc.to(torch.float64).mean())
                 if hooks is not None:
                     if hasattr(hooks, "notify"):
                         hooks.notify("flowplug_after_chain_step", step=step, kernel=self.kernel_name, info=info)
@@ -352,7 +353,8 @@ class Chain:
                         hooks.flowplug_after_chain_step(step=step, kernel=self.kernel_name, info=info)
                 if on_step is not None:
                     on_step(self, info)
-                if bar is not None:
+                if bar is not None:  # (reads the device: only with a progress bar)
+                    n_acc += float(acc.to(torch.float64).mean())
                     post = {"acc": f"{n_acc / (i + 1):.3f}"}
                     if "plaquette" in info.get("observables", {}):
                         post["plaq"] = f"{float(info['observables']['plaquette'].mean()):.5f}"
@@ -375,7 +377,20 @@ class Chain:
         ``measurements.h5`` have the same layout (attribute ``axes`` = ``"steps,chains"``).
         :mod:`flowplug.stats` needs the step axis said: ``gamma_method(h, step_axis=0)``.
         """
+        self._flush()
         return {k: torch.stack(v) for k, v in self.history.items() if v}
+
+    def _flush(self) -> None:
+        """Move the rows recorded since the last flush to the CPU: one copy per entry when they
+        share a device (the chain's), else one per row."""
+        done = self.__dict__.setdefault("_flushed", {})
+        for name, rows in self.history.items():
+            tail = rows[min(done.get(name, 0), len(rows)) :]
+            devices = {r.device for r in tail}
+            if devices and devices != {torch.device("cpu")}:
+                n = len(rows) - len(tail)
+                rows[n:] = list(torch.stack(tail).cpu().unbind(0)) if len(devices) == 1 else [r.cpu() for r in tail]
+            done[name] = len(rows)
 
     # -------------------------------------------------------------- checkpoints
 
@@ -452,6 +467,7 @@ class Chain:
             g.set_state(part["rng"])
         self.step_count = int(d["step"])
         self.history = {k: list(v.unbind(0)) for k, v in d["history"].items()}
+        self.__dict__["_flushed"] = {}
 
     def load(self, path: str | Path) -> None:
         """Restore from a checkpoint file (``torch.load(weights_only=True)``; nothing is unpickled).
