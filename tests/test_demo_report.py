@@ -269,3 +269,23 @@ def test_both_frozen_leaves_the_ratio_undetermined():
     assert cmp.figures["ratio_bound"] is None
     text = "\n".join(comparison_lines(cmp, EXACT_IID))
     assert "the flow chains are FROZEN" in text and "not determined: both samplers frozen" in text
+
+
+def test_chain_report_step_axes_count_the_runs_steps(tmp_path, monkeypatch):
+    """After thermalisation the history starts at step thermalize + 1: the report's step axes say so."""
+    import torch
+
+    from flowplug.jobs import report
+
+    figures = []
+    monkeypatch.setattr(report, "_finish", lambda fig, path, title: figures.append(fig) or path)
+    history = {"plaquette": torch.rand(30, 4, dtype=torch.float64), "accepted": torch.ones(30, 4, dtype=torch.float64)}
+    report.chain_report(tmp_path / "r.png", history, ["plaquette"], first_step=21)
+    (fig,) = figures
+    history_ax, acceptance_ax = fig.axes[0], fig.axes[2]
+    for ax in (history_ax, acceptance_ax):
+        for line in ax.get_lines():
+            x = line.get_xdata()
+            if len(x) == 30:
+                assert x[0] == 21 and x[-1] == 50
+    assert any(len(line.get_xdata()) == 30 for line in acceptance_ax.get_lines())

@@ -66,6 +66,7 @@ def chain_report(
     title: str = "",
     acceptance: Mapping[str, float] | None = None,
     weights: Sequence[float] | None = None,
+    first_step: int = 1,
 ) -> Path | None:
     """Histories, autocorrelation functions and acceptance of a run, as one PNG.
 
@@ -76,6 +77,8 @@ def chain_report(
         title: Figure title.
         acceptance: Acceptance per kernel, shown in the acceptance panel's legend.
         weights: log importance weights of input configurations, drawn as a histogram.
+        first_step: The run's number of the history's first row (steps count from 1; after
+            ``thermalize`` steps left out, ``thermalize + 1``): the step axes show the run's steps.
 
     Returns:
         The path, or ``None`` without matplotlib.
@@ -90,10 +93,11 @@ def chain_report(
     fig, axes = plt.subplots(rows, 2, figsize=(10, 2.6 * rows), squeeze=False)
     for i, name in enumerate(names):
         h = history[name].numpy()
+        steps = np.arange(first_step, first_step + len(h))
         ax = axes[i][0]
         for c in range(min(h.shape[1], 3)):
-            ax.plot(h[:, c], lw=0.6, alpha=0.6)
-        ax.plot(h.mean(axis=1), color="k", lw=1.2, label="mean over chains")
+            ax.plot(steps, h[:, c], lw=0.6, alpha=0.6)
+        ax.plot(steps, h.mean(axis=1), color="k", lw=1.2, label="mean over chains")
         ax.set_ylabel(name)
         ax.set_xlabel("step")
         ax.legend(fontsize=7, loc="best")
@@ -111,7 +115,11 @@ def chain_report(
     ax = axes[-1][0]
     if acc is not None and acc.numel():
         a = acc.numpy().mean(axis=1)
-        ax.plot(np.cumsum(a) / np.arange(1, len(a) + 1), label="running acceptance")
+        ax.plot(
+            np.arange(first_step, first_step + len(a)),
+            np.cumsum(a) / np.arange(1, len(a) + 1),
+            label="running acceptance",
+        )
         for k, v in (acceptance or {}).items():
             ax.axhline(v, ls=":", lw=0.8, label=f"{k}: {v:.3f}", color="C1")
         ax.set_ylim(0, 1)

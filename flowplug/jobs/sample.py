@@ -409,6 +409,7 @@ def _run_sample(
         "names": names,
         "title": f"flowplug sample: {chains} chains x {chain.step_count} steps, acceptance {acc:.3f}",
         "acceptance": summary["acceptance_by_kernel"] or {"all": acc},
+        "first_step": therm + 1,  # the step axes count the run's steps, the thermalisation included
     }
     return output.finish(chain, summary, report=report)
 
