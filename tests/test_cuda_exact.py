@@ -141,3 +141,34 @@ def test_history_recorded_on_the_device_reads_back_on_the_cpu_across_a_checkpoin
     assert a.keys() == b.keys() and all(v.device.type == "cpu" and v.shape[0] == 12 for v in b.values())
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_propose_on_the_device_gives_the_cpu_log_densities(tmp_path, capsys):
+    """``flowplug propose --device``: log q of the current configuration (the inverse flow, no
+    random numbers) is the CPU's to float64 rounding of a float32 network."""
+    import json
+
+    from flowplug import io
+    from flowplug.cli import main
+    from flowplug.train import build_trainer
+
+    cfg = {
+        "lattice": [4, 4],
+        "seed": 0,
+        "device": "cpu",
+        "action": {"name": "wilson", "group": "u1", "beta": 1.0},
+        "flow": {"layers": ["u1-ncp"], "n_layers": 2, "options": {"hidden": [4], "dtype": "float64"}},
+        "train": {"steps": 0, "batch_size": 8, "progress": False, "checkpoint_every": 0},
+    }
+    flow = build_trainer(cfg, out=tmp_path / "run").save_checkpoint(tmp_path / "flow.pt")
+    act = WilsonGaugeAction(1.0, "u1")
+    io.write(tmp_path / "c.h5", io.Ensemble(act.hot_start((4, 4), 1, generator=torch.Generator().manual_seed(3))))
+    lines = []
+    for dev, name in (("cpu", "a.h5"), (str(DEVICE), "b.h5")):
+        args = ["propose", "--flow", str(flow), "--current", str(tmp_path / "c.h5"), "--out", str(tmp_path / name)]
+        assert main([*args, "--seed", "4", "--device", dev]) == 0
+        lines.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    a, b = lines
+    assert abs(a["log_q_current"] - b["log_q_current"]) < 1e-9 * max(1.0, abs(a["log_q_current"]))
+    assert abs(a["log_p_current"] - b["log_p_current"]) < 1e-9 * max(1.0, abs(a["log_p_current"]))
+    assert io.read(tmp_path / "b.h5").links.shape == io.read(tmp_path / "c.h5").links.shape

@@ -9,6 +9,7 @@ made before the key existed unchanged (so they stay resumable).
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -67,6 +68,41 @@ def test_the_default_device_leaves_earlier_fingerprints_unchanged(job):
     old = {"seed": 1, "steps": 10, "kernel": {"type": "flow"}}
     new = {**old, "device": "cpu"}
     ignore, added = job.NON_CHAIN_KEYS, job.ADDED_KEYS
-    assert fingerprint(new, ignore=ignore, omit_defaults=added) == fingerprint(old, ignore=ignore, omit_defaults=added)
-    moved = {**old, "device": "cuda"}
-    assert fingerprint(moved, ignore=ignore, omit_defaults=added) != fingerprint(old, ignore=ignore, omit_defaults=added)
+
+    def fp(cfg):
+        return fingerprint(cfg, ignore=ignore, omit_defaults=added)
+
+    assert fp(new) == fp(old)
+    assert fp({**old, "device": "cuda"}) != fp(old)
+
+
+def _u1_flow_and_file(tmp_path):
+    """A tiny untrained 2D U(1) flow checkpoint and one HDF5 configuration for it."""
+    from flowplug import io
+    from flowplug.plugins.theories import WilsonGaugeAction
+    from flowplug.train import build_trainer
+
+    cfg = {
+        "lattice": [4, 4],
+        "seed": 0,
+        "device": "cpu",
+        "action": {"name": "wilson", "group": "u1", "beta": 1.0},
+        "flow": {"layers": ["u1-ncp"], "n_layers": 2, "options": {"hidden": [4]}},
+        "train": {"steps": 0, "batch_size": 8, "progress": False, "checkpoint_every": 0},
+    }
+    trainer = build_trainer(cfg, out=tmp_path / "run")
+    flow = trainer.save_checkpoint(tmp_path / "flow.pt")
+    act = WilsonGaugeAction(1.0, "u1")
+    io.write(tmp_path / "cfg.h5", io.Ensemble(act.hot_start((4, 4), 1, generator=torch.Generator().manual_seed(3))))
+    return flow, tmp_path / "cfg.h5"
+
+
+def test_propose_takes_a_device_and_names_a_bad_one(tmp_path, capsys):
+    flow, current = _u1_flow_and_file(tmp_path)
+    base = ["propose", "--flow", str(flow), "--current", str(current), "--seed", "4", "--no-decide"]
+    assert main([*base, "--out", str(tmp_path / "a.h5"), "--device", "cpu"]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["accepted"] is None and math.isfinite(line["log_q_current"])
+    assert main([*base, "--out", str(tmp_path / "b.h5"), "--device", "gpu0"]) != 0
+    assert "device = 'gpu0'" in capsys.readouterr().err
+    assert not (tmp_path / "b.h5").exists()

@@ -91,6 +91,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="an option of --kernel (repeatable), e.g. --kernel-option n_step=20",
     )
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        metavar="DEVICE",
+        help="torch device of the flow's computations: cpu (default), cuda or cuda:N; the files are read "
+        "and written on the CPU",
+    )
     parser.add_argument("--precision", type=int, choices=(32, 64), help="output precision (default: input's)")
     parser.add_argument("--force", action="store_true", help="replace an existing OUT")
     parser.add_argument("--format", metavar="NAME", help="force the input format")
@@ -134,6 +141,7 @@ def run(args: argparse.Namespace) -> int:
         group=args.group,
         verify=not args.no_verify,
         check_inverse=not args.no_check_inverse,
+        device=args.device,
     )
     print(json.dumps(line))
     return 0

@@ -67,6 +67,7 @@ def run_propose(
     group: str | None = None,
     verify: bool = True,
     check_inverse: bool = True,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Read ``current``, make one exact flow step (or only the proposal), write ``out``.
 
@@ -87,6 +88,9 @@ def run_propose(
             (:func:`flowplug.io.read`).
         check_inverse: Refuse a flow whose inverse fails the round-trip check
             (:func:`flowplug.flowtools.check_inverse`).
+        device: Torch device of the flow and of the step (``"cpu"``, ``"cuda"``, ``"cuda:N"``);
+            the file is read and written on the CPU. The random numbers of a seed differ
+            between CPU and CUDA.
 
     Returns:
         The command's JSON line as a dict: ``accepted``, the log p / log q values of the
@@ -100,8 +104,8 @@ def run_propose(
     Raises:
         FormatError: for a file that cannot be read, holds several configurations, or a
             format that cannot be written.
-        ConfigError: for a configuration of another lattice or group than the flow's, or
-            a bad kernel option.
+        ConfigError: for a configuration of another lattice or group than the flow's, a
+            bad kernel option, or a device torch cannot use (naming it).
         CheckpointError, InverseCheckError: for a flow that cannot be used.
         OutputExistsError: when ``out`` exists and ``force`` is not given.
     """
@@ -113,11 +117,11 @@ def run_propose(
     from flowplug.errors import CouplingMismatchWarning
     from flowplug.flowtools import file_sha256, open_flow
     from flowplug.fsutil import remove_stale_temp_files
-    from flowplug.jobs.chains import check_compatible, stated_action_mismatch
+    from flowplug.jobs.chains import check_compatible, job_device, stated_action_mismatch
     from flowplug.jobs.output import output_format, write_configuration
     from flowplug.proposal import FlowProposal
 
-    ck = open_flow(flow, check_inverse=check_inverse)
+    ck = open_flow(flow, device=job_device({"device": device}), check_inverse=check_inverse)
     src = Path(current)
     ens = io.read(src, input_format, lattice=lattice, group=group, verify=verify)
     if len(ens) != 1:
