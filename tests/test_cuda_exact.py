@@ -172,3 +172,32 @@ def test_propose_on_the_device_gives_the_cpu_log_densities(tmp_path, capsys):
     assert abs(a["log_q_current"] - b["log_q_current"]) < 1e-9 * max(1.0, abs(a["log_q_current"]))
     assert abs(a["log_p_current"] - b["log_p_current"]) < 1e-9 * max(1.0, abs(a["log_p_current"]))
     assert io.read(tmp_path / "b.h5").links.shape == io.read(tmp_path / "c.h5").links.shape
+
+
+def test_train_sample_resample_and_hmc_jobs_run_on_the_device(tmp_path):
+    """The commands end to end with ``device`` set: train a tiny U(1) flow, sample with it,
+    resample the sample's configurations, and an HMC run; each summary names the device."""
+    import json
+
+    from flowplug.cli import main
+
+    dev = str(DEVICE)
+    flow = tmp_path / "flow"
+    common = ["--set", "action.name=wilson", "--set", "action.group=u1", "--set", "action.beta=1.0"]
+    train = ["train", *common, "--set", "lattice=[4, 4]", "--set", 'flow.layers=["u1-ncp"]', "--set", "flow.n_layers=2"]
+    train += ["--set", "train.steps=3", "--set", "train.batch_size=16", "--set", "eval.samples=64"]
+    assert main([*train, "--set", f'device="{dev}"', "--set", f'out="{flow}"', "--no-progress"]) == 0
+    sample = ["sample", "--flow", str(flow), "--out", str(tmp_path / "s"), "--no-progress"]
+    assert main([*sample, "--set", "chains=4", "--set", "steps=6", "--set", f'device="{dev}"']) == 0
+    s = json.loads((tmp_path / "s" / "summary.json").read_text())
+    assert s["device"].startswith(DEVICE.type) and 0.0 <= s["acceptance"] <= 1.0
+    files = sorted((tmp_path / "s").glob("ensemble*.h5"))
+    assert files
+    resample = ["resample", *map(str, files), "--flow", str(flow), "--out", str(tmp_path / "r"), "--no-progress"]
+    assert main([*resample, "--set", "steps=4", "--set", f'device="{dev}"']) == 0
+    r = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert r["device"].startswith(DEVICE.type) and 0.0 <= r["acceptance"] <= 1.0
+    hmc = ["hmc", *common, "--set", "lattice=[4, 4]", "--set", "hmc.trajectories=6", "--set", f'device="{dev}"']
+    assert main([*hmc, "--set", f'out="{tmp_path / "h"}"', "--no-progress"]) == 0
+    h = json.loads((tmp_path / "h" / "summary.json").read_text())
+    assert h["device"].startswith(DEVICE.type) and 0.0 < h["acceptance"] <= 1.0
