@@ -17,7 +17,9 @@ One JSON line per measurement: ``{"item", "size", "device", "value", "unit", "cp
 Each rate is the number of operations done in about ``--budget`` seconds after one warm-up
 operation, divided by their wall time (CUDA synchronised). On the CPU the large sizes get
 one timed operation if one takes longer than the budget. ``--quick`` shrinks every size
-(a smoke run for CI: ``python benchmarks/gpu.py --device cpu --quick``).
+(a smoke run for CI: ``python benchmarks/gpu.py --device cpu --quick``). An item that raises
+gives a row with ``error`` (exception type and message) instead of figures, the others are
+still measured, and the exit status is 1.
 
     python benchmarks/gpu.py                       # cuda when available, else cpu (< 10 min on one GPU)
     python benchmarks/gpu.py --device cpu --quick  # seconds
@@ -172,7 +174,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
     ap.add_argument("--budget", type=float, default=None, help="seconds per measurement (default 5; 0.2 with --quick)")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads for the CPU figures (0: torch's default)")
+    ap.add_argument("--items", default="", help="comma-separated items to measure (default: all)")
     a = ap.parse_args(argv)
+    a.items = [s for s in a.items.split(",") if s]
+    a.failed = []
     if a.budget is None:
         a.budget = 0.2 if a.quick else 5.0
     if a.threads:
@@ -181,15 +186,24 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="flowplug-gpu-") as work:
         for row in rows(a, device, Path(work)):
             print(json.dumps(row), flush=True)
-    return 0
+    if a.failed:
+        print(f"gpu.py: failed: {', '.join(a.failed)} (rows with 'error')", file=sys.stderr)
+    return 1 if a.failed else 0
 
 
 def rows(a: argparse.Namespace, device: torch.device, work: Path):
     """Measure every item on ``device`` and on the CPU; yields the JSON rows."""
     cpu = torch.device("cpu")
     for item, size, unit, measure in measurements(a, work):
-        value, seconds = measure(device)
-        cpu_value = value if device.type == "cpu" else measure(cpu)[0]
+        if a.items and item not in a.items:
+            continue
+        try:
+            value, seconds = measure(device)
+            cpu_value = value if device.type == "cpu" else measure(cpu)[0]
+        except Exception as exc:  # one failing item must not hide the others' figures
+            a.failed.append(item)
+            yield {"item": item, "size": size, "device": str(device), "error": f"{type(exc).__name__}: {exc}"}
+            continue
         row = {
             "item": item,
             "size": size,

@@ -28,7 +28,7 @@ export PYTHONPATH="$site"
     python3 -P -c "import sys, torch, flowplug; print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'flowplug', flowplug.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'NO CUDA', 'cpu threads', torch.get_num_threads())"
 } 2>&1 | tee "$OUT/env.txt"
 echo "== CUDA tests (limit ${TEST_LIMIT} s)"
-timeout "$TEST_LIMIT" python3 -P -m pytest -q -p no:cacheprovider -rs --durations=8 tests/test_cuda.py tests/test_cuda_exact.py \
+timeout "$TEST_LIMIT" python3 -P -m pytest -q -p no:cacheprovider -rs --durations=8 tests/test_cuda_exact.py \
     tests/test_dirac.py::test_operator_runs_on_the_links_device \
     tests/test_preconditioning.py::test_even_odd_runs_on_the_links_device 2>&1 | tee "$OUT/tests.txt" | tail -40
 echo "tests exit: ${PIPESTATUS[0]}"
