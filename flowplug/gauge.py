@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from flowplug import groups
 from flowplug.errors import ShapeError
 
 
@@ -63,7 +64,8 @@ def sun_plaquettes(links: torch.Tensor) -> torch.Tensor:
             u_mu, u_nu = links[:, mu], links[:, nu]
             u_nu_xmu = torch.roll(u_nu, -1, dims=1 + mu)
             u_mu_xnu = torch.roll(u_mu, -1, dims=1 + nu)
-            out.append(u_mu @ u_nu_xmu @ u_mu_xnu.mH @ u_nu.mH)
+            mm = groups.small_matmul  # a @ b on the CPU
+            out.append(mm(mm(mm(u_mu, u_nu_xmu), u_mu_xnu.mH), u_nu.mH))
     return torch.stack(out, dim=1)
 
 

@@ -91,9 +91,42 @@ def expmap(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.matrix_exp(x)
 
 
+#: :func:`small_matmul` on CUDA as broadcast multiply-adds (``False``: ``a @ b`` there too; for
+#: side-by-side timings, ``benchmarks/gpu_parts.py``).
+SMALL_MATMUL_ELEMENTWISE = True
+
+
+def small_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    r"""``a @ b`` for stacks of small N x N matrices (links, staples), on any device.
+
+    On CUDA for N <= 4 the product is N broadcast multiply-adds,
+    out = sum_j a[..., :, j, None] * b[..., None, j, :]: a batched GEMM of millions of 3 x 3
+    matrices is launched there with most of each thread block idle, many times slower than the
+    few elementwise passes over the links that the sum costs. Elsewhere (CPU, N > 4) it is
+    ``a @ b``, bit for bit.
+
+    Arguments:
+        a, b: Shapes (..., N, N) with broadcastable leading axes, complex or real, on one device.
+
+    Returns:
+        (..., N, N), the matrix product (to rounding: the sum's order differs from a GEMM's on CUDA).
+    """
+    if a.device.type != "cuda" or a.shape[-1] > 4 or not SMALL_MATMUL_ELEMENTWISE:
+        return a @ b
+    return _matmul_elementwise(a, b)
+
+
+def _matmul_elementwise(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum_j a[..., :, j, None] * b[..., None, j, :]: the CUDA branch of :func:`small_matmul` (any device)."""
+    out = a[..., :, 0:1] * b[..., 0:1, :]
+    for j in range(1, a.shape[-1]):
+        out = out + a[..., :, j : j + 1] * b[..., j : j + 1, :]
+    return out
+
+
 def _expmap_su3(x: torch.Tensor) -> torch.Tensor:
     # Frobenius norm bounds the eigenvalues; scale the batch so that it is <= 1
-    x2 = x @ x
+    x2 = small_matmul(x, x)
     s1 = 0.5 * torch.diagonal(x2, dim1=-2, dim2=-1).sum(-1)
     r = math.sqrt(max(0.0, float((-2.0 * s1.real).detach().amax()))) if x.numel() else 0.0
     squarings = math.ceil(math.log2(r)) if r > 1.0 else 0
@@ -122,7 +155,7 @@ def _expmap_su3(x: torch.Tensor) -> torch.Tensor:
     eye = torch.eye(3, dtype=x.dtype, device=x.device)
     u = f0[..., None, None] * eye + f1[..., None, None] * x + f2[..., None, None] * x2
     for _ in range(squarings):
-        u = u @ u
+        u = small_matmul(u, u)
     return u
 
 

@@ -259,7 +259,7 @@ class SUNSpace(FieldSpace):
 
     def update(self, x, p, eps):
         """U <- exp(eps P) U (:func:`flowplug.groups.expmap`)."""
-        return groups.expmap(eps * p) @ x
+        return groups.small_matmul(groups.expmap(eps * p), x)
 
     def autograd_force(self, action, x):
         """F = -sum_a (d/ds S[exp(s t_a) U]) t_a from autograd, an su(N) element per link."""

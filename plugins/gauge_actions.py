@@ -234,6 +234,7 @@ def _sun_loops(
     lattice = tuple(u.shape[2:-2])
     links = _Links(u)
     total = torch.zeros(batch, dtype=torch.float64, device=u.device)
+    mm = groups.small_matmul  # a @ b on the CPU
     v: list[torch.Tensor] | None = [torch.zeros_like(links.u[m]) for m in range(d)] if staples else None
     for coef, paths in terms:
         if coef == 0.0:
@@ -246,17 +247,17 @@ def _sun_loops(
                 half = n // 2
                 left, right = w[0], w[half]
                 for k in range(1, half):
-                    left = left @ w[k]
+                    left = mm(left, w[k])
                 for k in range(half + 1, n):
-                    right = right @ w[k]
+                    right = mm(right, w[k])
                 total = total + coef * _re_tr_product(left, right)
                 continue
             prefix = [w[0]]
             for k in range(1, n - 1):
-                prefix.append(prefix[-1] @ w[k])
+                prefix.append(mm(prefix[-1], w[k]))
             suffix = {n - 1: w[n - 1]}  # suffix[k] = w[k] ... w[n-1]
             for k in range(n - 2, 0, -1):
-                suffix[k] = w[k] @ suffix[k + 1]
+                suffix[k] = mm(w[k], suffix[k + 1])
             total = total + coef * _re_tr_product(prefix[n - 2], w[n - 1])
             for k, (mu, sign, site) in enumerate(steps):
                 if k == 0:
@@ -264,7 +265,7 @@ def _sun_loops(
                 elif k == n - 1:
                     rest = prefix[n - 2]
                 else:
-                    rest = suffix[k + 1] @ prefix[k - 1]
+                    rest = mm(suffix[k + 1], prefix[k - 1])
                 if sign < 0:
                     rest = rest.mH
                 v[mu] = v[mu] + coef * _roll(rest, site, 1)
@@ -461,7 +462,7 @@ class LoopGaugeAction(Action):
             return f
         _, v = _sun_loops(x, terms, staples=True)
         assert v is not None
-        return (-self.beta / (2 * self.n)) * groups.project_algebra(x @ torch.stack(v, dim=1))
+        return (-self.beta / (2 * self.n)) * groups.project_algebra(groups.small_matmul(x, torch.stack(v, dim=1)))
 
 
 class PlaquetteRectangleAction(LoopGaugeAction):

@@ -151,6 +151,7 @@ class WilsonGaugeAction(Action):
             Same shape as ``u``.
         """
         d = u.shape[1]
+        mm = groups.small_matmul  # a @ b on the CPU
         us = [u[:, m].contiguous() for m in range(d)]
         uds = [m.mH.resolve_conj().contiguous() for m in us]  # conj-transposed copies: fast products
         out = []
@@ -161,8 +162,8 @@ class WilsonGaugeAction(Action):
                     continue
                 u_nu_xmu = torch.roll(us[nu], -1, dims=1 + mu)
                 ud_nu_xmu = torch.roll(uds[nu], -1, dims=1 + mu)
-                upper = u_nu_xmu @ torch.roll(uds[mu], -1, dims=1 + nu) @ uds[nu]
-                lower = ud_nu_xmu @ uds[mu] @ us[nu]
+                upper = mm(mm(u_nu_xmu, torch.roll(uds[mu], -1, dims=1 + nu)), uds[nu])
+                lower = mm(mm(ud_nu_xmu, uds[mu]), us[nu])
                 term = upper + torch.roll(lower, 1, dims=1 + nu)
                 v = term if v is None else v + term
             assert v is not None  # d >= 2: at least one nu != mu
@@ -191,8 +192,8 @@ class WilsonGaugeAction(Action):
         for mu in range(d):
             for nu in range(mu + 1, d):
                 u_mu, u_nu = x[:, mu], x[:, nu]
-                left = u_mu @ torch.roll(u_nu, -1, dims=1 + mu)
-                right = u_nu @ torch.roll(u_mu, -1, dims=1 + nu)
+                left = groups.small_matmul(u_mu, torch.roll(u_nu, -1, dims=1 + mu))
+                right = groups.small_matmul(u_nu, torch.roll(u_mu, -1, dims=1 + nu))
                 # Re tr(A B^+) = sum_ij Re(A_ij conj(B_ij))
                 total = total + (left * right.conj()).real.flatten(1).sum(1)
         return (-(self.beta / self.n) * cast(torch.Tensor, total)).to(torch.float64)  # d >= 2: a tensor
@@ -217,7 +218,7 @@ class WilsonGaugeAction(Action):
                 f[:, mu] += s - torch.roll(s, 1, dims=1 + nu)
                 f[:, nu] += torch.roll(s, 1, dims=1 + mu) - s
             return f
-        return (-self.beta / (2 * self.n)) * groups.project_algebra(x @ self.staples(x))
+        return (-self.beta / (2 * self.n)) * groups.project_algebra(groups.small_matmul(x, self.staples(x)))
 
 
 @hookimpl

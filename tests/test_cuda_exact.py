@@ -201,3 +201,14 @@ def test_train_sample_resample_and_hmc_jobs_run_on_the_device(tmp_path):
     assert main([*hmc, "--set", f'out="{tmp_path / "h"}"', "--no-progress"]) == 0
     h = json.loads((tmp_path / "h" / "summary.json").read_text())
     assert h["device"].startswith(DEVICE.type) and 0.0 < h["acceptance"] <= 1.0
+
+
+def test_gauge_forces_and_actions_on_the_device_equal_the_cpu_values():
+    """Wilson and Symanzik SU(3) on 4^4: force and action on the device (products of
+    flowplug.groups.small_matmul) against the CPU's float64 values."""
+    from flowplug.plugins.gauge_actions import SymanzikGaugeAction
+
+    for act in (WilsonGaugeAction(6.0, "su3"), SymanzikGaugeAction(6.0, "su3")):
+        x = act.hot_start((4, 4, 4, 4), 2, generator=torch.Generator().manual_seed(1))
+        torch.testing.assert_close(act.force(x.to(DEVICE)).cpu(), act.force(x), rtol=0, atol=1e-13)
+        torch.testing.assert_close(act.action(x.to(DEVICE)).cpu(), act.action(x), rtol=1e-13, atol=0)
