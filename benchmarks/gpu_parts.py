@@ -3,12 +3,13 @@ and host synchronisations counted (one call on a lent GPU machine; ``--device cp
 
 Prints one JSON line per figure:
 
-* ``check_force``: the SU(3) Wilson force and action on the device with
-  :func:`flowplug.groups.small_matmul` as broadcast multiply-adds and as batched GEMM (``a @ b``),
-  each against the CPU's float64 values (max abs difference);
+* ``check_force``: the SU(3) Wilson force and action on the device, with the link products of
+  :func:`flowplug.groups.small_matmul` as broadcast multiply-adds and the staples of all planes
+  gathered at once (``gathered``), as multiply-adds in a loop over planes (``loop``), and as
+  batched GEMM (``gemm``, ``a @ b``), each against the CPU's float64 values (max abs difference);
 * ``matmul``: 3x3 complex128 products of an L^4 field, ``a @ b`` against ``small_matmul``;
 * ``force``, ``expmap``, ``roll``, ``trajectory`` (Omelyan, 10 steps; Wilson and Symanzik):
-  milliseconds per call at L^4 (median of ``--repeat`` after a warm-up), with both products;
+  milliseconds per call at L^4 (median of ``--repeat`` after a warm-up), in those three ways;
 * ``profile_trajectory``: the ten CUDA kernels with the most device time in one trajectory;
 * ``profile_train``: per training step of ``u1-multiscale`` (L = 16) and of the SU(3) 4D flow
   (8^4): kernel launches, device-to-host copies and synchronisations (hidden host round trips),
@@ -55,16 +56,19 @@ def _emit(**row) -> None:
 
 
 def _both(fn):
-    """``fn()`` with small_matmul as multiply-adds and as ``a @ b``: {"elementwise": ..., "gemm": ...}."""
+    """``fn()`` under the three ways of running the SU(N) products on CUDA: ``gathered`` (products
+    as multiply-adds, Wilson staples of all planes at once), ``loop`` (multiply-adds, a loop over
+    the planes) and ``gemm`` (``a @ b``, the loop): {variant: result}."""
     from flowplug import groups
+    from flowplug.plugins import theories
 
     out = {}
-    for name, flag in (("elementwise", True), ("gemm", False)):
-        groups.SMALL_MATMUL_ELEMENTWISE = flag
+    for name, elementwise, gathered in (("gathered", True, True), ("loop", True, False), ("gemm", False, False)):
+        groups.SMALL_MATMUL_ELEMENTWISE, theories.GATHERED_STAPLES = elementwise, gathered
         try:
             out[name] = fn()
         finally:
-            groups.SMALL_MATMUL_ELEMENTWISE = True
+            groups.SMALL_MATMUL_ELEMENTWISE, theories.GATHERED_STAPLES = True, True
     return out
 
 

@@ -7,6 +7,7 @@ whatever device the input is on, and have analytic forces in the conventions of
 
 from __future__ import annotations
 
+import math
 from typing import cast
 
 import torch
@@ -150,6 +151,8 @@ class WilsonGaugeAction(Action):
         Returns:
             Same shape as ``u``.
         """
+        if u.device.type == "cuda" and GATHERED_STAPLES:
+            return _gathered_staples(u)
         d = u.shape[1]
         mm = groups.small_matmul  # a @ b on the CPU
         us = [u[:, m].contiguous() for m in range(d)]
@@ -219,6 +222,51 @@ class WilsonGaugeAction(Action):
                 f[:, nu] += torch.roll(s, 1, dims=1 + mu) - s
             return f
         return (-self.beta / (2 * self.n)) * groups.project_algebra(groups.small_matmul(x, self.staples(x)))
+
+
+#: :meth:`WilsonGaugeAction.staples` on CUDA through :func:`_gathered_staples` (``False``: the
+#: loop over planes there too; for side-by-side timings, ``benchmarks/gpu_parts.py``).
+GATHERED_STAPLES = True
+
+
+def _neighbours(lattice: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat row-major site index of x + mu and of x - mu, each (d, V) long, on ``device``."""
+    key = (lattice, str(device))
+    cached = _NEIGHBOURS.get(key)
+    if cached is None:
+        sites = torch.arange(math.prod(lattice)).view(lattice)
+        fwd = torch.stack([torch.roll(sites, -1, dims=m).flatten() for m in range(len(lattice))])
+        bwd = torch.stack([torch.roll(sites, 1, dims=m).flatten() for m in range(len(lattice))])
+        cached = _NEIGHBOURS[key] = (fwd.to(device), bwd.to(device))
+    return cached
+
+
+_NEIGHBOURS: dict[tuple[tuple[int, ...], str], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _gathered_staples(u: torch.Tensor) -> torch.Tensor:
+    """:meth:`WilsonGaugeAction.staples` with every ordered plane (mu, nu) at once: the shifted
+    links are gathered for all d(d-1) planes in one indexing each, and the products run on
+    those stacks, some thirty kernel launches instead of some three hundred (on a GPU the
+    loop over planes is bound by launches). The same products in the same order per plane;
+    the sum over nu may round differently. Arguments and result as :meth:`~WilsonGaugeAction.staples`.
+    """
+    b, d = u.shape[0], u.shape[1]
+    lattice = tuple(u.shape[2:-2])
+    n = u.shape[-1]
+    v = u.reshape(b, d, -1, n, n)
+    fwd, bwd = _neighbours(lattice, u.device)
+    pairs = [(mu, nu) for mu in range(d) for nu in range(d) if nu != mu]  # mu-major: the sum below
+    mus = torch.tensor([p[0] for p in pairs], device=u.device)
+    nus = torch.tensor([p[1] for p in pairs], device=u.device)
+    mm = groups.small_matmul
+    a = v[:, nus[:, None], fwd[mus]]  # U_nu(x + mu), (B, P, V, N, N)
+    c = v[:, nus]  # U_nu(x)
+    upper = mm(mm(a, v[:, mus[:, None], fwd[nus]].mH), c.mH)  # U_nu(x+mu) U_mu(x+nu)^+ U_nu(x)^+
+    lower = mm(mm(a.mH, v[:, mus].mH), c)  # U_nu(x+mu)^+ U_mu(x)^+ U_nu(x), taken at x - nu below
+    rows = torch.arange(len(pairs), device=u.device)[:, None]
+    term = upper + lower[:, rows, bwd[nus]]
+    return term.view(b, d, d - 1, *lattice, n, n).sum(2)
 
 
 @hookimpl

@@ -1,6 +1,11 @@
-"""flowplug.groups.small_matmul: a @ b on the CPU bit for bit; its CUDA branch (broadcast
-multiply-adds, 15x faster there than a batched GEMM of 3x3 matrices: benchmarks/gpu_parts.py)
-equals the product to rounding, with broadcasting and conjugate-transposed views."""
+"""The code paths taken on CUDA only, checked here on the CPU against the paths the CPU takes.
+
+* flowplug.groups.small_matmul: a @ b on the CPU bit for bit; its CUDA branch (broadcast
+  multiply-adds, 15x faster there than a batched GEMM of 3x3 matrices: benchmarks/gpu_parts.py)
+  equals the product to rounding, with broadcasting and conjugate-transposed views.
+* The Wilson staples with every plane gathered at once (far fewer kernel launches) equal the
+  loop over planes.
+"""
 
 from __future__ import annotations
 
@@ -33,3 +38,15 @@ def test_on_the_cpu_it_is_the_matrix_product_bit_for_bit():
 def test_on_cuda_it_is_the_product_to_rounding():
     a, b = _links((64, 3), 3, 5).cuda(), _links((64, 3), 3, 6).cuda()
     torch.testing.assert_close(groups.small_matmul(a, b).cpu(), a.cpu() @ b.cpu(), rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize(("group", "lattice"), [("su3", (4, 4, 4, 4)), ("su2", (6, 4)), ("su3", (4, 6, 2))])
+def test_gathered_staples_equal_the_loop_over_planes(group, lattice):
+    from flowplug.plugins.theories import WilsonGaugeAction, _gathered_staples
+
+    act = WilsonGaugeAction(2.0, group)
+    x = act.hot_start(lattice, 3, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(_gathered_staples(x), act.staples(x), rtol=0, atol=1e-14)
+    # the force through them: the staples pair with their own links (a shifted gather would not)
+    shifted = torch.roll(x, 1, dims=2)
+    assert (_gathered_staples(shifted) - act.staples(x)).abs().max() > 1e-3
