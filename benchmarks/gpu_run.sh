@@ -2,9 +2,9 @@
 # The prepared check for a lent GPU machine: one call of under 9 minutes.
 #
 # It installs flowplug from a wheel built beforehand (no network there; the machine's own
-# torch, numpy, h5py, pluggy and pytest are used), runs the CUDA tests (tests/test_cuda.py,
-# tests/test_cuda_exact.py, tests/test_cuda_flows.py and the Dirac operators' CUDA tests), then benchmarks/gpu.py (absolute figures on
-# the GPU, each next to the CPU figure of the same machine). Every part has its own time
+# torch, numpy, h5py, pluggy and pytest are used), runs the CUDA tests (tests/test_cuda_exact.py,
+# tests/test_cuda_flows.py and the Dirac operators' CUDA tests), then benchmarks/gpu.py
+# (absolute figures on the GPU, each next to the CPU figure of the same machine). Every part has its own time
 # limit and writes its log under $OUT, so a part that fails or runs long costs only itself.
 #
 # Before the call, on the development machine (from the repository root):
