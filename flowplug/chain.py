@@ -178,7 +178,9 @@ class Chain:
             ``accepted`` (as 0/1) and, if the kernel reports them, ``delta_h``, ``work_proposal``,
             ``cg_iterations`` (:class:`flowplug.jobs.hmc.CGCounting`) and
             ``accepted.<label>`` (acceptance of the part ``label`` of a composed kernel;
-            NaN for chains a mixture did not give to that part in that step).
+            NaN for chains a mixture did not give to that part in that step). The rows of
+            the steps since the history was last read stay on the chain's device;
+            :meth:`history_tensors` moves them to the CPU (read the history through it).
         generators: One generator per stream.
 
     Raises:
