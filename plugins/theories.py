@@ -229,19 +229,34 @@ class WilsonGaugeAction(Action):
 GATHERED_STAPLES = True
 
 
-def _neighbours(lattice: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flat row-major site index of x + mu and of x - mu, each (d, V) long, on ``device``."""
+def _plane_indices(lattice: tuple[int, ...], device: torch.device) -> dict[str, torch.Tensor]:
+    """Index tensors of :func:`_gathered_staples` for ``lattice`` on ``device``, made once (no
+    host-to-device copy per force). P = d (d - 1) ordered planes (mu, nu), mu-major; V sites
+    in row-major order. Keys: ``mu``, ``nu`` (P, 1) direction indices; ``x_mu``, ``x_nu``
+    (P, V) the site x + mu, x + nu; ``x_minus_nu`` (P, V) the site x - nu; ``rows`` (P, 1)."""
     key = (lattice, str(device))
-    cached = _NEIGHBOURS.get(key)
+    cached = _PLANE_INDICES.get(key)
     if cached is None:
+        d = len(lattice)
         sites = torch.arange(math.prod(lattice)).view(lattice)
-        fwd = torch.stack([torch.roll(sites, -1, dims=m).flatten() for m in range(len(lattice))])
-        bwd = torch.stack([torch.roll(sites, 1, dims=m).flatten() for m in range(len(lattice))])
-        cached = _NEIGHBOURS[key] = (fwd.to(device), bwd.to(device))
+        fwd = torch.stack([torch.roll(sites, -1, dims=m).flatten() for m in range(d)])
+        bwd = torch.stack([torch.roll(sites, 1, dims=m).flatten() for m in range(d)])
+        pairs = [(mu, nu) for mu in range(d) for nu in range(d) if nu != mu]
+        mus = torch.tensor([p[0] for p in pairs])
+        nus = torch.tensor([p[1] for p in pairs])
+        host = {
+            "mu": mus[:, None],
+            "nu": nus[:, None],
+            "x_mu": fwd[mus],
+            "x_nu": fwd[nus],
+            "x_minus_nu": bwd[nus],
+            "rows": torch.arange(len(pairs))[:, None],
+        }
+        cached = _PLANE_INDICES[key] = {k: v.to(device) for k, v in host.items()}
     return cached
 
 
-_NEIGHBOURS: dict[tuple[tuple[int, ...], str], tuple[torch.Tensor, torch.Tensor]] = {}
+_PLANE_INDICES: dict[tuple[tuple[int, ...], str], dict[str, torch.Tensor]] = {}
 
 
 def _gathered_staples(u: torch.Tensor) -> torch.Tensor:
@@ -255,17 +270,13 @@ def _gathered_staples(u: torch.Tensor) -> torch.Tensor:
     lattice = tuple(u.shape[2:-2])
     n = u.shape[-1]
     v = u.reshape(b, d, -1, n, n)
-    fwd, bwd = _neighbours(lattice, u.device)
-    pairs = [(mu, nu) for mu in range(d) for nu in range(d) if nu != mu]  # mu-major: the sum below
-    mus = torch.tensor([p[0] for p in pairs], device=u.device)
-    nus = torch.tensor([p[1] for p in pairs], device=u.device)
+    ix = _plane_indices(lattice, u.device)
     mm = groups.small_matmul
-    a = v[:, nus[:, None], fwd[mus]]  # U_nu(x + mu), (B, P, V, N, N)
-    c = v[:, nus]  # U_nu(x)
-    upper = mm(mm(a, v[:, mus[:, None], fwd[nus]].mH), c.mH)  # U_nu(x+mu) U_mu(x+nu)^+ U_nu(x)^+
-    lower = mm(mm(a.mH, v[:, mus].mH), c)  # U_nu(x+mu)^+ U_mu(x)^+ U_nu(x), taken at x - nu below
-    rows = torch.arange(len(pairs), device=u.device)[:, None]
-    term = upper + lower[:, rows, bwd[nus]]
+    a = v[:, ix["nu"], ix["x_mu"]]  # U_nu(x + mu), (B, P, V, N, N)
+    c = v[:, ix["nu"][:, 0]]  # U_nu(x)
+    upper = mm(mm(a, v[:, ix["mu"], ix["x_nu"]].mH), c.mH)  # U_nu(x+mu) U_mu(x+nu)^+ U_nu(x)^+
+    lower = mm(mm(a.mH, v[:, ix["mu"][:, 0]].mH), c)  # U_nu(x+mu)^+ U_mu(x)^+ U_nu(x), at x - nu below
+    term = upper + lower[:, ix["rows"], ix["x_minus_nu"]]
     return term.view(b, d, d - 1, *lattice, n, n).sum(2)
 
 
