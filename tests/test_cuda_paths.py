@@ -50,3 +50,19 @@ def test_gathered_staples_equal_the_loop_over_planes(group, lattice):
     # the force through them: the staples pair with their own links (a shifted gather would not)
     shifted = torch.roll(x, 1, dims=2)
     assert (_gathered_staples(shifted) - act.staples(x)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("scale", [1e-8, 0.1, 1.0])
+def test_fused_exponential_series_equals_the_plain_one(scale):
+    """The CUDA branch of the SU(3) exponential (in-place multiply-adds) sums the same series."""
+    x = scale * groups.random_algebra((500,), 3, generator=torch.Generator().manual_seed(7))
+    x2 = x @ x
+    s1 = 0.5 * torch.diagonal(x2, dim1=-2, dim2=-1).sum(-1)
+    s0 = (x2 * x.transpose(-1, -2)).sum((-1, -2)) / 3.0
+    plain = groups._cayley_series(s0, s1, 40, fused=False)
+    fused = groups._cayley_series(s0, s1, 40, fused=True)
+    for p, f in zip(plain, fused, strict=True):
+        torch.testing.assert_close(f, p, rtol=0, atol=1e-16)
+    eye = torch.eye(3, dtype=x.dtype)
+    u = fused[0][:, None, None] * eye + fused[1][:, None, None] * x + fused[2][:, None, None] * x2
+    torch.testing.assert_close(u, torch.linalg.matrix_exp(x), rtol=0, atol=5e-15)
