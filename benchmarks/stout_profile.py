@@ -14,7 +14,13 @@ batch 16, randomised weights), and of its parts, each on its own with the same i
     the gather of the active loops' four links, their products, the update G U and the
     scatter back;
 ``rest``
-    the layer minus the parts (what the parts share, autograd bookkeeping).
+    the layer minus the parts (what the parts share, autograd bookkeeping);
+``pair_shared_per_layer``, ``pair_plain_per_layer``
+    half the time of two consecutive layers (``--index`` - 1 and ``--index``), forward and
+    backward, as in a flow: the second layer takes the traces of the frozen plaquettes that
+    the first one left (``shared``), or computes all of its own (``plain``,
+    ``share_traces = False``). The single-layer figures above start from a plain tensor, so
+    they are those of the first layer of a flow.
 
 Every part runs in turn in each round (thread CPU time, the median of ``--repeat`` rounds), so
 that all see the same load. Prints one JSON line with the times in ms and the ratio of the
@@ -50,6 +56,9 @@ def main() -> None:
     torch.manual_seed(0)
     stout = flow_stout.SUNStoutCoupling(
         lattice=lattice, field="su3", index=args.index, hidden=(8,), n_modes=2, n_steps=2, init_scale=1.0
+    )
+    previous = flow_stout.SUNStoutCoupling(
+        lattice=lattice, field="su3", index=args.index - 1, hidden=(8,), n_modes=2, n_steps=2, init_scale=1.0
     )
     spectral = SUNSpectralCoupling(
         lattice=lattice, field="su3", index=args.index, hidden=(8,), n_bins=8, init_scale=1.0
@@ -95,6 +104,17 @@ def main() -> None:
         out = flat.index_copy(1, stout.loop_links[: link.shape[1]], g.view(3, 3, b, -1).permute(2, 3, 0, 1) @ link)
         (out.real.sum() + lp.real.sum()).backward()
 
+    def pair(share: bool) -> Callable[[], None]:
+        def run() -> None:
+            previous.share_traces = stout.share_traces = share
+            u = z.clone().requires_grad_(True)
+            y, ld0 = previous(u)
+            x, ld1 = stout(y)
+            (ld0.sum() + ld1.sum() + x.real.sum()).backward()
+            previous.share_traces = stout.share_traces = True
+
+        return run
+
     parts: dict[str, Callable[[], None]] = {
         "sun_stout_layer": layer(stout),
         "features": features,
@@ -102,6 +122,8 @@ def main() -> None:
         "stout_map": stout_map,
         "gathers_products": gathers_products,
         "sun_spectral_layer": layer(spectral),
+        "pair_shared": pair(True),
+        "pair_plain": pair(False),
     }
     times: dict[str, list[float]] = {k: [] for k in parts}
     for rep in range(args.repeat + 2):
@@ -114,6 +136,8 @@ def main() -> None:
     ms["rest"] = round(
         ms["sun_stout_layer"] - ms["features"] - ms["conditioner"] - ms["stout_map"] - ms["gathers_products"], 2
     )
+    ms["pair_shared_per_layer"] = round(ms.pop("pair_shared") / 2, 2)
+    ms["pair_plain_per_layer"] = round(ms.pop("pair_plain") / 2, 2)
     row = {"lattice": list(lattice), "batch": b, "threads": torch.get_num_threads(), "ms": ms}
     row["spectral_over_stout"] = round(ms["sun_spectral_layer"] / ms["sun_stout_layer"], 2)
     print(json.dumps(row), flush=True)

@@ -79,6 +79,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -648,7 +649,47 @@ class _PlaquetteTraces(torch.autograd.Function):
         out.index_add_(2, index[1], _matmul_axes_first(x0.conj().transpose(0, 1), g_left))
         out.index_add_(2, index[2], _matmul_axes_first(g_right, x3.conj().transpose(0, 1)))
         out.index_add_(2, index[3], _matmul_axes_first(x2.conj().transpose(0, 1), g_right))
-        return out.permute(3, 2, 0, 1).to(ctx.in_dtype), None, None
+        # one converting copy into the links' layout (contiguous: every later operation on the
+        # gradient, its accumulation included, then runs over contiguous rows)
+        return out.permute(3, 2, 0, 1).to(ctx.in_dtype, memory_format=torch.contiguous_format), None, None
+
+
+class _TracesAndRows(torch.autograd.Function):
+    """:class:`_PlaquetteTraces` and a gather of link rows in one node: the features and the
+    active loops' links of a :class:`SUNStoutCoupling`, whose gradients go into one tensor.
+
+    forward(links (B, d V, N, N), index (4, P), dtype, rows (R,) long) -> (traces (B, P) in
+    ``dtype``, ``links.index_select(1, rows)`` (B, R, N, N)). The backward adds the rows'
+    gradient into the traces' gradient of the links in place: one full-size gradient per layer
+    instead of two and their sum (each a fresh allocation of the size of the gauge field)."""
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        links: torch.Tensor,
+        index: torch.Tensor,
+        dtype: torch.dtype,
+        rows: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        tr = _PlaquetteTraces.forward(ctx, links, index, dtype)
+        ctx.rows = rows  # type: ignore[attr-defined]
+        return tr, links.index_select(1, rows)
+
+    @staticmethod
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor | None, g_rows: torch.Tensor | None
+    ) -> tuple[torch.Tensor, None, None, None]:
+        rows = ctx.rows  # type: ignore[attr-defined]
+        if grad is None:  # traces unused: the rows' gradient alone (out of place, vmappable)
+            b, n_links, n, _ = ctx.in_shape  # type: ignore[attr-defined]
+            ref = ctx.saved_tensors[-1]  # type: ignore[attr-defined]
+            out = torch.zeros((b, n_links, n, n), dtype=ctx.in_dtype, device=ref.device)  # type: ignore[attr-defined]
+            return (out if g_rows is None else out.index_add(1, rows, g_rows)), None, None, None
+        # a fresh tensor derived from the gradient: in place is safe, also when vmapped
+        out = _PlaquetteTraces.backward(ctx, grad)[0]
+        if g_rows is not None:
+            out.index_add_(1, rows, g_rows)
+        return out, None, None, None
 
 
 def plaquette_traces(links: torch.Tensor | Sequence[torch.Tensor], dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -689,6 +730,48 @@ def plaquette_traces(links: torch.Tensor | Sequence[torch.Tensor], dtype: torch.
     return tr.view(u.shape[0], d * (d - 1) // 2, *lattice)
 
 
+class _SharedTraces:
+    """What a :class:`SUNStoutCoupling` leaves for its output, for the next layer: the traces of its
+    frozen plaquettes (the output's links there are bitwise its input's), and what identifies the
+    output they belong to (its autograd state and version counter at the time)."""
+
+    __slots__ = ("frozen_at", "grad_fn", "key", "lattice", "ref", "requires_grad", "traces", "version")
+    traces: torch.Tensor  # (B, planes V): tr P / N at the positions frozen_at, zero elsewhere
+    frozen_at: torch.Tensor  # flat (plane, site) positions where ``traces`` holds values
+    key: tuple[int, ...]  # the same positions, hashable
+    lattice: tuple[int, ...]
+    grad_fn: object
+    requires_grad: bool
+    version: int
+    ref: weakref.ref[torch.Tensor]  # the output the traces belong to
+
+
+#: the traces that sun-stout layers left for the next layer, by ``id`` of their output tensor: a
+#: registry, not an attribute of the tensor (which ``torch.save`` would pickle, and
+#: ``torch.load(weights_only=True)`` refuse); an entry goes when its tensor does
+_SHARED: dict[int, _SharedTraces] = {}
+
+
+def _forget(key: int, _: object) -> None:
+    """Weak-reference callback: drop the registry entry of a tensor that is going."""
+    _SHARED.pop(key, None)
+
+
+def _shared_traces(x: torch.Tensor) -> _SharedTraces | None:
+    """The traces that a :class:`SUNStoutCoupling` left for the tensor ``x`` it returned, or None.
+
+    Arguments:
+        x: Any tensor.
+
+    Returns:
+        The record (:class:`_SharedTraces`) while ``x`` is alive, whatever has happened to it
+        since (the layers check its version counter and autograd state before use); None for
+        a tensor no layer returned.
+    """
+    rec = _SHARED.get(id(x))
+    return rec if rec is not None and rec.ref() is x else None
+
+
 class SUNStoutCoupling(_SUNCoupling):
     r"""Gauge-equivariant coupling for SU(N) links by stout steps of the active loops.
 
@@ -703,6 +786,20 @@ class SUNStoutCoupling(_SUNCoupling):
     only (strided along nu), and the four links of the active loops are gathered once; the
     weights and their names are those of the plain computation, so checkpoints written
     before load and define the same flow (to float rounding of the network).
+
+    Shared traces: a layer leaves the traces of its frozen plaquettes for the tensor it returns
+    (those links are its input's, bit for bit; kept in a registry beside the tensor, not on it,
+    :func:`_shared_traces`), and the next ``sun-stout`` layer, forward or inverse, computes only
+    the frozen plaquettes of its own that the previous one did not have (384 of 1280 in 4D) and
+    takes the others: the same numbers as recomputing them (the traces are elementwise in the
+    plaquettes), so the same maps and log-dets. Their gradients flow back through the layer
+    that computed them, to links that no layer in between changed: derivatives with respect to
+    the parameters and the flow's input are exact (to the summation order of float rounding).
+    A derivative with respect to an intermediate tensor *between* two such layers
+    (``autograd.grad`` with that non-leaf tensor as input) would miss those terms: pass
+    ``x.clone()`` to the next layer for that, or set ``share_traces = False`` on the layer.
+    The traces are taken only while the tensor's version counter and autograd state are those
+    it had when the layer returned it (an in-place change or ``requires_grad_()`` stops it).
 
     Arguments:
         lattice: (L_0, ..., L_{d-1}), d = 2..4, even extents.
@@ -733,6 +830,8 @@ class SUNStoutCoupling(_SUNCoupling):
     loop_links: torch.Tensor  # non-persistent: flat link indices of the active loops' four links
     frozen_at: torch.Tensor  # non-persistent: flat (plane, site) positions of the frozen plaquettes
     frozen_plaquettes: torch.Tensor  # non-persistent: their four links (4, n_frozen)
+    #: take the frozen plaquettes' traces that the previous sun-stout layer computed (class docstring)
+    share_traces: bool = True
 
     def __init__(
         self,
@@ -792,6 +891,64 @@ class SUNStoutCoupling(_SUNCoupling):
         self.register_buffer(
             "frozen_plaquettes", _plaquette_index(self.lattice, frozen_at.device)[:, frozen_at], persistent=False
         )
+        self._frozen_key = tuple(frozen_at.tolist())
+        # per (previous layer's frozen positions, device): which traces to take and which to compute
+        self._share_plans: dict[tuple[object, ...], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def _share_plan(self, shared: _SharedTraces) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Positions of this layer's frozen plaquettes that ``shared`` holds (taken), those it does
+        not (computed) and the four links of the latter (4, n) (:func:`_plaquette_index`)."""
+        prev_frozen_at = shared.frozen_at
+        key = (shared.key, self.frozen_at.device)
+        plan = self._share_plans.get(key)
+        if plan is None:
+            mine = self.frozen_at
+            held = torch.isin(mine, prev_frozen_at.to(mine.device))
+            new_at = mine[~held]
+            plan = (mine[held], new_at, _plaquette_index(self.lattice, mine.device)[:, new_at])
+            self._share_plans[key] = plan
+        return plan
+
+    def _frozen_traces(self, u: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """tr P / N of the frozen plaquettes at their flat (plane, site) positions, zero elsewhere,
+        (B, planes V) in ``dtype``: bitwise those of :func:`plaquette_traces` there, computed here or
+        taken from the previous layer's output (:class:`_SharedTraces`); and the four links of the
+        active loops, ``u.flatten(1, d).index_select(1, loop_links)``, gathered in the same node
+        (:class:`_TracesAndRows`)."""
+        flat = u.flatten(1, 1 + self.d)
+        size = self.d * (self.d - 1) // 2 * math.prod(self.lattice)
+        shared = _shared_traces(u) if self.share_traces else None
+        if (
+            shared is not None
+            and shared.version == u._version
+            and shared.grad_fn is u.grad_fn
+            and shared.requires_grad == u.requires_grad
+            and shared.lattice == self.lattice
+            and shared.traces.dtype == dtype
+            and shared.traces.device == u.device
+            and tuple(shared.traces.shape) == (u.shape[0], size)
+        ):
+            taken_at, new_at, new_plaquettes = self._share_plan(shared)
+            taken = shared.traces.index_select(1, taken_at)
+            tr = taken.new_zeros(u.shape[0], size).index_copy(1, taken_at, taken)
+            if not new_at.numel():
+                return tr, flat.index_select(1, self.loop_links)
+            new, rows = _TracesAndRows.apply(flat, new_plaquettes, dtype, self.loop_links)
+            return tr.index_copy(1, new_at, new), rows
+        tr_frozen, rows = _TracesAndRows.apply(flat, self.frozen_plaquettes, dtype, self.loop_links)
+        return tr_frozen.new_zeros(u.shape[0], size).index_copy(1, self.frozen_at, tr_frozen), rows
+
+    def _share(self, out: torch.Tensor, traces: torch.Tensor) -> None:
+        """Leave the traces of the frozen plaquettes for the next layer (:func:`_shared_traces`)."""
+        if not self.share_traces:
+            return
+        key = id(out)
+        rec = _SharedTraces()
+        rec.traces, rec.frozen_at, rec.key, rec.lattice = traces, self.frozen_at, self._frozen_key, self.lattice
+        rec.grad_fn, rec.requires_grad, rec.version = out.grad_fn, out.requires_grad, out._version
+        # the entry goes when the tensor does (before its id can be reused)
+        rec.ref = weakref.ref(out, functools.partial(_forget, key))
+        _SHARED[key] = rec
 
     def _map(self, u: torch.Tensor, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
         self._check(u)
@@ -804,13 +961,12 @@ class SUNStoutCoupling(_SUNCoupling):
         # traces of the frozen plaquettes only (the others are masked out), bitwise those of
         # :func:`plaquette_traces` there, zero elsewhere
         n_planes = d * (d - 1) // 2
-        tr_frozen = _PlaquetteTraces.apply(u.flatten(1, 1 + d), self.frozen_plaquettes, feat_dtype)
-        tr = tr_frozen.new_zeros(u.shape[0], n_planes * math.prod(self.lattice))
-        tr = tr.index_copy(1, self.frozen_at, tr_frozen).view(u.shape[0], n_planes, *self.lattice)
+        traces, rows = self._frozen_traces(u, feat_dtype)
+        tr = traces.view(u.shape[0], n_planes, *self.lattice)
         flat = u.flatten(1, 1 + d)  # (B, d V, N, N): link of direction a at site y is a V + y
         # active loops on the updated sites only, U_mu(x) U_nu(x+mu) U_mu(x+nu)^+ U_nu(x)^+,
         # from one gather of their four links
-        link, u_nu_xmu, u_mu_xnu, u_nu_x = flat.index_select(1, self.loop_links).unflatten(1, (4, -1)).unbind(1)
+        link, u_nu_xmu, u_mu_xnu, u_nu_x = rows.unflatten(1, (4, -1)).unbind(1)
         staple = u_nu_xmu @ u_mu_xnu.mH @ u_nu_x.mH
         rect = None
         if self.rectangles:
@@ -837,4 +993,5 @@ class SUNStoutCoupling(_SUNCoupling):
         )
         updated = g.view(n, n, batch, -1).permute(2, 3, 0, 1) @ link  # = P' P^+ U_mu(x): G commutes with P
         out = flat.index_copy(1, self.loop_links[: updated.shape[1]], updated).view_as(u)
+        self._share(out, traces)
         return out, ld.view(batch, -1).sum(1)
