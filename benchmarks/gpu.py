@@ -177,6 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--items", default="", help="comma-separated items to measure (default: all)")
     a = ap.parse_args(argv)
     a.items = [s for s in a.items.split(",") if s]
+    known = {"train_u1_multiscale", "train_su3_4d", "hmc_su3_4d", "flow_samples_u1", "ildg_read"}
+    unknown = sorted(set(a.items) - known)
+    if unknown:
+        ap.error(f"--items: unknown {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     a.failed = []
     if a.budget is None:
         a.budget = 0.2 if a.quick else 5.0

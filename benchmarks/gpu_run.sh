@@ -3,9 +3,10 @@
 #
 # It installs flowplug from a wheel built beforehand (no network there; the machine's own
 # torch, numpy, h5py, pluggy and pytest are used), runs the CUDA tests (tests/test_cuda_exact.py,
-# tests/test_cuda_flows.py and the Dirac operators' CUDA tests), then benchmarks/gpu.py
-# (absolute figures on the GPU, each next to the CPU figure of the same machine). Every part has its own time
-# limit and writes its log under $OUT, so a part that fails or runs long costs only itself.
+# tests/test_cuda_flows.py, tests/test_cuda_paths.py and the Dirac operators' CUDA tests),
+# then benchmarks/gpu.py (absolute figures on the GPU, each next to the CPU figure of the same
+# machine). Every part has its own time limit and writes its log under $OUT, so a part that
+# fails or runs long costs only itself.
 #
 # Before the call, on the development machine (from the repository root):
 #     echo /.whl/ >> .git/info/exclude     # once
@@ -28,7 +29,7 @@ export PYTHONPATH="$site"
     python3 -P -c "import sys, torch, flowplug; print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'flowplug', flowplug.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'NO CUDA', 'cpu threads', torch.get_num_threads())"
 } 2>&1 | tee "$OUT/env.txt"
 echo "== CUDA tests (limit ${TEST_LIMIT} s)"
-timeout "$TEST_LIMIT" python3 -P -m pytest -q -p no:cacheprovider -rs --durations=8 tests/test_cuda_exact.py tests/test_cuda_flows.py \
+timeout "$TEST_LIMIT" python3 -P -m pytest -q -p no:cacheprovider -rs --durations=8 tests/test_cuda_exact.py tests/test_cuda_flows.py tests/test_cuda_paths.py \
     tests/test_dirac.py::test_operator_runs_on_the_links_device \
     tests/test_preconditioning.py::test_even_odd_runs_on_the_links_device 2>&1 | tee "$OUT/tests.txt" | tail -40
 echo "tests exit: ${PIPESTATUS[0]}"

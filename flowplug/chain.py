@@ -383,16 +383,17 @@ class Chain:
         return {k: torch.stack(v) for k, v in self.history.items() if v}
 
     def _flush(self) -> None:
-        """Move the rows recorded since the last flush to the CPU: one copy per entry when they
-        share a device (the chain's), else one per row."""
-        done = self.__dict__.setdefault("_flushed", {})
-        for name, rows in self.history.items():
-            tail = rows[min(done.get(name, 0), len(rows)) :]
-            devices = {r.device for r in tail}
-            if devices and devices != {torch.device("cpu")}:
-                n = len(rows) - len(tail)
-                rows[n:] = list(torch.stack(tail).cpu().unbind(0)) if len(devices) == 1 else [r.cpu() for r in tail]
-            done[name] = len(rows)
+        """Move the rows recorded on a device to the CPU: the rows since the history was last read
+        trail every list (whatever was cleared or restored in between), one copy per entry when
+        they share a device, else one per row."""
+        for rows in self.history.values():
+            k = len(rows)
+            while k and rows[k - 1].device.type != "cpu":
+                k -= 1
+            if k < len(rows):
+                tail = rows[k:]
+                same = len({r.device for r in tail}) == 1
+                rows[k:] = list(torch.stack(tail).cpu().unbind(0)) if same else [r.cpu() for r in tail]
 
     # -------------------------------------------------------------- checkpoints
 
@@ -469,7 +470,6 @@ class Chain:
             g.set_state(part["rng"])
         self.step_count = int(d["step"])
         self.history = {k: list(v.unbind(0)) for k, v in d["history"].items()}
-        self.__dict__["_flushed"] = {}
 
     def load(self, path: str | Path) -> None:
         """Restore from a checkpoint file (``torch.load(weights_only=True)``; nothing is unpickled).

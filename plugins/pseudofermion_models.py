@@ -345,6 +345,8 @@ class ConditionalGaussianModel(nn.Module, EvenOddILUModel):
         lattice, _ = self.operator.geometry(x)
         if len(lattice) != self.ndim:
             raise ShapeError(f"pseudofermion model 'conditional': built for d = {self.ndim}; found {list(lattice)}")
+        if self.log_scale.device != x.device:  # a model read from its file (on the CPU) follows the links
+            self.to(x.device)
         out = self.net(_plaquette_features(x)).to(torch.float64).flatten(2)  # (B, 5, V)
         return out[:, 0], torch.complex(1.0 + out[:, 1], out[:, 2]), torch.complex(1.0 + out[:, 3], out[:, 4])
 

@@ -63,3 +63,14 @@ def test_gpu_benchmark_reports_a_failing_item_and_measures_the_rest():
         env=env,
     )
     assert ok.returncode == 0 and [json.loads(x)["item"] for x in ok.stdout.splitlines()] == ["hmc_su3_4d", "ildg_read"]
+
+
+def test_gpu_benchmark_refuses_an_unknown_item_name():
+    """A typo in --items must not cost a GPU call that measures nothing."""
+    r = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "gpu.py"), "--device", "cpu", "--quick", "--items", "hmc_su3"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 2 and "unknown hmc_su3" in r.stderr and not r.stdout

@@ -212,3 +212,43 @@ def test_gauge_forces_and_actions_on_the_device_equal_the_cpu_values():
         x = act.hot_start((4, 4, 4, 4), 2, generator=torch.Generator().manual_seed(1))
         torch.testing.assert_close(act.force(x.to(DEVICE)).cpu(), act.force(x), rtol=0, atol=1e-13)
         torch.testing.assert_close(act.action(x.to(DEVICE)).cpu(), act.action(x), rtol=1e-13, atol=0)
+
+
+def test_a_conditional_pseudofermion_model_read_from_its_file_follows_the_links_device(tmp_path):
+    """The model is read onto the CPU; used on links on the device, it moves there and gives the
+    CPU's log-density of the same pseudofermions."""
+    from flowplug.plugins.dirac import WilsonDiracOperator
+    from flowplug.plugins.pseudofermion_models import (
+        ConditionalGaussianModel,
+        load_conditional_model,
+        save_conditional_model,
+    )
+
+    op = WilsonDiracOperator(0.2)
+    model = ConditionalGaussianModel(op, 2, hidden=(4,))
+    with torch.no_grad():
+        for p in model.net.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()), dtype=p.dtype))
+    path = save_conditional_model(model, tmp_path / "m.pt")
+    x = 0.6 * torch.randn((2, 2, 4, 4), generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    phi, _ = model.sample(x, 2, torch.Generator().manual_seed(1))
+    back = load_conditional_model(op, path)
+    on_device = back.log_prob(x.to(DEVICE), phi.to(DEVICE))
+    assert back.log_scale.device.type == DEVICE.type
+    torch.testing.assert_close(on_device.cpu(), model.log_prob(x, phi), rtol=1e-10, atol=1e-10)
+
+
+def test_history_read_cleared_and_recorded_again_reads_back_on_the_cpu():
+    """Read (a checkpoint), cleared (after thermalisation), run on, read again: every row on the CPU."""
+    act = WilsonGaugeAction(1.0, "u1")
+    hmc = HMC(act, integrator="omelyan", steps=3)
+    g = torch.Generator(device=DEVICE).manual_seed(6)
+    chain = Chain(hmc, hmc.init(act.cold_start((4, 4), 4).to(DEVICE)), g, measure=_u1_measure)
+    chain.run(5)
+    chain.history_tensors()
+    chain.history.clear()
+    chain.run(3)
+    h = chain.history_tensors()
+    assert all(v.device.type == "cpu" and v.shape[0] == 3 for v in h.values())
+    chain.run(4)
+    assert all(v.device.type == "cpu" and v.shape[0] == 7 for v in chain.history_tensors().values())

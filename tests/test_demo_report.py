@@ -288,4 +288,5 @@ def test_chain_report_step_axes_count_the_runs_steps(tmp_path, monkeypatch):
             x = line.get_xdata()
             if len(x) == 30:
                 assert x[0] == 21 and x[-1] == 50
-    assert any(len(line.get_xdata()) == 30 for line in acceptance_ax.get_lines())
+    for ax in (history_ax, acceptance_ax):
+        assert any(len(line.get_xdata()) == 30 for line in ax.get_lines())

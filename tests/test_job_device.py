@@ -1,6 +1,6 @@
 """The ``device`` key of the sampling jobs (``hmc``, ``sample``, ``resample``) on a CPU-only machine.
 
-What runs on a CUDA device is checked by tests/test_cuda.py (skipped without one); here:
+What runs on a CUDA device is checked by tests/test_cuda_exact.py (skipped without one); here:
 the key is listed, a bad value is refused before anything is written, the device used is
 recorded in ``summary.json``, and the default ``"cpu"`` leaves the fingerprints of runs
 made before the key existed unchanged (so they stay resumable).
@@ -37,6 +37,8 @@ def test_job_device_accepts_torch_devices_and_names_a_bad_value():
     assert job_device({}) == "cpu" and job_device({"device": "cpu"}) == "cpu"
     with pytest.raises(ConfigError, match="device = 'gpu0'"):
         job_device({"device": "gpu0"})
+    with pytest.raises(ConfigError, match="device = 'meta'.*'cpu' or 'cuda'"):
+        job_device({"device": "meta"})
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")

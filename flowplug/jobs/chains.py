@@ -55,16 +55,20 @@ def job_device(cfg: Mapping[str, Any], default: str = "cpu") -> str:
         :func:`flowplug.distributed.init_from_env` turns ``"cuda"`` into ``cuda:LOCAL_RANK``.
 
     Raises:
-        ConfigError: for a string torch does not read as a device, or a CUDA device when
-            torch sees none (naming the value).
+        ConfigError: for a string torch does not read as a device, a device other than CPU
+            and CUDA, or a CUDA device that torch does not see (naming the value).
     """
     value = str(cfg.get("device", default))
     try:
         dev = torch.device(value)
     except RuntimeError as exc:
         raise ConfigError(f"device = {value!r}: {exc}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device = {value!r}: the jobs run on 'cpu' or 'cuda' ('cuda:N'); found a {dev.type} device")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device = {value!r}, but torch sees no CUDA device (torch {torch.__version__})")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"device = {value!r}, but torch sees {torch.cuda.device_count()} CUDA device(s)")
     return value
 
 
