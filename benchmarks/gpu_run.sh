@@ -6,7 +6,8 @@
 # tests/test_cuda_flows.py, tests/test_cuda_paths.py and the Dirac operators' CUDA tests),
 # then benchmarks/gpu.py (absolute figures on the GPU, each next to the CPU figure of the same
 # machine). Every part has its own time limit and writes its log under $OUT, so a part that
-# fails or runs long costs only itself.
+# fails or runs long costs only itself. With PARTS_LIMIT > 0 (seconds) it also runs
+# benchmarks/gpu_parts.py (SU(3) HMC parts, kernel launches per training step).
 #
 # Before the call, on the development machine (from the repository root):
 #     echo /.whl/ >> .git/info/exclude     # once
@@ -37,3 +38,8 @@ echo "== benchmarks/gpu.py (limit ${BENCH_LIMIT} s)"
 timeout "$BENCH_LIMIT" python3 -P benchmarks/gpu.py --budget "${BUDGET:-3}" ${GPU_ARGS:-} 2>"$OUT/gpu.err" | tee "$OUT/gpu.jsonl"
 echo "benchmark exit: ${PIPESTATUS[0]}"
 tail -5 "$OUT/gpu.err"
+if [ "${PARTS_LIMIT:-0}" -gt 0 ]; then
+    echo "== benchmarks/gpu_parts.py (limit ${PARTS_LIMIT} s)"
+    timeout "$PARTS_LIMIT" python3 -P benchmarks/gpu_parts.py --repeat "${PARTS_REPEAT:-5}" 2>"$OUT/parts.err" | tee "$OUT/parts.jsonl"
+    echo "parts exit: ${PIPESTATUS[0]}"
+fi
