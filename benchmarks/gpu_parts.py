@@ -166,20 +166,11 @@ _SYNCING = (
 
 
 def _launch_counts(prof) -> dict:
+    """Calls of the CUDA runtime and of the operators that read values back (``_COUNTED``)."""
     counts: dict[str, int] = {}
     for e in prof.key_averages():
-        for key in (
-            "cudaLaunchKernel",
-            "cuLaunchKernel",
-            "cudaMemcpyAsync",
-            "cudaStreamSynchronize",
-            "cudaDeviceSynchronize",
-            "aten::_local_scalar_dense",
-            "aten::item",
-            "aten::nonzero",
-        ):
-            if e.key == key:
-                counts[key] = counts.get(key, 0) + e.count
+        if e.key in _COUNTED:
+            counts[e.key] = counts.get(e.key, 0) + e.count
     return {"counts": counts}
 
 
@@ -188,19 +179,7 @@ def _sync_sources(prof, n: int = 12) -> list:
     rows = [
         {"name": e.key[:80], "count": e.count, "cpu_ms": round(e.cpu_time_total / 1e3, 3)}
         for e in prof.key_averages()
-        if e.key.startswith("aten::")
-        and e.key
-        in (
-            "aten::item",
-            "aten::_local_scalar_dense",
-            "aten::nonzero",
-            "aten::to",
-            "aten::copy_",
-            "aten::_to_copy",
-            "aten::masked_select",
-            "aten::unique",
-            "aten::is_nonzero",
-        )
+        if e.key in _SYNCING
     ]
     rows.sort(key=lambda r: -r["count"])
     return rows[:n]

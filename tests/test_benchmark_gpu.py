@@ -34,6 +34,13 @@ def test_gpu_benchmark_runs_on_cpu_quick():
         assert row["unit"] in ("steps/s", "trajectories/s", "samples/s", "GB/s")
 
 
+def _gpu_py(*args: str) -> subprocess.CompletedProcess:
+    """benchmarks/gpu.py with ``args`` in a subprocess (one thread, no plugin autoload)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FLOWPLUG_DISABLE_PLUGIN_AUTOLOAD": "1"}
+    cmd = [sys.executable, str(REPO / "benchmarks" / "gpu.py"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+
+
 def test_gpu_benchmark_reports_a_failing_item_and_measures_the_rest():
     """An item that raises gives a row with ``error``; the others are still measured; exit status 1.
     Provoked with a device torch cannot use on this machine (cuda where there is none)."""
@@ -42,35 +49,17 @@ def test_gpu_benchmark_reports_a_failing_item_and_measures_the_rest():
 
     if torch.cuda.is_available():
         pytest.skip("provokes failures with a CUDA device that is absent")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "FLOWPLUG_DISABLE_PLUGIN_AUTOLOAD": "1"}
     args = ["--quick", "--budget", "0.05", "--items", "hmc_su3_4d,ildg_read"]
-    r = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "gpu.py"), "--device", "cuda", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
+    r = _gpu_py("--device", "cuda", *args)
     assert r.returncode == 1 and "failed: hmc_su3_4d, ildg_read" in r.stderr
     rows = [json.loads(line) for line in r.stdout.splitlines()]
     assert [row["item"] for row in rows] == ["hmc_su3_4d", "ildg_read"]
     assert all(row["error"] and "value" not in row for row in rows)
-    ok = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "gpu.py"), "--device", "cpu", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
+    ok = _gpu_py("--device", "cpu", *args)
     assert ok.returncode == 0 and [json.loads(x)["item"] for x in ok.stdout.splitlines()] == ["hmc_su3_4d", "ildg_read"]
 
 
 def test_gpu_benchmark_refuses_an_unknown_item_name():
     """A typo in --items must not cost a GPU call that measures nothing."""
-    r = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "gpu.py"), "--device", "cpu", "--quick", "--items", "hmc_su3"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    r = _gpu_py("--device", "cpu", "--quick", "--items", "hmc_su3")
     assert r.returncode == 2 and "unknown hmc_su3" in r.stderr and not r.stdout
