@@ -58,13 +58,13 @@ def sun_plaquettes(links: torch.Tensor) -> torch.Tensor:
         Wilson, Phys. Rev. D 10 (1974) 2445.
     """
     d = _check_sun(links)
+    mm = groups.small_matmul  # a @ b on the CPU
     out = []
     for mu in range(d):
         for nu in range(mu + 1, d):
             u_mu, u_nu = links[:, mu], links[:, nu]
             u_nu_xmu = torch.roll(u_nu, -1, dims=1 + mu)
             u_mu_xnu = torch.roll(u_mu, -1, dims=1 + nu)
-            mm = groups.small_matmul  # a @ b on the CPU
             out.append(mm(mm(mm(u_mu, u_nu_xmu), u_mu_xnu.mH), u_nu.mH))
     return torch.stack(out, dim=1)
 

@@ -124,32 +124,23 @@ def _matmul_elementwise(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _cayley_series(
-    s0: torch.Tensor, s1: torch.Tensor, terms: int, *, fused: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _cayley_series(s0: torch.Tensor, s1: torch.Tensor, terms: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(f0, f1, f2) with exp(X) = f0 1 + f1 X + f2 X^2 from the exponential series through
-    X^3 = s1 X + s0 1, summed to ``terms`` terms (:func:`expmap`). ``fused``: the same sums
-    with in-place multiply-adds, fewer kernel launches (the CUDA branch; rounding may differ)."""
+    X^3 = s1 X + s0 1, summed to ``terms`` terms (:func:`expmap`): (a, b, c) <- (c s0, a + c s1, b)
+    from (1, 0, 0), each term added with weight 1/k!. In-place multiply-adds (on a GPU, which is
+    bound by kernel launches here, half the launches of out-of-place sums; on the CPU bit for bit
+    the same values)."""
     a = torch.ones_like(s1)
     b = torch.zeros_like(s1)
     c = torch.zeros_like(s1)
+    f0, f1, f2 = a.clone(), b.clone(), c.clone()
     fact = 1.0
-    if fused:
-        f0, f1, f2 = a.clone(), b.clone(), c.clone()
-        for k in range(1, terms + 1):
-            a, b, c = c * s0, torch.addcmul(a, c, s1), b
-            fact /= k
-            f0.add_(a, alpha=fact)
-            f1.add_(b, alpha=fact)
-            f2.add_(c, alpha=fact)
-        return f0, f1, f2
-    f0, f1, f2 = a, b, c
     for k in range(1, terms + 1):
-        a, b, c = c * s0, a + c * s1, b
+        a, b, c = c * s0, torch.addcmul(a, c, s1), b
         fact /= k
-        f0 = f0 + fact * a
-        f1 = f1 + fact * b
-        f2 = f2 + fact * c
+        f0.add_(a, alpha=fact)
+        f1.add_(b, alpha=fact)
+        f2.add_(c, alpha=fact)
     return f0, f1, f2
 
 
@@ -170,7 +161,7 @@ def _expmap_su3(x: torch.Tensor) -> torch.Tensor:
     while bound > 1e-17 and terms < 40:
         terms += 1
         bound *= r / terms
-    f0, f1, f2 = _cayley_series(s0, s1, terms, fused=x.device.type == "cuda")
+    f0, f1, f2 = _cayley_series(s0, s1, terms)
     eye = torch.eye(3, dtype=x.dtype, device=x.device)
     u = f0[..., None, None] * eye + f1[..., None, None] * x + f2[..., None, None] * x2
     for _ in range(squarings):

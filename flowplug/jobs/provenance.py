@@ -36,7 +36,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -369,14 +369,23 @@ def check_resume_config(
     if not diff:
         return
 
-    keys = "; ".join(f"{k}: stored {_show_value(a)}, given {_show_value(b)}" for k, a, b in diff)
     raise CheckpointError(
         f"--resume: {out} holds a different run; its configuration ({Path(out) / RUN_CONFIG}) differs in "
-        f"{len(diff)} key{'s' if len(diff) != 1 else ''} of the Markov chain or its measurements (a changed "
-        f"observable would mix two definitions in one history): {keys}. Resume without "
+        f"{_count_keys(diff)} of the Markov chain or its measurements (a changed "
+        f"observable would mix two definitions in one history): {_list_differences(diff)}. Resume without "
         "these --set values (the stored ones are used), or start a new run with --force or another output "
         f"directory; only {', '.join(sorted(set(ignore)))} may change on --resume"
     )
+
+
+def _count_keys(diff: Sequence[Any]) -> str:
+    """``"1 key"`` / ``"N keys"`` of a list of differences."""
+    return f"{len(diff)} key{'s' if len(diff) != 1 else ''}"
+
+
+def _list_differences(diff: Sequence[tuple[str, Any, Any]], stored_note: str = "") -> str:
+    """``"key: stored S<note>, given G; ..."`` of :func:`chain_key_differences`' output."""
+    return "; ".join(f"{k}: stored {_show_value(a)}{stored_note}, given {_show_value(b)}" for k, a, b in diff)
 
 
 def _show_value(v: Any) -> str:
@@ -422,11 +431,10 @@ def check_resume_action(
         return copy.deepcopy(dict(config))
     diff = chain_key_differences({"action": dict(effective(stored))}, {"action": dict(effective(config))})
     if diff:
-        keys = "; ".join(f"{k}: stored {_show_value(a)} (in effect), given {_show_value(b)}" for k, a, b in diff)
         raise CheckpointError(
             f"--resume: {out} holds a different run; the action in effect (its [action] in "
-            f"{Path(out) / RUN_CONFIG} resolved against the flow's) differs in {len(diff)} "
-            f"key{'s' if len(diff) != 1 else ''}: {keys}. Resume without these --set values (the stored "
+            f"{Path(out) / RUN_CONFIG} resolved against the flow's) differs in {_count_keys(diff)}: "
+            f"{_list_differences(diff, ' (in effect)')}. Resume without these --set values (the stored "
             "ones are used), or start a new run with --force or another output directory"
         )
     resolved = copy.deepcopy(dict(config))
