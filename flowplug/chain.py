@@ -383,17 +383,15 @@ class Chain:
         return {k: torch.stack(v) for k, v in self.history.items() if v}
 
     def _flush(self) -> None:
-        """Move the rows recorded on a device to the CPU: the rows since the history was last read
-        trail every list (whatever was cleared or restored in between), one copy per entry when
-        they share a device, else one per row."""
+        """Move the rows recorded on the chain's device to the CPU, one copy per entry: the rows
+        since the history was last read trail every list (whatever was cleared or restored in
+        between)."""
         for rows in self.history.values():
             k = len(rows)
             while k and rows[k - 1].device.type != "cpu":
                 k -= 1
             if k < len(rows):
-                tail = rows[k:]
-                same = len({r.device for r in tail}) == 1
-                rows[k:] = list(torch.stack(tail).cpu().unbind(0)) if same else [r.cpu() for r in tail]
+                rows[k:] = list(torch.stack(rows[k:]).cpu().unbind(0))
 
     # -------------------------------------------------------------- checkpoints
 
