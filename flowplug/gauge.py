@@ -7,6 +7,11 @@ array axis ``2 + mu`` of the link tensor (axis mu of the lattice).
 
 from __future__ import annotations
 
+import functools
+import math
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 
 from flowplug import groups
@@ -168,3 +173,131 @@ def determinant_deviation(links: torch.Tensor) -> torch.Tensor:
     """
     _check_sun(links)
     return (torch.linalg.det(links) - 1).abs().flatten(1).amax(1).to(torch.float64)
+
+
+# --------------------------------------------------------------------------- plaquette traces
+
+
+@functools.cache
+def plaquette_index(lattice: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Flat link indices of the four factors of every plaquette.
+
+    Arguments:
+        lattice: (L_0, ..., L_{d-1}), d >= 2.
+        device: Where the index lives (cached per lattice and device).
+
+    Returns:
+        (4, P V) long, P = d(d-1)/2, V the volume: rows U_mu(x), U_nu(x+mu), U_nu(x),
+        U_mu(x+nu) of the plaquette of plane (mu, nu) at site x, planes mu < nu in the order of
+        :func:`sun_plaquettes`, then sites in row-major order; the link of direction a at site y
+        has index a V + y (the layout of ``links.flatten(1, d)``).
+    """
+    d, vol = len(lattice), math.prod(lattice)
+    flat = torch.arange(vol).reshape(lattice)
+    rows: list[list[torch.Tensor]] = [[], [], [], []]
+    for mu in range(d):
+        for nu in range(mu + 1, d):
+            rows[0].append(mu * vol + flat.flatten())
+            rows[1].append(nu * vol + torch.roll(flat, -1, dims=mu).flatten())
+            rows[2].append(nu * vol + flat.flatten())
+            rows[3].append(mu * vol + torch.roll(flat, -1, dims=nu).flatten())
+    return torch.stack([torch.cat(r) for r in rows]).to(device)
+
+
+def _traces_by_autograd(links: torch.Tensor, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The traces of :class:`PlaquetteTraces` by plain differentiable operations (its double
+    backward): links (B, n_links, N, N), index (4, P) -> (B, P) in ``dtype``."""
+    b, _, n, _ = links.shape
+    x = links.to(dtype).index_select(1, index.flatten()).view(b, 4, -1, n, n).unbind(1)
+    return ((x[0] @ x[1]) * (x[2] @ x[3]).conj()).sum((-2, -1)) / n
+
+
+class PlaquetteTraces(torch.autograd.Function):
+    """tr(U_1 U_2 (U_3 U_4)^+) / N for the link quadruples of an index, with a hand-written
+    backward; the products run matrix-axes-first (:func:`flowplug.groups.matmul_axes_first`) in
+    ``dtype``.
+
+    ``apply(links (B, n_links, N, N) complex, index (4, P) long, dtype) -> (B, P)`` in ``dtype``.
+    A double backward (``create_graph=True``: Hessians, L2HMC's loss through the force) runs
+    through the same traces formed by differentiable operations (:func:`_traces_by_autograd`).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, links: torch.Tensor, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        b, n_links, n, _ = links.shape  # (B, d V, N, N)
+        s = torch.empty((n, n, n_links, b), dtype=dtype, device=links.device)
+        s.copy_(links.permute(2, 3, 1, 0))
+        # one gather of the four factors (over the merged matrix axes: selecting along a middle
+        # axis of the 4D tensor is many times slower in torch)
+        x = s.view(n * n, n_links, b).index_select(1, index.flatten()).view(n, n, 4, -1, b).unbind(2)
+        left = groups.matmul_axes_first(x[0], x[1])
+        right = groups.matmul_axes_first(x[2], x[3])
+        tr = (left * right.conj()).sum((0, 1)) / n
+        ctx.save_for_backward(links, index, *x, left, right)
+        ctx.in_shape, ctx.in_dtype, ctx.dtype = links.shape, links.dtype, dtype
+        return tr.t().contiguous()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        links, index, x0, x1, x2, x3, left, right = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            # create_graph = True: the saved products carry no graph; the same derivative
+            # through differentiable operations on the saved input
+            with torch.enable_grad():
+                tr = _traces_by_autograd(links, index, ctx.dtype)
+                (g,) = torch.autograd.grad(tr, links, grad, create_graph=True)
+            return g, None, None
+        # tr = sum_ij L_ij conj(R_ij) / N with L = X0 X1, R = X2 X3; torch's convention for
+        # complex gradients: grad_L = R g / N, grad_R = L conj(g) / N, then grad_X0 = grad_L X1^+, ...
+        b, n_links, n, _ = ctx.in_shape
+        g = grad.t().to(left.dtype).contiguous() / n  # (P, B): a transposed view would slow every product
+        g_left, g_right = right * g, left * g.conj()
+        mm = groups.matmul_axes_first
+        # the first sum out of place, into a tensor derived from the (possibly vmapped) gradient,
+        # so that the backward can be vmapped (batched gradients, Jacobians); the others in place
+        out = torch.zeros((n, n, n_links, b), dtype=left.dtype, device=left.device)
+        out = out.index_add(2, index[0], mm(g_left, x1.conj().transpose(0, 1)))
+        out.index_add_(2, index[1], mm(x0.conj().transpose(0, 1), g_left))
+        out.index_add_(2, index[2], mm(g_right, x3.conj().transpose(0, 1)))
+        out.index_add_(2, index[3], mm(x2.conj().transpose(0, 1), g_right))
+        # one converting copy into the links' layout (contiguous: every later operation on the
+        # gradient, its accumulation included, then runs over contiguous rows)
+        return out.permute(3, 2, 0, 1).to(ctx.in_dtype, memory_format=torch.contiguous_format), None, None
+
+
+def plaquette_traces(links: torch.Tensor | Sequence[torch.Tensor], dtype: torch.dtype | None = None) -> torch.Tensor:
+    r"""tr P_{mu nu}(x) / N for every plane mu < nu, without forming the plaquettes.
+
+    tr(U_mu(x) U_nu(x+mu) U_mu(x+nu)^+ U_nu(x)^+) = sum_ab (U_mu(x) U_nu(x+mu))_ab
+    conj((U_nu(x) U_mu(x+nu))_ab): two matrix products per plane instead of three. The
+    products run on matrices stored matrix-axes-first, elementwise over sites and batch, with
+    a hand-written backward (the same derivative as autograd's through the products; a double
+    backward, ``create_graph=True``, goes through differentiable operations instead).
+
+    Arguments:
+        links: Gauge links (B, d, L_0, ..., L_{d-1}, N, N), complex, or the d link fields
+            U_mu, each (B, L..., N, N) (e.g. ``u.unbind(1)``).
+        dtype: Complex dtype of the arithmetic (``torch.complex64`` for a float32
+            conditioner); default: that of the links.
+
+    Returns:
+        (B, d(d-1)/2, L...) in ``dtype``, planes ordered as :func:`sun_plaquettes`.
+
+    Raises:
+        ShapeError: on a link tensor that is not (B, d, L..., N, N) with d >= 2 and N x N
+            complex matrices.
+
+    References:
+        Wilson, Phys. Rev. D 10 (1974) 2445.
+    """
+    u = links if isinstance(links, torch.Tensor) else torch.stack(list(links), dim=1)
+    if u.dim() < 6 or u.shape[-1] != u.shape[-2] or not u.is_complex() or u.dim() - 4 != u.shape[1]:
+        raise ShapeError(
+            f"plaquette_traces: expected complex links of shape (B, d, L_0, ..., L_(d-1), N, N) with d >= 2; "
+            f"found {u.dtype} {tuple(u.shape)}"
+        )
+    d = u.shape[1]
+    lattice = tuple(u.shape[2 : 2 + d])
+    index = plaquette_index(lattice, u.device)
+    tr = PlaquetteTraces.apply(u.flatten(1, 1 + d), index, u.dtype if dtype is None else dtype)
+    return tr.view(u.shape[0], d * (d - 1) // 2, *lattice)

@@ -84,8 +84,8 @@ from collections.abc import Sequence
 
 import torch
 
-from flowplug import groups
-from flowplug.errors import ConfigError, ShapeError
+from flowplug import gauge, groups
+from flowplug.errors import ConfigError
 from flowplug.plugins.flow_gauge import _SUNCoupling
 from flowplug.plugins.flow_sun import eigen_phases, pair_indices
 
@@ -580,78 +580,11 @@ class _Coefficients(torch.autograd.Function):
         return g_c.reshape(-1, g_c.shape[-1]).t().to(ctx.raw_dtype), None, None, None  # type: ignore[attr-defined]
 
 
-def _matmul_axes_first(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Matrix product of N x N matrices stored matrix-axes-first, (N, N, ...) @ (N, N, ...).
-
-    Elementwise over the trailing (batch) axes: for 3 x 3 matrices this is several times
-    faster on a CPU than a batched matrix multiplication of (..., N, N) matrices."""
-    out = a[:, 0, None] * b[None, 0]
-    for k in range(1, a.shape[1]):
-        out.addcmul_(a[:, k, None], b[None, k])
-    return out
-
-
-@functools.cache
-def _plaquette_index(lattice: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """Flat link indices (4, P V) of the factors U_mu(x), U_nu(x+mu), U_nu(x), U_mu(x+nu) of every
-    plaquette, planes mu < nu in the order of :func:`flowplug.gauge.sun_plaquettes`, then sites;
-    the link of direction a at site y has index a V + y (V the volume)."""
-    d, vol = len(lattice), math.prod(lattice)
-    flat = torch.arange(vol).reshape(lattice)
-    rows: list[list[torch.Tensor]] = [[], [], [], []]
-    for mu in range(d):
-        for nu in range(mu + 1, d):
-            rows[0].append(mu * vol + flat.flatten())
-            rows[1].append(nu * vol + torch.roll(flat, -1, dims=mu).flatten())
-            rows[2].append(nu * vol + flat.flatten())
-            rows[3].append(mu * vol + torch.roll(flat, -1, dims=nu).flatten())
-    return torch.stack([torch.cat(r) for r in rows]).to(device)
-
-
-class _PlaquetteTraces(torch.autograd.Function):
-    """tr(U_1 U_2 (U_3 U_4)^+) / N for the link quadruples of an index, with a hand-written
-    backward; the products run matrix-axes-first (:func:`_matmul_axes_first`) in ``dtype``."""
-
-    @staticmethod
-    def forward(ctx, links: torch.Tensor, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        b, n_links, n, _ = links.shape  # (B, d V, N, N)
-        s = torch.empty((n, n, n_links, b), dtype=dtype, device=links.device)
-        s.copy_(links.permute(2, 3, 1, 0))
-        # one gather of the four factors (over the merged matrix axes: selecting along a middle
-        # axis of the 4D tensor is many times slower in torch)
-        x = s.view(n * n, n_links, b).index_select(1, index.flatten()).view(n, n, 4, -1, b).unbind(2)
-        left, right = _matmul_axes_first(x[0], x[1]), _matmul_axes_first(x[2], x[3])
-        tr = (left * right.conj()).sum((0, 1)) / n
-        ctx.save_for_backward(index, *x, left, right)
-        ctx.in_shape, ctx.in_dtype = links.shape, links.dtype
-        return tr.t().contiguous()
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        if torch.is_grad_enabled():
-            # create_graph = True: the saved products carry no graph, so a derivative of this
-            # backward would silently miss terms; refuse instead
-            raise RuntimeError(
-                "plaquette_traces (the sun-stout features) has a first-order hand-written backward: "
-                "double backward (create_graph=True, Hessians) is not supported; differentiate "
-                "flowplug.gauge.sun_plaquettes instead (or use the sun-spectral layer)"
-            )
-        # tr = sum_ij L_ij conj(R_ij) / N with L = X0 X1, R = X2 X3; torch's convention for
-        # complex gradients: grad_L = R g / N, grad_R = L conj(g) / N, then grad_X0 = grad_L X1^+, ...
-        index, x0, x1, x2, x3, left, right = ctx.saved_tensors
-        b, n_links, n, _ = ctx.in_shape
-        g = grad.t().to(left.dtype).contiguous() / n  # (P, B): a transposed view would slow every product
-        g_left, g_right = right * g, left * g.conj()
-        # the first sum out of place, into a tensor derived from the (possibly vmapped) gradient,
-        # so that the backward can be vmapped (batched gradients, Jacobians); the others in place
-        out = torch.zeros((n, n, n_links, b), dtype=left.dtype, device=left.device)
-        out = out.index_add(2, index[0], _matmul_axes_first(g_left, x1.conj().transpose(0, 1)))
-        out.index_add_(2, index[1], _matmul_axes_first(x0.conj().transpose(0, 1), g_left))
-        out.index_add_(2, index[2], _matmul_axes_first(g_right, x3.conj().transpose(0, 1)))
-        out.index_add_(2, index[3], _matmul_axes_first(x2.conj().transpose(0, 1), g_right))
-        # one converting copy into the links' layout (contiguous: every later operation on the
-        # gradient, its accumulation included, then runs over contiguous rows)
-        return out.permute(3, 2, 0, 1).to(ctx.in_dtype, memory_format=torch.contiguous_format), None, None
+# the plaquette-trace machinery lives in :mod:`flowplug.gauge` (the Wilson action uses it too)
+_matmul_axes_first = groups.matmul_axes_first
+_plaquette_index = gauge.plaquette_index
+_PlaquetteTraces = gauge.PlaquetteTraces
+plaquette_traces = gauge.plaquette_traces
 
 
 class _TracesAndRows(torch.autograd.Function):
@@ -679,6 +612,12 @@ class _TracesAndRows(torch.autograd.Function):
     def backward(
         ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor | None, g_rows: torch.Tensor | None
     ) -> tuple[torch.Tensor, None, None, None]:
+        if torch.is_grad_enabled():
+            # create_graph = True: the gathered rows carry no graph (and the stout map refuses too)
+            raise RuntimeError(
+                "the sun-stout features have a first-order hand-written backward: double backward "
+                "(create_graph=True, Hessians) is not supported; use the sun-spectral layer"
+            )
         rows = ctx.rows  # type: ignore[attr-defined]
         if grad is None:  # traces unused: the rows' gradient alone (out of place, vmappable)
             b, n_links, n, _ = ctx.in_shape  # type: ignore[attr-defined]
@@ -690,44 +629,6 @@ class _TracesAndRows(torch.autograd.Function):
         if g_rows is not None:
             out.index_add_(1, rows, g_rows)
         return out, None, None, None
-
-
-def plaquette_traces(links: torch.Tensor | Sequence[torch.Tensor], dtype: torch.dtype | None = None) -> torch.Tensor:
-    r"""tr P_{mu nu}(x) / N for every plane mu < nu, without forming the plaquettes.
-
-    tr(U_mu(x) U_nu(x+mu) U_mu(x+nu)^+ U_nu(x)^+) = sum_ab (U_mu(x) U_nu(x+mu))_ab
-    conj((U_nu(x) U_mu(x+nu))_ab): two matrix products per plane instead of three. The
-    products run on matrices stored matrix-axes-first, elementwise over sites and batch, with
-    a hand-written backward (the same derivative as autograd's through the products; first
-    order only: a double backward, ``create_graph=True``, raises).
-
-    Arguments:
-        links: Gauge links (B, d, L_0, ..., L_{d-1}, N, N), complex, or the d link fields
-            U_mu, each (B, L..., N, N) (e.g. ``u.unbind(1)``).
-        dtype: Complex dtype of the arithmetic (``torch.complex64`` for a float32
-            conditioner); default: that of the links.
-
-    Returns:
-        (B, d(d-1)/2, L...) in ``dtype``, planes ordered as :func:`flowplug.gauge.sun_plaquettes`.
-
-    Raises:
-        ShapeError: on a link tensor that is not (B, d, L..., N, N) with d >= 2 and N x N
-            complex matrices.
-
-    References:
-        Wilson, Phys. Rev. D 10 (1974) 2445.
-    """
-    u = links if isinstance(links, torch.Tensor) else torch.stack(list(links), dim=1)
-    if u.dim() < 6 or u.shape[-1] != u.shape[-2] or not u.is_complex() or u.dim() - 4 != u.shape[1]:
-        raise ShapeError(
-            f"plaquette_traces: expected complex links of shape (B, d, L_0, ..., L_(d-1), N, N) with d >= 2; "
-            f"found {u.dtype} {tuple(u.shape)}"
-        )
-    d = u.shape[1]
-    lattice = tuple(u.shape[2 : 2 + d])
-    index = _plaquette_index(lattice, u.device)
-    tr = _PlaquetteTraces.apply(u.flatten(1, 1 + d), index, u.dtype if dtype is None else dtype)
-    return tr.view(u.shape[0], d * (d - 1) // 2, *lattice)
 
 
 class _SharedTraces:

@@ -12,7 +12,7 @@ from typing import cast
 
 import torch
 
-from flowplug import groups
+from flowplug import gauge, groups
 from flowplug.errors import ConfigError, ShapeError, UnknownComponentError
 from flowplug.hookspecs import hookimpl
 from flowplug.records import ActionSpec
@@ -191,6 +191,12 @@ class WilsonGaugeAction(Action):
                 torch.Tensor, sum(torch.cos(p).flatten(1).sum(1) for _, _, p in self._u1_plaquette_angles(x))
             )
             return (-self.beta * total_u1).to(torch.float64)
+        if x.device.type == "cpu":
+            # the traces of all plaquettes at once, matrix-axes-first with a hand-written backward
+            # (:func:`flowplug.gauge.plaquette_traces`): on a CPU some 40 % less time for the action
+            # and its gradient than the loop below (on CUDA the loop's multiply-adds, measured there)
+            traces = gauge.plaquette_traces(x).real.flatten(1).sum(1)
+            return (-self.beta * traces).to(torch.float64)
         total: torch.Tensor | float = 0.0
         for mu in range(d):
             for nu in range(mu + 1, d):
