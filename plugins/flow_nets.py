@@ -120,6 +120,39 @@ def net_dtype(name: str | torch.dtype) -> torch.dtype:
         raise ConfigError(f"network dtype must be 'float32' or 'float64'; found {name!r}") from None
 
 
+class _ChannelSum(torch.autograd.Function):
+    """y[b, o, f] = sum_c x[b, c, f] k[o, c, f], the channel sum of a convolution in Fourier space,
+    with a hand-written backward.
+
+    ``apply(x (B, C, F), k (O, C, F)) -> (B, O, F)``, complex. The forward pass adds the channels
+    in order, elementwise (each configuration's output independent of the batch it is in, bit
+    for bit, as :class:`PeriodicConv` needs); the backward pass forms each gradient as one
+    broadcast product and one sum, g conj(k) summed over o and g conj(x) summed over b (torch's
+    convention for complex gradients), instead of autograd's two products, two sums and their
+    bookkeeping per channel. The backward is built from differentiable operations on the
+    saved inputs, so a double backward works.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        # the channels as views from one unbind each; the same products and sums in the same
+        # order as a loop over selected channels
+        xs, ks = x.unsqueeze(2).unbind(1), k.unsqueeze(0).unbind(2)
+        y = xs[0] * ks[0]
+        for c in range(1, len(xs)):
+            y = y + xs[c] * ks[c]
+        ctx.save_for_backward(x, k)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        x, k = ctx.saved_tensors
+        g = grad.unsqueeze(2)  # (B, O, 1, F)
+        gx = (g * k.conj().unsqueeze(0)).sum(1) if ctx.needs_input_grad[0] else None
+        gk = (g * x.conj().unsqueeze(1)).sum(0) if ctx.needs_input_grad[1] else None
+        return gx, gk
+
+
 class PeriodicConv(nn.Module):
     """Convolution over a d-dimensional periodic lattice, d = 1, 2, 3 or 4.
 
@@ -291,13 +324,7 @@ class PeriodicConv(nn.Module):
             kernel = w.new_zeros(n_out, n_in, vol).index_add(2, taps, w.reshape(n_out, n_in, -1))
             k_hat = torch.fft.rfftn(kernel.view(n_out, n_in, *lat), dim=dims).flatten(2)  # (O, C, F)
             x_hat = torch.fft.rfftn(x, dim=dims).flatten(2)  # (B, C, F)
-        # the channels as views from one unbind each: the backward stacks their gradients once (a
-        # select per channel would zero-fill a full-size gradient per channel); the same products
-        # and sums in the same order as a loop over selected channels
-        xs, ks = x_hat.unsqueeze(2).unbind(1), k_hat.unsqueeze(0).unbind(2)
-        y_hat = xs[0] * ks[0]
-        for c in range(1, n_in):
-            y_hat = y_hat + xs[c] * ks[c]
+        y_hat = _ChannelSum.apply(x_hat, k_hat)  # (B, O, F)
         if dense:
             yr = torch.view_as_real(y_hat).view(b, n_out, sa, fb, 2).permute(0, 4, 2, 1, 3).reshape(b, 2 * sa, -1)
             yr = torch.bmm(inv_a.expand(b, -1, -1), yr).view(b, 2, sa, n_out, fb).permute(0, 3, 2, 4, 1)
