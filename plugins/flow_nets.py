@@ -70,17 +70,20 @@ def _dft_factors(
     rfftn over (L_0, L_1, L_2, L_3) is rfft2 over (L_2, L_3) followed by the complex fft2 over
     (L_0, L_1), and irfftn the inverse steps in the opposite order, so the two dense maps factor
     into products with S_a x S_a and S_b x 2 F_b matrices (S_a = L_0 L_1, S_b = L_2 L_3,
-    F_b = L_2 (L_3 // 2 + 1)) instead of V x 2F ones: a fraction of the arithmetic.
+    F_b = L_2 (L_3 // 2 + 1)) instead of V x 2F ones: a fraction of the arithmetic. The
+    complex stage multiplies from the left, so both stages read and write the layout
+    (..., S_a, F_b) of ``rfftn``'s output without a transposition.
 
     Arguments:
         lattice: (L_0, L_1, L_2, L_3).
-        device, dtype: Of the returned matrices (a real dtype); built in float64.
+        device, dtype: Of the returned matrices (a real dtype; the complex ones in the matching
+            complex dtype); built in float64.
 
     Returns:
         ``(fwd_b, fwd_a, inv_a, inv_b)``: fwd_b (S_b, 2 F_b), the rfft2 over the last two axes
-        (x_b @ fwd_b = view_as_real(rfft2(x_b)) flattened); fwd_a and inv_a (2 S_a, 2 S_a), the
-        fft2 and ifft2 over the first two axes as real block matrices [[Re, -Im], [Im, Re]]
-        acting on [Re z; Im z] stacked along the first axis; inv_b (2 F_b, S_b), the irfft2 over
+        (x_b @ fwd_b = view_as_real(rfft2(x_b)) flattened); fwd_a and inv_a (S_a, S_a) complex,
+        the fft2 and ifft2 over the first two axes (fwd_a @ z_a = fft2(z_a) flattened, z_a the
+        (S_a,) vector of one momentum of the last two axes); inv_b (2 F_b, S_b), the irfft2 over
         the last two axes (view_as_real(y_b) flattened @ inv_b = irfft2(y_b, s=(L_2, L_3))).
 
     Raises:
@@ -91,14 +94,35 @@ def _dft_factors(
     sa = lattice[0] * lattice[1]
     fwd_b, inv_b = _dft_matrices(tuple(lattice[2:]), torch.device("cpu"), torch.float64)
     eye = torch.eye(sa, dtype=torch.complex128).view(sa, lattice[0], lattice[1])
+    # m[a, k] = F[k, a] of the transform of the a-th basis vector
+    fwd_a = torch.fft.fftn(eye, dim=(1, 2)).reshape(sa, sa).t()
+    inv_a = torch.fft.ifftn(eye, dim=(1, 2)).reshape(sa, sa).t()
+    cdtype = (torch.ones((), dtype=dtype) * 1j).dtype  # the complex dtype of the real one
+    real = tuple(m.to(device=device, dtype=dtype).contiguous() for m in (fwd_b, inv_b))
+    cplx = tuple(m.to(device=device, dtype=cdtype).contiguous() for m in (fwd_a, inv_a))
+    return real[0], cplx[0], cplx[1], real[1]
 
-    def block(m: torch.Tensor) -> torch.Tensor:  # m[a, k] = F[k, a] -> [[Re F, -Im F], [Im F, Re F]]
-        f = m.reshape(sa, sa).t()
-        return torch.cat([torch.cat([f.real, -f.imag], 1), torch.cat([f.imag, f.real], 1)], 0)
 
-    fwd_a = block(torch.fft.fftn(eye, dim=(1, 2)))
-    inv_a = block(torch.fft.ifftn(eye, dim=(1, 2)))
-    return tuple(m.to(device=device, dtype=dtype).contiguous() for m in (fwd_b, fwd_a, inv_a, inv_b))  # type: ignore[return-value]
+def _strided_inverse(
+    lattice: tuple[int, ...], out_sites: tuple[int, int, int], inv_a: torch.Tensor, inv_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse factors of :func:`_dft_factors` restricted to the sites whose coordinate along
+    lattice axis ``out_sites[0]`` is ``offset`` modulo ``step``: the rows of ``inv_a`` (axes 0, 1)
+    or the columns of ``inv_b`` (axes 2, 3) of those positions, in row-major order (cached per
+    lattice, sites, device and dtype)."""
+    key = (lattice, out_sites, inv_a.device, inv_a.dtype, inv_b.dtype)
+    hit = _STRIDED_INVERSE.get(key)
+    if hit is None:
+        axis, offset, step = out_sites
+        pair = (0, 1) if axis < 2 else (2, 3)
+        grid = torch.meshgrid(*(torch.arange(lattice[a]) for a in pair), indexing="ij")
+        keep = (grid[axis - pair[0]] % step == offset % step).flatten().nonzero().flatten().to(inv_a.device)
+        hit = (inv_a.index_select(0, keep), inv_b) if axis < 2 else (inv_a, inv_b.index_select(1, keep).contiguous())
+        _STRIDED_INVERSE[key] = hit
+    return hit
+
+
+_STRIDED_INVERSE: dict[tuple[object, ...], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def net_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -247,10 +271,9 @@ class PeriodicConv(nn.Module):
         if self.ndim == 4 and out_sites is None:
             return self._fourier(x)
         if self.ndim == 4 and math.prod(lat) <= _DENSE_DFT_SITES:
-            # on a small lattice the full convolution through the two-stage dense DFT and a
-            # selection of the strided rows costs less than the strided direct convolution
-            strided = torch.arange(offset % step, lat[axis], step, device=x.device)
-            return self._fourier(x).index_select(2 + axis, strided)
+            # on a small lattice the convolution through the two-stage dense DFT, its inverse
+            # transform evaluated at the strided sites only, costs less than the strided direct one
+            return self._fourier(x, (axis, offset % step, step))
         # pad every axis circularly at once: one gather of the padded lattice's sites (along
         # ``axis`` only the rows that the strided output reads)
         key = (lat, x.device, None if out_sites is None else (axis, offset % step, step))
@@ -277,11 +300,13 @@ class PeriodicConv(nn.Module):
         y = torch.cat([F.conv3d(yc, self.conv.weight, self.conv.bias, stride=stride3) for yc in y.split(l0)])
         return y.reshape(b, l0, -1, *y.shape[2:]).transpose(1, 2)
 
-    def _fourier(self, x: torch.Tensor) -> torch.Tensor:
+    def _fourier(self, x: torch.Tensor, out_sites: tuple[int, int, int] | None = None) -> torch.Tensor:
         """The full periodic convolution through the convolution theorem (class docstring).
 
         y(x) = b + sum_t W_t x(x + t - h) = b + (K * x)(x) with the kernel K placed at
         (h - t) mod L: its Fourier transform multiplies that of the input, momentum by momentum.
+        With ``out_sites`` (axis, offset, step), dense 4D path only: the output at those sites
+        (the rows of the inverse transform's matrix for them; :meth:`forward`).
         """
         lat = tuple(x.shape[2:])
         d, k = self.ndim, self.kernel_size
@@ -313,22 +338,25 @@ class PeriodicConv(nn.Module):
             # one product per configuration (bmm), so that the float32 rounding of a
             # configuration's transform does not depend on the batch size (BLAS rounds a product by its shape)
             # the data's transforms in two stages (:func:`_dft_factors`): rfft2 over the last two
-            # axes, then fft2 over the first two as a real block matrix on [Re; Im]
+            # axes, then the complex fft2 over the first two from the left, one product per
+            # configuration and channel (no transposition between the stages)
             fwd_b, fwd_a, inv_a, inv_b = _dft_factors(lat, x.device, x.dtype)
             sa, sb, fb = lat[0] * lat[1], lat[2] * lat[3], fwd_b.shape[1] // 2
-            z = torch.bmm(x.reshape(b, n_in * sa, sb), fwd_b.expand(b, -1, -1)).view(b, n_in, sa, fb, 2)
-            z = torch.bmm(fwd_a.expand(b, -1, -1), z.permute(0, 4, 2, 1, 3).reshape(b, 2 * sa, n_in * fb))
-            x_hat = torch.view_as_complex(z.view(b, 2, sa, n_in, fb).permute(0, 3, 2, 4, 1).contiguous())
-            x_hat = x_hat.view(b, n_in, sa * fb)
+            z = torch.bmm(x.reshape(b, n_in * sa, sb), fwd_b.expand(b, -1, -1)).view(b * n_in, sa, fb, 2)
+            x_hat = torch.bmm(fwd_a.expand(b * n_in, -1, -1), torch.view_as_complex(z)).view(b, n_in, sa * fb)
         else:
             kernel = w.new_zeros(n_out, n_in, vol).index_add(2, taps, w.reshape(n_out, n_in, -1))
             k_hat = torch.fft.rfftn(kernel.view(n_out, n_in, *lat), dim=dims).flatten(2)  # (O, C, F)
             x_hat = torch.fft.rfftn(x, dim=dims).flatten(2)  # (B, C, F)
         y_hat = _ChannelSum.apply(x_hat, k_hat)  # (B, O, F)
         if dense:
-            yr = torch.view_as_real(y_hat).view(b, n_out, sa, fb, 2).permute(0, 4, 2, 1, 3).reshape(b, 2 * sa, -1)
-            yr = torch.bmm(inv_a.expand(b, -1, -1), yr).view(b, 2, sa, n_out, fb).permute(0, 3, 2, 4, 1)
-            y = torch.bmm(yr.reshape(b, n_out * sa, 2 * fb), inv_b.expand(b, -1, -1)).view(b, n_out, *lat)
+            out_lat = list(lat)
+            if out_sites is not None:  # the inverse transforms' rows of the strided sites only
+                inv_a, inv_b = _strided_inverse(lat, out_sites, inv_a, inv_b)
+                out_lat[out_sites[0]] //= out_sites[2]
+            yc = torch.bmm(inv_a.expand(b * n_out, -1, -1), y_hat.view(b * n_out, sa, fb))
+            yr = torch.view_as_real(yc).view(b, n_out * inv_a.shape[0], 2 * fb)
+            y = torch.bmm(yr, inv_b.expand(b, -1, -1)).view(b, n_out, *out_lat)
         else:
             y = torch.fft.irfftn(y_hat.view(b, n_out, *half_shape), s=lat, dim=dims)
         bias = self.conv.bias

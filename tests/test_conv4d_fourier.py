@@ -1,9 +1,15 @@
-"""The channel sum of the 4D Fourier-space convolution (:class:`flowplug.plugins.flow_nets._ChannelSum`):
-its forward pass is the per-channel loop bit for bit, its hand-written backward pass equals
-autograd's through that loop, and it supports a double backward and gradcheck."""
+"""The 4D convolution through dense DFT matrices (small lattices):
+
+- the channel sum in Fourier space (:class:`flowplug.plugins.flow_nets._ChannelSum`): its forward
+  pass is the per-channel loop bit for bit, its hand-written backward pass equals autograd's
+  through that loop, and it supports a double backward and gradcheck;
+- the whole convolution against a direct one (circular padding and 3D convolutions);
+- strided outputs (the inverse transform at the strided sites only) against the full output's
+  rows, on every axis, with gradients."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from flowplug.plugins.flow_nets import PeriodicConv, _ChannelSum
@@ -66,3 +72,27 @@ def test_periodic_conv_4d_gradients_equal_a_direct_convolution():
     g = torch.autograd.grad(y, (x, conv.conv.weight), gy)
     g_ref = torch.autograd.grad(ref, (x, conv.conv.weight), gy)
     assert all((a - b).abs().max() < 1e-11 for a, b in zip(g, g_ref, strict=True))
+
+
+@pytest.mark.parametrize("lattice", [(4, 2, 6, 4), (2, 4, 4, 6)], ids=lambda v: "x".join(map(str, v)))
+@pytest.mark.parametrize("axis", [0, 1, 2, 3])
+def test_strided_output_is_the_full_outputs_rows_with_gradients(lattice, axis):
+    """``out_sites`` on the dense path evaluates the inverse transform at the strided sites only:
+    the full output's rows there, and the same input, weight and bias gradients (float64)."""
+    torch.manual_seed(4 + axis)
+    conv = PeriodicConv(3, 2, 3, 4, dtype=torch.float64)
+    with torch.no_grad():
+        conv.conv.bias.normal_()
+    x = torch.randn(2, 3, *lattice, dtype=torch.float64, requires_grad=True)
+    step = 2
+    for offset in (0, 1):
+        strided = conv(x, (axis, offset, step))
+        rows = torch.arange(offset, lattice[axis], step)
+        ref = conv(x).index_select(2 + axis, rows)
+        assert strided.shape == ref.shape and strided.shape[2 + axis] == lattice[axis] // step
+        assert (strided - ref).abs().max() < 1e-12
+        g = torch.randn_like(ref)
+        params = (x, conv.conv.weight, conv.conv.bias)
+        grads = torch.autograd.grad(strided, params, g)
+        grads_ref = torch.autograd.grad(ref, params, g)
+        assert all((a - b).abs().max() < 1e-11 for a, b in zip(grads, grads_ref, strict=True))
