@@ -39,7 +39,7 @@ from collections.abc import Callable
 
 import torch
 
-from flowplug import groups
+from flowplug import gauge, groups
 from flowplug.plugins import flow_stout
 from flowplug.plugins.flow_gauge import SUNSpectralCoupling
 
@@ -75,7 +75,7 @@ def main() -> None:
 
     def features() -> None:
         u = z.clone().requires_grad_(True)
-        part = flow_stout._PlaquetteTraces.apply(u.flatten(1, 5), stout.frozen_plaquettes, torch.complex64)
+        part = gauge.PlaquetteTraces.apply(u.flatten(1, 5), stout.frozen_plaquettes, torch.complex64)
         tr = part.new_zeros(b, 6 * 256).index_copy(1, stout.frozen_at, part)
         (tr.real.sum() + tr.imag.sum()).backward()
 

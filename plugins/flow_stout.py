@@ -580,15 +580,13 @@ class _Coefficients(torch.autograd.Function):
         return g_c.reshape(-1, g_c.shape[-1]).t().to(ctx.raw_dtype), None, None, None  # type: ignore[attr-defined]
 
 
-# the plaquette-trace machinery lives in :mod:`flowplug.gauge` (the Wilson action uses it too)
-_matmul_axes_first = groups.matmul_axes_first
-_plaquette_index = gauge.plaquette_index
-_PlaquetteTraces = gauge.PlaquetteTraces
+#: tr P / N of every plaquette (:func:`flowplug.gauge.plaquette_traces`, where the machinery of the
+#: features lives: the Wilson action uses it too)
 plaquette_traces = gauge.plaquette_traces
 
 
 class _TracesAndRows(torch.autograd.Function):
-    """:class:`_PlaquetteTraces` and a gather of link rows in one node: the features and the
+    """:class:`flowplug.gauge.PlaquetteTraces` and a gather of link rows in one node: the features and the
     active loops' links of a :class:`SUNStoutCoupling`, whose gradients go into one tensor.
 
     forward(links (B, d V, N, N), index (4, P), dtype, rows (R,) long) -> (traces (B, P) in
@@ -604,7 +602,7 @@ class _TracesAndRows(torch.autograd.Function):
         dtype: torch.dtype,
         rows: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        tr = _PlaquetteTraces.forward(ctx, links, index, dtype)
+        tr = gauge.PlaquetteTraces.forward(ctx, links, index, dtype)
         ctx.rows = rows  # type: ignore[attr-defined]
         return tr, links.index_select(1, rows)
 
@@ -625,7 +623,7 @@ class _TracesAndRows(torch.autograd.Function):
             out = torch.zeros((b, n_links, n, n), dtype=ctx.in_dtype, device=ref.device)  # type: ignore[attr-defined]
             return (out if g_rows is None else out.index_add(1, rows, g_rows)), None, None, None
         # a fresh tensor derived from the gradient: in place is safe, also when vmapped
-        out = _PlaquetteTraces.backward(ctx, grad)[0]
+        out = gauge.PlaquetteTraces.backward(ctx, grad)[0]
         if g_rows is not None:
             out.index_add_(1, rows, g_rows)
         return out, None, None, None
@@ -786,11 +784,11 @@ class SUNStoutCoupling(_SUNCoupling):
         quad += [self.mu * vol + self.site_plus_nu, self.nu * vol + sites]
         self.register_buffer("loop_links", torch.cat(quad), persistent=False)
         # the frozen plaquettes (the only features the conditioner reads): flat positions
-        # (plane, site) and the four links of each (:func:`_plaquette_index`)
+        # (plane, site) and the four links of each (:func:`flowplug.gauge.plaquette_index`)
         frozen_at = self.frozen.flatten().nonzero().flatten()
         self.register_buffer("frozen_at", frozen_at, persistent=False)
         self.register_buffer(
-            "frozen_plaquettes", _plaquette_index(self.lattice, frozen_at.device)[:, frozen_at], persistent=False
+            "frozen_plaquettes", gauge.plaquette_index(self.lattice, frozen_at.device)[:, frozen_at], persistent=False
         )
         self._frozen_key = tuple(frozen_at.tolist())
         # per (previous layer's frozen positions, device): which traces to take and which to compute
@@ -798,7 +796,7 @@ class SUNStoutCoupling(_SUNCoupling):
 
     def _share_plan(self, shared: _SharedTraces) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Positions of this layer's frozen plaquettes that ``shared`` holds (taken), those it does
-        not (computed) and the four links of the latter (4, n) (:func:`_plaquette_index`)."""
+        not (computed) and the four links of the latter (4, n) (:func:`flowplug.gauge.plaquette_index`)."""
         prev_frozen_at = shared.frozen_at
         key = (shared.key, self.frozen_at.device)
         plan = self._share_plans.get(key)
@@ -806,7 +804,7 @@ class SUNStoutCoupling(_SUNCoupling):
             mine = self.frozen_at
             held = torch.isin(mine, prev_frozen_at.to(mine.device))
             new_at = mine[~held]
-            plan = (mine[held], new_at, _plaquette_index(self.lattice, mine.device)[:, new_at])
+            plan = (mine[held], new_at, gauge.plaquette_index(self.lattice, mine.device)[:, new_at])
             self._share_plans[key] = plan
         return plan
 

@@ -26,7 +26,7 @@ import pytest
 import torch
 from _sun_helpers import centre, conj, eigdiag, gen, perturb
 
-from flowplug import groups
+from flowplug import gauge, groups
 from flowplug.errors import ShapeError
 from flowplug.flow import make_layer
 from flowplug.manager import new_plugin_manager, set_plugin_manager
@@ -222,9 +222,7 @@ def test_layer_features_are_the_frozen_plaquette_traces(lattice, index):
     m = make_layer("sun-stout", lattice=lattice, field="su3", index=index)
     u = groups.haar_random((2, d, *lattice), 3, generator=gen(40))
     full = plaquette_traces(u, torch.complex64).flatten(1)
-    from flowplug.plugins.flow_stout import _PlaquetteTraces
-
-    part = _PlaquetteTraces.apply(u.flatten(1, 1 + d), m.frozen_plaquettes, torch.complex64)
+    part = gauge.PlaquetteTraces.apply(u.flatten(1, 1 + d), m.frozen_plaquettes, torch.complex64)
     assert torch.equal(part, full[:, m.frozen_at])
     assert torch.equal(m.frozen.flatten().nonzero().flatten(), m.frozen_at)
 
