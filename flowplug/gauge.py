@@ -93,7 +93,7 @@ def u1_plaquettes(theta: torch.Tensor) -> torch.Tensor:
         for nu in range(mu + 1, d):
             t_mu, t_nu = theta[:, mu], theta[:, nu]
             out.append(t_mu + torch.roll(t_nu, -1, dims=1 + mu) - torch.roll(t_mu, -1, dims=1 + nu) - t_nu)
-    return torch.stack(out, dim=1)
+    return out[0].unsqueeze(1) if len(out) == 1 else torch.stack(out, dim=1)  # 2D: one plane, no copy
 
 
 def plaquette(links: torch.Tensor) -> torch.Tensor:

@@ -45,7 +45,14 @@ from torch.autograd.function import once_differentiable
 
 from flowplug import gauge, groups
 from flowplug.errors import CheckpointError, ConfigError, ShapeError
-from flowplug.plugins.flow_nets import ConvNet, net_dtype, stack_backward, stack_forward, will_compute
+from flowplug.plugins.flow_nets import (
+    ConvNet,
+    _GatheredConvStack,
+    net_dtype,
+    stack_backward,
+    stack_forward,
+    will_compute,
+)
 from flowplug.plugins.flow_sun import SPECTRAL_MAP_VERSION, n_spectral_params, spectral_map
 from flowplug.plugins.flow_transforms import (
     circular_rq_spline,
@@ -221,14 +228,16 @@ class _U1NCPMap(torch.autograd.Function):
     autograd node (training steps).
 
     ``apply(theta, spec, *params) -> (theta', log h'(x))``: theta (B, d, L...) float64; spec
-    ``(mu, nu, plane, idx, links, frozen, plan, slope, dtype, n_mix)`` (the layer's pattern:
-    ``plane`` the index of the active loop among the plaquettes or ``None`` when mu > nu, the
-    updated sites and links as flat indices, the frozen-plaquette mask (planes, L...) float64,
-    the network's :meth:`~flowplug.plugins.flow_nets.ConvNet.gathered_stack` and dtype, M);
-    params the network's weights and biases. Returns theta' like theta and the log-derivative
-    of the mixture on the updated sites, (B, n) float64. The forward pass evaluates exactly the
-    operations of the generic path of :meth:`U1Coupling._map` (the same numbers, bit for bit);
-    the backward pass is written out: the link update, the mixture
+    ``(mu, nu, plane, idx, links, fsites, fmask, plan, slope, dtype, n_mix)`` (the layer's
+    pattern: ``plane`` the index of the active loop among the plaquettes or ``None`` when
+    mu > nu, the updated sites and links as flat indices, the sites of frozen plaquettes and
+    the frozen mask there from :meth:`U1Coupling._frozen_inputs`, the network's
+    :meth:`~flowplug.plugins.flow_nets.ConvNet.gathered_stack` with those sites as its
+    ``inputs``, and its dtype, M); params the network's weights and biases. Returns theta' like
+    theta and the log-derivative of the mixture on the updated sites, (B, n) float64. The
+    forward pass evaluates exactly the operations of the generic path of :meth:`U1Coupling._map`
+    (the same numbers, bit for bit; the network reads the frozen plaquettes only,
+    :func:`_u1_frozen_features`); the backward pass is written out: the link update, the mixture
     (:func:`~flowplug.plugins.flow_transforms.ncp_mixture_backward`), the network
     (:func:`~flowplug.plugins.flow_nets.stack_backward`), the cos/sin features of the frozen
     plaquettes and the plaquettes themselves (the adjoint of theta -> P: for the plane (a, b),
@@ -237,12 +246,10 @@ class _U1NCPMap(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, theta: torch.Tensor, spec: Any, *params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mu, nu, plane, idx, links, frozen, plan, slope, dtype, n_mix = spec
+        mu, nu, plane, idx, links, fsites, fmask, plan, slope, dtype, n_mix = spec
         plaq = gauge.u1_plaquettes(theta)
         loop = plaq[:, plane] if plane is not None else _u1_loop(theta, mu, nu)
-        cp, sp = torch.cos(plaq), torch.sin(plaq)
-        feats = torch.cat([cp * frozen, sp * frozen], dim=1)  # as _GaugeCoupling._condition
-        h = feats.to(dtype).flatten(2).permute(1, 2, 0)  # as ConvNet.forward_at
+        cp, sp, h = _u1_frozen_features(plaq, fsites, fmask, dtype)  # as U1Coupling._network_at
         out, saved = stack_forward(h, plan, slope, params)  # (n_params, n, B)
         p = out.permute(2, 1, 0).to(torch.float64)  # (B, n, n_params)
         x = torch.remainder(loop.flatten(1).index_select(1, idx), TWO_PI)
@@ -257,8 +264,8 @@ class _U1NCPMap(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, g_out: torch.Tensor | None, g_ld: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-        mu, nu, plane, idx, links, frozen, plan, slope, dtype, n_mix = ctx.spec
-        cp, sp, *rest = ctx.saved_tensors
+        mu, nu, plane, idx, links, fsites, fmask, plan, slope, dtype, n_mix = ctx.spec
+        cp, sp, *rest = ctx.saved_tensors  # (B, planes, m): on the sites of fsites
         saved = rest[: ctx.n_saved]
         mix = tuple(rest[ctx.n_saved : ctx.n_saved + ctx.n_mix_saved])
         params = rest[ctx.n_saved + ctx.n_mix_saved :]
@@ -270,14 +277,18 @@ class _U1NCPMap(torch.autograd.Function):
         g_x = g_x - g_new
         g_p = torch.cat([g_ls, g_lg, g_rot.unsqueeze(-1)], dim=-1)  # (B, n, n_params)
         flags = will_compute(ctx, [0, *range(2, 2 + len(params))])
-        g_h, grads = stack_backward(g_p.permute(2, 1, 0).to(dtype), plan, slope, params, saved, flags[1:], flags[0])
+        g_p = g_p.permute(2, 1, 0).to(dtype, memory_format=torch.contiguous_format)  # (n_params, n, B)
+        g_h, grads = stack_backward(g_p, plan, slope, params, saved, flags[1:], flags[0])
         g_theta = None
         if flags[0]:
             n_planes = cp.shape[1]
             g_dirs = list(g_flat.view(shape).unbind(1))  # per direction, (B, L...)
             assert g_h is not None
-            g_feats = g_h.permute(2, 0, 1).reshape(b, 2 * n_planes, *shape[2:]).to(torch.float64)
-            g_plaq = frozen * (cp * g_feats[:, n_planes:] - sp * g_feats[:, :n_planes])
+            # (B, 2 planes, m): the features' gradient on the sites of fsites (the only input rows)
+            g_feats = g_h.permute(2, 0, 1).to(torch.float64, memory_format=torch.contiguous_format)
+            g_pf = fmask * (cp * g_feats[:, n_planes:] - sp * g_feats[:, :n_planes])
+            g_plaq = cp.new_zeros(b, n_planes, math.prod(shape[2:])).index_copy(2, fsites, g_pf)
+            g_plaq = g_plaq.view(b, n_planes, *shape[2:])
             g_loop = g_flat.new_zeros(b, math.prod(shape[2:])).index_copy(1, idx, g_x).view(b, *shape[2:])
             k = 0
             d = shape[1]
@@ -290,6 +301,34 @@ class _U1NCPMap(torch.autograd.Function):
                 _u1_loop_adjoint(g_dirs, g_loop, mu, nu)
             g_theta = torch.stack(g_dirs, dim=1)
         return (g_theta, None, *grads)
+
+
+def _u1_frozen_features(
+    plaq: torch.Tensor, fsites: torch.Tensor, fmask: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The conditioner input of a U(1) coupling on the sites of frozen plaquettes.
+
+    Arguments:
+        plaq: Plaquette angles (B, planes, L...) float64.
+        fsites, fmask: From :meth:`U1Coupling._frozen_inputs`: m flat site indices and the
+            frozen mask there, (planes, m) float64.
+        dtype: The network dtype.
+
+    Returns:
+        ``(cp, sp, h)``: cos and sin of the plaquettes at those sites, (B, planes, m) float64,
+        and the network input (2 planes, m + 1, B) in ``dtype``: the features of
+        :meth:`_GaugeCoupling._condition` (cos, then sin, of each plane times its mask) at the m
+        sites, then the zero row that the first gather reads for every other site
+        (:meth:`~flowplug.plugins.flow_nets.ConvNet.gathered_stack` with ``inputs``).
+        Differentiable.
+    """
+    pf = plaq.flatten(2).index_select(2, fsites)
+    cp, sp = torch.cos(pf), torch.sin(pf)
+    n_planes, m = pf.shape[1], pf.shape[2]
+    h = cp.new_zeros((2 * n_planes, m + 1, pf.shape[0]), dtype=dtype)
+    h[:n_planes, :m] = (cp * fmask).permute(1, 2, 0)
+    h[n_planes:, :m] = (sp * fmask).permute(1, 2, 0)
+    return cp, sp, h
 
 
 def _u1_loop_adjoint(g_dirs: list[torch.Tensor], g_loop: torch.Tensor, mu: int, nu: int) -> None:
@@ -399,14 +438,50 @@ class U1Coupling(_GaugeCoupling):
         if not torch.is_grad_enabled() or self.transform != "ncp" or self.rectangles or self.d > 3:
             return None
         idx = self._site_index()
-        stack = self.net.gathered_stack(self.lattice, theta.device, idx, grad_of=theta)
+        fsites, fmask = self._frozen_inputs()
+        stack = self.net.gathered_stack(self.lattice, theta.device, idx, grad_of=theta, inputs=fsites)
         if stack is None:
             return None
         plan, slope, params = stack
         plane = _plane_index(self.d, self.mu, self.nu) if self.mu < self.nu else None
-        spec = (self.mu, self.nu, plane, idx, self._links_index(), self.frozen, plan, slope, self.net.dtype, self.n_mix)
+        links = self._links_index()
+        spec = (self.mu, self.nu, plane, idx, links, fsites, fmask, plan, slope, self.net.dtype, self.n_mix)
         out, ld = _U1NCPMap.apply(theta, spec, *params)
         return out, ld
+
+    def _frozen_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(fsites, fmask)``: flat indices (long, shape (m,)) of the sites where the plaquette of
+        some plane is frozen, the only sites where the conditioner's input can be non-zero, and
+        the frozen mask there, (planes, m) float64 (cached per device)."""
+        cached = self.__dict__.get("_frozen_in")
+        if cached is None or cached[0].device != self.frozen.device:
+            mask = self.frozen.flatten(1)
+            fsites = (mask > 0).any(0).nonzero().flatten()
+            cached = (fsites, mask.index_select(1, fsites))
+            self.__dict__["_frozen_in"] = cached
+        return cached
+
+    def _network_at(self, plaq: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Conditioner output (B, n, n_params) float64 at the updated sites ``idx`` from the
+        plaquettes (B, planes, L...) (d <= 3, no rectangles): the network of
+        :meth:`_GaugeCoupling._condition` on the cos/sin features of the frozen plaquettes, read
+        on the sites of frozen plaquettes only (``gathered_stack`` with ``inputs``, the features
+        being zero elsewhere), as the fused node :class:`_U1NCPMap` does, so that both evaluate
+        the same products, forward and backward; without the gathered form of the network,
+        :meth:`_GaugeCoupling._condition` itself. Same values, for finite angles, as the
+        features times the mask over all sites (the network never sees a non-frozen plaquette,
+        so a non-finite angle there does not reach it)."""
+        fsites, fmask = self._frozen_inputs()
+        stack = self.net.gathered_stack(self.lattice, plaq.device, idx, inputs=fsites)
+        if stack is None:
+            return self._condition(torch.cos(plaq), torch.sin(plaq), sites=idx)
+        plan, slope, params = stack
+        h = _u1_frozen_features(plaq, fsites, fmask, self.net.dtype)[2]
+        if torch.is_grad_enabled() and (h.requires_grad or any(p.requires_grad for p in params)):
+            out = _GatheredConvStack.apply(h, plan, slope, *params)
+        else:
+            out = stack_forward(h, plan, slope, params)[0]
+        return out.permute(2, 1, 0).to(torch.float64)
 
     def _map(self, theta: torch.Tensor, inverse: bool, diag: bool = False):
         self._check(theta)
@@ -432,7 +507,9 @@ class U1Coupling(_GaugeCoupling):
             rect = (torch.cos(r), torch.sin(r))
         # the circular transform runs on the updated sites only (a quarter or half of them)
         idx = self._site_index()
-        if self.d <= 3:  # (B, n, n_params), the network's last convolution on the updated sites only
+        if self.d <= 3 and rect is None:  # (B, n, n_params), the network's inputs on the frozen plaquettes
+            p = self._network_at(plaq, idx)
+        elif self.d <= 3:  # (B, n, n_params), the network's last convolution on the updated sites only
             p = self._condition(torch.cos(plaq), torch.sin(plaq), rect, sites=idx)
         else:  # (B, n, n_params), parameters as the slow axis in memory (fast reductions over a mixture)
             p = self._condition(torch.cos(plaq), torch.sin(plaq), rect)

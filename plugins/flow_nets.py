@@ -508,7 +508,8 @@ class ConvNet(nn.Module):
         device: torch.device,
         sites: torch.Tensor | None,
         grad_of: torch.Tensor | None = None,
-    ) -> tuple[list[tuple[torch.Tensor, int, torch.Tensor, int]], float, list[torch.Tensor]] | None:
+        inputs: torch.Tensor | None = None,
+    ) -> tuple[list[PlanStep], float, list[torch.Tensor]] | None:
         """What :func:`stack_forward` and :func:`stack_backward` need to evaluate this network
         as :meth:`forward_at` does: ``(plan, slope, params)``, or ``None`` when they cannot
         (d = 4, or a network other than convolutions with biases and LeakyReLUs of one positive
@@ -521,6 +522,13 @@ class ConvNet(nn.Module):
             sites: Output sites as for :meth:`forward_at`.
             grad_of: When given, also ``None`` unless gradients are enabled and this input or a
                 parameter of the network requires one (nothing for a fused backward to do).
+            inputs: Flat row-major indices (long, shape (m,)) of the only sites where the input
+                can be non-zero (a checkerboard's frozen sites), or ``None`` (every site). With
+                them the input of :func:`stack_forward` is (C_in, m + 1, B): the input at those
+                sites in this order, then a row of zeros that the first gather reads for every
+                other site; :func:`stack_backward` returns the input gradient at those m sites
+                only (C_in, m, B), and its first convolution's transposed gather and products
+                shrink by the same factor (:meth:`_plan`).
         """
         lat = tuple(int(n) for n in lattice)
         slope, params = self._stack_params()
@@ -533,7 +541,7 @@ class ConvNet(nn.Module):
         convs = self.__dict__["_stack_struct"][1]
         if not 1 <= len(lat) <= 3 or convs[0].ndim != len(lat):
             return None
-        return self._plan(lat, convs[0].kernel_size, len(convs), device, sites), slope, params
+        return self._plan(lat, convs[0].kernel_size, len(convs), device, sites, inputs), slope, params
 
     def _stack_params(self) -> tuple[float | None, list[torch.Tensor]]:
         """``(slope, [w_0, b_0, w_1, b_1, ...])`` when the network is convolutions with biases
@@ -560,11 +568,18 @@ class ConvNet(nn.Module):
         return slope, params
 
     def _plan(
-        self, lattice: tuple[int, ...], kernel_size: int, n_conv: int, device: torch.device, sites: torch.Tensor | None
-    ) -> list[tuple[torch.Tensor, int, torch.Tensor, int]]:
-        """Per convolution of :meth:`forward_at`: ``(idx, n_out, inv, n_in)``, the gather index
-        into the rows of its input, its number of output sites, the transposed index and its
-        number of input rows (cached per lattice, device and ``sites``).
+        self,
+        lattice: tuple[int, ...],
+        kernel_size: int,
+        n_conv: int,
+        device: torch.device,
+        sites: torch.Tensor | None,
+        inputs: torch.Tensor | None = None,
+    ) -> list[PlanStep]:
+        """Per convolution of :meth:`forward_at`: ``(idx, n_out, inv, n_in, pad)``, the gather
+        index into the rows of its input, its number of output sites, the transposed index, its
+        number of input rows and whether ``inv`` reads a zero row n_out (cached per lattice,
+        device, ``sites`` and ``inputs``).
 
         Each convolution is evaluated only where a later one reads it: the last at ``sites``,
         every earlier one on the sites within reach of the kernel of the next (for a
@@ -573,17 +588,28 @@ class ConvNet(nn.Module):
         (k^d n_in,) holds, tap-major, the output site o whose tap t reads input row r, or n_out
         where no output site does (a zero row appended by the backward of
         :class:`_GatheredConvStack`): a translation of the lattice is one to one, so each
-        (t, r) has at most one such o. A call with the very ``sites`` tensor of the call before
-        returns that call's plan without reading the tensor again (the layers keep their index
-        tensors and never change them in place).
+        (t, r) has at most one such o; ``pad`` is False when the convolution's output covers
+        every site (then no (t, r) lacks its o). With ``inputs`` (:meth:`gathered_stack`) the
+        first convolution's input rows are those sites, plus a zero row m read by the taps of
+        every other site; its ``inv`` covers those m rows only. A call with the very ``sites``
+        and ``inputs`` tensors of the call before returns that call's plan without reading the
+        tensors again (the layers keep their index tensors and never change them in place).
         """
-        last = self.__dict__.get("_plan_last")  # the same sites tensor as the last call: no key to build
-        if last is not None and last[0] is sites and last[1] == (lattice, kernel_size, n_conv, device):
-            return last[2]
-        cache: dict[Any, list[tuple[torch.Tensor, int, torch.Tensor, int]]] = self.__dict__.setdefault(
-            "_plan_cache", {}
+        last = self.__dict__.get("_plan_last")  # the same index tensors as the last call: no key to build
+        if (
+            last is not None
+            and last[0] is sites
+            and last[1] is inputs
+            and last[2] == (lattice, kernel_size, n_conv, device)
+        ):
+            return last[3]
+        cache: dict[Any, list[PlanStep]] = self.__dict__.setdefault("_plan_cache", {})
+        key = (
+            lattice,
+            device,
+            None if sites is None else tuple(sites.tolist()),
+            None if inputs is None else tuple(inputs.tolist()),
         )
-        key = (lattice, device, None if sites is None else tuple(sites.tolist()))
         plan = cache.get(key)
         if plan is None:
             taps = periodic_taps(lattice, kernel_size)
@@ -597,17 +623,26 @@ class ConvNet(nn.Module):
             plan = []
             back = taps.flip(0)  # [t, s]: the site s - offset_t (the tap order reversed negates every offset)
             for j, out in enumerate(outs):
-                rows = torch.arange(n_sites) if j == 0 else outs[j - 1]  # the sites of the input rows
-                pos = torch.full((n_sites,), -1, dtype=torch.long)
+                if j > 0:  # the sites of the input rows: every site a tap of an output reads
+                    rows = outs[j - 1]
+                else:
+                    rows = torch.arange(n_sites) if inputs is None else inputs.cpu().long()
+                # the other sites (only with inputs, for the first convolution): the zero row m
+                pos = torch.full((n_sites,), len(rows), dtype=torch.long)
                 pos[rows] = torch.arange(len(rows))
-                idx = pos[taps[:, out]]  # (k^d, n): rows of the input (every tap of an output is a row)
+                idx = pos[taps[:, out]]  # (k^d, n): rows of the input
                 at = torch.full((n_sites,), len(out), dtype=torch.long)
                 at[out] = torch.arange(len(out))
                 inv = at[back[:, rows]]  # (k^d, n_in): output site reading row r through tap t, or n_out
-                plan.append((idx.flatten().to(device), len(out), inv.flatten().to(device), len(rows)))
+                step = (idx.flatten().to(device), len(out), inv.flatten().to(device), len(rows), len(out) < n_sites)
+                plan.append(step)
             cache[key] = plan
-        self.__dict__["_plan_last"] = (sites, (lattice, kernel_size, n_conv, device), plan)
+        self.__dict__["_plan_last"] = (sites, inputs, (lattice, kernel_size, n_conv, device), plan)
         return plan
+
+
+#: One convolution of a :meth:`ConvNet._plan`: ``(idx, n_out, inv, n_in, pad)``.
+PlanStep = tuple[torch.Tensor, int, torch.Tensor, int, bool]
 
 
 _WORKSPACE = threading.local()
@@ -691,7 +726,7 @@ def will_compute(ctx: Any, positions: Sequence[int]) -> list[bool]:
 
 def stack_forward(
     h: torch.Tensor,
-    plan: Sequence[tuple[torch.Tensor, int, torch.Tensor, int]],
+    plan: Sequence[PlanStep],
     slope: float,
     params: Sequence[torch.Tensor],
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -702,7 +737,8 @@ def stack_forward(
     (the same values, bit for bit).
 
     Arguments:
-        h: Input (C_in, S, B) in the network dtype.
+        h: Input (C_in, S, B) in the network dtype; (C_in, m + 1, B) for a plan with ``inputs``
+            (:meth:`ConvNet.gathered_stack`: the m input sites, then a row of zeros).
         plan: From :meth:`ConvNet._plan`.
         slope: The LeakyReLU slope (> 0).
         params: ``w_0, b_0, w_1, b_1, ...`` of the convolutions.
@@ -714,7 +750,7 @@ def stack_forward(
     """
     b = h.shape[2]
     saved: list[torch.Tensor] = []
-    for j, (idx, n_out, _inv, _n_in) in enumerate(plan):
+    for j, (idx, n_out, _inv, _n_in, _pad) in enumerate(plan):
         w, bias = params[2 * j], params[2 * j + 1]
         saved.append(h)
         cols = _workspace("fwd", (h.shape[0], idx.shape[0], b), h)
@@ -728,7 +764,7 @@ def stack_forward(
 
 def stack_backward(
     grad: torch.Tensor,
-    plan: Sequence[tuple[torch.Tensor, int, torch.Tensor, int]],
+    plan: Sequence[PlanStep],
     slope: float,
     params: Sequence[torch.Tensor],
     saved: Sequence[torch.Tensor],
@@ -750,7 +786,8 @@ def stack_backward(
         need_input: Whether the input's gradient is wanted.
 
     Returns:
-        ``(grad_input, grads)``: (C_in, S, B) or ``None``; per parameter its gradient or ``None``.
+        ``(grad_input, grads)``: (C_in, S, B) (with ``inputs``, (C_in, m, B): the m input sites,
+        not the zero row) or ``None``; per parameter its gradient or ``None``.
     """
     n_conv = len(plan)
     b = grad.shape[-1]
@@ -760,12 +797,24 @@ def stack_backward(
     # vectorize=True) cannot be copied into the plain scratch tensors: out-of-place there
     batched = _is_batched(g)
     for j in range(n_conv - 1, -1, -1):
-        idx, n_out, inv, n_in = plan[j]
+        # pad False: an output on every site, so every (tap, input row) has its output site and
+        # the transposed gather reads the output gradient itself, without a zero row appended
+        idx, n_out, inv, n_in, pad = plan[j]
         w = params[2 * j]
         n_o = w.shape[0]
+        padded = None
         if j < n_conv - 1:  # through the LeakyReLU after convolution j: its output is the next input
             act = saved[j + 1]
-            g = torch.ops.aten.leaky_relu_backward(g.reshape(act.shape), act, slope, False)
+            if pad and not batched:  # straight into the scratch rows that the transposed gather reads
+                padded = _workspace("pad", (n_o, n_out + 1, b), g)
+                rows = padded.narrow(1, 0, n_out)
+                torch.ops.aten.leaky_relu_backward.grad_input(g.view(act.shape), act, slope, False, grad_input=rows)
+                g = rows
+            elif batched:
+                g = torch.ops.aten.leaky_relu_backward(g.reshape(act.shape), act, slope, False)
+            else:  # in place: g is the input gradient of convolution j + 1, fresh from its product
+                g = g.view(act.shape)
+                torch.ops.aten.leaky_relu_backward.grad_input(g, act, slope, False, grad_input=g)
         g2 = g.reshape(n_o, n_out * b)
         if need[2 * j + 1]:
             grads[2 * j + 1] = g2.sum(1)
@@ -782,18 +831,25 @@ def stack_backward(
         if j == 0 and not need_input:
             return None, grads
         # row n_out is read by the taps that no output site reads: zero
-        if batched:  # vmapped (batched gradients): no writes into plain scratch tensors
-            padded = torch.cat([g2.view(n_o, n_out, b), g2.new_zeros(n_o, 1, b)], 1)
-            g_cols = padded.index_select(1, inv)
+        if not pad:
+            src = g2.view(n_o, n_out, b)
+        elif batched:  # vmapped (batched gradients): no writes into plain scratch tensors
+            src = torch.cat([g2.view(n_o, n_out, b), g2.new_zeros(n_o, 1, b)], 1)
         else:
-            padded = _workspace("pad", (n_o, n_out + 1, b), g2)
-            padded.narrow(1, 0, n_out).copy_(g2.view(n_o, n_out, b))
+            if padded is None:  # the gradient of the last convolution's output, as given
+                padded = _workspace("pad", (n_o, n_out + 1, b), g2)
+                padded.narrow(1, 0, n_out).copy_(g2.view(n_o, n_out, b))
             padded.narrow(1, n_out, 1).zero_()
+            src = padded
+        if batched:
+            g_cols = src.index_select(1, inv)
+        else:
             g_cols = _workspace("cols", (n_o, n_taps * n_in, b), g2)
-            torch.index_select(padded, 1, inv, out=g_cols)
+            torch.index_select(src, 1, inv, out=g_cols)
         g_cols2 = g_cols.view(n_o * n_taps, n_in * b)  # output-channel-major rows
         if need[2 * j] and not from_input:  # the same sums: (C, n_in B) x (n_in B, O k^d)
-            gw = h.reshape(n_i, n_in * b) @ g_cols2.t()
+            # h.narrow: the input rows without the zero row of :meth:`ConvNet.gathered_stack`'s inputs
+            gw = h.narrow(1, 0, n_in).reshape(n_i, n_in * b) @ g_cols2.t()
             grads[2 * j] = gw.view(n_i, n_o, n_taps).transpose(0, 1).reshape(w.shape)
         w_t = w.reshape(n_o, -1, n_taps).transpose(0, 1).reshape(n_i, n_o * n_taps)
         g = (w_t @ g_cols2).view(n_i, n_in, b)
@@ -822,6 +878,8 @@ class _GatheredConvStack(torch.autograd.Function):
         saved, params = tensors[: ctx.n_saved], tensors[ctx.n_saved :]
         flags = will_compute(ctx, [0, *range(3, 3 + len(params))])
         g, grads = stack_backward(grad, ctx.plan, ctx.slope, params, saved, flags[1:], flags[0])
+        if g is not None and g.shape[1] < saved[0].shape[1]:  # a plan with inputs: the zero row's (zero) gradient
+            g = torch.cat([g, g.new_zeros(g.shape[0], saved[0].shape[1] - g.shape[1], g.shape[2])], 1)
         return (g, None, None, *grads)
 
 

@@ -38,6 +38,7 @@ from torch.autograd.function import once_differentiable
 from flowplug.errors import ConfigError, ShapeError
 from flowplug.plugins.flow_nets import (
     ConvNet,
+    _GatheredConvStack,
     net_dtype,
     stack_backward,
     stack_forward,
@@ -129,13 +130,33 @@ class _ScalarCoupling(nn.Module):
         """Network output (B, n_active, n_params) in float64 on the active sites (in the order
         of :meth:`_active_sites`), clipped as :meth:`_params`; the network's last convolution
         runs on those sites only (:meth:`~flowplug.plugins.flow_nets.ConvNet.forward_at`)."""
-        frozen = self._frozen(x)
         if len(self.lattice) == 4:
+            frozen = self._frozen(x)
             out = torch.movedim(self.net(frozen), 1, -1).flatten(1, -2).index_select(1, self._active_sites())
         else:
-            out = self.net.forward_at(frozen, self._active_sites())
+            out = self._network_at_active(x)
         # NaN -> 0 and the clip are exact in the network dtype (+-PARAM_LIMIT is representable)
         return torch.nan_to_num(out, nan=0.0).clamp(-PARAM_LIMIT, PARAM_LIMIT).to(torch.float64)
+
+    def _network_at_active(self, x: torch.Tensor) -> torch.Tensor:
+        """The network output (B, n_active, n_params), network dtype, at the active sites for the
+        input :meth:`_frozen` (d <= 3): the values of
+        :meth:`~flowplug.plugins.flow_nets.ConvNet.forward_at`, bit for bit. When the network has
+        the gathered form it reads the frozen sites only (``gathered_stack`` with ``inputs``: the
+        input is zero on the active sites), as the fused node :class:`_AffineMap` does, so that
+        both evaluate the same products, forward and backward."""
+        idx = self._active_sites()
+        stack = self.net.gathered_stack(self.lattice, x.device, idx, inputs=self._frozen_sites())
+        if stack is None:
+            return self.net.forward_at(self._frozen(x), idx)
+        plan, slope, params = stack
+        xf = x.flatten(1).index_select(1, self._frozen_sites()).clamp(-COND_LIMIT, COND_LIMIT)
+        h = _frozen_rows(xf, self.net.dtype)
+        if torch.is_grad_enabled() and (h.requires_grad or any(p.requires_grad for p in params)):
+            out = _GatheredConvStack.apply(h, plan, slope, *params)
+        else:
+            out = stack_forward(h, plan, slope, params)[0]
+        return out.permute(2, 1, 0)
 
     def _active_sites(self) -> torch.Tensor:
         """Flat row-major indices (long, on the layer's device) of the active sites."""
@@ -145,36 +166,63 @@ class _ScalarCoupling(nn.Module):
             self.__dict__["_active_flat"] = idx
         return idx
 
+    def _frozen_sites(self) -> torch.Tensor:
+        """Flat row-major indices (long, on the layer's device) of the frozen sites."""
+        idx = self.__dict__.get("_frozen_flat")
+        if idx is None or idx.device != self.updated.device:
+            idx = (~self.updated).flatten().nonzero().flatten()
+            self.__dict__["_frozen_flat"] = idx
+        return idx
+
+
+def _frozen_rows(frozen: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The network input of a scalar coupling as its gathered stack reads it with the frozen sites
+    as ``inputs`` (:meth:`~flowplug.plugins.flow_nets.ConvNet.gathered_stack`): frozen (B, m), the
+    clipped field on the m frozen sites, -> (1, m + 1, B) in ``dtype``, those sites and then the
+    zero row that the first gather reads for every active site (differentiable)."""
+    b, m = frozen.shape
+    h = frozen.new_zeros((1, m + 1, b), dtype=dtype)
+    h[0, :m] = frozen.t()
+    return h
+
 
 class _AffineMap(torch.autograd.Function):
     """The affine coupling of :class:`AffineCoupling` (d <= 3) as one autograd node.
 
     ``apply(x, spec, inverse, *params) -> (y, s)``: x (B, L...) float64; spec =
-    ``(idx, updated, plan, slope, scale_clamp, dtype)`` (active sites, their mask flattened,
-    the network's :meth:`~flowplug.plugins.flow_nets.ConvNet.gathered_stack` and dtype);
-    params the network's weights and biases. y (B, L...) float64 is the map (or its inverse),
-    s (B, n_active) float64 the soft-clamped log-scale on the active sites. The forward pass
-    evaluates exactly the operations of the generic path (frozen sites clipped, the network
-    at the active sites, NaN -> 0 and the clip of its output, float64 from there on); the
-    backward pass is written out (chain rule through the map, the clips and
-    :func:`~flowplug.plugins.flow_nets.stack_backward`), so a training step records one node
-    per layer instead of some thirty, and a gradient with respect to the field only skips the
-    weights. First order only.
+    ``(idx, fidx, plan, slope, scale_clamp, dtype)`` (active and frozen sites as flat indices,
+    the network's :meth:`~flowplug.plugins.flow_nets.ConvNet.gathered_stack` with the frozen
+    sites as its ``inputs``, and its dtype); params the network's weights and biases. y
+    (B, L...) float64 is the map (or its inverse), s (B, n_active) float64 the soft-clamped
+    log-scale on the active sites. The forward pass evaluates exactly the operations of the
+    generic path (frozen sites clipped, the network at the active sites, NaN -> 0 and the clip
+    of its output, float64 from there on), with the same values bit for bit; the network reads
+    the frozen sites only (its input is zero elsewhere), so its first convolution's backward
+    products cover half the sites. The backward pass is written out (chain rule through the
+    map, the clips and :func:`~flowplug.plugins.flow_nets.stack_backward`), so a training step
+    records one node per layer instead of some thirty, and a gradient with respect to the
+    field only skips the weights; the clips' masks are built only when a clip was met. First
+    order only.
     """
 
     @staticmethod
     def forward(
         ctx: Any, x: torch.Tensor, spec: Any, inverse: bool, *params: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        idx, updated, plan, slope, c, dtype = spec
+        idx, fidx, plan, slope, c, dtype = spec
         b = x.shape[0]
         flat = x.reshape(b, -1)
-        frozen = torch.where(updated, 0.0, flat).clamp(-COND_LIMIT, COND_LIMIT)
-        h = frozen.to(dtype).t().unsqueeze(0)  # (1, S, B): the layout of ConvNet.forward_at
-        out, saved = stack_forward(h, plan, slope, params)  # (2, n, B)
+        xf = flat.index_select(1, fidx)  # (B, m): the frozen sites
+        frozen = xf.clamp(-COND_LIMIT, COND_LIMIT)
+        # no frozen site clipped (or NaN): the backward pass needs no mask of the clip (the usual case);
+        # the check reads the values back, so on other devices (no synchronisation there) the mask is kept
+        on_cpu = x.device.type == "cpu"
+        cond_clipped = not (on_cpu and torch.equal(frozen, xf))
+        out, saved = stack_forward(_frozen_rows(frozen, dtype), plan, slope, params)  # (2, n, B)
         # NaN -> 0 and the clip are exact in the network dtype (+-PARAM_LIMIT is representable)
-        raw = torch.nan_to_num(out, nan=0.0)
-        p = raw.clamp(-PARAM_LIMIT, PARAM_LIMIT).to(torch.float64)
+        raw = torch.nan_to_num(out, nan=0.0).clamp_(-PARAM_LIMIT, PARAM_LIMIT)
+        out_clipped = not (on_cpu and torch.equal(raw, out))  # NaN != NaN: a NaN output counts as clipped
+        p = raw.to(torch.float64)
         th = torch.tanh(p[0] / c)
         s = (c * th).t()  # (B, n)
         t = p[1].t()
@@ -182,46 +230,50 @@ class _AffineMap(torch.autograd.Function):
         if inverse:
             e = torch.exp(-s)
             ya = (xa - t) * e
+            xe = ya  # what the backward pass reads: y_a for the inverse
         else:
             e = torch.exp(s)
-            ya = xa * e + t
+            xe = xa * e  # x_a e^s, for the backward pass
+            ya = xe + t
         y = flat.index_copy(1, idx, ya)
-        ctx.save_for_backward(flat, out, th, e, xa, ya, t, *saved, *params)
+        ctx.save_for_backward(xf if cond_clipped else None, out if out_clipped else None, th, e, xe, *saved, *params)
         ctx.spec, ctx.inverse, ctx.n_saved, ctx.x_shape = spec, inverse, len(saved), x.shape
         return y.view_as(x), s
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, gy: torch.Tensor | None, gs: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-        idx, updated, plan, slope, c, dtype = ctx.spec
-        flat, out, th, e, xa, ya, t, *rest = ctx.saved_tensors
+        idx, fidx, plan, slope, c, dtype = ctx.spec
+        xf, out, th, e, xe, *rest = ctx.saved_tensors  # xf, out: None when nothing was clipped
         saved, params = rest[: ctx.n_saved], rest[ctx.n_saved :]
-        b = flat.shape[0]
-        gyf = torch.zeros_like(flat) if gy is None else gy.reshape(b, -1)
+        b = e.shape[0]
+        shape = ctx.x_shape
+        gyf = e.new_zeros(b, math.prod(shape[1:])) if gy is None else gy.reshape(b, -1)
         gya = gyf.index_select(1, idx)
-        if ctx.inverse:  # x_a = (y_a - t) e^{-s}
-            gxa = gya * e
-            ds = -(gya * ya)
+        gxa = gya * e
+        if ctx.inverse:  # x_a = (y_a - t) e^{-s}; xe holds y_a
+            ds = -(gya * xe)
             dt = -gxa
-        else:  # y_a = x_a e^s + t
-            gxa = gya * e
-            ds = gya * (xa * e)
+        else:  # y_a = x_a e^s + t; xe holds x_a e^s
+            ds = gya * xe
             dt = gya
         if gs is not None:
             ds = ds + gs
-        dp = torch.stack([ds.t() * (1 - th * th), dt.t()])  # (2, n, B): through s = c tanh(p / c)
-        # through the cast, the clip (inclusive) and NaN -> 0: zero where the output was clipped or not finite
-        dp = torch.where(out.abs() <= PARAM_LIMIT, dp.to(out.dtype), 0.0)
+        dp = torch.stack([ds.t() * (1 - th * th), dt.t()]).to(saved[0].dtype)  # (2, n, B): s = c tanh(p / c)
+        if out is not None:  # through the clip (inclusive) and NaN -> 0: zero where the output was clipped
+            dp = torch.where(out.abs() <= PARAM_LIMIT, dp, 0.0)
         flags = will_compute(ctx, [0, *range(3, 3 + len(params))])
         need_x = flags[0]
         g_h, grads = stack_backward(dp, plan, slope, params, saved, flags[1:], need_x)
         gx = None
         if need_x:
             gx = gyf.index_copy(1, idx, gxa)
-            if g_h is not None:  # through the frozen sites, their clip (inclusive) and the cast
+            if g_h is not None:  # (1, m, B): through the frozen sites, their clip (inclusive) and the cast
                 g_f = g_h[0].t().to(torch.float64)
-                gx = gx + torch.where(updated | ~(flat.abs() <= COND_LIMIT), 0.0, g_f)
-            gx = gx.reshape(ctx.x_shape)
+                if xf is not None:
+                    g_f = torch.where(xf.abs() <= COND_LIMIT, g_f, 0.0)
+                gx = gx.index_add(1, fidx, g_f)
+            gx = gx.reshape(shape)
         return (gx, None, None, *grads)
 
 
@@ -287,15 +339,12 @@ class AffineCoupling(_ScalarCoupling):
         if not torch.is_grad_enabled() or len(self.lattice) == 4:
             return None
         idx = self._active_sites()
-        stack = self.net.gathered_stack(self.lattice, x.device, idx, grad_of=x)
+        fidx = self._frozen_sites()
+        stack = self.net.gathered_stack(self.lattice, x.device, idx, grad_of=x, inputs=fidx)
         if stack is None:
             return None
         plan, slope, params = stack
-        flat_updated = self.__dict__.get("_updated_flat")
-        if flat_updated is None or flat_updated.device != x.device:
-            flat_updated = self.updated.flatten()
-            self.__dict__["_updated_flat"] = flat_updated
-        spec = (idx, flat_updated, plan, slope, self.scale_clamp, self.net.dtype)
+        spec = (idx, fidx, plan, slope, self.scale_clamp, self.net.dtype)
         y, s = _AffineMap.apply(x.to(torch.float64), spec, inverse, *params)
         return y, s
 
