@@ -212,19 +212,33 @@ def _traces_by_autograd(links: torch.Tensor, index: torch.Tensor, dtype: torch.d
     return ((x[0] @ x[1]) * (x[2] @ x[3]).conj()).sum((-2, -1)) / n
 
 
+#: the elementwise products of :class:`PlaquetteTraces` run over columns padded to a multiple of
+#: this: torch's CPU kernels round the vectorised body and a scalar tail differently, so without
+#: the padding a plaquette's trace could depend on the batch size it was computed in
+_TRACE_COLUMNS = 32
+
+
 class PlaquetteTraces(torch.autograd.Function):
     """tr(U_1 U_2 (U_3 U_4)^+) / N for the link quadruples of an index, with a hand-written
     backward; the products run matrix-axes-first (:func:`flowplug.groups.matmul_axes_first`) in
-    ``dtype``.
+    ``dtype``, over the index's columns padded to a multiple of 32 (the padding repeats the first
+    plaquette and is dropped), so that every trace is bitwise the same in any batch.
 
     ``apply(links (B, n_links, N, N) complex, index (4, P) long, dtype) -> (B, P)`` in ``dtype``.
-    A double backward (``create_graph=True``: Hessians, L2HMC's loss through the force) runs
-    through the same traces formed by differentiable operations (:func:`_traces_by_autograd`).
+    A double backward (``create_graph=True``, e.g. Hessian-vector products) runs through the same
+    traces formed by differentiable operations (:func:`_traces_by_autograd`). Forward-mode AD and
+    ``torch.func`` transforms are not supported (no ``jvp``/``setup_context``).
     """
 
     @staticmethod
-    def forward(ctx: Any, links: torch.Tensor, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def forward(
+        ctx: Any, links: torch.Tensor, index: torch.Tensor, dtype: torch.dtype, save_links: bool = True
+    ) -> torch.Tensor:
         b, n_links, n, _ = links.shape  # (B, d V, N, N)
+        p = index.shape[1]
+        pad = -p % _TRACE_COLUMNS
+        if pad:
+            index = torch.cat([index, index[:, :1].expand(-1, pad)], 1)
         s = torch.empty((n, n, n_links, b), dtype=dtype, device=links.device)
         s.copy_(links.permute(2, 3, 1, 0))
         # one gather of the four factors (over the merged matrix axes: selecting along a middle
@@ -233,24 +247,39 @@ class PlaquetteTraces(torch.autograd.Function):
         left = groups.matmul_axes_first(x[0], x[1])
         right = groups.matmul_axes_first(x[2], x[3])
         tr = (left * right.conj()).sum((0, 1)) / n
-        ctx.save_for_backward(links, index, *x, left, right)
-        ctx.in_shape, ctx.in_dtype, ctx.dtype = links.shape, links.dtype, dtype
-        return tr.t().contiguous()
+        # the input only for a double backward (a caller that never takes one, the sun-stout
+        # features, passes save_links=False: nothing then stops it changing its input in place)
+        saved = (links, index, *x, left, right) if save_links else (index, *x, left, right)
+        ctx.save_for_backward(*saved)
+        ctx.in_shape, ctx.in_dtype, ctx.dtype, ctx.n_plaquettes, ctx.with_links = (
+            links.shape,
+            links.dtype,
+            dtype,
+            p,
+            save_links,
+        )
+        return tr.t()[:, :p].contiguous()
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        links, index, x0, x1, x2, x3, left, right = ctx.saved_tensors
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        saved = ctx.saved_tensors
+        links, (index, x0, x1, x2, x3, left, right) = (saved[0], saved[1:]) if ctx.with_links else (None, saved)
+        p = ctx.n_plaquettes
         if torch.is_grad_enabled():
             # create_graph = True: the saved products carry no graph; the same derivative
             # through differentiable operations on the saved input
-            with torch.enable_grad():
-                tr = _traces_by_autograd(links, index, ctx.dtype)
-                (g,) = torch.autograd.grad(tr, links, grad, create_graph=True)
-            return g, None, None
+            if links is None:
+                raise RuntimeError("plaquette traces computed without their input kept: no double backward")
+            tr = _traces_by_autograd(links, index[:, :p], ctx.dtype)
+            (g,) = torch.autograd.grad(tr, links, grad, create_graph=True)
+            return g, None, None, None
         # tr = sum_ij L_ij conj(R_ij) / N with L = X0 X1, R = X2 X3; torch's convention for
         # complex gradients: grad_L = R g / N, grad_R = L conj(g) / N, then grad_X0 = grad_L X1^+, ...
         b, n_links, n, _ = ctx.in_shape
-        g = grad.t().to(left.dtype).contiguous() / n  # (P, B): a transposed view would slow every product
+        g = grad.t().to(left.dtype) / n  # (P, B): a transposed view would slow every product
+        if left.shape[2] > p:  # the padding's columns get no gradient
+            g = torch.cat([g, g.new_zeros(left.shape[2] - p, g.shape[1])])
+        g = g.contiguous()
         g_left, g_right = right * g, left * g.conj()
         mm = groups.matmul_axes_first
         # the first sum out of place, into a tensor derived from the (possibly vmapped) gradient,
@@ -261,8 +290,10 @@ class PlaquetteTraces(torch.autograd.Function):
         out.index_add_(2, index[2], mm(g_right, x3.conj().transpose(0, 1)))
         out.index_add_(2, index[3], mm(x2.conj().transpose(0, 1), g_right))
         # one converting copy into the links' layout (contiguous: every later operation on the
-        # gradient, its accumulation included, then runs over contiguous rows)
-        return out.permute(3, 2, 0, 1).to(ctx.in_dtype, memory_format=torch.contiguous_format), None, None
+        # gradient, its accumulation included, then runs over contiguous rows; copy=True: ``to``
+        # would return the permuted view when the dtype does not change)
+        g_links = out.permute(3, 2, 0, 1).to(ctx.in_dtype, memory_format=torch.contiguous_format, copy=True)
+        return g_links, None, None, None
 
 
 def plaquette_traces(links: torch.Tensor | Sequence[torch.Tensor], dtype: torch.dtype | None = None) -> torch.Tensor:

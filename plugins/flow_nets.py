@@ -97,32 +97,10 @@ def _dft_factors(
     # m[a, k] = F[k, a] of the transform of the a-th basis vector
     fwd_a = torch.fft.fftn(eye, dim=(1, 2)).reshape(sa, sa).t()
     inv_a = torch.fft.ifftn(eye, dim=(1, 2)).reshape(sa, sa).t()
-    cdtype = (torch.ones((), dtype=dtype) * 1j).dtype  # the complex dtype of the real one
+    cdtype = dtype.to_complex()
     real = tuple(m.to(device=device, dtype=dtype).contiguous() for m in (fwd_b, inv_b))
     cplx = tuple(m.to(device=device, dtype=cdtype).contiguous() for m in (fwd_a, inv_a))
     return real[0], cplx[0], cplx[1], real[1]
-
-
-def _strided_inverse(
-    lattice: tuple[int, ...], out_sites: tuple[int, int, int], inv_a: torch.Tensor, inv_b: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The inverse factors of :func:`_dft_factors` restricted to the sites whose coordinate along
-    lattice axis ``out_sites[0]`` is ``offset`` modulo ``step``: the rows of ``inv_a`` (axes 0, 1)
-    or the columns of ``inv_b`` (axes 2, 3) of those positions, in row-major order (cached per
-    lattice, sites, device and dtype)."""
-    key = (lattice, out_sites, inv_a.device, inv_a.dtype, inv_b.dtype)
-    hit = _STRIDED_INVERSE.get(key)
-    if hit is None:
-        axis, offset, step = out_sites
-        pair = (0, 1) if axis < 2 else (2, 3)
-        grid = torch.meshgrid(*(torch.arange(lattice[a]) for a in pair), indexing="ij")
-        keep = (grid[axis - pair[0]] % step == offset % step).flatten().nonzero().flatten().to(inv_a.device)
-        hit = (inv_a.index_select(0, keep), inv_b) if axis < 2 else (inv_a, inv_b.index_select(1, keep).contiguous())
-        _STRIDED_INVERSE[key] = hit
-    return hit
-
-
-_STRIDED_INVERSE: dict[tuple[object, ...], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def net_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -271,9 +249,12 @@ class PeriodicConv(nn.Module):
         if self.ndim == 4 and out_sites is None:
             return self._fourier(x)
         if self.ndim == 4 and math.prod(lat) <= _DENSE_DFT_SITES:
-            # on a small lattice the convolution through the two-stage dense DFT, its inverse
-            # transform evaluated at the strided sites only, costs less than the strided direct one
-            return self._fourier(x, (axis, offset % step, step))
+            # on a small lattice the full convolution through the two-stage dense DFT and a
+            # selection of the strided rows costs less than the strided direct convolution (the
+            # inverse transform at the strided sites only would be cheaper still, but its small
+            # products round by the batch size with more than one thread)
+            strided = torch.arange(offset % step, lat[axis], step, device=x.device)
+            return self._fourier(x).index_select(2 + axis, strided)
         # pad every axis circularly at once: one gather of the padded lattice's sites (along
         # ``axis`` only the rows that the strided output reads)
         key = (lat, x.device, None if out_sites is None else (axis, offset % step, step))
@@ -300,13 +281,11 @@ class PeriodicConv(nn.Module):
         y = torch.cat([F.conv3d(yc, self.conv.weight, self.conv.bias, stride=stride3) for yc in y.split(l0)])
         return y.reshape(b, l0, -1, *y.shape[2:]).transpose(1, 2)
 
-    def _fourier(self, x: torch.Tensor, out_sites: tuple[int, int, int] | None = None) -> torch.Tensor:
+    def _fourier(self, x: torch.Tensor) -> torch.Tensor:
         """The full periodic convolution through the convolution theorem (class docstring).
 
         y(x) = b + sum_t W_t x(x + t - h) = b + (K * x)(x) with the kernel K placed at
         (h - t) mod L: its Fourier transform multiplies that of the input, momentum by momentum.
-        With ``out_sites`` (axis, offset, step), dense 4D path only: the output at those sites
-        (the rows of the inverse transform's matrix for them; :meth:`forward`).
         """
         lat = tuple(x.shape[2:])
         d, k = self.ndim, self.kernel_size
@@ -350,13 +329,9 @@ class PeriodicConv(nn.Module):
             x_hat = torch.fft.rfftn(x, dim=dims).flatten(2)  # (B, C, F)
         y_hat = _ChannelSum.apply(x_hat, k_hat)  # (B, O, F)
         if dense:
-            out_lat = list(lat)
-            if out_sites is not None:  # the inverse transforms' rows of the strided sites only
-                inv_a, inv_b = _strided_inverse(lat, out_sites, inv_a, inv_b)
-                out_lat[out_sites[0]] //= out_sites[2]
             yc = torch.bmm(inv_a.expand(b * n_out, -1, -1), y_hat.view(b * n_out, sa, fb))
-            yr = torch.view_as_real(yc).view(b, n_out * inv_a.shape[0], 2 * fb)
-            y = torch.bmm(yr, inv_b.expand(b, -1, -1)).view(b, n_out, *out_lat)
+            yr = torch.view_as_real(yc).view(b, n_out * sa, 2 * fb)
+            y = torch.bmm(yr, inv_b.expand(b, -1, -1)).view(b, n_out, *lat)
         else:
             y = torch.fft.irfftn(y_hat.view(b, n_out, *half_shape), s=lat, dim=dims)
         bias = self.conv.bias

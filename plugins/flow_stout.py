@@ -602,7 +602,7 @@ class _TracesAndRows(torch.autograd.Function):
         dtype: torch.dtype,
         rows: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        tr = gauge.PlaquetteTraces.forward(ctx, links, index, dtype)
+        tr = gauge.PlaquetteTraces.forward(ctx, links, index, dtype, False)  # no double backward here
         ctx.rows = rows  # type: ignore[attr-defined]
         return tr, links.index_select(1, rows)
 

@@ -176,7 +176,9 @@ class WilsonGaugeAction(Action):
     # ---------------------------------------------------------------- interface
 
     def action(self, x: torch.Tensor) -> torch.Tensor:
-        """S[U], shape (B,), float64.
+        """S[U], shape (B,), float64. SU(N) links on a CPU go through
+        :func:`flowplug.gauge.plaquette_traces` (reverse-mode derivatives of any order; no
+        forward-mode AD or ``torch.func`` transforms there).
 
         Raises:
             ShapeError: if the links do not have the layout of :attr:`group` or d < 2.

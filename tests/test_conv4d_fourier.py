@@ -4,8 +4,10 @@
   pass is the per-channel loop bit for bit, its hand-written backward pass equals autograd's
   through that loop, and it supports a double backward and gradcheck;
 - the whole convolution against a direct one (circular padding and 3D convolutions);
-- strided outputs (the inverse transform at the strided sites only) against the full output's
-  rows, on every axis, with gradients."""
+- strided outputs against the full output's rows, on every axis, with gradients;
+- each configuration's float32 output bitwise the same in a batch as alone with two threads, on
+  non-cubic lattices and odd channel counts (a flow layer's inverse of one configuration must see
+  the parameters of its batched forward map)."""
 
 from __future__ import annotations
 
@@ -96,3 +98,22 @@ def test_strided_output_is_the_full_outputs_rows_with_gradients(lattice, axis):
         grads = torch.autograd.grad(strided, params, g)
         grads_ref = torch.autograd.grad(ref, params, g)
         assert all((a - b).abs().max() < 1e-11 for a, b in zip(grads, grads_ref, strict=True))
+
+
+@pytest.mark.parametrize("lattice", [(2, 4, 4, 6), (4, 2, 6, 4), (4, 4, 4, 4)], ids=lambda v: "x".join(map(str, v)))
+@pytest.mark.parametrize(("n_in", "n_out"), [(2, 3), (5, 2), (12, 8)])
+def test_each_configuration_gets_the_same_output_in_a_batch_with_two_threads(lattice, n_in, n_out):
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(7)
+        conv = PeriodicConv(n_in, n_out, 3, 4, dtype=torch.float32)
+        x = torch.randn(6, n_in, *lattice)
+        sites = [None] + [(a, o, st) for a in range(4) for st in (2, 4) if lattice[a] % st == 0 for o in (0, 1)]
+        with torch.no_grad():
+            for out_sites in sites:
+                batch = conv(x, out_sites)
+                alone = torch.cat([conv(x[i : i + 1], out_sites) for i in range(x.shape[0])])
+                assert torch.equal(batch, alone), (out_sites, float((batch - alone).abs().max()))
+    finally:
+        torch.set_num_threads(old)
