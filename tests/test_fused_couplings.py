@@ -16,6 +16,7 @@ import math
 
 import pytest
 import torch
+from _fused_helpers import fused_and_generic
 
 from flowplug.plugins import flow_nets, flow_transforms
 from flowplug.plugins.flow_phi4 import COND_LIMIT, PARAM_LIMIT, AffineCoupling
@@ -165,20 +166,7 @@ def test_fused_u1_ncp_equals_generic_path(lattice, dtype):
     for index in range(2 * len(lattice)):
         m = U1Coupling(lattice=lattice, index=index, dtype=dtype)
         theta = (2 * torch.rand(3, len(lattice), *lattice, dtype=torch.float64) - 1) * math.pi
-        res = []
-        for generic in (False, True):
-            if generic:
-                m._fused = lambda theta: None
-            try:
-                x = theta.clone().requires_grad_(True)
-                y, ld = m(x * 1.0)
-                g = torch.Generator().manual_seed(3)
-                gy = torch.randn(y.shape, generator=g, dtype=torch.float64)
-                gl = torch.randn(ld.shape, generator=g, dtype=torch.float64)
-                res.append((y.detach(), ld.detach(), torch.autograd.grad((y, ld), [x, *m.parameters()], (gy, gl))))
-            finally:
-                m.__dict__.pop("_fused", None)
-        (y_f, ld_f, g_f), (y_g, ld_g, g_g) = res
+        (y_f, ld_f, g_f), (y_g, ld_g, g_g) = fused_and_generic(m, theta, 3)
         assert torch.equal(y_f, y_g) and torch.equal(ld_f, ld_g)
         for a, b in zip(g_f, g_g, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12 * float(b.abs().max()))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _fused_helpers import fused_and_generic
 
 from flowplug.plugins import flow_nets
 from flowplug.plugins.flow_phi4 import AffineCoupling
@@ -132,20 +133,7 @@ def test_u1_network_on_frozen_plaquettes_equals_the_masked_features(lattice):
         with torch.no_grad():
             want = m._condition(torch.cos(plaq), torch.sin(plaq), sites=idx)
             assert torch.equal(m._network_at(plaq, idx), want)
-        res = []
-        for generic in (False, True):
-            if generic:
-                m._fused = lambda theta: None
-            try:
-                x = theta.clone().requires_grad_(True)
-                y, ld = m(x * 1.0)
-                g = torch.Generator().manual_seed(18)
-                gy = torch.randn(y.shape, generator=g, dtype=torch.float64)
-                gl = torch.randn(ld.shape, generator=g, dtype=torch.float64)
-                res.append((y.detach(), ld.detach(), torch.autograd.grad((y, ld), [x, *m.parameters()], (gy, gl))))
-            finally:
-                m.__dict__.pop("_fused", None)
-        (y_f, ld_f, g_f), (y_g, ld_g, g_g) = res
+        (y_f, ld_f, g_f), (y_g, ld_g, g_g) = fused_and_generic(m, theta, 18)
         assert torch.equal(y_f, y_g) and torch.equal(ld_f, ld_g)
         for a, b in zip(g_f, g_g, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
