@@ -721,11 +721,13 @@ class SUNSpectralCoupling(_SUNCoupling):
             u_nu = torch.roll(u[:, self.nu], 1, dims=1 + self.nu)
             r = torch.diagonal(below @ u_nu @ full_loop @ u_nu.mH, dim1=-2, dim2=-1).sum(-1) / self.n
             rect = (r.real, r.imag)
-        p = self._condition(tr.real, tr.imag, rect)
         d = self.d
         idx = self.site_index
         loop = full_loop.flatten(1, d)[:, idx]
-        params = p.flatten(1, d)[:, idx]
+        if d <= 3:  # the gathered network at those sites: the same parameters in any batch (sun-stout)
+            params = self._condition(tr.real, tr.imag, rect, sites=idx)
+        else:
+            params = self._condition(tr.real, tr.imag, rect).flatten(1, d)[:, idx]
         g, ld = spectral_map(loop, params, self.n_bins, inverse=inverse, left=True)
         u_mu = u[:, self.mu].flatten(1, d)
         updated = g @ u_mu[:, idx]  # = P' P^+ U_mu(x), unitary to rounding at any depth

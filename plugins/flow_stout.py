@@ -883,7 +883,13 @@ class SUNStoutCoupling(_SUNCoupling):
             r = (top * back.conj()).sum((-2, -1)) / self.n
             rect = (r.real, r.imag)
         # the network's last convolution runs on the updated sites only
-        params = self._condition(tr.real, tr.imag, rect, stripe=True).flatten(0, d)  # (B sites, n_params)
+        if d <= 3:
+            # the gathered network at the updated sites (ConvNet.forward_at): a configuration gets
+            # bitwise the same parameters in any batch (torch's 2D/3D convolutions round by the
+            # batch size, so an inverse of one configuration of a batch missed it by 1e-7)
+            params = self._condition(tr.real, tr.imag, rect, sites=self.site_index).flatten(0, 1)
+        else:
+            params = self._condition(tr.real, tr.imag, rect, stripe=True).flatten(0, d)  # (B sites, n_params)
         # the map on the loops stored matrix-axes-first, (N, N, B sites), in the order of the parameters
         n, batch = self.n, u.shape[0]
         loop = (link @ staple).permute(2, 3, 0, 1).reshape(n, n, -1).contiguous()
