@@ -880,8 +880,14 @@ class SUNStoutCoupling(_SUNCoupling):
             top = torch.roll(f_mu, 1, dims=ax_nu) @ torch.roll(nu_below, -1, dims=ax_mu)
             top = top @ torch.roll(f_nu, -1, dims=ax_mu)
             back = nu_below @ f_nu @ torch.roll(f_mu, -1, dims=ax_nu)
-            r = (top * back.conj()).sum((-2, -1)) / self.n
-            rect = (r.real, r.imag)
+            # tr(top back^+) as a product per matrix (a 1 x N^2 by N^2 x 1 product: torch's small
+            # batched products loop over the matrices alike in any batch; an elementwise product and
+            # sum over the whole tensor rounds its last entries, which depend on the batch size, in
+            # a scalar tail), and the 1/N in real arithmetic (complex division by a scalar rounds
+            # differently there too)
+            rows = back.conj().flatten(-2).unsqueeze(-2)  # (..., 1, N^2)
+            r = (rows @ top.flatten(-2).unsqueeze(-1))[..., 0, 0]
+            rect = (r.real / self.n, r.imag / self.n)
         # the network's last convolution runs on the updated sites only
         if d <= 3:
             # the gathered network at the updated sites (ConvNet.forward_at): a configuration gets
