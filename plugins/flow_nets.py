@@ -122,6 +122,18 @@ def net_dtype(name: str | torch.dtype) -> torch.dtype:
         raise ConfigError(f"network dtype must be 'float32' or 'float64'; found {name!r}") from None
 
 
+def _batch_padded(transform: Any, x: torch.Tensor, multiple: int = 16) -> torch.Tensor:
+    """``transform(x)`` of a batch (B, ...) computed on B padded with zero entries to a multiple of
+    ``multiple`` (the padding's results are dropped): torch.fft's CPU transforms process several
+    arrays at once with vector instructions and the rest one by one, which rounds differently, so
+    without the padding an entry's transform could depend on the batch it is in."""
+    b = x.shape[0]
+    pad = -b % multiple
+    if not pad:
+        return transform(x)
+    return transform(torch.cat([x, x.new_zeros(pad, *x.shape[1:])]))[:b]
+
+
 class _ChannelSum(torch.autograd.Function):
     """y[b, o, f] = sum_c x[b, c, f] k[o, c, f], the channel sum of a convolution in Fourier space,
     with a hand-written backward.
@@ -326,14 +338,14 @@ class PeriodicConv(nn.Module):
         else:
             kernel = w.new_zeros(n_out, n_in, vol).index_add(2, taps, w.reshape(n_out, n_in, -1))
             k_hat = torch.fft.rfftn(kernel.view(n_out, n_in, *lat), dim=dims).flatten(2)  # (O, C, F)
-            x_hat = torch.fft.rfftn(x, dim=dims).flatten(2)  # (B, C, F)
+            x_hat = _batch_padded(lambda t: torch.fft.rfftn(t, dim=dims), x).flatten(2)  # (B, C, F)
         y_hat = _ChannelSum.apply(x_hat, k_hat)  # (B, O, F)
         if dense:
             yc = torch.bmm(inv_a.expand(b * n_out, -1, -1), y_hat.view(b * n_out, sa, fb))
             yr = torch.view_as_real(yc).view(b, n_out * sa, 2 * fb)
             y = torch.bmm(yr, inv_b.expand(b, -1, -1)).view(b, n_out, *lat)
         else:
-            y = torch.fft.irfftn(y_hat.view(b, n_out, *half_shape), s=lat, dim=dims)
+            y = _batch_padded(lambda t: torch.fft.irfftn(t, s=lat, dim=dims), y_hat.view(b, n_out, *half_shape))
         bias = self.conv.bias
         return y if bias is None else y + bias.view(1, -1, *([1] * d))
 

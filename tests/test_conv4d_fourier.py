@@ -117,3 +117,30 @@ def test_each_configuration_gets_the_same_output_in_a_batch_with_two_threads(lat
                 assert torch.equal(batch, alone), (out_sites, float((batch - alone).abs().max()))
     finally:
         torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("lattice", [(4, 4, 4, 10), (4, 4, 6, 6)], ids=lambda v: "x".join(map(str, v)))
+def test_fft_path_gives_each_configuration_the_same_output_in_a_batch(lattice, threads):
+    """Lattices above the dense-DFT limit go through torch.fft, whose CPU transforms round a
+    group of arrays (vector instructions) differently from a single one: the batch is padded to a
+    multiple of 16, so a configuration's float32 output is bitwise the same alone and in a batch
+    (one input and one output channel was the failing case), and gradients still flow."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for n_in, n_out in ((1, 1), (2, 3)):
+            torch.manual_seed(2)
+            conv = PeriodicConv(n_in, n_out, 3, 4, dtype=torch.float32)
+            x = torch.randn(5, n_in, *lattice)
+            with torch.no_grad():
+                batch = conv(x)
+                alone = torch.cat([conv(x[i : i + 1]) for i in range(x.shape[0])])
+            assert torch.equal(batch, alone), (n_in, n_out, float((batch - alone).abs().max()))
+        xg = x.double().requires_grad_(True)
+        conv64 = PeriodicConv(2, 3, 3, 4, dtype=torch.float64)
+        y = conv64(xg)
+        (g,) = torch.autograd.grad(y.square().sum(), xg)
+        assert g.shape == xg.shape and torch.isfinite(g).all() and g.abs().max() > 0
+    finally:
+        torch.set_num_threads(old)
