@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _flow_helpers import assert_inverts_each_configuration
 
 from flowplug import gauge, groups
 from flowplug.plugins.theories import WilsonGaugeAction
@@ -113,12 +114,6 @@ def test_2d_3d_sun_flow_inverts_one_configuration_of_a_forward_batch_exactly(
         torch.manual_seed(9)
         options = {"hidden": [4], "init_scale": 1.0, "rectangles": rectangles}
         flow = build_flow(field, lattice, [layer], n_layers=3, options=options).eval()
-        with torch.no_grad():
-            z, _ = flow.sample_latent(7, gen(10))
-            x, logdet = flow.forward(z)
-            for i in range(z.shape[0]):
-                z_i, logdet_inv = flow.inverse(x[i : i + 1])
-                assert float((z_i - z[i : i + 1]).abs().max()) < 1e-12
-                assert abs(float(logdet[i] + logdet_inv[0])) < 1e-10
+        assert_inverts_each_configuration(flow, 7, 10)
     finally:
         torch.set_num_threads(old)
