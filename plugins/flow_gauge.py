@@ -48,6 +48,7 @@ from flowplug.errors import CheckpointError, ConfigError, ShapeError
 from flowplug.plugins.flow_nets import (
     ConvNet,
     _GatheredConvStack,
+    gathered_input,
     net_dtype,
     stack_backward,
     stack_forward,
@@ -318,17 +319,12 @@ def _u1_frozen_features(
         ``(cp, sp, h)``: cos and sin of the plaquettes at those sites, (B, planes, m) float64,
         and the network input (2 planes, m + 1, B) in ``dtype``: the features of
         :meth:`_GaugeCoupling._condition` (cos, then sin, of each plane times its mask) at the m
-        sites, then the zero row that the first gather reads for every other site
-        (:meth:`~flowplug.plugins.flow_nets.ConvNet.gathered_stack` with ``inputs``).
+        sites, then the zero row (:func:`~flowplug.plugins.flow_nets.gathered_input`).
         Differentiable.
     """
     pf = plaq.flatten(2).index_select(2, fsites)
     cp, sp = torch.cos(pf), torch.sin(pf)
-    n_planes, m = pf.shape[1], pf.shape[2]
-    h = cp.new_zeros((2 * n_planes, m + 1, pf.shape[0]), dtype=dtype)
-    h[:n_planes, :m] = (cp * fmask).permute(1, 2, 0)
-    h[n_planes:, :m] = (sp * fmask).permute(1, 2, 0)
-    return cp, sp, h
+    return cp, sp, gathered_input(torch.cat([cp * fmask, sp * fmask], 1), dtype)
 
 
 def _u1_loop_adjoint(g_dirs: list[torch.Tensor], g_loop: torch.Tensor, mu: int, nu: int) -> None:

@@ -126,7 +126,8 @@ def _batch_padded(transform: Any, x: torch.Tensor, multiple: int = 16) -> torch.
     """``transform(x)`` of a batch (B, ...) computed on B padded with zero entries to a multiple of
     ``multiple`` (the padding's results are dropped): torch.fft's CPU transforms process several
     arrays at once with vector instructions and the rest one by one, which rounds differently, so
-    without the padding an entry's transform could depend on the batch it is in."""
+    without the padding an entry's transform could depend on the batch it is in (measured on
+    the CPU; the padding is kept on other devices, whose FFT libraries were not checked)."""
     b = x.shape[0]
     pad = -b % multiple
     if not pad:
@@ -626,6 +627,17 @@ class ConvNet(nn.Module):
             cache[key] = plan
         self.__dict__["_plan_last"] = (sites, inputs, (lattice, kernel_size, n_conv, device), plan)
         return plan
+
+
+def gathered_input(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The input of :func:`stack_forward` for a plan with ``inputs``
+    (:meth:`ConvNet.gathered_stack`): values (B, C, m) at the m input sites, any real dtype ->
+    (C, m + 1, B) in ``dtype``, those sites in order and then the row of zeros that the first
+    gather reads for every other site. Differentiable."""
+    b, c, m = values.shape
+    h = values.new_zeros((c, m + 1, b), dtype=dtype)
+    h[:, :m] = values.permute(1, 2, 0)
+    return h
 
 
 #: One convolution of a :meth:`ConvNet._plan`: ``(idx, n_out, inv, n_in, pad)``.

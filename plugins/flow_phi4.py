@@ -39,6 +39,7 @@ from flowplug.errors import ConfigError, ShapeError
 from flowplug.plugins.flow_nets import (
     ConvNet,
     _GatheredConvStack,
+    gathered_input,
     net_dtype,
     stack_backward,
     stack_forward,
@@ -151,7 +152,7 @@ class _ScalarCoupling(nn.Module):
             return self.net.forward_at(self._frozen(x), idx)
         plan, slope, params = stack
         xf = x.flatten(1).index_select(1, self._frozen_sites()).clamp(-COND_LIMIT, COND_LIMIT)
-        h = _frozen_rows(xf, self.net.dtype)
+        h = gathered_input(xf.unsqueeze(1), self.net.dtype)
         if torch.is_grad_enabled() and (h.requires_grad or any(p.requires_grad for p in params)):
             out = _GatheredConvStack.apply(h, plan, slope, *params)
         else:
@@ -173,17 +174,6 @@ class _ScalarCoupling(nn.Module):
             idx = (~self.updated).flatten().nonzero().flatten()
             self.__dict__["_frozen_flat"] = idx
         return idx
-
-
-def _frozen_rows(frozen: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The network input of a scalar coupling as its gathered stack reads it with the frozen sites
-    as ``inputs`` (:meth:`~flowplug.plugins.flow_nets.ConvNet.gathered_stack`): frozen (B, m), the
-    clipped field on the m frozen sites, -> (1, m + 1, B) in ``dtype``, those sites and then the
-    zero row that the first gather reads for every active site (differentiable)."""
-    b, m = frozen.shape
-    h = frozen.new_zeros((1, m + 1, b), dtype=dtype)
-    h[0, :m] = frozen.t()
-    return h
 
 
 class _AffineMap(torch.autograd.Function):
@@ -218,7 +208,7 @@ class _AffineMap(torch.autograd.Function):
         # the check reads the values back, so on other devices (no synchronisation there) the mask is kept
         on_cpu = x.device.type == "cpu"
         cond_clipped = not (on_cpu and torch.equal(frozen, xf))
-        out, saved = stack_forward(_frozen_rows(frozen, dtype), plan, slope, params)  # (2, n, B)
+        out, saved = stack_forward(gathered_input(frozen.unsqueeze(1), dtype), plan, slope, params)  # (2, n, B)
         # NaN -> 0 and the clip are exact in the network dtype (+-PARAM_LIMIT is representable)
         raw = torch.nan_to_num(out, nan=0.0).clamp_(-PARAM_LIMIT, PARAM_LIMIT)
         out_clipped = not (on_cpu and torch.equal(raw, out))  # NaN != NaN: a NaN output counts as clipped

@@ -79,8 +79,9 @@ def test_periodic_conv_4d_gradients_equal_a_direct_convolution():
 @pytest.mark.parametrize("lattice", [(4, 2, 6, 4), (2, 4, 4, 6)], ids=lambda v: "x".join(map(str, v)))
 @pytest.mark.parametrize("axis", [0, 1, 2, 3])
 def test_strided_output_is_the_full_outputs_rows_with_gradients(lattice, axis):
-    """``out_sites`` on the dense path evaluates the inverse transform at the strided sites only:
-    the full output's rows there, and the same input, weight and bias gradients (float64)."""
+    """``out_sites`` on the dense path (the full Fourier convolution, then the strided rows): the
+    full output's rows at every axis and offset, with their shape and order, and the same input,
+    weight and bias gradients (float64)."""
     torch.manual_seed(4 + axis)
     conv = PeriodicConv(3, 2, 3, 4, dtype=torch.float64)
     with torch.no_grad():
