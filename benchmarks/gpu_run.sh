@@ -4,6 +4,8 @@
 # It installs flowplug from a wheel built beforehand (no network there; the machine's own
 # torch, numpy, h5py, pluggy and pytest are used), runs the CUDA tests (tests/test_cuda_exact.py,
 # tests/test_cuda_flows.py, tests/test_cuda_paths.py and the Dirac operators' CUDA tests),
+# then the CPU batch-independence test of every flow layer on that machine's CPU (1, 2, 16 threads),
+# training under torchrun with nccl (one process; two on one GPU must be refused by name),
 # then benchmarks/gpu.py (absolute figures on the GPU, each next to the CPU figure of the same
 # machine). Every part has its own time limit and writes its log under $OUT, so a part that
 # fails or runs long costs only itself. With PARTS_LIMIT > 0 (seconds) it also runs
@@ -34,6 +36,20 @@ timeout "$TEST_LIMIT" python3 -P -m pytest -q -p no:cacheprovider -rs --duration
     tests/test_dirac.py::test_operator_runs_on_the_links_device \
     tests/test_preconditioning.py::test_even_odd_runs_on_the_links_device 2>&1 | tee "$OUT/tests.txt" | tail -40
 echo "tests exit: ${PIPESTATUS[0]}"
+echo "== each configuration of a batch inverts alone on this machine's CPU (1, 2 and 16 threads)"
+for t in 1 2 16; do
+    OMP_NUM_THREADS=$t timeout 120 python3 -P -m pytest -q -p no:cacheprovider tests/test_flow_layers.py -k each_configuration 2>&1 | tail -3
+done | tee "$OUT/cpu_batch.txt"
+echo "== torchrun on the GPU (nccl, one process), then two processes on one GPU (refused by name)"
+{
+    timeout 120 python3 -P -m torch.distributed.run --standalone --nproc_per_node=1 -m flowplug train \
+        --config examples/train_phi4.toml --no-progress --set device="'cuda'" --set train.steps=5 \
+        --set out="'$(mktemp -d)/nccl1'" 2>&1 | tail -6
+    echo "nccl world of one exit: ${PIPESTATUS[0]}"
+    timeout 120 python3 -P -m torch.distributed.run --standalone --nproc_per_node=2 -m flowplug train \
+        --config examples/train_phi4.toml --no-progress --set device="'cuda'" --set train.steps=5 \
+        --set out="'$(mktemp -d)/nccl2'" 2>&1 | grep -i -m3 "error\|cuda:1"
+} 2>&1 | tee "$OUT/torchrun.txt"
 echo "== benchmarks/gpu.py (limit ${BENCH_LIMIT} s)"
 timeout "$BENCH_LIMIT" python3 -P benchmarks/gpu.py --budget "${BUDGET:-3}" ${GPU_ARGS:-} 2>"$OUT/gpu.err" | tee "$OUT/gpu.jsonl"
 echo "benchmark exit: ${PIPESTATUS[0]}"

@@ -486,8 +486,7 @@ class ConvNet(nn.Module):
             w, bias = layer.conv.weight, layer.conv.bias
             cols = h.index_select(1, idx).view(-1, n_out * b)  # (C k^d, n * B), tap-minor rows
             w2 = w.view(w.shape[0], -1)
-            y = w2 @ cols if bias is None else torch.addmm(bias.unsqueeze(1), w2, cols)
-            h = y.view(w.shape[0], n_out, b)
+            h = weight_product(w2, cols, bias).view(w.shape[0], n_out, b)
         return h.permute(2, 1, 0)
 
     def gathered_stack(
@@ -723,6 +722,47 @@ def will_compute(ctx: Any, positions: Sequence[int]) -> list[bool]:
     return flags
 
 
+#: Fewest columns that :func:`weight_product` hands to the matrix product, and the multiple their
+#: number is rounded up to (zero columns pad the rest).
+MIN_COLUMNS, COLUMN_MULTIPLE = 64, 16
+
+
+def padded_columns(n: int) -> int:
+    """The number of columns, >= n, that :func:`weight_product` computes for n columns."""
+    return max(MIN_COLUMNS, -(-n // COLUMN_MULTIPLE) * COLUMN_MULTIPLE)
+
+
+def weight_product(w: torch.Tensor, cols: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``w @ cols + bias[:, None]`` with each column rounded as in any other number of columns.
+
+    A network's output for one configuration must not depend on the batch it is evaluated in
+    (DESIGN section 4: the inverse of one configuration sees the parameters of the batched
+    forward map). MKL's single-precision product rounds a column by where it sits: with fewer
+    than 12 columns it takes another code path, and with few rows (2 or 3 output channels) the
+    last columns of a number not a multiple of 8 are computed apart (measured with torch 2.13 on
+    AVX2; a row-major batch, ``torch.nn.functional.linear``, is worse: with 8 outputs from 10
+    inputs half of the row positions of 64 rows round differently). Here the batch runs along
+    the columns and their number is padded with zeros to :func:`padded_columns` (at least
+    :data:`MIN_COLUMNS`, a multiple of :data:`COLUMN_MULTIPLE`); then a column's rounding did not
+    depend on its position or their number in any shape tried (1-576 inner, 1-96 outer, 64-4096
+    columns, one and two threads).
+
+    Arguments:
+        w: (C_out, K) weights.
+        cols: (K, N) inputs, one column per site and configuration.
+        bias: (C_out,) or ``None``.
+
+    Returns:
+        (C_out, N), contiguous, in the dtype of the inputs.
+    """
+    n = cols.shape[1]
+    m = padded_columns(n)
+    if m != n:
+        cols = F.pad(cols, (0, m - n))
+    y = w @ cols if bias is None else torch.addmm(bias.unsqueeze(1), w, cols)
+    return y[:, :n].contiguous() if m != n else y
+
+
 def stack_forward(
     h: torch.Tensor,
     plan: Sequence[PlanStep],
@@ -754,7 +794,7 @@ def stack_forward(
         saved.append(h)
         cols = _workspace("fwd", (h.shape[0], idx.shape[0], b), h)
         torch.index_select(h, 1, idx, out=cols)  # (C, k^d n, B): tap-minor rows
-        y = torch.addmm(bias.unsqueeze(1), w.view(w.shape[0], -1), cols.view(-1, n_out * b))
+        y = weight_product(w.view(w.shape[0], -1), cols.view(-1, n_out * b), bias)
         if j < len(plan) - 1:
             y = F.leaky_relu_(y, slope)  # same sign as its input (slope > 0): the backward's mask
         h = y.view(w.shape[0], n_out, b)
@@ -916,6 +956,42 @@ def periodic_taps(lattice: Sequence[int], kernel_size: int) -> torch.Tensor:
     return torch.stack(rows)
 
 
+class _SiLUFunction(torch.autograd.Function):
+    """x sigmoid(x) = x / (1 + exp(-x)) from single operations; the backward is the SiLU
+    derivative in differentiable operations (gradients need no batch independence)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return x / torch.exp(-x).add_(1.0)  # exp(-x) = inf for x -> -inf: -0, the limit
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        if not torch.is_grad_enabled():  # first order: torch's fused derivative
+            return torch.ops.aten.silu_backward(grad, x)
+        sig = torch.sigmoid(x)
+        return grad * sig * (1.0 + x * (1.0 - sig))
+
+
+class BatchExactSiLU(nn.Module):
+    """SiLU, x sigmoid(x), evaluated as x / (1 + exp(-x)) (the same function).
+
+    torch's CPU kernels of ``silu`` and ``sigmoid`` evaluate the last entries of a tensor (or of
+    a thread's share of it), those past its last full vector, with scalar code that rounds
+    differently, so an entry's float32 value would depend on where it sits, that is on the batch
+    size. ``exp``, sums and quotients give each entry the same value wherever it sits (checked
+    for every length up to 400, any offset, one and two threads), so a configuration's network
+    output does not depend on its batch (DESIGN section 4). It costs about twice torch's
+    ``silu``. The gradient is the SiLU derivative, twice differentiable. Shapes and dtype: those
+    of the input. Source: Elfwing et al., arXiv:1702.03118 (SiLU).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x sigmoid(x), elementwise."""
+        return cast(torch.Tensor, _SiLUFunction.apply(x))
+
+
 class MLP(nn.Module):
     """Fully connected network with SiLU activations, acting on the last axis.
 
@@ -954,7 +1030,7 @@ class MLP(nn.Module):
         for i, (a, b) in enumerate(itertools.pairwise(sizes)):
             layers.append(nn.Linear(a, b, dtype=dtype))
             if i < len(sizes) - 2:
-                layers.append(nn.SiLU())
+                layers.append(BatchExactSiLU())
         self.layers = nn.Sequential(*layers)
         self.dtype = dtype
         with torch.no_grad():  # the last linear layer's weight and bias
@@ -962,5 +1038,16 @@ class MLP(nn.Module):
                 p.mul_(float(final_scale))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Apply the network; the input is cast to the network dtype first."""
-        return self.layers(x.to(self.dtype))
+        """Apply the network; the input is cast to the network dtype first.
+
+        The items run along the columns of each product, padded with zeros as in
+        :func:`weight_product`, so that one item's output rounds as in any batch (a row-major
+        ``nn.Linear`` does not); the activations are :class:`BatchExactSiLU` for the same reason.
+        """
+        h = x.to(self.dtype)
+        lead, n = h.shape[:-1], h[..., 0].numel()
+        h = h.reshape(n, h.shape[-1]).t()
+        h = F.pad(h, (0, padded_columns(n) - n))  # (features, items): contiguous, padded once
+        for layer in self.layers:
+            h = weight_product(layer.weight, h, layer.bias) if isinstance(layer, nn.Linear) else layer(h)
+        return h[:, :n].t().reshape(*lead, -1)
