@@ -17,7 +17,8 @@
 # then run `bash benchmarks/gpu_run.sh` there with `.whl` carried along.
 #
 # python3 -P keeps the source folder flowplug/ of the checkout off sys.path, so that the
-# installed package (which maps plugins/ and adapters/ into flowplug.*) is the one imported.
+# installed package (which maps plugins/ and adapters/ into flowplug.*) is the one imported
+# (PYTHONSAFEPATH=1 does the same for the processes that torchrun starts).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT="${OUT:-$(mktemp -d)}"
@@ -42,11 +43,11 @@ for t in 1 2 16; do
 done | tee "$OUT/cpu_batch.txt"
 echo "== torchrun on the GPU (nccl, one process), then two processes on one GPU (refused by name)"
 {
-    timeout 120 python3 -P -m torch.distributed.run --standalone --nproc_per_node=1 -m flowplug train \
+    PYTHONSAFEPATH=1 timeout 120 python3 -P -m torch.distributed.run --standalone --nproc_per_node=1 -m flowplug train \
         --config examples/train_phi4.toml --no-progress --set device="'cuda'" --set train.steps=5 \
         --set out="'$(mktemp -d)/nccl1'" 2>&1 | tail -6
     echo "nccl world of one exit: ${PIPESTATUS[0]}"
-    timeout 120 python3 -P -m torch.distributed.run --standalone --nproc_per_node=2 -m flowplug train \
+    PYTHONSAFEPATH=1 timeout 120 python3 -P -m torch.distributed.run --standalone --nproc_per_node=2 -m flowplug train \
         --config examples/train_phi4.toml --no-progress --set device="'cuda'" --set train.steps=5 \
         --set out="'$(mktemp -d)/nccl2'" 2>&1 | grep -i -m3 "error\|cuda:1"
 } 2>&1 | tee "$OUT/torchrun.txt"

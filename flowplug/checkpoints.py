@@ -46,7 +46,7 @@ from typing import Any
 import torch
 
 from flowplug.errors import CheckpointError, ConfigError, FlowplugError, NonFiniteParametersError
-from flowplug.flow import Flow
+from flowplug.flow import Flow, place_flow
 from flowplug.fsutil import atomic_path
 from flowplug.theory import Action, action_from_config
 
@@ -256,7 +256,7 @@ def load_flow(path: str | Path, *, device: str | torch.device = "cpu") -> Loaded
         flow.load_state_dict(state["model"])
     except (KeyError, RuntimeError, FlowplugError) as exc:
         raise CheckpointError(f"{checkpoint_path(path)}: cannot rebuild the flow: {exc}") from None
-    flow = flow.to(resolve_device(str(device))).eval()
+    flow = place_flow(flow, resolve_device(str(device))).eval()  # float64 networks on CUDA
     return LoadedFlow(
         flow=flow,
         action=action_from_config(state["config"]),

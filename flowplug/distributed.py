@@ -150,8 +150,10 @@ def init_from_env(device: str | torch.device) -> torch.device:
         The device this process computes on.
 
     Raises:
-        ConfigError: if torch was built without distributed support, or the world has
-            several processes on one CUDA device (``cuda:N`` given explicitly).
+        ConfigError: if torch was built without distributed support, the world has
+            several processes on one CUDA device (``cuda:N`` given explicitly), or a process's
+            ``LOCAL_RANK`` names a CUDA device that torch does not see (more processes per node
+            than GPUs).
     """
     dev = torch.device(device)
     if not launched():
@@ -168,6 +170,13 @@ def init_from_env(device: str | torch.device) -> torch.device:
                 "(each process takes cuda:LOCAL_RANK)"
             )
         dev = torch.device("cuda", local if dev.index is None else dev.index)
+        count = torch.cuda.device_count()
+        if dev.index >= count:
+            raise ConfigError(
+                f"device = '{device}' under torchrun: the process of LOCAL_RANK {local} takes {dev}, but torch "
+                f"sees {count} CUDA device(s) on this node; start at most {count} process(es) per node "
+                "(torchrun --nproc_per_node)"
+            )
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")

@@ -90,7 +90,7 @@ from flowplug.checkpoints import (
 )
 from flowplug.diagnostics import evaluate_flow, imh_acceptance_estimate, imh_chain_acceptance, imh_chain_states
 from flowplug.errors import CheckpointError, ConfigError, NonFiniteParametersError
-from flowplug.flow import Flow, build_flow, check_field, layers_without_forward_diag, path_gradient_loss
+from flowplug.flow import Flow, build_flow, check_field, layers_without_forward_diag, path_gradient_loss, place_flow
 from flowplug.fsutil import locked_run
 from flowplug.stats import ess as _ess
 from flowplug.symmetric import check_action_symmetry
@@ -246,7 +246,7 @@ class Trainer:
         opts.update(train or {})
         self.opts = opts
         self.device = torch.device(device)
-        self.flow = flow.to(self.device)
+        self.flow = place_flow(flow, self.device)  # float64 networks on CUDA (flowplug.flow.place_flow)
         self.action = action
         if getattr(action, "field", flow.field) != flow.field:
             raise ConfigError(f"the flow produces '{flow.field}' fields but the action acts on '{action.field}'")

@@ -413,10 +413,16 @@ class ConvNet(nn.Module):
             if i < len(sizes) - 2:
                 layers.append(nn.LeakyReLU())
         self.layers = nn.Sequential(*layers)
-        self.dtype = dtype
         with torch.no_grad():  # the last convolution's weight and bias
             for p in layers[-1].parameters():
                 p.mul_(float(final_scale))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the weights, in which the network computes (float64 once
+        :func:`flowplug.flow.place_flow` put the flow on a CUDA device)."""
+        first = cast(PeriodicConv, self.layers[0])
+        return first.conv.weight.dtype
 
     def forward(self, x: torch.Tensor, out_sites: tuple[int, int, int] | None = None) -> torch.Tensor:
         """Apply the network; the input is cast to the network dtype first.
@@ -1032,10 +1038,16 @@ class MLP(nn.Module):
             if i < len(sizes) - 2:
                 layers.append(BatchExactSiLU())
         self.layers = nn.Sequential(*layers)
-        self.dtype = dtype
         with torch.no_grad():  # the last linear layer's weight and bias
             for p in layers[-1].parameters():
                 p.mul_(float(final_scale))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the weights, in which the network computes (float64 once
+        :func:`flowplug.flow.place_flow` put the flow on a CUDA device)."""
+        first = cast(nn.Linear, self.layers[0])
+        return first.weight.dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the network; the input is cast to the network dtype first.

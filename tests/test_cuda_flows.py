@@ -57,8 +57,8 @@ def _no_tf32():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def _config(example):
-    overrides = [*CASES[example], "train.progress=false", "train.batch_size=8", "threads=1", "seed=3"]
+def _config(example, *extra):
+    overrides = [*CASES[example], "train.progress=false", "train.batch_size=8", "threads=1", "seed=3", *extra]
     return build_config(
         DEFAULT_CONFIG, config_file=os.path.join(EXAMPLES, example), overrides=overrides, open_tables=OPEN_TABLES
     )
@@ -90,16 +90,19 @@ def test_flow_on_the_device_matches_the_cpu_and_inverts(example):
     metrics = dev.train_step()
     assert metrics and all(torch.isfinite(torch.as_tensor(v)).all() for v in metrics.values() if isinstance(v, float))
     assert all(p.device.type == DEVICE.type for p in dev.flow.parameters())
+    if DEVICE.type == "cuda":  # flowplug.flow.place_flow: float64 networks on CUDA
+        assert all(p.dtype == torch.float64 for p in dev.flow.parameters())
 
 
 @pytest.mark.parametrize("tf32", [False, True])
+@pytest.mark.parametrize("net", ["float32", "float64"])
 @pytest.mark.parametrize("example", sorted(CASES))
-def test_each_configuration_of_a_batch_inverts_alone_on_the_device(example, tf32):
+def test_each_configuration_of_a_batch_inverts_alone_on_the_device(example, net, tf32):
     """Batch 16 forward, then the inverse of configurations 0, 5 and 15 one at a time: cuBLAS
     and cuDNN may choose kernels by batch size, so this is checked on the device itself."""
     if DEVICE.type == "cuda":  # the autouse fixture turned TF32 off; this test chooses
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
-    cfg = _config(example)
+    cfg = _config(example, f"flow.options.dtype='{net}'")
     cpu = build_trainer(cfg, device="cpu")
     dev = build_trainer(cfg, device=str(DEVICE))
     cpu.out = dev.out = None
@@ -117,7 +120,9 @@ def test_each_configuration_of_a_batch_inverts_alone_on_the_device(example, tf32
             z_i, ld_inv = flow.inverse(x[i : i + 1])
             worst_z = max(worst_z, float((z_i - z[i : i + 1]).abs().max()))
             worst_ld = max(worst_ld, abs(float(logdet[i] + ld_inv[0])))
-    assert worst_z < 1e-12 and worst_ld < 1e-10, f"{example} tf32={tf32}: |dz| {worst_z:.3g}, |dlogdet| {worst_ld:.3g}"
+    assert worst_z < 1e-12 and worst_ld < 1e-10, (
+        f"{example} {net} tf32={tf32}: |dz| {worst_z:.3g}, |dlogdet| {worst_ld:.3g}"
+    )
 
 
 @pytest.mark.parametrize("group", ["u1", "su3"])

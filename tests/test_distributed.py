@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from flowplug import distributed
 from flowplug.config import build_config
@@ -84,6 +85,17 @@ def test_two_processes_follow_one_process_and_resume_in_one(tmp_path):
     for ra, rb in zip(a, b, strict=True):
         for key in ("loss", "free_energy", "ess", "grad_norm"):
             assert rb[key] == pytest.approx(ra[key], rel=1e-9, abs=1e-12), (ra["step"], key)
+
+
+def test_more_processes_than_gpus_are_refused_by_name(monkeypatch):
+    """Two processes per node on one GPU: the second one's cuda:1 is refused with the count that
+    torch sees (on an H200 machine torch raised 'invalid device ordinal' from deep inside)."""
+    for var, value in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(var, value)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda dev: pytest.fail(f"set_device({dev}) reached"))
+    with pytest.raises(ConfigError, match=r"LOCAL_RANK 1 takes cuda:1, but torch sees 1 CUDA device.*nproc_per_node"):
+        distributed.init_from_env("cuda")
 
 
 def test_global_batch_must_split_evenly(monkeypatch, tmp_path):

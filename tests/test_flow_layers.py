@@ -687,3 +687,35 @@ def test_layer_inverts_each_configuration_of_a_batch_alone(name, field, lattice,
                 assert abs(float(ld[i] + ld_i[0])) < 1e-10, (i, float(ld[i] + ld_i[0]))
     finally:
         torch.set_num_threads(saved)
+
+
+@pytest.mark.parametrize(
+    "name,field,lattice",
+    [
+        ("affine", "scalar", (4, 4)),
+        ("u1-ncp", "u1", (4, 4)),
+        ("u1-multiscale", "u1", (4, 4)),
+        ("sun-stout", "su3", (2, 4, 2, 6)),
+    ],
+)
+def test_widened_layer_keeps_its_map_and_inverts_each_configuration(name, field, lattice):
+    """flowplug.flow.widen_float32 (what place_flow does on CUDA): the float32 networks become
+    float64 with the same weights, so the map moves by float32 rounding only, and each
+    configuration of a batch still inverts alone to float64 rounding."""
+    import copy
+
+    from flowplug.flow import widen_float32
+
+    m = make_layer(name, lattice=lattice, field=field, index=1)
+    randomize(m)
+    assert any(p.dtype == torch.float32 for p in m.parameters())
+    wide = widen_float32(copy.deepcopy(m))
+    assert all(p.dtype == torch.float64 for p in wide.parameters())
+    with torch.no_grad():
+        x = prior_sample(field, lattice, 8, seed=6)
+        (y32, ld32), (y64, ld64) = m(x), wide(x)
+        assert 0 < float((y64 - y32).abs().max()) < 1e-4 and float((ld64 - ld32).abs().max()) < 1e-3
+        for i in (0, 7):
+            x_i, ld_i = wide.inverse(y64[i : i + 1])
+            dx = groups.wrap_angle(x_i - x[i : i + 1]) if field == "u1" else x_i - x[i : i + 1]
+            assert float(dx.abs().max()) < 1e-12 and abs(float(ld64[i] + ld_i[0])) < 1e-10
