@@ -171,6 +171,8 @@ def init_from_env(device: str | torch.device) -> torch.device:
             )
         dev = torch.device("cuda", local if dev.index is None else dev.index)
         count = torch.cuda.device_count()
+        if dev.index >= count and torch.device(device).index is not None:
+            raise ConfigError(f"device = '{device}' under torchrun: torch sees {count} CUDA device(s) on this node")
         if dev.index >= count:
             raise ConfigError(
                 f"device = '{device}' under torchrun: the process of LOCAL_RANK {local} takes {dev}, but torch "

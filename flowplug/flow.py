@@ -226,10 +226,11 @@ def place_flow(flow: _ModuleT, device: str | torch.device) -> _ModuleT:
     kernels by the problem's shape: measured on an H200 with float32 conditioners, the inverse
     of one configuration of a batch of 16 missed its forward map by up to 1.5e-5 in log q
     (4D SU(3), TF32 off) and 0.02 with TF32 on; in float64 every example flow inverted each
-    configuration to 1e-12, and training ran at 0.9-1.2 times the float32 speed (the small
-    networks of these flows are bound by kernel launches, not arithmetic). The values of
-    float32 weights are kept exactly; a checkpoint saved from the device holds float64 weights,
-    which a CPU run rounds back to its float32 networks.
+    configuration to 1e-12, and training ran at 0.9-1.2 times the float32 speed side by side in
+    one process (the small networks of these flows are bound by kernel launches, not
+    arithmetic). The values of float32 weights are kept exactly; a checkpoint saved from the
+    device holds float64 weights, which a CPU run rounds back to its float32 networks. A flow
+    moved with ``flow.to("cuda")`` instead keeps float32 networks (and the batch dependence).
 
     Arguments:
         flow: The flow (any ``torch.nn.Module``).

@@ -16,6 +16,7 @@ import torch
 
 from flowplug import groups
 from flowplug.errors import ShapeError
+from flowplug.threads import one_thread
 
 
 def _check_sun(links: torch.Tensor) -> int:
@@ -244,9 +245,10 @@ class PlaquetteTraces(torch.autograd.Function):
         # one gather of the four factors (over the merged matrix axes: selecting along a middle
         # axis of the 4D tensor is many times slower in torch)
         x = s.view(n * n, n_links, b).index_select(1, index.flatten()).view(n, n, 4, -1, b).unbind(2)
-        left = groups.matmul_axes_first(x[0], x[1])
-        right = groups.matmul_axes_first(x[2], x[3])
-        tr = (left * right.conj()).sum((0, 1)) / n
+        with one_thread():  # complex products round a thread's tail differently (threads.one_thread)
+            left = groups.matmul_axes_first(x[0], x[1])
+            right = groups.matmul_axes_first(x[2], x[3])
+            tr = (left * right.conj()).sum((0, 1)) / n
         # the input only for a double backward (a caller that never takes one, the sun-stout
         # features, passes save_links=False: nothing then stops it changing its input in place)
         saved = (links, index, *x, left, right) if save_links else (index, *x, left, right)

@@ -26,6 +26,7 @@ from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
 from flowplug.errors import ConfigError, ShapeError
+from flowplug.threads import one_thread
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -153,9 +154,10 @@ class _ChannelSum(torch.autograd.Function):
         # the channels as views from one unbind each; the same products and sums in the same
         # order as a loop over selected channels
         xs, ks = x.unsqueeze(2).unbind(1), k.unsqueeze(0).unbind(2)
-        y = xs[0] * ks[0]
-        for c in range(1, len(xs)):
-            y = y + xs[c] * ks[c]
+        with one_thread():  # a complex64 product rounds a thread's tail differently
+            y = xs[0] * ks[0]
+            for c in range(1, len(xs)):
+                y = y + xs[c] * ks[c]
         ctx.save_for_backward(x, k)
         return y
 
@@ -1062,4 +1064,5 @@ class MLP(nn.Module):
         h = F.pad(h, (0, padded_columns(n) - n))  # (features, items): contiguous, padded once
         for layer in self.layers:
             h = weight_product(layer.weight, h, layer.bias) if isinstance(layer, nn.Linear) else layer(h)
-        return h[:, :n].t().reshape(*lead, -1)
+        out = cast(nn.Linear, self.layers[-1]).out_features
+        return h[:, :n].t().reshape(*lead, out)

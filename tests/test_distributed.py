@@ -96,6 +96,10 @@ def test_more_processes_than_gpus_are_refused_by_name(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_device", lambda dev: pytest.fail(f"set_device({dev}) reached"))
     with pytest.raises(ConfigError, match=r"LOCAL_RANK 1 takes cuda:1, but torch sees 1 CUDA device.*nproc_per_node"):
         distributed.init_from_env("cuda")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    explicit = r"device = 'cuda:3' under torchrun: torch sees 1 CUDA device\(s\) on this node$"
+    with pytest.raises(ConfigError, match=explicit):
+        distributed.init_from_env("cuda:3")
 
 
 def test_global_batch_must_split_evenly(monkeypatch, tmp_path):

@@ -665,22 +665,30 @@ def _batch_cases():
     return cases
 
 
-@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("threads,batch", [(1, 16), (2, 16), (4, 64), (16, 64)])
 @pytest.mark.parametrize("name,field,lattice", _batch_cases())
-def test_layer_inverts_each_configuration_of_a_batch_alone(name, field, lattice, threads):
+def test_layer_inverts_each_configuration_of_a_batch_alone(name, field, lattice, threads, batch):
     """With its default (float32) conditioner, a layer's inverse of one configuration of a
-    batch of 16 gives back that configuration to float64 rounding: the conditioner's output for
-    a configuration must not depend on its batch (DESIGN section 4). Small lattices put few
-    sites in each product, where BLAS and the elementwise kernels round by position."""
+    batch gives back that configuration to float64 rounding: the conditioner's output for a
+    configuration must not depend on its batch (DESIGN section 4). Small lattices put few sites
+    in each product, where BLAS and the elementwise kernels round by position; three threads
+    and a batch of 64 make torch split elementwise kernels between threads at positions that
+    depend on the batch size: there every configuration's forward map alone must equal its
+    row of the batch's to float64 rounding (the one straddling two threads' shares differed)."""
     m = make_layer(name, lattice=lattice, field=field, index=1)
     randomize(m)
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         with torch.no_grad():
-            x = prior_sample(field, lattice, 16, seed=5)
+            x = prior_sample(field, lattice, batch, seed=5)
             y, ld = m(x)
-            for i in (0, 7, 15):
+            if threads > 2:
+                for i in range(batch):
+                    y_i, ld_i = m(x[i : i + 1])
+                    dy = groups.wrap_angle(y_i - y[i : i + 1]) if field == "u1" else y_i - y[i : i + 1]
+                    assert float(dy.abs().max()) < 1e-12 and abs(float(ld_i[0] - ld[i])) < 1e-10, (i, dy.abs().max())
+            for i in (0, 7, batch - 1):
                 x_i, ld_i = m.inverse(y[i : i + 1])
                 dx = groups.wrap_angle(x_i - x[i : i + 1]) if field == "u1" else x_i - x[i : i + 1]
                 assert float(dx.abs().max()) < 1e-12, (i, float(dx.abs().max()))
