@@ -93,8 +93,9 @@ def one_thread() -> Iterator[None]:
     positions that depend on the tensor's size, and each share ends in a scalar tail that
     rounds some operations differently from the vectorised body (a complex64 product, for
     one). A flow's float32 conditioner must give a configuration the same value in any batch
-    (DESIGN section 4), so the few such operations on its path (the channel sum of the 4D
-    Fourier convolution, the plaquette traces of the SU(N) features) run inside this block;
+    (DESIGN section 4), so the few such operations on its path (the complex64 channel sum of
+    the 4D Fourier convolution and plaquette traces of the SU(N) features; not their complex128
+    forms, the actions' traces among them) run inside this block;
     their shapes keep every configuration out of the single-thread tail. Measured before: with
     16 threads a `sun-stout` layer on 4x2x6 gave 9 of 256 configurations another log-det alone
     than in the batch (up to 1e-7; 4D flows up to 1.4e-5). Switching costs about a microsecond.

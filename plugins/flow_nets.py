@@ -13,6 +13,7 @@ transformation of the field, so log-densities and the inverse stay float64-exact
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import math
@@ -154,7 +155,8 @@ class _ChannelSum(torch.autograd.Function):
         # the channels as views from one unbind each; the same products and sums in the same
         # order as a loop over selected channels
         xs, ks = x.unsqueeze(2).unbind(1), k.unsqueeze(0).unbind(2)
-        with one_thread():  # a complex64 product rounds a thread's tail differently
+        # a complex64 product rounds a thread's tail differently (threads.one_thread)
+        with one_thread() if x.dtype == torch.complex64 else contextlib.nullcontext():
             y = xs[0] * ks[0]
             for c in range(1, len(xs)):
                 y = y + xs[c] * ks[c]
