@@ -7,7 +7,6 @@ array axis ``2 + mu`` of the link tensor (axis mu of the lattice).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 from collections.abc import Sequence
@@ -248,7 +247,7 @@ class PlaquetteTraces(torch.autograd.Function):
         x = s.view(n * n, n_links, b).index_select(1, index.flatten()).view(n, n, 4, -1, b).unbind(2)
         # complex64 products round a thread's tail differently (threads.one_thread); complex128
         # (the actions) keeps every thread: its rounding differs by one float64 ulp at most
-        with one_thread() if dtype == torch.complex64 else contextlib.nullcontext():
+        with one_thread(dtype == torch.complex64):
             left = groups.matmul_axes_first(x[0], x[1])
             right = groups.matmul_axes_first(x[2], x[3])
             tr = (left * right.conj()).sum((0, 1)) / n

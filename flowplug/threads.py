@@ -86,8 +86,9 @@ def job_threads(value: Any, key: str = "threads") -> Iterator[int]:
 
 
 @contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """Run a block on one torch CPU thread, then restore the caller's count.
+def one_thread(active: bool = True) -> Iterator[None]:
+    """Run a block on one torch CPU thread, then restore the caller's count (with ``active``
+    false: leave the threads alone, for callers that need it for some dtypes only).
 
     torch splits an elementwise operation of more than 32768 entries between its threads at
     positions that depend on the tensor's size, and each share ends in a scalar tail that
@@ -105,7 +106,7 @@ def one_thread() -> Iterator[None]:
     import torch
 
     n = torch.get_num_threads()
-    if n == 1:
+    if n == 1 or not active:
         yield
         return
     torch.set_num_threads(1)

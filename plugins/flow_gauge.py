@@ -47,9 +47,9 @@ from flowplug import gauge, groups
 from flowplug.errors import CheckpointError, ConfigError, ShapeError
 from flowplug.plugins.flow_nets import (
     ConvNet,
-    _GatheredConvStack,
     gathered_input,
     net_dtype,
+    run_stack,
     stack_backward,
     stack_forward,
     will_compute,
@@ -473,11 +473,7 @@ class U1Coupling(_GaugeCoupling):
             return self._condition(torch.cos(plaq), torch.sin(plaq), sites=idx)
         plan, slope, params = stack
         h = _u1_frozen_features(plaq, fsites, fmask, self.net.dtype)[2]
-        if torch.is_grad_enabled() and (h.requires_grad or any(p.requires_grad for p in params)):
-            out = _GatheredConvStack.apply(h, plan, slope, *params)
-        else:
-            out = stack_forward(h, plan, slope, params)[0]
-        return out.permute(2, 1, 0).to(torch.float64)
+        return run_stack(h, plan, slope, params).permute(2, 1, 0).to(torch.float64)
 
     def _map(self, theta: torch.Tensor, inverse: bool, diag: bool = False):
         self._check(theta)

@@ -13,7 +13,6 @@ transformation of the field, so log-densities and the inverse stay float64-exact
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import itertools
 import math
@@ -156,7 +155,7 @@ class _ChannelSum(torch.autograd.Function):
         # order as a loop over selected channels
         xs, ks = x.unsqueeze(2).unbind(1), k.unsqueeze(0).unbind(2)
         # a complex64 product rounds a thread's tail differently (threads.one_thread)
-        with one_thread() if x.dtype == torch.complex64 else contextlib.nullcontext():
+        with one_thread(x.dtype == torch.complex64):
             y = xs[0] * ks[0]
             for c in range(1, len(xs)):
                 y = y + xs[c] * ks[c]
@@ -482,11 +481,8 @@ class ConvNet(nn.Module):
         steps = self._plan(lattice, convs[0].kernel_size, len(convs), x.device, sites)
         h = x.to(self.dtype).flatten(2).permute(1, 2, 0)  # (C, S, B)
         slope, params = self._stack_params()
-        if slope is not None:
-            if torch.is_grad_enabled() and (h.requires_grad or any(p.requires_grad for p in params)):
-                # the same gathers and products, with the hand-written backward of _GatheredConvStack
-                return _GatheredConvStack.apply(h, steps, slope, *params).permute(2, 1, 0)
-            return stack_forward(h, steps, slope, params)[0].permute(2, 1, 0)
+        if slope is not None:  # the same gathers and products, with a hand-written backward
+            return run_stack(h, steps, slope, params).permute(2, 1, 0)
         plan = iter(steps)
         for layer in self.layers:
             if not isinstance(layer, PeriodicConv):
@@ -930,6 +926,16 @@ class _GatheredConvStack(torch.autograd.Function):
         if g is not None and g.shape[1] < saved[0].shape[1]:  # a plan with inputs: the zero row's (zero) gradient
             g = torch.cat([g, g.new_zeros(g.shape[0], saved[0].shape[1] - g.shape[1], g.shape[2])], 1)
         return (g, None, None, *grads)
+
+
+def run_stack(h: torch.Tensor, plan: Sequence[PlanStep], slope: float, params: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Evaluate a gathered network (:meth:`ConvNet.gathered_stack`): :func:`stack_forward`
+    alone when no gradient is wanted, else through :class:`_GatheredConvStack` (the same
+    products, with the hand-written backward). Arguments as :func:`stack_forward`; returns
+    (C_out, n, B) in the network dtype."""
+    if torch.is_grad_enabled() and (h.requires_grad or any(p.requires_grad for p in params)):
+        return cast(torch.Tensor, _GatheredConvStack.apply(h, plan, slope, *params))
+    return stack_forward(h, plan, slope, params)[0]
 
 
 def periodic_taps(lattice: Sequence[int], kernel_size: int) -> torch.Tensor:

@@ -38,9 +38,9 @@ from torch.autograd.function import once_differentiable
 from flowplug.errors import ConfigError, ShapeError
 from flowplug.plugins.flow_nets import (
     ConvNet,
-    _GatheredConvStack,
     gathered_input,
     net_dtype,
+    run_stack,
     stack_backward,
     stack_forward,
     will_compute,
@@ -153,11 +153,7 @@ class _ScalarCoupling(nn.Module):
         plan, slope, params = stack
         xf = x.flatten(1).index_select(1, self._frozen_sites()).clamp(-COND_LIMIT, COND_LIMIT)
         h = gathered_input(xf.unsqueeze(1), self.net.dtype)
-        if torch.is_grad_enabled() and (h.requires_grad or any(p.requires_grad for p in params)):
-            out = _GatheredConvStack.apply(h, plan, slope, *params)
-        else:
-            out = stack_forward(h, plan, slope, params)[0]
-        return out.permute(2, 1, 0)
+        return run_stack(h, plan, slope, params).permute(2, 1, 0)
 
     def _active_sites(self) -> torch.Tensor:
         """Flat row-major indices (long, on the layer's device) of the active sites."""

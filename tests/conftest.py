@@ -34,12 +34,10 @@ def fresh_pm():
 @pytest.fixture
 def one_thread():
     """Run a test on one torch thread (small tensors: more threads only add contention)."""
-    import torch
+    from flowplug.threads import one_thread as single
 
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+    with single():
+        yield
 
 
 @pytest.fixture
