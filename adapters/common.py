@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from flowplug import compiled
 from flowplug.adapters.checksums import _in_order
 from flowplug.errors import FormatError
 from flowplug.io import Check, from_ildg, to_ildg
@@ -98,6 +99,13 @@ def _read_exactly(fh: Any, buf: np.ndarray, path: Path, what: str, total: int) -
 #: Bytes moved per step by the chunked conversions below: small enough that a chunk stays
 #: in the (L2) cache between reading, checksumming, byte swapping and the permuted copy.
 CHUNK_BYTES = 1 << 20
+
+
+#: A tile of a canonical read (:func:`_tiles`) holds about this many pieces' bytes: more
+#: time slices per call of the checksum and of the copy than a piece would give, fewer
+#: than the 32 MiB of a server's last-level cache (16^4, one core: 4 pieces 1.3x faster
+#: than 1, 8 no faster than 4).
+TILE_PIECES = 4
 
 
 #: Payloads smaller than this are read and written on one thread (starting a pool of
@@ -307,16 +315,27 @@ def _read_pieces(
     Every piece is handled by one call of ``task`` (below), independent of the others
     (its own scratch buffer, a disjoint part of the output), so the pieces can run on
     several threads; the output is the same whatever the number.
+
+    The canonical copy reads *tiles* (:func:`_tiles`): the same run of sites of every time
+    slice, read run by run (each run is checksummed, ``on_piece``, at its own offset).
+    The time index is the fastest axis of the canonical layout and the slowest of the
+    file, so a tile's blocks land in runs of L_t consecutive matrices of the output
+    instead of one matrix per memory page (1.5x faster on a 16^4 lattice). With
+    ``on_chunk`` (an ordered callback) the pieces are runs of the file in its order.
     """
     lattice = tuple(int(v) for v in lattice)
     d = len(lattice)
     stored = complex_dtype(precision, byteorder)
     unit = n * n * stored.itemsize
+    word = stored.itemsize // 2
     file_shape = (*reversed(lattice), d)
     nbytes = math.prod(file_shape) * unit
-    chunks = _file_chunks(file_shape, unit)
-    largest = max(b - a for _, a, b in chunks) * unit
-    nthreads = 1 if on_chunk is not None else _threads_for(nbytes, threads, len(chunks))
+    if contiguous and on_chunk is None and d >= 2 and file_shape[0] > 1:
+        pieces = _tiles(file_shape, unit)
+    else:
+        pieces = [(index, [(a, b)]) for index, a, b in _file_chunks(file_shape, unit)]
+    largest = max(sum(b - a for a, b in runs) for _, runs in pieces) * unit
+    nthreads = 1 if on_chunk is not None else _threads_for(nbytes, threads, len(pieces))
     # scratch buffers of each running task: the stored bytes, and (when they are not in
     # native byte order) the native values, made by a swapping copy
     scratch: queue.SimpleQueue[tuple[np.ndarray, np.ndarray]] = queue.SimpleQueue()
@@ -357,39 +376,58 @@ def _read_pieces(
         edge = matrices_deviation(sites[:, d - 1])
         return (max(bulk[0], space[0]), max(bulk[1], space[1])), edge
 
-    def task(chunk: tuple[Any, int, int]) -> tuple[bool, tuple[float, float], tuple[float, float]]:
-        index, a, b = chunk
-        if not contiguous and precision == 64 and stored.isnative:  # read in place
-            buf = flat[a * n * n : b * n * n].view(np.uint8)
-            fill(buf, a * unit)
-            _call(on_chunk, on_piece, buf, a * unit)
-            finite = _finite_piece(buf, np.float64)
-            return (finite, *deviations(buf.view(np.complex128).reshape(-1, n, n), a, b))
-        own_raw, own_native = scratch.get()
-        try:
-            raw = own_raw[: (b - a) * unit]
-            fill(raw, a * unit)
-            _call(on_chunk, on_piece, raw, a * unit)
-            if not contiguous and precision == 64:  # swap straight into place
+    def task(piece: tuple[Any, list[tuple[int, int]]]) -> tuple[bool, tuple[float, float], tuple[float, float]]:
+        index, runs = piece
+        if not contiguous:  # one run: file order, straight into place where the values allow
+            ((a, b),) = runs
+            if precision == 64 and stored.isnative:  # read in place
                 buf = flat[a * n * n : b * n * n].view(np.uint8)
-                _to_native(buf, raw, stored)
+                fill(buf, a * unit)
+                _call(on_chunk, on_piece, buf, a * unit)
                 finite = _finite_piece(buf, np.float64)
                 return (finite, *deviations(buf.view(np.complex128).reshape(-1, n, n), a, b))
-            if not contiguous:  # 32-bit file order: widen into place
-                piece = flat[a * n * n : b * n * n]
+        own_raw, own_native = scratch.get()
+        try:
+            size = sum(b - a for a, b in runs) * unit
+            raw = own_raw[:size]
+            at = 0
+            for a, b in runs:  # the runs of the piece, one after the other in the scratch
+                part = raw[at : at + (b - a) * unit]
+                fill(part, a * unit)
+                _call(on_chunk, on_piece, part, a * unit)
+                at += (b - a) * unit
+            if not contiguous:
+                ((a, b),) = runs
+                if precision == 64:  # swap straight into place
+                    buf = flat[a * n * n : b * n * n].view(np.uint8)
+                    finite = compiled.swap_copy(buf, raw, 8, not stored.isnative)
+                    return (finite, *deviations(buf.view(np.complex128).reshape(-1, n, n), a, b))
+                piece_values = flat[a * n * n : b * n * n]  # 32-bit file order: widen into place
                 with np.errstate(invalid="ignore"):
-                    np.copyto(piece, raw.view(stored))
-                return (_finite_piece(piece, np.float64), *deviations(piece.reshape(-1, n, n), a, b))
-            buf = raw if stored.isnative else own_native[: (b - a) * unit]
-            _to_native(buf, raw, stored)  # now native, in cache
-            finite = _finite_piece(buf, np.float64 if stored.itemsize == 16 else np.float32)
-            devs = deviations(buf.view(np.complex128).reshape(-1, n, n), a, b) if precision == 64 else (zero, zero)
-            np.copyto(dst[index], buf.view(block).reshape(dst[index].shape))
-            return (finite, *devs)
+                    np.copyto(piece_values, raw.view(stored))
+                return (_finite_piece(piece_values, np.float64), *deviations(piece_values.reshape(-1, n, n), a, b))
+            buf = (own_raw if stored.isnative else own_native)[:size]
+            # now native, in cache; finiteness checked in the same pass
+            finite = compiled.swap_copy(buf, raw, word, not stored.isnative)
+            bulk, edge = zero, zero
+            if precision == 64 and measure:
+                values = buf.view(np.complex128).reshape(-1, n, n)
+                (a, b) = runs[-1]  # the last time slice's run: the only one holding edge links
+                head = values.shape[0] - (b - a)
+                bulk, edge = deviations(values[head:], a, b)
+                if head:  # the earlier runs: bulk links only, checked in one call
+                    more = matrices_deviation(values[:head])
+                    bulk = (max(bulk[0], more[0]), max(bulk[1], more[1]))
+            target = dst[index]
+            source = buf.view(block).reshape(target.shape)
+            if len(runs) > 1:  # a tile: copy with the time index innermost (runs of the output)
+                target, source = np.moveaxis(target, 0, -1), np.moveaxis(source, 0, -1)
+            np.copyto(target, source)
+            return (finite, bulk, edge)
         finally:
             scratch.put((own_raw, own_native))
 
-    results = map_pieces(task, chunks, nthreads)
+    results = map_pieces(task, pieces, nthreads)
     finite = all(r[0] for r in results)
     if narrow is not None:
         native = stored.newbyteorder("=")
@@ -403,6 +441,28 @@ def _read_pieces(
         edge = (max(r[2][0] for r in results), max(r[2][1] for r in results))
         mark_group_deviations(links, [(bulk, edge)])
     return links
+
+
+def _tiles(file_shape: tuple[int, ...], unit: int) -> list[tuple[Any, list[tuple[int, int]]]]:
+    """Pieces of a canonical read: the same run of sites of every time slice.
+
+    Arguments:
+        file_shape: (L_{d-1}, ..., L_0, d) in units of one N x N matrix, L_{d-1} = L_t > 1.
+        unit: Bytes per matrix.
+
+    Returns:
+        ``(index, runs)`` per piece: ``index`` selects the piece of an array of
+        ``file_shape`` (all time slices, then the run's index within one time slice, as
+        :func:`_file_chunks` gives it); ``runs`` are the matrix offsets ``(start, stop)`` in
+        the flat payload, one per time slice, in time order. A piece holds about
+        :data:`TILE_PIECES` x :data:`CHUNK_BYTES` (at least one site per time slice).
+    """
+    lt, inner = file_shape[0], file_shape[1:]
+    per_slice = math.prod(inner)
+    out = []
+    for index, a, b in _file_chunks(inner, unit, max(1, TILE_PIECES * CHUNK_BYTES // lt)):
+        out.append(((slice(None), *index), [(t * per_slice + a, t * per_slice + b) for t in range(lt)]))
+    return out
 
 
 def _call(

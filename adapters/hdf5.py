@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import base64
 import json
-import zlib
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -48,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from flowplug import compiled
 from flowplug.adapters.common import fmt_lattice, hex_check
 from flowplug.errors import FlowplugError, FormatError
 from flowplug.fsutil import jsonable
@@ -163,7 +163,7 @@ def _meta_json(meta: Metadata, stored: np.ndarray) -> str:
         "record_list": list(meta.record_list),
         "checks": [jsonable(c.as_dict()) for c in meta.checks],
         "provenance": jsonable(meta.provenance),
-        "crc32": f"{zlib.crc32(memoryview(np.ascontiguousarray(stored)).cast('B')):08x}",  # type: ignore[arg-type]  # numpy's stubs give ndarray __buffer__ only for Python >= 3.12
+        "crc32": f"{compiled.crc32(np.ascontiguousarray(stored)):08x}",
     }
     return json.dumps(doc, sort_keys=True)
 
@@ -235,6 +235,14 @@ def _finite(values: np.ndarray) -> bool:
         return bool(np.isfinite(real.sum(dtype=np.float64)))
 
 
+def _crc_finite(values: np.ndarray, crc: int) -> tuple[int, bool]:
+    """CRC-32 of the bytes of C-contiguous ``values`` continuing from ``crc``, and whether they are
+    finite: one pass (:func:`flowplug.compiled.crc32_finite`) for float and complex values."""
+    if values.dtype.kind in "fc" and values.dtype.isnative and values.dtype.itemsize in (4, 8, 16):
+        return compiled.crc32_finite(values, crc)
+    return compiled.crc32(values, crc), _finite(values)
+
+
 def _read_configuration(links_ds: Any, data: np.ndarray, i: int, j: int) -> tuple[int, bool]:
     """Read stored configuration ``i`` into ``data[j]``; the CRC-32 of its bytes and whether
     they are all finite (see :func:`_finite`).
@@ -248,13 +256,13 @@ def _read_configuration(links_ds: Any, data: np.ndarray, i: int, j: int) -> tupl
     slabs = _slabs(tuple(data.shape[1:]), None if links_ds.chunks is None else tuple(links_ds.chunks[1:]))
     if len(slabs) < 2 or data[j].nbytes < PIPELINE_BYTES or io_threads() < 2:
         links_ds.read_direct(data, np.s_[i], np.s_[j])
-        return zlib.crc32(memoryview(data[j]).cast("B")), _finite(data[j])
+        return _crc_finite(data[j], 0)
     crc = [0]
     finite = [True]
 
     def accumulate(piece: np.ndarray) -> None:
-        crc[0] = zlib.crc32(memoryview(piece).cast("B"), crc[0])  # type: ignore[arg-type]  # numpy's stubs give ndarray __buffer__ only for Python >= 3.12
-        finite[0] = finite[0] and _finite(piece)
+        crc[0], piece_finite = _crc_finite(piece, crc[0])
+        finite[0] = finite[0] and piece_finite
 
     with ThreadPoolExecutor(max_workers=1) as pool:  # one worker: the slabs are summed in order
         pending = []

