@@ -135,13 +135,15 @@ def swap_copy(dst: np.ndarray, src: np.ndarray, word: int, swap: bool) -> bool:
         True when no word of the result is a NaN or an Inf (exponent bits not all set).
 
     Raises:
-        ValueError: for another word size, different sizes or a size not a multiple of
-            ``word``.
+        ValueError: for another word size, different sizes, a size not a multiple of
+            ``word``, or an array that is not C-contiguous.
     """
     if word not in (4, 8):
         raise ValueError(f"swap_copy: word must be 4 or 8 bytes, found {word}")
     if dst.nbytes != src.nbytes or src.nbytes % word:
         raise ValueError(f"swap_copy: {src.nbytes} source and {dst.nbytes} destination bytes")
+    if not (dst.flags.c_contiguous and src.flags.c_contiguous):
+        raise ValueError("swap_copy: source and destination must be C-contiguous")
     if _native is not None:
         return bool(_native.swap_copy(src.reshape(-1).view(np.uint8), dst.reshape(-1).view(np.uint8), word, swap))
     s, d = _word_view(src, word), _word_view(dst, word)

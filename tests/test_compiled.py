@@ -145,6 +145,8 @@ def test_swap_copy_refuses_bad_sizes():
         compiled.swap_copy(np.zeros(4), np.zeros(4), 2, True)
     with pytest.raises(ValueError, match="destination bytes"):
         compiled.swap_copy(np.zeros(4), np.zeros(3), 8, True)
+    with pytest.raises(ValueError, match="C-contiguous"):  # a copy would be written, not dst
+        compiled.swap_copy(np.zeros((4, 2))[:, 0], np.zeros(4), 8, True)
 
 
 def _random_sun(rng, m: int, n: int, noise: float) -> np.ndarray:
@@ -206,14 +208,15 @@ def test_group_deviation_does_not_depend_on_chunking_or_threads(monkeypatch):
     rng = np.random.default_rng(6)
     links = torch.from_numpy(_random_sun(rng, 4 * 4 * 4 * 4 * 4, 3, 1e-8).reshape(1, 4, 4, 4, 4, 4, 3, 3))
     want = group_deviation(links)
-    for chunk in (1, 7, 100, 10_000):
-        monkeypatch.setattr(linkcheck, "_GROUP_CHUNK", chunk)
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            try:
+    saved = torch.get_num_threads()
+    try:
+        for chunk in (1, 7, 100, 10_000):
+            monkeypatch.setattr(linkcheck, "_GROUP_CHUNK", chunk)
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
                 assert group_deviation(links) == want
-            finally:
-                torch.set_num_threads(1)
+    finally:
+        torch.set_num_threads(saved)
 
 
 @pytest.mark.parametrize("precision", [32, 64])
