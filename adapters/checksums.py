@@ -36,6 +36,8 @@ from typing import Literal, cast
 
 import numpy as np
 
+from flowplug import compiled
+
 #: The byte-order codes numpy's stubs accept in ``dtype.newbyteorder``; the functions
 #: here take the order as a plain ``str`` ("<" or ">") and pass it on through :func:`_in_order`.
 _NumpyByteOrder = Literal["S", "<", "L", "little", ">", "B", "big", "=", "N", "native", "|", "I"]
@@ -152,6 +154,10 @@ class ScidacChecksum:
             raise ValueError(f"first_site must be >= 0; found {first_site}")
         n = raw.size // self.site_bytes
         if n == 0:
+            return
+        if compiled.xor_sites(raw, self._own_accumulator(), self.site_bytes, int(first_site)):
+            with self._lock:
+                self.nsites += n
             return
         rows, _ = _word_view(raw, self.site_bytes)
         acc = self._own_accumulator().view(rows.dtype)  # (899, words); np.zeros is aligned for any width

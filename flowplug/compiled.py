@@ -23,7 +23,7 @@ from types import ModuleType
 
 import numpy as np
 
-__all__ = ["available", "fast_crc32", "crc32", "crc32_finite", "swap_copy", "sun_deviation", "ABI"]
+__all__ = ["available", "fast_crc32", "crc32", "crc32_finite", "swap_copy", "sun_deviation", "xor_sites", "ABI"]
 
 #: The version of the C module's interface this file expects (``COMPILED_ABI`` in the C file).
 ABI = 1
@@ -179,3 +179,27 @@ def sun_deviation(values: np.ndarray) -> tuple[float, float] | None:
     values = np.ascontiguousarray(values)
     unit, det = _native.sun_deviation(values.reshape(-1).view(np.uint8), values.shape[1])
     return float(unit), float(det)
+
+
+def xor_sites(data: np.ndarray, acc: np.ndarray, site_bytes: int, first_site: int) -> bool:
+    """XOR site i of ``data`` into row (``first_site`` + i) mod R of ``acc``, compiled; ``False``
+    (nothing done) when the compiled module is not in use.
+
+    The reduction of :class:`flowplug.adapters.checksums.ScidacChecksum` (sites grouped by
+    rank mod 29 x 31, CRC-32 being affine over GF(2)), which does it with numpy otherwise.
+
+    Arguments:
+        data: C-contiguous uint8, a whole number of sites.
+        acc: C-contiguous, writable, (R, site_bytes) uint8.
+        site_bytes: Bytes per site.
+        first_site: Rank of the first site of ``data`` (>= 0).
+
+    Raises:
+        ValueError: for sizes that are not whole sites or a negative first site.
+    """
+    if _native is None:
+        return False
+    if not (data.flags.c_contiguous and acc.flags.c_contiguous):
+        raise ValueError("xor_sites: data and accumulator must be C-contiguous")
+    _native.xor_sites(data.reshape(-1).view(np.uint8), acc.reshape(-1).view(np.uint8), int(site_bytes), int(first_site))
+    return True
