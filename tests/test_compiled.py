@@ -260,3 +260,33 @@ def test_readers_give_the_same_with_and_without_the_compiled_module(tmp_path, pr
                 ]
                 for g, w in zip(fast_dev, slow_dev, strict=True):
                     assert abs(g - w) <= 8 * np.spacing(1.0)
+
+
+@pytest.mark.parametrize("fallback", [False, True])
+@pytest.mark.parametrize("site_bytes", [72, 576, 100])
+def test_scidac_reduction_fed_in_pieces_equals_the_reference(fallback, site_bytes, monkeypatch):
+    """xor_sites (compiled) and the numpy reduction give the SciDAC checksum of the
+    reference definition, for pieces that wrap around the 899 classes, in any order."""
+    from flowplug.adapters.checksums import ScidacChecksum, scidac_checksum_reference
+
+    if fallback:
+        monkeypatch.setattr(compiled, "_native", None)
+    rng = np.random.default_rng(site_bytes)
+    nsites = 2 * 899 + 131
+    payload = rng.integers(0, 256, nsites * site_bytes, dtype=np.uint8)
+    cuts = [0, 1, 898, 900, 1797, 1799, nsites]
+    pieces = list(zip(cuts[:-1], cuts[1:], strict=True))
+    rng.shuffle(pieces)
+    acc = ScidacChecksum(site_bytes)
+    for a, b in pieces:
+        acc.update_at(payload[a * site_bytes : b * site_bytes], a)
+    assert acc.digest() == scidac_checksum_reference(payload.tobytes(), site_bytes)
+
+
+@needs_compiled
+def test_xor_sites_refuses_bad_sizes():
+    acc = np.zeros((899, 8), dtype=np.uint8)
+    with pytest.raises(ValueError, match="whole sites|sites of"):
+        compiled.xor_sites(np.zeros(12, dtype=np.uint8), acc, 8, 0)
+    with pytest.raises(ValueError, match="sites of"):
+        compiled.xor_sites(np.zeros(16, dtype=np.uint8), acc, 8, -1)
