@@ -222,15 +222,19 @@ def read_ildg_canonical(
     """Read an ILDG-order payload from a file straight into the canonical tensor.
 
     Like :func:`read_payload` followed by :func:`ildg_to_canonical`, without holding the
-    stored bytes: the payload is read in pieces of about :data:`CHUNK_BYTES` (whole
-    sites, file order); each piece is passed to ``on_chunk``/``on_piece`` (a checksum,
-    as stored), byte swapped in place, summed (a finite sum proves it free of NaN/Inf)
-    and its N x N blocks copied to their canonical positions, while it is still in
-    cache. The pieces are processed on ``threads`` threads at once (positional reads;
-    numpy and file reads release the GIL); the tensor is the same bit for bit whatever
-    the number. When every piece is finite the tensor is marked so
-    (:func:`flowplug.linkcheck.mark_finite`) and :func:`flowplug.io.read` does not scan
-    it again.
+    stored bytes: the payload is read in tiles of about :data:`TILE_PIECES` x
+    :data:`CHUNK_BYTES` (:func:`_tiles`: the same run of whole sites of every time slice,
+    one positional read per time slice; with ``on_chunk``, pieces of about
+    :data:`CHUNK_BYTES` in file order instead). Each run is passed to
+    ``on_chunk``/``on_piece`` (a checksum, as stored); the tile is byte swapped into a
+    scratch buffer with every word's exponent checked in the same pass
+    (:func:`flowplug.compiled.swap_copy`), measured for group membership when
+    :func:`flowplug.io.read` will ask, and its N x N blocks copied to their canonical
+    positions, while it is still in cache. The tiles are processed on ``threads`` threads
+    at once (positional reads; the compiled loops, numpy and file reads release the GIL);
+    the tensor is the same bit for bit whatever the number. When every tile is finite the
+    tensor is marked so (:func:`flowplug.linkcheck.mark_finite`) and
+    :func:`flowplug.io.read` does not scan it again.
 
     Arguments:
         path: The file; ``offset``: byte offset of the payload.
@@ -238,10 +242,10 @@ def read_ildg_canonical(
         what: Name of the payload in error messages.
         on_chunk: Called with every piece (uint8, whole sites, stored bytes) before it is
             changed, in file order, from one thread at a time (its use makes the read
-            single-threaded).
-        on_piece: Called as ``on_piece(piece, start)`` with every piece and its byte
-            offset in the payload, in any order and possibly from several threads at
-            once (for example :meth:`~flowplug.adapters.checksums.ScidacChecksum.update_at`).
+            single-threaded and untiled).
+        on_piece: Called as ``on_piece(run, start)`` with every run of stored bytes and
+            its byte offset in the payload, in any order and possibly from several threads
+            at once (for example :meth:`~flowplug.adapters.checksums.ScidacChecksum.update_at`).
         threads: Threads; default :func:`flowplug.linkcheck.io_threads`.
 
     Returns:

@@ -1,16 +1,18 @@
-"""Compiled inner loops of the readers and writers, with their numpy equivalents.
+"""Compiled inner loops of the readers, with their numpy and zlib equivalents.
 
 The extension module ``flowplug._compiled`` (``flowplug/_compiled.c``) is built by
 ``pip install`` when a C compiler is present (``optional`` in pyproject.toml: without one
 the install goes on). When it is missing, or built from another version of the C file,
 every function here runs numpy or zlib code that gives the same bytes, checksums and
-finiteness verdicts, and the same group deviations up to the last bit of a modulus
-(:func:`sun_deviation`). :func:`available` says which one runs; ``FLOWPLUG_COMPILED=0``
-in the environment forces numpy.
+finiteness verdicts, and the same group deviations up to the last bit of a modulus for
+moduli between about 1e-154 and 1e154 (:func:`sun_deviation` squares before it takes the
+root; outside that range the two differ, the verdict against a tolerance does not).
+:func:`available` says which one runs; ``FLOWPLUG_COMPILED=0`` in the environment forces
+numpy.
 
 The compiled functions release the GIL, so :func:`flowplug.linkcheck.map_pieces` runs
 them on several threads. Measured on one core (``benchmarks/io.py``, docs/io.md "Speed"):
-the SU(3) group check 5x faster than numpy's, CRC-32 4x faster than zlib 1.2, the byte
+the SU(3) group check 6x faster than numpy's, CRC-32 4x faster than zlib 1.2, the byte
 swap with its finiteness proof 1.3x faster than numpy's swap and sum.
 """
 
@@ -105,14 +107,14 @@ def crc32_finite(values: np.ndarray, value: int = 0) -> tuple[int, bool]:
     Raises:
         ValueError: for another dtype or an array that is not C-contiguous.
     """
-    if values.dtype.kind not in "fc" or values.dtype.itemsize not in (4, 8, 16) or not values.dtype.isnative:
+    word = values.dtype.itemsize // (2 if values.dtype.kind == "c" else 1)
+    if values.dtype.kind not in "fc" or word not in (4, 8) or not values.dtype.isnative:
         raise ValueError(f"crc32_finite: expected native float32/64 or complex64/128 values, found {values.dtype}")
     raw = _bytes_of(values)
-    word = values.dtype.itemsize // (2 if values.dtype.kind == "c" else 1)
     if _native is not None and fast_crc32():
         crc, finite = _native.crc32(raw, value & 0xFFFFFFFF, word)
         return int(crc), bool(finite)
-    real = values.view(values.real.dtype) if values.dtype.kind == "c" else values
+    real = values.reshape(-1).view(f"f{word}")
     return zlib.crc32(raw, value), bool(np.isfinite(real).all())  # type: ignore[arg-type]
 
 
@@ -161,13 +163,15 @@ def sun_deviation(values: np.ndarray) -> tuple[float, float] | None:
 
     The entries of U U^+ are the squared row norms (diagonal) and the row products
     sum_k U_ik conj(U_jk); the determinant is expanded along row 0. The moduli are the
-    square roots of the largest squared moduli; NaN entries count as 0.
+    square roots of the largest squared moduli (so a modulus beyond about 1e154 reads as
+    inf, one below 1e-154 as 0). A term that is NaN counts as 0 (the other entries of the
+    matrix still count); :func:`flowplug.io.read` rejects NaN before it looks at these.
     :func:`flowplug.linkcheck.matrices_deviation` calls it and otherwise computes the
-    same quantities with numpy (equal up to the last bit of a modulus).
+    same quantities with numpy (equal up to the last bit of a modulus in that range).
 
     Arguments:
-        values: (m, N, N) complex128, N = 2 or 3, any strides (copied to C order when
-            they are not).
+        values: (m, N, N) complex128, N = 2 or 3, any strides and alignment (copied to an
+            aligned C-order array when needed).
 
     Raises:
         ValueError: for another shape or dtype.
@@ -176,7 +180,7 @@ def sun_deviation(values: np.ndarray) -> tuple[float, float] | None:
         return None
     if values.ndim != 3 or values.shape[1:] not in ((2, 2), (3, 3)) or values.dtype != np.complex128:
         raise ValueError(f"sun_deviation: expected (m, N, N) complex128, N = 2, 3; found {values.shape} {values.dtype}")
-    values = np.ascontiguousarray(values)
+    values = np.require(values, requirements=("C", "A"))  # C order, aligned (the compiled loop reads doubles)
     unit, det = _native.sun_deviation(values.reshape(-1).view(np.uint8), values.shape[1])
     return float(unit), float(det)
 

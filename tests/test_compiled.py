@@ -129,6 +129,7 @@ def test_swap_copy_is_numpys_byteswap_and_proves_finiteness(word, fallback, monk
         out = np.empty(n, dtype=real)
         assert compiled.swap_copy(out, stored.view(np.uint8), word, True)
         assert np.array_equal(out, values)
+        out.fill(0)
         assert compiled.swap_copy(out, values, word, False) and np.array_equal(out, values)
         inplace = stored.copy().view(np.uint8)
         assert compiled.swap_copy(inplace, inplace, word, True)
@@ -220,46 +221,83 @@ def test_group_deviation_does_not_depend_on_chunking_or_threads(monkeypatch):
 
 
 @pytest.mark.parametrize("precision", [32, 64])
-@pytest.mark.parametrize("lattice", [(4, 4, 4, 6), (2, 3, 5, 4), (6, 4)])
-def test_readers_give_the_same_with_and_without_the_compiled_module(tmp_path, precision, lattice, monkeypatch):
-    """ILDG (tiles of the canonical read, file order) and HDF5: tensor, checks and group
-    deviations are the same with the numpy/zlib fallbacks."""
+@pytest.mark.parametrize("lattice", [(4, 4, 4, 6), (2, 3, 5, 4), (4, 2, 2, 1), (2, 2, 4, 2), (6, 4)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_readers_give_the_same_with_and_without_the_compiled_module(tmp_path, precision, lattice, threads, monkeypatch):
+    """ILDG (tiles of the canonical read, file order) and HDF5: tensor, checks, the
+    finiteness mark and the group deviations (an open boundary in time for one
+    configuration) are the same with the numpy/zlib fallbacks, on 1 and 2 threads."""
     from flowplug import io
     from flowplug.adapters import common
+    from flowplug.linkcheck import link_deviations
+    from flowplug.threads import job_threads
 
     rng = np.random.default_rng(7)
     d = len(lattice)
     n = 3 if d == 4 else 2
     links = torch.from_numpy(_random_sun(rng, d * int(np.prod(lattice)), n, 1e-12).reshape(1, d, *lattice, n, n))
+    links[0, 0, 0, 0, 0] *= 1.0 + 1e-3  # one link off the group: deviations well above roundoff
+    if lattice[-1] > 1:
+        links[0, d - 1, ..., -1, :, :] = 0  # open boundary in time (openQCD): edge links left out
     if precision == 32:
         links = links.to(torch.complex64).to(torch.complex128)
     ens = io.Ensemble(links, precision=precision)
     monkeypatch.setattr(common, "CHUNK_BYTES", 700)  # several tiles of one site per time slice
+    monkeypatch.setattr(common, "PARALLEL_BYTES", 0)  # threads even for a tiny payload
     paths = []
     if d == 4:
         paths.append(tmp_path / "cfg.ildg")
         io.write(paths[-1], ens)
     paths.append(tmp_path / "cfg.h5")
     io.write(paths[-1], ens)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with warnings.catch_warnings(), job_threads(threads):
+        warnings.simplefilter("ignore", io.NonUnitaryWarning)
         for path in paths:
             for contiguous in (True, False):
                 options = {"contiguous": contiguous} if path.suffix == ".ildg" else {}
                 fast = io.read(path, **options)
-                fast_dev = group_deviation(fast.links)
                 with monkeypatch.context() as m:
                     m.setattr(compiled, "_native", None)
                     slow = io.read(path, **options)
-                    slow_dev = group_deviation(slow.links)
                 assert torch.equal(fast.links, slow.links)
                 assert torch.equal(fast.links, links)
                 assert fast.links.is_contiguous() == slow.links.is_contiguous()
                 assert [(c.quantity, c.found, c.ok) for m in fast.meta for c in m.checks] == [
                     (c.quantity, c.found, c.ok) for m in slow.meta for c in m.checks
                 ]
-                for g, w in zip(fast_dev, slow_dev, strict=True):
-                    assert abs(g - w) <= 8 * np.spacing(1.0)
+                for key in ("unitarity", "determinant"):  # as measured by the readers
+                    assert abs(fast.meta[0].header[key] - slow.meta[0].header[key]) <= 8 * np.spacing(1.0)
+                assert 1e-4 < fast.meta[0].header["unitarity"] < 0.1  # the zero edge links are left out
+                for g, w in zip(link_deviations(fast), link_deviations(slow), strict=True):
+                    assert abs(g[0] - w[0]) <= 8 * np.spacing(1.0) and abs(g[1] - w[1]) <= 8 * np.spacing(1.0)
+
+
+@pytest.mark.parametrize("fallback", [False, True])
+@pytest.mark.parametrize("byteorder", ["<", ">"])
+@pytest.mark.parametrize("precision", [32, 64])
+def test_tiled_conversion_of_either_byte_order_and_nan_verdict(fallback, byteorder, precision, monkeypatch):
+    """ildg_to_canonical (MILC's little-endian and NERSC's payloads take it): the stored bytes
+    of either order give the links back, in tiles, and a NaN anywhere clears the mark."""
+    from flowplug.adapters import common
+    from flowplug.linkcheck import _known_finite
+
+    if fallback:
+        monkeypatch.setattr(compiled, "_native", None)
+    monkeypatch.setattr(common, "CHUNK_BYTES", 700)
+    rng = np.random.default_rng(8)
+    lattice = (2, 3, 2, 5)
+    links = torch.from_numpy(_random_sun(rng, 4 * 60, 3, 0.0).reshape(4, *lattice, 3, 3))
+    if precision == 32:
+        links = links.to(torch.complex64).to(torch.complex128)
+    stored = common.canonical_to_ildg(links, precision, byteorder)
+    back = common.ildg_to_canonical(stored.reshape(-1).view(np.uint8), lattice, 3, precision, byteorder)
+    assert torch.equal(back[0], links)
+    assert _known_finite(back)
+    for site in (0, 77, stored.size - 1):
+        spoilt = stored.copy().reshape(-1)
+        spoilt[site] = complex(np.nan, 0) if site % 2 else complex(0, np.inf)
+        bad = common.ildg_to_canonical(spoilt.view(np.uint8), lattice, 3, precision, byteorder)
+        assert not _known_finite(bad)
 
 
 @pytest.mark.parametrize("fallback", [False, True])

@@ -185,12 +185,15 @@ def test_hdf5_slabs_prove_finiteness_and_catch_damage(tmp_path, monkeypatch, thr
         back = hdf5.Hdf5Handler().read(path)
         assert torch.equal(back.links, ens.links) and all(c.ok for m in back.meta for c in m.checks)
         assert _known_finite(back.links)  # proven while reading
-        links = ens.links.clone()
-        links[1, 3, 1, 2, 3, 4, 2, 2] = float("nan")  # the last slab of the second configuration
-        bad = tmp_path / "bad.h5"
-        io.write(bad, io.Ensemble(links))
-        with pytest.raises(FormatError, match=r"NaN or Inf .*configuration 1, direction 3, site \(1, 2, 3, 4\)"):
-            io.read(bad)
+        for where in ((1, 3, 1, 2, 3, 4), (1, 0, 0, 0, 0, 1)):  # the last slab, then the first, of configuration 1
+            links = ens.links.clone()
+            links[(*where, 2, 2)] = float("nan")
+            bad = tmp_path / f"bad{where[1]}.h5"
+            io.write(bad, io.Ensemble(links))
+            site = ", ".join(map(str, where[2:]))
+            named = rf"NaN or Inf .*configuration 1, direction {where[1]}, site \({site}\)"
+            with pytest.raises(FormatError, match=named):
+                io.read(bad)
         import h5py
 
         with h5py.File(path, "r+") as f:  # one changed number in the stored data: the CRC-32 fails
