@@ -73,6 +73,7 @@ from typing import IO, Any
 
 import torch
 from torch import nn
+from torch._utils import _flatten_dense_tensors
 
 from flowplug import distributed
 from flowplug.checkpoints import (
@@ -450,20 +451,31 @@ class Trainer:
         return non_finite_entries(self.flow.state_dict())
 
     def _parameters_finite(self) -> bool:
-        """True when every floating-point parameter and buffer of the flow is finite, cheaply:
-        the norms of all tensors in one ``torch._foreach_norm`` call and one check of them (a
-        norm is finite when its tensor is, short of overflow); the caller runs the exact,
-        per-tensor :meth:`non_finite_parameters` when this says no."""
+        """True when every floating-point parameter and buffer of the flow is finite, cheaply.
+
+        The parameters of each dtype and device are flattened into one vector (one C++ call,
+        ``torch._utils._flatten_dense_tensors``) and checked with one ``isfinite``: exact, and
+        about half the cost of a norm per tensor for the ~100 small tensors of a 16-layer
+        flow. The buffers (masks and frozen sites, which grow with the lattice: copying them
+        every step took 10-30x the old check on 4D lattices) keep one
+        ``torch._foreach_norm`` call (a norm is finite when its tensor is, short of
+        overflow). The caller runs the per-tensor :meth:`non_finite_parameters`, which is
+        exact and names the tensors, when this says no.
+        """
         if self._finite_watch is None:  # the buffers, found once: walking the modules costs more than the check
             self._finite_watch = [b for b in self.flow.buffers() if b.is_floating_point() or b.is_complex()]
         # the parameters are read at every call: a rollback or a load may give them new storage
-        tensors = [*self._params, *self._finite_watch]
-        if not tensors:
-            return True
+        params: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+        buffers: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+        for group, tensors in ((params, self._params), (buffers, self._finite_watch)):
+            for t in tensors:
+                group.setdefault((t.dtype, t.device), []).append(t)
         try:
             with torch.no_grad():
-                return bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors))).all())
-        except RuntimeError:  # tensors on several devices or of several dtypes
+                return all(bool(torch.isfinite(_flatten_dense_tensors(ts)).all()) for ts in params.values()) and all(
+                    bool(torch.isfinite(torch.stack(torch._foreach_norm(ts))).all()) for ts in buffers.values()
+                )
+        except RuntimeError:  # tensors the flattening or the stack refuses (devices, dtypes): per tensor
             return not self.non_finite_parameters()
 
     def _check_finite_parameters(self) -> None:

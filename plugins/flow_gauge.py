@@ -228,14 +228,18 @@ class _U1NCPMap(torch.autograd.Function):
     """The forward map of :class:`U1Coupling` with NCP mixtures (d <= 3, no rectangles) as one
     autograd node (training steps).
 
-    ``apply(theta, spec, *params) -> (theta', log h'(x))``: theta (B, d, L...) float64; spec
-    ``(mu, nu, plane, idx, links, fsites, fmask, plan, slope, dtype, n_mix)`` (the layer's
-    pattern: ``plane`` the index of the active loop among the plaquettes or ``None`` when
-    mu > nu, the updated sites and links as flat indices, the sites of frozen plaquettes and
+    ``apply(theta, spec, *params) -> (theta', log h'(x), log-det)``: theta (B, d, L...) float64; spec
+    ``(mu, nu, plane, idx, links, loop_terms, fsites, fmask, plan, slope, dtype, n_mix)`` (the
+    layer's pattern: ``plane`` the index of the active loop among the plaquettes or ``None`` when
+    mu > nu, the updated sites and links as flat indices, for mu > nu the four links of the
+    active loop at each updated site (:meth:`U1Coupling._loop_terms`, else ``None``: the loop is
+    evaluated there only, by the sum of :func:`_u1_loop`), the sites of frozen plaquettes and
     the frozen mask there from :meth:`U1Coupling._frozen_inputs`, the network's
     :meth:`~flowplug.plugins.flow_nets.ConvNet.gathered_stack` with those sites as its
     ``inputs``, and its dtype, M); params the network's weights and biases. Returns theta' like
-    theta and the log-derivative of the mixture on the updated sites, (B, n) float64. The
+    theta, the log-derivative of the mixture on the updated sites, (B, n) float64, and its sum
+    over them, (B,) (``.sum(1)``, returned by the node so that a training step records no
+    summation node after it). The
     forward pass evaluates exactly the operations of the generic path of :meth:`U1Coupling._map`
     (the same numbers, bit for bit; the network reads the frozen plaquettes only,
     :func:`_u1_frozen_features`); the backward pass is written out: the link update, the mixture
@@ -246,26 +250,37 @@ class _U1NCPMap(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, theta: torch.Tensor, spec: Any, *params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mu, nu, plane, idx, links, fsites, fmask, plan, slope, dtype, n_mix = spec
+    def forward(
+        ctx: Any, theta: torch.Tensor, spec: Any, *params: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        mu, nu, plane, idx, links, loop_terms, fsites, fmask, plan, slope, dtype, n_mix = spec
         plaq = gauge.u1_plaquettes(theta)
-        loop = plaq[:, plane] if plane is not None else _u1_loop(theta, mu, nu)
+        flat = theta.flatten(1)
+        if plane is not None:  # the active loop is a plaquette: its updated link is read apart
+            loop = plaq[:, plane].flatten(1).index_select(1, idx)
+            link = flat.index_select(1, links)
+        else:  # mu > nu: the loop's four links at the updated sites only, the first the updated link
+            terms = flat.index_select(1, loop_terms).view(theta.shape[0], 4, -1)
+            link = terms[:, 0]
+            loop = link + terms[:, 1] - terms[:, 2] - terms[:, 3]  # _u1_loop's sum, term for term
         cp, sp, h = _u1_frozen_features(plaq, fsites, fmask, dtype)  # as U1Coupling._network_at
         out, saved = stack_forward(h, plan, slope, params)  # (n_params, n, B)
-        p = out.permute(2, 1, 0).to(torch.float64)  # (B, n, n_params)
-        x = torch.remainder(loop.flatten(1).index_select(1, idx), TWO_PI)
+        # (n_params, B, n): the mixture-first layout of ncp_mixture_saved, each parameter contiguous
+        p = _dense(out.transpose(1, 2), torch.float64)
+        x = torch.remainder(loop, TWO_PI)
         # 5.0: the max_log_scale that the generic path's ncp_mixture call takes by default
-        y, ld, mix = ncp_mixture_saved(5.0, x, p[..., :n_mix], p[..., n_mix : 2 * n_mix], p[..., -1])
-        flat = theta.flatten(1)
-        new = groups.wrap_angle(flat.index_select(1, links) + (y - x))
+        y, ld, mix = ncp_mixture_saved(5.0, x, p[:n_mix], p[n_mix : 2 * n_mix], p[-1])
+        new = groups.wrap_angle(link + (y - x))
         ctx.save_for_backward(cp, sp, *saved, *mix, *params)
         ctx.spec, ctx.n_saved, ctx.n_mix_saved, ctx.shape = spec, len(saved), len(mix), theta.shape
-        return flat.index_copy(1, links, new).view_as(theta), ld
+        return flat.index_copy(1, links, new).view_as(theta), ld, ld.sum(1)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, g_out: torch.Tensor | None, g_ld: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-        mu, nu, plane, idx, links, fsites, fmask, plan, slope, dtype, n_mix = ctx.spec
+    def backward(
+        ctx: Any, g_out: torch.Tensor | None, g_ld: torch.Tensor | None, g_sum: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, ...]:
+        mu, nu, plane, idx, links, _, fsites, fmask, plan, slope, dtype, n_mix = ctx.spec
         cp, sp, *rest = ctx.saved_tensors  # (B, planes, m): on the sites of fsites
         saved = rest[: ctx.n_saved]
         mix = tuple(rest[ctx.n_saved : ctx.n_saved + ctx.n_mix_saved])
@@ -274,11 +289,15 @@ class _U1NCPMap(torch.autograd.Function):
         b = shape[0]
         g_flat = g_out.reshape(b, -1) if g_out is not None else cp.new_zeros(b, math.prod(shape[1:]))
         g_new = g_flat.index_select(1, links)  # new = wrap(theta_links + y - x): derivative 1 in each
+        if g_sum is not None:  # the log-det is the sum of log h' over the updated sites
+            g_ld = g_sum.unsqueeze(1) if g_ld is None else g_ld + g_sum.unsqueeze(1)
         g_x, g_ls, g_lg, g_rot = ncp_mixture_backward(mix, g_new, g_ld)
         g_x = g_x - g_new
-        g_p = torch.cat([g_ls, g_lg, g_rot.unsqueeze(-1)], dim=-1)  # (B, n, n_params)
+        g_p = torch.cat([g_ls, g_lg, g_rot.unsqueeze(0)])  # (n_params, B, n)
         flags = will_compute(ctx, [0, *range(2, 2 + len(params))])
-        g_p = g_p.permute(2, 1, 0).to(dtype, memory_format=torch.contiguous_format)  # (n_params, n, B)
+        # (n_params, n, B); stack_backward makes it contiguous where the dtype already was (a
+        # batched gradient, vmapped, cannot be copied into a fresh plain tensor)
+        g_p = g_p.transpose(1, 2).to(dtype, memory_format=torch.contiguous_format)
         g_h, grads = stack_backward(g_p, plan, slope, params, saved, flags[1:], flags[0])
         g_theta = None
         if flags[0]:
@@ -287,32 +306,43 @@ class _U1NCPMap(torch.autograd.Function):
             assert g_h is not None
             # (B, 2 planes, m): the features' gradient on the sites of fsites (the only input rows)
             g_feats = g_h.permute(2, 0, 1).to(torch.float64, memory_format=torch.contiguous_format)
-            g_pf = fmask * (cp * g_feats[:, n_planes:] - sp * g_feats[:, :n_planes])
+            g_pf = cp * g_feats[:, n_planes:] - sp * g_feats[:, :n_planes]
+            if fmask is not None:
+                g_pf = fmask * g_pf
             g_plaq = cp.new_zeros(b, n_planes, math.prod(shape[2:])).index_copy(2, fsites, g_pf)
-            g_plaq = g_plaq.view(b, n_planes, *shape[2:])
-            g_loop = g_flat.new_zeros(b, math.prod(shape[2:])).index_copy(1, idx, g_x).view(b, *shape[2:])
-            k = 0
             d = shape[1]
+            # the active loop's gradient joins that of its plane's plaquette: with mu > nu the loop is
+            # the plaquette of the plane (nu, mu) traversed backwards, and _u1_loop_adjoint of g for
+            # (mu, nu) adds, term for term, what that of -g for (nu, mu) adds
+            k_loop = plane if plane is not None else _plane_index(d, nu, mu)
+            g_loop = g_x if plane is not None else -g_x
+            k = 0
             for a in range(d):
                 for c in range(a + 1, d):
-                    g_p_ac = g_plaq[:, k] + g_loop if k == plane else g_plaq[:, k]
-                    _u1_loop_adjoint(g_dirs, g_p_ac, a, c)
+                    g_p_ac = g_plaq[:, k]
+                    if k == k_loop:
+                        g_p_ac = g_p_ac.index_add(1, idx, g_loop)
+                    _u1_loop_adjoint(g_dirs, g_p_ac.view(b, *shape[2:]), a, c)
                     k += 1
-            if plane is None:  # the active loop with mu > nu
-                _u1_loop_adjoint(g_dirs, g_loop, mu, nu)
             g_theta = torch.stack(g_dirs, dim=1)
         return (g_theta, None, *grads)
 
 
+def _dense(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A contiguous copy of ``t`` in ``dtype`` (one pass; ``Tensor.to(dtype, memory_format=
+    torch.contiguous_format)`` returns a non-contiguous ``t`` itself when ``dtype`` is its own)."""
+    return torch.empty(t.shape, dtype=dtype, device=t.device).copy_(t)
+
+
 def _u1_frozen_features(
-    plaq: torch.Tensor, fsites: torch.Tensor, fmask: torch.Tensor, dtype: torch.dtype
+    plaq: torch.Tensor, fsites: torch.Tensor, fmask: torch.Tensor | None, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The conditioner input of a U(1) coupling on the sites of frozen plaquettes.
 
     Arguments:
         plaq: Plaquette angles (B, planes, L...) float64.
         fsites, fmask: From :meth:`U1Coupling._frozen_inputs`: m flat site indices and the
-            frozen mask there, (planes, m) float64.
+            frozen mask there, (planes, m) float64, or ``None`` where it is one everywhere.
         dtype: The network dtype.
 
     Returns:
@@ -324,6 +354,8 @@ def _u1_frozen_features(
     """
     pf = plaq.flatten(2).index_select(2, fsites)
     cp, sp = torch.cos(pf), torch.sin(pf)
+    if fmask is None:  # every plaquette at those sites frozen (one plane): no mask to apply
+        return cp, sp, gathered_input(torch.cat([cp, sp], 1), dtype)
     return cp, sp, gathered_input(torch.cat([cp * fmask, sp * fmask], 1), dtype)
 
 
@@ -428,9 +460,10 @@ class U1Coupling(_GaugeCoupling):
             self.__dict__["_links_flat"] = links
         return links
 
-    def _fused(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``(theta', log h')`` of the forward map through :class:`_U1NCPMap` when a gradient will
-        be taken (NCP mixtures, d <= 3, no rectangles, the gathered network); else ``None``."""
+    def _fused(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """``(theta', log h', log-det)`` of the forward map through :class:`_U1NCPMap` when a
+        gradient will be taken (NCP mixtures, d <= 3, no rectangles, the gathered network); else
+        ``None``."""
         if not torch.is_grad_enabled() or self.transform != "ncp" or self.rectangles or self.d > 3:
             return None
         idx = self._site_index()
@@ -441,20 +474,43 @@ class U1Coupling(_GaugeCoupling):
         plan, slope, params = stack
         plane = _plane_index(self.d, self.mu, self.nu) if self.mu < self.nu else None
         links = self._links_index()
-        spec = (self.mu, self.nu, plane, idx, links, fsites, fmask, plan, slope, self.net.dtype, self.n_mix)
-        out, ld = _U1NCPMap.apply(theta, spec, *params)
-        return out, ld
+        terms = None if plane is not None else self._loop_terms()
+        spec = (self.mu, self.nu, plane, idx, links, terms, fsites, fmask, plan, slope, self.net.dtype, self.n_mix)
+        out, ld, logdet = _U1NCPMap.apply(theta, spec, *params)
+        return out, ld, logdet
 
-    def _frozen_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _frozen_inputs(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(fsites, fmask)``: flat indices (long, shape (m,)) of the sites where the plaquette of
         some plane is frozen, the only sites where the conditioner's input can be non-zero, and
-        the frozen mask there, (planes, m) float64 (cached per device)."""
+        the frozen mask there, (planes, m) float64, or ``None`` when it is one everywhere (in 2D,
+        one plane: multiplying by it would change nothing) (cached per device)."""
         cached = self.__dict__.get("_frozen_in")
         if cached is None or cached[0].device != self.frozen.device:
             mask = self.frozen.flatten(1)
             fsites = (mask > 0).any(0).nonzero().flatten()
-            cached = (fsites, mask.index_select(1, fsites))
+            fmask = mask.index_select(1, fsites)
+            cached = (fsites, None if bool((fmask == 1).all()) else fmask)
             self.__dict__["_frozen_in"] = cached
+        return cached
+
+    def _loop_terms(self) -> torch.Tensor:
+        """Flat indices (long, shape (4 n,)) into the flattened (d, L...) field of the four links of
+        the active loop :func:`_u1_loop` at each updated site (in the order of
+        :meth:`_site_index`), term by term: U_mu(x), U_nu(x + mu), U_mu(x + nu), U_nu(x); the
+        first block are the updated links themselves (cached per device)."""
+        cached = self.__dict__.get("_loop_terms_flat")
+        idx = self._site_index()
+        if cached is None or cached.device != idx.device:
+            vol = math.prod(self.lattice)
+            sites = torch.arange(vol).view(self.lattice)
+
+            def at(direction: int, shift: int) -> torch.Tensor:  # flat index of U_direction(x + e_shift)
+                moved = sites if shift < 0 else torch.roll(sites, -1, dims=shift)
+                return direction * vol + moved.flatten().index_select(0, idx.cpu())
+
+            mu, nu = self.mu, self.nu
+            cached = torch.cat([at(mu, -1), at(nu, mu), at(mu, nu), at(nu, -1)]).to(idx.device)
+            self.__dict__["_loop_terms_flat"] = cached
         return cached
 
     def _network_at(self, plaq: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -480,8 +536,7 @@ class U1Coupling(_GaugeCoupling):
         theta = theta.to(torch.float64)
         fused = None if inverse else self._fused(theta)
         if fused is not None:
-            out, ld = fused
-            logdet = ld.sum(1)
+            out, ld, logdet = fused
             if not diag:
                 return out, logdet
             log_diag = out.new_zeros(out.shape[0], out[0].numel()).index_copy(1, self._links_index(), ld)

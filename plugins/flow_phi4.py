@@ -175,12 +175,14 @@ class _ScalarCoupling(nn.Module):
 class _AffineMap(torch.autograd.Function):
     """The affine coupling of :class:`AffineCoupling` (d <= 3) as one autograd node.
 
-    ``apply(x, spec, inverse, *params) -> (y, s)``: x (B, L...) float64; spec =
+    ``apply(x, spec, inverse, *params) -> (y, s, s_sum)``: x (B, L...) float64; spec =
     ``(idx, fidx, plan, slope, scale_clamp, dtype)`` (active and frozen sites as flat indices,
     the network's :meth:`~flowplug.plugins.flow_nets.ConvNet.gathered_stack` with the frozen
     sites as its ``inputs``, and its dtype); params the network's weights and biases. y
     (B, L...) float64 is the map (or its inverse), s (B, n_active) float64 the soft-clamped
-    log-scale on the active sites. The forward pass evaluates exactly the operations of the
+    log-scale on the active sites and s_sum (B,) its sum over them, ``s.sum(1)`` (the log-det of
+    the layer, returned by the node so that a training step records no summation node after it).
+    The forward pass evaluates exactly the operations of the
     generic path (frozen sites clipped, the network at the active sites, NaN -> 0 and the clip
     of its output, float64 from there on), with the same values bit for bit; the network reads
     the frozen sites only (its input is zero elsewhere), so its first convolution's backward
@@ -194,7 +196,7 @@ class _AffineMap(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx: Any, x: torch.Tensor, spec: Any, inverse: bool, *params: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         idx, fidx, plan, slope, c, dtype = spec
         b = x.shape[0]
         flat = x.reshape(b, -1)
@@ -224,11 +226,13 @@ class _AffineMap(torch.autograd.Function):
         y = flat.index_copy(1, idx, ya)
         ctx.save_for_backward(xf if cond_clipped else None, out if out_clipped else None, th, e, xe, *saved, *params)
         ctx.spec, ctx.inverse, ctx.n_saved, ctx.x_shape = spec, inverse, len(saved), x.shape
-        return y.view_as(x), s
+        return y.view_as(x), s, s.sum(1)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, gy: torch.Tensor | None, gs: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    def backward(
+        ctx: Any, gy: torch.Tensor | None, gs: torch.Tensor | None, g_sum: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, ...]:
         idx, fidx, plan, slope, c, dtype = ctx.spec
         xf, out, th, e, xe, *rest = ctx.saved_tensors  # xf, out: None when nothing was clipped
         saved, params = rest[: ctx.n_saved], rest[ctx.n_saved :]
@@ -245,6 +249,8 @@ class _AffineMap(torch.autograd.Function):
             dt = gya
         if gs is not None:
             ds = ds + gs
+        if g_sum is not None:  # s_sum = sum of s over the active sites
+            ds = ds + g_sum.unsqueeze(1)
         dp = torch.stack([ds.t() * (1 - th * th), dt.t()]).to(saved[0].dtype)  # (2, n, B): s = c tanh(p / c)
         if out is not None:  # through the clip (inclusive) and NaN -> 0: zero where the output was clipped
             dp = torch.where(out.abs() <= PARAM_LIMIT, dp, 0.0)
@@ -319,9 +325,9 @@ class AffineCoupling(_ScalarCoupling):
         c = self.scale_clamp
         return c * torch.tanh(p[..., 0] / c), p[..., 1]
 
-    def _fused(self, x: torch.Tensor, inverse: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``(y, s)`` through :class:`_AffineMap` when a gradient will be taken and the network
-        has the gathered form (d <= 3); ``None`` otherwise (the generic path)."""
+    def _fused(self, x: torch.Tensor, inverse: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """``(y, s, s.sum(1))`` through :class:`_AffineMap` when a gradient will be taken and the
+        network has the gathered form (d <= 3); ``None`` otherwise (the generic path)."""
         if not torch.is_grad_enabled() or len(self.lattice) == 4:
             return None
         idx = self._active_sites()
@@ -331,15 +337,15 @@ class AffineCoupling(_ScalarCoupling):
             return None
         plan, slope, params = stack
         spec = (idx, fidx, plan, slope, self.scale_clamp, self.net.dtype)
-        y, s = _AffineMap.apply(x.to(torch.float64), spec, inverse, *params)
-        return y, s
+        y, s, s_sum = _AffineMap.apply(x.to(torch.float64), spec, inverse, *params)
+        return y, s, s_sum
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Map x -> y; returns ``(y, log|det dy/dx|)``."""
         self._check(x)
         fused = self._fused(x, inverse=False)
         if fused is not None:
-            return fused[0], fused[1].sum(1)
+            return fused[0], fused[2]
         idx = self._active_sites()
         s, t = self._st(x)
         flat = x.flatten(1)
@@ -361,20 +367,21 @@ class AffineCoupling(_ScalarCoupling):
         idx = self._active_sites()
         fused = self._fused(x, inverse=False)
         if fused is not None:
-            y, s = fused
+            y, s, logdet = fused
         else:
             s, t = self._st(x)
             flat = x.flatten(1)
             y = flat.index_copy(1, idx, flat.index_select(1, idx) * torch.exp(s) + t).view_as(x)
+            logdet = s.sum(1)
         log_diag = x.new_zeros(x.shape[0], math.prod(self.lattice), dtype=torch.float64).index_copy(1, idx, s)
-        return y, s.sum(1), log_diag.view_as(x), self.updated
+        return y, logdet, log_diag.view_as(x), self.updated
 
     def inverse(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Map y -> x; returns ``(x, log|det dx/dy|)``."""
         self._check(y)
         fused = self._fused(y, inverse=True)
         if fused is not None:
-            return fused[0], -fused[1].sum(1)
+            return fused[0], -fused[2]
         idx = self._active_sites()
         s, t = self._st(y)
         flat = y.flatten(1)

@@ -474,6 +474,45 @@ def test_ncp_inverse_has_implicit_gradient():
     torch.testing.assert_close(gy, 1 / gx)
 
 
+def test_ncp_mixture_first_layout_broadcasts_and_sums_in_order():
+    """ncp_mixture computes mixture-first (flow_transforms._mixture_first, mixture_sum): parameters
+    (n, M) that broadcast against x (B, n) give the values and gradients of the same parameters
+    expanded to (B, n, M), forward, inverse and through the fused node (_NCPForward); with M = 3
+    the map stays an increasing bijection that the inverse undoes; a rotation with more axes
+    than x (x (n,), parameters (n, M), rotation (B, n)) gives the batch of maps x's values
+    broadcast would give."""
+    g = torch.Generator().manual_seed(11)
+    x1 = 2 * math.pi * torch.rand(6, generator=g, dtype=torch.float64)
+    p1 = torch.randn(6, 3, generator=g, dtype=torch.float64)
+    q1 = torch.randn(6, 3, generator=g, dtype=torch.float64)
+    r1 = torch.randn(3, 6, generator=g, dtype=torch.float64)  # B = M: a wrong broadcast would not raise
+    y1, ld1 = ncp_mixture(x1, p1, q1, r1)
+    y2, ld2 = ncp_mixture(x1.expand(3, 6), p1.expand(3, 6, 3), q1.expand(3, 6, 3), r1)
+    assert y1.shape == ld1.shape == (3, 6) and torch.equal(y1, y2) and torch.equal(ld1, ld2)
+    xb, ldb = ncp_mixture(y1, p1, q1, r1, inverse=True)
+    assert float(groups.wrap_angle(xb - x1).abs().max()) < 1e-10 and ldb.shape == (3, 6)
+    assert torch.autograd.gradcheck(lambda p: ncp_mixture(x1, p, q1, r1), (p1.clone().requires_grad_(),))
+    x = 2 * math.pi * torch.rand(4, 6, generator=g, dtype=torch.float64)
+    ls = torch.randn(6, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    lg = torch.randn(6, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    rot = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    grads, values = [], []
+    for full in (False, True):
+        a, b = (ls.expand(4, 6, 3), lg.expand(4, 6, 3)) if full else (ls, lg)
+        y, ld = ncp_mixture(x, a, b, rot)  # grad enabled: the fused node
+        grads.append(torch.autograd.grad((y * 1.3 + ld).sum(), [ls, lg]))
+        with torch.no_grad():
+            y0, ld0 = ncp_mixture(x, a, b, rot)  # the generic path: the same values
+            assert torch.equal(y, y0) and torch.equal(ld, ld0)
+            x2, ldi = ncp_mixture(y0, a, b, rot, inverse=True)
+        assert float(groups.wrap_angle(x2 - x).abs().max()) < 1e-10
+        torch.testing.assert_close(ldi, -ld0, rtol=0, atol=1e-9)
+        values.append((y.detach(), ld.detach()))
+    assert all(torch.equal(a, b) for a, b in zip(*values, strict=True))
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 # ------------------------------------------------------------------------------------ flow
 
 

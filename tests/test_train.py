@@ -167,6 +167,24 @@ def test_non_finite_steps_are_skipped_and_counted(tmp_path):
     assert m["skipped"] == 0.0 and tr.skipped == 1
 
 
+def test_parameter_finiteness_check_sees_every_tensor_and_dtype(tmp_path):
+    """Trainer._parameters_finite (after every step) flattens the tensors of each dtype into one
+    vector: NaN, +Inf or -Inf in any float32 parameter or float64 buffer is seen, wherever it sits,
+    and finite values of any size (1e38 in float32, whose norm would overflow) are not flagged."""
+    tr = build_trainer(cfg(tmp_path))
+    assert tr._parameters_finite()
+    tensors = [*tr._params, *tr._finite_watch]
+    assert {t.dtype for t in tensors} >= {torch.float32, torch.float64}
+    for t in (tr._params[0], tr._params[-1], tr._finite_watch[-1]):
+        for bad in (float("nan"), float("inf"), float("-inf"), 3.0e38):
+            with torch.no_grad():
+                keep = t.flatten()[-1].clone()
+                t.view(-1)[-1] = bad
+                assert tr._parameters_finite() == (bad == 3.0e38), (t.dtype, bad)
+                t.view(-1)[-1] = keep
+    assert tr._parameters_finite()
+
+
 def test_forward_kl_from_an_ensemble(tmp_path):
     # configurations of a broad Gaussian stand in for an ensemble of the target
     g = torch.Generator().manual_seed(3)
