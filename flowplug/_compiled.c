@@ -37,33 +37,25 @@ static inline uint64_t bswap64(uint64_t x) { return __builtin_bswap64(x); }
 
 /* ---------------------------------------------------------------- swap_copy */
 
-HOT static int swap_copy64(const unsigned char *src, unsigned char *dst, Py_ssize_t count, int swap)
-{
-    uint64_t bad = 0;
-    for (Py_ssize_t i = 0; i < count; i++) {
-        uint64_t v;
-        memcpy(&v, src + 8 * i, 8);
-        if (swap)
-            v = bswap64(v);
-        memcpy(dst + 8 * i, &v, 8);
-        bad |= (uint64_t)(((v >> 52) & 0x7ffu) == 0x7ffu);
+/* count words of type T from src to dst, byte swapped when `swap`; whether none has all its
+ * exponent bits set (EXP_SHIFT, EXP_MASK: the exponent field of the float of that size) */
+#define SWAP_COPY(NAME, T, BSWAP, EXP_SHIFT, EXP_MASK)                                                     \
+    HOT static int NAME(const unsigned char *src, unsigned char *dst, Py_ssize_t count, int swap)          \
+    {                                                                                                      \
+        T bad = 0;                                                                                         \
+        for (Py_ssize_t i = 0; i < count; i++) {                                                           \
+            T v;                                                                                           \
+            memcpy(&v, src + sizeof(T) * i, sizeof(T));                                                    \
+            if (swap)                                                                                      \
+                v = BSWAP(v);                                                                              \
+            memcpy(dst + sizeof(T) * i, &v, sizeof(T));                                                    \
+            bad |= (T)(((v >> EXP_SHIFT) & EXP_MASK) == EXP_MASK);                                         \
+        }                                                                                                  \
+        return bad == 0;                                                                                   \
     }
-    return bad == 0;
-}
 
-HOT static int swap_copy32(const unsigned char *src, unsigned char *dst, Py_ssize_t count, int swap)
-{
-    uint32_t bad = 0;
-    for (Py_ssize_t i = 0; i < count; i++) {
-        uint32_t v;
-        memcpy(&v, src + 4 * i, 4);
-        if (swap)
-            v = bswap32(v);
-        memcpy(dst + 4 * i, &v, 4);
-        bad |= (uint32_t)(((v >> 23) & 0xffu) == 0xffu);
-    }
-    return bad == 0;
-}
+SWAP_COPY(swap_copy64, uint64_t, bswap64, 52, 0x7ffu)
+SWAP_COPY(swap_copy32, uint32_t, bswap32, 23, 0xffu)
 
 static PyObject *k_swap_copy(PyObject *self, PyObject *args)
 {
