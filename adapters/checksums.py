@@ -155,13 +155,17 @@ class ScidacChecksum:
         n = raw.size // self.site_bytes
         if n == 0:
             return
-        if compiled.xor_sites(raw, self._own_accumulator(), self.site_bytes, int(first_site)):
-            with self._lock:
-                self.nsites += n
-            return
+        if not compiled.xor_sites(raw, self._own_accumulator(), self.site_bytes, int(first_site)):
+            self._xor_numpy(raw, int(first_site))
+        with self._lock:
+            self.nsites += n
+
+    def _xor_numpy(self, raw: np.ndarray, first_site: int) -> None:
+        """The reduction of :meth:`update_at` with numpy (without the compiled ``xor_sites``)."""
         rows, _ = _word_view(raw, self.site_bytes)
+        n = rows.shape[0]
         acc = self._own_accumulator().view(rows.dtype)  # (899, words); np.zeros is aligned for any width
-        k = int(first_site) % SCIDAC_CLASSES
+        k = first_site % SCIDAC_CLASSES
         head = min(n, (SCIDAC_CLASSES - k) % SCIDAC_CLASSES)
         if head:
             acc[k : k + head] ^= rows[:head]
@@ -171,8 +175,6 @@ class ScidacChecksum:
         tail = rows[head + body :]
         if len(tail):
             acc[: len(tail)] ^= tail
-        with self._lock:
-            self.nsites += n
 
     def digest(self) -> tuple[int, int]:
         """``(suma, sumb)`` of everything fed so far, as Python ints in [0, 2^32)."""

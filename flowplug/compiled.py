@@ -98,7 +98,8 @@ def crc32_finite(values: np.ndarray, value: int = 0) -> tuple[int, bool]:
     """:func:`crc32` of the bytes of ``values`` and whether they hold no NaN or Inf, in one pass.
 
     Arguments:
-        values: C-contiguous float32/float64/complex64/complex128 array (native byte order).
+        values: C-contiguous float32/float64/complex64/complex128 array, either byte order
+            (the compiled pass takes native order; the other goes through zlib and numpy).
         value: As in :func:`crc32`.
 
     Returns:
@@ -108,13 +109,14 @@ def crc32_finite(values: np.ndarray, value: int = 0) -> tuple[int, bool]:
         ValueError: for another dtype or an array that is not C-contiguous.
     """
     word = values.dtype.itemsize // (2 if values.dtype.kind == "c" else 1)
-    if values.dtype.kind not in "fc" or word not in (4, 8) or not values.dtype.isnative:
-        raise ValueError(f"crc32_finite: expected native float32/64 or complex64/128 values, found {values.dtype}")
+    if values.dtype.kind not in "fc" or word not in (4, 8):
+        raise ValueError(f"crc32_finite: expected float32/64 or complex64/128 values, found {values.dtype}")
     raw = _bytes_of(values)
-    if _native is not None and fast_crc32():
+    if _native is not None and fast_crc32() and values.dtype.isnative:
         crc, finite = _native.crc32(raw, value & 0xFFFFFFFF, word)
         return int(crc), bool(finite)
-    real = values.reshape(-1).view(f"f{word}")
+    flat = values.reshape(-1)
+    real = flat.view(flat.real.dtype)  # the float words, in the array's byte order
     return zlib.crc32(raw, value), bool(np.isfinite(real).all())  # type: ignore[arg-type]
 
 

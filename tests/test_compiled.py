@@ -111,7 +111,10 @@ def test_crc32_finite_refuses_other_dtypes():
     with pytest.raises(ValueError, match="float32/64 or complex64/128"):
         compiled.crc32_finite(np.zeros(4, dtype=np.int64))
     with pytest.raises(ValueError, match="float32/64 or complex64/128"):
-        compiled.crc32_finite(np.zeros(4, dtype=">f8"))
+        compiled.crc32_finite(np.zeros(4, dtype=np.longdouble))
+    swapped = np.array([1.0, np.inf, 2.0], dtype=">f8")  # the other byte order: zlib and numpy
+    assert compiled.crc32_finite(swapped) == (zlib.crc32(swapped), False)
+    assert compiled.crc32_finite(swapped[[0, 2]].copy(), 5) == (zlib.crc32(swapped[[0, 2]].copy(), 5), True)
     with pytest.raises(ValueError, match="C-contiguous"):
         compiled.crc32_finite(np.zeros((4, 4))[:, ::2])
 
