@@ -169,12 +169,17 @@ def test_one_bad_link_anywhere_is_caught_with_threads(tmp_path, monkeypatch):
     assert devs[1] == devs[2] and devs[1][0] > 1e-4 and devs[1][1] > 1e-4
 
 
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "through-hdf5"])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_hdf5_slabs_prove_finiteness_and_catch_damage(tmp_path, monkeypatch, threads):
+def test_hdf5_slabs_prove_finiteness_and_catch_damage(tmp_path, monkeypatch, threads, direct):
+    """Both reads of a store: straight from the file (flowplug's layout) and through HDF5
+    slab by slab (any layout HDF5 must transform)."""
     from flowplug.adapters import hdf5
     from flowplug.errors import ChecksumError
     from flowplug.linkcheck import _known_finite
 
+    if not direct:
+        monkeypatch.setattr(hdf5, "_storage_runs", lambda links_ds, i: None)
     small = hdf5.chunk_shape
     monkeypatch.setattr(hdf5, "chunk_shape", lambda shape, itemsize: small(shape, itemsize, target=1000))
     monkeypatch.setattr(hdf5, "PIPELINE_BYTES", 0)  # slab by slab even for a tiny configuration
