@@ -349,6 +349,7 @@ def _read_pieces(
         scratch.put((raw_buf, raw_buf if stored.isnative else np.empty(largest, dtype=np.uint8)))
     block = _block(n, stored.itemsize)
     narrow = None
+    placed, slice_offsets = None, None
     if contiguous:
         out = np.empty((1, d, *lattice, n, n), dtype=np.complex128)
         if precision == 64:  # the output seen in file order, one void item per N x N matrix (a strided view)
@@ -357,6 +358,9 @@ def _read_pieces(
             narrow = np.empty((d, *lattice), dtype=block)
             blocks = narrow.reshape(d, *lattice, 1, 1)
         dst = to_ildg(blocks)[..., 0, 0]
+        # the compiled tile copy: byte offsets (in `placed`) of the blocks of one time slice
+        placed = (out if narrow is None else narrow).reshape(-1).view(np.uint8)
+        slice_offsets = _block_offsets(dst[0], placed) if compiled.available() else None
     else:
         out = np.empty((*file_shape, n, n), dtype=np.complex128)
     flat = out.reshape(-1)
@@ -422,6 +426,12 @@ def _read_pieces(
                 if head:  # the earlier runs: bulk links only, checked in one call
                     more = matrices_deviation(values[:head])
                     bulk = (max(bulk[0], more[0]), max(bulk[1], more[1]))
+            if len(runs) > 1 and slice_offsets is not None and placed is not None:
+                a, b = runs[0]  # a tile: each block's L_t copies make one run of the output
+                compiled.copy_blocks(
+                    buf, placed, slice_offsets[a:b], unit, len(runs), (b - a) * unit, dst.strides[0], True
+                )
+                return (finite, bulk, edge)
             target = dst[index]
             source = buf.view(block).reshape(target.shape)
             if len(runs) > 1:  # a tile: copy with the time index innermost (runs of the output)
@@ -445,6 +455,24 @@ def _read_pieces(
         edge = (max(r[2][0] for r in results), max(r[2][1] for r in results))
         mark_group_deviations(links, [(bulk, edge)])
     return links
+
+
+def _block_offsets(view: np.ndarray, base: np.ndarray) -> np.ndarray | None:
+    """Byte offsets in ``base`` of the items of ``view`` (a strided view into it), in C order.
+
+    Returns:
+        int64 array of ``view.size`` entries, or ``None`` when a stride is negative or the
+        view does not start inside ``base`` (the caller then copies with numpy).
+    """
+    start = view.__array_interface__["data"][0] - base.__array_interface__["data"][0]
+    if start < 0 or start >= base.nbytes or any(st < 0 for st in view.strides):
+        return None
+    offsets = np.full((1,) * view.ndim, start, dtype=np.int64)
+    for axis, (size, stride) in enumerate(zip(view.shape, view.strides, strict=True)):
+        shape = [1] * view.ndim
+        shape[axis] = size
+        offsets = offsets + (np.arange(size, dtype=np.int64) * stride).reshape(shape)
+    return offsets.reshape(-1)
 
 
 def _tiles(file_shape: tuple[int, ...], unit: int) -> list[tuple[Any, list[tuple[int, int]]]]:

@@ -12,6 +12,7 @@
  *   swap_copy(src, dst, word, swap) -> bool     copy (byte swapping each word), all finite?
  *   sun_deviation(values, n) -> (unit, det)     max |U U^+ - 1|, max |det U - 1|, N = 2, 3
  *   xor_sites(data, acc, site_bytes, first)     the SciDAC checksum's reduction of sites by rank
+ *   copy_blocks(packed, placed, offsets, ...)   blocks between a packed buffer and placed positions
  *   crc32(data, value=0, word=0)                zlib's CRC-32 (PCLMULQDQ folding where the CPU has it),
  *                                               and with word = 4, 8 whether every float word is finite
  */
@@ -22,7 +23,7 @@
 #include <string.h>
 
 /* Raised when the compiled module and flowplug/compiled.py disagree (a stale build). */
-#define COMPILED_ABI 1
+#define COMPILED_ABI 2
 
 /* x86-64: an AVX2 copy of the hot loops next to the baseline one, chosen when the module
  * loads (the baseline's SSE2 has no byte shuffle, so its swaps run a word at a time) */
@@ -83,6 +84,103 @@ static PyObject *k_swap_copy(PyObject *self, PyObject *args)
     }
     PyBuffer_Release(&src);
     PyBuffer_Release(&dst);
+    return result;
+}
+
+/* ------------------------------------------------------------- copy_blocks */
+
+/* Block i (of `unit` bytes) of group t lies at i * unit + t * pstride of the packed buffer and
+ * at offsets[i] + t * ostride of the placed one; `gather` copies packed -> placed, else
+ * placed -> packed. Loop order: i outer, t inner, so that with ostride == unit the placed side
+ * is written in runs of `count` consecutive blocks. One function per common unit, so that the
+ * copies are inlined moves. On x86-64 a gather of 16-byte aligned blocks writes with
+ * non-temporal (streaming) stores: the placed side is a new array much larger than the cache,
+ * which then is not read for ownership first (2.5x faster than numpy's strided copy for a
+ * 16^4 SU(3) configuration, against 1.2x with plain stores). */
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <emmintrin.h>
+#define STREAM16(d, s) _mm_stream_si128((__m128i *)(d), _mm_loadu_si128((const __m128i *)(s)))
+#define STREAM_FENCE() _mm_sfence()
+#define STREAMS 1
+#else
+#define STREAM16(d, s) memcpy((d), (s), 16)
+#define STREAM_FENCE() ((void)0)
+#define STREAMS 0
+#endif
+
+#define COPY_BLOCKS(NAME, UNIT)                                                                            \
+    HOT static void NAME(unsigned char *packed, unsigned char *placed, const int64_t *offsets, Py_ssize_t n,  \
+                         Py_ssize_t unit, Py_ssize_t count, Py_ssize_t pstride, Py_ssize_t ostride, int gather) \
+    {                                                                                                      \
+        (void)unit;                                                                                        \
+        int stream = STREAMS && gather && (UNIT) % 16 == 0 && (uintptr_t)placed % 16 == 0 && ostride % 16 == 0; \
+        for (Py_ssize_t i = 0; i < n; i++) {                                                               \
+            unsigned char *p = packed + i * (UNIT);                                                        \
+            unsigned char *o = placed + offsets[i];                                                        \
+            if (stream && offsets[i] % 16 == 0)                                                            \
+                for (Py_ssize_t t = 0; t < count; t++)                                                     \
+                    for (Py_ssize_t k = 0; k < (UNIT); k += 16)                                            \
+                        STREAM16(o + t * ostride + k, p + t * pstride + k);                                \
+            else if (gather)                                                                               \
+                for (Py_ssize_t t = 0; t < count; t++)                                                     \
+                    memcpy(o + t * ostride, p + t * pstride, (UNIT));                                      \
+            else                                                                                           \
+                for (Py_ssize_t t = 0; t < count; t++)                                                     \
+                    memcpy(p + t * pstride, o + t * ostride, (UNIT));                                      \
+        }                                                                                                  \
+        if (stream)                                                                                        \
+            STREAM_FENCE();                                                                                \
+    }
+
+COPY_BLOCKS(copy_blocks144, 144)
+COPY_BLOCKS(copy_blocks72, 72)
+COPY_BLOCKS(copy_blocks64, 64)
+COPY_BLOCKS(copy_blocks32, 32)
+COPY_BLOCKS(copy_blocks_any, unit)
+
+static PyObject *k_copy_blocks(PyObject *self, PyObject *args)
+{
+    Py_buffer packed, placed, offsets;
+    Py_ssize_t unit, count, pstride, ostride;
+    int gather;
+    if (!PyArg_ParseTuple(args, "w*w*y*nnnnp", &packed, &placed, &offsets, &unit, &count, &pstride, &ostride, &gather))
+        return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t n = offsets.len / (Py_ssize_t)sizeof(int64_t);
+    const int64_t *off = offsets.buf;
+    /* every block of both sides inside its buffer, checked (without overflow) before anything
+     * is copied: span = (count - 1) * stride + unit bytes from a block's first group to its last */
+    Py_ssize_t span_o = 0, span_p = 0, last = 0;
+    int bad = unit <= 0 || count < 0 || pstride < 0 || ostride < 0 || offsets.len % (Py_ssize_t)sizeof(int64_t) ||
+              ((uintptr_t)offsets.buf) % sizeof(int64_t);
+    if (!bad && n > 0 && count > 0)
+        bad = __builtin_mul_overflow(count - 1, ostride, &span_o) || __builtin_add_overflow(span_o, unit, &span_o) ||
+              __builtin_mul_overflow(count - 1, pstride, &span_p) || __builtin_add_overflow(span_p, unit, &span_p) ||
+              __builtin_mul_overflow(n - 1, unit, &last) || __builtin_add_overflow(last, span_p, &last) ||
+              last > packed.len || span_o > placed.len;
+    for (Py_ssize_t i = 0; !bad && count > 0 && i < n; i++)
+        bad = off[i] < 0 || off[i] > placed.len - span_o;
+    if (bad) {
+        PyErr_Format(PyExc_ValueError,
+                     "copy_blocks: %zd offsets of blocks of %zd bytes, %zd per group (strides %zd packed, %zd placed) "
+                     "do not fit %zd packed and %zd placed bytes (or an offset is negative or misaligned)",
+                     n, unit, count, pstride, ostride, packed.len, placed.len);
+    } else {
+        unsigned char *pk = packed.buf, *pl = placed.buf;
+        Py_BEGIN_ALLOW_THREADS
+        switch (unit) {
+        case 144: copy_blocks144(pk, pl, off, n, unit, count, pstride, ostride, gather); break;
+        case 72: copy_blocks72(pk, pl, off, n, unit, count, pstride, ostride, gather); break;
+        case 64: copy_blocks64(pk, pl, off, n, unit, count, pstride, ostride, gather); break;
+        case 32: copy_blocks32(pk, pl, off, n, unit, count, pstride, ostride, gather); break;
+        default: copy_blocks_any(pk, pl, off, n, unit, count, pstride, ostride, gather);
+        }
+        Py_END_ALLOW_THREADS
+        result = Py_NewRef(Py_None);
+    }
+    PyBuffer_Release(&packed);
+    PyBuffer_Release(&placed);
+    PyBuffer_Release(&offsets);
     return result;
 }
 
@@ -474,6 +572,10 @@ static PyMethodDef compiled_methods[] = {
     {"swap_copy", k_swap_copy, METH_VARARGS,
      "swap_copy(src, dst, word, swap) -> bool: copy src into dst (equal sizes), byte swapping each word of "
      "`word` (4 or 8) bytes when `swap`; True when every word, read as a float of that size, is finite."},
+    {"copy_blocks", k_copy_blocks, METH_VARARGS,
+     "copy_blocks(packed, placed, offsets, unit, count, pstride, ostride, gather): block i (unit bytes) of "
+     "group t at packed[i * unit + t * pstride] and at placed[offsets[i] + t * ostride] (offsets: int64 "
+     "bytes); copies packed -> placed when `gather`, else placed -> packed."},
     {"sun_deviation", k_sun_deviation, METH_VARARGS,
      "sun_deviation(values, n) -> (unit, det): max |U U^+ - 1| (entries) and max |det U - 1| over the "
      "C-contiguous complex128 N x N matrices in `values` (N = 2, 3); a NaN term counts as 0."},

@@ -331,3 +331,67 @@ def test_xor_sites_refuses_bad_sizes():
         compiled.xor_sites(np.zeros(12, dtype=np.uint8), acc, 8, 0)
     with pytest.raises(ValueError, match="sites of"):
         compiled.xor_sites(np.zeros(16, dtype=np.uint8), acc, 8, -1)
+
+
+def _copy_blocks_reference(packed, placed, offsets, unit, count, pstride, ostride, gather):
+    for i, off in enumerate(offsets):
+        for t in range(count):
+            p, o = i * unit + t * pstride, int(off) + t * ostride
+            if gather:
+                placed[o : o + unit] = packed[p : p + unit]
+            else:
+                packed[p : p + unit] = placed[o : o + unit]
+
+
+@needs_compiled
+@pytest.mark.parametrize("unit", [144, 72, 64, 32, 48, 8])
+@pytest.mark.parametrize("shift", [0, 1, 8, 16])
+@pytest.mark.parametrize("gather", [True, False])
+def test_copy_blocks_equals_the_block_by_block_copy(unit, shift, gather):
+    """Every unit specialisation, both directions, the placed side 16-byte aligned (streaming
+    stores on x86-64) or not, blocks at aligned and unaligned offsets, one and several groups:
+    the same bytes as a copy block by block, and nothing outside the blocks touched."""
+    rng = np.random.default_rng(unit + shift)
+    for count in (1, 3):
+        nblocks = 37
+        ostride = unit if count > 1 else 0
+        slots = rng.permutation(nblocks * 2)[:nblocks]  # distinct runs of `count` blocks, in any order
+        offsets = (slots * unit * count + (rng.integers(0, 2, nblocks) * 8 if unit % 16 else 0)).astype(np.int64)
+        pstride = nblocks * unit + 24
+        placed_size = nblocks * 2 * unit * count + 64
+        raw = rng.integers(0, 256, placed_size + shift, dtype=np.uint8)
+        placed = raw[shift:]
+        packed = rng.integers(0, 256, (count - 1) * pstride + nblocks * unit, dtype=np.uint8)
+        want_packed, want_placed = packed.copy(), placed.copy()
+        _copy_blocks_reference(want_packed, want_placed, offsets, unit, count, pstride, ostride, gather)
+        assert compiled.copy_blocks(packed, placed, offsets, unit, count, pstride, ostride, gather) is True
+        assert np.array_equal(packed, want_packed) and np.array_equal(placed, want_placed)
+
+
+@needs_compiled
+def test_copy_blocks_refuses_blocks_outside_the_arrays():
+    packed, placed = np.zeros(288, dtype=np.uint8), np.zeros(288, dtype=np.uint8)
+    ok = np.array([0, 144], dtype=np.int64)
+    assert compiled.copy_blocks(packed, placed, ok, 144, 1, 0, 0, True)
+    for offsets, unit, count, pstride, ostride in [
+        (np.array([0, 145], dtype=np.int64), 144, 1, 0, 0),  # a placed block past the end
+        (np.array([-1, 0], dtype=np.int64), 144, 1, 0, 0),  # a negative offset
+        (np.array([0, 0, 0], dtype=np.int64), 144, 1, 0, 0),  # more packed blocks than packed bytes
+        (ok, 144, 2, 0, 1),  # the second group past the end of placed
+        (ok, 144, 2, 1, 0),  # ... of packed
+        (ok, 144, 1 << 62, 1 << 40, 0),  # spans that overflow
+        (ok, 0, 1, 0, 0),  # no unit
+        (ok, 144, 2, -144, 0),  # a negative stride
+    ]:
+        with pytest.raises(ValueError, match="copy_blocks"):
+            compiled.copy_blocks(packed, placed, offsets, unit, count, pstride, ostride, True)
+    assert not placed.any() and not packed.any()  # nothing copied by a refused call
+    with pytest.raises(ValueError, match="C-contiguous"):
+        compiled.copy_blocks(packed, np.zeros((4, 144), np.uint8)[:, :72], ok, 144, 1, 0, 0, True)
+
+
+def test_copy_blocks_leaves_the_copy_to_numpy_without_the_module(monkeypatch):
+    monkeypatch.setattr(compiled, "_native", None)
+    placed = np.zeros(144, dtype=np.uint8)
+    assert compiled.copy_blocks(np.ones(144, np.uint8), placed, np.zeros(1, np.int64), 144, 1, 0, 0, True) is False
+    assert not placed.any()
