@@ -706,11 +706,35 @@ def _ildg_producer(
     in_file_order = to_ildg(can)
     flat: np.ndarray | None = None
     src: np.ndarray | None = None
+    placed: np.ndarray | None = None
+    slice_offsets: np.ndarray | None = None
+    per_slice = math.prod(lattice[:-1]) * d if d else 1
     if in_file_order.flags.c_contiguous:  # memory already in file order: no permutation
         flat = in_file_order.reshape(-1).view(np.uint8)
     else:
-        blocks = np.ascontiguousarray(can).reshape(d, *lattice, n * n).view(block).reshape(d, *lattice, 1, 1)
+        contiguous = np.ascontiguousarray(can)
+        blocks = contiguous.reshape(d, *lattice, n * n).view(block).reshape(d, *lattice, 1, 1)
         src = to_ildg(blocks)[..., 0, 0]
+        if compiled.available() and d >= 1:  # the compiled gather: offsets of one time slice's blocks
+            placed = contiguous.reshape(-1).view(np.uint8)
+            slice_offsets = _block_offsets(src[0], placed)
+
+    def gather(into: np.ndarray, index: Any, a: int, b: int) -> None:
+        """The blocks of file-order matrices a..b-1 into ``into`` (uint8, (b - a) * unit bytes)."""
+        assert src is not None
+        if slice_offsets is not None and placed is not None:
+            t, tstride = a // per_slice, src.strides[0]
+            if (b - 1) // per_slice == t:  # within one time slice
+                offsets = slice_offsets[a - t * per_slice : b - t * per_slice] + t * tstride
+                compiled.copy_blocks(into, placed, offsets, unit, 1, 0, 0, False)
+                return
+            if a % per_slice == 0 and b % per_slice == 0:  # whole time slices: one group per slice
+                count = (b - a) // per_slice
+                compiled.copy_blocks(
+                    into, placed, slice_offsets + t * tstride, unit, count, per_slice * unit, tstride, False
+                )
+                return
+        np.copyto(into.view(block).reshape(src[index].shape), src[index])
 
     def produce(chunk: tuple[Any, int, int], scratch: np.ndarray) -> tuple[np.ndarray, int, int]:
         index, a, b = chunk
@@ -719,10 +743,10 @@ def _ildg_producer(
             assert flat is not None
             _to_stored(buf, flat[a * unit : b * unit], stored)
         elif stored.isnative:
-            np.copyto(buf.view(block).reshape(src[index].shape), src[index])
+            gather(buf, index, a, b)
         else:  # gather the native blocks behind ``buf``, then one swapping copy (cheaper than an in-place swap)
             gathered = scratch[largest : largest + (b - a) * unit]
-            np.copyto(gathered.view(block).reshape(src[index].shape), src[index])
+            gather(gathered, index, a, b)
             _to_stored(buf, gathered, stored)
         return buf, a * unit, b * unit
 

@@ -395,3 +395,43 @@ def test_copy_blocks_leaves_the_copy_to_numpy_without_the_module(monkeypatch):
     placed = np.zeros(144, dtype=np.uint8)
     assert compiled.copy_blocks(np.ones(144, np.uint8), placed, np.zeros(1, np.int64), 144, 1, 0, 0, True) is False
     assert not placed.any()
+
+
+@needs_compiled
+@pytest.mark.parametrize("byteorder", ["<", ">"])
+@pytest.mark.parametrize("precision", [32, 64])
+@pytest.mark.parametrize("chunk", [700, 3000, 1 << 20])
+@pytest.mark.parametrize("lattice", [(4, 4, 4, 6), (2, 3, 5, 4), (6, 4), (3, 5)])
+def test_writer_gather_equals_numpys(byteorder, precision, chunk, lattice, monkeypatch):
+    """The stored payload of canonical links, gathered by copy_blocks (pieces within one time
+    slice, or of whole time slices) or by numpy: the same bytes, in either order, at either
+    precision, one thread and several."""
+    from flowplug.adapters import common
+    from flowplug.threads import job_threads
+
+    monkeypatch.setattr(common, "CHUNK_BYTES", chunk)
+    monkeypatch.setattr(common, "PARALLEL_BYTES", 0)
+    rng = np.random.default_rng(11)
+    d = len(lattice)
+    n = 3 if d == 4 else 2
+    links = torch.from_numpy(_random_sun(rng, d * int(np.prod(lattice)), n, 0.0).reshape(d, *lattice, n, n))
+    chunks = common._file_chunks((*reversed(lattice), d), n * n * (8 if precision == 32 else 16))
+    per_slice = int(np.prod(lattice[:-1])) * d
+    assert all((b - 1) // per_slice == a // per_slice or a % per_slice == b % per_slice == 0 for _, a, b in chunks)
+    fast = common.canonical_to_ildg(links, precision, byteorder)
+    with monkeypatch.context() as m:
+        m.setattr(compiled, "_native", None)
+        slow = common.canonical_to_ildg(links, precision, byteorder)
+    assert fast.tobytes() == slow.tobytes()
+    for threads in (1, 2):
+        with job_threads(threads):
+            out = io_bytes(lambda fh, t=threads: common.write_ildg_payload(fh, links, precision, byteorder, threads=t))
+        assert out == slow.tobytes()
+
+
+def io_bytes(write):
+    import io as pyio
+
+    buf = pyio.BytesIO()
+    write(buf)
+    return buf.getvalue()
