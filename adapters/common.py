@@ -428,10 +428,10 @@ def _read_pieces(
                     bulk = (max(bulk[0], more[0]), max(bulk[1], more[1]))
             if len(runs) > 1 and slice_offsets is not None and placed is not None:
                 a, b = runs[0]  # a tile: each block's L_t copies make one run of the output
-                compiled.copy_blocks(
+                if compiled.copy_blocks(
                     buf, placed, slice_offsets[a:b], unit, len(runs), (b - a) * unit, dst.strides[0], True
-                )
-                return (finite, bulk, edge)
+                ):
+                    return (finite, bulk, edge)
             target = dst[index]
             source = buf.view(block).reshape(target.shape)
             if len(runs) > 1:  # a tile: copy with the time index innermost (runs of the output)
@@ -726,14 +726,14 @@ def _ildg_producer(
             t, tstride = a // per_slice, src.strides[0]
             if (b - 1) // per_slice == t:  # within one time slice
                 offsets = slice_offsets[a - t * per_slice : b - t * per_slice] + t * tstride
-                compiled.copy_blocks(into, placed, offsets, unit, 1, 0, 0, False)
-                return
-            if a % per_slice == 0 and b % per_slice == 0:  # whole time slices: one group per slice
+                if compiled.copy_blocks(into, placed, offsets, unit, 1, 0, 0, False):
+                    return
+            elif a % per_slice == 0 and b % per_slice == 0:  # whole time slices: one group per slice
                 count = (b - a) // per_slice
-                compiled.copy_blocks(
+                if compiled.copy_blocks(
                     into, placed, slice_offsets + t * tstride, unit, count, per_slice * unit, tstride, False
-                )
-                return
+                ):
+                    return
         np.copyto(into.view(block).reshape(src[index].shape), src[index])
 
     def produce(chunk: tuple[Any, int, int], scratch: np.ndarray) -> tuple[np.ndarray, int, int]:

@@ -38,6 +38,7 @@ References:
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 from collections.abc import Sequence
@@ -229,6 +230,12 @@ def _slabs(shape: tuple[int, ...], chunk: tuple[int, ...] | None) -> list[tuple[
 #: (L2) cache when its CRC-32 and finiteness pass runs.
 PIECE_BYTES = 1 << 20
 
+#: The first HDF5 release whose chunk queries (``H5Dget_chunk_info``, ``..._by_coord``)
+#: report file offsets that include a user block (HDFGroup/hdf5 issue 3003, fixed by pull
+#: request 4236); before it they are short by the user block's size, and a chunked store
+#: with a user block is read through HDF5 instead (:func:`_storage_runs`).
+CHUNK_OFFSETS_FROM_FILE_START = (1, 14, 4)
+
 
 def _storage_runs(links_ds: Any, i: int) -> list[tuple[int, int]] | None:
     """Where the bytes of stored configuration ``i`` lie in the file, when HDF5 keeps them there as they are.
@@ -240,13 +247,16 @@ def _storage_runs(links_ds: Any, i: int) -> list[tuple[int, int]] | None:
         than the one read, a chunk that holds more than one configuration or cuts an
         axis while an axis outside it is more than one long, an unallocated or
         filtered chunk, a layout other than contiguous or chunked, an HDF5 library
-        without chunk queries (before 1.10.5)).
+        without chunk queries (before 1.10.5), a chunked store with a user block under
+        an HDF5 before 1.14.4). The offsets are HDF5 addresses: offsets of the file only
+        under the default ``sec2`` driver, which :func:`_direct_fd` checks.
 
     A chunk of the layout :func:`chunk_shape` writes, ``(1, 1, ..., 1, c, n_(k+1), ...)``,
     holds ``c`` slices of the axis k it cuts with every axis inside it whole: its first
     ``min(c, n_k - start) * row`` bytes are a run of the configuration (an edge chunk is
-    padded at its end). The offsets HDF5 reports are from the start of the file (a user
-    block included).
+    padded at its end). The offsets are from the start of the file, a user block
+    included: ``H5Dget_offset`` has always counted it, the chunk queries only from HDF5
+    1.14.4 (:data:`CHUNK_OFFSETS_FROM_FILE_START`).
     """
     h5py = _h5py()
     shape = tuple(int(n) for n in links_ds.shape[1:])
@@ -265,6 +275,11 @@ def _storage_runs(links_ds: Any, i: int) -> list[tuple[int, int]] | None:
             return None if offset is None else [(int(offset) + i * config_bytes, config_bytes)]
         if layout != h5py.h5d.CHUNKED or links_ds.chunks is None or links_ds.chunks[0] != 1:
             return None
+        if (
+            tuple(h5py.version.hdf5_version_tuple) < CHUNK_OFFSETS_FROM_FILE_START
+            and h5py.h5i.get_file_id(dsid).get_create_plist().get_userblock()
+        ):
+            return None  # the chunk offsets would be short by the user block
         chunk = tuple(int(c) for c in links_ds.chunks[1:])
         cuts = [a for a in range(len(shape)) if chunk[a] != shape[a]]
         cut = cuts[-1] if cuts else -1  # every axis inside it is whole in a chunk
@@ -287,18 +302,48 @@ def _storage_runs(links_ds: Any, i: int) -> list[tuple[int, int]] | None:
         return None  # an HDF5 without the queries, or a layout it will not describe
 
 
-def _read_runs(path: Path, runs: list[tuple[int, int]], out: np.ndarray) -> tuple[int, bool]:
+def _direct_fd(links_ds: Any) -> int | None:
+    """HDF5's own file descriptor of the store holding ``links_ds``, when its
+    configurations may be read from it directly (:func:`_read_runs`); else ``None``.
+
+    Only under the default ``sec2`` file driver are HDF5's addresses offsets of that one
+    file (the family, multi/split and core drivers map them elsewhere), and only where the
+    platform has ``os.preadv`` (not on Windows). Reading HDF5's descriptor rather than
+    reopening the path keeps a store renamed over the path meanwhile out. Asked once per
+    read: the property-list query costs about 20 us.
+    """
+    if not hasattr(os, "preadv"):
+        return None
+    h5py = _h5py()
+    try:
+        fid = h5py.h5i.get_file_id(links_ds.id)
+        if fid.get_access_plist().get_driver() != h5py.h5fd.SEC2:
+            return None
+        return int(fid.get_vfd_handle())
+    except (AttributeError, TypeError, ValueError, KeyError, RuntimeError, OSError):
+        return None
+
+
+def _read_runs(path: Path, runs: list[tuple[int, int]], out: np.ndarray, fd: int | None = None) -> tuple[int, bool]:
     """Read ``runs`` (:func:`_storage_runs`) into ``out`` (C-contiguous) with positional reads;
     the CRC-32 of the bytes and whether they are all finite.
 
-    Each piece of at most :data:`PIECE_BYTES` is checked (:func:`flowplug.compiled.crc32_finite`)
-    right after it is read, while it is in cache; with two or more I/O threads and at least
-    :data:`PIPELINE_BYTES`, one helper thread checks the pieces read, in order, while the
-    next is read.
+    ``fd`` is the descriptor to read (the one HDF5 holds, so that the bytes come from the
+    file whose offsets HDF5 gave even if ``path`` has been replaced since it was opened);
+    ``None`` opens ``path``, which names the file in errors either way.
+
+    Each piece of at most :data:`PIECE_BYTES` is checked
+    (:func:`flowplug.compiled.crc32_finite`) right after it is read, while it is in cache;
+    with two or more I/O threads and at least :data:`PIPELINE_BYTES`, one helper thread
+    checks the pieces read, in order, while the next is read.
 
     Raises:
         FormatError: if the file ends inside a run (naming the file and the byte counts).
+        ValueError: if ``out`` is not C-contiguous (its reshape would be a copy: the bytes
+            read, and checked, would never reach it).
     """
+    if not out.flags.c_contiguous:
+        raise ValueError("_read_runs: out must be C-contiguous")
     flat = out.reshape(-1)
     raw = flat.view(np.uint8)
     itemsize = out.dtype.itemsize
@@ -318,14 +363,14 @@ def _read_runs(path: Path, runs: list[tuple[int, int]], out: np.ndarray) -> tupl
         crc[0], ok = compiled.crc32_finite(flat[start // itemsize : (start + length) // itemsize], crc[0])
         finite[0] = finite[0] and ok
 
-    with open(path, "rb", buffering=0) as fh:
-        fd = fh.fileno()
+    with contextlib.ExitStack() as stack:
+        handle = fd if fd is not None else stack.enter_context(open(path, "rb", buffering=0)).fileno()
 
         def fill(offset: int, start: int, length: int) -> None:
             view = memoryview(raw[start : start + length])  # type: ignore[arg-type]  # numpy's stubs: __buffer__ only for Python >= 3.12
             got = 0
             while got < length:
-                k = os.preadv(fd, [view[got:]], offset + got)
+                k = os.preadv(handle, [view[got:]], offset + got)
                 if not k:
                     raise FormatError(
                         f"{path}: /links: read {got} of {length} bytes at offset {offset} "
@@ -348,20 +393,36 @@ def _read_runs(path: Path, runs: list[tuple[int, int]], out: np.ndarray) -> tupl
     return crc[0], finite[0]
 
 
-def _read_configuration(path: Path, links_ds: Any, data: np.ndarray, i: int, j: int) -> tuple[int, bool]:
+def _bytes_in_file(links_ds: Any) -> bool:
+    """Whether /links keeps the bytes of its values in its own file, one stored byte per
+    byte (no filter, no external or virtual storage): then a selection cannot need more
+    bytes than the file has. A compressed copy (h5repack -f GZIP) of compressible values
+    (a cold start) or a dataset stored in other files can, and is read by HDF5."""
+    h5py = _h5py()
+    try:
+        dcpl = links_ds.id.get_create_plist()
+        return not (dcpl.get_nfilters() or dcpl.get_external_count() or dcpl.get_layout() == h5py.h5d.VIRTUAL)
+    except (AttributeError, TypeError, ValueError, KeyError, RuntimeError, OSError):
+        return True  # a dataset HDF5 will not describe: keep the size guard
+
+
+def _read_configuration(
+    path: Path, links_ds: Any, data: np.ndarray, i: int, j: int, fd: int | None
+) -> tuple[int, bool]:
     """Read stored configuration ``i`` into ``data[j]``; the CRC-32 of its bytes and whether
     they are all finite, both from one pass (:func:`flowplug.compiled.crc32_finite`).
 
     Where HDF5 keeps the bytes as they are (:func:`_storage_runs`: flowplug's own stores,
     and any store without filters whose chunks are runs of a configuration) they are read
-    straight from the file, piece by piece, each checked while in cache (:func:`_read_runs`).
+    straight from the file descriptor ``fd`` (:func:`_direct_fd`; ``None``: never), piece
+    by piece, each checked while in cache (:func:`_read_runs`).
     Otherwise HDF5 reads them: with two or more I/O threads, large configurations slab by
     slab (:func:`_slabs`), one helper thread checking the slabs already read while the next
     is read (:data:`PIPELINE_BYTES`); on one thread the configuration whole, then checked.
     """
-    runs = _storage_runs(links_ds, i)
-    if runs is not None:
-        return _read_runs(path, runs, data[j])
+    runs = None if fd is None else _storage_runs(links_ds, i)
+    if runs is not None and fd is not None:
+        return _read_runs(path, runs, data[j], fd)
     slabs = _slabs(tuple(data.shape[1:]), None if links_ds.chunks is None else tuple(links_ds.chunks[1:]))
     if len(slabs) < 2 or data[j].nbytes < PIPELINE_BYTES or io_threads() < 2:
         links_ds.read_direct(data, np.s_[i], np.s_[j])
@@ -466,7 +527,7 @@ class Hdf5Handler(FormatHandler):
                     raise FormatError(f"{path}: configuration {i} out of range (the store holds {count})")
             sel = [int(i) % count for i in sel]
         need = len(sel) * int(np.prod(shape)) * links_ds.dtype.itemsize
-        if need > path.stat().st_size:  # flowplug stores uncompressed: data cannot exceed the file
+        if need > path.stat().st_size and _bytes_in_file(links_ds):  # then data cannot exceed the file
             raise FormatError(
                 f"{path}: /links claims {need} bytes for {len(sel)} configuration(s) but the "
                 f"file has {path.stat().st_size} bytes (damaged or not written by flowplug)"
@@ -474,8 +535,9 @@ class Hdf5Handler(FormatHandler):
         data = np.empty((len(sel), *shape), dtype=links_ds.dtype)
         metas = []
         all_finite = True
+        fd = _direct_fd(links_ds)
         for j, i in enumerate(sel):
-            found, finite = _read_configuration(path, links_ds, data, i, j)
+            found, finite = _read_configuration(path, links_ds, data, i, j, fd)
             all_finite = all_finite and finite
             meta, crc = _meta_from_json(path, i, meta_ds[i])
             try:

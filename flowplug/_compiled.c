@@ -140,11 +140,23 @@ COPY_BLOCKS(copy_blocks_any, unit)
 
 static PyObject *k_copy_blocks(PyObject *self, PyObject *args)
 {
+    PyObject *packed_obj, *placed_obj;
     Py_buffer packed, placed, offsets;
     Py_ssize_t unit, count, pstride, ostride;
     int gather;
-    if (!PyArg_ParseTuple(args, "w*w*y*nnnnp", &packed, &placed, &offsets, &unit, &count, &pstride, &ostride, &gather))
+    if (!PyArg_ParseTuple(args, "OOy*nnnnp", &packed_obj, &placed_obj, &offsets, &unit, &count, &pstride, &ostride,
+                          &gather))
         return NULL;
+    /* only the side written to must be writable: a gather reads `packed`, a scatter `placed` */
+    if (PyObject_GetBuffer(packed_obj, &packed, gather ? PyBUF_SIMPLE : PyBUF_WRITABLE) < 0) {
+        PyBuffer_Release(&offsets);
+        return NULL;
+    }
+    if (PyObject_GetBuffer(placed_obj, &placed, gather ? PyBUF_WRITABLE : PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(&packed);
+        PyBuffer_Release(&offsets);
+        return NULL;
+    }
     PyObject *result = NULL;
     Py_ssize_t n = offsets.len / (Py_ssize_t)sizeof(int64_t);
     const int64_t *off = offsets.buf;

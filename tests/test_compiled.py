@@ -369,6 +369,48 @@ def test_copy_blocks_equals_the_block_by_block_copy(unit, shift, gather):
 
 
 @needs_compiled
+@pytest.mark.parametrize("unit", [144, 64, 32, 48])
+def test_copy_blocks_streams_only_aligned_stores(unit):
+    """A 16-byte aligned placed array, blocks of 16-byte multiples, but some blocks at
+    offsets 8 past a multiple of 16, or a group stride that is not a multiple of 16: those
+    stores are unaligned and must be plain ones (a streaming store there faults); the same
+    bytes as the block-by-block copy either way."""
+    rng = np.random.default_rng(unit)
+    nblocks, count = 29, 3
+    for ostride, shifts in ((unit, (0, 8)), (unit + 8, (0,)), (unit * nblocks * 2 + 16, (0, 8))):
+        slots = rng.permutation(nblocks * 2)[:nblocks]
+        offsets = (slots * (ostride * count + 16) + rng.choice(shifts, nblocks)).astype(np.int64)
+        backing = np.zeros(int(offsets.max()) + count * ostride + unit + 64, dtype=np.uint8)
+        placed = backing[(-backing.ctypes.data) % 16 :][: backing.size - 16]  # 16-byte aligned start
+        assert placed.ctypes.data % 16 == 0
+        pstride = nblocks * unit
+        packed = rng.integers(0, 256, count * pstride, dtype=np.uint8)
+        want = placed.copy()
+        _copy_blocks_reference(packed.copy(), want, offsets, unit, count, pstride, ostride, True)
+        assert compiled.copy_blocks(packed, placed, offsets, unit, count, pstride, ostride, True)
+        assert np.array_equal(placed, want)
+
+
+@needs_compiled
+def test_copy_blocks_reads_read_only_arrays():
+    """Only the side written to must be writable: a gather from a read-only packed buffer and
+    a scatter from read-only placed memory work; a read-only destination is refused."""
+    rng = np.random.default_rng(3)
+    source = rng.integers(0, 256, 288, dtype=np.uint8)
+    source.flags.writeable = False
+    offsets = np.array([144, 0], dtype=np.int64)
+    placed = np.zeros(288, dtype=np.uint8)
+    assert compiled.copy_blocks(source, placed, offsets, 144, 1, 0, 0, True)
+    assert placed.tobytes() == source[144:].tobytes() + source[:144].tobytes()
+    packed = np.zeros(288, dtype=np.uint8)
+    assert compiled.copy_blocks(packed, source, offsets, 144, 1, 0, 0, False)
+    assert packed.tobytes() == source[144:].tobytes() + source[:144].tobytes()
+    for args in ((packed, source, True), (source, placed, False)):
+        with pytest.raises(ValueError, match="read-only"):
+            compiled.copy_blocks(args[0], args[1], offsets, 144, 1, 0, 0, args[2])
+
+
+@needs_compiled
 def test_copy_blocks_refuses_blocks_outside_the_arrays():
     packed, placed = np.zeros(288, dtype=np.uint8), np.zeros(288, dtype=np.uint8)
     ok = np.array([0, 144], dtype=np.int64)
@@ -435,3 +477,26 @@ def io_bytes(write):
     buf = pyio.BytesIO()
     write(buf)
     return buf.getvalue()
+
+
+@needs_compiled
+@pytest.mark.parametrize("precision", [32, 64])
+def test_a_declined_copy_blocks_leaves_the_copy_to_numpy(precision, monkeypatch):
+    """copy_blocks returns False when it did nothing (its contract): the tile copy of the
+    canonical read and the writer's gather then copy with numpy instead of leaving the
+    output (a new, uninitialised array) or the written piece as it was."""
+    from flowplug.adapters import common
+
+    monkeypatch.setattr(common, "CHUNK_BYTES", 700)  # several tiles and pieces
+    rng = np.random.default_rng(12)
+    lattice = (2, 3, 2, 5)
+    links = torch.from_numpy(_random_sun(rng, 4 * 60, 3, 0.0).reshape(4, *lattice, 3, 3))
+    if precision == 32:
+        links = links.to(torch.complex64).to(torch.complex128)
+    want = common.canonical_to_ildg(links, precision, ">")
+    calls = []
+    monkeypatch.setattr(compiled, "copy_blocks", lambda *args: calls.append(args[3]) or False)
+    assert common.canonical_to_ildg(links, precision, ">").tobytes() == want.tobytes()
+    back = common.ildg_to_canonical(want.reshape(-1).view(np.uint8), lattice, 3, precision, ">")
+    assert torch.equal(back[0], links)
+    assert len(calls) > 2  # both paths asked it
