@@ -475,7 +475,8 @@ class U1Coupling(_GaugeCoupling):
         plane = _plane_index(self.d, self.mu, self.nu) if self.mu < self.nu else None
         links = self._links_index()
         terms = None if plane is not None else self._loop_terms()
-        spec = (self.mu, self.nu, plane, idx, links, terms, fsites, fmask, plan, slope, self.net.dtype, self.n_mix)
+        dtype = params[0].dtype  # the network's dtype (its first weight's), without the property's module walk
+        spec = (self.mu, self.nu, plane, idx, links, terms, fsites, fmask, plan, slope, dtype, self.n_mix)
         out, ld, logdet = _U1NCPMap.apply(theta, spec, *params)
         return out, ld, logdet
 

@@ -557,7 +557,16 @@ class ConvNet(nn.Module):
         slope, stack = cast("tuple[float | None, list[PeriodicConv]]", struct)
         params: list[torch.Tensor] = []
         for conv in stack:
-            params += [conv.conv.weight, cast(torch.Tensor, conv.conv.bias)]  # biases: checked above
+            # the registered tensors read straight from the modules' dicts, what attribute access
+            # returns (nn.Module.__getattr__ costs about 1 us per name, some 10 us per layer call);
+            # anything not registered there (a parametrization, a weight-norm hook) by attribute
+            inner = conv._modules["conv"]
+            reg = inner._parameters if inner is not None else {}
+            w: torch.Tensor | None = reg.get("weight")
+            b: torch.Tensor | None = reg.get("bias")
+            if w is None or b is None or "weight" in inner.__dict__ or "bias" in inner.__dict__:
+                w, b = conv.conv.weight, conv.conv.bias
+            params += [w, cast(torch.Tensor, b)]  # biases: checked above
         return slope, params
 
     def _plan(
@@ -807,6 +816,11 @@ def stack_forward(
     return h, saved
 
 
+#: ``aten::leaky_relu_backward.grad_input`` (the out= overload), looked up once: the attribute
+#: chain ``torch.ops.aten.<op>.<overload>`` costs about as much as the call on these small tensors.
+_LEAKY_BACKWARD_INTO = torch.ops.aten.leaky_relu_backward.grad_input
+
+
 def stack_backward(
     grad: torch.Tensor,
     plan: Sequence[PlanStep],
@@ -853,13 +867,13 @@ def stack_backward(
             if pad and not batched:  # straight into the scratch rows that the transposed gather reads
                 padded = _workspace("pad", (n_o, n_out + 1, b), g)
                 rows = padded.narrow(1, 0, n_out)
-                torch.ops.aten.leaky_relu_backward.grad_input(g.view(act.shape), act, slope, False, grad_input=rows)
+                _LEAKY_BACKWARD_INTO(g.view(act.shape), act, slope, False, grad_input=rows)
                 g = rows
             elif batched:
                 g = torch.ops.aten.leaky_relu_backward(g.reshape(act.shape), act, slope, False)
             else:  # in place: g is the input gradient of convolution j + 1, fresh from its product
                 g = g.view(act.shape)
-                torch.ops.aten.leaky_relu_backward.grad_input(g, act, slope, False, grad_input=g)
+                _LEAKY_BACKWARD_INTO(g, act, slope, False, grad_input=g)
         g2 = g.reshape(n_o, n_out * b)
         if need[2 * j + 1]:
             grads[2 * j + 1] = g2.sum(1)

@@ -336,7 +336,7 @@ class AffineCoupling(_ScalarCoupling):
         if stack is None:
             return None
         plan, slope, params = stack
-        spec = (idx, fidx, plan, slope, self.scale_clamp, self.net.dtype)
+        spec = (idx, fidx, plan, slope, self.scale_clamp, params[0].dtype)  # the network's dtype (its first weight's)
         y, s, s_sum = _AffineMap.apply(x.to(torch.float64), spec, inverse, *params)
         return y, s, s_sum
 

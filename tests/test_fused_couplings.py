@@ -329,3 +329,26 @@ def test_gradient_with_respect_to_a_captured_non_leaf_input(which):
     (g_h,) = torch.autograd.grad((y, ld), h, ones, retain_graph=True)
     (g_z,) = torch.autograd.grad((y, ld), z, ones)
     assert torch.equal(g_h, g_z) and bool(g_h.abs().sum() > 0)
+
+
+def test_stack_params_are_the_modules_tensors_also_under_a_parametrization():
+    """``ConvNet._stack_params`` reads the registered weights and biases from the modules' dicts;
+    a weight that is not registered there (a parametrization computes it) is read by attribute,
+    so the gathered stack still sees the tensor the module's own forward uses."""
+    net = flow_nets.ConvNet(1, 2, (4,), 3, 2, torch.float64, final_scale=1.0)
+    convs = [m for m in net.layers if isinstance(m, flow_nets.PeriodicConv)]
+    slope, params = net._stack_params()
+    assert slope is not None
+    want = [t for c in convs for t in (c.conv.weight, c.conv.bias)]
+    assert len(params) == len(want) and all(p is w for p, w in zip(params, want, strict=True))
+
+    class Doubled(torch.nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    torch.nn.utils.parametrize.register_parametrization(convs[0].conv, "weight", Doubled())
+    _, params = net._stack_params()
+    assert torch.equal(params[0], convs[0].conv.weight) and torch.equal(
+        params[0], 2 * convs[0].conv.parametrizations.weight.original
+    )
+    assert params[1] is convs[0].conv.bias and params[2] is convs[1].conv.weight
