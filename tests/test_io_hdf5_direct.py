@@ -52,6 +52,18 @@ def test_runs_are_the_stored_configuration(tmp_path, monkeypatch, lattice, targe
     assert torch.equal(back.links, ens.links) and all(c.ok for m in back.meta for c in m.checks)
 
 
+def _check_runs_and_read(path, i, direct, ens, name):
+    """Configuration ``i`` of the store at ``path`` is (``direct``) or is not read straight from
+    the file; its runs hold its bytes; the whole store reads back ``ens`` with every check passed."""
+    with h5py.File(path, "r") as f:
+        runs = hdf5._storage_runs(f["links"], i)
+        assert (runs is not None) == direct, name
+        if runs is not None:
+            assert _runs_bytes(path, runs) == f["links"][i].tobytes()
+    back = io.read(path)
+    assert torch.equal(back.links, ens.links) and all(c.ok for m in back.meta for c in m.checks)
+
+
 def _relayout(src, dst, userblock=0, **create):
     """Copy a flowplug store with /links created with other HDF5 options (as h5repack would)."""
     with h5py.File(src, "r") as f, h5py.File(dst, "w", userblock_size=userblock) as g:
@@ -80,13 +92,7 @@ def test_other_layouts_read_direct_or_through_hdf5(tmp_path, name, userblock, cr
     src, path = tmp_path / "a.h5", tmp_path / "b.h5"
     io.write(src, ens)
     _relayout(src, path, userblock, **create)
-    with h5py.File(path, "r") as f:
-        runs = hdf5._storage_runs(f["links"], 2)
-        assert (runs is not None) == direct, name
-        if runs is not None:
-            assert _runs_bytes(path, runs) == f["links"][2].tobytes()
-    back = io.read(path)
-    assert torch.equal(back.links, ens.links) and all(c.ok for m in back.meta for c in m.checks)
+    _check_runs_and_read(path, 2, direct, ens, name)
     with h5py.File(path, "r+") as f:
         f["links"][2, 3, 1, 2, 3, 4, 1, 1] += 1e-12  # one changed number in configuration 2
     with pytest.raises(ChecksumError, match="hdf5 crc32 of configuration 2 mismatch"):
@@ -107,7 +113,8 @@ def test_unallocated_chunk_reads_through_hdf5(tmp_path):
 @pytest.mark.parametrize("threads", [1, 2])
 def test_pieces_and_pipeline_verify_every_byte(tmp_path, monkeypatch, threads):
     """Many small pieces, checked inline (1 thread) or by the helper thread (2): the same
-    links, the finiteness proven, a NaN in any piece and a changed number caught."""
+    links, the finiteness proven, every byte checked once, in pieces of at most PIECE_BYTES
+    (a NaN in any piece and a changed number: tests/test_io_threads.py)."""
     from flowplug.linkcheck import _known_finite
 
     small = hdf5.chunk_shape
@@ -125,19 +132,6 @@ def test_pieces_and_pipeline_verify_every_byte(tmp_path, monkeypatch, threads):
         assert torch.equal(back.links, ens.links) and all(c.ok for m in back.meta for c in m.checks)
         assert _known_finite(back.links)
         assert len(calls) > 20 and max(calls) <= 160 and sum(calls) == 2 * ens.links[0].numel() * 16
-        for where in ((1, 3, 1, 2, 3, 4), (1, 0, 0, 0, 0, 1), (1, 2, 0, 1, 2, 3)):
-            links = ens.links.clone()
-            links[(*where, 1, 2)] = complex(0, float("inf"))
-            bad = tmp_path / f"bad{where[1]}.h5"
-            io.write(bad, io.Ensemble(links))
-            site = ", ".join(map(str, where[2:]))
-            named = rf"NaN or Inf .*configuration 1, direction {where[1]}, site \({site}\)"
-            with pytest.raises(FormatError, match=named):
-                io.read(bad)
-        with h5py.File(path, "r+") as f:
-            f["links"][1, 1, 1, 1, 1, 1, 2, 0] -= 1e-13
-        with pytest.raises(ChecksumError, match="hdf5 crc32 of configuration 1 mismatch"):
-            io.read(path)
 
 
 def test_short_file_and_wrong_runs_are_named(tmp_path):
@@ -196,14 +190,7 @@ def test_user_block_under_an_hdf5_whose_chunk_offsets_omit_it(tmp_path, monkeypa
     _relayout(src, tmp_path / "ub_contiguous.h5", 1024)
     monkeypatch.setattr(h5py.version, "hdf5_version_tuple", (1, 14, 3))
     for name, direct in (("ub.h5", False), ("plain.h5", True), ("ub_contiguous.h5", True)):
-        path = tmp_path / name
-        with h5py.File(path, "r") as f:
-            runs = hdf5._storage_runs(f["links"], 1)
-            assert (runs is not None) == direct, name
-            if runs is not None:
-                assert _runs_bytes(path, runs) == f["links"][1].tobytes()
-        back = io.read(path)
-        assert torch.equal(back.links, ens.links) and all(c.ok for m in back.meta for c in m.checks)
+        _check_runs_and_read(tmp_path / name, 1, direct, ens, name)
 
 
 def test_other_file_drivers_read_through_hdf5(tmp_path):

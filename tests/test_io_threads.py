@@ -178,7 +178,9 @@ def test_hdf5_slabs_prove_finiteness_and_catch_damage(tmp_path, monkeypatch, thr
     from flowplug.errors import ChecksumError
     from flowplug.linkcheck import _known_finite
 
-    if not direct:
+    if direct:
+        monkeypatch.setattr(hdf5, "PIECE_BYTES", 160)  # many pieces per run, checked one by one
+    else:
         monkeypatch.setattr(hdf5, "_storage_runs", lambda links_ds, i: None)
     small = hdf5.chunk_shape
     monkeypatch.setattr(hdf5, "chunk_shape", lambda shape, itemsize: small(shape, itemsize, target=1000))
@@ -190,7 +192,7 @@ def test_hdf5_slabs_prove_finiteness_and_catch_damage(tmp_path, monkeypatch, thr
         back = hdf5.Hdf5Handler().read(path)
         assert torch.equal(back.links, ens.links) and all(c.ok for m in back.meta for c in m.checks)
         assert _known_finite(back.links)  # proven while reading
-        for where in ((1, 3, 1, 2, 3, 4), (1, 0, 0, 0, 0, 1)):  # the last slab, then the first, of configuration 1
+        for where in ((1, 3, 1, 2, 3, 4), (1, 0, 0, 0, 0, 1), (1, 2, 0, 1, 2, 3)):  # last, first, a middle slab
             links = ens.links.clone()
             links[(*where, 2, 2)] = float("nan")
             bad = tmp_path / f"bad{where[1]}.h5"
