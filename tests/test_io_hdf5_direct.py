@@ -268,3 +268,99 @@ def test_without_positional_reads_hdf5_reads(tmp_path, monkeypatch):
         assert hdf5._direct_fd(f["links"]) is None
     back = io.read(path)
     assert torch.equal(back.links, ens.links) and all(c.ok for m in back.meta for c in m.checks)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_many_small_configurations_are_read_together_and_checked_each(tmp_path, monkeypatch, threads):
+    """A store of many small configurations (one chunk each, one after the other in the file):
+    neighbouring configurations are read with one call, yet each has its own CRC-32 and
+    finiteness verdict; any selection (out of order, repeated) reads the right ones."""
+    theta = torch.from_numpy(np.random.default_rng(3).uniform(-np.pi, np.pi, size=(40, 2, 4, 4)))
+    path = tmp_path / "u1.h5"
+    io.write(path, io.Ensemble(theta, field="u1"))
+    monkeypatch.setattr(hdf5, "PIPELINE_BYTES", 0)
+    monkeypatch.setattr(hdf5, "PIECE_BYTES", 1024)
+    calls = []
+    preadv = hdf5.os.preadv
+    monkeypatch.setattr(
+        hdf5.os, "preadv", lambda fd, bufs, offset: calls.append(len(bufs[0])) or preadv(fd, bufs, offset)
+    )
+    with job_threads(threads):
+        back = io.read(path)
+        assert torch.equal(back.links, theta) and all(c.ok for m in back.meta for c in m.checks)
+        assert calls == [1024] * 10  # 40 configurations of 256 bytes, in reads of PIECE_BYTES
+        picked = io.read(path, index=[7, 0, 7, 39, 8])
+        assert torch.equal(picked.links, theta[[7, 0, 7, 39, 8]])
+        assert all(c.ok for m in picked.meta for c in m.checks)
+        assert [m.record_list[0].split()[1] for m in picked.meta] == [
+            "/links[7]",
+            "/links[0]",
+            "/links[7]",
+            "/links[39]",
+            "/links[8]",
+        ]
+    with h5py.File(path, "r+") as f:
+        f["links"][12, 1, 2, 3] += 1e-9  # damage configuration 12 only
+    with pytest.raises(ChecksumError, match="hdf5 crc32 of configuration 12 mismatch"):
+        io.read(path)
+    back = io.read(path, verify=False)
+    assert [i for i, m in enumerate(back.meta) if not all(c.ok for c in m.checks)] == [12]
+
+
+def test_chunk_table_equals_chunk_queries(tmp_path, monkeypatch):
+    """The table of one pass over the chunk index (many configurations wanted) gives the runs
+    that one query per chunk gives; a configuration whose chunks were never written has none."""
+    small = hdf5.chunk_shape
+    monkeypatch.setattr(hdf5, "chunk_shape", lambda shape, itemsize: small(shape, itemsize, target=1000))
+    ens = make_ensemble(batch=6, seed=12)
+    path = tmp_path / "s.h5"
+    io.write(path, ens)
+    with h5py.File(path, "r+") as f:
+        f["links"].resize(8, axis=0)  # configurations 6 and 7: no chunk written
+        ds = f["links"]
+        table = hdf5._storage_plan(ds, wanted=8)
+        query = hdf5._storage_plan(ds, wanted=1)
+        assert table is not None and query is not None
+        queried = [query(i) for i in range(8)]
+        assert [table(i) for i in range(8)] == queried
+        assert all(r is not None and len(r) > 2 for r in queried[:6]) and queried[6] is None and queried[7] is None
+
+
+class _CountingId:
+    """A dataset id that counts the chunk queries asked of it (and forwards everything)."""
+
+    def __init__(self, real):
+        self.real, self.queries = real, 0
+
+    def get_chunk_info_by_coord(self, coord):
+        self.queries += 1
+        return self.real.get_chunk_info_by_coord(coord)
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+class _Dataset:
+    def __init__(self, ds):
+        self.id = _CountingId(ds.id)
+        self.shape, self.dtype, self.chunks = ds.shape, ds.dtype, ds.chunks
+
+
+def test_chunk_table_is_made_only_for_many_configurations(tmp_path, monkeypatch):
+    """One pass over the chunk index when the wanted chunks are 32 or more and a quarter or
+    more of the store's; else one query per chunk (a few configurations of a large store)."""
+    small = hdf5.chunk_shape
+    monkeypatch.setattr(hdf5, "chunk_shape", lambda shape, itemsize: small(shape, itemsize, target=20000))
+    ens = make_ensemble(batch=40, seed=15)
+    path = tmp_path / "s.h5"
+    io.write(path, ens)
+    with h5py.File(path, "r") as f:
+        assert len(hdf5._storage_runs(f["links"], 0)) == 4  # one chunk per direction
+        # 40 configurations of 4 chunks: a table from 10 wanted (40 chunks, a quarter of 160)
+        for wanted, table in ((40, True), (10, True), (9, False), (2, False), (1, False)):
+            ds = _Dataset(f["links"])
+            plan = hdf5._storage_plan(ds, wanted=wanted)
+            assert plan is not None
+            runs = [plan(i) for i in range(wanted)]
+            assert runs == [hdf5._storage_runs(f["links"], i) for i in range(wanted)]
+            assert ds.id.queries == (0 if table else 4 * wanted), wanted

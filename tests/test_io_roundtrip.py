@@ -495,7 +495,7 @@ def test_hdf5_slab_pipeline_reads_and_verifies(tmp_path, monkeypatch):
     from flowplug.adapters import hdf5
     from flowplug.errors import ChecksumError
 
-    monkeypatch.setattr(hdf5, "_storage_runs", lambda links_ds, i: None)
+    monkeypatch.setattr(hdf5, "_storage_plan", lambda links_ds, wanted=1: None)
     small = hdf5.chunk_shape
     monkeypatch.setattr(hdf5, "chunk_shape", lambda shape, itemsize: small(shape, itemsize, 4096))  # many chunks
     monkeypatch.setattr(hdf5, "PIPELINE_BYTES", 0)

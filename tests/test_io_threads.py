@@ -181,7 +181,7 @@ def test_hdf5_slabs_prove_finiteness_and_catch_damage(tmp_path, monkeypatch, thr
     if direct:
         monkeypatch.setattr(hdf5, "PIECE_BYTES", 160)  # many pieces per run, checked one by one
     else:
-        monkeypatch.setattr(hdf5, "_storage_runs", lambda links_ds, i: None)
+        monkeypatch.setattr(hdf5, "_storage_plan", lambda links_ds, wanted=1: None)
     small = hdf5.chunk_shape
     monkeypatch.setattr(hdf5, "chunk_shape", lambda shape, itemsize: small(shape, itemsize, target=1000))
     monkeypatch.setattr(hdf5, "PIPELINE_BYTES", 0)  # slab by slab even for a tiny configuration
