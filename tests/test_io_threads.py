@@ -369,3 +369,68 @@ def test_a_failure_in_a_worker_propagates_and_leaves_nothing_behind(tmp_path, mo
         assert _open_fds() == before and not _io_workers()
         assert path.read_bytes() == original
         assert sorted(p.name for p in tmp_path.iterdir()) == ["in.ildg"]
+
+
+def test_scratch_buffers_are_kept_reused_and_capped(monkeypatch):
+    """The readers' and the writer's scratch memory is kept between calls (a small lattice
+    would otherwise pay the page faults of fresh buffers at every read), handed to one call
+    at a time, and at most SCRATCH_KEEP_BYTES of it is kept."""
+    from flowplug.adapters import common
+
+    monkeypatch.setattr(common, "_scratch_free", [])
+    monkeypatch.setattr(common, "SCRATCH_KEEP_BYTES", 3000)
+    a, b = common._take_scratch(2, 1000)
+    assert a.size == b.size == 1000 and not np.shares_memory(a, b)
+    common._give_scratch([a, b])
+    (c,) = common._take_scratch(1, 800)
+    assert c.size == 800 and (np.shares_memory(c, a) or np.shares_memory(c, b))  # a kept one
+    d, e = common._take_scratch(2, 800)  # the other kept one, and a new one
+    assert sum(np.shares_memory(x, y) for x in (c, d, e) for y in (a, b)) == 2
+    assert not np.shares_memory(c, d) and not np.shares_memory(d, e) and not np.shares_memory(c, e)
+    (big,) = common._take_scratch(1, 2500)  # none kept is large enough
+    common._give_scratch([c, d, e, big])
+    assert sum(x.size for x in common._scratch_free) <= 3000
+    assert [x.size for x in common._scratch_free] == [2500]  # the largest are kept
+
+
+def test_concurrent_reads_and_writes_get_their_own_scratch(tmp_path):
+    """Reads and writes in several Python threads at once (each with its own pieces on two
+    I/O threads), a failing read among them: every result is its own file's."""
+    from flowplug.adapters import common
+
+    ensembles = [make_ensemble((2, 2, 4, 6), seed=40 + k) for k in range(4)]
+    paths = []
+    for k, ens in enumerate(ensembles):
+        paths.append(tmp_path / f"c{k}.ildg")
+        io.write(paths[-1], ens)
+    short = tmp_path / "short.ildg"
+    short.write_bytes(paths[0].read_bytes()[:-700])
+    errors: list[BaseException] = []
+
+    def worker(k: int) -> None:
+        try:
+            with job_threads(2):
+                for r in range(15):
+                    j = (k + r) % 4
+                    back = io.read(paths[j])
+                    assert torch.equal(back.links, ensembles[j].links), (k, r, j)
+                    out = tmp_path / f"w{k}_{r}.ildg"
+                    io.write(out, back)
+                    assert torch.equal(io.read(out).links, ensembles[j].links)
+                    if r % 5 == 0:
+                        with pytest.raises(FormatError):
+                            io.read(short)
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    old = (common.CHUNK_BYTES, common.PARALLEL_BYTES)
+    common.CHUNK_BYTES, common.PARALLEL_BYTES = 700, 0  # many pieces, threads even for tiny payloads
+    try:
+        workers = [threading.Thread(target=worker, args=(k,)) for k in range(3)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+    finally:
+        common.CHUNK_BYTES, common.PARALLEL_BYTES = old
+    assert not errors, errors[0]
