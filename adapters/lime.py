@@ -81,6 +81,29 @@ class LimeRecord:
     version: int
 
 
+#: The last :func:`scan` of :func:`_scan_once`: the file's identity (path, device, inode,
+#: size, modification and change times in ns) and its records.
+_last_scan: tuple[tuple[Any, ...], tuple[LimeRecord, ...]] | None = None
+
+
+def _scan_once(path: Path) -> list[LimeRecord]:
+    """:func:`scan`, reusing the previous result when it was of the same, unchanged file:
+    reading a file sniffs its format with three handlers (ildg, scidac, lime) and then reads
+    it, each of which needs its records (four scans of the same headers before). A file
+    rewritten in place to the same size within one tick of the file system's clock (a few
+    ms) would keep its old records: its checksums would then fail, not pass wrongly;
+    flowplug itself writes a new file and renames it (a new inode)."""
+    global _last_scan
+    st = path.stat()
+    key = (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    last = _last_scan
+    if last is not None and last[0] == key:
+        return list(last[1])
+    records = scan(path)
+    _last_scan = (key, tuple(records))
+    return records
+
+
 def scan(path: Path) -> list[LimeRecord]:
     """List the records of a LIME file without reading their data.
 
@@ -218,7 +241,7 @@ def read_lime(
             record, missing geometry, or a binary length that does not match
             lattice x group x precision.
     """
-    recs = scan(path)
+    recs = _scan_once(path)
     records: list[Record] = []
     binary: LimeRecord | None = None
     with open(path, "rb") as fh:
@@ -576,7 +599,7 @@ class LimeHandler(FormatHandler):
         if len(head) < 4 or struct.unpack(">I", head[:4])[0] != LIME_MAGIC:
             return 0
         try:
-            types = [r.type for r in scan(path)]
+            types = [r.type for r in _scan_once(path)]
         except FormatError:
             return 10 if self.name == "ildg" else 0  # LIME, but broken: let ildg explain
         if "scidac-binary-data" in types:

@@ -6,6 +6,7 @@ a swapped axis would not survive them.
 
 from __future__ import annotations
 
+import os
 import re
 import struct
 import warnings
@@ -517,3 +518,26 @@ def test_hdf5_slab_pipeline_reads_and_verifies(tmp_path, monkeypatch):
         f["links"][1, 2, 1, 0, 0, 0, 0, 0] += 1e-12  # damage one number of configuration 1
     with pytest.raises(ChecksumError, match="hdf5 crc32 of configuration 1"):
         io.read(path)
+
+
+def test_lime_headers_are_scanned_once_per_read_and_again_after_a_change(tmp_path, monkeypatch):
+    """Reading an ILDG file sniffs it with three handlers and reads it: one scan of its
+    records; a file replaced or rewritten since is scanned again."""
+    from flowplug.adapters import lime
+
+    scans = []
+    real = lime.scan
+    monkeypatch.setattr(lime, "scan", lambda path: scans.append(path) or real(path))
+    monkeypatch.setattr(lime, "_last_scan", None)
+    a, b = make_ensemble(seed=51), make_ensemble(seed=52)
+    path = tmp_path / "a.ildg"
+    io.write(path, a)
+    assert torch.equal(io.read(path).links, a.links) and len(scans) == 1
+    assert torch.equal(io.read(path).links, a.links) and len(scans) == 1  # unchanged: not again
+    io.write(path, b, overwrite=True)  # a new file under the same name
+    assert torch.equal(io.read(path).links, b.links) and len(scans) == 2
+    before = path.stat().st_mtime_ns
+    with path.open("r+b") as fh:  # the same file, rewritten in place (same size)
+        fh.write(path.read_bytes())
+    os.utime(path, ns=(before + 10**7, before + 10**7))  # later than the file system's clock tick
+    assert torch.equal(io.read(path).links, b.links) and len(scans) == 3
