@@ -273,7 +273,9 @@ def _storage_plan(links_ds: Any, wanted: int = 1) -> Callable[[int], list[tuple[
     for and their chunks are at least a quarter of the store's (and 32 or more), looks
     them up in a table made by one pass over the chunk index (``H5Dchunk_iter``, about 2
     us a chunk against 6-60 us a query: reading a store of thousands of small
-    configurations)."""
+    configurations). A table whose chunk offsets are not all multiples of the chunk shape
+    (chunk indices, as ``H5Dchunk_iter`` gave before HDFGroup/hdf5 pull request 1969) is
+    not used: its keys would name other chunks."""
     h5py = _h5py()
     shape = tuple(int(n) for n in links_ds.shape[1:])
     itemsize = links_ds.dtype.itemsize
@@ -326,6 +328,10 @@ def _storage_plan(links_ds: Any, wanted: int = 1) -> Callable[[int], list[tuple[
     if many >= 32 and 4 * many >= int(links_ds.shape[0]) * len(places):
         try:
             dsid.chunk_iter(lambda info: table.__setitem__(tuple(info.chunk_offset), info))
+            # HDF5 before pull request 1969 (HDFGroup/hdf5 issue 1419) gave each chunk's index
+            # instead of its first element: keys that would name other chunks
+            if table and (np.array(list(table), dtype=np.int64) % np.array(chunks, dtype=np.int64)).any():
+                table.clear()
         except errors:
             table.clear()  # an HDF5 without the iteration: ask chunk by chunk
     lookup = table.get if table else query
@@ -398,8 +404,8 @@ def _read_many(
     one chunk each, written one after the other) are read with one call, up to that size.
     Each piece is checked (:func:`flowplug.compiled.crc32_finite`, continuing its
     configuration's CRC) right after it is read, while it is in cache; with two or more
-    I/O threads and at least :data:`PIPELINE_BYTES`, one helper thread checks the pieces
-    read, in order, while the next are read.
+    I/O threads and at least :data:`PIPELINE_BYTES` in all (one large configuration or many
+    small ones), one helper thread checks the pieces read, in order, while the next are read.
 
     Raises:
         FormatError: if the file ends inside a run, or the runs of a configuration do not
@@ -612,10 +618,11 @@ class Hdf5Handler(FormatHandler):
                 if not -count <= int(i) < count:
                     raise FormatError(f"{path}: configuration {i} out of range (the store holds {count})")
             sel = [int(i) % count for i in sel]
-        need = len(sel) * int(np.prod(shape)) * links_ds.dtype.itemsize
+        distinct = len(set(sel))  # a configuration asked for twice is stored once
+        need = distinct * int(np.prod(shape)) * links_ds.dtype.itemsize
         if need > path.stat().st_size and _bytes_in_file(links_ds):  # then data cannot exceed the file
             raise FormatError(
-                f"{path}: /links claims {need} bytes for {len(sel)} configuration(s) but the "
+                f"{path}: /links claims {need} bytes for {distinct} configuration(s) but the "
                 f"file has {path.stat().st_size} bytes (damaged or not written by flowplug)"
             )
         data = np.empty((len(sel), *shape), dtype=links_ds.dtype)
@@ -623,11 +630,19 @@ class Hdf5Handler(FormatHandler):
         all_finite = True
         fd = _direct_fd(links_ds)
         plan = None if fd is None else _storage_plan(links_ds, len(sel))
-        runs = [] if plan is None else [plan(i) for i in sel]
-        if plan is not None and all(r is not None for r in runs):  # every configuration straight from the file
-            found_all = _read_many(path, cast("list[list[tuple[int, int]]]", runs), data, fd)
-        else:
-            found_all = [_read_configuration(path, links_ds, data, i, j, None) for j, i in enumerate(sel)]
+        runs = [None] * len(sel) if plan is None else [plan(i) for i in sel]
+        found_all: list[tuple[int, bool]] = []
+        j = 0
+        while j < len(sel):  # each stretch of configurations straight from the file in one _read_many
+            k = j
+            while k < len(sel) and runs[k] is not None:
+                k += 1
+            if k > j and fd is not None:
+                found_all += _read_many(path, cast("list[list[tuple[int, int]]]", runs[j:k]), data[j:k], fd)
+                j = k
+            else:  # one HDF5 cannot hand over (an unallocated chunk, say): HDF5 reads it
+                found_all.append(_read_configuration(path, links_ds, data, sel[j], j, None))
+                j += 1
         texts = _meta_texts(meta_ds, sel)
         for j, i in enumerate(sel):
             found, finite = found_all[j]

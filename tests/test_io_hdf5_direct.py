@@ -11,6 +11,9 @@ is caught on the direct path as on the other.
 
 from __future__ import annotations
 
+import json
+import zlib
+
 import numpy as np
 import pytest
 import torch
@@ -258,6 +261,18 @@ def test_size_guard_only_where_the_bytes_are_in_the_file(tmp_path):
         io.read(src)
 
 
+def test_size_guard_counts_a_repeated_configuration_once(tmp_path):
+    """A selection that repeats configurations asks for more bytes than the file holds, yet
+    each is stored once: it is read (every copy checked), not refused as a damaged file."""
+    ens = make_ensemble(batch=2, seed=17)
+    path = tmp_path / "s.h5"
+    io.write(path, ens)
+    times = path.stat().st_size // ens.links[0].numel() // 16 + 2
+    picked = io.read(path, index=[1, 0] * times)
+    assert torch.equal(picked.links, ens.links[[1, 0] * times])
+    assert len(picked.meta) == 2 * times and all(c.ok for m in picked.meta for c in m.checks)
+
+
 def test_without_positional_reads_hdf5_reads(tmp_path, monkeypatch):
     """A platform without ``os.preadv`` (Windows) reads every layout through HDF5."""
     ens = make_ensemble(batch=2, seed=6)
@@ -364,3 +379,140 @@ def test_chunk_table_is_made_only_for_many_configurations(tmp_path, monkeypatch)
             runs = [plan(i) for i in range(wanted)]
             assert runs == [hdf5._storage_runs(f["links"], i) for i in range(wanted)]
             assert ds.id.queries == (0 if table else 4 * wanted), wanted
+    # a small store, all of it wanted: a table only from 32 chunks (8 configurations of 4)
+    for batch, table in ((7, False), (8, True)):
+        path = tmp_path / f"s{batch}.h5"
+        io.write(path, make_ensemble(batch=batch, seed=16))
+        with h5py.File(path, "r") as f:
+            ds = _Dataset(f["links"])
+            plan = hdf5._storage_plan(ds, wanted=batch)
+            assert plan is not None
+            assert [plan(i) for i in range(batch)] == [hdf5._storage_runs(f["links"], i) for i in range(batch)]
+            assert ds.id.queries == (0 if table else 4 * batch), batch
+
+
+class _IdWithOffsetsInChunks(_CountingId):
+    """A dataset id whose chunk iteration gives each chunk's index instead of its first
+    element (HDF5 before pull request 1969, HDFGroup/hdf5 issue 1419)."""
+
+    def __init__(self, real, chunks):
+        super().__init__(real)
+        self.chunks = chunks
+
+    def chunk_iter(self, callback):
+        def scaled(info):
+            offset = tuple(o // c for o, c in zip(info.chunk_offset, self.chunks, strict=True))
+            return callback(info._replace(chunk_offset=offset))
+
+        return self.real.chunk_iter(scaled)
+
+
+def test_chunk_table_with_offsets_in_chunks_is_not_used(tmp_path, monkeypatch):
+    """Chunk offsets that are not in dataset elements (some are not multiples of the chunk
+    shape) would name other chunks of the configuration: the table is dropped and each
+    chunk asked for."""
+    small = hdf5.chunk_shape
+    monkeypatch.setattr(hdf5, "chunk_shape", lambda shape, itemsize: small(shape, itemsize, target=128))
+    theta = torch.from_numpy(np.random.default_rng(4).uniform(-np.pi, np.pi, size=(40, 2, 8, 8)))
+    path = tmp_path / "u1.h5"
+    io.write(path, io.Ensemble(theta, field="u1"))
+    with h5py.File(path, "r") as f:
+        assert f["links"].chunks == (1, 1, 2, 8)  # 4 chunks along x: indices 0..3, offsets 0, 2, 4, 6
+        queried = [hdf5._storage_runs(f["links"], i) for i in range(40)]
+        ds = _Dataset(f["links"])
+        ds.id = _IdWithOffsetsInChunks(f["links"].id, f["links"].chunks)
+        plan = hdf5._storage_plan(ds, wanted=40)
+        assert plan is not None and [plan(i) for i in range(40)] == queried
+        assert ds.id.queries == 40 * 8
+
+
+def test_configurations_hdf5_must_read_leave_the_others_direct(tmp_path, monkeypatch):
+    """A configuration without runs (its chunk never written) among ones with runs: HDF5
+    reads that one, the others are still read straight from the file, and each keeps its
+    own metadata and CRC-32 verdict, in any order of the selection."""
+    theta = torch.from_numpy(np.random.default_rng(6).uniform(-np.pi, np.pi, size=(40, 2, 4, 4)))
+    path = tmp_path / "u1.h5"
+    io.write(path, io.Ensemble(theta, field="u1"))
+    with h5py.File(path, "r+") as f:  # configuration 40: all zeros, never written (HDF5's fill value)
+        f["links"].resize(41, axis=0)
+        f["meta"].resize(41, axis=0)
+        meta = json.loads(f["meta"][0])
+        meta["crc32"] = f"{zlib.crc32(np.zeros((2, 4, 4)).tobytes()):08x}"
+        meta["provenance"]["source"] = "zeros"
+        f["meta"][40] = json.dumps(meta)
+        f.attrs["count"] = 41
+        assert hdf5._storage_runs(f["links"], 40) is None
+    expected = torch.cat([theta, torch.zeros(1, 2, 4, 4, dtype=theta.dtype)])
+    preadv = hdf5.os.preadv
+    calls = []
+    monkeypatch.setattr(
+        hdf5.os, "preadv", lambda fd, bufs, offset: calls.append(len(bufs[0])) or preadv(fd, bufs, offset)
+    )
+    for index, direct in ((None, 40), ([40, 3, 4, 40, 39], 3), ([40], 0)):
+        calls.clear()
+        back = io.read(path, index=index)
+        picked = list(range(41)) if index is None else index
+        assert torch.equal(back.links, expected[picked]) and all(c.ok for m in back.meta for c in m.checks)
+        assert [m.provenance["source"] == "zeros" for m in back.meta] == [i == 40 for i in picked]
+        assert sum(calls) == direct * 2 * 4 * 4 * 8, index
+
+
+class _CountingMeta:
+    """A /meta dataset that counts the reads asked of it."""
+
+    def __init__(self, real):
+        self.real, self.reads = real, 0
+
+    def __getitem__(self, key):
+        self.reads += 1
+        return self.real[key]
+
+
+@pytest.mark.parametrize("kind", ["vlen utf-8", "vlen as str", "fixed length"])
+def test_meta_of_a_run_is_read_with_one_call(tmp_path, kind):
+    """/meta of consecutive configurations is one read, of any other selection one read
+    each; either way entry j is the text of configuration sel[j], as read one by one."""
+    texts = [json.dumps({"n": i, "pad": "x" * (i % 7)}) for i in range(12)]
+    path = tmp_path / "m.h5"
+    with h5py.File(path, "w") as f:
+        if kind == "fixed length":
+            f.create_dataset("meta", data=np.array([t.encode() for t in texts], dtype="S40"))
+        else:
+            f.create_dataset("meta", data=texts, dtype=h5py.string_dtype("utf-8"))
+    with h5py.File(path, "r") as f:
+        ds = f["meta"].asstr() if kind == "vlen as str" else f["meta"]
+        for sel, reads in (
+            (list(range(12)), 1),
+            ([3, 4, 5], 1),
+            ([11], 1),
+            ([], 0),
+            ([5, 4, 3], 3),
+            ([2, 2], 2),
+            ([0, 2, 4], 3),
+        ):
+            meta = _CountingMeta(ds)
+            got = hdf5._meta_texts(meta, sel)
+            assert got == [ds[i] for i in sel] and meta.reads == reads, sel
+            assert [json.loads(t)["n"] for t in got] == sel
+
+
+def test_chunk_table_counts_the_user_block(tmp_path):
+    """A chunked store with a user block, many configurations wanted: the offsets of the one
+    pass over the chunk index count the user block, as the chunk queries do, and the store
+    reads back with every check passed."""
+    theta = torch.from_numpy(np.random.default_rng(9).uniform(-np.pi, np.pi, size=(40, 2, 4, 4)))
+    src, path = tmp_path / "a.h5", tmp_path / "b.h5"
+    io.write(src, io.Ensemble(theta, field="u1"))
+    _relayout(src, path, 512, chunks=(1, 1, 4, 4), maxshape=(None, 2, 4, 4))
+    with h5py.File(path, "r") as f:
+        ds = _Dataset(f["links"])
+        plan = hdf5._storage_plan(ds, wanted=40)
+        if tuple(h5py.version.hdf5_version_tuple) < hdf5.CHUNK_OFFSETS_FROM_FILE_START:
+            assert plan is None
+        else:
+            assert plan is not None
+            runs = [plan(i) for i in range(40)]
+            assert ds.id.queries == 0 and runs == [hdf5._storage_runs(f["links"], i) for i in range(40)]
+            assert all(_runs_bytes(path, r) == f["links"][i].tobytes() for i, r in enumerate(runs))
+    back = io.read(path)
+    assert torch.equal(back.links, theta) and all(c.ok for m in back.meta for c in m.checks)
