@@ -28,6 +28,19 @@ from _io_helpers import make_ensemble
 h5py = pytest.importorskip("h5py")
 
 
+def _small_chunks(monkeypatch, target):
+    """Stores written from now on have chunks of at most ``target`` bytes (many chunks on tiny lattices)."""
+    small = hdf5.chunk_shape
+    monkeypatch.setattr(hdf5, "chunk_shape", lambda shape, itemsize: small(shape, itemsize, target=target))
+
+
+def _stored(tmp_path, ens, name="s.h5"):
+    """``ens`` written to a new store ``name`` in ``tmp_path``; its path."""
+    path = tmp_path / name
+    io.write(path, ens)
+    return path
+
+
 def _runs_bytes(path, runs):
     data = path.read_bytes()
     return b"".join(data[offset : offset + length] for offset, length in runs)
@@ -40,11 +53,9 @@ def _runs_bytes(path, runs):
 def test_runs_are_the_stored_configuration(tmp_path, monkeypatch, lattice, target):
     """For chunks that cut the direction axis, a lattice axis (with padded edge chunks) or
     nothing, the runs hold each configuration's bytes in storage order."""
-    small = hdf5.chunk_shape
-    monkeypatch.setattr(hdf5, "chunk_shape", lambda shape, itemsize: small(shape, itemsize, target=target))
+    _small_chunks(monkeypatch, target)
     ens = make_ensemble(lattice, batch=3, seed=5)
-    path = tmp_path / "s.h5"
-    io.write(path, ens)
+    path = _stored(tmp_path, ens)
     with h5py.File(path, "r") as f:
         ds = f["links"]
         for i in range(3):
@@ -120,16 +131,14 @@ def test_pieces_and_pipeline_verify_every_byte(tmp_path, monkeypatch, threads):
     (a NaN in any piece and a changed number: tests/test_io_threads.py)."""
     from flowplug.linkcheck import _known_finite
 
-    small = hdf5.chunk_shape
-    monkeypatch.setattr(hdf5, "chunk_shape", lambda shape, itemsize: small(shape, itemsize, target=1000))
+    _small_chunks(monkeypatch, 1000)
     monkeypatch.setattr(hdf5, "PIECE_BYTES", 160)  # several pieces per run, one edge piece
     monkeypatch.setattr(hdf5, "PIPELINE_BYTES", 0)
     calls = []
     checked = hdf5.compiled.crc32_finite
     monkeypatch.setattr(hdf5.compiled, "crc32_finite", lambda a, v=0: calls.append(a.nbytes) or checked(a, v))
     ens = make_ensemble(batch=2, seed=14)
-    path = tmp_path / "s.h5"
-    io.write(path, ens)
+    path = _stored(tmp_path, ens)
     with job_threads(threads):
         back = hdf5.Hdf5Handler().read(path)
         assert torch.equal(back.links, ens.links) and all(c.ok for m in back.meta for c in m.checks)
@@ -265,8 +274,7 @@ def test_size_guard_counts_a_repeated_configuration_once(tmp_path):
     """A selection that repeats configurations asks for more bytes than the file holds, yet
     each is stored once: it is read (every copy checked), not refused as a damaged file."""
     ens = make_ensemble(batch=2, seed=17)
-    path = tmp_path / "s.h5"
-    io.write(path, ens)
+    path = _stored(tmp_path, ens)
     times = path.stat().st_size // ens.links[0].numel() // 16 + 2
     picked = io.read(path, index=[1, 0] * times)
     assert torch.equal(picked.links, ens.links[[1, 0] * times])
@@ -276,8 +284,7 @@ def test_size_guard_counts_a_repeated_configuration_once(tmp_path):
 def test_without_positional_reads_hdf5_reads(tmp_path, monkeypatch):
     """A platform without ``os.preadv`` (Windows) reads every layout through HDF5."""
     ens = make_ensemble(batch=2, seed=6)
-    path = tmp_path / "s.h5"
-    io.write(path, ens)
+    path = _stored(tmp_path, ens)
     monkeypatch.delattr(hdf5.os, "preadv")
     with h5py.File(path, "r") as f:
         assert hdf5._direct_fd(f["links"]) is None
@@ -325,11 +332,9 @@ def test_many_small_configurations_are_read_together_and_checked_each(tmp_path, 
 def test_chunk_table_equals_chunk_queries(tmp_path, monkeypatch):
     """The table of one pass over the chunk index (many configurations wanted) gives the runs
     that one query per chunk gives; a configuration whose chunks were never written has none."""
-    small = hdf5.chunk_shape
-    monkeypatch.setattr(hdf5, "chunk_shape", lambda shape, itemsize: small(shape, itemsize, target=1000))
+    _small_chunks(monkeypatch, 1000)
     ens = make_ensemble(batch=6, seed=12)
-    path = tmp_path / "s.h5"
-    io.write(path, ens)
+    path = _stored(tmp_path, ens)
     with h5py.File(path, "r+") as f:
         f["links"].resize(8, axis=0)  # configurations 6 and 7: no chunk written
         ds = f["links"]
@@ -364,11 +369,9 @@ class _Dataset:
 def test_chunk_table_is_made_only_for_many_configurations(tmp_path, monkeypatch):
     """One pass over the chunk index when the wanted chunks are 32 or more and a quarter or
     more of the store's; else one query per chunk (a few configurations of a large store)."""
-    small = hdf5.chunk_shape
-    monkeypatch.setattr(hdf5, "chunk_shape", lambda shape, itemsize: small(shape, itemsize, target=20000))
+    _small_chunks(monkeypatch, 20000)
     ens = make_ensemble(batch=40, seed=15)
-    path = tmp_path / "s.h5"
-    io.write(path, ens)
+    path = _stored(tmp_path, ens)
     with h5py.File(path, "r") as f:
         assert len(hdf5._storage_runs(f["links"], 0)) == 4  # one chunk per direction
         # 40 configurations of 4 chunks: a table from 10 wanted (40 chunks, a quarter of 160)
@@ -411,8 +414,7 @@ def test_chunk_table_with_offsets_in_chunks_is_not_used(tmp_path, monkeypatch):
     """Chunk offsets that are not in dataset elements (some are not multiples of the chunk
     shape) would name other chunks of the configuration: the table is dropped and each
     chunk asked for."""
-    small = hdf5.chunk_shape
-    monkeypatch.setattr(hdf5, "chunk_shape", lambda shape, itemsize: small(shape, itemsize, target=128))
+    _small_chunks(monkeypatch, 128)
     theta = torch.from_numpy(np.random.default_rng(4).uniform(-np.pi, np.pi, size=(40, 2, 8, 8)))
     path = tmp_path / "u1.h5"
     io.write(path, io.Ensemble(theta, field="u1"))
