@@ -500,7 +500,7 @@ def raise_failed_checks(ensemble: Ensemble, source: str) -> None:
     for i, m in enumerate(ensemble.meta):
         for c in m.checks:
             if not c.ok:
-                where = f" (configuration {i})" if len(ensemble) > 1 else ""
+                where = f" (entry {i} of the {len(ensemble)} configurations read)" if len(ensemble) > 1 else ""
                 tol = f" within {c.tolerance:g}" if c.tolerance else ""
                 raise ChecksumError(
                     f"{source}{where}: {c.quantity} mismatch: expected {c.expected}{tol}, "

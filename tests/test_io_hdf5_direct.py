@@ -518,3 +518,60 @@ def test_chunk_table_counts_the_user_block(tmp_path):
             assert all(_runs_bytes(path, r) == f["links"][i].tobytes() for i, r in enumerate(runs))
     back = io.read(path)
     assert torch.equal(back.links, theta) and all(c.ok for m in back.meta for c in m.checks)
+
+
+def test_chunks_of_several_configurations_are_read_once_per_stretch(tmp_path, monkeypatch):
+    """A compressed copy with chunks of many configurations (h5py's default chunking): each
+    stretch of consecutive stored configurations is one HDF5 read, any selection gets its own
+    configurations and CRC verdicts, and damage is still named by its configuration."""
+    theta = torch.from_numpy(np.random.default_rng(9).uniform(-np.pi, np.pi, size=(30, 2, 4, 4)))
+    src, path = _stored(tmp_path, io.Ensemble(theta, field="u1")), tmp_path / "gz.h5"
+    _relayout(src, path, chunks=(10, 2, 4, 4), compression="gzip")
+    calls = []
+    real = hdf5._read_by_stretches
+    monkeypatch.setattr(
+        hdf5, "_read_by_stretches", lambda ds, data, sel: calls.append(list(sel)) or real(ds, data, sel)
+    )
+    back = io.read(path)
+    assert torch.equal(back.links, theta) and all(c.ok for m in back.meta for c in m.checks) and len(calls) == 1
+    reads = []
+    import h5py as _h5
+
+    real_read = _h5.Dataset.read_direct
+    monkeypatch.setattr(_h5.Dataset, "read_direct", lambda self, *a: reads.append(a[1]) or real_read(self, *a))
+    for index in ([7, 0, 7, 29, 8], slice(25, 3, -4), [12]):
+        reads.clear()
+        picked = io.read(path, index=index)
+        want = theta[list(range(30))[index] if isinstance(index, slice) else index]
+        assert torch.equal(picked.links, want) and all(c.ok for m in picked.meta for c in m.checks)
+        stored = sorted(set(list(range(30))[index] if isinstance(index, slice) else index))
+        stretches = sum(1 for k, i in enumerate(stored) if k == 0 or stored[k - 1] != i - 1)
+        assert len(reads) == stretches
+    with h5py.File(path, "r+") as f:
+        f["links"][17, 1, 2, 3] += 1e-9
+    with pytest.raises(ChecksumError, match="hdf5 crc32 of configuration 17 mismatch"):
+        io.read(path, index=slice(10, 20))
+
+
+@pytest.mark.parametrize(
+    "index",
+    [slice(0, 10, 0), 1.5, "12", True, [True, False], np.ones(30, dtype=bool), torch.tensor([[1, 2]]), [1, "2"]],
+)
+def test_an_index_of_another_kind_is_refused_by_name(tmp_path, index):
+    """Not blamed on the file, and not reinterpreted (a mask as integers, a string as digits)."""
+    path = _stored(tmp_path, make_ensemble(batch=3, seed=3))
+    with pytest.raises(ValueError, match="index"):
+        io.read(path, index=index)
+
+
+def test_integer_arrays_and_scalars_are_indices(tmp_path):
+    ens = make_ensemble(batch=4, seed=5)
+    path = _stored(tmp_path, ens)
+    for index, want in (
+        (np.array([3, 1]), [3, 1]),
+        (torch.tensor([0, 0]), [0, 0]),
+        (torch.tensor(2), [2]),
+        (np.int64(-1), [3]),
+        (range(1, 3), [1, 2]),
+    ):
+        assert torch.equal(io.read(path, index=index).links, ens.links[want])
