@@ -238,15 +238,36 @@ def _file_filler(fh: Any, path: Path, offset: int, what: str, nbytes: int) -> Ca
         return fill_locked
 
     def fill(buf: np.ndarray, start: int) -> None:
-        view = memoryview(buf)  # type: ignore[arg-type]  # numpy's stubs give ndarray __buffer__ only for Python >= 3.12
-        got = 0
-        while got < buf.size:
-            k = os.preadv(fd, [view[got:]], offset + start + got)
-            if not k:
-                raise FormatError(f"{path}: {what}: read {start + got} of {nbytes} bytes (file changed while reading?)")
-            got += k
+        pread_exactly(fd, buf, offset + start, path, what, done=start, total=nbytes)
 
     return fill
+
+
+def pread_exactly(
+    fd: int, buf: np.ndarray, offset: int, path: Path, what: str, *, done: int = 0, total: int | None = None
+) -> None:
+    """Fill ``buf`` (uint8, C-contiguous) with the bytes of the open file ``fd`` from byte
+    ``offset``, by positional reads (``os.preadv``: the file position is not used, so several
+    threads may read one descriptor at once); a short read is continued.
+
+    Arguments:
+        done, total: For the error message of a piece of a larger read (``what``): the
+            bytes of it before this piece, and all its bytes.
+
+    Raises:
+        FormatError: if the file ends first, naming ``path``, ``what`` and the bytes read of
+            those asked (of ``total`` when given, else of this piece, at ``offset``).
+    """
+    view = memoryview(buf)  # type: ignore[arg-type]  # numpy's stubs give ndarray __buffer__ only for Python >= 3.12
+    got = 0
+    while got < buf.size:
+        k = os.preadv(fd, [view[got:]], offset + got)
+        if not k:
+            where = f"{got} of {buf.size} bytes at offset {offset}"
+            if total is not None:
+                where = f"{done + got} of {total} bytes"
+            raise FormatError(f"{path}: {what}: read {where} (file truncated or changed while reading?)")
+        got += k
 
 
 def read_ildg_canonical(

@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 from flowplug import compiled
-from flowplug.adapters.common import fmt_lattice, hex_check
+from flowplug.adapters.common import fmt_lattice, hex_check, pread_exactly
 from flowplug.errors import FlowplugError, FormatError, ShapeError
 from flowplug.fsutil import jsonable
 from flowplug.hookspecs import hookimpl
@@ -226,7 +226,7 @@ def _slabs(shape: tuple[int, ...], chunk: tuple[int, ...] | None) -> list[tuple[
     return out
 
 
-#: Pieces of a direct read (:func:`_read_runs`): small enough that a piece is still in the
+#: Pieces of a direct read (:func:`_read_many`): small enough that a piece is still in the
 #: (L2) cache when its CRC-32 and finiteness pass runs.
 PIECE_BYTES = 1 << 20
 
@@ -355,7 +355,7 @@ def _storage_plan(links_ds: Any, wanted: int = 1) -> Callable[[int], list[tuple[
 
 def _direct_fd(links_ds: Any) -> int | None:
     """HDF5's own file descriptor of the store holding ``links_ds``, when its
-    configurations may be read from it directly (:func:`_read_runs`); else ``None``.
+    configurations may be read from it directly (:func:`_read_many`); else ``None``.
 
     Only under the default ``sec2`` file driver are HDF5's addresses offsets of that one
     file (the family, multi/split and core drivers map them elsewhere), and only where the
@@ -373,20 +373,6 @@ def _direct_fd(links_ds: Any) -> int | None:
         return int(fid.get_vfd_handle())
     except (AttributeError, TypeError, ValueError, KeyError, RuntimeError, OSError):
         return None
-
-
-def _read_runs(path: Path, runs: list[tuple[int, int]], out: np.ndarray, fd: int | None = None) -> tuple[int, bool]:
-    """Read ``runs`` (:func:`_storage_runs`) of one configuration into ``out`` (C-contiguous);
-    its CRC-32 and whether its values are all finite (:func:`_read_many` of one).
-
-    Raises:
-        FormatError: as :func:`_read_many`.
-        ValueError: if ``out`` is not C-contiguous (its reshape would be a copy: the bytes
-            read, and checked, would never reach it).
-    """
-    if not out.flags.c_contiguous:
-        raise ValueError("_read_runs: out must be C-contiguous")
-    return _read_many(path, [runs], out.reshape(1, -1), fd)[0]
 
 
 def _read_many(
@@ -451,16 +437,7 @@ def _read_many(
         handle = fd if fd is not None else stack.enter_context(open(path, "rb", buffering=0)).fileno()
 
         def fill(offset: int, start: int, length: int) -> None:
-            view = memoryview(raw[start : start + length])  # type: ignore[arg-type]  # numpy's stubs: __buffer__ only for Python >= 3.12
-            got = 0
-            while got < length:
-                k = os.preadv(handle, [view[got:]], offset + got)
-                if not k:
-                    raise FormatError(
-                        f"{path}: /links: read {got} of {length} bytes at offset {offset} "
-                        "(file truncated or changed while reading?)"
-                    )
-                got += k
+            pread_exactly(handle, raw[start : start + length], offset, path, "/links")
 
         if len(reads) < 2 or raw.size < PIPELINE_BYTES or io_threads() < 2:
             for offset, start, length, parts in reads:
@@ -573,23 +550,16 @@ def _bytes_in_file(links_ds: Any) -> bool:
         return True  # a dataset HDF5 will not describe: keep the size guard
 
 
-def _read_configuration(
-    path: Path, links_ds: Any, data: np.ndarray, i: int, j: int, fd: int | None
-) -> tuple[int, bool]:
-    """Read stored configuration ``i`` into ``data[j]``; the CRC-32 of its bytes and whether
-    they are all finite, both from one pass (:func:`flowplug.compiled.crc32_finite`).
+def _read_configuration(path: Path, links_ds: Any, data: np.ndarray, i: int, j: int) -> tuple[int, bool]:
+    """Read stored configuration ``i`` into ``data[j]`` through HDF5 (a store whose bytes HDF5
+    must transform or locate: :func:`_storage_plan` gave no runs); the CRC-32 of its bytes and
+    whether they are all finite, both from one pass (:func:`flowplug.compiled.crc32_finite`).
 
-    Where HDF5 keeps the bytes as they are (:func:`_storage_runs`: flowplug's own stores,
-    and any store without filters whose chunks are runs of a configuration) they are read
-    straight from the file descriptor ``fd`` (:func:`_direct_fd`; ``None``: never), piece
-    by piece, each checked while in cache (:func:`_read_runs`).
-    Otherwise HDF5 reads them: with two or more I/O threads, large configurations slab by
-    slab (:func:`_slabs`), one helper thread checking the slabs already read while the next
-    is read (:data:`PIPELINE_BYTES`); on one thread the configuration whole, then checked.
+    With two or more I/O threads, a large configuration is read slab by slab
+    (:func:`_slabs`), one helper thread checking the slabs already read while the next is
+    read (:data:`PIPELINE_BYTES`); on one thread the configuration whole, then checked.
+    ``path`` names the file in errors.
     """
-    runs = None if fd is None else _storage_runs(links_ds, i)
-    if runs is not None and fd is not None:
-        return _read_runs(path, runs, data[j], fd)
     slabs = _slabs(tuple(data.shape[1:]), None if links_ds.chunks is None else tuple(links_ds.chunks[1:]))
     if len(slabs) < 2 or data[j].nbytes < PIPELINE_BYTES or io_threads() < 2:
         links_ds.read_direct(data, np.s_[i], np.s_[j])
@@ -710,20 +680,18 @@ class Hdf5Handler(FormatHandler):
         plan = None if fd is None else _storage_plan(links_ds, len(sel))
         runs = [None] * len(sel) if plan is None else [plan(i) for i in sel]
         found_all: list[tuple[int, bool]] = []
-        j = len(sel)
         if plan is None and links_ds.chunks is not None and links_ds.chunks[0] > 1:
             found_all = _read_by_stretches(links_ds, data, sel)  # chunks holding several configurations
-        else:
-            j = 0
+        j = len(found_all)
         while j < len(sel):  # each stretch of configurations straight from the file in one _read_many
             k = j
             while k < len(sel) and runs[k] is not None:
                 k += 1
-            if k > j and fd is not None:
+            if k > j:
                 found_all += _read_many(path, cast("list[list[tuple[int, int]]]", runs[j:k]), data[j:k], fd)
                 j = k
             else:  # one HDF5 cannot hand over (an unallocated chunk, say): HDF5 reads it
-                found_all.append(_read_configuration(path, links_ds, data, sel[j], j, None))
+                found_all.append(_read_configuration(path, links_ds, data, sel[j], j))
                 j += 1
         texts = _meta_texts(meta_ds, sel)
         for j, i in enumerate(sel):

@@ -73,9 +73,7 @@ static PyObject *k_swap_copy(PyObject *self, PyObject *args)
     } else {
         int finite;
         Py_BEGIN_ALLOW_THREADS
-        if (src.buf == dst.buf && !swap)
-            finite = word == 8 ? swap_copy64(src.buf, dst.buf, src.len / 8, 0) : swap_copy32(src.buf, dst.buf, src.len / 4, 0);
-        else if (word == 8)
+        if (word == 8)
             finite = swap_copy64(src.buf, dst.buf, src.len / 8, swap);
         else
             finite = swap_copy32(src.buf, dst.buf, src.len / 4, swap);

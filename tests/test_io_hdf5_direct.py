@@ -151,14 +151,14 @@ def test_short_file_and_wrong_runs_are_named(tmp_path):
     path = tmp_path / "short.bin"
     path.write_bytes(bytes(600))
     with pytest.raises(FormatError, match=r"short\.bin: /links: read 600 of 640 bytes at offset 0"):
-        hdf5._read_runs(path, [(0, 640)], out)
+        hdf5._read_many(path, [[(0, 640)]], out[None])
     with pytest.raises(FormatError, match=r"short\.bin: /links runs cover 320 bytes; the configuration has 640"):
-        hdf5._read_runs(path, [(0, 320)], out)
-    crc, finite = hdf5._read_runs(path, [(0, 320), (0, 320)], out)
+        hdf5._read_many(path, [[(0, 320)]], out[None])
+    ((crc, finite),) = hdf5._read_many(path, [[(0, 320), (0, 320)]], out[None])
     assert finite and crc == hdf5.compiled.crc32(np.zeros(640, np.uint8))
     strided = np.ones((8, 10), dtype=np.complex128)[:, :5]  # reshape(-1) would read into a copy
     with pytest.raises(ValueError, match="C-contiguous"):
-        hdf5._read_runs(path, [(0, 320), (0, 320)], strided)
+        hdf5._read_many(path, [[(0, 160)]] * 8, strided)
     assert np.all(strided == 1)
 
 
@@ -222,12 +222,12 @@ def test_other_file_drivers_read_through_hdf5(tmp_path):
     with h5py.File(pattern, "r", driver="family", memb_size=64 << 10) as f:
         assert hdf5._direct_fd(f["links"]) is None
         data = np.empty((1, *f["links"].shape[1:]), dtype=f["links"].dtype)
-        found, finite = hdf5._read_configuration(tmp_path / "fam0.h5", f["links"], data, 1, 0, None)
+        found, finite = hdf5._read_configuration(tmp_path / "fam0.h5", f["links"], data, 1, 0)
         assert finite and np.array_equal(data[0], ens.links[1].numpy())
     for driver in ("core", "stdio"):  # file offsets, but HDF5's handle is no descriptor (a memory image, a FILE *)
         with h5py.File(src, "r", driver=driver) as f:
             assert hdf5._direct_fd(f["links"]) is None, driver
-            found, finite = hdf5._read_configuration(src, f["links"], data, 1, 0, None)
+            found, finite = hdf5._read_configuration(src, f["links"], data, 1, 0)
             assert finite and np.array_equal(data[0], ens.links[1].numpy())
     with h5py.File(src, "r") as f:
         assert hdf5._direct_fd(f["links"]) is not None  # the default (sec2) driver
@@ -241,10 +241,11 @@ def test_direct_read_takes_the_file_hdf5_opened(tmp_path):
     io.write(path, first)
     io.write(other, second)
     with h5py.File(path, "r") as f:
-        assert hdf5._storage_runs(f["links"], 1) is not None
+        runs = hdf5._storage_runs(f["links"], 1)
+        assert runs is not None
         other.replace(path)
         data = np.empty((1, *f["links"].shape[1:]), dtype=f["links"].dtype)
-        found, finite = hdf5._read_configuration(path, f["links"], data, 1, 0, hdf5._direct_fd(f["links"]))
+        ((found, finite),) = hdf5._read_many(path, [runs], data, hdf5._direct_fd(f["links"]))
         assert np.array_equal(data[0], first.links[1].numpy())
         assert found == hdf5.compiled.crc32(np.ascontiguousarray(first.links[1].numpy()))
 
