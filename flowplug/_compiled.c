@@ -23,7 +23,7 @@
 #include <string.h>
 
 /* Raised when the compiled module and flowplug/compiled.py disagree (a stale build). */
-#define COMPILED_ABI 2
+#define COMPILED_ABI 3
 
 /* x86-64: an AVX2 copy of the hot loops next to the baseline one, chosen when the module
  * loads (the baseline's SSE2 has no byte shuffle, so its swaps run a word at a time) */
@@ -576,6 +576,422 @@ static PyObject *k_crc32(PyObject *self, PyObject *args)
     return Py_BuildValue("(kO)", (unsigned long)(~c), finite ? Py_True : Py_False);
 }
 
+/* ------------------------------------------------------ network convolutions */
+
+/*
+ * The gathered periodic convolutions of the coupling networks (plugins/flow_nets.py,
+ * ConvNet.forward_at), float32, every tensor laid out (channels, rows, batch) with the batch
+ * innermost, so that B consecutive floats are one row of one channel.
+ *
+ * conv_gather: out[q, s, b] = bias[q] + sum over a, then t of W(q, a, t) h[a, idx[t n + s], b],
+ *   W(q, a, t) = w[q sq + a sa + t st], one fused multiply-add per term in that order (a
+ *   ascending, t ascending within a); then, by mode: 0 nothing, 1 the LeakyReLU
+ *   (x > 0 ? x : slope x), 2 the LeakyReLU's derivative at gate (gate[q, s, b] > 0 ? x :
+ *   slope x, gate laid out as out). A row index equal to zero_row reads zeros. Batch entries
+ *   are the lanes of one vector (the tail masked), so every output entry goes through the
+ *   same operations whatever its place in the batch or the split between threads.
+ * conv_weight_grad: gw[o, a T + t] = sum over s, b of g[o, s, b] h[a, idx[t n + s], b] and
+ *   gb[o] = sum of g[o, s, b]; the sites are cut into tiles set by n alone, each tile summed in
+ *   a fixed order, the tiles added in order: the result does not depend on the threads.
+ *
+ * x86-64 with AVX2 and FMA (checked when the module loads: conv_ok) under Linux and GCC or
+ * clang; elsewhere flowplug.compiled reports the kernels missing and the networks run torch.
+ */
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
+#define HAVE_CONV 1
+#include <pthread.h>
+#include <stdlib.h>
+
+static int conv_ok = 0;
+
+typedef struct {
+    float *out, *part;
+    const float *h, *wp, *bp, *gate, *g, *zeros, *ones;
+    const int64_t *idx;
+    Py_ssize_t Q, A, T, R, n, B, zero_row, s0, s1, t0, t1, ntiles;
+    float slope;
+    int mode, qb, bad;
+} conv_job;
+
+/* rows[k] (k = a T + t, K = A T of them) of output site s, pointers to rows of B floats
+ * (zero_row: a row of zeros); 0 when an index is out of range */
+static int conv_rows(const conv_job *j, Py_ssize_t s, const float **rows)
+{
+    for (Py_ssize_t a = 0; a < j->A; a++)
+        for (Py_ssize_t t = 0; t < j->T; t++) {
+            int64_t r = j->idx[t * j->n + s];
+            if (r == j->zero_row)
+                rows[a * j->T + t] = j->zeros;
+            else if (r < 0 || r >= j->R)
+                return 0;
+            else
+                rows[a * j->T + t] = j->h + (a * j->R + r) * j->B;
+        }
+    return 1;
+}
+
+/* the lanes of batch block i of a group of NB blocks from b0: all (full), the first `tail`, or none */
+static __m256i lane_mask(Py_ssize_t lanes)
+{
+    int32_t m[8];
+    for (int i = 0; i < 8; i++)
+        m[i] = i < lanes ? -1 : 0;
+    __m256i v;
+    memcpy(&v, m, sizeof v);
+    return v;
+}
+
+/*
+ * QB output channels (packed weights wb: K x QB, biases bb: QB) of one site for NB blocks of
+ * eight batch entries from b0: acc[q][i] += w[q, k] * row_k[b0 + 8 i ...] for k = 0 .. K - 1 in
+ * order. masks: NULL when every block is whole, else one lane mask per block (a block past
+ * the batch: no lanes, nothing stored). out and gate point at (channel 0, this site, b0).
+ */
+#define GATHER_KERNEL(QB, NB)                                                                               \
+    __attribute__((target("avx2,fma"))) static void gather_##QB##_##NB(                                   \
+        float *out, const float *gate, Py_ssize_t cstride, const float **rows, Py_ssize_t b0, Py_ssize_t K,   \
+        const float *wb, const float *bb, int on, const __m256i *masks, float slope, int mode)            \
+    {                                                                                                      \
+        __m256 acc[QB][NB];                                                                                \
+        _Pragma("GCC unroll 8") for (int q = 0; q < QB; q++)                                               \
+            _Pragma("GCC unroll 8") for (int i = 0; i < NB; i++) acc[q][i] = _mm256_broadcast_ss(bb + q);  \
+        if (!masks) {                                                                                      \
+            for (Py_ssize_t k = 0; k < K; k++) {                                                           \
+                const float *r = rows[k] + b0, *wk = wb + k * QB;                                          \
+                __m256 v[NB];                                                                              \
+                _Pragma("GCC unroll 8") for (int i = 0; i < NB; i++) v[i] = _mm256_loadu_ps(r + 8 * i);    \
+                _Pragma("GCC unroll 8") for (int q = 0; q < QB; q++) {                                     \
+                    __m256 wq = _mm256_broadcast_ss(wk + q);                                               \
+                    _Pragma("GCC unroll 8") for (int i = 0; i < NB; i++) acc[q][i] =                       \
+                        _mm256_fmadd_ps(wq, v[i], acc[q][i]);                                              \
+                }                                                                                          \
+            }                                                                                              \
+        } else {                                                                                           \
+            for (Py_ssize_t k = 0; k < K; k++) {                                                           \
+                const float *r = rows[k] + b0, *wk = wb + k * QB;                                          \
+                __m256 v[NB];                                                                              \
+                _Pragma("GCC unroll 8") for (int i = 0; i < NB; i++) v[i] =                                \
+                    _mm256_maskload_ps(_mm256_testz_si256(masks[i], masks[i]) ? r : r + 8 * i, masks[i]);  \
+                _Pragma("GCC unroll 8") for (int q = 0; q < QB; q++) {                                     \
+                    __m256 wq = _mm256_broadcast_ss(wk + q);                                               \
+                    _Pragma("GCC unroll 8") for (int i = 0; i < NB; i++) acc[q][i] =                       \
+                        _mm256_fmadd_ps(wq, v[i], acc[q][i]);                                              \
+                }                                                                                          \
+            }                                                                                              \
+        }                                                                                                  \
+        const __m256 sl = _mm256_set1_ps(slope), zero = _mm256_setzero_ps();                               \
+        /* constant bounds, so that acc stays in registers */                                             \
+        _Pragma("GCC unroll 8") for (int q = 0; q < QB; q++)                                               \
+            _Pragma("GCC unroll 8") for (int i = 0; i < NB; i++) {                                         \
+                if (q >= on || (masks && _mm256_testz_si256(masks[i], masks[i])))                          \
+                    continue;                                                                              \
+                __m256 x = acc[q][i];                                                                      \
+                float *dst = out + q * cstride + 8 * i;                                                    \
+                if (mode == 1) {                                                                           \
+                    x = _mm256_blendv_ps(_mm256_mul_ps(x, sl), x, _mm256_cmp_ps(x, zero, _CMP_GT_OQ));     \
+                } else if (mode == 2) {                                                                    \
+                    const float *gp = gate + q * cstride + 8 * i;                                          \
+                    __m256 gv = masks ? _mm256_maskload_ps(gp, masks[i]) : _mm256_loadu_ps(gp);            \
+                    x = _mm256_blendv_ps(_mm256_mul_ps(x, sl), x, _mm256_cmp_ps(gv, zero, _CMP_GT_OQ));    \
+                }                                                                                          \
+                if (masks)                                                                                 \
+                    _mm256_maskstore_ps(dst, masks[i], x);                                                 \
+                else                                                                                       \
+                    _mm256_storeu_ps(dst, x);                                                              \
+            }                                                                                              \
+    }
+
+GATHER_KERNEL(4, 2)
+GATHER_KERNEL(2, 4)
+GATHER_KERNEL(1, 8)
+
+typedef void (*gather_fn)(float *, const float *, Py_ssize_t, const float **, Py_ssize_t, Py_ssize_t, const float *,
+                          const float *, int, const __m256i *, float, int);
+
+/* channels per pass for Q output channels: 4 (Q >= 3), 2 or 1, with NB = 8 / QB blocks of the batch
+ * (eight accumulators; with QB = 8, one block, the kernel ran 10-15 % slower on AVX2) */
+static int conv_qb(Py_ssize_t Q) { return Q >= 3 ? 4 : Q == 2 ? 2 : 1; }
+
+__attribute__((target("avx2,fma"))) static void *gather_work(void *arg)
+{
+    conv_job *j = arg;
+    int QB = j->qb, NB = 8 / QB;
+    gather_fn fn = QB == 4 ? gather_4_2 : QB == 2 ? gather_2_4 : gather_1_8;
+    Py_ssize_t K = j->A * j->T, nqb = (j->Q + QB - 1) / QB, cstride = j->n * j->B, group = 8 * NB;
+    const float **rows = malloc(sizeof(float *) * (size_t)(K ? K : 1));
+    if (!rows) {
+        j->bad = 2;
+        return NULL;
+    }
+    __m256i masks[8];
+    Py_ssize_t tail0 = j->B - j->B % group; /* the first batch entry of the partial group */
+    for (int i = 0; i < NB; i++) {
+        Py_ssize_t lanes = j->B - tail0 - 8 * i;
+        masks[i] = lane_mask(lanes < 0 ? 0 : lanes > 8 ? 8 : lanes);
+    }
+    for (Py_ssize_t s = j->s0; s < j->s1; s++) {
+        if (!conv_rows(j, s, rows)) {
+            j->bad = 1;
+            break;
+        }
+        for (Py_ssize_t qb = 0; qb < nqb; qb++) {
+            int on = (int)(j->Q - qb * QB < QB ? j->Q - qb * QB : QB);
+            Py_ssize_t at = (qb * QB * j->n + s) * j->B;
+            const float *wb = j->wp + qb * K * QB, *bb = j->bp + qb * QB;
+            for (Py_ssize_t b0 = 0; b0 < j->B; b0 += group)
+                fn(j->out + at + b0, j->gate ? j->gate + at + b0 : NULL, cstride, rows, b0, K, wb, bb, on,
+                   b0 < tail0 ? NULL : masks, j->slope, j->mode);
+        }
+    }
+    free(rows);
+    return NULL;
+}
+
+/* a fixed order of the eight lanes */
+__attribute__((target("avx2,fma"))) static float lane_sum(__m256 v)
+{
+    float x[8];
+    _mm256_storeu_ps(x, v);
+    return ((x[0] + x[1]) + (x[2] + x[3])) + ((x[4] + x[5]) + (x[6] + x[7]));
+}
+
+/*
+ * One tile of the weight gradient for QB output channels from ob and KB columns from kb (column
+ * K: the bias, a row of ones): acc[q][c] += g[ob + q, s, b] row_{kb + c}(s)[b] over the tile's
+ * sites s and the batch in blocks of eight, then the lanes summed into part[(ob + q) (K + 1) + kb + c].
+ * rows: (sites of the tile) x (K + 1) pointers; g rows past O and columns past K read zeros.
+ */
+#define WGRAD_KERNEL(QB, KB)                                                                                \
+    __attribute__((target("avx2,fma"))) static void wgrad_##QB##_##KB(                                    \
+        float *part, const float *g, Py_ssize_t cstride, const float **rows, Py_ssize_t s0, Py_ssize_t ns,    \
+        Py_ssize_t K, Py_ssize_t B, Py_ssize_t O, Py_ssize_t ob, Py_ssize_t kb, const float *zeros)           \
+    {                                                                                                      \
+        __m256 acc[QB][KB];                                                                                \
+        const float *gq[QB];                                                                               \
+        Py_ssize_t gstep[QB];                                                                              \
+        _Pragma("GCC unroll 8") for (int q = 0; q < QB; q++) {                                             \
+            int in = ob + q < O;                                                                           \
+            gq[q] = in ? g + (ob + q) * cstride + s0 * B : zeros;                                          \
+            gstep[q] = in ? B : 0;                                                                         \
+            _Pragma("GCC unroll 8") for (int c = 0; c < KB; c++) acc[q][c] = _mm256_setzero_ps();          \
+        }                                                                                                  \
+        Py_ssize_t full = B / 8, tail = B % 8;                                                             \
+        __m256i mask = lane_mask(tail);                                                                    \
+        for (Py_ssize_t s = 0; s < ns; s++) {                                                              \
+            const float *hr[KB];                                                                           \
+            _Pragma("GCC unroll 8") for (int c = 0; c < KB; c++) hr[c] =                                   \
+                kb + c <= K ? rows[s * (K + 1) + kb + c] : zeros;                                          \
+            for (Py_ssize_t b = 0; b < full; b++) {                                                        \
+                __m256 gv[QB];                                                                             \
+                _Pragma("GCC unroll 8") for (int q = 0; q < QB; q++) gv[q] =                               \
+                    _mm256_loadu_ps(gq[q] + s * gstep[q] + 8 * b);                                         \
+                _Pragma("GCC unroll 8") for (int c = 0; c < KB; c++) {                                     \
+                    __m256 hv = _mm256_loadu_ps(hr[c] + 8 * b);                                            \
+                    _Pragma("GCC unroll 8") for (int q = 0; q < QB; q++) acc[q][c] =                       \
+                        _mm256_fmadd_ps(gv[q], hv, acc[q][c]);                                             \
+                }                                                                                          \
+            }                                                                                              \
+            if (tail) {                                                                                    \
+                __m256 gv[QB];                                                                             \
+                _Pragma("GCC unroll 8") for (int q = 0; q < QB; q++) gv[q] =                               \
+                    _mm256_maskload_ps(gq[q] + s * gstep[q] + 8 * full, mask);                             \
+                _Pragma("GCC unroll 8") for (int c = 0; c < KB; c++) {                                     \
+                    __m256 hv = _mm256_maskload_ps(hr[c] + 8 * full, mask);                                \
+                    _Pragma("GCC unroll 8") for (int q = 0; q < QB; q++) acc[q][c] =                       \
+                        _mm256_fmadd_ps(gv[q], hv, acc[q][c]);                                             \
+                }                                                                                          \
+            }                                                                                              \
+        }                                                                                                  \
+        _Pragma("GCC unroll 8") for (int q = 0; q < QB; q++)                                               \
+            _Pragma("GCC unroll 8") for (int c = 0; c < KB; c++) if (ob + q < O && kb + c <= K)            \
+                part[(ob + q) * (K + 1) + kb + c] = lane_sum(acc[q][c]);                                   \
+    }
+
+WGRAD_KERNEL(4, 2)
+WGRAD_KERNEL(2, 4)
+WGRAD_KERNEL(1, 8)
+
+typedef void (*wgrad_fn)(float *, const float *, Py_ssize_t, const float **, Py_ssize_t, Py_ssize_t, Py_ssize_t,
+                         Py_ssize_t, Py_ssize_t, Py_ssize_t, Py_ssize_t, const float *);
+
+/* tiles t0 .. t1 of the weight gradient: part[tile][o][K + 1] (the last column: the bias) */
+__attribute__((target("avx2,fma"))) static void *wgrad_work(void *arg)
+{
+    conv_job *j = arg;
+    Py_ssize_t K = j->A * j->T, O = j->Q, cstride = j->n * j->B;
+    int QB = O >= 3 ? 4 : O == 2 ? 2 : 1, KB = 8 / QB;
+    wgrad_fn fn = QB == 4 ? wgrad_4_2 : QB == 2 ? wgrad_2_4 : wgrad_1_8;
+    Py_ssize_t most = (j->n + j->ntiles - 1) / j->ntiles + 1; /* sites in a tile, at most */
+    const float **rows = malloc(sizeof(float *) * (size_t)(most * (K + 1)));
+    if (!rows) {
+        j->bad = 2;
+        return NULL;
+    }
+    for (Py_ssize_t tile = j->t0; tile < j->t1; tile++) {
+        Py_ssize_t s0 = tile * j->n / j->ntiles, s1 = (tile + 1) * j->n / j->ntiles;
+        float *part = j->part + tile * O * (K + 1);
+        for (Py_ssize_t s = s0; s < s1; s++) {
+            if (!conv_rows(j, s, rows + (s - s0) * (K + 1))) {
+                j->bad = 1;
+                break;
+            }
+            rows[(s - s0) * (K + 1) + K] = j->ones;
+        }
+        if (j->bad)
+            break;
+        for (Py_ssize_t ob = 0; ob < O; ob += QB)
+            for (Py_ssize_t kb = 0; kb <= K; kb += KB)
+                fn(part, j->g, cstride, rows, s0, s1 - s0, K, j->B, O, ob, kb, j->zeros);
+    }
+    free(rows);
+    return NULL;
+}
+
+/* work(jobs[i]) for i < nj: on nj - 1 new threads and this one (a job whose thread did not
+ * start runs here after the others) */
+static void run_jobs(void *(*work)(void *), conv_job *jobs, int nj)
+{
+    pthread_t tid[64];
+    int started = 0;
+    for (int i = 1; i < nj && pthread_create(&tid[i], NULL, work, &jobs[i]) == 0; i++)
+        started = i;
+    work(&jobs[0]);
+    for (int i = 1; i <= started; i++)
+        pthread_join(tid[i], NULL);
+    for (int i = started + 1; i < nj; i++)
+        work(&jobs[i]);
+}
+
+/* threads for `macs` multiply-adds: one per 2^22 (about 0.1 ms), at most nthreads and 64 */
+static int conv_threads(double macs, int nthreads, Py_ssize_t units)
+{
+    int nt = (int)(macs / 4194304.0);
+    if (nt > nthreads)
+        nt = nthreads;
+    if (nt > 64)
+        nt = 64;
+    if (nt > units)
+        nt = (int)units;
+    return nt < 1 ? 1 : nt;
+}
+
+static PyObject *k_conv_gather(PyObject *self, PyObject *args)
+{
+    unsigned long long p_out, p_h, p_w, p_bias, p_idx, p_gate;
+    Py_ssize_t Q, A, T, R, n, B, zero_row, sq, sa, st;
+    float slope;
+    int mode, nthreads;
+    if (!PyArg_ParseTuple(args, "KKKKKKnnnnnnnnnnfii", &p_out, &p_h, &p_w, &p_bias, &p_idx, &p_gate, &Q, &A, &T, &R,
+                          &n, &B, &zero_row, &sq, &sa, &st, &slope, &mode, &nthreads))
+        return NULL;
+    if (!conv_ok)
+        return PyErr_Format(PyExc_RuntimeError, "conv_gather: this CPU lacks AVX2 or FMA");
+    if (Q < 1 || A < 1 || T < 1 || R < 0 || n < 0 || B < 0 || mode < 0 || mode > 2 || (mode == 2 && !p_gate) ||
+        !p_out || !p_h || !p_w || !p_idx)
+        return PyErr_Format(PyExc_ValueError, "conv_gather: bad sizes or mode (Q %zd, A %zd, T %zd, R %zd, n %zd, "
+                            "B %zd, mode %d)", Q, A, T, R, n, B, mode);
+    int QB = conv_qb(Q);
+    Py_ssize_t K = A * T, nqb = (Q + QB - 1) / QB;
+    float *wp = calloc((size_t)(nqb * QB * (K + 1) + B + 8), sizeof(float));
+    if (!wp)
+        return PyErr_NoMemory();
+    float *bp = wp + nqb * K * QB, *zeros = bp + nqb * QB;
+    const float *w = (const float *)(uintptr_t)p_w, *bias = (const float *)(uintptr_t)p_bias;
+    for (Py_ssize_t q = 0; q < Q; q++) { /* block q / QB: K rows of QB weights; zeros past Q */
+        for (Py_ssize_t a = 0; a < A; a++)
+            for (Py_ssize_t t = 0; t < T; t++)
+                wp[((q / QB) * K + a * T + t) * QB + q % QB] = w[q * sq + a * sa + t * st];
+        bp[q] = bias ? bias[q] : 0.0f;
+    }
+    conv_job jobs[64];
+    int nj = conv_threads((double)Q * K * n * B, nthreads, n);
+    for (int i = 0; i < nj; i++) {
+        conv_job j = {(float *)(uintptr_t)p_out, NULL, (const float *)(uintptr_t)p_h, wp, bp,
+                      (const float *)(uintptr_t)p_gate, NULL, zeros, NULL, (const int64_t *)(uintptr_t)p_idx,
+                      Q, A, T, R, n, B, zero_row, i * n / nj, (i + 1) * n / nj, 0, 0, 0, slope, mode, QB, 0};
+        jobs[i] = j;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    run_jobs(gather_work, jobs, nj);
+    Py_END_ALLOW_THREADS
+    int bad = 0;
+    for (int i = 0; i < nj; i++)
+        bad |= jobs[i].bad;
+    free(wp);
+    if (bad & 2)
+        return PyErr_NoMemory();
+    if (bad)
+        return PyErr_Format(PyExc_IndexError, "conv_gather: a row index outside 0 .. %zd (and not %zd)", R - 1, zero_row);
+    Py_RETURN_NONE;
+}
+
+static PyObject *k_conv_weight_grad(PyObject *self, PyObject *args)
+{
+    unsigned long long p_gw, p_gb, p_g, p_h, p_idx;
+    Py_ssize_t O, A, T, R, n, B, zero_row;
+    int nthreads;
+    if (!PyArg_ParseTuple(args, "KKKKKnnnnnnni", &p_gw, &p_gb, &p_g, &p_h, &p_idx, &O, &A, &T, &R, &n, &B, &zero_row,
+                          &nthreads))
+        return NULL;
+    if (!conv_ok)
+        return PyErr_Format(PyExc_RuntimeError, "conv_weight_grad: this CPU lacks AVX2 or FMA");
+    if (O < 1 || A < 1 || T < 1 || R < 0 || n < 1 || B < 0 || !p_gw || !p_g || !p_h || !p_idx)
+        return PyErr_Format(PyExc_ValueError, "conv_weight_grad: bad sizes (O %zd, A %zd, T %zd, R %zd, n %zd, B %zd)",
+                            O, A, T, R, n, B);
+    /* tiles of at least 8 sites, at most 64 tiles: set by n alone */
+    Py_ssize_t K = A * T, ntiles = n / 8 < 1 ? 1 : n / 8 > 64 ? 64 : n / 8;
+    float *part = calloc((size_t)(ntiles * O * (K + 1) + 2 * B + 16), sizeof(float));
+    if (!part)
+        return PyErr_NoMemory();
+    float *zeros = part + ntiles * O * (K + 1), *ones = zeros + B + 8;
+    for (Py_ssize_t b = 0; b < B; b++)
+        ones[b] = 1.0f;
+    conv_job jobs[64];
+    int nj = conv_threads((double)O * (K + 1) * n * B, nthreads, ntiles);
+    for (int i = 0; i < nj; i++) {
+        conv_job j = {NULL, part, (const float *)(uintptr_t)p_h, NULL, NULL, NULL, (const float *)(uintptr_t)p_g,
+                      zeros, ones, (const int64_t *)(uintptr_t)p_idx, O, A, T, R, n, B, zero_row, 0, 0,
+                      i * ntiles / nj, (i + 1) * ntiles / nj, ntiles, 0.0f, 0, 0, 0};
+        jobs[i] = j;
+    }
+    int bad = 0;
+    Py_BEGIN_ALLOW_THREADS
+    run_jobs(wgrad_work, jobs, nj);
+    for (int i = 0; i < nj; i++)
+        bad |= jobs[i].bad;
+    if (!bad) {
+        float *gw = (float *)(uintptr_t)p_gw, *gb = (float *)(uintptr_t)p_gb;
+        for (Py_ssize_t o = 0; o < O; o++)
+            for (Py_ssize_t k = 0; k <= K; k++) {
+                float sum = 0.0f;
+                for (Py_ssize_t tile = 0; tile < ntiles; tile++)
+                    sum += part[(tile * O + o) * (K + 1) + k];
+                if (k < K)
+                    gw[o * K + k] = sum;
+                else if (gb)
+                    gb[o] = sum;
+            }
+    }
+    Py_END_ALLOW_THREADS
+    free(part);
+    if (bad & 2)
+        return PyErr_NoMemory();
+    if (bad)
+        return PyErr_Format(PyExc_IndexError, "conv_weight_grad: a row index outside 0 .. %zd (and not %zd)", R - 1,
+                            zero_row);
+    Py_RETURN_NONE;
+}
+
+static int have_conv(void)
+{
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+#else
+#define HAVE_CONV 0
+static int have_conv(void) { return 0; }
+#endif
+
 /* ------------------------------------------------------------------ module */
 
 static PyMethodDef compiled_methods[] = {
@@ -596,6 +1012,15 @@ static PyMethodDef compiled_methods[] = {
      "crc32(data, value=0, word=0) -> int, or (int, bool) when word is 4 or 8: zlib's CRC-32 of the bytes "
      "of `data` continuing from `value` (carry-less products when the CPU has PCLMULQDQ: fast_crc32), "
      "and whether no `word`-byte word, read as a float, is a NaN or an Inf (same pass)."},
+#if HAVE_CONV
+    {"conv_gather", k_conv_gather, METH_VARARGS,
+     "conv_gather(out, h, w, bias, idx, gate, Q, A, T, R, n, B, zero_row, sq, sa, st, slope, mode, nthreads): "
+     "a gathered convolution of float32 (channels, rows, batch) tensors given by address; see the C file. "
+     "Called by flowplug.compiled.conv_gather, which checks the tensors."},
+    {"conv_weight_grad", k_conv_weight_grad, METH_VARARGS,
+     "conv_weight_grad(gw, gb, g, h, idx, O, A, T, R, n, B, zero_row, nthreads): the weight and bias "
+     "gradients of conv_gather; called by flowplug.compiled.conv_weight_grad, which checks the tensors."},
+#endif
     {NULL, NULL, 0, NULL},
 };
 
@@ -608,8 +1033,12 @@ PyMODINIT_FUNC PyInit__compiled(void)
 {
     crc_table_init();
     clmul_ok = have_clmul();
+#if HAVE_CONV
+    conv_ok = have_conv();
+#endif
     PyObject *mod = PyModule_Create(&compiled_module);
-    if (mod && (PyModule_AddIntConstant(mod, "ABI", COMPILED_ABI) < 0 || PyModule_AddIntConstant(mod, "fast_crc32", clmul_ok) < 0)) {
+    if (mod && (PyModule_AddIntConstant(mod, "ABI", COMPILED_ABI) < 0 || PyModule_AddIntConstant(mod, "fast_crc32", clmul_ok) < 0 ||
+                PyModule_AddIntConstant(mod, "conv", have_conv()) < 0)) {
         Py_DECREF(mod);
         return NULL;
     }

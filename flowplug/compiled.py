@@ -22,8 +22,12 @@ import os
 import warnings
 import zlib
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "available",
@@ -34,11 +38,14 @@ __all__ = [
     "copy_blocks",
     "sun_deviation",
     "xor_sites",
+    "conv_available",
+    "conv_gather",
+    "conv_weight_grad",
     "ABI",
 ]
 
 #: The version of the C module's interface this file expects (``COMPILED_ABI`` in the C file).
-ABI = 2
+ABI = 3
 
 
 def _load() -> ModuleType | None:
@@ -274,4 +281,194 @@ def xor_sites(data: np.ndarray, acc: np.ndarray, site_bytes: int, first_site: in
     if not (data.flags.c_contiguous and acc.flags.c_contiguous):
         raise ValueError("xor_sites: data and accumulator must be C-contiguous")
     _native.xor_sites(data.reshape(-1).view(np.uint8), acc.reshape(-1).view(np.uint8), int(site_bytes), int(first_site))
+    return True
+
+
+# ------------------------------------------------------------------ network convolutions
+
+
+def conv_available() -> bool:
+    """Whether :func:`conv_gather` and :func:`conv_weight_grad` run compiled here: the module
+    is in use and the CPU is x86-64 with AVX2 and FMA (Linux). Elsewhere the coupling networks
+    evaluate the same sums with torch's gathers and matrix products."""
+    return _native is not None and bool(getattr(_native, "conv", 0))
+
+
+def _conv_checked(name: str, tensors: dict[str, torch.Tensor | None], shapes: dict[str, tuple[int, ...]]) -> None:
+    import torch
+
+    for key, t in tensors.items():
+        if t is None:
+            continue
+        want = torch.int64 if key == "idx" else torch.float32
+        if t.dtype != want or t.device.type != "cpu" or not t.is_contiguous() or tuple(t.shape) != shapes[key]:
+            raise ValueError(
+                f"{name}: {key} must be a contiguous CPU {want} tensor of shape {shapes[key]}; "
+                f"found {t.dtype} {tuple(t.shape)} on {t.device}" + ("" if t.is_contiguous() else ", not contiguous")
+            )
+
+
+def conv_gather(
+    out: torch.Tensor,
+    h: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None,
+    idx: torch.Tensor,
+    *,
+    transpose: bool = False,
+    zero_row: int = -1,
+    slope: float = 0.0,
+    mode: int = 0,
+    gate: torch.Tensor | None = None,
+) -> bool:
+    """A periodic convolution in gathered form, compiled: ``out`` (Q, n, B) float32 becomes
+
+        out[q, s, b] = bias[q] + sum_{a, t} W[q, a, t] h[a, idx[t n + s], b]
+
+    with the sum over a and, within each a, over t in ascending order, one fused multiply-add
+    per term; W = w (Q, A, T) or, with ``transpose``, W[q, a, t] = w[a, q, t] (w of shape
+    (A, Q, T): the input gradient of the convolution w). Then ``mode`` 1 applies the LeakyReLU
+    (x > 0 ? x : slope x) and ``mode`` 2 multiplies by its derivative at ``gate`` (gate > 0 ?
+    1 : slope; gate of the shape of out). Each output entry goes through the same operations
+    wherever it sits in the batch and however many threads share the work (the torch threads:
+    ``torch.get_num_threads()``), so a configuration's output does not depend on its batch.
+    Used by :func:`flowplug.plugins.flow_nets.stack_forward` and ``stack_backward``.
+
+    Arguments:
+        out: (Q, n, B) float32, contiguous, written.
+        h: (A, R, B) float32, contiguous: A channels of R rows of B batch entries.
+        w: (Q, A, T) float32 (or (A, Q, T) with ``transpose``), contiguous; any shape with
+            those entries in that order (a convolution's (Q, A, k, ..., k) weight).
+        bias: (Q,) float32 or ``None`` (zero).
+        idx: (T n,) int64, tap-major: the row of h that tap t of output site s reads, in
+            0 .. R - 1, or ``zero_row`` for a row of zeros.
+        transpose, zero_row, slope, mode, gate: As above.
+
+    Returns:
+        False (nothing done) when the kernels are not available here (:func:`conv_available`).
+
+    Raises:
+        ValueError: for a tensor of another dtype, device, layout or shape, or a bad mode.
+        IndexError: for a row index outside 0 .. R - 1 that is not ``zero_row``.
+    """
+    if not conv_available():
+        return False
+    import torch
+
+    q, n, b = out.shape
+    a, r = h.shape[0], h.shape[1]
+    t = w.numel() // (q * a)
+    if mode not in (0, 1, 2) or (mode == 2) != (gate is not None) or t == 0 or w.numel() != q * a * t:
+        raise ValueError(
+            f"conv_gather: mode {mode} with{'out' if gate is None else ''} a gate, w of shape {tuple(w.shape)} "
+            f"for {q} output and {a} input channels"
+        )
+    _conv_checked(
+        "conv_gather",
+        {"out": out, "h": h, "w": w.view(-1), "bias": bias, "idx": idx, "gate": gate},
+        {"out": (q, n, b), "h": (a, r, b), "w": (q * a * t,), "bias": (q,), "idx": (t * n,), "gate": (q, n, b)},
+    )
+    if out.numel() == 0:
+        return True
+    if h.numel() == 0 and r > 0:
+        raise ValueError(f"conv_gather: h of shape {tuple(h.shape)} has no entries")
+    sq, sa = (t, q * t) if transpose else (a * t, t)
+    _native.conv_gather(  # type: ignore[union-attr]
+        out.data_ptr(),
+        h.data_ptr(),
+        w.data_ptr(),
+        0 if bias is None else bias.data_ptr(),
+        idx.data_ptr(),
+        0 if gate is None else gate.data_ptr(),
+        q,
+        a,
+        t,
+        r,
+        n,
+        b,
+        int(zero_row),
+        sq,
+        sa,
+        1,
+        float(slope),
+        int(mode),
+        torch.get_num_threads(),
+    )
+    return True
+
+
+def conv_weight_grad(
+    gw: torch.Tensor | None,
+    gb: torch.Tensor | None,
+    g: torch.Tensor,
+    h: torch.Tensor,
+    idx: torch.Tensor,
+    *,
+    zero_row: int = -1,
+) -> bool:
+    """The weight and bias gradients of :func:`conv_gather` (``transpose`` False), compiled:
+
+        gw[o, a, t] = sum_{s, b} g[o, s, b] h[a, idx[t n + s], b],   gb[o] = sum_{s, b} g[o, s, b]
+
+    The sites are cut into at most 64 tiles set by n alone; each tile is summed in one order
+    (batch entries in eight lanes, rows of ``zero_row`` skipped) and the tiles are added in
+    order, so the result does not depend on the number of threads.
+
+    Arguments:
+        gw: (O, A, T) float32, contiguous, written (any shape with those entries in that
+            order); or ``None``.
+        gb: (O,) float32, written; or ``None``.
+        g: (O, n, B) float32, contiguous: the gradient of the convolution's output.
+        h: (A, R, B) float32, contiguous: its input.
+        idx: (T n,) int64, as for :func:`conv_gather`.
+        zero_row: A row index that reads zeros (skipped).
+
+    Returns:
+        False (nothing done) when the kernels are not available here.
+
+    Raises:
+        ValueError, IndexError: as :func:`conv_gather`.
+    """
+    if not conv_available():
+        return False
+    if gw is None and gb is None:
+        return True
+    import torch
+
+    o, n, b = g.shape
+    a, r = h.shape[0], h.shape[1]
+    t = idx.shape[0] // n if n else (gw.numel() // (o * a) if gw is not None and o * a else 1)
+    if t == 0 or t * n != idx.shape[0]:
+        raise ValueError(f"conv_weight_grad: {idx.shape[0]} row indices for {n} output sites")
+    tmp = None
+    if gw is None:  # the bias gradient alone: the kernel writes both
+        tmp = gw = torch.empty((o, a, t), dtype=torch.float32)
+    if gw.numel() != o * a * t:
+        raise ValueError(f"conv_weight_grad: gw of shape {tuple(gw.shape)} for {o} x {a} x {t} weights")
+    _conv_checked(
+        "conv_weight_grad",
+        {"gw": gw.view(-1), "gb": gb, "g": g, "h": h, "idx": idx},
+        {"gw": (o * a * t,), "gb": (o,), "g": (o, n, b), "h": (a, r, b), "idx": (t * n,)},
+    )
+    if g.numel() == 0:  # no terms: zero gradients
+        gw.zero_()
+        if gb is not None:
+            gb.zero_()
+        return True
+    _native.conv_weight_grad(  # type: ignore[union-attr]
+        gw.data_ptr(),
+        0 if gb is None else gb.data_ptr(),
+        g.data_ptr(),
+        h.data_ptr(),
+        idx.data_ptr(),
+        o,
+        a,
+        t,
+        r,
+        n,
+        b,
+        int(zero_row),
+        torch.get_num_threads(),
+    )
+    del tmp
     return True

@@ -25,6 +25,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
+from flowplug import compiled
 from flowplug.errors import ConfigError, ShapeError
 from flowplug.threads import one_thread
 
@@ -804,9 +805,17 @@ def stack_forward(
     """
     b = h.shape[2]
     saved: list[torch.Tensor] = []
+    fast = _compiled_stack(h, params)
+    if fast and not h.is_contiguous():
+        h = h.contiguous()
     for j, (idx, n_out, _inv, _n_in, _pad) in enumerate(plan):
         w, bias = params[2 * j], params[2 * j + 1]
         saved.append(h)
+        if fast:  # the gather, the product, the bias and the LeakyReLU in one compiled pass
+            y = torch.empty((w.shape[0], n_out, b), dtype=h.dtype)
+            compiled.conv_gather(y, h, w, bias, idx, slope=slope, mode=1 if j < len(plan) - 1 else 0)
+            h = y
+            continue
         cols = _workspace("fwd", (h.shape[0], idx.shape[0], b), h)
         torch.index_select(h, 1, idx, out=cols)  # (C, k^d n, B): tap-minor rows
         y = weight_product(w.view(w.shape[0], -1), cols.view(-1, n_out * b), bias)
@@ -852,6 +861,8 @@ def stack_backward(
     b = grad.shape[-1]
     grads: list[torch.Tensor | None] = [None] * len(params)
     g = grad.contiguous()
+    if _compiled_stack(g, params) and all(s.is_contiguous() for s in saved):
+        return _compiled_backward(g, plan, slope, params, saved, need, need_input)
     # a batched gradient (vmap over the backward pass: is_grads_batched, Jacobians with
     # vectorize=True) cannot be copied into the plain scratch tensors: out-of-place there
     batched = _is_batched(g)
@@ -912,6 +923,54 @@ def stack_backward(
             grads[2 * j] = gw.view(n_i, n_o, n_taps).transpose(0, 1).reshape(w.shape)
         w_t = w.reshape(n_o, -1, n_taps).transpose(0, 1).reshape(n_i, n_o * n_taps)
         g = (w_t @ g_cols2).view(n_i, n_in, b)
+    return g, grads
+
+
+def _compiled_stack(h: torch.Tensor, params: Sequence[torch.Tensor]) -> bool:
+    """Whether :func:`stack_forward` and :func:`stack_backward` run the compiled kernels
+    (:func:`flowplug.compiled.conv_gather`): available on this CPU, and float32 CPU tensors that
+    are neither batched (vmap) nor parameters of another layout."""
+    return (
+        h.dtype == torch.float32
+        and h.device.type == "cpu"
+        and compiled.conv_available()
+        and not _is_batched(h)
+        and all(p.dtype == torch.float32 and p.device.type == "cpu" and p.is_contiguous() for p in params)
+    )
+
+
+def _compiled_backward(
+    g: torch.Tensor,
+    plan: Sequence[PlanStep],
+    slope: float,
+    params: Sequence[torch.Tensor],
+    saved: Sequence[torch.Tensor],
+    need: Sequence[bool],
+    need_input: bool,
+) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
+    """:func:`stack_backward` with the compiled kernels: per convolution, last first, its weight
+    and bias gradients in one pass (:func:`flowplug.compiled.conv_weight_grad`, the zero row of a
+    plan with ``inputs`` skipped) and its input gradient in another (``conv_gather`` with the
+    transposed taps ``inv`` and the transposed weight, times the derivative of the LeakyReLU before
+    it). Arguments and result as :func:`stack_backward`."""
+    b = g.shape[-1]
+    grads: list[torch.Tensor | None] = [None] * len(params)
+    for j in range(len(plan) - 1, -1, -1):
+        idx, n_out, inv, n_in, _pad = plan[j]
+        w, h = params[2 * j], saved[j]
+        gw = torch.empty_like(w) if need[2 * j] else None
+        gb = torch.empty(w.shape[0], dtype=w.dtype) if need[2 * j + 1] else None
+        # with inputs (gathered_stack), row n_in of the first input is the row of zeros
+        compiled.conv_weight_grad(gw, gb, g, h, idx, zero_row=n_in if h.shape[1] > n_in else -1)
+        grads[2 * j], grads[2 * j + 1] = gw, gb
+        if j == 0 and not need_input:
+            return None, grads
+        g_in = torch.empty((h.shape[0], n_in, b), dtype=g.dtype)
+        gate = saved[j] if j > 0 else None  # the LeakyReLU's output before convolution j: its sign
+        compiled.conv_gather(
+            g_in, g, w, None, inv, transpose=True, zero_row=n_out, slope=slope, mode=0 if gate is None else 2, gate=gate
+        )
+        g = g_in
     return g, grads
 
 
