@@ -1,5 +1,6 @@
 /*
- * flowplug._compiled: compiled inner loops of flowplug's readers and writers.
+ * flowplug._compiled: compiled inner loops of flowplug's readers and writers, and the
+ * convolutions of the coupling networks.
  *
  * Optional: pip builds it when a C compiler is present; flowplug.compiled falls back to
  * numpy (same results up to the last bit of a deviation) when it is missing. No numpy
@@ -15,6 +16,9 @@
  *   copy_blocks(packed, placed, offsets, ...)   blocks between a packed buffer and placed positions
  *   crc32(data, value=0, word=0)                zlib's CRC-32 (PCLMULQDQ folding where the CPU has it),
  *                                               and with word = 4, 8 whether every float word is finite
+ *   conv_gather(...), conv_weight_grad(...)     a network's gathered convolution and its gradients
+ *                                               (x86-64 with AVX2 and FMA; tensors by address, checked
+ *                                               by flowplug/compiled.py, row indices checked here)
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>

@@ -1,4 +1,6 @@
-"""Compiled inner loops of the readers, with their numpy and zlib equivalents.
+"""Compiled inner loops of the readers, with their numpy and zlib equivalents, and the
+convolution kernels of the flows' float32 networks (:func:`conv_gather`,
+:func:`conv_weight_grad`; torch's gathers and products where they are missing).
 
 The extension module ``flowplug._compiled`` (``flowplug/_compiled.c``) is built by
 ``pip install`` when a C compiler is present (``optional`` in pyproject.toml: without one
