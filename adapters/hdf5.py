@@ -810,8 +810,20 @@ class Hdf5Handler(FormatHandler):
         count = int(f.attrs["count"])
         links_ds, meta_ds = f["links"], f["meta"]
         n = len(ensemble)
-        links_ds.resize(count + n, axis=0)
-        meta_ds.resize(count + n, axis=0)
+        # room for the new entries first, before anything is written: a copy of the store made
+        # with fixed-size datasets (h5repack, h5py's create_dataset without maxshape) cannot grow
+        for name, ds in (("links", links_ds), ("meta", meta_ds)):
+            room = ds.maxshape[0] if ds.chunks is not None else ds.shape[0]
+            if room is not None and room < count + n:
+                raise FormatError(
+                    f"{f.filename}: /{name} has room for {room} entries (a fixed-size dataset, as in a "
+                    f"copy made by h5repack -l CONTI or by h5py without maxshape), and the store holds {count}: "
+                    f"cannot append {n} more; nothing was written. Convert the store into a new "
+                    "one (flowplug convert STORE NEW.h5) and append to that"
+                )
+        for ds in (links_ds, meta_ds):
+            if ds.shape[0] < count + n:
+                ds.resize(count + n, axis=0)
         src = ensemble.data.detach().cpu().resolve_conj().numpy()
         narrow = _stored_dtype(ensemble.field, 32)
         for j in range(n):

@@ -177,9 +177,23 @@ def test_convert_stops_or_keeps_going(inputs, tmp_path, capsys):
     bad.write_bytes(bytes(data))
     out = tmp_path / "out"
     assert main(["convert", str(inputs), str(out), "--to", "nersc"]) == 1
-    err = capsys.readouterr().err
+    err = " ".join(capsys.readouterr().err.split())
     assert "cfg1.ildg" in err and "scidac-checksum" in err and "Traceback" not in err
     assert sorted(p.name for p in out.iterdir()) == ["cfg0.nersc"]  # stopped at the bad one
+    assert f"The 1 file(s) converted before this input stay in {out}" in err
+    # into one store: the message says what the store holds
+    store = tmp_path / "all.h5"
+    assert main(["convert", str(inputs), str(store), "--no-progress"]) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"The store {store} keeps the 1 configuration(s) converted before this input" in err
+    assert len(io.read(store)) == 1
+    # replacing a store (--force): the old one stays as it was
+    assert main(["convert", str(inputs / "cfg0.ildg"), str(store), "--force", "--no-progress"]) == 0
+    capsys.readouterr()
+    before = store.read_bytes()
+    assert main(["convert", str(inputs), str(store), "--force", "--no-progress"]) == 1
+    assert f"{store} is unchanged" in " ".join(capsys.readouterr().err.split())
+    assert store.read_bytes() == before
     assert main(["convert", str(inputs), str(out), "--to", "nersc", "--keep-going"]) == 1
     err = capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["cfg0.nersc", "cfg2.nersc"]

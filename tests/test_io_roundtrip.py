@@ -220,6 +220,38 @@ def test_hdf5_ensemble_append_and_metadata(tmp_path):
         io.write(path, make_ensemble(n=2), append=True)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "fixed chunks", "fixed with room"])
+def test_hdf5_append_to_a_fixed_size_copy(tmp_path, layout):
+    """A copy of a store whose /links cannot grow (contiguous, or chunked without maxshape) is
+    refused by name before anything is written, and the store reads as before; a fixed-size
+    copy with room left for the new entries takes them."""
+    import h5py
+
+    a, b = make_ensemble(batch=2, seed=1), make_ensemble(batch=1, seed=2)
+    path = tmp_path / "ens.h5"
+    io.write(path, a)
+    with h5py.File(path, "r+") as f:
+        links = f["links"][...]
+        del f["links"]
+        if layout == "contiguous":
+            f.create_dataset("links", data=links)
+        elif layout == "fixed chunks":
+            f.create_dataset("links", data=links, chunks=(1, *links.shape[1:]))
+        else:
+            room = np.zeros((3, *links.shape[1:]), links.dtype)
+            room[:2] = links
+            f.create_dataset("links", data=room)
+    before = path.read_bytes()
+    if layout == "fixed with room":
+        io.write(path, b, append=True)
+        assert torch.equal(io.read(path).links, torch.cat([a.links, b.links]))
+        return
+    with pytest.raises(FormatError, match=r"/links has room for 2 entries .* append 1 more; nothing was written"):
+        io.write(path, b, append=True)
+    assert path.read_bytes() == before
+    assert torch.equal(io.read(path).links, a.links)
+
+
 def test_hdf5_holds_u1_and_2d(tmp_path):
     theta = torch.rand(3, 2, 4, 6, dtype=torch.float64) * 2 * np.pi - np.pi
     ens = io.Ensemble(theta)

@@ -260,7 +260,8 @@ def run(args: argparse.Namespace) -> int:
             if not args.keep_going:
                 bar.close()
                 _finish_store(store_tmp, output, keep=False)
-                raise FormatError(f"{src}: {exc}" if str(src) not in str(exc) else str(exc)) from None
+                message = f"{src}: {exc}" if str(src) not in str(exc) else str(exc)
+                raise FormatError(message + _left_behind(output, single, store_tmp, written, skipped)) from None
             failures.append((str(src), str(exc)))
     bar.close()
     _finish_store(store_tmp, output, keep=True)
@@ -273,6 +274,21 @@ def run(args: argparse.Namespace) -> int:
     for src, message in failures:
         print(f"flowplug convert: failed: {message if src in message else src + ': ' + message}", file=sys.stderr)
     return 1 if failures else 0
+
+
+def _left_behind(output: Path, single: bool, store_tmp: Path | None, written: int, skipped: int) -> str:
+    """What a conversion stopped by a failed input leaves in ``output``, for its error message."""
+    rerun = "rerun the same command to go on (what is kept is checked against its inputs), or add --keep-going"
+    if single and store_tmp is not None:
+        return f". {output} is unchanged (the new store was discarded)"
+    if single and written + skipped:
+        return (
+            f". The store {output} keeps the {written + skipped} configuration(s) converted before this "
+            f"input; {rerun} to skip failing inputs"
+        )
+    if written + skipped:
+        return f". The {written + skipped} file(s) converted before this input stay in {output}; {rerun}"
+    return ""
 
 
 def _describe(ens: Ensemble) -> str:
