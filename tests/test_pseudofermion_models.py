@@ -34,6 +34,17 @@ def _u1(lattice=(4, 4), batch=3, seed=0, width=0.6):
     return width * torch.randn((batch, len(lattice), *lattice), generator=g, dtype=torch.float64)
 
 
+def _conditional(op, seed=0):
+    """A :class:`ConditionalGaussianModel` (hidden (4,)) whose network starts from a fixed
+    initialisation: torch's default initialisation draws from the global generator, which the
+    tests run before in the same process move, and with some of those draws the importance
+    weights p / r of the statistical checks below are too heavy-tailed for their error estimate
+    (4 of 40 global seeds failed the normalisation check)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return ConditionalGaussianModel(op, 2, hidden=(4,))
+
+
 def _randomize(model, seed=1, size=0.05):
     """Give a conditional model non-zero network outputs (an untrained one is eo-ilu)."""
     g = torch.Generator().manual_seed(seed)
@@ -74,7 +85,7 @@ def test_sample_and_log_prob_agree_and_r_is_normalised():
     d = op.dense(x)
     minv = torch.linalg.inv(d.mH @ d)
     logdet_m = 2.0 * torch.linalg.slogdet(d)[1]
-    for model in (EvenOddILUModel(op, scale=1.1), _randomize(ConditionalGaussianModel(op, 2, hidden=(4,)))):
+    for model in (EvenOddILUModel(op, scale=1.1), _randomize(_conditional(op))):
         phi, log_r = model.sample(x, 4000, torch.Generator().manual_seed(5))
         torch.testing.assert_close(model.log_prob(x, phi), log_r, rtol=0, atol=1e-8)
         _assert_normalised(phi, log_r, minv, logdet_m, n)
@@ -228,7 +239,7 @@ def test_model_used_at_another_kappa_warns_and_stays_normalised(tmp_path):
 
     from flowplug.errors import CouplingMismatchWarning
 
-    trained = _randomize(ConditionalGaussianModel(WilsonDiracOperator(0.06), 2, hidden=(4,)), size=0.02)
+    trained = _randomize(_conditional(WilsonDiracOperator(0.06)), size=0.02)
     path = save_conditional_model(trained, tmp_path / "m.pt")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the same kappa: no warning
