@@ -614,28 +614,34 @@ typedef struct {
     const int64_t *idx;
     Py_ssize_t Q, A, T, R, n, B, zero_row, s0, s1, t0, t1, ntiles;
     float slope;
-    int mode, qb, bad;
+    int mode, qb, nb, bad;
 } conv_job;
 
 /* rows[k] (k = a T + t, K = A T of them) of output site s, pointers to rows of B floats
  * (zero_row: a row of zeros); 0 when an index is out of range */
 static int conv_rows(const conv_job *j, Py_ssize_t s, const float **rows)
 {
-    for (Py_ssize_t a = 0; a < j->A; a++)
-        for (Py_ssize_t t = 0; t < j->T; t++) {
-            int64_t r = j->idx[t * j->n + s];
-            if (r == j->zero_row)
-                rows[a * j->T + t] = j->zeros;
-            else if (r < 0 || r >= j->R)
-                return 0;
-            else
-                rows[a * j->T + t] = j->h + (a * j->R + r) * j->B;
+    Py_ssize_t T = j->T, plane = j->R * j->B;
+    for (Py_ssize_t t = 0; t < T; t++) { /* each tap's row looked up and checked once */
+        int64_t r = j->idx[t * j->n + s];
+        if (r == j->zero_row) {
+            for (Py_ssize_t a = 0; a < j->A; a++)
+                rows[a * T + t] = j->zeros;
+            continue;
         }
+        if (r < 0 || r >= j->R)
+            return 0;
+        const float *p = j->h + r * j->B;
+        for (Py_ssize_t a = 0; a < j->A; a++, p += plane)
+            rows[a * T + t] = p;
+    }
     return 1;
 }
 
 /* the lanes of batch block i of a group of NB blocks from b0: all (full), the first `tail`, or none */
-static __m256i lane_mask(Py_ssize_t lanes)
+/* (AVX2 like its callers: an __m256i returned from a function built without AVX would travel by
+ * another convention, which at -O1 and below, where it is not inlined, crashed) */
+__attribute__((target("avx2,fma"))) static __m256i lane_mask(Py_ssize_t lanes)
 {
     int32_t m[8];
     for (int i = 0; i < 8; i++)
@@ -705,22 +711,55 @@ static __m256i lane_mask(Py_ssize_t lanes)
             }                                                                                              \
     }
 
+GATHER_KERNEL(8, 1)
 GATHER_KERNEL(4, 2)
+GATHER_KERNEL(4, 1)
 GATHER_KERNEL(2, 4)
+GATHER_KERNEL(2, 2)
+GATHER_KERNEL(2, 1)
 GATHER_KERNEL(1, 8)
+GATHER_KERNEL(1, 4)
+GATHER_KERNEL(1, 2)
+GATHER_KERNEL(1, 1)
 
 typedef void (*gather_fn)(float *, const float *, Py_ssize_t, const float **, Py_ssize_t, Py_ssize_t, const float *,
                           const float *, int, const __m256i *, float, int);
 
-/* channels per pass for Q output channels: 4 (Q >= 3), 2 or 1, with NB = 8 / QB blocks of the batch
- * (eight accumulators; with QB = 8, one block, the kernel ran 10-15 % slower on AVX2) */
-static int conv_qb(Py_ssize_t Q) { return Q >= 3 ? 4 : Q == 2 ? 2 : 1; }
+static gather_fn gather_kernel(int QB, int NB)
+{
+    switch (QB * 16 + NB) {
+    case 8 * 16 + 1: return gather_8_1;
+    case 4 * 16 + 2: return gather_4_2;
+    case 4 * 16 + 1: return gather_4_1;
+    case 2 * 16 + 4: return gather_2_4;
+    case 2 * 16 + 2: return gather_2_2;
+    case 2 * 16 + 1: return gather_2_1;
+    case 1 * 16 + 8: return gather_1_8;
+    case 1 * 16 + 4: return gather_1_4;
+    case 1 * 16 + 2: return gather_1_2;
+    default: return gather_1_1;
+    }
+}
+
+/* the blocking of gather_QB_NB for Q output channels and B batch entries: NB blocks of eight
+ * batch entries (no more than the batch fills) and QB channels, QB NB <= 8 accumulators; with
+ * a full batch 4 x 2 (8 x 1 ran 10-15 % slower on AVX2), 2 x 4 for two channels, 1 x 8 for one */
+static void conv_blocking(Py_ssize_t Q, Py_ssize_t B, int *QB, int *NB)
+{
+    int qb = Q >= 3 ? 4 : Q == 2 ? 2 : 1, nb = 1;
+    while (nb < 8 / qb && 8 * nb < B)
+        nb *= 2;
+    while (qb * nb < 8 && qb < Q) /* lanes the batch leaves: more channels instead */
+        qb *= 2;
+    *QB = qb > 8 ? 8 : qb;
+    *NB = nb;
+}
 
 __attribute__((target("avx2,fma"))) static void *gather_work(void *arg)
 {
     conv_job *j = arg;
-    int QB = j->qb, NB = 8 / QB;
-    gather_fn fn = QB == 4 ? gather_4_2 : QB == 2 ? gather_2_4 : gather_1_8;
+    int QB = j->qb, NB = j->nb;
+    gather_fn fn = gather_kernel(QB, NB);
     Py_ssize_t K = j->A * j->T, nqb = (j->Q + QB - 1) / QB, cstride = j->n * j->B, group = 8 * NB;
     const float **rows = malloc(sizeof(float *) * (size_t)(K ? K : 1));
     if (!rows) {
@@ -749,6 +788,77 @@ __attribute__((target("avx2,fma"))) static void *gather_work(void *arg)
     }
     free(rows);
     return NULL;
+}
+
+/*
+ * Small batches: the eight lanes hold eight output channels of one batch entry (packed weights
+ * wp: K x 8 per block of eight channels), four sites at a time. Each entry is again
+ * bias + its fused multiply-adds over k in order, with the same operands as in gather_QB_NB
+ * (fma(w, h, acc) and fma(h, w, acc) are one rounding of the same value), so an entry's result
+ * does not depend on which form ran: a configuration alone equals its row of a batch.
+ */
+__attribute__((target("avx2,fma"))) static void *gather_channels_work(void *arg)
+{
+    conv_job *j = arg;
+    Py_ssize_t K = j->A * j->T, nqb = (j->Q + 7) / 8, cstride = j->n * j->B;
+    const float **rows = malloc(sizeof(float *) * (size_t)(4 * (K ? K : 1)));
+    if (!rows) {
+        j->bad = 2;
+        return NULL;
+    }
+    const __m256 sl = _mm256_set1_ps(j->slope), zero = _mm256_setzero_ps();
+    for (Py_ssize_t s0 = j->s0; s0 < j->s1 && !j->bad; s0 += 4) {
+        int ns = (int)(j->s1 - s0 < 4 ? j->s1 - s0 : 4);
+        for (int i = 0; i < 4; i++) /* sites past the end repeat the last one (not stored) */
+            if (!conv_rows(j, s0 + (i < ns ? i : ns - 1), rows + i * K)) {
+                j->bad = 1;
+                break;
+            }
+        if (j->bad)
+            break;
+        for (Py_ssize_t qb = 0; qb < nqb; qb++) {
+            int on = (int)(j->Q - qb * 8 < 8 ? j->Q - qb * 8 : 8);
+            const float *wb = j->wp + qb * K * 8;
+            __m256 bias = _mm256_loadu_ps(j->bp + qb * 8);
+            for (Py_ssize_t b = 0; b < j->B; b++) {
+                __m256 acc[4];
+                _Pragma("GCC unroll 4") for (int i = 0; i < 4; i++) acc[i] = bias;
+                for (Py_ssize_t k = 0; k < K; k++) {
+                    __m256 wv = _mm256_loadu_ps(wb + k * 8);
+                    _Pragma("GCC unroll 4") for (int i = 0; i < 4; i++) acc[i] =
+                        _mm256_fmadd_ps(wv, _mm256_broadcast_ss(rows[i * K + k] + b), acc[i]);
+                }
+                _Pragma("GCC unroll 4") for (int i = 0; i < 4; i++) {
+                    if (i >= ns)
+                        continue;
+                    __m256 x = acc[i];
+                    Py_ssize_t at = (qb * 8 * j->n + s0 + i) * j->B + b;
+                    if (j->mode == 1) {
+                        x = _mm256_blendv_ps(_mm256_mul_ps(x, sl), x, _mm256_cmp_ps(x, zero, _CMP_GT_OQ));
+                    } else if (j->mode == 2) {
+                        float gv[8] = {0};
+                        for (int q = 0; q < on; q++)
+                            gv[q] = j->gate[at + q * cstride];
+                        x = _mm256_blendv_ps(_mm256_mul_ps(x, sl), x, _mm256_cmp_ps(_mm256_loadu_ps(gv), zero, _CMP_GT_OQ));
+                    }
+                    float xv[8];
+                    _mm256_storeu_ps(xv, x);
+                    for (int q = 0; q < on; q++)
+                        j->out[at + q * cstride] = xv[q];
+                }
+            }
+        }
+    }
+    free(rows);
+    return NULL;
+}
+
+/* whether the channel form is the cheaper for Q output channels and B batch entries: about
+ * B ceil(Q / 8) cycles per site and k against 4 ceil(Q / QB) ceil(B / (8 NB)) for gather_QB_NB */
+static int conv_channels(Py_ssize_t Q, Py_ssize_t B, int QB, int NB)
+{
+    Py_ssize_t lanes = (Q + QB - 1) / QB * ((B + 8 * NB - 1) / (8 * NB)) * 4;
+    return B * ((Q + 7) / 8) < lanes;
 }
 
 /* a fixed order of the eight lanes */
@@ -866,10 +976,11 @@ static void run_jobs(void *(*work)(void *), conv_job *jobs, int nj)
         work(&jobs[i]);
 }
 
-/* threads for `macs` multiply-adds: one per 2^22 (about 0.1 ms), at most nthreads and 64 */
+/* threads for `macs` multiply-adds: one per 2^23 (about 0.25 ms on one core; a thread is started
+ * per call, so less work would not pay for it), at most nthreads and 64 */
 static int conv_threads(double macs, int nthreads, Py_ssize_t units)
 {
-    int nt = (int)(macs / 4194304.0);
+    int nt = (int)(macs / 8388608.0);
     if (nt > nthreads)
         nt = nthreads;
     if (nt > 64)
@@ -894,7 +1005,11 @@ static PyObject *k_conv_gather(PyObject *self, PyObject *args)
         !p_out || !p_h || !p_w || !p_idx)
         return PyErr_Format(PyExc_ValueError, "conv_gather: bad sizes or mode (Q %zd, A %zd, T %zd, R %zd, n %zd, "
                             "B %zd, mode %d)", Q, A, T, R, n, B, mode);
-    int QB = conv_qb(Q);
+    int QB, NB;
+    conv_blocking(Q, B, &QB, &NB);
+    int channels = conv_channels(Q, B, QB, NB);
+    if (channels)
+        QB = 8, NB = 1;
     Py_ssize_t K = A * T, nqb = (Q + QB - 1) / QB;
     float *wp = calloc((size_t)(nqb * QB * (K + 1) + B + 8), sizeof(float));
     if (!wp)
@@ -912,11 +1027,11 @@ static PyObject *k_conv_gather(PyObject *self, PyObject *args)
     for (int i = 0; i < nj; i++) {
         conv_job j = {(float *)(uintptr_t)p_out, NULL, (const float *)(uintptr_t)p_h, wp, bp,
                       (const float *)(uintptr_t)p_gate, NULL, zeros, NULL, (const int64_t *)(uintptr_t)p_idx,
-                      Q, A, T, R, n, B, zero_row, i * n / nj, (i + 1) * n / nj, 0, 0, 0, slope, mode, QB, 0};
+                      Q, A, T, R, n, B, zero_row, i * n / nj, (i + 1) * n / nj, 0, 0, 0, slope, mode, QB, NB, 0};
         jobs[i] = j;
     }
     Py_BEGIN_ALLOW_THREADS
-    run_jobs(gather_work, jobs, nj);
+    run_jobs(channels ? gather_channels_work : gather_work, jobs, nj);
     Py_END_ALLOW_THREADS
     int bad = 0;
     for (int i = 0; i < nj; i++)
@@ -955,7 +1070,7 @@ static PyObject *k_conv_weight_grad(PyObject *self, PyObject *args)
     for (int i = 0; i < nj; i++) {
         conv_job j = {NULL, part, (const float *)(uintptr_t)p_h, NULL, NULL, NULL, (const float *)(uintptr_t)p_g,
                       zeros, ones, (const int64_t *)(uintptr_t)p_idx, O, A, T, R, n, B, zero_row, 0, 0,
-                      i * ntiles / nj, (i + 1) * ntiles / nj, ntiles, 0.0f, 0, 0, 0};
+                      i * ntiles / nj, (i + 1) * ntiles / nj, ntiles, 0.0f, 0, 0, 0, 0};
         jobs[i] = j;
     }
     int bad = 0;

@@ -296,7 +296,12 @@ def conv_available() -> bool:
     return _native is not None and bool(getattr(_native, "conv", 0))
 
 
-def _conv_checked(name: str, tensors: dict[str, torch.Tensor | None], shapes: dict[str, tuple[int, ...]]) -> None:
+def _conv_checked(
+    name: str, written: tuple[str, ...], tensors: dict[str, torch.Tensor | None], shapes: dict[str, tuple[int, ...]]
+) -> None:
+    """Refuse what the kernels cannot take: another dtype, device, layout or shape; a view with
+    torch's lazy negation; an output that autograd tracks or that overlaps an input (the
+    kernels read their inputs while they write)."""
     import torch
 
     for key, t in tensors.items():
@@ -308,6 +313,22 @@ def _conv_checked(name: str, tensors: dict[str, torch.Tensor | None], shapes: di
                 f"{name}: {key} must be a contiguous CPU {want} tensor of shape {shapes[key]}; "
                 f"found {t.dtype} {tuple(t.shape)} on {t.device}" + ("" if t.is_contiguous() else ", not contiguous")
             )
+        if t.is_neg():
+            raise ValueError(f"{name}: {key} is a negated view (torch._neg_view); pass t.resolve_neg()")
+    for out_key in written:
+        out = tensors[out_key]
+        if out is None or out.numel() == 0:
+            continue
+        if out.requires_grad:
+            raise ValueError(f"{name}: {out_key} requires a gradient; the kernels write outside autograd")
+        start = out.data_ptr()
+        end = start + out.numel() * out.element_size()
+        for key, t in tensors.items():
+            if t is None or key == out_key or t.numel() == 0:
+                continue
+            other = t.data_ptr()
+            if other < end and start < other + t.numel() * t.element_size():
+                raise ValueError(f"{name}: {out_key} overlaps {key} in memory; an output must be a tensor of its own")
 
 
 def conv_gather(
@@ -359,6 +380,8 @@ def conv_gather(
 
     q, n, b = out.shape
     a, r = h.shape[0], h.shape[1]
+    if q * a == 0:
+        raise ValueError(f"conv_gather: {q} output and {a} input channels; both must be at least 1")
     t = w.numel() // (q * a)
     if mode not in (0, 1, 2) or (mode == 2) != (gate is not None) or t == 0 or w.numel() != q * a * t:
         raise ValueError(
@@ -367,6 +390,7 @@ def conv_gather(
         )
     _conv_checked(
         "conv_gather",
+        ("out",),
         {"out": out, "h": h, "w": w.view(-1), "bias": bias, "idx": idx, "gate": gate},
         {"out": (q, n, b), "h": (a, r, b), "w": (q * a * t,), "bias": (q,), "idx": (t * n,), "gate": (q, n, b)},
     )
@@ -439,6 +463,8 @@ def conv_weight_grad(
 
     o, n, b = g.shape
     a, r = h.shape[0], h.shape[1]
+    if o * a == 0:
+        raise ValueError(f"conv_weight_grad: {o} output and {a} input channels; both must be at least 1")
     t = idx.shape[0] // n if n else (gw.numel() // (o * a) if gw is not None and o * a else 1)
     if t == 0 or t * n != idx.shape[0]:
         raise ValueError(f"conv_weight_grad: {idx.shape[0]} row indices for {n} output sites")
@@ -449,6 +475,7 @@ def conv_weight_grad(
         raise ValueError(f"conv_weight_grad: gw of shape {tuple(gw.shape)} for {o} x {a} x {t} weights")
     _conv_checked(
         "conv_weight_grad",
+        ("gw", "gb"),
         {"gw": gw.view(-1), "gb": gb, "g": g, "h": h, "idx": idx},
         {"gw": (o * a * t,), "gb": (o,), "g": (o, n, b), "h": (a, r, b), "idx": (t * n,)},
     )

@@ -698,16 +698,23 @@ def _workspace(name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.T
     return view
 
 
+#: torch's private queries for functorch-wrapped (vmap, grad transforms) and legacy-batched
+#: tensors, looked up once (those torch has)
+_BATCH_QUERIES = tuple(
+    q
+    for q in (
+        getattr(getattr(torch._C, "_functorch", None), name, None)
+        for name in ("is_functorch_wrapped_tensor", "is_legacy_batchedtensor")
+    )
+    if q is not None
+)
+
+
 def _is_batched(t: torch.Tensor) -> bool:
     """True for a tensor batched by ``torch.vmap`` or by the legacy vmap of
     ``torch.autograd.grad(..., is_grads_batched=True)`` (torch's private queries; without them,
     False: a vmapped backward pass of :func:`stack_backward` then raises in ``copy_``)."""
-    ft = getattr(torch._C, "_functorch", None)
-    for name in ("is_functorch_wrapped_tensor", "is_legacy_batchedtensor"):
-        query = getattr(ft, name, None)
-        if query is not None and query(t):
-            return True
-    return False
+    return any(query(t) for query in _BATCH_QUERIES)
 
 
 def will_compute(ctx: Any, positions: Sequence[int]) -> list[bool]:
@@ -861,7 +868,10 @@ def stack_backward(
     b = grad.shape[-1]
     grads: list[torch.Tensor | None] = [None] * len(params)
     g = grad.contiguous()
-    if _compiled_stack(g, params) and all(s.is_contiguous() for s in saved):
+    # batches of 8 or more: the weight-gradient kernel keeps eight batch entries in the lanes of
+    # a vector, so smaller ones leave lanes idle and torch's products are faster (gradients, unlike
+    # the map, need not match between batch sizes bit for bit)
+    if b >= 8 and _compiled_stack(g, params) and all(s.is_contiguous() for s in saved):
         return _compiled_backward(g, plan, slope, params, saved, need, need_input)
     # a batched gradient (vmap over the backward pass: is_grads_batched, Jacobians with
     # vectorize=True) cannot be copied into the plain scratch tensors: out-of-place there
@@ -934,8 +944,9 @@ def _compiled_stack(h: torch.Tensor, params: Sequence[torch.Tensor]) -> bool:
         h.dtype == torch.float32
         and h.device.type == "cpu"
         and compiled.conv_available()
-        and not _is_batched(h)
         and all(p.dtype == torch.float32 and p.device.type == "cpu" and p.is_contiguous() for p in params)
+        and not any(_is_batched(t) for t in (h, *params))  # no storage to hand to C under vmap
+        and not torch.compiler.is_compiling()  # torch.compile traces torch's operations instead
     )
 
 

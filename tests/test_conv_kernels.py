@@ -101,17 +101,24 @@ def test_conv_weight_grad_equals_the_sums(q, a, n, b):
     assert torch.equal(gb_alone, gb)
 
 
-def test_a_configuration_does_not_depend_on_its_batch():
+@pytest.mark.parametrize("q", [1, 2, 3, 5, 8, 17, 32])
+@pytest.mark.parametrize("mode", [1, 2])
+def test_a_configuration_does_not_depend_on_its_batch(q, mode):
     """Each batch entry goes through the same operations wherever it sits: computed alone, in
-    a batch of another size or at another position, its output is the same bit for bit."""
-    h, w, bias, idx = _case(8, 8, 64, 21)
-    out = torch.empty(8, 64, 21)
-    compiled.conv_gather(out, h, w, bias, idx, slope=0.01, mode=1)
-    for sel in (slice(0, 1), slice(20, 21), slice(3, 12), slice(5, 21)):
+    a batch of another size or at another position, its output is the same bit for bit. The
+    batch sizes take every blocking of the kernel (channels in the lanes for one or two
+    entries, one to eight blocks of eight entries, a masked tail)."""
+    b = 70
+    h, w, bias, idx = _case(q, 8, 64, b)
+    gate = torch.randn(q, 64, b) if mode == 2 else None
+    out = torch.empty(q, 64, b)
+    compiled.conv_gather(out, h, w, bias, idx, slope=0.01, mode=mode, gate=gate)
+    for sel in (slice(0, 1), slice(69, 70), slice(3, 5), slice(5, 9), slice(1, 9), slice(2, 19), slice(6, 39)):
         part = h[:, :, sel].contiguous()
-        alone = torch.empty(8, 64, part.shape[2])
-        compiled.conv_gather(alone, part, w, bias, idx, slope=0.01, mode=1)
-        assert torch.equal(alone, out[:, :, sel])
+        alone = torch.empty(q, 64, part.shape[2])
+        g = None if gate is None else gate[:, :, sel].contiguous()
+        compiled.conv_gather(alone, part, w, bias, idx, slope=0.01, mode=mode, gate=g)
+        assert torch.equal(alone, out[:, :, sel]), sel
 
 
 def test_results_do_not_depend_on_the_threads():
@@ -154,6 +161,14 @@ def test_bad_arguments_are_refused():
         compiled.conv_gather(out, h, w, bias, idx[:-1])
     with pytest.raises(ValueError, match="gate"):
         compiled.conv_gather(out, h, w, bias, idx, mode=2)
+    with pytest.raises(ValueError, match="overlaps h"):
+        compiled.conv_gather(h[:, :64].view(8, 64, 8), h, w, bias, idx)
+    with pytest.raises(ValueError, match="negated view"):
+        compiled.conv_gather(out, torch._neg_view(h), w, bias, idx)
+    with pytest.raises(ValueError, match="requires a gradient"):
+        compiled.conv_gather(out.clone().requires_grad_(True), h, w, bias, idx)
+    with pytest.raises(ValueError, match="channels"):
+        compiled.conv_gather(torch.empty(0, 64, 8), h, w, bias, idx)
 
 
 def _nets(dtype=torch.float32):
@@ -190,7 +205,7 @@ def test_networks_with_the_kernels_equal_torch(sites, monkeypatch):
 
 def test_float64_networks_and_vmapped_gradients_keep_torch(monkeypatch):
     """The kernels are float32 only: a float64 network runs torch's products (the kernels are
-    never called), and so do the vmapped backward passes of the fused nodes."""
+    never called), and so do batched (vmapped) parameters, which have no storage to hand over."""
     calls = []
     real = compiled.conv_gather
     monkeypatch.setattr(compiled, "conv_gather", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -199,3 +214,14 @@ def test_float64_networks_and_vmapped_gradients_keep_torch(monkeypatch):
     run_stack(torch.randn(2, 64, 3, dtype=torch.float64), plan, slope, params)
     assert not calls
     assert not flow_nets._compiled_stack(torch.randn(2, 64, 3, dtype=torch.float64), params)
+    # an ensemble of one-convolution networks under torch.vmap (stacked parameters, one input;
+    # with hidden layers torch's own gathers have no batching rule)
+    torch.manual_seed(4)
+    net32 = ConvNet(2, 3, (), 3, 2, torch.float32, final_scale=1.0)
+    plan, slope, params = net32.gathered_stack((8, 8), torch.device("cpu"), None)
+    stacked = [torch.stack([p.detach(), p.detach() * 0.5]) for p in params]
+    h = torch.randn(2, 64, 3)
+    out = torch.vmap(lambda *ps: flow_nets.stack_forward(h, plan, slope, ps)[0])(*stacked)
+    for k in range(2):
+        one = flow_nets.stack_forward(h, plan, slope, [p[k] for p in stacked])[0]
+        torch.testing.assert_close(out[k], one, rtol=0, atol=2.0**-16 * float(one.abs().max()))
