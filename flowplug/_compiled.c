@@ -993,18 +993,35 @@ static int conv_threads(double macs, int nthreads, Py_ssize_t units)
 static PyObject *k_conv_gather(PyObject *self, PyObject *args)
 {
     unsigned long long p_out, p_h, p_w, p_bias, p_idx, p_gate;
+    Py_ssize_t c_out, c_h, c_w, c_bias, c_idx, c_gate; /* the entries of each (0: no tensor) */
     Py_ssize_t Q, A, T, R, n, B, zero_row, sq, sa, st;
     float slope;
     int mode, nthreads;
-    if (!PyArg_ParseTuple(args, "KKKKKKnnnnnnnnnnfii", &p_out, &p_h, &p_w, &p_bias, &p_idx, &p_gate, &Q, &A, &T, &R,
-                          &n, &B, &zero_row, &sq, &sa, &st, &slope, &mode, &nthreads))
+    if (!PyArg_ParseTuple(args, "KnKnKnKnKnKnnnnnnnnnnnfii", &p_out, &c_out, &p_h, &c_h, &p_w, &c_w, &p_bias, &c_bias,
+                          &p_idx, &c_idx, &p_gate, &c_gate, &Q, &A, &T, &R, &n, &B, &zero_row, &sq, &sa, &st, &slope,
+                          &mode, &nthreads))
         return NULL;
     if (!conv_ok)
         return PyErr_Format(PyExc_RuntimeError, "conv_gather: this CPU lacks AVX2 or FMA");
-    if (Q < 1 || A < 1 || T < 1 || R < 0 || n < 0 || B < 0 || mode < 0 || mode > 2 || (mode == 2 && !p_gate) ||
-        !p_out || !p_h || !p_w || !p_idx)
-        return PyErr_Format(PyExc_ValueError, "conv_gather: bad sizes or mode (Q %zd, A %zd, T %zd, R %zd, n %zd, "
-                            "B %zd, mode %d)", Q, A, T, R, n, B, mode);
+    /* every size against the tensors' entries (no read or write outside them), without overflow */
+    Py_ssize_t qnb, arb, qat, tn, wlast;
+    int bad = Q < 1 || A < 1 || T < 1 || R < 0 || n < 0 || B < 0 || mode < 0 || mode > 2 || sq < 0 || sa < 0 ||
+              st < 0 || __builtin_mul_overflow(Q, n, &qnb) || __builtin_mul_overflow(qnb, B, &qnb) ||
+              __builtin_mul_overflow(A, R, &arb) || __builtin_mul_overflow(arb, B, &arb) ||
+              __builtin_mul_overflow(Q, A, &qat) || __builtin_mul_overflow(qat, T, &qat) ||
+              __builtin_mul_overflow(T, n, &tn);
+    if (!bad) {
+        wlast = (Q - 1) * sq + (A - 1) * sa + (T - 1) * st; /* the last weight read: < c_w */
+        bad = c_out != qnb || c_h != arb || c_w != qat || wlast >= c_w || c_idx != tn || (p_bias && c_bias != Q) ||
+              (mode == 2 && (!p_gate || c_gate != qnb)) || (qnb && (!p_out || !p_h || !p_w || !p_idx));
+    }
+    if (bad)
+        return PyErr_Format(PyExc_ValueError,
+                            "conv_gather: sizes that do not fit the tensors (Q %zd, A %zd, T %zd, R %zd, n %zd, B %zd, "
+                            "mode %d; entries: out %zd, h %zd, w %zd, bias %zd, idx %zd, gate %zd)",
+                            Q, A, T, R, n, B, mode, c_out, c_h, c_w, c_bias, c_idx, c_gate);
+    if (qnb == 0)
+        Py_RETURN_NONE;
     int QB, NB;
     conv_blocking(Q, B, &QB, &NB);
     int channels = conv_channels(Q, B, QB, NB);
@@ -1033,7 +1050,6 @@ static PyObject *k_conv_gather(PyObject *self, PyObject *args)
     Py_BEGIN_ALLOW_THREADS
     run_jobs(channels ? gather_channels_work : gather_work, jobs, nj);
     Py_END_ALLOW_THREADS
-    int bad = 0;
     for (int i = 0; i < nj; i++)
         bad |= jobs[i].bad;
     free(wp);
@@ -1047,16 +1063,26 @@ static PyObject *k_conv_gather(PyObject *self, PyObject *args)
 static PyObject *k_conv_weight_grad(PyObject *self, PyObject *args)
 {
     unsigned long long p_gw, p_gb, p_g, p_h, p_idx;
+    Py_ssize_t c_gw, c_gb, c_g, c_h, c_idx; /* the entries of each (0: no tensor) */
     Py_ssize_t O, A, T, R, n, B, zero_row;
     int nthreads;
-    if (!PyArg_ParseTuple(args, "KKKKKnnnnnnni", &p_gw, &p_gb, &p_g, &p_h, &p_idx, &O, &A, &T, &R, &n, &B, &zero_row,
-                          &nthreads))
+    if (!PyArg_ParseTuple(args, "KnKnKnKnKnnnnnnnni", &p_gw, &c_gw, &p_gb, &c_gb, &p_g, &c_g, &p_h, &c_h, &p_idx,
+                          &c_idx, &O, &A, &T, &R, &n, &B, &zero_row, &nthreads))
         return NULL;
     if (!conv_ok)
         return PyErr_Format(PyExc_RuntimeError, "conv_weight_grad: this CPU lacks AVX2 or FMA");
-    if (O < 1 || A < 1 || T < 1 || R < 0 || n < 1 || B < 0 || !p_gw || !p_g || !p_h || !p_idx)
-        return PyErr_Format(PyExc_ValueError, "conv_weight_grad: bad sizes (O %zd, A %zd, T %zd, R %zd, n %zd, B %zd)",
-                            O, A, T, R, n, B);
+    Py_ssize_t onb, arb, oat, tn;
+    int bad = O < 1 || A < 1 || T < 1 || R < 0 || n < 1 || B < 1 || __builtin_mul_overflow(O, n, &onb) ||
+              __builtin_mul_overflow(onb, B, &onb) || __builtin_mul_overflow(A, R, &arb) ||
+              __builtin_mul_overflow(arb, B, &arb) || __builtin_mul_overflow(O, A, &oat) ||
+              __builtin_mul_overflow(oat, T, &oat) || __builtin_mul_overflow(T, n, &tn);
+    bad = bad || c_g != onb || c_h != arb || c_gw != oat || c_idx != tn || (p_gb && c_gb != O) || !p_gw || !p_g ||
+          !p_h || !p_idx;
+    if (bad)
+        return PyErr_Format(PyExc_ValueError,
+                            "conv_weight_grad: sizes that do not fit the tensors (O %zd, A %zd, T %zd, R %zd, n %zd, "
+                            "B %zd; entries: gw %zd, gb %zd, g %zd, h %zd, idx %zd)",
+                            O, A, T, R, n, B, c_gw, c_gb, c_g, c_h, c_idx);
     /* tiles of at least 8 sites, at most 64 tiles: set by n alone */
     Py_ssize_t K = A * T, ntiles = n / 8 < 1 ? 1 : n / 8 > 64 ? 64 : n / 8;
     float *part = calloc((size_t)(ntiles * O * (K + 1) + 2 * B + 16), sizeof(float));
@@ -1073,7 +1099,6 @@ static PyObject *k_conv_weight_grad(PyObject *self, PyObject *args)
                       i * ntiles / nj, (i + 1) * ntiles / nj, ntiles, 0.0f, 0, 0, 0, 0};
         jobs[i] = j;
     }
-    int bad = 0;
     Py_BEGIN_ALLOW_THREADS
     run_jobs(wgrad_work, jobs, nj);
     for (int i = 0; i < nj; i++)

@@ -296,35 +296,44 @@ def conv_available() -> bool:
     return _native is not None and bool(getattr(_native, "conv", 0))
 
 
-def _conv_checked(
-    name: str, written: tuple[str, ...], tensors: dict[str, torch.Tensor | None], shapes: dict[str, tuple[int, ...]]
-) -> None:
+#: (key, tensor or None, expected shape) of one argument of the kernels
+_Arg = tuple[str, "torch.Tensor | None", tuple[int, ...]]
+
+
+def _conv_checked(name: str, outs: tuple[_Arg, ...], ins: tuple[_Arg, ...]) -> None:
     """Refuse what the kernels cannot take: another dtype, device, layout or shape; a view with
-    torch's lazy negation; an output that autograd tracks or that overlaps an input (the
-    kernels read their inputs while they write)."""
+    torch's lazy negation; an output that autograd tracks or that overlaps another argument (the
+    kernels read their inputs while they write). A few microseconds: the kernels run once per
+    convolution of every coupling layer, so the checks are written for speed and the messages
+    are built only for a refusal."""
     import torch
 
-    for key, t in tensors.items():
-        if t is None:
-            continue
-        want = torch.int64 if key == "idx" else torch.float32
-        if t.dtype != want or t.device.type != "cpu" or not t.is_contiguous() or tuple(t.shape) != shapes[key]:
+    f32, i64 = torch.float32, torch.int64
+    args = outs + ins
+    for key, t, shape in args:
+        if t is not None and not (
+            t.dtype is (i64 if key == "idx" else f32)
+            and t.is_cpu
+            and t.shape == shape
+            and t.is_contiguous()
+            and not t.is_neg()
+        ):
+            want = i64 if key == "idx" else f32
+            if t.is_neg():
+                raise ValueError(f"{name}: {key} is a negated view (torch._neg_view); pass t.resolve_neg()")
             raise ValueError(
-                f"{name}: {key} must be a contiguous CPU {want} tensor of shape {shapes[key]}; "
+                f"{name}: {key} must be a contiguous CPU {want} tensor of shape {shape}; "
                 f"found {t.dtype} {tuple(t.shape)} on {t.device}" + ("" if t.is_contiguous() else ", not contiguous")
             )
-        if t.is_neg():
-            raise ValueError(f"{name}: {key} is a negated view (torch._neg_view); pass t.resolve_neg()")
-    for out_key in written:
-        out = tensors[out_key]
+    for out_key, out, _ in outs:
         if out is None or out.numel() == 0:
             continue
         if out.requires_grad:
             raise ValueError(f"{name}: {out_key} requires a gradient; the kernels write outside autograd")
         start = out.data_ptr()
         end = start + out.numel() * out.element_size()
-        for key, t in tensors.items():
-            if t is None or key == out_key or t.numel() == 0:
+        for key, t, _ in args:
+            if t is None or t is out or t.numel() == 0:
                 continue
             other = t.data_ptr()
             if other < end and start < other + t.numel() * t.element_size():
@@ -376,7 +385,6 @@ def conv_gather(
     """
     if not conv_available():
         return False
-    import torch
 
     q, n, b = out.shape
     a, r = h.shape[0], h.shape[1]
@@ -390,37 +398,75 @@ def conv_gather(
         )
     _conv_checked(
         "conv_gather",
-        ("out",),
-        {"out": out, "h": h, "w": w.view(-1), "bias": bias, "idx": idx, "gate": gate},
-        {"out": (q, n, b), "h": (a, r, b), "w": (q * a * t,), "bias": (q,), "idx": (t * n,), "gate": (q, n, b)},
+        (("out", out, (q, n, b)),),
+        (
+            ("h", h, (a, r, b)),
+            ("w", w.view(-1), (q * a * t,)),
+            ("bias", bias, (q,)),
+            ("idx", idx, (t * n,)),
+            ("gate", gate, (q, n, b)),
+        ),
     )
     if out.numel() == 0:
         return True
     if h.numel() == 0 and r > 0:
         raise ValueError(f"conv_gather: h of shape {tuple(h.shape)} has no entries")
-    sq, sa = (t, q * t) if transpose else (a * t, t)
+    _conv_gather_unchecked(out, h, w, bias, idx, int(zero_row), float(slope), int(mode), gate, transpose)
+    return True
+
+
+def _conv_gather_unchecked(
+    out: torch.Tensor,
+    h: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None,
+    idx: torch.Tensor,
+    zero_row: int,
+    slope: float,
+    mode: int,
+    gate: torch.Tensor | None,
+    transpose: bool,
+) -> None:
+    """:func:`conv_gather` without the Python-side checks, for the networks' own calls
+    (:func:`flowplug.plugins.flow_nets.stack_forward`), whose tensors are contiguous float32
+    CPU tensors by construction (fresh outputs, parameters and saved inputs checked by the
+    caller). The C function still checks every size against each tensor's number of entries,
+    and every row index, so a wrong shape is a ValueError, never a read outside a tensor;
+    what it cannot see (dtype, layout) is the caller's to guarantee. Requires the kernels
+    (:func:`conv_available`)."""
+    q, n, b = out.shape
+    a, r = h.shape[0], h.shape[1]
+    wn = w.numel()
+    t = wn // (q * a) if q * a else 0
+    import torch
+
     _native.conv_gather(  # type: ignore[union-attr]
         out.data_ptr(),
+        q * n * b,
         h.data_ptr(),
+        h.numel(),
         w.data_ptr(),
+        wn,
         0 if bias is None else bias.data_ptr(),
+        0 if bias is None else bias.numel(),
         idx.data_ptr(),
+        idx.numel(),
         0 if gate is None else gate.data_ptr(),
+        0 if gate is None else gate.numel(),
         q,
         a,
         t,
         r,
         n,
         b,
-        int(zero_row),
-        sq,
-        sa,
+        zero_row,
+        t if transpose else a * t,
+        q * t if transpose else t,
         1,
-        float(slope),
-        int(mode),
+        slope,
+        mode,
         torch.get_num_threads(),
     )
-    return True
 
 
 def conv_weight_grad(
@@ -475,29 +521,47 @@ def conv_weight_grad(
         raise ValueError(f"conv_weight_grad: gw of shape {tuple(gw.shape)} for {o} x {a} x {t} weights")
     _conv_checked(
         "conv_weight_grad",
-        ("gw", "gb"),
-        {"gw": gw.view(-1), "gb": gb, "g": g, "h": h, "idx": idx},
-        {"gw": (o * a * t,), "gb": (o,), "g": (o, n, b), "h": (a, r, b), "idx": (t * n,)},
+        (("gw", gw.view(-1), (o * a * t,)), ("gb", gb, (o,))),
+        (("g", g, (o, n, b)), ("h", h, (a, r, b)), ("idx", idx, (t * n,))),
     )
     if g.numel() == 0:  # no terms: zero gradients
         gw.zero_()
         if gb is not None:
             gb.zero_()
         return True
+    _conv_weight_grad_unchecked(gw, gb, g, h, idx, int(zero_row))
+    del tmp
+    return True
+
+
+def _conv_weight_grad_unchecked(
+    gw: torch.Tensor, gb: torch.Tensor | None, g: torch.Tensor, h: torch.Tensor, idx: torch.Tensor, zero_row: int
+) -> None:
+    """:func:`conv_weight_grad` (gw required, batch and sites not empty) without the Python-side
+    checks, for :func:`flowplug.plugins.flow_nets.stack_backward`; as
+    :func:`_conv_gather_unchecked`, the C function checks every size and row index."""
+    o, n, b = g.shape
+    a, r = h.shape[0], h.shape[1]
+    gn = gw.numel()
+    import torch
+
     _native.conv_weight_grad(  # type: ignore[union-attr]
         gw.data_ptr(),
+        gn,
         0 if gb is None else gb.data_ptr(),
+        0 if gb is None else gb.numel(),
         g.data_ptr(),
+        o * n * b,
         h.data_ptr(),
+        h.numel(),
         idx.data_ptr(),
+        idx.numel(),
         o,
         a,
-        t,
+        gn // (o * a) if o * a else 0,
         r,
         n,
         b,
-        int(zero_row),
+        zero_row,
         torch.get_num_threads(),
     )
-    del tmp
-    return True

@@ -820,7 +820,9 @@ def stack_forward(
         saved.append(h)
         if fast:  # the gather, the product, the bias and the LeakyReLU in one compiled pass
             y = torch.empty((w.shape[0], n_out, b), dtype=h.dtype)
-            compiled.conv_gather(y, h, w, bias, idx, slope=slope, mode=1 if j < len(plan) - 1 else 0)
+            # contiguous float32 CPU tensors (_compiled_stack and fresh outputs): no Python checks,
+            # which cost more than a small convolution; the C side checks every size and index
+            compiled._conv_gather_unchecked(y, h, w, bias, idx, -1, slope, 1 if j < len(plan) - 1 else 0, None, False)
             h = y
             continue
         cols = _workspace("fwd", (h.shape[0], idx.shape[0], b), h)
@@ -969,18 +971,18 @@ def _compiled_backward(
     for j in range(len(plan) - 1, -1, -1):
         idx, n_out, inv, n_in, _pad = plan[j]
         w, h = params[2 * j], saved[j]
-        gw = torch.empty_like(w) if need[2 * j] else None
         gb = torch.empty(w.shape[0], dtype=w.dtype) if need[2 * j + 1] else None
-        # with inputs (gathered_stack), row n_in of the first input is the row of zeros
-        compiled.conv_weight_grad(gw, gb, g, h, idx, zero_row=n_in if h.shape[1] > n_in else -1)
-        grads[2 * j], grads[2 * j + 1] = gw, gb
+        if need[2 * j] or gb is not None:
+            # with inputs (gathered_stack), row n_in of the first input is the row of zeros; the kernel
+            # writes gw and gb together (the checks of _compiled_stack and the caller: no Python ones)
+            gw = torch.empty_like(w)
+            compiled._conv_weight_grad_unchecked(gw, gb, g, h, idx, n_in if h.shape[1] > n_in else -1)
+            grads[2 * j], grads[2 * j + 1] = (gw if need[2 * j] else None), gb
         if j == 0 and not need_input:
             return None, grads
         g_in = torch.empty((h.shape[0], n_in, b), dtype=g.dtype)
         gate = saved[j] if j > 0 else None  # the LeakyReLU's output before convolution j: its sign
-        compiled.conv_gather(
-            g_in, g, w, None, inv, transpose=True, zero_row=n_out, slope=slope, mode=0 if gate is None else 2, gate=gate
-        )
+        compiled._conv_gather_unchecked(g_in, g, w, None, inv, n_out, slope, 0 if gate is None else 2, gate, True)
         g = g_in
     return g, grads
 

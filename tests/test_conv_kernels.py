@@ -171,6 +171,30 @@ def test_bad_arguments_are_refused():
         compiled.conv_gather(torch.empty(0, 64, 8), h, w, bias, idx)
 
 
+def test_the_c_side_checks_sizes_without_the_python_checks():
+    """The networks call the kernels without the Python checks; a size that does not fit a
+    tensor's entries is still refused, by the C function, before anything is read or written."""
+    h, w, bias, idx = _case(8, 8, 64, 8)
+    out = torch.full((8, 64, 8), 7.0)
+    unchecked = compiled._conv_gather_unchecked
+    for args in (
+        (out, h, w[:7], bias, idx, -1, 0.01, 1, None, False),  # fewer weights than 8 x 8 x 9
+        (out, h, w, bias[:5], idx, -1, 0.01, 1, None, False),  # a short bias
+        (out, h, w, bias, idx[:-9], -1, 0.01, 1, None, False),  # a short index
+        (out, h[:, :, :4], w, bias, idx, -1, 0.01, 1, None, False),  # another batch than out's
+        (out, h, w, bias, idx, -1, 0.01, 2, torch.randn(8, 64, 4), False),  # a short gate
+        (out, h, w, bias, idx, -1, 0.01, 2, None, False),  # mode 2 without a gate
+    ):
+        with pytest.raises(ValueError, match="do not fit"):
+            unchecked(*args)
+    assert bool((out == 7.0).all())
+    g = torch.randn(8, 64, 8)
+    with pytest.raises(ValueError, match="do not fit"):
+        compiled._conv_weight_grad_unchecked(torch.empty(8, 8, 8), None, g, h, idx, -1)
+    with pytest.raises(ValueError, match="do not fit"):
+        compiled._conv_weight_grad_unchecked(torch.empty(8, 8, 9), torch.empty(3), g, h, idx, -1)
+
+
 def _nets(dtype=torch.float32):
     torch.manual_seed(3)
     net = ConvNet(2, 3, (8, 8), 3, 2, dtype, final_scale=1.0)
