@@ -27,7 +27,7 @@
 #include <string.h>
 
 /* Raised when the compiled module and flowplug/compiled.py disagree (a stale build). */
-#define COMPILED_ABI 3
+#define COMPILED_ABI 4
 
 /* x86-64: an AVX2 copy of the hot loops next to the baseline one, chosen when the module
  * loads (the baseline's SSE2 has no byte shuffle, so its swaps run a word at a time) */

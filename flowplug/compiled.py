@@ -47,7 +47,7 @@ __all__ = [
 ]
 
 #: The version of the C module's interface this file expects (``COMPILED_ABI`` in the C file).
-ABI = 3
+ABI = 4
 
 
 def _load() -> ModuleType | None:
