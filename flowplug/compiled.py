@@ -289,6 +289,11 @@ def xor_sites(data: np.ndarray, acc: np.ndarray, site_bytes: int, first_site: in
 # ------------------------------------------------------------------ network convolutions
 
 
+#: The ``zero_row`` of a convolution without a row of zeros: no index equals it (-1 is an
+#: index out of range, refused like any other).
+NO_ZERO_ROW = -(2**62)
+
+
 def conv_available() -> bool:
     """Whether :func:`conv_gather` and :func:`conv_weight_grad` run compiled here: the module
     is in use and the CPU is x86-64 with AVX2 and FMA (Linux). Elsewhere the coupling networks
@@ -348,7 +353,7 @@ def conv_gather(
     idx: torch.Tensor,
     *,
     transpose: bool = False,
-    zero_row: int = -1,
+    zero_row: int | None = None,
     slope: float = 0.0,
     mode: int = 0,
     gate: torch.Tensor | None = None,
@@ -374,7 +379,8 @@ def conv_gather(
         bias: (Q,) float32 or ``None`` (zero).
         idx: (T n,) int64, tap-major: the row of h that tap t of output site s reads, in
             0 .. R - 1, or ``zero_row`` for a row of zeros.
-        transpose, zero_row, slope, mode, gate: As above.
+        zero_row: The index that reads a row of zeros; ``None``: none (every index must be a row).
+        transpose, slope, mode, gate: As above.
 
     Returns:
         False (nothing done) when the kernels are not available here (:func:`conv_available`).
@@ -411,7 +417,11 @@ def conv_gather(
         return True
     if h.numel() == 0 and r > 0:
         raise ValueError(f"conv_gather: h of shape {tuple(h.shape)} has no entries")
-    _conv_gather_unchecked(out, h, w, bias, idx, int(zero_row), float(slope), int(mode), gate, transpose)
+    import torch
+
+    zero = NO_ZERO_ROW if zero_row is None else int(zero_row)
+    _conv_gather_unchecked(out, h, w, bias, idx, zero, float(slope), int(mode), gate, transpose)
+    torch.autograd.graph.increment_version(out)  # written in place: what autograd saved of it is stale
     return True
 
 
@@ -476,7 +486,7 @@ def conv_weight_grad(
     h: torch.Tensor,
     idx: torch.Tensor,
     *,
-    zero_row: int = -1,
+    zero_row: int | None = None,
 ) -> bool:
     """The weight and bias gradients of :func:`conv_gather` (``transpose`` False), compiled:
 
@@ -493,7 +503,7 @@ def conv_weight_grad(
         g: (O, n, B) float32, contiguous: the gradient of the convolution's output.
         h: (A, R, B) float32, contiguous: its input.
         idx: (T n,) int64, as for :func:`conv_gather`.
-        zero_row: A row index that reads zeros (skipped).
+        zero_row: A row index that reads zeros (skipped); ``None``: none.
 
     Returns:
         False (nothing done) when the kernels are not available here.
@@ -529,7 +539,8 @@ def conv_weight_grad(
         if gb is not None:
             gb.zero_()
         return True
-    _conv_weight_grad_unchecked(gw, gb, g, h, idx, int(zero_row))
+    _conv_weight_grad_unchecked(gw, gb, g, h, idx, NO_ZERO_ROW if zero_row is None else int(zero_row))
+    torch.autograd.graph.increment_version([t for t in (gw, gb) if t is not None])
     del tmp
     return True
 

@@ -822,7 +822,8 @@ def stack_forward(
             y = torch.empty((w.shape[0], n_out, b), dtype=h.dtype)
             # contiguous float32 CPU tensors (_compiled_stack and fresh outputs): no Python checks,
             # which cost more than a small convolution; the C side checks every size and index
-            compiled._conv_gather_unchecked(y, h, w, bias, idx, -1, slope, 1 if j < len(plan) - 1 else 0, None, False)
+            mode = 1 if j < len(plan) - 1 else 0
+            compiled._conv_gather_unchecked(y, h, w, bias, idx, compiled.NO_ZERO_ROW, slope, mode, None, False)
             h = y
             continue
         cols = _workspace("fwd", (h.shape[0], idx.shape[0], b), h)
@@ -942,13 +943,17 @@ def _compiled_stack(h: torch.Tensor, params: Sequence[torch.Tensor]) -> bool:
     """Whether :func:`stack_forward` and :func:`stack_backward` run the compiled kernels
     (:func:`flowplug.compiled.conv_gather`): available on this CPU, and float32 CPU tensors that
     are neither batched (vmap) nor parameters of another layout."""
+    if torch.compiler.is_compiling():  # torch.compile traces torch's operations (first: it cannot trace the rest)
+        return False
     return (
         h.dtype == torch.float32
         and h.device.type == "cpu"
+        and not h.is_neg()  # torch's lazy negation: the kernels would read the stored values
         and compiled.conv_available()
-        and all(p.dtype == torch.float32 and p.device.type == "cpu" and p.is_contiguous() for p in params)
+        and all(
+            p.dtype == torch.float32 and p.device.type == "cpu" and p.is_contiguous() and not p.is_neg() for p in params
+        )
         and not any(_is_batched(t) for t in (h, *params))  # no storage to hand to C under vmap
-        and not torch.compiler.is_compiling()  # torch.compile traces torch's operations instead
     )
 
 
@@ -976,7 +981,8 @@ def _compiled_backward(
             # with inputs (gathered_stack), row n_in of the first input is the row of zeros; the kernel
             # writes gw and gb together (the checks of _compiled_stack and the caller: no Python ones)
             gw = torch.empty_like(w)
-            compiled._conv_weight_grad_unchecked(gw, gb, g, h, idx, n_in if h.shape[1] > n_in else -1)
+            zero = n_in if h.shape[1] > n_in else compiled.NO_ZERO_ROW
+            compiled._conv_weight_grad_unchecked(gw, gb, g, h, idx, zero)
             grads[2 * j], grads[2 * j + 1] = (gw if need[2 * j] else None), gb
         if j == 0 and not need_input:
             return None, grads

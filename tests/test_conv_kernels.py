@@ -151,6 +151,9 @@ def test_bad_arguments_are_refused():
     bad[7] = 64  # past the rows, and not the zero row
     with pytest.raises(IndexError, match="row index"):
         compiled.conv_gather(out, h, w, bias, bad)
+    bad[7] = -1  # before them (not a row of zeros unless asked for)
+    with pytest.raises(IndexError, match="row index"):
+        compiled.conv_gather(out, h, w, bias, bad)
     with pytest.raises(IndexError, match="row index"):
         compiled.conv_weight_grad(torch.empty(8, 8, 9), None, out, h, bad)
     with pytest.raises(ValueError, match="float32"):
@@ -177,22 +180,23 @@ def test_the_c_side_checks_sizes_without_the_python_checks():
     h, w, bias, idx = _case(8, 8, 64, 8)
     out = torch.full((8, 64, 8), 7.0)
     unchecked = compiled._conv_gather_unchecked
+    none = compiled.NO_ZERO_ROW
     for args in (
-        (out, h, w[:7], bias, idx, -1, 0.01, 1, None, False),  # fewer weights than 8 x 8 x 9
-        (out, h, w, bias[:5], idx, -1, 0.01, 1, None, False),  # a short bias
-        (out, h, w, bias, idx[:-9], -1, 0.01, 1, None, False),  # a short index
-        (out, h[:, :, :4], w, bias, idx, -1, 0.01, 1, None, False),  # another batch than out's
-        (out, h, w, bias, idx, -1, 0.01, 2, torch.randn(8, 64, 4), False),  # a short gate
-        (out, h, w, bias, idx, -1, 0.01, 2, None, False),  # mode 2 without a gate
+        (out, h, w[:7], bias, idx, none, 0.01, 1, None, False),  # fewer weights than 8 x 8 x 9
+        (out, h, w, bias[:5], idx, none, 0.01, 1, None, False),  # a short bias
+        (out, h, w, bias, idx[:-9], none, 0.01, 1, None, False),  # a short index
+        (out, h[:, :, :4], w, bias, idx, none, 0.01, 1, None, False),  # another batch than out's
+        (out, h, w, bias, idx, none, 0.01, 2, torch.randn(8, 64, 4), False),  # a short gate
+        (out, h, w, bias, idx, none, 0.01, 2, None, False),  # mode 2 without a gate
     ):
         with pytest.raises(ValueError, match="do not fit"):
             unchecked(*args)
     assert bool((out == 7.0).all())
     g = torch.randn(8, 64, 8)
     with pytest.raises(ValueError, match="do not fit"):
-        compiled._conv_weight_grad_unchecked(torch.empty(8, 8, 8), None, g, h, idx, -1)
+        compiled._conv_weight_grad_unchecked(torch.empty(8, 8, 8), None, g, h, idx, compiled.NO_ZERO_ROW)
     with pytest.raises(ValueError, match="do not fit"):
-        compiled._conv_weight_grad_unchecked(torch.empty(8, 8, 9), torch.empty(3), g, h, idx, -1)
+        compiled._conv_weight_grad_unchecked(torch.empty(8, 8, 9), torch.empty(3), g, h, idx, compiled.NO_ZERO_ROW)
 
 
 def _nets(dtype=torch.float32):
@@ -249,3 +253,33 @@ def test_float64_networks_and_vmapped_gradients_keep_torch(monkeypatch):
     for k in range(2):
         one = flow_nets.stack_forward(h, plan, slope, [p[k] for p in stacked])[0]
         torch.testing.assert_close(out[k], one, rtol=0, atol=2.0**-16 * float(one.abs().max()))
+
+
+def test_outputs_written_in_place_are_seen_by_autograd():
+    """A tensor that autograd saved and a kernel then overwrote makes the backward pass raise,
+    as after any in-place operation, instead of giving a gradient of the overwritten values."""
+    h, w, bias, idx = _case(8, 8, 64, 8)
+    x = torch.randn(8, 64, 8, requires_grad=True)
+    out = torch.empty(8, 64, 8)
+    y = (x * out).sum()  # saves out
+    compiled.conv_gather(out, h, w, bias, idx)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+
+
+def test_negated_views_and_torch_compile_keep_torch():
+    """A negated view (torch's lazy negation) and a torch.compile trace take torch's products:
+    the kernels would read the stored values, and dynamo cannot trace them."""
+    net = _nets()
+    plan, slope, params = net.gathered_stack((8, 8), torch.device("cpu"), None)
+    h = torch.randn(2, 64, 3)
+    assert flow_nets._compiled_stack(h, params)
+    assert not flow_nets._compiled_stack(torch._neg_view(h), params)
+    with torch.no_grad():  # the forward pass alone
+        want = run_stack(-h, plan, slope, params)  # the kernels: torch's products round otherwise
+        got = run_stack(torch._neg_view(h), plan, slope, params)
+        torch.testing.assert_close(got, want, rtol=0, atol=2.0**-16 * float(want.abs().max()))
+        torch._dynamo.reset()
+        traced = torch.compile(lambda t: run_stack(t, plan, slope, params), backend="eager")
+        got, want = traced(h), run_stack(h, plan, slope, params)
+        torch.testing.assert_close(got, want, rtol=0, atol=2.0**-16 * float(want.abs().max()))
