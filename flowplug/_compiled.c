@@ -592,14 +592,18 @@ static PyObject *k_crc32(PyObject *self, PyObject *args)
  *   ascending, t ascending within a); then, by mode: 0 nothing, 1 the LeakyReLU
  *   (x > 0 ? x : slope x), 2 the LeakyReLU's derivative at gate (gate[q, s, b] > 0 ? x :
  *   slope x, gate laid out as out). A row index equal to zero_row reads zeros. Batch entries
- *   are the lanes of one vector (the tail masked), so every output entry goes through the
- *   same operations whatever its place in the batch or the split between threads.
+ *   are the lanes of one vector (the tail masked), or, for one to three entries, the lanes
+ *   hold output channels; either way every output entry goes through the same operations
+ *   whatever its place in the batch, the batch's size or the split between threads.
  * conv_weight_grad: gw[o, a T + t] = sum over s, b of g[o, s, b] h[a, idx[t n + s], b] and
  *   gb[o] = sum of g[o, s, b]; the sites are cut into tiles set by n alone, each tile summed in
  *   a fixed order, the tiles added in order: the result does not depend on the threads.
  *
- * x86-64 with AVX2 and FMA (checked when the module loads: conv_ok) under Linux and GCC or
- * clang; elsewhere flowplug.compiled reports the kernels missing and the networks run torch.
+ * Tensors arrive as addresses with their numbers of entries; every size and every row index
+ * is checked against them before anything is read or written (dtype and layout are the
+ * caller's: flowplug/compiled.py). x86-64 with AVX2 and FMA (checked when the module loads:
+ * conv_ok) under Linux and GCC or clang; elsewhere flowplug.compiled reports the kernels
+ * missing and the networks run torch.
  */
 #if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
 #define HAVE_CONV 1
