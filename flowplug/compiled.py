@@ -396,6 +396,8 @@ def conv_gather(
     a, r = h.shape[0], h.shape[1]
     if q * a == 0:
         raise ValueError(f"conv_gather: {q} output and {a} input channels; both must be at least 1")
+    if not w.is_contiguous():
+        raise ValueError(f"conv_gather: w must be contiguous; found strides {w.stride()}")
     t = w.numel() // (q * a)
     if mode not in (0, 1, 2) or (mode == 2) != (gate is not None) or t == 0 or w.numel() != q * a * t:
         raise ValueError(
@@ -527,8 +529,11 @@ def conv_weight_grad(
     tmp = None
     if gw is None:  # the bias gradient alone: the kernel writes both
         tmp = gw = torch.empty((o, a, t), dtype=torch.float32)
-    if gw.numel() != o * a * t:
-        raise ValueError(f"conv_weight_grad: gw of shape {tuple(gw.shape)} for {o} x {a} x {t} weights")
+    if gw.numel() != o * a * t or not gw.is_contiguous():
+        raise ValueError(
+            f"conv_weight_grad: gw must be contiguous with {o} x {a} x {t} entries; found shape "
+            f"{tuple(gw.shape)}, strides {gw.stride()}"
+        )
     _conv_checked(
         "conv_weight_grad",
         (("gw", gw.view(-1), (o * a * t,)), ("gb", gb, (o,))),

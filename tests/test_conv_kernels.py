@@ -162,6 +162,10 @@ def test_bad_arguments_are_refused():
         compiled.conv_gather(out, h.transpose(1, 2).contiguous().transpose(1, 2), w, bias, idx)
     with pytest.raises(ValueError, match="shape"):
         compiled.conv_gather(out, h, w, bias, idx[:-1])
+    with pytest.raises(ValueError, match="contiguous"):
+        compiled.conv_gather(out, h, w.transpose(0, 1).contiguous().transpose(0, 1), bias, idx)
+    with pytest.raises(ValueError, match="contiguous"):
+        compiled.conv_weight_grad(torch.empty(9, 8, 8).transpose(0, 2), None, out, h, idx)
     with pytest.raises(ValueError, match="gate"):
         compiled.conv_gather(out, h, w, bias, idx, mode=2)
     with pytest.raises(ValueError, match="overlaps h"):
