@@ -642,9 +642,9 @@ static int conv_rows(const conv_job *j, Py_ssize_t s, const float **rows)
     return 1;
 }
 
-/* the lanes of batch block i of a group of NB blocks from b0: all (full), the first `tail`, or none */
-/* (AVX2 like its callers: an __m256i returned from a function built without AVX would travel by
- * another convention, which at -O1 and below, where it is not inlined, crashed) */
+/* a mask of the first `lanes` (0 .. 8) of eight float lanes (AVX2 like its callers: an __m256i
+ * returned from a function built without AVX would travel by another convention, which at -O1
+ * and below, where it is not inlined, crashed) */
 __attribute__((target("avx2,fma"))) static __m256i lane_mask(Py_ssize_t lanes)
 {
     int32_t m[8];
@@ -741,7 +741,7 @@ static gather_fn gather_kernel(int QB, int NB)
     case 1 * 16 + 8: return gather_1_8;
     case 1 * 16 + 4: return gather_1_4;
     case 1 * 16 + 2: return gather_1_2;
-    default: return gather_1_1;
+    default: return gather_1_1; /* 1 x 1: conv_blocking gives no other pair */
     }
 }
 

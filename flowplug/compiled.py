@@ -43,6 +43,7 @@ __all__ = [
     "conv_available",
     "conv_gather",
     "conv_weight_grad",
+    "NO_ZERO_ROW",
     "ABI",
 ]
 
@@ -308,9 +309,8 @@ _Arg = tuple[str, "torch.Tensor | None", tuple[int, ...]]
 def _conv_checked(name: str, outs: tuple[_Arg, ...], ins: tuple[_Arg, ...]) -> None:
     """Refuse what the kernels cannot take: another dtype, device, layout or shape; a view with
     torch's lazy negation; an output that autograd tracks or that overlaps another argument (the
-    kernels read their inputs while they write). A few microseconds: the kernels run once per
-    convolution of every coupling layer, so the checks are written for speed and the messages
-    are built only for a refusal."""
+    kernels read their inputs while they write). For the public wrappers; the C functions
+    check sizes and row indices themselves. Messages are built only for a refusal."""
     import torch
 
     f32, i64 = torch.float32, torch.int64
@@ -369,7 +369,8 @@ def conv_gather(
     1 : slope; gate of the shape of out). Each output entry goes through the same operations
     wherever it sits in the batch and however many threads share the work (the torch threads:
     ``torch.get_num_threads()``), so a configuration's output does not depend on its batch.
-    Used by :func:`flowplug.plugins.flow_nets.stack_forward` and ``stack_backward``.
+    The networks (:func:`flowplug.plugins.flow_nets.stack_forward` and ``stack_backward``)
+    call the same C function through :func:`_conv_gather_unchecked`, without these checks.
 
     Arguments:
         out: (Q, n, B) float32, contiguous, written.
@@ -417,8 +418,6 @@ def conv_gather(
     )
     if out.numel() == 0:
         return True
-    if h.numel() == 0 and r > 0:
-        raise ValueError(f"conv_gather: h of shape {tuple(h.shape)} has no entries")
     import torch
 
     zero = NO_ZERO_ROW if zero_row is None else int(zero_row)
@@ -526,9 +525,8 @@ def conv_weight_grad(
     t = idx.shape[0] // n if n else (gw.numel() // (o * a) if gw is not None and o * a else 1)
     if t == 0 or t * n != idx.shape[0]:
         raise ValueError(f"conv_weight_grad: {idx.shape[0]} row indices for {n} output sites")
-    tmp = None
     if gw is None:  # the bias gradient alone: the kernel writes both
-        tmp = gw = torch.empty((o, a, t), dtype=torch.float32)
+        gw = torch.empty((o, a, t), dtype=torch.float32)
     if gw.numel() != o * a * t or not gw.is_contiguous():
         raise ValueError(
             f"conv_weight_grad: gw must be contiguous with {o} x {a} x {t} entries; found shape "
@@ -546,7 +544,6 @@ def conv_weight_grad(
         return True
     _conv_weight_grad_unchecked(gw, gb, g, h, idx, NO_ZERO_ROW if zero_row is None else int(zero_row))
     torch.autograd.graph.increment_version([t for t in (gw, gb) if t is not None])
-    del tmp
     return True
 
 

@@ -795,8 +795,12 @@ def stack_forward(
     """The convolutions and LeakyReLUs of :meth:`ConvNet.forward_at` without autograd, keeping
     what :func:`stack_backward` needs.
 
-    The same gathers and matrix products as the generic loop of :meth:`ConvNet.forward_at`
-    (the same values, bit for bit).
+    Where :func:`_compiled_stack` allows (float32 on an x86-64 CPU with AVX2 and FMA), each
+    convolution is one call of the compiled kernel (:func:`flowplug.compiled.conv_gather`:
+    gather, product, bias and LeakyReLU in one pass, a configuration's values independent of
+    its batch); otherwise the same gathers and matrix products as the generic loop of
+    :meth:`ConvNet.forward_at` (the same values, bit for bit). Both compute the same function;
+    they differ at float32 rounding.
 
     Arguments:
         h: Input (C_in, S, B) in the network dtype; (C_in, m + 1, B) for a plan with ``inputs``
@@ -855,7 +859,8 @@ def stack_backward(
     gradient is a convolution with the transposed taps: one gather of the output gradient (zero
     where no output site reads a row, :meth:`ConvNet._plan`) and one product
     (C_in, C_out k^d) x (C_out k^d, n_in B). The same sums as autograd's scatter-add of the
-    gathered columns, cheaper on a CPU.
+    gathered columns, cheaper on a CPU. From batch 8 on, where :func:`_compiled_stack` allows,
+    the compiled kernels do the same (:func:`_compiled_backward`).
 
     Arguments:
         grad: Gradient of the output (C_out, n, B).
